@@ -1,0 +1,153 @@
+"""LLVM JIT for generated kernels, with a compile cache in memory and on disk.
+
+Kernels are compiled for the host CPU (its name and features) at O3 with
+loop and SLP vectorization. The on-disk cache stores the object code MCJIT
+produced, keyed by a hash of the LLVM IR text, the CPU and the llvmlite
+version, so a second process start links cached code instead of running the
+optimizer again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import llvmlite
+import llvmlite.binding as llvm
+
+_lock = threading.Lock()
+_initialized = False
+_memory_cache: dict[str, "JitModule"] = {}
+
+
+def _init() -> None:
+    """llvmlite 0.50: initialize() raises; the native target is all we need."""
+    global _initialized
+    if not _initialized:
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        _initialized = True
+
+
+def host_cpu() -> tuple[str, str]:
+    _init()
+    return llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+
+
+def cache_dir() -> Path | None:
+    """EKKO_CACHE_DIR, else ~/.cache/ekko; EKKO_CACHE_DIR=off disables it."""
+    env = os.environ.get("EKKO_CACHE_DIR")
+    if env == "off":
+        return None
+    root = Path(env) if env else Path.home() / ".cache" / "ekko"
+    return root / "kernels"
+
+
+def _target_machine() -> llvm.TargetMachine:
+    """A fresh target machine per engine: MCJIT takes ownership of it."""
+    cpu, features = host_cpu()
+    target = llvm.Target.from_default_triple()
+    return target.create_target_machine(
+        cpu=cpu, features=features, opt=3, reloc="default", codemodel="jitdefault"
+    )
+
+
+def optimize(module: llvm.ModuleRef, tm: llvm.TargetMachine) -> None:
+    """O3 with loop and SLP vectorization through the new pass builder."""
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
+    pto.loop_unrolling = True
+    pto.loop_interleaving = True
+    pb = llvm.create_pass_builder(tm, pto)
+    pm = pb.getModulePassManager()
+    pm.run(module, pb)
+
+
+@dataclass
+class JitModule:
+    """A compiled module; keeps its engine alive as long as addresses are used."""
+
+    engine: llvm.ExecutionEngine
+    key: str
+    from_disk: bool
+    optimized_ir: str | None
+
+    def address(self, name: str) -> int:
+        addr = self.engine.get_function_address(name)
+        if not addr:
+            raise KeyError(f"no function {name!r} in compiled module")
+        return addr
+
+
+def ir_key(llvm_ir: str) -> str:
+    cpu, features = host_cpu()
+    h = hashlib.sha256()
+    for part in (llvm_ir, cpu, features, llvmlite.__version__, "ekko-jit-1"):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def compile_ir(llvm_ir: str, *, keep_ir: bool = False) -> JitModule:
+    """Compile LLVM IR text (or reuse a cached build) and return the module."""
+    key = ir_key(llvm_ir)
+    with _lock:
+        cached = _memory_cache.get(key)
+        if cached is not None:
+            return cached
+        module = _build(llvm_ir, key, keep_ir)
+        _memory_cache[key] = module
+        return module
+
+
+def _build(llvm_ir: str, key: str, keep_ir: bool) -> JitModule:
+    _init()
+    directory = cache_dir()
+    obj_path = directory / f"{key}.o" if directory else None
+    tm = _target_machine()
+    mod = llvm.parse_assembly(llvm_ir)
+    mod.verify()
+    cached_obj = _read(obj_path)
+    from_disk = cached_obj is not None
+    optimized_ir = None
+    if not from_disk:
+        optimize(mod, tm)
+        optimized_ir = str(mod) if keep_ir else None
+    engine = llvm.create_mcjit_compiler(mod, tm)
+
+    def notify(_module: llvm.ModuleRef, data: bytes) -> None:
+        if obj_path is None:
+            return
+        try:
+            obj_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = obj_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, obj_path)
+        except OSError:
+            pass  # a read-only cache only costs a recompile
+
+    def getbuffer(_module: llvm.ModuleRef) -> bytes | None:
+        return cached_obj
+
+    engine.set_object_cache(notify, getbuffer)
+    engine.finalize_object()
+    return JitModule(engine, key, from_disk, optimized_ir)
+
+
+def _read(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def clear_memory_cache() -> None:
+    """Forget in-process builds (tests use it to exercise the disk cache)."""
+    with _lock:
+        _memory_cache.clear()
