@@ -1,0 +1,105 @@
+"""From kernel-level ops to backend specs and native code.
+
+`spec_of` reads a `kern.update` / `kern.bag` op into the spec a backend
+consumes; `emit_llvm` is ekko-opt's `-t llvm` target.
+"""
+
+from __future__ import annotations
+
+from typing import IO
+
+from xdsl.dialects.builtin import FloatAttr, IntAttr, IntegerAttr, MemRefType, ModuleOp, StringAttr
+
+from ...dialects import kern
+from ...dialects.common import dtype_name, index_name
+from .spec import BagSpec, UpdateSpec
+
+
+def _float(op: kern.KernelOp, name: str) -> float | None:
+    attr = op.attributes.get(name)
+    return float(attr.value.data) if isinstance(attr, FloatAttr) else None
+
+
+def _int(op: kern.KernelOp, name: str, default: int) -> int:
+    attr = op.attributes.get(name)
+    if isinstance(attr, IntegerAttr):
+        return int(attr.value.data)
+    if isinstance(attr, IntAttr):
+        return attr.data
+    return default
+
+
+def update_spec(op: kern.UpdateOp) -> UpdateSpec:
+    """The UpdateSpec a `kern.update` op stands for."""
+    roles = dict(zip(op.roles(op.attributes), op.operands))
+    table = roles["table"].type
+    ids = roles["ids"].type
+    assert isinstance(table, MemRefType) and isinstance(ids, MemRefType)
+    attrs = op.attributes
+    optimizer = attrs["optimizer"]
+    assert isinstance(optimizer, StringAttr)
+    serving = attrs.get("serving_layout")
+    hyper = {k: v for k in ("lr", "eps", "beta1", "beta2", "lr_decay", "weight_decay")
+             if (v := _float(op, k)) is not None}
+    return UpdateSpec(
+        optimizer=optimizer.data,
+        dim=table.get_shape()[1],
+        table_dtype=dtype_name(table.element_type) or "f32",
+        index_dtype=index_name(ids.element_type) or "i64",
+        serving=serving.data if isinstance(serving, StringAttr) and "serving" in attrs else None,
+        versions="versions" in attrs,
+        dedup="dedup" in attrs,
+        max_norm=_float(op, "max_norm"),
+        clip_value=_float(op, "clip_value"),
+        stochastic_rounding="stochastic_rounding" in attrs,
+        sort="sort" in attrs,
+        partitions=_int(op, "partitions", 1),
+        tile=_int(op, "tile", 16),
+        **hyper,
+    )
+
+
+def bag_spec(op: kern.BagOp) -> BagSpec:
+    """The BagSpec a `kern.bag` op stands for."""
+    roles = dict(zip(op.roles(op.attributes), op.operands))
+    out, ids = roles["out"].type, roles["ids"].type
+    assert isinstance(out, MemRefType) and isinstance(ids, MemRefType)
+    layout = op.attributes["layout"]
+    mode = op.attributes["mode"]
+    assert isinstance(layout, StringAttr) and isinstance(mode, StringAttr)
+    return BagSpec(
+        dim=out.get_shape()[1],
+        layout=layout.data,
+        index_dtype=index_name(ids.element_type) or "i64",
+        mode=mode.data,
+        weighted="weighted" in op.attributes,
+        partitions=_int(op, "partitions", 1),
+    )
+
+
+def kernel_specs(module: ModuleOp) -> list[tuple[str, UpdateSpec | BagSpec]]:
+    """(function name, spec) for every kernel op, in module order."""
+    from xdsl.dialects.func import FuncOp
+
+    specs: list[tuple[str, UpdateSpec | BagSpec]] = []
+    for op in module.walk():
+        if isinstance(op, (kern.UpdateOp, kern.BagOp)):
+            parent = op.parent_op()
+            name = parent.sym_name.data if isinstance(parent, FuncOp) else "kernel"
+            spec = update_spec(op) if isinstance(op, kern.UpdateOp) else bag_spec(op)
+            specs.append((name, spec))
+    return specs
+
+
+def emit_llvm(module: ModuleOp, out: IO[str]) -> None:
+    """ekko-opt -t llvm: the LLVM IR of every kernel op, one module each."""
+    from .llvm_bag import emit_bag
+    from .llvm_update import emit_update
+
+    specs = kernel_specs(module)
+    if not specs:
+        out.write("; no kernel ops: run lower-to-kernel first\n")
+    for name, spec in specs:
+        out.write(f"; ekko kernel for @{name}: {spec.key()}\n")
+        out.write(emit_update(spec) if isinstance(spec, UpdateSpec) else emit_bag(spec))
+        out.write("\n")

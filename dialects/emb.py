@@ -1,0 +1,355 @@
+"""The `emb` dialect: embedding tables, optimizer state and serving lookups.
+
+Types
+  !emb.table<ROWSxDIMxLAYOUT>  a table; LAYOUT is f32, f16, bf16 (master or
+                               serving copies) or int8 / int4 (row-wise
+                               quantized serving copies with per-row scale
+                               and bias, FBGEMM's fused layouts)
+  !emb.state<ROWSxWIDTH>       f32 optimizer state: WIDTH = the table's dim
+                               (Adagrad, Adam moments) or 1 (rowwise Adagrad)
+  !emb.versions<ROWS>          per-row i64 version stamps
+
+Ops
+  emb.table @name : T {..}     a table declaration of a model (metadata)
+  emb.feature @f reads @t {pooling = "sum"}   a sparse feature reading a table
+  emb.lookup %t, %ids          rows of ids, as f32 (dequantized)
+  emb.bag %t, %ids, %offsets [, %weights] {mode = "sum"|"mean"}
+                               pooled bags over jagged offsets (B+1 entries)
+Tables have value semantics at this level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from xdsl.dialects.builtin import (
+    DYNAMIC_INDEX,
+    Float32Type,
+    IntAttr,
+    IntegerType,
+    StringAttr,
+    SymbolRefAttr,
+    TensorType,
+    f32,
+)
+from xdsl.ir import Attribute, Dialect, ParametrizedAttribute, TypeAttribute
+from xdsl.irdl import (
+    IRDLOperation,
+    irdl_attr_definition,
+    irdl_op_definition,
+    operand_def,
+    opt_operand_def,
+    param_def,
+    result_def,
+    attr_def,
+    traits_def,
+)
+from xdsl.parser import AttrParser, Parser
+from xdsl.printer import Printer
+from xdsl.traits import Pure, SymbolOpInterface
+from xdsl.utils.exceptions import VerifyException
+
+from .common import (
+    LAYOUTS,
+    QUANT_LAYOUTS,
+    InferredResultsOp,
+    get_string,
+    index_name,
+)
+
+POOLING = ("sum", "mean", "none")
+
+
+def _parse_layout(parser: AttrParser) -> str:
+    """A layout keyword after the shape's trailing `x` (f32, bf16, int8, ...)."""
+    pos = parser.pos
+    name = parser.parse_optional_identifier()
+    if name is None or name not in LAYOUTS:
+        parser.raise_error(
+            f"expected a table layout ({', '.join(LAYOUTS)})", pos, parser.pos
+        )
+    return name
+
+
+def _parse_shape(parser: AttrParser, count: int, what: str) -> list[int]:
+    pos = parser.pos
+    dims = parser.parse_dimension_list()
+    if len(dims) != count or any(d < 0 for d in dims):
+        parser.raise_error(f"expected {count} static dimension(s) in {what}", pos, parser.pos)
+    return dims
+
+
+@irdl_attr_definition
+class TableType(ParametrizedAttribute, TypeAttribute):
+    """An embedding table of rows x dim in one storage layout."""
+
+    name = "emb.table"
+    rows: IntAttr = param_def(IntAttr)
+    dim: IntAttr = param_def(IntAttr)
+    layout: StringAttr = param_def(StringAttr)
+
+    def __init__(self, rows: int, dim: int, layout: str = "f32"):
+        super().__init__(IntAttr(rows), IntAttr(dim), StringAttr(layout))
+
+    @property
+    def quantized(self) -> bool:
+        return self.layout.data in QUANT_LAYOUTS
+
+    def verify(self) -> None:
+        if self.rows.data < 1 or self.dim.data < 1:
+            raise VerifyException("!emb.table needs at least one row and one column")
+        if self.layout.data not in LAYOUTS:
+            raise VerifyException(f"unknown table layout '{self.layout.data}'")
+
+    def print_parameters(self, printer: Printer) -> None:
+        printer.print_string(f"<{self.rows.data}x{self.dim.data}x{self.layout.data}>")
+
+    @classmethod
+    def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
+        with parser.in_angle_brackets():
+            rows, dim = _parse_shape(parser, 2, "!emb.table")
+            parser.parse_shape_delimiter()
+            layout = _parse_layout(parser)
+        return (IntAttr(rows), IntAttr(dim), StringAttr(layout))
+
+
+@irdl_attr_definition
+class StateType(ParametrizedAttribute, TypeAttribute):
+    """f32 optimizer state: `width` values per row (dim, or 1 for rowwise)."""
+
+    name = "emb.state"
+    rows: IntAttr = param_def(IntAttr)
+    width: IntAttr = param_def(IntAttr)
+
+    def __init__(self, rows: int, width: int):
+        super().__init__(IntAttr(rows), IntAttr(width))
+
+    def verify(self) -> None:
+        if self.rows.data < 1 or self.width.data < 1:
+            raise VerifyException("!emb.state needs at least one row and one column")
+
+    def print_parameters(self, printer: Printer) -> None:
+        printer.print_string(f"<{self.rows.data}x{self.width.data}>")
+
+    @classmethod
+    def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
+        with parser.in_angle_brackets():
+            rows, width = _parse_shape(parser, 2, "!emb.state")
+        return (IntAttr(rows), IntAttr(width))
+
+
+@irdl_attr_definition
+class VersionsType(ParametrizedAttribute, TypeAttribute):
+    """One i64 version stamp per table row."""
+
+    name = "emb.versions"
+    rows: IntAttr = param_def(IntAttr)
+
+    def __init__(self, rows: int):
+        super().__init__(IntAttr(rows))
+
+    def verify(self) -> None:
+        if self.rows.data < 1:
+            raise VerifyException("!emb.versions needs at least one row")
+
+    def print_parameters(self, printer: Printer) -> None:
+        printer.print_string(f"<{self.rows.data}>")
+
+    @classmethod
+    def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
+        with parser.in_angle_brackets():
+            (rows,) = _parse_shape(parser, 1, "!emb.versions")
+        return (IntAttr(rows),)
+
+
+def ids_type(index: str) -> TensorType:
+    """A dynamic batch of ids: tensor<?xi32> or tensor<?xi64>."""
+    return TensorType(IntegerType(int(index[1:])), [DYNAMIC_INDEX])
+
+
+def rows_type(dim: int) -> TensorType:
+    """A dynamic batch of f32 rows: tensor<?xDIMxf32>."""
+    return TensorType(f32, [DYNAMIC_INDEX, dim])
+
+
+def check_ids(t: Attribute, what: str) -> str:
+    """`t` must be tensor<?xi32> or tensor<?xi64>; returns i32 / i64."""
+    if isinstance(t, TensorType) and len(t.get_shape()) == 1:
+        name = index_name(t.element_type)
+        if name is not None:
+            return name
+    raise VerifyException(f"{what} must be a 1-d tensor of i32 or i64, got {t}")
+
+
+def check_rows(t: Attribute, dim: int, what: str) -> None:
+    """`t` must be a 2-d f32 tensor whose second dimension is `dim`."""
+    if not (
+        isinstance(t, TensorType)
+        and len(t.get_shape()) == 2
+        and isinstance(t.element_type, Float32Type)
+    ):
+        raise VerifyException(f"{what} must be a 2-d tensor of f32, got {t}")
+    if t.get_shape()[1] != dim:
+        raise VerifyException(
+            f"{what} has rows of {t.get_shape()[1]} values but the table's dim is {dim}"
+        )
+
+
+def expect_table(t: Attribute, what: str) -> TableType:
+    if not isinstance(t, TableType):
+        raise VerifyException(f"{what} must be an !emb.table, got {t}")
+    return t
+
+
+@irdl_op_definition
+class TableOp(IRDLOperation):
+    """Declares a model table; `serving` names the serving copy's layout."""
+
+    name = "emb.table"
+    sym_name = attr_def(StringAttr)
+    table_type = attr_def(TableType, attr_name="type")
+    traits = traits_def(SymbolOpInterface())
+
+    def __init__(self, name: str, ty: TableType, attributes: dict[str, Attribute] | None = None):
+        attrs: dict[str, Attribute] = {"sym_name": StringAttr(name), "type": ty}
+        attrs.update(attributes or {})
+        super().__init__(attributes=attrs)
+
+    def verify_(self) -> None:
+        if self.table_type.quantized:
+            raise VerifyException(
+                f"table @{self.sym_name.data} is quantized ({self.table_type.layout.data}): "
+                "a master table must be f32, f16 or bf16; quantize its serving copy instead"
+            )
+        serving = get_string(self, "serving")
+        if serving is not None and serving not in LAYOUTS:
+            raise VerifyException(f"unknown serving layout '{serving}'")
+
+    def print(self, printer: Printer) -> None:
+        printer.print_string(f" @{self.sym_name.data} : ")
+        printer.print_attribute(self.table_type)
+        printer.print_op_attributes(self.attributes, reserved_attr_names=("sym_name", "type"))
+
+    @classmethod
+    def parse(cls, parser: Parser) -> TableOp:
+        name = parser.parse_symbol_name().data
+        parser.parse_punctuation(":")
+        pos = parser.pos
+        ty = parser.parse_type()
+        if not isinstance(ty, TableType):
+            parser.raise_error("expected an !emb.table type", pos, parser.pos)
+        return cls(name, ty, parser.parse_optional_attr_dict())
+
+
+@irdl_op_definition
+class FeatureOp(IRDLOperation):
+    """A sparse feature: the ids it carries are looked up in `table`."""
+
+    name = "emb.feature"
+    sym_name = attr_def(StringAttr)
+    table = attr_def(SymbolRefAttr)
+    pooling = attr_def(StringAttr)
+    traits = traits_def(SymbolOpInterface())
+
+    def __init__(self, name: str, table: str, pooling: str = "sum"):
+        super().__init__(
+            attributes={
+                "sym_name": StringAttr(name),
+                "table": SymbolRefAttr(table),
+                "pooling": StringAttr(pooling),
+            }
+        )
+
+    def verify_(self) -> None:
+        if self.pooling.data not in POOLING:
+            raise VerifyException(
+                f"feature @{self.sym_name.data}: pooling must be one of {', '.join(POOLING)}"
+            )
+
+    def print(self, printer: Printer) -> None:
+        printer.print_string(
+            f" @{self.sym_name.data} reads @{self.table.root_reference.data}"
+            f" pooling {self.pooling.data}"
+        )
+
+    @classmethod
+    def parse(cls, parser: Parser) -> FeatureOp:
+        name = parser.parse_symbol_name().data
+        parser.parse_keyword("reads")
+        table = parser.parse_symbol_name().data
+        parser.parse_keyword("pooling")
+        pos = parser.pos
+        pooling = parser.parse_identifier()
+        if pooling not in POOLING:
+            parser.raise_error(f"pooling must be one of {', '.join(POOLING)}", pos, parser.pos)
+        return cls(name, table, pooling)
+
+
+@irdl_op_definition
+class LookupOp(InferredResultsOp):
+    """Rows of `ids`, dequantized to f32: one output row per id."""
+
+    name = "emb.lookup"
+    table = operand_def(TableType)
+    ids = operand_def(TensorType)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    @classmethod
+    def infer_result_types(cls, operand_types, attributes):
+        if len(operand_types) != 2:
+            raise VerifyException("'emb.lookup' takes a table and ids")
+        table = expect_table(operand_types[0], "the lookup's first operand")
+        check_ids(operand_types[1], "the lookup's ids")
+        return [rows_type(table.dim.data)]
+
+    def verify_(self) -> None:
+        self.infer_result_types([o.type for o in self.operands], self.attributes)
+        check_rows(self.result.type, self.table.type.dim.data, "the lookup's result")
+
+
+@irdl_op_definition
+class BagOp(InferredResultsOp):
+    """Pooled bags: out[b] = pool(rows of ids[offsets[b]:offsets[b+1]] [* weights])."""
+
+    name = "emb.bag"
+    table = operand_def(TableType)
+    ids = operand_def(TensorType)
+    offsets = operand_def(TensorType)
+    weights = opt_operand_def(TensorType)
+    mode = attr_def(StringAttr)
+    result = result_def(TensorType)
+    traits = traits_def(Pure())
+
+    @classmethod
+    def infer_result_types(cls, operand_types, attributes):
+        if len(operand_types) not in (3, 4):
+            raise VerifyException("'emb.bag' takes a table, ids, offsets and optional weights")
+        table = expect_table(operand_types[0], "the bag's first operand")
+        index = check_ids(operand_types[1], "the bag's ids")
+        if check_ids(operand_types[2], "the bag's offsets") != index:
+            raise VerifyException("the bag's offsets must have the ids' element type")
+        mode = attributes.get("mode")
+        if not isinstance(mode, StringAttr) or mode.data not in ("sum", "mean"):
+            raise VerifyException("'emb.bag' needs mode = \"sum\" or \"mean\"")
+        if len(operand_types) == 4:
+            w = operand_types[3]
+            if not (
+                isinstance(w, TensorType)
+                and len(w.get_shape()) == 1
+                and isinstance(w.element_type, Float32Type)
+            ):
+                raise VerifyException("the bag's per-sample weights must be tensor<?xf32>")
+            if mode.data != "sum":
+                raise VerifyException("per-sample weights need mode \"sum\"")
+        return [rows_type(table.dim.data)]
+
+    def verify_(self) -> None:
+        self.infer_result_types([o.type for o in self.operands], self.attributes)
+
+
+Emb = Dialect(
+    "emb",
+    [TableOp, FeatureOp, LookupOp, BagOp],
+    [TableType, StateType, VersionsType],
+)
