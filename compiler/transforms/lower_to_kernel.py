@@ -1,0 +1,195 @@
+"""lower-to-kernel: from value-semantics updates to in-place kernels on buffers.
+
+Each function over tables becomes a function over memrefs that returns
+nothing: a table, state, serving copy or versions argument becomes its
+buffer and is updated in place (legal because nothing reads the old value
+after the update; the pass checks), a delta argument becomes two buffers
+(ids, rows), and each lookup result becomes an extra output buffer argument.
+`upd.apply` becomes `kern.update`, `emb.bag` / `emb.lookup` become
+`kern.bag`. Unfused update ops are an error: run upd-fuse first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects import func
+from xdsl.dialects.builtin import (
+    FunctionType,
+    ModuleOp,
+    StringAttr,
+    TensorType,
+    UnitAttr,
+)
+from xdsl.ir import Attribute, Block, Operation, Region, SSAValue
+from xdsl.passes import ModulePass
+from xdsl.utils.exceptions import DiagnosticException
+
+from ...dialects import emb, kern, upd
+
+Buffers = SSAValue | tuple[SSAValue, SSAValue]
+
+
+class LoweringError(DiagnosticException):
+    """An IR shape the kernel level cannot express; names the op."""
+
+
+def buffer_types(t: Attribute) -> list[Attribute]:
+    """The kernel-level argument types standing for one value of type `t`."""
+    if isinstance(t, emb.TableType):
+        return [kern.table_buffer(t)]
+    if isinstance(t, emb.StateType):
+        return [kern.state_buffer(t)]
+    if isinstance(t, emb.VersionsType):
+        return [kern.versions_buffer(t)]
+    if isinstance(t, upd.DeltaType):
+        return [kern.ids_buffer(t.index.data), kern.rows_buffer(t.dim.data)]
+    if isinstance(t, TensorType):
+        from xdsl.dialects.builtin import MemRefType
+
+        return [MemRefType(t.element_type, t.get_shape())]
+    return [t]
+
+
+@dataclass
+class FuncLowering:
+    """Rebuilds one function at the kernel level."""
+
+    old: func.FuncOp
+    block: Block
+    values: dict[SSAValue, Buffers]
+
+    @classmethod
+    def start(cls, old: func.FuncOp) -> FuncLowering:
+        block = Block()
+        values: dict[SSAValue, Buffers] = {}
+        for arg in old.body.block.args:
+            types = buffer_types(arg.type)
+            new = [block.insert_arg(t, len(block.args)) for t in types]
+            _name(new, arg.name_hint)
+            values[arg] = new[0] if len(new) == 1 else (new[0], new[1])
+        return cls(old, block, values)
+
+    def get(self, value: SSAValue) -> SSAValue:
+        mapped = self.values[value]
+        assert isinstance(mapped, SSAValue)
+        return mapped
+
+    def flat(self, value: SSAValue) -> list[SSAValue]:
+        mapped = self.values[value]
+        return list(mapped) if isinstance(mapped, tuple) else [mapped]
+
+    def lower(self) -> func.FuncOp:
+        for op in list(self.old.body.block.ops):
+            self.lower_op(op)
+        types = [a.type for a in self.block.args]
+        new = func.FuncOp(
+            self.old.sym_name.data, FunctionType.from_lists(types, []), Region(self.block)
+        )
+        for name in ("sym_visibility",):
+            if (value := self.old.properties.get(name)) is not None:
+                new.properties[name] = value
+        return new
+
+    def lower_op(self, op: Operation) -> None:
+        if isinstance(op, upd.DeltaOp):
+            self.values[op.results[0]] = (self.get(op.operands[0]), self.get(op.operands[1]))
+        elif isinstance(op, upd.ApplyOp):
+            self.lower_apply(op)
+        elif isinstance(op, (emb.BagOp, emb.LookupOp)):
+            self.lower_bag(op)
+        elif isinstance(op, func.ReturnOp):
+            self.block.add_op(func.ReturnOp())
+        elif isinstance(op, (upd.UpdOp,)):
+            raise LoweringError(
+                f"'{op.name}' is not fused: run upd-dedup and upd-fuse before lower-to-kernel"
+            )
+        else:
+            clone = op.clone(value_mapper={k: v for k, v in self.values.items()
+                                           if isinstance(v, SSAValue)})
+            self.block.add_op(clone)
+            for old, new in zip(op.results, clone.results):
+                self.values[old] = new
+
+    def lower_apply(self, op: upd.ApplyOp) -> None:
+        check_in_place(op)
+        operands: list[SSAValue] = []
+        for value in op.operands:
+            operands += self.flat(value)
+        attrs = dict(op.attributes)
+        serving = op.role("serving")
+        if serving is not None:
+            assert isinstance(serving.type, emb.TableType)
+            attrs["serving_layout"] = StringAttr(serving.type.layout.data)
+        self.block.add_op(kern.UpdateOp.build_inferred(operands, attrs))
+        in_place = [r for r in op.layout(op.attributes) if r not in ("delta", "version", "step", "seed")]
+        for role, result in zip(in_place, op.results):
+            self.values[result] = self.values[op.role(role)]
+
+    def lower_bag(self, op: emb.BagOp | emb.LookupOp) -> None:
+        table = op.operands[0].type
+        assert isinstance(table, emb.TableType)
+        result_type = op.results[0].type
+        out = self.block.insert_arg(buffer_types(result_type)[0], len(self.block.args))
+        _name([out], (op.results[0].name_hint or "out") + "_out")
+        attrs: dict[str, Attribute] = {"layout": StringAttr(table.layout.data)}
+        if isinstance(op, emb.BagOp):
+            attrs["mode"] = op.mode
+            if len(op.operands) == 4:
+                attrs["weighted"] = UnitAttr()
+        else:
+            attrs["mode"] = StringAttr("none")
+        if "partitions" in op.attributes:
+            attrs["partitions"] = op.attributes["partitions"]
+        operands = [self.get(v) for v in op.operands] + [out]
+        self.block.add_op(kern.BagOp.build_inferred(operands, attrs))
+        self.values[op.results[0]] = out
+
+
+def _name(values: list[SSAValue], hint: str | None) -> None:
+    """Keep the source's names: a delta %d becomes %d_ids and %d_rows."""
+    if hint is None:
+        return
+    if len(values) == 1:
+        values[0].name_hint = hint
+    else:
+        values[0].name_hint, values[1].name_hint = f"{hint}_ids", f"{hint}_rows"
+
+
+def check_in_place(op: upd.ApplyOp) -> None:
+    """Updating in place is right only if no later op reads the old value."""
+    block = op.parent_block()
+    assert block is not None
+    index = block.get_operation_index(op)
+    for role in ("table", "serving", "versions", *upd.OPTIMIZER_OPS[
+        op.attributes["optimizer"].data].STATES):  # type: ignore[union-attr]
+        value = op.role(role)
+        if value is None:
+            continue
+        for use in value.uses:
+            user = use.operation
+            if user is not op and user.parent_block() is block and block.get_operation_index(user) > index:
+                raise LoweringError(
+                    f"'upd.apply' updates its {role} in place, but '{user.name}' reads the "
+                    "old value afterwards"
+                )
+
+
+def needs_lowering(f: func.FuncOp) -> bool:
+    return any(
+        isinstance(op, (upd.UpdOp, emb.BagOp, emb.LookupOp)) for op in f.body.walk()
+    ) or any(buffer_types(a.type) != [a.type] for a in f.body.block.args)
+
+
+@dataclass(frozen=True)
+class LowerToKernelPass(ModulePass):
+    name = "lower-to-kernel"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        for f in [o for o in op.body.block.ops if isinstance(o, func.FuncOp)]:
+            if f.is_declaration or not needs_lowering(f):
+                continue
+            new = FuncLowering.start(f).lower()
+            op.body.block.insert_op_before(new, f)
+            op.body.block.erase_op(f, safe_erase=False)
