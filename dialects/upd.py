@@ -241,6 +241,8 @@ class OptimizerOp(UpdOp):
     ROWWISE: ClassVar[bool] = False
     HAS_STEP: ClassVar[bool] = False
     HYPER: ClassVar[tuple[str, ...]] = ("lr",)
+    # torch.optim's defaults (FBGEMM's for rowwise Adagrad); lr has none
+    DEFAULTS: ClassVar[dict[str, float]] = {}
 
     @classmethod
     def infer_result_types(cls, operand_types, attributes):
@@ -258,8 +260,6 @@ class OptimizerOp(UpdOp):
         ]
         delta = expect_delta(operand_types[1 + len(cls.STATES)], f"'{cls.name}' delta")
         check_delta_fits(delta, table, cls.name)
-        if table.rows.data < 1:
-            raise VerifyException("empty table")
         if cls.HAS_STEP:
             expect_i64(operand_types[-1], cls.name, "step")
         return [table, *states]
@@ -299,6 +299,7 @@ class AdagradOp(OptimizerOp):
     STATES: ClassVar[tuple[str, ...]] = ("sum",)
     HAS_STEP: ClassVar[bool] = True
     HYPER: ClassVar[tuple[str, ...]] = ("lr", "eps", "lr_decay")
+    DEFAULTS: ClassVar[dict[str, float]] = {"eps": 1e-10, "lr_decay": 0.0}
     args = var_operand_def()
     res = var_result_def()
 
@@ -310,6 +311,7 @@ class RowwiseAdagradOp(OptimizerOp):
     STATES: ClassVar[tuple[str, ...]] = ("momentum",)
     ROWWISE: ClassVar[bool] = True
     HYPER: ClassVar[tuple[str, ...]] = ("lr", "eps")
+    DEFAULTS: ClassVar[dict[str, float]] = {"eps": 1e-8}
     args = var_operand_def()
     res = var_result_def()
 
@@ -321,6 +323,7 @@ class AdamOp(OptimizerOp):
     STATES: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
     HAS_STEP: ClassVar[bool] = True
     HYPER: ClassVar[tuple[str, ...]] = ("lr", "beta1", "beta2", "eps")
+    DEFAULTS: ClassVar[dict[str, float]] = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
     args = var_operand_def()
     res = var_result_def()
 

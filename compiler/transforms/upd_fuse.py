@@ -71,6 +71,8 @@ def collect(op: upd.OptimizerOp) -> Fusion:
 
 def _attributes(f: Fusion) -> dict[str, Attribute]:
     attrs: dict[str, Attribute] = {"optimizer": upd.StringAttr(f.optimizer.OPTIMIZER)}
+    for name, value in f.optimizer.DEFAULTS.items():
+        attrs[name] = float_attr(value)
     for name, attr in f.optimizer.attributes.items():
         attrs[name] = attr
     for chain_op in f.chain.ops:

@@ -1,0 +1,176 @@
+"""The standard pass pipelines and the Python compile API.
+
+Users who do not write IR still go through it: `update_spec` builds the
+update chain a user asked for as `upd` ops, runs the standard pipeline and
+reads the resulting `kern.update` back as the spec the backend compiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from xdsl.dialects import func
+from xdsl.dialects.builtin import DYNAMIC_INDEX, FunctionType, IntegerType, ModuleOp, StringAttr
+from xdsl.ir import Attribute, Block, Region, SSAValue
+from xdsl.passes import ModulePass, PassPipeline
+
+from ..dialects import emb, upd
+from ..dialects.common import float_attr
+from .backend.spec import BagSpec, UpdateSpec
+from .backend.targets import kernel_specs
+from .registry import ekko_passes, make_context
+
+UPDATE_PIPELINE = "upd-dedup,upd-fuse,upd-schedule,lower-to-kernel"
+i64 = IntegerType(64)
+DYNAMIC = DYNAMIC_INDEX
+
+
+def parse_pipeline(spec: str, callback: Callable | None = None) -> PassPipeline:
+    """An `ekko-opt -p` style pipeline string as a PassPipeline."""
+    return PassPipeline.parse_spec(ekko_passes(), spec, callback)
+
+
+def run_pipeline(module: ModuleOp, spec: str = UPDATE_PIPELINE,
+                 after_each: Callable[[str, ModuleOp], None] | None = None) -> ModuleOp:
+    """Run `spec` over `module` in place, verifying after every pass."""
+    ctx = make_context()
+
+    def callback(prev: ModulePass | None, mod: ModuleOp, _next: ModulePass | None) -> None:
+        mod.verify()
+        if prev is not None and after_each is not None:
+            after_each(prev.name, mod)
+
+    module.verify()
+    parse_pipeline(spec, callback).apply(ctx, module)
+    return module
+
+
+@dataclass(frozen=True)
+class UpdateRequest:
+    """What a user asks of one table's update, before any pass ran."""
+
+    optimizer: str
+    dim: int
+    table_dtype: str = "f32"
+    index_dtype: str = "i64"
+    serving: str | None = None
+    versions: bool = True
+    stochastic_rounding: bool = False
+    deterministic: bool = False
+    hyper: tuple[tuple[str, float], ...] = ()
+    max_norm: float | None = None
+    clip_value: float | None = None
+    weight_decay: float = 0.0
+    rows: int = DYNAMIC
+
+
+class _Builder:
+    """Appends ops to one block, naming values the way a person would."""
+
+    def __init__(self, block: Block):
+        self.block = block
+
+    def add(self, cls, operands: list[SSAValue], attrs: dict[str, Attribute] | None = None,
+            names: tuple[str, ...] = ()):
+        op = cls.build_inferred(operands, attrs or {})
+        self.block.add_op(op)
+        for result, name in zip(op.results, names):
+            result.name_hint = name
+        return op
+
+
+def build_update_function(req: UpdateRequest, name: str = "update") -> func.FuncOp:
+    """`func @name(table, state..., [serving], versions, ids, rows, step, seed)`."""
+    opt_cls = upd.OPTIMIZER_OPS[req.optimizer]
+    table_t = emb.TableType(req.rows, req.dim, req.table_dtype)
+    width = 1 if opt_cls.ROWWISE else req.dim
+    arg_types: list[Attribute] = [table_t] + [emb.StateType(req.rows, width)] * len(opt_cls.STATES)
+    names = ["table", *opt_cls.STATES]
+    if req.serving is not None:
+        arg_types.append(emb.TableType(req.rows, req.dim, req.serving))
+        names.append("serving")
+    if req.versions:
+        arg_types.append(emb.VersionsType(req.rows))
+        names.append("versions")
+    arg_types += [emb.ids_type(req.index_dtype), emb.rows_type(req.dim), i64, i64, i64]
+    names += ["ids", "rows", "step", "version", "seed"]
+    block = Block(arg_types=arg_types)
+    for arg, hint in zip(block.args, names):
+        arg.name_hint = hint
+    args = dict(zip(names, block.args))
+    b = _Builder(block)
+    delta = b.add(upd.DeltaOp, [args["ids"], args["rows"]], names=("delta",)).results[0]
+    grad = delta
+    if req.max_norm is not None or req.clip_value is not None:
+        attrs = {k: float_attr(v) for k, v in (("max_norm", req.max_norm),
+                                                ("clip_value", req.clip_value)) if v is not None}
+        grad = b.add(upd.ClipOp, [grad], attrs, ("clipped",)).results[0]
+    if req.weight_decay:
+        grad = b.add(upd.WeightDecayOp, [grad, args["table"]],
+                     {"decay": float_attr(req.weight_decay)}, ("decayed",)).results[0]
+    operands = [args["table"], *[args[s] for s in opt_cls.STATES], grad]
+    if opt_cls.HAS_STEP:
+        operands.append(args["step"])
+    hyper = {k: float_attr(v) for k, v in req.hyper if k in opt_cls.HYPER}
+    step = b.add(opt_cls, operands, hyper, ("new_table", *[f"new_{s}" for s in opt_cls.STATES]))
+    results = list(step.results)
+    if req.stochastic_rounding:
+        results[0] = b.add(upd.StochasticRoundOp, [results[0], args["seed"]], names=("rounded",)).results[0]
+    if req.serving is not None:
+        results.append(b.add(upd.RequantizeOp, [results[0], args["serving"], delta],
+                             names=("new_serving",)).results[0])
+    if req.versions:
+        results.append(b.add(upd.StampOp, [args["versions"], delta, args["version"]],
+                             names=("new_versions",)).results[0])
+    block.add_op(func.ReturnOp(*results))
+    ftype = FunctionType.from_lists(arg_types, [r.type for r in results])
+    return func.FuncOp(name, ftype, Region(block))
+
+
+def update_module(req: UpdateRequest) -> ModuleOp:
+    return ModuleOp([build_update_function(req)])
+
+
+def update_spec(req: UpdateRequest, partitions: int = 0) -> UpdateSpec:
+    """Compile a request through the standard pipeline to the kernel's spec."""
+    module = update_module(req)
+    dedup = "upd-dedup{deterministic=true}" if req.deterministic else "upd-dedup"
+    schedule = f"upd-schedule{{partitions={partitions}}}" if partitions else "upd-schedule"
+    run_pipeline(module, f"{dedup},upd-fuse,{schedule},lower-to-kernel")
+    (_, spec), = kernel_specs(module)
+    assert isinstance(spec, UpdateSpec)
+    return spec
+
+
+def bag_module(dim: int, layout: str, index_dtype: str, mode: str, weighted: bool) -> ModuleOp:
+    """`func @lookup(table, ids[, offsets][, weights]) -> rows` as emb ops."""
+    table_t = emb.TableType(DYNAMIC, dim, layout)
+    ids_t = emb.ids_type(index_dtype)
+    arg_types: list[Attribute] = [table_t, ids_t]
+    if mode != "none":
+        arg_types.append(ids_t)
+    if weighted:
+        from xdsl.dialects.builtin import TensorType, f32
+
+        arg_types.append(TensorType(f32, [DYNAMIC_INDEX]))
+    block = Block(arg_types=arg_types)
+    b = _Builder(block)
+    if mode == "none":
+        op = b.add(emb.LookupOp, list(block.args), names=("rows",))
+    else:
+        op = b.add(emb.BagOp, list(block.args), {"mode": StringAttr(mode)}, ("pooled",))
+    block.add_op(func.ReturnOp(op.results[0]))
+    ftype = FunctionType.from_lists(arg_types, [op.results[0].type])
+    return ModuleOp([func.FuncOp("lookup", ftype, Region(block))])
+
+
+def bag_spec(dim: int, layout: str = "f32", index_dtype: str = "i64", mode: str = "sum",
+             weighted: bool = False, partitions: int = 0) -> BagSpec:
+    """Compile a pooled lookup through the pipeline to the kernel's spec."""
+    module = bag_module(dim, layout, index_dtype, mode, weighted)
+    schedule = f"upd-schedule{{partitions={partitions}}}" if partitions else "upd-schedule"
+    run_pipeline(module, f"{schedule},lower-to-kernel")
+    (_, spec), = kernel_specs(module)
+    assert isinstance(spec, BagSpec)
+    return spec
