@@ -74,9 +74,22 @@ def _parse_layout(parser: AttrParser) -> str:
 def _parse_shape(parser: AttrParser, count: int, what: str) -> list[int]:
     pos = parser.pos
     dims = parser.parse_dimension_list()
-    if len(dims) != count or any(d < 0 for d in dims):
-        parser.raise_error(f"expected {count} static dimension(s) in {what}", pos, parser.pos)
+    if len(dims) != count or any(d < 0 for d in dims[1:]):
+        parser.raise_error(
+            f"expected {count} dimension(s) in {what} (only the rows may be dynamic: ?)",
+            pos,
+            parser.pos,
+        )
     return dims
+
+
+def _dim(n: int) -> str:
+    return "?" if n == DYNAMIC_INDEX else str(n)
+
+
+def _check_rows(rows: int, what: str) -> None:
+    if rows < 1 and rows != DYNAMIC_INDEX:
+        raise VerifyException(f"{what} needs at least one row")
 
 
 @irdl_attr_definition
@@ -96,13 +109,14 @@ class TableType(ParametrizedAttribute, TypeAttribute):
         return self.layout.data in QUANT_LAYOUTS
 
     def verify(self) -> None:
-        if self.rows.data < 1 or self.dim.data < 1:
-            raise VerifyException("!emb.table needs at least one row and one column")
+        _check_rows(self.rows.data, "!emb.table")
+        if self.dim.data < 1:
+            raise VerifyException("!emb.table needs at least one column")
         if self.layout.data not in LAYOUTS:
             raise VerifyException(f"unknown table layout '{self.layout.data}'")
 
     def print_parameters(self, printer: Printer) -> None:
-        printer.print_string(f"<{self.rows.data}x{self.dim.data}x{self.layout.data}>")
+        printer.print_string(f"<{_dim(self.rows.data)}x{self.dim.data}x{self.layout.data}>")
 
     @classmethod
     def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
@@ -125,11 +139,12 @@ class StateType(ParametrizedAttribute, TypeAttribute):
         super().__init__(IntAttr(rows), IntAttr(width))
 
     def verify(self) -> None:
-        if self.rows.data < 1 or self.width.data < 1:
-            raise VerifyException("!emb.state needs at least one row and one column")
+        _check_rows(self.rows.data, "!emb.state")
+        if self.width.data < 1:
+            raise VerifyException("!emb.state needs at least one column")
 
     def print_parameters(self, printer: Printer) -> None:
-        printer.print_string(f"<{self.rows.data}x{self.width.data}>")
+        printer.print_string(f"<{_dim(self.rows.data)}x{self.width.data}>")
 
     @classmethod
     def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
@@ -149,16 +164,18 @@ class VersionsType(ParametrizedAttribute, TypeAttribute):
         super().__init__(IntAttr(rows))
 
     def verify(self) -> None:
-        if self.rows.data < 1:
-            raise VerifyException("!emb.versions needs at least one row")
+        _check_rows(self.rows.data, "!emb.versions")
 
     def print_parameters(self, printer: Printer) -> None:
-        printer.print_string(f"<{self.rows.data}>")
+        printer.print_string(f"<{_dim(self.rows.data)}>")
 
     @classmethod
     def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
         with parser.in_angle_brackets():
-            (rows,) = _parse_shape(parser, 1, "!emb.versions")
+            pos = parser.pos
+            rows = parser.parse_shape_dimension()
+            if rows < 1 and rows != DYNAMIC_INDEX:
+                parser.raise_error("expected the number of rows or ?", pos, parser.pos)
         return (IntAttr(rows),)
 
 

@@ -108,7 +108,9 @@ def _locate_failure(module: ModuleOp, source_map: SourceMap | None) -> str | Non
             msg = msg.removeprefix("Operation does not verify: ")
             if source_map is None:
                 return f"error: '{op.name}': {msg}"
-            return source_map.format_at_op(op, f"'{op.name}' {msg}")
+            if not msg.startswith(f"'{op.name}'"):
+                msg = f"'{op.name}' {msg}"
+            return source_map.format_at_op(op, msg)
     return None
 
 

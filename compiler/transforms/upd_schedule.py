@@ -55,5 +55,5 @@ class UpdSchedulePass(ModulePass):
                     apply.attributes["sort"] = UnitAttr()
                 else:
                     apply.attributes.pop("sort", None)
-            elif isinstance(apply, emb.BagOp):
+            elif isinstance(apply, (emb.BagOp, emb.LookupOp)):
                 apply.attributes["partitions"] = IntegerAttr(parts, i64)
