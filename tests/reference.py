@@ -122,7 +122,8 @@ class Hyper:
 def dedup(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique ids and their summed gradient rows (summed in float64)."""
     ids = np.asarray(ids, dtype=np.int64)
-    grads = np.asarray(grads, dtype=np.float32).reshape(len(ids), -1)
+    grads = np.asarray(grads, dtype=np.float32)
+    grads = grads.reshape(len(ids), grads.shape[-1] if grads.ndim > 1 else -1)
     uniq, inv = np.unique(ids, return_inverse=True)
     acc = np.zeros((len(uniq), grads.shape[1]), dtype=np.float64)
     np.add.at(acc, inv, grads)
@@ -218,7 +219,8 @@ def _torch_step(optimizer: str, w: np.ndarray, uniq: np.ndarray, g: np.ndarray,
         opt = torch.optim.SparseAdam([p], lr=hp.lr, betas=hp.betas, eps=hp.eps)
         opt.state[p].update(step=step - 1, exp_avg=torch.from_numpy(state.buffers["exp_avg"]),
                             exp_avg_sq=torch.from_numpy(state.buffers["exp_avg_sq"]))
-    opt.step()
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):
+        opt.step()
     return p.detach().numpy().copy()
 
 
