@@ -1,0 +1,69 @@
+"""Smoke test of benchmarks/update_kernels.py on a tiny workload.
+
+Every peer of the benchmark must run and agree with the float64 reference on
+sampled rows, so a peer that rots (API change, wrong math) fails here instead
+of silently printing a meaningless speedup.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "update_kernels.py"
+
+
+def _load() -> ModuleType:
+    """Import the benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_update_kernels", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load()
+
+
+@pytest.fixture(scope="module")
+def work():
+    return bench.make_workload(rows=5000, dim=16, n_ids=3000, seed=5)
+
+
+@pytest.mark.parametrize("peer", list(bench.PEERS))
+@pytest.mark.parametrize("case", bench.CASES)
+def test_peer_agrees_with_reference(case: str, peer: str, work) -> None:
+    """One checked run and one timed run of each peer; it must match the reference."""
+    bufs = bench.allocate(case, work.rows, work.dim)
+    saved = bench.save_rows(bufs, work)
+    exp = bench.expected_rows(case, work, saved, bench.sample_ids(work, n=300))
+    res = bench.measure(case, peer, work, bufs, saved, exp, runs=1)
+    if res.error.startswith("fbgemm_gpu:"):
+        pytest.skip(res.error)  # optional dependency absent; ekko missing is a failure
+    assert not res.error, res.error
+    assert res.check.startswith("ok"), res.check
+    assert len(res.times_ms) == 1 and res.times_ms[0] > 0
+    # the peer restored the touched rows: the next peer starts from the same state
+    np.testing.assert_array_equal(bufs.table[saved.uniq], saved.table_rows)
+
+
+def test_report_and_bytes(work) -> None:
+    """The table formatter and the byte model work on a synthetic result."""
+    r = bench.Result("sgd", work.dim, "ekko", threads=2, times_ms=[1.0, 2.0, 3.0], check="ok")
+    text = bench.format_table([r], {work.dim: work}, bw=10.0)
+    assert "| ekko | 2 | 2.0 |" in text and "1.00x" in text
+    assert bench.ekko_bytes("sgd", work) == work.n_ids * (8 + 64) + len(work.uniq) * 128
+
+
+def test_reference_detects_wrong_update(work) -> None:
+    """The checker rejects a table that was not updated (guards the guard)."""
+    bufs = bench.allocate("sgd", work.rows, work.dim)
+    saved = bench.save_rows(bufs, work)
+    exp = bench.expected_rows("sgd", work, saved, bench.sample_ids(work, n=100))
+    with pytest.raises(AssertionError):
+        bench.check_rows(bufs, exp, work.dim)
