@@ -140,6 +140,7 @@ class Case:
     use_torch: bool = False
     steps: int = 3
     grad_scale: float = 1.0
+    version_base: int | None = None  # None: version defaults to step; else version = base + step
 
 
 def make_delta(case: Case, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -233,14 +234,16 @@ def run_case(case: Case, seed: int = 0, deltas: list[tuple[np.ndarray, np.ndarra
         if case.table_dtype != "f32":
             ref_w = prev_w  # re-base on the stored table: one rounding per step, not compounded
         ids_in, grads_in = (torch.from_numpy(ids), torch.from_numpy(grads)) if case.use_torch else (ids, grads)
-        k(table, ids_in, grads_in, state=kstate, serving=serving, versions=versions, step=step)
+        version = step if case.version_base is None else case.version_base + step
+        extra = {} if case.version_base is None else {"version": version}
+        k(table, ids_in, grads_in, state=kstate, serving=serving, versions=versions, step=step, **extra)
         ref_w, uniq = reference_step(case.optimizer, ref_w, ids, grads, ref_state, step, case.hp)
         got_w = to_f32(as_numpy(table) if case.table_dtype == "bf16" else table, case.table_dtype)
         check_table(got_w, ref_w, prev_w, uniq, case.table_dtype)
         check_state(from_kernel_state(case.optimizer, kstate), ref_state, prev_state, uniq)
         if serving is not None:
             check_serving(as_numpy(serving), prev_serving, got_w, uniq, case.serving, dim)
-        np.testing.assert_array_equal(as_numpy(versions), stamp_versions(prev_versions, uniq, step),
+        np.testing.assert_array_equal(as_numpy(versions), stamp_versions(prev_versions, uniq, version),
                                       err_msg="version stamps")
 
 
@@ -284,8 +287,9 @@ def test_heavy_duplicates(optimizer: str) -> None:
 @pytest.mark.parametrize("index_dtype", ["i32", "i64"])
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
 def test_index_dtypes(optimizer: str, index_dtype: str) -> None:
-    """i32 and i64 ids, with the first and last row always in the delta."""
-    run_case(Case(optimizer, "f32", "int4", dim=16, rows=1000, n_ids=500, index_dtype=index_dtype))
+    """i32 and i64 ids, with the first and last row always in the delta; explicit versions."""
+    run_case(Case(optimizer, "f32", "int4", dim=16, rows=1000, n_ids=500, index_dtype=index_dtype,
+                  version_base=2**40))
 
 
 @pytest.mark.parametrize("table_dtype", TABLE_DTYPES)
