@@ -151,3 +151,13 @@ def clear_memory_cache() -> None:
     """Forget in-process builds (tests use it to exercise the disk cache)."""
     with _lock:
         _memory_cache.clear()
+
+
+def emit_object(llvm_ir: str) -> tuple[bytes, str]:
+    """Optimized object code and optimized IR text of a module, for `ekko compile`."""
+    _init()
+    tm = _target_machine()
+    mod = llvm.parse_assembly(llvm_ir)
+    mod.verify()
+    optimize(mod, tm)
+    return tm.emit_object(mod), str(mod)

@@ -1,0 +1,210 @@
+"""A compiled model: its IR, its native kernels and, on request, its tables.
+
+`compile_model` takes a `.ekko` file, a `module.py:factory` torch model or a
+`Model`, lowers the model-level IR through the standard pipeline and builds
+one native kernel per distinct kernel spec (26 tables with the same dim and
+optimizer share one update kernel). `materialize()` allocates the tables,
+their optimizer state, serving copies and versions in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..compiler.backend.spec import BagSpec, UpdateSpec, serving_row_bytes
+from ..compiler.backend.targets import kernel_specs
+from ..compiler.frontend import Model, load_model
+from ..compiler.frontend.model import Table
+from ..compiler.frontend_to_ir import model_to_module, serving_layout, update_request
+from ..compiler.pipeline import run_pipeline
+from .lookup import BagKernel
+from .quant import quantize_rows
+from .update import UpdateKernel
+
+STAGES = ("model", "upd-dedup", "upd-fuse", "upd-schedule", "lower-to-kernel")
+
+
+def model_pipeline(partitions: int = 0) -> str:
+    schedule = f"upd-schedule{{partitions={partitions}}}" if partitions else "upd-schedule"
+    return f"upd-dedup,upd-fuse,{schedule},lower-to-kernel"
+
+
+@dataclass
+class TableBuffers:
+    """The live arrays of one table: master, optimizer state, serving copy, versions."""
+
+    table: Table
+    master: np.ndarray
+    state: Any
+    serving: np.ndarray | None
+    versions: np.ndarray
+    step: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.master, self.versions]
+        arrays += list(self.state) if isinstance(self.state, tuple) else [self.state]
+        if self.serving is not None:
+            arrays.append(self.serving)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    @property
+    def lookup_table(self) -> np.ndarray:
+        """What lookups read: the serving copy, or the master when there is none."""
+        return self.serving if self.serving is not None else self.master
+
+
+@dataclass
+class CompiledModel:
+    """The result of compile_model; see the module docstring."""
+
+    model: Model
+    ir: dict[str, str]
+    update_specs: dict[str, UpdateSpec]
+    bag_specs: dict[str, BagSpec]
+    update_kernels: dict[str, UpdateKernel]
+    lookup_kernels: dict[str, BagKernel]
+    pipeline: str
+    compile_seconds: float
+    tables: dict[str, TableBuffers] = field(default_factory=dict)
+
+    def table(self, name: str) -> Table:
+        return next(t for t in self.model.tables if t.name == name)
+
+    def materialize(self, seed: int = 0) -> CompiledModel:
+        """Allocate and initialize every table (uniform(-1/sqrt(rows), +), as DLRM)."""
+        rng = np.random.default_rng(seed)
+        for t in self.model.tables:
+            self.tables[t.name] = init_table(t, self.update_specs[t.name], rng)
+        return self
+
+    def update(self, table: str, ids, grads, *, step: int | None = None,
+               version: int | None = None, seed: int = 0) -> None:
+        """Apply one delta to `table` in place (step counts from 1 per table)."""
+        buf = self.tables[table]
+        buf.step = buf.step + 1 if step is None else step
+        self.update_kernels[table](
+            buf.master, ids, grads, state=buf.state, serving=buf.serving,
+            versions=buf.versions, step=buf.step, version=version, seed=seed,
+        )
+
+    def lookup(self, feature: str, ids, offsets=None, per_sample_weights=None, out=None):
+        """Serve one feature: pooled bags (or rows for pooling none) as f32."""
+        f = next(f for f in self.model.features if f.name == feature)
+        buf = self.tables[f.table]
+        return self.lookup_kernels[feature](
+            buf.lookup_table, ids, offsets, per_sample_weights=per_sample_weights, out=out
+        )
+
+    def manifest(self) -> dict[str, Any]:
+        """Tables, kernels and their signatures, and the pipeline: for `ekko compile`."""
+        kernels: dict[str, Any] = {}
+        for name, spec in {**self.update_specs, **self.bag_specs}.items():
+            kernels.setdefault(spec.key(), {"spec": spec.__dict__ | {}, "used_by": []})
+            kernels[spec.key()]["used_by"].append(name)
+        return {
+            "model": self.model.name,
+            "pipeline": self.pipeline,
+            "tables": [_table_entry(t, self.update_specs[t.name]) for t in self.model.tables],
+            "features": [
+                {"name": f.name, "table": f.table, "pooling": f.pooling,
+                 "kernel": f"serve_{f.name}"} for f in self.model.features
+            ],
+            "kernels": [
+                {"id": i, "symbol": _symbol(v["spec"]), **v} for i, v in enumerate(kernels.values())
+            ],
+            "compile_seconds": round(self.compile_seconds, 4),
+        }
+
+
+def _symbol(spec: dict[str, Any]) -> str:
+    return "ekko_update" if "optimizer" in spec else "ekko_bag"
+
+
+def _table_entry(t: Table, spec: UpdateSpec) -> dict[str, Any]:
+    return {
+        "name": t.name, "rows": t.rows, "dim": t.dim, "dtype": t.dtype,
+        "serving": t.serving, "optimizer": t.optimizer.kind,
+        "hyper": dict(t.optimizer.hyper), "update_kernel": f"update_{t.name}",
+        "state": list(spec.state_shapes),
+    }
+
+
+def init_table(t: Table, spec: UpdateSpec, rng: np.random.Generator) -> TableBuffers:
+    bound = 1.0 / np.sqrt(t.rows)
+    master32 = rng.uniform(-bound, bound, size=(t.rows, t.dim)).astype(np.float32)
+    master = _as_dtype(master32, t.dtype)
+    width = 1 if spec.optimizer == "rowwise_adagrad" else t.dim
+    state: Any = None
+    if spec.optimizer in ("adagrad",):
+        state = np.zeros((t.rows, width), np.float32)
+    elif spec.optimizer == "rowwise_adagrad":
+        state = np.zeros(t.rows, np.float32)
+    elif spec.optimizer == "adam":
+        state = (np.zeros((t.rows, t.dim), np.float32), np.zeros((t.rows, t.dim), np.float32))
+    serving = None
+    if spec.serving is not None:
+        serving = quantize_rows(master32, spec.serving)
+        assert serving.shape[0] == t.rows
+        if spec.serving in ("int8", "int4"):
+            assert serving.shape[1] == serving_row_bytes(spec.serving, t.dim)
+    return TableBuffers(t, master, state, serving, np.zeros(t.rows, np.int64))
+
+
+def _as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "f32":
+        return x
+    return quantize_rows(x, dtype)
+
+
+def compile_model(
+    source: str | Path | Model,
+    *,
+    scale: float = 1.0,
+    partitions: int = 0,
+    keep_ir: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> CompiledModel:
+    """Compile a model from source to native kernels (see the module docstring)."""
+    start = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    model = source if isinstance(source, Model) else load_model(str(source), scale=scale)
+    say(f"parsed {model.name}: {len(model.tables)} tables, {len(model.features)} features")
+    module = model_to_module(model)
+    ir: dict[str, str] = {"model": str(module)} if keep_ir else {}
+    pipeline = model_pipeline(partitions)
+
+    def after(name: str, mod) -> None:
+        if keep_ir:
+            ir[name] = str(mod)
+
+    run_pipeline(module, pipeline, after)
+    say(f"lowered through {pipeline}")
+    update_specs: dict[str, UpdateSpec] = {}
+    bag_specs: dict[str, BagSpec] = {}
+    for fname, spec in kernel_specs(module):
+        if isinstance(spec, UpdateSpec):
+            update_specs[fname.removeprefix("update_")] = spec
+        else:
+            bag_specs[fname.removeprefix("serve_")] = spec
+    built: dict[str, Any] = {}
+
+    def kernel(spec):
+        if spec.key() not in built:
+            built[spec.key()] = UpdateKernel(spec) if isinstance(spec, UpdateSpec) else BagKernel(spec)
+        return built[spec.key()]
+
+    updates = {name: kernel(s) for name, s in update_specs.items()}
+    lookups = {name: kernel(s) for name, s in bag_specs.items()}
+    say(f"built {len(built)} native kernels")
+    return CompiledModel(model, ir, update_specs, bag_specs, updates, lookups, pipeline,
+                         time.perf_counter() - start)
+
+
+__all__ = ["CompiledModel", "TableBuffers", "compile_model", "serving_layout", "update_request"]
