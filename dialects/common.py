@@ -17,6 +17,7 @@ from xdsl.dialects.builtin import (
     Float32Type,
     FloatAttr,
     IntegerType,
+    Signedness,
     StringAttr,
     f64,
 )
@@ -41,7 +42,11 @@ def dtype_name(attr: Attribute) -> str | None:
 
 def index_name(attr: Attribute) -> str | None:
     """i32 or i64 for an id element type, else None."""
-    if isinstance(attr, IntegerType) and attr.width.data in (32, 64):
+    if (
+        isinstance(attr, IntegerType)
+        and attr.width.data in (32, 64)
+        and attr.signedness.data == Signedness.SIGNLESS
+    ):
         return f"i{attr.width.data}"
     return None
 
@@ -119,7 +124,9 @@ class InferredResultsOp(IRDLOperation):
             )
         if len(types) != len(unresolved):
             parser.raise_error(
-                f"'{cls.name}' has {len(unresolved)} operands but {len(types)} types"
+                f"'{cls.name}' has {len(unresolved)} operands but {len(types)} types",
+                start,
+                start,
             )
         operands = [parser.resolve_operand(u, t) for u, t in zip(unresolved, types)]
         try:

@@ -363,6 +363,7 @@ class BagOp(InferredResultsOp):
 
     def verify_(self) -> None:
         self.infer_result_types([o.type for o in self.operands], self.attributes)
+        check_rows(self.result.type, self.table.type.dim.data, "the bag's result")
 
 
 Emb = Dialect(

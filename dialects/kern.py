@@ -186,7 +186,9 @@ class BagOp(KernelOp):
         table = _memref(by["table"], 2, "the table buffer")
         width = dim if layout in FLOAT_DTYPES else row_bytes(layout, dim)
         if table.get_shape()[1] != width:
-            raise VerifyException(f"a {layout} table of dim {dim} has rows of {width}")
+            raise VerifyException(
+                f"a {layout} table of dim {dim} must have rows of {width}, got {table}"
+            )
         ids = _memref(by["ids"], 1, "the ids buffer")
         if index_name(ids.element_type) is None:
             raise VerifyException("the ids buffer must hold i32 or i64")

@@ -142,7 +142,8 @@ class UpdOp(InferredResultsOp):
     def verify_(self) -> None:
         types = self.infer_result_types([o.type for o in self.operands], self.attributes)
         if [r.type for r in self.results] != list(types):
-            raise VerifyException(f"'{self.name}' result types must be {types}")
+            expected = ", ".join(str(t) for t in types)
+            raise VerifyException(f"'{self.name}' result types must be [{expected}]")
         self.verify_attributes()
 
     def verify_attributes(self) -> None:

@@ -1,0 +1,187 @@
+// RUN: ekko-opt %s --split-input-file --verify-diagnostics --parsing-diagnostics | filecheck %s
+
+// kern.update
+
+// CHECK: 'kern.update' needs a known optimizer
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
+"kern.update"(%t, %ids, %g) {optimizer = "lamb"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: 'kern.update' needs a known optimizer
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
+"kern.update"(%t, %ids, %g) {lr = 0.1 : f64} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: 'kern.update' operands must be (table, momentum, ids, grads)
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
+"kern.update"(%t, %ids, %g) {optimizer = "rowwise_adagrad", lr = 0.1 : f64} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: 'kern.update' has no attribute 'momentum'
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
+"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64, momentum = 0.9 : f64} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: the table buffer must be a rank-2 memref, got memref<?xf32>
+%t, %ids, %g = "test.op"() : () -> (memref<?xf32>, memref<?xi64>, memref<?x4xf32>)
+"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64} : (memref<?xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: the table buffer must hold f32, f16 or bf16
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xi8>, memref<?xi64>, memref<?x4xf32>)
+"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64} : (memref<10x4xi8>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: the ids buffer must be a rank-1 memref, got tensor<?xi64>
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, tensor<?xi64>, memref<?x4xf32>)
+"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64} : (memref<10x4xf32>, tensor<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: the ids buffer must hold i32 or i64
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi16>, memref<?x4xf32>)
+"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64} : (memref<10x4xf32>, memref<?xi16>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: the grads buffer must be memref<?x4xf32>
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x8xf32>)
+"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64} : (memref<10x4xf32>, memref<?xi64>, memref<?x8xf32>) -> ()
+
+// -----
+
+// CHECK: the grads buffer must be memref<?x4xf32>
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf16>)
+"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf16>) -> ()
+
+// -----
+
+// CHECK: 'kern.update' with a serving copy needs serving_layout
+%t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x12xi8>)
+"kern.update"(%t, %ids, %g, %q) {optimizer = "sgd", lr = 0.1 : f64, serving} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x12xi8>) -> ()
+
+// -----
+
+// CHECK: the serving buffer must be a rank-2 memref, got memref<?xi8>
+%t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<?xi8>)
+"kern.update"(%t, %ids, %g, %q) {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int8"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<?xi8>) -> ()
+
+// -----
+
+// CHECK: the int8 serving buffer must be 10x12, got memref<10x4xi8>
+%t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>)
+"kern.update"(%t, %ids, %g, %q) {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int8"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>) -> ()
+
+// -----
+
+// CHECK: the int4 serving buffer must be 10x6, got memref<10x4xi8>
+%t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>)
+"kern.update"(%t, %ids, %g, %q) {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int4"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>) -> ()
+
+// -----
+
+// CHECK: 'kern.update' step must be i64
+%t, %s, %ids, %g, %step = "test.op"() : () -> (memref<10x4xf32>, memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, i32)
+"kern.update"(%t, %s, %ids, %g, %step) {optimizer = "adagrad", lr = 0.1 : f64, step} : (memref<10x4xf32>, memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, i32) -> ()
+
+// -----
+
+// CHECK: 'kern.update' version must be i64
+%t, %ids, %g, %v, %n = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10xi64>, index)
+"kern.update"(%t, %ids, %g, %v, %n) {optimizer = "sgd", lr = 0.1 : f64, versions} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10xi64>, index) -> ()
+
+// -----
+
+// CHECK: 'kern.update' seed must be i64
+%t, %ids, %g, %seed = "test.op"() : () -> (memref<10x4xf16>, memref<?xi64>, memref<?x4xf32>, f32)
+"kern.update"(%t, %ids, %g, %seed) {optimizer = "sgd", lr = 0.1 : f64, stochastic_rounding, seed} : (memref<10x4xf16>, memref<?xi64>, memref<?x4xf32>, f32) -> ()
+
+// -----
+
+// The custom form reports the same errors while parsing.
+
+// CHECK: 'kern.update' operands must be (table, ids, grads, serving)
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
+kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int8"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>
+
+// -----
+
+// kern.bag
+
+// CHECK: 'kern.bag' needs mode = "sum", "mean" or "none"
+%t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
+"kern.bag"(%t, %ids, %off, %out) {layout = "f32", mode = "max"} : (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: 'kern.bag' operands must be (table, ids, out)
+%t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
+"kern.bag"(%t, %ids, %off, %out) {layout = "f32", mode = "none"} : (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: 'kern.bag' operands must be (table, ids, offsets, weights, out)
+%t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
+"kern.bag"(%t, %ids, %off, %out) {layout = "f32", mode = "sum", weighted} : (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: 'kern.bag' needs layout = one of f32, f16, bf16, int8, int4
+%t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
+"kern.bag"(%t, %ids, %off, %out) {layout = "int2", mode = "sum"} : (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: 'kern.bag' weighted is a unit flag
+%t, %ids, %off, %w, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>)
+"kern.bag"(%t, %ids, %off, %w, %out) {layout = "f32", mode = "sum", weighted = 1 : i64} : (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: the output buffer must be a rank-2 memref, got memref<?xf32>
+%t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>)
+"kern.bag"(%t, %ids, %off, %out) {layout = "f32", mode = "sum"} : (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>) -> ()
+
+// -----
+
+// CHECK: the table buffer must be a rank-2 memref, got memref<?xi8>
+%t, %ids, %out = "test.op"() : () -> (memref<?xi8>, memref<?xi64>, memref<?x4xf32>)
+"kern.bag"(%t, %ids, %out) {layout = "int8", mode = "none"} : (memref<?xi8>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: a int8 table of dim 4 must have rows of 12, got memref<10x4xi8>
+%t, %ids, %out = "test.op"() : () -> (memref<10x4xi8>, memref<?xi64>, memref<?x4xf32>)
+"kern.bag"(%t, %ids, %out) {layout = "int8", mode = "none"} : (memref<10x4xi8>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: a f16 table of dim 4 must have rows of 4, got memref<10x8xf16>
+%t, %ids, %out = "test.op"() : () -> (memref<10x8xf16>, memref<?xi64>, memref<?x4xf32>)
+"kern.bag"(%t, %ids, %out) {layout = "f16", mode = "none"} : (memref<10x8xf16>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: the ids buffer must be a rank-1 memref, got memref<?x1xi64>
+%t, %ids, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?x1xi64>, memref<?x4xf32>)
+"kern.bag"(%t, %ids, %out) {layout = "f32", mode = "none"} : (memref<10x4xf32>, memref<?x1xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: the ids buffer must hold i32 or i64
+%t, %ids, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xui64>, memref<?x4xf32>)
+"kern.bag"(%t, %ids, %out) {layout = "f32", mode = "none"} : (memref<10x4xf32>, memref<?xui64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// The custom form reports the same errors while parsing.
+
+// CHECK: 'kern.bag' operands must be (table, ids, out)
+%t, %ids = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>)
+kern.bag %t, %ids {layout = "f32", mode = "none"} : memref<10x4xf32>, memref<?xi64>
