@@ -502,7 +502,7 @@ class ApplyOp(UpdOp):
         if "stochastic_rounding" in self.attributes and table.layout.data == "f32":
             raise VerifyException("stochastic rounding needs an f16 or bf16 table")
         nonlinear = get_string(self, "optimizer") != "sgd" or any(
-            n in self.attributes for n in ("max_norm", "weight_decay")
+            n in self.attributes for n in ("max_norm", "clip_value", "weight_decay")
         )
         if nonlinear and not ("dedup" in self.attributes or delta.is_unique):
             raise VerifyException(

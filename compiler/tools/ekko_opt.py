@@ -127,7 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_parse_error(e), file=sys.stderr)
     except (VerifyException, DiagnosticException) as e:
         located = None
-        if driver is not None and driver.last_module is not None:
+        op = getattr(e, "op", None)  # a pass error that names its op
+        if op is not None and driver is not None and driver.source_map is not None:
+            located = driver.source_map.format_at_op(op, str(e).strip())
+        elif driver is not None and driver.last_module is not None:
             located = _locate_failure(driver.last_module, driver.source_map)
         print(located or f"error: {str(e).strip()}", file=sys.stderr)
     except EkkoDiagnostic as e:

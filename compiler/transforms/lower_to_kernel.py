@@ -34,6 +34,10 @@ Buffers = SSAValue | tuple[SSAValue, SSAValue]
 class LoweringError(DiagnosticException):
     """An IR shape the kernel level cannot express; names the op."""
 
+    def __init__(self, message: str, op: Operation | None = None):
+        super().__init__(message)
+        self.op = op  # where ekko-opt points the diagnostic
+
 
 def buffer_types(t: Attribute) -> list[Attribute]:
     """The kernel-level argument types standing for one value of type `t`."""
@@ -103,7 +107,8 @@ class FuncLowering:
             self.block.add_op(func.ReturnOp())
         elif isinstance(op, (upd.UpdOp,)):
             raise LoweringError(
-                f"'{op.name}' is not fused: run upd-dedup and upd-fuse before lower-to-kernel"
+                f"'{op.name}' is not fused: run upd-dedup and upd-fuse before lower-to-kernel",
+                op,
             )
         else:
             clone = op.clone(value_mapper={k: v for k, v in self.values.items()
@@ -172,7 +177,8 @@ def check_in_place(op: upd.ApplyOp) -> None:
             if user is not op and user.parent_block() is block and block.get_operation_index(user) > index:
                 raise LoweringError(
                     f"'upd.apply' updates its {role} in place, but '{user.name}' reads the "
-                    "old value afterwards"
+                    "old value afterwards",
+                    user,
                 )
 
 

@@ -445,6 +445,12 @@
 
 // -----
 
+// CHECK: 'upd.apply' is non-linear in the delta: it needs unique ids or 'dedup'
+%t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
+%r = "upd.apply"(%t, %d) {optimizer = "sgd", lr = 0.1 : f64, clip_value = 1.0 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+
+// -----
+
 // The custom form reports the same errors while parsing.
 
 // CHECK: 'upd.apply' operands must be (table, delta, serving)
