@@ -1,0 +1,42 @@
+"""Smoke run of benchmarks/parse_ir.py on 500 ops: correctness, not speed."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "parse_ir.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("parse_ir_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_module_round_trips() -> None:
+    bench = _load()
+    text, count = bench.generate(500)
+    assert count >= 500
+    module = bench.parse(text)
+    module.verify()
+    assert sum(1 for _ in module.walk()) - 1 == count
+    printed = bench.render(module)
+    assert bench.render(bench.parse(printed)) == printed
+    generic = bench.render(module, generic=True)
+    assert bench.render(bench.parse(generic)) == printed
+    names = {op.name for op in module.walk()}
+    assert {"upd.delta", "upd.dedup", "upd.clip", "upd.weight_decay", "upd.sgd", "upd.adagrad",
+            "upd.rowwise_adagrad", "upd.adam", "upd.stochastic_round", "upd.requantize",
+            "upd.stamp", "emb.bag", "emb.lookup", "emb.table", "emb.feature"} <= names
+
+
+def test_cli_prints_the_table(capsys) -> None:
+    bench = _load()
+    assert bench.main(["--ops", "500", "--runs", "1", "--check"]) == 0
+    out = capsys.readouterr().out
+    for phase in ("parse", "verify", "print", "total"):
+        assert phase in out
+    assert "round trip identical: True" in out
