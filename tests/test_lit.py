@@ -2,7 +2,6 @@
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,11 @@ FILECHECK = Path(__file__).parent / "filecheck"
 
 
 def test_lit_suite() -> None:
-    if shutil.which("ekko-opt") is None or shutil.which("filecheck") is None:
-        pytest.fail("ekko-opt and filecheck must be on PATH (pip install -e .[dev])")
+    lit = shutil.which("lit")
+    if lit is None or shutil.which("ekko-opt") is None or shutil.which("filecheck") is None:
+        pytest.fail("lit, ekko-opt and filecheck must be on PATH (pip install -e .[dev])")
     result = subprocess.run(
-        [sys.executable, "-m", "lit", "-v", str(FILECHECK)],
+        [lit, "-v", str(FILECHECK)],
         capture_output=True,
         text=True,
     )
