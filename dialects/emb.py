@@ -288,6 +288,9 @@ class FeatureOp(IRDLOperation):
             f" @{self.sym_name.data} reads @{self.table.root_reference.data}"
             f" pooling {self.pooling.data}"
         )
+        printer.print_op_attributes(
+            self.attributes, reserved_attr_names=("sym_name", "table", "pooling")
+        )
 
     @classmethod
     def parse(cls, parser: Parser) -> FeatureOp:
@@ -299,7 +302,9 @@ class FeatureOp(IRDLOperation):
         pooling = parser.parse_identifier()
         if pooling not in POOLING:
             parser.raise_error(f"pooling must be one of {', '.join(POOLING)}", pos, parser.pos)
-        return cls(name, table, pooling)
+        op = cls(name, table, pooling)
+        op.attributes.update(parser.parse_optional_attr_dict())
+        return op
 
 
 @irdl_op_definition
