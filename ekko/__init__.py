@@ -1,36 +1,40 @@
 """ekko: compile sparse updates and serving lookups of recommendation models.
 
-This module is the public Python API: re-exports only, no logic.
+This module is the public Python API: re-exports only, no logic. Names load
+on first use, so `import ekko.compiler` stays light and a tool that only
+compiles never loads the runtime.
 """
 
-from .compiler.frontend import Model, ModelError, import_module, load_model, parse_model
-from .compiler.pipeline import UpdateRequest, run_pipeline, update_spec
-from .kernels.errors import EkkoError, UpdateError
-from .kernels.lookup import BagKernel, LookupError, bag_kernel
-from .kernels.model import CompiledModel, compile_model
-from .kernels.quant import dequantize_rows, quantize_rows
-from .kernels.update import UpdateKernel, update_kernel
+from importlib import import_module as _import
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BagKernel",
-    "CompiledModel",
-    "EkkoError",
-    "LookupError",
-    "Model",
-    "ModelError",
-    "UpdateError",
-    "UpdateKernel",
-    "UpdateRequest",
-    "bag_kernel",
-    "compile_model",
-    "dequantize_rows",
-    "import_module",
-    "load_model",
-    "parse_model",
-    "quantize_rows",
-    "run_pipeline",
-    "update_kernel",
-    "update_spec",
-]
+_EXPORTS = {
+    "Model": "ekko.compiler.frontend",
+    "ModelError": "ekko.compiler.frontend",
+    "import_module": "ekko.compiler.frontend",
+    "load_model": "ekko.compiler.frontend",
+    "parse_model": "ekko.compiler.frontend",
+    "UpdateRequest": "ekko.compiler.pipeline",
+    "run_pipeline": "ekko.compiler.pipeline",
+    "update_spec": "ekko.compiler.pipeline",
+    "EkkoError": "ekko.kernels.errors",
+    "UpdateError": "ekko.kernels.errors",
+    "BagKernel": "ekko.kernels.lookup",
+    "LookupError": "ekko.kernels.lookup",
+    "bag_kernel": "ekko.kernels.lookup",
+    "CompiledModel": "ekko.kernels.model",
+    "compile_model": "ekko.kernels.model",
+    "dequantize_rows": "ekko.kernels.quant",
+    "quantize_rows": "ekko.kernels.quant",
+    "UpdateKernel": "ekko.kernels.update",
+    "update_kernel": "ekko.kernels.update",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(_import(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ekko' has no attribute {name!r}")
