@@ -28,7 +28,8 @@ from xdsl.irdl import (
 )
 from xdsl.parser import AttrParser
 from xdsl.printer import Printer
-from xdsl.traits import Pure
+from xdsl.pattern_rewriter import PatternRewriter, RewritePattern, op_type_rewrite_pattern
+from xdsl.traits import HasCanonicalizationPatternsTrait, Pure
 from xdsl.utils.exceptions import VerifyException
 
 from .common import InferredResultsOp, get_float, get_string
@@ -174,6 +175,12 @@ class DeltaOp(UpdOp):
         return [DeltaType(dim, index)]
 
 
+class DedupHasCanonicalizationPatterns(HasCanonicalizationPatternsTrait):
+    @classmethod
+    def get_canonicalization_patterns(cls) -> tuple[RewritePattern, ...]:
+        return (RedundantDedup(),)
+
+
 @irdl_op_definition
 class DedupOp(UpdOp):
     """Sums the rows of equal ids: the result holds each id once."""
@@ -181,13 +188,23 @@ class DedupOp(UpdOp):
     name = "upd.dedup"
     args = var_operand_def()
     res = var_result_def()
-    traits = traits_def(Pure())
+    traits = traits_def(Pure(), DedupHasCanonicalizationPatterns())
 
     @classmethod
     def infer_result_types(cls, operand_types, attributes):
         if len(operand_types) != 1:
             raise VerifyException("'upd.dedup' takes one delta")
         return [expect_delta(operand_types[0], "'upd.dedup' operand").with_unique()]
+
+
+class RedundantDedup(RewritePattern):
+    """dedup of a delta that is already unique is the delta itself."""
+
+    @op_type_rewrite_pattern
+    def match_and_rewrite(self, op: DedupOp, rewriter: PatternRewriter) -> None:
+        source = op.operands[0]
+        if isinstance(source.type, DeltaType) and source.type.is_unique:
+            rewriter.replace_op(op, [], [source])
 
 
 @irdl_op_definition
