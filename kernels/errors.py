@@ -1,0 +1,9 @@
+"""Exceptions raised by ekko's runtime kernels."""
+
+
+class EkkoError(Exception):
+    """Base of every error ekko raises on purpose, so callers can catch one type."""
+
+
+class UpdateError(EkkoError, ValueError):
+    """An update was rejected (bad ids, shapes or dtypes); no table was modified."""
