@@ -1,0 +1,278 @@
+"""LLVM emitter for pooled serving lookups (`kern.bag`, described by a BagSpec).
+
+The kernel is written with explicit LLVM vector types rather than scalar
+loops left to the vectorizer: the embedding dim is a compile-time constant,
+so a bag's running sum lives in `<C x float>` registers (C <= CHUNK) across
+the whole id loop and each output row is stored exactly once. Rows wider than
+CHUNK floats are processed chunk by chunk (the id loop re-runs per chunk; the
+ids are in cache by then), which keeps the accumulators in registers.
+
+Signature (C ABI, every pointer byte-addressed so one signature fits all
+layouts and index widths):
+
+    i64 bag_kernel(i8* table, i64 rows, i8* ids, i64 nids, i8* offsets,
+                   i64 noffsets, i64 nbags, float* weights, float* out,
+                   i64 part, i64 nparts, i64* err_pos)
+
+`part`/`nparts` select the bags [nbags*part/nparts, nbags*(part+1)/nparts),
+so threads own disjoint output rows. Bag b spans ids[offsets[b]:end) with
+end = offsets[b+1] when b+1 < noffsets, else nids (torch's B-entry
+convention). mode "none" ignores offsets: nbags == nids, bag i is {ids[i]}.
+
+Returns 0, or an error code with the failing position in *err_pos:
+  1 = id out of range [0, rows), position = index into ids;
+  2 = bad offsets (start < 0, start > end or end > nids), position = bag.
+Every check happens before the read it guards, so bad input never reads out
+of bounds; the output rows of a failed call are unspecified.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+
+from .spec import BagSpec, serving_row_bytes
+
+FUNCTION_NAME = "bag_kernel"
+CHUNK = 128  # floats per accumulator chunk: 8 zmm / 16 ymm registers
+PREFETCH_DISTANCE = 8  # ids ahead whose rows are prefetched
+PREFETCH_LINES = 4  # 64-byte lines prefetched per row, at most
+
+ERR_ID = 1
+ERR_OFFSETS = 2
+
+i8 = ir.IntType(8)
+i16 = ir.IntType(16)
+i32 = ir.IntType(32)
+i64 = ir.IntType(64)
+f32 = ir.FloatType()
+f16 = ir.HalfType()
+
+
+def _const(ty: ir.Type, value: int | float) -> ir.Constant:
+    return ir.Constant(ty, value)
+
+
+def _splat(b: ir.IRBuilder, value: ir.Value, n: int) -> ir.Value:
+    """Broadcast a scalar to `<n x T>`: insertelement + zero-mask shuffle."""
+    vty = ir.VectorType(value.type, n)
+    one = b.insert_element(ir.Constant(vty, ir.Undefined), value, _const(i32, 0))
+    return b.shuffle_vector(one, ir.Constant(vty, ir.Undefined),
+                            ir.Constant(ir.VectorType(i32, n), [0] * n))
+
+
+def _load_at(b: ir.IRBuilder, base: ir.Value, byte_off: ir.Value | int, ty: ir.Type,
+             align: int) -> ir.Value:
+    """Load a `ty` at base + byte_off (base is i8*), with the alignment the layout guarantees."""
+    off = byte_off if isinstance(byte_off, ir.Value) else _const(i64, byte_off)
+    ptr = b.bitcast(b.gep(base, [off]), ty.as_pointer())
+    return b.load(ptr, align=align)
+
+
+class _BagEmitter:
+    """Builds one `bag_kernel` function for a spec; one method per piece of the loop nest."""
+
+    def __init__(self, spec: BagSpec):
+        self.spec = spec
+        self.row_bytes = serving_row_bytes(spec.layout, spec.dim)
+        self.idx_ty = i32 if spec.index_dtype == "i32" else i64
+        self.module = ir.Module(name=f"ekko_bag_{spec.layout}_{spec.mode}")
+        p8 = i8.as_pointer()
+        fty = ir.FunctionType(i64, [p8, i64, p8, i64, p8, i64, i64, f32.as_pointer(),
+                                    f32.as_pointer(), i64, i64, i64.as_pointer()])
+        self.fn = ir.Function(self.module, fty, FUNCTION_NAME)
+        names = ("table", "rows", "ids", "nids", "offsets", "noffsets", "nbags", "weights",
+                 "out", "part", "nparts", "err_pos")
+        for arg, name in zip(self.fn.args, names):
+            arg.name = name
+            if isinstance(arg.type, ir.PointerType):
+                arg.add_attribute("noalias")
+        self.a = dict(zip(names, self.fn.args))
+        self.prefetch = self.module.declare_intrinsic(
+            "llvm.prefetch", [p8], ir.FunctionType(ir.VoidType(), [p8, i32, i32, i32]))
+        self.b = ir.IRBuilder(self.fn.append_basic_block("entry"))
+
+    # -- small pieces -------------------------------------------------------
+
+    def load_index(self, base: ir.Value, pos: ir.Value) -> ir.Value:
+        """ids/offsets entry `pos`, sign-extended to i64."""
+        b = self.b
+        ptr = b.gep(b.bitcast(base, self.idx_ty.as_pointer()), [pos])
+        v = b.load(ptr, align=self.idx_ty.width // 8)
+        return b.sext(v, i64) if self.idx_ty is i32 else v
+
+    def fail(self, code: int, pos: ir.Value) -> ir.Block:
+        """A block that reports `code` at `pos` and returns."""
+        blk = self.fn.append_basic_block(f"err{code}")
+        with self.b.goto_block(blk):
+            self.b.store(pos, self.a["err_pos"])
+            self.b.ret(_const(i64, code))
+        return blk
+
+    def row_ptr(self, idv: ir.Value) -> ir.Value:
+        return self.b.gep(self.a["table"], [self.b.mul(idv, _const(i64, self.row_bytes))])
+
+    def emit_prefetch(self, j: ir.Value) -> None:
+        """Prefetch the row PREFETCH_DISTANCE ids ahead (reading that id only when it exists)."""
+        b = self.b
+        ahead = b.add(j, _const(i64, PREFETCH_DISTANCE))
+        has = b.icmp_signed("<", ahead, self.a["nids"])
+        with b.if_then(has):
+            idv = self.load_index(self.a["ids"], ahead)
+            in_range = b.icmp_unsigned("<", idv, self.a["rows"])
+            with b.if_then(in_range):
+                row = self.row_ptr(idv)
+                lines = min(PREFETCH_LINES, (self.row_bytes + 63) // 64)
+                for line in range(lines):
+                    addr = b.gep(row, [_const(i64, 64 * line)]) if line else row
+                    b.call(self.prefetch, [addr, _const(i32, 0), _const(i32, 3), _const(i32, 1)])
+
+    # -- dequantization of one chunk ----------------------------------------
+
+    def dequant(self, row: ir.Value, c0: int, n: int, weight: ir.Value | None) -> ir.Value:
+        """Elements [c0, c0+n) of a row as `<n x float>`, times `weight` if given."""
+        b, layout, dim = self.b, self.spec.layout, self.spec.dim
+        vf = ir.VectorType(f32, n)
+        if layout == "f32":
+            v = _load_at(b, row, 4 * c0, vf, 4)
+        elif layout == "f16":
+            v = b.fpext(_load_at(b, row, 2 * c0, ir.VectorType(f16, n), 2), vf)
+        elif layout == "bf16":
+            bits = b.zext(_load_at(b, row, 2 * c0, ir.VectorType(i16, n), 2), ir.VectorType(i32, n))
+            v = b.bitcast(b.shl(bits, ir.Constant(ir.VectorType(i32, n), [16] * n)), vf)
+        else:
+            return self.dequant_int(row, c0, n, weight)
+        if weight is not None:
+            v = b.fmul(v, _splat(b, weight, n))
+        return v
+
+    def dequant_int(self, row: ir.Value, c0: int, n: int, weight: ir.Value | None) -> ir.Value:
+        """code * scale + bias for the fused row-wise int8/int4 layouts (weight folded in)."""
+        b, dim = self.b, self.spec.dim
+        vf = ir.VectorType(f32, n)
+        if self.spec.layout == "int8":
+            codes = _load_at(b, row, c0, ir.VectorType(i8, n), 1)
+            scale = _load_at(b, row, dim, f32, 1)
+            bias = _load_at(b, row, dim + 4, f32, 1)
+        else:
+            codes = self.int4_codes(row, c0, n)
+            half = (dim + 1) // 2
+            scale = b.fpext(_load_at(b, row, half, f16, 1), f32)
+            bias = b.fpext(_load_at(b, row, half + 2, f16, 1), f32)
+        if weight is not None:
+            scale, bias = b.fmul(scale, weight), b.fmul(bias, weight)
+        x = b.uitofp(codes, vf)
+        return b.fadd(b.fmul(x, _splat(b, scale, n)), _splat(b, bias, n))
+
+    def int4_codes(self, row: ir.Value, c0: int, n: int) -> ir.Value:
+        """`<n x i8>` codes from ceil(n/2) packed bytes, low nibble first (c0 is even)."""
+        b = self.b
+        nb = (n + 1) // 2
+        vb = ir.VectorType(i8, nb)
+        packed = _load_at(b, row, c0 // 2, vb, 1)
+        lo = b.and_(packed, ir.Constant(vb, [15] * nb))
+        hi = b.lshr(packed, ir.Constant(vb, [4] * nb))
+        mask = [i // 2 + (i % 2) * nb for i in range(n)]
+        return b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, n), mask))
+
+    # -- loop nest -----------------------------------------------------------
+
+    def bag_bounds(self, bag: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """[start, end) of bag `bag`, validated before any id is read."""
+        b, a = self.b, self.a
+        if self.spec.mode == "none":
+            return bag, b.add(bag, _const(i64, 1))
+        start = self.load_index(a["offsets"], bag)
+        nxt = b.add(bag, _const(i64, 1))
+        has_next = b.icmp_signed("<", nxt, a["noffsets"])
+        with b.if_else(has_next) as (then, otherwise):
+            with then:
+                then_blk = b.block
+                end_next = self.load_index(a["offsets"], nxt)
+                then_end = b.block
+            with otherwise:
+                else_blk = b.block
+        end = b.phi(i64, "end")
+        end.add_incoming(end_next, then_end)
+        end.add_incoming(a["nids"], else_blk)
+        del then_blk
+        bad = b.or_(b.or_(b.icmp_signed("<", start, _const(i64, 0)),
+                          b.icmp_signed(">", start, end)),
+                    b.icmp_signed(">", end, a["nids"]))
+        ok = self.fn.append_basic_block("bounds_ok")
+        b.cbranch(bad, self.fail(ERR_OFFSETS, bag), ok)
+        b.position_at_end(ok)
+        return start, end
+
+    def chunk_loop(self, bag: ir.Value, start: ir.Value, end: ir.Value, c0: int, n: int) -> None:
+        """Pool elements [c0, c0+n) over the bag's ids and store them once."""
+        b, a, spec = self.b, self.a, self.spec
+        vf = ir.VectorType(f32, n)
+        pre = b.block
+        head = self.fn.append_basic_block(f"c{c0}_head")
+        body = self.fn.append_basic_block(f"c{c0}_body")
+        done = self.fn.append_basic_block(f"c{c0}_done")
+        b.branch(head)
+        b.position_at_end(head)
+        j = b.phi(i64, "j")
+        acc = b.phi(vf, "acc")
+        j.add_incoming(start, pre)
+        acc.add_incoming(ir.Constant(vf, [0.0] * n), pre)
+        b.cbranch(b.icmp_signed("<", j, end), body, done)
+        b.position_at_end(body)
+        idv = self.load_index(a["ids"], j)
+        if c0 == 0:  # the first chunk validates every id before later chunks reuse them
+            ok = self.fn.append_basic_block("id_ok")
+            b.cbranch(b.icmp_unsigned("<", idv, a["rows"]), ok, self.fail(ERR_ID, j))
+            b.position_at_end(ok)
+            self.emit_prefetch(j)
+        weight = b.load(b.gep(a["weights"], [j]), align=4) if spec.weighted else None
+        new_acc = b.fadd(acc, self.dequant(self.row_ptr(idv), c0, n, weight))
+        j_next = b.add(j, _const(i64, 1))
+        j.add_incoming(j_next, b.block)
+        acc.add_incoming(new_acc, b.block)
+        b.branch(head)
+        b.position_at_end(done)
+        self.store_row(bag, start, end, acc, c0, n)
+
+    def store_row(self, bag: ir.Value, start: ir.Value, end: ir.Value, acc: ir.Value,
+                  c0: int, n: int) -> None:
+        """out[bag, c0:c0+n] = acc (mean: / max(count, 1), so an empty bag stays zero)."""
+        b = self.b
+        if self.spec.mode == "mean":
+            count = b.sub(end, start)
+            count = b.select(b.icmp_signed(">", count, _const(i64, 0)), count, _const(i64, 1))
+            acc = b.fdiv(acc, _splat(b, b.sitofp(count, f32), n))
+        off = b.add(b.mul(bag, _const(i64, self.spec.dim)), _const(i64, c0))
+        ptr = b.bitcast(b.gep(self.a["out"], [off]), ir.VectorType(f32, n).as_pointer())
+        b.store(acc, ptr, align=4)
+
+    def build(self) -> str:
+        b, a = self.b, self.a
+        entry = b.block
+        lo = b.sdiv(b.mul(a["nbags"], a["part"]), a["nparts"])
+        hi = b.sdiv(b.mul(a["nbags"], b.add(a["part"], _const(i64, 1))), a["nparts"])
+        head = self.fn.append_basic_block("bag_head")
+        body = self.fn.append_basic_block("bag_body")
+        exit_ = self.fn.append_basic_block("exit")
+        b.branch(head)
+        b.position_at_end(head)
+        bag = b.phi(i64, "bag")
+        bag.add_incoming(lo, entry)
+        b.cbranch(b.icmp_signed("<", bag, hi), body, exit_)
+        b.position_at_end(body)
+        start, end = self.bag_bounds(bag)
+        for c0 in range(0, self.spec.dim, CHUNK):
+            self.chunk_loop(bag, start, end, c0, min(CHUNK, self.spec.dim - c0))
+        bag.add_incoming(b.add(bag, _const(i64, 1)), b.block)
+        b.branch(head)
+        b.position_at_end(exit_)
+        b.ret(_const(i64, 0))
+        return str(self.module)
+
+
+def emit_bag(spec: BagSpec) -> str:
+    """LLVM IR text of the `bag_kernel` function for `spec` (see the module docstring)."""
+    return _BagEmitter(spec).build()
+
+
+__all__ = ["emit_bag", "FUNCTION_NAME", "ERR_ID", "ERR_OFFSETS"]
