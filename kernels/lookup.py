@@ -17,6 +17,7 @@ ids[off[b]:off[b+1]]) or torch's B entries (the last bag ends at len(ids)).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import threading
@@ -25,13 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from ..compiler.backend.llvm_bag import ERR_ID, ERR_OFFSETS, FUNCTION_NAME, emit_bag
+from ..compiler.backend import llvm_bag
+from ..compiler.backend.llvm_bag import ERR_ID, ERR_OFFSETS, FUNCTION_NAME, emit_bag, emit_runner
 from ..compiler.backend.spec import BagSpec, serving_row_bytes
 from ..compiler.pipeline import bag_spec
 from .errors import EkkoError
 from .jit import JitModule, compile_ir
 
-PARALLEL_MIN_LOOKUPS = 65536  # measured: waking a pool thread (~50 us) loses below ~40k lookups
+PARALLEL_MIN_LOOKUPS = 8192  # below this one core is faster than any hand-off
 
 _INDEX_NP = {"i32": np.dtype(np.int32), "i64": np.dtype(np.int64)}
 _TABLE_NP = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16),
@@ -56,13 +58,80 @@ class LookupError(EkkoError, ValueError):  # noqa: A001 - the module's own error
 
 
 def _shared_pool() -> ThreadPoolExecutor:
-    """One pool for every kernel, so many kernels never oversubscribe the cores."""
+    """One pool for every kernel: the fallback while another thread holds the native runner."""
     global _pool
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
                                        thread_name_prefix="ekko-lookup")
         return _pool
+
+
+class _Runner:
+    """Native worker threads that claim kernel partitions from a mailbox.
+
+    See llvm_bag.emit_runner: a Python pool thread takes ~30-80 us to wake,
+    as long as a whole serving batch; these workers poll for ~0.3 ms after
+    each job, then nap, so back-to-back batches start in nanoseconds and an
+    idle process costs almost nothing. The caller always runs partitions
+    itself, so a sleeping or missing worker (e.g. after fork) only costs
+    parallelism, never latency beyond one core's time. One job at a time:
+    `run` returns None while another Python thread holds the runner.
+    """
+
+    def __init__(self, workers: int):
+        self.module = compile_ir(emit_runner())
+        self.mailbox = np.zeros(llvm_bag.MB_WORDS, np.int64)
+        self.mailbox[llvm_bag.MB_NEXT] = (1 << llvm_bag.CLAIM_BITS) - 1  # job 0, closed
+        self.codes = np.zeros(1 << 12, np.int64)
+        self.errors = np.zeros(1 << 12, np.int64)
+        self.mailbox[llvm_bag.MB_CODES] = self.codes.ctypes.data
+        self.mailbox[llvm_bag.MB_ERRS] = self.errors.ctypes.data
+        self.ptr = self.mailbox.ctypes.data
+        self.lock = threading.Lock()
+        self.seq = 0
+        self._dispatch = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(
+            self.module.address("bag_dispatch"))
+        worker = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)(
+            self.module.address("bag_worker"))
+        usleep = ctypes.cast(ctypes.CDLL(None).usleep, ctypes.c_void_p).value
+        self.threads = [threading.Thread(target=worker, args=(self.ptr, usleep), daemon=True,
+                                         name=f"ekko-bag-worker-{i}") for i in range(workers)]
+        for t in self.threads:
+            t.start()
+        atexit.register(self.stop)
+
+    def run(self, fn_addr: int, args: tuple, parts: int) -> tuple[list[int], list[int]] | None:
+        """Run partitions 0..parts-1 of one kernel call; (codes, error positions) or None if busy."""
+        if parts > len(self.codes) or not self.lock.acquire(blocking=False):
+            return None
+        try:
+            mb = self.mailbox
+            mb[llvm_bag.MB_NPARTS] = parts
+            mb[llvm_bag.MB_FN] = fn_addr
+            mb[llvm_bag.MB_ARGS:llvm_bag.MB_ARGS + 9] = [a or 0 for a in args]
+            self.seq = (self.seq + 1) % (1 << 40)
+            self._dispatch(self.ptr, self.seq)
+            return self.codes[:parts].tolist(), self.errors[:parts].tolist()
+        finally:
+            self.lock.release()
+
+    def stop(self) -> None:
+        """Let the workers return before the mailbox they poll is freed (interpreter exit)."""
+        self.mailbox[llvm_bag.MB_STOP] = 1
+        for t in self.threads:
+            t.join(timeout=1.0)
+
+
+_runner: _Runner | None = None
+
+
+def _shared_runner() -> _Runner:
+    global _runner
+    with _pool_lock:
+        if _runner is None:
+            _runner = _Runner(max(1, (os.cpu_count() or 1) - 1))
+        return _runner
 
 
 def _is_torch(x: Any) -> bool:
@@ -106,7 +175,8 @@ class BagKernel:
     def __init__(self, spec: BagSpec):
         self.spec = spec
         self.module: JitModule = compile_ir(emit_bag(spec))
-        self._fn = _CFUNC(self.module.address(FUNCTION_NAME))
+        self._address = self.module.address(FUNCTION_NAME)
+        self._fn = _CFUNC(self._address)
 
     def __repr__(self) -> str:
         return f"BagKernel({self.spec})"
@@ -198,16 +268,23 @@ class BagKernel:
         args = (t.ptr, t.shape[0], i.ptr, i.shape[0], o.ptr if o else None, noff, nbags,
                 w.ptr if w else None, out_arg.ptr)
         parts = self._partitions(i.shape[0], nbags)
-        errors = [ctypes.c_int64(0) for _ in range(parts)]
         if parts == 1:
-            codes = [self._fn(*args, 0, 1, errors[0])]
+            err = ctypes.c_int64(0)
+            codes, positions = [self._fn(*args, 0, 1, err)], [err.value]
         else:
-            # the caller runs partition 0 itself: one hand-off fewer per call
-            pool = _shared_pool()
-            futures = [pool.submit(self._fn, *args, p, parts, errors[p]) for p in range(1, parts)]
-            codes = [self._fn(*args, 0, parts, errors[0])] + [f.result() for f in futures]
-        self._raise_first(codes, errors, t.shape[0], i.shape[0])
+            codes, positions = self._run_parallel(args, parts)
+        self._raise_first(codes, positions, t.shape[0], i.shape[0])
         return result
+
+    def _run_parallel(self, args: tuple, parts: int) -> tuple[list[int], list[int]]:
+        """Partitions on the native runner, or on the thread pool while it is busy."""
+        done = _shared_runner().run(self._address, args, parts)
+        if done is not None:
+            return done
+        errors = [ctypes.c_int64(0) for _ in range(parts)]
+        futures = [_shared_pool().submit(self._fn, *args, p, parts, errors[p]) for p in range(1, parts)]
+        codes = [self._fn(*args, 0, parts, errors[0])] + [f.result() for f in futures]
+        return codes, [e.value for e in errors]
 
     def _partitions(self, nids: int, nbags: int) -> int:
         if nids < PARALLEL_MIN_LOOKUPS:
@@ -215,13 +292,13 @@ class BagKernel:
         return max(1, min(self.spec.partitions, nbags))
 
     @staticmethod
-    def _raise_first(codes: list[int], errors: list[ctypes.c_int64], rows: int, nids: int) -> None:
+    def _raise_first(codes: list[int], positions: list[int], rows: int, nids: int) -> None:
         """Turn the kernel's error code and position into a LookupError."""
-        for code, pos in zip(codes, errors):
+        for code, pos in zip(codes, positions):
             if code == ERR_ID:
-                raise LookupError(f"ids[{pos.value}] is out of range for a table of {rows} rows")
+                raise LookupError(f"ids[{pos}] is out of range for a table of {rows} rows")
             if code == ERR_OFFSETS:
-                raise LookupError(f"offsets of bag {pos.value} are not monotone within [0, {nids}]")
+                raise LookupError(f"offsets of bag {pos} are not monotone within [0, {nids}]")
             if code:
                 raise LookupError(f"lookup kernel failed with code {code}")
 

@@ -248,6 +248,21 @@ def test_threaded_error_reports_position() -> None:
         k(np.zeros((5, 4), np.float32), ids, np.arange(0, 10001, 10))
 
 
+def test_concurrent_callers_share_the_runner() -> None:
+    """Two Python threads at once: one gets the native runner, the other the pool fallback."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    q, deq = _table(rng, 1000, 32, "int8")
+    ids = rng.integers(0, 1000, 40000)
+    offsets = np.arange(0, 40001, 10)
+    want = _expected(deq, ids, offsets, "sum", None)
+    k = bag_kernel(32, "int8", "i64", "sum", threads=2)
+    with ThreadPoolExecutor(3) as pool:
+        for got in pool.map(lambda _: k(q, ids, offsets), range(12)):
+            _close(got, want, 10)
+
+
 def test_emitted_signature_and_out_param() -> None:
     text = emit_bag(BagSpec(16, "int4", "i32", "mean"))
     assert "define i64 @\"bag_kernel\"" in text or "define i64 @bag_kernel" in text

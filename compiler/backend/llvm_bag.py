@@ -114,19 +114,23 @@ class _BagEmitter:
         return self.b.gep(self.a["table"], [self.b.mul(idv, _const(i64, self.row_bytes))])
 
     def emit_prefetch(self, j: ir.Value) -> None:
-        """Prefetch the row PREFETCH_DISTANCE ids ahead (reading that id only when it exists)."""
+        """Prefetch the row PREFETCH_DISTANCE ids ahead, without branches.
+
+        The id read is clamped into ids (past the end it re-reads ids[j]); a
+        bad id only makes a useless prefetch, which never faults and has no
+        semantic effect in LLVM. Offsets 0, 64, ... and the row's last byte
+        cover every line an unaligned row (int8: dim + 8 bytes) straddles.
+        """
         b = self.b
         ahead = b.add(j, _const(i64, PREFETCH_DISTANCE))
-        has = b.icmp_signed("<", ahead, self.a["nids"])
-        with b.if_then(has):
-            idv = self.load_index(self.a["ids"], ahead)
-            in_range = b.icmp_unsigned("<", idv, self.a["rows"])
-            with b.if_then(in_range):
-                row = self.row_ptr(idv)
-                lines = min(PREFETCH_LINES, (self.row_bytes + 63) // 64)
-                for line in range(lines):
-                    addr = b.gep(row, [_const(i64, 64 * line)]) if line else row
-                    b.call(self.prefetch, [addr, _const(i32, 0), _const(i32, 3), _const(i32, 1)])
+        ahead = b.select(b.icmp_signed("<", ahead, self.a["nids"]), ahead, j)
+        row = self.row_ptr(self.load_index(self.a["ids"], ahead))
+        offsets = list(range(0, min(self.row_bytes, 64 * PREFETCH_LINES), 64))
+        if self.row_bytes > 64 and self.row_bytes <= 64 * PREFETCH_LINES:
+            offsets.append(self.row_bytes - 1)
+        for off in offsets:
+            addr = b.gep(row, [_const(i64, off)]) if off else row
+            b.call(self.prefetch, [addr, _const(i32, 0), _const(i32, 3), _const(i32, 1)])
 
     # -- dequantization of one chunk ----------------------------------------
 
@@ -291,4 +295,145 @@ def emit_bag(spec: BagSpec) -> str:
     return _BagEmitter(spec).build()
 
 
-__all__ = ["emit_bag", "FUNCTION_NAME", "ERR_ID", "ERR_OFFSETS"]
+# --------------------------------------------------------------------------
+# partition runner: spinning native workers instead of a Python thread pool
+
+# Mailbox words (i64) shared by the caller and the workers of `bag_runner`.
+MB_NEXT, MB_DONE, MB_STOP, MB_NPARTS, MB_FN, MB_CODES, MB_ERRS, MB_ARGS = range(8)
+MB_WORDS = MB_ARGS + 9  # table, rows, ids, nids, offsets, noffsets, nbags, weights, out
+CLAIM_BITS = 16  # claim word = seq << 16 | next partition; 0xFFFF closes a job
+SPIN_ITERS = 200_000  # ~0.2-0.5 ms of polling after a job before sleeping
+NAP_US, NAP_ITERS, SLEEP_US = 50, 4000, 2000  # then 50 us naps for ~0.2 s, then 2 ms sleeps
+
+
+class _RunnerEmitter:
+    """`run_parts`, `bag_dispatch` and `bag_worker`: a work-claiming partition runner.
+
+    Why native: waking a Python pool thread costs ~30-80 us on these VMs, as
+    much as a whole 40k-lookup batch. Workers that poll a mailbox for a while
+    after each job (like OpenMP's spin count) pick a partition up within
+    nanoseconds during bursts and sleep when idle.
+
+    Protocol: the caller (holding a Python lock) writes the job into the
+    mailbox, then `bag_dispatch(mb, seq)` publishes the claim word
+    seq << 16 | 0, runs partitions itself until none is left, waits until
+    every claimed one is done and closes the job (index 0xFFFF). Anyone
+    claims partition i by compare-and-swap of word -> word + 1 after
+    checking i < nparts; a claim can only succeed while the job is open, so
+    a late worker never runs a partition with the next job's half-written
+    arguments. The caller never waits for a worker to wake up: if none is
+    awake it runs every partition itself.
+    """
+
+    def __init__(self) -> None:
+        self.module = ir.Module(name="ekko_bag_runner")
+        self.mb_ty = i64.as_pointer()
+        p8 = i8.as_pointer()
+        self.kernel_ty = ir.FunctionType(i64, [p8, i64, p8, i64, p8, i64, i64, f32.as_pointer(),
+                                               f32.as_pointer(), i64, i64, i64.as_pointer()])
+        self.run_parts = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [self.mb_ty]),
+                                     "run_parts")
+
+    @staticmethod
+    def word(b: ir.IRBuilder, mb: ir.Value, index: int) -> ir.Value:
+        return b.gep(mb, [_const(i64, index)])
+
+    def load(self, b: ir.IRBuilder, mb: ir.Value, index: int) -> ir.Value:
+        return b.load_atomic(self.word(b, mb, index), "seq_cst", 8)
+
+    def emit_run_parts(self) -> None:
+        """Claim and run partitions of the open job until none is left."""
+        fn = self.run_parts
+        mb = fn.args[0]
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        loop, claim, run, out = (fn.append_basic_block(n) for n in ("loop", "claim", "run", "out"))
+        b.branch(loop)
+        b.position_at_end(loop)
+        w = self.load(b, mb, MB_NEXT)
+        idx = b.and_(w, _const(i64, (1 << CLAIM_BITS) - 1))
+        nparts = self.load(b, mb, MB_NPARTS)
+        b.cbranch(b.icmp_signed("<", idx, nparts), claim, out)
+        b.position_at_end(claim)
+        res = b.cmpxchg(self.word(b, mb, MB_NEXT), w, b.add(w, _const(i64, 1)), "seq_cst", "seq_cst")
+        b.cbranch(b.extract_value(res, 1), run, loop)
+        b.position_at_end(run)
+        kernel = b.inttoptr(self.load(b, mb, MB_FN), self.kernel_ty.as_pointer())
+        args = []
+        for k, ty in enumerate(self.kernel_ty.args[:9]):
+            v = b.load(self.word(b, mb, MB_ARGS + k), align=8)
+            args.append(b.inttoptr(v, ty) if isinstance(ty, ir.PointerType) else v)
+        errs = b.inttoptr(b.load(self.word(b, mb, MB_ERRS), align=8), self.mb_ty)
+        codes = b.inttoptr(b.load(self.word(b, mb, MB_CODES), align=8), self.mb_ty)
+        code = b.call(kernel, args + [idx, nparts, b.gep(errs, [idx])])
+        b.store(code, b.gep(codes, [idx]), align=8)
+        b.atomic_rmw("add", self.word(b, mb, MB_DONE), _const(i64, 1), "seq_cst")
+        b.branch(loop)
+        b.position_at_end(out)
+        b.ret_void()
+
+    def emit_dispatch(self) -> None:
+        """bag_dispatch(mb, seq): publish, help, wait for stragglers, close."""
+        fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [self.mb_ty, i64]), "bag_dispatch")
+        mb, seq = fn.args
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        b.store_atomic(_const(i64, 0), self.word(b, mb, MB_DONE), "seq_cst", 8)
+        b.store_atomic(b.shl(seq, _const(i64, CLAIM_BITS)), self.word(b, mb, MB_NEXT), "seq_cst", 8)
+        b.call(self.run_parts, [mb])
+        wait, done = fn.append_basic_block("wait"), fn.append_basic_block("done")
+        b.branch(wait)
+        b.position_at_end(wait)
+        finished = b.icmp_signed(">=", self.load(b, mb, MB_DONE), self.load(b, mb, MB_NPARTS))
+        b.cbranch(finished, done, wait)
+        b.position_at_end(done)
+        closed = b.or_(b.shl(seq, _const(i64, CLAIM_BITS)), _const(i64, (1 << CLAIM_BITS) - 1))
+        b.store_atomic(closed, self.word(b, mb, MB_NEXT), "seq_cst", 8)
+        b.ret_void()
+
+    def emit_worker(self) -> None:
+        """bag_worker(mb, usleep): poll for work; spin, then nap, then sleep; return on stop."""
+        sleep_ty = ir.FunctionType(i32, [i32])
+        fn = ir.Function(self.module, ir.FunctionType(i64, [self.mb_ty, i64]), "bag_worker")
+        mb, usleep_addr = fn.args
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        usleep = b.inttoptr(usleep_addr, sleep_ty.as_pointer())
+        entry = b.block
+        loop, check, work, idle, nap, exit_ = (fn.append_basic_block(n) for n in
+                                               ("loop", "check", "work", "idle", "nap", "exit"))
+        b.branch(loop)
+        b.position_at_end(loop)
+        polls = b.phi(i64, "polls")
+        polls.add_incoming(_const(i64, 0), entry)
+        b.cbranch(b.icmp_signed("!=", self.load(b, mb, MB_STOP), _const(i64, 0)), exit_, check)
+        b.position_at_end(check)
+        idx = b.and_(self.load(b, mb, MB_NEXT), _const(i64, (1 << CLAIM_BITS) - 1))
+        b.cbranch(b.icmp_signed("<", idx, self.load(b, mb, MB_NPARTS)), work, idle)
+        b.position_at_end(work)
+        b.call(self.run_parts, [mb])
+        polls.add_incoming(_const(i64, 0), work)
+        b.branch(loop)
+        b.position_at_end(idle)
+        nxt = b.add(polls, _const(i64, 1))
+        polls.add_incoming(nxt, idle)
+        b.cbranch(b.icmp_signed("<", nxt, _const(i64, SPIN_ITERS)), loop, nap)
+        b.position_at_end(nap)
+        long_idle = b.icmp_signed(">", nxt, _const(i64, SPIN_ITERS + NAP_ITERS))
+        us = b.select(long_idle, _const(i32, SLEEP_US), _const(i32, NAP_US))
+        b.call(usleep, [us])
+        polls.add_incoming(nxt, nap)
+        b.branch(loop)
+        b.position_at_end(exit_)
+        b.ret(_const(i64, 0))
+
+    def build(self) -> str:
+        self.emit_run_parts()
+        self.emit_dispatch()
+        self.emit_worker()
+        return str(self.module)
+
+
+def emit_runner() -> str:
+    """LLVM IR of the partition runner (`bag_dispatch`, `bag_worker`), shared by all kernels."""
+    return _RunnerEmitter().build()
+
+
+__all__ = ["emit_bag", "emit_runner", "FUNCTION_NAME", "ERR_ID", "ERR_OFFSETS", "MB_WORDS"]
