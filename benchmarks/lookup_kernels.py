@@ -99,7 +99,7 @@ def run_ekko(table: np.ndarray, layout: str, ids: np.ndarray, offsets: np.ndarra
     call = lambda: kernel(q, ids, offsets, out=out)  # noqa: E731
     want = reference(lambda u: dequantize_rows(q[u], layout, dim), ids, offsets)
     bad = check(f"ekko {layout}", call(), want)
-    note = f"{kernel._partitions(len(ids), BAGS)} of {kernel.spec.partitions} partitions used"
+    note = f"{kernel.spec.partitions} threads, {kernel._partitions(len(ids), BAGS)} partitions"
     return Result("ekko bag_kernel", layout, None if bad else median_ms(call, runs), bad or note)
 
 

