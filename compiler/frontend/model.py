@@ -1,0 +1,147 @@
+"""The model description both frontends produce.
+
+Plain frozen dataclasses: tables in declaration order, features in order,
+optimizer hyper-parameters with their defaults filled in (torch.optim's,
+FBGEMM's for rowwise Adagrad), so two frontends describing the same model
+produce equal objects and equal IR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": 0.01},
+    "adagrad": {"lr": 0.01, "eps": 1e-10, "lr_decay": 0.0},
+    "rowwise_adagrad": {"lr": 0.01, "eps": 1e-8},
+    "adam": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+}
+MASTER_DTYPES = ("f32", "f16", "bf16")
+SERVING_LAYOUTS = ("f32", "f16", "bf16", "int8", "int4")
+POOLINGS = ("sum", "mean", "none")
+
+
+class ModelInvalid(ValueError):
+    """A semantic error in a model; `what` names the offending part."""
+
+    def __init__(self, message: str, what: str = ""):
+        super().__init__(message)
+        self.what = what
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    kind: str = "rowwise_adagrad"
+    hyper: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def make(cls, kind: str, **given: float) -> Optimizer:
+        """An optimizer with every hyper-parameter set (defaults filled in)."""
+        if kind not in OPTIMIZER_DEFAULTS:
+            raise ModelInvalid(
+                f"unknown optimizer '{kind}' (expected one of {', '.join(OPTIMIZER_DEFAULTS)})", kind
+            )
+        defaults = OPTIMIZER_DEFAULTS[kind]
+        for name, value in given.items():
+            if name not in defaults:
+                raise ModelInvalid(
+                    f"optimizer {kind} has no hyper-parameter '{name}' "
+                    f"(it takes {', '.join(defaults)})", name)
+            if name != "lr_decay" and name != "weight_decay" and not value > 0:
+                raise ModelInvalid(f"{kind} {name} must be positive, got {value}", name)
+        merged = {**defaults, **{k: float(v) for k, v in given.items()}}
+        return cls(kind, tuple(sorted(merged.items())))
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    rows: int
+    dim: int
+    dtype: str = "f32"
+    optimizer: Optimizer = field(default_factory=lambda: Optimizer.make("rowwise_adagrad"))
+    serving: str = "f32"
+    max_norm: float | None = None
+    clip_value: float | None = None
+    weight_decay: float = 0.0
+    stochastic_rounding: bool = False
+
+    def validate(self) -> None:
+        if self.rows < 1:
+            raise ModelInvalid(f"table {self.name}: rows must be positive", "rows")
+        if self.dim < 1:
+            raise ModelInvalid(f"table {self.name}: dim must be positive", "dim")
+        if self.dtype not in MASTER_DTYPES:
+            extra = " (int8/int4 are serving layouts: a master table must be f32, f16 or bf16)" \
+                if self.dtype in SERVING_LAYOUTS else ""
+            raise ModelInvalid(f"table {self.name}: unknown dtype '{self.dtype}'{extra}", "dtype")
+        if self.serving not in SERVING_LAYOUTS:
+            raise ModelInvalid(
+                f"table {self.name}: unknown serving layout '{self.serving}' "
+                f"(expected one of {', '.join(SERVING_LAYOUTS)})", "serving")
+        if self.stochastic_rounding and self.dtype == "f32":
+            raise ModelInvalid(
+                f"table {self.name}: stochastic rounding needs an f16 or bf16 dtype",
+                "stochastic_rounding")
+        for name in ("max_norm", "clip_value"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ModelInvalid(f"table {self.name}: {name} must be positive", name)
+        if self.weight_decay < 0:
+            raise ModelInvalid(f"table {self.name}: weight_decay must not be negative",
+                               "weight_decay")
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    table: str
+    pooling: str = "sum"
+
+
+@dataclass(frozen=True)
+class Dense:
+    """The dense part, kept as metadata: MLP layer sizes and the interaction."""
+
+    bottom_mlp: tuple[int, ...] = ()
+    top_mlp: tuple[int, ...] = ()
+    interaction: str = ""
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    tables: tuple[Table, ...]
+    features: tuple[Feature, ...]
+    dense: Dense | None = None
+
+    def validate(self) -> None:
+        """Raise ModelInvalid for names used twice or features of unknown tables."""
+        seen: set[str] = set()
+        for t in self.tables:
+            if t.name in seen:
+                raise ModelInvalid(f"table {t.name} is declared twice", t.name)
+            seen.add(t.name)
+            t.validate()
+        names: set[str] = set()
+        for f in self.features:
+            if f.name in names:
+                raise ModelInvalid(f"feature {f.name} is declared twice", f.name)
+            names.add(f.name)
+            if f.table not in seen:
+                raise ModelInvalid(f"feature {f.name} reads unknown table '{f.table}'", f.table)
+            if f.pooling not in POOLINGS:
+                raise ModelInvalid(
+                    f"feature {f.name}: pooling must be one of {', '.join(POOLINGS)}", f.pooling)
+
+    def scaled(self, factor: float) -> Model:
+        """The same model with every table's rows multiplied by `factor` (at least 2)."""
+        if factor == 1.0:
+            return self
+        if not factor > 0:
+            raise ModelInvalid("the scale factor must be positive")
+        tables = tuple(replace(t, rows=max(2, round(t.rows * factor))) for t in self.tables)
+        return replace(self, tables=tables)
+
+    def table(self, name: str) -> Table:
+        return next(t for t in self.tables if t.name == name)

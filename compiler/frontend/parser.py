@@ -1,0 +1,214 @@
+"""The `.ekko` model language: lark grammar (model.lark) to `Model`.
+
+Errors, syntax or meaning, are ModelErrors at the offending token:
+`file:line:col: error: expected an integer`, the source line and a caret.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from .errors import ModelError, located
+from .model import Dense, Feature, Model, ModelInvalid, Optimizer, Table
+
+GRAMMAR = Path(__file__).with_name("model.lark")
+
+# lark's terminal names, as a person would say them
+READABLE = {
+    "INT": "an integer",
+    "SIGNED_NUMBER": "a number",
+    "NAME": "a name",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "SEMICOLON": "';'",
+    "COMMA": "','",
+    "EQUAL": "'='",
+    "__ANON_0": "'->'",
+    "$END": "the end of the file",
+}
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    return Lark(GRAMMAR.read_text(), parser="lalr", propagate_positions=True,
+                maybe_placeholders=False)
+
+
+def _readable(expected: set[str]) -> str:
+    names = sorted({READABLE.get(e, _keyword(e)) for e in expected})
+    if len(names) > 6:
+        names = names[:6] + ["..."]
+    return " or ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _keyword(terminal: str) -> str:
+    """Keyword terminals are named after their text in upper case (ROWS -> 'rows')."""
+    return f"'{terminal.lower()}'" if terminal.isalpha() else terminal
+
+
+def _syntax_error(e: UnexpectedInput, text: str, filename: str) -> ModelError:
+    if isinstance(e, UnexpectedCharacters):
+        message = f"unexpected character {text[e.pos_in_stream]!r}"
+        return located(filename, text, e.line, e.column, message)
+    if isinstance(e, UnexpectedEOF):
+        lines = text.splitlines() or [""]
+        return located(filename, text, len(lines), len(lines[-1]) + 1,
+                       f"unexpected end of file, expected {_readable(set(e.expected))}")
+    assert isinstance(e, UnexpectedToken)
+    token = e.token
+    found = "the end of the file" if token.type == "$END" else repr(str(token))
+    expected = _readable(set(e.accepts or e.expected))
+    line = token.line if token.line is not None else 1
+    col = token.column if token.column is not None else 1
+    return located(filename, text, line, col, f"expected {expected}, found {found}")
+
+
+class _Builder:
+    """Walks the parse tree; keeps the token of every value for error positions."""
+
+    def __init__(self, text: str, filename: str):
+        self.text, self.filename = text, filename
+        self.defaults: dict[str, object] = {}
+        self.tokens: dict[tuple[str, str], Token] = {}
+
+    def error(self, token: Token | Tree | None, message: str) -> ModelError:
+        line, col = 1, 1
+        if isinstance(token, Token):
+            line, col = token.line or 1, token.column or 1
+        elif isinstance(token, Tree) and token.meta and not token.meta.empty:
+            line, col = token.meta.line, token.meta.column
+        return located(self.filename, self.text, line, col, message)
+
+    def model(self, tree: Tree) -> Model:
+        name_tok, *items = tree.children
+        tables: list[Table] = []
+        features: list[Feature] = []
+        dense: Dense | None = None
+        for item in items:
+            if item.data == "defaults":
+                self.defaults = self.settings(item.children, "defaults")
+            elif item.data == "table":
+                tables.append(self.table(item))
+            elif item.data == "feature":
+                features.append(self.feature(item))
+            elif item.data == "dense":
+                dense = self.dense(item)
+        model = Model(str(name_tok), tuple(tables), tuple(features), dense)
+        try:
+            model.validate()
+        except ModelInvalid as e:
+            raise self.error(self.find(e.what, item_trees=items), str(e)) from None
+        return model
+
+    def find(self, what: str, item_trees) -> Token | None:
+        """The first token spelling `what` (a name or a keyword) in the items."""
+        for item in item_trees:
+            for tok in item.scan_values(lambda v: isinstance(v, Token)):
+                if str(tok) == what:
+                    return tok
+        return None
+
+    def settings(self, children, owner: str) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for s in children:
+            key = s.data
+            if key in out and key != "clip":
+                raise self.error(s, f"{owner}: '{key}' is set twice")
+            if key in ("rows", "dim"):
+                out[key] = int(s.children[0])
+            elif key in ("dtype", "serving"):
+                out[key] = str(s.children[0])
+            elif key == "optimizer":
+                out[key] = self.optimizer(s)
+            elif key == "clip":
+                out.update(self.clip(s))
+            elif key == "weight_decay":
+                out[key] = self.number(s.children[0])
+            elif key == "stochastic_rounding":
+                out[key] = True
+            self.tokens[(owner, key)] = s.children[0] if s.children else s
+        return out
+
+    def number(self, tree: Tree) -> float:
+        return float(tree.children[0])
+
+    def optimizer(self, s: Tree) -> Optimizer:
+        kind_tok = s.children[0]
+        hyper: dict[str, float] = {}
+        if len(s.children) > 1:
+            for h in s.children[1].children:
+                if h is None:
+                    continue
+                name, value = h.children
+                if str(name) in hyper:
+                    raise self.error(name, f"hyper-parameter '{name}' is set twice")
+                hyper[str(name)] = self.number(value)
+        try:
+            return Optimizer.make(str(kind_tok), **hyper)
+        except ModelInvalid as e:
+            bad = next((c for c in s.scan_values(lambda v: isinstance(v, Token))
+                        if str(c) == e.what), kind_tok)
+            raise self.error(bad, str(e)) from None
+
+    def clip(self, s: Tree) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for arg in s.children:
+            name, value = arg.children
+            if str(name) not in ("max_norm", "clip_value"):
+                raise self.error(name, f"clip takes max_norm or clip_value, not '{name}'")
+            out[str(name)] = self.number(value)
+        return out
+
+    def table(self, tree: Tree) -> Table:
+        name_tok, *settings = tree.children
+        own = self.settings(settings, str(name_tok))
+        merged = {**self.defaults, **own}
+        for required in ("rows", "dim"):
+            if required not in merged:
+                raise self.error(name_tok, f"table {name_tok} needs '{required}'")
+        if "rows" in self.defaults:
+            raise self.error(name_tok, "'rows' cannot be a default: every table has its own")
+        try:
+            table = Table(name=str(name_tok), **merged)  # type: ignore[arg-type]
+            table.validate()
+        except ModelInvalid as e:
+            tok = self.tokens.get((str(name_tok), e.what)) or self.tokens.get(("defaults", e.what))
+            raise self.error(tok or name_tok, str(e)) from None
+        return table
+
+    def feature(self, tree: Tree) -> Feature:
+        name, table, *pooling = tree.children
+        return Feature(str(name), str(table), str(pooling[0]) if pooling else "sum")
+
+    def dense(self, tree: Tree) -> Dense:
+        parts: dict[str, object] = {}
+        for s in tree.children:
+            if s.data == "interaction":
+                parts["interaction"] = str(s.children[0])
+            else:
+                parts[f"{s.data}_mlp"] = tuple(int(c) for c in s.children)
+        return Dense(**parts)  # type: ignore[arg-type]
+
+
+def parse_model(text: str, filename: str = "<input>") -> Model:
+    """Parse `.ekko` source into a validated Model."""
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as e:
+        raise _syntax_error(e, text, filename) from None
+    return _Builder(text, filename).model(tree.children[0])
+
+
+def parse_model_file(path: str | Path) -> Model:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: error: cannot read the model: {e}") from None
+    return parse_model(text, str(path))
