@@ -95,8 +95,11 @@ class _Builder:
                 self.defaults = self.settings(item.children, "defaults")
             elif item.data == "table":
                 tables.append(self.table(item))
+                if any(t.name == tables[-1].name for t in tables[:-1]):
+                    raise self.error(item.children[0], f"table {tables[-1].name} is declared twice")
             elif item.data == "feature":
                 features.append(self.feature(item))
+                self.check_feature(item, features, tables)
             elif item.data == "dense":
                 dense = self.dense(item)
         model = Model(str(name_tok), tuple(tables), tuple(features), dense)
@@ -105,6 +108,15 @@ class _Builder:
         except ModelInvalid as e:
             raise self.error(self.find(e.what, item_trees=items), str(e)) from None
         return model
+
+    def check_feature(self, item: Tree, features: list[Feature], tables: list[Table]) -> None:
+        """Duplicate names and unknown tables, at the feature's own tokens."""
+        name_tok, table_tok = item.children[0], item.children[1]
+        if any(f.name == features[-1].name for f in features[:-1]):
+            raise self.error(name_tok, f"feature {name_tok} is declared twice")
+        if not any(t.name == str(table_tok) for t in tables):
+            raise self.error(table_tok, f"feature {name_tok} reads unknown table '{table_tok}'"
+                             " (tables are declared before the features that read them)")
 
     def find(self, what: str, item_trees) -> Token | None:
         """The first token spelling `what` (a name or a keyword) in the items."""

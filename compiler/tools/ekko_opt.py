@@ -18,6 +18,7 @@ from xdsl.parser import Parser
 from xdsl.utils.exceptions import DiagnosticException, ParseError, VerifyException
 from xdsl.xdsl_opt_main import xDSLOptMain
 
+from ..frontend.errors import ModelError
 from ..diagnostics import EkkoDiagnostic, SourceMap, format_diagnostic, format_parse_error
 from ..registry import ekko_dialects, ekko_passes
 
@@ -135,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(located or f"error: {str(e).strip()}", file=sys.stderr)
     except EkkoDiagnostic as e:
         print(format_diagnostic(e), file=sys.stderr)
+    except ModelError as e:
+        print(str(e), file=sys.stderr)
     except (ValueError, KeyError, OSError) as e:
         print(f"ekko-opt: error: {e}", file=sys.stderr)
     return 1

@@ -1,0 +1,95 @@
+"""The .ekko model language: parsing, defaults, scaling and located errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ekko.compiler.frontend import Model, ModelError, load_model, parse_model, parse_model_file
+from ekko.compiler.frontend.model import OPTIMIZER_DEFAULTS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FULL = """
+# every construct of the language
+model shop {
+  defaults { optimizer rowwise_adagrad(lr=0.05); serving int8; dim 32; }
+  table users { rows 1000; }   // inherits everything
+  table items { rows 500; dim 13; dtype bf16; optimizer adam(lr=0.001, beta2=0.99);
+                serving f16; clip max_norm=1.0, clip_value=0.5; weight_decay 0.0001;
+                stochastic_rounding; }
+  feature user -> users pooling mean;
+  feature item -> items;
+  feature item_history -> items pooling sum;
+  dense { bottom 13 -> 64 -> 32; top 64 -> 1; interaction dot; }
+}
+"""
+
+
+def test_full_language() -> None:
+    m = parse_model(FULL, "shop.ekko")
+    users, items = m.tables
+    assert (users.rows, users.dim, users.dtype, users.serving) == (1000, 32, "f32", "int8")
+    assert dict(users.optimizer.hyper) == {"lr": 0.05, "eps": 1e-8}
+    assert items.dtype == "bf16" and items.serving == "f16" and items.stochastic_rounding
+    assert dict(items.optimizer.hyper) == {"lr": 0.001, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
+    assert (items.max_norm, items.clip_value, items.weight_decay) == (1.0, 0.5, 0.0001)
+    assert [(f.name, f.table, f.pooling) for f in m.features] == [
+        ("user", "users", "mean"), ("item", "items", "sum"), ("item_history", "items", "sum")]
+    assert m.dense is not None and m.dense.bottom_mlp == (13, 64, 32) and m.dense.interaction == "dot"
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZER_DEFAULTS))
+def test_defaults_are_filled_in(kind: str) -> None:
+    m = parse_model(f"model m {{ table t {{ rows 4; dim 2; optimizer {kind}; }} }}")
+    assert dict(m.tables[0].optimizer.hyper) == OPTIMIZER_DEFAULTS[kind]
+
+
+def test_dlrm_example() -> None:
+    m = parse_model_file(ROOT / "examples" / "dlrm.ekko")
+    assert len(m.tables) == len(m.features) == 26
+    assert sum(t.rows for t in m.tables) == 33_762_577
+    assert {t.serving for t in m.tables} == {"int8"}
+
+
+def test_scaling_keeps_at_least_two_rows() -> None:
+    m = load_model(str(ROOT / "examples" / "dlrm.ekko"), scale=0.001)
+    rows = {t.name: t.rows for t in m.tables}
+    assert rows["t_cat2"] == 10131 and rows["t_cat8"] == 2 and min(rows.values()) >= 2
+    with pytest.raises(ModelError, match="scale factor must be positive"):
+        load_model(str(ROOT / "examples" / "dlrm.ekko"), scale=0)
+
+
+@pytest.mark.parametrize("source,line,col,message", [
+    ("model m {\n  table t { rows 10; dim oops; }\n}", 2, 26, "expected an integer, found 'oops'"),
+    ("model m { table t { rows 10 dim 4; } }", 1, 29, "expected ';', found 'dim'"),
+    ("model m { table t { rows 10; dim 4; }", 1, 37, "found the end of the file"),
+    ("model m { table t { rows 10; dim 4; dtype int4; } }", 1, 43, "unknown dtype 'int4'"),
+    ("model m { table t { rows 10; dim 4; optimizer lion; } }", 1, 47, "unknown optimizer 'lion'"),
+    ("model m { table t { rows 10; dim 4; optimizer sgd(lr=1, lr=2); } }", 1, 57, "set twice"),
+    ("model m { table t { rows 10; dim 4; } feature f -> u; }", 1, 52, "unknown table 'u'"),
+    ("model m { table t { rows 10; dim 4; } feature t -> t; feature t -> t; }", 1, 63,
+     "feature t is declared twice"),
+    ("model m { defaults { rows 5; } table t { dim 4; } }", 1, 38, "'rows' cannot be a default"),
+])
+def test_errors_point_at_the_token(source: str, line: int, col: int, message: str) -> None:
+    with pytest.raises(ModelError) as info:
+        parse_model(source, "m.ekko")
+    text = str(info.value)
+    head, src, caret = text.split("\n")
+    assert head.startswith(f"m.ekko:{line}:{col}: error: ") and message in head
+    assert src == source.split("\n")[line - 1]
+    assert caret == " " * (col - 1) + "^"
+
+
+def test_missing_file_is_a_model_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="no such model file"):
+        load_model(str(tmp_path / "nope.ekko"))
+    with pytest.raises(ModelError, match="no such file"):
+        load_model(str(tmp_path / "nope.py:build"))
+
+
+def test_model_is_hashable_and_comparable() -> None:
+    a, b = parse_model(FULL), parse_model(FULL)
+    assert a == b and hash(a) == hash(b) and isinstance(a, Model)
