@@ -1,7 +1,7 @@
 """upd-dedup: sum duplicate ids before anything that is not linear in them.
 
 A delta's duplicates mean "summed", so applying its rows one by one is right
-only for plain SGD. Every other optimizer, norm or value clipping and weight
+only for plain SGD on an f32 table. Every other optimizer, norm or value clipping and weight
 decay need each id once: this pass inserts one `upd.dedup` right after each
 source delta that reaches such an op. With `deterministic=true`, SGD deltas
 are deduplicated too, so the float summation order is fixed.
@@ -16,13 +16,16 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Block, SSAValue
 from xdsl.passes import ModulePass
 
-from ...dialects import upd
+from ...dialects import emb, upd
 from .delta_chains import CHAIN_OPS, chain_of, retype
 
 
 def _needs_dedup(op, deterministic: bool) -> bool:
     if isinstance(op, upd.SgdOp):
-        return deterministic
+        # rounding to f16/bf16 after each duplicate is not rounding the sum
+        table = op.operands[0].type
+        low_precision = isinstance(table, emb.TableType) and table.layout.data != "f32"
+        return deterministic or low_precision
     return isinstance(op, (upd.OptimizerOp, upd.ClipOp, upd.WeightDecayOp))
 
 

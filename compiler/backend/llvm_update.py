@@ -1,0 +1,542 @@
+"""LLVM IR for a fused sparse update (an UpdateSpec), built with llvmlite.ir.
+
+Two exported functions, each run once per partition (one per thread):
+
+  i64 ekko_update_dedup(part, nparts, ids, n, rows, grads, keys, vals, cap,
+                        uids, acc, slots, count_out, err_pos)
+      Validates the ids this partition owns (ids are split by a hash of the
+      id, so partitions never share a row) and their gradient rows, and sums
+      duplicates in input order into `acc` through an open-addressing hash
+      table (`keys` = -1 when empty, left empty again on return). Writes no
+      table. Returns 0, 1 (id out of range at *err_pos) or 2 (non-finite
+      gradient in delta row *err_pos).
+
+  void ekko_update_apply(part, nparts, ids, grads, count, table, state0,
+                         state1, serving, versions, alpha, version, seed)
+      For each of `count` (id, gradient row) pairs: clip, decay, optimizer,
+      store (nearest-even or stochastic rounding), re-make the serving row,
+      stamp the version. With dedup the pairs are the partition's unique ids
+      (i64) and summed rows; without (plain SGD) they are the raw delta and
+      each partition applies the ids it owns, in input order.
+
+`alpha` is the step's learning rate where it depends on the step (Adagrad's
+lr decay, Adam's bias correction), computed by the caller; every other
+hyper-parameter is a constant. Inner loops run over the embedding dim with
+fast-math reductions so LLVM vectorizes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from llvmlite import ir
+
+from .spec import UpdateSpec
+
+I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+F32, F64, F16 = ir.FloatType(), ir.DoubleType(), ir.HalfType()
+FAST = ("fast",)
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _c(t: ir.Type, v) -> ir.Constant:
+    return ir.Constant(t, v)
+
+
+class Emitter:
+    """An IRBuilder with the loops and conversions the update kernel needs."""
+
+    def __init__(self, module: ir.Module, fn: ir.Function):
+        self.module = module
+        self.fn = fn
+        self.b = ir.IRBuilder(fn.append_basic_block("entry"))
+
+    # -- control flow ---------------------------------------------------
+    @contextmanager
+    def loop(self, start, stop, name: str) -> Iterator[ir.Value]:
+        """for (i = start; i < stop; ++i) { body }: yields i."""
+        b = self.b
+        pre = b.block
+        head = self.fn.append_basic_block(f"{name}.head")
+        body = self.fn.append_basic_block(f"{name}.body")
+        done = self.fn.append_basic_block(f"{name}.done")
+        b.branch(head)
+        b.position_at_end(head)
+        i = b.phi(I64, name)
+        i.add_incoming(start, pre)
+        b.cbranch(b.icmp_signed("<", i, stop), body, done)
+        b.position_at_end(body)
+        yield i
+        nxt = b.add(i, _c(I64, 1))
+        i.add_incoming(nxt, b.block)
+        b.branch(head)
+        b.position_at_end(done)
+
+    @contextmanager
+    def if_then(self, cond, name: str) -> Iterator[None]:
+        with self.b.if_then(cond):
+            yield
+
+    def reduce(self, stop, name: str, init: float, step, combine) -> ir.Value:
+        """Fold `combine(acc, step(j))` over j in [0, stop), in f32."""
+        b = self.b
+        pre = b.block
+        head = self.fn.append_basic_block(f"{name}.head")
+        body = self.fn.append_basic_block(f"{name}.body")
+        done = self.fn.append_basic_block(f"{name}.done")
+        b.branch(head)
+        b.position_at_end(head)
+        j = b.phi(I64, f"{name}.j")
+        acc = b.phi(F32, f"{name}.acc")
+        j.add_incoming(_c(I64, 0), pre)
+        acc.add_incoming(_c(F32, init), pre)
+        b.cbranch(b.icmp_signed("<", j, stop), body, done)
+        b.position_at_end(body)
+        new = combine(acc, step(j))
+        j.add_incoming(b.add(j, _c(I64, 1)), b.block)
+        acc.add_incoming(new, b.block)
+        b.branch(head)
+        b.position_at_end(done)
+        return acc
+
+    # -- math -----------------------------------------------------------
+    def intrinsic(self, name: str, t: ir.Type = F32) -> ir.Function:
+        return self.module.declare_intrinsic(name, [t])
+
+    def fadd(self, a, b):
+        return self.b.fadd(a, b, flags=FAST)
+
+    def fsub(self, a, b):
+        return self.b.fsub(a, b, flags=FAST)
+
+    def fmul(self, a, b):
+        return self.b.fmul(a, b, flags=FAST)
+
+    def fdiv(self, a, b):
+        return self.b.fdiv(a, b, flags=FAST)
+
+    def fmin(self, a, b):
+        return self.b.select(self.b.fcmp_ordered("<", a, b, flags=FAST), a, b, flags=FAST)
+
+    def fmax(self, a, b):
+        return self.b.select(self.b.fcmp_ordered(">", a, b, flags=FAST), a, b, flags=FAST)
+
+    def sqrt(self, x):
+        return self.b.call(self.intrinsic("llvm.sqrt"), [x])
+
+    def rint(self, x):
+        return self.b.call(self.intrinsic("llvm.rint"), [x])
+
+    def f(self, v: float) -> ir.Constant:
+        return _c(F32, float(v))
+
+    # -- memory ---------------------------------------------------------
+    def gep(self, ptr, index):
+        return self.b.gep(ptr, [index], inbounds=True)
+
+    def row(self, base, elem_t: ir.Type, row, width: int):
+        """Pointer to row `row` of a (rows, width) array of elem_t at i8* `base`."""
+        typed = self.b.bitcast(base, elem_t.as_pointer())
+        return self.gep(typed, self.b.mul(row, _c(I64, width)))
+
+
+def _load_elem(e: Emitter, ptr, dtype: str):
+    """Load one element of a master table as f32."""
+    b = e.b
+    if dtype == "f32":
+        return b.load(ptr)
+    if dtype == "f16":
+        return b.fpext(b.load(ptr), F32)
+    bits = b.shl(b.zext(b.load(ptr), I32), _c(I32, 16))
+    return b.bitcast(bits, F32)
+
+
+def _elem_type(dtype: str) -> ir.Type:
+    return {"f32": F32, "f16": F16, "bf16": I16}[dtype]
+
+
+def _random_bits(e: Emitter, seed, row, col, mask: int):
+    """Counter-based random bits of (seed, row, col): a splitmix64 finalizer."""
+    b = e.b
+    h = b.xor(b.mul(seed, _c(I64, GOLDEN)), b.mul(row, _c(I64, 0xBF58476D1CE4E5B9)))
+    h = b.xor(h, b.mul(col, _c(I64, 0x94D049BB133111EB)))
+    h = b.xor(h, b.lshr(h, _c(I64, 31)))
+    h = b.mul(h, _c(I64, 0xD6E8FEB86659FD93))
+    h = b.xor(h, b.lshr(h, _c(I64, 32)))
+    return b.and_(b.trunc(h, I32), _c(I32, mask))
+
+
+def _store_elem(e: Emitter, ptr, value, dtype: str, sr: bool, seed, row, col):
+    """Store an f32 value as the table dtype: nearest-even or stochastic rounding."""
+    b = e.b
+    if dtype == "f32":
+        b.store(value, ptr)
+        return
+    bits = b.bitcast(value, I32)
+    if dtype == "bf16":
+        if sr:
+            bits = b.add(bits, _random_bits(e, seed, row, col, 0xFFFF))
+        else:
+            lsb = b.and_(b.lshr(bits, _c(I32, 16)), _c(I32, 1))
+            bits = b.add(bits, b.add(lsb, _c(I32, 0x7FFF)))
+        b.store(b.trunc(b.lshr(bits, _c(I32, 16)), I16), ptr)
+        return
+    if sr:
+        bits = b.add(bits, _random_bits(e, seed, row, col, 0x1FFF))
+        value = b.bitcast(b.and_(bits, _c(I32, 0xFFFFE000)), F32)
+    b.store(b.fptrunc(value, F16), ptr)
+
+
+def _owner(e: Emitter, idv, nparts):
+    """The partition that owns an id: a multiplicative hash, so hot ids spread."""
+    b = e.b
+    h = b.mul(idv, _c(I64, GOLDEN))
+    return b.urem(b.lshr(h, _c(I64, 40)), nparts)
+
+
+def _load_id(e: Emitter, ids_t, i):
+    v = e.b.load(e.gep(ids_t, i))
+    return v if v.type == I64 else e.b.sext(v, I64)
+
+
+def _index_type(spec: UpdateSpec) -> ir.Type:
+    return I32 if spec.index_dtype == "i32" else I64
+
+
+# ---------------------------------------------------------------------------
+# phase 1: validate and deduplicate
+
+
+def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
+    idx_t = _index_type(spec)
+    args = [I64, I64, idx_t.as_pointer(), I64, I64, F32.as_pointer(), I64.as_pointer(),
+            I32.as_pointer(), I64, I64.as_pointer(), F32.as_pointer(), I64.as_pointer(),
+            I64.as_pointer(), I64.as_pointer()]
+    fn = ir.Function(module, ir.FunctionType(I64, args), "ekko_update_dedup")
+    (part, nparts, ids, n, rows, grads, keys, vals, cap, uids, acc, slots, count_out,
+     err) = fn.args
+    for a in fn.args[2:]:
+        if isinstance(a.type, ir.PointerType):
+            a.add_attribute("noalias")
+    e = Emitter(module, fn)
+    b = e.b
+    dim = _c(I64, spec.dim)
+    count_ptr = b.alloca(I64)
+    b.store(_c(I64, 0), count_ptr)
+    status = b.alloca(I64)
+    b.store(_c(I64, 0), status)
+    mask = b.sub(cap, _c(I64, 1))
+    fail = fn.append_basic_block("fail")
+    with e.loop(_c(I64, 0), n, "ids") as i:
+        idv = _load_id(e, ids, i)
+        with e.if_then(b.icmp_unsigned("==", _owner(e, idv, nparts), part), "own"):
+            bad = b.icmp_unsigned(">=", idv, rows)  # negative ids are huge unsigned
+            with b.if_then(bad):
+                b.store(i, err)
+                b.store(_c(I64, 1), status)
+                b.branch(fail)
+                b.position_at_end(b.append_basic_block("unreachable"))
+            grow = e.gep(grads, b.mul(i, dim))
+            finite = _row_finite(e, grow, dim)
+            with b.if_then(b.not_(finite)):
+                b.store(i, err)
+                b.store(_c(I64, 2), status)
+                b.branch(fail)
+                b.position_at_end(b.append_basic_block("unreachable"))
+            if spec.dedup:
+                _insert(e, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr, dim)
+    # leave the hash table empty for the next call
+    count = b.load(count_ptr)
+    if spec.dedup:
+        with e.loop(_c(I64, 0), count, "reset") as k:
+            b.store(_c(I64, -1), e.gep(keys, b.load(e.gep(slots, k))))
+    b.store(count, count_out)
+    b.ret(_c(I64, 0))
+    b.position_at_end(fail)
+    if spec.dedup:
+        # an error leaves the slots filled so far: empty them before returning
+        with e.loop(_c(I64, 0), b.load(count_ptr), "reset_fail") as k:
+            b.store(_c(I64, -1), e.gep(keys, b.load(e.gep(slots, k))))
+    b.ret(b.load(status))
+
+
+def _row_finite(e: Emitter, row, dim):
+    """All of a row's values finite: no element has an all-ones exponent.
+
+    An integer OR-reduction (not float math, which fast-math could fold)."""
+    b = e.b
+    pre = b.block
+    head = e.fn.append_basic_block("finite.head")
+    body = e.fn.append_basic_block("finite.body")
+    done = e.fn.append_basic_block("finite.done")
+    b.branch(head)
+    b.position_at_end(head)
+    j = b.phi(I64)
+    acc = b.phi(I32)
+    j.add_incoming(_c(I64, 0), pre)
+    acc.add_incoming(_c(I32, 0), pre)
+    b.cbranch(b.icmp_signed("<", j, dim), body, done)
+    b.position_at_end(body)
+    bits = b.bitcast(b.load(e.gep(row, j)), I32)
+    exp = b.and_(bits, _c(I32, 0x7F800000))
+    flag = b.zext(b.icmp_unsigned("==", exp, _c(I32, 0x7F800000)), I32)
+    j.add_incoming(b.add(j, _c(I64, 1)), body)
+    acc.add_incoming(b.or_(acc, flag), body)
+    b.branch(head)
+    b.position_at_end(done)
+    return b.icmp_unsigned("==", acc, _c(I32, 0))
+
+
+def _insert(e: Emitter, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr, dim):
+    """Find or add `idv` in the hash table; add its row into acc (copy when new)."""
+    b = e.b
+    fn = e.fn
+    start = b.and_(b.lshr(b.mul(idv, _c(I64, GOLDEN)), _c(I64, 17)), mask)
+    pre = b.block
+    probe = fn.append_basic_block("probe")
+    found = fn.append_basic_block("found")
+    empty = fn.append_basic_block("empty")
+    nextb = fn.append_basic_block("next_slot")
+    after = fn.append_basic_block("inserted")
+    b.branch(probe)
+    b.position_at_end(probe)
+    slot = b.phi(I64, "slot")
+    slot.add_incoming(start, pre)
+    key = b.load(e.gep(keys, slot))
+    b.cbranch(b.icmp_signed("==", key, idv), found, nextb)
+    b.position_at_end(nextb)
+    step = fn.append_basic_block("step")
+    b.cbranch(b.icmp_signed("==", key, _c(I64, -1)), empty, step)
+    b.position_at_end(step)
+    slot.add_incoming(b.and_(b.add(slot, _c(I64, 1)), mask), b.block)
+    b.branch(probe)
+    # a new id: take the next unique index and copy the row
+    b.position_at_end(empty)
+    k = b.load(count_ptr)
+    b.store(idv, e.gep(keys, slot))
+    b.store(b.trunc(k, I32), e.gep(vals, slot))
+    b.store(slot, e.gep(slots, k))
+    b.store(idv, e.gep(uids, k))
+    b.store(b.add(k, _c(I64, 1)), count_ptr)
+    dst = e.gep(acc, b.mul(k, dim))
+    with e.loop(_c(I64, 0), dim, "copy") as j:
+        b.store(b.load(e.gep(grow, j)), e.gep(dst, j))
+    b.branch(after)
+    # a repeated id: add the row, in input order
+    b.position_at_end(found)
+    kk = b.zext(b.load(e.gep(vals, slot)), I64)
+    dst2 = e.gep(acc, b.mul(kk, dim))
+    with e.loop(_c(I64, 0), dim, "add") as j:
+        p = e.gep(dst2, j)
+        b.store(b.fadd(b.load(p), b.load(e.gep(grow, j))), p)
+    b.branch(after)
+    b.position_at_end(after)
+
+
+# ---------------------------------------------------------------------------
+# phase 2: apply
+
+
+def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
+    id_t = I64 if spec.dedup else _index_type(spec)
+    p8 = I8.as_pointer()
+    args = [I64, I64, id_t.as_pointer(), F32.as_pointer(), I64, p8, F32.as_pointer(),
+            F32.as_pointer(), p8, I64.as_pointer(), F64, I64, I64]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), "ekko_update_apply")
+    (part, nparts, ids, grads, count, table, s0, s1, serving, versions, alpha, version,
+     seed) = fn.args
+    for a in (ids, grads, table, s0, s1, serving, versions):
+        a.add_attribute("noalias")
+    e = Emitter(module, fn)
+    b = e.b
+    alpha32 = b.fptrunc(alpha, F32)
+    scratch = b.alloca(F32, spec.dim, name="g")  # the row's gradient, transformed
+    with e.loop(_c(I64, 0), count, "rows") as k:
+        idv = _load_id(e, ids, k)
+        if spec.dedup:
+            _apply_row(e, spec, k, idv, grads, scratch, table, s0, s1, serving, versions,
+                       alpha32, version, seed, ids, count)
+        else:
+            with e.if_then(b.icmp_unsigned("==", _owner(e, idv, nparts), part), "own"):
+                _apply_row(e, spec, k, idv, grads, scratch, table, s0, s1, serving, versions,
+                           alpha32, version, seed, ids, count)
+    b.ret_void()
+
+
+def _prefetch(e: Emitter, spec: UpdateSpec, ids, k, count, table) -> None:
+    """Ask for the table row a few ids ahead: the rows are scattered over memory."""
+    b = e.b
+    ahead = b.add(k, _c(I64, 8))
+    with b.if_then(b.icmp_signed("<", ahead, count)):
+        nid = _load_id(e, ids, ahead)
+        elem = _elem_type(spec.table_dtype)
+        ptr = b.bitcast(e.row(table, elem, nid, spec.dim), I8.as_pointer())
+        pf = e.module.globals.get("llvm.prefetch.p0") or ir.Function(
+            e.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
+            "llvm.prefetch.p0")
+        b.call(pf, [ptr, _c(I32, 1), _c(I32, 3), _c(I32, 1)])
+
+
+def _apply_row(e: Emitter, spec: UpdateSpec, k, idv, grads, g, table, s0, s1, serving,
+               versions, alpha, version, seed, ids, count) -> None:
+    b = e.b
+    dim = _c(I64, spec.dim)
+    if spec.dedup:
+        _prefetch(e, spec, ids, k, count, table)
+    src = e.gep(grads, b.mul(k, dim))
+    elem = _elem_type(spec.table_dtype)
+    wrow = e.row(table, elem, idv, spec.dim)
+    _transform_grad(e, spec, src, g, wrow)
+    _optimizer(e, spec, idv, g, wrow, s0, s1, alpha, seed)
+    if spec.serving is not None:
+        _refresh_serving(e, spec, idv, wrow, serving)
+    if spec.versions:
+        with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(versions, I64), _c(I64, 0))):
+            b.store(version, e.gep(versions, idv))
+
+
+def _transform_grad(e: Emitter, spec: UpdateSpec, src, g, wrow) -> None:
+    """g = clip(src), then max-norm scaling, then + weight_decay * w."""
+    b = e.b
+    dim = _c(I64, spec.dim)
+    with e.loop(_c(I64, 0), dim, "grad") as j:
+        x = b.load(e.gep(src, j))
+        if spec.clip_value is not None:
+            c = spec.clip_value
+            x = e.fmin(e.fmax(x, e.f(-c)), e.f(c))
+        b.store(x, e.gep(g, j))
+    if spec.max_norm is not None:
+        def sq(j):
+            x = b.load(e.gep(g, j))
+            return e.fmul(x, x)
+
+        norm = e.sqrt(e.reduce(dim, "norm", 0.0, sq, e.fadd))
+        scale = b.select(b.fcmp_ordered(">", norm, e.f(spec.max_norm)),
+                         e.fdiv(e.f(spec.max_norm), norm), e.f(1.0))
+        with e.loop(_c(I64, 0), dim, "scale") as j:
+            p = e.gep(g, j)
+            b.store(e.fmul(b.load(p), scale), p)
+    if spec.weight_decay:
+        with e.loop(_c(I64, 0), dim, "decay") as j:
+            p = e.gep(g, j)
+            w = _load_elem(e, e.gep(wrow, j), spec.table_dtype)
+            b.store(e.fadd(b.load(p), e.fmul(e.f(spec.weight_decay), w)), p)
+
+
+def _optimizer(e: Emitter, spec: UpdateSpec, idv, g, wrow, s0, s1, alpha, seed) -> None:
+    """The optimizer's row math; stores the new row in the table dtype."""
+    b = e.b
+    dim = _c(I64, spec.dim)
+    opt = spec.optimizer
+    if opt == "rowwise_adagrad":
+        def sq(j):
+            x = b.load(e.gep(g, j))
+            return e.fmul(x, x)
+
+        mean = e.fdiv(e.reduce(dim, "gsq", 0.0, sq, e.fadd), e.f(spec.dim))
+        mptr = e.gep(s0, idv)
+        m = e.fadd(b.load(mptr), mean)
+        b.store(m, mptr)
+        factor = e.fdiv(e.f(spec.lr), e.fadd(e.sqrt(m), e.f(spec.eps)))
+    srow = e.gep(s0, b.mul(idv, dim)) if opt in ("adagrad", "adam") else None
+    vrow = e.gep(s1, b.mul(idv, dim)) if opt == "adam" else None
+    with e.loop(_c(I64, 0), dim, "opt") as j:
+        x = b.load(e.gep(g, j))
+        wp = e.gep(wrow, j)
+        w = _load_elem(e, wp, spec.table_dtype)
+        if opt == "sgd":
+            delta = e.fmul(e.f(spec.lr), x)
+        elif opt == "rowwise_adagrad":
+            delta = e.fmul(factor, x)
+        elif opt == "adagrad":
+            sp = e.gep(srow, j)
+            s = e.fadd(b.load(sp), e.fmul(x, x))
+            b.store(s, sp)
+            delta = e.fdiv(e.fmul(alpha, x), e.fadd(e.sqrt(s), e.f(spec.eps)))
+        else:
+            mp, vp = e.gep(srow, j), e.gep(vrow, j)
+            m = e.fadd(e.fmul(e.f(spec.beta1), b.load(mp)), e.fmul(e.f(1 - spec.beta1), x))
+            v = e.fadd(e.fmul(e.f(spec.beta2), b.load(vp)),
+                       e.fmul(e.f(1 - spec.beta2), e.fmul(x, x)))
+            b.store(m, mp)
+            b.store(v, vp)
+            delta = e.fdiv(e.fmul(alpha, m), e.fadd(e.sqrt(v), e.f(spec.eps)))
+        _store_elem(e, wp, e.fsub(w, delta), spec.table_dtype, spec.stochastic_rounding,
+                    seed, idv, j)
+
+
+def _refresh_serving(e: Emitter, spec: UpdateSpec, idv, wrow, serving) -> None:
+    """Re-make the serving row from the stored master row."""
+    b = e.b
+    dim = _c(I64, spec.dim)
+    layout = spec.serving
+    if layout in ("f32", "f16", "bf16"):
+        out = e.row(serving, _elem_type(layout), idv, spec.dim)
+        with e.loop(_c(I64, 0), dim, "copy_serving") as j:
+            x = _load_elem(e, e.gep(wrow, j), spec.table_dtype)
+            _store_elem(e, e.gep(out, j), x, layout, False, None, None, None)
+        return
+
+    def elem(j):
+        return _load_elem(e, e.gep(wrow, j), spec.table_dtype)
+
+    lo = e.reduce(dim, "min", float("inf"), elem, e.fmin)
+    hi = e.reduce(dim, "max", float("-inf"), elem, e.fmax)
+    width = spec.dim + 8 if layout == "int8" else (spec.dim + 1) // 2 + 4
+    base = e.row(serving, I8, idv, width)
+    if layout == "int8":
+        _int8_row(e, spec, wrow, base, lo, hi)
+    else:
+        _int4_row(e, spec, wrow, base, lo, hi)
+
+
+def _int8_row(e: Emitter, spec: UpdateSpec, wrow, base, lo, hi) -> None:
+    b = e.b
+    rng = b.fsub(hi, lo)
+    inv = b.fdiv(e.f(255.0), b.fadd(rng, e.f(1e-8)))
+    with e.loop(_c(I64, 0), _c(I64, spec.dim), "q8") as j:
+        x = _load_elem(e, e.gep(wrow, j), spec.table_dtype)
+        q = e.rint(b.fmul(b.fsub(x, lo), inv))
+        q = e.fmin(e.fmax(q, e.f(0.0)), e.f(255.0))
+        b.store(b.fptoui(q, I8), e.gep(base, j))
+    tail = b.bitcast(e.gep(base, _c(I64, spec.dim)), F32.as_pointer())
+    b.store(b.fdiv(rng, e.f(255.0)), tail, align=1)
+    b.store(lo, e.gep(tail, _c(I64, 1)), align=1)
+
+
+def _int4_row(e: Emitter, spec: UpdateSpec, wrow, base, lo, hi) -> None:
+    b = e.b
+    bias16 = b.fptrunc(lo, F16)
+    bias = b.fpext(bias16, F32)
+    scale16 = b.fptrunc(b.fdiv(b.fsub(hi, bias), e.f(15.0)), F16)
+    scale = b.fpext(scale16, F32)
+    safe = b.select(b.fcmp_ordered("==", scale, e.f(0.0)), e.f(1.0), scale)
+
+    def code(j):
+        x = _load_elem(e, e.gep(wrow, j), spec.table_dtype)
+        q = e.rint(b.fdiv(b.fsub(x, bias), safe))
+        q = e.fmin(e.fmax(q, e.f(0.0)), e.f(15.0))
+        return b.fptoui(q, I8)
+
+    half = spec.dim // 2
+    with e.loop(_c(I64, 0), _c(I64, half), "q4") as j:
+        j2 = b.mul(j, _c(I64, 2))
+        lo_c = code(j2)
+        hi_c = code(b.add(j2, _c(I64, 1)))
+        b.store(b.or_(lo_c, b.shl(hi_c, _c(I8, 4))), e.gep(base, j))
+    if spec.dim % 2:
+        b.store(code(_c(I64, spec.dim - 1)), e.gep(base, _c(I64, half)))
+    nbytes = (spec.dim + 1) // 2
+    tail = b.bitcast(e.gep(base, _c(I64, nbytes)), F16.as_pointer())
+    b.store(scale16, tail, align=1)
+    b.store(bias16, e.gep(tail, _c(I64, 1)), align=1)
+
+
+def emit_update(spec: UpdateSpec) -> str:
+    """The LLVM IR module (text) of one fused update kernel."""
+    module = ir.Module(name=f"ekko_update_{spec.optimizer}_{spec.dim}")
+    module.triple = ""
+    emit_dedup(module, spec)
+    emit_apply(module, spec)
+    return str(module)
