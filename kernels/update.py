@@ -41,6 +41,7 @@ _DEDUP = ctypes.CFUNCTYPE(_i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64
 _APPLY = ctypes.CFUNCTYPE(None, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _vp, _vp, _vp, _f64,
                           _i64, _i64)
 
+_TABLE_FULL = 3
 _TABLE_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16")}
 _SERVING_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16"),
                    "int8": ("uint8", "int8"), "int4": ("uint8", "int8")}
@@ -92,25 +93,32 @@ class _Arg:
 
 
 class _Scratch:
-    """Per-partition buffers reused across calls (fresh pages cost ~1 us each)."""
+    """Per-partition buffers reused across calls (fresh pages cost ~1 us each).
+
+    The hash table is sized for the unique ids seen last time (a small table
+    stays in cache) and doubled when the kernel reports it too full.
+    """
 
     def __init__(self) -> None:
         self.n = -1
         self.keys = np.empty(0, np.int64)
-
-    def ensure(self, n: int, dim: int) -> None:
-        if n <= self.n:
-            return
-        n = max(n, 1024)
-        cap = 1 << math.ceil(math.log2(2 * n))
-        self.keys = np.full(cap, -1, np.int64)
-        self.vals = np.empty(cap, np.int32)
-        self.uids = np.empty(n, np.int64)
-        self.slots = np.empty(n, np.int64)
-        self.acc = np.empty(n * dim, np.float32)
         self.count = np.zeros(1, np.int64)
         self.err = np.zeros(1, np.int64)
-        self.n = n
+
+    def ensure(self, n: int, dim: int, expected_unique: int) -> None:
+        if n > self.n:
+            n = max(n, 1024)
+            self.uids = np.empty(n, np.int64)
+            self.slots = np.empty(n, np.int64)
+            self.acc = np.empty(n * dim, np.float32)
+            self.n = n
+        want = 1 << math.ceil(math.log2(max(2 * expected_unique, 1024)))
+        if want > len(self.keys) or want * 4 <= len(self.keys):
+            self.resize(want)
+
+    def resize(self, cap: int) -> None:
+        self.keys = np.full(cap, -1, np.int64)
+        self.vals = np.empty(cap, np.int32)
 
 
 class UpdateKernel:
@@ -201,7 +209,8 @@ class UpdateKernel:
     def _run(self, rows, n, t, i, g, states, srv, ver, step, version, seed) -> None:
         parts = len(self._scratch)
         for sc in self._scratch:
-            sc.ensure(n, self.spec.dim)
+            guess = int(sc.count[0]) if sc.n > 0 else n // parts
+            sc.ensure(n, self.spec.dim, min(max(guess, 1), n))
 
         def dedup(p: int) -> int:
             sc = self._scratch[p]
@@ -211,6 +220,10 @@ class UpdateKernel:
                                sc.err.ctypes.data)
 
         codes = self._map(dedup, parts)
+        for p, code in enumerate(codes):
+            while code == _TABLE_FULL:  # rare: far more unique ids than last time
+                self._scratch[p].resize(2 * len(self._scratch[p].keys))
+                code = codes[p] = dedup(p)
         self._raise_first(codes, i, rows)
         s0 = states[0].ptr if states else None
         s1 = states[1].ptr if len(states) > 1 else None

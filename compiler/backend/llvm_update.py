@@ -9,7 +9,8 @@ Two exported functions, each run once per partition (one per thread):
       duplicates in input order into `acc` through an open-addressing hash
       table (`keys` = -1 when empty, left empty again on return). Writes no
       table. Returns 0, 1 (id out of range at *err_pos) or 2 (non-finite
-      gradient in delta row *err_pos).
+      gradient in delta row *err_pos) or 3 (the hash table passed 3/4 full: the
+      caller retries with a larger one; nothing was kept).
 
   void ekko_update_apply(part, nparts, ids, grads, count, table, state0,
                          state1, serving, versions, alpha, version, seed)
@@ -245,7 +246,8 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
                 b.branch(fail)
                 b.position_at_end(b.append_basic_block("unreachable"))
             if spec.dedup:
-                _insert(e, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr, dim)
+                _insert(e, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr, dim, status,
+                        fail)
     # leave the hash table empty for the next call
     count = b.load(count_ptr)
     if spec.dedup:
@@ -288,7 +290,8 @@ def _row_finite(e: Emitter, row, dim):
     return b.icmp_unsigned("==", acc, _c(I32, 0))
 
 
-def _insert(e: Emitter, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr, dim):
+def _insert(e: Emitter, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr, dim, status,
+            fail):
     """Find or add `idv` in the hash table; add its row into acc (copy when new)."""
     b = e.b
     fn = e.fn
@@ -314,6 +317,11 @@ def _insert(e: Emitter, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr
     # a new id: take the next unique index and copy the row
     b.position_at_end(empty)
     k = b.load(count_ptr)
+    full = b.icmp_unsigned(">=", b.mul(b.add(k, _c(I64, 1)), _c(I64, 4)), b.mul(b.add(mask, _c(I64, 1)), _c(I64, 3)))
+    with b.if_then(full):
+        b.store(_c(I64, 3), status)
+        b.branch(fail)
+        b.position_at_end(b.append_basic_block("unreachable"))
     b.store(idv, e.gep(keys, slot))
     b.store(b.trunc(k, I32), e.gep(vals, slot))
     b.store(slot, e.gep(slots, k))
