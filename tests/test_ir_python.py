@@ -284,7 +284,8 @@ def test_kernel_specs_of_sgd_without_dedup_and_of_bags() -> None:
     sgd = specs[0][1]
     assert isinstance(sgd, UpdateSpec)
     assert (sgd.optimizer, sgd.dim, sgd.table_dtype, sgd.index_dtype) == ("sgd", 16, "f16", "i32")
-    assert sgd.dedup is False and sgd.stochastic_rounding is True
+    # rounding to f16 after each duplicate is not rounding their sum: dedup even for sgd
+    assert sgd.dedup is True and sgd.stochastic_rounding is True
     assert sgd.serving is None and sgd.versions is False and sgd.partitions == 2
     bag, look = specs[1][1], specs[2][1]
     assert bag == BagSpec(dim=16, layout="int4", index_dtype="i64", mode="mean", partitions=2)
