@@ -44,7 +44,7 @@ class Progress:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a .ekko file or path/to/module.py:factory")
     p.add_argument("--scale", type=float, default=None,
-                   help="multiply every table's rows by this factor to fit the machine")
+                   help="multiply every table's rows by this factor (default: 1 for compile, 0.1 for run)")
     p.add_argument("--partitions", type=int, default=0,
                    help="threads per update and lookup kernel (default: one per core)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which IR stages to write (default: all)")
     r = sub.add_parser("run", help="compile, then stream updates while serving lookups")
     _add_model_args(r)
-    r.add_argument("--steps", type=int, default=20, help="update steps (default 20)")
+    r.add_argument("--steps", type=int, default=50, help="update steps (default 50)")
     r.add_argument("--batch", type=int, default=4096,
                    help="samples per step: ids per table per step, bags per lookup (default 4096)")
     r.add_argument("--pooling", type=int, default=1, help="mean ids per bag (default 1)")
@@ -77,7 +77,7 @@ def _compile(args: argparse.Namespace, progress: Progress) -> CompiledModel:
 
 def default_scale(args: argparse.Namespace) -> float:
     """compile keeps real sizes; run scales to fit a small machine in under a minute."""
-    return 1.0 if args.command == "compile" else 0.01
+    return 1.0 if args.command == "compile" else 0.1
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

@@ -1,0 +1,167 @@
+"""The update kernels' runtime: argument checks, nothing half-applied, threads, caches."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import ekko
+from ekko.compiler.backend.llvm_update import emit_update
+from ekko.compiler.backend.spec import UpdateSpec
+from ekko.kernels import jit
+from ekko.kernels.errors import UpdateError
+
+ROWS, DIM = 50, 8
+
+
+def buffers(optimizer: str = "adam", serving: str | None = "int8"):
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    state = {"sgd": None, "adagrad": np.zeros((ROWS, DIM), np.float32),
+             "rowwise_adagrad": np.zeros(ROWS, np.float32),
+             "adam": (np.zeros((ROWS, DIM), np.float32), np.zeros((ROWS, DIM), np.float32))}[optimizer]
+    srv = None if serving is None else ekko.quantize_rows(table, serving)
+    return table, state, srv, np.zeros(ROWS, np.int64)
+
+
+def snapshot(*arrays):
+    out = []
+    for a in arrays:
+        if isinstance(a, tuple):
+            out.extend(x.copy() for x in a)
+        elif a is not None:
+            out.append(a.copy())
+    return out
+
+
+@pytest.mark.parametrize("ids,grads_fix,message", [
+    ([1, -1, 3], None, r"id -1 at position 1 is out of range \[0, 50\)"),
+    ([1, 2, ROWS], None, r"id 50 at position 2 is out of range"),
+    ([0, ROWS - 1, 7], (1, 3, np.nan), "non-finite gradient .* delta row 1"),
+    ([0, 4, 7], (2, 0, np.inf), "non-finite gradient .* delta row 2"),
+    ([0, 4, 7], (0, 5, -np.inf), "non-finite gradient .* delta row 0"),
+])
+def test_rejected_delta_changes_nothing(ids, grads_fix, message) -> None:
+    k = ekko.update_kernel("adam", DIM, serving="int8", threads=2)
+    table, state, srv, versions = buffers()
+    before = snapshot(table, state, srv, versions)
+    grads = np.ones((len(ids), DIM), np.float32)
+    if grads_fix is not None:
+        grads[grads_fix[0], grads_fix[1]] = grads_fix[2]
+    with pytest.raises(UpdateError, match=message):
+        k(table, np.array(ids, np.int64), grads, state=state, serving=srv, versions=versions, step=1)
+    for old, new in zip(before, snapshot(table, state, srv, versions)):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_argument_errors_are_clear() -> None:
+    k = ekko.update_kernel("rowwise_adagrad", DIM, serving="int8")
+    table, state, srv, versions = buffers("rowwise_adagrad")
+    ids, grads = np.array([1, 2]), np.ones((2, DIM), np.float32)
+    cases = [
+        (dict(table=table.astype(np.float64)), "table must have dtype float32"),
+        (dict(table=table[:, :4].copy()), r"table must have shape \(rows, 8\)"),
+        (dict(ids=ids.astype(np.int32)), "ids must have dtype int64"),
+        (dict(grads=np.ones((3, DIM), np.float32)), r"grads must have shape \(2, 8\)"),
+        (dict(grads=np.ones((DIM, 2), np.float32).T), "grads must be C-contiguous"),
+        (dict(state=None), "rowwise_adagrad needs its state"),
+        (dict(state=np.zeros((ROWS, DIM), np.float32)), r"state must have shape \(50,\)"),
+        (dict(serving=None), "pass serving="),
+        (dict(serving=np.zeros((ROWS, DIM), np.uint8)), r"serving must have shape \(50, 16\)"),
+        (dict(versions=np.zeros(ROWS, np.int32)), "versions must have dtype int64"),
+        (dict(step=0), "step counts from 1"),
+        (dict(ids=[1, 2]), "ids must be a numpy array or a torch tensor"),
+    ]
+    for change, message in cases:
+        args = dict(table=table, ids=ids, grads=grads, state=state, serving=srv,
+                    versions=versions, step=1) | change
+        with pytest.raises(UpdateError, match=message):
+            k(**args)
+
+
+def test_bad_requests_are_update_errors() -> None:
+    with pytest.raises(UpdateError, match="cannot build"):
+        ekko.update_kernel("lion", DIM)
+    with pytest.raises(UpdateError, match="cannot build"):
+        ekko.update_kernel("adam", DIM, lr=-1.0)
+
+
+def test_empty_delta_is_a_no_op() -> None:
+    k = ekko.update_kernel("adam", DIM, serving="int8")
+    table, state, srv, versions = buffers()
+    before = snapshot(table, state, srv, versions)
+    k(table, np.zeros(0, np.int64), np.zeros((0, DIM), np.float32), state=state, serving=srv,
+      versions=versions, step=1)
+    for old, new in zip(before, snapshot(table, state, srv, versions)):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_torch_tensors_are_updated_in_place() -> None:
+    torch = pytest.importorskip("torch")
+    k = ekko.update_kernel("sgd", DIM, table_dtype="bf16", lr=0.5)
+    table = torch.zeros((ROWS, DIM), dtype=torch.bfloat16)
+    ptr = table.data_ptr()
+    k(table, torch.tensor([3, 3, 9]), torch.ones((3, DIM)), step=1)
+    assert table.data_ptr() == ptr
+    assert torch.all(table[3] == -1.0) and torch.all(table[9] == -0.5) and torch.all(table[0] == 0)
+
+
+def test_hash_table_grows_when_a_delta_has_many_more_unique_ids() -> None:
+    rows = 200_000
+    k = ekko.update_kernel("rowwise_adagrad", 4, threads=2)
+    fresh = ekko.update_kernel("rowwise_adagrad", 4, threads=2)
+    rng = np.random.default_rng(1)
+    table, other = np.zeros((rows, 4), np.float32), np.zeros((rows, 4), np.float32)
+    m1, m2 = np.zeros(rows, np.float32), np.zeros(rows, np.float32)
+    k(table, np.array([1, 1, 2]), np.ones((3, 4), np.float32), state=m1, step=1)  # small table
+    fresh(other, np.array([1, 1, 2]), np.ones((3, 4), np.float32), state=m2, step=1)
+    ids = rng.permutation(rows)[:150_000].astype(np.int64)
+    grads = rng.standard_normal((len(ids), 4)).astype(np.float32)
+    k(table, ids, grads, state=m1, step=2)
+    assert max(len(sc.keys) for sc in k._scratch) >= 65536
+    np.testing.assert_allclose(m1[ids], m2[ids] + (grads ** 2).mean(1), rtol=1e-6)
+    assert np.count_nonzero(table[ids]) == np.count_nonzero(grads)
+
+
+def test_threads_give_the_same_bits() -> None:
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, ROWS, 5000)
+    grads = rng.standard_normal((5000, DIM)).astype(np.float32)
+    results = []
+    for threads in (1, 2, 3):
+        k = ekko.update_kernel("adagrad", DIM, serving="int4", threads=threads)
+        table, state, srv, versions = buffers("adagrad", "int4")
+        k(table, ids, grads, state=state, serving=srv, versions=versions, step=1)
+        results.append((table, state, srv))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_inner_loops_are_vectorized(monkeypatch) -> None:
+    monkeypatch.setenv("EKKO_CACHE_DIR", "off")  # optimize here, not from the disk cache
+    module = jit._build(emit_update(UpdateSpec("rowwise_adagrad", 64, serving="int8")),
+                        "test-vectorized", keep_ir=True)
+    assert module.optimized_ir is not None
+    assert any(f"<{w} x float>" in module.optimized_ir for w in (4, 8, 16))
+
+
+def test_compile_cache_memory_and_disk(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EKKO_CACHE_DIR", str(tmp_path))
+    spec = UpdateSpec("adam", 77, serving="int4", max_norm=2.0)  # a spec no other test uses
+    jit.clear_memory_cache()
+    t0 = time.perf_counter()
+    cold = ekko.kernels.update.UpdateKernel(spec)
+    t1 = time.perf_counter()
+    again = ekko.kernels.update.UpdateKernel(spec)
+    t2 = time.perf_counter()
+    jit.clear_memory_cache()
+    disk = ekko.kernels.update.UpdateKernel(spec)
+    t3 = time.perf_counter()
+    print(f"cold {t1 - t0:.3f} s, memory cache {t2 - t1:.4f} s, disk cache {t3 - t2:.4f} s")
+    assert not cold.module.from_disk and disk.module.from_disk
+    assert again.module is cold.module
+    assert list(tmp_path.rglob("*.o"))
+    assert t1 - t0 < 2.0 and t3 - t2 < 0.1 and t2 - t1 < 0.1
