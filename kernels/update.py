@@ -37,9 +37,9 @@ from .jit import JitModule, compile_ir
 
 _i64, _vp, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 _DEDUP = ctypes.CFUNCTYPE(_i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _vp, _vp,
-                          _vp, _vp, _vp)
+                          _vp, _vp, _vp, _vp, _vp, _vp, _vp)
 _APPLY = ctypes.CFUNCTYPE(None, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _vp, _vp, _vp, _f64,
-                          _i64, _i64)
+                          _i64, _i64, _vp)
 
 _TABLE_FULL = 3
 _TABLE_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16")}
@@ -111,6 +111,7 @@ class _Scratch:
             self.uids = np.empty(n, np.int64)
             self.slots = np.empty(n, np.int64)
             self.acc = np.empty(n * dim, np.float32)
+            self.sort = [np.empty(n, np.int64) for _ in range(4)]  # order + radix scratch
             self.n = n
         want = 1 << math.ceil(math.log2(max(2 * expected_unique, 1024)))
         if want > len(self.keys) or want * 4 <= len(self.keys):
@@ -217,7 +218,7 @@ class UpdateKernel:
             return self._dedup(p, parts, i.ptr, n, rows, g.ptr, sc.keys.ctypes.data,
                                sc.vals.ctypes.data, len(sc.keys), sc.uids.ctypes.data,
                                sc.acc.ctypes.data, sc.slots.ctypes.data, sc.count.ctypes.data,
-                               sc.err.ctypes.data)
+                               sc.err.ctypes.data, *(a.ctypes.data for a in sc.sort))
 
         codes = self._map(dedup, parts)
         for p, code in enumerate(codes):
@@ -235,9 +236,10 @@ class UpdateKernel:
             sc = self._scratch[p]
             if self.spec.dedup:
                 self._apply(p, parts, sc.uids.ctypes.data, sc.acc.ctypes.data, int(sc.count[0]),
-                            t.ptr, s0, s1, sp, vp, alpha, version, seed)
+                            t.ptr, s0, s1, sp, vp, alpha, version, seed, sc.sort[0].ctypes.data)
             else:
-                self._apply(p, parts, i.ptr, g.ptr, n, t.ptr, s0, s1, sp, vp, alpha, version, seed)
+                self._apply(p, parts, i.ptr, g.ptr, n, t.ptr, s0, s1, sp, vp, alpha, version, seed,
+                            None)
             return 0
 
         self._map(apply, parts)

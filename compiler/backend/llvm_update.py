@@ -3,17 +3,19 @@
 Two exported functions, each run once per partition (one per thread):
 
   i64 ekko_update_dedup(part, nparts, ids, n, rows, grads, keys, vals, cap,
-                        uids, acc, slots, count_out, err_pos)
+                        uids, acc, slots, count_out, err_pos, order, key_a, key_b, order_b)
       Validates the ids this partition owns (ids are split by a hash of the
       id, so partitions never share a row) and their gradient rows, and sums
       duplicates in input order into `acc` through an open-addressing hash
       table (`keys` = -1 when empty, left empty again on return). Writes no
       table. Returns 0, 1 (id out of range at *err_pos) or 2 (non-finite
       gradient in delta row *err_pos) or 3 (the hash table passed 3/4 full: the
-      caller retries with a larger one; nothing was kept).
+      caller retries with a larger one; nothing was kept). With `sort`, `order`
+      receives the unique indices sorted by id (radix sort; the other three
+      arrays are its scratch).
 
   void ekko_update_apply(part, nparts, ids, grads, count, table, state0,
-                         state1, serving, versions, alpha, version, seed)
+                         state1, serving, versions, alpha, version, seed, order)
       For each of `count` (id, gradient row) pairs: clip, decay, optimizer,
       store (nearest-even or stochastic rounding), re-make the serving row,
       stamp the version. With dedup the pairs are the partition's unique ids
@@ -211,12 +213,12 @@ def _index_type(spec: UpdateSpec) -> ir.Type:
 
 def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
     idx_t = _index_type(spec)
-    args = [I64, I64, idx_t.as_pointer(), I64, I64, F32.as_pointer(), I64.as_pointer(),
-            I32.as_pointer(), I64, I64.as_pointer(), F32.as_pointer(), I64.as_pointer(),
-            I64.as_pointer(), I64.as_pointer()]
+    p64 = I64.as_pointer()
+    args = [I64, I64, idx_t.as_pointer(), I64, I64, F32.as_pointer(), p64, I32.as_pointer(),
+            I64, p64, F32.as_pointer(), p64, p64, p64, p64, p64, p64, p64]
     fn = ir.Function(module, ir.FunctionType(I64, args), "ekko_update_dedup")
     (part, nparts, ids, n, rows, grads, keys, vals, cap, uids, acc, slots, count_out,
-     err) = fn.args
+     err, order, key_a, key_b, order_b) = fn.args
     for a in fn.args[2:]:
         if isinstance(a.type, ir.PointerType):
             a.add_attribute("noalias")
@@ -253,6 +255,8 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
     if spec.dedup:
         with e.loop(_c(I64, 0), count, "reset") as k:
             b.store(_c(I64, -1), e.gep(keys, b.load(e.gep(slots, k))))
+        if spec.sort:
+            _radix_sort(e, uids, count, rows, order, key_a, key_b, order_b)
     b.store(count, count_out)
     b.ret(_c(I64, 0))
     b.position_at_end(fail)
@@ -261,6 +265,79 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
         with e.loop(_c(I64, 0), b.load(count_ptr), "reset_fail") as k:
             b.store(_c(I64, -1), e.gep(keys, b.load(e.gep(slots, k))))
     b.ret(b.load(status))
+
+
+RADIX_BITS = 11
+
+
+def _radix_sort(e: Emitter, uids, count, rows, order, key_a, key_b, order_b) -> None:
+    """order = the unique indices sorted by id: an LSD radix sort, 11 bits a pass.
+
+    Rows applied in id order walk the table forward, which the hardware
+    prefetcher and the TLB reward; only as many passes as `rows` has bits.
+    """
+    b = e.b
+    buckets = 1 << RADIX_BITS
+    hist = b.alloca(ir.ArrayType(I64, buckets), name="hist")
+    hist0 = b.gep(hist, [_c(I32, 0), _c(I32, 0)])
+    with e.loop(_c(I64, 0), count, "sort_init") as k:
+        b.store(b.load(e.gep(uids, k)), e.gep(key_a, k))
+        b.store(k, e.gep(order, k))
+    # current (keys, order) and spare buffers swap after every pass
+    cur = [b.alloca(p64_t()) for _ in range(4)]
+    for slot, ptr in zip(cur, (key_a, order, key_b, order_b)):
+        b.store(ptr, slot)
+    shift = b.alloca(I64)
+    b.store(_c(I64, 0), shift)
+    head = e.fn.append_basic_block("pass.head")
+    body = e.fn.append_basic_block("pass.body")
+    done = e.fn.append_basic_block("pass.done")
+    b.branch(head)
+    b.position_at_end(head)
+    sh = b.load(shift)
+    more = b.icmp_unsigned("!=", b.lshr(b.sub(rows, _c(I64, 1)), sh), _c(I64, 0))
+    b.cbranch(b.and_(more, b.icmp_unsigned("<", sh, _c(I64, 64))), body, done)
+    b.position_at_end(body)
+    src_k, src_o, dst_k, dst_o = (b.load(slot) for slot in cur)
+    mask = _c(I64, buckets - 1)
+
+    def digit(key):
+        return b.and_(b.lshr(key, sh), mask)
+
+    with e.loop(_c(I64, 0), _c(I64, buckets), "hist_zero") as d:
+        b.store(_c(I64, 0), e.gep(hist0, d))
+    with e.loop(_c(I64, 0), count, "hist") as i:
+        p = e.gep(hist0, digit(b.load(e.gep(src_k, i))))
+        b.store(b.add(b.load(p), _c(I64, 1)), p)
+    total = b.alloca(I64)
+    b.store(_c(I64, 0), total)
+    with e.loop(_c(I64, 0), _c(I64, buckets), "prefix") as d:
+        p = e.gep(hist0, d)
+        c = b.load(p)
+        t = b.load(total)
+        b.store(t, p)
+        b.store(b.add(t, c), total)
+    with e.loop(_c(I64, 0), count, "scatter") as i:
+        key = b.load(e.gep(src_k, i))
+        p = e.gep(hist0, digit(key))
+        pos = b.load(p)
+        b.store(b.add(pos, _c(I64, 1)), p)
+        b.store(key, e.gep(dst_k, pos))
+        b.store(b.load(e.gep(src_o, i)), e.gep(dst_o, pos))
+    for slot, ptr in zip(cur, (dst_k, dst_o, src_k, src_o)):
+        b.store(ptr, slot)
+    b.store(b.add(sh, _c(I64, RADIX_BITS)), shift)
+    b.branch(head)
+    b.position_at_end(done)
+    # an odd number of passes leaves the result in the spare buffer
+    result = b.load(cur[1])
+    with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(result, I64), b.ptrtoint(order, I64))):
+        with e.loop(_c(I64, 0), count, "sort_copy") as k:
+            b.store(b.load(e.gep(result, k)), e.gep(order, k))
+
+
+def p64_t() -> ir.Type:
+    return I64.as_pointer()
 
 
 def _row_finite(e: Emitter, row, dim):
@@ -350,34 +427,36 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
     id_t = I64 if spec.dedup else _index_type(spec)
     p8 = I8.as_pointer()
     args = [I64, I64, id_t.as_pointer(), F32.as_pointer(), I64, p8, F32.as_pointer(),
-            F32.as_pointer(), p8, I64.as_pointer(), F64, I64, I64]
+            F32.as_pointer(), p8, I64.as_pointer(), F64, I64, I64, I64.as_pointer()]
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), "ekko_update_apply")
     (part, nparts, ids, grads, count, table, s0, s1, serving, versions, alpha, version,
-     seed) = fn.args
+     seed, order) = fn.args
     for a in (ids, grads, table, s0, s1, serving, versions):
         a.add_attribute("noalias")
     e = Emitter(module, fn)
     b = e.b
     alpha32 = b.fptrunc(alpha, F32)
     scratch = b.alloca(F32, spec.dim, name="g")  # the row's gradient, transformed
-    with e.loop(_c(I64, 0), count, "rows") as k:
+    with e.loop(_c(I64, 0), count, "rows") as pos:
+        k = b.load(e.gep(order, pos)) if spec.dedup and spec.sort else pos
         idv = _load_id(e, ids, k)
         if spec.dedup:
             _apply_row(e, spec, k, idv, grads, scratch, table, s0, s1, serving, versions,
-                       alpha32, version, seed, ids, count)
+                       alpha32, version, seed, ids, count, pos, order)
         else:
             with e.if_then(b.icmp_unsigned("==", _owner(e, idv, nparts), part), "own"):
                 _apply_row(e, spec, k, idv, grads, scratch, table, s0, s1, serving, versions,
-                           alpha32, version, seed, ids, count)
+                           alpha32, version, seed, ids, count, pos, order)
     b.ret_void()
 
 
-def _prefetch(e: Emitter, spec: UpdateSpec, ids, k, count, table) -> None:
+def _prefetch(e: Emitter, spec: UpdateSpec, ids, pos, count, table, order) -> None:
     """Ask for the table row a few ids ahead: the rows are scattered over memory."""
     b = e.b
-    ahead = b.add(k, _c(I64, 8))
+    ahead = b.add(pos, _c(I64, 8))
     with b.if_then(b.icmp_signed("<", ahead, count)):
-        nid = _load_id(e, ids, ahead)
+        k = b.load(e.gep(order, ahead)) if spec.sort else ahead
+        nid = _load_id(e, ids, k)
         elem = _elem_type(spec.table_dtype)
         ptr = b.bitcast(e.row(table, elem, nid, spec.dim), I8.as_pointer())
         pf = e.module.globals.get("llvm.prefetch.p0") or ir.Function(
@@ -387,11 +466,11 @@ def _prefetch(e: Emitter, spec: UpdateSpec, ids, k, count, table) -> None:
 
 
 def _apply_row(e: Emitter, spec: UpdateSpec, k, idv, grads, g, table, s0, s1, serving,
-               versions, alpha, version, seed, ids, count) -> None:
+               versions, alpha, version, seed, ids, count, pos, order) -> None:
     b = e.b
     dim = _c(I64, spec.dim)
     if spec.dedup:
-        _prefetch(e, spec, ids, k, count, table)
+        _prefetch(e, spec, ids, pos, count, table, order)
     src = e.gep(grads, b.mul(k, dim))
     elem = _elem_type(spec.table_dtype)
     wrow = e.row(table, elem, idv, spec.dim)
