@@ -77,6 +77,25 @@ class Emitter:
         b.position_at_end(done)
 
     @contextmanager
+    def tiled(self, dim: int, tile: int, name: str) -> Iterator[ir.Value]:
+        """The embedding-dim loop blocked by `tile` (chosen by upd-schedule).
+
+        for (base = 0; base < dim; base += tile)
+          for (lane = 0; lane < min(tile, dim - base); ++lane)  body(base + lane)
+        Full tiles have a constant trip count, which LLVM turns into whole
+        vector operations; only the last tile is partial.
+        """
+        tile = max(1, min(tile, dim))
+        tiles = (dim + tile - 1) // tile
+        with self.loop(_c(I64, 0), _c(I64, tiles), f"{name}.tiles") as t:
+            base = self.b.mul(t, _c(I64, tile))
+            rest = self.b.sub(_c(I64, dim), base)
+            width = self.b.select(self.b.icmp_signed("<", rest, _c(I64, tile)), rest,
+                                  _c(I64, tile))
+            with self.loop(_c(I64, 0), width, f"{name}.lanes") as lane:
+                yield self.b.add(base, lane)
+
+    @contextmanager
     def if_then(self, cond, name: str) -> Iterator[None]:
         with self.b.if_then(cond):
             yield
@@ -248,7 +267,7 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
                 b.branch(fail)
                 b.position_at_end(b.append_basic_block("unreachable"))
             if spec.dedup:
-                _insert(e, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr, dim, status,
+                _insert(e, spec, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr, dim, status,
                         fail)
     # leave the hash table empty for the next call
     count = b.load(count_ptr)
@@ -367,7 +386,7 @@ def _row_finite(e: Emitter, row, dim):
     return b.icmp_unsigned("==", acc, _c(I32, 0))
 
 
-def _insert(e: Emitter, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr, dim, status,
+def _insert(e: Emitter, spec: UpdateSpec, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr, dim, status,
             fail):
     """Find or add `idv` in the hash table; add its row into acc (copy when new)."""
     b = e.b
@@ -405,14 +424,14 @@ def _insert(e: Emitter, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr
     b.store(idv, e.gep(uids, k))
     b.store(b.add(k, _c(I64, 1)), count_ptr)
     dst = e.gep(acc, b.mul(k, dim))
-    with e.loop(_c(I64, 0), dim, "copy") as j:
+    with e.tiled(spec.dim, spec.tile, "copy") as j:
         b.store(b.load(e.gep(grow, j)), e.gep(dst, j))
     b.branch(after)
     # a repeated id: add the row, in input order
     b.position_at_end(found)
     kk = b.zext(b.load(e.gep(vals, slot)), I64)
     dst2 = e.gep(acc, b.mul(kk, dim))
-    with e.loop(_c(I64, 0), dim, "add") as j:
+    with e.tiled(spec.dim, spec.tile, "add") as j:
         p = e.gep(dst2, j)
         b.store(b.fadd(b.load(p), b.load(e.gep(grow, j))), p)
     b.branch(after)
@@ -487,7 +506,7 @@ def _transform_grad(e: Emitter, spec: UpdateSpec, src, g, wrow) -> None:
     """g = clip(src), then max-norm scaling, then + weight_decay * w."""
     b = e.b
     dim = _c(I64, spec.dim)
-    with e.loop(_c(I64, 0), dim, "grad") as j:
+    with e.tiled(spec.dim, spec.tile, "grad") as j:
         x = b.load(e.gep(src, j))
         if spec.clip_value is not None:
             c = spec.clip_value
@@ -501,11 +520,11 @@ def _transform_grad(e: Emitter, spec: UpdateSpec, src, g, wrow) -> None:
         norm = e.sqrt(e.reduce(dim, "norm", 0.0, sq, e.fadd))
         scale = b.select(b.fcmp_ordered(">", norm, e.f(spec.max_norm)),
                          e.fdiv(e.f(spec.max_norm), norm), e.f(1.0))
-        with e.loop(_c(I64, 0), dim, "scale") as j:
+        with e.tiled(spec.dim, spec.tile, "scale") as j:
             p = e.gep(g, j)
             b.store(e.fmul(b.load(p), scale), p)
     if spec.weight_decay:
-        with e.loop(_c(I64, 0), dim, "decay") as j:
+        with e.tiled(spec.dim, spec.tile, "decay") as j:
             p = e.gep(g, j)
             w = _load_elem(e, e.gep(wrow, j), spec.table_dtype)
             b.store(e.fadd(b.load(p), e.fmul(e.f(spec.weight_decay), w)), p)
@@ -528,7 +547,7 @@ def _optimizer(e: Emitter, spec: UpdateSpec, idv, g, wrow, s0, s1, alpha, seed) 
         factor = e.fdiv(e.f(spec.lr), e.fadd(e.sqrt(m), e.f(spec.eps)))
     srow = e.gep(s0, b.mul(idv, dim)) if opt in ("adagrad", "adam") else None
     vrow = e.gep(s1, b.mul(idv, dim)) if opt == "adam" else None
-    with e.loop(_c(I64, 0), dim, "opt") as j:
+    with e.tiled(spec.dim, spec.tile, "opt") as j:
         x = b.load(e.gep(g, j))
         wp = e.gep(wrow, j)
         w = _load_elem(e, wp, spec.table_dtype)
@@ -560,7 +579,7 @@ def _refresh_serving(e: Emitter, spec: UpdateSpec, idv, wrow, serving) -> None:
     layout = spec.serving
     if layout in ("f32", "f16", "bf16"):
         out = e.row(serving, _elem_type(layout), idv, spec.dim)
-        with e.loop(_c(I64, 0), dim, "copy_serving") as j:
+        with e.tiled(spec.dim, spec.tile, "copy_serving") as j:
             x = _load_elem(e, e.gep(wrow, j), spec.table_dtype)
             _store_elem(e, e.gep(out, j), x, layout, False, None, None, None)
         return
@@ -582,7 +601,7 @@ def _int8_row(e: Emitter, spec: UpdateSpec, wrow, base, lo, hi) -> None:
     b = e.b
     rng = b.fsub(hi, lo)
     inv = b.fdiv(e.f(255.0), b.fadd(rng, e.f(1e-8)))
-    with e.loop(_c(I64, 0), _c(I64, spec.dim), "q8") as j:
+    with e.tiled(spec.dim, spec.tile, "q8") as j:
         x = _load_elem(e, e.gep(wrow, j), spec.table_dtype)
         q = e.rint(b.fmul(b.fsub(x, lo), inv))
         q = e.fmin(e.fmax(q, e.f(0.0)), e.f(255.0))
