@@ -226,7 +226,7 @@ def test_passes_from_python_and_kernel_specs() -> None:
     assert apply.layout(apply.attributes) == ["table", "momentum", "delta", "serving",
                                               "versions", "version"]
 
-    UpdSchedulePass(partitions=3, tile=8).apply(ctx, module)
+    UpdSchedulePass(partitions=3, tile=8, sort=True).apply(ctx, module)
     module.verify()
     assert apply.attributes["partitions"].value.data == 3
     assert apply.attributes["tile"].value.data == 8
