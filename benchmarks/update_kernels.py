@@ -281,7 +281,7 @@ def _numba_kernels(parallel: bool) -> dict[str, Callable]:
 
     rng = prange if parallel else range
 
-    @njit(cache=True)
+    @njit
     def dedup(ids, grads, slot, uniq, acc):
         n = 0
         for i in range(ids.shape[0]):
@@ -298,7 +298,7 @@ def _numba_kernels(parallel: bool) -> dict[str, Callable]:
                     acc[s, d] += grads[i, d]
         return n
 
-    @njit(parallel=parallel, cache=True)
+    @njit(parallel=parallel)
     def sgd_rows(table, slot, uniq, acc, n, lr):
         for j in rng(n):
             r = uniq[j]
@@ -306,7 +306,7 @@ def _numba_kernels(parallel: bool) -> dict[str, Callable]:
                 table[r, d] -= lr * acc[j, d]
             slot[r] = -1
 
-    @njit(parallel=parallel, cache=True)
+    @njit(parallel=parallel)
     def rowwise_rows(table, momentum, serving, serving_f32, versions, slot, uniq, acc, n, lr, eps, version):
         dim = table.shape[1]
         for j in rng(n):
