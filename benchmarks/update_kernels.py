@@ -556,8 +556,8 @@ def format_table(results: list[Result], work_by_dim: dict[int, Workload], bw: fl
                 gbs = ekko_bytes(case, work) / (ek.median_ms / 1e3) / 1e9
                 out.append(f"ekko moves {ekko_bytes(case, work) / 1e6:.0f} MB: {gbs:.1f} GB/s = "
                            f"{100 * gbs / bw:.0f}% of copy bandwidth\n")
-            out.append("| peer | threads | median ms | M ids/s | ekko speedup | check | notes |")
-            out.append("|---|---|---|---|---|---|---|")
+            out.append("| peer | threads | median ms | min-max ms | M ids/s | ekko speedup | check | notes |")
+            out.append("|---|---|---|---|---|---|---|---|")
             for r in rows:
                 out.append(_row(r, ek, work))
     return "\n".join(out) + "\n"
@@ -565,9 +565,10 @@ def format_table(results: list[Result], work_by_dim: dict[int, Workload], bw: fl
 
 def _row(r: Result, ek: Result | None, work: Workload) -> str:
     if not r.times_ms:
-        return f"| {r.peer} | - | - | - | - | not run: {r.error} | {r.notes} |"
+        return f"| {r.peer} | - | - | - | - | - | not run: {r.error} | {r.notes} |"
     speed = "1.00x" if r is ek else (f"{r.median_ms / ek.median_ms:.2f}x" if ek else "-")
-    return (f"| {r.peer} | {r.threads} | {r.median_ms:.1f} | {work.n_ids / r.median_ms / 1e3:.1f} | "
+    return (f"| {r.peer} | {r.threads} | {r.median_ms:.1f} | {min(r.times_ms):.0f}-{max(r.times_ms):.0f} | "
+            f"{work.n_ids / r.median_ms / 1e3:.1f} | "
             f"{speed} | {r.check} | {r.notes} (n={len(r.times_ms)}) |")
 
 
@@ -599,6 +600,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dims", default=None, help="comma-separated (default 64,128; 64 with --quick)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per peer, median reported (default 5; 3 with --quick)")
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of peers")
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of cases")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default benchmarks/results; --quick writes nothing unless given)")
     return p.parse_args(argv)
@@ -617,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     works: dict[int, Workload] = {}
     for dim in dims:
         works[dim] = make_workload(rows, dim, n_ids)
-        for case in CASES:
+        for case in [c for c in args.cases.split(",") if c]:
             results += run_case(case, works[dim], args.runs, peers)
     text = "## Sparse update kernels\n\n" + _describe(args) + "\n" + format_table(results, works, bw, bw_mb)
     print(text)
