@@ -155,13 +155,27 @@ def make_delta(case: Case, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     return ids, grads
 
 
-def check_table(got: np.ndarray, ref: np.ndarray, prev: np.ndarray, uniq: np.ndarray, dtype: str) -> None:
+def sgd_apply_atol(case: Case, ids: np.ndarray, ref: np.ndarray) -> float:
+    """Extra f32 slack when SGD skips dedup (deterministic=False, see update_kernel).
+
+    Each duplicate is then added to the stored row on its own, so rounding at
+    the row's ulp accumulates like a random walk over the duplicate count.
+    """
+    if case.optimizer != "sgd" or case.deterministic or len(ids) == 0:
+        return 0.0
+    dups = np.bincount(np.asarray(ids, np.int64)).max()
+    return float(4 * np.sqrt(dups) * np.spacing(np.float32(np.abs(ref).max())))
+
+
+def check_table(got: np.ndarray, ref: np.ndarray, prev: np.ndarray, uniq: np.ndarray, dtype: str,
+                extra_atol: float = 0.0) -> None:
     """Touched rows match the reference; untouched rows are bit-identical to before."""
     untouched = np.setdiff1d(np.arange(len(got)), uniq)
     np.testing.assert_array_equal(got[untouched].view(np.uint32), prev[untouched].view(np.uint32),
                                   err_msg="untouched table rows changed")
     if dtype == "f32":
-        np.testing.assert_allclose(got[uniq], ref[uniq], rtol=1e-5, atol=1e-6, err_msg="table rows")
+        np.testing.assert_allclose(got[uniq], ref[uniq], rtol=1e-5, atol=1e-6 + extra_atol,
+                                   err_msg="table rows")
         return
     err = np.abs(got[uniq] - ref[uniq])
     tol = ulp(ref[uniq], dtype) * 1.0001 + 1e-7
@@ -239,7 +253,7 @@ def run_case(case: Case, seed: int = 0, deltas: list[tuple[np.ndarray, np.ndarra
         k(table, ids_in, grads_in, state=kstate, serving=serving, versions=versions, step=step, **extra)
         ref_w, uniq = reference_step(case.optimizer, ref_w, ids, grads, ref_state, step, case.hp)
         got_w = to_f32(as_numpy(table) if case.table_dtype == "bf16" else table, case.table_dtype)
-        check_table(got_w, ref_w, prev_w, uniq, case.table_dtype)
+        check_table(got_w, ref_w, prev_w, uniq, case.table_dtype, sgd_apply_atol(case, ids, ref_w))
         check_state(from_kernel_state(case.optimizer, kstate), ref_state, prev_state, uniq)
         if serving is not None:
             check_serving(as_numpy(serving), prev_serving, got_w, uniq, case.serving, dim)
@@ -284,6 +298,16 @@ def test_heavy_duplicates(optimizer: str) -> None:
     run_case(Case(optimizer, "f32", "int8", dim=64, rows=7, n_ids=1000, grad_scale=0.2))
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_hot_rows_two_threads(optimizer: str) -> None:
+    """200k ids on 7 rows with 2 threads: no lost updates when partitions share hot rows.
+
+    Gradients are large enough that one lost duplicate (lr * |g| ~ 0.05) dwarfs the
+    f32 rounding slack of applying ~28k duplicates one by one.
+    """
+    run_case(Case(optimizer, "f32", "int8", dim=64, rows=7, n_ids=200_000, threads=2, steps=1))
+
+
 @pytest.mark.parametrize("index_dtype", ["i32", "i64"])
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
 def test_index_dtypes(optimizer: str, index_dtype: str) -> None:
@@ -323,7 +347,7 @@ def test_empty_delta() -> None:
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
-@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
 def test_threads(optimizer: str, deterministic: bool) -> None:
     """threads=2 matches threads=1 (bitwise when deterministic) and the reference."""
     base = Case(optimizer, "f32", "int8", dim=64, rows=500, n_ids=5000, deterministic=deterministic, steps=1)
