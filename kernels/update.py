@@ -37,9 +37,9 @@ from .jit import JitModule, compile_ir
 
 _i64, _vp, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 _DEDUP = ctypes.CFUNCTYPE(_i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _vp, _vp,
-                          _vp, _vp, _vp, _vp, _vp, _vp, _vp)
+                          _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp)
 _APPLY = ctypes.CFUNCTYPE(None, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _vp, _vp, _vp, _f64,
-                          _i64, _i64, _vp)
+                          _i64, _i64, _vp, _vp, _vp)
 
 _TABLE_FULL = 3
 _TABLE_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16")}
@@ -110,6 +110,7 @@ class _Scratch:
             n = max(n, 1024)
             self.uids = np.empty(n, np.int64)
             self.slots = np.empty(n, np.int64)
+            self.srcs = np.empty(n, np.int64)  # delta row of an id seen once, else -1
             self.acc = np.empty(n * dim, np.float32)
             self.sort = [np.empty(n, np.int64) for _ in range(4)]  # order + radix scratch
             self.n = n
@@ -218,7 +219,8 @@ class UpdateKernel:
             return self._dedup(p, parts, i.ptr, n, rows, g.ptr, sc.keys.ctypes.data,
                                sc.vals.ctypes.data, len(sc.keys), sc.uids.ctypes.data,
                                sc.acc.ctypes.data, sc.slots.ctypes.data, sc.count.ctypes.data,
-                               sc.err.ctypes.data, *(a.ctypes.data for a in sc.sort))
+                               sc.err.ctypes.data, *(a.ctypes.data for a in sc.sort),
+                               sc.srcs.ctypes.data)
 
         codes = self._map(dedup, parts)
         for p, code in enumerate(codes):
@@ -236,10 +238,11 @@ class UpdateKernel:
             sc = self._scratch[p]
             if self.spec.dedup:
                 self._apply(p, parts, sc.uids.ctypes.data, sc.acc.ctypes.data, int(sc.count[0]),
-                            t.ptr, s0, s1, sp, vp, alpha, version, seed, sc.sort[0].ctypes.data)
+                            t.ptr, s0, s1, sp, vp, alpha, version, seed, sc.sort[0].ctypes.data,
+                            g.ptr, sc.srcs.ctypes.data)
             else:
                 self._apply(p, parts, i.ptr, g.ptr, n, t.ptr, s0, s1, sp, vp, alpha, version, seed,
-                            None)
+                            None, None, None)
             return 0
 
         self._map(apply, parts)

@@ -3,7 +3,8 @@
 Two exported functions, each run once per partition (one per thread):
 
   i64 ekko_update_dedup(part, nparts, ids, n, rows, grads, keys, vals, cap,
-                        uids, acc, slots, count_out, err_pos, order, key_a, key_b, order_b)
+                        uids, acc, slots, count_out, err_pos, order, key_a, key_b, order_b,
+                        srcs)
       Validates the ids this partition owns (ids are split by a hash of the
       id, so partitions never share a row) and their gradient rows, and sums
       duplicates in input order into `acc` through an open-addressing hash
@@ -15,7 +16,8 @@ Two exported functions, each run once per partition (one per thread):
       arrays are its scratch).
 
   void ekko_update_apply(part, nparts, ids, grads, count, table, state0,
-                         state1, serving, versions, alpha, version, seed, order)
+                         state1, serving, versions, alpha, version, seed, order,
+                         raw_grads, srcs)
       For each of `count` (id, gradient row) pairs: clip, decay, optimizer,
       store (nearest-even or stochastic rounding), re-make the serving row,
       stamp the version. With dedup the pairs are the partition's unique ids
@@ -234,10 +236,10 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
     idx_t = _index_type(spec)
     p64 = I64.as_pointer()
     args = [I64, I64, idx_t.as_pointer(), I64, I64, F32.as_pointer(), p64, I32.as_pointer(),
-            I64, p64, F32.as_pointer(), p64, p64, p64, p64, p64, p64, p64]
+            I64, p64, F32.as_pointer(), p64, p64, p64, p64, p64, p64, p64, p64]
     fn = ir.Function(module, ir.FunctionType(I64, args), "ekko_update_dedup")
     (part, nparts, ids, n, rows, grads, keys, vals, cap, uids, acc, slots, count_out,
-     err, order, key_a, key_b, order_b) = fn.args
+     err, order, key_a, key_b, order_b, srcs) = fn.args
     for a in fn.args[2:]:
         if isinstance(a.type, ir.PointerType):
             a.add_attribute("noalias")
@@ -267,8 +269,8 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
                 b.branch(fail)
                 b.position_at_end(b.append_basic_block("unreachable"))
             if spec.dedup:
-                _insert(e, spec, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr, dim, status,
-                        fail)
+                _insert(e, spec, idv, i, grads, keys, vals, mask, uids, acc, slots, srcs,
+                        count_ptr, status, fail)
     # leave the hash table empty for the next call
     count = b.load(count_ptr)
     if spec.dedup:
@@ -386,9 +388,16 @@ def _row_finite(e: Emitter, row, dim):
     return b.icmp_unsigned("==", acc, _c(I32, 0))
 
 
-def _insert(e: Emitter, spec: UpdateSpec, idv, grow, keys, vals, mask, uids, acc, slots, count_ptr, dim, status,
-            fail):
-    """Find or add `idv` in the hash table; add its row into acc (copy when new)."""
+def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, keys, vals, mask, uids, acc, slots,
+            srcs, count_ptr, status, fail):
+    """Find or add `idv` in the hash table.
+
+    A new id only remembers its delta row (srcs[k] = i): most ids of a Zipf
+    delta occur once, and their rows are read in place later. The second
+    occurrence copies the first row into acc (srcs[k] = -1) and adds.
+    """
+    dim = _c(I64, spec.dim)
+    grow = e.gep(grads, e.b.mul(i, dim))
     b = e.b
     fn = e.fn
     start = b.and_(b.lshr(b.mul(idv, _c(I64, GOLDEN)), _c(I64, 17)), mask)
@@ -423,14 +432,18 @@ def _insert(e: Emitter, spec: UpdateSpec, idv, grow, keys, vals, mask, uids, acc
     b.store(slot, e.gep(slots, k))
     b.store(idv, e.gep(uids, k))
     b.store(b.add(k, _c(I64, 1)), count_ptr)
-    dst = e.gep(acc, b.mul(k, dim))
-    with e.tiled(spec.dim, spec.tile, "copy") as j:
-        b.store(b.load(e.gep(grow, j)), e.gep(dst, j))
+    b.store(i, e.gep(srcs, k))
     b.branch(after)
     # a repeated id: add the row, in input order
     b.position_at_end(found)
     kk = b.zext(b.load(e.gep(vals, slot)), I64)
     dst2 = e.gep(acc, b.mul(kk, dim))
+    first = b.load(e.gep(srcs, kk))
+    with b.if_then(b.icmp_signed(">=", first, _c(I64, 0))):
+        src = e.gep(grads, b.mul(first, dim))
+        with e.tiled(spec.dim, spec.tile, "copy") as j:
+            b.store(b.load(e.gep(src, j)), e.gep(dst2, j))
+        b.store(_c(I64, -1), e.gep(srcs, kk))
     with e.tiled(spec.dim, spec.tile, "add") as j:
         p = e.gep(dst2, j)
         b.store(b.fadd(b.load(p), b.load(e.gep(grow, j))), p)
@@ -446,10 +459,11 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
     id_t = I64 if spec.dedup else _index_type(spec)
     p8 = I8.as_pointer()
     args = [I64, I64, id_t.as_pointer(), F32.as_pointer(), I64, p8, F32.as_pointer(),
-            F32.as_pointer(), p8, I64.as_pointer(), F64, I64, I64, I64.as_pointer()]
+            F32.as_pointer(), p8, I64.as_pointer(), F64, I64, I64, I64.as_pointer(),
+            F32.as_pointer(), I64.as_pointer()]
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), "ekko_update_apply")
     (part, nparts, ids, grads, count, table, s0, s1, serving, versions, alpha, version,
-     seed, order) = fn.args
+     seed, order, raw_grads, srcs) = fn.args
     for a in (ids, grads, table, s0, s1, serving, versions):
         a.add_attribute("noalias")
     e = Emitter(module, fn)
@@ -461,36 +475,64 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
         idv = _load_id(e, ids, k)
         if spec.dedup:
             _apply_row(e, spec, k, idv, grads, scratch, table, s0, s1, serving, versions,
-                       alpha32, version, seed, ids, count, pos, order)
+                       alpha32, version, seed, ids, count, pos, order, raw_grads, srcs)
         else:
             with e.if_then(b.icmp_unsigned("==", _owner(e, idv, nparts), part), "own"):
                 _apply_row(e, spec, k, idv, grads, scratch, table, s0, s1, serving, versions,
-                           alpha32, version, seed, ids, count, pos, order)
+                           alpha32, version, seed, ids, count, pos, order, None, None)
     b.ret_void()
 
 
-def _prefetch(e: Emitter, spec: UpdateSpec, ids, pos, count, table, order) -> None:
-    """Ask for the table row a few ids ahead: the rows are scattered over memory."""
+PREFETCH_AHEAD = 8
+PREFETCH_STREAMS = 4
+PREFETCH_BYTES = 512
+
+
+def _prefetch(e: Emitter, spec: UpdateSpec, ids, pos, count, rows: dict) -> None:
+    """Ask for every row a few ids ahead touches: table, state, serving, version.
+
+    The rows are scattered over memory, so each is a cache miss; issuing them
+    early overlaps the misses of several rows.
+    """
     b = e.b
-    ahead = b.add(pos, _c(I64, 8))
+    ahead = b.add(pos, _c(I64, PREFETCH_AHEAD))
     with b.if_then(b.icmp_signed("<", ahead, count)):
-        k = b.load(e.gep(order, ahead)) if spec.sort else ahead
+        k = b.load(e.gep(rows["order"], ahead)) if spec.sort else ahead
         nid = _load_id(e, ids, k)
-        elem = _elem_type(spec.table_dtype)
-        ptr = b.bitcast(e.row(table, elem, nid, spec.dim), I8.as_pointer())
         pf = e.module.globals.get("llvm.prefetch.p0") or ir.Function(
             e.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
             "llvm.prefetch.p0")
-        b.call(pf, [ptr, _c(I32, 1), _c(I32, 3), _c(I32, 1)])
+        elem = _elem_type(spec.table_dtype)
+        row_bytes = spec.dim * (4 if spec.table_dtype == "f32" else 2)
+        targets = [(e.row(rows["table"], elem, nid, spec.dim), row_bytes)]
+        if spec.optimizer == "rowwise_adagrad":
+            targets.append((e.gep(rows["s0"], nid), 4))
+        elif spec.optimizer in ("adagrad", "adam"):
+            targets.append((e.gep(rows["s0"], b.mul(nid, _c(I64, spec.dim))), 4 * spec.dim))
+            if spec.optimizer == "adam":
+                targets.append((e.gep(rows["s1"], b.mul(nid, _c(I64, spec.dim))), 4 * spec.dim))
+        if spec.serving is not None:
+            width = {"f32": 4 * spec.dim, "f16": 2 * spec.dim, "bf16": 2 * spec.dim,
+                     "int8": spec.dim + 8, "int4": (spec.dim + 1) // 2 + 4}[spec.serving]
+            targets.append((e.row(rows["serving"], I8, nid, width), width))
+        for ptr, nbytes in targets[:PREFETCH_STREAMS]:
+            base = b.bitcast(ptr, I8.as_pointer())
+            for line in range(0, min(nbytes, PREFETCH_BYTES), 64):
+                b.call(pf, [e.gep(base, _c(I64, line)), _c(I32, 1), _c(I32, 3), _c(I32, 1)])
 
 
 def _apply_row(e: Emitter, spec: UpdateSpec, k, idv, grads, g, table, s0, s1, serving,
-               versions, alpha, version, seed, ids, count, pos, order) -> None:
+               versions, alpha, version, seed, ids, count, pos, order, raw_grads,
+               srcs) -> None:
     b = e.b
     dim = _c(I64, spec.dim)
-    if spec.dedup:
-        _prefetch(e, spec, ids, pos, count, table, order)
     src = e.gep(grads, b.mul(k, dim))
+    if spec.dedup:
+        _prefetch(e, spec, ids, pos, count,
+                  {"order": order, "table": table, "s0": s0, "s1": s1, "serving": serving})
+        first = b.load(e.gep(srcs, k))  # >= 0: the id occurred once, row still in the delta
+        in_delta = e.gep(raw_grads, b.mul(first, dim))
+        src = b.select(b.icmp_signed(">=", first, _c(I64, 0)), in_delta, src)
     elem = _elem_type(spec.table_dtype)
     wrow = e.row(table, elem, idv, spec.dim)
     _transform_grad(e, spec, src, g, wrow)
