@@ -254,6 +254,8 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
     fail = fn.append_basic_block("fail")
     with e.loop(_c(I64, 0), n, "ids") as i:
         idv = _load_id(e, ids, i)
+        if spec.dedup:
+            _prefetch_slot(e, ids, i, n, keys, vals, mask)
         with e.if_then(b.icmp_unsigned("==", _owner(e, idv, nparts), part), "own"):
             bad = b.icmp_unsigned(">=", idv, rows)  # negative ids are huge unsigned
             with b.if_then(bad):
@@ -388,6 +390,33 @@ def _row_finite(e: Emitter, row, dim):
     return b.icmp_unsigned("==", acc, _c(I32, 0))
 
 
+HASH_AHEAD = 16  # ids: the hash table is larger than the caches, each probe a miss
+
+
+def _slot_of(e: Emitter, idv, mask):
+    """The first hash-table slot probed for an id (Fibonacci hashing)."""
+    b = e.b
+    return b.and_(b.lshr(b.mul(idv, _c(I64, GOLDEN)), _c(I64, 17)), mask)
+
+
+def _prefetch_slot(e: Emitter, ids, i, n, keys, vals, mask) -> None:
+    """Fetch the hash-table slot of the id HASH_AHEAD positions later."""
+    b = e.b
+    ahead = b.add(i, _c(I64, HASH_AHEAD))
+    with b.if_then(b.icmp_signed("<", ahead, n)):
+        slot = _slot_of(e, _load_id(e, ids, ahead), mask)
+        pf = _prefetch_fn(e)
+        for arr in (keys, vals):
+            ptr = b.bitcast(e.gep(arr, slot), I8.as_pointer())
+            b.call(pf, [ptr, _c(I32, 1), _c(I32, 3), _c(I32, 1)])
+
+
+def _prefetch_fn(e: Emitter) -> ir.Function:
+    return e.module.globals.get("llvm.prefetch.p0") or ir.Function(
+        e.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
+        "llvm.prefetch.p0")
+
+
 def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, keys, vals, mask, uids, acc, slots,
             srcs, count_ptr, status, fail):
     """Find or add `idv` in the hash table.
@@ -400,7 +429,7 @@ def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, keys, vals, mask, uids,
     grow = e.gep(grads, e.b.mul(i, dim))
     b = e.b
     fn = e.fn
-    start = b.and_(b.lshr(b.mul(idv, _c(I64, GOLDEN)), _c(I64, 17)), mask)
+    start = _slot_of(e, idv, mask)
     pre = b.block
     probe = fn.append_basic_block("probe")
     found = fn.append_basic_block("found")
@@ -499,9 +528,7 @@ def _prefetch(e: Emitter, spec: UpdateSpec, ids, pos, count, rows: dict) -> None
     with b.if_then(b.icmp_signed("<", ahead, count)):
         k = b.load(e.gep(rows["order"], ahead)) if spec.sort else ahead
         nid = _load_id(e, ids, k)
-        pf = e.module.globals.get("llvm.prefetch.p0") or ir.Function(
-            e.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
-            "llvm.prefetch.p0")
+        pf = _prefetch_fn(e)
         elem = _elem_type(spec.table_dtype)
         row_bytes = spec.dim * (4 if spec.table_dtype == "f32" else 2)
         targets = [(e.row(rows["table"], elem, nid, spec.dim), row_bytes)]
