@@ -24,7 +24,7 @@ from xdsl.ir import Attribute, Dialect
 from xdsl.irdl import irdl_op_definition, var_operand_def
 from xdsl.utils.exceptions import VerifyException
 
-from .common import FLOAT_DTYPES, InferredResultsOp, LAYOUTS, dtype_name, get_string, index_name
+from .common import FLOAT_DTYPES, LAYOUTS, InferredResultsOp, dtype_name, index_name
 from .emb import StateType, TableType, VersionsType
 from .upd import APPLY_FLAGS, APPLY_FLOATS, APPLY_INTS, APPLY_UNITS, OPTIMIZER_OPS
 

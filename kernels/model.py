@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ class CompiledModel:
         """Tables, kernels and their signatures, and the pipeline: for `ekko compile`."""
         kernels: dict[str, Any] = {}
         for name, spec in {**self.update_specs, **self.bag_specs}.items():
-            kernels.setdefault(spec.key(), {"spec": spec.__dict__ | {}, "used_by": []})
+            kernels.setdefault(spec.key(), {"spec": asdict(spec), "used_by": []})
             kernels[spec.key()]["used_by"].append(name)
         return {
             "model": self.model.name,

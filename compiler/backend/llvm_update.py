@@ -643,7 +643,6 @@ def _optimizer(e: Emitter, spec: UpdateSpec, idv, g, wrow, s0, s1, alpha, seed) 
 
 def _refresh_serving(e: Emitter, spec: UpdateSpec, idv, wrow, serving) -> None:
     """Re-make the serving row from the stored master row."""
-    b = e.b
     dim = _c(I64, spec.dim)
     layout = spec.serving
     if layout in ("f32", "f16", "bf16"):
