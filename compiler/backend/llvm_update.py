@@ -124,6 +124,32 @@ class Emitter:
         b.position_at_end(done)
         return acc
 
+    def min_max(self, stop, load) -> tuple[ir.Value, ir.Value]:
+        """min and max of load(j) over [0, stop) in one pass over the row."""
+        b = self.b
+        pre = b.block
+        head = self.fn.append_basic_block("minmax.head")
+        body = self.fn.append_basic_block("minmax.body")
+        done = self.fn.append_basic_block("minmax.done")
+        b.branch(head)
+        b.position_at_end(head)
+        j = b.phi(I64)
+        lo = b.phi(F32)
+        hi = b.phi(F32)
+        j.add_incoming(_c(I64, 0), pre)
+        lo.add_incoming(_c(F32, float("inf")), pre)
+        hi.add_incoming(_c(F32, float("-inf")), pre)
+        b.cbranch(b.icmp_signed("<", j, stop), body, done)
+        b.position_at_end(body)
+        x = load(j)
+        new_lo, new_hi = self.fmin(lo, x), self.fmax(hi, x)
+        j.add_incoming(b.add(j, _c(I64, 1)), b.block)
+        lo.add_incoming(new_lo, b.block)
+        hi.add_incoming(new_hi, b.block)
+        b.branch(head)
+        b.position_at_end(done)
+        return lo, hi
+
     # -- math -----------------------------------------------------------
     def intrinsic(self, name: str, t: ir.Type = F32) -> ir.Function:
         return self.module.declare_intrinsic(name, [t])
@@ -562,7 +588,10 @@ def _apply_row(e: Emitter, spec: UpdateSpec, k, idv, grads, g, table, s0, s1, se
         src = b.select(b.icmp_signed(">=", first, _c(I64, 0)), in_delta, src)
     elem = _elem_type(spec.table_dtype)
     wrow = e.row(table, elem, idv, spec.dim)
-    _transform_grad(e, spec, src, g, wrow)
+    if spec.clip_value is not None or spec.max_norm is not None or spec.weight_decay:
+        _transform_grad(e, spec, src, g, wrow)
+    else:
+        g = src  # nothing to transform: the optimizer reads the summed row directly
     _optimizer(e, spec, idv, g, wrow, s0, s1, alpha, seed)
     if spec.serving is not None:
         _refresh_serving(e, spec, idv, wrow, serving)
@@ -655,8 +684,7 @@ def _refresh_serving(e: Emitter, spec: UpdateSpec, idv, wrow, serving) -> None:
     def elem(j):
         return _load_elem(e, e.gep(wrow, j), spec.table_dtype)
 
-    lo = e.reduce(dim, "min", float("inf"), elem, e.fmin)
-    hi = e.reduce(dim, "max", float("-inf"), elem, e.fmax)
+    lo, hi = e.min_max(dim, elem)
     width = spec.dim + 8 if layout == "int8" else (spec.dim + 1) // 2 + 4
     base = e.row(serving, I8, idv, width)
     if layout == "int8":
