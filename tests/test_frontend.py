@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from ekko.compiler.frontend import Model, ModelError, load_model, parse_model, parse_model_file
+from ekko.compiler.frontend import (
+    Model,
+    ModelError,
+    format_model,
+    load_model,
+    parse_model,
+    parse_model_file,
+)
 from ekko.compiler.frontend.model import OPTIMIZER_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +79,22 @@ def test_scaling_keeps_at_least_two_rows() -> None:
     ("model m { table t { rows 10; dim 4; } feature t -> t; feature t -> t; }", 1, 63,
      "feature t is declared twice"),
     ("model m { defaults { rows 5; } table t { dim 4; } }", 1, 38, "'rows' cannot be a default"),
+    ("model m { table t { rows 10; dim 4.5; } }", 1, 34, "expected an integer, found '4.5'"),
+    ("model m { @ }", 1, 11, "expected 'defaults', 'dense', 'feature', 'table' or '}', found '@'"),
+    ("model m { defaults { dim 4; } defaults { dim 8; } }", 1, 31, "defaults are declared twice"),
+    ("model m { table t { rows 1; dim 4; } defaults { dim 8; } }", 1, 38,
+     "defaults must come before the first table"),
+    ("model m { table t { rows 1; dim 4; clip max_norm=1, max_norm=2; } }", 1, 53,
+     "'max_norm' is set twice"),
+    ("model m { table t { rows 1; dim 4; optimizer adam(beta1=1); } }", 1, 51,
+     "adam beta1 must be in [0, 1), got 1.0"),
+    ("model m { table t { rows 1; dim 4; optimizer adagrad(lr_decay=-1); } }", 1, 54,
+     "lr_decay must be zero or positive"),
+    ("model m { table t { rows 99999999999999999999; dim 4; } }", 1, 26, "fit in an i64"),
+    ("model m { dense { interaction concat; } }", 1, 31, "unknown interaction 'concat'"),
+    ("model m { dense { bottom 13 -> 0; } }", 1, 32, "layer sizes must be positive"),
+    ("model m { dense { } dense { } }", 1, 21, "the dense part is declared twice"),
+    ("", 1, 1, "expected 'model', found the end of the file"),
 ])
 def test_errors_point_at_the_token(source: str, line: int, col: int, message: str) -> None:
     with pytest.raises(ModelError) as info:
@@ -93,3 +116,41 @@ def test_missing_file_is_a_model_error(tmp_path: Path) -> None:
 def test_model_is_hashable_and_comparable() -> None:
     a, b = parse_model(FULL), parse_model(FULL)
     assert a == b and hash(a) == hash(b) and isinstance(a, Model)
+
+
+@pytest.mark.parametrize("source", [FULL, (ROOT / "examples" / "dlrm.ekko").read_text(),
+                                    "model empty { }", "model m { table t { rows 2; dim 1; } }"])
+def test_format_model_round_trips(source: str) -> None:
+    m = parse_model(source)
+    text = format_model(m)
+    assert parse_model(text) == m and format_model(parse_model(text)) == text
+
+
+def test_format_model_factors_shared_settings_into_defaults() -> None:
+    text = format_model(parse_model_file(ROOT / "examples" / "dlrm.ekko"))
+    assert "    serving int8;\n" in text and "table t_cat0 { rows 1460; }" in text
+
+
+def test_format_model_rejects_names_the_language_cannot_spell() -> None:
+    m = parse_model("model m { table t { rows 2; dim 1; } }")
+    with pytest.raises(ModelError, match="'my table' cannot be written"):
+        format_model(Model("m", (m.tables[0].__class__("my table", 2, 1),), ()))
+
+
+def test_model_lookups() -> None:
+    m = parse_model(FULL)
+    assert m.table("items").dim == 13
+    assert [f.name for f in m.features_of("items")] == ["item", "item_history"]
+    with pytest.raises(KeyError, match="no table 'nope'"):
+        m.table("nope")
+
+
+def test_factory_failures_are_model_errors(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    (tmp_path / "fails.py").write_text("def build():\n    raise RuntimeError('no weights')\n")
+    with pytest.raises(ModelError, match="importing the file failed: RuntimeError: boom"):
+        load_model(f"{tmp_path / 'broken.py'}:build")
+    with pytest.raises(ModelError, match="the factory failed: RuntimeError: no weights"):
+        load_model(str(tmp_path / "fails.py"))
+    with pytest.raises(ModelError, match="no factory 'make'"):
+        load_model(f"{tmp_path / 'fails.py'}:make")

@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import ModelError
 from .model import Dense, Feature, Model, ModelInvalid, Optimizer, Table
 from .parser import parse_model, parse_model_file
+from .printer import format_model
 
 
-def import_module(module, **kwargs) -> Model:
+def import_module(module: Any, **kwargs: Any) -> Model:
     """A torch nn.Module as a Model (see torch_import.import_module)."""
     from .torch_import import import_module as _import
 
     return _import(module, **kwargs)
 
 
-def _load_factory(spec: str):
+def _load_factory(spec: str) -> Callable[..., Any]:
+    """The callable named after the last ':' of `path.py:factory`."""
     path_text, _, factory = spec.rpartition(":")
     path = Path(path_text)
     if not path.is_file():
@@ -33,19 +37,41 @@ def _load_factory(spec: str):
     sys.path.insert(0, str(path.parent))
     try:
         module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's file: report, never a traceback
+        raise ModelError(f"{path}: error: importing the file failed: "
+                         f"{type(e).__name__}: {e}") from None
     finally:
         sys.path.pop(0)
-    if not hasattr(module, factory):
+    if not callable(getattr(module, factory, None)):
         raise ModelError(f"{path}: error: no factory '{factory}' in the file")
     return getattr(module, factory)
 
 
-def load_model(source: str, scale: float = 1.0, **import_args) -> Model:
-    """A `.ekko` file, or `path/to/module.py:factory` returning an nn.Module."""
+def _build_module(factory: Callable[..., Any], spec: str) -> Any:
+    """Call the factory on torch's meta device: only shapes are read, so a
+    10M-row table costs no memory; factories that need real tensors (a
+    checkpoint load, say) are called again on the default device."""
+    try:
+        import torch
+    except ImportError:
+        raise ModelError(f"{spec}: error: loading a PyTorch model needs torch") from None
+    try:
+        with torch.device("meta"):
+            return factory()
+    except Exception:  # noqa: BLE001 - retry for real below
+        pass
+    try:
+        return factory()
+    except Exception as e:  # noqa: BLE001 - the user's factory: report it
+        raise ModelError(f"{spec}: error: the factory failed: {type(e).__name__}: {e}") from None
+
+
+def load_model(source: str, scale: float = 1.0, **import_args: Any) -> Model:
+    """A `.ekko` file, or `path/to/module.py[:factory]` (factory defaults to
+    `build`) returning an nn.Module; `import_args` go to `import_module`."""
     if source.endswith(".py") or ".py:" in source:
         spec = source if ":" in source.rsplit(".py", 1)[-1] else source + ":build"
-        factory = _load_factory(spec)
-        model = import_module(factory(), **import_args)
+        model = import_module(_build_module(_load_factory(spec), spec), **import_args)
     else:
         if not Path(source).is_file():
             raise ModelError(f"{source}: error: no such model file")
@@ -58,5 +84,5 @@ def load_model(source: str, scale: float = 1.0, **import_args) -> Model:
 
 __all__ = [
     "Dense", "Feature", "Model", "ModelError", "Optimizer", "Table",
-    "import_module", "load_model", "parse_model", "parse_model_file",
+    "format_model", "import_module", "load_model", "parse_model", "parse_model_file",
 ]

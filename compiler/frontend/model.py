@@ -21,6 +21,27 @@ SERVING_LAYOUTS = ("f32", "f16", "bf16", "int8", "int4")
 POOLINGS = ("sum", "mean", "none")
 
 
+# Allowed ranges, as torch.optim checks them, except that eps must be positive:
+# a zero eps divides by zero on the first update of a row whose gradient is 0.
+# name: (lowest, whether the lowest itself is allowed, upper bound (excluded), words)
+HYPER_RANGES: dict[str, tuple[float, bool, float, str]] = {
+    "lr": (0.0, False, float("inf"), "positive"),
+    "eps": (0.0, False, float("inf"), "positive"),
+    "lr_decay": (0.0, True, float("inf"), "zero or positive"),
+    "beta1": (0.0, True, 1.0, "in [0, 1)"),
+    "beta2": (0.0, True, 1.0, "in [0, 1)"),
+}
+INTERACTIONS = ("dot", "cat")
+MAX_ROWS = 2**63 - 1  # ids are i64
+
+
+def _check_hyper(kind: str, name: str, value: float) -> None:
+    """Reject what torch.optim would reject, so both frontends fail alike."""
+    low, low_ok, high, words = HYPER_RANGES[name]
+    if not ((value > low or (low_ok and value == low)) and value < high):
+        raise ModelInvalid(f"{kind} {name} must be {words}, got {value}", name)
+
+
 class ModelInvalid(ValueError):
     """A semantic error in a model; `what` names the offending part."""
 
@@ -47,8 +68,7 @@ class Optimizer:
                 raise ModelInvalid(
                     f"optimizer {kind} has no hyper-parameter '{name}' "
                     f"(it takes {', '.join(defaults)})", name)
-            if name != "lr_decay" and name != "weight_decay" and not value > 0:
-                raise ModelInvalid(f"{kind} {name} must be positive, got {value}", name)
+            _check_hyper(kind, name, float(value))
         merged = {**defaults, **{k: float(v) for k, v in given.items()}}
         return cls(kind, tuple(sorted(merged.items())))
 
@@ -69,6 +89,8 @@ class Table:
     def validate(self) -> None:
         if self.rows < 1:
             raise ModelInvalid(f"table {self.name}: rows must be positive", "rows")
+        if self.rows > MAX_ROWS:
+            raise ModelInvalid(f"table {self.name}: rows must fit in an i64 id", "rows")
         if self.dim < 1:
             raise ModelInvalid(f"table {self.name}: dim must be positive", "dim")
         if self.dtype not in MASTER_DTYPES:
@@ -107,6 +129,14 @@ class Dense:
     top_mlp: tuple[int, ...] = ()
     interaction: str = ""
 
+    def validate(self) -> None:
+        for part, sizes in (("bottom", self.bottom_mlp), ("top", self.top_mlp)):
+            if any(n < 1 for n in sizes):
+                raise ModelInvalid(f"dense: {part} layer sizes must be positive", part)
+        if self.interaction and self.interaction not in INTERACTIONS:
+            raise ModelInvalid(f"dense: unknown interaction '{self.interaction}' "
+                               f"(expected one of {', '.join(INTERACTIONS)})", self.interaction)
+
 
 @dataclass(frozen=True)
 class Model:
@@ -133,6 +163,8 @@ class Model:
             if f.pooling not in POOLINGS:
                 raise ModelInvalid(
                     f"feature {f.name}: pooling must be one of {', '.join(POOLINGS)}", f.pooling)
+        if self.dense is not None:
+            self.dense.validate()
 
     def scaled(self, factor: float) -> Model:
         """The same model with every table's rows multiplied by `factor` (at least 2)."""
@@ -144,4 +176,12 @@ class Model:
         return replace(self, tables=tables)
 
     def table(self, name: str) -> Table:
-        return next(t for t in self.tables if t.name == name)
+        """The table called `name` (KeyError if none)."""
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(f"model {self.name} has no table {name!r}")
+
+    def features_of(self, table: str) -> tuple[Feature, ...]:
+        """The features reading `table`, in order (several for a shared table)."""
+        return tuple(f for f in self.features if f.table == table)

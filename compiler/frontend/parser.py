@@ -6,6 +6,7 @@ Errors, syntax or meaning, are ModelErrors at the offending token:
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,19 +18,12 @@ from .model import Dense, Feature, Model, ModelInvalid, Optimizer, Table
 
 GRAMMAR = Path(__file__).with_name("model.lark")
 
-# lark's terminal names, as a person would say them
+# The regex terminals, as a person would say them; keywords and punctuation are
+# quoted from the grammar itself (see _readable).
 READABLE = {
     "INT": "an integer",
     "SIGNED_NUMBER": "a number",
     "NAME": "a name",
-    "LBRACE": "'{'",
-    "RBRACE": "'}'",
-    "LPAR": "'('",
-    "RPAR": "')'",
-    "SEMICOLON": "';'",
-    "COMMA": "','",
-    "EQUAL": "'='",
-    "__ANON_0": "'->'",
     "$END": "the end of the file",
 }
 
@@ -41,20 +35,36 @@ def _parser() -> Lark:
 
 
 def _readable(expected: set[str]) -> str:
-    names = sorted({READABLE.get(e, _keyword(e)) for e in expected})
+    """lark's terminal names as plain words: `an integer`, `';'`, `'table'`."""
+    names = sorted({_terminal_words(e) for e in expected})
     if len(names) > 6:
         names = names[:6] + ["..."]
     return " or ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def _keyword(terminal: str) -> str:
-    """Keyword terminals are named after their text in upper case (ROWS -> 'rows')."""
-    return f"'{terminal.lower()}'" if terminal.isalpha() else terminal
+def _terminal_words(name: str) -> str:
+    if name in READABLE:
+        return READABLE[name]
+    try:
+        pattern = _parser().get_terminal(name).pattern
+    except KeyError:
+        return name.lower()
+    return f"'{pattern.value}'" if pattern.type == "str" else name.lower()
+
+
+def _word_at(text: str, pos: int) -> str:
+    """The offending text: a run of word characters, else the single character."""
+    match = re.match(r"[A-Za-z0-9_.+-]+", text[pos:])
+    return match.group(0) if match else text[pos:pos + 1]
 
 
 def _syntax_error(e: UnexpectedInput, text: str, filename: str) -> ModelError:
     if isinstance(e, UnexpectedCharacters):
-        message = f"unexpected character {text[e.pos_in_stream]!r}"
+        found = _word_at(text, e.pos_in_stream)
+        if e.allowed and not found[0].isspace():
+            message = f"expected {_readable(set(e.allowed))}, found {found!r}"
+        else:
+            message = f"unexpected character {found!r}"
         return located(filename, text, e.line, e.column, message)
     if isinstance(e, UnexpectedEOF):
         lines = text.splitlines() or [""]
@@ -76,6 +86,7 @@ class _Builder:
         self.text, self.filename = text, filename
         self.defaults: dict[str, object] = {}
         self.tokens: dict[tuple[str, str], Token] = {}
+        self.seen: set[str] = set()
 
     def error(self, token: Token | Tree | None, message: str) -> ModelError:
         line, col = 1, 1
@@ -92,6 +103,7 @@ class _Builder:
         dense: Dense | None = None
         for item in items:
             if item.data == "defaults":
+                self.check_defaults_place(item, tables)
                 self.defaults = self.settings(item.children, "defaults")
             elif item.data == "table":
                 tables.append(self.table(item))
@@ -101,6 +113,8 @@ class _Builder:
                 features.append(self.feature(item))
                 self.check_feature(item, features, tables)
             elif item.data == "dense":
+                if dense is not None:
+                    raise self.error(item, "the dense part is declared twice")
                 dense = self.dense(item)
         model = Model(str(name_tok), tuple(tables), tuple(features), dense)
         try:
@@ -108,6 +122,14 @@ class _Builder:
         except ModelInvalid as e:
             raise self.error(self.find(e.what, item_trees=items), str(e)) from None
         return model
+
+    def check_defaults_place(self, item: Tree, tables: list[Table]) -> None:
+        """One defaults block, before the tables: a default never changes half a model."""
+        if "defaults" in self.seen:
+            raise self.error(item, "defaults are declared twice")
+        if tables:
+            raise self.error(item, "defaults must come before the first table")
+        self.seen.add("defaults")
 
     def check_feature(self, item: Tree, features: list[Feature], tables: list[Table]) -> None:
         """Duplicate names and unknown tables, at the feature's own tokens."""
@@ -174,6 +196,8 @@ class _Builder:
             name, value = arg.children
             if str(name) not in ("max_norm", "clip_value"):
                 raise self.error(name, f"clip takes max_norm or clip_value, not '{name}'")
+            if str(name) in out:
+                raise self.error(name, f"clip: '{name}' is set twice")
             out[str(name)] = self.number(value)
         return out
 
@@ -201,11 +225,21 @@ class _Builder:
     def dense(self, tree: Tree) -> Dense:
         parts: dict[str, object] = {}
         for s in tree.children:
+            key = "interaction" if s.data == "interaction" else f"{s.data}_mlp"
+            if key in parts:
+                raise self.error(s, f"dense: '{s.data}' is set twice")
             if s.data == "interaction":
-                parts["interaction"] = str(s.children[0])
+                parts[key] = str(s.children[0])
             else:
-                parts[f"{s.data}_mlp"] = tuple(int(c) for c in s.children)
-        return Dense(**parts)  # type: ignore[arg-type]
+                parts[key] = tuple(int(c) for c in s.children)
+        dense = Dense(**parts)  # type: ignore[arg-type]
+        try:
+            dense.validate()
+        except ModelInvalid as e:
+            bad = next((c for c in tree.scan_values(lambda v: isinstance(v, Token))
+                        if str(c) == e.what or (str(c).isdigit() and int(c) < 1)), tree)
+            raise self.error(bad, str(e)) from None
+        return dense
 
 
 def parse_model(text: str, filename: str = "<input>") -> Model:
