@@ -53,6 +53,24 @@ def test_defaults_are_filled_in(kind: str) -> None:
     assert dict(m.tables[0].optimizer.hyper) == OPTIMIZER_DEFAULTS[kind]
 
 
+def test_default_hyper_parameters_are_the_documented_ones() -> None:
+    """Pinned literally (not via OPTIMIZER_DEFAULTS): both frontends and the
+    kernels' UpdateSpec agree on these, so a change here is a change of meaning."""
+    assert OPTIMIZER_DEFAULTS == {
+        "sgd": {"lr": 0.01},
+        "adagrad": {"lr": 0.01, "eps": 1e-10, "lr_decay": 0.0},
+        "rowwise_adagrad": {"lr": 0.01, "eps": 1e-8},
+        "adam": {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+    }
+
+
+def test_unknown_setting_lists_every_setting() -> None:
+    with pytest.raises(ModelError) as info:
+        parse_model("model m { table t { rows 1; dim 4; size 3; } }", "m.ekko")
+    assert ("m.ekko:1:36: error: expected 'clip', 'dim', 'dtype', 'optimizer', 'rows', "
+            "'serving', 'stochastic_rounding', 'weight_decay' or '}', found 'size'") in str(info.value)
+
+
 def test_dlrm_example() -> None:
     m = parse_model_file(ROOT / "examples" / "dlrm.ekko")
     assert len(m.tables) == len(m.features) == 26

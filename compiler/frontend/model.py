@@ -14,8 +14,10 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
     "sgd": {"lr": 0.01},
     "adagrad": {"lr": 0.01, "eps": 1e-10, "lr_decay": 0.0},
     "rowwise_adagrad": {"lr": 0.01, "eps": 1e-8},
-    "adam": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+    "adam": {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
 }
+# One lr default (0.01, as UpdateSpec's) for every optimizer, so a table whose
+# optimizer changes keeps its step size; torch's Adam says 1e-3: write it out.
 MASTER_DTYPES = ("f32", "f16", "bf16")
 SERVING_LAYOUTS = ("f32", "f16", "bf16", "int8", "int4")
 POOLINGS = ("sum", "mean", "none")

@@ -37,8 +37,8 @@ def _parser() -> Lark:
 def _readable(expected: set[str]) -> str:
     """lark's terminal names as plain words: `an integer`, `';'`, `'table'`."""
     names = sorted({_terminal_words(e) for e in expected})
-    if len(names) > 6:
-        names = names[:6] + ["..."]
+    if len(names) > 10:  # every setting of a table fits; beyond that, say how many more
+        names = names[:9] + [f"{len(names) - 9} more"]
     return " or ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
