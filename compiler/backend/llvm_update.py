@@ -102,8 +102,12 @@ class Emitter:
         with self.b.if_then(cond):
             yield
 
-    def reduce(self, stop, name: str, init: float, step, combine) -> ir.Value:
-        """Fold `combine(acc, step(j))` over j in [0, stop), in f32."""
+    def fold(self, stop, name: str, inits: list[ir.Constant], step) -> list[ir.Value]:
+        """Loop j over [0, stop) carrying accumulators: accs = step(j, accs).
+
+        One loop shape for every reduction (sums, min and max together, the
+        integer OR of the finite check), so LLVM sees the same pattern.
+        """
         b = self.b
         pre = b.block
         head = self.fn.append_basic_block(f"{name}.head")
@@ -112,42 +116,34 @@ class Emitter:
         b.branch(head)
         b.position_at_end(head)
         j = b.phi(I64, f"{name}.j")
-        acc = b.phi(F32, f"{name}.acc")
         j.add_incoming(_c(I64, 0), pre)
-        acc.add_incoming(_c(F32, init), pre)
+        accs = []
+        for init in inits:
+            acc = b.phi(init.type, f"{name}.acc")
+            acc.add_incoming(init, pre)
+            accs.append(acc)
         b.cbranch(b.icmp_signed("<", j, stop), body, done)
         b.position_at_end(body)
-        new = combine(acc, step(j))
+        new = step(j, accs)
         j.add_incoming(b.add(j, _c(I64, 1)), b.block)
-        acc.add_incoming(new, b.block)
+        for acc, value in zip(accs, new):
+            acc.add_incoming(value, b.block)
         b.branch(head)
         b.position_at_end(done)
+        return accs
+
+    def reduce(self, stop, name: str, init: float, step, combine) -> ir.Value:
+        """Fold `combine(acc, step(j))` over j in [0, stop), in f32."""
+        (acc,) = self.fold(stop, name, [_c(F32, init)], lambda j, a: [combine(a[0], step(j))])
         return acc
 
     def min_max(self, stop, load) -> tuple[ir.Value, ir.Value]:
         """min and max of load(j) over [0, stop) in one pass over the row."""
-        b = self.b
-        pre = b.block
-        head = self.fn.append_basic_block("minmax.head")
-        body = self.fn.append_basic_block("minmax.body")
-        done = self.fn.append_basic_block("minmax.done")
-        b.branch(head)
-        b.position_at_end(head)
-        j = b.phi(I64)
-        lo = b.phi(F32)
-        hi = b.phi(F32)
-        j.add_incoming(_c(I64, 0), pre)
-        lo.add_incoming(_c(F32, float("inf")), pre)
-        hi.add_incoming(_c(F32, float("-inf")), pre)
-        b.cbranch(b.icmp_signed("<", j, stop), body, done)
-        b.position_at_end(body)
-        x = load(j)
-        new_lo, new_hi = self.fmin(lo, x), self.fmax(hi, x)
-        j.add_incoming(b.add(j, _c(I64, 1)), b.block)
-        lo.add_incoming(new_lo, b.block)
-        hi.add_incoming(new_hi, b.block)
-        b.branch(head)
-        b.position_at_end(done)
+        def step(j, accs):
+            x = load(j)
+            return [self.fmin(accs[0], x), self.fmax(accs[1], x)]
+
+        lo, hi = self.fold(stop, "minmax", [_c(F32, float("inf")), _c(F32, float("-inf"))], step)
         return lo, hi
 
     # -- math -----------------------------------------------------------
@@ -394,26 +390,15 @@ def _row_finite(e: Emitter, row, dim):
 
     An integer OR-reduction (not float math, which fast-math could fold)."""
     b = e.b
-    pre = b.block
-    head = e.fn.append_basic_block("finite.head")
-    body = e.fn.append_basic_block("finite.body")
-    done = e.fn.append_basic_block("finite.done")
-    b.branch(head)
-    b.position_at_end(head)
-    j = b.phi(I64)
-    acc = b.phi(I32)
-    j.add_incoming(_c(I64, 0), pre)
-    acc.add_incoming(_c(I32, 0), pre)
-    b.cbranch(b.icmp_signed("<", j, dim), body, done)
-    b.position_at_end(body)
-    bits = b.bitcast(b.load(e.gep(row, j)), I32)
-    exp = b.and_(bits, _c(I32, 0x7F800000))
-    flag = b.zext(b.icmp_unsigned("==", exp, _c(I32, 0x7F800000)), I32)
-    j.add_incoming(b.add(j, _c(I64, 1)), body)
-    acc.add_incoming(b.or_(acc, flag), body)
-    b.branch(head)
-    b.position_at_end(done)
-    return b.icmp_unsigned("==", acc, _c(I32, 0))
+
+    def step(j, accs):
+        bits = b.bitcast(b.load(e.gep(row, j)), I32)
+        exp = b.and_(bits, _c(I32, 0x7F800000))
+        flag = b.zext(b.icmp_unsigned("==", exp, _c(I32, 0x7F800000)), I32)
+        return [b.or_(accs[0], flag)]
+
+    (bad,) = e.fold(dim, "finite", [_c(I32, 0)], step)
+    return b.icmp_unsigned("==", bad, _c(I32, 0))
 
 
 HASH_AHEAD = 16  # ids: the hash table is larger than the caches, each probe a miss
