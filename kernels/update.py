@@ -36,7 +36,7 @@ from .errors import UpdateError
 from .jit import JitModule, compile_ir
 
 _i64, _vp, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
-_DEDUP = ctypes.CFUNCTYPE(_i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _vp, _i64, _vp, _vp,
+_DEDUP = ctypes.CFUNCTYPE(_i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _vp, _vp,
                           _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp)
 _APPLY = ctypes.CFUNCTYPE(None, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _vp, _vp, _vp, _f64,
                           _i64, _i64, _vp, _vp, _vp)
@@ -101,7 +101,8 @@ class _Scratch:
 
     def __init__(self) -> None:
         self.n = -1
-        self.keys = np.empty(0, np.int64)
+        self.htab = np.empty(0, np.int64)  # (id, unique index) pairs; id -1: empty
+        self.cap = 0
         self.count = np.zeros(1, np.int64)
         self.err = np.zeros(1, np.int64)
 
@@ -115,12 +116,12 @@ class _Scratch:
             self.sort = [np.empty(n, np.int64) for _ in range(4)]  # order + radix scratch
             self.n = n
         want = 1 << math.ceil(math.log2(max(2 * expected_unique, 1024)))
-        if want > len(self.keys) or want * 4 <= len(self.keys):
+        if want > self.cap or want * 4 <= self.cap:
             self.resize(want)
 
     def resize(self, cap: int) -> None:
-        self.keys = np.full(cap, -1, np.int64)
-        self.vals = np.empty(cap, np.int32)
+        self.htab = np.full(2 * cap, -1, np.int64)
+        self.cap = cap
 
 
 class UpdateKernel:
@@ -216,8 +217,8 @@ class UpdateKernel:
 
         def dedup(p: int) -> int:
             sc = self._scratch[p]
-            return self._dedup(p, parts, i.ptr, n, rows, g.ptr, sc.keys.ctypes.data,
-                               sc.vals.ctypes.data, len(sc.keys), sc.uids.ctypes.data,
+            return self._dedup(p, parts, i.ptr, n, rows, g.ptr, sc.htab.ctypes.data, sc.cap,
+                               sc.uids.ctypes.data,
                                sc.acc.ctypes.data, sc.slots.ctypes.data, sc.count.ctypes.data,
                                sc.err.ctypes.data, *(a.ctypes.data for a in sc.sort),
                                sc.srcs.ctypes.data)
@@ -225,7 +226,7 @@ class UpdateKernel:
         codes = self._map(dedup, parts)
         for p, code in enumerate(codes):
             while code == _TABLE_FULL:  # rare: far more unique ids than last time
-                self._scratch[p].resize(2 * len(self._scratch[p].keys))
+                self._scratch[p].resize(2 * self._scratch[p].cap)
                 code = codes[p] = dedup(p)
         self._raise_first(codes, i, rows)
         s0 = states[0].ptr if states else None

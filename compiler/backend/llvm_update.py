@@ -2,16 +2,18 @@
 
 Two exported functions, each run once per partition (one per thread):
 
-  i64 ekko_update_dedup(part, nparts, ids, n, rows, grads, keys, vals, cap,
-                        uids, acc, slots, count_out, err_pos, order, key_a, key_b, order_b,
+  i64 ekko_update_dedup(part, nparts, ids, n, rows, grads, htab, cap, uids,
+                        acc, slots, count_out, err_pos, order, key_a, key_b, order_b,
                         srcs)
       Validates the ids this partition owns (ids are split by a hash of the
-      id, so partitions never share a row) and their gradient rows, and sums
-      duplicates in input order into `acc` through an open-addressing hash
-      table (`keys` = -1 when empty, left empty again on return). Writes no
-      table. Returns 0, 1 (id out of range at *err_pos) or 2 (non-finite
-      gradient in delta row *err_pos) or 3 (the hash table passed 3/4 full: the
-      caller retries with a larger one; nothing was kept). With `sort`, `order`
+      id, so partitions never share a row; each block of ids is compacted to
+      the owned positions first, without branches) and their gradient rows,
+      and sums duplicates in input order into `acc` through an
+      open-addressing hash table of `cap` (id, unique index) pairs (`htab`,
+      id -1 when empty, left empty again on return). Writes no table.
+      Returns 0, 1 (id out of range at *err_pos) or 2 (non-finite gradient in
+      delta row *err_pos) or 3 (the hash table passed 3/4 full: the caller
+      retries with a larger one; nothing was kept). With `sort`, `order`
       receives the unique indices sorted by id (radix sort; the other three
       arrays are its scratch).
 
@@ -254,13 +256,18 @@ def _index_type(spec: UpdateSpec) -> ir.Type:
 # phase 1: validate and deduplicate
 
 
+DEDUP_BLOCK = 1024  # ids scanned per block; the owned ones are compacted first
+SLOT_AHEAD = 16  # owned ids: the hash table is larger than L2, each probe a miss
+GRAD_AHEAD = 4  # owned ids: their gradient rows, read by the finite check
+
+
 def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
     idx_t = _index_type(spec)
     p64 = I64.as_pointer()
-    args = [I64, I64, idx_t.as_pointer(), I64, I64, F32.as_pointer(), p64, I32.as_pointer(),
-            I64, p64, F32.as_pointer(), p64, p64, p64, p64, p64, p64, p64, p64]
+    args = [I64, I64, idx_t.as_pointer(), I64, I64, F32.as_pointer(), p64, I64, p64,
+            F32.as_pointer(), p64, p64, p64, p64, p64, p64, p64, p64]
     fn = ir.Function(module, ir.FunctionType(I64, args), "ekko_update_dedup")
-    (part, nparts, ids, n, rows, grads, keys, vals, cap, uids, acc, slots, count_out,
+    (part, nparts, ids, n, rows, grads, htab, cap, uids, acc, slots, count_out,
      err, order, key_a, key_b, order_b, srcs) = fn.args
     for a in fn.args[2:]:
         if isinstance(a.type, ir.PointerType):
@@ -272,13 +279,18 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
     b.store(_c(I64, 0), count_ptr)
     status = b.alloca(I64)
     b.store(_c(I64, 0), status)
+    owned = b.gep(b.alloca(ir.ArrayType(I64, DEDUP_BLOCK), name="owned"), [_c(I32, 0), _c(I32, 0)])
     mask = b.sub(cap, _c(I64, 1))
     fail = fn.append_basic_block("fail")
-    with e.loop(_c(I64, 0), n, "ids") as i:
-        idv = _load_id(e, ids, i)
-        if spec.dedup:
-            _prefetch_slot(e, ids, i, n, keys, vals, mask)
-        with e.if_then(b.icmp_unsigned("==", _owner(e, idv, nparts), part), "own"):
+    nblocks = b.udiv(b.add(n, _c(I64, DEDUP_BLOCK - 1)), _c(I64, DEDUP_BLOCK))
+    with e.loop(_c(I64, 0), nblocks, "blocks") as blk:
+        lo = b.mul(blk, _c(I64, DEDUP_BLOCK))
+        width = b.sub(_minimum(e, b.add(lo, _c(I64, DEDUP_BLOCK)), n), lo)
+        cnt = _compact_owned(e, ids, lo, width, owned, part, nparts)
+        with e.loop(_c(I64, 0), cnt, "owned") as t:
+            _prefetch_owned(e, spec, ids, grads, owned, t, cnt, htab, mask)
+            i = b.load(e.gep(owned, t))
+            idv = _load_id(e, ids, i)
             bad = b.icmp_unsigned(">=", idv, rows)  # negative ids are huge unsigned
             with b.if_then(bad):
                 b.store(i, err)
@@ -293,23 +305,48 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
                 b.branch(fail)
                 b.position_at_end(b.append_basic_block("unreachable"))
             if spec.dedup:
-                _insert(e, spec, idv, i, grads, keys, vals, mask, uids, acc, slots, srcs,
+                _insert(e, spec, idv, i, grads, htab, mask, uids, acc, slots, srcs,
                         count_ptr, status, fail)
     # leave the hash table empty for the next call
     count = b.load(count_ptr)
     if spec.dedup:
-        with e.loop(_c(I64, 0), count, "reset") as k:
-            b.store(_c(I64, -1), e.gep(keys, b.load(e.gep(slots, k))))
+        _clear_slots(e, htab, slots, count)
         if spec.sort:
             _radix_sort(e, uids, count, rows, order, key_a, key_b, order_b)
     b.store(count, count_out)
     b.ret(_c(I64, 0))
     b.position_at_end(fail)
-    if spec.dedup:
-        # an error leaves the slots filled so far: empty them before returning
-        with e.loop(_c(I64, 0), b.load(count_ptr), "reset_fail") as k:
-            b.store(_c(I64, -1), e.gep(keys, b.load(e.gep(slots, k))))
+    if spec.dedup:  # an error leaves the slots filled so far: empty them before returning
+        _clear_slots(e, htab, slots, b.load(count_ptr))
     b.ret(b.load(status))
+
+
+def _minimum(e: Emitter, a, b_):
+    return e.b.select(e.b.icmp_signed("<", a, b_), a, b_)
+
+
+def _compact_owned(e: Emitter, ids, lo, width, owned, part, nparts):
+    """owned[0:cnt] = the positions in [lo, lo+width) whose id this partition owns.
+
+    Branch-free (store always, advance by the ownership bit): with N
+    partitions the ownership test is a coin flip the branch predictor loses.
+    """
+    b = e.b
+
+    def step(j, accs):
+        i = b.add(lo, j)
+        b.store(i, e.gep(owned, accs[0]))
+        mine = b.icmp_unsigned("==", _owner(e, _load_id(e, ids, i), nparts), part)
+        return [b.add(accs[0], b.zext(mine, I64))]
+
+    (cnt,) = e.fold(width, "compact", [_c(I64, 0)], step)
+    return cnt
+
+
+def _clear_slots(e: Emitter, htab, slots, count) -> None:
+    b = e.b
+    with e.loop(_c(I64, 0), count, "reset") as k:
+        b.store(_c(I64, -1), e.gep(htab, b.shl(b.load(e.gep(slots, k)), _c(I64, 1))))
 
 
 RADIX_BITS = 11
@@ -401,25 +438,33 @@ def _row_finite(e: Emitter, row, dim):
     return b.icmp_unsigned("==", bad, _c(I32, 0))
 
 
-HASH_AHEAD = 16  # ids: the hash table is larger than the caches, each probe a miss
-
-
 def _slot_of(e: Emitter, idv, mask):
     """The first hash-table slot probed for an id (Fibonacci hashing)."""
     b = e.b
     return b.and_(b.lshr(b.mul(idv, _c(I64, GOLDEN)), _c(I64, 17)), mask)
 
 
-def _prefetch_slot(e: Emitter, ids, i, n, keys, vals, mask) -> None:
-    """Fetch the hash-table slot of the id HASH_AHEAD positions later."""
+def _prefetch_owned(e: Emitter, spec: UpdateSpec, ids, grads, owned, t, cnt, htab,
+                    mask) -> None:
+    """Fetch the hash slot and the gradient row of owned ids a few places ahead."""
     b = e.b
-    ahead = b.add(i, _c(I64, HASH_AHEAD))
-    with b.if_then(b.icmp_signed("<", ahead, n)):
-        slot = _slot_of(e, _load_id(e, ids, ahead), mask)
-        pf = _prefetch_fn(e)
-        for arr in (keys, vals):
-            ptr = b.bitcast(e.gep(arr, slot), I8.as_pointer())
-            b.call(pf, [ptr, _c(I32, 1), _c(I32, 3), _c(I32, 1)])
+    pf = _prefetch_fn(e)
+
+    def fetch(ptr) -> None:
+        b.call(pf, [b.bitcast(ptr, I8.as_pointer()), _c(I32, 0), _c(I32, 3), _c(I32, 1)])
+
+    if spec.dedup:
+        ahead = b.add(t, _c(I64, SLOT_AHEAD))
+        with b.if_then(b.icmp_signed("<", ahead, cnt)):
+            nid = _load_id(e, ids, b.load(e.gep(owned, ahead)))
+            fetch(e.gep(htab, b.shl(_slot_of(e, nid, mask), _c(I64, 1))))
+    ahead = b.add(t, _c(I64, GRAD_AHEAD))
+    with b.if_then(b.icmp_signed("<", ahead, cnt)):
+        row = b.bitcast(e.gep(grads, b.mul(b.load(e.gep(owned, ahead)), _c(I64, spec.dim))),
+                        I8.as_pointer())
+        span = min(4 * spec.dim, PREFETCH_BYTES)
+        for off in [*range(0, span, 64), *([span - 1] if span % 64 != 1 else [])]:
+            fetch(e.gep(row, _c(I64, off)))
 
 
 def _prefetch_fn(e: Emitter) -> ir.Function:
@@ -428,9 +473,12 @@ def _prefetch_fn(e: Emitter) -> ir.Function:
         "llvm.prefetch.p0")
 
 
-def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, keys, vals, mask, uids, acc, slots,
-            srcs, count_ptr, status, fail):
+def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, htab, mask, uids, acc, slots, srcs,
+            count_ptr, status, fail):
     """Find or add `idv` in the hash table.
+
+    The table holds (id, unique index) pairs side by side, so a probe is one
+    cache line, not one per array.
 
     A new id only remembers its delta row (srcs[k] = i): most ids of a Zipf
     delta occur once, and their rows are read in place later. The second
@@ -451,7 +499,8 @@ def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, keys, vals, mask, uids,
     b.position_at_end(probe)
     slot = b.phi(I64, "slot")
     slot.add_incoming(start, pre)
-    key = b.load(e.gep(keys, slot))
+    key_ptr = e.gep(htab, b.shl(slot, _c(I64, 1)))
+    key = b.load(key_ptr)
     b.cbranch(b.icmp_signed("==", key, idv), found, nextb)
     b.position_at_end(nextb)
     step = fn.append_basic_block("step")
@@ -467,8 +516,8 @@ def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, keys, vals, mask, uids,
         b.store(_c(I64, 3), status)
         b.branch(fail)
         b.position_at_end(b.append_basic_block("unreachable"))
-    b.store(idv, e.gep(keys, slot))
-    b.store(b.trunc(k, I32), e.gep(vals, slot))
+    b.store(idv, key_ptr)
+    b.store(k, e.gep(key_ptr, _c(I64, 1)))
     b.store(slot, e.gep(slots, k))
     b.store(idv, e.gep(uids, k))
     b.store(b.add(k, _c(I64, 1)), count_ptr)
@@ -476,7 +525,7 @@ def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, keys, vals, mask, uids,
     b.branch(after)
     # a repeated id: add the row, in input order
     b.position_at_end(found)
-    kk = b.zext(b.load(e.gep(vals, slot)), I64)
+    kk = b.load(e.gep(key_ptr, _c(I64, 1)))
     dst2 = e.gep(acc, b.mul(kk, dim))
     first = b.load(e.gep(srcs, kk))
     with b.if_then(b.icmp_signed(">=", first, _c(I64, 0))):
