@@ -460,11 +460,8 @@ def _prefetch_owned(e: Emitter, spec: UpdateSpec, ids, grads, owned, t, cnt, hta
             fetch(e.gep(htab, b.shl(_slot_of(e, nid, mask), _c(I64, 1))))
     ahead = b.add(t, _c(I64, GRAD_AHEAD))
     with b.if_then(b.icmp_signed("<", ahead, cnt)):
-        row = b.bitcast(e.gep(grads, b.mul(b.load(e.gep(owned, ahead)), _c(I64, spec.dim))),
-                        I8.as_pointer())
-        span = min(4 * spec.dim, PREFETCH_BYTES)
-        for off in [*range(0, span, 64), *([span - 1] if span % 64 != 1 else [])]:
-            fetch(e.gep(row, _c(I64, off)))
+        row = e.gep(grads, b.mul(b.load(e.gep(owned, ahead)), _c(I64, spec.dim)))
+        _fetch_row(e, row, 4 * spec.dim, pf, write=0)
 
 
 def _prefetch_fn(e: Emitter) -> ir.Function:
@@ -557,18 +554,42 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
         a.add_attribute("noalias")
     e = Emitter(module, fn)
     b = e.b
-    alpha32 = b.fptrunc(alpha, F32)
+    bufs = {"table": table, "s0": s0, "s1": s1, "serving": serving, "versions": versions}
+    step = (b.fptrunc(alpha, F32), version, seed)
     scratch = b.alloca(F32, spec.dim, name="g")  # the row's gradient, transformed
-    with e.loop(_c(I64, 0), count, "rows") as pos:
-        k = b.load(e.gep(order, pos)) if spec.dedup and spec.sort else pos
-        idv = _load_id(e, ids, k)
-        if spec.dedup:
-            _apply_row(e, spec, k, idv, grads, scratch, table, s0, s1, serving, versions,
-                       alpha32, version, seed, ids, count, pos, order, raw_grads, srcs)
-        else:
-            with e.if_then(b.icmp_unsigned("==", _owner(e, idv, nparts), part), "own"):
-                _apply_row(e, spec, k, idv, grads, scratch, table, s0, s1, serving, versions,
-                           alpha32, version, seed, ids, count, pos, order, None, None)
+    dim = _c(I64, spec.dim)
+    if spec.dedup:
+        def entry(pos):
+            return b.load(e.gep(order, pos)) if spec.sort else pos
+
+        def grad_row(k):
+            first = b.load(e.gep(srcs, k))  # >= 0: the id occurred once, row still in the delta
+            return b.select(b.icmp_signed(">=", first, _c(I64, 0)),
+                            e.gep(raw_grads, b.mul(first, dim)), e.gep(grads, b.mul(k, dim)))
+
+        with e.loop(_c(I64, 0), count, "rows") as pos:
+            _prefetch(e, spec, ids, entry, grad_row, pos, count, bufs)
+            k = entry(pos)
+            _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), scratch, bufs, step)
+    else:  # the raw delta: each partition applies the ids it owns, in input order
+        owned = b.gep(b.alloca(ir.ArrayType(I64, DEDUP_BLOCK), name="owned"),
+                      [_c(I32, 0), _c(I32, 0)])
+
+        def entry(t):
+            return b.load(e.gep(owned, t))
+
+        def grad_row(k):
+            return e.gep(grads, b.mul(k, dim))
+
+        nblocks = b.udiv(b.add(count, _c(I64, DEDUP_BLOCK - 1)), _c(I64, DEDUP_BLOCK))
+        with e.loop(_c(I64, 0), nblocks, "blocks") as blk:
+            lo = b.mul(blk, _c(I64, DEDUP_BLOCK))
+            width = b.sub(_minimum(e, b.add(lo, _c(I64, DEDUP_BLOCK)), count), lo)
+            cnt = _compact_owned(e, ids, lo, width, owned, part, nparts)
+            with e.loop(_c(I64, 0), cnt, "owned") as t:
+                _prefetch(e, spec, ids, entry, grad_row, t, cnt, bufs)
+                k = entry(t)
+                _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), scratch, bufs, step)
     b.ret_void()
 
 
@@ -576,71 +597,67 @@ PREFETCH_AHEAD = 8  # rows: 4 to 16 measured the same
 PREFETCH_BYTES = 512  # per stream: wider rows are left to the hardware prefetcher
 
 
-def _prefetch(e: Emitter, spec: UpdateSpec, ids, pos, count, rows: dict) -> None:
+def _prefetch(e: Emitter, spec: UpdateSpec, ids, entry, grad_row, pos, count,
+              bufs: dict) -> None:
     """Ask for every line the row PREFETCH_AHEAD positions later touches.
 
-    That row's gradient (still in the delta, or summed in acc), its table,
-    state and serving rows and its version are all scattered cache misses;
-    issuing them early overlaps the misses of several rows. Leaving out the
-    gradient and the version, as an earlier version did, cost a quarter of
-    the apply phase (25.7 -> 19.5 ms on the dim-64 benchmark).
+    That row's gradient (in the delta, or summed in acc), its table, state
+    and serving rows and its version are all scattered cache misses; issuing
+    them early overlaps the misses of several rows. Leaving out the gradient
+    and the version and the last line of rows that do not start on a line,
+    as an earlier version did, doubled the apply phase (25.7 -> 12.0 ms on
+    the dim-64 benchmark).
     """
     b = e.b
     ahead = b.add(pos, _c(I64, PREFETCH_AHEAD))
     with b.if_then(b.icmp_signed("<", ahead, count)):
-        k = b.load(e.gep(rows["order"], ahead)) if spec.sort else ahead
+        k = entry(ahead)
         nid = _load_id(e, ids, k)
-        first = b.load(e.gep(rows["srcs"], k))
-        grad = b.select(b.icmp_signed(">=", first, _c(I64, 0)),
-                        e.gep(rows["raw"], b.mul(first, _c(I64, spec.dim))),
-                        e.gep(rows["acc"], b.mul(k, _c(I64, spec.dim))))
         elem = _elem_type(spec.table_dtype)
         row_bytes = spec.dim * (4 if spec.table_dtype == "f32" else 2)
-        targets = [(grad, 4 * spec.dim), (e.row(rows["table"], elem, nid, spec.dim), row_bytes)]
+        targets = [(grad_row(k), 4 * spec.dim),
+                   (e.row(bufs["table"], elem, nid, spec.dim), row_bytes)]
         if spec.optimizer == "rowwise_adagrad":
-            targets.append((e.gep(rows["s0"], nid), 4))
+            targets.append((e.gep(bufs["s0"], nid), 4))
         elif spec.optimizer in ("adagrad", "adam"):
-            targets.append((e.gep(rows["s0"], b.mul(nid, _c(I64, spec.dim))), 4 * spec.dim))
+            targets.append((e.gep(bufs["s0"], b.mul(nid, _c(I64, spec.dim))), 4 * spec.dim))
             if spec.optimizer == "adam":
-                targets.append((e.gep(rows["s1"], b.mul(nid, _c(I64, spec.dim))), 4 * spec.dim))
+                targets.append((e.gep(bufs["s1"], b.mul(nid, _c(I64, spec.dim))), 4 * spec.dim))
         if spec.serving is not None:
             width = {"f32": 4 * spec.dim, "f16": 2 * spec.dim, "bf16": 2 * spec.dim,
                      "int8": spec.dim + 8, "int4": (spec.dim + 1) // 2 + 4}[spec.serving]
-            targets.append((e.row(rows["serving"], I8, nid, width), width))
+            targets.append((e.row(bufs["serving"], I8, nid, width), width))
         if spec.versions:
-            targets.append((e.gep(rows["versions"], nid), 8))  # null when not passed: harmless
+            targets.append((e.gep(bufs["versions"], nid), 8))  # null when not passed: harmless
         pf = _prefetch_fn(e)
         for ptr, nbytes in targets:
-            base = b.bitcast(ptr, I8.as_pointer())
-            span = min(nbytes, PREFETCH_BYTES)
-            # rows need not start on a line: the last byte may sit one line further
-            for off in [*range(0, span, 64), *([span - 1] if span % 64 != 1 else [])]:
-                b.call(pf, [e.gep(base, _c(I64, off)), _c(I32, 1), _c(I32, 3), _c(I32, 1)])
+            _fetch_row(e, ptr, nbytes, pf)
 
 
-def _apply_row(e: Emitter, spec: UpdateSpec, k, idv, grads, g, table, s0, s1, serving,
-               versions, alpha, version, seed, ids, count, pos, order, raw_grads,
-               srcs) -> None:
+def _fetch_row(e: Emitter, ptr, nbytes: int, pf, write: int = 1) -> None:
+    """Prefetch every line of a row that need not start on a line."""
+    base = e.b.bitcast(ptr, I8.as_pointer())
+    span = min(nbytes, PREFETCH_BYTES)
+    # the row's last byte may sit one line past its first 64-byte steps
+    for off in [*range(0, span, 64), *([span - 1] if span % 64 != 1 else [])]:
+        e.b.call(pf, [e.gep(base, _c(I64, off)), _c(I32, write), _c(I32, 3), _c(I32, 1)])
+
+
+def _apply_row(e: Emitter, spec: UpdateSpec, idv, src, g, bufs: dict, step: tuple) -> None:
+    """One row: gradient transforms, optimizer, serving refresh, version stamp."""
     b = e.b
-    dim = _c(I64, spec.dim)
-    src = e.gep(grads, b.mul(k, dim))
-    if spec.dedup:
-        _prefetch(e, spec, ids, pos, count,
-                  {"order": order, "table": table, "s0": s0, "s1": s1, "serving": serving,
-                   "srcs": srcs, "raw": raw_grads, "acc": grads, "versions": versions})
-        first = b.load(e.gep(srcs, k))  # >= 0: the id occurred once, row still in the delta
-        in_delta = e.gep(raw_grads, b.mul(first, dim))
-        src = b.select(b.icmp_signed(">=", first, _c(I64, 0)), in_delta, src)
+    alpha, version, seed = step
     elem = _elem_type(spec.table_dtype)
-    wrow = e.row(table, elem, idv, spec.dim)
+    wrow = e.row(bufs["table"], elem, idv, spec.dim)
     if spec.clip_value is not None or spec.max_norm is not None or spec.weight_decay:
         _transform_grad(e, spec, src, g, wrow)
     else:
         g = src  # nothing to transform: the optimizer reads the summed row directly
-    _optimizer(e, spec, idv, g, wrow, s0, s1, alpha, seed)
+    _optimizer(e, spec, idv, g, wrow, bufs["s0"], bufs["s1"], alpha, seed)
     if spec.serving is not None:
-        _refresh_serving(e, spec, idv, wrow, serving)
+        _refresh_serving(e, spec, idv, wrow, bufs["serving"])
     if spec.versions:
+        versions = bufs["versions"]
         with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(versions, I64), _c(I64, 0))):
             b.store(version, e.gep(versions, idv))
 
