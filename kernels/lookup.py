@@ -30,6 +30,7 @@ from ..compiler.backend import llvm_bag
 from ..compiler.backend.llvm_bag import ERR_ID, ERR_OFFSETS, FUNCTION_NAME, emit_bag, emit_runner
 from ..compiler.backend.spec import BagSpec, serving_row_bytes
 from ..compiler.pipeline import bag_spec
+from .arrays import ArrayArg
 from .errors import EkkoError
 from .jit import JitModule, compile_ir
 
@@ -40,10 +41,6 @@ _INDEX_NP = {"i32": np.dtype(np.int32), "i64": np.dtype(np.int64)}
 _TABLE_NP = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16),
              "bf16": np.dtype(np.uint16), "int8": np.dtype(np.uint8), "int4": np.dtype(np.uint8)}
 _TORCH_TABLE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "int8": "uint8", "int4": "uint8"}
-
-# dtype.name costs ~1.4 us a call; a dict lookup on the dtype is ~20x cheaper
-_NP_NAMES = {np.dtype(t): np.dtype(t).name for t in
-             (np.float32, np.float16, np.uint16, np.int16, np.uint8, np.int32, np.int64, np.float64)}
 
 _CFUNC = ctypes.CFUNCTYPE(
     ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
@@ -135,41 +132,6 @@ def _shared_runner() -> _Runner:
         return _runner
 
 
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.startswith("torch")
-
-
-class _Arg:
-    """One array argument reduced to (data pointer, shape, dtype name), torch or numpy."""
-
-    def __init__(self, name: str, x: Any):
-        self.name, self.obj = name, x
-        if _is_torch(x):
-            if x.device.type != "cpu":
-                raise LookupError(f"{name} must be a CPU tensor, got device {x.device}")
-            self.torch = True
-            self.dtype = str(x.dtype).removeprefix("torch.")
-            self.shape = tuple(x.shape)
-            self.contiguous = x.is_contiguous()
-            self.ptr = x.data_ptr()
-        elif isinstance(x, np.ndarray):
-            self.torch = False
-            self.dtype = _NP_NAMES.get(x.dtype) or x.dtype.name
-            self.shape = x.shape
-            self.contiguous = x.flags.c_contiguous
-            self.ptr = x.__array_interface__["data"][0]  # cheaper than x.ctypes.data
-        else:
-            raise LookupError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
-        if not self.contiguous:
-            raise LookupError(f"{name} must be C-contiguous")
-
-    def expect(self, dtypes: tuple[str, ...], ndim: int) -> None:
-        if self.dtype not in dtypes:
-            raise LookupError(f"{self.name} must have dtype {' or '.join(dtypes)}, got {self.dtype}")
-        if len(self.shape) != ndim:
-            raise LookupError(f"{self.name} must be {ndim}-D, got shape {self.shape}")
-
-
 class BagKernel:
     """A compiled pooled lookup for one BagSpec; call it like F.embedding_bag."""
 
@@ -184,26 +146,26 @@ class BagKernel:
 
     # -- argument checks -----------------------------------------------------
 
-    def _table(self, table: Any) -> _Arg:
-        t = _Arg("table", table)
+    def _table(self, table: Any) -> ArrayArg:
+        t = ArrayArg("table", table, LookupError)
         layout = self.spec.layout
         allowed = (_TABLE_NP[layout].name,) + ((_TORCH_TABLE[layout],) if t.torch else ())
         if layout == "bf16" and t.torch:
             allowed = ("bfloat16", "int16", "uint16")
-        t.expect(allowed, 2)
+        t.expect(allowed, ndim=2)
         width = serving_row_bytes(layout, self.spec.dim) if layout in ("int8", "int4") else self.spec.dim
         if t.shape[1] != width:
             raise LookupError(f"{layout} table of dim {self.spec.dim} needs {width} columns, got {t.shape[1]}")
         return t
 
-    def _ids(self, ids: Any) -> _Arg:
-        a = _Arg("ids", ids)
+    def _ids(self, ids: Any) -> ArrayArg:
+        a = ArrayArg("ids", ids, LookupError)
         want = "int32" if self.spec.index_dtype == "i32" else "int64"
-        a.expect((want,), 1)
+        a.expect((want,), ndim=1)
         return a
 
-    def _offsets(self, offsets: Any, ids: _Arg,
-                 include_last: bool | None) -> tuple[_Arg | None, int, int]:
+    def _offsets(self, offsets: Any, ids: ArrayArg,
+                 include_last: bool | None) -> tuple[ArrayArg | None, int, int]:
         """(offsets arg, noffsets, nbags); mode none has no offsets and one bag per id.
 
         With include_last None the convention is inferred: B+1 entries when
@@ -217,8 +179,8 @@ class BagKernel:
             return None, 0, ids.shape[0]
         if offsets is None:
             raise LookupError(f"mode {self.spec.mode!r} needs offsets")
-        o = _Arg("offsets", offsets)
-        o.expect((ids.dtype,), 1)
+        o = ArrayArg("offsets", offsets, LookupError)
+        o.expect((ids.dtype,), ndim=1)
         n = o.shape[0]
         if n == 0:
             return o, 0, 0
@@ -226,20 +188,20 @@ class BagKernel:
             include_last = n >= 2 and int(offsets[n - 1]) == ids.shape[0]
         return o, n, n - 1 if include_last else n
 
-    def _weights(self, w: Any, ids: _Arg) -> _Arg | None:
+    def _weights(self, w: Any, ids: ArrayArg) -> ArrayArg | None:
         if not self.spec.weighted:
             if w is not None:
                 raise LookupError("per_sample_weights given to an unweighted kernel")
             return None
         if w is None:
             raise LookupError("weighted kernel needs per_sample_weights")
-        a = _Arg("per_sample_weights", w)
-        a.expect(("float32",), 1)
+        a = ArrayArg("per_sample_weights", w, LookupError)
+        a.expect(("float32",), ndim=1)
         if a.shape[0] != ids.shape[0]:
             raise LookupError(f"per_sample_weights has {a.shape[0]} entries for {ids.shape[0]} ids")
         return a
 
-    def _out(self, out: Any, nbags: int, like_torch: bool) -> tuple[Any, _Arg]:
+    def _out(self, out: Any, nbags: int, like_torch: bool) -> tuple[Any, ArrayArg]:
         shape = (nbags, self.spec.dim)
         if out is None:
             if like_torch:
@@ -248,8 +210,8 @@ class BagKernel:
                 out = torch.empty(shape, dtype=torch.float32)
             else:
                 out = np.empty(shape, np.float32)
-        o = _Arg("out", out)
-        o.expect(("float32",), 2)
+        o = ArrayArg("out", out, LookupError, writable=True)
+        o.expect(("float32",), ndim=2)
         if tuple(o.shape) != shape:
             raise LookupError(f"out must have shape {shape}, got {tuple(o.shape)}")
         return out, o

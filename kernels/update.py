@@ -25,13 +25,13 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 
 from ..compiler.backend.llvm_update import emit_update
 from ..compiler.backend.spec import UpdateSpec, serving_row_bytes
 from ..compiler.pipeline import UpdateRequest, update_spec
+from .arrays import ArrayArg
 from .errors import UpdateError
 from .jit import JitModule, compile_ir
 
@@ -57,39 +57,6 @@ def _executor() -> ThreadPoolExecutor:
             _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                        thread_name_prefix="ekko-update")
         return _pool
-
-
-class _Arg:
-    """An array argument as (pointer, shape, dtype name), numpy or torch."""
-
-    def __init__(self, name: str, x: Any):
-        self.name = name
-        if type(x).__module__.startswith("torch"):
-            if x.device.type != "cpu":
-                raise UpdateError(f"{name} must be a CPU tensor, got device {x.device}")
-            self.dtype = str(x.dtype).removeprefix("torch.")
-            self.shape = tuple(x.shape)
-            contiguous = x.is_contiguous()
-            self.ptr = x.data_ptr()
-        elif isinstance(x, np.ndarray):
-            self.dtype = x.dtype.name
-            self.shape = x.shape
-            contiguous = x.flags.c_contiguous
-            self.ptr = x.__array_interface__["data"][0]
-            if not x.flags.writeable and name not in ("ids", "grads"):
-                raise UpdateError(f"{name} is read-only: updates are applied in place")
-        else:
-            raise UpdateError(f"{name} must be a numpy array or a torch tensor, "
-                              f"got {type(x).__name__}")
-        if not contiguous:
-            raise UpdateError(f"{name} must be C-contiguous")
-
-    def expect(self, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> None:
-        if self.dtype not in dtypes:
-            raise UpdateError(f"{self.name} must have dtype {' or '.join(dtypes)}, "
-                              f"got {self.dtype}")
-        if tuple(self.shape) != shape:
-            raise UpdateError(f"{self.name} must have shape {shape}, got {tuple(self.shape)}")
 
 
 class _Scratch:
@@ -141,35 +108,35 @@ class UpdateKernel:
     # -- argument checks -----------------------------------------------
     def _check(self, table, ids, grads, state, serving, versions):
         s = self.spec
-        t = _Arg("table", table)
+        t = ArrayArg("table", table, UpdateError, writable=True)
         if len(t.shape) != 2 or t.shape[1] != s.dim:
             raise UpdateError(f"table must have shape (rows, {s.dim}), got {tuple(t.shape)}")
         rows = t.shape[0]
         t.expect(_TABLE_DTYPES[s.table_dtype], (rows, s.dim))
-        i = _Arg("ids", ids)
+        i = ArrayArg("ids", ids, UpdateError)
         if len(i.shape) != 1:
             raise UpdateError(f"ids must be 1-D, got shape {tuple(i.shape)}")
         i.expect(("int32",) if s.index_dtype == "i32" else ("int64",), (i.shape[0],))
         n = i.shape[0]
-        g = _Arg("grads", grads)
+        g = ArrayArg("grads", grads, UpdateError)
         g.expect(("float32",), (n, s.dim))
         states = self._check_state(state, rows)
         srv = None
         if s.serving is not None:
             if serving is None:
                 raise UpdateError(f"this kernel refreshes a {s.serving} serving copy: pass serving=")
-            srv = _Arg("serving", serving)
+            srv = ArrayArg("serving", serving, UpdateError, writable=True)
             width = s.dim if s.serving in ("f32", "f16", "bf16") else serving_row_bytes(s.serving, s.dim)
             srv.expect(_SERVING_DTYPES[s.serving], (rows, width))
         elif serving is not None:
             raise UpdateError("this kernel has no serving copy: compile it with serving=")
         ver = None
         if versions is not None:
-            ver = _Arg("versions", versions)
+            ver = ArrayArg("versions", versions, UpdateError, writable=True)
             ver.expect(("int64",), (rows,))
         return rows, n, t, i, g, states, srv, ver
 
-    def _check_state(self, state, rows: int) -> list[_Arg]:
+    def _check_state(self, state, rows: int) -> list[ArrayArg]:
         s = self.spec
         if s.optimizer == "sgd":
             if state is not None:
@@ -180,11 +147,12 @@ class UpdateKernel:
         if s.optimizer == "adam":
             if not isinstance(state, (tuple, list)) or len(state) != 2:
                 raise UpdateError("adam's state is a tuple (exp_avg, exp_avg_sq)")
-            args = [_Arg("exp_avg", state[0]), _Arg("exp_avg_sq", state[1])]
+            args = [ArrayArg(name, x, UpdateError, writable=True)
+                    for name, x in zip(("exp_avg", "exp_avg_sq"), state)]
             for a in args:
                 a.expect(("float32",), (rows, s.dim))
             return args
-        a = _Arg("state", state)
+        a = ArrayArg("state", state, UpdateError, writable=True)
         a.expect(("float32",), (rows,) if s.optimizer == "rowwise_adagrad" else (rows, s.dim))
         return [a]
 
@@ -256,7 +224,7 @@ class UpdateKernel:
         first = fn(0)
         return [first] + [f.result() for f in futures]
 
-    def _raise_first(self, codes: list[int], ids: _Arg, rows: int) -> None:
+    def _raise_first(self, codes: list[int], ids: ArrayArg, rows: int) -> None:
         """Report the earliest bad position over all partitions; nothing was written."""
         errors = [(int(self._scratch[p].err[0]), code) for p, code in enumerate(codes) if code]
         if not errors:
@@ -268,7 +236,7 @@ class UpdateKernel:
         raise UpdateError(f"non-finite gradient (NaN or Inf) in delta row {pos}")
 
 
-def ids_value(ids: _Arg, pos: int) -> int:
+def ids_value(ids: ArrayArg, pos: int) -> int:
     """Read one id back from its pointer, for the error message."""
     ctype = ctypes.c_int32 if ids.dtype == "int32" else ctypes.c_int64
     return ctype.from_address(ids.ptr + pos * ctypes.sizeof(ctype)).value
