@@ -8,7 +8,8 @@ rows are applied walking the table forward. Bags get the partition count.
 
 Measured on the 2-core development machine (1M Zipf ids into 4M x 64 f32,
 rowwise Adagrad + int8): sorting cost more than the locality it bought
-(~36 vs ~32 ms) because the summed rows are then read out of order, so it is
+(~42 vs ~33 ms: a 3 ms sort, and the summed rows and delta rows are then
+read out of order while every row is prefetched anyway), so it is
 off by default; a tile narrower than the dim split the vector loops (16 of
 64: ~2x slower), so the tile is the whole row up to 512 values.
 """
