@@ -11,6 +11,7 @@ import ekko
 from ekko.compiler.backend.llvm_update import emit_update
 from ekko.compiler.backend.spec import UpdateSpec
 from ekko.kernels import jit
+from ekko.kernels.update import UpdateKernel
 from ekko.kernels.errors import UpdateError
 
 ROWS, DIM = 50, 8
@@ -153,12 +154,12 @@ def test_compile_cache_memory_and_disk(tmp_path, monkeypatch) -> None:
     spec = UpdateSpec("adam", 77, serving="int4", max_norm=2.0)  # a spec no other test uses
     jit.clear_memory_cache()
     t0 = time.perf_counter()
-    cold = ekko.kernels.update.UpdateKernel(spec)
+    cold = UpdateKernel(spec)
     t1 = time.perf_counter()
-    again = ekko.kernels.update.UpdateKernel(spec)
+    again = UpdateKernel(spec)
     t2 = time.perf_counter()
     jit.clear_memory_cache()
-    disk = ekko.kernels.update.UpdateKernel(spec)
+    disk = UpdateKernel(spec)
     t3 = time.perf_counter()
     print(f"cold {t1 - t0:.3f} s, memory cache {t2 - t1:.4f} s, disk cache {t3 - t2:.4f} s")
     assert not cold.module.from_disk and disk.module.from_disk
@@ -171,8 +172,6 @@ def test_compile_cache_memory_and_disk(tmp_path, monkeypatch) -> None:
 def test_sorted_and_unsorted_schedules_agree(optimizer: str) -> None:
     """upd-schedule's sort only reorders rows: every row gets the same bits."""
     from dataclasses import replace
-
-    from ekko.kernels.update import UpdateKernel
 
     rng = np.random.default_rng(3)
     rows = 70_000  # more than 2^11: the radix sort needs two passes
