@@ -166,7 +166,7 @@ def test_numeric_module_paths_become_names() -> None:
     assert parse_model(format_model(m)) == m
 
 
-@pytest.mark.skipif(not torchrec_available(),
+@pytest.mark.skipif(not torchrec_available() and not os.environ.get("EKKO_REQUIRE_TORCHREC"),
                     reason="torchrec does not import here (it is optional: pip install "
                     "--no-deps torchrec beside fbgemm-gpu-cpu, plus its pure-Python deps)")
 def test_torchrec_collections() -> None:
