@@ -57,6 +57,27 @@ def test_rejected_delta_changes_nothing(ids, grads_fix, message) -> None:
         np.testing.assert_array_equal(old, new)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_earliest_error_of_a_long_delta_is_reported(optimizer: str) -> None:
+    """Errors past the first 1024-id block, in both partitions: the earliest wins, nothing moves."""
+    k = ekko.update_kernel(optimizer, DIM, serving="int8", threads=2)
+    table, state, srv, versions = buffers(optimizer)
+    before = snapshot(table, state, srv, versions)
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, ROWS, 5000)
+    grads = rng.standard_normal((5000, DIM)).astype(np.float32)
+    ids[4321] = ROWS + 3
+    grads[2999, 7] = np.nan
+    ids[3500] = -2
+    with pytest.raises(UpdateError, match="non-finite gradient .* delta row 2999"):
+        k(table, ids, grads, state=state, serving=srv, versions=versions, step=1)
+    grads[2999, 7] = 0.0
+    with pytest.raises(UpdateError, match=r"id -2 at position 3500 is out of range"):
+        k(table, ids, grads, state=state, serving=srv, versions=versions, step=1)
+    for old, new in zip(before, snapshot(table, state, srv, versions)):
+        np.testing.assert_array_equal(old, new)
+
+
 def test_argument_errors_are_clear() -> None:
     k = ekko.update_kernel("rowwise_adagrad", DIM, serving="int8")
     table, state, srv, versions = buffers("rowwise_adagrad")
