@@ -142,7 +142,7 @@ class _BagEmitter:
         leave `bias` (* weight) to a scalar running sum, added once per bag:
         sum(code*s + b) = sum(code*s) + sum(b), one vector add fewer per id.
         """
-        b, layout, dim = self.b, self.spec.layout, self.spec.dim
+        b, layout = self.b, self.spec.layout
         vf = ir.VectorType(f32, n)
         if layout == "f32":
             v = _load_at(b, row, 4 * c0, vf, 4)

@@ -505,10 +505,11 @@ def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, htab, mask, uids, acc, 
     b.position_at_end(step)
     slot.add_incoming(b.and_(b.add(slot, _c(I64, 1)), mask), b.block)
     b.branch(probe)
-    # a new id: take the next unique index and copy the row
+    # a new id: take the next unique index and remember its delta row
     b.position_at_end(empty)
     k = b.load(count_ptr)
-    full = b.icmp_unsigned(">=", b.mul(b.add(k, _c(I64, 1)), _c(I64, 4)), b.mul(b.add(mask, _c(I64, 1)), _c(I64, 3)))
+    cap = b.add(mask, _c(I64, 1))
+    full = b.icmp_unsigned(">=", b.mul(b.add(k, _c(I64, 1)), _c(I64, 4)), b.mul(cap, _c(I64, 3)))
     with b.if_then(full):
         b.store(_c(I64, 3), status)
         b.branch(fail)
