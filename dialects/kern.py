@@ -76,6 +76,8 @@ def _memref(t: Attribute, rank: int, what: str) -> MemRefType:
 class KernelOp(InferredResultsOp):
     """Kernel ops return nothing: they write their buffers in place."""
 
+    args = var_operand_def()  # roles checked by `check`; declared once for every kernel op
+
     @classmethod
     def infer_result_types(cls, operand_types, attributes):
         cls.check(list(operand_types), attributes)
@@ -94,7 +96,6 @@ class UpdateOp(KernelOp):
     """A fused sparse update over explicit buffers (see upd.apply for roles)."""
 
     name = "kern.update"
-    args = var_operand_def()
 
     @classmethod
     def roles(cls, attributes: dict[str, Attribute]) -> list[str]:
@@ -156,7 +157,6 @@ class BagOp(KernelOp):
     """Pooled (or plain, mode "none") lookups written into `out`."""
 
     name = "kern.bag"
-    args = var_operand_def()
 
     @classmethod
     def roles(cls, attributes: dict[str, Attribute]) -> list[str]:

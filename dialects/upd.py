@@ -138,7 +138,14 @@ def check_positive(op: InferredResultsOp, name: str, required: bool = True) -> N
 
 
 class UpdOp(InferredResultsOp):
-    """Common verification: operand and attribute checks live in infer."""
+    """Common verification: operand and attribute checks live in infer.
+
+    Every upd op takes and yields variadic values whose roles `infer` checks;
+    the two fields are declared once here (xDSL collects them from bases).
+    """
+
+    args = var_operand_def()
+    res = var_result_def()
 
     def verify_(self) -> None:
         types = self.infer_result_types([o.type for o in self.operands], self.attributes)
@@ -156,8 +163,6 @@ class DeltaOp(UpdOp):
     """Makes a delta from an ids tensor and a rows tensor of equal length."""
 
     name = "upd.delta"
-    args = var_operand_def()
-    res = var_result_def()
     traits = traits_def(Pure())
 
     @classmethod
@@ -186,8 +191,6 @@ class DedupOp(UpdOp):
     """Sums the rows of equal ids: the result holds each id once."""
 
     name = "upd.dedup"
-    args = var_operand_def()
-    res = var_result_def()
     traits = traits_def(Pure(), DedupHasCanonicalizationPatterns())
 
     @classmethod
@@ -212,8 +215,6 @@ class ClipOp(UpdOp):
     """Clips each row: by value (clamp) and/or by its L2 norm (max_norm)."""
 
     name = "upd.clip"
-    args = var_operand_def()
-    res = var_result_def()
     traits = traits_def(Pure())
 
     @classmethod
@@ -234,8 +235,6 @@ class WeightDecayOp(UpdOp):
     """Adds decay * w to each row's gradient (L2 regularization, as torch)."""
 
     name = "upd.weight_decay"
-    args = var_operand_def()
-    res = var_result_def()
     traits = traits_def(Pure())
 
     @classmethod
@@ -306,8 +305,6 @@ class OptimizerOp(UpdOp):
 class SgdOp(OptimizerOp):
     name = "upd.sgd"
     OPTIMIZER: ClassVar[str] = "sgd"
-    args = var_operand_def()
-    res = var_result_def()
 
 
 @irdl_op_definition
@@ -318,8 +315,6 @@ class AdagradOp(OptimizerOp):
     HAS_STEP: ClassVar[bool] = True
     HYPER: ClassVar[tuple[str, ...]] = ("lr", "eps", "lr_decay")
     DEFAULTS: ClassVar[dict[str, float]] = {"eps": 1e-10, "lr_decay": 0.0}
-    args = var_operand_def()
-    res = var_result_def()
 
 
 @irdl_op_definition
@@ -330,8 +325,6 @@ class RowwiseAdagradOp(OptimizerOp):
     ROWWISE: ClassVar[bool] = True
     HYPER: ClassVar[tuple[str, ...]] = ("lr", "eps")
     DEFAULTS: ClassVar[dict[str, float]] = {"eps": 1e-8}
-    args = var_operand_def()
-    res = var_result_def()
 
 
 @irdl_op_definition
@@ -342,8 +335,6 @@ class AdamOp(OptimizerOp):
     HAS_STEP: ClassVar[bool] = True
     HYPER: ClassVar[tuple[str, ...]] = ("lr", "beta1", "beta2", "eps")
     DEFAULTS: ClassVar[dict[str, float]] = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
-    args = var_operand_def()
-    res = var_result_def()
 
     def verify_attributes(self) -> None:
         super().verify_attributes()
@@ -367,8 +358,6 @@ class StochasticRoundOp(UpdOp):
     """
 
     name = "upd.stochastic_round"
-    args = var_operand_def()
-    res = var_result_def()
 
     @classmethod
     def infer_result_types(cls, operand_types, attributes):
@@ -395,8 +384,6 @@ class RequantizeOp(UpdOp):
     """Re-makes the serving rows of the delta's ids from the master table."""
 
     name = "upd.requantize"
-    args = var_operand_def()
-    res = var_result_def()
     traits = traits_def(Pure())
 
     @classmethod
@@ -418,8 +405,6 @@ class StampOp(UpdOp):
     """versions[id] = version for every id of the delta."""
 
     name = "upd.stamp"
-    args = var_operand_def()
-    res = var_result_def()
     traits = traits_def(Pure())
 
     @classmethod
@@ -455,8 +440,6 @@ class ApplyOp(UpdOp):
     """
 
     name = "upd.apply"
-    args = var_operand_def()
-    res = var_result_def()
 
     @classmethod
     def layout(cls, attributes: dict[str, Attribute]) -> list[str]:
