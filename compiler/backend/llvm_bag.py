@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 
+from . import loops
 from .spec import BagSpec, serving_row_bytes
 
 FUNCTION_NAME = "bag_kernel"
@@ -220,38 +221,23 @@ class _BagEmitter:
         """Pool elements [c0, c0+n) over the bag's ids and store them once."""
         b, a, spec = self.b, self.a, self.spec
         vf = ir.VectorType(f32, n)
-        pre = b.block
-        head = self.fn.append_basic_block(f"c{c0}_head")
-        body = self.fn.append_basic_block(f"c{c0}_body")
-        done = self.fn.append_basic_block(f"c{c0}_done")
-        b.branch(head)
-        b.position_at_end(head)
-        j = b.phi(i64, "j")
-        acc = b.phi(vf, "acc")
-        j.add_incoming(start, pre)
-        acc.add_incoming(ir.Constant(vf, [0.0] * n), pre)
-        bias_acc = None
-        if spec.layout in ("int8", "int4"):
-            bias_acc = b.phi(f32, "bias_acc")
-            bias_acc.add_incoming(_const(f32, 0.0), pre)
-        b.cbranch(b.icmp_signed("<", j, end), body, done)
-        b.position_at_end(body)
-        idv = self.load_index(a["ids"], j)
-        if c0 == 0:  # the first chunk validates every id before later chunks reuse them
-            ok = self.fn.append_basic_block("id_ok")
-            b.cbranch(b.icmp_unsigned("<", idv, a["rows"]), ok, self.fail(ERR_ID, j))
-            b.position_at_end(ok)
-            self.emit_prefetch(j)
-        weight = b.load(b.gep(a["weights"], [j]), align=4) if spec.weighted else None
-        new_acc, bias = self.dequant(self.row_ptr(idv), c0, n, weight, acc)
-        j_next = b.add(j, _const(i64, 1))
-        j.add_incoming(j_next, b.block)
-        acc.add_incoming(new_acc, b.block)
-        if bias_acc is not None:
-            bias_acc.add_incoming(b.fadd(bias_acc, bias), b.block)
-        b.branch(head)
-        b.position_at_end(done)
-        total = acc if bias_acc is None else b.fadd(acc, _splat(b, bias_acc, n))
+        # int layouts carry the biases in a scalar beside the vector sum
+        quant = spec.layout in ("int8", "int4")
+        inits = [ir.Constant(vf, [0.0] * n)] + ([_const(f32, 0.0)] if quant else [])
+
+        def step(j: ir.Value, accs: list) -> list:
+            idv = self.load_index(a["ids"], j)
+            if c0 == 0:  # the first chunk validates every id before later chunks reuse them
+                ok = self.fn.append_basic_block("id_ok")
+                b.cbranch(b.icmp_unsigned("<", idv, a["rows"]), ok, self.fail(ERR_ID, j))
+                b.position_at_end(ok)
+                self.emit_prefetch(j)
+            weight = b.load(b.gep(a["weights"], [j]), align=4) if spec.weighted else None
+            new_acc, bias = self.dequant(self.row_ptr(idv), c0, n, weight, accs[0])
+            return [new_acc] + ([b.fadd(accs[1], bias)] if quant else [])
+
+        accs = loops.fold(b, start, end, f"c{c0}", inits, step)
+        total = accs[0] if not quant else b.fadd(accs[0], _splat(b, accs[1], n))
         self.store_row(bag, start, end, total, c0, n)
 
     def store_row(self, bag: ir.Value, start: ir.Value, end: ir.Value, acc: ir.Value,
@@ -268,24 +254,12 @@ class _BagEmitter:
 
     def build(self) -> str:
         b, a = self.b, self.a
-        entry = b.block
         lo = b.sdiv(b.mul(a["nbags"], a["part"]), a["nparts"])
         hi = b.sdiv(b.mul(a["nbags"], b.add(a["part"], _const(i64, 1))), a["nparts"])
-        head = self.fn.append_basic_block("bag_head")
-        body = self.fn.append_basic_block("bag_body")
-        exit_ = self.fn.append_basic_block("exit")
-        b.branch(head)
-        b.position_at_end(head)
-        bag = b.phi(i64, "bag")
-        bag.add_incoming(lo, entry)
-        b.cbranch(b.icmp_signed("<", bag, hi), body, exit_)
-        b.position_at_end(body)
-        start, end = self.bag_bounds(bag)
-        for c0 in range(0, self.spec.dim, CHUNK):
-            self.chunk_loop(bag, start, end, c0, min(CHUNK, self.spec.dim - c0))
-        bag.add_incoming(b.add(bag, _const(i64, 1)), b.block)
-        b.branch(head)
-        b.position_at_end(exit_)
+        with loops.counted(b, lo, hi, "bag") as bag:
+            start, end = self.bag_bounds(bag)
+            for c0 in range(0, self.spec.dim, CHUNK):
+                self.chunk_loop(bag, start, end, c0, min(CHUNK, self.spec.dim - c0))
         b.ret(_const(i64, 0))
         return str(self.module)
 

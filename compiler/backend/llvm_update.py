@@ -39,6 +39,7 @@ from contextlib import contextmanager
 
 from llvmlite import ir
 
+from . import loops
 from .spec import UpdateSpec
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -60,25 +61,9 @@ class Emitter:
         self.b = ir.IRBuilder(fn.append_basic_block("entry"))
 
     # -- control flow ---------------------------------------------------
-    @contextmanager
-    def loop(self, start, stop, name: str) -> Iterator[ir.Value]:
-        """for (i = start; i < stop; ++i) { body }: yields i."""
-        b = self.b
-        pre = b.block
-        head = self.fn.append_basic_block(f"{name}.head")
-        body = self.fn.append_basic_block(f"{name}.body")
-        done = self.fn.append_basic_block(f"{name}.done")
-        b.branch(head)
-        b.position_at_end(head)
-        i = b.phi(I64, name)
-        i.add_incoming(start, pre)
-        b.cbranch(b.icmp_signed("<", i, stop), body, done)
-        b.position_at_end(body)
-        yield i
-        nxt = b.add(i, _c(I64, 1))
-        i.add_incoming(nxt, b.block)
-        b.branch(head)
-        b.position_at_end(done)
+    def loop(self, start, stop, name: str):
+        """with e.loop(start, stop, name) as i: for (i = start; i < stop; ++i)."""
+        return loops.counted(self.b, start, stop, name)
 
     @contextmanager
     def tiled(self, dim: int, tile: int, name: str) -> Iterator[ir.Value]:
@@ -110,29 +95,7 @@ class Emitter:
         One loop shape for every reduction (sums, min and max together, the
         integer OR of the finite check), so LLVM sees the same pattern.
         """
-        b = self.b
-        pre = b.block
-        head = self.fn.append_basic_block(f"{name}.head")
-        body = self.fn.append_basic_block(f"{name}.body")
-        done = self.fn.append_basic_block(f"{name}.done")
-        b.branch(head)
-        b.position_at_end(head)
-        j = b.phi(I64, f"{name}.j")
-        j.add_incoming(_c(I64, 0), pre)
-        accs = []
-        for init in inits:
-            acc = b.phi(init.type, f"{name}.acc")
-            acc.add_incoming(init, pre)
-            accs.append(acc)
-        b.cbranch(b.icmp_signed("<", j, stop), body, done)
-        b.position_at_end(body)
-        new = step(j, accs)
-        j.add_incoming(b.add(j, _c(I64, 1)), b.block)
-        for acc, value in zip(accs, new):
-            acc.add_incoming(value, b.block)
-        b.branch(head)
-        b.position_at_end(done)
-        return accs
+        return loops.fold(self.b, _c(I64, 0), stop, name, inits, step)
 
     def reduce(self, stop, name: str, init: float, step, combine) -> ir.Value:
         """Fold `combine(acc, step(j))` over j in [0, stop), in f32."""
