@@ -26,7 +26,7 @@ from xdsl.utils.exceptions import VerifyException
 
 from .common import FLOAT_DTYPES, LAYOUTS, InferredResultsOp, dtype_name, index_name
 from .emb import StateType, TableType, VersionsType
-from .upd import APPLY_FLAGS, APPLY_FLOATS, APPLY_INTS, APPLY_UNITS, OPTIMIZER_OPS
+from .upd import APPLY_FLAGS, APPLY_FLOATS, APPLY_INTS, APPLY_UNITS, apply_roles
 
 i8 = IntegerType(8)
 i64 = IntegerType(64)
@@ -99,18 +99,7 @@ class UpdateOp(KernelOp):
 
     @classmethod
     def roles(cls, attributes: dict[str, Attribute]) -> list[str]:
-        opt = attributes.get("optimizer")
-        if not isinstance(opt, StringAttr) or opt.data not in OPTIMIZER_OPS:
-            raise VerifyException("'kern.update' needs a known optimizer")
-        roles = ["table", *OPTIMIZER_OPS[opt.data].STATES, "ids", "grads"]
-        if "serving" in attributes:
-            roles.append("serving")
-        if "versions" in attributes:
-            roles += ["versions", "version"]
-        for scalar in ("step", "seed"):
-            if scalar in attributes:
-                roles.append(scalar)
-        return roles
+        return apply_roles(attributes, ("ids", "grads"), "'kern.update' needs a known optimizer")
 
     @classmethod
     def check(cls, types, attributes):

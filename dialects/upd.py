@@ -427,6 +427,29 @@ APPLY_UNITS = ("dedup", "stochastic_rounding", "sort")
 APPLY_INTS = ("partitions", "tile")
 
 
+def apply_roles(attributes: dict[str, Attribute], data: tuple[str, ...],
+                unknown: str) -> list[str]:
+    """Operand roles of a fused update (upd.apply, and kern.update below it).
+
+    table, *optimizer state, `data` (the delta, or its ids and grads),
+    [serving], [versions, version], [step], [seed]: the unit attributes of
+    the same names say which optional ones are present. `unknown` is the
+    error for a missing or unknown optimizer.
+    """
+    opt = attributes.get("optimizer")
+    if not isinstance(opt, StringAttr) or opt.data not in OPTIMIZER_OPS:
+        raise VerifyException(unknown)
+    roles = ["table", *OPTIMIZER_OPS[opt.data].STATES, *data]
+    if "serving" in attributes:
+        roles.append("serving")
+    if "versions" in attributes:
+        roles += ["versions", "version"]
+    for scalar in ("step", "seed"):
+        if scalar in attributes:
+            roles.append(scalar)
+    return roles
+
+
 @irdl_op_definition
 class ApplyOp(UpdOp):
     """A fused update: one kernel that touches each row of the delta once.
@@ -444,19 +467,8 @@ class ApplyOp(UpdOp):
     @classmethod
     def layout(cls, attributes: dict[str, Attribute]) -> list[str]:
         """The role of each operand, in order."""
-        opt = attributes.get("optimizer")
-        if not isinstance(opt, StringAttr) or opt.data not in OPTIMIZER_OPS:
-            raise VerifyException(f"'upd.apply' needs optimizer = one of {', '.join(OPTIMIZERS)}")
-        roles = ["table", *OPTIMIZER_OPS[opt.data].STATES, "delta"]
-        if "serving" in attributes:
-            roles.append("serving")
-        if "versions" in attributes:
-            roles += ["versions", "version"]
-        if "step" in attributes:
-            roles.append("step")
-        if "seed" in attributes:
-            roles.append("seed")
-        return roles
+        return apply_roles(attributes, ("delta",),
+                           f"'upd.apply' needs optimizer = one of {', '.join(OPTIMIZERS)}")
 
     @classmethod
     def infer_result_types(cls, operand_types, attributes):

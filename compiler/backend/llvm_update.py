@@ -242,34 +242,19 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
     b.store(_c(I64, 0), count_ptr)
     status = b.alloca(I64)
     b.store(_c(I64, 0), status)
-    owned = b.gep(b.alloca(ir.ArrayType(I64, DEDUP_BLOCK), name="owned"), [_c(I32, 0), _c(I32, 0)])
     mask = b.sub(cap, _c(I64, 1))
     fail = fn.append_basic_block("fail")
-    nblocks = b.udiv(b.add(n, _c(I64, DEDUP_BLOCK - 1)), _c(I64, DEDUP_BLOCK))
-    with e.loop(_c(I64, 0), nblocks, "blocks") as blk:
-        lo = b.mul(blk, _c(I64, DEDUP_BLOCK))
-        width = b.sub(_minimum(e, b.add(lo, _c(I64, DEDUP_BLOCK)), n), lo)
-        cnt = _compact_owned(e, ids, lo, width, owned, part, nparts)
-        with e.loop(_c(I64, 0), cnt, "owned") as t:
-            _prefetch_owned(e, spec, ids, grads, owned, t, cnt, htab, mask)
-            i = b.load(e.gep(owned, t))
-            idv = _load_id(e, ids, i)
-            bad = b.icmp_unsigned(">=", idv, rows)  # negative ids are huge unsigned
-            with b.if_then(bad):
-                b.store(i, err)
-                b.store(_c(I64, 1), status)
-                b.branch(fail)
-                b.position_at_end(b.append_basic_block("unreachable"))
-            grow = e.gep(grads, b.mul(i, dim))
-            finite = _row_finite(e, grow, dim)
-            with b.if_then(b.not_(finite)):
-                b.store(i, err)
-                b.store(_c(I64, 2), status)
-                b.branch(fail)
-                b.position_at_end(b.append_basic_block("unreachable"))
-            if spec.dedup:
-                _insert(e, spec, idv, i, grads, htab, mask, uids, acc, slots, srcs,
-                        count_ptr, status, fail)
+    with _each_owned(e, ids, n, part, nparts) as (owned, t, cnt):
+        _prefetch_owned(e, spec, ids, grads, owned, t, cnt, htab, mask)
+        i = b.load(e.gep(owned, t))
+        idv = _load_id(e, ids, i)
+        # negative ids are huge unsigned
+        _fail_if(e, b.icmp_unsigned(">=", idv, rows), 1, i, err, status, fail)
+        finite = _row_finite(e, e.gep(grads, b.mul(i, dim)), dim)
+        _fail_if(e, b.not_(finite), 2, i, err, status, fail)
+        if spec.dedup:
+            _insert(e, spec, idv, i, grads, htab, mask, uids, acc, slots, srcs,
+                    count_ptr, status, fail)
     # leave the hash table empty for the next call
     count = b.load(count_ptr)
     if spec.dedup:
@@ -282,6 +267,35 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
     if spec.dedup:  # an error leaves the slots filled so far: empty them before returning
         _clear_slots(e, htab, slots, b.load(count_ptr))
     b.ret(b.load(status))
+
+
+def _fail_if(e: Emitter, cond, code: int, pos, err, status, fail) -> None:
+    """if (cond) { *err = pos; status = code; goto fail; }"""
+    b = e.b
+    with b.if_then(cond):
+        b.store(pos, err)
+        b.store(_c(I64, code), status)
+        b.branch(fail)
+        b.position_at_end(b.append_basic_block("unreachable"))
+
+
+@contextmanager
+def _each_owned(e: Emitter, ids, n, part, nparts) -> Iterator[tuple]:
+    """for each position t < cnt of a block's owned ids: yields (owned, t, cnt).
+
+    The ids are walked in blocks of DEDUP_BLOCK; each block is first
+    compacted to the positions this partition owns (`owned[0:cnt]`, in input
+    order), so the body runs only for those and can look a few ahead.
+    """
+    b = e.b
+    owned = b.gep(b.alloca(ir.ArrayType(I64, DEDUP_BLOCK), name="owned"), [_c(I32, 0), _c(I32, 0)])
+    nblocks = b.udiv(b.add(n, _c(I64, DEDUP_BLOCK - 1)), _c(I64, DEDUP_BLOCK))
+    with e.loop(_c(I64, 0), nblocks, "blocks") as blk:
+        lo = b.mul(blk, _c(I64, DEDUP_BLOCK))
+        width = b.sub(_minimum(e, b.add(lo, _c(I64, DEDUP_BLOCK)), n), lo)
+        cnt = _compact_owned(e, ids, lo, width, owned, part, nparts)
+        with e.loop(_c(I64, 0), cnt, "owned") as t:
+            yield owned, t, cnt
 
 
 def _minimum(e: Emitter, a, b_):
@@ -536,24 +550,16 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
             k = entry(pos)
             _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), scratch, bufs, step)
     else:  # the raw delta: each partition applies the ids it owns, in input order
-        owned = b.gep(b.alloca(ir.ArrayType(I64, DEDUP_BLOCK), name="owned"),
-                      [_c(I32, 0), _c(I32, 0)])
-
-        def entry(t):
-            return b.load(e.gep(owned, t))
-
         def grad_row(k):
             return e.gep(grads, b.mul(k, dim))
 
-        nblocks = b.udiv(b.add(count, _c(I64, DEDUP_BLOCK - 1)), _c(I64, DEDUP_BLOCK))
-        with e.loop(_c(I64, 0), nblocks, "blocks") as blk:
-            lo = b.mul(blk, _c(I64, DEDUP_BLOCK))
-            width = b.sub(_minimum(e, b.add(lo, _c(I64, DEDUP_BLOCK)), count), lo)
-            cnt = _compact_owned(e, ids, lo, width, owned, part, nparts)
-            with e.loop(_c(I64, 0), cnt, "owned") as t:
-                _prefetch(e, spec, ids, entry, grad_row, t, cnt, bufs)
-                k = entry(t)
-                _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), scratch, bufs, step)
+        with _each_owned(e, ids, count, part, nparts) as (owned, t, cnt):
+            def entry(pos):
+                return b.load(e.gep(owned, pos))
+
+            _prefetch(e, spec, ids, entry, grad_row, t, cnt, bufs)
+            k = entry(t)
+            _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), scratch, bufs, step)
     b.ret_void()
 
 
