@@ -9,7 +9,6 @@ declarative formats, which matters for the 10k-op modules models produce.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 from xdsl.dialects.builtin import (
     BFloat16Type,
@@ -80,8 +79,6 @@ class InferredResultsOp(IRDLOperation):
     Subclasses implement `infer_result_types`, used both when parsing and by
     Python builders, so the two can never disagree.
     """
-
-    ELIDED: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def infer_result_types(
