@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -187,6 +190,16 @@ def test_compile_cache_memory_and_disk(tmp_path, monkeypatch) -> None:
     assert again.module is cold.module
     assert list(tmp_path.rglob("*.o"))
     assert t1 - t0 < 2.0 and t3 - t2 < 0.1 and t2 - t1 < 0.1
+
+
+def test_a_second_process_loads_the_kernel_from_disk(tmp_path) -> None:
+    """The disk cache is what a restart sees: a fresh interpreter does not recompile."""
+    script = ("import ekko; k = ekko.update_kernel('rowwise_adagrad', 24, serving='int8'); "
+              "print(k.module.from_disk)")
+    env = {**os.environ, "EKKO_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                           check=True).stdout.split() for _ in range(2)]
+    assert runs == [["False"], ["True"]]
 
 
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
