@@ -84,11 +84,6 @@ class Emitter:
             with self.loop(_c(I64, 0), width, f"{name}.lanes") as lane:
                 yield self.b.add(base, lane)
 
-    @contextmanager
-    def if_then(self, cond, name: str) -> Iterator[None]:
-        with self.b.if_then(cond):
-            yield
-
     def fold(self, stop, name: str, inits: list[ir.Constant], step) -> list[ir.Value]:
         """Loop j over [0, stop) carrying accumulators: accs = step(j, accs).
 
