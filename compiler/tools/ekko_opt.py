@@ -8,19 +8,38 @@ mistake into `file:line:col: error: ...` with the source line and exit 1.
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import sys
-from collections.abc import Sequence
-from typing import IO
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import IO, TypeVar
 
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation
 from xdsl.parser import Parser
-from xdsl.utils.exceptions import DiagnosticException, ParseError, VerifyException
+from xdsl.passes import PassPipeline
+from xdsl.utils.arg_spec import parse_pipeline
+from xdsl.utils.exceptions import (
+    ArgSpecParseError,
+    DiagnosticException,
+    ParseError,
+    VerifyException,
+)
+from xdsl.utils.lexer import Input, Span
 from xdsl.xdsl_opt_main import xDSLOptMain
 
 from ..frontend.errors import ModelError
-from ..diagnostics import EkkoDiagnostic, SourceMap, format_diagnostic, format_parse_error
+from ..diagnostics import (
+    EkkoDiagnostic,
+    SourceMap,
+    format_diagnostic,
+    format_parse_error,
+    scan_ir_text,
+)
 from ..registry import ekko_dialects, ekko_passes
+
+T = TypeVar("T")
 
 
 class LocatingParser(Parser):
@@ -36,9 +55,30 @@ class LocatingParser(Parser):
 
     def parse_operation(self) -> Operation:
         start = self._current_token.span.start
-        op = super().parse_operation()
+        op = self._located(start, super().parse_operation)
         self.op_offsets[id(op)] = start
         return op
+
+    def parse_optional_type(self):
+        return self._located(self._current_token.span.start, super().parse_optional_type)
+
+    def parse_optional_attribute(self):
+        return self._located(self._current_token.span.start, super().parse_optional_attribute)
+
+    def _located(self, start: int, parse: Callable[[], T]) -> T:
+        """Run `parse`; a verifier or value error while parsing becomes a ParseError at `start`.
+
+        Types and attributes verify as they are built (an i8 holding 300, a
+        table type with a bad layout): xDSL raises those without a position.
+        """
+        try:
+            return parse()
+        except ParseError:
+            raise
+        except (VerifyException, DiagnosticException, ValueError, TypeError, OverflowError) as e:
+            end = max(start + 1, self._current_token.span.start)
+            message = str(e).strip().split("\n")[-1] or type(e).__name__
+            raise ParseError(Span(start, end, self.lexer.input), message) from None
 
 
 class EkkoOptMain(xDSLOptMain):
@@ -47,7 +87,37 @@ class EkkoOptMain(xDSLOptMain):
     def __init__(self, args: Sequence[str] | None = None):
         self.source_map: SourceMap | None = None
         self.last_module: ModuleOp | None = None
-        super().__init__(description="ekko modular optimizer driver", args=args)
+        self.version_format = f"ekko-opt {ekko_version()} (xDSL {{xdsl_version}})"
+        super().__init__(description="ekko-opt: ekko's modular optimizer driver "
+                         "(xdsl-opt with ekko's dialects, passes and .ekko models)", args=args)
+
+    def register_all_arguments(self, arg_parser: argparse.ArgumentParser) -> None:
+        """xdsl-opt's flags, with a -p help that lists ekko's passes, not ~150 of xDSL's."""
+        super().register_all_arguments(arg_parser)
+        for action in arg_parser._actions:
+            if action.dest == "passes":
+                action.help = (
+                    "comma-separated pass pipeline, e.g. upd-dedup,upd-schedule{partitions=2}. "
+                    f"ekko's passes: {', '.join(ekko_passes())}. xDSL's passes work too: "
+                    "--list-passes prints them all")
+        arg_parser.add_argument("--list-passes", action="store_true",
+                                help="print every pass -p accepts (ekko's first) and exit")
+
+    def setup_pipeline(self) -> None:
+        """xDSL's pipeline, with every mistake in -p as one located line."""
+        spec = self.args.passes
+        try:
+            specs = list(parse_pipeline(spec))
+        except ArgSpecParseError as e:
+            raise EkkoDiagnostic(_pipeline_syntax_error(spec, e)) from None
+        for p in specs:
+            if p.name not in self.available_passes:
+                raise EkkoDiagnostic(_unknown_pass(p.name, self.available_passes))
+            try:
+                self.available_passes[p.name]().from_pass_spec(p)
+            except Exception as e:  # a pass's own option check: any error is the user's value
+                raise EkkoDiagnostic(f"ekko-opt: error: -p: pass '{p.name}': {e}") from None
+        super().setup_pipeline()
 
     def register_all_dialects(self) -> None:
         super().register_all_dialects()
@@ -73,6 +143,11 @@ class EkkoOptMain(xDSLOptMain):
 
     def _parse_mlir(self, io: IO[bytes]) -> ModuleOp:
         text = _decode(io.read(), self.get_input_name())
+        problem = scan_ir_text(text)
+        if problem is not None:
+            offset, message = problem
+            end = min(len(text), offset + 1)
+            raise ParseError(Span(offset, end, Input(text, self.get_input_name())), message)
         parser = LocatingParser(self.ctx, text, self.get_input_name())
         self.source_map = SourceMap(self.get_input_name(), text, parser.op_offsets)
         return parser.parse_module(not self.args.no_implicit_module)
@@ -90,6 +165,36 @@ class EkkoOptMain(xDSLOptMain):
             self.source_map.line_offset = offset
         self.last_module = module
         return module
+
+
+def ekko_version() -> str:
+    """The installed ekko's version (the package metadata is the one source)."""
+    try:
+        return version("ekko")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _pipeline_syntax_error(spec: str, e: ArgSpecParseError) -> str:
+    """xDSL's multi-line pipeline syntax error as one line with the column."""
+    lines = str(e).rstrip().split("\n")
+    carets = [line for line in lines if line.strip() == "^"]
+    where = f" at column {carets[0].index('^') + 1}" if carets else ""
+    reason = lines[-1].strip() if len(lines) > 1 else "bad pipeline syntax"
+    return f"ekko-opt: error: -p '{spec}'{where}: {reason}"
+
+
+def _unknown_pass(name: str, available: dict[str, object]) -> str:
+    close = difflib.get_close_matches(name, list(available), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return (f"ekko-opt: error: -p: unknown pass '{name}'{hint} "
+            f"(ekko's passes: {', '.join(ekko_passes())}; --list-passes prints all)")
+
+
+def _list_passes(driver: EkkoOptMain) -> None:
+    ours = list(ekko_passes())
+    print("ekko:", *ours, sep="\n  ")
+    print("xDSL:", *sorted(n for n in driver.available_passes if n not in ours), sep="\n  ")
 
 
 def _decode(data: bytes, name: str) -> str:
@@ -120,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     driver = None
     try:
         driver = EkkoOptMain(args=argv)
+        if driver.args.list_passes:
+            _list_passes(driver)
+            return 0
         driver.run()
         return 0
     except SystemExit as e:
@@ -140,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
     except (ValueError, KeyError, OSError) as e:
         print(f"ekko-opt: error: {e}", file=sys.stderr)
+    except RecursionError:
+        print(f"ekko-opt: error: the input is nested too deeply for ekko-opt", file=sys.stderr)
+    except MemoryError:
+        print("ekko-opt: error: out of memory", file=sys.stderr)
     return 1
 
 

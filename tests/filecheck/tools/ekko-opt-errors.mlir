@@ -56,5 +56,5 @@
 // MISSING: ekko-opt: error: [Errno 2] No such file or directory:
 // MISSING-NOT: Traceback
 // RUN: not ekko-opt %S/Inputs/ill-typed.mlir -p no-such-pass 2>&1 | filecheck %s --check-prefix=NOPASS
-// NOPASS: ekko-opt: error: Unrecognized passes: ['no-such-pass']
+// NOPASS: ekko-opt: error: -p: unknown pass 'no-such-pass' (ekko's passes: upd-dedup, upd-fuse, upd-schedule, lower-to-kernel; --list-passes prints all)
 // NOPASS-NOT: Traceback

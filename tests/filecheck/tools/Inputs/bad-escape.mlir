@@ -1,0 +1,1 @@
+"test.op"() {s = "abcdefghijklmnopqrstuvwxyz0123456789\q"} : () -> ()

@@ -1,0 +1,1 @@
+%x = arith.constant 300 : i8
