@@ -174,3 +174,59 @@ def bag_spec(dim: int, layout: str = "f32", index_dtype: str = "i64", mode: str 
     (_, spec), = kernel_specs(module)
     assert isinstance(spec, BagSpec)
     return spec
+
+
+def sync_module(kind: str, dim: int, layout: str, index_dtype: str = "i64", seq: bool = False,
+                partitions: int = 0) -> ModuleOp:
+    """`func @pack(serving, versions, ids) -> packet` or
+    `func @merge(serving, versions, ids, rows, versions, newest) -> (serving, versions)`."""
+    from ..dialects import sync
+    from xdsl.dialects.builtin import IntegerAttr, UnitAttr
+
+    serving_t = emb.TableType(DYNAMIC, dim, layout)
+    attrs: dict[str, Attribute] = {"seq": UnitAttr()} if seq else {}
+    if partitions:
+        attrs["partitions"] = IntegerAttr(partitions, i64)
+    if kind == "pack":
+        arg_types: list[Attribute] = [serving_t, emb.VersionsType(DYNAMIC), emb.ids_type(index_dtype)]
+    else:
+        arg_types = [serving_t, emb.VersionsType(DYNAMIC), emb.ids_type(index_dtype),
+                     sync.packet_rows_type(layout, dim), emb.ids_type("i64"), i64]
+    block = Block(arg_types=arg_types)
+    for arg, hint in zip(block.args, ("serving", "versions", "ids", "rows", "packet_versions",
+                                      "newest")):
+        arg.name_hint = hint
+    b = _Builder(block)
+    a = list(block.args)
+    if kind == "pack":
+        results = list(b.add(sync.PackOp, a, attrs, ("packet",)).results)
+    else:
+        shape = {"layout": StringAttr(layout), "dim": IntegerAttr(dim, i64)}
+        packet = b.add(sync.PacketOp, a[2:5], shape, ("packet",)).results[0]
+        results = list(b.add(sync.MergeOp, [a[0], a[1], packet, a[5]], attrs,
+                             ("new_serving", "new_versions")).results)
+    block.add_op(func.ReturnOp(*results))
+    ftype = FunctionType.from_lists(arg_types, [r.type for r in results])
+    return ModuleOp([func.FuncOp(kind, ftype, Region(block))])
+
+
+def _sync_spec(kind: str, dim: int, layout: str, index_dtype: str, seq: bool, partitions: int):
+    """Build the sync function, run the standard pipeline, read the kernel's spec back."""
+    from .transforms.upd_schedule import default_partitions
+
+    module = sync_module(kind, dim, layout, index_dtype, seq, partitions or default_partitions())
+    run_pipeline(module, UPDATE_PIPELINE)
+    (_, spec), = kernel_specs(module)
+    return spec
+
+
+def pack_spec(dim: int, layout: str = "f32", index_dtype: str = "i64", seq: bool = False,
+              partitions: int = 0):
+    """Compile a replica-sync pack (the rows a step touched -> a packet) to its spec."""
+    return _sync_spec("pack", dim, layout, index_dtype, seq, partitions)
+
+
+def merge_spec(dim: int, layout: str = "f32", index_dtype: str = "i64", seq: bool = False,
+               partitions: int = 0):
+    """Compile a newest-version-wins merge of a packet into a serving copy to its spec."""
+    return _sync_spec("merge", dim, layout, index_dtype, seq, partitions)

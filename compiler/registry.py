@@ -13,9 +13,10 @@ from xdsl.passes import ModulePass
 def ekko_dialects() -> dict[str, Callable[[], Dialect]]:
     from ..dialects.emb import Emb
     from ..dialects.kern import Kern
+    from ..dialects.sync import Sync
     from ..dialects.upd import Upd
 
-    return {"emb": lambda: Emb, "upd": lambda: Upd, "kern": lambda: Kern}
+    return {"emb": lambda: Emb, "upd": lambda: Upd, "kern": lambda: Kern, "sync": lambda: Sync}
 
 
 def ekko_passes() -> dict[str, Callable[[], type[ModulePass]]]:

@@ -183,4 +183,71 @@ class BagOp(KernelOp):
             raise VerifyException("the ids buffer must hold i32 or i64")
 
 
-Kern = Dialect("kern", [UpdateOp, BagOp], [])
+class SyncKernelOp(KernelOp):
+    """kern.pack / kern.merge: rows copied between a serving copy and a packet.
+
+    Attributes: layout, dim (int4 widths do not determine it), unit `seq`
+    (a uint32 sequence word per row guards concurrent readers), partitions.
+    """
+
+    DATA: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def roles(cls, attributes: dict[str, Attribute]) -> list[str]:
+        return ["serving", "versions", *(["seq"] if "seq" in attributes else []), *cls.DATA]
+
+    @classmethod
+    def check(cls, types, attributes):
+        from xdsl.dialects.builtin import IntegerAttr
+
+        for name in attributes:
+            if name not in ("layout", "dim", "seq", "partitions"):
+                raise VerifyException(f"'{cls.name}' has no attribute '{name}'")
+        roles = cls.roles(attributes)
+        if len(roles) != len(types):
+            raise VerifyException(f"'{cls.name}' operands must be ({', '.join(roles)})")
+        layout = get_string_attr(attributes, "layout")
+        dim = attributes.get("dim")
+        if layout not in LAYOUTS or not isinstance(dim, IntegerAttr) or dim.value.data < 1:
+            raise VerifyException(f"'{cls.name}' needs layout = one of {', '.join(LAYOUTS)} and dim")
+        by = dict(zip(roles, types))
+        dim_n = dim.value.data
+        width = dim_n if layout in FLOAT_DTYPES else row_bytes(layout, dim_n)
+        elem = FLOAT_DTYPES.get(layout, i8)
+        serving = _memref(by["serving"], 2, "the serving buffer")
+        rows = serving.get_shape()[0]
+        if serving.get_shape()[1] != width or serving.element_type != elem:
+            raise VerifyException(f"the {layout} serving buffer must be {rows}x{width}x{elem}, got {serving}")
+        if _memref(by["versions"], 1, "the versions buffer") != MemRefType(i64, [rows]):
+            raise VerifyException(f"the versions buffer must be memref<{rows}xi64>")
+        if "seq" in by and by["seq"] != MemRefType(IntegerType(32), [rows]):
+            raise VerifyException(f"the seq buffer must be memref<{rows}xi32>")
+        if index_name(_memref(by["ids"], 1, "the ids buffer").element_type) is None:
+            raise VerifyException("the ids buffer must hold i32 or i64")
+        packet_rows = by.get("rows", by.get("rows_out"))
+        if packet_rows != MemRefType(elem, [DYNAMIC_INDEX, width]):
+            raise VerifyException(f"the packet rows must be memref<?x{width}x{elem}>, got {packet_rows}")
+        packet_versions = by.get("packet_versions", by.get("versions_out"))
+        if packet_versions != MemRefType(i64, [DYNAMIC_INDEX]):
+            raise VerifyException("the packet versions must be memref<?xi64>")
+        if "newest" in by and by["newest"] != i64:
+            raise VerifyException(f"'{cls.name}' newest must be i64")
+
+
+@irdl_op_definition
+class PackOp(SyncKernelOp):
+    """Gathers the serving rows and versions of `ids` into the packet buffers."""
+
+    name = "kern.pack"
+    DATA: ClassVar[tuple[str, ...]] = ("ids", "rows_out", "versions_out")
+
+
+@irdl_op_definition
+class MergeOp(SyncKernelOp):
+    """Writes each packet row whose version is newer than the replica's (validated first)."""
+
+    name = "kern.merge"
+    DATA: ClassVar[tuple[str, ...]] = ("ids", "rows", "packet_versions", "newest")
+
+
+Kern = Dialect("kern", [UpdateOp, BagOp, PackOp, MergeOp], [])

@@ -139,4 +139,57 @@ class BagSpec:
         return "bag:" + ",".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
 
 
-__all__ = ["UpdateSpec", "BagSpec", "serving_row_bytes"]
+@dataclass(frozen=True)
+class SyncSpec:
+    """Replica sync between a serving copy (rows x row bytes, `layout`) and a packet.
+
+    Pack: rows_out[i] = serving[ids[i]], versions_out[i] = versions[ids[i]].
+    Merge: for each packet row i (ids, rows, versions), every id validated
+    first (id in [0, rows), 1 <= version <= newest, the row finite, int8/int4
+    scale and bias included) and nothing written if one fails; then row
+    ids[i] takes the packet row when its version is newer than the replica's,
+    or equal with larger bytes (so the result is order-independent).
+    `seq`: a uint32 word per row, odd while the row is written (see
+    docs/engine.md); pack reads under it, merge writes under it.
+    Partitions: merge splits rows by a hash of the id, pack by position.
+    """
+
+    dim: int
+    layout: str = "f32"
+    index_dtype: str = "i64"
+    seq: bool = False
+    partitions: int = 1
+
+    KIND = "sync"
+
+    def __post_init__(self) -> None:
+        if self.layout not in SERVING_LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}")
+        if self.index_dtype not in INDEX_DTYPES:
+            raise ValueError(f"unknown index dtype {self.index_dtype!r}")
+        if self.dim < 1:
+            raise ValueError("dim must be positive")
+
+    @property
+    def row_bytes(self) -> int:
+        return serving_row_bytes(self.layout, self.dim)
+
+    def key(self) -> str:
+        return f"{self.KIND}:" + ",".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+
+
+@dataclass(frozen=True)
+class PackSpec(SyncSpec):
+    """`kern.pack`: gather the rows a step touched into a packet (see SyncSpec)."""
+
+    KIND = "pack"
+
+
+@dataclass(frozen=True)
+class MergeSpec(SyncSpec):
+    """`kern.merge`: newest-version-wins merge of a packet (see SyncSpec)."""
+
+    KIND = "merge"
+
+
+__all__ = ["UpdateSpec", "BagSpec", "PackSpec", "MergeSpec", "serving_row_bytes"]

@@ -12,7 +12,7 @@ from xdsl.dialects.builtin import FloatAttr, IntAttr, IntegerAttr, MemRefType, M
 
 from ...dialects import kern
 from ...dialects.common import dtype_name, index_name
-from .spec import BagSpec, UpdateSpec
+from .spec import BagSpec, MergeSpec, PackSpec, UpdateSpec
 
 
 def _float(op: kern.KernelOp, name: str) -> float | None:
@@ -77,16 +77,31 @@ def bag_spec(op: kern.BagOp) -> BagSpec:
     )
 
 
-def kernel_specs(module: ModuleOp) -> list[tuple[str, UpdateSpec | BagSpec]]:
+def sync_spec(op: kern.PackOp | kern.MergeOp) -> PackSpec | MergeSpec:
+    """The PackSpec / MergeSpec a `kern.pack` / `kern.merge` op stands for."""
+    roles = dict(zip(op.roles(op.attributes), op.operands))
+    ids = roles["ids"].type
+    layout = op.attributes["layout"]
+    assert isinstance(ids, MemRefType) and isinstance(layout, StringAttr)
+    cls = PackSpec if isinstance(op, kern.PackOp) else MergeSpec
+    return cls(dim=_int(op, "dim", 1), layout=layout.data,
+               index_dtype=index_name(ids.element_type) or "i64", seq="seq" in op.attributes,
+               partitions=_int(op, "partitions", 1))
+
+
+def kernel_specs(module: ModuleOp) -> list[tuple[str, UpdateSpec | BagSpec | PackSpec | MergeSpec]]:
     """(function name, spec) for every kernel op, in module order."""
     from xdsl.dialects.func import FuncOp
 
-    specs: list[tuple[str, UpdateSpec | BagSpec]] = []
+    specs: list[tuple[str, UpdateSpec | BagSpec | PackSpec | MergeSpec]] = []
     for op in module.walk():
-        if isinstance(op, (kern.UpdateOp, kern.BagOp)):
+        if isinstance(op, (kern.UpdateOp, kern.BagOp, kern.PackOp, kern.MergeOp)):
             parent = op.parent_op()
             name = parent.sym_name.data if isinstance(parent, FuncOp) else "kernel"
-            spec = update_spec(op) if isinstance(op, kern.UpdateOp) else bag_spec(op)
+            if isinstance(op, (kern.PackOp, kern.MergeOp)):
+                spec = sync_spec(op)
+            else:
+                spec = update_spec(op) if isinstance(op, kern.UpdateOp) else bag_spec(op)
             specs.append((name, spec))
     return specs
 
@@ -94,6 +109,7 @@ def kernel_specs(module: ModuleOp) -> list[tuple[str, UpdateSpec | BagSpec]]:
 def emit_llvm(module: ModuleOp, out: IO[str]) -> None:
     """ekko-opt -t llvm: the LLVM IR of every kernel op, one module each."""
     from .llvm_bag import emit_bag
+    from .llvm_sync import emit_sync
     from .llvm_update import emit_update
 
     specs = kernel_specs(module)
@@ -101,5 +117,8 @@ def emit_llvm(module: ModuleOp, out: IO[str]) -> None:
         out.write("; no kernel ops: run lower-to-kernel first\n")
     for name, spec in specs:
         out.write(f"; ekko kernel for @{name}: {spec.key()}\n")
-        out.write(emit_update(spec) if isinstance(spec, UpdateSpec) else emit_bag(spec))
+        if isinstance(spec, (PackSpec, MergeSpec)):
+            out.write(emit_sync(spec))
+        else:
+            out.write(emit_update(spec) if isinstance(spec, UpdateSpec) else emit_bag(spec))
         out.write("\n")

@@ -17,6 +17,7 @@ from xdsl.context import Context
 from xdsl.dialects import func
 from xdsl.dialects.builtin import (
     FunctionType,
+    IntegerType,
     ModuleOp,
     StringAttr,
     TensorType,
@@ -26,9 +27,9 @@ from xdsl.ir import Attribute, Block, Operation, Region, SSAValue
 from xdsl.passes import ModulePass
 from xdsl.utils.exceptions import DiagnosticException
 
-from ...dialects import emb, kern, upd
+from ...dialects import emb, kern, sync, upd
 
-Buffers = SSAValue | tuple[SSAValue, SSAValue]
+Buffers = SSAValue | tuple[SSAValue, ...]
 
 
 class LoweringError(DiagnosticException):
@@ -49,6 +50,8 @@ def buffer_types(t: Attribute) -> list[Attribute]:
         return [kern.versions_buffer(t)]
     if isinstance(t, upd.DeltaType):
         return [kern.ids_buffer(t.index.data), kern.rows_buffer(t.dim.data)]
+    if isinstance(t, sync.PacketType):
+        return packet_buffers(t)
     if isinstance(t, TensorType):
         from xdsl.dialects.builtin import MemRefType
 
@@ -72,7 +75,7 @@ class FuncLowering:
             types = buffer_types(arg.type)
             new = [block.insert_arg(t, len(block.args)) for t in types]
             _name(new, arg.name_hint)
-            values[arg] = new[0] if len(new) == 1 else (new[0], new[1])
+            values[arg] = new[0] if len(new) == 1 else tuple(new)
         return cls(old, block, values)
 
     def get(self, value: SSAValue) -> SSAValue:
@@ -103,6 +106,8 @@ class FuncLowering:
             self.lower_apply(op)
         elif isinstance(op, (emb.BagOp, emb.LookupOp)):
             self.lower_bag(op)
+        elif isinstance(op, (sync.PacketOp, sync.PackOp, sync.MergeOp)):
+            lower_sync(self, op)
         elif isinstance(op, func.ReturnOp):
             self.block.add_op(func.ReturnOp())
         elif isinstance(op, (upd.UpdOp,)):
@@ -159,7 +164,8 @@ def _name(values: list[SSAValue], hint: str | None) -> None:
     if len(values) == 1:
         values[0].name_hint = hint
     else:
-        values[0].name_hint, values[1].name_hint = f"{hint}_ids", f"{hint}_rows"
+        for value, part in zip(values, ("ids", "rows", "versions")):
+            value.name_hint = f"{hint}_{part}"
 
 
 def check_in_place(op: upd.ApplyOp) -> None:
@@ -177,6 +183,73 @@ def check_in_place(op: upd.ApplyOp) -> None:
             if user is not op and user.parent_block() is block and block.get_operation_index(user) > index:
                 raise LoweringError(
                     f"'upd.apply' updates its {role} in place, but '{user.name}' reads the "
+                    "old value afterwards",
+                    user,
+                )
+
+
+def packet_buffers(t: sync.PacketType) -> list[Attribute]:
+    """A packet is three buffers: ids, rows in the serving layout, versions."""
+    from xdsl.dialects.builtin import DYNAMIC_INDEX, MemRefType
+
+    rows = sync.packet_rows_type(t.layout.data, t.dim.data)
+    return [kern.ids_buffer(t.index.data),
+            MemRefType(rows.element_type, [DYNAMIC_INDEX, rows.get_shape()[1]]),
+            MemRefType(kern.i64, [DYNAMIC_INDEX])]
+
+
+def lower_sync(low: FuncLowering, op: sync.PacketOp | sync.PackOp | sync.MergeOp) -> None:
+    """sync.packet names its three buffers; pack gets output buffers; merge writes in place.
+
+    A `seq` flag adds the serving copy's sequence words as a new argument
+    (memref<ROWSxi32>), named after the serving copy.
+    """
+    from xdsl.dialects.builtin import IntegerAttr, MemRefType
+
+    if isinstance(op, sync.PacketOp):
+        low.values[op.results[0]] = tuple(low.get(v) for v in op.operands)
+        return
+    serving_t = op.operands[0].type
+    assert isinstance(serving_t, emb.TableType)
+    attrs: dict[str, Attribute] = {"layout": StringAttr(serving_t.layout.data),
+                                   "dim": IntegerAttr(serving_t.dim.data, kern.i64)}
+    serving, versions = low.get(op.operands[0]), low.get(op.operands[1])
+    operands = [serving, versions]
+    if "seq" in op.attributes:
+        attrs["seq"] = UnitAttr()
+        seq = low.block.insert_arg(MemRefType(IntegerType(32), [serving_t.rows.data]),
+                                   len(low.block.args))
+        _name([seq], (serving.name_hint or "serving") + "_seq")
+        operands.append(seq)
+    if "partitions" in op.attributes:
+        attrs["partitions"] = op.attributes["partitions"]
+    if isinstance(op, sync.PackOp):
+        packet_t = op.results[0].type
+        assert isinstance(packet_t, sync.PacketType)
+        ids = low.get(op.operands[2])
+        outs = [low.block.insert_arg(t, len(low.block.args)) for t in packet_buffers(packet_t)[1:]]
+        hint = op.results[0].name_hint or "packet"
+        outs[0].name_hint, outs[1].name_hint = f"{hint}_rows_out", f"{hint}_versions_out"
+        low.block.add_op(kern.PackOp.build_inferred(operands + [ids, *outs], attrs))
+        low.values[op.results[0]] = (ids, outs[0], outs[1])
+        return
+    check_sync_in_place(op)
+    operands += [*low.flat(op.operands[2]), low.get(op.operands[3])]
+    low.block.add_op(kern.MergeOp.build_inferred(operands, attrs))
+    low.values[op.results[0]], low.values[op.results[1]] = serving, versions
+
+
+def check_sync_in_place(op: sync.MergeOp) -> None:
+    """A merge writes the serving copy and versions in place: nothing may read them after."""
+    block = op.parent_block()
+    assert block is not None
+    index = block.get_operation_index(op)
+    for value, role in zip(op.operands[:2], ("serving copy", "versions")):
+        for use in value.uses:
+            user = use.operation
+            if user is not op and user.parent_block() is block and block.get_operation_index(user) > index:
+                raise LoweringError(
+                    f"'sync.merge' updates its {role} in place, but '{user.name}' reads the "
                     "old value afterwards",
                     user,
                 )

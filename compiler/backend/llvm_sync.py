@@ -1,0 +1,276 @@
+"""LLVM IR for replica sync (PackSpec, MergeSpec), built with llvmlite.ir.
+
+Every pointer is byte-addressed (i8*) except versions (i64*) and sequence
+words (i32*), so one signature fits every layout; a row is `spec.row_bytes`
+bytes (see spec.serving_row_bytes).
+
+  i64 ekko_pack(part, nparts, serving, versions, seq, rows, ids, n,
+                out_rows, out_versions, err_pos)
+      Positions [n*part/nparts, n*(part+1)/nparts): checks every id of the
+      range first (1: out of range, at *err_pos), then copies row and
+      version. With `seq` each row is read under its sequence word: retry
+      while it is odd or changed during the copy, so a packet never holds a
+      torn row even while a merge writes that replica.
+
+  i64 ekko_merge_check(part, nparts, rows, ids, n, prows, pversions, newest, err_pos)
+      Writes nothing. Over the same position range: 1 id out of range,
+      2 version outside [1, newest], 3 a non-finite row (every element, or
+      the int8/int4 scale and bias). Returns the code of the first bad
+      position, with the position in *err_pos.
+
+  i64 ekko_merge_apply(part, nparts, serving, versions, seq, ids, n, prows, pversions)
+      Applies the packet rows whose id this partition owns (a multiplicative
+      hash of the id, so partitions never share a row): a row is taken when
+      its version is newer than the replica's, or equal with larger bytes
+      (unsigned, lexicographic), which makes the result independent of the
+      order rows and packets arrive in. Returns the number of rows written.
+      With `seq` each write follows the protocol in docs/engine.md:
+      s = seq[r]; seq[r] = s+1; release fence; row and version; release
+      fence; seq[r] = s+2.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+
+from . import loops
+from .spec import MergeSpec, PackSpec, SyncSpec
+
+I1, I8, I16, I32, I64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
+P8, P32, P64 = I8.as_pointer(), I32.as_pointer(), I64.as_pointer()
+GOLDEN = 0x9E3779B97F4A7C15
+
+ERR_ID = 1
+ERR_VERSION = 2
+ERR_NONFINITE = 3
+
+
+def _c(t: ir.Type, v: int) -> ir.Constant:
+    return ir.Constant(t, v)
+
+
+class _SyncEmitter:
+    """One function of a sync kernel: the builder plus the spec's row geometry."""
+
+    def __init__(self, module: ir.Module, spec: SyncSpec, name: str, ret: ir.Type,
+                 args: list[ir.Type]):
+        self.spec = spec
+        self.module = module
+        self.width = spec.row_bytes
+        self.fn = ir.Function(module, ir.FunctionType(ret, args), name)
+        self.b = ir.IRBuilder(self.fn.append_basic_block("entry"))
+
+    # -- addressing ---------------------------------------------------------
+    def load_id(self, ids, i):
+        b = self.b
+        if self.spec.index_dtype == "i32":
+            return b.sext(b.load(b.gep(b.bitcast(ids, P32), [i], inbounds=True)), I64)
+        return b.load(b.gep(b.bitcast(ids, P64), [i], inbounds=True))
+
+    def row(self, base, r):
+        return self.b.gep(base, [self.b.mul(r, _c(I64, self.width))], inbounds=True)
+
+    def at(self, ptr, index):
+        return self.b.gep(ptr, [index], inbounds=True)
+
+    def part_range(self, part, nparts, n):
+        """[n*part/nparts, n*(part+1)/nparts): contiguous positions for this partition."""
+        b = self.b
+        lo = b.udiv(b.mul(n, part), nparts)
+        hi = b.udiv(b.mul(n, b.add(part, _c(I64, 1))), nparts)
+        return lo, hi
+
+    def copy_row(self, dst, src) -> None:
+        """memcpy of one row (a constant size: LLVM inlines it as vector moves)."""
+        memcpy = self.module.globals.get("llvm.memcpy.p0.p0.i64") or ir.Function(
+            self.module, ir.FunctionType(ir.VoidType(), [P8, P8, I64, I1]),
+            "llvm.memcpy.p0.p0.i64")
+        self.b.call(memcpy, [dst, src, _c(I64, self.width), _c(I1, 0)])
+
+    def fail(self, cond, code: int, pos, err) -> None:
+        """if (cond) { *err = pos; return code; }"""
+        b = self.b
+        with b.if_then(cond, likely=False):
+            b.store(pos, err)
+            b.ret(_c(I64, code))
+            b.position_at_end(b.append_basic_block("unreachable"))
+
+    # -- row checks -----------------------------------------------------------
+    def row_finite(self, row):
+        """i1: every value of a packet row is finite (int rows: their scale and bias)."""
+        layout, dim = self.spec.layout, self.spec.dim
+        if layout == "f32":
+            return self._all_finite(row, I32, dim, 0, 0x7F800000)
+        if layout == "f16":
+            return self._all_finite(row, I16, dim, 0, 0x7C00)
+        if layout == "bf16":
+            return self._all_finite(row, I16, dim, 0, 0x7F80)
+        if layout == "int8":
+            return self._all_finite(row, I32, 2, dim, 0x7F800000)
+        return self._all_finite(row, I16, 2, (dim + 1) // 2, 0x7C00)
+
+    def _all_finite(self, row, t: ir.IntType, count: int, offset: int, exp: int):
+        """No element of `count` t-sized floats at row+offset has an all-ones exponent."""
+        b = self.b
+        base = b.bitcast(self.at(row, _c(I64, offset)), t.as_pointer())
+
+        def step(j, accs):
+            bits = b.load(b.gep(base, [j]), align=1)
+            bad = b.icmp_unsigned("==", b.and_(bits, _c(t, exp)), _c(t, exp))
+            return [b.or_(accs[0], b.zext(bad, I64))]
+
+        (bad,) = loops.fold(b, _c(I64, 0), _c(I64, count), "finite", [_c(I64, 0)], step)
+        return b.icmp_unsigned("==", bad, _c(I64, 0))
+
+    def bytes_greater(self, a, c):
+        """i1: row `a` is lexicographically larger than row `c` (unsigned bytes)."""
+        b = self.b
+        fn = self.fn
+        pre = b.block
+        head = fn.append_basic_block("cmp.head")
+        body = fn.append_basic_block("cmp.body")
+        step = fn.append_basic_block("cmp.next")
+        done = fn.append_basic_block("cmp.done")
+        b.branch(head)
+        b.position_at_end(head)
+        j = b.phi(I64, "j")
+        j.add_incoming(_c(I64, 0), pre)
+        b.cbranch(b.icmp_signed("<", j, _c(I64, self.width)), body, done)
+        b.position_at_end(body)
+        x, y = b.load(self.at(a, j)), b.load(self.at(c, j))
+        gt = b.icmp_unsigned(">", x, y)
+        b.cbranch(b.icmp_unsigned("!=", x, y), done, step)
+        b.position_at_end(step)
+        j.add_incoming(b.add(j, _c(I64, 1)), step)
+        b.branch(head)
+        b.position_at_end(done)
+        result = b.phi(I1, "greater")
+        result.add_incoming(_c(I1, 0), head)
+        result.add_incoming(gt, body)
+        return result
+
+    # -- sequence words ---------------------------------------------------------
+    def seq_ptr(self, seq, r):
+        return self.at(seq, r)
+
+    def write_guarded(self, seq, r, write) -> None:
+        """The writer side: odd while the row is written, +2 when done (one writer a row)."""
+        b = self.b
+        if not self.spec.seq:
+            write()
+            return
+        ptr = self.seq_ptr(seq, r)
+        s = b.load_atomic(ptr, "monotonic", 4)
+        b.store_atomic(b.add(s, _c(I32, 1)), ptr, "monotonic", 4)
+        b.fence("release")
+        write()
+        b.fence("release")
+        b.store_atomic(b.add(s, _c(I32, 2)), ptr, "monotonic", 4)
+
+    def read_guarded(self, seq, r, read) -> None:
+        """The reader side: retry while the word is odd or changed across the read."""
+        b = self.b
+        if not self.spec.seq:
+            read()
+            return
+        ptr = self.seq_ptr(seq, r)
+        retry = self.fn.append_basic_block("seq.retry")
+        copy = self.fn.append_basic_block("seq.copy")
+        done = self.fn.append_basic_block("seq.done")
+        b.branch(retry)
+        b.position_at_end(retry)
+        s1 = b.load_atomic(ptr, "acquire", 4)
+        odd = b.icmp_unsigned("!=", b.and_(s1, _c(I32, 1)), _c(I32, 0))
+        b.cbranch(odd, retry, copy)
+        b.position_at_end(copy)
+        read()
+        b.fence("acquire")
+        s2 = b.load_atomic(ptr, "monotonic", 4)
+        b.cbranch(b.icmp_unsigned("==", s1, s2), done, retry)
+        b.position_at_end(done)
+
+
+def emit_pack(module: ir.Module, spec: PackSpec) -> None:
+    e = _SyncEmitter(module, spec, "ekko_pack", I64,
+                     [I64, I64, P8, P64, P32, I64, P8, I64, P8, P64, P64])
+    part, nparts, serving, versions, seq, rows, ids, n, out_rows, out_versions, err = e.fn.args
+    b = e.b
+    lo, hi = e.part_range(part, nparts, n)
+    with loops.counted(b, lo, hi, "check") as i:
+        e.fail(b.icmp_unsigned(">=", e.load_id(ids, i), rows), ERR_ID, i, err)
+    with loops.counted(b, lo, hi, "pack") as i:
+        r = e.load_id(ids, i)
+
+        def read() -> None:
+            e.copy_row(e.row(out_rows, i), e.row(serving, r))
+            b.store(b.load(e.at(versions, r)), e.at(out_versions, i))
+
+        e.read_guarded(seq, r, read)
+    b.ret(_c(I64, 0))
+
+
+def emit_merge_check(module: ir.Module, spec: MergeSpec) -> None:
+    e = _SyncEmitter(module, spec, "ekko_merge_check", I64,
+                     [I64, I64, I64, P8, I64, P8, P64, I64, P64])
+    part, nparts, rows, ids, n, prows, pversions, newest, err = e.fn.args
+    b = e.b
+    lo, hi = e.part_range(part, nparts, n)
+    with loops.counted(b, lo, hi, "check") as i:
+        e.fail(b.icmp_unsigned(">=", e.load_id(ids, i), rows), ERR_ID, i, err)
+        v = b.load(e.at(pversions, i))
+        bad_version = b.or_(b.icmp_signed("<", v, _c(I64, 1)), b.icmp_signed(">", v, newest))
+        e.fail(bad_version, ERR_VERSION, i, err)
+        e.fail(b.not_(e.row_finite(e.row(prows, i))), ERR_NONFINITE, i, err)
+    b.ret(_c(I64, 0))
+
+
+def emit_merge_apply(module: ir.Module, spec: MergeSpec) -> None:
+    e = _SyncEmitter(module, spec, "ekko_merge_apply", I64,
+                     [I64, I64, P8, P64, P32, P8, I64, P8, P64])
+    part, nparts, serving, versions, seq, ids, n, prows, pversions = e.fn.args
+    for a in (serving, prows):
+        a.add_attribute("noalias")
+    b = e.b
+    count = b.alloca(I64, name="applied")
+    take_ptr = b.alloca(I1, name="take")
+    b.store(_c(I64, 0), count)
+    with loops.counted(b, _c(I64, 0), n, "merge") as i:
+        r = e.load_id(ids, i)
+        owner = b.urem(b.lshr(b.mul(r, _c(I64, GOLDEN)), _c(I64, 40)), nparts)
+        with b.if_then(b.icmp_unsigned("==", owner, part)):
+            v = b.load(e.at(pversions, i))
+            cur = b.load(e.at(versions, r))
+            src, dst = e.row(prows, i), e.row(serving, r)
+            b.store(b.icmp_signed(">", v, cur), take_ptr)
+            with b.if_then(b.icmp_signed("==", v, cur), likely=False):
+                b.store(e.bytes_greater(src, dst), take_ptr)
+            take = b.load(take_ptr)
+            with b.if_then(take):
+                def write() -> None:
+                    e.copy_row(dst, src)
+                    b.store(v, e.at(versions, r))
+
+                e.write_guarded(seq, r, write)
+                b.store(b.add(b.load(count), _c(I64, 1)), count)
+    b.ret(b.load(count))
+
+
+def emit_pack_module(spec: PackSpec) -> str:
+    """The LLVM IR module (text) of a pack kernel."""
+    module = ir.Module(name=f"ekko_pack_{spec.layout}_{spec.dim}")
+    module.triple = ""
+    emit_pack(module, spec)
+    return str(module)
+
+
+def emit_merge_module(spec: MergeSpec) -> str:
+    """The LLVM IR module (text) of a merge kernel: check and apply."""
+    module = ir.Module(name=f"ekko_merge_{spec.layout}_{spec.dim}")
+    module.triple = ""
+    emit_merge_check(module, spec)
+    emit_merge_apply(module, spec)
+    return str(module)
+
+
+def emit_sync(spec: PackSpec | MergeSpec) -> str:
+    return emit_pack_module(spec) if isinstance(spec, PackSpec) else emit_merge_module(spec)

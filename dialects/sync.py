@@ -1,0 +1,240 @@
+"""The `sync` dialect: replica sync, the values a primary sends its replicas.
+
+Serving copies receive values, not gradients: a packet carries ids, their
+rows in the serving layout and the version each row was written at. Merging
+is newest-version-wins per row (ties broken by the row's bytes), so a late,
+repeated or reordered packet can never corrupt a replica.
+
+Types
+  !sync.packet<DIMxLAYOUT, INDEX>  ids (INDEX), rows in LAYOUT (f32, f16,
+                                   bf16, int8, int4) and i64 versions
+Ops
+  sync.packet %ids, %rows, %versions [{layout, dim}]  a packet from tensors
+  sync.pack %serving, %versions, %ids [{seq}]          the rows of `ids`
+  sync.merge %serving, %versions, %packet, %newest [{seq}]
+                                   newest wins per row; `newest` is the
+                                   newest version the primary issued (a
+                                   packet claiming a later one is rejected)
+`seq` says readers race with this op: the kernel guards each row with a
+sequence word (see docs/engine.md). Tables have value semantics here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from xdsl.dialects.builtin import (
+    DYNAMIC_INDEX,
+    BFloat16Type,
+    Float16Type,
+    Float32Type,
+    IntAttr,
+    IntegerAttr,
+    IntegerType,
+    StringAttr,
+    TensorType,
+    UnitAttr,
+)
+from xdsl.ir import Attribute, Dialect, ParametrizedAttribute, TypeAttribute
+from xdsl.irdl import irdl_attr_definition, irdl_op_definition, param_def, traits_def
+from xdsl.parser import AttrParser
+from xdsl.printer import Printer
+from xdsl.traits import Pure
+from xdsl.utils.exceptions import VerifyException
+
+from .common import FLOAT_DTYPES, LAYOUTS
+from .emb import TableType, VersionsType, check_ids, expect_table
+from .upd import UpdOp, expect_i64
+
+i8 = IntegerType(8)
+i64 = IntegerType(64)
+
+
+def packet_row_width(layout: str, dim: int) -> int:
+    """Elements per packet row: dim for float layouts, bytes for int8/int4."""
+    if layout in FLOAT_DTYPES:
+        return dim
+    return dim + 8 if layout == "int8" else (dim + 1) // 2 + 4
+
+
+def packet_rows_type(layout: str, dim: int) -> TensorType:
+    """tensor<?xDIMxT> for float layouts, tensor<?xBYTESxi8> for int8/int4."""
+    elem = FLOAT_DTYPES.get(layout, i8)
+    return TensorType(elem, [DYNAMIC_INDEX, packet_row_width(layout, dim)])
+
+
+@irdl_attr_definition
+class PacketType(ParametrizedAttribute, TypeAttribute):
+    """A batch of (id, serving row, version) of dynamic size."""
+
+    name = "sync.packet"
+    dim: IntAttr = param_def(IntAttr)
+    layout: StringAttr = param_def(StringAttr)
+    index: StringAttr = param_def(StringAttr)
+
+    def __init__(self, dim: int, layout: str, index: str = "i64"):
+        super().__init__(IntAttr(dim), StringAttr(layout), StringAttr(index))
+
+    def verify(self) -> None:
+        if self.dim.data < 1:
+            raise VerifyException("!sync.packet needs rows of at least one value")
+        if self.layout.data not in LAYOUTS:
+            raise VerifyException(f"unknown packet layout '{self.layout.data}'")
+        if self.index.data not in ("i32", "i64"):
+            raise VerifyException("!sync.packet ids must be i32 or i64")
+
+    def print_parameters(self, printer: Printer) -> None:
+        printer.print_string(f"<{self.dim.data}x{self.layout.data}, {self.index.data}>")
+
+    @classmethod
+    def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
+        with parser.in_angle_brackets():
+            pos = parser.pos
+            dims = parser.parse_dimension_list()
+            if len(dims) != 1 or dims[0] < 1:
+                parser.raise_error("expected the packet's row size, e.g. 64xint8", pos, parser.pos)
+            parser.parse_shape_delimiter()
+            pos = parser.pos
+            layout = parser.parse_optional_identifier()
+            if layout not in LAYOUTS:
+                parser.raise_error(f"expected a layout ({', '.join(LAYOUTS)})", pos, parser.pos)
+            parser.parse_punctuation(",")
+            pos = parser.pos
+            index = parser.parse_identifier()
+            if index not in ("i32", "i64"):
+                parser.raise_error("packet ids must be i32 or i64", pos, parser.pos)
+        return (IntAttr(dims[0]), StringAttr(layout), StringAttr(index))
+
+
+def expect_packet(t: Attribute, what: str) -> PacketType:
+    if not isinstance(t, PacketType):
+        raise VerifyException(f"{what} must be a !sync.packet, got {t}")
+    return t
+
+
+def _expect_versions(t: Attribute, table: TableType, op: str) -> None:
+    if not isinstance(t, VersionsType):
+        raise VerifyException(f"'{op}' needs !emb.versions, got {t}")
+    if t.rows.data != table.rows.data:
+        raise VerifyException(
+            f"'{op}' versions must have the serving copy's {table.rows.data} rows, got {t}"
+        )
+
+
+def _check_seq_flag(attributes: dict[str, Attribute], op: str) -> None:
+    for name, attr in attributes.items():
+        if name not in ("seq", "partitions"):
+            raise VerifyException(f"'{op}' has no attribute '{name}'")
+        if name == "seq" and not isinstance(attr, UnitAttr):
+            raise VerifyException(f"'{op}' seq is a unit flag")
+        if name == "partitions" and not (isinstance(attr, IntegerAttr) and attr.value.data >= 1):
+            raise VerifyException(f"'{op}' partitions must be a positive integer")
+
+
+def _layout_of_rows(rows: Attribute, attributes: dict[str, Attribute]) -> tuple[str, int]:
+    """(layout, dim) of a packet's rows tensor; int rows need layout (and dim for int4)."""
+    if not isinstance(rows, TensorType) or len(rows.get_shape()) != 2 or rows.get_shape()[1] < 1:
+        raise VerifyException("a packet's rows must be a 2-d tensor with a static width")
+    width = rows.get_shape()[1]
+    elem = rows.element_type
+    layout_attr = attributes.get("layout")
+    layout = layout_attr.data if isinstance(layout_attr, StringAttr) else None
+    floats = {Float32Type: "f32", Float16Type: "f16", BFloat16Type: "bf16"}
+    if type(elem) in floats:
+        if layout not in (None, floats[type(elem)]):
+            raise VerifyException(f"{elem} rows cannot hold the {layout} layout")
+        return floats[type(elem)], width
+    if elem != i8 or layout not in ("int8", "int4"):
+        raise VerifyException(
+            "a packet's rows must be f32, f16 or bf16, or i8 bytes with layout int8 or int4"
+        )
+    if layout == "int8":
+        dim = width - 8
+    else:
+        dim_attr = attributes.get("dim")
+        if not isinstance(dim_attr, IntegerAttr):
+            raise VerifyException("int4 packet rows need the dim attribute")
+        dim = dim_attr.value.data
+    if dim < 1 or packet_row_width(layout, dim) != width:
+        raise VerifyException(f"{layout} rows of {width} bytes do not hold a row of dim {dim}")
+    return layout, dim
+
+
+@irdl_op_definition
+class PacketOp(UpdOp):
+    """Makes a packet from ids, rows (serving layout) and versions of equal length."""
+
+    name = "sync.packet"
+    traits = traits_def(Pure())
+
+    @classmethod
+    def infer_result_types(cls, operand_types, attributes):
+        if len(operand_types) != 3:
+            raise VerifyException("'sync.packet' takes ids, rows and versions")
+        index = check_ids(operand_types[0], "the packet's ids")
+        layout, dim = _layout_of_rows(operand_types[1], attributes)
+        versions = operand_types[2]
+        if not (isinstance(versions, TensorType) and versions.element_type == i64
+                and len(versions.get_shape()) == 1):
+            raise VerifyException(f"the packet's versions must be tensor<?xi64>, got {versions}")
+        return [PacketType(dim, layout, index)]
+
+    def verify_attributes(self) -> None:
+        for name in self.attributes:
+            if name not in ("layout", "dim"):
+                raise VerifyException(f"'sync.packet' has no attribute '{name}'")
+
+
+@irdl_op_definition
+class PackOp(UpdOp):
+    """The serving rows and versions of `ids` as a packet (the rows a step touched)."""
+
+    name = "sync.pack"
+    traits = traits_def(Pure())
+
+    @classmethod
+    def infer_result_types(cls, operand_types, attributes):
+        if len(operand_types) != 3:
+            raise VerifyException("'sync.pack' takes the serving copy, its versions and ids")
+        serving = expect_table(operand_types[0], "'sync.pack' serving copy")
+        _expect_versions(operand_types[1], serving, cls.name)
+        index = check_ids(operand_types[2], "'sync.pack' ids")
+        return [PacketType(serving.dim.data, serving.layout.data, index)]
+
+    def verify_attributes(self) -> None:
+        _check_seq_flag(self.attributes, self.name)
+
+
+@irdl_op_definition
+class MergeOp(UpdOp):
+    """Merges a packet into a serving copy: per row, the newest version wins.
+
+    Operands: serving, versions, packet, newest (i64). Results: serving,
+    versions. Equal versions are settled by the larger row bytes, so the
+    result never depends on the order packets arrive in.
+    """
+
+    name = "sync.merge"
+
+    @classmethod
+    def infer_result_types(cls, operand_types, attributes):
+        if len(operand_types) != 4:
+            raise VerifyException(
+                "'sync.merge' takes the serving copy, its versions, a packet and the newest version"
+            )
+        serving = expect_table(operand_types[0], "'sync.merge' serving copy")
+        _expect_versions(operand_types[1], serving, cls.name)
+        packet = expect_packet(operand_types[2], "'sync.merge' packet")
+        if (packet.dim.data, packet.layout.data) != (serving.dim.data, serving.layout.data):
+            raise VerifyException(
+                f"'sync.merge' packet rows are {packet.dim.data}x{packet.layout.data} but the "
+                f"serving copy is {serving.dim.data}x{serving.layout.data}"
+            )
+        expect_i64(operand_types[3], cls.name, "newest")
+        return [operand_types[0], operand_types[1]]
+
+    def verify_attributes(self) -> None:
+        _check_seq_flag(self.attributes, self.name)
+
+
+Sync = Dialect("sync", [PacketOp, PackOp, MergeOp], [PacketType])

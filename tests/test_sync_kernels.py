@@ -1,0 +1,173 @@
+"""Replica-sync kernels (kern.pack / kern.merge) against a numpy reference.
+
+The reference is written from the spec (newest version wins, ties to the
+larger row bytes) and shares no code with the LLVM emitter.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from ekko.kernels.errors import EkkoError
+from ekko.kernels.quant import quantize_rows
+from ekko.kernels.sync import SyncError, merge_kernel, pack_kernel, row_width
+
+LAYOUTS = ("f32", "f16", "bf16", "int8", "int4")
+
+
+def serving_copy(rng, rows: int, dim: int, layout: str) -> np.ndarray:
+    return quantize_rows(rng.standard_normal((rows, dim)).astype(np.float32), layout)
+
+
+def reference_merge(serving, versions, ids, rows, pversions) -> None:
+    """Per row the largest (version, row bytes) among the replica's and the packet's wins."""
+    for i, r in enumerate(ids):
+        v, cur = int(pversions[i]), int(versions[r])
+        if v > cur or (v == cur and rows[i].tobytes() > serving[r].tobytes()):
+            serving[r] = rows[i]
+            versions[r] = v
+
+
+def random_packet(rng, rows: int, dim: int, layout: str, n: int, newest: int,
+                  index=np.int64):
+    ids = rng.integers(0, rows, n).astype(index)
+    if n:
+        ids[0], ids[-1] = 0, rows - 1  # the edge ids
+    return ids, serving_copy(rng, n, dim, layout), rng.integers(1, newest + 1, n).astype(np.int64)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("seq", [False, True])
+def test_merge_matches_reference(layout: str, seq: bool) -> None:
+    rng = np.random.default_rng(hash((layout, seq)) % 2**32)
+    for rows, dim, n, threads in [(50, 7, 300, 2), (1000, 64, 9000, 2), (3, 1, 40, 1),
+                                  (20000, 13, 5000, 2), (10, 5, 0, 2)]:
+        k = merge_kernel(dim, layout, seq=seq, threads=threads)
+        serving = serving_copy(rng, rows, dim, layout)
+        versions = rng.integers(0, 4, rows).astype(np.int64)
+        s = np.zeros(rows, np.uint32) if seq else None
+        ids, prow, pver = random_packet(rng, rows, dim, layout, n, 6)
+        want_s, want_v = serving.copy(), versions.copy()
+        reference_merge(want_s, want_v, ids, prow, pver)
+        applied = k(serving, versions, ids, prow, pver, newest=6, seq=s)
+        assert serving.tobytes() == want_s.tobytes()
+        assert np.array_equal(versions, want_v)
+        assert applied >= int((want_v != versions).sum())
+        if seq:
+            assert np.all(s % 2 == 0) and int(s.sum()) == 2 * applied
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pack_gathers_rows_and_versions(layout: str) -> None:
+    rng = np.random.default_rng(7)
+    for rows, dim, n in [(100, 7, 50), (5000, 64, 20000), (1, 3, 5), (9, 2, 0)]:
+        serving = serving_copy(rng, rows, dim, layout)
+        versions = rng.integers(0, 100, rows).astype(np.int64)
+        for index in (np.int32, np.int64):
+            ids = rng.integers(0, rows, n).astype(index)
+            if n:
+                ids[0], ids[-1] = 0, rows - 1
+            for seq in (False, True):
+                k = pack_kernel(dim, layout, "i32" if index == np.int32 else "i64", seq=seq,
+                                threads=2)
+                s = np.zeros(rows, np.uint32) if seq else None
+                got_rows, got_versions = k(serving, versions, ids, seq=s)
+                assert got_rows.shape == (n, row_width(layout, dim))
+                assert got_rows.tobytes() == serving[ids].tobytes()
+                assert np.array_equal(got_versions, versions[ids])
+
+
+def test_pack_rejects_out_of_range_ids() -> None:
+    k = pack_kernel(4, "f32")
+    serving, versions = np.zeros((10, 4), np.float32), np.zeros(10, np.int64)
+    for bad in (10, -1):
+        with pytest.raises(SyncError, match="out of range"):
+            k(serving, versions, np.array([0, 9, bad]))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bad_packets_leave_the_replica_untouched(layout: str) -> None:
+    rng = np.random.default_rng(3)
+    rows, dim = 5000, 9
+    k = merge_kernel(dim, layout, seq=True, threads=2)
+    serving = serving_copy(rng, rows, dim, layout)
+    versions = np.ones(rows, np.int64)
+    seq = np.zeros(rows, np.uint32)
+    before = (serving.tobytes(), versions.tobytes(), seq.tobytes())
+    n = 8000  # large enough for both partitions; the bad row sits late in the second
+    ids, prow, pver = random_packet(rng, rows, dim, layout, n, 5)
+
+    def rejected(ids_, rows_, vers_, newest=5, match=""):
+        with pytest.raises(SyncError, match=match):
+            k(serving, versions, ids_, rows_, vers_, newest=newest, seq=seq)
+        assert (serving.tobytes(), versions.tobytes(), seq.tobytes()) == before
+
+    bad = ids.copy(); bad[n - 3] = rows
+    rejected(bad, prow, pver, match="out of range")
+    bad = ids.copy(); bad[6000] = -1
+    rejected(bad, prow, pver, match="out of range")
+    rejected(ids, prow, pver, newest=4, match="outside")
+    zero = pver.copy(); zero[7000] = 0
+    rejected(ids, prow, zero, match="outside")
+    nan = prow.copy()
+    if layout in ("f32", "f16"):
+        nan[7500, dim - 1] = np.nan
+    elif layout == "bf16":
+        nan[7500, 0] = 0x7F80  # +inf
+    elif layout == "int8":
+        nan[7500, dim:dim + 4] = np.frombuffer(np.float32(np.inf).tobytes(), np.uint8)
+    else:
+        nan[7500, -2:] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)  # the bias
+    rejected(ids, nan, pver, match="non-finite")
+    rejected(ids[:-1], prow, pver, match="rows of shape")
+    rejected(ids, prow, pver[:-1], match="versions")
+    rejected(ids, np.ascontiguousarray(prow[:, :-1]), pver, match="rows of shape")
+    rejected(ids, prow.astype(np.float64) if layout == "f32" else prow.view(np.int8), pver,
+             match="dtype")
+
+
+def test_errors_are_ekko_errors_and_need_seq_when_built_with_it() -> None:
+    k = merge_kernel(4, "f32", seq=True)
+    serving, versions = np.zeros((10, 4), np.float32), np.zeros(10, np.int64)
+    with pytest.raises(EkkoError, match="seq="):
+        k(serving, versions, np.array([1]), np.ones((1, 4), np.float32), np.array([1]), newest=1)
+    plain = merge_kernel(4, "f32")
+    with pytest.raises(EkkoError, match="without sequence words"):
+        plain(serving, versions, np.array([1]), np.ones((1, 4), np.float32), np.array([1]),
+              newest=1, seq=np.zeros(10, np.uint32))
+    with pytest.raises(EkkoError, match="cannot build"):
+        merge_kernel(0, "f32")
+    with pytest.raises(EkkoError, match="cannot build"):
+        pack_kernel(4, "int3")
+
+
+def test_two_tables_merge_at_the_same_time() -> None:
+    """One compiled kernel, two tables of the same shape, two threads: no shared scratch."""
+    rng = np.random.default_rng(11)
+    k = merge_kernel(32, "int8", seq=True, threads=2)
+    tables = []
+    for _ in range(2):
+        serving = serving_copy(rng, 20000, 32, "int8")
+        versions = np.zeros(20000, np.int64)
+        packets = [random_packet(rng, 20000, 32, "int8", 6000, 50) for _ in range(20)]
+        want_s, want_v = serving.copy(), versions.copy()
+        for ids, prow, pver in packets:
+            reference_merge(want_s, want_v, ids, prow, pver)
+        tables.append((serving, versions, np.zeros(20000, np.uint32), packets, want_s, want_v))
+
+    def run(t) -> None:
+        serving, versions, seq, packets = t[:4]
+        for ids, prow, pver in packets:
+            k(serving, versions, ids, prow, pver, newest=50, seq=seq)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in tables]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for serving, versions, _, _, want_s, want_v in tables:
+        assert serving.tobytes() == want_s.tobytes()
+        assert np.array_equal(versions, want_v)
