@@ -7,6 +7,7 @@ tools can print it and exit 1 instead of showing a traceback.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xdsl.ir import Operation
@@ -42,19 +43,107 @@ def format_parse_error(e) -> str:
 
 @dataclass
 class SourceMap:
-    """Where each parsed op began, to put verifier errors at a position."""
+    """Where each parsed op began, to put verifier and pass errors at a position.
+
+    Passes replace the user's ops with new ones (upd-fuse makes `upd.apply`,
+    lower-to-kernel `kern.update`) that have no position. `origin` maps such
+    an op back to the user's op it came from: the same op name at the same
+    place in the same function (a clone), else the function's optimizer op
+    (for an update kernel) or lookup (for a bag), else the nearest enclosing
+    op the user wrote.
+    """
 
     filename: str
     text: str
     op_offsets: dict[int, int] = field(default_factory=dict)
     line_offset: int = 0
+    user_ops: list[Operation] = field(default_factory=list)  # keeps ids unique
+    by_function: dict[str | None, list[Operation]] = field(default_factory=dict)
+
+    def record(self, module: Operation) -> None:
+        """Note each user op's function, before passes detach or replace them."""
+        self.by_function.clear()
+        for op in module.walk():
+            if id(op) in self.op_offsets:
+                self.by_function.setdefault(_function_name(op), []).append(op)
 
     def format_at_op(self, op: Operation, message: str) -> str:
-        offset = self.op_offsets.get(id(op))
-        if offset is None:
+        origin = self.origin(op)
+        if origin is None:
             return f"{self.filename}: error: {message}"
-        line, col, block = caret_block(self.text, offset)
+        if origin is not op:
+            message = f"{message} (in what the passes made of this '{origin.name}')"
+        line, col, block = caret_block(self.text, self.op_offsets[id(origin)])
         return f"{self.filename}:{line + self.line_offset}:{col}: error: {message}\n{block}"
+
+    def origin(self, op: Operation) -> Operation | None:
+        """The user's op that `op` is or came from, if any."""
+        if id(op) in self.op_offsets:
+            return op
+        function = _function_name(op)
+        mine = self.by_function.get(function, []) if function else []
+        index = _index_among(op, lambda o: o.name == op.name)
+        same = [u for u in mine if u.name == op.name]
+        if same:
+            return same[min(index, len(same) - 1)]
+        family = [u for u in mine if _same_role(u, op)]
+        if family:
+            return family[min(_index_among(op, lambda o: _same_role_names(o.name, op.name)),
+                               len(family) - 1)]
+        parent = op.parent_op()
+        while parent is not None and id(parent) not in self.op_offsets:
+            parent = parent.parent_op()
+        return parent
+
+
+def _function_of(op: Operation) -> Operation | None:
+    """The nearest op enclosing `op` that has a symbol name (its function)."""
+    current = op.parent_op()
+    while current is not None:
+        if "sym_name" in current.properties or "sym_name" in current.attributes:
+            return current
+        current = current.parent_op()
+    return None
+
+
+def _function_name(op: Operation) -> str | None:
+    function = _function_of(op)
+    if function is None:
+        return None
+    name = function.properties.get("sym_name") or function.attributes.get("sym_name")
+    return str(getattr(name, "data", name))
+
+
+def _index_among(op: Operation, same: Callable[[Operation], bool]) -> int:
+    """How many ops before `op` in its function satisfy `same`."""
+    function = _function_of(op)
+    if function is None:
+        return 0
+    count = 0
+    for other in function.walk():
+        if other is op:
+            return count
+        count += same(other)
+    return 0
+
+
+def _is_update(name: str) -> bool:
+    return "update" in name or name == "upd.apply"
+
+
+def _same_role_names(a: str, b: str) -> bool:
+    return (_is_update(a) and _is_update(b)) or (_is_bag(a) and _is_bag(b))
+
+
+def _is_bag(name: str) -> bool:
+    return name.endswith((".bag", ".lookup"))
+
+
+def _same_role(user: Operation, made: Operation) -> bool:
+    """Whether the user's op plays the part the pass-made op plays: optimizer or lookup."""
+    if _is_update(made.name):
+        return "lr" in user.properties or "lr" in user.attributes
+    return _is_bag(made.name) and _is_bag(user.name)
 
 
 # ------------------------------------------------------- input guards

@@ -62,6 +62,7 @@ def run_in_process(path: Path, capsys, *extra: str) -> tuple[int, str, str]:
 def assert_clean(rc: int, out: str, err: str, what: str) -> None:
     assert rc in (0, 1), f"{what}: exit {rc}\n{err}"
     assert "Traceback" not in err and "Traceback" not in out, f"{what}:\n{err}"
+    assert "internal error" not in err, f"{what}:\n{err}"
     if rc == 1:
         assert "error" in err, f"{what}: exit 1 without a diagnostic"
 
@@ -150,23 +151,83 @@ def test_token_mutations(seed: int, tmp_path: Path, capsys) -> None:
     assert_clean(rc, out, err, f"mutation seed {seed}")
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_token_mutations_generic_form(seed: int, tmp_path: Path, capsys) -> None:
-    """The generic form skips the custom parsers: the verifiers must catch it."""
+# Mutations of the generic form, which skips the custom parsers, so the
+# verifiers alone must catch the invalid ones. Each names the op line it edits,
+# the text it replaces, the replacement and what must happen: "ok" (a clean
+# round trip that keeps the change) or an error fragment (a located error,
+# exit 1). A mutation that leaves the text unchanged fails the test.
+GENERIC_MUTATIONS = [
+    ('"upd.clip"', "max_norm = 1.000000e+00", "max_norm = -1.000000e+00", "max_norm"),
+    ('"upd.weight_decay"', "decay = 1.000000e-04", "decay = -1.000000e-04", "decay"),
+    ('"upd.rowwise_adagrad"', "lr = 1.000000e-02", "lr = -1.000000e-02", "lr"),
+    ('"upd.rowwise_adagrad"', "!emb.state<1000x1>, !upd", "!emb.state<1000x2>, !upd", "used with type"),
+    ('"upd.dedup"', "-> !upd.delta<64xf32, i64, unique>", "-> !upd.delta<64xf32, i64>", "used with type"),
+    ('"upd.apply"', '"adam"', '"lamb"', "lamb"),
+    ('"emb.bag"', '"sum"', '"max"', "max"),
+    ('"emb.lookup"', "-> tensor<?x64xf32>", "-> tensor<?x32xf32>", "emb.lookup"),
+    ('"emb.lookup"', "tensor<?xi32>)", "tensor<?xf32>)", "used with type"),
+    ('"kern.bag"', '"int8"', '"int9"', "int9"),
+    ('"kern.update"', '"sgd"', '"sgdd"', "sgdd"),
+    ('"upd.stamp"', "i64) -> !emb.versions", "i32) -> !emb.versions", "used with type"),
+    ('"emb.table"', "1000x64xf32", "1000x0xf32", "error"),
+    ('"upd.rowwise_adagrad"', "lr = 1.000000e-02", "lr = 5.000000e-01", "ok"),
+    ('"emb.feature"', 'pooling = "sum"', 'pooling = "mean"', "ok"),
+    ('"upd.clip"', "max_norm = 1.000000e+00", "max_norm = 2.500000e+00", "ok"),
+    ('"upd.apply"', "lr = 1.000000e-03 : f64,", "lr = 0x7FF8000000000000 : f64,", "lr"),
+    ('"upd.apply"', "lr = 1.000000e-03 : f64,", 'lr = "fast",', "lr"),
+    ('"emb.bag"', '"sum"', '"mean"', "weights"),
+]
+# Hyper-parameters the backend cannot honour, accepted by the verifiers today
+# (issue class 5, the dialects' ranges): flip to plain cases once they reject them.
+_GAP = pytest.mark.xfail(strict=True, reason="class 5: verifier accepts an invalid hyper-parameter")
+GENERIC_GAPS = [
+    pytest.param('"upd.apply"', "lr = 1.000000e-03 : f64,",
+                 "lr = 1.000000e-03 : f64, beta1 = 1.000000e+00 : f64,", "beta1", marks=_GAP,
+                 id="upd.apply:beta1=1"),
+    pytest.param('"upd.apply"', "lr = 1.000000e-03 : f64,",
+                 "lr = 1.000000e-03 : f64, eps = -1.000000e+00 : f64,", "eps", marks=_GAP,
+                 id="upd.apply:eps<0"),
+    pytest.param('"upd.apply"', "lr = 1.000000e-03 : f64,",
+                 "lr = 1.000000e-03 : f64, lr_decay = -1.000000e+00 : f64,", "lr_decay",
+                 marks=_GAP, id="upd.apply:lr_decay<0"),
+]
+
+
+def _generic_module(tmp_path: Path, capsys) -> str:
     path = tmp_path / "m.mlir"
     path.write_text(MODULE)
     rc, generic, err = run_in_process(path, capsys, "--print-op-generic")
     assert rc == 0, err
-    rng = random.Random(5000 + seed)
+    return generic
+
+
+@pytest.mark.parametrize("op, old, new, expect", [
+    *(pytest.param(*m, id=f"{m[0].strip(chr(34))}:{m[2][:24]}") for m in GENERIC_MUTATIONS),
+    *GENERIC_GAPS])
+def test_token_mutations_generic_form(op: str, old: str, new: str, expect: str,
+                                      tmp_path: Path, capsys) -> None:
+    """Invalid edits give a located error and exit 1; valid ones round-trip."""
+    generic = _generic_module(tmp_path, capsys)
     lines = generic.split("\n")
-    i = rng.randrange(1, len(lines) - 2)
-    swaps = [("i64", "i32"), ("64x", "32x"), ("f32", "f16"), ("int8", "int4"),
-             ("unique", "i64"), ("1000", "999"), ('"sum"', '"max"'), ("lr", "eta")]
-    a, b = rng.choice(swaps)
-    lines[i] = lines[i].replace(a, b, 1)
-    path.write_text("\n".join(lines))
-    rc, out, err = run_in_process(path, capsys)
-    assert_clean(rc, out, err, f"generic mutation {a}->{b} of line {i}")
+    i = next(i for i, line in enumerate(lines) if op in line and old in line)
+    lines[i] = lines[i].replace(old, new, 1)
+    mutated = "\n".join(lines)
+    assert mutated != generic, "the mutation must change the input"
+    path = tmp_path / "mutated.mlir"
+    path.write_text(mutated)
+    rc, out, err = run_in_process(path, capsys, "--print-op-generic")
+    assert_clean(rc, out, err, f"{op}: {old} -> {new}")
+    if expect == "ok":
+        assert rc == 0, err
+        assert new in out
+        again = tmp_path / "again.mlir"
+        again.write_text(out)
+        rc2, out2, err2 = run_in_process(again, capsys, "--print-op-generic")
+        assert rc2 == 0 and out2 == out, err2
+    else:
+        assert rc == 1, f"{op}: {old} -> {new} was accepted:\n{out}"
+        assert re.match(rf"^{re.escape(str(path))}:\d+:\d+: error: ", err), err
+        assert expect in err, err
 
 
 @pytest.mark.parametrize("flags", [[], ["--split-input-file"], ["--print-op-generic"],
@@ -227,3 +288,107 @@ def test_process_valid_module_exits_0(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "upd.rowwise_adagrad" in result.stdout
+
+
+# ------------------------------------------------- hangs, crashes, locations
+
+GUARDED = {
+    # xDSL's string regex backtracks exponentially without a closing quote
+    "unterminated string": ('emb.table @t : !emb.table<4x4xf32> {serving = "' + "a" * 40 + "\n",
+                            "1:47", "string literal is not closed"),
+    "bad escape": ('"test.op"() {s = "' + "b" * 40 + '\\q"} : () -> ()\n', "1:59",
+                   "invalid escape"),
+    "deep nesting": ("builtin.module {" * 300 + "}" * 300, "1:1040", "nesting deeper than 64"),
+    "5,000-digit integer": ("%x = arith.constant " + "9" * 5000 + " : i64\n", "1:21",
+                            "5000 digits"),
+    "integer out of range": ("%x = arith.constant 300 : i8\n", "1:21", "out of range for type i8"),
+    "wide integer type": ("%x = arith.constant 1 : i" + "7" * 4500 + "\n", "1:26", "4500 digits"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GUARDED))
+def test_guarded_inputs_fail_fast_with_a_location(name: str, tmp_path: Path) -> None:
+    text, where, fragment = GUARDED[name]
+    path = tmp_path / "g.mlir"
+    path.write_text(text)
+    result = subprocess.run([_exe(), str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"{path}:{where}: error: "), result.stderr[:300]
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no-such-pass", "unknown pass 'no-such-pass'"),
+    ("upd-fuze", "did you mean 'upd-fuse'?"),
+    ("upd-schedule{partitions=", "at column 25"),
+    ("upd-dedup,,", "at column 11"),
+    ("upd-schedule{partitions=x}", "pass 'upd-schedule'"),
+    ("upd-schedule{nope=1}", "pass 'upd-schedule'"),
+    ("{", "at column 1"),
+])
+def test_bad_pipelines_are_one_line(spec: str, message: str, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "m.mlir"
+    path.write_text(MODULE)
+    rc, out, err = run_in_process(path, capsys, "-p", spec)
+    assert rc == 1 and out == ""
+    assert err.startswith("ekko-opt: error: -p") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def test_version_and_help(capsys) -> None:
+    from importlib.metadata import version
+
+    assert ekko_opt(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"ekko-opt {version('ekko')} (xDSL ")
+    assert ekko_opt(["--help"]) == 0
+    help_text = "".join(capsys.readouterr().out.split())  # argparse wraps at hyphens
+    assert help_text.startswith("usage:ekko-opt")
+    assert "ekko'spasses:upd-dedup,upd-fuse,upd-schedule,lower-to-kernel" in help_text
+    assert "convert-arith-to-riscv" not in help_text and "--list-passes" in help_text
+    assert ekko_opt(["--list-passes"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.startswith("ekko:\n  upd-dedup\n") and "convert-arith-to-riscv" in listed
+
+
+def test_errors_on_ops_the_passes_made_point_at_the_users_op(tmp_path: Path, capsys,
+                                                             monkeypatch) -> None:
+    """A pass that replaces the user's optimizer op with a broken one: the
+    error names the new op and points at the line the user wrote."""
+    from dataclasses import dataclass
+
+    from xdsl.dialects.builtin import FloatAttr, f64
+    from xdsl.passes import ModulePass
+
+    from ekko.compiler.tools import ekko_opt as tool
+
+    @dataclass(frozen=True)
+    class Break(ModulePass):
+        name = "test-break"
+
+        def apply(self, ctx, module) -> None:
+            for op in list(module.walk()):
+                if op.name in ("upd.sgd", "upd.apply") and "lr" in op.attributes:
+                    new = op.clone()
+                    new.attributes["lr"] = FloatAttr(-1.0, f64)
+                    op.parent_block().insert_op_before(new, op)
+                    op.results[0].replace_all_uses_with(new.results[0])
+                    op.detach()
+                    op.erase()
+
+    ours = tool.ekko_passes
+    monkeypatch.setattr(tool, "ekko_passes", lambda: {**ours(), "test-break": lambda: Break})
+    path = tmp_path / "sgd.mlir"
+    path.write_text(
+        "func.func @a(%t: !emb.table<10x4xf32>, %ids: tensor<?xi64>, %rows: tensor<?x4xf32>)"
+        " -> !emb.table<10x4xf32> {\n"
+        "  %d = upd.delta %ids, %rows : tensor<?xi64>, tensor<?x4xf32>\n"
+        "  %t2 = upd.sgd %t, %d {lr = 1.000000e-01 : f64} : !emb.table<10x4xf32>, "
+        "!upd.delta<4xf32, i64>\n"
+        "  %t3 = upd.sgd %t2, %d {lr = 2.000000e-01 : f64} : !emb.table<10x4xf32>, "
+        "!upd.delta<4xf32, i64>\n"
+        "  func.return %t3 : !emb.table<10x4xf32>\n}\n")
+    for pipeline in ("test-break", "upd-fuse,test-break"):
+        rc, out, err = run_in_process(path, capsys, "-p", pipeline)
+        assert rc == 1, err
+        assert err.startswith(f"{path}:3:3: error: '"), err
+        assert "lr must be positive" in err and "upd.sgd" in err and "  %t2 = upd.sgd" in err

@@ -52,11 +52,13 @@ class LocatingParser(Parser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.op_offsets: dict[int, int] = {}
+        self.parsed_ops: list[Operation] = []
 
     def parse_operation(self) -> Operation:
         start = self._current_token.span.start
         op = self._located(start, super().parse_operation)
         self.op_offsets[id(op)] = start
+        self.parsed_ops.append(op)
         return op
 
     def parse_optional_type(self):
@@ -94,6 +96,7 @@ class EkkoOptMain(xDSLOptMain):
     def register_all_arguments(self, arg_parser: argparse.ArgumentParser) -> None:
         """xdsl-opt's flags, with a -p help that lists ekko's passes, not ~150 of xDSL's."""
         super().register_all_arguments(arg_parser)
+        arg_parser.prog = "ekko-opt"
         for action in arg_parser._actions:
             if action.dest == "passes":
                 action.help = (
@@ -149,7 +152,8 @@ class EkkoOptMain(xDSLOptMain):
             end = min(len(text), offset + 1)
             raise ParseError(Span(offset, end, Input(text, self.get_input_name())), message)
         parser = LocatingParser(self.ctx, text, self.get_input_name())
-        self.source_map = SourceMap(self.get_input_name(), text, parser.op_offsets)
+        self.source_map = SourceMap(self.get_input_name(), text, parser.op_offsets,
+                                    user_ops=parser.parsed_ops)
         return parser.parse_module(not self.args.no_implicit_module)
 
     def _parse_ekko(self, io: IO[bytes]) -> ModuleOp:
@@ -161,8 +165,9 @@ class EkkoOptMain(xDSLOptMain):
 
     def parse_chunk(self, chunk: IO[bytes], file_extension: str, offset: int = 0):
         module = super().parse_chunk(chunk, file_extension, offset)
-        if self.source_map is not None:
+        if self.source_map is not None and module is not None:
             self.source_map.line_offset = offset
+            self.source_map.record(module)
         self.last_module = module
         return module
 
@@ -252,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ekko-opt: error: the input is nested too deeply for ekko-opt", file=sys.stderr)
     except MemoryError:
         print("ekko-opt: error: out of memory", file=sys.stderr)
+    except Exception as e:  # a bug in ekko, not the user's: still no traceback, say so
+        print(f"ekko-opt: internal error: {type(e).__name__}: {e} "
+              "(a bug in ekko-opt; please report it with the input)", file=sys.stderr)
     return 1
 
 
