@@ -1,17 +1,43 @@
 """A numpy reference for `ekko run`'s self-check of the native kernels.
 
-Plain numpy, written from the UpdateSpec semantics and sharing no code with
-the LLVM backend, so a wrong kernel cannot agree with it by construction.
+Plain numpy in float64, written from the UpdateSpec semantics and sharing no
+code with the LLVM backend, so a wrong kernel cannot agree with it by
+construction.
+
+Tolerances follow the numerics of each value, not one relative figure: next
+to every reference value the check carries a magnitude, the sum of the
+absolute values of the terms that went into it (a first-order running error
+bound). The kernel computes in f32, so it may differ from the reference by a
+few f32 roundings of that magnitude, plus the rounding of the master's
+storage type. A value that sums to nearly zero from large terms (Adam's first
+moment, say) gets the tolerance its terms deserve; a NaN anywhere fails.
+
+Each optimizer is one entry of `OPTIMIZERS`: a function from the gradient,
+the weights and the state (values and magnitudes) to new ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..compiler.backend.spec import UpdateSpec
 from .quant import dequantize_rows
+
+U32 = 2.0**-24  # unit roundoff of f32
+# f32 roundings allowed per unit of magnitude: summing a few hundred duplicate
+# rows and a dozen operations per element stay far below it, while a wrong
+# hyper-parameter or formula is off by 1e-3 or more of the magnitude.
+ROUNDINGS = 256
+# rounding of the stored master row (stochastic rounding: up to a whole ulp),
+# relative to the value, plus the smallest spacing (f16 subnormals)
+STORE_ULP = {"f32": 0.0, "f16": 2.0**-10, "bf16": 2.0**-7}
+STORE_FLOOR = {"f32": 0.0, "f16": 2.0**-24, "bf16": 0.0}
+
+Array = np.ndarray
 
 
 @dataclass
@@ -23,69 +49,178 @@ class Snapshot:
     state: tuple[np.ndarray, ...]
 
 
+@dataclass
+class Tracked:
+    """A float64 reference value and its magnitude: the f32 kernel's value may be off
+    by a few roundings of `mag` (0 for exact inputs; each operation adds its
+    operands' magnitudes and its own rounding)."""
+
+    value: Array
+    mag: Array
+
+
 def to_f32(rows: np.ndarray, dtype: str, dim: int) -> np.ndarray:
     return rows.astype(np.float32) if dtype == "f32" else dequantize_rows(rows, dtype, dim)
 
 
+def _states(state: Any) -> tuple[np.ndarray, ...]:
+    return state if isinstance(state, tuple) else (() if state is None else (state,))
+
+
+def hyper(spec: Any, name: str) -> float:
+    """A hyper-parameter of a spec, from its `hyper` mapping or its attribute."""
+    table = getattr(spec, "hyper", None)
+    if isinstance(table, Mapping):
+        return float(table[name])
+    return float(getattr(spec, name))
+
+
 def snapshot(spec: UpdateSpec, master: np.ndarray, state, ids: np.ndarray) -> Snapshot:
     uniq = np.unique(ids)
-    states = state if isinstance(state, tuple) else (() if state is None else (state,))
     return Snapshot(uniq, to_f32(master[uniq], spec.table_dtype, spec.dim),
-                    tuple(s[uniq].astype(np.float32).copy() for s in states))
+                    tuple(s[uniq].astype(np.float32).copy() for s in _states(state)))
+
+
+# -- the math, value and magnitude side by side --------------------------------
+
+
+def _square(g: Tracked) -> Tracked:
+    """g*g: its rounding plus twice g's error."""
+    return Tracked(g.value**2, g.value**2 + 2 * np.abs(g.value) * g.mag)
+
+
+def _sqrt(x: Tracked) -> Tracked:
+    """sqrt(x): error x.err / (2 sqrt(x)), never more than sqrt(x.err)."""
+    root = np.sqrt(np.maximum(x.value, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        spread = np.where(root > 0, x.mag / (2 * root), np.inf)
+    capped = np.minimum(spread, np.sqrt(x.mag / (ROUNDINGS * U32)))
+    return Tracked(root, root + capped)
+
+
+def _scaled_step(lr: float, g: Tracked, denom: Tracked) -> Tracked:
+    """lr * g / denom: relative errors add."""
+    step = lr * g.value / denom.value
+    mag = lr * (g.mag / denom.value + np.abs(g.value) * denom.mag / denom.value**2)
+    return Tracked(step, np.abs(step) + mag)
+
+
+def _minus(w: Tracked, step: Tracked) -> Tracked:
+    return Tracked(w.value - step.value, np.abs(w.value) + w.mag + step.mag)
+
+
+def _plus(a: Tracked, b: Tracked) -> Tracked:
+    return Tracked(a.value + b.value, np.abs(a.value) + a.mag + np.abs(b.value) + b.mag)
+
+
+def _plus_eps(x: Tracked, eps: float) -> Tracked:
+    return Tracked(x.value + eps, x.mag + eps)
+
+
+def _mix(a: float, s: Tracked, b: float, x: Tracked) -> Tracked:
+    """a*s + b*x, as an exponential moving average."""
+    value = a * s.value + b * x.value
+    return Tracked(value, a * (np.abs(s.value) + s.mag) + b * (np.abs(x.value) + x.mag))
+
+
+def _sgd(g: Tracked, w: Tracked, states: list[Tracked], h: Callable[[str], float],
+         step: int) -> tuple[Tracked, list[Tracked]]:
+    return _minus(w, Tracked(h("lr") * g.value, h("lr") * (np.abs(g.value) + g.mag))), []
+
+
+def _adagrad(g, w, states, h, step):
+    clr = h("lr") / (1 + (step - 1) * h("lr_decay"))
+    gg = _square(g)
+    s = _plus(states[0], gg)
+    return _minus(w, _scaled_step(clr, g, _plus_eps(_sqrt(s), h("eps")))), [s]
+
+
+def _rowwise_adagrad(g, w, states, h, step):
+    gg = _square(g)
+    m0 = states[0]
+    m = _plus(Tracked(m0.value.reshape(-1, 1), m0.mag.reshape(-1, 1)),
+              Tracked(gg.value.mean(axis=1, keepdims=True), gg.mag.mean(axis=1, keepdims=True)))
+    w_new = _minus(w, _scaled_step(h("lr"), g, _plus_eps(_sqrt(m), h("eps"))))
+    return w_new, [Tracked(m.value.reshape(-1), m.mag.reshape(-1))]
+
+
+def _adam(g, w, states, h, step):
+    b1, b2 = h("beta1"), h("beta2")
+    m = _mix(b1, states[0], 1 - b1, g)
+    v = _mix(b2, states[1], 1 - b2, _square(g))
+    size = h("lr") * np.sqrt(1 - b2**step) / (1 - b1**step)
+    return _minus(w, _scaled_step(size, m, _plus_eps(_sqrt(v), h("eps")))), [m, v]
+
+
+def _rmsprop(g, w, states, h, step):
+    v = _mix(h("alpha"), states[0], 1 - h("alpha"), _square(g))
+    return _minus(w, _scaled_step(h("lr"), g, _plus_eps(_sqrt(v), h("eps")))), [v]
+
+
+# optimizer name -> its reference math; a new optimizer is one entry here
+OPTIMIZERS: dict[str, Callable[..., tuple[Tracked, list[Tracked]]]] = {
+    "sgd": _sgd,
+    "adagrad": _adagrad,
+    "rowwise_adagrad": _rowwise_adagrad,
+    "adam": _adam,
+    "rmsprop": _rmsprop,
+}
+
+
+def _gradients(spec: UpdateSpec, snap: Snapshot, ids: np.ndarray, grads: np.ndarray,
+               w: Tracked) -> Tracked:
+    """Duplicates summed, then clip by value, by norm, and weight decay (as torch)."""
+    where = np.searchsorted(snap.ids, ids)
+    value = np.zeros((len(snap.ids), spec.dim), np.float64)
+    mag = np.zeros_like(value)
+    np.add.at(value, where, grads.astype(np.float64))
+    np.add.at(mag, where, np.abs(grads.astype(np.float64)))
+    if spec.clip_value is not None:
+        value = np.clip(value, -spec.clip_value, spec.clip_value)
+    if spec.max_norm is not None:
+        norm = np.linalg.norm(value, axis=1, keepdims=True)
+        factor = np.where(norm > spec.max_norm, spec.max_norm / np.maximum(norm, 1e-300), 1.0)
+        spread = np.abs(value) * mag.sum(axis=1, keepdims=True) / np.maximum(norm, 1e-300)
+        mag = factor * (mag + np.where(factor < 1, spread, 0.0))
+        value = value * factor
+    if spec.weight_decay:
+        value = value + spec.weight_decay * w.value
+        mag = mag + spec.weight_decay * (np.abs(w.value) + w.mag)
+    return Tracked(value, mag)
 
 
 def reference_rows(spec: UpdateSpec, snap: Snapshot, ids: np.ndarray, grads: np.ndarray,
-                   step: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    """New f32 master rows and state rows of `snap.ids` after one delta."""
-    g = np.zeros((len(snap.ids), spec.dim), np.float64)
-    np.add.at(g, np.searchsorted(snap.ids, ids), grads.astype(np.float64))
-    w = snap.master.astype(np.float64)
-    if spec.clip_value is not None:
-        g = np.clip(g, -spec.clip_value, spec.clip_value)
-    if spec.max_norm is not None:
-        norm = np.linalg.norm(g, axis=1, keepdims=True)
-        g = np.where(norm > spec.max_norm, g * (spec.max_norm / np.maximum(norm, 1e-30)), g)
-    if spec.weight_decay:
-        g = g + spec.weight_decay * w
-    states = [s.astype(np.float64) for s in snap.state]
-    if spec.optimizer == "sgd":
-        w = w - spec.lr * g
-    elif spec.optimizer == "adagrad":
-        clr = spec.lr / (1 + (step - 1) * spec.lr_decay)
-        states[0] = states[0] + g * g
-        w = w - clr * g / (np.sqrt(states[0]) + spec.eps)
-    elif spec.optimizer == "rowwise_adagrad":
-        states[0] = states[0].reshape(-1) + np.mean(g * g, axis=1)
-        w = w - spec.lr * g / (np.sqrt(states[0])[:, None] + spec.eps)
-    else:
-        b1, b2 = spec.beta1, spec.beta2
-        states[0] = b1 * states[0] + (1 - b1) * g
-        states[1] = b2 * states[1] + (1 - b2) * g * g
-        size = spec.lr * np.sqrt(1 - b2**step) / (1 - b1**step)
-        w = w - size * states[0] / (np.sqrt(states[1]) + spec.eps)
-    return w.astype(np.float32), tuple(s.astype(np.float32) for s in states)
+                   step: int) -> tuple[Tracked, list[Tracked]]:
+    """New master rows and state rows of `snap.ids` after one delta, with magnitudes."""
+    if spec.optimizer not in OPTIMIZERS:
+        raise KeyError(f"the self-check has no reference for optimizer {spec.optimizer!r}")
+    w = Tracked(snap.master.astype(np.float64), np.zeros(snap.master.shape))
+    states = [Tracked(s.astype(np.float64), np.zeros(s.shape)) for s in snap.state]
+    g = _gradients(spec, snap, ids, grads, w)
+    return OPTIMIZERS[spec.optimizer](g, w, states, lambda name: hyper(spec, name), step)
 
 
-def tolerance(dtype: str) -> float:
-    """Relative tolerance of a master table's storage type."""
-    return {"f32": 1e-4, "f16": 2e-3, "bf16": 1.6e-2}[dtype]
+def error_ratio(got: np.ndarray, want: Tracked, dtype: str = "f32") -> float:
+    """Largest |got - want| over its tolerance; inf when either side is not finite."""
+    got = np.asarray(got, np.float64).reshape(want.value.shape)
+    if not (np.isfinite(got).all() and np.isfinite(want.value).all()):
+        return float("inf")
+    tol = (ROUNDINGS * U32 * want.mag + STORE_ULP[dtype] * np.abs(want.value)
+           + STORE_FLOOR[dtype] + 1e-30)
+    return float(np.max(np.abs(got - want.value) / tol, initial=0.0))
 
 
 def compare(spec: UpdateSpec, snap: Snapshot, master: np.ndarray, state, ids: np.ndarray,
             grads: np.ndarray, step: int) -> float:
     """Largest error of the kernel's result against the reference, relative to tolerance.
 
-    A value above 1 means the kernel disagrees with numpy.
+    A value above 1 (or inf) means the kernel disagrees with numpy.
     """
     want_w, want_states = reference_rows(spec, snap, ids, grads, step)
-    got_w = to_f32(master[snap.ids], spec.table_dtype, spec.dim)
-    tol = tolerance(spec.table_dtype)
-    worst = float(np.max(np.abs(got_w - want_w) / (tol * (np.abs(want_w) + 1e-3)), initial=0.0))
-    states = state if isinstance(state, tuple) else (() if state is None else (state,))
-    for got, want in zip(states, want_states):
-        got_rows = got[snap.ids].reshape(want.shape)
-        err = np.abs(got_rows - want) / (1e-4 * (np.abs(want) + 1e-6))
-        worst = max(worst, float(np.max(err, initial=0.0)))
+    worst = error_ratio(to_f32(master[snap.ids], spec.table_dtype, spec.dim), want_w,
+                        spec.table_dtype)
+    for got, want in zip(_states(state), want_states, strict=True):
+        worst = max(worst, error_ratio(got[snap.ids], want))
     return worst
 
 
@@ -93,10 +228,21 @@ def reference_bags(table_f32: np.ndarray, ids: np.ndarray, offsets: np.ndarray |
                    mode: str) -> np.ndarray:
     """Pooled bags (B+1 offsets) or rows (mode none) from a dequantized table."""
     if mode == "none":
-        return table_f32[ids]
+        return table_f32[ids].astype(np.float64)
     out = np.zeros((len(offsets) - 1, table_f32.shape[1]), np.float64)
     for b in range(len(offsets) - 1):
         rows = table_f32[ids[offsets[b]:offsets[b + 1]]].astype(np.float64)
         if len(rows):
             out[b] = rows.sum(0) if mode == "sum" else rows.mean(0)
-    return out.astype(np.float32)
+    return out
+
+
+def reference_lookup(rows_f32: np.ndarray, quantized: bool, ids: np.ndarray,
+                     offsets: np.ndarray | None, mode: str) -> Tracked:
+    """Pooled bags with magnitudes: a quantized row's value is code*scale + bias,
+    so its magnitude counts the bias (the row's minimum) twice over."""
+    mag_rows = np.abs(rows_f32.astype(np.float64))
+    if quantized:
+        mag_rows = mag_rows + 2 * np.abs(rows_f32.min(axis=1, keepdims=True))
+    return Tracked(reference_bags(rows_f32, ids, offsets, mode),
+                   reference_bags(mag_rows, ids, offsets, mode))

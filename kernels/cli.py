@@ -6,27 +6,52 @@
                               through the update kernels while serving
                               lookups, check a sample against numpy, report
 
-MODEL is a `.ekko` file or `path/to/module.py:factory` (a torch model). The
-CLI lives in `kernels` because `run` needs the runtime; it only asks the
-compiler for IR and specs.
+MODEL is a `.ekko` file or `path/to/module.py:factory` (a torch model).
+--optimizer and --serving set every table's optimizer and serving layout,
+for either kind. The CLI lives in `kernels` because `run` needs the
+runtime; it only asks the compiler for IR and specs.
+
+Exit status: 0 done; 1 a mistake in the input (flags, model, output folder:
+one `ekko: error: ...` or `file:line:col: error: ...` message); 2 `ekko
+run`'s reference check failed; 3 an internal error (a bug: please report it;
+EKKO_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
-from ..compiler.backend.spec import UpdateSpec
+from ..compiler.backend.spec import UpdateSpec, serving_row_bytes
 from ..compiler.diagnostics import EkkoDiagnostic
-from ..compiler.frontend import ModelError
+from ..compiler.frontend import Model, ModelError, Optimizer, load_model
+from ..compiler.frontend.model import ModelInvalid
 from . import jit
 from .errors import EkkoError
 from .model import STAGES, CompiledModel, compile_model
 from .traffic import RunConfig, run_traffic
+
+EXIT_INPUT, EXIT_CHECK, EXIT_INTERNAL = 1, 2, 3
+MAX_PARTITIONS = 1024
+MAX_STEPS = 10**9
+MAX_SEED = 2**63 - 1
+MAX_FLAG_DIGITS = 30  # longer integers are refused before converting them
+MASTER_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+class CliError(Exception):
+    """A mistake in the command line or its files: printed as `ekko: error: ...`."""
 
 
 class Progress:
@@ -41,17 +66,99 @@ class Progress:
             print(f"[{time.perf_counter() - self.start:6.2f}s] {message}", file=sys.stderr, flush=True)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage mistakes as one `ekko: error:` line and exit 1."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"ekko: error: {_shorten(message)} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(EXIT_INPUT)
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def int_flag(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], refusing overlong digits first."""
+
+    def parse(text: str) -> int:
+        digits = text.strip().lstrip("+-")
+        if not re.fullmatch(r"[+-]?[0-9]+", text.strip()):
+            raise argparse.ArgumentTypeError(f"expected an integer, got {_shorten(text, 40)!r}")
+        if len(digits) > MAX_FLAG_DIGITS:
+            raise argparse.ArgumentTypeError(
+                f"a {len(digits)}-digit integer is out of range (limit {low}..{high})")
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range (limit {low}..{high})")
+        return value
+
+    return parse
+
+
+def float_flag(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] ((low, high] when low_open)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {_shorten(text, 40)!r}") from None
+        in_range = (value > low if low_open else value >= low) and value <= high
+        if not (math.isfinite(value) and in_range):
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(
+                f"{_shorten(text, 40)} is out of range (limit {bracket}{low:g}, {high:g}])")
+        return value
+
+    return parse
+
+
+def optimizer_flag(text: str) -> Optimizer:
+    """`name` or `name(k=v, ...)`, as in the model language, checked like it."""
+    match = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*(?:\((.*)\))?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME or NAME(k=v, ...), got {_shorten(text, 60)!r}")
+    hyper: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in (match.group(2) or "").split(","))):
+        key, eq, value = part.partition("=")
+        number = float_flag(-math.inf, math.inf)
+        try:
+            if not eq or not key.strip().isidentifier() or key.strip() in hyper:
+                raise ValueError
+            hyper[key.strip()] = number(value)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(
+                f"expected k=v with a finite number and each k once, got {_shorten(part, 40)!r}"
+            ) from None
+    try:
+        return Optimizer.make(match.group(1), **hyper)
+    except ModelInvalid as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a .ekko file or path/to/module.py:factory")
-    p.add_argument("--scale", type=float, default=None,
-                   help="multiply every table's rows by this factor (default: 1 for compile, 0.1 for run)")
-    p.add_argument("--partitions", type=int, default=0,
-                   help="threads per update and lookup kernel (default: one per core)")
+    p.add_argument("--scale", type=float_flag(0.0, 1e12, low_open=True), default=None,
+                   help="multiply every table's rows by this factor (default: 1 for compile, "
+                        "0.1 for run)")
+    p.add_argument("--partitions", type=int_flag(0, MAX_PARTITIONS), default=0,
+                   help="threads per update and lookup kernel (default 0: one per core)")
+    p.add_argument("--optimizer", type=optimizer_flag, default=None, metavar="NAME(k=v,...)",
+                   help="every table's optimizer, e.g. 'adam(lr=0.001)' (default: the model's)")
+    p.add_argument("--serving", choices=("f32", "f16", "bf16", "int8", "int4"), default=None,
+                   help="every table's serving layout (default: the model's)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ekko", description=__doc__.split("\n\n")[0])
+    from .. import __version__
+
+    parser = Parser(prog="ekko", description=__doc__.split("\n\n")[0],
+                    epilog="exit status: 0 done, 1 bad input, 2 reference check failed, "
+                           "3 internal error")
+    parser.add_argument("--version", action="version", version=f"ekko {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile a model to IR, native kernels and a manifest")
     _add_model_args(c)
@@ -60,19 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which IR stages to write (default: all)")
     r = sub.add_parser("run", help="compile, then stream updates while serving lookups")
     _add_model_args(r)
-    r.add_argument("--steps", type=int, default=50, help="update steps (default 50)")
-    r.add_argument("--batch", type=int, default=4096,
+    r.add_argument("--steps", type=int_flag(1, MAX_STEPS), default=50,
+                   help="update steps (default 50)")
+    r.add_argument("--batch", type=int_flag(1, 2**31 - 1), default=4096,
                    help="samples per step: ids per table per step, bags per lookup (default 4096)")
-    r.add_argument("--pooling", type=int, default=1, help="mean ids per bag (default 1)")
-    r.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of ids (default 1.05)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--pooling", type=int_flag(1, 1_000_000), default=1,
+                   help="mean ids per bag (default 1)")
+    r.add_argument("--zipf", type=float_flag(0.0, 100.0), default=1.05,
+                   help="Zipf exponent of ids, 0 for uniform (default 1.05)")
+    r.add_argument("--seed", type=int_flag(0, MAX_SEED), default=0)
     r.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
-
-
-def _compile(args: argparse.Namespace, progress: Progress) -> CompiledModel:
-    scale = args.scale if args.scale is not None else default_scale(args)
-    return compile_model(args.model, scale=scale, partitions=args.partitions, progress=progress)
 
 
 def default_scale(args: argparse.Namespace) -> float:
@@ -80,28 +185,93 @@ def default_scale(args: argparse.Namespace) -> float:
     return 1.0 if args.command == "compile" else 0.1
 
 
+def load(args: argparse.Namespace) -> Model:
+    """The model the flags describe: loaded, scaled, --optimizer/--serving applied, checked."""
+    scale = args.scale if args.scale is not None else default_scale(args)
+    model = load_model(args.model, scale=scale)
+    if not model.tables:
+        raise CliError(f"{args.model}: the model has no tables: nothing to compile or run")
+    changes = {k: v for k, v in (("optimizer", args.optimizer), ("serving", args.serving))
+               if v is not None}
+    if changes:
+        model = replace(model, tables=tuple(replace(t, **changes) for t in model.tables))
+    try:
+        model.validate()
+    except ModelInvalid as e:
+        raise CliError(f"{args.model}: {e}" + (f" (with --scale {scale:g})" if scale != 1 else "")
+                       ) from None
+    return model
+
+
+def _compile(args: argparse.Namespace, model: Model, progress: Progress) -> CompiledModel:
+    return compile_model(model, partitions=args.partitions, progress=progress)
+
+
+def check_output_folder(out: Path) -> None:
+    """-o must be a folder or creatable as one: refused before compiling anything."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is a file" if path == out else f"is under {path}, a file"
+                raise CliError(f"-o {out}: {what}, not a folder")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise CliError(f"-o {out}: {path} is not writable")
+            return
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
-    progress = Progress(args.quiet)
-    compiled = _compile(args, progress)
     out = Path(args.output)
-    (out / "kernels").mkdir(parents=True, exist_ok=True)
-    wanted = {"none": (), "model": ("model",), "kernel": ("lower-to-kernel",), "all": STAGES}
-    if wanted[args.emit_ir]:
-        (out / "ir").mkdir(exist_ok=True)
-    for i, stage in enumerate(STAGES):
-        if stage in wanted[args.emit_ir] and stage in compiled.ir:
-            (out / "ir" / f"{i}-{stage}.mlir").write_text(compiled.ir[stage])
-    manifest = compiled.manifest()
-    for entry in manifest["kernels"]:
-        spec = compiled_spec(compiled, entry["used_by"][0])
-        obj, optimized = jit.emit_object(llvm_ir_of(spec))
-        stem = out / "kernels" / f"kernel{entry['id']}"
-        stem.with_suffix(".ll").write_text(optimized)
-        stem.with_suffix(".o").write_bytes(obj)
-        entry["files"] = [f"kernels/{stem.name}.ll", f"kernels/{stem.name}.o"]
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    progress(f"wrote {len(manifest['kernels'])} kernels and manifest.json to {out}")
+    check_output_folder(out)
+    progress = Progress(args.quiet)
+    compiled = _compile(args, load(args), progress)
+    staging = _stage_outputs(compiled, args.emit_ir, out)
+    _publish(staging, out)
+    progress(f"wrote {len(compiled.manifest()['kernels'])} kernels and manifest.json to {out}")
     return 0
+
+
+def _stage_outputs(compiled: CompiledModel, emit_ir: str, out: Path) -> Path:
+    """Everything `compile` writes, in a fresh folder next to `out` (moved in at the end)."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".ekko-compile-", dir=out))
+    try:
+        (staging / "kernels").mkdir()
+        wanted = {"none": (), "model": ("model",), "kernel": ("lower-to-kernel",), "all": STAGES}
+        if wanted[emit_ir]:
+            (staging / "ir").mkdir()
+        for i, stage in enumerate(STAGES):
+            if stage in wanted[emit_ir] and stage in compiled.ir:
+                (staging / "ir" / f"{i}-{stage}.mlir").write_text(compiled.ir[stage])
+        manifest = compiled.manifest()
+        for entry in manifest["kernels"]:
+            spec = compiled_spec(compiled, entry["used_by"][0])
+            obj, optimized = jit.emit_object(llvm_ir_of(spec))
+            stem = staging / "kernels" / f"kernel{entry['id']}"
+            stem.with_suffix(".ll").write_text(optimized)
+            stem.with_suffix(".o").write_bytes(obj)
+            entry["files"] = [f"kernels/{stem.name}.ll", f"kernels/{stem.name}.o"]
+        text = json.dumps(manifest, indent=2, default=str) + "\n"
+        (staging / "manifest.json").write_text(text)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Replace ir/, kernels/ and manifest.json of `out` by the staged ones, manifest last."""
+    try:
+        for name in ("manifest.json", "ir", "kernels"):
+            old = out / name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
+        for name in ("ir", "kernels", "manifest.json"):
+            if (staging / name).exists():
+                (staging / name).rename(out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def compiled_spec(compiled: CompiledModel, name: str):
@@ -115,33 +285,107 @@ def llvm_ir_of(spec) -> str:
     return emit_update(spec) if isinstance(spec, UpdateSpec) else emit_bag(spec)
 
 
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable, or the cgroup's room if less."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def state_values_per_row(optimizer: str, dim: int) -> int:
+    """f32 optimizer-state values per row (unknown optimizers: two per element)."""
+    return {"sgd": 0, "rowwise_adagrad": 1, "adagrad": dim, "adam": 2 * dim,
+            "rmsprop": dim}.get(optimizer, 2 * dim)
+
+
+def run_bytes(model: Model, cfg: RunConfig) -> int:
+    """What `ekko run` allocates: tables, state, serving copies, versions, the Zipf
+    samplers (16 bytes a row) and one step's deltas and lookups."""
+    total = 0
+    for t in model.tables:
+        per_row = (MASTER_BYTES.get(t.dtype, 4) * t.dim + 4 * state_values_per_row(
+            t.optimizer.kind, t.dim) + serving_row_bytes(t.serving, t.dim) + 8 + 16)
+        total += t.rows * per_row + cfg.batch * (t.dim * 4 + 16)
+    for f in model.features:
+        dim = model.table(f.table).dim
+        total += cfg.batch * (dim * 4 + 8 + (2 * cfg.pooling + 1) * 8)
+    return total
+
+
+def check_memory(model: Model, cfg: RunConfig) -> None:
+    """Refuse, before allocating anything, a run that cannot fit in memory."""
+    need, have = run_bytes(model, cfg), available_memory()
+    if have is not None and need > have:
+        raise CliError(
+            f"the run needs {_gib(need)} of memory (tables, state, serving copies, one "
+            f"step's traffic) but {_gib(have)} is available (limit: available memory); "
+            "use a smaller --scale or --batch")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n < 2**60 else f"{n / 2**60:,.3g} EiB"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet)
-    compiled = _compile(args, progress)
-    progress(f"compiled in {compiled.compile_seconds:.2f}s; allocating tables")
-    compiled.materialize(seed=args.seed)
     config = RunConfig(steps=args.steps, batch=args.batch, pooling=args.pooling,
                        zipf=args.zipf, seed=args.seed)
+    model = load(args)
+    check_memory(model, config)
+    compiled = _compile(args, model, progress)
+    progress(f"compiled in {compiled.compile_seconds:.2f}s; allocating tables")
+    compiled.materialize(seed=args.seed)
     report = run_traffic(compiled, config, progress)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         print(report.format())
-    return 0 if report.check_passed else 2
+    return 0 if report.check_passed else EXIT_CHECK
+
+
+def _input_error(e: BaseException) -> str:
+    text = str(e).rstrip()
+    return text if ": error:" in text.split("\n", 1)[0] else f"ekko: error: {text}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed
+        return e.code if isinstance(e.code, int) else EXIT_INPUT
     try:
         return {"compile": cmd_compile, "run": cmd_run}[args.command](args)
-    except (ModelError, EkkoDiagnostic, EkkoError) as e:
-        text = str(e)
-        print(text if ": error:" in text else f"ekko: error: {text}", file=sys.stderr)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        print(f"ekko: error: {e}", file=sys.stderr)
-    return 1
+    except (ModelError, EkkoDiagnostic, EkkoError, CliError) as e:
+        print(_input_error(e), file=sys.stderr)
+    except OSError as e:
+        print(f"ekko: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+              file=sys.stderr)
+    except MemoryError as e:
+        print(f"ekko: error: out of memory ({e or 'allocation failed'}); "
+              "use a smaller --scale or --batch", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("ekko: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug in ekko: say so, without a traceback
+        if os.environ.get("EKKO_DEBUG"):
+            raise
+        print(f"ekko: internal error: {type(e).__name__}: {_shorten(str(e))} "
+              "(a bug in ekko; EKKO_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+    return EXIT_INPUT
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
