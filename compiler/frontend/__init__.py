@@ -71,7 +71,11 @@ def load_model(source: str, scale: float = 1.0, **import_args: Any) -> Model:
     `build`) returning an nn.Module; `import_args` go to `import_module`."""
     if source.endswith(".py") or ".py:" in source:
         spec = source if ":" in source.rsplit(".py", 1)[-1] else source + ":build"
-        model = import_module(_build_module(_load_factory(spec), spec), **import_args)
+        module = _build_module(_load_factory(spec), spec)
+        if not isinstance(module, sys.modules["torch"].nn.Module):  # torch: _build_module
+            raise ModelError(f"{spec}: error: the factory returned {type(module).__name__}, "
+                             "not a torch.nn.Module")
+        model = import_module(module, **import_args)
     else:
         if not Path(source).is_file():
             raise ModelError(f"{source}: error: no such model file")
