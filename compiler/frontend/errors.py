@@ -9,7 +9,7 @@ class ModelError(ValueError):
 
 def located(filename: str, text: str, line: int, col: int, message: str) -> ModelError:
     """A ModelError at 1-based (line, col) of `text`, with the line and a caret."""
-    lines = text.splitlines() or [""]
-    source = lines[line - 1] if 0 < line <= len(lines) else ""
+    lines = text.split("\n")  # lark counts lines by \n only: not \f, \v or \x1c
+    source = lines[line - 1].rstrip("\r") if 0 < line <= len(lines) else ""
     caret = " " * (max(col, 1) - 1) + "^"
     return ModelError(f"{filename}:{line}:{col}: error: {message}\n{source}\n{caret}")

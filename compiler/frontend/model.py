@@ -8,7 +8,10 @@ produce equal objects and equal IR.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
+
+from ..limits import MAX_DIM, MAX_MLP_WIDTH, MAX_ROWS, limit_error
 
 OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
     "sgd": {"lr": 0.01},
@@ -34,12 +37,13 @@ HYPER_RANGES: dict[str, tuple[float, bool, float, str]] = {
     "beta2": (0.0, True, 1.0, "in [0, 1)"),
 }
 INTERACTIONS = ("dot", "cat")
-MAX_ROWS = 2**63 - 1  # ids are i64
 
 
 def _check_hyper(kind: str, name: str, value: float) -> None:
     """Reject what torch.optim would reject, so both frontends fail alike."""
     low, low_ok, high, words = HYPER_RANGES[name]
+    if not math.isfinite(value):
+        raise ModelInvalid(f"{kind} {name} must be finite, got {value}", name)
     if not ((value > low or (low_ok and value == low)) and value < high):
         raise ModelInvalid(f"{kind} {name} must be {words}, got {value}", name)
 
@@ -89,12 +93,9 @@ class Table:
     stochastic_rounding: bool = False
 
     def validate(self) -> None:
-        if self.rows < 1:
-            raise ModelInvalid(f"table {self.name}: rows must be positive", "rows")
-        if self.rows > MAX_ROWS:
-            raise ModelInvalid(f"table {self.name}: rows must fit in an i64 id", "rows")
-        if self.dim < 1:
-            raise ModelInvalid(f"table {self.name}: dim must be positive", "dim")
+        for what, value, limit in (("rows", self.rows, MAX_ROWS), ("dim", self.dim, MAX_DIM)):
+            if (message := limit_error(f"table {self.name}: {what}", value, limit)) is not None:
+                raise ModelInvalid(message, what)
         if self.dtype not in MASTER_DTYPES:
             extra = " (int8/int4 are serving layouts: a master table must be f32, f16 or bf16)" \
                 if self.dtype in SERVING_LAYOUTS else ""
@@ -109,11 +110,12 @@ class Table:
                 "stochastic_rounding")
         for name in ("max_norm", "clip_value"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ModelInvalid(f"table {self.name}: {name} must be positive", name)
-        if self.weight_decay < 0:
-            raise ModelInvalid(f"table {self.name}: weight_decay must not be negative",
-                               "weight_decay")
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ModelInvalid(f"table {self.name}: {name} must be positive and finite, "
+                                   f"got {value}", name)
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ModelInvalid(f"table {self.name}: weight_decay must be zero or positive "
+                               f"and finite, got {self.weight_decay}", "weight_decay")
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,9 @@ class Dense:
 
     def validate(self) -> None:
         for part, sizes in (("bottom", self.bottom_mlp), ("top", self.top_mlp)):
-            if any(n < 1 for n in sizes):
-                raise ModelInvalid(f"dense: {part} layer sizes must be positive", part)
+            for n in sizes:
+                if (message := limit_error(f"dense: {part} layer size", n, MAX_MLP_WIDTH)):
+                    raise ModelInvalid(message, part)
         if self.interaction and self.interaction not in INTERACTIONS:
             raise ModelInvalid(f"dense: unknown interaction '{self.interaction}' "
                                f"(expected one of {', '.join(INTERACTIONS)})", self.interaction)

@@ -6,6 +6,7 @@ Errors, syntax or meaning, are ModelErrors at the offending token:
 
 from __future__ import annotations
 
+import math
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -13,10 +14,12 @@ from pathlib import Path
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
+from ..limits import MAX_DIM, MAX_MLP_WIDTH, MAX_ROWS, limit_error
 from .errors import ModelError, located
 from .model import Dense, Feature, Model, ModelInvalid, Optimizer, Table
 
 GRAMMAR = Path(__file__).with_name("model.lark")
+_MAX_FLOAT = 1.7976931348623157e308
 
 # The regex terminals, as a person would say them; keywords and punctuation are
 # quoted from the grammar itself (see _readable).
@@ -67,7 +70,7 @@ def _syntax_error(e: UnexpectedInput, text: str, filename: str) -> ModelError:
             message = f"unexpected character {found!r}"
         return located(filename, text, e.line, e.column, message)
     if isinstance(e, UnexpectedEOF):
-        lines = text.splitlines() or [""]
+        lines = text.rstrip("\n").split("\n")
         return located(filename, text, len(lines), len(lines[-1]) + 1,
                        f"unexpected end of file, expected {_readable(set(e.expected))}")
     assert isinstance(e, UnexpectedToken)
@@ -152,10 +155,14 @@ class _Builder:
         out: dict[str, object] = {}
         for s in children:
             key = s.data
-            if key in out and key != "clip":
-                raise self.error(s, f"{owner}: '{key}' is set twice")
+            if key in out or (key == "clip" and {"max_norm", "clip_value"} & out.keys()):
+                extra = " (one clip takes both: clip max_norm=1.0, clip_value=0.5)" \
+                    if key == "clip" else ""
+                raise self.error(s, f"{owner}: '{key}' is set twice{extra}")
             if key in ("rows", "dim"):
-                out[key] = int(s.children[0])
+                limit = MAX_ROWS if key == "rows" else MAX_DIM
+                who = "defaults" if owner == "defaults" else f"table {owner}"
+                out[key] = self.integer(s.children[0], f"{who}: {key}", limit)
             elif key in ("dtype", "serving"):
                 out[key] = str(s.children[0])
             elif key == "optimizer":
@@ -170,7 +177,24 @@ class _Builder:
         return out
 
     def number(self, tree: Tree) -> float:
-        return float(tree.children[0])
+        """A number's value; one that overflows a double (1e400) is an error, not inf."""
+        token = tree.children[0]
+        value = float(token)
+        if not math.isfinite(value):
+            raise self.error(token, f"{token} is too large: numbers must be finite "
+                             f"(at most {_MAX_FLOAT:.6g})")
+        return value
+
+    def integer(self, token: Token, what: str, limit: int) -> int:
+        """An integer within 1..limit, checked before int() sees thousands of digits."""
+        digits = str(token).lstrip("0") or "0"
+        if len(digits) > len(str(limit)):
+            raise self.error(token, f"{what} must be at most {limit:,}, "
+                             f"got a number of {len(digits):,} digits")
+        value = int(digits)
+        if (message := limit_error(what, value, limit)) is not None:
+            raise self.error(token, message)
+        return value
 
     def optimizer(self, s: Tree) -> Optimizer:
         kind_tok = s.children[0]
@@ -231,7 +255,8 @@ class _Builder:
             if s.data == "interaction":
                 parts[key] = str(s.children[0])
             else:
-                parts[key] = tuple(int(c) for c in s.children)
+                parts[key] = tuple(self.integer(c, f"dense: {s.data} layer size", MAX_MLP_WIDTH)
+                                   for c in s.children)
         dense = Dense(**parts)  # type: ignore[arg-type]
         try:
             dense.validate()
