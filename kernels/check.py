@@ -68,11 +68,12 @@ def _states(state: Any) -> tuple[np.ndarray, ...]:
 
 
 def hyper(spec: Any, name: str) -> float:
-    """A hyper-parameter of a spec, from its `hyper` mapping or its attribute."""
-    table = getattr(spec, "hyper", None)
-    if isinstance(table, Mapping):
-        return float(table[name])
-    return float(getattr(spec, name))
+    """A hyper-parameter of a spec: its attribute, else its `hyper` pairs."""
+    value = getattr(spec, name, None)
+    if value is None:
+        pairs = getattr(spec, "hyper", None) or {}
+        value = (pairs if isinstance(pairs, Mapping) else dict(pairs))[name]
+    return float(value)
 
 
 def snapshot(spec: UpdateSpec, master: np.ndarray, state, ids: np.ndarray) -> Snapshot:

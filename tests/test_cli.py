@@ -102,7 +102,7 @@ def test_rows_beyond_int64_are_refused_by_compile(capsys, small: Path, tmp_path:
     big = tmp_path / "big.ekko"
     big.write_text(SMALL.replace("rows 1000", "rows 100000000000"))
     _fails_cleanly(capsys, ["compile", str(big), "-o", str(tmp_path / "o"), "--scale", "1e12"],
-                   "rows must fit in an i64 id", "--scale 1e+12")
+                   "rows must", "--scale 1e+12")
     assert not (tmp_path / "o").exists()
 
 
