@@ -27,6 +27,10 @@ _EXPORTS = {
     "compile_model": "ekko.kernels.model",
     "dequantize_rows": "ekko.kernels.quant",
     "quantize_rows": "ekko.kernels.quant",
+    "Engine": "ekko.engine",
+    "HealthConfig": "ekko.engine",
+    "Packet": "ekko.engine",
+    "SchedulerConfig": "ekko.engine",
     "UpdateKernel": "ekko.kernels.update",
     "update_kernel": "ekko.kernels.update",
 }

@@ -1,0 +1,15 @@
+"""The update engine: a primary, a scheduler, serving replicas and a state manager.
+
+It takes the trainer's sparse updates through the compiled fused update
+kernels on the primary and carries their values to live serving replicas in
+packets (see docs/engine.md). `ekko.Engine` and `ekko.Packet` are the
+public names.
+"""
+
+from .engine import Engine
+from .packet import Packet, PacketError
+from .scheduler import POLICIES, SchedulerConfig
+from .state import HealthConfig, Rollback
+
+__all__ = ["Engine", "HealthConfig", "POLICIES", "Packet", "PacketError", "Rollback",
+           "SchedulerConfig"]

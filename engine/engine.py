@@ -1,0 +1,166 @@
+"""ekko.Engine: a primary, its scheduler links, serving replicas and the state manager.
+
+    with ekko.Engine(model, replicas=2) as engine:
+        engine.step("t_cat0", ids, grads)   # returns once committed on the primary
+        engine.flush()                      # every replica holds every committed update
+        engine.replicas[0].lookup("cat0", ids, offsets)
+        engine.stats()["freshness_ms"]      # {"p50", "p99", "max", "count"}
+
+Everything runs in this process; the parts talk through packets and plain
+values only (see docs/engine.md), so they can move onto separate processes.
+`step` is safe from several threads at once (each table has its own lock).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..kernels.errors import EkkoError
+from ..kernels.model import CompiledModel, compile_model
+from .primary import Commit, Primary
+from .replica import Replica
+from .scheduler import Link, SchedulerConfig
+from .state import HealthConfig, StateManager
+from .stats import Histogram, latency_summary
+
+
+class Engine:
+    """See the module docstring. Use it as a context manager (or call start/close)."""
+
+    def __init__(self, model: CompiledModel | str | Path, replicas: int = 2, *,
+                 scheduler: SchedulerConfig | None = None, health: HealthConfig | None = None,
+                 history_rows: int = 1 << 24, seed: int = 0, scale: float = 1.0):
+        if isinstance(model, (str, Path)):
+            model = compile_model(model, scale=scale)
+        if not isinstance(model, CompiledModel):
+            raise EkkoError(f"Engine needs a compiled model or a model path, got {type(model).__name__}")
+        if not isinstance(replicas, int) or replicas < 1:
+            raise EkkoError(f"replicas must be a positive integer, got {replicas!r}")
+        self.model = model
+        self.primary = Primary(model, history_rows=history_rows, seed=seed)
+        snapshot = {n: (pt.buf.lookup_table, pt.buf.versions) for n, pt in self.primary.tables.items()}
+        issued = {n: pt.version for n, pt in self.primary.tables.items()}
+        self.replicas = [Replica(i, model, snapshot, issued) for i in range(replicas)]
+        self.config = scheduler or SchedulerConfig()
+        self.links = [Link(self.primary, r, self.config) for r in self.replicas]
+        self.state = StateManager(self.primary, health or HealthConfig(), self._send)
+        self.steps = 0
+        self.rows_committed = 0
+        self.rejected_steps = 0
+        self._count_lock = threading.Lock()
+        self._next_replica = 0
+        self._started = False
+
+    # -- life cycle -------------------------------------------------------------------
+    def start(self) -> Engine:
+        if not self._started:
+            for link in self.links:
+                link.start()
+            self._started = True
+        return self
+
+    def close(self) -> None:
+        if self._started:
+            for link in self.links:
+                link.stop()
+            self._started = False
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the stream -----------------------------------------------------------------------
+    def step(self, table: str, ids: Any, grads: Any) -> int:
+        """Apply a trainer update on the primary; returns its version once committed.
+
+        A harmful update (see HealthConfig) is rolled back at once, and the
+        rollback is recorded in stats()["rollbacks"].
+        """
+        try:
+            commit = self.primary.step(table, ids, grads)
+        except EkkoError:
+            with self._count_lock:
+                self.rejected_steps += 1
+            raise
+        with self._count_lock:
+            self.steps += 1
+            self.rows_committed += len(commit.ids)
+        self._send(commit)
+        reason = self.state.on_commit(commit)
+        if reason is not None:
+            self.state.rollback(table, reason)
+        elif self.state.due():
+            self.check()
+        return commit.version
+
+    def _send(self, commit: Commit) -> None:
+        """Announce a commit to every replica and link (rollback rows first in line)."""
+        pt = self.primary.tables[commit.table]
+        significance = commit.norms.astype(np.float64)
+        for replica, link in zip(self.replicas, self.links):
+            replica.note_issued(commit.table, commit.version)
+            link.enqueue(commit, significance)
+        del pt
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Return when every replica holds every update committed before this call."""
+        if not self._started:
+            raise EkkoError("the engine is not running: use it as a context manager")
+        targets = {n: self.primary.issued(n) for n in self.primary.tables}
+        for link in self.links:
+            if not link.wait_for(targets, timeout):
+                errors = "; ".join(link.errors[-3:])
+                raise EkkoError(f"replica {link.replica.index} did not catch up"
+                                + (f" ({errors})" if errors else " in time"))
+
+    def check(self) -> bool:
+        """Run the replica health checks now; rolls back on failure (see HealthConfig)."""
+        return self.state.check(self.replicas)
+
+    def lookup(self, feature: str, ids: Any, offsets: Any = None, **kw: Any) -> Any:
+        """Serve from the replicas in turn."""
+        r = self.replicas[self._next_replica % len(self.replicas)]
+        self._next_replica += 1
+        return r.lookup(feature, ids, offsets, **kw)
+
+    # -- reporting ----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Freshness (ms, p50/p99/max) overall, per replica and table; traffic; rollbacks."""
+        per = [r.stats.summary() for r in self.replicas]
+        fresh = Histogram()
+        for r in self.replicas:
+            fresh.merge(r.stats.all_freshness())
+        lookups = [ms for r in self.replicas for ms in list(r.stats.lookup_ms)]
+        for i, (summary, link) in enumerate(zip(per, self.links)):
+            summary["watermarks"] = self.replicas[i].watermarks()
+            summary["backlog_rows"] = link.backlog()
+            summary["link_errors"] = list(link.errors)
+        return {
+            "freshness_ms": fresh.summary(),
+            "replicas": per,
+            "steps": self.steps,
+            "rows_committed": self.rows_committed,
+            "rejected_steps": self.rejected_steps,
+            "rows_moved": sum(p["rows_moved"] for p in per),
+            "bytes_moved": sum(p["bytes_moved"] for p in per),
+            "packets": sum(p["packets"] for p in per),
+            "packets_rejected": sum(p["packets_rejected"] for p in per),
+            "rollbacks": [r.as_dict() for r in self.state.rollbacks],
+            "checks": self.state.checks,
+            "lookup_ms": latency_summary(lookups),
+        }
+
+    def freshness_histogram(self) -> Histogram:
+        h = Histogram()
+        for r in self.replicas:
+            h.merge(r.stats.all_freshness())
+        return h
+
+
+__all__ = ["Engine"]

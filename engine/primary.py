@@ -1,0 +1,283 @@
+"""The primary: the trainer side of the engine.
+
+It owns the f32 master tables, their optimizer state, serving copies and
+per-row versions (a `CompiledModel`'s buffers), runs the compiled fused
+update kernels, and answers three questions by message:
+
+* `step(table, ids, grads)`: apply a delta; returns a `Commit` (the new
+  version, the distinct ids, their update norms, the commit time);
+* `pack(table, ids)`: a `Packet` of those rows' current serving values and
+  versions (the compiled `kern.pack`);
+* `changed_since(table, version)`: the ids changed after `version`, from the
+  model-update cache, without scanning the table (None when that history
+  was already dropped: the caller then copies the table).
+
+Each table has its own lock and version counter, so two tables update and
+pack at the same time. For rollback the primary keeps, per table, the old
+values of the rows changed since the last healthy mark (the undo log): a
+rollback costs the rows changed since then, never a table copy.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..kernels.errors import EkkoError, UpdateError
+from ..kernels.model import CompiledModel, TableBuffers
+from ..kernels.sync import pack_kernel, row_width
+from .packet import Packet
+
+
+@dataclass
+class Commit:
+    """One committed step: what the scheduler and the state manager need."""
+
+    table: str
+    version: int
+    ids: np.ndarray  # distinct ids, sorted
+    norms: np.ndarray  # L2 norm of each id's summed gradient row
+    commit_ns: int
+    rollback: bool = False
+
+
+class UpdateCache:
+    """Which rows changed at which version: (version, ids) entries, newest last.
+
+    Bounded by `max_rows` ids in all; the oldest entries are dropped first and
+    `floor` remembers the newest version no longer covered.
+    """
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+        self.entries: deque[tuple[int, np.ndarray]] = deque()
+        self.versions: deque[int] = deque()
+        self.rows = 0
+        self.floor = 0
+
+    def record(self, version: int, ids: np.ndarray) -> None:
+        self.entries.append((version, ids))
+        self.versions.append(version)
+        self.rows += len(ids)
+        while self.rows > self.max_rows and len(self.entries) > 1:
+            v, old = self.entries.popleft()
+            self.versions.popleft()
+            self.rows -= len(old)
+            self.floor = v
+
+    def changed_since(self, version: int) -> np.ndarray | None:
+        """Distinct ids changed by versions > `version`; None if that history is gone."""
+        if version < self.floor:
+            return None
+        start = bisect.bisect_right(self.versions, version)
+        parts = [self.entries[i][1] for i in range(start, len(self.entries))]
+        if not parts:
+            return np.zeros(0, np.int64)
+        return np.unique(np.concatenate(parts))
+
+
+class UndoLog:
+    """Old values of the rows changed since the last healthy mark (each row once)."""
+
+    def __init__(self, rows: int):
+        self.saved = np.zeros(rows, bool)
+        self.chunks: list[tuple[np.ndarray, list[np.ndarray]]] = []
+        self.rows = 0
+
+    def save(self, ids: np.ndarray, arrays: list[np.ndarray]) -> np.ndarray:
+        """Keep the current values of the ids not saved yet; returns those ids."""
+        new = ids[~self.saved[ids]]
+        if len(new):
+            self.saved[new] = True
+            self.chunks.append((new, [a[new].copy() for a in arrays]))
+            self.rows += len(new)
+        return new
+
+    def forget(self, ids: np.ndarray) -> None:
+        """Drop the last chunk again (its update was rejected before writing)."""
+        if len(ids) and self.chunks and self.chunks[-1][0] is ids:
+            self.chunks.pop()
+            self.saved[ids] = False
+            self.rows -= len(ids)
+
+    def restore(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """Write every saved value back; returns the restored ids and empties the log."""
+        ids = [c[0] for c in self.chunks]
+        for chunk_ids, olds in self.chunks:
+            for a, old in zip(arrays, olds):
+                a[chunk_ids] = old
+        self.clear()
+        return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+    def clear(self) -> None:
+        for chunk_ids, _ in self.chunks:
+            self.saved[chunk_ids] = False
+        self.chunks.clear()
+        self.rows = 0
+
+
+@dataclass
+class PrimaryTable:
+    """One table on the primary: buffers, lock, version counter, cache, undo log."""
+
+    name: str
+    buf: TableBuffers
+    layout: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    version: int = 0
+    healthy_version: int = 0
+    norm_mean: float = 0.0
+    commits: int = 0
+    cache: UpdateCache | None = None
+    undo: UndoLog | None = None
+
+    def arrays(self) -> list[np.ndarray]:
+        """Every per-row array a step writes, in one list (for the undo log)."""
+        b = self.buf
+        state = list(b.state) if isinstance(b.state, tuple) else ([] if b.state is None else [b.state])
+        serving = [b.serving] if b.serving is not None else []
+        return [b.master, *state, *serving, b.versions]
+
+
+class Primary:
+    """See the module docstring."""
+
+    def __init__(self, model: CompiledModel, history_rows: int = 1 << 24,
+                 undo: bool = True, seed: int = 0):
+        if not model.tables:
+            model.materialize(seed=seed)
+        self.model = model
+        self.tables: dict[str, PrimaryTable] = {}
+        for t in model.model.tables:
+            spec = model.update_specs[t.name]
+            pt = PrimaryTable(t.name, model.tables[t.name], spec.serving or spec.table_dtype)
+            pt.cache = UpdateCache(history_rows)
+            pt.undo = UndoLog(t.rows) if undo else None
+            self.tables[t.name] = pt
+        self._pack = {name: pack_kernel(pt.buf.table.dim, pt.layout) for name, pt in self.tables.items()}
+
+    def table(self, name: str) -> PrimaryTable:
+        try:
+            return self.tables[name]
+        except KeyError:
+            raise EkkoError(f"no table {name!r} (tables: {', '.join(self.tables)})") from None
+
+    # -- messages -----------------------------------------------------------
+    def step(self, table: str, ids: Any, grads: Any) -> Commit:
+        """Apply one delta with the table's fused kernel; returns once committed."""
+        pt = self.table(table)
+        ids = np.ascontiguousarray(np.asarray(ids))
+        grads = np.ascontiguousarray(np.asarray(grads))
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise UpdateError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+        ids = ids.astype(np.int64, copy=False)
+        rows = pt.buf.table.rows
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+            bad = int(ids[(ids < 0) | (ids >= rows)][0])
+            raise UpdateError(f"id {bad} is out of range [0, {rows})")
+        if grads.shape != (len(ids), pt.buf.table.dim) or grads.dtype != np.float32:
+            raise UpdateError(f"grads must be float32 of shape ({len(ids)}, {pt.buf.table.dim}), "
+                              f"got {grads.dtype} {grads.shape}")
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        norms = np.sqrt(np.bincount(inverse, weights=np.einsum("ij,ij->i", grads, grads),
+                                    minlength=len(uniq))).astype(np.float32) if len(ids) else \
+            np.zeros(0, np.float32)
+        with pt.lock:
+            saved = pt.undo.save(uniq, pt.arrays()) if pt.undo is not None else uniq[:0]
+            version = pt.version + 1
+            buf = pt.buf
+            try:
+                self.model.update_kernels[table](
+                    buf.master, ids, grads, state=buf.state, serving=buf.serving,
+                    versions=buf.versions, step=buf.step + 1, version=version)
+            except EkkoError:
+                if pt.undo is not None:
+                    pt.undo.forget(saved)
+                raise
+            buf.step += 1
+            pt.version = version
+            commit_ns = time.time_ns()
+            pt.cache.record(version, uniq)
+            pt.commits += 1
+            if len(norms):
+                mean = float(norms.mean())
+                pt.norm_mean = mean if pt.commits == 1 else 0.95 * pt.norm_mean + 0.05 * mean
+        return Commit(table, version, uniq, norms, commit_ns)
+
+    def pack(self, table: str, ids: np.ndarray) -> Packet:
+        """The current serving rows and versions of `ids` (distinct) as a packet."""
+        pt = self.table(table)
+        with pt.lock:
+            serving = pt.buf.lookup_table
+            rows, versions = self._pack[table](serving, pt.buf.versions, ids)
+            newest = pt.version
+        return Packet(table, ids, rows, versions, newest=newest)
+
+    def changed_since(self, table: str, version: int) -> np.ndarray | None:
+        pt = self.table(table)
+        with pt.lock:
+            return pt.cache.changed_since(version)
+
+    def issued(self, table: str) -> int:
+        """The newest version this table has issued (replicas reject anything later)."""
+        return self.table(table).version
+
+    def serving(self, table: str) -> np.ndarray:
+        """A read-only view of the primary's serving copy (the master when there is none)."""
+        view = self.table(table).buf.lookup_table.view()
+        view.flags.writeable = False
+        return view
+
+    def versions(self, table: str) -> np.ndarray:
+        view = self.table(table).buf.versions.view()
+        view.flags.writeable = False
+        return view
+
+    def layout(self, table: str) -> tuple[str, int]:
+        pt = self.table(table)
+        return pt.layout, pt.buf.table.dim
+
+    def row_bytes(self, table: str) -> int:
+        layout, dim = self.layout(table)
+        return row_width(layout, dim) * np.dtype(self.serving(table).dtype).itemsize
+
+    # -- health ---------------------------------------------------------------
+    def mark_healthy(self, table: str) -> int:
+        """The current version is healthy: forget the old values kept for rollback."""
+        pt = self.table(table)
+        with pt.lock:
+            if pt.undo is not None:
+                pt.undo.clear()
+            pt.healthy_version = pt.version
+            return pt.version
+
+    def rollback(self, table: str) -> Commit | None:
+        """Restore the rows changed since the last healthy mark; stamp them as a new version.
+
+        Replicas receive the restored values like any update (newest version
+        wins), so a rollback never needs an older version to beat a newer one.
+        Returns the commit of the restored rows (None: nothing to undo).
+        """
+        pt = self.table(table)
+        with pt.lock:
+            if pt.undo is None or not pt.undo.chunks:
+                return None
+            undone = (pt.healthy_version + 1, pt.version)
+            ids = np.sort(pt.undo.restore(pt.arrays()))
+            pt.version += 1
+            pt.buf.versions[ids] = pt.version
+            pt.cache.record(pt.version, ids)
+            pt.healthy_version = pt.version
+            commit = Commit(table, pt.version, ids, np.full(len(ids), np.inf, np.float32),
+                            time.time_ns(), rollback=True)
+            commit.undone = undone  # type: ignore[attr-defined]
+            return commit
+
+
+__all__ = ["Commit", "Primary", "PrimaryTable", "UndoLog", "UpdateCache"]

@@ -1,0 +1,362 @@
+"""The scheduler: what goes next on each replica link, under a bandwidth budget.
+
+One `Link` per replica, with its own thread. A commit on the primary is
+announced to every link (`enqueue`); a link decides which pending rows go
+into the next packets, asks the primary to pack them (current values, so a
+newer update of a row always supersedes a pending one: only the newest value
+is sent) and hands the packets to its replica. Links exchange only packets
+and plain values with the primary and the replica.
+
+Policies (`SchedulerConfig.policy`):
+
+* "priority" (ekko's): each pending row has a priority
+      w_new          if the replica never received this row from this link
+    + w_significance * min(norm / table's running mean norm, significance_cap)
+    + w_traffic      * the table's share of lookups x number of tables
+    + seconds pending / age_scale_s                      (aging: nothing starves)
+  where norm sums the update norms of the row's pending updates. Rows
+  restored by a rollback go first. With no budget every pending row goes at
+  once; with one, the highest priorities that fit the bytes available.
+* "fifo": arrival order, every update sent as committed (no superseding).
+* "periodic": every interval_s, all rows touched since the last push
+  (Monolith-style sync).
+* "full": every interval_s, a full copy of every table (checkpoint pipelines).
+
+The budget is a token bucket (bytes/s, depth burst_s seconds of it); a
+packet costs its encoded size (`Packet.nbytes`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..kernels.errors import EkkoError
+from .packet import ROW_OVERHEAD, Packet
+from .primary import Commit, Primary
+from .replica import Replica
+
+POLICIES = ("priority", "fifo", "periodic", "full")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Weights and rules of the scheduler (see the module docstring)."""
+
+    policy: str = "priority"
+    bandwidth: float | None = None  # bytes/s per link; None: unlimited
+    interval_s: float = 1.0  # periodic and full: the push period
+    w_new: float = 4.0
+    w_significance: float = 1.0
+    w_traffic: float = 1.0
+    age_scale_s: float = 0.05
+    significance_cap: float = 100.0
+    burst_s: float = 0.005
+    max_packet_rows: int = 1 << 16
+    wire: bool = False  # encode and decode every packet, as between processes
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise EkkoError(f"unknown scheduler policy {self.policy!r}; one of {', '.join(POLICIES)}")
+        if self.bandwidth is not None and not self.bandwidth > 0:
+            raise EkkoError(f"bandwidth must be positive bytes/s, got {self.bandwidth}")
+        if not self.interval_s > 0 or not self.age_scale_s > 0:
+            raise EkkoError("interval_s and age_scale_s must be positive")
+
+
+class _Pending:
+    """Per table: which rows wait for this link, since when, how significant."""
+
+    def __init__(self, rows: int):
+        self.flag = np.zeros(rows, bool)
+        self.since = np.zeros(rows, np.int64)
+        self.first = np.zeros(rows, np.int64)
+        self.sig = np.zeros(rows, np.float64)
+        self.seen = np.zeros(rows, bool)
+        self.queue: list[np.ndarray] = []
+        self.noted = 0
+
+    def add(self, c: Commit, significance: np.ndarray) -> None:
+        new = c.ids[~self.flag[c.ids]]
+        self.flag[new] = True
+        self.since[new] = c.commit_ns
+        self.first[new] = c.version
+        self.sig[c.ids] += significance
+        if len(new):
+            self.queue.append(new)
+        self.noted = max(self.noted, c.version)
+
+    def ids(self) -> np.ndarray:
+        if len(self.queue) > 1:
+            self.queue = [np.concatenate(self.queue)]
+        return self.queue[0] if self.queue else np.zeros(0, np.int64)
+
+    def take(self, ids: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Remove `ids` from the pending set; returns their (since, first version)."""
+        since, first = self.since[ids].copy(), self.first[ids].copy()
+        self.flag[ids] = False
+        self.sig[ids] = 0.0
+        self.seen[ids] = True
+        self.queue = [keep] if len(keep) else []
+        return since, first
+
+    def watermark(self) -> int:
+        ids = self.ids()
+        return self.noted if not len(ids) else int(self.first[ids].min()) - 1
+
+
+class Link:
+    """One replica's link: pending rows, the policy, the budget and a sender thread."""
+
+    def __init__(self, primary: Primary, replica: Replica, config: SchedulerConfig,
+                 on_error: Callable[[Exception], None] | None = None):
+        self.primary, self.replica, self.config = primary, replica, config
+        self.pending = {n: _Pending(pt.buf.table.rows) for n, pt in primary.tables.items()}
+        self.fifo: dict[str, deque] = {n: deque() for n in primary.tables}
+        self.arrivals = 0
+        self.row_bytes = {n: primary.row_bytes(n) + ROW_OVERHEAD for n in primary.tables}
+        self.cond = threading.Condition()
+        self.running = False
+        self.tokens = 0.0
+        self.last_refill = time.perf_counter()
+        self.next_tick = time.perf_counter() + config.interval_s
+        self.thread: threading.Thread | None = None
+        self.on_error = on_error
+        self.busy = False
+        self.errors: list[str] = []
+
+    # -- from the engine ---------------------------------------------------------
+    def enqueue(self, c: Commit, significance: np.ndarray) -> None:
+        with self.cond:
+            if self.config.policy == "fifo":
+                self.arrivals += 1
+                self.fifo[c.table].append((self.arrivals, c))
+                self.pending[c.table].noted = max(self.pending[c.table].noted, c.version)
+            else:
+                self.pending[c.table].add(c, significance)
+            self.cond.notify_all()
+
+    def start(self) -> None:
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"ekko-link-{self.replica.index}")
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.running = False
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+
+    def watermark(self, table: str) -> int:
+        with self.cond:
+            return self._watermark(table)
+
+    def _watermark(self, table: str) -> int:
+        if self.config.policy == "fifo":
+            q = self.fifo[table]
+            return q[0][1].version - 1 if q else self.pending[table].noted
+        return self.pending[table].watermark()
+
+    def wait_for(self, targets: dict[str, int], timeout: float | None) -> bool:
+        """Block until every table's watermark reaches its target; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while not all(self._watermark(t) >= v for t, v in targets.items()) or self.busy:
+                if not self.running:
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self.cond.wait(0.05 if left is None else min(left, 0.05))
+            return True
+
+    def backlog(self) -> int:
+        """Rows (or, for fifo, updates' rows) waiting on this link."""
+        with self.cond:
+            if self.config.policy == "fifo":
+                return sum(len(c.ids) for q in self.fifo.values() for _, c in q)
+            return sum(len(p.ids()) for p in self.pending.values())
+
+    # -- the sender thread -------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while self.running and not self._ready():
+                    self.cond.wait(self._wait_time())
+                if not self.running:
+                    return
+                batch = self._select()
+                self.busy = True
+            try:
+                self._send(batch)
+            except Exception as e:  # noqa: BLE001 - reported, the link keeps going
+                self.errors.append(f"{type(e).__name__}: {e}")
+                if self.on_error is not None:
+                    self.on_error(e)
+            finally:
+                with self.cond:
+                    self.busy = False
+                    for table in {b[0] for b in batch}:
+                        self.replica.set_watermark(table, self._watermark(table))
+                    for table, p in self.pending.items():
+                        if not p.queue and not self.fifo[table]:
+                            self.replica.set_watermark(table, self._watermark(table))
+                    self.cond.notify_all()
+
+    def _refill(self) -> float:
+        bw = self.config.bandwidth
+        if bw is None:
+            return float("inf")
+        now = time.perf_counter()
+        depth = max(bw * self.config.burst_s, 64.0 * max(self.row_bytes.values()))
+        self.tokens = min(depth, self.tokens + bw * (now - self.last_refill))
+        self.last_refill = now
+        return self.tokens
+
+    def _has_work(self) -> bool:
+        if self.config.policy == "fifo":
+            return any(self.fifo.values())
+        if self.config.policy == "full":
+            return True
+        return any(p.queue for p in self.pending.values())
+
+    def _ready(self) -> bool:
+        if not self._has_work():
+            return False
+        if self.config.policy in ("periodic", "full") and time.perf_counter() < self.next_tick:
+            return False
+        return self._refill() >= min(self.row_bytes.values())
+
+    def _wait_time(self) -> float:
+        if self.config.policy in ("periodic", "full"):
+            return max(0.0005, self.next_tick - time.perf_counter())
+        if self.config.bandwidth is not None and self._has_work():
+            return max(0.0002, min(self.row_bytes.values()) / self.config.bandwidth)
+        return 0.05
+
+    # -- choosing rows --------------------------------------------------------------------
+    def _select(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(table, ids, commit times) to send now; called under the lock."""
+        budget = self._refill()
+        policy = self.config.policy
+        if policy == "fifo":
+            return self._select_fifo(budget)
+        if policy == "full":
+            self.next_tick = time.perf_counter() + self.config.interval_s
+            return self._select_full()
+        if policy == "periodic":
+            self.next_tick = time.perf_counter() + self.config.interval_s
+        cands = {t: p.ids() for t, p in self.pending.items() if p.queue}
+        if policy == "priority" and budget != float("inf"):
+            cands = self._by_priority(cands, budget)
+        elif budget != float("inf"):
+            cands = self._fit(cands, budget)
+        out = []
+        for t, ids in cands.items():
+            p = self.pending[t]
+            keep = np.setdiff1d(p.ids(), ids, assume_unique=True) if len(ids) < len(p.ids()) \
+                else np.zeros(0, np.int64)
+            since, _ = p.take(ids, keep)
+            out.append((t, ids, since))
+        self._charge(out)
+        return out
+
+    def _charge(self, out: list) -> None:
+        if self.config.bandwidth is not None:
+            self.tokens -= sum(len(ids) * self.row_bytes[t] for t, ids, _ in out)
+
+    def _fit(self, cands: dict[str, np.ndarray], budget: float) -> dict[str, np.ndarray]:
+        out = {}
+        for t, ids in cands.items():
+            k = int(budget // self.row_bytes[t])
+            if k <= 0:
+                break
+            out[t] = ids[:k]
+            budget -= min(k, len(ids)) * self.row_bytes[t]
+        return out
+
+    def _by_priority(self, cands: dict[str, np.ndarray], budget: float) -> dict[str, np.ndarray]:
+        """The highest-priority pending rows whose bytes fit the budget."""
+        c = self.config
+        now = time.time_ns()
+        traffic = self.replica.traffic()
+        total = sum(traffic.values())
+        names, prios, costs, idx = [], [], [], []
+        for k, (t, ids) in enumerate(cands.items()):
+            p = self.pending[t]
+            mean = self.primary.tables[t].norm_mean or 1.0
+            sig = p.sig[ids]
+            share = traffic[t] / total * len(traffic) if total else 1.0
+            prio = (c.w_new * ~p.seen[ids] + c.w_significance * np.minimum(sig / mean, c.significance_cap)
+                    + c.w_traffic * share + (now - p.since[ids]) / 1e9 / c.age_scale_s)
+            prio[np.isinf(sig)] = np.inf  # rollback rows first
+            names.append(t)
+            prios.append(prio)
+            costs.append(np.full(len(ids), self.row_bytes[t], np.int64))
+            idx.append(np.full(len(ids), k, np.int32))
+        prio = np.concatenate(prios)
+        cost = np.concatenate(costs)
+        which = np.concatenate(idx)
+        pos = np.concatenate([np.arange(len(ids)) for ids in cands.values()])
+        affordable = int(budget // cost.min())
+        if affordable < len(prio):
+            top = np.argpartition(-prio, affordable)[:affordable]
+            top = top[np.argsort(-prio[top], kind="stable")]
+        else:
+            top = np.argsort(-prio, kind="stable")
+        top = top[np.cumsum(cost[top]) <= budget]
+        out = {}
+        for k, t in enumerate(names):
+            chosen = pos[top[which[top] == k]]
+            if len(chosen):
+                out[t] = cands[t][np.sort(chosen)]
+        return out
+
+    def _select_fifo(self, budget: float) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Whole updates in arrival order, as many as the budget allows."""
+        out = []
+        while budget > 0:
+            heads = [(q[0][0], t) for t, q in self.fifo.items() if q]
+            if not heads:
+                break
+            _, t = min(heads)
+            c = self.fifo[t][0][1]
+            cost = len(c.ids) * self.row_bytes[t]
+            if cost > budget and out:
+                break
+            self.fifo[t].popleft()
+            budget -= cost
+            out.append((t, c.ids, np.full(len(c.ids), c.commit_ns, np.int64)))
+        self._charge(out)
+        return out
+
+    def _select_full(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Every row of every table; rows with pending updates carry their commit time."""
+        out = []
+        for t, p in self.pending.items():
+            rows = len(p.flag)
+            ids = np.arange(rows, dtype=np.int64)
+            since = np.where(p.flag, p.since, -1)
+            p.take(p.ids(), np.zeros(0, np.int64))
+            out.append((t, ids, since))
+        return out
+
+    # -- sending ---------------------------------------------------------------------------
+    def _send(self, batch: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+        step = self.config.max_packet_rows
+        for table, ids, since in batch:
+            for lo in range(0, len(ids), step):
+                packet = self.primary.pack(table, ids[lo:lo + step])
+                packet.commit_ns = since[lo:lo + step]
+                self.replica.note_issued(table, packet.newest)
+                self.replica.merge(packet.to_bytes() if self.config.wire else packet)
+
+
+__all__ = ["Link", "POLICIES", "SchedulerConfig"]

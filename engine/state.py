@@ -1,0 +1,142 @@
+"""The state manager: health checks, and rollback to the last healthy version.
+
+Checks run at two places:
+
+* on what arrives (every commit): an update whose largest row norm exceeds
+  `outlier_factor` times the table's running mean norm (after `warmup`
+  commits of that table) is harmful; its table is rolled back at once;
+* on the replicas (`Engine.check()`, and every `check_every` commits): the
+  rows changed since the last healthy mark must hold finite values on every
+  replica, and the user's `score` hook (for example a probe batch's loss on
+  a replica) must not fail: it returns True/False, or a number compared with
+  `min_score`. A failed check rolls every table back; a passing one marks
+  the current versions healthy.
+
+A rollback restores, on the primary, the old values of every row changed
+since the table's last healthy mark (the undo log keeps each changed row's
+value once: the cost follows the rows changed, not the table size), stamps
+them with a new version and sends them to the replicas ahead of everything
+else. Each rollback is recorded: table, reason, the versions undone, rows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ..kernels.quant import dequantize_rows
+from .primary import Commit, Primary
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Health-check rules (see the module docstring)."""
+
+    outlier_factor: float = 1000.0
+    warmup: int = 10
+    check_every: int = 0  # commits between automatic replica checks; 0: only Engine.check()
+    score: Callable[[Any], bool | float] | None = None
+    min_score: float | None = None
+
+
+@dataclass
+class Rollback:
+    """What a rollback undid."""
+
+    table: str
+    reason: str
+    undone_versions: tuple[int, int]
+    rows: int
+    seconds: float
+    new_version: int
+    at: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class StateManager:
+    """See the module docstring. `send` hands a rollback's commit to the links."""
+
+    def __init__(self, primary: Primary, config: HealthConfig, send: Callable[[Commit], None]):
+        self.primary, self.config, self.send = primary, config, send
+        self.rollbacks: list[Rollback] = []
+        self.checks = 0
+        self.failed_checks = 0
+        self._commits = 0
+        self._lock = threading.Lock()
+
+    def on_commit(self, c: Commit) -> str | None:
+        """Check one arriving update; returns the reason it is harmful, or None."""
+        pt = self.primary.tables[c.table]
+        if len(c.norms) and pt.commits > self.config.warmup:
+            worst = float(c.norms.max())
+            mean = pt.norm_mean or 1.0
+            if not np.isfinite(worst) or worst > self.config.outlier_factor * mean:
+                return (f"update norm {worst:.3g} is over {self.config.outlier_factor:g}x the "
+                        f"table's running mean {mean:.3g} (version {c.version})")
+        return None
+
+    def due(self) -> bool:
+        """Count a commit; True when an automatic replica check is due."""
+        with self._lock:
+            self._commits += 1
+            return bool(self.config.check_every) and self._commits % self.config.check_every == 0
+
+    def rollback(self, table: str, reason: str) -> Rollback | None:
+        start = time.perf_counter()
+        commit = self.primary.rollback(table)
+        if commit is None:
+            return None
+        record = Rollback(table, reason, commit.undone, len(commit.ids),  # type: ignore[attr-defined]
+                          time.perf_counter() - start, commit.version, time.time())
+        self.rollbacks.append(record)
+        self.send(commit)
+        return record
+
+    def check(self, replicas: list) -> bool:
+        """Check every replica; roll everything back on failure, else mark healthy."""
+        self.checks += 1
+        reason = self._replica_problem(replicas)
+        if reason is None:
+            for name in self.primary.tables:
+                self.primary.mark_healthy(name)
+            return True
+        self.failed_checks += 1
+        for name in self.primary.tables:
+            self.rollback(name, reason)
+        return False
+
+    def _replica_problem(self, replicas: list) -> str | None:
+        for r in replicas:
+            for name, pt in self.primary.tables.items():
+                ids = _changed(pt)
+                if not len(ids):
+                    continue
+                rt = r.tables[name]
+                rows, _ = r.rows(name, ids)
+                values = dequantize_rows(rows, rt.layout, rt.dim)
+                if not np.isfinite(values).all():
+                    return f"replica {r.index}: table {name} holds non-finite values"
+            if self.config.score is not None:
+                score = self.config.score(r)
+                if score is False or (self.config.min_score is not None
+                                      and not isinstance(score, bool)
+                                      and not float(score) >= self.config.min_score):
+                    return f"replica {r.index}: score hook returned {score!r}"
+        return None
+
+
+def _changed(pt) -> np.ndarray:
+    """Rows changed since the table's last healthy mark (from its undo log)."""
+    if pt.undo is None or not pt.undo.chunks:
+        return np.zeros(0, np.int64)
+    return np.concatenate([c[0] for c in pt.undo.chunks])
+
+
+__all__ = ["HealthConfig", "Rollback", "StateManager"]
