@@ -5,12 +5,19 @@ loop and SLP vectorization. The on-disk cache stores the object code MCJIT
 produced, keyed by a hash of the LLVM IR text, the CPU and the llvmlite
 version, so a second process start links cached code instead of running the
 optimizer again.
+
+A cache entry is verified before MCJIT sees it: it starts with a header
+holding the key it was built for and a SHA-256 of the object code. A
+truncated, corrupted, foreign or misplaced entry (say two files swapped) fails
+the check and is rebuilt and rewritten; LLVM never loads bytes that are not
+the object it would have built (it aborts the process on a damaged one).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +118,7 @@ def _build(llvm_ir: str, key: str, keep_ir: bool) -> JitModule:
     tm = _target_machine()
     mod = llvm.parse_assembly(llvm_ir)
     mod.verify()
-    cached_obj = _read(obj_path)
+    cached_obj = _read_entry(obj_path, key)
     from_disk = cached_obj is not None
     optimized_ir = None
     if not from_disk:
@@ -124,8 +131,8 @@ def _build(llvm_ir: str, key: str, keep_ir: bool) -> JitModule:
             return
         try:
             obj_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = obj_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(data)
+            tmp = obj_path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(_entry(key, data))
             os.replace(tmp, obj_path)
         except OSError:
             pass  # a read-only cache only costs a recompile
@@ -138,13 +145,40 @@ def _build(llvm_ir: str, key: str, keep_ir: bool) -> JitModule:
     return JitModule(engine, key, from_disk, optimized_ir)
 
 
-def _read(path: Path | None) -> bytes | None:
+# An entry: magic, SHA-256 of the key (32 bytes), SHA-256 of the object (32), its length, the object.
+_MAGIC = b"EKKOJIT1"
+_HEADER = struct.Struct("<8s32s32sQ")
+
+
+def _entry(key: str, obj: bytes) -> bytes:
+    """The bytes of a cache entry for object code `obj` built for `key`."""
+    return _HEADER.pack(_MAGIC, _key_bytes(key), hashlib.sha256(obj).digest(), len(obj)) + obj
+
+
+def _key_bytes(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _read_entry(path: Path | None, key: str) -> bytes | None:
+    """The object code cached under `path`, or None when absent or not verified
+    (the build then compiles from IR and overwrites the entry)."""
     if path is None:
         return None
     try:
-        return path.read_bytes()
+        return _verified(path.read_bytes(), key)
     except OSError:
         return None
+
+
+def _verified(data: bytes, key: str) -> bytes | None:
+    """The object in `data` if the header names `key` and the checksum matches."""
+    if len(data) < _HEADER.size:
+        return None
+    magic, built_for, digest, length = _HEADER.unpack_from(data)
+    obj = data[_HEADER.size:]
+    if magic != _MAGIC or built_for != _key_bytes(key) or length != len(obj):
+        return None
+    return obj if hashlib.sha256(obj).digest() == digest else None
 
 
 def clear_memory_cache() -> None:
