@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Sets up ekko and runs every test: pytest (which also runs the lit suite).
+# Sets up ekko and runs every test: pytest (which also runs the lit suite), with
+# the Python setup.sh installed into. The TorchRec test is required when
+# setup.sh installed torchrec (a broken install fails), skipped when it could not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export EKKO_REQUIRE_TORCHREC="${EKKO_REQUIRE_TORCHREC:-1}"  # setup.sh installs it
+source scripts/env.sh
+if [ -z "${EKKO_REQUIRE_TORCHREC+set}" ] &&
+   "$PY" -c "import importlib.metadata as m; m.version('torchrec')" 2>/dev/null; then
+  export EKKO_REQUIRE_TORCHREC=1
+fi
 export EKKO_CACHE_DIR="${EKKO_CACHE_DIR:-$(mktemp -d)}"
-python3 -m pytest -q tests "$@"
+exec "$PY" -m pytest -q tests "$@"
