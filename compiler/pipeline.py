@@ -15,7 +15,7 @@ from xdsl.dialects.builtin import DYNAMIC_INDEX, FunctionType, IntegerType, Modu
 from xdsl.ir import Attribute, Block, Region, SSAValue
 from xdsl.passes import ModulePass, PassPipeline
 
-from ..dialects import emb, upd
+from ..dialects import catalog, emb, upd
 from ..dialects.common import float_attr
 from .backend.spec import BagSpec, UpdateSpec
 from .backend.targets import kernel_specs
@@ -82,11 +82,12 @@ class _Builder:
 
 def build_update_function(req: UpdateRequest, name: str = "update") -> func.FuncOp:
     """`func @name(table, state..., [serving], versions, ids, rows, step, seed)`."""
-    opt_cls = upd.OPTIMIZER_OPS[req.optimizer]
+    opt = catalog.optimizer(req.optimizer)
+    opt_cls, opt_attrs = upd.optimizer_op(req.optimizer)
     table_t = emb.TableType(req.rows, req.dim, req.table_dtype)
-    width = 1 if opt_cls.ROWWISE else req.dim
-    arg_types: list[Attribute] = [table_t] + [emb.StateType(req.rows, width)] * len(opt_cls.STATES)
-    names = ["table", *opt_cls.STATES]
+    arg_types: list[Attribute] = [table_t] + [
+        emb.StateType(req.rows, 1 if s.rowwise else req.dim) for s in opt.states]
+    names = ["table", *opt.state_names]
     if req.serving is not None:
         arg_types.append(emb.TableType(req.rows, req.dim, req.serving))
         names.append("serving")
@@ -109,11 +110,12 @@ def build_update_function(req: UpdateRequest, name: str = "update") -> func.Func
     if req.weight_decay:
         grad = b.add(upd.WeightDecayOp, [grad, args["table"]],
                      {"decay": float_attr(req.weight_decay)}, ("decayed",)).results[0]
-    operands = [args["table"], *[args[s] for s in opt_cls.STATES], grad]
-    if opt_cls.HAS_STEP:
+    operands = [args["table"], *[args[s] for s in opt.state_names], grad]
+    if opt.uses_step:
         operands.append(args["step"])
-    hyper = {k: float_attr(v) for k, v in req.hyper if k in opt_cls.HYPER}
-    step = b.add(opt_cls, operands, hyper, ("new_table", *[f"new_{s}" for s in opt_cls.STATES]))
+    given = {k: v for k, v in req.hyper if k in opt.hyper_names}
+    hyper = opt_attrs | {k: float_attr(v) for k, v in opt.resolve(given).items()}
+    step = b.add(opt_cls, operands, hyper, ("new_table", *[f"new_{s}" for s in opt.state_names]))
     results = list(step.results)
     if req.stochastic_rounding:
         results[0] = b.add(upd.StochasticRoundOp, [results[0], args["seed"]], names=("rounded",)).results[0]

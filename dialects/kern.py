@@ -7,8 +7,20 @@ emit that loop nest (see `ekko.compiler.backend.spec`), so LLVM and Triton
 emitters read one op and never rediscover structure.
 
   kern.update %table, %state..., %ids, %grads [, %serving] [, %versions, %version]
-              [, %step] [, %seed] {optimizer = "...", ...}
+              [, %step] [, %seed] {optimizer = "...", ...} : types ({
+    ^bb0(%g: f32, %w: f32, %state...: f32, %step: f64, %hyper...: f64):
+      ... arith / math ops, kern.row_sum ...
+      kern.yield %new_w, %new_state... : f32, ...
+  })
   kern.bag %table, %ids [, %offsets] [, %weights], %out {mode = "sum", layout = "int8"}
+
+The region of `kern.update` is the per-row math: gradient transforms and the
+optimizer, traced from the catalog (`ekko.dialects.catalog`) by
+`math_region`. It runs "for every element of the row" (SPMD): element values
+(g, w, per-element state) are f32, `kern.row_sum` reduces one over the row,
+and f64 values (the step, hyper-parameters, math on them) are the same for
+the whole call. The hyper-parameters stay attributes of the op; the region
+receives them as arguments, so one region serves every setting.
 """
 
 from __future__ import annotations
@@ -20,27 +32,33 @@ from xdsl.dialects.builtin import (
     StringAttr,
     UnitAttr,
 )
-from xdsl.ir import Attribute, Dialect
-from xdsl.irdl import irdl_op_definition, var_operand_def
+from xdsl.dialects import arith, math
+from xdsl.dialects.builtin import Float32Type, FloatAttr, f32, f64
+from xdsl.ir import Attribute, Block, Dialect, Region, SSAValue
+from xdsl.irdl import (
+    IRDLOperation,
+    irdl_op_definition,
+    operand_def,
+    opt_region_def,
+    result_def,
+    traits_def,
+    var_operand_def,
+)
+from xdsl.parser import Parser
+from xdsl.printer import Printer
+from xdsl.traits import IsTerminator, Pure
 from xdsl.utils.exceptions import VerifyException
 
+from . import catalog, rowmath
 from .common import FLOAT_DTYPES, LAYOUTS, InferredResultsOp, dtype_name, index_name
 from .emb import StateType, TableType, VersionsType
-from .upd import APPLY_FLAGS, APPLY_FLOATS, APPLY_INTS, APPLY_UNITS, apply_roles
+from .upd import APPLY_FLAGS, APPLY_INTS, APPLY_UNITS, apply_roles
 
 i8 = IntegerType(8)
 i64 = IntegerType(64)
 
 
-def row_bytes(layout: str, dim: int) -> int:
-    """Storage bytes per row (int8: codes + f32 scale/bias; int4: nibbles + f16)."""
-    return {
-        "f32": 4 * dim,
-        "f16": 2 * dim,
-        "bf16": 2 * dim,
-        "int8": dim + 8,
-        "int4": (dim + 1) // 2 + 4,
-    }[layout]
+row_bytes = catalog.row_bytes
 
 
 def table_buffer(t: TableType) -> MemRefType:
@@ -91,22 +109,118 @@ class KernelOp(InferredResultsOp):
         self.check([o.type for o in self.operands], self.attributes)
 
 
+def grad_hyper_present(attributes: dict[str, Attribute]) -> tuple[str, ...]:
+    """The gradient transforms an update applies, in the order it applies them."""
+    return tuple(n for n in catalog.GRAD_HYPER if n in attributes)
+
+
+def math_args(opt: catalog.Optimizer, attributes: dict[str, Attribute]) -> list[str]:
+    """Names of the math region's arguments: g, w, *state, step, *hyper."""
+    return ["g", "w", *opt.state_names, "step", *opt.hyper_names,
+            *grad_hyper_present(attributes)]
+
+
+def math_region(opt: catalog.Optimizer, attributes: dict[str, Attribute], dim: int) -> Region:
+    """Trace the catalog's math for `opt` (after the gradient transforms the
+    attributes ask for) into a region of arith/math ops (see the module doc)."""
+    names = math_args(opt, attributes)
+    nelem = 2 + len(opt.states)
+    block = Block(arg_types=[f32] * nelem + [f64] * (len(names) - nelem))
+    for arg, name in zip(block.args, names):
+        arg.name_hint = name
+    args = dict(zip(names, block.args))
+    t = rowmath.Tracer(block, RowSumOp)
+    w = t.wrap(args["w"])
+    present = grad_hyper_present(attributes)
+    g = catalog.grad_transform(
+        t.wrap(args["g"]), w,
+        clip_value=t.wrap(args["clip_value"]) if "clip_value" in present else None,
+        max_norm=t.wrap(args["max_norm"]) if "max_norm" in present else None,
+        weight_decay=t.wrap(args["weight_decay"]) if "weight_decay" in present else None)
+    hyper: dict[str, SSAValue | int] = {h: args[h] for h in opt.hyper_names}
+    hyper["step"] = args["step"]
+    hyper["dim"] = dim
+    states = [args[s] for s in opt.state_names]
+    outs = rowmath.trace(lambda *a, **k: opt.math(g, *a[1:], **k), t, [args["g"], args["w"], *states],
+                         hyper)
+    if len(outs) != 1 + len(opt.states):
+        raise VerifyException(f"optimizer {opt.name} must return the new weights and "
+                              f"{len(opt.states)} state value(s), got {len(outs)} values")
+    block.add_op(YieldOp(*outs))
+    return Region(block)
+
+
+# ops a math region may hold: what every backend lowers
+MATH_OPS = (
+    arith.ConstantOp, arith.AddfOp, arith.SubfOp, arith.MulfOp, arith.DivfOp, arith.NegfOp,
+    arith.MaximumfOp, arith.MinimumfOp, arith.CmpfOp, arith.SelectOp, arith.TruncFOp,
+    math.SqrtOp, math.AbsFOp, math.PowFOp, math.ExpOp, math.LogOp,
+)
+
+
+@irdl_op_definition
+class RowSumOp(IRDLOperation):
+    """The sum of an element value over the row (inside a math region)."""
+
+    name = "kern.row_sum"
+    input = operand_def(Float32Type)
+    output = result_def(Float32Type)
+    traits = traits_def(Pure())
+    assembly_format = "$input attr-dict"
+
+    def __init__(self, value: SSAValue):
+        super().__init__(operands=[value], result_types=[f32])
+
+
+@irdl_op_definition
+class YieldOp(IRDLOperation):
+    """Ends a math region: the new weights, then the new state values."""
+
+    name = "kern.yield"
+    values = var_operand_def()
+    traits = traits_def(IsTerminator(), Pure())
+    assembly_format = "($values^ `:` type($values))? attr-dict"
+
+    def __init__(self, *values: SSAValue):
+        super().__init__(operands=[list(values)])
+
+
 @irdl_op_definition
 class UpdateOp(KernelOp):
-    """A fused sparse update over explicit buffers (see upd.apply for roles)."""
+    """A fused sparse update over explicit buffers (see upd.apply for roles).
+
+    Its region is the per-row math (see the module doc); `verify_` checks it
+    has the arguments the catalog's optimizer needs and only ops in MATH_OPS.
+    lower-to-kernel always writes it; an op written without one (by hand)
+    stands for the catalog's math, which `math_block` traces on demand.
+    """
 
     name = "kern.update"
+    math = opt_region_def("single_block")
 
     @classmethod
     def roles(cls, attributes: dict[str, Attribute]) -> list[str]:
         return apply_roles(attributes, ("ids", "grads"), "'kern.update' needs a known optimizer")
 
     @classmethod
+    def build_update(cls, operands: list[SSAValue], attributes: dict[str, Attribute]) -> UpdateOp:
+        """kern.update with its math region traced from the catalog."""
+        cls.check([o.type for o in operands], attributes)
+        roles = cls.roles(attributes)
+        table = operands[roles.index("table")].type
+        assert isinstance(table, MemRefType)
+        opt = catalog.optimizer(attributes["optimizer"].data)  # type: ignore[union-attr]
+        return cls.create(operands=operands, attributes=attributes,
+                          regions=[math_region(opt, attributes, table.get_shape()[1])])
+
+    @classmethod
     def check(cls, types, attributes):
         roles = cls.roles(attributes)
         if len(roles) != len(types):
             raise VerifyException(f"'kern.update' operands must be ({', '.join(roles)})")
-        known = {"optimizer", "serving_layout", *APPLY_FLAGS, *APPLY_FLOATS, *APPLY_UNITS, *APPLY_INTS}
+        opt = catalog.optimizer(attributes["optimizer"].data)  # type: ignore[union-attr]
+        known = {"optimizer", "serving_layout", *APPLY_FLAGS, *APPLY_UNITS, *APPLY_INTS,
+                 *opt.hyper_names, *catalog.GRAD_HYPER}
         for name in attributes:
             if name not in known:
                 raise VerifyException(f"'kern.update' has no attribute '{name}'")
@@ -115,6 +229,12 @@ class UpdateOp(KernelOp):
         if dtype_name(table.element_type) is None:
             raise VerifyException("the table buffer must hold f32, f16 or bf16")
         rows, dim = table.get_shape()
+        for state in opt.states:
+            buf = _memref(by[state.name], 2, f"the {state.name} state buffer")
+            width = 1 if state.rowwise else dim
+            if buf.get_shape()[1] != width:
+                raise VerifyException(f"the {state.name} state buffer must have rows of "
+                                      f"{width}, got {buf}")
         ids = _memref(by["ids"], 1, "the ids buffer")
         if index_name(ids.element_type) is None:
             raise VerifyException("the ids buffer must hold i32 or i64")
@@ -126,7 +246,7 @@ class UpdateOp(KernelOp):
             if layout not in LAYOUTS:
                 raise VerifyException("'kern.update' with a serving copy needs serving_layout")
             serving = _memref(by["serving"], 2, "the serving buffer")
-            width = dim if layout in FLOAT_DTYPES else row_bytes(layout, dim)
+            width = catalog.layout(layout).width(dim)
             if serving.get_shape() != (rows, width):
                 raise VerifyException(
                     f"the {layout} serving buffer must be {rows}x{width}, got {serving}"
@@ -134,6 +254,56 @@ class UpdateOp(KernelOp):
         for scalar in ("version", "step", "seed"):
             if scalar in by and by[scalar] != i64:
                 raise VerifyException(f"'kern.update' {scalar} must be i64")
+
+    def math_block(self) -> Block:
+        """The math region's block; the catalog's math when the op has none."""
+        if self.math is not None:
+            return self.math.block
+        opt = catalog.optimizer(self.attributes["optimizer"].data)  # type: ignore[union-attr]
+        table = self.operands[0].type
+        assert isinstance(table, MemRefType)
+        return math_region(opt, self.attributes, table.get_shape()[1]).block
+
+    def verify_(self) -> None:
+        super().verify_()
+        opt = catalog.optimizer(self.attributes["optimizer"].data)  # type: ignore[union-attr]
+        for h in [*opt.hyper, *catalog.GRAD_HYPER.values()]:  # absent: the catalog's default
+            attr = self.attributes.get(h.name)
+            if attr is None:
+                continue
+            value = attr.value.data if isinstance(attr, FloatAttr) else attr
+            if (why := h.problem(value)) is not None:
+                raise VerifyException(f"'kern.update' {why}")
+        if self.math is None:
+            return
+        names = math_args(opt, self.attributes)
+        block = self.math.block
+        nelem = 2 + len(opt.states)
+        want = [f32] * nelem + [f64] * (len(names) - nelem)
+        if [a.type for a in block.args] != want:
+            raise VerifyException(
+                f"'kern.update' math region must take ({', '.join(names)}) typed "
+                f"({', '.join(str(t) for t in want)})")
+        for op in block.ops:
+            if not isinstance(op, (*MATH_OPS, RowSumOp, YieldOp)):
+                raise VerifyException(f"'{op.name}' is not allowed in a math region")
+        last = block.last_op
+        if not isinstance(last, YieldOp) or [v.type for v in last.operands] != [f32] * (nelem - 1):
+            raise VerifyException(f"'kern.update' math region must yield {nelem - 1} f32 "
+                                  "values: the new weights and state")
+
+    def print(self, printer: Printer) -> None:
+        super().print(printer)
+        if self.math is not None:
+            printer.print_string(" ")
+            printer.print_region(self.math, print_entry_block_args=True)
+
+    @classmethod
+    def parse(cls, parser: Parser):
+        op = super().parse(parser)
+        region = parser.parse_optional_region()
+        return cls.create(operands=list(op.operands), attributes=dict(op.attributes),
+                          regions=[region] if region is not None else [])
 
 
 def get_string_attr(attributes: dict[str, Attribute], name: str) -> str | None:
@@ -250,4 +420,4 @@ class MergeOp(SyncKernelOp):
     DATA: ClassVar[tuple[str, ...]] = ("ids", "rows", "packet_versions", "newest")
 
 
-Kern = Dialect("kern", [UpdateOp, BagOp, PackOp, MergeOp], [])
+Kern = Dialect("kern", [UpdateOp, BagOp, RowSumOp, YieldOp, PackOp, MergeOp], [])

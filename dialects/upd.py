@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from xdsl.dialects.builtin import IntAttr, IntegerType, StringAttr, TensorType, UnitAttr
+from xdsl.dialects.builtin import FloatAttr, IntAttr, IntegerType, StringAttr, TensorType, UnitAttr
 from xdsl.ir import Attribute, Dialect, ParametrizedAttribute, TypeAttribute
 from xdsl.irdl import (
+    IRDLOperation,
     irdl_attr_definition,
     irdl_op_definition,
     param_def,
@@ -32,10 +33,10 @@ from xdsl.pattern_rewriter import PatternRewriter, RewritePattern, op_type_rewri
 from xdsl.traits import HasCanonicalizationPatternsTrait, Pure
 from xdsl.utils.exceptions import VerifyException
 
-from .common import InferredResultsOp, get_float, get_string
+from . import catalog
+from .common import InferredResultsOp, get_float
 from .emb import StateType, TableType, VersionsType, check_ids, check_rows, expect_table
 
-OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 i64 = IntegerType(64)
 
 
@@ -226,8 +227,8 @@ class ClipOp(UpdOp):
     def verify_attributes(self) -> None:
         if get_float(self, "max_norm") is None and get_float(self, "clip_value") is None:
             raise VerifyException("'upd.clip' needs max_norm or clip_value")
-        check_positive(self, "max_norm", required=False)
-        check_positive(self, "clip_value", required=False)
+        check_hyper(self, {n: catalog.GRAD_HYPER[n] for n in ("max_norm", "clip_value")},
+                    ("max_norm", "clip_value"))
 
 
 @irdl_op_definition
@@ -248,49 +249,71 @@ class WeightDecayOp(UpdOp):
 
     def verify_attributes(self) -> None:
         check_positive(self, "decay")
+        check_hyper(self, {"decay": catalog.Hyper("decay", 0.0, 0.0, low_open=True)}, ("decay",))
 
 
 class OptimizerOp(UpdOp):
-    """An optimizer step: (table, *state, delta[, step]) -> (table, *state)."""
+    """An optimizer step: (table, *state, delta[, step]) -> (table, *state).
 
-    OPTIMIZER: ClassVar[str] = ""
-    STATES: ClassVar[tuple[str, ...]] = ()
-    ROWWISE: ClassVar[bool] = False
-    HAS_STEP: ClassVar[bool] = False
-    HYPER: ClassVar[tuple[str, ...]] = ("lr",)
-    # torch.optim's defaults (FBGEMM's for rowwise Adagrad); lr has none
-    DEFAULTS: ClassVar[dict[str, float]] = {}
+    What it needs (state, hyper-parameters and their ranges, the step) comes
+    from its catalog entry: the named ops (`upd.sgd`, `upd.adam`, ...) stand
+    for the built-ins, `upd.optimize {optimizer = "name"}` for any optimizer
+    in the catalog, including ones a user defined with `@ekko.optimizer`.
+    """
+
+    OPTIMIZER: ClassVar[str] = ""  # "" for upd.optimize: named by its attribute
+
+    @classmethod
+    def entry(cls, attributes: dict[str, Attribute]) -> catalog.Optimizer:
+        name = cls.OPTIMIZER
+        if not name:
+            attr = attributes.get("optimizer")
+            if not isinstance(attr, StringAttr):
+                raise VerifyException(f"'{cls.name}' needs optimizer = \"name\"")
+            name = attr.data
+        try:
+            return catalog.optimizer(name)
+        except ValueError as e:
+            raise VerifyException(f"'{cls.name}': {e}") from None
+
+    @property
+    def spec(self) -> catalog.Optimizer:
+        return self.entry(self.attributes)
+
+    @property
+    def STATES(self) -> tuple[str, ...]:  # noqa: N802 - reads like the old class constant
+        return self.spec.state_names
+
+    @property
+    def HAS_STEP(self) -> bool:  # noqa: N802
+        return self.spec.uses_step
 
     @classmethod
     def infer_result_types(cls, operand_types, attributes):
-        n = 2 + len(cls.STATES) + int(cls.HAS_STEP)
+        opt = cls.entry(attributes)
+        n = 2 + len(opt.states) + int(opt.uses_step)
         if len(operand_types) != n:
-            parts = ["table", *[f"{s} state" for s in cls.STATES], "delta"]
-            if cls.HAS_STEP:
+            parts = ["table", *[f"{s} state" for s in opt.state_names], "delta"]
+            if opt.uses_step:
                 parts.append("step")
             raise VerifyException(f"'{cls.name}' takes {n} operands: {', '.join(parts)}")
         table = expect_master(operand_types[0], cls.name)
-        width = 1 if cls.ROWWISE else table.dim.data
         states = [
-            expect_state(t, table, width, cls.name, what)
-            for t, what in zip(operand_types[1 : 1 + len(cls.STATES)], cls.STATES)
+            expect_state(t, table, 1 if st.rowwise else table.dim.data, cls.name, st.name)
+            for t, st in zip(operand_types[1 : 1 + len(opt.states)], opt.states)
         ]
-        delta = expect_delta(operand_types[1 + len(cls.STATES)], f"'{cls.name}' delta")
+        delta = expect_delta(operand_types[1 + len(opt.states)], f"'{cls.name}' delta")
         check_delta_fits(delta, table, cls.name)
-        if cls.HAS_STEP:
+        if opt.uses_step:
             expect_i64(operand_types[-1], cls.name, "step")
         return [table, *states]
 
     def verify_attributes(self) -> None:
-        for name in self.HYPER:
-            if name in ("lr", "eps"):
-                check_positive(self, name, required=name == "lr")
-        for name in self.attributes:
-            if name not in self.HYPER:
-                raise VerifyException(
-                    f"'{self.name}' has no hyper-parameter '{name}' "
-                    f"(it takes {', '.join(self.HYPER)})"
-                )
+        opt = self.spec
+        if get_float(self, "lr") is None:
+            raise VerifyException(f"'{self.name}' needs the hyper-parameter 'lr'")
+        check_hyper(self, {h.name: h for h in opt.hyper}, opt.hyper_names,
+                    skip=() if self.OPTIMIZER else ("optimizer",))
 
     @property
     def table(self):
@@ -301,52 +324,50 @@ class OptimizerOp(UpdOp):
         return self.operands[1 + len(self.STATES)]
 
 
-@irdl_op_definition
-class SgdOp(OptimizerOp):
-    name = "upd.sgd"
-    OPTIMIZER: ClassVar[str] = "sgd"
+def check_hyper(op: IRDLOperation, known: dict[str, catalog.Hyper], takes: Sequence[str],
+                skip: Sequence[str] = ()) -> None:
+    """Every attribute of `op` is a known hyper-parameter with a value in range."""
+    for name, attr in op.attributes.items():
+        if name in skip:
+            continue
+        if name not in known:
+            raise VerifyException(
+                f"'{op.name}' has no hyper-parameter '{name}' (it takes {', '.join(takes)})")
+        value = attr.value.data if isinstance(attr, FloatAttr) else attr
+        if (why := known[name].problem(value)) is not None:
+            raise VerifyException(f"'{op.name}' {why}")
 
 
-@irdl_op_definition
-class AdagradOp(OptimizerOp):
-    name = "upd.adagrad"
-    OPTIMIZER: ClassVar[str] = "adagrad"
-    STATES: ClassVar[tuple[str, ...]] = ("sum",)
-    HAS_STEP: ClassVar[bool] = True
-    HYPER: ClassVar[tuple[str, ...]] = ("lr", "eps", "lr_decay")
-    DEFAULTS: ClassVar[dict[str, float]] = {"eps": 1e-10, "lr_decay": 0.0}
+def _named(name: str, optimizer: str) -> type[OptimizerOp]:
+    """The named op of a built-in optimizer."""
+    return irdl_op_definition(type(f"{optimizer.title().replace('_', '')}Op", (OptimizerOp,),
+                                   {"name": name, "OPTIMIZER": optimizer,
+                                    "__annotations__": {"OPTIMIZER": ClassVar[str]},
+                                    "__doc__": catalog.optimizer(optimizer).doc,
+                                    "__module__": __name__}))
 
 
-@irdl_op_definition
-class RowwiseAdagradOp(OptimizerOp):
-    name = "upd.rowwise_adagrad"
-    OPTIMIZER: ClassVar[str] = "rowwise_adagrad"
-    STATES: ClassVar[tuple[str, ...]] = ("momentum",)
-    ROWWISE: ClassVar[bool] = True
-    HYPER: ClassVar[tuple[str, ...]] = ("lr", "eps")
-    DEFAULTS: ClassVar[dict[str, float]] = {"eps": 1e-8}
+SgdOp = _named("upd.sgd", "sgd")
+AdagradOp = _named("upd.adagrad", "adagrad")
+RowwiseAdagradOp = _named("upd.rowwise_adagrad", "rowwise_adagrad")
+AdamOp = _named("upd.adam", "adam")
+RmspropOp = _named("upd.rmsprop", "rmsprop")
+FtrlOp = _named("upd.ftrl", "ftrl")
+OptimizeOp = irdl_op_definition(type("OptimizeOp", (OptimizerOp,), {
+    "name": "upd.optimize", "__module__": __name__,
+    "__doc__": "A step of any optimizer in the catalog, named by its `optimizer` attribute."}))
 
-
-@irdl_op_definition
-class AdamOp(OptimizerOp):
-    name = "upd.adam"
-    OPTIMIZER: ClassVar[str] = "adam"
-    STATES: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
-    HAS_STEP: ClassVar[bool] = True
-    HYPER: ClassVar[tuple[str, ...]] = ("lr", "beta1", "beta2", "eps")
-    DEFAULTS: ClassVar[dict[str, float]] = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
-
-    def verify_attributes(self) -> None:
-        super().verify_attributes()
-        for beta in ("beta1", "beta2"):
-            value = get_float(self, beta)
-            if value is not None and not 0.0 <= value < 1.0:
-                raise VerifyException(f"'upd.adam' {beta} must be in [0, 1), got {value}")
-
-
-OPTIMIZER_OPS: dict[str, type[OptimizerOp]] = {
-    op.OPTIMIZER: op for op in (SgdOp, AdagradOp, RowwiseAdagradOp, AdamOp)
+NAMED_OPTIMIZER_OPS: dict[str, type[OptimizerOp]] = {
+    op.OPTIMIZER: op for op in (SgdOp, AdagradOp, RowwiseAdagradOp, AdamOp, RmspropOp, FtrlOp)
 }
+
+
+def optimizer_op(name: str) -> tuple[type[OptimizerOp], dict[str, Attribute]]:
+    """The op class for optimizer `name` and the attributes that name it."""
+    catalog.optimizer(name)  # raises for unknown names
+    if name in NAMED_OPTIMIZER_OPS:
+        return NAMED_OPTIMIZER_OPS[name], {}
+    return OptimizeOp, {"optimizer": StringAttr(name)}
 
 
 @irdl_op_definition
@@ -420,9 +441,6 @@ class StampOp(UpdOp):
 
 
 APPLY_FLAGS = ("serving", "versions", "step", "seed")
-APPLY_FLOATS = (
-    "lr", "eps", "beta1", "beta2", "lr_decay", "weight_decay", "max_norm", "clip_value",
-)
 APPLY_UNITS = ("dedup", "stochastic_rounding", "sort")
 APPLY_INTS = ("partitions", "tile")
 
@@ -437,9 +455,9 @@ def apply_roles(attributes: dict[str, Attribute], data: tuple[str, ...],
     error for a missing or unknown optimizer.
     """
     opt = attributes.get("optimizer")
-    if not isinstance(opt, StringAttr) or opt.data not in OPTIMIZER_OPS:
+    if not isinstance(opt, StringAttr) or opt.data not in catalog.OPTIMIZERS:
         raise VerifyException(unknown)
-    roles = ["table", *OPTIMIZER_OPS[opt.data].STATES, *data]
+    roles = ["table", *catalog.optimizer(opt.data).state_names, *data]
     if "serving" in attributes:
         roles.append("serving")
     if "versions" in attributes:
@@ -468,20 +486,20 @@ class ApplyOp(UpdOp):
     def layout(cls, attributes: dict[str, Attribute]) -> list[str]:
         """The role of each operand, in order."""
         return apply_roles(attributes, ("delta",),
-                           f"'upd.apply' needs optimizer = one of {', '.join(OPTIMIZERS)}")
+                           f"'upd.apply' needs optimizer = one of {', '.join(catalog.OPTIMIZERS)}")
 
     @classmethod
     def infer_result_types(cls, operand_types, attributes):
         roles = cls.layout(attributes)
         if len(roles) != len(operand_types):
             raise VerifyException(f"'upd.apply' operands must be ({', '.join(roles)})")
-        optimizer = OPTIMIZER_OPS[attributes["optimizer"].data]  # type: ignore[union-attr]
+        optimizer = catalog.optimizer(attributes["optimizer"].data)  # type: ignore[union-attr]
         by_role = dict(zip(roles, operand_types))
         table = expect_master(by_role["table"], cls.name)
-        width = 1 if optimizer.ROWWISE else table.dim.data
         results: list[Attribute] = [table]
-        for what in optimizer.STATES:
-            results.append(expect_state(by_role[what], table, width, cls.name, what))
+        for st in optimizer.states:
+            width = 1 if st.rowwise else table.dim.data
+            results.append(expect_state(by_role[st.name], table, width, cls.name, st.name))
         delta = expect_delta(by_role["delta"], "'upd.apply' delta")
         check_delta_fits(delta, table, cls.name)
         if "serving" in by_role:
@@ -496,24 +514,28 @@ class ApplyOp(UpdOp):
         for scalar in ("version", "step", "seed"):
             if scalar in by_role:
                 expect_i64(by_role[scalar], cls.name, scalar)
-        if optimizer.HAS_STEP and "step" not in by_role:
-            raise VerifyException(f"'upd.apply' with {optimizer.OPTIMIZER} needs a step")
+        if optimizer.uses_step and "step" not in by_role:
+            raise VerifyException(f"'upd.apply' with {optimizer.name} needs a step")
         return results
 
     def verify_attributes(self) -> None:
-        known = {"optimizer", *APPLY_FLAGS, *APPLY_FLOATS, *APPLY_UNITS, *APPLY_INTS}
+        opt = catalog.optimizer(self.attributes["optimizer"].data)  # type: ignore[union-attr]
+        structural = {"optimizer", *APPLY_FLAGS, *APPLY_UNITS, *APPLY_INTS}
         for name, attr in self.attributes.items():
-            if name not in known:
-                raise VerifyException(f"'upd.apply' has no attribute '{name}'")
             if name in APPLY_UNITS + APPLY_FLAGS and not isinstance(attr, UnitAttr):
                 raise VerifyException(f"'upd.apply' attribute '{name}' is a unit flag")
+        known = {h.name: h for h in opt.hyper} | dict(catalog.GRAD_HYPER)
+        for name in self.attributes:
+            if name not in structural and name not in known:
+                raise VerifyException(f"'upd.apply' has no attribute '{name}'")
+        check_hyper(self, known, [*opt.hyper_names, *catalog.GRAD_HYPER], skip=tuple(structural))
         check_positive(self, "lr")
         table = self.operands[0].type
         delta = self.operands[self.layout(self.attributes).index("delta")].type
         assert isinstance(table, TableType) and isinstance(delta, DeltaType)
         if "stochastic_rounding" in self.attributes and table.layout.data == "f32":
             raise VerifyException("stochastic rounding needs an f16 or bf16 table")
-        nonlinear = get_string(self, "optimizer") != "sgd" or any(
+        nonlinear = not opt.linear or any(
             n in self.attributes for n in ("max_norm", "clip_value", "weight_decay")
         )
         if nonlinear and not ("dedup" in self.attributes or delta.is_unique):
@@ -542,6 +564,9 @@ Upd = Dialect(
         AdagradOp,
         RowwiseAdagradOp,
         AdamOp,
+        RmspropOp,
+        FtrlOp,
+        OptimizeOp,
         StochasticRoundOp,
         RequantizeOp,
         StampOp,

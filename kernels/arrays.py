@@ -31,6 +31,9 @@ class ArrayArg:
         if is_torch(x):
             if x.device.type != "cpu":
                 raise error(f"{name} must be a CPU tensor, got device {x.device}")
+            if writable and x.requires_grad:
+                raise error(f"{name} requires grad: updating it in place would bypass autograd "
+                            "(pass tensor.detach() or create it with requires_grad=False)")
             self.torch = True
             self.dtype = str(x.dtype).removeprefix("torch.")
             self.shape = tuple(x.shape)
@@ -38,6 +41,9 @@ class ArrayArg:
             self.ptr = x.data_ptr()
         elif isinstance(x, np.ndarray):
             self.torch = False
+            if not x.dtype.isnative:
+                raise error(f"{name} has non-native byte order ({x.dtype.str}): "
+                            f"pass {name}.astype({name}.dtype.newbyteorder('='))")
             self.dtype = _NP_NAMES.get(x.dtype) or x.dtype.name
             self.shape = x.shape
             contiguous = x.flags.c_contiguous
@@ -48,6 +54,14 @@ class ArrayArg:
             raise error(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
         if not contiguous:
             raise error(f"{name} must be C-contiguous")
+        itemsize = x.element_size() if self.torch else x.itemsize
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * itemsize
+
+    def overlaps(self, other: ArrayArg) -> bool:
+        """Whether the two arrays share any byte."""
+        if not self.nbytes or not other.nbytes:
+            return False
+        return self.ptr < other.ptr + other.nbytes and other.ptr < self.ptr + self.nbytes
 
     def expect(self, dtypes: tuple[str, ...], shape: tuple[int, ...] | None = None,
                ndim: int | None = None) -> None:
@@ -58,3 +72,15 @@ class ArrayArg:
             raise self.error(f"{self.name} must have shape {shape}, got {tuple(self.shape)}")
         if ndim is not None and len(self.shape) != ndim:
             raise self.error(f"{self.name} must be {ndim}-D, got shape {tuple(self.shape)}")
+
+
+def check_disjoint(written: list[ArrayArg], read: list[ArrayArg], error: type[EkkoError]) -> None:
+    """No array written in place may share memory with any other argument.
+
+    An aliased state (state = table, Adam's two moments the same array) would
+    make a kernel read values it has already overwritten.
+    """
+    for k, a in enumerate(written):
+        for b in written[k + 1:] + read:
+            if a.overlaps(b):
+                raise error(f"{a.name} and {b.name} share memory: each must be its own array")

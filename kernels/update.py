@@ -4,7 +4,8 @@
 standard pipeline and compiles the resulting spec; the returned
 `UpdateKernel` applies one delta in place:
 
-    k(table, ids, grads, state=..., serving=..., versions=..., step=1, version=None, seed=0)
+    k(table, ids, grads, state=..., serving=..., versions=..., step=1, version=None, seed=0,
+      seq=None)
 
 Arrays are numpy arrays or torch CPU tensors, never copied. Every argument is
 checked before anything is written, and the native first phase validates
@@ -12,76 +13,65 @@ ids and gradients before the second phase touches a table: a rejected delta
 leaves table, state, serving copy and versions exactly as they were.
 
 Layouts: table (rows, dim) float32 / float16 / bf16 (torch.bfloat16, or uint16
-bit patterns in numpy); state: sgd none, adagrad (rows, dim) f32,
-rowwise_adagrad (rows,) f32, adam a tuple (exp_avg, exp_avg_sq) of (rows, dim)
-f32; serving as in ekko.kernels.quant (int8/int4 uint8 (rows, row bytes));
-versions (rows,) int64, stamped with `version` (default: `step`).
+bit patterns in numpy); state: the optimizer's state arrays from the catalog
+in its order ((rows,) f32 when rowwise, else (rows, dim) f32; one array is
+passed alone, several as a tuple); serving as in ekko.kernels.quant
+(int8/int4 uint8 (rows, row bytes)); versions (rows,) int64, stamped with
+`version` (default: `step`); seq (rows,) uint32 sequence words: each row is
+written between an odd and the next even value (see ekko.kernels.lookup).
+
+Updates of one table are serialized whichever kernel object issues them:
+the lock and the scratch buffers belong to the table (`native.TableRuntime`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..compiler.backend import abi
 from ..compiler.backend.llvm_update import emit_update
-from ..compiler.backend.spec import UpdateSpec, serving_row_bytes
+from ..compiler.backend.spec import UpdateSpec
 from ..compiler.pipeline import UpdateRequest, update_spec
-from .arrays import ArrayArg
+from ..dialects import catalog
+from .arrays import ArrayArg, check_disjoint
 from .errors import UpdateError
 from .jit import JitModule, compile_ir
+from .native import Native, run_partitions, table_runtime
 
-_i64, _vp, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
-_DEDUP = ctypes.CFUNCTYPE(_i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _vp, _vp,
-                          _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp)
-_APPLY = ctypes.CFUNCTYPE(None, _i64, _i64, _vp, _vp, _i64, _vp, _vp, _vp, _vp, _vp, _f64,
-                          _i64, _i64, _vp, _vp, _vp)
-
-_TABLE_FULL = 3
 _TABLE_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16")}
 _SERVING_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16"),
                    "int8": ("uint8", "int8"), "int4": ("uint8", "int8")}
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
-                                       thread_name_prefix="ekko-update")
-        return _pool
+INT64_MAX = 2**63 - 1
 
 
 class _Scratch:
     """Per-partition buffers reused across calls (fresh pages cost ~1 us each).
 
     The hash table is sized for the unique ids seen last time (a small table
-    stays in cache) and doubled when the kernel reports it too full.
+    stays in cache) and doubled when the kernel reports it too full. Scratch
+    belongs to a table (see `native.TableRuntime`), not to a kernel.
     """
 
     def __init__(self) -> None:
         self.n = -1
+        self.dim = 0
         self.htab = np.empty(0, np.int64)  # (id, unique index) pairs; id -1: empty
         self.cap = 0
         self.count = np.zeros(1, np.int64)
         self.err = np.zeros(1, np.int64)
 
     def ensure(self, n: int, dim: int, expected_unique: int) -> None:
-        if n > self.n:
+        if n > self.n or dim != self.dim:
             n = max(n, 1024)
             self.uids = np.empty(n, np.int64)
             self.slots = np.empty(n, np.int64)
             self.srcs = np.empty(n, np.int64)  # delta row of an id seen once, else -1
             self.acc = np.empty(n * dim, np.float32)
             self.sort = [np.empty(n, np.int64) for _ in range(4)]  # order + radix scratch
-            self.n = n
+            self.n, self.dim = n, dim
         want = 1 << math.ceil(math.log2(max(2 * expected_unique, 1024)))
         if want > self.cap or want * 4 <= self.cap:
             self.resize(want)
@@ -91,22 +81,32 @@ class _Scratch:
         self.cap = cap
 
 
+def _int64(name: str, value: object, low: int = 0) -> int:
+    """An integer argument that the kernel receives as int64."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UpdateError(f"{name} must be an integer, got {value!r}")
+    v = int(value)
+    if not low <= v <= INT64_MAX:
+        raise UpdateError(f"{name} must be in [{low}, 2**63 - 1], got {v}")
+    return v
+
+
 class UpdateKernel:
     """A compiled fused update for one UpdateSpec (see the module docstring)."""
 
     def __init__(self, spec: UpdateSpec):
         self.spec = spec
         self.module: JitModule = compile_ir(emit_update(spec))
-        self._dedup = _DEDUP(self.module.address("ekko_update_dedup"))
-        self._apply = _APPLY(self.module.address("ekko_update_apply"))
-        self._scratch = [_Scratch() for _ in range(max(1, spec.partitions))]
-        self._lock = threading.Lock()
+        self._dedup = Native(self.module, abi.update_dedup(spec.index_dtype)).positional()
+        self._apply = Native(self.module, abi.update_apply(
+            len(spec.states), spec.index_dtype, spec.dedup)).positional()
+        self.parts = max(1, spec.partitions)
 
     def __repr__(self) -> str:
         return f"UpdateKernel({self.spec})"
 
     # -- argument checks -----------------------------------------------
-    def _check(self, table, ids, grads, state, serving, versions):
+    def _check(self, table, ids, grads, state, serving, versions, seq):
         s = self.spec
         t = ArrayArg("table", table, UpdateError, writable=True)
         if len(t.shape) != 2 or t.shape[1] != s.dim:
@@ -126,111 +126,118 @@ class UpdateKernel:
             if serving is None:
                 raise UpdateError(f"this kernel refreshes a {s.serving} serving copy: pass serving=")
             srv = ArrayArg("serving", serving, UpdateError, writable=True)
-            width = s.dim if s.serving in ("f32", "f16", "bf16") else serving_row_bytes(s.serving, s.dim)
-            srv.expect(_SERVING_DTYPES[s.serving], (rows, width))
+            srv.expect(_SERVING_DTYPES[s.serving], (rows, catalog.layout(s.serving).width(s.dim)))
         elif serving is not None:
             raise UpdateError("this kernel has no serving copy: compile it with serving=")
         ver = None
         if versions is not None:
             ver = ArrayArg("versions", versions, UpdateError, writable=True)
             ver.expect(("int64",), (rows,))
-        return rows, n, t, i, g, states, srv, ver
+        sq = None
+        if seq is not None:
+            sq = ArrayArg("seq", seq, UpdateError, writable=True)
+            sq.expect(("uint32", "int32"), (rows,))
+        written = [t, *states, *(x for x in (srv, ver, sq) if x is not None)]
+        check_disjoint(written, [i, g], UpdateError)
+        return rows, n, t, i, g, states, srv, ver, sq
 
     def _check_state(self, state, rows: int) -> list[ArrayArg]:
         s = self.spec
-        if s.optimizer == "sgd":
+        names = s.state_shapes
+        if not names:
             if state is not None:
-                raise UpdateError("sgd keeps no state: pass state=None")
+                raise UpdateError(f"{s.optimizer} keeps no state: pass state=None")
             return []
         if state is None:
             raise UpdateError(f"{s.optimizer} needs its state: pass state=")
-        if s.optimizer == "adam":
-            if not isinstance(state, (tuple, list)) or len(state) != 2:
-                raise UpdateError("adam's state is a tuple (exp_avg, exp_avg_sq)")
-            args = [ArrayArg(name, x, UpdateError, writable=True)
-                    for name, x in zip(("exp_avg", "exp_avg_sq"), state)]
-            for a in args:
-                a.expect(("float32",), (rows, s.dim))
-            return args
-        a = ArrayArg("state", state, UpdateError, writable=True)
-        a.expect(("float32",), (rows,) if s.optimizer == "rowwise_adagrad" else (rows, s.dim))
-        return [a]
+        if len(names) > 1:
+            if not isinstance(state, (tuple, list)) or len(state) != len(names):
+                raise UpdateError(f"{s.optimizer}'s state is a tuple ({', '.join(names)})")
+            given = list(state)
+        else:
+            given = [state]
+        args = []
+        for name, x in zip(names, given):
+            a = ArrayArg(name if len(names) > 1 else "state", x, UpdateError, writable=True)
+            a.expect(("float32",), s.entry.state_shape(name, rows, s.dim))
+            args.append(a)
+        return args
 
-    def _alpha(self, step: int) -> float:
-        """The step-dependent learning rate: Adagrad's decay, Adam's bias correction."""
-        s = self.spec
-        if s.optimizer == "adagrad":
-            return s.lr / (1 + (step - 1) * s.lr_decay)
-        if s.optimizer == "adam":
-            return s.lr * math.sqrt(1 - s.beta2**step) / (1 - s.beta1**step)
-        return s.lr
+    def scratch_of(self, table) -> list[_Scratch]:
+        """The scratch buffers this kernel's updates of `table` reuse."""
+        rt = table_runtime(ArrayArg("table", table, UpdateError).ptr)
+        return rt.scratch.get(("update", self.parts), [])
 
     # -- the call -------------------------------------------------------
     def __call__(self, table, ids, grads, state=None, serving=None, versions=None,
-                 step: int = 1, version: int | None = None, seed: int = 0) -> None:
-        rows, n, t, i, g, states, srv, ver = self._check(table, ids, grads, state, serving, versions)
-        if not isinstance(step, int) or step < 1:
+                 step: int = 1, version: int | None = None, seed: int = 0, seq=None) -> None:
+        """Apply one delta in place; `seq` (uint32 per row) makes each row's
+        write visible all at once to lookups that read with the same words."""
+        rows, n, t, i, g, states, srv, ver, sq = self._check(
+            table, ids, grads, state, serving, versions, seq)
+        if isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step < 1:
             raise UpdateError(f"step counts from 1, got {step!r}")
+        step = _int64("step", step, low=1)
+        version = step if version is None else _int64("version", version)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise UpdateError(f"seed must be an integer, got {seed!r}")
+        seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+        seed = seed - (1 << 64) if seed > INT64_MAX else seed
         if n == 0:
             return
-        version = step if version is None else int(version)
-        with self._lock:
-            self._run(rows, n, t, i, g, states, srv, ver, step, version, int(seed))
+        rt = table_runtime(t.ptr)
+        with rt.lock:
+            scratch = rt.scratch.get(("update", self.parts))
+            if scratch is None:
+                scratch = rt.scratch[("update", self.parts)] = [_Scratch() for _ in range(self.parts)]
+            self._run(scratch, rows, n, t, i, g, states, srv, ver, sq, step, version, seed)
 
-    def _run(self, rows, n, t, i, g, states, srv, ver, step, version, seed) -> None:
-        parts = len(self._scratch)
-        for sc in self._scratch:
+    def _run(self, scratch, rows, n, t, i, g, states, srv, ver, sq, step, version, seed) -> None:
+        parts = self.parts
+        for sc in scratch:
             guess = int(sc.count[0]) if sc.n > 0 else n // parts
             sc.ensure(n, self.spec.dim, min(max(guess, 1), n))
 
         def dedup(p: int) -> int:
-            sc = self._scratch[p]
+            sc = scratch[p]
             return self._dedup(p, parts, i.ptr, n, rows, g.ptr, sc.htab.ctypes.data, sc.cap,
                                sc.uids.ctypes.data,
                                sc.acc.ctypes.data, sc.slots.ctypes.data, sc.count.ctypes.data,
                                sc.err.ctypes.data, *(a.ctypes.data for a in sc.sort),
                                sc.srcs.ctypes.data)
 
-        codes = self._map(dedup, parts)
+        codes = run_partitions(dedup, parts)
         for p, code in enumerate(codes):
-            while code == _TABLE_FULL:  # rare: far more unique ids than last time
-                self._scratch[p].resize(2 * self._scratch[p].cap)
+            while code == abi.Status.TABLE_FULL:  # rare: far more unique ids than last time
+                scratch[p].resize(2 * scratch[p].cap)
                 code = codes[p] = dedup(p)
-        self._raise_first(codes, i, rows)
-        s0 = states[0].ptr if states else None
-        s1 = states[1].ptr if len(states) > 1 else None
+        self._raise_first(scratch, codes, i, rows)
+        state_ptrs = [a.ptr for a in states]
         sp = srv.ptr if srv else None
         vp = ver.ptr if ver else None
-        alpha = self._alpha(step)
+        qp = sq.ptr if sq else None
 
         def apply(p: int) -> int:
-            sc = self._scratch[p]
+            sc = scratch[p]
             if self.spec.dedup:
                 self._apply(p, parts, sc.uids.ctypes.data, sc.acc.ctypes.data, int(sc.count[0]),
-                            t.ptr, s0, s1, sp, vp, alpha, version, seed, sc.sort[0].ctypes.data,
-                            g.ptr, sc.srcs.ctypes.data)
+                            t.ptr, *state_ptrs, sp, vp, qp, step, version, seed,
+                            sc.sort[0].ctypes.data, g.ptr, sc.srcs.ctypes.data)
             else:
-                self._apply(p, parts, i.ptr, g.ptr, n, t.ptr, s0, s1, sp, vp, alpha, version, seed,
-                            None, None, None)
+                self._apply(p, parts, i.ptr, g.ptr, n, t.ptr, *state_ptrs, sp, vp, qp, step,
+                            version, seed, None, None, None)
             return 0
 
-        self._map(apply, parts)
+        run_partitions(apply, parts)
 
     @staticmethod
-    def _map(fn, parts: int) -> list[int]:
-        if parts == 1:
-            return [fn(0)]
-        futures = [_executor().submit(fn, p) for p in range(1, parts)]
-        first = fn(0)
-        return [first] + [f.result() for f in futures]
-
-    def _raise_first(self, codes: list[int], ids: ArrayArg, rows: int) -> None:
+    def _raise_first(scratch, codes: list[int], ids: ArrayArg, rows: int) -> None:
         """Report the earliest bad position over all partitions; nothing was written."""
-        errors = [(int(self._scratch[p].err[0]), code) for p, code in enumerate(codes) if code]
+        errors = [(int(scratch[p].err[0]), code) for p, code in enumerate(codes) if code]
         if not errors:
             return
         pos, code = min(errors)
-        if code == 1:
+        if code == abi.Status.ID_OUT_OF_RANGE:
             bad = int(np.asarray(ids_value(ids, pos)))
             raise UpdateError(f"id {bad} at position {pos} is out of range [0, {rows})")
         raise UpdateError(f"non-finite gradient (NaN or Inf) in delta row {pos}")
@@ -242,29 +249,47 @@ def ids_value(ids: ArrayArg, pos: int) -> int:
     return ctype.from_address(ids.ptr + pos * ctypes.sizeof(ctype)).value
 
 
-def update_kernel(optimizer: str, dim: int, table_dtype: str = "f32", index_dtype: str = "i64",
-                  serving: str | None = None, *, stochastic_rounding: bool = False,
-                  threads: int | None = None, deterministic: bool = False, lr: float = 0.01,
-                  eps: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
-                  weight_decay: float = 0.0, lr_decay: float = 0.0,
-                  max_norm: float | None = None, clip_value: float | None = None) -> UpdateKernel:
+def update_kernel(optimizer: str | catalog.Optimizer, dim: int, table_dtype: str = "f32",
+                  index_dtype: str = "i64", serving: str | None = None, *,
+                  stochastic_rounding: bool = False, threads: int | None = None,
+                  deterministic: bool = False, betas: tuple[float, float] | None = None,
+                  weight_decay: float = 0.0, max_norm: float | None = None,
+                  clip_value: float | None = None, **hyper: float) -> UpdateKernel:
     """Compile a fused sparse update through the IR pipeline (see the module docstring).
 
-    Hyper-parameters as in torch.optim; eps=None takes the optimizer's default
-    (Adagrad 1e-10, Adam 1e-8, rowwise Adagrad 1e-8 as FBGEMM). `threads` is
-    the number of partitions (default: one per core); `deterministic` sums
-    duplicate ids of an SGD delta too, fixing the float summation order.
+    `optimizer` is a catalog name (`ekko.optimizers()`) or an optimizer made
+    with `@ekko.optimizer`; its hyper-parameters are keywords (`lr`, `eps`,
+    ...; `betas` sets Adam's beta1 and beta2 as torch does), defaults from
+    the catalog. `threads` is the number of partitions (default: one per
+    core); `deterministic` sums duplicate ids of an SGD delta too, fixing the
+    float summation order.
     """
-    hyper = {"lr": lr, "lr_decay": lr_decay, "beta1": betas[0], "beta2": betas[1]}
-    if eps is not None:
-        hyper["eps"] = eps
+    name = optimizer.name if isinstance(optimizer, catalog.Optimizer) else optimizer
+    if betas is not None:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise UpdateError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        hyper["beta1"], hyper["beta2"] = betas
     try:
-        req = UpdateRequest(optimizer, dim, table_dtype, index_dtype, serving, versions=True,
+        if not isinstance(name, str) or name not in catalog.OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}; expected one of "
+                             f"{', '.join(catalog.OPTIMIZERS)}")
+        opt = catalog.optimizer(name)
+        # a hyper-parameter of another optimizer is ignored (one set of keywords
+        # serves every optimizer, as before); a name no optimizer has is an error
+        known = {h for o in catalog.OPTIMIZERS.values() for h in o.hyper_names}
+        hyper = {k: v for k, v in hyper.items()
+                 if v is not None and (k in opt.hyper_names or k not in known)}
+        hyper = opt.resolve(hyper)  # a clear message before any IR is built
+        for key, value in (("weight_decay", weight_decay or None), ("max_norm", max_norm),
+                           ("clip_value", clip_value)):
+            if value is not None and (why := catalog.GRAD_HYPER[key].problem(value)):
+                raise ValueError(why)
+        req = UpdateRequest(name, dim, table_dtype, index_dtype, serving, versions=True,
                             stochastic_rounding=stochastic_rounding, deterministic=deterministic,
                             hyper=tuple(hyper.items()), max_norm=max_norm, clip_value=clip_value,
                             weight_decay=weight_decay)
         spec = update_spec(req, partitions=threads or 0)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise UpdateError(f"cannot build this update: {e}") from None
     except Exception as e:  # xDSL's verifier: the request itself is wrong
         if type(e).__name__ in ("VerifyException", "DiagnosticException"):

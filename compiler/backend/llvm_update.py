@@ -1,35 +1,31 @@
 """LLVM IR for a fused sparse update (an UpdateSpec), built with llvmlite.ir.
 
-Two exported functions, each run once per partition (one per thread):
+Two exported functions (signatures in `abi`: `update_dedup`,
+`update_apply`), each run once per partition (one per thread):
 
-  i64 ekko_update_dedup(part, nparts, ids, n, rows, grads, htab, cap, uids,
-                        acc, slots, count_out, err_pos, order, key_a, key_b, order_b,
-                        srcs)
+  ekko_update_dedup
       Validates the ids this partition owns (ids are split by a hash of the
       id, so partitions never share a row; each block of ids is compacted to
       the owned positions first, without branches) and their gradient rows,
       and sums duplicates in input order into `acc` through an
       open-addressing hash table of `cap` (id, unique index) pairs (`htab`,
       id -1 when empty, left empty again on return). Writes no table.
-      Returns 0, 1 (id out of range at *err_pos) or 2 (non-finite gradient in
-      delta row *err_pos) or 3 (the hash table passed 3/4 full: the caller
-      retries with a larger one; nothing was kept). With `sort`, `order`
-      receives the unique indices sorted by id (radix sort; the other three
-      arrays are its scratch).
+      Returns an `abi.Status` (the bad position in *err_pos). With `sort`,
+      `order` receives the unique indices sorted by id (radix sort; the
+      other three arrays are its scratch).
 
-  void ekko_update_apply(part, nparts, ids, grads, count, table, state0,
-                         state1, serving, versions, alpha, version, seed, order,
-                         raw_grads, srcs)
-      For each of `count` (id, gradient row) pairs: clip, decay, optimizer,
+  ekko_update_apply
+      For each of `count` (id, gradient row) pairs, inside the row's
+      sequence word when `seq` is given: the math region (gradient
+      transforms and the optimizer, lowered from the spec's MathProgram),
       store (nearest-even or stochastic rounding), re-make the serving row,
       stamp the version. With dedup the pairs are the partition's unique ids
       (i64) and summed rows; without (plain SGD) they are the raw delta and
       each partition applies the ids it owns, in input order.
 
-`alpha` is the step's learning rate where it depends on the step (Adagrad's
-lr decay, Adam's bias correction), computed by the caller; every other
-hyper-parameter is a constant. Inner loops run over the embedding dim with
-fast-math reductions so LLVM vectorizes them.
+Uniform values of the region (the step, hyper-parameters and math on them,
+like Adam's bias correction) are computed once per call in f64; inner loops
+run over the embedding dim with reassociating math so LLVM vectorizes them.
 """
 
 from __future__ import annotations
@@ -39,12 +35,17 @@ from contextlib import contextmanager
 
 from llvmlite import ir
 
-from . import loops
+from collections.abc import Callable
+
+from ...dialects import catalog
+from . import abi, loops, mathprog
 from .spec import UpdateSpec
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F32, F64, F16 = ir.FloatType(), ir.DoubleType(), ir.HalfType()
-FAST = ("fast",)
+# fast-math without nnan/ninf: an overflowing square must give inf and then
+# 0 = g / inf, as torch.optim does, not whatever "no infinities" allows
+FAST = ("nsz", "contract", "reassoc")
 GOLDEN = 0x9E3779B97F4A7C15
 
 
@@ -122,11 +123,15 @@ class Emitter:
     def fdiv(self, a, b):
         return self.b.fdiv(a, b, flags=FAST)
 
+    # min/max of stored weights (the serving re-quantization): finite values,
+    # so full fast-math lets LLVM vectorize the reduction
     def fmin(self, a, b):
-        return self.b.select(self.b.fcmp_ordered("<", a, b, flags=FAST), a, b, flags=FAST)
+        return self.b.select(self.b.fcmp_ordered("<", a, b, flags=("fast",)), a, b,
+                             flags=("fast",))
 
     def fmax(self, a, b):
-        return self.b.select(self.b.fcmp_ordered(">", a, b, flags=FAST), a, b, flags=FAST)
+        return self.b.select(self.b.fcmp_ordered(">", a, b, flags=("fast",)), a, b,
+                             flags=("fast",))
 
     def sqrt(self, x):
         return self.b.call(self.intrinsic("llvm.sqrt"), [x])
@@ -220,11 +225,8 @@ GRAD_AHEAD = 4  # owned ids: their gradient rows, read by the finite check
 
 
 def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
-    idx_t = _index_type(spec)
-    p64 = I64.as_pointer()
-    args = [I64, I64, idx_t.as_pointer(), I64, I64, F32.as_pointer(), p64, I64, p64,
-            F32.as_pointer(), p64, p64, p64, p64, p64, p64, p64, p64]
-    fn = ir.Function(module, ir.FunctionType(I64, args), "ekko_update_dedup")
+    sig = abi.update_dedup(spec.index_dtype)
+    fn = declare(module, sig)
     (part, nparts, ids, n, rows, grads, htab, cap, uids, acc, slots, count_out,
      err, order, key_a, key_b, order_b, srcs) = fn.args
     for a in fn.args[2:]:
@@ -244,9 +246,10 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
         i = b.load(e.gep(owned, t))
         idv = _load_id(e, ids, i)
         # negative ids are huge unsigned
-        _fail_if(e, b.icmp_unsigned(">=", idv, rows), 1, i, err, status, fail)
+        _fail_if(e, b.icmp_unsigned(">=", idv, rows), abi.Status.ID_OUT_OF_RANGE, i, err,
+                 status, fail)
         finite = _row_finite(e, e.gep(grads, b.mul(i, dim)), dim)
-        _fail_if(e, b.not_(finite), 2, i, err, status, fail)
+        _fail_if(e, b.not_(finite), abi.Status.NON_FINITE, i, err, status, fail)
         if spec.dedup:
             _insert(e, spec, idv, i, grads, htab, mask, uids, acc, slots, srcs,
                     count_ptr, status, fail)
@@ -483,7 +486,7 @@ def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, htab, mask, uids, acc, 
     cap = b.add(mask, _c(I64, 1))
     full = b.icmp_unsigned(">=", b.mul(b.add(k, _c(I64, 1)), _c(I64, 4)), b.mul(cap, _c(I64, 3)))
     with b.if_then(full):
-        b.store(_c(I64, 3), status)
+        b.store(_c(I64, abi.Status.TABLE_FULL), status)
         b.branch(fail)
         b.position_at_end(b.append_basic_block("unreachable"))
     b.store(idv, key_ptr)
@@ -515,23 +518,23 @@ def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, htab, mask, uids, acc, 
 
 
 def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
-    id_t = I64 if spec.dedup else _index_type(spec)
-    p8 = I8.as_pointer()
-    args = [I64, I64, id_t.as_pointer(), F32.as_pointer(), I64, p8, F32.as_pointer(),
-            F32.as_pointer(), p8, I64.as_pointer(), F64, I64, I64, I64.as_pointer(),
-            F32.as_pointer(), I64.as_pointer()]
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), "ekko_update_apply")
-    (part, nparts, ids, grads, count, table, s0, s1, serving, versions, alpha, version,
-     seed, order, raw_grads, srcs) = fn.args
-    for a in (ids, grads, table, s0, s1, serving, versions):
-        a.add_attribute("noalias")
+    sig = abi.update_apply(len(spec.states), spec.index_dtype, spec.dedup)
+    fn = declare(module, sig)
+    a = dict(zip(sig.names(), fn.args))
+    for name in ("ids", "grads", "table", "serving", "versions",
+                 *(f"state{i}" for i in range(len(spec.states)))):
+        a[name].add_attribute("noalias")
     e = Emitter(module, fn)
     b = e.b
-    bufs = {"table": table, "s0": s0, "s1": s1, "serving": serving, "versions": versions}
-    step = (b.fptrunc(alpha, F32), version, seed)
-    scratch = b.alloca(F32, spec.dim, name="g")  # the row's gradient, transformed
+    bufs = {"table": a["table"], "serving": a["serving"], "versions": a["versions"],
+            "seq": a["seq"], "states": [a[f"state{i}"] for i in range(len(spec.states))]}
+    uni = _uniforms(e, spec, a["step"])
+    step = (uni, a["version"], a["seed"])
+    ids, count, order = a["ids"], a["count"], a["order"]
     dim = _c(I64, spec.dim)
     if spec.dedup:
+        raw_grads, srcs, grads = a["raw_grads"], a["srcs"], a["grads"]
+
         def entry(pos):
             return b.load(e.gep(order, pos)) if spec.sort else pos
 
@@ -543,19 +546,37 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
         with e.loop(_c(I64, 0), count, "rows") as pos:
             _prefetch(e, spec, ids, entry, grad_row, pos, count, bufs)
             k = entry(pos)
-            _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), scratch, bufs, step)
+            _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), bufs, step)
     else:  # the raw delta: each partition applies the ids it owns, in input order
+        grads = a["grads"]
+
         def grad_row(k):
             return e.gep(grads, b.mul(k, dim))
 
-        with _each_owned(e, ids, count, part, nparts) as (owned, t, cnt):
+        with _each_owned(e, ids, count, a["part"], a["nparts"]) as (owned, t, cnt):
             def entry(pos):
                 return b.load(e.gep(owned, pos))
 
             _prefetch(e, spec, ids, entry, grad_row, t, cnt, bufs)
             k = entry(t)
-            _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), scratch, bufs, step)
+            _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), bufs, step)
     b.ret_void()
+
+
+def declare(module: ir.Module, sig: abi.Signature) -> ir.Function:
+    """The LLVM function for an ABI signature (its argument names kept)."""
+    fn = ir.Function(module, ir.FunctionType(LLVM_TYPES[sig.ret],
+                                             [LLVM_TYPES[x.type] for x in sig.args]), sig.symbol)
+    for arg, decl in zip(fn.args, sig.args):
+        arg.name = decl.name
+    return fn
+
+
+LLVM_TYPES: dict[str, ir.Type] = {
+    "i64": I64, "f64": F64, "i8*": I8.as_pointer(), "i32*": I32.as_pointer(),
+    "u32*": I32.as_pointer(), "i64*": I64.as_pointer(), "f32*": F32.as_pointer(),
+    "void": ir.VoidType(),
+}
 
 
 PREFETCH_AHEAD = 8  # rows: 4 to 16 measured the same
@@ -582,18 +603,17 @@ def _prefetch(e: Emitter, spec: UpdateSpec, ids, entry, grad_row, pos, count,
         row_bytes = spec.dim * (4 if spec.table_dtype == "f32" else 2)
         targets = [(grad_row(k), 4 * spec.dim),
                    (e.row(bufs["table"], elem, nid, spec.dim), row_bytes)]
-        if spec.optimizer == "rowwise_adagrad":
-            targets.append((e.gep(bufs["s0"], nid), 4))
-        elif spec.optimizer in ("adagrad", "adam"):
-            targets.append((e.gep(bufs["s0"], b.mul(nid, _c(I64, spec.dim))), 4 * spec.dim))
-            if spec.optimizer == "adam":
-                targets.append((e.gep(bufs["s1"], b.mul(nid, _c(I64, spec.dim))), 4 * spec.dim))
+        for state, ptr in zip(spec.states, bufs["states"]):
+            if state.rowwise:
+                targets.append((e.gep(ptr, nid), 4))
+            else:
+                targets.append((e.gep(ptr, b.mul(nid, _c(I64, spec.dim))), 4 * spec.dim))
         if spec.serving is not None:
-            width = {"f32": 4 * spec.dim, "f16": 2 * spec.dim, "bf16": 2 * spec.dim,
-                     "int8": spec.dim + 8, "int4": (spec.dim + 1) // 2 + 4}[spec.serving]
+            width = catalog.row_bytes(spec.serving, spec.dim)
             targets.append((e.row(bufs["serving"], I8, nid, width), width))
         if spec.versions:
             targets.append((e.gep(bufs["versions"], nid), 8))  # null when not passed: harmless
+        targets.append((e.gep(bufs["seq"], nid), 4))  # null when not passed: harmless
         pf = _prefetch_fn(e)
         for ptr, nbytes in targets:
             _fetch_row(e, ptr, nbytes, pf)
@@ -608,93 +628,167 @@ def _fetch_row(e: Emitter, ptr, nbytes: int, pf, write: int = 1) -> None:
         e.b.call(pf, [e.gep(base, _c(I64, off)), _c(I32, write), _c(I32, 3), _c(I32, 1)])
 
 
-def _apply_row(e: Emitter, spec: UpdateSpec, idv, src, g, bufs: dict, step: tuple) -> None:
-    """One row: gradient transforms, optimizer, serving refresh, version stamp."""
+def _apply_row(e: Emitter, spec: UpdateSpec, idv, src, bufs: dict, step: tuple) -> None:
+    """One row, inside its sequence word: the math, serving refresh, version stamp."""
     b = e.b
-    alpha, version, seed = step
+    uni, version, seed = step
+    seq = bufs["seq"]
+    has_seq = b.icmp_unsigned("!=", b.ptrtoint(seq, I64), _c(I64, 0))
+    word = e.gep(seq, idv)
+    with b.if_then(has_seq):
+        seq_begin(b, word)
     elem = _elem_type(spec.table_dtype)
     wrow = e.row(bufs["table"], elem, idv, spec.dim)
-    if spec.clip_value is not None or spec.max_norm is not None or spec.weight_decay:
-        _transform_grad(e, spec, src, g, wrow)
-    else:
-        g = src  # nothing to transform: the optimizer reads the summed row directly
-    _optimizer(e, spec, idv, g, wrow, bufs["s0"], bufs["s1"], alpha, seed)
+    _row_math(e, spec, idv, src, wrow, bufs["states"], uni, seed)
     if spec.serving is not None:
         _refresh_serving(e, spec, idv, wrow, bufs["serving"])
     if spec.versions:
         versions = bufs["versions"]
         with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(versions, I64), _c(I64, 0))):
             b.store(version, e.gep(versions, idv))
+    with b.if_then(has_seq):
+        seq_end(b, word)
 
 
-def _transform_grad(e: Emitter, spec: UpdateSpec, src, g, wrow) -> None:
-    """g = clip(src), then max-norm scaling, then + weight_decay * w."""
+def seq_begin(b: ir.IRBuilder, word) -> None:
+    """A writer takes a row: its sequence word goes odd before any byte changes."""
+    s = b.load_atomic(word, "monotonic", 4)
+    b.store_atomic(b.add(s, _c(I32, 1)), word, "monotonic", 4)
+    b.fence("release")
+
+
+def seq_end(b: ir.IRBuilder, word) -> None:
+    """The row is whole again: the word goes even, after every byte is stored."""
+    b.fence("release")
+    s = b.load_atomic(word, "monotonic", 4)
+    b.store_atomic(b.add(s, _c(I32, 1)), word, "monotonic", 4)
+
+
+# -- the math region (a MathProgram), lowered ---------------------------------
+
+
+def _uniforms(e: Emitter, spec: UpdateSpec, step) -> dict[int, ir.Value]:
+    """Every uniform value of the program, computed once before any loop."""
     b = e.b
-    dim = _c(I64, spec.dim)
-    with e.tiled(spec.dim, spec.tile, "grad") as j:
-        x = b.load(e.gep(src, j))
-        if spec.clip_value is not None:
-            c = spec.clip_value
-            x = e.fmin(e.fmax(x, e.f(-c)), e.f(c))
-        b.store(x, e.gep(g, j))
-    if spec.max_norm is not None:
-        def sq(j):
-            x = b.load(e.gep(g, j))
-            return e.fmul(x, x)
-
-        norm = e.sqrt(e.reduce(dim, "norm", 0.0, sq, e.fadd))
-        scale = b.select(b.fcmp_ordered(">", norm, e.f(spec.max_norm)),
-                         e.fdiv(e.f(spec.max_norm), norm), e.f(1.0))
-        with e.tiled(spec.dim, spec.tile, "scale") as j:
-            p = e.gep(g, j)
-            b.store(e.fmul(b.load(p), scale), p)
-    if spec.weight_decay:
-        with e.tiled(spec.dim, spec.tile, "decay") as j:
-            p = e.gep(g, j)
-            w = _load_elem(e, e.gep(wrow, j), spec.table_dtype)
-            b.store(e.fadd(b.load(p), e.fmul(e.f(spec.weight_decay), w)), p)
-
-
-def _optimizer(e: Emitter, spec: UpdateSpec, idv, g, wrow, s0, s1, alpha, seed) -> None:
-    """The optimizer's row math; stores the new row in the table dtype."""
-    b = e.b
-    dim = _c(I64, spec.dim)
-    opt = spec.optimizer
-    if opt == "rowwise_adagrad":
-        def sq(j):
-            x = b.load(e.gep(g, j))
-            return e.fmul(x, x)
-
-        mean = e.fdiv(e.reduce(dim, "gsq", 0.0, sq, e.fadd), e.f(spec.dim))
-        mptr = e.gep(s0, idv)
-        m = e.fadd(b.load(mptr), mean)
-        b.store(m, mptr)
-        factor = e.fdiv(e.f(spec.lr), e.fadd(e.sqrt(m), e.f(spec.eps)))
-    srow = e.gep(s0, b.mul(idv, dim)) if opt in ("adagrad", "adam") else None
-    vrow = e.gep(s1, b.mul(idv, dim)) if opt == "adam" else None
-    with e.tiled(spec.dim, spec.tile, "opt") as j:
-        x = b.load(e.gep(g, j))
-        wp = e.gep(wrow, j)
-        w = _load_elem(e, wp, spec.table_dtype)
-        if opt == "sgd":
-            delta = e.fmul(e.f(spec.lr), x)
-        elif opt == "rowwise_adagrad":
-            delta = e.fmul(factor, x)
-        elif opt == "adagrad":
-            sp = e.gep(srow, j)
-            s = e.fadd(b.load(sp), e.fmul(x, x))
-            b.store(s, sp)
-            delta = e.fdiv(e.fmul(alpha, x), e.fadd(e.sqrt(s), e.f(spec.eps)))
+    vals: dict[int, ir.Value] = {}
+    hyper = dict(spec.hyper)
+    for i, ins in enumerate(spec.math.instrs):
+        if ins.kind != "uniform":
+            continue
+        if ins.op == "arg":
+            vals[i] = (b.sitofp(step, F64) if ins.attr == "step"
+                       else _c(F64, hyper[str(ins.attr)]))
+        elif ins.op == "const":
+            vals[i] = _c(F64 if ins.f64 else F32, float(ins.attr))
         else:
-            mp, vp = e.gep(srow, j), e.gep(vrow, j)
-            m = e.fadd(e.fmul(e.f(spec.beta1), b.load(mp)), e.fmul(e.f(1 - spec.beta1), x))
-            v = e.fadd(e.fmul(e.f(spec.beta2), b.load(vp)),
-                       e.fmul(e.f(1 - spec.beta2), e.fmul(x, x)))
-            b.store(m, mp)
-            b.store(v, vp)
-            delta = e.fdiv(e.fmul(alpha, m), e.fadd(e.sqrt(v), e.f(spec.eps)))
-        _store_elem(e, wp, e.fsub(w, delta), spec.table_dtype, spec.stochastic_rounding,
+            vals[i] = _math_op(e, ins, [vals[a] for a in ins.args])
+    return vals
+
+
+_CMP = {"oeq": "==", "one": "!=", "ogt": ">", "oge": ">=", "olt": "<", "ole": "<=",
+        "ueq": "==", "une": "!=", "ugt": ">", "uge": ">=", "ult": "<", "ule": "<="}
+
+
+def _math_op(e: Emitter, ins: mathprog.Instr, xs: list[ir.Value]) -> ir.Value:
+    """One arith/math op of the region on scalar LLVM values."""
+    b = e.b
+    t = F64 if ins.f64 else F32
+    binary = {"add": b.fadd, "sub": b.fsub, "mul": b.fmul, "div": b.fdiv}
+    if ins.op in binary:
+        return binary[ins.op](xs[0], xs[1], flags=FAST)
+    if ins.op == "max":
+        return b.select(b.fcmp_ordered(">", xs[0], xs[1], flags=FAST), xs[0], xs[1])
+    if ins.op == "min":
+        return b.select(b.fcmp_ordered("<", xs[0], xs[1], flags=FAST), xs[0], xs[1])
+    if ins.op == "neg":
+        return b.fneg(xs[0], flags=FAST)
+    if ins.op == "f32":
+        return b.fptrunc(xs[0], F32)
+    if ins.op == "cmp":
+        pred = str(ins.attr)
+        cmp = b.fcmp_ordered if pred.startswith("o") else b.fcmp_unordered
+        return cmp(_CMP[pred], xs[0], xs[1])
+    if ins.op == "select":
+        return b.select(xs[0], xs[1], xs[2])
+    intrinsic = {"sqrt": "llvm.sqrt", "abs": "llvm.fabs", "exp": "llvm.exp", "log": "llvm.log",
+                 "pow": "llvm.pow"}[ins.op]
+    return b.call(e.intrinsic(intrinsic, t), xs)
+
+
+def _row_math(e: Emitter, spec: UpdateSpec, idv, src, wrow, states: list, uni: dict,
+              seed) -> None:
+    """Lower the program for one row: a pass over the row per reduction stage,
+    then the last pass that computes and stores the new weights and state.
+
+    Element values are recomputed in each pass from the unchanged inputs
+    (nothing is stored before the last pass), so no row lives on the stack.
+    """
+    b = e.b
+    prog = spec.math
+    dim = _c(I64, spec.dim)
+    vals = dict(uni)
+    names = {i: str(ins.attr) for i, ins in enumerate(prog.instrs) if ins.op == "arg"}
+    state_ix = {s.name: k for k, s in enumerate(spec.states)}
+    for i, ins in enumerate(prog.instrs):  # rowwise state: one value per row
+        if ins.op == "arg" and ins.kind == "row":
+            vals[i] = b.load(e.gep(states[state_ix[names[i]]], idv))
+
+    def element(j) -> Callable[[int], ir.Value]:
+        memo: dict[int, ir.Value] = {}
+
+        def ev(i: int) -> ir.Value:
+            if i in vals:
+                return vals[i]
+            if i not in memo:
+                ins = prog.instrs[i]
+                if ins.op == "arg":
+                    memo[i] = _load_arg(e, spec, names[i], src, wrow, states, state_ix, idv, j)
+                else:
+                    memo[i] = _math_op(e, ins, [ev(a) for a in ins.args])
+            return memo[i]
+
+        return ev
+
+    for stage in range(prog.stages + 1):
+        for i, ins in enumerate(prog.instrs):
+            if ins.kind == "row" and ins.stage == stage and ins.op not in ("arg", "row_sum"):
+                vals[i] = _math_op(e, ins, [vals[a] for a in ins.args])
+        sums = [i for i, ins in enumerate(prog.instrs)
+                if ins.op == "row_sum" and ins.stage == stage + 1]
+        if sums:
+            def step_(j, accs, sums=sums):
+                ev = element(j)
+                return [e.fadd(acc, ev(prog.instrs[i].args[0])) for acc, i in zip(accs, sums)]
+
+            results = e.fold(dim, f"stage{stage}", [_c(F32, 0.0)] * len(sums), step_)
+            vals.update(zip(sums, results))
+    w_out, *state_out = prog.outputs
+    with e.tiled(spec.dim, spec.row_tile, "opt") as j:
+        ev = element(j)
+        new = [ev(o) for o in prog.outputs]  # every value first: stores come last
+        for state, ptr, value, out in zip(spec.states, states, new[1:], state_out):
+            if not state.rowwise:
+                b.store(value, e.gep(ptr, b.add(b.mul(idv, dim), j)))
+        _store_elem(e, e.gep(wrow, j), new[0], spec.table_dtype, spec.stochastic_rounding,
                     seed, idv, j)
+    for state, ptr, out in zip(spec.states, states, state_out):
+        if state.rowwise:
+            b.store(vals[out] if out in vals else _row_value(e, prog, out, vals), e.gep(ptr, idv))
+
+
+def _row_value(e: Emitter, prog: mathprog.MathProgram, i: int, vals: dict) -> ir.Value:
+    raise ValueError(f"a rowwise state output must be a row or uniform value, got {prog.instrs[i]}")
+
+
+def _load_arg(e: Emitter, spec: UpdateSpec, name: str, src, wrow, states, state_ix, idv, j):
+    """An element argument of the region at element j of the row."""
+    b = e.b
+    if name == "g":
+        return b.load(e.gep(src, j))
+    if name == "w":
+        return _load_elem(e, e.gep(wrow, j), spec.table_dtype)
+    ptr = states[state_ix[name]]
+    return b.load(e.gep(ptr, b.add(b.mul(idv, _c(I64, spec.dim)), j)))
 
 
 def _refresh_serving(e: Emitter, spec: UpdateSpec, idv, wrow, serving) -> None:

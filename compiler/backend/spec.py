@@ -10,99 +10,90 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
-TABLE_DTYPES = ("f32", "f16", "bf16")
-SERVING_LAYOUTS = ("f32", "f16", "bf16", "int8", "int4")
-INDEX_DTYPES = ("i32", "i64")
-POOLING_MODES = ("sum", "mean", "none")
+from ...dialects import catalog
+from .mathprog import MathProgram
 
-
-def serving_row_bytes(layout: str, dim: int) -> int:
-    """Bytes of one serving row, FBGEMM's fused row-wise layouts for int8/int4.
-
-    int8: dim uint8 codes then f32 scale and f32 bias (8 bytes).
-    int4: ceil(dim/2) bytes, two codes per byte (low nibble first), then f16
-    scale and f16 bias (4 bytes).
-    """
-    if layout == "f32":
-        return 4 * dim
-    if layout in ("f16", "bf16"):
-        return 2 * dim
-    if layout == "int8":
-        return dim + 8
-    if layout == "int4":
-        return (dim + 1) // 2 + 4
-    raise ValueError(f"unknown serving layout {layout!r}")
+TABLE_DTYPES = catalog.MASTER_DTYPES
+SERVING_LAYOUTS = catalog.LAYOUT_NAMES
+INDEX_DTYPES = catalog.INDEX_DTYPES
+POOLING_MODES = catalog.POOLING_MODES
+serving_row_bytes = catalog.row_bytes
 
 
 @dataclass(frozen=True)
 class UpdateSpec:
-    """One fused sparse update: dedup, clip, decay, optimizer, round, refresh, stamp.
+    """One fused sparse update: dedup, the math region, round, refresh, stamp.
 
-    Semantics, per unique id after duplicates are summed (when `dedup`):
-      g = sum of the delta rows of that id               (f32)
-      clip_value: g = clamp(g, -clip_value, clip_value)
-      max_norm:   g *= max_norm / ||g||  when ||g|| > max_norm
-      weight_decay: g += weight_decay * w
-      sgd:             w -= lr * g
-      adagrad:         clr = lr / (1 + (step - 1) * lr_decay); s += g*g;
-                       w -= clr * g / (sqrt(s) + eps)        (torch.optim.Adagrad)
-      rowwise_adagrad: m += mean(g*g); w -= lr * g / (sqrt(m) + eps)   (FBGEMM)
-      adam:            m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
-                       w -= lr * sqrt(1-b2^step)/(1-b1^step) * m / (sqrt(v) + eps)
-                       (torch.optim.SparseAdam)
-      w is computed in f32 and stored as table_dtype (nearest-even, or
-      stochastic rounding when `stochastic_rounding`);
-      serving row (if any) is re-made from the stored w; versions[id] = version.
-    Hyper-parameters are compile-time constants; `step`, `version` and the
-    rounding `seed` are run-time arguments.
+    Per unique id after duplicates are summed (when `dedup`), the row's
+    gradient g and weights w (as f32) and its optimizer state go through
+    `math` (the kern.update region: clipping, weight decay and the
+    optimizer, as the catalog defines them); the new w is stored as
+    table_dtype (nearest-even, or stochastic rounding when
+    `stochastic_rounding`); the serving row (if any) is re-made from the
+    stored w under its sequence word; versions[id] = version.
+    `hyper` holds the values of the region's hyper-parameter arguments; the
+    step, the version and the rounding seed are run-time arguments.
     """
 
     optimizer: str
     dim: int
+    math: MathProgram
+    hyper: tuple[tuple[str, float], ...] = ()
     table_dtype: str = "f32"
     index_dtype: str = "i64"
     serving: str | None = None
     versions: bool = False
     dedup: bool = True
-    lr: float = 0.01
-    eps: float = 1e-10
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
-    lr_decay: float = 0.0
-    max_norm: float | None = None
-    clip_value: float | None = None
     stochastic_rounding: bool = False
-    # schedule, chosen by upd-schedule
-    sort: bool = True
+    # schedule, chosen by upd-schedule (these defaults are its measured-fast ones)
+    sort: bool = False
     partitions: int = 1
-    tile: int = 16
+    tile: int = 0  # 0: the whole row
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}")
+        catalog.optimizer(self.optimizer)
         if self.table_dtype not in TABLE_DTYPES:
             raise ValueError(f"unknown table dtype {self.table_dtype!r}")
         if self.index_dtype not in INDEX_DTYPES:
             raise ValueError(f"unknown index dtype {self.index_dtype!r}")
-        if self.serving is not None and self.serving not in SERVING_LAYOUTS:
-            raise ValueError(f"unknown serving layout {self.serving!r}")
+        if self.serving is not None:
+            catalog.layout(self.serving)
         if self.dim < 1:
             raise ValueError("dim must be positive")
 
     @property
+    def entry(self) -> catalog.Optimizer:
+        return catalog.optimizer(self.optimizer)
+
+    @property
+    def states(self) -> tuple[catalog.State, ...]:
+        return self.entry.states
+
+    @property
     def state_shapes(self) -> tuple[str, ...]:
         """Names of the optimizer state buffers, in calling order."""
-        return {
-            "sgd": (),
-            "adagrad": ("sum",),
-            "rowwise_adagrad": ("momentum",),
-            "adam": ("exp_avg", "exp_avg_sq"),
-        }[self.optimizer]
+        return self.entry.state_names
+
+    def value(self, name: str) -> float | None:
+        """A hyper-parameter's value (gradient transforms: None when absent)."""
+        return dict(self.hyper).get(name)
+
+    def __getattr__(self, name: str) -> float | None:
+        # spec.lr, spec.max_norm, ...: the hyper-parameters read like fields
+        if name in catalog.GRAD_HYPER or any(name in o.hyper_names
+                                             for o in catalog.OPTIMIZERS.values()):
+            value = dict(object.__getattribute__(self, "hyper")).get(name)
+            return 0.0 if value is None and name == "weight_decay" else value
+        raise AttributeError(name)
+
+    @property
+    def row_tile(self) -> int:
+        return self.tile or self.dim
 
     def key(self) -> str:
-        return "update:" + ",".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+        fields = {k: v for k, v in asdict(self).items() if k != "math"}
+        return ("update:" + ",".join(f"{k}={v}" for k, v in sorted(fields.items()))
+                + ",math=" + self.math.text())
 
 
 @dataclass(frozen=True)
@@ -145,7 +136,7 @@ class SyncSpec:
 
     Pack: rows_out[i] = serving[ids[i]], versions_out[i] = versions[ids[i]].
     Merge: for each packet row i (ids, rows, versions), every id validated
-    first (id in [0, rows), 1 <= version <= newest, the row finite, int8/int4
+    first (id in [0, rows), 0 <= version <= newest, the row finite, int8/int4
     scale and bias included) and nothing written if one fails; then row
     ids[i] takes the packet row when its version is newer than the replica's,
     or equal with larger bytes (so the result is order-independent).

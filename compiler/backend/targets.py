@@ -10,8 +10,9 @@ from typing import IO
 
 from xdsl.dialects.builtin import FloatAttr, IntAttr, IntegerAttr, MemRefType, ModuleOp, StringAttr
 
-from ...dialects import kern
+from ...dialects import catalog, kern
 from ...dialects.common import dtype_name, index_name
+from .mathprog import program_of
 from .spec import BagSpec, MergeSpec, PackSpec, UpdateSpec
 
 
@@ -30,7 +31,7 @@ def _int(op: kern.KernelOp, name: str, default: int) -> int:
 
 
 def update_spec(op: kern.UpdateOp) -> UpdateSpec:
-    """The UpdateSpec a `kern.update` op stands for."""
+    """The UpdateSpec a `kern.update` op stands for (its region read as a MathProgram)."""
     roles = dict(zip(op.roles(op.attributes), op.operands))
     table = roles["table"].type
     ids = roles["ids"].type
@@ -39,23 +40,25 @@ def update_spec(op: kern.UpdateOp) -> UpdateSpec:
     optimizer = attrs["optimizer"]
     assert isinstance(optimizer, StringAttr)
     serving = attrs.get("serving_layout")
-    hyper = {k: v for k in ("lr", "eps", "beta1", "beta2", "lr_decay", "weight_decay")
-             if (v := _float(op, k)) is not None}
+    opt = catalog.optimizer(optimizer.data)
+    names = kern.math_args(opt, attrs)
+    defaults = opt.defaults()
+    hyper = tuple((k, v if (v := _float(op, k)) is not None else defaults[k])
+                  for k in names[3 + len(opt.states):])
     return UpdateSpec(
         optimizer=optimizer.data,
         dim=table.get_shape()[1],
+        math=program_of(op),
+        hyper=hyper,
         table_dtype=dtype_name(table.element_type) or "f32",
         index_dtype=index_name(ids.element_type) or "i64",
         serving=serving.data if isinstance(serving, StringAttr) and "serving" in attrs else None,
         versions="versions" in attrs,
         dedup="dedup" in attrs,
-        max_norm=_float(op, "max_norm"),
-        clip_value=_float(op, "clip_value"),
         stochastic_rounding="stochastic_rounding" in attrs,
         sort="sort" in attrs,
         partitions=_int(op, "partitions", 1),
-        tile=_int(op, "tile", 16),
-        **hyper,
+        tile=_int(op, "tile", 0),
     )
 
 

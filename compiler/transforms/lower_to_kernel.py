@@ -27,7 +27,7 @@ from xdsl.ir import Attribute, Block, Operation, Region, SSAValue
 from xdsl.passes import ModulePass
 from xdsl.utils.exceptions import DiagnosticException
 
-from ...dialects import emb, kern, sync, upd
+from ...dialects import catalog, emb, kern, sync, upd
 
 Buffers = SSAValue | tuple[SSAValue, ...]
 
@@ -132,7 +132,7 @@ class FuncLowering:
         if serving is not None:
             assert isinstance(serving.type, emb.TableType)
             attrs["serving_layout"] = StringAttr(serving.type.layout.data)
-        self.block.add_op(kern.UpdateOp.build_inferred(operands, attrs))
+        self.block.add_op(kern.UpdateOp.build_update(operands, attrs))
         in_place = [r for r in op.layout(op.attributes) if r not in ("delta", "version", "step", "seed")]
         for role, result in zip(in_place, op.results):
             self.values[result] = self.values[op.role(role)]
@@ -173,8 +173,8 @@ def check_in_place(op: upd.ApplyOp) -> None:
     block = op.parent_block()
     assert block is not None
     index = block.get_operation_index(op)
-    for role in ("table", "serving", "versions", *upd.OPTIMIZER_OPS[
-        op.attributes["optimizer"].data].STATES):  # type: ignore[union-attr]
+    for role in ("table", "serving", "versions", *catalog.optimizer(
+            op.attributes["optimizer"].data).state_names):  # type: ignore[union-attr]
         value = op.role(role)
         if value is None:
             continue

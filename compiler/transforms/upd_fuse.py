@@ -70,9 +70,11 @@ def collect(op: upd.OptimizerOp) -> Fusion:
 
 
 def _attributes(f: Fusion) -> dict[str, Attribute]:
-    attrs: dict[str, Attribute] = {"optimizer": upd.StringAttr(f.optimizer.OPTIMIZER)}
-    for name, value in f.optimizer.DEFAULTS.items():
-        attrs[name] = float_attr(value)
+    spec = f.optimizer.spec
+    attrs: dict[str, Attribute] = {"optimizer": upd.StringAttr(spec.name)}
+    for name, value in spec.defaults().items():  # defaults, then what the op says over them
+        if name != "lr":  # the op always names its learning rate
+            attrs[name] = float_attr(value)
     for name, attr in f.optimizer.attributes.items():
         attrs[name] = attr
     for chain_op in f.chain.ops:

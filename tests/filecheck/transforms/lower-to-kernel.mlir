@@ -2,11 +2,29 @@
 // RUN: not ekko-opt %s -p lower-to-kernel 2>&1 | filecheck %s --check-prefix=LOC
 
 // Tables, state, serving copies and versions become buffers updated in
-// place; the function returns nothing. An int4 serving copy of dim 64 is
+// place; the function returns nothing. kern.update carries the per-row math
+// traced from the optimizer catalog: element values are f32, kern.row_sum
+// reduces over the row, the step and hyper-parameters arrive as f64. An int4 serving copy of dim 64 is
 // 32 bytes of nibbles + f16 scale and bias = 36 bytes a row.
 
 // CHECK-LABEL: func.func @train(%t: memref<1000x64xf32>, %m: memref<1000x1xf32>, %ids: memref<?xi64>, %rows: memref<?x64xf32>, %q: memref<1000x36xi8>, %v: memref<1000xi64>, %ver: i64) {
-// CHECK-NEXT:    kern.update %t, %m, %ids, %rows, %q, %v, %ver {optimizer = "rowwise_adagrad", lr = 1.000000e-02 : f64, dedup, serving, versions, partitions = 2 : i64, tile = 16 : i64, sort, serving_layout = "int4"} : memref<1000x64xf32>, memref<1000x1xf32>, memref<?xi64>, memref<?x64xf32>, memref<1000x36xi8>, memref<1000xi64>, i64
+// CHECK-NEXT:    kern.update %t, %m, %ids, %rows, %q, %v, %ver {optimizer = "rowwise_adagrad", lr = 1.000000e-02 : f64, dedup, serving, versions, partitions = 2 : i64, tile = 16 : i64, sort, serving_layout = "int4"} : memref<1000x64xf32>, memref<1000x1xf32>, memref<?xi64>, memref<?x64xf32>, memref<1000x36xi8>, memref<1000xi64>, i64 {
+// CHECK-NEXT:  ^bb0(%g: f32, %w: f32, %momentum: f32, %step: f64, %lr: f64, %eps: f64):
+// CHECK-NEXT:  %0 = arith.mulf %g, %g : f32
+// CHECK-NEXT:  %1 = kern.row_sum %0
+// CHECK-NEXT:  %2 = arith.constant 6.400000e+01 : f64
+// CHECK-NEXT:  %3 = arith.truncf %2 : f64 to f32
+// CHECK-NEXT:  %4 = arith.divf %1, %3 : f32
+// CHECK-NEXT:  %5 = arith.addf %momentum, %4 : f32
+// CHECK-NEXT:  %6 = math.sqrt %5 : f32
+// CHECK-NEXT:  %7 = arith.truncf %eps : f64 to f32
+// CHECK-NEXT:  %8 = arith.addf %6, %7 : f32
+// CHECK-NEXT:  %9 = arith.truncf %lr : f64 to f32
+// CHECK-NEXT:  %10 = arith.divf %9, %8 : f32
+// CHECK-NEXT:  %11 = arith.mulf %10, %g : f32
+// CHECK-NEXT:  %12 = arith.subf %w, %11 : f32
+// CHECK-NEXT:  kern.yield %12, %5 : f32, f32
+// CHECK-NEXT:  }
 // CHECK-NEXT:    func.return
 // CHECK-NEXT:  }
 func.func @train(%t: !emb.table<1000x64xf32>, %m: !emb.state<1000x1>, %ids: tensor<?xi64>, %rows: tensor<?x64xf32>, %q: !emb.table<1000x64xint4>, %v: !emb.versions<1000>, %ver: i64) -> (!emb.table<1000x64xf32>, !emb.state<1000x1>, !emb.table<1000x64xint4>, !emb.versions<1000>) {
@@ -19,7 +37,24 @@ func.func @train(%t: !emb.table<1000x64xf32>, %m: !emb.state<1000x1>, %ids: tens
 // dynamic rows stay dynamic.
 
 // CHECK-LABEL: func.func @delta_arg(%t: memref<?x8xbf16>, %s: memref<?x8xf32>, %d_ids: memref<?xi32>, %d_rows: memref<?x8xf32>, %step: i64, %seed: i64) {
-// CHECK-NEXT:    kern.update %t, %s, %d_ids, %d_rows, %step, %seed {optimizer = "adagrad", lr = 1.000000e-02 : f64, stochastic_rounding, step, seed} : memref<?x8xbf16>, memref<?x8xf32>, memref<?xi32>, memref<?x8xf32>, i64, i64
+// CHECK-NEXT:    kern.update %t, %s, %d_ids, %d_rows, %step, %seed {optimizer = "adagrad", lr = 1.000000e-02 : f64, stochastic_rounding, step, seed} : memref<?x8xbf16>, memref<?x8xf32>, memref<?xi32>, memref<?x8xf32>, i64, i64 {
+// CHECK-NEXT:  ^bb0(%g: f32, %w: f32, %sum: f32, %step_1: f64, %lr: f64, %eps: f64, %lr_decay: f64):
+// CHECK-NEXT:  %0 = arith.constant 1.000000e+00 : f64
+// CHECK-NEXT:  %1 = arith.subf %step_1, %0 : f64
+// CHECK-NEXT:  %2 = arith.mulf %1, %lr_decay : f64
+// CHECK-NEXT:  %3 = arith.addf %0, %2 : f64
+// CHECK-NEXT:  %4 = arith.divf %lr, %3 : f64
+// CHECK-NEXT:  %5 = arith.mulf %g, %g : f32
+// CHECK-NEXT:  %6 = arith.addf %sum, %5 : f32
+// CHECK-NEXT:  %7 = arith.truncf %4 : f64 to f32
+// CHECK-NEXT:  %8 = arith.mulf %7, %g : f32
+// CHECK-NEXT:  %9 = math.sqrt %6 : f32
+// CHECK-NEXT:  %10 = arith.truncf %eps : f64 to f32
+// CHECK-NEXT:  %11 = arith.addf %9, %10 : f32
+// CHECK-NEXT:  %12 = arith.divf %8, %11 : f32
+// CHECK-NEXT:  %13 = arith.subf %w, %12 : f32
+// CHECK-NEXT:  kern.yield %13, %6 : f32, f32
+// CHECK-NEXT:  }
 // CHECK-NEXT:    func.return
 func.func @delta_arg(%t: !emb.table<?x8xbf16>, %s: !emb.state<?x8>, %d: !upd.delta<8xf32, i32, unique>, %step: i64, %seed: i64) -> !emb.table<?x8xbf16> {
   %t2, %s2 = upd.apply %t, %s, %d, %step, %seed {optimizer = "adagrad", lr = 0.01 : f64, stochastic_rounding, step, seed} : !emb.table<?x8xbf16>, !emb.state<?x8>, !upd.delta<8xf32, i32, unique>, i64, i64

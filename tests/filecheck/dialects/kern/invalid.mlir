@@ -2,6 +2,44 @@
 
 // kern.update
 
+// CHECK: the momentum state buffer must have rows of 1, got memref<10x4xf32>
+%t, %m, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
+"kern.update"(%t, %m, %ids, %g) {optimizer = "rowwise_adagrad", dedup} : (memref<10x4xf32>, memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// The math region: its arguments follow the catalog (g, w, state, step, hyper).
+
+// CHECK: 'kern.update' math region must take (g, w, step, lr) typed (f32, f32, f64, f64)
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
+"kern.update"(%t, %ids, %g) ({
+^bb0(%x: f32, %w: f32):
+  "kern.yield"(%w) : (f32) -> ()
+}) {optimizer = "sgd"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: 'kern.update' math region must yield 1 f32 values: the new weights and state
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
+"kern.update"(%t, %ids, %g) ({
+^bb0(%x: f32, %w: f32, %step: f64, %lr: f64):
+  "kern.yield"(%w, %x) : (f32, f32) -> ()
+}) {optimizer = "sgd"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+// CHECK: 'arith.addi' is not allowed in a math region
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
+"kern.update"(%t, %ids, %g) ({
+^bb0(%x: f32, %w: f32, %step: f64, %lr: f64):
+  %c = "arith.constant"() <{value = 1 : i64}> : () -> i64
+  %d = "arith.addi"(%c, %c) : (i64, i64) -> i64
+  "kern.yield"(%w) : (f32) -> ()
+}) {optimizer = "sgd"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
+
 // CHECK: 'kern.update' needs a known optimizer
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
 "kern.update"(%t, %ids, %g) {optimizer = "lamb"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()

@@ -456,3 +456,23 @@
 // CHECK: 'upd.apply' operands must be (table, delta, serving)
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
 %r = upd.apply %t, %d {optimizer = "sgd", lr = 0.1 : f64, serving} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
+
+// -----
+
+// upd.optimize names any catalog optimizer by its attribute.
+
+// CHECK: 'upd.optimize' needs optimizer = "name"
+%t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64, unique>)
+%r = "upd.optimize"(%t, %d) {lr = 0.1 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64, unique>) -> !emb.table<10x4xf32>
+
+// -----
+
+// CHECK: 'upd.optimize': unknown optimizer 'lamb'
+%t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64, unique>)
+%r = "upd.optimize"(%t, %d) {optimizer = "lamb", lr = 0.1 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64, unique>) -> !emb.table<10x4xf32>
+
+// -----
+
+// CHECK: 'upd.ftrl' l1 must be non-negative, got -1.0
+%t, %z, %n, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>)
+%r:3 = "upd.ftrl"(%t, %z, %n, %d) {lr = 0.1 : f64, l1 = -1.0 : f64} : (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>) -> (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>)

@@ -1,0 +1,119 @@
+"""The calling convention of every native kernel, declared once.
+
+Each exported symbol is a `Signature`: its arguments' names, C types and
+roles. The LLVM emitters build their function types from it
+(`llvm_type`), the runtime derives its ctypes prototypes from it
+(`ekko.kernels.native`), and `ekko compile`'s manifest prints it as a C
+declaration (`c_decl`), so a position can never disagree between them.
+
+Status codes returned by the kernels are named once here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+# C types the kernels use; pointers are raw addresses on the Python side
+C_TYPES = {
+    "i64": "int64_t",
+    "f64": "double",
+    "i8*": "uint8_t *",
+    "i32*": "int32_t *",
+    "u32*": "uint32_t *",
+    "i64*": "int64_t *",
+    "f32*": "float *",
+    "void": "void",
+}
+
+
+class Status(IntEnum):
+    """What a validating kernel phase returns; nothing was written unless OK."""
+
+    OK = 0
+    ID_OUT_OF_RANGE = 1  # *err_pos: the first position whose id is outside [0, rows)
+    NON_FINITE = 2  # *err_pos: the first delta row holding NaN or Inf
+    TABLE_FULL = 3  # the dedup hash table passed 3/4 full: retry with a larger one
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    type: str  # a key of C_TYPES
+    doc: str = ""
+
+    @property
+    def pointer(self) -> bool:
+        return self.type.endswith("*")
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One exported native function."""
+
+    symbol: str
+    ret: str
+    args: tuple[Arg, ...]
+    doc: str = ""
+
+    def c_decl(self) -> str:
+        params = ", ".join(f"{C_TYPES[a.type]} {a.name}".replace("* ", "*") for a in self.args)
+        return f"{C_TYPES[self.ret]} {self.symbol}({params});"
+
+    def as_dict(self) -> dict:
+        return {"symbol": self.symbol, "returns": C_TYPES[self.ret], "c": self.c_decl(),
+                "args": [{"name": a.name, "type": C_TYPES[a.type], "doc": a.doc}
+                         for a in self.args]}
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args)
+
+
+def _a(name: str, type_: str, doc: str = "") -> Arg:
+    return Arg(name, type_, doc)
+
+
+PART = (_a("part", "i64", "this call's partition"), _a("nparts", "i64", "number of partitions"))
+
+
+def update_dedup(index_dtype: str) -> Signature:
+    """Phase 1 of a fused update: validate and deduplicate, writes no table."""
+    return Signature("ekko_update_dedup", "i64", (
+        *PART,
+        _a("ids", f"{index_dtype}*"), _a("n", "i64", "number of delta rows"),
+        _a("rows", "i64", "table rows"), _a("grads", "f32*", "n x dim delta rows"),
+        _a("htab", "i64*", "hash table of cap (id, index) pairs, id -1 when empty"),
+        _a("cap", "i64"), _a("uids", "i64*", "out: unique ids"),
+        _a("acc", "f32*", "out: summed rows of repeated ids"), _a("slots", "i64*"),
+        _a("count_out", "i64*"), _a("err_pos", "i64*"),
+        _a("order", "i64*", "out: unique indices sorted by id (sort)"),
+        _a("key_a", "i64*"), _a("key_b", "i64*"), _a("order_b", "i64*"),
+        _a("srcs", "i64*", "out: delta row of an id seen once, else -1"),
+    ), "Returns a Status.")
+
+
+def update_apply(spec_states: int, index_dtype: str, dedup: bool) -> Signature:
+    """Phase 2: the per-row math, rounding, serving refresh, versions and seq words."""
+    ids_t = "i64*" if dedup else f"{index_dtype}*"
+    return Signature("ekko_update_apply", "void", (
+        *PART,
+        _a("ids", ids_t, "unique ids (dedup) or the delta's ids"),
+        _a("grads", "f32*", "summed rows (dedup) or the delta's rows"), _a("count", "i64"),
+        _a("table", "i8*", "rows x dim master table"),
+        *(_a(f"state{i}", "f32*", "optimizer state, catalog order") for i in range(spec_states)),
+        _a("serving", "i8*", "serving copy or null"), _a("versions", "i64*", "or null"),
+        _a("seq", "u32*", "serving rows' sequence words or null"),
+        _a("step", "i64"), _a("version", "i64"), _a("seed", "i64", "stochastic rounding"),
+        _a("order", "i64*"), _a("raw_grads", "f32*", "the delta's rows (dedup)"),
+        _a("srcs", "i64*"),
+    ))
+
+
+def bag(index_dtype: str, weighted: bool) -> Signature:
+    """A pooled lookup over bags [lo, hi)."""
+    return Signature("ekko_bag", "i64", (
+        _a("table", "i8*"), _a("rows", "i64"), _a("ids", f"{index_dtype}*"),
+        _a("offsets", f"{index_dtype}*"), _a("weights", "f32*" if weighted else "f32*"),
+        _a("out", "f32*"), _a("lo", "i64"), _a("hi", "i64"), _a("nids", "i64"),
+        _a("err_pos", "i64*"), _a("seq", "u32*", "sequence words or null"),
+    ), "Returns a Status.")

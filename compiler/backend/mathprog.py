@@ -1,0 +1,109 @@
+"""The math region of a `kern.update`, read into a form every backend walks.
+
+A `MathProgram` is the region's ops in order, each with the kind of value
+it makes (see `ekko.dialects.rowmath`): `uniform` (once per call: the step,
+hyper-parameters and math on them), `row` (once per row: rowwise state,
+`kern.row_sum`) or `elem` (once per element). Backends lower it op by op:
+uniform values before any loop, row values between loops over the row,
+element values inside them. `stage` counts the reductions a value waits
+for, which tells a backend how many passes over the row it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdsl.dialects import arith, math
+from xdsl.dialects.builtin import Float64Type, FloatAttr, IntegerType
+from xdsl.ir import SSAValue
+
+from ...dialects import catalog, kern
+
+_BINARY = {arith.AddfOp: "add", arith.SubfOp: "sub", arith.MulfOp: "mul", arith.DivfOp: "div",
+           arith.MaximumfOp: "max", arith.MinimumfOp: "min", math.PowFOp: "pow"}
+_UNARY = {arith.NegfOp: "neg", math.SqrtOp: "sqrt", math.AbsFOp: "abs", math.ExpOp: "exp",
+          math.LogOp: "log", arith.TruncFOp: "f32", kern.RowSumOp: "row_sum"}
+KINDS = ("uniform", "row", "elem")
+
+
+@dataclass(frozen=True)
+class Instr:
+    """One value: `op` applied to earlier values `args`.
+
+    op: arg (attr = the argument's name), const (attr = value), add, sub,
+    mul, div, max, min, pow, neg, sqrt, abs, exp, log, f32 (f64 -> f32),
+    row_sum, cmp (attr = olt/ole/ogt/oge/oeq/one/...), select (cond, a, b).
+    """
+
+    op: str
+    args: tuple[int, ...]
+    attr: str | float
+    kind: str
+    stage: int
+    f64: bool  # an f64 value (only uniform values are)
+    boolean: bool = False
+
+
+@dataclass(frozen=True)
+class MathProgram:
+    instrs: tuple[Instr, ...]
+    outputs: tuple[int, ...]  # the new weights, then the new state, catalog order
+
+    def text(self) -> str:
+        """A stable text form (part of a kernel's cache key)."""
+        return ";".join(f"{i.op}({','.join(map(str, i.args))}){i.attr!r}:{i.kind}"
+                        for i in self.instrs) + f"->{self.outputs}"
+
+    @property
+    def stages(self) -> int:
+        """Reductions on the longest chain: passes over the row before the last."""
+        return max((i.stage for i in self.instrs), default=0)
+
+
+def program_of(op: kern.UpdateOp) -> MathProgram:
+    """Read `op`'s math region (already verified) as a MathProgram."""
+    opt = catalog.optimizer(op.attributes["optimizer"].data)  # type: ignore[union-attr]
+    names = kern.math_args(opt, op.attributes)
+    row_states = {s.name for s in opt.states if s.rowwise}
+    index: dict[SSAValue, int] = {}
+    instrs: list[Instr] = []
+
+    def add(value: SSAValue, instr: Instr) -> None:
+        index[value] = len(instrs)
+        instrs.append(instr)
+
+    block = op.math_block()
+    for arg, name in zip(block.args, names):
+        kind = "elem" if name in ("g", "w") else "row" if name in row_states else (
+            "elem" if name in opt.state_names else "uniform")
+        add(arg, Instr("arg", (), name, kind, 0, isinstance(arg.type, Float64Type)))
+    outputs: tuple[int, ...] = ()
+    for inner in block.ops:
+        if isinstance(inner, kern.YieldOp):
+            outputs = tuple(index[v] for v in inner.operands)
+            continue
+        args = tuple(index[v] for v in inner.operands)
+        deps = [instrs[a] for a in args]
+        kind = max((d.kind for d in deps), key=KINDS.index, default="uniform")
+        stage = max((d.stage for d in deps), default=0)
+        result = inner.results[0]
+        f64 = isinstance(result.type, Float64Type)
+        boolean = result.type == IntegerType(1)
+        if isinstance(inner, arith.ConstantOp):
+            value = inner.value
+            assert isinstance(value, FloatAttr)
+            add(result, Instr("const", (), float(value.value.data), "uniform", 0, f64))
+        elif isinstance(inner, kern.RowSumOp):
+            add(result, Instr("row_sum", args, "", "row", stage + 1, False))
+        elif type(inner) in _BINARY:
+            add(result, Instr(_BINARY[type(inner)], args, "", kind, stage, f64))
+        elif type(inner) in _UNARY:
+            add(result, Instr(_UNARY[type(inner)], args, "", kind, stage, f64))
+        elif isinstance(inner, arith.CmpfOp):
+            pred = arith.CMPF_COMPARISON_OPERATIONS[inner.predicate.value.data]
+            add(result, Instr("cmp", args, pred, kind, stage, False, True))
+        elif isinstance(inner, arith.SelectOp):
+            add(result, Instr("select", args, "", kind, stage, f64))
+        else:  # the verifier admits nothing else
+            raise ValueError(f"'{inner.name}' cannot be lowered from a math region")
+    return MathProgram(tuple(instrs), outputs)

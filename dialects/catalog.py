@@ -1,0 +1,283 @@
+"""The one catalog of optimizers, serving layouts and pooling modes.
+
+Every other layer reads these facts from here: the dialects' verifiers, the
+frontends, the specs, the runtime's argument checks, `ekko run`'s reference
+check and the backends. An optimizer is its state, its hyper-parameters
+(defaults and ranges) and its per-row math, written once as a Python
+function that `rowmath` traces into IR; no backend has optimizer code.
+
+Math functions take `(g, w, *state, step=..., dim=..., **hyper)` and return
+`(new_w, *new_state)`: g is the row's (deduplicated, clipped, decayed)
+gradient, w the current weights as f32, the state in declaration order.
+"""
+
+from __future__ import annotations
+
+import math as _math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import rowmath as rm
+
+# -- serving layouts --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one row of a table is stored.
+
+    int8: dim uint8 codes then f32 scale and f32 bias (FBGEMM's fused rows).
+    int4: ceil(dim/2) bytes, two codes a byte (low nibble first), then f16
+    scale and f16 bias.
+    """
+
+    name: str
+    elem_bytes: int  # bytes per element of a float layout; 0 for the quantized ones
+    master: bool  # can hold an optimizer's master table
+
+    @property
+    def quantized(self) -> bool:
+        return self.elem_bytes == 0
+
+    def row_bytes(self, dim: int) -> int:
+        if self.name == "int8":
+            return dim + 8
+        if self.name == "int4":
+            return (dim + 1) // 2 + 4
+        return self.elem_bytes * dim
+
+    def width(self, dim: int) -> int:
+        """Elements per row of the array holding it (bytes for quantized rows)."""
+        return self.row_bytes(dim) if self.quantized else dim
+
+
+LAYOUTS: dict[str, Layout] = {
+    l.name: l
+    for l in (
+        Layout("f32", 4, True),
+        Layout("f16", 2, True),
+        Layout("bf16", 2, True),
+        Layout("int8", 0, False),
+        Layout("int4", 0, False),
+    )
+}
+LAYOUT_NAMES = tuple(LAYOUTS)
+MASTER_DTYPES = tuple(n for n, l in LAYOUTS.items() if l.master)
+QUANT_LAYOUTS = tuple(n for n, l in LAYOUTS.items() if l.quantized)
+INDEX_DTYPES = ("i32", "i64")
+POOLING_MODES = ("sum", "mean", "none")
+
+
+def layout(name: str) -> Layout:
+    if name not in LAYOUTS:
+        raise ValueError(f"unknown layout {name!r}; expected one of {', '.join(LAYOUTS)}")
+    return LAYOUTS[name]
+
+
+def row_bytes(name: str, dim: int) -> int:
+    return layout(name).row_bytes(dim)
+
+
+# -- hyper-parameters -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A hyper-parameter: its default and the interval it must lie in."""
+
+    name: str
+    default: float
+    low: float = 0.0
+    high: float = _math.inf
+    low_open: bool = False  # (low, ...] rather than [low, ...]
+    high_open: bool = False
+
+    def problem(self, value: object) -> str | None:
+        """Why `value` is not acceptable, or None."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{self.name} must be a number, got {value!r}"
+        v = float(value)
+        if not _math.isfinite(v):
+            return f"{self.name} must be finite, got {v}"
+        lo_ok = v > self.low if self.low_open else v >= self.low
+        hi_ok = v < self.high if self.high_open else v <= self.high
+        if not (lo_ok and hi_ok):
+            return f"{self.name} must be {self.describe()}, got {v}"
+        return None
+
+    def describe(self) -> str:
+        if self.low == 0.0 and self.high == _math.inf:
+            return "positive" if self.low_open else "non-negative"
+        return f"in {self.interval()}"
+
+    def interval(self) -> str:
+        return (("(" if self.low_open else "[") + f"{self.low:g}, {self.high:g}"
+                + (")" if self.high_open else "]"))
+
+
+def _lr(default: float = 0.01) -> Hyper:
+    return Hyper("lr", default, 0.0, low_open=True)
+
+
+def _eps(default: float) -> Hyper:
+    return Hyper("eps", default, 0.0, low_open=True)
+
+
+def _beta(name: str, default: float) -> Hyper:
+    return Hyper(name, default, 0.0, 1.0, high_open=True)
+
+
+# gradient transforms ahead of every optimizer: absent when None / 0
+CLIP_VALUE = Hyper("clip_value", 0.0, 0.0, low_open=True)
+MAX_NORM = Hyper("max_norm", 0.0, 0.0, low_open=True)
+WEIGHT_DECAY = Hyper("weight_decay", 0.0)
+GRAD_HYPER = {h.name: h for h in (CLIP_VALUE, MAX_NORM, WEIGHT_DECAY)}
+
+
+# -- optimizers -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class State:
+    """One optimizer state array: (rows,) when rowwise, else (rows, dim), f32."""
+
+    name: str
+    rowwise: bool = False
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    name: str
+    math: Callable = field(compare=False)
+    states: tuple[State, ...] = ()
+    hyper: tuple[Hyper, ...] = (_lr(),)
+    uses_step: bool = False  # the math reads `step` (bias correction, lr decay)
+    linear: bool = False  # new_w = w - lr * g: duplicates may be applied one by one
+    doc: str = ""
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.states)
+
+    @property
+    def hyper_names(self) -> tuple[str, ...]:
+        return tuple(h.name for h in self.hyper)
+
+    def defaults(self) -> dict[str, float]:
+        return {h.name: h.default for h in self.hyper}
+
+    def resolve(self, given: dict[str, float]) -> dict[str, float]:
+        """Every hyper-parameter's value: `given` over the defaults, checked."""
+        unknown = set(given) - set(self.hyper_names)
+        if unknown:
+            raise ValueError(f"{self.name} has no hyper-parameter {sorted(unknown)[0]!r} "
+                             f"(it takes {', '.join(self.hyper_names)})")
+        out = self.defaults()
+        out.update(given)
+        for h in self.hyper:
+            if (why := h.problem(out[h.name])) is not None:
+                raise ValueError(f"{self.name}: {why}")
+        return {k: float(v) for k, v in out.items()}
+
+    def state_shape(self, state: str, rows: int, dim: int) -> tuple[int, ...]:
+        s = next(s for s in self.states if s.name == state)
+        return (rows,) if s.rowwise else (rows, dim)
+
+
+def _sgd(g, w, *, lr, **_):
+    return w - lr * g
+
+
+def _adagrad(g, w, s, *, lr, eps, lr_decay, step, **_):
+    clr = lr / (1.0 + (step - 1.0) * lr_decay)
+    s = s + g * g
+    return w - clr * g / (rm.sqrt(s) + eps), s
+
+
+def _rowwise_adagrad(g, w, m, *, lr, eps, dim, **_):
+    m = m + rm.row_mean(g * g, dim)
+    return w - lr / (rm.sqrt(m) + eps) * g, m
+
+
+def _adam(g, w, m, v, *, lr, beta1, beta2, eps, step, **_):
+    alpha = lr * rm.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * (g * g)
+    return w - alpha * m / (rm.sqrt(v) + eps), m, v
+
+
+def _rmsprop(g, w, v, *, lr, alpha, eps, **_):
+    v = alpha * v + (1.0 - alpha) * (g * g)
+    return w - lr * g / (rm.sqrt(v) + eps), v
+
+
+def _ftrl(g, w, z, n, *, lr, l1, l2, beta, **_):
+    n_new = n + g * g
+    sigma = (rm.sqrt(n_new) - rm.sqrt(n)) / lr
+    z = z + g - sigma * w
+    shrunk = -(z - rm.sign(z) * l1) / ((beta + rm.sqrt(n_new)) / lr + l2)
+    return rm.where(abs(z) <= l1, 0.0, shrunk), z, n_new
+
+
+OPTIMIZERS: dict[str, Optimizer] = {}
+
+
+def register(opt: Optimizer, replace: bool = False) -> Optimizer:
+    """Add an optimizer; built-in names can not be taken over."""
+    if not opt.name.isidentifier():
+        raise ValueError(f"an optimizer's name must be an identifier, got {opt.name!r}")
+    if opt.name in OPTIMIZERS and (not replace or opt.name in BUILTIN):
+        raise ValueError(f"optimizer {opt.name!r} is already defined")
+    names = [s.name for s in opt.states] + [h.name for h in opt.hyper]
+    if len(set(names)) != len(names) or {"step", "dim"} & set(names):
+        raise ValueError(f"{opt.name}: state and hyper-parameter names must be distinct "
+                         "and not 'step' or 'dim'")
+    OPTIMIZERS[opt.name] = opt
+    return opt
+
+
+for _opt in (
+    Optimizer("sgd", _sgd, linear=True,
+              doc="w -= lr * g"),
+    Optimizer("adagrad", _adagrad, (State("sum"),),
+              (_lr(), _eps(1e-10), Hyper("lr_decay", 0.0)), uses_step=True,
+              doc="torch.optim.Adagrad: s += g*g; w -= lr/(1+(step-1)*lr_decay) * g/(sqrt(s)+eps)"),
+    Optimizer("rowwise_adagrad", _rowwise_adagrad, (State("momentum", rowwise=True),),
+              (_lr(), _eps(1e-8)),
+              doc="FBGEMM: m += mean(g*g); w -= lr * g / (sqrt(m) + eps)"),
+    Optimizer("adam", _adam, (State("exp_avg"), State("exp_avg_sq")),
+              (_lr(), _beta("beta1", 0.9), _beta("beta2", 0.999), _eps(1e-8)), uses_step=True,
+              doc="torch.optim.SparseAdam: bias-corrected moments of the touched rows"),
+    Optimizer("rmsprop", _rmsprop, (State("square_avg"),),
+              (_lr(), Hyper("alpha", 0.99, 0.0, 1.0), _eps(1e-8)),
+              doc="torch.optim.RMSprop: v = a*v + (1-a)*g*g; w -= lr * g / (sqrt(v) + eps)"),
+    Optimizer("ftrl", _ftrl, (State("z"), State("n")),
+              (_lr(), Hyper("l1", 0.0), Hyper("l2", 0.0), Hyper("beta", 1.0)),
+              doc="FTRL-Proximal (McMahan et al. 2013), per coordinate"),
+):
+    register(_opt)
+BUILTIN = frozenset(OPTIMIZERS)
+
+
+def optimizer(name: str) -> Optimizer:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
+def grad_transform(g, w, *, clip_value=None, max_norm=None, weight_decay=None):
+    """Clip by value, then by the row's L2 norm, then add weight decay (as torch).
+
+    Each transform is applied when its value is given (None: absent)."""
+    if clip_value is not None:
+        g = rm.clip(g, -clip_value, clip_value)
+    if max_norm is not None:
+        norm = rm.sqrt(rm.row_sum(g * g))
+        g = g * rm.where(norm > max_norm, max_norm / norm, 1.0)
+    if weight_decay is not None:
+        g = g + weight_decay * w
+    return g
+
+
+__all__ = ["Layout", "LAYOUTS", "Hyper", "State", "Optimizer", "OPTIMIZERS", "register",
+           "optimizer", "layout", "row_bytes", "grad_transform", "POOLING_MODES"]
