@@ -6,6 +6,8 @@ consumes; `emit_llvm` is ekko-opt's `-t llvm` target.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO
 
 from xdsl.dialects.builtin import FloatAttr, IntAttr, IntegerAttr, MemRefType, ModuleOp, StringAttr
@@ -109,19 +111,58 @@ def kernel_specs(module: ModuleOp) -> list[tuple[str, UpdateSpec | BagSpec | Pac
     return specs
 
 
-def emit_llvm(module: ModuleOp, out: IO[str]) -> None:
-    """ekko-opt -t llvm: the LLVM IR of every kernel op, one module each."""
+Spec = UpdateSpec | BagSpec | PackSpec | MergeSpec
+
+
+@dataclass(frozen=True)
+class Target:
+    """A backend: the source text it emits for one kernel spec.
+
+    `ekko-opt -t NAME` prints `emit` of every kernel op of a module; the
+    runtime (ekko.kernels) compiles that text into a callable. Adding a
+    backend is one entry in TARGETS plus its runtime in ekko.kernels.
+    """
+
+    name: str
+    emit: Callable[[Spec], str]
+    comment: str  # how the target's source writes a line comment
+
+
+def _llvm() -> Target:
     from .llvm_bag import emit_bag
     from .llvm_sync import emit_sync
     from .llvm_update import emit_update
 
+    def emit(spec: Spec) -> str:
+        if isinstance(spec, (PackSpec, MergeSpec)):
+            return emit_sync(spec)
+        return emit_update(spec) if isinstance(spec, UpdateSpec) else emit_bag(spec)
+
+    return Target("llvm", emit, ";")
+
+
+# name -> factory (lazy: a target's imports are paid only when it is used)
+TARGETS: dict[str, Callable[[], Target]] = {"llvm": _llvm}
+
+
+def target(name: str) -> Target:
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; expected one of {', '.join(TARGETS)}")
+    return TARGETS[name]()
+
+
+def emit_module(name: str, module: ModuleOp, out: IO[str]) -> None:
+    """ekko-opt -t NAME: the target source of every kernel op, one unit each."""
+    t = target(name)
     specs = kernel_specs(module)
     if not specs:
-        out.write("; no kernel ops: run lower-to-kernel first\n")
-    for name, spec in specs:
-        out.write(f"; ekko kernel for @{name}: {spec.key()}\n")
-        if isinstance(spec, (PackSpec, MergeSpec)):
-            out.write(emit_sync(spec))
-        else:
-            out.write(emit_update(spec) if isinstance(spec, UpdateSpec) else emit_bag(spec))
+        out.write(f"{t.comment} no kernel ops: run lower-to-kernel first\n")
+    for fname, spec in specs:
+        out.write(f"{t.comment} ekko kernel for @{fname}: {spec.key()}\n")
+        out.write(t.emit(spec))
         out.write("\n")
+
+
+def emit_llvm(module: ModuleOp, out: IO[str]) -> None:
+    """ekko-opt -t llvm."""
+    emit_module("llvm", module, out)

@@ -135,9 +135,12 @@ class EkkoOptMain(xDSLOptMain):
 
     def register_all_targets(self) -> None:
         super().register_all_targets()
-        from ..backend.targets import emit_llvm
+        from functools import partial
 
-        self.available_targets["llvm"] = emit_llvm
+        from ..backend.targets import TARGETS, emit_module
+
+        for name in TARGETS:
+            self.available_targets[name] = partial(emit_module, name)
 
     def register_all_frontends(self) -> None:
         super().register_all_frontends()
