@@ -42,6 +42,7 @@ from .primary import Commit, Primary
 from .replica import Replica
 
 POLICIES = ("priority", "fifo", "periodic", "full")
+PACKET_HEADER = 64  # bytes a packet costs besides its rows (header, name, checksum)
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,9 @@ class Link:
                 if not self.running:
                     return
                 batch = self._select()
+                if not batch:  # the budget did not stretch to one row: wait for tokens
+                    self.cond.wait(self._wait_time())
+                    continue
                 self.busy = True
             try:
                 self._send(batch)
@@ -215,8 +219,7 @@ class Link:
         if bw is None:
             return float("inf")
         now = time.perf_counter()
-        depth = max(bw * self.config.burst_s, 64.0 * max(self.row_bytes.values()))
-        self.tokens = min(depth, self.tokens + bw * (now - self.last_refill))
+        self.tokens = min(self._depth(), self.tokens + bw * (now - self.last_refill))
         self.last_refill = now
         return self.tokens
 
@@ -232,7 +235,22 @@ class Link:
             return False
         if self.config.policy in ("periodic", "full") and time.perf_counter() < self.next_tick:
             return False
-        return self._refill() >= min(self.row_bytes.values())
+        tokens = self._refill()
+        if self.config.bandwidth is None:
+            return True
+        # wait for a packet's worth (half the bucket), not one row: headers cost too
+        return tokens >= min(0.5 * self._depth(), self._pending_bytes())
+
+    def _depth(self) -> float:
+        bw = self.config.bandwidth or 0.0
+        return max(bw * self.config.burst_s, 64.0 * max(self.row_bytes.values()))
+
+    def _pending_bytes(self) -> float:
+        if self.config.policy == "fifo":
+            return min(len(c.ids) * self.row_bytes[t] + PACKET_HEADER
+                       for t, q in self.fifo.items() if q for _, c in list(q)[:1])
+        return sum(len(p.ids()) * self.row_bytes[t] + PACKET_HEADER
+                   for t, p in self.pending.items() if p.queue)
 
     def _wait_time(self) -> float:
         if self.config.policy in ("periodic", "full"):
@@ -255,9 +273,9 @@ class Link:
             self.next_tick = time.perf_counter() + self.config.interval_s
         cands = {t: p.ids() for t, p in self.pending.items() if p.queue}
         if policy == "priority" and budget != float("inf"):
-            cands = self._by_priority(cands, budget)
+            cands = self._by_priority(cands, budget - PACKET_HEADER * len(cands))
         elif budget != float("inf"):
-            cands = self._fit(cands, budget)
+            cands = self._fit(cands, budget - PACKET_HEADER * len(cands))
         out = []
         for t, ids in cands.items():
             p = self.pending[t]
@@ -270,7 +288,7 @@ class Link:
 
     def _charge(self, out: list) -> None:
         if self.config.bandwidth is not None:
-            self.tokens -= sum(len(ids) * self.row_bytes[t] for t, ids, _ in out)
+            self.tokens -= sum(len(ids) * self.row_bytes[t] + PACKET_HEADER for t, ids, _ in out)
 
     def _fit(self, cands: dict[str, np.ndarray], budget: float) -> dict[str, np.ndarray]:
         out = {}
@@ -306,6 +324,8 @@ class Link:
         which = np.concatenate(idx)
         pos = np.concatenate([np.arange(len(ids)) for ids in cands.values()])
         affordable = int(budget // cost.min())
+        if affordable <= 0:
+            return {}
         if affordable < len(prio):
             top = np.argpartition(-prio, affordable)[:affordable]
             top = top[np.argsort(-prio[top], kind="stable")]

@@ -13,7 +13,7 @@ or uint8 (n, row bytes) for int8/int4. `seq` is the serving copy's uint32
 sequence words (rows,), required when the kernel was built with seq=True.
 
 A merge checks every argument, then every packet row in native code (ids in
-range, 1 <= version <= newest, finite rows including int8/int4 scale and
+range, 0 <= version <= newest, finite rows including int8/int4 scale and
 bias), before it writes anything: a rejected packet raises SyncError and
 leaves the replica byte-identical. The kernels hold no state between calls,
 so two tables (or two replicas) merge at the same time from two threads;
@@ -227,7 +227,7 @@ class MergeKernel(_SyncKernel):
                             f"range [0, {rows})")
         if code == ERR_VERSION:
             raise SyncError(f"packet version {int(np.asarray(versions)[pos])} at position {pos} is "
-                            f"outside [1, {newest}] (newer than the primary has issued, or unset)")
+                            f"outside [0, {newest}] (newer than the primary has issued, or negative)")
         if code == ERR_NONFINITE:
             raise SyncError(f"packet row {pos} holds a non-finite value (NaN or Inf)")
         raise SyncError(f"merge kernel failed with code {code}")

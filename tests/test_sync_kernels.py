@@ -110,7 +110,7 @@ def test_bad_packets_leave_the_replica_untouched(layout: str) -> None:
     bad = ids.copy(); bad[6000] = -1
     rejected(bad, prow, pver, match="out of range")
     rejected(ids, prow, pver, newest=4, match="outside")
-    zero = pver.copy(); zero[7000] = 0
+    zero = pver.copy(); zero[7000] = -1
     rejected(ids, prow, zero, match="outside")
     nan = prow.copy()
     if layout in ("f32", "f16"):

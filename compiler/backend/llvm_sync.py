@@ -14,7 +14,7 @@ bytes (see spec.serving_row_bytes).
 
   i64 ekko_merge_check(part, nparts, rows, ids, n, prows, pversions, newest, err_pos)
       Writes nothing. Over the same position range: 1 id out of range,
-      2 version outside [1, newest], 3 a non-finite row (every element, or
+      2 version outside [0, newest], 3 a non-finite row (every element, or
       the int8/int4 scale and bias). Returns the code of the first bad
       position, with the position in *err_pos.
 
@@ -218,7 +218,7 @@ def emit_merge_check(module: ir.Module, spec: MergeSpec) -> None:
     with loops.counted(b, lo, hi, "check") as i:
         e.fail(b.icmp_unsigned(">=", e.load_id(ids, i), rows), ERR_ID, i, err)
         v = b.load(e.at(pversions, i))
-        bad_version = b.or_(b.icmp_signed("<", v, _c(I64, 1)), b.icmp_signed(">", v, newest))
+        bad_version = b.or_(b.icmp_signed("<", v, _c(I64, 0)), b.icmp_signed(">", v, newest))
         e.fail(bad_version, ERR_VERSION, i, err)
         e.fail(b.not_(e.row_finite(e.row(prows, i))), ERR_NONFINITE, i, err)
     b.ret(_c(I64, 0))

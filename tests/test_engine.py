@@ -1,0 +1,349 @@
+"""The update engine end to end: primary, scheduler, replicas, packets, rollback.
+
+Every test checks replicas against the primary byte for byte, or against a
+run the test computes another way, so a lost, stale or torn update fails.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ekko
+from ekko.engine import HealthConfig, SchedulerConfig
+from ekko.engine.primary import UpdateCache
+from ekko.kernels.errors import EkkoError
+
+MODEL = """
+model small {
+  defaults { dim 8; dtype f32; optimizer rowwise_adagrad(lr=0.05, eps=1e-8); }
+  table a { rows 300; serving f32; }
+  table b { rows 257; dim 7; serving f16; optimizer sgd(lr=0.1); }
+  table c { rows 100; serving bf16; optimizer adagrad(lr=0.1); }
+  table d { rows 1000; dim 16; serving int8; }
+  table e { rows 64; dim 5; serving int4; optimizer adam(lr=0.01); }
+  table g { rows 50; dim 4; dtype f16; optimizer sgd(lr=0.1); }
+  feature fa -> a pooling sum;
+  feature fd -> d pooling mean;
+  feature fe -> e pooling sum;
+  feature fg -> g pooling sum;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("engine") / "small.ekko"
+    path.write_text(MODEL)
+    return path
+
+
+def compiled(path: Path):
+    return ekko.compile_model(path)
+
+
+def delta(rng, table, n: int):
+    ids = rng.integers(0, table.rows, n)
+    if n >= 2:
+        ids[0], ids[1] = 0, table.rows - 1  # the edge ids
+    return ids, (rng.standard_normal((n, table.dim)) * 0.1).astype(np.float32)
+
+
+def assert_replicas_match(engine) -> None:
+    for r in engine.replicas:
+        for name in engine.primary.tables:
+            assert r.serving(name).tobytes() == engine.primary.serving(name).tobytes(), name
+            assert np.array_equal(r.versions(name), engine.primary.versions(name)), name
+
+
+def test_engine_api_every_layout(model_path: Path) -> None:
+    """step, flush, lookups and serving views, in f32/f16/bf16/int8/int4 serving copies."""
+    m = compiled(model_path)
+    rng = np.random.default_rng(0)
+    with ekko.Engine(m, replicas=2) as engine:
+        for step in range(30):
+            for t in m.model.tables:
+                n = int(rng.integers(0, 300)) if step % 7 else 0  # empty deltas too
+                engine.step(t.name, *delta(rng, t, n))
+        engine.flush()
+        assert_replicas_match(engine)
+        stats = engine.stats()
+        assert stats["freshness_ms"]["count"] > 0
+        assert stats["freshness_ms"]["p50"] <= stats["freshness_ms"]["p99"] <= stats["freshness_ms"]["max"]
+        assert stats["packets_rejected"] == 0 and stats["rows_moved"] > 0
+        for r in engine.replicas:
+            assert all(v == engine.primary.issued(n) for n, v in r.watermarks().items())
+        ids = np.array([0, 5, 999, 3], np.int64)
+        offsets = np.array([0, 2, 4], np.int64)
+        want = m.lookup("fd", ids, offsets)  # the primary's own serving copy
+        for r in engine.replicas:
+            assert np.array_equal(r.lookup("fd", ids, offsets), want)
+        assert engine.lookup("fa", ids[:2] % 300, np.array([0, 2])).shape == (1, 8)
+        view = engine.replicas[0].serving("d")
+        with pytest.raises(ValueError):
+            view[0, 0] = 1
+        assert not engine.primary.serving("a").flags.writeable
+
+
+def test_steps_from_several_threads_match_a_sequential_run(model_path: Path) -> None:
+    """Tables are independent: two threads stepping at once give the sequential result."""
+    m1, m2 = compiled(model_path), compiled(model_path)
+    rng = np.random.default_rng(1)
+    tables = [t for t in m1.model.tables if t.name in ("d", "e", "b", "c")]
+    work = {t.name: [delta(rng, t, 2000) for _ in range(40)] for t in tables}
+    with ekko.Engine(m1, replicas=2) as engine:
+        def run(names):
+            for i in range(40):
+                for n in names:
+                    engine.step(n, *work[n][i])
+
+        threads = [threading.Thread(target=run, args=(["d", "b"],)),
+                   threading.Thread(target=run, args=(["e", "c"],))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        engine.flush()
+        assert_replicas_match(engine)
+        m2.materialize(seed=0)
+        for n, deltas in work.items():
+            for i, (ids, grads) in enumerate(deltas):
+                m2.update(n, ids, grads, version=i + 1)
+            assert engine.primary.serving(n).tobytes() == m2.tables[n].lookup_table.tobytes()
+
+
+def test_packets_round_trip_and_damage_is_rejected() -> None:
+    rng = np.random.default_rng(2)
+    for rows in (rng.standard_normal((5, 3)).astype(np.float32),
+                 rng.integers(0, 255, (4, 12)).astype(np.uint8),
+                 np.zeros((0, 7), np.float16)):
+        n = len(rows)
+        p = ekko.Packet(table="t_x", ids=np.arange(n), rows=rows, versions=np.arange(1, n + 1),
+                        commit_ns=np.full(n, 123), newest=9)
+        data = p.to_bytes()
+        assert len(data) == p.nbytes
+        q = ekko.Packet.from_bytes(data)
+        assert (q.table, q.newest) == ("t_x", 9)
+        assert q.rows.tobytes() == rows.tobytes() and q.rows.dtype == rows.dtype
+        assert np.array_equal(q.ids, p.ids) and np.array_equal(q.versions, p.versions)
+        assert np.array_equal(q.commit_ns, p.commit_ns)
+        for bad in (data[:-1], data[:10], b"", data[:20] + bytes([data[20] ^ 1]) + data[21:],
+                    b"XXXX" + data[4:]):
+            with pytest.raises(EkkoError):
+                ekko.Packet.from_bytes(bad)
+
+
+def test_malformed_packets_leave_the_replica_untouched(model_path: Path) -> None:
+    m = compiled(model_path)
+    rng = np.random.default_rng(3)
+    with ekko.Engine(m, replicas=2) as engine:
+        for _ in range(3):
+            engine.step("d", *delta(rng, m.table("d"), 100))
+        engine.flush()
+        replica = engine.replicas[1]
+        before = {n: (replica.serving(n).tobytes(), replica.versions(n).tobytes())
+                  for n in engine.primary.tables}
+        good = engine.primary.pack("d", np.array([1, 2, 3]))
+        issued = engine.primary.issued("d")
+
+        def variant(**kw):
+            fields = dict(table="d", ids=good.ids, rows=good.rows, versions=good.versions)
+            fields.update(kw)
+            return ekko.Packet(**fields)
+
+        bad_packets = [
+            variant(rows=np.zeros((3, 25), np.uint8)),              # wrong dim
+            variant(rows=np.zeros((3, 16), np.float32)),            # wrong layout
+            variant(ids=np.array([1, 2, 1000])),                    # id out of range
+            variant(ids=np.array([1, 2, -1])),
+            variant(ids=np.array([1, 2])),                          # lengths differ
+            variant(versions=np.array([1, issued + 1, 1])),         # newer than issued
+            variant(table="nope"),
+            good.to_bytes()[:-3],                                   # truncated bytes
+        ]
+        nan_rows = good.rows.copy()
+        nan_rows[1, 16:20] = np.frombuffer(np.float32(np.nan).tobytes(), np.uint8)
+        bad_packets.append(variant(rows=nan_rows))                  # NaN scale
+        for p in bad_packets:
+            with pytest.raises(EkkoError):
+                replica.merge(p)
+        assert engine.stats()["packets_rejected"] == len(bad_packets)
+        after = {n: (replica.serving(n).tobytes(), replica.versions(n).tobytes())
+                 for n in engine.primary.tables}
+        assert after == before
+        # a replayed good packet (as bytes) is accepted and changes nothing: it is not newer
+        assert replica.merge(good.to_bytes()) == 0
+        assert_replicas_match(engine)
+
+
+def test_update_cache_answers_what_changed_without_a_scan() -> None:
+    cache = UpdateCache(max_rows=10)
+    cache.record(1, np.array([1, 2, 3]))
+    cache.record(2, np.array([3, 4]))
+    cache.record(3, np.array([9]))
+    assert cache.changed_since(0).tolist() == [1, 2, 3, 4, 9]
+    assert cache.changed_since(1).tolist() == [3, 4, 9]
+    assert cache.changed_since(3).tolist() == []
+    cache.record(4, np.arange(20, 27))  # 13 rows > 10: the oldest entry (version 1) goes
+    assert cache.floor == 1 and cache.changed_since(0) is None
+    assert cache.changed_since(1).tolist() == [3, 4, 9, *range(20, 27)]
+    assert cache.changed_since(3).tolist() == list(range(20, 27))
+
+
+def test_primary_changed_since_follows_steps(model_path: Path) -> None:
+    m = compiled(model_path)
+    with ekko.Engine(m, replicas=1) as engine:
+        v1 = engine.step("a", np.array([5, 6]), np.ones((2, 8), np.float32))
+        engine.step("a", np.array([6, 7, 7]), np.ones((3, 8), np.float32))
+        assert engine.primary.changed_since("a", v1).tolist() == [6, 7]
+        assert engine.primary.changed_since("a", 0).tolist() == [5, 6, 7]
+
+
+def test_a_newer_update_supersedes_a_pending_one(model_path: Path) -> None:
+    """While a link is held back, 50 updates of the same rows leave as one value each."""
+    m = compiled(model_path)
+    cfg = SchedulerConfig(policy="periodic", interval_s=0.3)
+    with ekko.Engine(m, replicas=1, scheduler=cfg) as engine:
+        t0 = time.perf_counter()
+        for _ in range(50):
+            engine.step("d", np.array([1, 2, 3]), np.ones((3, 16), np.float32))
+        engine.flush()
+        if time.perf_counter() - t0 < 0.3:  # the steps fit in one period: nothing sent twice
+            assert engine.stats()["rows_moved"] == 3
+        assert engine.stats()["rows_moved"] <= 3 * 50
+        assert_replicas_match(engine)
+
+
+def test_priority_sends_significant_and_never_seen_rows_first_and_nothing_starves(
+        model_path: Path) -> None:
+    m = compiled(model_path)
+    row = 16 + 8 + 24  # int8 row of dim 16 + id, version, commit time
+    cfg = SchedulerConfig(bandwidth=200 * row, burst_s=0.05, w_new=0.0, age_scale_s=0.5)
+    rng = np.random.default_rng(4)
+    with ekko.Engine(m, replicas=1, scheduler=cfg) as engine:
+        warm = np.arange(1000)
+        for _ in range(12):  # warm up the running mean; every row seen once
+            engine.step("d", warm, (rng.standard_normal((1000, 16)) * 0.01).astype(np.float32))
+        engine.flush(timeout=120)
+        small = np.arange(0, 900)
+        big = np.arange(900, 1000)
+        grads = (rng.standard_normal((1000, 16)) * 0.01).astype(np.float32)
+        grads[900:] *= 50  # 50x the norm: significant
+        link = engine.links[0]
+        with link.cond:  # enqueue both before the link picks anything
+            engine.step("d", np.concatenate([small, big]), grads)
+        sent_first = _first_rows_sent(engine, "d", 100)
+        assert np.mean(sent_first >= 900) > 0.9
+        engine.flush(timeout=120)  # aging: the 900 insignificant rows arrive too
+        assert_replicas_match(engine)
+
+
+def _first_rows_sent(engine, table: str, k: int) -> np.ndarray:
+    """Watch the replica's versions until k rows of the newest version arrived."""
+    newest = engine.primary.issued(table)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        got = np.flatnonzero(engine.replicas[0].versions(table) == newest)
+        if len(got) >= k:
+            return got
+        time.sleep(0.001)
+    raise AssertionError("nothing arrived")
+
+
+def test_bandwidth_budget_is_respected(model_path: Path) -> None:
+    m = compiled(model_path)
+    budget = 100_000.0  # bytes/s
+    cfg = SchedulerConfig(bandwidth=budget, burst_s=0.01)
+    rng = np.random.default_rng(5)
+    with ekko.Engine(m, replicas=1, scheduler=cfg) as engine:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            engine.step("d", *delta(rng, m.table("d"), 1000))
+        engine.flush(timeout=120)
+        elapsed = time.perf_counter() - t0
+        moved = engine.stats()["bytes_moved"]
+        depth = max(budget * 0.01, 64 * 48)
+        assert moved <= budget * elapsed + depth + 2000  # packet headers are not budgeted
+        assert_replicas_match(engine)
+
+
+def test_harmful_update_is_caught_and_rolled_back(model_path: Path) -> None:
+    m = compiled(model_path)
+    rng = np.random.default_rng(6)
+    health = HealthConfig(outlier_factor=100.0, warmup=5)
+    with ekko.Engine(m, replicas=2, health=health) as engine:
+        for _ in range(10):
+            engine.step("d", *delta(rng, m.table("d"), 200))
+        assert engine.check()  # healthy: the undo log starts here
+        engine.flush()
+        healthy = {n: engine.primary.serving(n).tobytes() for n in engine.primary.tables}
+        ids, grads = delta(rng, m.table("d"), 200)
+        grads[7] *= 1e6  # one harmful row
+        engine.step("d", ids, grads)
+        engine.flush()
+        stats = engine.stats()
+        assert len(stats["rollbacks"]) == 1
+        rb = stats["rollbacks"][0]
+        assert rb["table"] == "d" and "norm" in rb["reason"]
+        assert rb["undone_versions"] == (11, 11) and rb["rows"] == len(np.unique(ids))
+        assert engine.primary.serving("d").tobytes() == healthy["d"]
+        assert_replicas_match(engine)
+
+
+def test_score_hook_failure_rolls_every_table_back(model_path: Path) -> None:
+    m = compiled(model_path)
+    rng = np.random.default_rng(7)
+    verdict = {"ok": True}
+    health = HealthConfig(score=lambda replica: verdict["ok"])
+    with ekko.Engine(m, replicas=2, health=health) as engine:
+        for _ in range(5):
+            for t in m.model.tables:
+                engine.step(t.name, *delta(rng, t, 50))
+        engine.flush()
+        assert engine.check()
+        healthy = {n: (engine.primary.serving(n).tobytes(), engine.primary.tables[n].buf.master.tobytes())
+                   for n in engine.primary.tables}
+        changed = 0
+        for _ in range(3):
+            for t in m.model.tables:
+                ids, grads = delta(rng, t, 40)
+                engine.step(t.name, ids, grads)
+        for pt in engine.primary.tables.values():
+            changed += pt.undo.rows
+        engine.flush()
+        verdict["ok"] = False
+        assert not engine.check()
+        engine.flush()
+        rolled = engine.stats()["rollbacks"]
+        assert {r["table"] for r in rolled} == set(engine.primary.tables)
+        assert sum(r["rows"] for r in rolled) == changed  # cost: rows changed, not table size
+        for n, (serving, master) in healthy.items():
+            assert engine.primary.serving(n).tobytes() == serving
+            assert engine.primary.tables[n].buf.master.tobytes() == master
+        assert_replicas_match(engine)
+
+
+def test_bad_input_raises_ekko_errors(model_path: Path) -> None:
+    m = compiled(model_path)
+    with pytest.raises(EkkoError):
+        ekko.Engine(m, replicas=0)
+    with pytest.raises(EkkoError):
+        SchedulerConfig(policy="random")
+    with ekko.Engine(m, replicas=1) as engine:
+        before = engine.primary.serving("d").tobytes()
+        for ids, grads in [(np.array([1000]), np.ones((1, 16), np.float32)),
+                           (np.array([1]), np.ones((1, 15), np.float32)),
+                           (np.array([1]), np.full((1, 16), np.nan, np.float32)),
+                           (np.array([0.5]), np.ones((1, 16), np.float32))]:
+            with pytest.raises(EkkoError):
+                engine.step("d", ids, grads)
+        with pytest.raises(EkkoError):
+            engine.step("nope", np.array([1]), np.ones((1, 16), np.float32))
+        with pytest.raises(EkkoError):
+            engine.replicas[0].lookup("nope", np.array([1]), np.array([0, 1]))
+        assert engine.primary.serving("d").tobytes() == before
+        assert engine.stats()["rejected_steps"] == 5
