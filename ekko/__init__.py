@@ -42,3 +42,8 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(_import(_EXPORTS[name]), name)
     raise AttributeError(f"module 'ekko' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public API too, so completion and help(ekko) find the lazily loaded names."""
+    return sorted({*globals(), *_EXPORTS})

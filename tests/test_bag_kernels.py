@@ -8,6 +8,8 @@ weighting and index width.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -70,7 +72,8 @@ def _close(got, want: np.ndarray, pooling: int = 1) -> None:
 @pytest.mark.parametrize("mode,weighted", VARIANTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_matches_torch(layout: str, mode: str, weighted: bool, index_dtype: str, dim: int) -> None:
-    seed = hash((layout, mode, weighted, index_dtype, dim)) % 2**32
+    # crc32, not hash(): str hashes change with PYTHONHASHSEED, seeds must reproduce
+    seed = zlib.crc32(repr((layout, mode, weighted, index_dtype, dim)).encode())
     rng = np.random.default_rng(seed)
     rows = 37 if dim < 1000 else 11
     q, deq = _table(rng, rows, dim, layout)
