@@ -1,6 +1,9 @@
 """Compile time of a whole model: source to native kernels, cold and cached.
 
-    python benchmarks/compile_model.py [MODEL] [--runs N]
+    python benchmarks/compile_model.py [MODEL] [--runs N] [--quick] [--out DIR]
+
+This compares ekko with itself (cold, cached, in-process), not with a peer:
+no other tool compiles a `.ekko` model.
 
 "cold" uses an empty kernel cache in a fresh process; "cached" is a fresh
 process whose disk cache already holds the kernels (the second start of a
@@ -44,12 +47,28 @@ def child(model: str, cache: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", default=str(ROOT / "examples" / "dlrm.ekko"))
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=None, help="runs, median reported (default 3; "
+                   "1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="one run; writes nothing unless --out")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results folder (default benchmarks/results; --quick writes nothing "
+                        "unless given)")
     p.add_argument("--check", action="store_true", help="exit 1 unless cold < 5 s and cached < 0.5 s")
     args = p.parse_args(argv)
+    args.runs = args.runs or (1 if args.quick else 3)
+    return args
+
+
+def output_folder(args: argparse.Namespace) -> Path | None:
+    """Where results go: --out, else benchmarks/results; --quick alone writes nothing."""
+    return args.out if args.out is not None else (None if args.quick else ROOT / "benchmarks" / "results")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     cold, cached, again, imports = [], [], [], []
     info: dict = {}
     for _ in range(args.runs):
@@ -68,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {name} | {statistics.median(v):.3f} | {min(v):.3f} | {max(v):.3f} |" for name, v in rows]
     text = "\n".join(lines)
     print(text)
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(exist_ok=True)
-    (results / "compile_model.md").write_text(text + "\n")
+    out = output_folder(args)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compile_model.md").write_text(text + "\n")
     if args.check and (statistics.median(cold) >= 5.0 or statistics.median(cached) >= 0.5):
         return 1
     return 0

@@ -16,7 +16,7 @@ dequantized rows before it is timed; a wrong peer is reported, not timed.
 Reported: median ms over the runs, lookups/s, and the speedup of each ekko
 layout over torch f32 and over FBGEMM at the same precision.
 
-    python benchmarks/lookup_kernels.py [--quick] [--dims 64,128] [--runs 30]
+    python benchmarks/lookup_kernels.py [--quick] [--dims 64,128] [--runs 30] [--out DIR]
 """
 
 from __future__ import annotations
@@ -189,13 +189,25 @@ def table_md(dim: int, results: list[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="dim 64 only, 5 runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="dim 64 only, 5 runs; writes nothing unless --out is given")
     parser.add_argument("--dims", default="64,128")
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default benchmarks/results; --quick writes nothing "
+                             "unless given)")
+    return parser.parse_args(argv)
+
+
+def output_folder(args: argparse.Namespace) -> Path | None:
+    """Where results go: --out, else benchmarks/results; --quick alone writes nothing."""
+    return args.out if args.out is not None else (None if args.quick else RESULTS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     dims = [64] if args.quick else [int(d) for d in args.dims.split(",")]
     runs = 5 if args.quick else args.runs
     rng = np.random.default_rng(0)
@@ -210,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                       for r in results)
         parts.append(table_md(dim, results))
         print(parts[-1], flush=True)
-    if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "lookup_kernels.md").write_text("\n".join(parts))
+    out = output_folder(args)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "lookup_kernels.md").write_text("\n".join(parts))
     return 1 if failed else 0
 
 

@@ -14,7 +14,10 @@ Each phase is timed `--runs` times (median reported) with
 is timed the same way. The printed module is re-parsed and must print
 identically (the correctness check the smoke test relies on).
 
-    python benchmarks/parse_ir.py [--ops 10000] [--runs 3] [--check]
+This compares ekko's custom assembly format with xDSL's generic form of the
+same module, not with a peer tool.
+
+    python benchmarks/parse_ir.py [--ops 10000] [--runs 3] [--check] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.parser import Parser
@@ -32,6 +36,7 @@ from xdsl.printer import Printer
 
 from ekko.compiler.registry import make_context
 
+RESULTS = Path(__file__).resolve().parent / "results"
 BUDGET_S = 5.0
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 DIMS = (16, 32, 64, 128)
@@ -192,20 +197,46 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ops", type=int, default=10_000, help="operations in the module")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per phase (median)")
+    p.add_argument("--ops", type=int, default=None,
+                   help="operations in the module (default 10,000; 1,000 with --quick)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="timed runs per phase, median (default 3; 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="a small module, one run; writes nothing "
+                   "unless --out is given")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results folder (default benchmarks/results; --quick writes nothing "
+                        "unless given)")
     p.add_argument("--check", action="store_true",
                    help=f"exit 1 if parse+verify+print of the custom form takes over {BUDGET_S} s "
                    "or the round trip differs")
     p.add_argument("--dump", metavar="FILE", help="also write the generated module here")
     args = p.parse_args(argv)
+    args.ops = args.ops or (1_000 if args.quick else 10_000)
+    args.runs = args.runs or (1 if args.quick else 3)
+    return args
+
+
+def output_folder(args: argparse.Namespace) -> Path | None:
+    """Where results go: --out, else benchmarks/results; --quick alone writes nothing."""
+    return args.out if args.out is not None else (None if args.quick else RESULTS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.dump:
         with open(args.dump, "w") as f:
             f.write(generate(args.ops)[0])
     result = run(args.ops, args.runs)
-    print(table(result))
+    text = table(result)
+    print(text)
+    out = output_folder(args)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "parse_ir.md").write_text(
+            f"## Parse, verify and print ({args.ops:,} ops, median of {args.runs} runs)\n\n"
+            f"```\n{text}\n```\n")
     if not result["round_trip"]:
         print("FAIL: the printed module does not re-parse to the same text", file=sys.stderr)
         return 1

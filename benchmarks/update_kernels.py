@@ -606,6 +606,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def output_folder(args: argparse.Namespace) -> Path | None:
+    """Where results go: --out, else benchmarks/results; --quick alone writes nothing."""
+    return args.out if args.out is not None else (None if args.quick else RESULTS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.dims = args.dims or ("64" if args.quick else "64,128")
@@ -623,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
             results += run_case(case, works[dim], args.runs, peers)
     text = "## Sparse update kernels\n\n" + _describe(args) + "\n" + format_table(results, works, bw, bw_mb)
     print(text)
-    out = args.out if args.out is not None else (None if args.quick else RESULTS)
+    out = output_folder(args)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "update_kernels.md").write_text(text)

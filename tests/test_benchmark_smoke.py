@@ -67,3 +67,23 @@ def test_reference_detects_wrong_update(work) -> None:
     exp = bench.expected_rows("sgd", work, saved, bench.sample_ids(work, n=100))
     with pytest.raises(AssertionError):
         bench.check_rows(bufs, exp, work.dim)
+
+
+def _load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH.parent / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name", ["update_kernels", "lookup_kernels", "compile_model", "parse_ir"])
+def test_quick_runs_write_nothing(name: str, tmp_path) -> None:
+    """--quick is a smoke run: it never overwrites the committed results."""
+    if name == "lookup_kernels":
+        pytest.importorskip("torch")
+    mod = _load_script(name)
+    results = BENCH.parent / "results"
+    assert mod.output_folder(mod.parse_args(["--quick"])) is None
+    assert mod.output_folder(mod.parse_args([])) == results
+    assert mod.output_folder(mod.parse_args(["--quick", "--out", str(tmp_path)])) == tmp_path

@@ -35,7 +35,9 @@ def test_generated_module_round_trips() -> None:
 
 def test_cli_prints_the_table(capsys) -> None:
     bench = _load()
-    assert bench.main(["--ops", "500", "--runs", "1", "--check"]) == 0
+    results = sorted((p.name, p.read_bytes()) for p in bench.RESULTS.iterdir())
+    assert bench.main(["--quick", "--ops", "500", "--check"]) == 0
+    assert sorted((p.name, p.read_bytes()) for p in bench.RESULTS.iterdir()) == results
     out = capsys.readouterr().out
     for phase in ("parse", "verify", "print", "total"):
         assert phase in out
