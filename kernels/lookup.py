@@ -5,8 +5,8 @@ IR pipeline, which also chooses the partition count), emits it with
 `compiler.backend.llvm_bag` and JIT-compiles it. The returned BagKernel takes
 numpy arrays or torch CPU tensors, never copies them (it only checks dtype,
 shape and contiguity and passes data pointers), and returns the same kind of
-array it was given. Large batches are split over a shared thread pool: ctypes
-releases the GIL and partitions own disjoint output rows.
+array it was given. Large batches are split into partitions that own
+disjoint output rows and run on the one executor (`native.Executor`).
 
 Table storage per layout (see kernels.quant): f32 float32 (rows, dim); f16
 float16 (rows, dim); bf16 uint16 bits or torch.bfloat16 (rows, dim);
@@ -17,22 +17,19 @@ ids[off[b]:off[b+1]]) or torch's B entries (the last bag ends at len(ids)).
 
 from __future__ import annotations
 
-import atexit
-import ctypes
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from ..compiler.backend import llvm_bag
-from ..compiler.backend.llvm_bag import ERR_ID, ERR_OFFSETS, FUNCTION_NAME, emit_bag, emit_runner
+from ..compiler.backend import abi
+from ..compiler.backend.llvm_bag import ERR_ID, ERR_OFFSETS, emit_bag
 from ..compiler.backend.spec import BagSpec, serving_row_bytes
 from ..compiler.pipeline import bag_spec
-from .arrays import ArrayArg
+from .arrays import ArrayArg, check_disjoint
 from .errors import EkkoError
 from .jit import JitModule, compile_ir
+from .native import PackedEntry
 
 PARALLEL_MIN_LOOKUPS = 8192  # below this one core is faster than any hand-off
 CHUNKS_PER_THREAD = 4  # dynamically claimed partitions per thread
@@ -42,94 +39,8 @@ _TABLE_NP = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16),
              "bf16": np.dtype(np.uint16), "int8": np.dtype(np.uint8), "int4": np.dtype(np.uint8)}
 _TORCH_TABLE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "int8": "uint8", "int4": "uint8"}
 
-_CFUNC = ctypes.CFUNCTYPE(
-    ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-    ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64))
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
 class LookupError(EkkoError, ValueError):  # noqa: A001 - the module's own error type
     """A lookup was rejected (bad dtype, shape, id or offsets); nothing was read out of bounds."""
-
-
-def _shared_pool() -> ThreadPoolExecutor:
-    """One pool for every kernel: the fallback while another thread holds the native runner."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
-                                       thread_name_prefix="ekko-lookup")
-        return _pool
-
-
-class _Runner:
-    """Native worker threads that claim kernel partitions from a mailbox.
-
-    See llvm_bag.emit_runner: a Python pool thread takes ~30-80 us to wake,
-    as long as a whole serving batch; these workers poll for ~0.3 ms after
-    each job, then nap, so back-to-back batches start in nanoseconds and an
-    idle process costs almost nothing. The caller always runs partitions
-    itself, so a sleeping or missing worker (e.g. after fork) only costs
-    parallelism, never latency beyond one core's time. One job at a time:
-    `run` returns None while another Python thread holds the runner.
-    """
-
-    def __init__(self, workers: int):
-        self.module = compile_ir(emit_runner())
-        self.mailbox = np.zeros(llvm_bag.MB_WORDS, np.int64)
-        self.mailbox[llvm_bag.MB_NEXT] = (1 << llvm_bag.CLAIM_BITS) - 1  # job 0, closed
-        self.codes = np.zeros(1 << 12, np.int64)
-        self.errors = np.zeros(1 << 12, np.int64)
-        self.mailbox[llvm_bag.MB_CODES] = self.codes.ctypes.data
-        self.mailbox[llvm_bag.MB_ERRS] = self.errors.ctypes.data
-        self.ptr = self.mailbox.ctypes.data
-        self.lock = threading.Lock()
-        self.seq = 0
-        self._dispatch = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(
-            self.module.address("bag_dispatch"))
-        worker = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)(
-            self.module.address("bag_worker"))
-        usleep = ctypes.cast(ctypes.CDLL(None).usleep, ctypes.c_void_p).value
-        self.threads = [threading.Thread(target=worker, args=(self.ptr, usleep), daemon=True,
-                                         name=f"ekko-bag-worker-{i}") for i in range(workers)]
-        for t in self.threads:
-            t.start()
-        atexit.register(self.stop)
-
-    def run(self, fn_addr: int, args: tuple, parts: int) -> tuple[list[int], list[int]] | None:
-        """Run partitions 0..parts-1 of one kernel call; (codes, error positions) or None if busy."""
-        if parts > len(self.codes) or not self.lock.acquire(blocking=False):
-            return None
-        try:
-            mb = self.mailbox
-            mb[llvm_bag.MB_NPARTS] = parts
-            mb[llvm_bag.MB_FN] = fn_addr
-            mb[llvm_bag.MB_ARGS:llvm_bag.MB_ARGS + 9] = [a or 0 for a in args]
-            self.seq = (self.seq + 1) % (1 << 40)
-            self._dispatch(self.ptr, self.seq)
-            return self.codes[:parts].tolist(), self.errors[:parts].tolist()
-        finally:
-            self.lock.release()
-
-    def stop(self) -> None:
-        """Let the workers return before the mailbox they poll is freed (interpreter exit)."""
-        self.mailbox[llvm_bag.MB_STOP] = 1
-        for t in self.threads:
-            t.join(timeout=1.0)
-
-
-_runner: _Runner | None = None
-
-
-def _shared_runner() -> _Runner:
-    global _runner
-    with _pool_lock:
-        if _runner is None:
-            _runner = _Runner(max(1, (os.cpu_count() or 1) - 1))
-        return _runner
 
 
 class BagKernel:
@@ -138,8 +49,7 @@ class BagKernel:
     def __init__(self, spec: BagSpec):
         self.spec = spec
         self.module: JitModule = compile_ir(emit_bag(spec))
-        self._address = self.module.address(FUNCTION_NAME)
-        self._fn = _CFUNC(self._address)
+        self._entry = PackedEntry(self.module, abi.bag())
 
     def __repr__(self) -> str:
         return f"BagKernel({self.spec})"
@@ -220,34 +130,34 @@ class BagKernel:
 
     def __call__(self, table: Any, ids: Any, offsets: Any = None,
                  per_sample_weights: Any = None, out: Any = None,
-                 include_last_offset: bool | None = None) -> Any:
-        """Pooled rows (nbags, dim) f32; torch in -> torch out, numpy otherwise."""
+                 include_last_offset: bool | None = None, seq: Any = None) -> Any:
+        """Pooled rows (nbags, dim) f32; torch in -> torch out, numpy otherwise.
+
+        `seq` (uint32, one per table row) are the sequence words the table's
+        writers keep (see ekko.kernels.update): with them no returned row is
+        ever part old, part new, whatever updates run beside the lookup.
+        """
         t, i = self._table(table), self._ids(ids)
         o, noff, nbags = self._offsets(offsets, i, include_last_offset)
         w = self._weights(per_sample_weights, i)
         result, out_arg = self._out(out, nbags, t.torch or i.torch)
+        sq = None
+        if seq is not None:
+            sq = ArrayArg("seq", seq, LookupError)
+            sq.expect(("uint32", "int32"), (t.shape[0],))
+        check_disjoint([out_arg], [x for x in (t, i, o, w, sq) if x is not None], LookupError)
         if nbags == 0:
             return result
-        args = (t.ptr, t.shape[0], i.ptr, i.shape[0], o.ptr if o else None, noff, nbags,
-                w.ptr if w else None, out_arg.ptr)
         parts = self._partitions(i.shape[0], nbags)
-        if parts == 1:
-            err = ctypes.c_int64(0)
-            codes, positions = [self._fn(*args, 0, 1, err)], [err.value]
-        else:
-            codes, positions = self._run_parallel(args, parts)
-        self._raise_first(codes, positions, t.shape[0], i.shape[0])
+        errors = np.zeros(parts, np.int64)
+        common = dict(table=t.ptr, rows=t.shape[0], ids=i.ptr, nids=i.shape[0],
+                      offsets=o.ptr if o else None, noffsets=noff, nbags=nbags,
+                      weights=w.ptr if w else None, out=out_arg.ptr, nparts=parts,
+                      seq=sq.ptr if sq else None)
+        codes = self._entry([dict(common, part=p, err_pos=errors.ctypes.data + 8 * p)
+                             for p in range(parts)])
+        self._raise_first(codes, errors.tolist(), t.shape[0], i.shape[0])
         return result
-
-    def _run_parallel(self, args: tuple, parts: int) -> tuple[list[int], list[int]]:
-        """Partitions on the native runner, or on the thread pool while it is busy."""
-        done = _shared_runner().run(self._address, args, parts)
-        if done is not None:
-            return done
-        errors = [ctypes.c_int64(0) for _ in range(parts)]
-        futures = [_shared_pool().submit(self._fn, *args, p, parts, errors[p]) for p in range(1, parts)]
-        codes = [self._fn(*args, 0, parts, errors[0])] + [f.result() for f in futures]
-        return codes, [e.value for e in errors]
 
     def _partitions(self, nids: int, nbags: int) -> int:
         """Kernel partitions for one call: 1 for small batches, else CHUNKS_PER_THREAD per thread.

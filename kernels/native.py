@@ -1,8 +1,9 @@
-"""Calling native kernels: ctypes prototypes derived from the ABI, per-table runtime.
+"""Calling native kernels: the ABI's packed entries, one executor, per-table runtime.
 
-`bind` turns an `abi.Signature` and a compiled module into a callable whose
-arguments are checked by name and count against the declaration, so a
-kernel can never be called with arguments in the wrong positions.
+Every kernel exports `<symbol>_packed(i64* args)` (see `abi.packed`):
+`PackedEntry` lays out each partition's arguments by name, in the order the
+ABI declares them, and the one `Executor` runs the partitions. A kernel can
+never be called with arguments in the wrong positions.
 
 `TableRuntime` is what belongs to one table rather than to a compiled
 kernel: the lock that serializes its updates (whichever kernel object issues
@@ -13,68 +14,122 @@ same table from two threads take the same lock.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..compiler.backend import abi
-from .jit import JitModule
+import numpy as np
 
-_CTYPES = {"i64": ctypes.c_int64, "f64": ctypes.c_double, "void": None}
+from ..compiler.backend import abi, llvm_runner
+from ..compiler.backend.llvm_runner import emit_runner
+from .jit import JitModule, compile_ir
+
+class Executor:
+    """Runs a kernel's partitions: one executor for every kernel.
+
+    The partitions of one call are claimed by native worker threads (see
+    `compiler.backend.llvm_runner`: a Python pool thread takes ~30-80 us to
+    wake, as long as a whole serving batch) and by the calling thread, which
+    always works too, so a sleeping or missing worker (e.g. after fork) only
+    costs parallelism. One job at a time: while another thread holds the
+    workers, a call runs its partitions on its own thread. ctypes releases
+    the GIL for every native call.
+    """
+
+    def __init__(self, workers: int):
+        self.module = compile_ir(emit_runner())
+        self.mailbox = np.zeros(llvm_runner.MB_WORDS, np.int64)
+        self.mailbox[llvm_runner.MB_NEXT] = (1 << llvm_runner.CLAIM_BITS) - 1  # job 0, closed
+        self.codes = np.zeros(1 << 12, np.int64)
+        self.mailbox[llvm_runner.MB_CODES] = self.codes.ctypes.data
+        self.ptr = self.mailbox.ctypes.data
+        self.lock = threading.Lock()
+        self.seq = 0
+        self._dispatch = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(
+            self.module.address("ekko_dispatch"))
+        worker = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)(
+            self.module.address("ekko_worker"))
+        usleep = ctypes.cast(ctypes.CDLL(None).usleep, ctypes.c_void_p).value
+        self.threads = [threading.Thread(target=worker, args=(self.ptr, usleep), daemon=True,
+                                         name=f"ekko-worker-{i}") for i in range(workers)]
+        for t in self.threads:
+            t.start()
+        atexit.register(self.stop)
+
+    def run(self, entry: PackedEntry, argv: np.ndarray) -> list[int]:
+        """Status of each partition of one call; argv is [nparts x nargs] int64 words."""
+        parts = argv.shape[0]
+        if parts == 1 or parts > len(self.codes) or not self.lock.acquire(blocking=False):
+            base, step = argv.ctypes.data, argv.shape[1] * 8
+            return [entry.fn(base + p * step) for p in range(parts)]
+        try:
+            mb = self.mailbox
+            mb[llvm_runner.MB_NPARTS] = parts
+            mb[llvm_runner.MB_FN] = entry.address
+            mb[llvm_runner.MB_ARGV] = argv.ctypes.data
+            mb[llvm_runner.MB_NARGS] = argv.shape[1]
+            self.seq = (self.seq + 1) % (1 << 40)
+            self._dispatch(self.ptr, self.seq)
+            return self.codes[:parts].tolist()
+        finally:
+            self.lock.release()
+
+    def stop(self) -> None:
+        """Let the workers return before the mailbox they poll is freed (interpreter exit)."""
+        self.mailbox[llvm_runner.MB_STOP] = 1
+        for t in self.threads:
+            t.join(timeout=1.0)
 
 
-def prototype(sig: abi.Signature) -> type:
-    """The ctypes function type of a signature (pointers as raw addresses)."""
-    args = [ctypes.c_void_p if a.pointer else _CTYPES[a.type] for a in sig.args]
-    return ctypes.CFUNCTYPE(_CTYPES[sig.ret], *args)
+_executor: Executor | None = None
+_executor_lock = threading.Lock()
 
 
-class Native:
-    """One exported function of a compiled module, called by argument name."""
+def executor() -> Executor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = Executor(max(1, (os.cpu_count() or 1) - 1))
+        return _executor
+
+
+class PackedEntry:
+    """A kernel's `<symbol>_packed` entry and how to lay out its argument words."""
 
     def __init__(self, module: JitModule, sig: abi.Signature):
         self.sig = sig
         self.module = module  # keeps the code alive
-        self.fn = prototype(sig)(module.address(sig.symbol))
+        self.address = module.address(abi.packed(sig).symbol)
+        self.fn = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(self.address)
         self.names = sig.names()
+        self.floats = [a.type == "f64" for a in sig.args]
 
-    def __call__(self, **kwargs: Any) -> Any:
-        if kwargs.keys() != set(self.names):
-            missing = set(self.names) - kwargs.keys()
-            extra = kwargs.keys() - set(self.names)
-            raise TypeError(f"{self.sig.symbol}: missing {sorted(missing)}, unexpected {sorted(extra)}")
-        return self.fn(*(kwargs[n] for n in self.names))
+    def words(self, rows: list[dict[str, Any]]) -> np.ndarray:
+        """One row of int64 words per partition, from each partition's arguments by name."""
+        out = np.empty((len(rows), len(self.names)), np.int64)
+        for p, args in enumerate(rows):
+            if args.keys() != set(self.names):
+                raise TypeError(f"{self.sig.symbol}: arguments {sorted(args)} do not match "
+                                f"{list(self.names)}")
+            out[p] = [_word(args[n], f) for n, f in zip(self.names, self.floats)]
+        return out
 
-    def positional(self) -> Callable:
-        """The raw ctypes function, for hot paths that build arguments in order."""
-        return self.fn
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def executor() -> ThreadPoolExecutor:
-    """The one thread pool that runs kernel partitions (ctypes releases the GIL)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
-                                       thread_name_prefix="ekko-kernel")
-        return _pool
+    def __call__(self, rows: list[dict[str, Any]]) -> list[int]:
+        return executor().run(self, self.words(rows))
 
 
-def run_partitions(fn: Callable[[int], Any], parts: int) -> list[Any]:
-    """fn(p) for every partition; partition 0 on the calling thread."""
-    if parts == 1:
-        return [fn(0)]
-    futures = [executor().submit(fn, p) for p in range(1, parts)]
-    first = fn(0)
-    return [first] + [f.result() for f in futures]
+def _word(value: Any, is_float: bool) -> int:
+    """An argument as the int64 word the packed entry reads."""
+    if is_float:
+        return int(np.float64(value).view(np.int64))
+    if value is None:
+        return 0
+    v = int(value)
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 class TableRuntime:

@@ -39,7 +39,7 @@ from ..dialects import catalog
 from .arrays import ArrayArg, check_disjoint
 from .errors import UpdateError
 from .jit import JitModule, compile_ir
-from .native import Native, run_partitions, table_runtime
+from .native import PackedEntry, table_runtime
 
 _TABLE_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16")}
 _SERVING_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16"),
@@ -97,9 +97,9 @@ class UpdateKernel:
     def __init__(self, spec: UpdateSpec):
         self.spec = spec
         self.module: JitModule = compile_ir(emit_update(spec))
-        self._dedup = Native(self.module, abi.update_dedup(spec.index_dtype)).positional()
-        self._apply = Native(self.module, abi.update_apply(
-            len(spec.states), spec.index_dtype, spec.dedup)).positional()
+        self._dedup = PackedEntry(self.module, abi.update_dedup(spec.index_dtype))
+        self._apply = PackedEntry(self.module, abi.update_apply(
+            len(spec.states), spec.index_dtype, spec.dedup))
         self.parts = max(1, spec.partitions)
 
     def __repr__(self) -> str:
@@ -198,37 +198,37 @@ class UpdateKernel:
             guess = int(sc.count[0]) if sc.n > 0 else n // parts
             sc.ensure(n, self.spec.dim, min(max(guess, 1), n))
 
-        def dedup(p: int) -> int:
+        def dedup_args(p: int) -> dict:
             sc = scratch[p]
-            return self._dedup(p, parts, i.ptr, n, rows, g.ptr, sc.htab.ctypes.data, sc.cap,
-                               sc.uids.ctypes.data,
-                               sc.acc.ctypes.data, sc.slots.ctypes.data, sc.count.ctypes.data,
-                               sc.err.ctypes.data, *(a.ctypes.data for a in sc.sort),
-                               sc.srcs.ctypes.data)
+            order, key_a, key_b, order_b = (a.ctypes.data for a in sc.sort)
+            return dict(part=p, nparts=parts, ids=i.ptr, n=n, rows=rows, grads=g.ptr,
+                        htab=sc.htab.ctypes.data, cap=sc.cap, uids=sc.uids.ctypes.data,
+                        acc=sc.acc.ctypes.data, slots=sc.slots.ctypes.data,
+                        count_out=sc.count.ctypes.data, err_pos=sc.err.ctypes.data,
+                        order=order, key_a=key_a, key_b=key_b, order_b=order_b,
+                        srcs=sc.srcs.ctypes.data)
 
-        codes = run_partitions(dedup, parts)
+        codes = self._dedup([dedup_args(p) for p in range(parts)])
         for p, code in enumerate(codes):
             while code == abi.Status.TABLE_FULL:  # rare: far more unique ids than last time
                 scratch[p].resize(2 * scratch[p].cap)
-                code = codes[p] = dedup(p)
+                code = codes[p] = self._dedup([dedup_args(p)])[0]
         self._raise_first(scratch, codes, i, rows)
-        state_ptrs = [a.ptr for a in states]
-        sp = srv.ptr if srv else None
-        vp = ver.ptr if ver else None
-        qp = sq.ptr if sq else None
+        common = dict(nparts=parts, table=t.ptr, serving=srv.ptr if srv else None,
+                      versions=ver.ptr if ver else None, seq=sq.ptr if sq else None,
+                      step=step, version=version, seed=seed,
+                      **{f"state{k}": a.ptr for k, a in enumerate(states)})
 
-        def apply(p: int) -> int:
+        def apply_args(p: int) -> dict:
             sc = scratch[p]
             if self.spec.dedup:
-                self._apply(p, parts, sc.uids.ctypes.data, sc.acc.ctypes.data, int(sc.count[0]),
-                            t.ptr, *state_ptrs, sp, vp, qp, step, version, seed,
-                            sc.sort[0].ctypes.data, g.ptr, sc.srcs.ctypes.data)
-            else:
-                self._apply(p, parts, i.ptr, g.ptr, n, t.ptr, *state_ptrs, sp, vp, qp, step,
-                            version, seed, None, None, None)
-            return 0
+                return dict(common, part=p, ids=sc.uids.ctypes.data, grads=sc.acc.ctypes.data,
+                            count=int(sc.count[0]), order=sc.sort[0].ctypes.data,
+                            raw_grads=g.ptr, srcs=sc.srcs.ctypes.data)
+            return dict(common, part=p, ids=i.ptr, grads=g.ptr, count=n, order=None,
+                        raw_grads=None, srcs=None)
 
-        run_partitions(apply, parts)
+        self._apply([apply_args(p) for p in range(parts)])
 
     @staticmethod
     def _raise_first(scratch, codes: list[int], ids: ArrayArg, rows: int) -> None:

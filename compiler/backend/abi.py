@@ -109,11 +109,35 @@ def update_apply(spec_states: int, index_dtype: str, dedup: bool) -> Signature:
     ))
 
 
-def bag(index_dtype: str, weighted: bool) -> Signature:
-    """A pooled lookup over bags [lo, hi)."""
-    return Signature("ekko_bag", "i64", (
-        _a("table", "i8*"), _a("rows", "i64"), _a("ids", f"{index_dtype}*"),
-        _a("offsets", f"{index_dtype}*"), _a("weights", "f32*" if weighted else "f32*"),
-        _a("out", "f32*"), _a("lo", "i64"), _a("hi", "i64"), _a("nids", "i64"),
-        _a("err_pos", "i64*"), _a("seq", "u32*", "sequence words or null"),
+def bag() -> Signature:
+    """A pooled lookup of the bags [nbags*part/nparts, nbags*(part+1)/nparts).
+
+    Pointers are byte-addressed so one signature fits every layout and index
+    width. Returns a Status; *err_pos is the bad id's position or bag.
+    """
+    return Signature("bag_kernel", "i64", (
+        _a("table", "i8*"), _a("rows", "i64"), _a("ids", "i8*"), _a("nids", "i64"),
+        _a("offsets", "i8*"), _a("noffsets", "i64"), _a("nbags", "i64"),
+        _a("weights", "f32*"), _a("out", "f32*"), *PART, _a("err_pos", "i64*"),
+        _a("seq", "u32*", "the table's sequence words, or null"),
     ), "Returns a Status.")
+
+
+class BagStatus(IntEnum):
+    """What a lookup kernel returns."""
+
+    OK = 0
+    ID_OUT_OF_RANGE = 1  # *err_pos: the position in ids
+    BAD_OFFSETS = 2  # *err_pos: the bag
+
+
+def packed(sig: Signature) -> Signature:
+    """The wrapper every kernel exports for the partition runner.
+
+    `<symbol>_packed(i64* args)` reads each argument of `sig` from one
+    int64 word of `args` (pointers as addresses, f64 as its bits) and calls
+    the kernel; the runner hands partition p the row p of an
+    [nparts x len(sig.args)] array, so every kernel runs on one executor.
+    """
+    return Signature(sig.symbol + "_packed", "i64", (_a("args", "i64*"),),
+                     f"Calls {sig.symbol}; returns its status (0 for a void kernel).")

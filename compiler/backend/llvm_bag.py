@@ -12,7 +12,13 @@ layouts and index widths):
 
     i64 bag_kernel(i8* table, i64 rows, i8* ids, i64 nids, i8* offsets,
                    i64 noffsets, i64 nbags, float* weights, float* out,
-                   i64 part, i64 nparts, i64* err_pos)
+                   i64 part, i64 nparts, i64* err_pos, u32* seq)
+
+(declared once in `abi.bag`; `bag_kernel_packed` is its partition-runner
+entry). With `seq` (the table's per-row sequence words, see
+`llvm_update.seq_begin`), a bag is pooled between two reads of its rows'
+words and pooled again if a row was being written or changed meanwhile, so
+no lookup ever returns a row that is part old, part new.
 
 `part`/`nparts` select the bags [nbags*part/nparts, nbags*(part+1)/nparts),
 so threads own disjoint output rows. Bag b spans ids[offsets[b]:end) with
@@ -30,18 +36,19 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from . import loops
+from . import abi, loops
+from .llvm_abi import declare, emit_packed
 from .spec import BagSpec, serving_row_bytes
 
-FUNCTION_NAME = "bag_kernel"
+FUNCTION_NAME = abi.bag().symbol
 CHUNK = 128  # floats per accumulator chunk: 8 zmm / 16 ymm registers
 PREFETCH_DISTANCE = 24  # ids ahead whose rows are prefetched (16-32 measured best)
 PREFETCH_LINES = 8  # 64-byte lines prefetched per row, at most
 
 FMA = ("contract",)  # let mul + add of one lookup fuse into an fma (differs from torch by an ulp)
 
-ERR_ID = 1
-ERR_OFFSETS = 2
+ERR_ID = abi.BagStatus.ID_OUT_OF_RANGE
+ERR_OFFSETS = abi.BagStatus.BAD_OFFSETS
 
 i8 = ir.IntType(8)
 i16 = ir.IntType(16)
@@ -80,16 +87,12 @@ class _BagEmitter:
         self.idx_ty = i32 if spec.index_dtype == "i32" else i64
         self.module = ir.Module(name=f"ekko_bag_{spec.layout}_{spec.mode}")
         p8 = i8.as_pointer()
-        fty = ir.FunctionType(i64, [p8, i64, p8, i64, p8, i64, i64, f32.as_pointer(),
-                                    f32.as_pointer(), i64, i64, i64.as_pointer()])
-        self.fn = ir.Function(self.module, fty, FUNCTION_NAME)
-        names = ("table", "rows", "ids", "nids", "offsets", "noffsets", "nbags", "weights",
-                 "out", "part", "nparts", "err_pos")
-        for arg, name in zip(self.fn.args, names):
-            arg.name = name
+        self.sig = abi.bag()
+        self.fn = declare(self.module, self.sig)
+        for arg in self.fn.args:
             if isinstance(arg.type, ir.PointerType):
                 arg.add_attribute("noalias")
-        self.a = dict(zip(names, self.fn.args))
+        self.a = dict(zip(self.sig.names(), self.fn.args))
         self.prefetch = self.module.declare_intrinsic(
             "llvm.prefetch", [p8], ir.FunctionType(ir.VoidType(), [p8, i32, i32, i32]))
         self.b = ir.IRBuilder(self.fn.append_basic_block("entry"))
@@ -252,15 +255,61 @@ class _BagEmitter:
         ptr = b.bitcast(b.gep(self.a["out"], [off]), ir.VectorType(f32, n).as_pointer())
         b.store(acc, ptr, align=4)
 
+    def seq_sum(self, start: ir.Value, end: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """(sum of the bag's rows' sequence words, whether any is odd).
+
+        Each id is validated here, before its sequence word is read.
+        """
+        b, a = self.b, self.a
+
+        def step(j: ir.Value, accs: list) -> list:
+            idv = self.load_index(a["ids"], j)
+            ok = self.fn.append_basic_block("seq_id_ok")
+            b.cbranch(b.icmp_unsigned("<", idv, a["rows"]), ok, self.fail(ERR_ID, j))
+            b.position_at_end(ok)
+            word = b.load_atomic(b.gep(a["seq"], [idv]), "monotonic", 4)
+            return [b.add(accs[0], b.zext(word, i64)), b.or_(accs[1], word)]
+
+        total, bits = loops.fold(b, start, end, "seq", [_const(i64, 0), _const(i32, 0)], step)
+        return total, b.trunc(bits, ir.IntType(1))
+
     def build(self) -> str:
+        """The bag loop; with sequence words, each bag is read between two
+        reads of its rows' words and read again if any row was being written
+        or changed meanwhile (words only grow: a change raises their sum)."""
         b, a = self.b, self.a
         lo = b.sdiv(b.mul(a["nbags"], a["part"]), a["nparts"])
         hi = b.sdiv(b.mul(a["nbags"], b.add(a["part"], _const(i64, 1))), a["nparts"])
+        has_seq = b.icmp_unsigned("!=", b.ptrtoint(a["seq"], i64), _const(i64, 0))
         with loops.counted(b, lo, hi, "bag") as bag:
             start, end = self.bag_bounds(bag)
+            read = self.fn.append_basic_block("bag.read")
+            b.branch(read)
+            b.position_at_end(read)
+            checked = self.fn.append_basic_block("bag.checked")
+            first = self.fn.append_basic_block("bag.seq_first")
+            b.cbranch(has_seq, first, checked)
+            b.position_at_end(first)
+            before, odd = self.seq_sum(start, end)
+            b.fence("acquire")
+            first_end = b.block
+            b.cbranch(odd, read, checked)  # a writer holds a row: read again
+            b.position_at_end(checked)
+            phi = b.phi(i64, "seq_before")
+            phi.add_incoming(before, first_end)
+            phi.add_incoming(_const(i64, 0), read)
             for c0 in range(0, self.spec.dim, CHUNK):
                 self.chunk_loop(bag, start, end, c0, min(CHUNK, self.spec.dim - c0))
+            done = self.fn.append_basic_block("bag.done")
+            again = self.fn.append_basic_block("bag.seq_again")
+            b.cbranch(has_seq, again, done)
+            b.position_at_end(again)
+            b.fence("acquire")
+            after, _ = self.seq_sum(start, end)
+            b.cbranch(b.icmp_unsigned("!=", after, phi), read, done)
+            b.position_at_end(done)
         b.ret(_const(i64, 0))
+        emit_packed(self.module, self.fn, self.sig)
         return str(self.module)
 
 
@@ -269,145 +318,4 @@ def emit_bag(spec: BagSpec) -> str:
     return _BagEmitter(spec).build()
 
 
-# --------------------------------------------------------------------------
-# partition runner: spinning native workers instead of a Python thread pool
-
-# Mailbox words (i64) shared by the caller and the workers of `bag_runner`.
-MB_NEXT, MB_DONE, MB_STOP, MB_NPARTS, MB_FN, MB_CODES, MB_ERRS, MB_ARGS = range(8)
-MB_WORDS = MB_ARGS + 9  # table, rows, ids, nids, offsets, noffsets, nbags, weights, out
-CLAIM_BITS = 16  # claim word = seq << 16 | next partition; 0xFFFF closes a job
-SPIN_ITERS = 200_000  # ~0.2-0.5 ms of polling after a job before sleeping
-NAP_US, NAP_ITERS, SLEEP_US = 50, 4000, 2000  # then 50 us naps for ~0.2 s, then 2 ms sleeps
-
-
-class _RunnerEmitter:
-    """`run_parts`, `bag_dispatch` and `bag_worker`: a work-claiming partition runner.
-
-    Why native: waking a Python pool thread costs ~30-80 us on these VMs, as
-    much as a whole 40k-lookup batch. Workers that poll a mailbox for a while
-    after each job (like OpenMP's spin count) pick a partition up within
-    nanoseconds during bursts and sleep when idle.
-
-    Protocol: the caller (holding a Python lock) writes the job into the
-    mailbox, then `bag_dispatch(mb, seq)` publishes the claim word
-    seq << 16 | 0, runs partitions itself until none is left, waits until
-    every claimed one is done and closes the job (index 0xFFFF). Anyone
-    claims partition i by compare-and-swap of word -> word + 1 after
-    checking i < nparts; a claim can only succeed while the job is open, so
-    a late worker never runs a partition with the next job's half-written
-    arguments. The caller never waits for a worker to wake up: if none is
-    awake it runs every partition itself.
-    """
-
-    def __init__(self) -> None:
-        self.module = ir.Module(name="ekko_bag_runner")
-        self.mb_ty = i64.as_pointer()
-        p8 = i8.as_pointer()
-        self.kernel_ty = ir.FunctionType(i64, [p8, i64, p8, i64, p8, i64, i64, f32.as_pointer(),
-                                               f32.as_pointer(), i64, i64, i64.as_pointer()])
-        self.run_parts = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [self.mb_ty]),
-                                     "run_parts")
-
-    @staticmethod
-    def word(b: ir.IRBuilder, mb: ir.Value, index: int) -> ir.Value:
-        return b.gep(mb, [_const(i64, index)])
-
-    def load(self, b: ir.IRBuilder, mb: ir.Value, index: int) -> ir.Value:
-        return b.load_atomic(self.word(b, mb, index), "seq_cst", 8)
-
-    def emit_run_parts(self) -> None:
-        """Claim and run partitions of the open job until none is left."""
-        fn = self.run_parts
-        mb = fn.args[0]
-        b = ir.IRBuilder(fn.append_basic_block("entry"))
-        loop, claim, run, out = (fn.append_basic_block(n) for n in ("loop", "claim", "run", "out"))
-        b.branch(loop)
-        b.position_at_end(loop)
-        w = self.load(b, mb, MB_NEXT)
-        idx = b.and_(w, _const(i64, (1 << CLAIM_BITS) - 1))
-        nparts = self.load(b, mb, MB_NPARTS)
-        b.cbranch(b.icmp_signed("<", idx, nparts), claim, out)
-        b.position_at_end(claim)
-        res = b.cmpxchg(self.word(b, mb, MB_NEXT), w, b.add(w, _const(i64, 1)), "seq_cst", "seq_cst")
-        b.cbranch(b.extract_value(res, 1), run, loop)
-        b.position_at_end(run)
-        kernel = b.inttoptr(self.load(b, mb, MB_FN), self.kernel_ty.as_pointer())
-        args = []
-        for k, ty in enumerate(self.kernel_ty.args[:9]):
-            v = b.load(self.word(b, mb, MB_ARGS + k), align=8)
-            args.append(b.inttoptr(v, ty) if isinstance(ty, ir.PointerType) else v)
-        errs = b.inttoptr(b.load(self.word(b, mb, MB_ERRS), align=8), self.mb_ty)
-        codes = b.inttoptr(b.load(self.word(b, mb, MB_CODES), align=8), self.mb_ty)
-        code = b.call(kernel, args + [idx, nparts, b.gep(errs, [idx])])
-        b.store(code, b.gep(codes, [idx]), align=8)
-        b.atomic_rmw("add", self.word(b, mb, MB_DONE), _const(i64, 1), "seq_cst")
-        b.branch(loop)
-        b.position_at_end(out)
-        b.ret_void()
-
-    def emit_dispatch(self) -> None:
-        """bag_dispatch(mb, seq): publish, help, wait for stragglers, close."""
-        fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [self.mb_ty, i64]), "bag_dispatch")
-        mb, seq = fn.args
-        b = ir.IRBuilder(fn.append_basic_block("entry"))
-        b.store_atomic(_const(i64, 0), self.word(b, mb, MB_DONE), "seq_cst", 8)
-        b.store_atomic(b.shl(seq, _const(i64, CLAIM_BITS)), self.word(b, mb, MB_NEXT), "seq_cst", 8)
-        b.call(self.run_parts, [mb])
-        wait, done = fn.append_basic_block("wait"), fn.append_basic_block("done")
-        b.branch(wait)
-        b.position_at_end(wait)
-        finished = b.icmp_signed(">=", self.load(b, mb, MB_DONE), self.load(b, mb, MB_NPARTS))
-        b.cbranch(finished, done, wait)
-        b.position_at_end(done)
-        closed = b.or_(b.shl(seq, _const(i64, CLAIM_BITS)), _const(i64, (1 << CLAIM_BITS) - 1))
-        b.store_atomic(closed, self.word(b, mb, MB_NEXT), "seq_cst", 8)
-        b.ret_void()
-
-    def emit_worker(self) -> None:
-        """bag_worker(mb, usleep): poll for work; spin, then nap, then sleep; return on stop."""
-        sleep_ty = ir.FunctionType(i32, [i32])
-        fn = ir.Function(self.module, ir.FunctionType(i64, [self.mb_ty, i64]), "bag_worker")
-        mb, usleep_addr = fn.args
-        b = ir.IRBuilder(fn.append_basic_block("entry"))
-        usleep = b.inttoptr(usleep_addr, sleep_ty.as_pointer())
-        entry = b.block
-        loop, check, work, idle, nap, exit_ = (fn.append_basic_block(n) for n in
-                                               ("loop", "check", "work", "idle", "nap", "exit"))
-        b.branch(loop)
-        b.position_at_end(loop)
-        polls = b.phi(i64, "polls")
-        polls.add_incoming(_const(i64, 0), entry)
-        b.cbranch(b.icmp_signed("!=", self.load(b, mb, MB_STOP), _const(i64, 0)), exit_, check)
-        b.position_at_end(check)
-        idx = b.and_(self.load(b, mb, MB_NEXT), _const(i64, (1 << CLAIM_BITS) - 1))
-        b.cbranch(b.icmp_signed("<", idx, self.load(b, mb, MB_NPARTS)), work, idle)
-        b.position_at_end(work)
-        b.call(self.run_parts, [mb])
-        polls.add_incoming(_const(i64, 0), work)
-        b.branch(loop)
-        b.position_at_end(idle)
-        nxt = b.add(polls, _const(i64, 1))
-        polls.add_incoming(nxt, idle)
-        b.cbranch(b.icmp_signed("<", nxt, _const(i64, SPIN_ITERS)), loop, nap)
-        b.position_at_end(nap)
-        long_idle = b.icmp_signed(">", nxt, _const(i64, SPIN_ITERS + NAP_ITERS))
-        us = b.select(long_idle, _const(i32, SLEEP_US), _const(i32, NAP_US))
-        b.call(usleep, [us])
-        polls.add_incoming(nxt, nap)
-        b.branch(loop)
-        b.position_at_end(exit_)
-        b.ret(_const(i64, 0))
-
-    def build(self) -> str:
-        self.emit_run_parts()
-        self.emit_dispatch()
-        self.emit_worker()
-        return str(self.module)
-
-
-def emit_runner() -> str:
-    """LLVM IR of the partition runner (`bag_dispatch`, `bag_worker`), shared by all kernels."""
-    return _RunnerEmitter().build()
-
-
-__all__ = ["emit_bag", "emit_runner", "FUNCTION_NAME", "ERR_ID", "ERR_OFFSETS", "MB_WORDS"]
+__all__ = ["emit_bag", "FUNCTION_NAME", "ERR_ID", "ERR_OFFSETS"]

@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 from ...dialects import catalog
 from . import abi, loops, mathprog
+from .llvm_abi import declare, emit_packed
 from .spec import UpdateSpec
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -563,22 +564,6 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
     b.ret_void()
 
 
-def declare(module: ir.Module, sig: abi.Signature) -> ir.Function:
-    """The LLVM function for an ABI signature (its argument names kept)."""
-    fn = ir.Function(module, ir.FunctionType(LLVM_TYPES[sig.ret],
-                                             [LLVM_TYPES[x.type] for x in sig.args]), sig.symbol)
-    for arg, decl in zip(fn.args, sig.args):
-        arg.name = decl.name
-    return fn
-
-
-LLVM_TYPES: dict[str, ir.Type] = {
-    "i64": I64, "f64": F64, "i8*": I8.as_pointer(), "i32*": I32.as_pointer(),
-    "u32*": I32.as_pointer(), "i64*": I64.as_pointer(), "f32*": F32.as_pointer(),
-    "void": ir.VoidType(),
-}
-
-
 PREFETCH_AHEAD = 8  # rows: 4 to 16 measured the same
 PREFETCH_BYTES = 512  # per stream: wider rows are left to the hardware prefetcher
 
@@ -862,4 +847,8 @@ def emit_update(spec: UpdateSpec) -> str:
     module.triple = ""
     emit_dedup(module, spec)
     emit_apply(module, spec)
+    for fn_name, sig in (("ekko_update_dedup", abi.update_dedup(spec.index_dtype)),
+                         ("ekko_update_apply", abi.update_apply(len(spec.states),
+                                                                spec.index_dtype, spec.dedup))):
+        emit_packed(module, module.get_global(fn_name), sig)
     return str(module)

@@ -1,0 +1,45 @@
+"""The ABI (`abi.Signature`) in LLVM terms: declarations and packed wrappers."""
+
+from __future__ import annotations
+
+from llvmlite import ir
+
+from . import abi
+
+I8, I32, I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+F32, F64 = ir.FloatType(), ir.DoubleType()
+
+LLVM_TYPES: dict[str, ir.Type] = {
+    "i64": I64, "f64": F64, "i8*": I8.as_pointer(), "i32*": I32.as_pointer(),
+    "u32*": I32.as_pointer(), "i64*": I64.as_pointer(), "f32*": F32.as_pointer(),
+    "void": ir.VoidType(),
+}
+
+
+def declare(module: ir.Module, sig: abi.Signature) -> ir.Function:
+    """The LLVM function for an ABI signature (its argument names kept)."""
+    fty = ir.FunctionType(LLVM_TYPES[sig.ret], [LLVM_TYPES[x.type] for x in sig.args])
+    fn = ir.Function(module, fty, sig.symbol)
+    for arg, decl in zip(fn.args, sig.args):
+        arg.name = decl.name
+    return fn
+
+
+def emit_packed(module: ir.Module, fn: ir.Function, sig: abi.Signature) -> ir.Function:
+    """`<symbol>_packed(i64* args)`: unpack one int64 word per argument and call `fn`."""
+    wrapper = declare(module, abi.packed(sig))
+    b = ir.IRBuilder(wrapper.append_basic_block("entry"))
+    words = wrapper.args[0]
+    args = []
+    for k, decl in enumerate(sig.args):
+        word = b.load(b.gep(words, [ir.Constant(I64, k)]), align=8)
+        ty = LLVM_TYPES[decl.type]
+        if isinstance(ty, ir.PointerType):
+            args.append(b.inttoptr(word, ty))
+        elif ty == F64:
+            args.append(b.bitcast(word, F64))
+        else:
+            args.append(word)
+    result = b.call(fn, args)
+    b.ret(result if sig.ret != "void" else ir.Constant(I64, 0))
+    return wrapper
