@@ -1,0 +1,58 @@
+"""docs/language.md is true: its examples parse, its error examples fail as it says,
+and it names every optimizer, dtype, serving layout and pooling the language accepts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ekko.compiler.frontend import ModelError, parse_model
+from ekko.compiler.frontend.model import (
+    MASTER_DTYPES,
+    OPTIMIZER_DEFAULTS,
+    POOLINGS,
+    SERVING_LAYOUTS,
+)
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "language.md"
+TEXT = DOC.read_text()
+EXAMPLES = re.findall(r"```ekko\n(.*?)```", TEXT, re.S)
+ERRORS = re.findall(r"```ekko-error\n// error: (.*?)\n(.*?)```", TEXT, re.S)
+
+
+def test_the_doc_has_examples() -> None:
+    assert len(EXAMPLES) >= 5 and len(ERRORS) >= 10
+
+
+@pytest.mark.parametrize("source", EXAMPLES, ids=lambda s: s.split("{")[0].strip()[:30])
+def test_examples_parse(source: str) -> None:
+    model = parse_model(source, "docs/language.md")
+    assert model.name in source
+
+
+@pytest.mark.parametrize("message,source", ERRORS, ids=[m for m, _ in ERRORS])
+def test_error_examples_fail_with_their_message(message: str, source: str) -> None:
+    with pytest.raises(ModelError) as e:
+        parse_model(source, "doc.ekko")
+    assert message in str(e.value) and str(e.value).startswith("doc.ekko:")
+
+
+def test_every_name_the_language_accepts_is_documented() -> None:
+    for word in (*OPTIMIZER_DEFAULTS, *MASTER_DTYPES, *SERVING_LAYOUTS, *POOLINGS):
+        assert f"`{word}`" in TEXT, word
+    for optimizer, defaults in OPTIMIZER_DEFAULTS.items():
+        row = next(line for line in TEXT.splitlines() if line.startswith(f"| `{optimizer}` |"))
+        documented = {k: float(v) for k, v in re.findall(r"`(\w+)` \(([-+.\deE]+)\)", row)}
+        assert documented == defaults, optimizer
+
+
+def test_the_documented_defaults_hold() -> None:
+    """What a table gets when it says only rows and dim."""
+    table = parse_model("model m { table t { rows 10; dim 4; } feature f -> t; }").tables[0]
+    assert (table.dtype, table.serving, table.optimizer.kind) == ("f32", "f32", "rowwise_adagrad")
+    assert table.max_norm is None and table.clip_value is None and table.weight_decay == 0
+    assert not table.stochastic_rounding
+    assert parse_model("model m { table t { rows 10; dim 4; } feature f -> t; }"
+                       ).features[0].pooling == "sum"
