@@ -37,6 +37,7 @@ from ..compiler.backend.spec import UpdateSpec, serving_row_bytes
 from ..compiler.diagnostics import EkkoDiagnostic
 from ..compiler.frontend import Model, ModelError, Optimizer, load_model
 from ..compiler.frontend.model import ModelInvalid
+from ..compiler.limits import MAX_BATCH
 from . import jit
 from .errors import EkkoError
 from .model import STAGES, CompiledModel, compile_model
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(r)
     r.add_argument("--steps", type=int_flag(1, MAX_STEPS), default=50,
                    help="update steps (default 50)")
-    r.add_argument("--batch", type=int_flag(1, 2**31 - 1), default=4096,
+    r.add_argument("--batch", type=int_flag(1, MAX_BATCH), default=4096,
                    help="samples per step: ids per table per step, bags per lookup (default 4096)")
     r.add_argument("--pooling", type=int_flag(1, 1_000_000), default=1,
                    help="mean ids per bag (default 1)")
@@ -342,6 +343,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet)
     config = RunConfig(steps=args.steps, batch=args.batch, pooling=args.pooling,
                        zipf=args.zipf, seed=args.seed)
+    if args.batch * (2 * args.pooling + 1) > MAX_BATCH:
+        raise CliError(f"--batch {args.batch} with --pooling {args.pooling} makes lookups of up to "
+                       f"{args.batch * (2 * args.pooling + 1):,} ids (limit {MAX_BATCH:,} ids a call)")
     model = load(args)
     check_memory(model, config)
     compiled = _compile(args, model, progress)

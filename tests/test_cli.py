@@ -68,6 +68,7 @@ def _fails_cleanly(capsys, argv: list[str], *words: str) -> str:
     (["--optimizer", "adam(lr=0.1, lr=0.2)"], ["--optimizer"]),
     (["--optimizer", "sgd(lr=inf)"], ["--optimizer"]),
     (["--serving", "int3"], ["--serving"]),
+    (["--batch", "100000000", "--pooling", "100"], ["--pooling 100", "limit 2,147,483,648"]),
 ])
 def test_bad_flags_are_one_line_errors(capsys, small: Path, flags: list[str],
                                        words: list[str]) -> None:
