@@ -158,6 +158,29 @@ def _rmsprop(g, w, states, h, step):
     return _minus(w, _scaled_step(h("lr"), g, _plus_eps(_sqrt(v), h("eps")))), [v]
 
 
+def _ftrl(g, w, states, h, step):
+    """FTRL-Proximal per coordinate (McMahan et al. 2013)."""
+    lr, l1, l2, beta = h("lr"), h("l1"), h("l2"), h("beta")
+    z0, n0 = states
+    n = _plus(n0, _square(g))
+    root_old, root_new = _sqrt(n0), _sqrt(n)
+    sigma = Tracked((root_new.value - root_old.value) / lr, (root_new.mag + root_old.mag) / lr)
+    sw = Tracked(sigma.value * w.value, np.abs(sigma.value) * (np.abs(w.value) + w.mag)
+                 + sigma.mag * np.abs(w.value))
+    z = _minus(_plus(z0, g), sw)
+    denom = Tracked((beta + root_new.value) / lr + l2, (beta + root_new.mag) / lr + l2)
+    shrunk = Tracked(np.abs(z.value) - l1, np.abs(z.value) + z.mag + l1)
+    value = np.where(np.abs(z.value) <= l1, 0.0, -np.sign(z.value) * shrunk.value / denom.value)
+    step_mag = (shrunk.mag / denom.value + np.abs(shrunk.value) * denom.mag / denom.value**2
+                + np.abs(value))
+    # within a rounding of the threshold, either side is right: allow the jump
+    near = np.abs(np.abs(z.value) - l1) <= ROUNDINGS * U32 * z.mag
+    zeroed = np.abs(z.value) <= l1
+    mag = np.where(near, np.maximum(step_mag, np.abs(value) / (ROUNDINGS * U32)),
+                   np.where(zeroed, 0.0, step_mag))
+    return Tracked(value, mag), [z, n]
+
+
 # optimizer name -> its reference math; a new optimizer is one entry here
 OPTIMIZERS: dict[str, Callable[..., tuple[Tracked, list[Tracked]]]] = {
     "sgd": _sgd,
@@ -165,6 +188,7 @@ OPTIMIZERS: dict[str, Callable[..., tuple[Tracked, list[Tracked]]]] = {
     "rowwise_adagrad": _rowwise_adagrad,
     "adam": _adam,
     "rmsprop": _rmsprop,
+    "ftrl": _ftrl,
 }
 
 

@@ -38,6 +38,7 @@ from ..compiler.diagnostics import EkkoDiagnostic
 from ..compiler.frontend import Model, ModelError, Optimizer, load_model
 from ..compiler.frontend.model import ModelInvalid
 from ..compiler.limits import MAX_BATCH
+from ..dialects import catalog
 from . import jit
 from .errors import EkkoError
 from .model import STAGES, CompiledModel, compile_model
@@ -306,9 +307,10 @@ def available_memory() -> int | None:
 
 
 def state_values_per_row(optimizer: str, dim: int) -> int:
-    """f32 optimizer-state values per row (unknown optimizers: two per element)."""
-    return {"sgd": 0, "rowwise_adagrad": 1, "adagrad": dim, "adam": 2 * dim,
-            "rmsprop": dim}.get(optimizer, 2 * dim)
+    """f32 optimizer-state values per row, from the catalog (unknown: two per element)."""
+    if optimizer not in catalog.OPTIMIZERS:
+        return 2 * dim
+    return sum(1 if s.rowwise else dim for s in catalog.optimizer(optimizer).states)
 
 
 def run_bytes(model: Model, cfg: RunConfig) -> int:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import ekko
+from ekko.dialects import catalog
 from ekko.kernels import check
 from ekko.kernels.update import UpdateKernel
 
@@ -83,9 +84,14 @@ def _run_kernel(spec, rng: np.random.Generator):
     return snap, table, arg, ids, grads
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+def test_every_catalog_optimizer_has_a_reference() -> None:
+    assert set(catalog.OPTIMIZERS) <= set(check.OPTIMIZERS)
+
+
+@pytest.mark.parametrize("optimizer", sorted(catalog.OPTIMIZERS))
 def test_check_accepts_the_kernel_and_rejects_a_slightly_wrong_one(optimizer: str) -> None:
-    spec = ekko.update_kernel(optimizer, DIM, lr=0.05).spec
+    hyper = {"l1": 0.001, "l2": 0.01} if optimizer == "ftrl" else {}
+    spec = ekko.update_kernel(optimizer, DIM, lr=0.05, **hyper).spec
     snap, table, state, ids, grads = _run_kernel(spec, np.random.default_rng(2))
     assert check.compare(spec, snap, table, state, ids, grads, 3) <= 1.0
     for wrong in [{"lr": 0.05 * 1.001}] + ([{"beta1": 0.9 * 1.001}] if optimizer == "adam" else []):
