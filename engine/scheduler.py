@@ -13,7 +13,7 @@ Policies (`SchedulerConfig.policy`):
       w_new          if the replica never received this row from this link
     + w_significance * min(norm / table's running mean norm, significance_cap)
     + w_traffic      * the table's share of lookups x number of tables
-    + seconds pending / age_scale_s                      (aging: nothing starves)
+    + seconds pending / age_scale_s (1 s)                (aging: nothing starves)
   where norm sums the update norms of the row's pending updates. Rows
   restored by a rollback go first. With no budget every pending row goes at
   once; with one, the highest priorities that fit the bytes available.
@@ -40,6 +40,7 @@ from ..kernels.errors import EkkoError
 from .packet import ROW_OVERHEAD, Packet
 from .primary import Commit, Primary
 from .replica import Replica
+from .stats import Histogram
 
 POLICIES = ("priority", "fifo", "periodic", "full")
 PACKET_HEADER = 64  # bytes a packet costs besides its rows (header, name, checksum)
@@ -55,11 +56,12 @@ class SchedulerConfig:
     w_new: float = 4.0
     w_significance: float = 1.0
     w_traffic: float = 1.0
-    age_scale_s: float = 0.05
+    age_scale_s: float = 1.0
     significance_cap: float = 100.0
-    burst_s: float = 0.005
+    burst_s: float = 0.05
     max_packet_rows: int = 1 << 16
     wire: bool = False  # encode and decode every packet, as between processes
+    significant_ratio: float = 10.0  # rows this many times the mean norm count as significant
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -78,6 +80,7 @@ class _Pending:
         self.since = np.zeros(rows, np.int64)
         self.first = np.zeros(rows, np.int64)
         self.sig = np.zeros(rows, np.float64)
+        self.peak = np.zeros(rows, np.float64)  # the largest single pending update norm
         self.seen = np.zeros(rows, bool)
         self.queue: list[np.ndarray] = []
         self.noted = 0
@@ -88,6 +91,7 @@ class _Pending:
         self.since[new] = c.commit_ns
         self.first[new] = c.version
         self.sig[c.ids] += significance
+        self.peak[c.ids] = np.maximum(self.peak[c.ids], significance)
         if len(new):
             self.queue.append(new)
         self.noted = max(self.noted, c.version)
@@ -98,10 +102,11 @@ class _Pending:
         return self.queue[0] if self.queue else np.zeros(0, np.int64)
 
     def take(self, ids: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Remove `ids` from the pending set; returns their (since, first version)."""
-        since, first = self.since[ids].copy(), self.first[ids].copy()
+        """Remove `ids` from the pending set; returns their (since, largest update norm)."""
+        since, first = self.since[ids].copy(), self.peak[ids].copy()
         self.flag[ids] = False
         self.sig[ids] = 0.0
+        self.peak[ids] = 0.0
         self.seen[ids] = True
         self.queue = [keep] if len(keep) else []
         return since, first
@@ -130,6 +135,7 @@ class Link:
         self.on_error = on_error
         self.busy = False
         self.errors: list[str] = []
+        self.significant = Histogram()  # freshness of rows over significant_ratio x the mean
 
     # -- from the engine ---------------------------------------------------------
     def enqueue(self, c: Commit, significance: np.ndarray) -> None:
@@ -247,8 +253,8 @@ class Link:
 
     def _pending_bytes(self) -> float:
         if self.config.policy == "fifo":
-            return min(len(c.ids) * self.row_bytes[t] + PACKET_HEADER
-                       for t, q in self.fifo.items() if q for _, c in list(q)[:1])
+            return min(len(q[0][1].ids) * self.row_bytes[t] + PACKET_HEADER
+                       for t, q in self.fifo.items() if q)
         return sum(len(p.ids()) * self.row_bytes[t] + PACKET_HEADER
                    for t, p in self.pending.items() if p.queue)
 
@@ -260,8 +266,8 @@ class Link:
         return 0.05
 
     # -- choosing rows --------------------------------------------------------------------
-    def _select(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        """(table, ids, commit times) to send now; called under the lock."""
+    def _select(self) -> list:
+        """(table, ids, commit times, summed norms) to send now; called under the lock."""
         budget = self._refill()
         policy = self.config.policy
         if policy == "fifo":
@@ -281,14 +287,14 @@ class Link:
             p = self.pending[t]
             keep = np.setdiff1d(p.ids(), ids, assume_unique=True) if len(ids) < len(p.ids()) \
                 else np.zeros(0, np.int64)
-            since, _ = p.take(ids, keep)
-            out.append((t, ids, since))
+            since, sig = p.take(ids, keep)
+            out.append((t, ids, since, sig))
         self._charge(out)
         return out
 
     def _charge(self, out: list) -> None:
         if self.config.bandwidth is not None:
-            self.tokens -= sum(len(ids) * self.row_bytes[t] + PACKET_HEADER for t, ids, _ in out)
+            self.tokens -= sum(len(b[1]) * self.row_bytes[b[0]] + PACKET_HEADER for b in out)
 
     def _fit(self, cands: dict[str, np.ndarray], budget: float) -> dict[str, np.ndarray]:
         out = {}
@@ -339,7 +345,7 @@ class Link:
                 out[t] = cands[t][np.sort(chosen)]
         return out
 
-    def _select_fifo(self, budget: float) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    def _select_fifo(self, budget: float) -> list:
         """Whole updates in arrival order, as many as the budget allows."""
         out = []
         while budget > 0:
@@ -353,30 +359,48 @@ class Link:
                 break
             self.fifo[t].popleft()
             budget -= cost
-            out.append((t, c.ids, np.full(len(c.ids), c.commit_ns, np.int64)))
+            out.append((t, c.ids, np.full(len(c.ids), c.commit_ns, np.int64),
+                        c.norms.astype(np.float64)))
         self._charge(out)
         return out
 
-    def _select_full(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    def _select_full(self) -> list:
         """Every row of every table; rows with pending updates carry their commit time."""
         out = []
         for t, p in self.pending.items():
             rows = len(p.flag)
             ids = np.arange(rows, dtype=np.int64)
             since = np.where(p.flag, p.since, -1)
+            sig = p.peak.copy()
             p.take(p.ids(), np.zeros(0, np.int64))
-            out.append((t, ids, since))
+            out.append((t, ids, since, sig))
         return out
 
     # -- sending ---------------------------------------------------------------------------
-    def _send(self, batch: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    def _send(self, batch: list) -> None:
         step = self.config.max_packet_rows
-        for table, ids, since in batch:
+        for table, ids, since, sig in batch:
+            mean = self.primary.tables[table].norm_mean or 1.0
             for lo in range(0, len(ids), step):
                 packet = self.primary.pack(table, ids[lo:lo + step])
                 packet.commit_ns = since[lo:lo + step]
                 self.replica.note_issued(table, packet.newest)
                 self.replica.merge(packet.to_bytes() if self.config.wire else packet)
+                visible = time.time_ns()
+                hot = (sig[lo:lo + step] >= self.config.significant_ratio * mean) \
+                    & (packet.commit_ns > 0)
+                if hot.any():
+                    self.significant.add((visible - packet.commit_ns[hot]) / 1e6)
+
+    def lag_ms(self) -> float:
+        """How long the oldest pending update has waited (0 when nothing waits)."""
+        now = time.time_ns()
+        with self.cond:
+            if self.config.policy == "fifo":
+                heads = [q[0][1].commit_ns for q in self.fifo.values() if q]
+            else:
+                heads = [int(p.since[p.ids()].min()) for p in self.pending.values() if p.queue]
+        return (now - min(heads)) / 1e6 if heads else 0.0
 
 
 __all__ = ["Link", "POLICIES", "SchedulerConfig"]

@@ -1,0 +1,20 @@
+"""benchmarks/freshness.py --quick runs, prints its table and writes nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_freshness_benchmark_quick(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "freshness.py"), "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for way in ("| full |", "| periodic |", "| fifo |", "| ekko |"):
+        assert way in proc.stdout
+    assert "Overload" in proc.stdout and "significant p99" in proc.stdout
+    assert not out.exists()  # --quick writes nothing
