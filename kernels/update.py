@@ -34,6 +34,7 @@ import numpy as np
 from ..compiler.backend import abi
 from ..compiler.backend.llvm_update import emit_update
 from ..compiler.backend.spec import UpdateSpec
+from ..compiler.limits import MAX_BATCH, MAX_DIM, limit_error
 from ..compiler.pipeline import UpdateRequest, update_spec
 from ..dialects import catalog
 from .arrays import ArrayArg, check_disjoint
@@ -118,6 +119,8 @@ class UpdateKernel:
             raise UpdateError(f"ids must be 1-D, got shape {tuple(i.shape)}")
         i.expect(("int32",) if s.index_dtype == "i32" else ("int64",), (i.shape[0],))
         n = i.shape[0]
+        if n > MAX_BATCH:
+            raise UpdateError(f"a delta holds at most {MAX_BATCH:,} rows (MAX_BATCH), got {n:,}")
         g = ArrayArg("grads", grads, UpdateError)
         g.expect(("float32",), (n, s.dim))
         states = self._check_state(state, rows)
@@ -265,6 +268,11 @@ def update_kernel(optimizer: str | catalog.Optimizer, dim: int, table_dtype: str
     float summation order.
     """
     name = optimizer.name if isinstance(optimizer, catalog.Optimizer) else optimizer
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise UpdateError(f"dim must be an integer, got {dim!r}")
+    if (why := limit_error("dim", int(dim), MAX_DIM)) is not None:
+        raise UpdateError(f"cannot build this update: {why} (compiler/limits.py MAX_DIM)")
+    dim = int(dim)
     if betas is not None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise UpdateError(f"betas must be a pair (beta1, beta2), got {betas!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ...dialects import catalog
+from ..limits import MAX_DIM, limit_error
 from .mathprog import MathProgram
 
 TABLE_DTYPES = catalog.MASTER_DTYPES
@@ -58,8 +59,8 @@ class UpdateSpec:
             raise ValueError(f"unknown index dtype {self.index_dtype!r}")
         if self.serving is not None:
             catalog.layout(self.serving)
-        if self.dim < 1:
-            raise ValueError("dim must be positive")
+        if (why := limit_error("dim", self.dim, MAX_DIM)) is not None:
+            raise ValueError(f"{why} (MAX_DIM)")
 
     @property
     def entry(self) -> catalog.Optimizer:
@@ -121,8 +122,8 @@ class BagSpec:
             raise ValueError(f"unknown index dtype {self.index_dtype!r}")
         if self.mode not in POOLING_MODES:
             raise ValueError(f"unknown pooling mode {self.mode!r}")
-        if self.dim < 1:
-            raise ValueError("dim must be positive")
+        if (why := limit_error("dim", self.dim, MAX_DIM)) is not None:
+            raise ValueError(f"{why} (MAX_DIM)")
         if self.weighted and self.mode != "sum":
             raise ValueError("per-sample weights need mode 'sum'")
 
@@ -158,8 +159,8 @@ class SyncSpec:
             raise ValueError(f"unknown layout {self.layout!r}")
         if self.index_dtype not in INDEX_DTYPES:
             raise ValueError(f"unknown index dtype {self.index_dtype!r}")
-        if self.dim < 1:
-            raise ValueError("dim must be positive")
+        if (why := limit_error("dim", self.dim, MAX_DIM)) is not None:
+            raise ValueError(f"{why} (MAX_DIM)")
 
     @property
     def row_bytes(self) -> int:

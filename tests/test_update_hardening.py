@@ -1,0 +1,160 @@
+"""Regression tests for the update runtime's failure classes (crashes, silent
+wrong results, accepted nonsense): each failed on the code before its fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import ekko
+from ekko.compiler.limits import MAX_DIM
+
+ROWS, DIM = 50, 8
+
+
+def _snapshot(*arrays) -> list[bytes]:
+    return [np.asarray(a).tobytes() for a in arrays]
+
+
+# -- crashes ------------------------------------------------------------------
+
+
+def test_wide_rows_with_clipping_on_a_small_stack_do_not_crash() -> None:
+    """The update kept a whole row on the stack when clipping or decaying: a
+    wide row on a thread with a small stack was a SIGSEGV. Run it in a child
+    process, where a crash shows as a signal instead of killing pytest."""
+    code = textwrap.dedent(f"""
+        import threading, numpy as np, ekko
+        dim = {MAX_DIM}
+        k = ekko.update_kernel("adagrad", dim, max_norm=1.0, weight_decay=0.01, clip_value=2.0,
+                               threads=1)
+        table = np.ones((4, dim), np.float32); state = np.zeros((4, dim), np.float32)
+        def run():
+            k(table, np.array([0, 3, 0]), np.ones((3, dim), np.float32), state=state)
+        threading.stack_size(64 * 1024)
+        t = threading.Thread(target=run); t.start(); t.join()
+        assert np.isfinite(table).all() and (table[1] == 1).all() and (table[0] < 1).all()
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
+
+
+def test_absurd_dims_are_refused_up_front_naming_the_limit() -> None:
+    for dim in (MAX_DIM + 1, 10**30, 0, -4):
+        with pytest.raises(ekko.EkkoError, match="dim"):
+            ekko.update_kernel("sgd", dim)
+        with pytest.raises(ekko.EkkoError, match="dim"):
+            ekko.bag_kernel(dim)
+    with pytest.raises(ekko.EkkoError, match="MAX_DIM"):
+        ekko.update_kernel("sgd", MAX_DIM + 1)
+
+
+# -- math that overflows behaves like torch.optim -------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam", "rmsprop"])
+def test_a_gradient_whose_square_overflows_leaves_weights_as_torch_does(optimizer) -> None:
+    grads = np.full((2, DIM), 3e20, np.float32)  # finite; its square is inf in f32
+    grads[1] = -1e-3
+    ids = np.array([4, 9])
+    table = np.random.default_rng(0).standard_normal((ROWS, DIM)).astype(np.float32)
+    kwargs = {"lr": 0.1}
+    k = ekko.update_kernel(optimizer, DIM, **kwargs)
+    nstate = len(k.spec.state_shapes)
+    states = tuple(np.zeros((ROWS, DIM), np.float32) for _ in range(nstate))
+    w = table.copy()
+    k(w, ids, grads, state=states if nstate > 1 else states[0], step=1)
+    p = torch.nn.Parameter(torch.from_numpy(table.copy()))
+    opt = {"adagrad": lambda: torch.optim.Adagrad([p], lr=0.1),
+           "adam": lambda: torch.optim.SparseAdam([p], lr=0.1),
+           "rmsprop": lambda: torch.optim.RMSprop([p], lr=0.1)}[optimizer]()
+    dense = torch.zeros(ROWS, DIM)
+    dense[ids] = torch.from_numpy(grads)
+    p.grad = dense.to_sparse() if optimizer == "adam" else dense
+    opt.step()
+    expect = p.detach().numpy()
+    assert np.isfinite(w).all()
+    np.testing.assert_allclose(w[ids], expect[ids], rtol=1e-5, atol=1e-6)
+
+
+# -- silent wrong results --------------------------------------------------------
+
+
+def test_non_native_byte_order_is_refused() -> None:
+    k = ekko.update_kernel("sgd", DIM)
+    table = np.zeros((ROWS, DIM), np.float32)
+    grads = np.ones((1, DIM), np.dtype(">f4"))
+    with pytest.raises(ekko.EkkoError, match="byte order"):
+        k(table, np.array([1]), grads)
+    with pytest.raises(ekko.EkkoError, match="byte order"):
+        k(table, np.array([1], np.dtype(">i8")), np.ones((1, DIM), np.float32))
+    assert not table.any()
+
+
+def test_a_tensor_that_requires_grad_is_not_updated_behind_autograd() -> None:
+    k = ekko.update_kernel("sgd", DIM)
+    table = torch.zeros(ROWS, DIM, requires_grad=True)
+    with pytest.raises(ekko.EkkoError, match="requires grad"):
+        k(table, torch.tensor([1]), torch.ones(1, DIM))
+    k(table.detach(), torch.tensor([1]), torch.ones(1, DIM))  # the documented way
+    assert table[1, 0].item() == pytest.approx(-0.01)
+
+
+def test_aliased_buffers_are_refused() -> None:
+    table = np.zeros((ROWS, DIM), np.float32)
+    m = np.zeros((ROWS, DIM), np.float32)
+    adam = ekko.update_kernel("adam", DIM)
+    ids, grads = np.array([1]), np.ones((1, DIM), np.float32)
+    with pytest.raises(ekko.EkkoError, match="share memory"):
+        adam(table, ids, grads, state=(m, m), step=1)
+    with pytest.raises(ekko.EkkoError, match="share memory"):
+        ekko.update_kernel("adagrad", DIM)(table, ids, grads, state=table)
+    with pytest.raises(ekko.EkkoError, match="share memory"):
+        ekko.update_kernel("sgd", DIM)(table, ids, table[:1])
+    view = table.reshape(-1)[: ROWS * DIM].reshape(ROWS, DIM)
+    with pytest.raises(ekko.EkkoError, match="share memory"):
+        adam(table, ids, grads, state=(view, m), step=1)
+    assert not table.any() and not m.any()
+
+
+@pytest.mark.parametrize("name,value", [("step", 2**63), ("step", 0), ("step", 1.5),
+                                        ("version", 2**64), ("version", -1), ("seed", "x")])
+def test_step_version_and_seed_must_fit_int64(name, value) -> None:
+    k = ekko.update_kernel("adam", DIM)
+    table, m, v = (np.zeros((ROWS, DIM), np.float32) for _ in range(3))
+    versions = np.zeros(ROWS, np.int64)
+    before = _snapshot(table, m, v, versions)
+    kwargs = {"step": 1, name: value}
+    with pytest.raises(ekko.EkkoError, match=name):
+        k(table, np.array([2]), np.ones((1, DIM), np.float32), state=(m, v), versions=versions,
+          **kwargs)
+    assert _snapshot(table, m, v, versions) == before
+
+
+@pytest.mark.parametrize("hyper", [{"lr_decay": -0.1}, {"lr_decay": float("nan")},
+                                   {"lr": 0.0}, {"lr": float("inf")}, {"eps": -1e-8},
+                                   {"lr": "0.1"}])
+def test_hyper_parameters_out_of_range_are_refused(hyper) -> None:
+    with pytest.raises(ekko.EkkoError, match=next(iter(hyper))):
+        ekko.update_kernel("adagrad", DIM, **hyper)
+
+
+@pytest.mark.parametrize("kwargs", [{"betas": (1.0, 0.999)}, {"betas": (0.9, -0.1)},
+                                    {"max_norm": -1.0}, {"clip_value": float("inf")},
+                                    {"weight_decay": float("nan")}, {"betas": 0.9}])
+def test_adam_and_gradient_transforms_out_of_range_are_refused(kwargs) -> None:
+    with pytest.raises(ekko.EkkoError):
+        ekko.update_kernel("adam", DIM, **kwargs)
+
+
+def test_a_hyper_parameter_no_optimizer_has_is_refused() -> None:
+    with pytest.raises(ekko.EkkoError, match="momentum"):
+        ekko.update_kernel("sgd", DIM, momentum=0.9)
