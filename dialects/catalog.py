@@ -17,6 +17,7 @@ import math as _math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import rowmath
 from . import rowmath as rm
 
 # -- serving layouts --------------------------------------------------------
@@ -259,6 +260,68 @@ for _opt in (
 BUILTIN = frozenset(OPTIMIZERS)
 
 
+def define(name: str | None = None, *, state: tuple[str, ...] | list[str] = (),
+           rowwise_state: tuple[str, ...] | list[str] = (),
+           hyper: dict[str, float | tuple[float, float, float]] | None = None,
+           doc: str = "", replace: bool = False) -> Callable[[Callable], Optimizer]:
+    """A decorator that adds a user-defined optimizer to the catalog.
+
+    The decorated function takes the row's gradient `g` and weights `w`
+    (after clipping and weight decay), then its state in the order `state`
+    + `rowwise_state` lists them, and keyword hyper-parameters; it may also
+    take `step` (counts from 1) and `dim`. It returns the new weights and
+    the new state, in the same order, written with numpy-like operators and
+    the functions of `ekko.rowmath` (sqrt, exp, log, where, sign, maximum,
+    minimum, clip, row_sum, row_mean). ekko traces it into IR and compiles it
+    fused like the built-ins, for every backend. `hyper` maps each name to
+    its default, or to (default, low, high) for a checked range (default
+    range: finite and non-negative; `lr` must be positive).
+    """
+    def wrap(fn: Callable) -> Optimizer:
+        import inspect
+
+        params = inspect.signature(fn).parameters
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+        def math(*args, **kwargs):
+            return fn(*args, **{k: v for k, v in kwargs.items() if takes_all or k in params})
+
+        hypers = []
+        for key, spec in {"lr": 0.01, **(hyper or {})}.items():
+            if isinstance(spec, tuple):
+                default, low, high = spec
+                hypers.append(Hyper(key, float(default), float(low), float(high)))
+            elif key == "lr":
+                hypers.append(_lr(float(spec)))
+            else:
+                hypers.append(Hyper(key, float(spec)))
+        for h in hypers:
+            if (why := h.problem(h.default)) is not None:
+                raise ValueError(f"optimizer {name or fn.__name__}: default {why}")
+        opt = Optimizer(name or fn.__name__, math,
+                        tuple(State(n) for n in state) + tuple(State(n, True) for n in rowwise_state),
+                        tuple(hypers), uses_step="step" in params or takes_all,
+                        doc=doc or (fn.__doc__ or "").strip())
+        _check_traces(opt)
+        return register(opt, replace=replace)
+
+    return wrap
+
+
+def _check_traces(opt: Optimizer) -> None:
+    """Trace a new optimizer once, so a mistake in it shows where it is defined."""
+    from .kern import math_region  # the tracer's ops live in the kern dialect
+
+    try:
+        math_region(opt, {}, 4)
+    except TypeError as e:
+        raise ValueError(f"optimizer {opt.name}: {e}") from None
+    except Exception as e:
+        if type(e).__name__ == "VerifyException":
+            raise ValueError(str(e)) from None
+        raise
+
+
 def optimizer(name: str) -> Optimizer:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
@@ -279,5 +342,5 @@ def grad_transform(g, w, *, clip_value=None, max_norm=None, weight_decay=None):
     return g
 
 
-__all__ = ["Layout", "LAYOUTS", "Hyper", "State", "Optimizer", "OPTIMIZERS", "register",
+__all__ = ["Layout", "LAYOUTS", "Hyper", "State", "Optimizer", "OPTIMIZERS", "register", "define",
            "optimizer", "layout", "row_bytes", "grad_transform", "POOLING_MODES"]

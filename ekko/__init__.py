@@ -31,6 +31,9 @@ _EXPORTS = {
     "HealthConfig": "ekko.engine",
     "Packet": "ekko.engine",
     "SchedulerConfig": "ekko.engine",
+    "optimizer": "ekko.kernels.update",
+    "optimizers": "ekko.kernels.update",
+    "rowmath": "ekko.dialects.catalog",
     "UpdateKernel": "ekko.kernels.update",
     "update_kernel": "ekko.kernels.update",
 }

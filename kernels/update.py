@@ -304,3 +304,11 @@ def update_kernel(optimizer: str | catalog.Optimizer, dim: int, table_dtype: str
             raise UpdateError(f"cannot build this update: {e}") from None
         raise
     return UpdateKernel(spec)
+
+
+optimizer = catalog.define  # @ekko.optimizer(...): see catalog.define
+
+
+def optimizers() -> dict[str, str]:
+    """Every optimizer update_kernel knows, with what it computes."""
+    return {name: opt.doc for name, opt in catalog.OPTIMIZERS.items()}
