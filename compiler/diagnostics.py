@@ -38,7 +38,10 @@ def format_parse_error(e) -> str:
     span = e.span
     location = str(span.get_location())
     context = span.print_with_context().split("\n", 1)[1].rstrip("\n")
-    return f"{location}: error: {e.msg}\n{context}"
+    message = e.msg.strip() or "syntax error"
+    if message.startswith("in "):  # xDSL's bare " in block definition": say what failed
+        message = f"syntax error {message}"
+    return f"{location}: error: {message}\n{context}"
 
 
 @dataclass

@@ -205,6 +205,17 @@ def _list_passes(driver: EkkoOptMain) -> None:
     print("xDSL:", *sorted(n for n in driver.available_passes if n not in ours), sep="\n  ")
 
 
+def driver_arg(argv: Sequence[str] | None, flag: str) -> str:
+    """The value given to `flag` on the command line (for messages)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a[len(flag) + 1:]
+    return ""
+
+
 def _decode(data: bytes, name: str) -> str:
     try:
         return data.decode("utf-8")
@@ -256,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
     except (ValueError, KeyError, OSError) as e:
         print(f"ekko-opt: error: {e}", file=sys.stderr)
+    except ArgSpecParseError as e:  # -t's spec (a BaseException in xDSL)
+        reason = str(e).rstrip().split("\n")[-1].strip()
+        print(f"ekko-opt: error: bad -t target '{driver_arg(argv, '-t')}': {reason}",
+              file=sys.stderr)
     except RecursionError:
         print(f"ekko-opt: error: the input is nested too deeply for ekko-opt", file=sys.stderr)
     except MemoryError:

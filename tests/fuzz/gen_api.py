@@ -1,0 +1,471 @@
+"""Python arguments to `ekko.update_kernel` / `ekko.bag_kernel` and their kernels.
+
+A case starts from a valid call (arrays built from a seed) and applies up to
+two mutations: wrong dtype, shape, byte order or strides, aliased buffers,
+read-only arrays, torch tensors that require grad, out-of-range ids, NaN or
+inf gradients, huge values, odd scalars, bad kernel options. The oracle:
+
+* nothing but `ekko.EkkoError` escapes;
+* on `EkkoError` every buffer is byte-identical to before;
+* an input a mutation makes invalid is rejected (`must_reject`);
+* a finite but huge gradient leaves a float table finite, as torch.optim does.
+"""
+
+from __future__ import annotations
+
+import random
+import traceback
+from typing import Any
+
+STATES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 1, "adam": 2}
+LAYOUTS = ["f32", "f16", "bf16", "int8", "int4"]
+TABLE_NP = {"f32": "float32", "f16": "float16", "bf16": "uint16"}
+ODD_DTYPES = ["float64", "float16", "float32", "int32", "int64", "uint8", "int8", "bool",
+              "complex64", "uint16"]
+
+
+def _array(dtype: str, shape: list[int], fill: str, seed: int, **extra: Any) -> dict:
+    return {"kind": "array", "dtype": dtype, "shape": shape, "fill": fill, "seed": seed, **extra}
+
+
+def _serving_spec(layout: str, rows: int, dim: int, seed: int) -> dict:
+    return _array("", [rows, dim], "serving", seed, layout=layout)
+
+
+# ----------------------------------------------------------------- valid calls
+
+
+def _update_case(rng: random.Random) -> dict:
+    opt = rng.choice(sorted(STATES))
+    dim, rows, n = rng.choice([1, 3, 8, 16]), rng.choice([1, 5, 64]), rng.choice([0, 1, 7, 50])
+    dtype = rng.choice(["f32", "f32", "f16", "bf16"])
+    index = rng.choice(["i64", "i32"])
+    serving = rng.choice([None, None, *LAYOUTS])
+    seed = rng.randrange(1 << 30)
+    make = {"optimizer": opt, "dim": dim, "table_dtype": dtype, "index_dtype": index,
+            "serving": serving, "hyper": {"lr": 0.05}}
+    if opt == "adam" and rng.random() < 0.5:
+        make["hyper"]["betas"] = [0.9, 0.99]
+    for key, value in (("max_norm", 1.0), ("clip_value", 0.5), ("weight_decay", 1e-4)):
+        if rng.random() < 0.2:
+            make["hyper"][key] = value
+    state_shape = [rows] if opt == "rowwise_adagrad" else [rows, dim]
+    states = [_array("float32", state_shape, "zeros", seed + 3 + k) for k in range(STATES[opt])]
+    args = {
+        "table": _array(TABLE_NP[dtype], [rows, dim], "normal", seed),
+        "ids": _array("int64" if index == "i64" else "int32", [n], "ids", seed + 1, high=rows),
+        "grads": _array("float32", [n, dim], "normal", seed + 2),
+        "state": None if not states else states[0] if len(states) == 1 else {"kind": "tuple",
+                                                                               "items": states},
+        "serving": _serving_spec(serving, rows, dim, seed + 5) if serving else None,
+        "versions": _array("int64", [rows], "zeros", seed + 6) if rng.random() < 0.5 else None,
+        "step": {"kind": "value", "value": rng.choice([1, 2, 100])},
+    }
+    return {"target": "api", "kernel": "update", "make": make, "args": args, "rows": rows,
+            "dim": dim, "n": n, "must_reject": [], "finite_after": False}
+
+
+def _bag_case(rng: random.Random) -> dict:
+    layout = rng.choice(LAYOUTS)
+    dim, rows, n = rng.choice([1, 3, 8, 16]), rng.choice([1, 5, 64]), rng.choice([0, 1, 7, 50])
+    index = rng.choice(["i64", "i32"])
+    mode = rng.choice(["sum", "mean"])
+    weighted = mode == "sum" and rng.random() < 0.3
+    seed = rng.randrange(1 << 30)
+    idx = "int64" if index == "i64" else "int32"
+    nbags = rng.choice([1, 2, 5]) if n else rng.choice([0, 1])
+    args = {
+        "table": _serving_spec(layout, rows, dim, seed),
+        "ids": _array(idx, [n], "ids", seed + 1, high=rows),
+        "offsets": _array(idx, [nbags], "offsets", seed + 2, high=n),
+        "per_sample_weights": _array("float32", [n], "normal", seed + 3) if weighted else None,
+    }
+    make = {"dim": dim, "layout": layout, "index_dtype": index, "mode": mode, "weighted": weighted}
+    return {"target": "api", "kernel": "bag", "make": make, "args": args, "rows": rows,
+            "dim": dim, "n": n, "must_reject": [], "finite_after": False}
+
+
+# ------------------------------------------------------------------- mutations
+
+
+def _arrays(case: dict) -> list[str]:
+    return [k for k, v in case["args"].items() if isinstance(v, dict) and v["kind"] == "array"]
+
+
+def _is_array(case: dict, name: str) -> bool:
+    spec = case["args"].get(name)
+    return isinstance(spec, dict) and spec["kind"] == "array"
+
+
+def _reject(case: dict, why: str) -> None:
+    case["must_reject"].append(why)
+
+
+def m_dtype(rng, case):
+    name = rng.choice(_arrays(case))
+    spec = case["args"][name]
+    if spec["fill"] == "serving":
+        return
+    new = rng.choice([d for d in ODD_DTYPES if d != spec["dtype"]])
+    spec["dtype"] = new
+    _reject(case, f"{name} dtype {new}")
+
+
+def m_shape(rng, case):
+    name = rng.choice(_arrays(case))
+    spec = case["args"][name]
+    if spec["fill"] == "serving":
+        spec["shape"] = [spec["shape"][0] + rng.choice([-1, 1]), spec["shape"][1]]
+        if case["kernel"] == "update":  # the serving copy must have the table's rows
+            _reject(case, f"{name} rows")
+        return
+    shape = list(spec["shape"])
+    if rng.random() < 0.3:
+        shape = shape + [1] if len(shape) < 3 else shape[:1]
+    else:
+        axis = rng.randrange(len(shape))
+        shape[axis] = max(0, shape[axis] + rng.choice([-1, 1, 2]))
+    if shape == spec["shape"]:
+        return
+    spec["shape"] = shape
+    if name == "table" and case["kernel"] == "update" and len(shape) == 2 \
+            and shape[1] == case["dim"] and not any(case["args"].get(k) for k in ("state", "versions", "serving")):
+        return  # more or fewer rows of a lone table is a valid call (ids may then be out of range)
+    if name in ("offsets", "ids") and case["kernel"] == "bag" and len(shape) == 1:
+        return  # another number of bags or ids: still a valid call (or an EkkoError)
+    _reject(case, f"{name} shape {shape}")
+
+
+def m_byteorder(rng, case):
+    name = rng.choice(_arrays(case))
+    spec = case["args"][name]
+    if spec["dtype"] in ("uint8", "int8", "bool") or spec.get("layout") in ("int8", "int4") \
+            or 0 in spec["shape"]:
+        return  # one-byte values (or none) read the same in either byte order
+    spec["byteswap"] = True
+    _reject(case, f"{name} non-native byte order")
+
+
+def m_strides(rng, case):
+    name = rng.choice(_arrays(case))
+    spec = case["args"][name]
+    how, shape = rng.choice(["step2", "reverse", "fortran"]), spec["shape"]
+    if how == "fortran" and not (len(shape) == 2 and min(shape) > 1):
+        return
+    if how != "fortran" and not (shape and shape[0] > 1):
+        return
+    spec["strides"] = how
+    _reject(case, f"{name} not C-contiguous ({how})")
+
+
+def m_alias(rng, case):
+    written = [k for k in ("table", "state", "serving", "versions") if case["args"].get(k)]
+    if case["kernel"] != "update" or not written:
+        return
+    a = rng.choice(written)
+    others = [k for k in _arrays(case) + (["state"] if isinstance(case["args"].get("state"), dict)
+                                          and case["args"]["state"]["kind"] == "tuple" else [])
+              if k != a]
+    if isinstance(case["args"].get("state"), dict) and case["args"]["state"]["kind"] == "tuple" \
+            and rng.random() < 0.5:
+        items = case["args"]["state"]["items"]
+        items[1] = {"kind": "alias", "of": "state.0"}
+        _reject(case, "the two states are one array")
+        return
+    if not others:
+        return
+    b = rng.choice(others)
+    if b == "state" or case["args"][b]["kind"] != "array" or 0 in case["args"][b]["shape"]:
+        return  # an empty array shares no byte with anything
+    case["args"][b] = {"kind": "alias", "of": a, "shape": case["args"][b]["shape"],
+                       "dtype": case["args"][b]["dtype"]}
+    _reject(case, f"{b} aliases {a}")
+
+
+def m_bad_ids(rng, case):
+    if case["n"] == 0 or not _is_array(case, "ids"):
+        return
+    bad = rng.choice([case["rows"], -1, 2**31 - 1, -2**31, 2**63 - 1, -2**63])
+    if case["args"]["ids"]["dtype"] == "int32" and not -2**31 <= bad < 2**31:
+        bad = 2**31 - 1
+    case["args"]["ids"].setdefault("poke", []).append([rng.randrange(case["n"]), bad])
+    _reject(case, f"id {bad} out of range")
+
+
+def m_nonfinite(rng, case):
+    name = "grads" if case["kernel"] == "update" else "table"
+    spec = case["args"][name]
+    if case["n"] == 0 or not _is_array(case, name) or spec["fill"] == "serving":
+        return
+    spec.setdefault("poke", []).append([rng.randrange(case["n"] * case["dim"]),
+                                        rng.choice(["nan", "inf", "-inf"])])
+    _reject(case, f"non-finite {name}")
+
+
+def m_huge(rng, case):
+    if case["kernel"] != "update" or case["n"] == 0 or not _is_array(case, "grads"):
+        return
+    value = rng.choice([1e19, 3e38, -1e20, 1e30])
+    case["args"]["grads"].setdefault("poke", [])[:0] = [[k, value] for k in range(min(case["dim"], 4))]
+    if case["make"]["table_dtype"] == "f32":
+        case["finite_after"] = True
+
+
+def m_readonly(rng, case):
+    if case["kernel"] != "update" or not _is_array(case, "table"):
+        return
+    case["args"]["table"]["readonly"] = True
+    _reject(case, "read-only table")
+
+
+def m_torch(rng, case):
+    for name in _arrays(case):
+        case["args"][name]["torch"] = True
+    if case["kernel"] == "update" and rng.random() < 0.5 and _is_array(case, "table") \
+            and case["args"]["table"]["dtype"] == "float32":
+        case["args"]["table"]["requires_grad"] = True
+        _reject(case, "table requires grad")
+
+
+def m_not_an_array(rng, case):
+    name = rng.choice([k for k in ("table", "ids", "grads", "offsets") if k in case["args"]])
+    case["args"][name] = {"kind": "object", "what": rng.choice(["list", "none", "str", "int", "dict"])}
+    if name == "offsets" and case["args"][name]["what"] == "none":
+        return  # no offsets: one id per bag, documented
+    _reject(case, f"{name} is not an array")
+
+
+def m_scalar(rng, case):
+    if case["kernel"] != "update":
+        return
+    key = rng.choice(["step", "version", "seed"])
+    value = rng.choice([0, -1, 2**63, 2**64, 2**70, 1.5, "nan", True, "1", None, -2**63 - 1])
+    case["args"][key] = {"kind": "value", "value": value}
+    bad = {"step": lambda v: v is None or not (isinstance(v, int) and not isinstance(v, bool)
+                                               and 1 <= v < 2**63),
+           "version": lambda v: v is not None and not (isinstance(v, int) and not isinstance(v, bool)
+                                                       and -2**63 <= v < 2**63),
+           "seed": lambda v: not isinstance(v, int) or isinstance(v, bool)}[key]
+    if bad(value):
+        _reject(case, f"{key}={value!r}")
+
+
+def m_make(rng, case):
+    make = case["make"]
+    if case["kernel"] == "update":
+        key, value = rng.choice([
+            ("dim", 0), ("dim", -1), ("dim", 2**63), ("dim", 16385), ("dim", "8"), ("dim", 8.5),
+            ("optimizer", "lion"), ("serving", "int2"), ("table_dtype", "f64"),
+            ("index_dtype", "i16"), ("lr", "nan"), ("lr", "inf"), ("lr", -1.0), ("lr", 0.0),
+            ("lr", "x"), ("eps", 0.0), ("eps", -1e-8), ("max_norm", 0.0), ("max_norm", "nan"),
+            ("clip_value", -1.0), ("weight_decay", "nan"), ("weight_decay", -1.0),
+            ("betas", [1.0, 0.999]), ("betas", [0.9, 1.0]), ("betas", [0.9]), ("lr_decay", -1.0),
+            ("lr_decay", "nan")])
+        if key in ("betas",) and make["optimizer"] != "adam":
+            return
+        if key in ("eps",) and make["optimizer"] == "sgd":
+            return
+        if key == "lr_decay" and make["optimizer"] != "adagrad":
+            return
+    else:
+        key, value = rng.choice([("dim", 0), ("dim", -3), ("dim", 16385), ("layout", "int2"),
+                                 ("mode", "max"), ("index_dtype", "u64"), ("weighted", True)])
+        if key == "weighted" and make["mode"] == "sum":
+            return
+    if key in make:
+        make[key] = value
+    else:
+        make["hyper"][key] = value
+    _reject(case, f"make {key}={value!r}")
+
+
+MUTATIONS = [m_dtype, m_shape, m_byteorder, m_strides, m_alias, m_bad_ids, m_nonfinite, m_huge,
+             m_readonly, m_torch, m_not_an_array, m_scalar, m_make]
+
+
+def generate(rng: random.Random) -> dict:
+    case = _update_case(rng) if rng.random() < 0.7 else _bag_case(rng)
+    for _ in range(rng.choice([0, 1, 1, 1, 2])):
+        rng.choice(MUTATIONS)(rng, case)
+    return case
+
+
+# ------------------------------------------------------------------- running
+
+
+def run(case: dict) -> dict:
+    """Build the arguments, call the API, judge (in the worker)."""
+    import numpy as np
+
+    import ekko
+
+    built: dict[str, Any] = {}
+    bases: list[np.ndarray] = []
+    try:
+        plain = {k: v for k, v in case["args"].items() if not _is_alias(v)}
+        args = {k: _build(v, case, built, bases) for k, v in plain.items()}
+        args.update({k: _build(v, case, built, bases) for k, v in case["args"].items()
+                     if _is_alias(v)})
+    except Exception:
+        return {"kind": "harness-error", "detail": traceback.format_exc()[-1500:]}
+    make = case["make"]
+    try:
+        if case["kernel"] == "update":
+            hyper = {k: _value(v) for k, v in make["hyper"].items()}
+            kernel = ekko.update_kernel(make["optimizer"], make["dim"], make["table_dtype"],
+                                        make["index_dtype"], make["serving"], **hyper)
+        else:
+            kernel = ekko.bag_kernel(make["dim"], make["layout"], make["index_dtype"],
+                                     make["mode"], make["weighted"])
+    except ekko.EkkoError:
+        return {"kind": "ok"}
+    except Exception:
+        return {"kind": "exception", "detail": "making the kernel: " + traceback.format_exc()[-1500:]}
+    before = [b.tobytes() for b in bases]
+    try:
+        if case["kernel"] == "update":
+            kernel(args["table"], args["ids"], args["grads"], state=args["state"],
+                   serving=args["serving"], versions=args["versions"],
+                   **{k: args[k] for k in ("step", "version", "seed") if k in args})
+        else:
+            kernel(args["table"], args["ids"], args["offsets"],
+                   per_sample_weights=args["per_sample_weights"])
+    except ekko.EkkoError as e:
+        changed = [k for k, (b, old) in enumerate(zip(bases, before)) if b.tobytes() != old]
+        if changed:
+            return {"kind": "half-applied", "detail": f"EkkoError ({e}) but buffers {changed} changed"}
+        return {"kind": "ok"}
+    except Exception:
+        return {"kind": "exception", "detail": traceback.format_exc()[-1500:]}
+    if case["must_reject"]:
+        return {"kind": "accepted", "detail": "accepted: " + "; ".join(case["must_reject"])}
+    if case["finite_after"]:
+        table = built["table"]
+        values = table.detach().numpy() if hasattr(table, "detach") else table
+        if not np.isfinite(values.astype(np.float64)).all():
+            return {"kind": "non-finite", "detail": "a finite huge gradient made the table non-finite"}
+    return {"kind": "ok"}
+
+
+def _is_alias(spec: Any) -> bool:
+    return isinstance(spec, dict) and spec["kind"] == "alias"
+
+
+def _value(v: Any) -> Any:
+    """JSON stand-ins: "nan"/"inf" strings are floats; lists stay lists (betas)."""
+    if v in ("nan", "inf", "-inf"):
+        return float(v)
+    if isinstance(v, list):
+        return tuple(_value(x) for x in v)
+    return v
+
+
+def _build(spec: Any, case: dict, built: dict, bases: list) -> Any:
+    import numpy as np
+
+    if spec is None:
+        return None
+    kind = spec["kind"]
+    if kind == "value":
+        return _value(spec["value"])
+    if kind == "object":
+        return {"list": [0, 1], "none": None, "str": "ids", "int": 3, "dict": {}}[spec["what"]]
+    if kind == "tuple":
+        items = []
+        for k, item in enumerate(spec["items"]):
+            items.append(_build(item, case, built, bases))
+            built[f"state.{k}"] = items[-1]
+        built["state"] = items[0]
+        return tuple(items)
+    if kind == "alias":
+        target = built[spec["of"]]
+        if "shape" in spec and hasattr(target, "reshape"):
+            flat = target.reshape(-1)
+            size = int(np.prod(spec["shape"]))
+            want = np.dtype(spec["dtype"]) if spec["dtype"] else target.dtype
+            if flat.size >= size and target.dtype == want:
+                return flat[:size].reshape(spec["shape"])
+        return target
+    arr = _layout(_make_array(spec, case), spec)
+    root = arr
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    bases.append(root)  # the whole allocation: a write anywhere in it is seen
+    built[name_of(spec, case)] = arr
+    return _to_torch(arr, spec) if spec.get("torch") and not _numpy_only(spec) else arr
+
+
+def _make_array(spec: dict, case: dict):
+    import numpy as np
+
+    from ekko.kernels.quant import quantize_rows
+
+    rng = np.random.default_rng(spec["seed"])
+    shape = [max(0, s) for s in spec["shape"]]
+    steps = 2 if spec.get("strides") == "step2" else 1
+    alloc = [shape[0] * steps, *shape[1:]] if shape else shape
+    fill = spec["fill"]
+    if fill == "serving":
+        values = rng.standard_normal((alloc[0], case["dim"])).astype(np.float32)
+        arr = quantize_rows(values, spec["layout"]) if spec["layout"] != "f32" else values
+        if spec["shape"][0] != case["rows"] and spec["shape"][0] >= 0:
+            arr = np.resize(arr, (spec["shape"][0] * steps, *arr.shape[1:]))
+        return np.ascontiguousarray(arr)
+    dtype = np.dtype(spec["dtype"])
+    if fill == "ids":
+        arr = rng.integers(0, max(1, spec["high"]), size=alloc).astype(dtype)
+    elif fill == "offsets":
+        arr = np.sort(rng.integers(0, spec["high"] + 1, size=alloc)).astype(dtype)
+        if arr.size:
+            arr.reshape(-1)[0] = 0
+    elif fill == "zeros":
+        arr = np.zeros(alloc, dtype)
+    elif dtype.kind in "iub":
+        arr = rng.integers(0, 3, size=alloc).astype(dtype)
+    else:
+        arr = rng.standard_normal(alloc).astype(dtype)
+    for index, value in spec.get("poke", []):
+        if arr.size:
+            flat = arr.reshape(-1)
+            flat[index % flat.size] = _value(value) if dtype.kind in "fc" else int(value) \
+                if np.iinfo(dtype).min <= int(value) <= np.iinfo(dtype).max else 0
+    return arr
+
+
+def name_of(spec: dict, case: dict) -> str:
+    """The argument name `spec` is bound to in the case (aliases refer to it)."""
+    return next((k for k, v in case["args"].items() if v is spec), "")
+
+
+def _layout(arr, spec: dict):
+    import numpy as np
+
+    how = spec.get("strides")
+    if how == "step2":
+        arr = arr[::2]
+    elif how == "reverse":
+        arr = arr[::-1]
+    elif how == "fortran":
+        arr = np.asfortranarray(arr)
+    if spec.get("byteswap"):  # same values, same memory, the other byte order
+        arr = arr.byteswap(inplace=True).view(arr.dtype.newbyteorder())
+    if spec.get("readonly"):
+        arr.flags.writeable = False
+    return arr
+
+
+def _numpy_only(spec: dict) -> bool:
+    """Layouts a torch tensor cannot carry (torch ignores numpy's read-only flag)."""
+    return bool(spec.get("readonly") or spec.get("byteswap") or spec.get("strides") == "reverse")
+
+
+def _to_torch(arr, spec: dict):
+    import torch
+
+    try:
+        tensor = torch.from_numpy(arr)
+    except (TypeError, ValueError):
+        return arr  # a layout torch cannot view (reversed, swapped): stays numpy
+    if spec.get("requires_grad") and tensor.is_floating_point():
+        tensor.requires_grad_(True)
+    return tensor

@@ -1,0 +1,114 @@
+"""Command lines for `ekko-opt`, `ekko run` and `ekko compile`.
+
+A case is an argv with `{tmp}` standing for a fresh directory holding a
+small module, a tiny model, a model with no tables and a `.py` factory that
+returns no model. The real command runs under a timeout. Oracle: it ends by
+itself with exit 0, 1 or 2 (2: argparse's usage errors, `ekko run`'s failed
+reference check), says "error" when it fails, and prints no traceback.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .gen_model import PIPELINE
+from .oracle import run_tool
+
+TIMEOUT_S = 120.0
+FILES = {
+    "input.mlir": (
+        "func.func @a(%t: !emb.table<10x4xf32>, %ids: tensor<?xi64>, %rows: tensor<?x4xf32>)"
+        " -> !emb.table<10x4xf32> {\n"
+        "  %d = upd.delta %ids, %rows : tensor<?xi64>, tensor<?x4xf32>\n"
+        "  %t2 = upd.sgd %t, %d {lr = 1.000000e-01 : f64} : !emb.table<10x4xf32>, "
+        "!upd.delta<4xf32, i64>\n"
+        "  func.return %t2 : !emb.table<10x4xf32>\n}\n"),
+    "model.ekko": "model tiny {\n  table t { rows 100; dim 8; serving int8; }\n"
+                  "  feature f -> t;\n}\n",
+    "empty.ekko": "model nothing { }\n",
+    "bad.py": "def build():\n    return 42\n",
+}
+OPT_FLAGS: list[tuple[str, list[str]]] = [
+    ("-p", [PIPELINE, "no-such-pass", "upd-schedule{partitions=-1}", "upd-schedule{tile=0}",
+            "upd-schedule{partitions=99999999999999999999}", "", ",", "upd-dedup{", "}"]),
+    ("-t", ["llvm", "mlir", "nonsense", ""]),
+    ("-f", ["mlir", "ekko", "bogus"]),
+    ("-o", ["{tmp}/out.mlir", "{tmp}", "{tmp}/missing/out.mlir", "{tmp}/model.ekko/out"]),
+    ("--split-input-file", []), ("--verify-diagnostics", []), ("--print-op-generic", []),
+    ("--allow-unregistered-dialect", []), ("--no-implicit-module", []),
+    ("--parsing-diagnostics", []), ("--print-between-passes", []), ("--time-passes", []),
+    ("--list-passes", []), ("--version", []), ("--print-debuginfo", []),
+]
+OPT_INPUTS = ["{tmp}/input.mlir", "{tmp}/model.ekko", "{tmp}/empty.ekko", "{tmp}/missing.mlir",
+              "{tmp}", "{tmp}/bad.py"]
+RUN_VALUES: dict[str, list[str]] = {
+    "--scale": ["inf", "nan", "-1", "0", "1e-12", "1e300", "x", "1e6"],
+    "--steps": ["-1", "0", "1", "99999999999999999999999", "x"],
+    "--batch": ["0", "-5", "1", "1099511627776", "1.5"],
+    "--seed": ["-1", "99999999999999999999999", "x"],
+    "--partitions": ["-1", "0", "1000", "1099511627776"],
+    "--optimizer": ["adam(lr=-1)", "lion", "sgd(lr=nan)", "sgd(", "sgd(lr=1e400)",
+                    "adam(beta1=1)", "rowwise_adagrad(eps=0)", "", "sgd(lr=0.1)"],
+    "--serving": ["int2", "", "int4"],
+    "--pooling": ["0", "-1", "1e9", "nan"],
+    "--zipf": ["-1", "nan", "inf", "0"],
+    "--replicas": ["-1", "0", "1099511627776"],
+    "--bandwidth": ["0", "-1", "nan"],
+}
+MODELS = ["{tmp}/model.ekko", "{tmp}/empty.ekko", "{tmp}/bad.py:build", "{tmp}/missing.ekko",
+          "{tmp}", "{tmp}/model.ekko:build", "{tmp}/input.mlir"]
+
+
+def generate(rng: random.Random) -> dict:
+    tool = rng.choice(["ekko-opt", "ekko-opt", "run", "compile"])
+    if tool == "ekko-opt":
+        argv = ["ekko-opt"]
+        if rng.random() < 0.9:
+            argv.append(rng.choice(OPT_INPUTS))
+        for flag, values in rng.sample(OPT_FLAGS, rng.randrange(1, 4)):
+            argv += [flag, rng.choice(values)] if values else [flag]
+        return {"target": "cli", "argv": argv}
+    model = "{tmp}/model.ekko" if rng.random() < 0.6 else rng.choice(MODELS)
+    argv = ["ekko", tool, model, "-q", "--scale", "1"]
+    if tool == "run":
+        argv += ["--steps", "2", "--batch", "64"]
+    else:
+        argv += ["-o", rng.choice(["{tmp}/out", "{tmp}/model.ekko", "{tmp}/model.ekko/sub",
+                                   "{tmp}/out"])]
+    for flag in rng.sample(sorted(RUN_VALUES), rng.randrange(0, 3)):
+        if tool == "compile" and flag not in ("--scale", "--partitions", "--optimizer",
+                                              "--serving"):
+            continue
+        argv += [flag, rng.choice(RUN_VALUES[flag])]
+    return {"target": "cli", "argv": argv}
+
+
+def run(case: dict) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="ekko-fuzz-"))
+    try:
+        for name, text in FILES.items():
+            (tmp / name).write_text(text)
+        argv = [a.replace("{tmp}", str(tmp)) for a in case["argv"]]
+        exe = shutil.which(argv[0]) or str(Path(sys.executable).with_name(argv[0]))
+        rc, out, err = run_tool([exe, *argv[1:]], TIMEOUT_S, cwd=tmp)
+        return judge_cli(rc, out, err)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def judge_cli(rc: int, out: str, err: str) -> dict:
+    if err.startswith("TIMEOUT"):
+        return {"kind": "hang", "detail": err[-1500:]}
+    if "Traceback" in err or "Traceback" in out:
+        return {"kind": "traceback", "detail": err[-1500:]}
+    if rc < 0:
+        return {"kind": "crash", "detail": f"killed by signal {-rc}\n{err[-1500:]}"}
+    if rc not in (0, 1, 2):
+        return {"kind": "exit-code", "detail": f"exit {rc}\n{err[-1500:]}"}
+    if rc != 0 and "error" not in err.lower() and "usage" not in err.lower():
+        return {"kind": "silent-failure", "detail": f"exit {rc} without a message\n{err[-500:]}"}
+    return {"kind": "ok"}

@@ -1,0 +1,78 @@
+"""IR text for ekko-opt: mutations of the lit inputs and of generated modules.
+
+Generated modules come from random models through the frontend (model and
+kernel level), so they follow the dialects' current syntax. A case runs
+ekko-opt in the worker, sometimes with the standard pipeline, `-t llvm`,
+the generic printer or `--split-input-file`; a run that succeeds without
+passes must print text that parses back to the same text.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from functools import lru_cache
+
+from . import REPO
+from .gen_model import PIPELINE, random_model, run_tool_in_process
+from .mutate import mutate
+
+VOCABULARY = ["emb.table", "emb.feature", "emb.bag", "emb.lookup", "upd.delta", "upd.dedup",
+              "upd.clip", "upd.weight_decay", "upd.sgd", "upd.adagrad", "upd.rowwise_adagrad",
+              "upd.adam", "upd.apply", "upd.requantize", "upd.stamp", "kern.update", "kern.bag",
+              "func.func", "func.return", "builtin.module", "i1", "i8", "i16", "i32", "i64",
+              "i128", "index", "f16", "bf16", "f32", "f64", "?", "x", "unique", "!emb.table<0x4xf32>",
+              "!emb.table<4x4xint4>", "!emb.state<4x1>", "!emb.versions<4>", "tensor<?x?xf32>",
+              "memref<?xi8>", "!upd.delta<4xf32, i64>", "\"sum\"", "\"mean\"", "\"max\"",
+              "\"int8\"", "\"int9\"", "\"adam\"", "\"lamb\"", "lr", "eps", "beta1", "max_norm",
+              "clip_value", "decay", "partitions", "{}", "()", "%0", "%undefined", "@nowhere",
+              "0x7FF8000000000000 : f64", "-1.0 : f64", "1e400", "\"str\"", "unit", "dedup"]
+ARGS = [[], [], ["--print-op-generic"], ["-p", PIPELINE], ["-p", PIPELINE], ["-p", "upd-dedup"],
+        ["-p", "upd-dedup,upd-fuse"], ["-p", PIPELINE, "-t", "llvm"], ["--split-input-file"],
+        ["-p", "upd-dedup,upd-fuse,upd-schedule{partitions=3 sort=true tile=8}"]]
+
+
+@lru_cache(maxsize=1)
+def corpus() -> tuple[str, ...]:
+    """The lit inputs, split at `// -----`, without comment lines."""
+    chunks = []
+    for path in sorted(REPO.glob("tests/filecheck/**/*.mlir")):
+        for chunk in path.read_bytes().decode("utf-8", "replace").split("// -----"):
+            text = "\n".join(line for line in chunk.split("\n") if not re.match(r"\s*//", line))
+            if text.strip():
+                chunks.append(text.strip() + "\n")
+    return tuple(chunks)
+
+
+def generated_module(rng: random.Random) -> str | None:
+    """A random model's IR, at the model level or after the pipeline; None if invalid."""
+    from ekko.compiler.frontend import ModelError, parse_model
+    from ekko.compiler.frontend_to_ir import model_to_module
+
+    try:
+        module = model_to_module(parse_model(random_model(rng)))
+        if rng.random() < 0.3:
+            from ekko.compiler.pipeline import run_pipeline
+
+            module = run_pipeline(module)
+    except (ModelError, ValueError, TypeError):
+        return None
+    except Exception:  # a failure here is the model target's to report
+        return None
+    return str(module) + "\n"
+
+
+def generate(rng: random.Random) -> dict:
+    base = generated_module(rng) if rng.random() < 0.5 else None
+    if base is None:
+        base = rng.choice(corpus())
+    args = rng.choice(ARGS)
+    if rng.random() < 0.03:
+        return {"target": "ir", "data_hex": bytes(rng.randrange(256) for _ in range(
+            rng.randrange(1, 300))).hex(), "args": args}
+    text = mutate(base, rng, VOCABULARY)
+    return {"target": "ir", "text": text, "args": args, "roundtrip": args in ([], ["--print-op-generic"])}
+
+
+def run(case: dict) -> dict:
+    return run_tool_in_process(case, ".mlir")

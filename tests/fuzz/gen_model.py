@@ -1,0 +1,139 @@
+"""`.ekko` model files: generated models and mutations of the ones in the repo.
+
+A case runs ekko-opt on the file with the standard pipeline in the worker:
+a model the language accepts must compile to kernels, and one it rejects
+must be rejected with `file:line:col: error:` (never later, by a verifier,
+with no position in the model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+import re
+import tempfile
+import traceback
+from functools import lru_cache
+from pathlib import Path
+
+from . import REPO
+from .mutate import mutate
+
+PIPELINE = "upd-dedup,upd-fuse,upd-schedule,lower-to-kernel"
+OPTIMIZERS = ["sgd", "adagrad", "rowwise_adagrad", "adam"]
+HYPER = {"sgd": ["lr"], "adagrad": ["lr", "eps", "lr_decay"], "rowwise_adagrad": ["lr", "eps"],
+         "adam": ["lr", "beta1", "beta2", "eps"]}
+LAYOUTS = ["f32", "f16", "bf16", "int8", "int4"]
+VOCABULARY = ["model", "table", "feature", "defaults", "dense", "rows", "dim", "dtype",
+              "optimizer", "serving", "clip", "weight_decay", "stochastic_rounding", "pooling",
+              "bottom", "top", "interaction", "->", ";", "{", "}", "(", ")", ",", "=", "sum",
+              "mean", "none", "max", "dot", "cat", "max_norm", "clip_value", "lr", "eps",
+              "beta1", "beta2", "lr_decay", "momentum", *OPTIMIZERS, *LAYOUTS, "int2", "f64",
+              "t0", "t1", "f0", "unknown", "0", "-1", "1e400", "16385", "// c", "# c"]
+
+
+def _value(rng: random.Random, good: float) -> str:
+    """Mostly a sane value, sometimes an edge: zero, negative, huge, tiny."""
+    if rng.random() < 0.85:
+        return repr(good)
+    return rng.choice(["0", "-1", "1e400", "1e-320", "1e308", "0.0", "1", "2"])
+
+
+def random_model(rng: random.Random) -> str:
+    """A model in the language, valid most of the time."""
+    lines = [f"model m{rng.randrange(100)} {{"]
+    if rng.random() < 0.3:
+        lines.append(f"  defaults {{ dim {rng.choice([4, 8, 16])}; serving {rng.choice(LAYOUTS)}; }}")
+    tables = []
+    for k in range(rng.randrange(1, 4)):
+        name = f"t{k}"
+        tables.append(name)
+        settings = [f"rows {rng.choice([1, 2, 10, 1000])};", f"dim {rng.choice([1, 2, 3, 8, 16, 33])};"]
+        dtype = rng.choice(["f32", "f32", "f16", "bf16"])
+        if dtype != "f32" or rng.random() < 0.2:
+            settings.append(f"dtype {dtype};")
+        opt = rng.choice(OPTIMIZERS)
+        names = rng.sample(HYPER[opt], rng.randrange(len(HYPER[opt]) + 1))
+        goods = {"lr": 0.05, "eps": 1e-8, "lr_decay": 0.01, "beta1": 0.9, "beta2": 0.99}
+        hyper = ", ".join(f"{n}={_value(rng, goods[n])}" for n in names)
+        settings.append(f"optimizer {opt}({hyper});" if hyper or rng.random() < 0.5
+                        else f"optimizer {opt};")
+        if rng.random() < 0.6:
+            settings.append(f"serving {rng.choice(LAYOUTS)};")
+        if rng.random() < 0.3:
+            clips = rng.sample(["max_norm", "clip_value"], rng.randrange(1, 3))
+            settings.append("clip " + ", ".join(f"{c}={_value(rng, 1.0)}" for c in clips) + ";")
+        if rng.random() < 0.3:
+            settings.append(f"weight_decay {_value(rng, 1e-4)};")
+        if dtype != "f32" and rng.random() < 0.3:
+            settings.append("stochastic_rounding;")
+        rng.shuffle(settings)
+        lines.append(f"  table {name} {{ {' '.join(settings)} }}")
+    for k, table in enumerate(tables):
+        pooling = rng.choice(["", " pooling sum", " pooling mean", " pooling none"])
+        lines.append(f"  feature f{k} -> {table}{pooling};")
+    if rng.random() < 0.3:
+        lines.append("  dense { bottom 13 -> 64 -> 16; top 64 -> 1; interaction dot; }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+@lru_cache(maxsize=1)
+def corpus() -> tuple[str, ...]:
+    """The repo's models: examples and the lit inputs, without their RUN/CHECK lines."""
+    texts = []
+    for path in sorted([*REPO.glob("examples/*.ekko"), *REPO.glob("tests/filecheck/**/*.ekko")]):
+        text = "\n".join(line for line in path.read_text().split("\n")
+                         if not re.match(r"\s*//\s*(RUN|CHECK)", line))
+        texts.append(text)
+    return tuple(texts)
+
+
+def generate(rng: random.Random) -> dict:
+    roll = rng.random()
+    if roll < 0.25:
+        text = random_model(rng)
+    else:
+        base = random_model(rng) if roll < 0.6 or not corpus() else rng.choice(corpus())
+        text = mutate(base, rng, VOCABULARY)
+    args = ["-p", PIPELINE] if rng.random() < 0.8 else []
+    return {"target": "model", "text": text, "args": args}
+
+
+def run(case: dict) -> dict:
+    """ekko-opt on the model, in this process (the worker)."""
+    return run_tool_in_process(case, ".ekko")
+
+
+def run_tool_in_process(case: dict, suffix: str) -> dict:
+    """ekko_opt.main on the case's text, judged; shared with the IR target."""
+    from ekko.compiler.tools.ekko_opt import main
+
+    from .oracle import judge_tool
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"input{suffix}"
+        if "data_hex" in case:
+            path.write_bytes(bytes.fromhex(case["data_hex"]))
+        else:
+            path.write_text(case["text"], encoding="utf-8", errors="surrogatepass")
+        rc, out, err = _main(main, [str(path), *case["args"]])
+        result = judge_tool(rc, out, err, str(path))
+        if result["kind"] == "ok" and rc == 0 and case.get("roundtrip"):
+            again = Path(tmp) / f"again{'.mlir'}"
+            again.write_text(out)
+            rc2, out2, err2 = _main(main, [str(again), *case["args"]])
+            if rc2 != 0 or out2 != out:
+                result = {"kind": "roundtrip", "detail": f"exit {rc2}\n{err2[-1500:]}"}
+        return result
+
+
+def _main(main, argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except BaseException:  # escaping main is exactly what the oracle flags
+            return 99, out.getvalue(), "Traceback (escaped main)\n" + traceback.format_exc()
+    return rc, out.getvalue(), err.getvalue()
