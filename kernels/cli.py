@@ -247,7 +247,7 @@ def _stage_outputs(compiled: CompiledModel, emit_ir: str, out: Path) -> Path:
         manifest = compiled.manifest()
         for entry in manifest["kernels"]:
             spec = compiled_spec(compiled, entry["used_by"][0])
-            obj, optimized = jit.emit_object(llvm_ir_of(spec))
+            obj, optimized = jit.emit_object(llvm_ir_of(spec), prefix=f"k{entry['id']}_")
             stem = staging / "kernels" / f"kernel{entry['id']}"
             stem.with_suffix(".ll").write_text(optimized)
             stem.with_suffix(".o").write_bytes(obj)

@@ -187,11 +187,18 @@ def clear_memory_cache() -> None:
         _memory_cache.clear()
 
 
-def emit_object(llvm_ir: str) -> tuple[bytes, str]:
-    """Optimized object code and optimized IR text of a module, for `ekko compile`."""
+def emit_object(llvm_ir: str, prefix: str = "") -> tuple[bytes, str]:
+    """Optimized object code and optimized IR text of a module, for `ekko compile`.
+
+    `prefix` goes before the name of every function the module defines, so
+    several kernels' objects link into one library without clashing.
+    """
     _init()
     tm = _target_machine()
     mod = llvm.parse_assembly(llvm_ir)
+    for fn in mod.functions:
+        if prefix and not fn.is_declaration:
+            fn.name = prefix + fn.name
     mod.verify()
     optimize(mod, tm)
     return tm.emit_object(mod), str(mod)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..compiler.backend.spec import BagSpec, UpdateSpec, serving_row_bytes
-from ..compiler.backend.targets import kernel_specs
+from ..compiler.backend.targets import exports, kernel_specs
 from ..compiler.frontend import Model, load_model
 from ..compiler.frontend.model import Table
 from ..compiler.frontend_to_ir import model_to_module, serving_layout, update_request
@@ -107,7 +107,8 @@ class CompiledModel:
         """Tables, kernels and their signatures, and the pipeline: for `ekko compile`."""
         kernels: dict[str, Any] = {}
         for name, spec in {**self.update_specs, **self.bag_specs}.items():
-            kernels.setdefault(spec.key(), {"spec": asdict(spec), "used_by": []})
+            kernels.setdefault(spec.key(), {"spec": _spec_entry(spec), "exports": _exports(spec),
+                                            "used_by": []})
             kernels[spec.key()]["used_by"].append(name)
         return {
             "model": self.model.name,
@@ -117,15 +118,31 @@ class CompiledModel:
                 {"name": f.name, "table": f.table, "pooling": f.pooling,
                  "kernel": f"serve_{f.name}"} for f in self.model.features
             ],
-            "kernels": [
-                {"id": i, "symbol": _symbol(v["spec"]), **v} for i, v in enumerate(kernels.values())
-            ],
+            "kernels": [{"id": i, **v, "exports": [_prefixed(e, f"k{i}_") for e in v["exports"]]}
+                        for i, v in enumerate(kernels.values())],
             "compile_seconds": round(self.compile_seconds, 4),
         }
 
 
-def _symbol(spec: dict[str, Any]) -> str:
-    return "ekko_update" if "optimizer" in spec else "ekko_bag"
+def _spec_entry(spec: Any) -> dict[str, Any]:
+    """A spec as JSON: its fields, the math program as its text."""
+    entry = {k: v for k, v in asdict(spec).items() if k != "math"}
+    if isinstance(spec, UpdateSpec):
+        entry["hyper"] = dict(spec.hyper)
+        entry["math"] = spec.math.text()
+    return entry
+
+
+def _prefixed(export: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """An export as `ekko compile` writes it: each kernel's symbols carry its own
+    prefix (k<id>_), so the object files of one model link together."""
+    name = export["symbol"]
+    return {**export, "symbol": prefix + name, "c": export["c"].replace(f" {name}(", f" {prefix}{name}(")}
+
+
+def _exports(spec: Any) -> list[dict[str, Any]]:
+    """The functions the kernel's object code exports, with their C signatures."""
+    return [sig.as_dict() for sig in exports(spec)]
 
 
 def _table_entry(t: Table, spec: UpdateSpec) -> dict[str, Any]:

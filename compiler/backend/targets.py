@@ -14,6 +14,7 @@ from xdsl.dialects.builtin import FloatAttr, IntAttr, IntegerAttr, MemRefType, M
 
 from ...dialects import catalog, kern
 from ...dialects.common import dtype_name, index_name
+from . import abi
 from .mathprog import program_of
 from .spec import BagSpec, MergeSpec, PackSpec, UpdateSpec
 
@@ -112,6 +113,18 @@ def kernel_specs(module: ModuleOp) -> list[tuple[str, UpdateSpec | BagSpec | Pac
 
 
 Spec = UpdateSpec | BagSpec | PackSpec | MergeSpec
+
+
+def exports(spec: Spec) -> list[abi.Signature]:
+    """The functions a kernel's native code exports, as the ABI declares them."""
+    if isinstance(spec, UpdateSpec):
+        sigs = [abi.update_dedup(spec.index_dtype),
+                abi.update_apply(len(spec.states), spec.index_dtype, spec.dedup)]
+    elif isinstance(spec, BagSpec):
+        sigs = [abi.bag()]
+    else:
+        return []
+    return sigs + [abi.packed(s) for s in sigs]
 
 
 @dataclass(frozen=True)
