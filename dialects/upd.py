@@ -442,7 +442,7 @@ class StampOp(UpdOp):
 
 APPLY_FLAGS = ("serving", "versions", "step", "seed")
 APPLY_UNITS = ("dedup", "stochastic_rounding", "sort")
-APPLY_INTS = ("partitions", "tile")
+APPLY_INTS = ("partitions", "tile", "block_rows", "num_warps")
 
 
 def apply_roles(attributes: dict[str, Attribute], data: tuple[str, ...],

@@ -186,13 +186,22 @@ _kernels_lock = threading.Lock()
 
 
 def bag_kernel(dim: int, layout: str = "f32", index_dtype: str = "i64", mode: str = "sum",
-               weighted: bool = False, threads: int | None = None) -> BagKernel:
-    """A (cached) compiled lookup; the spec comes from the compiler pipeline."""
+               weighted: bool = False, threads: int | None = None,
+               target: str = "llvm") -> BagKernel:
+    """A (cached) compiled lookup; the spec comes from the compiler pipeline.
+
+    `target="triton"` compiles for the GPU (ekko.kernels.triton_runtime)."""
+    if target not in ("llvm", "triton"):
+        raise LookupError(f"unknown target {target!r}; expected 'llvm' or 'triton'")
     try:
         BagSpec(dim, layout, index_dtype, mode, weighted)  # reject bad requests before building IR
         spec = bag_spec(dim, layout, index_dtype, mode, weighted, partitions=threads or 0)
     except Exception as exc:  # ValueError from BagSpec, VerifyException from the IR
         raise LookupError(f"cannot build a lookup kernel: {exc}") from exc
+    if target == "triton":
+        from .triton_runtime import TritonBagKernel
+
+        return TritonBagKernel(spec)  # type: ignore[return-value]
     with _kernels_lock:
         kernel = _kernels.get(spec)
         if kernel is None:

@@ -257,7 +257,8 @@ def update_kernel(optimizer: str | catalog.Optimizer, dim: int, table_dtype: str
                   stochastic_rounding: bool = False, threads: int | None = None,
                   deterministic: bool = False, betas: tuple[float, float] | None = None,
                   weight_decay: float = 0.0, max_norm: float | None = None,
-                  clip_value: float | None = None, **hyper: float) -> UpdateKernel:
+                  clip_value: float | None = None, target: str = "llvm",
+                  **hyper: float) -> UpdateKernel:
     """Compile a fused sparse update through the IR pipeline (see the module docstring).
 
     `optimizer` is a catalog name (`ekko.optimizers()`) or an optimizer made
@@ -265,8 +266,11 @@ def update_kernel(optimizer: str | catalog.Optimizer, dim: int, table_dtype: str
     ...; `betas` sets Adam's beta1 and beta2 as torch does), defaults from
     the catalog. `threads` is the number of partitions (default: one per
     core); `deterministic` sums duplicate ids of an SGD delta too, fixing the
-    float summation order.
+    float summation order. `target="triton"` compiles for the GPU instead
+    (torch tensors on a CUDA device; see ekko.kernels.triton_runtime).
     """
+    if target not in ("llvm", "triton"):
+        raise UpdateError(f"unknown target {target!r}; expected 'llvm' or 'triton'")
     name = optimizer.name if isinstance(optimizer, catalog.Optimizer) else optimizer
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
         raise UpdateError(f"dim must be an integer, got {dim!r}")
@@ -303,6 +307,10 @@ def update_kernel(optimizer: str | catalog.Optimizer, dim: int, table_dtype: str
         if type(e).__name__ in ("VerifyException", "DiagnosticException"):
             raise UpdateError(f"cannot build this update: {e}") from None
         raise
+    if target == "triton":
+        from .triton_runtime import TritonUpdateKernel
+
+        return TritonUpdateKernel(spec)  # type: ignore[return-value]
     return UpdateKernel(spec)
 
 

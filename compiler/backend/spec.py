@@ -50,6 +50,9 @@ class UpdateSpec:
     sort: bool = False
     partitions: int = 1
     tile: int = 0  # 0: the whole row
+    # GPU schedule (upd-schedule{target=triton}); 0: the Triton backend's default
+    block_rows: int = 0
+    num_warps: int = 0
 
     def __post_init__(self) -> None:
         catalog.optimizer(self.optimizer)

@@ -62,6 +62,8 @@ def update_spec(op: kern.UpdateOp) -> UpdateSpec:
         sort="sort" in attrs,
         partitions=_int(op, "partitions", 1),
         tile=_int(op, "tile", 0),
+        block_rows=_int(op, "block_rows", 0),
+        num_warps=_int(op, "num_warps", 0),
     )
 
 
@@ -154,8 +156,20 @@ def _llvm() -> Target:
     return Target("llvm", emit, ";")
 
 
+def _triton() -> Target:
+    from .triton_bag import emit_bag
+    from .triton_update import emit_update
+
+    def emit(spec: Spec) -> str:
+        if isinstance(spec, (PackSpec, MergeSpec)):
+            return "# replica sync (pack/merge) runs on the LLVM target\n"
+        return emit_update(spec) if isinstance(spec, UpdateSpec) else emit_bag(spec)
+
+    return Target("triton", emit, "#")
+
+
 # name -> factory (lazy: a target's imports are paid only when it is used)
-TARGETS: dict[str, Callable[[], Target]] = {"llvm": _llvm}
+TARGETS: dict[str, Callable[[], Target]] = {"llvm": _llvm, "triton": _triton}
 
 
 def target(name: str) -> Target:

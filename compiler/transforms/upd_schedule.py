@@ -33,6 +33,16 @@ def choose_tile(dim: int) -> int:
     return dim if dim <= MAX_TILE else MAX_TILE // 2
 
 
+GPU_TILE = 2048  # values per Triton program: 16 a thread at 4 warps
+
+
+def gpu_schedule(dim: int) -> tuple[int, int]:
+    """(block_rows, num_warps) of a Triton update over [block_rows, whole row] tiles."""
+    width = max(2, 1 << max(0, (dim - 1).bit_length()))
+    rows = max(1, min(64, GPU_TILE // width))
+    return rows, 4 if rows * width <= 4096 else 8
+
+
 def default_partitions() -> int:
     return max(1, min(os.cpu_count() or 1, 64))
 
@@ -44,6 +54,7 @@ class UpdSchedulePass(ModulePass):
     partitions: int = 0  # 0: one per CPU core
     sort: bool = False
     tile: int = 0  # 0: chosen from the dim
+    target: str = "llvm"  # "triton": also block_rows and num_warps for the GPU
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         parts = self.partitions or default_partitions()
@@ -54,6 +65,10 @@ class UpdSchedulePass(ModulePass):
                 tile = self.tile or choose_tile(table.dim.data)
                 apply.attributes["partitions"] = IntegerAttr(parts, i64)
                 apply.attributes["tile"] = IntegerAttr(min(tile, table.dim.data), i64)
+                if self.target == "triton":
+                    rows, warps = gpu_schedule(table.dim.data)
+                    apply.attributes["block_rows"] = IntegerAttr(rows, i64)
+                    apply.attributes["num_warps"] = IntegerAttr(warps, i64)
                 if self.sort:
                     apply.attributes["sort"] = UnitAttr()
                 else:

@@ -1,0 +1,428 @@
+"""The Triton target's runtime: load the generated source, check arguments, launch.
+
+`TritonUpdateKernel` and `TritonBagKernel` take the same arguments as the
+CPU kernels (`ekko.kernels.update`, `ekko.kernels.lookup`) but as torch
+tensors on one CUDA device, or on the CPU when TRITON_INTERPRET=1 (Triton's
+interpreter runs the kernels there). They are what
+`ekko.update_kernel(..., target="triton")` and `ekko.bag_kernel(...,
+target="triton")` return.
+
+The generated module is written to the kernel cache folder and imported
+from there, because Triton's JIT reads a kernel's source from its file.
+
+Validation is all-or-nothing as on the CPU: ids and gradients (lookups: ids
+and offsets) are checked on the device with torch ops, and the kernels are
+launched only when everything is valid, so a rejected call leaves every
+buffer untouched. Duplicate ids are summed after a stable sort, in input
+order per chunk and as fixed-shape trees across a chunk, with no atomics:
+the same delta gives the same bits run after run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..compiler.backend import triton_bag, triton_update
+from ..compiler.backend.spec import BagSpec, UpdateSpec
+from ..dialects import catalog
+from .errors import EkkoError, UpdateError
+from .jit import cache_dir
+from .native import table_runtime
+
+_modules: dict[str, ModuleType] = {}
+_modules_lock = threading.Lock()
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _require_triton(error: type[EkkoError]) -> None:
+    if importlib.util.find_spec("triton") is None:
+        raise error("target='triton' needs triton: pip install 'ekko[triton]'")
+
+
+def load_source(source: str, stem: str, interpret: bool | None = None) -> ModuleType:
+    """Import generated Triton source as a module (from a file, as Triton's JIT wants).
+
+    `interpret` (default: TRITON_INTERPRET) says whether its kernels run in
+    the interpreter; `triton.jit` decides that when the module executes, so
+    compiling PTX under the interpreter loads a second, compiled copy.
+    """
+    interpret = interpreted() if interpret is None else interpret
+    key = hashlib.sha256(f"{source}\0interpret={interpret}".encode()).hexdigest()[:20]
+    with _modules_lock:
+        module = _modules.get(key)
+        if module is not None:
+            return module
+        root = cache_dir()
+        folder = (root / "triton") if root is not None else Path(tempfile.gettempdir()) / "ekko-triton"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stem}_{key}.py"
+        if not path.exists() or path.read_text() != source:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(source)
+            os.replace(tmp, path)
+        name = f"ekko_triton_{stem}_{key}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
+        _modules[key] = module
+        return module
+
+
+def _quiet() -> Any:
+    """The interpreter computes masked-off lanes too (0/0, inf*0): keep numpy quiet."""
+    import contextlib
+
+    import numpy as np
+
+    return np.errstate(all="ignore") if interpreted() else contextlib.nullcontext()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+class _Checker:
+    """Argument checks for one call: torch tensors, one device, dtypes, shapes, no aliasing."""
+
+    def __init__(self, error: type[EkkoError]):
+        self.error = error
+        self.device: Any = None
+        self.seen: list[tuple[str, Any, bool]] = []
+
+    def tensor(self, name: str, x: Any, dtypes: tuple[str, ...], shape: tuple[int, ...] | None = None,
+               ndim: int | None = None, writable: bool = False) -> Any:
+        import torch
+
+        err = self.error
+        if not isinstance(x, torch.Tensor):
+            raise err(f"{name} must be a torch tensor for target='triton', got {type(x).__name__}")
+        if self.device is None:
+            self.device = x.device
+            if x.device.type == "cpu" and not interpreted():
+                raise err(f"{name} is a CPU tensor: target='triton' runs on CUDA tensors "
+                          "(or on CPU tensors with TRITON_INTERPRET=1 set before triton is imported)")
+            if x.device.type != "cpu" and interpreted():
+                raise err("TRITON_INTERPRET=1 runs Triton kernels on CPU tensors: "
+                          f"{name} is on {x.device}")
+        elif x.device != self.device:
+            raise err(f"{name} is on {x.device}, the other arguments on {self.device}")
+        dtype = str(x.dtype).removeprefix("torch.")
+        if dtype not in dtypes:
+            raise err(f"{name} must be {' or '.join(dtypes)}, got {dtype}")
+        if shape is not None and tuple(x.shape) != tuple(shape):
+            raise err(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+        if ndim is not None and x.dim() != ndim:
+            raise err(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+        if not x.is_contiguous():
+            raise err(f"{name} must be contiguous")
+        if writable and x.requires_grad:
+            raise err(f"{name} requires grad: updating it in place would bypass autograd "
+                      "(pass tensor.detach())")
+        self.seen.append((name, x, writable))
+        return x
+
+    def disjoint(self) -> None:
+        """No tensor written in place shares memory with any other argument."""
+        def span(x: Any) -> tuple[int, int]:
+            start = x.data_ptr()
+            return start, start + x.numel() * x.element_size()
+
+        for k, (name, x, writable) in enumerate(self.seen):
+            for other, y, w2 in self.seen[k + 1:]:
+                if not (writable or w2) or x.numel() == 0 or y.numel() == 0:
+                    continue
+                (a0, a1), (b0, b1) = span(x), span(y)
+                if a0 < b1 and b0 < a1:
+                    first, second = (name, other) if writable else (other, name)
+                    raise self.error(f"{first} and {second} share memory: each must be its own array")
+
+
+_TABLE = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16", "int16")}
+_SERVING = {**_TABLE, "int8": ("uint8", "int8"), "int4": ("uint8", "int8")}
+_VIEW = {"bf16": "int16", "int8": "uint8", "int4": "uint8"}
+
+
+def _as_kernel_dtype(x: Any, layout: str) -> Any:
+    """bf16 travels as int16 bits, quantized rows as uint8 bytes."""
+    import torch
+
+    want = _VIEW.get(layout)
+    return x.view(getattr(torch, want)) if want and str(x.dtype) != f"torch.{want}" else x
+
+
+class TritonUpdateKernel:
+    """A fused update on the Triton target (the calling convention of `UpdateKernel`)."""
+
+    def __init__(self, spec: UpdateSpec):
+        _require_triton(UpdateError)
+        rows, warps = triton_update.schedule(spec)
+        self.spec = replace(spec, block_rows=rows, num_warps=warps)
+        self.source = triton_update.emit_update(self.spec)
+        self.module = load_source(self.source, f"update_{spec.optimizer}_{spec.dim}")
+
+    def __repr__(self) -> str:
+        return f"TritonUpdateKernel({self.spec})"
+
+    def _check(self, table, ids, grads, state, serving, versions, seq):
+        s = self.spec
+        c = _Checker(UpdateError)
+        t = c.tensor("table", table, _TABLE[s.table_dtype], ndim=2, writable=True)
+        if t.shape[1] != s.dim:
+            raise UpdateError(f"table must have shape (rows, {s.dim}), got {tuple(t.shape)}")
+        rows = t.shape[0]
+        i = c.tensor("ids", ids, ("int32",) if s.index_dtype == "i32" else ("int64",), ndim=1)
+        n = i.shape[0]
+        g = c.tensor("grads", grads, ("float32",), (n, s.dim))
+        states = self._check_state(c, state, rows)
+        srv = None
+        if s.serving is not None:
+            if serving is None:
+                raise UpdateError(f"this kernel refreshes a {s.serving} serving copy: pass serving=")
+            srv = c.tensor("serving", serving, _SERVING[s.serving],
+                           (rows, catalog.layout(s.serving).width(s.dim)), writable=True)
+        elif serving is not None:
+            raise UpdateError("this kernel has no serving copy: compile it with serving=")
+        ver = None if versions is None else c.tensor("versions", versions, ("int64",), (rows,),
+                                                      writable=True)
+        sq = None if seq is None else c.tensor("seq", seq, ("uint32", "int32"), (rows,),
+                                               writable=True)
+        c.disjoint()
+        return rows, n, t, i, g, states, srv, ver, sq, c.device
+
+    def _check_state(self, c: _Checker, state, rows: int) -> list:
+        s = self.spec
+        names = s.state_shapes
+        if not names:
+            if state is not None:
+                raise UpdateError(f"{s.optimizer} keeps no state: pass state=None")
+            return []
+        if state is None:
+            raise UpdateError(f"{s.optimizer} needs its state: pass state=")
+        if len(names) > 1:
+            if not isinstance(state, (tuple, list)) or len(state) != len(names):
+                raise UpdateError(f"{s.optimizer}'s state is a tuple ({', '.join(names)})")
+            given = list(state)
+        else:
+            given = [state]
+        return [c.tensor(name if len(names) > 1 else "state", x, ("float32",),
+                         s.entry.state_shape(name, rows, s.dim), writable=True)
+                for name, x in zip(names, given)]
+
+    def __call__(self, table, ids, grads, state=None, serving=None, versions=None,
+                 step: int = 1, version: int | None = None, seed: int = 0, seq=None) -> None:
+        """Apply one delta in place (see `ekko.kernels.update.UpdateKernel`)."""
+        from .update import INT64_MAX, _int64
+
+        rows, n, t, i, g, states, srv, ver, sq, device = self._check(
+            table, ids, grads, state, serving, versions, seq)
+        if isinstance(step, (int,)) and not isinstance(step, bool) and step < 1:
+            raise UpdateError(f"step counts from 1, got {step!r}")
+        step = _int64("step", step, low=1)
+        version = step if version is None else _int64("version", version)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise UpdateError(f"seed must be an integer, got {seed!r}")
+        seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+        seed = seed - (1 << 64) if seed > INT64_MAX else seed
+        if n == 0:
+            return
+        with table_runtime(t.data_ptr()).lock, _quiet():
+            self._run(rows, n, t, i, g, states, srv, ver, sq, device, step, version, seed)
+
+    def _validate(self, ids, grads, rows: int, n: int) -> None:
+        """The earliest bad position (an id out of range, a non-finite row); nothing written yet."""
+        import torch
+
+        pos = torch.arange(n, device=ids.device)
+        bad_id = torch.where((ids < 0) | (ids >= rows), pos, n).min()
+        bad_g = torch.where(~torch.isfinite(grads).all(dim=1), pos, n).min()
+        first_id, first_g = torch.stack([bad_id, bad_g]).tolist()
+        if first_id < n and first_id <= first_g:
+            bad = int(ids[first_id])
+            raise UpdateError(f"id {bad} at position {first_id} is out of range [0, {rows})")
+        if first_g < n:
+            raise UpdateError(f"non-finite gradient (NaN or Inf) in delta row {first_g}")
+
+    def _run(self, rows, n, t, i, g, states, srv, ver, sq, device, step, version, seed) -> None:
+        import torch
+
+        s, mod = self.spec, self.module
+        ids = i.to(torch.int64)
+        self._validate(ids, g, rows, n)
+        # dedup: a stable sort, then one entry per unique id (ids are in range now)
+        sorted_ids, perm = torch.sort(ids, stable=True)
+        uids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        u = uids.numel()
+        starts = torch.cumsum(counts, 0) - counts
+        srcs = torch.where(counts == 1, perm[starts], torch.full_like(starts, -1))
+        multi = torch.nonzero(counts > 1).flatten()
+        acc = g
+        if multi.numel():
+            acc = torch.empty((u, s.dim), dtype=torch.float32, device=device)
+            mod.ekko_update_sum[(multi.numel(),)](g, perm, starts, counts, multi, acc,
+                                                  num_warps=mod.NUM_WARPS)
+        dummy = torch.zeros(1, dtype=torch.int64, device=device)
+        serving = _as_kernel_dtype(srv, s.serving) if srv is not None else dummy.view(torch.float32)[:1]
+        seq = sq.view(torch.int32) if sq is not None else dummy.view(torch.int32)
+        mod.ekko_update_apply[(_cdiv(u, s.block_rows),)](
+            uids, srcs, acc, g, u, _as_kernel_dtype(t, s.table_dtype), *states, serving,
+            ver if ver is not None else dummy, seq, version, seed, *mod.uniforms(step),
+            HAS_VERSIONS=ver is not None, HAS_SEQ=sq is not None, num_warps=mod.NUM_WARPS)
+
+
+class TritonBagKernel:
+    """A pooled lookup on the Triton target (the calling convention of `BagKernel`)."""
+
+    def __init__(self, spec: BagSpec):
+        from .lookup import LookupError
+
+        _require_triton(LookupError)
+        self.spec = spec
+        self.source = triton_bag.emit_bag(spec)
+        self.module = load_source(self.source, f"bag_{spec.mode}_{spec.layout}_{spec.dim}")
+
+    def __repr__(self) -> str:
+        return f"TritonBagKernel({self.spec})"
+
+    def __call__(self, table: Any, ids: Any, offsets: Any = None, per_sample_weights: Any = None,
+                 out: Any = None, include_last_offset: bool | None = None, seq: Any = None) -> Any:
+        """Pooled rows (nbags, dim) f32 on the tables' device (see `BagKernel`)."""
+        import torch
+
+        from .lookup import LookupError
+
+        s = self.spec
+        if seq is not None:
+            raise LookupError("target='triton' lookups read without sequence words: pass seq=None")
+        c = _Checker(LookupError)
+        width = catalog.layout(s.layout).width(s.dim)
+        t = c.tensor("table", table, _SERVING[s.layout], ndim=2)
+        if t.shape[1] != width:
+            raise LookupError(f"{s.layout} table of dim {s.dim} needs {width} columns, "
+                              f"got {t.shape[1]}")
+        i = c.tensor("ids", ids, ("int32",) if s.index_dtype == "i32" else ("int64",), ndim=1)
+        n = i.shape[0]
+        bounds, nbags = self._bounds(c, offsets, i, include_last_offset)
+        w = None
+        if s.weighted:
+            if per_sample_weights is None:
+                raise LookupError("weighted kernel needs per_sample_weights")
+            w = c.tensor("per_sample_weights", per_sample_weights, ("float32",), (n,))
+        elif per_sample_weights is not None:
+            raise LookupError("per_sample_weights given to an unweighted kernel")
+        if out is None:
+            out = torch.empty((nbags, s.dim), dtype=torch.float32, device=c.device)
+        c.tensor("out", out, ("float32",), (nbags, s.dim), writable=True)
+        c.disjoint()
+        if nbags == 0:
+            return out
+        self._validate(i, bounds, t.shape[0], n)
+        mod = self.module
+        args = [_as_kernel_dtype(t, s.layout), i]
+        if bounds is not None:
+            args.append(bounds)
+        if w is not None:
+            args.append(w)
+        grid = (_cdiv(n, triton_bag.chunk(s.dim)),) if s.mode == "none" else (nbags,)
+        with _quiet():
+            mod.ekko_bag[grid](*args, out, n, num_warps=mod.NUM_WARPS)
+        return out
+
+    def _bounds(self, c: _Checker, offsets: Any, ids: Any, include_last: bool | None):
+        """(B+1 int64 bounds on the device, number of bags); mode none: (None, len(ids))."""
+        import torch
+
+        from .lookup import LookupError
+
+        if self.spec.mode == "none":
+            if offsets is not None:
+                raise LookupError("mode 'none' takes no offsets")
+            return None, ids.shape[0]
+        if offsets is None:
+            raise LookupError(f"mode {self.spec.mode!r} needs offsets")
+        o = c.tensor("offsets", offsets, (str(ids.dtype).removeprefix("torch."),), ndim=1)
+        k = o.shape[0]
+        if k == 0:
+            return None, 0
+        o64 = o.to(torch.int64)
+        if include_last is None:
+            include_last = k >= 2 and int(o64[-1]) == ids.shape[0]
+        if include_last:
+            return o64, k - 1
+        end = torch.full((1,), ids.shape[0], dtype=torch.int64, device=o.device)
+        return torch.cat([o64, end]), k
+
+    def _validate(self, ids: Any, bounds: Any, rows: int, n: int) -> None:
+        """Offsets within [0, n] and monotone per bag, ids in range: checked before the launch."""
+        import torch
+
+        from .lookup import LookupError
+
+        checks = []
+        if bounds is not None:
+            lo, hi = bounds[:-1], bounds[1:]
+            bad = (lo < 0) | (lo > hi) | (hi > n)
+            checks.append(torch.where(bad, torch.arange(lo.numel(), device=lo.device),
+                                      lo.numel()).min())
+        if n:
+            pos = torch.arange(n, device=ids.device)
+            checks.append(torch.where((ids < 0) | (ids >= rows), pos, n).min())
+        found = torch.stack(checks).tolist() if checks else []
+        if bounds is not None:
+            bag = found.pop(0)
+            if bag < bounds.numel() - 1:
+                raise LookupError(f"offsets of bag {bag} are not monotone within [0, {n}]")
+        if found and found[0] < n:
+            raise LookupError(f"ids[{found[0]}] is out of range for a table of {rows} rows")
+
+
+def ptx(source: str, stem: str, decls: tuple[triton_update.KernelDecl, ...],
+        arch: int = 90) -> dict[str, str]:
+    """Compile every kernel of a generated module to PTX for sm_`arch` (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    module = load_source(source, stem, interpret=False)
+    result = {}
+    for decl in decls:
+        fn = getattr(module, decl.name)
+        src = triton.compiler.ASTSource(fn, dict(decl.signature), constexprs=dict(decl.constexprs))
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": getattr(module, "NUM_WARPS", 4)})
+        result[decl.name] = compiled.asm["ptx"]
+    return result
+
+
+def spec_ptx(spec: UpdateSpec | BagSpec, arch: int = 90) -> tuple[str, dict[str, str]]:
+    """(generated source, {kernel: PTX}) of one spec."""
+    if isinstance(spec, UpdateSpec):
+        rows, warps = triton_update.schedule(spec)
+        spec = replace(spec, block_rows=rows, num_warps=warps)
+        source = triton_update.emit_update(spec)
+        return source, ptx(source, f"update_{spec.optimizer}_{spec.dim}",
+                           triton_update.kernels(spec), arch)
+    source = triton_bag.emit_bag(spec)
+    return source, ptx(source, f"bag_{spec.mode}_{spec.layout}_{spec.dim}",
+                       triton_bag.kernels(spec), arch)
