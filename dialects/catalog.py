@@ -108,7 +108,7 @@ class Hyper:
 
     def describe(self) -> str:
         if self.low == 0.0 and self.high == _math.inf:
-            return "positive" if self.low_open else "non-negative"
+            return "positive" if self.low_open else "zero or positive"
         return f"in {self.interval()}"
 
     def interval(self) -> str:
@@ -154,6 +154,7 @@ class Optimizer:
     hyper: tuple[Hyper, ...] = (_lr(),)
     uses_step: bool = False  # the math reads `step` (bias correction, lr decay)
     linear: bool = False  # new_w = w - lr * g: duplicates may be applied one by one
+    idle_at_zero: bool = False  # a zero gradient on zero state leaves w as it is
     doc: str = ""
 
     @property
@@ -238,19 +239,20 @@ def register(opt: Optimizer, replace: bool = False) -> Optimizer:
 
 
 for _opt in (
-    Optimizer("sgd", _sgd, linear=True,
+    Optimizer("sgd", _sgd, linear=True, idle_at_zero=True,
               doc="w -= lr * g"),
     Optimizer("adagrad", _adagrad, (State("sum"),),
-              (_lr(), _eps(1e-10), Hyper("lr_decay", 0.0)), uses_step=True,
+              (_lr(), _eps(1e-10), Hyper("lr_decay", 0.0)), uses_step=True, idle_at_zero=True,
               doc="torch.optim.Adagrad: s += g*g; w -= lr/(1+(step-1)*lr_decay) * g/(sqrt(s)+eps)"),
     Optimizer("rowwise_adagrad", _rowwise_adagrad, (State("momentum", rowwise=True),),
-              (_lr(), _eps(1e-8)),
+              (_lr(), _eps(1e-8)), idle_at_zero=True,
               doc="FBGEMM: m += mean(g*g); w -= lr * g / (sqrt(m) + eps)"),
     Optimizer("adam", _adam, (State("exp_avg"), State("exp_avg_sq")),
               (_lr(), _beta("beta1", 0.9), _beta("beta2", 0.999), _eps(1e-8)), uses_step=True,
+              idle_at_zero=True,
               doc="torch.optim.SparseAdam: bias-corrected moments of the touched rows"),
     Optimizer("rmsprop", _rmsprop, (State("square_avg"),),
-              (_lr(), Hyper("alpha", 0.99, 0.0, 1.0), _eps(1e-8)),
+              (_lr(), Hyper("alpha", 0.99, 0.0, 1.0), _eps(1e-8)), idle_at_zero=True,
               doc="torch.optim.RMSprop: v = a*v + (1-a)*g*g; w -= lr * g / (sqrt(v) + eps)"),
     Optimizer("ftrl", _ftrl, (State("z"), State("n")),
               (_lr(), Hyper("l1", 0.0), Hyper("l2", 0.0), Hyper("beta", 1.0)),

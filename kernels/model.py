@@ -168,18 +168,13 @@ def init_table(t: Table, spec: UpdateSpec, rng: np.random.Generator,
     master32 *= 2 * bound
     master32 -= bound
     master = _as_dtype(master32, t.dtype)
-    width = 1 if spec.optimizer == "rowwise_adagrad" else t.dim
-    state: Any = None
-    if spec.optimizer in ("adagrad",):
-        state = np.zeros((t.rows, width), np.float32)
-    elif spec.optimizer == "rowwise_adagrad":
-        state = np.zeros(t.rows, np.float32)
-    elif spec.optimizer == "adam":
-        state = (np.zeros((t.rows, t.dim), np.float32), np.zeros((t.rows, t.dim), np.float32))
+    states = [np.zeros(spec.entry.state_shape(name, t.rows, t.dim), np.float32)
+              for name in spec.state_shapes]
+    state: Any = None if not states else states[0] if len(states) == 1 else tuple(states)
     serving = None
     versions = np.zeros(t.rows, np.int64)
     if spec.serving is not None:
-        if kernel is not None and not spec.weight_decay:
+        if kernel is not None and spec.entry.idle_at_zero and not spec.weight_decay:
             serving = _serving_by_kernel(kernel, spec, master, state, versions)
         else:  # weight decay would move the master even with zero gradients
             serving = quantize_rows(master32, spec.serving)

@@ -61,6 +61,8 @@ def test_default_hyper_parameters_are_the_documented_ones() -> None:
         "adagrad": {"lr": 0.01, "eps": 1e-10, "lr_decay": 0.0},
         "rowwise_adagrad": {"lr": 0.01, "eps": 1e-8},
         "adam": {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+        "rmsprop": {"lr": 0.01, "alpha": 0.99, "eps": 1e-8},
+        "ftrl": {"lr": 0.01, "l1": 0.0, "l2": 0.0, "beta": 1.0},
     }
 
 

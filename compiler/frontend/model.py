@@ -11,41 +11,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from ...dialects import catalog
 from ..limits import MAX_DIM, MAX_MLP_WIDTH, MAX_ROWS, limit_error
 
-OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
-    "sgd": {"lr": 0.01},
-    "adagrad": {"lr": 0.01, "eps": 1e-10, "lr_decay": 0.0},
-    "rowwise_adagrad": {"lr": 0.01, "eps": 1e-8},
-    "adam": {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-}
-# One lr default (0.01, as UpdateSpec's) for every optimizer, so a table whose
-# optimizer changes keeps its step size; torch's Adam says 1e-3: write it out.
-MASTER_DTYPES = ("f32", "f16", "bf16")
-SERVING_LAYOUTS = ("f32", "f16", "bf16", "int8", "int4")
-POOLINGS = ("sum", "mean", "none")
-
-
-# Allowed ranges, as torch.optim checks them, except that eps must be positive:
-# a zero eps divides by zero on the first update of a row whose gradient is 0.
-# name: (lowest, whether the lowest itself is allowed, upper bound (excluded), words)
-HYPER_RANGES: dict[str, tuple[float, bool, float, str]] = {
-    "lr": (0.0, False, float("inf"), "positive"),
-    "eps": (0.0, False, float("inf"), "positive"),
-    "lr_decay": (0.0, True, float("inf"), "zero or positive"),
-    "beta1": (0.0, True, 1.0, "in [0, 1)"),
-    "beta2": (0.0, True, 1.0, "in [0, 1)"),
-}
+# Optimizers, layouts and pooling modes come from the one catalog. One lr
+# default (0.01) for every optimizer, so a table whose optimizer changes
+# keeps its step size; torch's Adam says 1e-3: write it out.
+MASTER_DTYPES = catalog.MASTER_DTYPES
+SERVING_LAYOUTS = catalog.LAYOUT_NAMES
+POOLINGS = catalog.POOLING_MODES
 INTERACTIONS = ("dot", "cat")
-
-
-def _check_hyper(kind: str, name: str, value: float) -> None:
-    """Reject what torch.optim would reject, so both frontends fail alike."""
-    low, low_ok, high, words = HYPER_RANGES[name]
-    if not math.isfinite(value):
-        raise ModelInvalid(f"{kind} {name} must be finite, got {value}", name)
-    if not ((value > low or (low_ok and value == low)) and value < high):
-        raise ModelInvalid(f"{kind} {name} must be {words}, got {value}", name)
+OPTIMIZER_DEFAULTS = {name: catalog.optimizer(name).defaults() for name in catalog.BUILTIN}
 
 
 class ModelInvalid(ValueError):
@@ -63,19 +39,21 @@ class Optimizer:
 
     @classmethod
     def make(cls, kind: str, **given: float) -> Optimizer:
-        """An optimizer with every hyper-parameter set (defaults filled in)."""
-        if kind not in OPTIMIZER_DEFAULTS:
+        """An optimizer with every hyper-parameter set (the catalog's defaults filled in)."""
+        if kind not in catalog.OPTIMIZERS:
             raise ModelInvalid(
-                f"unknown optimizer '{kind}' (expected one of {', '.join(OPTIMIZER_DEFAULTS)})", kind
-            )
-        defaults = OPTIMIZER_DEFAULTS[kind]
+                f"unknown optimizer '{kind}' (expected one of {', '.join(catalog.OPTIMIZERS)})",
+                kind)
+        entry = catalog.optimizer(kind)
         for name, value in given.items():
-            if name not in defaults:
+            if name not in entry.hyper_names:
                 raise ModelInvalid(
                     f"optimizer {kind} has no hyper-parameter '{name}' "
-                    f"(it takes {', '.join(defaults)})", name)
-            _check_hyper(kind, name, float(value))
-        merged = {**defaults, **{k: float(v) for k, v in given.items()}}
+                    f"(it takes {', '.join(entry.hyper_names)})", name)
+            hyper = next(h for h in entry.hyper if h.name == name)
+            if (why := hyper.problem(float(value))) is not None:
+                raise ModelInvalid(f"{kind} {why}", name)
+        merged = {**entry.defaults(), **{k: float(v) for k, v in given.items()}}
         return cls(kind, tuple(sorted(merged.items())))
 
 
