@@ -47,7 +47,10 @@ def generator(target: str) -> Callable[[random.Random], dict]:
 
 def signature(case: dict, result: dict) -> str:
     """What makes two failures the same: target, kind and the message without numbers."""
-    detail = re.sub(r"\d+", "N", result.get("detail", "").strip().split("\n")[-1])[:160]
+    lines = [line.strip() for line in result.get("detail", "").split("\n") if line.strip()] or [""]
+    # an exception says what it is on its last line; a diagnostic on its first
+    line = lines[-1] if result["kind"] in ("traceback", "exception", "harness-error") else lines[0]
+    detail = re.sub(r"\d+", "N", line)[:160]
     detail = re.sub(r"(/[\w.+-]+)+", "PATH", detail)
     return f"{case['target']}|{result['kind']}|{detail}"
 

@@ -111,8 +111,9 @@ atexit.register(shutdown)
 # ------------------------------------------------------------ judging tools
 
 
-def judge_tool(rc: int, out: str, err: str, path: str) -> dict:
-    """ekko-opt's outcome on an input file: exit 0, or exit 1 with a located error."""
+def judge_tool(rc: int, out: str, err: str, path: str, text: str | None = None) -> dict:
+    """ekko-opt's outcome on an input file: exit 0, or exit 1 with a located error
+    that quotes the line it names (when the input `text` is known)."""
     if "Traceback" in err or "Traceback" in out:
         return {"kind": "traceback", "detail": err[-1500:]}
     if "internal error" in err:
@@ -125,7 +126,20 @@ def judge_tool(rc: int, out: str, err: str, path: str) -> dict:
         not_text = first.startswith(f"{path}: error: input is not UTF-8")
         if not (located or not_text):
             return {"kind": "unlocated", "detail": err[-1500:]}
+        if located and text is not None and not _quotes_its_line(err, path, text):
+            return {"kind": "wrong-line", "detail": err[-1500:]}
     return {"kind": "ok"}
+
+
+def _quotes_its_line(err: str, path: str, text: str) -> bool:
+    """Whether the line printed under `file:line:col: error:` is that line of the input."""
+    lines = err.lstrip("\n").split("\n")
+    line = int(re.match(rf"^{re.escape(path)}:(\d+):", lines[0]).group(1))
+    source = text.split("\n")
+    if len(lines) < 2 or not 0 < line <= len(source) + 1:
+        return True  # nothing quoted, or a position past the end (end of file)
+    want = source[line - 1].rstrip("\r") if line <= len(source) else ""
+    return lines[1].rstrip("\r") == want or lines[1].strip() == ""
 
 
 def run_tool(argv: list[str], timeout: float, cwd: str | Path | None = None) -> tuple[int, str, str]:
