@@ -288,7 +288,8 @@ class TritonUpdateKernel:
         seq = sq.view(torch.int32) if sq is not None else dummy.view(torch.int32)
         mod.ekko_update_apply[(_cdiv(u, s.block_rows),)](
             uids, srcs, acc, g, u, _as_kernel_dtype(t, s.table_dtype), *states, serving,
-            ver if ver is not None else dummy, seq, version, seed, *mod.uniforms(step),
+            ver if ver is not None else dummy, seq, version, seed,
+            torch.tensor(mod.uniforms(step) or [0.0], dtype=torch.float64, device=device),
             HAS_VERSIONS=ver is not None, HAS_SEQ=sq is not None, num_warps=mod.NUM_WARPS)
 
 

@@ -21,7 +21,7 @@ The generated module (readable Python using `triton.language`) holds:
       once): the summed gradient (in place in the delta for an id seen once,
       else from `acc`), the math region lowered op by op (element values are
       2-D tiles, row values 1-D, `row_sum` a masked `tl.sum` over the row,
-      uniform values scalar arguments), the store in the table dtype
+      uniform values scalars read from the host's `uni`), the store in the table dtype
       (nearest-even, or stochastic rounding with the LLVM backend's
       counter-based bits of (seed, row, col)), the serving row re-made from
       the stored values, the version stamp, all inside the row's sequence
@@ -175,13 +175,19 @@ def emit_uniforms(spec: UpdateSpec) -> str:
         else:
             raise ValueError(f"'{ins.op}' is not a uniform operation")
         lines.append(f"        v{i} = {expr}{note}")
-    outs = [f"{_scalar(prog.instrs[i])}(v{i})" for i in kernel_uniforms(prog)]
-    lines.append(f"    return ({''.join(o + ', ' for o in outs)})")
+    outs = [f"float(v{i})" for i in kernel_uniforms(prog)]
+    lines.append(f"    return [{', '.join(outs)}]  # the kernel's uni[0], uni[1], ...")
     return "\n".join(lines) + "\n"
 
 
-def _scalar(ins: mathprog.Instr) -> str:
-    return "int" if ins.boolean else "float"
+def uniform_loads(prog: mathprog.MathProgram) -> list[str]:
+    """The kernel reads the uniform values from `uni` (f64: some regions compute in f64)."""
+    out = []
+    for j, i in enumerate(kernel_uniforms(prog)):
+        ins = prog.instrs[i]
+        conv = " != 0" if ins.boolean else ("" if ins.f64 else ".to(tl.float32)")
+        out.append(f"u{i} = tl.load(uni + {j}){conv}")
+    return out
 
 
 # -- the kernel side: the tile --------------------------------------------------
@@ -215,7 +221,7 @@ class _Tile:
         """Value i as an operand of a `kind` value: row values broadcast over the row."""
         ins = self.prog.instrs[i]
         if ins.kind == "uniform":
-            return f"(u{i} != 0)" if ins.boolean else f"u{i}"
+            return f"u{i}"
         if ins.kind == "row" and kind == "elem":
             return f"v{i}[:, None]"
         return f"v{i}"
@@ -344,14 +350,12 @@ def serving_lines(layout: str) -> list[str]:
 
 def apply_args(spec: UpdateSpec) -> list[tuple[str, str]]:
     """(name, Triton type) of the apply kernel's arguments, in calling order."""
-    prog = spec.math
     args = [("uids", "*i64"), ("srcs", "*i64"), ("acc", "*fp32"), ("grads", "*fp32"),
             ("count", "i64"), ("table", PTR[spec.table_dtype])]
     args += [(f"state{k}", "*fp32") for k in range(len(spec.states))]
     args += [("serving", PTR[spec.serving] if spec.serving else "*fp32"),
              ("versions", "*i64"), ("seq", "*i32"), ("version", "i64"), ("seed", "i64")]
-    args += [(f"u{i}", "i32" if prog.instrs[i].boolean else "fp32")
-             for i in kernel_uniforms(prog)]
+    args.append(("uni", "*fp64"))
     return args + [("HAS_VERSIONS", "constexpr"), ("HAS_SEQ", "constexpr")]
 
 
@@ -365,6 +369,7 @@ def emit_apply(spec: UpdateSpec) -> str:
         "rmask = k < count",
         "cols = tl.arange(0, BLOCK_DIM)",
         "mask = rmask[:, None] & (cols < DIM)[None, :]",
+        *uniform_loads(prog),
         "rid = tl.load(uids + k, mask=rmask, other=0)",
         "at = rid[:, None] * DIM + cols[None, :]",
         "# the summed gradient: in place in the delta for an id seen once, else from acc",
