@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output folder")
     c.add_argument("--emit-ir", choices=("none", "model", "kernel", "all"), default="all",
                    help="which IR stages to write (default: all)")
+    c.add_argument("--target", choices=("llvm", "triton"), default="llvm",
+                   help="triton: also each kernel's Triton source and its PTX for sm_90")
     r = sub.add_parser("run", help="compile, then stream updates while serving lookups")
     _add_model_args(r)
     r.add_argument("--steps", type=int_flag(1, MAX_STEPS), default=50,
@@ -226,13 +228,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     check_output_folder(out)
     progress = Progress(args.quiet)
     compiled = _compile(args, load(args), progress)
-    staging = _stage_outputs(compiled, args.emit_ir, out)
+    staging = _stage_outputs(compiled, args.emit_ir, out, args.target)
     _publish(staging, out)
     progress(f"wrote {len(compiled.manifest()['kernels'])} kernels and manifest.json to {out}")
     return 0
 
 
-def _stage_outputs(compiled: CompiledModel, emit_ir: str, out: Path) -> Path:
+def _stage_outputs(compiled: CompiledModel, emit_ir: str, out: Path, target: str = "llvm") -> Path:
     """Everything `compile` writes, in a fresh folder next to `out` (moved in at the end)."""
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".ekko-compile-", dir=out))
@@ -252,12 +254,30 @@ def _stage_outputs(compiled: CompiledModel, emit_ir: str, out: Path) -> Path:
             stem.with_suffix(".ll").write_text(optimized)
             stem.with_suffix(".o").write_bytes(obj)
             entry["files"] = [f"kernels/{stem.name}.ll", f"kernels/{stem.name}.o"]
+            if target == "triton":
+                entry["files"] += _triton_files(spec, stem)
         text = json.dumps(manifest, indent=2, default=str) + "\n"
         (staging / "manifest.json").write_text(text)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging
+
+
+def _triton_files(spec, stem: Path) -> list[str]:
+    """The kernel's Triton source and the PTX of each of its Triton kernels."""
+    from .triton_runtime import spec_ptx
+
+    try:
+        source, ptx = spec_ptx(spec)
+    except ImportError:
+        raise CliError("--target triton needs triton: pip install 'ekko[triton]'") from None
+    stem.with_suffix(".triton.py").write_text(source)
+    names = [f"kernels/{stem.name}.triton.py"]
+    for name, text in ptx.items():
+        (stem.parent / f"{stem.name}.{name}.ptx").write_text(text)
+        names.append(f"kernels/{stem.name}.{name}.ptx")
+    return names
 
 
 def _publish(staging: Path, out: Path) -> None:
