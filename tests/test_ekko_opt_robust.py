@@ -176,23 +176,14 @@ GENERIC_MUTATIONS = [
     ('"upd.apply"', "lr = 1.000000e-03 : f64,", "lr = 0x7FF8000000000000 : f64,", "lr"),
     ('"upd.apply"', "lr = 1.000000e-03 : f64,", 'lr = "fast",', "lr"),
     ('"emb.bag"', '"sum"', '"mean"', "weights"),
+    # hyper-parameters out of their range (issue 9, class 5)
+    ('"upd.apply"', "lr = 1.000000e-03 : f64,", "lr = 1.000000e-03 : f64, beta1 = 1.000000e+00 : f64,",
+     "beta1"),
+    ('"upd.apply"', "lr = 1.000000e-03 : f64,", "lr = 1.000000e-03 : f64, eps = -1.000000e+00 : f64,",
+     "eps"),
+    ('"upd.apply"', "lr = 1.000000e-03 : f64,",
+     "lr = 1.000000e-03 : f64, lr_decay = -1.000000e+00 : f64,", "lr_decay"),
 ]
-# Hyper-parameters the backend cannot honour, accepted by the verifiers today
-# (issue class 5, the dialects' ranges): flip to plain cases once they reject them.
-_GAP = pytest.mark.xfail(strict=True, reason="class 5: verifier accepts an invalid hyper-parameter")
-GENERIC_GAPS = [
-    pytest.param('"upd.apply"', "lr = 1.000000e-03 : f64,",
-                 "lr = 1.000000e-03 : f64, beta1 = 1.000000e+00 : f64,", "beta1", marks=_GAP,
-                 id="upd.apply:beta1=1"),
-    pytest.param('"upd.apply"', "lr = 1.000000e-03 : f64,",
-                 "lr = 1.000000e-03 : f64, eps = -1.000000e+00 : f64,", "eps", marks=_GAP,
-                 id="upd.apply:eps<0"),
-    pytest.param('"upd.apply"', "lr = 1.000000e-03 : f64,",
-                 "lr = 1.000000e-03 : f64, lr_decay = -1.000000e+00 : f64,", "lr_decay",
-                 marks=_GAP, id="upd.apply:lr_decay<0"),
-]
-
-
 def _generic_module(tmp_path: Path, capsys) -> str:
     path = tmp_path / "m.mlir"
     path.write_text(MODULE)
@@ -202,8 +193,7 @@ def _generic_module(tmp_path: Path, capsys) -> str:
 
 
 @pytest.mark.parametrize("op, old, new, expect", [
-    *(pytest.param(*m, id=f"{m[0].strip(chr(34))}:{m[2][:24]}") for m in GENERIC_MUTATIONS),
-    *GENERIC_GAPS])
+    pytest.param(*m, id=f"{m[0].strip(chr(34))}:{m[2][-40:]}") for m in GENERIC_MUTATIONS])
 def test_token_mutations_generic_form(op: str, old: str, new: str, expect: str,
                                       tmp_path: Path, capsys) -> None:
     """Invalid edits give a located error and exit 1; valid ones round-trip."""
