@@ -55,4 +55,5 @@ optional "torchrec" "the TorchRec import test is skipped" \
   --no-deps torchrec==1.8.0 tensordict==0.15.3 pyvers==0.2.3 cloudpickle \
   torchmetrics==1.0.3 lightning-utilities==0.15.3 pyre-extensions==0.0.32 \
   typing-inspect==0.9.0 mypy-extensions tqdm
+optional "triton" "the Triton backend's interpreter and PTX tests are skipped" --no-deps triton==3.7.1
 echo "setup: ekko installed for $("$PY" -c 'import sys; print(sys.executable)')" >&2
