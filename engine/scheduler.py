@@ -14,7 +14,9 @@ Policies (`SchedulerConfig.policy`):
     + w_significance * min(norm / table's running mean norm, significance_cap)
     + w_traffic      * the table's share of lookups x number of tables
     + seconds pending / age_scale_s (1 s)                (aging: nothing starves)
-  where norm sums the update norms of the row's pending updates. Rows
+  where norm is the largest update norm among the row's pending updates
+  (the size of its biggest unsent jump; a row updated often with small
+  gradients is not significant, only frequent: aging covers it). Rows
   restored by a rollback go first. With no budget every pending row goes at
   once; with one, the highest priorities that fit the bytes available.
 * "fifo": arrival order, every update sent as committed (no superseding).
@@ -81,6 +83,7 @@ class _Pending:
         self.first = np.zeros(rows, np.int64)
         self.sig = np.zeros(rows, np.float64)
         self.peak = np.zeros(rows, np.float64)  # the largest single pending update norm
+        self.peak_at = np.zeros(rows, np.int64)  # the commit time of that update
         self.seen = np.zeros(rows, bool)
         self.queue: list[np.ndarray] = []
         self.noted = 0
@@ -91,7 +94,9 @@ class _Pending:
         self.since[new] = c.commit_ns
         self.first[new] = c.version
         self.sig[c.ids] += significance
-        self.peak[c.ids] = np.maximum(self.peak[c.ids], significance)
+        bigger = significance > self.peak[c.ids]
+        self.peak[c.ids[bigger]] = significance[bigger]
+        self.peak_at[c.ids[bigger]] = c.commit_ns
         if len(new):
             self.queue.append(new)
         self.noted = max(self.noted, c.version)
@@ -101,9 +106,9 @@ class _Pending:
             self.queue = [np.concatenate(self.queue)]
         return self.queue[0] if self.queue else np.zeros(0, np.int64)
 
-    def take(self, ids: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Remove `ids` from the pending set; returns their (since, largest update norm)."""
-        since, first = self.since[ids].copy(), self.peak[ids].copy()
+    def take(self, ids: np.ndarray, keep: np.ndarray) -> tuple:
+        """Remove `ids` from the pending set; returns (since, largest update norm, its commit time)."""
+        since, first = self.since[ids].copy(), (self.peak[ids].copy(), self.peak_at[ids].copy())
         self.flag[ids] = False
         self.sig[ids] = 0.0
         self.peak[ids] = 0.0
@@ -316,7 +321,7 @@ class Link:
         for k, (t, ids) in enumerate(cands.items()):
             p = self.pending[t]
             mean = self.primary.tables[t].norm_mean or 1.0
-            sig = p.sig[ids]
+            sig = p.peak[ids]
             share = traffic[t] / total * len(traffic) if total else 1.0
             prio = (c.w_new * ~p.seen[ids] + c.w_significance * np.minimum(sig / mean, c.significance_cap)
                     + c.w_traffic * share + (now - p.since[ids]) / 1e9 / c.age_scale_s)
@@ -359,8 +364,8 @@ class Link:
                 break
             self.fifo[t].popleft()
             budget -= cost
-            out.append((t, c.ids, np.full(len(c.ids), c.commit_ns, np.int64),
-                        c.norms.astype(np.float64)))
+            stamp = np.full(len(c.ids), c.commit_ns, np.int64)
+            out.append((t, c.ids, stamp, (c.norms.astype(np.float64), stamp)))
         self._charge(out)
         return out
 
@@ -371,7 +376,7 @@ class Link:
             rows = len(p.flag)
             ids = np.arange(rows, dtype=np.int64)
             since = np.where(p.flag, p.since, -1)
-            sig = p.peak.copy()
+            sig = (p.peak.copy(), np.where(p.flag, p.peak_at, -1))
             p.take(p.ids(), np.zeros(0, np.int64))
             out.append((t, ids, since, sig))
         return out
@@ -379,7 +384,7 @@ class Link:
     # -- sending ---------------------------------------------------------------------------
     def _send(self, batch: list) -> None:
         step = self.config.max_packet_rows
-        for table, ids, since, sig in batch:
+        for table, ids, since, (sig, sig_at) in batch:
             mean = self.primary.tables[table].norm_mean or 1.0
             for lo in range(0, len(ids), step):
                 packet = self.primary.pack(table, ids[lo:lo + step])
@@ -387,10 +392,10 @@ class Link:
                 self.replica.note_issued(table, packet.newest)
                 self.replica.merge(packet.to_bytes() if self.config.wire else packet)
                 visible = time.time_ns()
-                hot = (sig[lo:lo + step] >= self.config.significant_ratio * mean) \
-                    & (packet.commit_ns > 0)
-                if hot.any():
-                    self.significant.add((visible - packet.commit_ns[hot]) / 1e6)
+                at = sig_at[lo:lo + step]
+                hot = (sig[lo:lo + step] >= self.config.significant_ratio * mean) & (at > 0)
+                if hot.any():  # measured from the significant update's own commit
+                    self.significant.add((visible - at[hot]) / 1e6)
 
     def lag_ms(self) -> float:
         """How long the oldest pending update has waited (0 when nothing waits)."""
