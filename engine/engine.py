@@ -47,7 +47,11 @@ class Engine:
         self.replicas = [Replica(i, model, snapshot, issued) for i in range(replicas)]
         self.config = scheduler or SchedulerConfig()
         self.links = [Link(self.primary, r, self.config) for r in self.replicas]
-        self.state = StateManager(self.primary, health or HealthConfig(), self._send)
+        # commit and announce happen under one lock per table, so links hear a
+        # table's versions in order (a watermark never passes an unannounced one)
+        self._announce = {n: threading.RLock() for n in self.primary.tables}
+        self.state = StateManager(self.primary, health or HealthConfig(), self._send,
+                                  self._announce)
         self.steps = 0
         self.rows_committed = 0
         self.rejected_steps = 0
@@ -82,31 +86,35 @@ class Engine:
         A harmful update (see HealthConfig) is rolled back at once, and the
         rollback is recorded in stats()["rollbacks"].
         """
-        try:
-            commit = self.primary.step(table, ids, grads)
-        except EkkoError:
+        lock = self._announce.get(table)
+        if lock is None:
             with self._count_lock:
                 self.rejected_steps += 1
-            raise
+            raise EkkoError(f"no table {table!r} (tables: {', '.join(self.primary.tables)})")
+        with lock:
+            try:
+                commit = self.primary.step(table, ids, grads)
+            except EkkoError:
+                with self._count_lock:
+                    self.rejected_steps += 1
+                raise
+            self._send(commit)
+            reason = self.state.on_commit(commit)
+            if reason is not None:
+                self.state.rollback(table, reason)
         with self._count_lock:
             self.steps += 1
             self.rows_committed += len(commit.ids)
-        self._send(commit)
-        reason = self.state.on_commit(commit)
-        if reason is not None:
-            self.state.rollback(table, reason)
-        elif self.state.due():
+        if reason is None and self.state.due():
             self.check()
         return commit.version
 
     def _send(self, commit: Commit) -> None:
         """Announce a commit to every replica and link (rollback rows first in line)."""
-        pt = self.primary.tables[commit.table]
         significance = commit.norms.astype(np.float64)
         for replica, link in zip(self.replicas, self.links):
             replica.note_issued(commit.table, commit.version)
             link.enqueue(commit, significance)
-        del pt
 
     def flush(self, timeout: float | None = None) -> None:
         """Return when every replica holds every update committed before this call."""

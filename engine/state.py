@@ -63,8 +63,10 @@ class Rollback:
 class StateManager:
     """See the module docstring. `send` hands a rollback's commit to the links."""
 
-    def __init__(self, primary: Primary, config: HealthConfig, send: Callable[[Commit], None]):
+    def __init__(self, primary: Primary, config: HealthConfig, send: Callable[[Commit], None],
+                 locks: dict[str, Any] | None = None):
         self.primary, self.config, self.send = primary, config, send
+        self.locks = locks or {n: threading.RLock() for n in primary.tables}
         self.rollbacks: list[Rollback] = []
         self.checks = 0
         self.failed_checks = 0
@@ -89,14 +91,15 @@ class StateManager:
             return bool(self.config.check_every) and self._commits % self.config.check_every == 0
 
     def rollback(self, table: str, reason: str) -> Rollback | None:
-        start = time.perf_counter()
-        commit = self.primary.rollback(table)
-        if commit is None:
-            return None
-        record = Rollback(table, reason, commit.undone, len(commit.ids),  # type: ignore[attr-defined]
-                          time.perf_counter() - start, commit.version, time.time())
-        self.rollbacks.append(record)
-        self.send(commit)
+        with self.locks[table]:  # restored rows are announced in version order
+            start = time.perf_counter()
+            commit = self.primary.rollback(table)
+            if commit is None:
+                return None
+            record = Rollback(table, reason, commit.undone, len(commit.ids),  # type: ignore[attr-defined]
+                              time.perf_counter() - start, commit.version, time.time())
+            self.rollbacks.append(record)
+            self.send(commit)
         return record
 
     def check(self, replicas: list) -> bool:
