@@ -21,7 +21,7 @@ prepare() {
   rm -f "$WHEELS"/ekko-*.whl
   "$PY" -m pip wheel -q --no-deps -w "$WHEELS" .
   "$PY" -m pip download -q --no-deps -d "$WHEELS" "xdsl>=0.74,<0.75" "lark>=1.1" \
-    pytest pluggy iniconfig packaging typing-extensions
+    "immutabledict<4.3.2" ordered-set typing-extensions pytest pluggy iniconfig packaging pygments
   for v in 3.10 3.11 3.12 3.13; do
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$v" \
       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
