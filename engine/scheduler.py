@@ -139,6 +139,7 @@ class Link:
         self.thread: threading.Thread | None = None
         self.on_error = on_error
         self.busy = False
+        self.inflight: dict[str, int] = {}  # table -> oldest version being sent right now
         self.errors: list[str] = []
         self.significant = Histogram()  # freshness of rows over significant_ratio x the mean
 
@@ -173,14 +174,18 @@ class Link:
     def _watermark(self, table: str) -> int:
         if self.config.policy == "fifo":
             q = self.fifo[table]
-            return q[0][1].version - 1 if q else self.pending[table].noted
-        return self.pending[table].watermark()
+            w = q[0][1].version - 1 if q else self.pending[table].noted
+        else:
+            w = self.pending[table].watermark()
+        if table in self.inflight:
+            w = min(w, self.inflight[table] - 1)
+        return w
 
     def wait_for(self, targets: dict[str, int], timeout: float | None) -> bool:
         """Block until every table's watermark reaches its target; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
-            while not all(self._watermark(t) >= v for t, v in targets.items()) or self.busy:
+            while not all(self._watermark(t) >= v for t, v in targets.items()):
                 if not self.running:
                     return False
                 left = None if deadline is None else deadline - time.monotonic()
@@ -209,6 +214,9 @@ class Link:
                     self.cond.wait(self._wait_time())
                     continue
                 self.busy = True
+                self.inflight = {}
+                for table, _, _, _, first in batch:
+                    self.inflight[table] = min(first, self.inflight.get(table, first))
             try:
                 self._send(batch)
             except Exception as e:  # noqa: BLE001 - reported, the link keeps going
@@ -218,6 +226,7 @@ class Link:
             finally:
                 with self.cond:
                     self.busy = False
+                    self.inflight = {}
                     for table in {b[0] for b in batch}:
                         self.replica.set_watermark(table, self._watermark(table))
                     for table, p in self.pending.items():
@@ -292,8 +301,9 @@ class Link:
             p = self.pending[t]
             keep = np.setdiff1d(p.ids(), ids, assume_unique=True) if len(ids) < len(p.ids()) \
                 else np.zeros(0, np.int64)
+            first = int(p.first[ids].min()) if len(ids) else p.noted + 1
             since, sig = p.take(ids, keep)
-            out.append((t, ids, since, sig))
+            out.append((t, ids, since, sig, first))
         self._charge(out)
         return out
 
@@ -365,7 +375,7 @@ class Link:
             self.fifo[t].popleft()
             budget -= cost
             stamp = np.full(len(c.ids), c.commit_ns, np.int64)
-            out.append((t, c.ids, stamp, (c.norms.astype(np.float64), stamp)))
+            out.append((t, c.ids, stamp, (c.norms.astype(np.float64), stamp), c.version))
         self._charge(out)
         return out
 
@@ -377,14 +387,16 @@ class Link:
             ids = np.arange(rows, dtype=np.int64)
             since = np.where(p.flag, p.since, -1)
             sig = (p.peak.copy(), np.where(p.flag, p.peak_at, -1))
-            p.take(p.ids(), np.zeros(0, np.int64))
-            out.append((t, ids, since, sig))
+            pend = p.ids()
+            first = int(p.first[pend].min()) if len(pend) else p.noted + 1
+            p.take(pend, np.zeros(0, np.int64))
+            out.append((t, ids, since, sig, first))
         return out
 
     # -- sending ---------------------------------------------------------------------------
     def _send(self, batch: list) -> None:
         step = self.config.max_packet_rows
-        for table, ids, since, (sig, sig_at) in batch:
+        for table, ids, since, (sig, sig_at), _ in batch:
             mean = self.primary.tables[table].norm_mean or 1.0
             for lo in range(0, len(ids), step):
                 packet = self.primary.pack(table, ids[lo:lo + step])
