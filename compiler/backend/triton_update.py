@@ -365,7 +365,7 @@ def emit_apply(spec: UpdateSpec) -> str:
     params = ", ".join(n + (": tl.constexpr" if t == "constexpr" else "")
                        for n, t in apply_args(spec))
     body = [
-        "k = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)",
+        "k = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)",
         "rmask = k < count",
         "cols = tl.arange(0, BLOCK_DIM)",
         "mask = rmask[:, None] & (cols < DIM)[None, :]",
