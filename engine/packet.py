@@ -51,6 +51,12 @@ class PacketError(EkkoError, ValueError):
     """A packet could not be decoded or does not fit the table it names."""
 
 
+def _as_int64(x) -> np.ndarray:
+    """Integer arrays of any width become int64 (what the kernels take); others stay as given."""
+    a = np.ascontiguousarray(np.asarray(x))
+    return a.astype(np.int64) if a.dtype.kind in "iu" and a.dtype != np.int64 else a
+
+
 @dataclass
 class Packet:
     """ids, rows (serving layout), versions and commit times of one table's rows."""
@@ -65,8 +71,8 @@ class Packet:
     meta: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.ids = np.ascontiguousarray(np.asarray(self.ids))
-        self.versions = np.ascontiguousarray(np.asarray(self.versions))
+        self.ids = _as_int64(self.ids)
+        self.versions = _as_int64(self.versions)
         self.rows = np.ascontiguousarray(np.asarray(self.rows))
         if self.commit_ns is not None:
             self.commit_ns = np.ascontiguousarray(np.asarray(self.commit_ns, np.int64))
