@@ -56,6 +56,10 @@ class UpdSchedulePass(ModulePass):
     tile: int = 0  # 0: chosen from the dim
     target: str = "llvm"  # "triton": also block_rows and num_warps for the GPU
 
+    def __post_init__(self) -> None:
+        if self.target not in ("llvm", "triton"):
+            raise ValueError(f"target must be llvm or triton, got {self.target!r}")
+
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         parts = self.partitions or default_partitions()
         for apply in op.walk():

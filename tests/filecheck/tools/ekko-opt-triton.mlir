@@ -48,3 +48,6 @@ func.func @serve(%t: !emb.table<100x13xint4>, %ids: tensor<?xi32>, %off: tensor<
   %b = emb.bag %t, %ids, %off {mode = "mean"} : !emb.table<100x13xint4>, tensor<?xi32>, tensor<?xi32>
   func.return %b : tensor<?x13xf32>
 }
+
+// RUN: not ekko-opt %s -p 'upd-schedule{target=cuda}' 2>&1 | filecheck %s --check-prefix=BADTARGET
+// BADTARGET: ekko-opt: error: -p: pass 'upd-schedule': target must be llvm or triton, got 'cuda'
