@@ -29,7 +29,7 @@ from xdsl.irdl import (
 )
 from xdsl.parser import AttrParser
 from xdsl.printer import Printer
-from xdsl.pattern_rewriter import PatternRewriter, RewritePattern, op_type_rewrite_pattern
+from xdsl.pattern_rewriter import RewritePattern
 from xdsl.traits import HasCanonicalizationPatternsTrait, Pure
 from xdsl.utils.exceptions import VerifyException
 
@@ -184,6 +184,9 @@ class DeltaOp(UpdOp):
 class DedupHasCanonicalizationPatterns(HasCanonicalizationPatternsTrait):
     @classmethod
     def get_canonicalization_patterns(cls) -> tuple[RewritePattern, ...]:
+        # the patterns live with the other transforms; loaded only when asked for
+        from ..compiler.transforms.canonicalization_patterns.upd import RedundantDedup
+
         return (RedundantDedup(),)
 
 
@@ -199,16 +202,6 @@ class DedupOp(UpdOp):
         if len(operand_types) != 1:
             raise VerifyException("'upd.dedup' takes one delta")
         return [expect_delta(operand_types[0], "'upd.dedup' operand").with_unique()]
-
-
-class RedundantDedup(RewritePattern):
-    """dedup of a delta that is already unique is the delta itself."""
-
-    @op_type_rewrite_pattern
-    def match_and_rewrite(self, op: DedupOp, rewriter: PatternRewriter) -> None:
-        source = op.operands[0]
-        if isinstance(source.type, DeltaType) and source.type.is_unique:
-            rewriter.replace_op(op, [], [source])
 
 
 @irdl_op_definition

@@ -43,15 +43,3 @@ def chain_of(delta: SSAValue) -> Chain:
 def same_ids(a: SSAValue, b: SSAValue) -> bool:
     """True when two deltas carry the same ids (chain ops keep the id set)."""
     return chain_of(a).source is chain_of(b).source
-
-
-def retype(op: upd.UpdOp) -> upd.UpdOp:
-    """Rebuild `op` with result types re-inferred from its (changed) operands."""
-    new = type(op).build_inferred(list(op.operands), dict(op.attributes))
-    block = op.parent_block()
-    assert block is not None
-    block.insert_op_before(new, op)
-    for old, res in zip(op.results, new.results):
-        old.replace_all_uses_with(res)
-    block.erase_op(op)
-    return new

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
-from xdsl.ir import Block, SSAValue
+from xdsl.ir import Block, Operation, SSAValue
 from xdsl.passes import ModulePass
+from xdsl.pattern_rewriter import PatternRewriter, PatternRewriteWalker, RewritePattern
+from xdsl.rewriter import InsertPoint
 
 from ...dialects import emb, upd
-from .delta_chains import CHAIN_OPS, chain_of, retype
+from .delta_chains import CHAIN_OPS, chain_of
 
 
 def _needs_dedup(op, deterministic: bool) -> bool:
@@ -29,44 +31,43 @@ def _needs_dedup(op, deterministic: bool) -> bool:
     return isinstance(op, (upd.OptimizerOp, upd.ClipOp, upd.WeightDecayOp))
 
 
-def sources_to_dedup(module: ModuleOp, deterministic: bool) -> list[SSAValue]:
-    """Non-unique source deltas with a consumer that needs unique ids."""
-    found: dict[int, SSAValue] = {}
-    for op in module.walk():
-        if not _needs_dedup(op, deterministic):
-            continue
+class InsertDedup(RewritePattern):
+    """At an op that needs unique ids, dedup its delta's source once.
+
+    The `upd.dedup` goes right after the source and every user of the source
+    reads through it, so all consumers of one delta share the summed rows.
+    """
+
+    def __init__(self, deterministic: bool):
+        self.deterministic = deterministic
+
+    def match_and_rewrite(self, op: Operation, rewriter: PatternRewriter) -> None:
+        if not _needs_dedup(op, self.deterministic):
+            return
         delta = op.delta if isinstance(op, upd.OptimizerOp) else op.operands[0]
         chain = chain_of(delta)
         dtype = chain.source.type
-        if isinstance(dtype, upd.DeltaType) and not dtype.is_unique and not chain.deduplicated:
-            found.setdefault(id(chain.source), chain.source)
-    return list(found.values())
-
-
-def insert_dedup(source: SSAValue) -> None:
-    """Route every user of `source` through one new `upd.dedup`."""
-    dedup = upd.DedupOp.build_inferred([source])
-    owner = source.owner
-    if isinstance(owner, Block):
-        if owner.first_op is None:
-            owner.add_op(dedup)
+        if not isinstance(dtype, upd.DeltaType) or dtype.is_unique or chain.deduplicated:
+            return
+        source = chain.source
+        dedup = upd.DedupOp.build_inferred([source])
+        owner = source.owner
+        if isinstance(owner, Block):
+            rewriter.insert_op(dedup, InsertPoint.at_start(owner))
         else:
-            owner.insert_op_before(dedup, owner.first_op)
-    else:
-        block = owner.parent_block()
-        assert block is not None
-        block.insert_op_after(dedup, owner)
-    source.replace_uses_with_if(dedup.results[0], lambda use: use.operation is not dedup)
-    _retype_users(dedup.results[0])
+            rewriter.insert_op(dedup, InsertPoint.after(owner))
+        source.replace_uses_with_if(dedup.results[0], lambda use: use.operation is not dedup)
+        _retype_users(dedup.results[0], rewriter)
 
 
-def _retype_users(value: SSAValue) -> None:
+def _retype_users(value: SSAValue, rewriter: PatternRewriter) -> None:
     """Chain ops copy their input's delta type: refresh them downstream."""
     for use in list(value.uses):
         user = use.operation
         if isinstance(user, CHAIN_OPS) and use.index == 0:
-            new = retype(user)
-            _retype_users(new.results[0])
+            new = type(user).build_inferred(list(user.operands), dict(user.attributes))
+            rewriter.replace_op(user, new)
+            _retype_users(new.results[0], rewriter)
 
 
 @dataclass(frozen=True)
@@ -76,5 +77,5 @@ class UpdDedupPass(ModulePass):
     deterministic: bool = False
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        for source in sources_to_dedup(op, self.deterministic):
-            insert_dedup(source)
+        PatternRewriteWalker(InsertDedup(self.deterministic), apply_recursively=False
+                             ).rewrite_module(op)

@@ -15,6 +15,13 @@ from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp, UnitAttr
 from xdsl.ir import Attribute, Operation, SSAValue
 from xdsl.passes import ModulePass
+from xdsl.pattern_rewriter import (
+    PatternRewriter,
+    PatternRewriteWalker,
+    RewritePattern,
+    op_type_rewrite_pattern,
+)
+from xdsl.rewriter import InsertPoint
 
 from ...dialects import upd
 from ...dialects.common import float_attr, get_float
@@ -110,7 +117,7 @@ def _operands(f: Fusion, attrs: dict[str, Attribute]) -> list[SSAValue]:
     return operands
 
 
-def fuse(f: Fusion) -> upd.ApplyOp:
+def fuse(f: Fusion, rewriter: PatternRewriter) -> upd.ApplyOp:
     """Replace the chain by one upd.apply placed after the last absorbed op."""
     attrs = _attributes(f)
     operands = _operands(f, attrs)
@@ -119,11 +126,10 @@ def fuse(f: Fusion) -> upd.ApplyOp:
         [f.optimizer, f.rounding, f.requantize, f.stamp],
         key=lambda o: -1 if o is None else _position(o),
     )
-    block = f.optimizer.parent_block()
-    assert block is not None and anchor is not None
-    block.insert_op_after(apply, anchor)
+    assert anchor is not None
+    rewriter.insert_op(apply, InsertPoint.after(anchor))
     _replace_results(f, apply)
-    _erase_dead(f, block)
+    _erase_dead(f, rewriter)
     return apply
 
 
@@ -144,11 +150,19 @@ def _replace_results(f: Fusion, apply: upd.ApplyOp) -> None:
         f.stamp.results[0].replace_all_uses_with(apply.result_role("versions"))
 
 
-def _erase_dead(f: Fusion, block) -> None:
+def _erase_dead(f: Fusion, rewriter: PatternRewriter) -> None:
     dead = [f.stamp, f.requantize, f.rounding, f.optimizer, *reversed(f.chain.ops)]
     for op in dead:
         if op is not None and op.parent is not None and all(not r.uses for r in op.results):
-            block.erase_op(op)
+            rewriter.erase_op(op)
+
+
+class FuseUpdateChain(RewritePattern):
+    """An optimizer op and the chain around it become one upd.apply."""
+
+    @op_type_rewrite_pattern
+    def match_and_rewrite(self, op: upd.OptimizerOp, rewriter: PatternRewriter) -> None:
+        fuse(collect(op), rewriter)
 
 
 @dataclass(frozen=True)
@@ -156,5 +170,4 @@ class UpdFusePass(ModulePass):
     name = "upd-fuse"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        for opt in [o for o in op.walk() if isinstance(o, upd.OptimizerOp)]:
-            fuse(collect(opt))
+        PatternRewriteWalker(FuseUpdateChain(), apply_recursively=False).rewrite_module(op)
