@@ -31,9 +31,20 @@ from .stats import Histogram, latency_summary
 class Engine:
     """See the module docstring. Use it as a context manager (or call start/close)."""
 
+    def __new__(cls, *args: Any, cluster: str | None = None, **kw: Any) -> Engine:
+        """cluster="local", "auto" or a Ray address: the engine on Ray (engine/cluster.py)."""
+        if cluster is None:
+            return super().__new__(cls)
+        try:
+            from .cluster import ClusterEngine  # imports ray: only when a cluster is asked for
+        except ImportError as e:
+            raise EkkoError(f"cluster={cluster!r} needs Ray: pip install 'ekko[ray]' ({e})") from None
+        return super().__new__(ClusterEngine)
+
     def __init__(self, model: CompiledModel | str | Path, replicas: int = 2, *,
                  scheduler: SchedulerConfig | None = None, health: HealthConfig | None = None,
-                 history_rows: int = 1 << 24, seed: int = 0, scale: float = 1.0):
+                 history_rows: int = 1 << 24, seed: int = 0, scale: float = 1.0,
+                 cluster: None = None):
         if isinstance(model, (str, Path)):
             model = compile_model(model, scale=scale)
         if not isinstance(model, CompiledModel):

@@ -1,0 +1,464 @@
+"""The engine's parts as Ray actors: primary shards and serving replicas.
+
+These classes are plain Python; `engine/cluster.py` wraps them with
+`ray.remote` (restarts, concurrency, placement). Each rebuilds the model in
+its own process from the parsed model description (`Model`, a frozen
+dataclass: picklable), never from pickled compiled kernels, and then runs the
+in-process engine's parts unchanged:
+
+* `ShardServer` holds rows [lo, hi) of every table in a `Primary` (master,
+  optimizer state, serving copy, versions, model-update cache, undo log) and
+  the on-commit health check of the `StateManager`. Every step is in its
+  durable log (fsync'd) before it is applied; on start it loads its snapshot
+  and replays the log. Packets it packs carry global row ids.
+* `ReplicaServer` holds a full serving copy in a `Replica`. On start it loads
+  its last snapshot (or starts empty) and catches up from every shard: what
+  changed after its watermark, from the model-update cache, or the whole
+  shard when that history is gone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..compiler.frontend.model import Model
+from ..kernels.errors import EkkoError, UpdateError
+from ..kernels.model import compile_model
+from ..kernels.sync import row_width, rows_dtype
+from .durable import PacketLog, bump_counter, load_arrays, save_arrays
+from .packet import Packet
+from .primary import Commit, Primary
+from .replica import Replica
+from .state import HealthConfig, StateManager
+
+CHUNK_ROWS = 1 << 16  # rows per catch-up packet
+
+
+def shard_bounds(rows: int, shards: int) -> list[int]:
+    """Row k of a table lives on the shard whose [lo, hi) holds it: contiguous ranges."""
+    n = min(shards, rows)
+    return [k * rows // n for k in range(n + 1)]
+
+
+def shard_model(model: Model, shard: int, shards: int) -> Model:
+    """The part of `model` that primary shard `shard` holds (its rows of each table)."""
+    tables = []
+    for t in model.tables:
+        b = shard_bounds(t.rows, shards)
+        if shard < len(b) - 1:
+            tables.append(dataclasses.replace(t, rows=b[shard + 1] - b[shard]))
+    if not tables:
+        raise EkkoError(f"primary shard {shard} of {shards} would hold no rows: use at most "
+                        f"{max(t.rows for t in model.tables)} shards")
+    return dataclasses.replace(model, tables=tuple(tables), features=())
+
+
+@dataclass
+class ShardConfig:
+    """What a primary shard actor is built from (picklable)."""
+
+    model: Model
+    shard: int
+    shards: int
+    directory: str
+    seed: int = 0
+    history_rows: int = 1 << 24
+    outlier_factor: float = 1000.0
+    warmup: int = 10
+    log_limit_bytes: int = 1 << 30  # a snapshot (and an empty log) after this much log
+    fsync: bool = True
+
+
+@dataclass
+class StepResult:
+    """What the driver needs from one step on one shard (ids are shard-local)."""
+
+    version: int
+    ids: np.ndarray
+    norms: np.ndarray
+    commit_ns: int
+    norm_mean: float
+    rollback: Commit | None = None
+    rollback_record: dict | None = None
+    duplicate: bool = False
+
+
+def check_delta(ids: Any, grads: Any, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The checks Primary.step makes, up front (so nothing is logged or sent for bad input)."""
+    ids = np.ascontiguousarray(np.asarray(ids))
+    grads = np.ascontiguousarray(np.asarray(grads))
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise UpdateError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    ids = ids.astype(np.int64, copy=False)
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+        bad = int(ids[(ids < 0) | (ids >= rows)][0])
+        raise UpdateError(f"id {bad} is out of range [0, {rows})")
+    if grads.shape != (len(ids), dim) or grads.dtype != np.float32:
+        raise UpdateError(f"grads must be float32 of shape ({len(ids)}, {dim}), "
+                          f"got {grads.dtype} {grads.shape}")
+    return ids, grads
+
+
+class ShardServer:
+    """One primary shard (see the module docstring)."""
+
+    def __init__(self, config: ShardConfig):
+        self.config = config
+        self.dir = Path(config.directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.starts = bump_counter(self.dir / "starts")
+        full = {t.name: t.rows for t in config.model.tables}
+        model = shard_model(config.model, config.shard, config.shards)
+        self.lo = {t.name: shard_bounds(full[t.name], config.shards)[config.shard]
+                   for t in model.tables}
+        self.primary = Primary(compile_model(model), history_rows=config.history_rows,
+                               seed=config.seed + config.shard)
+        self.health = StateManager(self.primary, HealthConfig(config.outlier_factor, config.warmup),
+                                   self._collect)
+        self.locks = {n: threading.Lock() for n in self.primary.tables}
+        self.last_seq = dict.fromkeys(self.primary.tables, 0)
+        self.last = {}  # table -> StepResult of its last step (for a retried one)
+        self._sent: dict[str, Commit] = {}
+        self.replayed = {"records": 0, "rows": 0, "snapshot_version": {}, "seconds": 0.0,
+                         "skipped": 0}
+        t0 = time.perf_counter()
+        self._restore()
+        self.log = PacketLog(self.dir / "packets.log", fsync=config.fsync)
+        self.replayed["seconds"] = time.perf_counter() - t0
+
+    def _collect(self, commit: Commit) -> None:
+        self._sent[commit.table] = commit  # under that table's lock
+
+    # -- recovery ------------------------------------------------------------------
+    def _restore(self) -> None:
+        """Load the snapshot, then replay every logged step after it."""
+        snap = load_arrays(self.dir / "snapshot.npz")
+        if snap is not None:
+            arrays, meta = snap
+            for name, pt in self.primary.tables.items():
+                m = meta["tables"][name]
+                for key, a in zip(self._array_keys(name), pt.arrays()):
+                    np.copyto(a, arrays[key])
+                pt.version = pt.healthy_version = m["version"]
+                pt.buf.step, pt.norm_mean, pt.commits = m["step"], m["norm_mean"], m["commits"]
+                pt.cache.floor = m["version"]  # history before the snapshot is gone
+                self.last_seq[name] = m["last_seq"]
+                self.replayed["snapshot_version"][name] = m["version"]
+        for rec in PacketLog.read(self.dir / "packets.log"):
+            p = rec.packet
+            pt = self.primary.tables.get(p.table)
+            if pt is None or rec.version <= pt.version:
+                self.replayed["skipped"] += 1  # already in the snapshot
+                continue
+            try:
+                self._apply(p.table, rec.seq, p.ids, p.rows)
+            except EkkoError:
+                self.replayed["skipped"] += 1  # rejected live as well
+                continue
+            self.replayed["records"] += 1
+            self.replayed["rows"] += len(p)
+
+    def _array_keys(self, name: str) -> list[str]:
+        n = len(self.primary.tables[name].arrays())
+        return [f"{name}/{i}" for i in range(n)]
+
+    def snapshot(self) -> dict:
+        """Mark every table healthy, write the snapshot, start an empty log."""
+        for lock in self.locks.values():
+            lock.acquire()
+        try:
+            arrays, meta = {}, {"tables": {}}
+            for name, pt in self.primary.tables.items():
+                self.primary.mark_healthy(name)
+                for key, a in zip(self._array_keys(name), pt.arrays()):
+                    arrays[key] = a
+                meta["tables"][name] = {"version": pt.version, "step": pt.buf.step,
+                                        "norm_mean": pt.norm_mean, "commits": pt.commits,
+                                        "last_seq": self.last_seq[name]}
+            save_arrays(self.dir / "snapshot.npz", arrays, meta)
+            self.log.restart()
+            return {n: m["version"] for n, m in meta["tables"].items()}
+        finally:
+            for lock in self.locks.values():
+                lock.release()
+
+    # -- messages --------------------------------------------------------------------
+    def step(self, table: str, seq: int, ids: np.ndarray, grads: np.ndarray) -> StepResult:
+        """Log (fsync), apply and health-check one delta; a retried `seq` is answered again."""
+        pt = self.primary.table(table)
+        ids, grads = check_delta(ids, grads, pt.buf.table.rows, pt.buf.table.dim)
+        with self.locks[table]:
+            if seq <= self.last_seq[table]:
+                last = self.last.get(table)
+                if last is not None and seq == self.last_seq[table]:
+                    return dataclasses.replace(last, duplicate=True)
+                return StepResult(pt.version, np.zeros(0, np.int64), np.zeros(0, np.float32),
+                                  time.time_ns(), pt.norm_mean, duplicate=True)
+            self.log.append(seq, pt.version + 1, Packet(table, ids, grads,
+                                                        np.zeros(len(ids), np.int64)))
+            result = self._apply(table, seq, ids, grads)
+        if self.log.size() > self.config.log_limit_bytes:
+            self.snapshot()
+        return result
+
+    def _apply(self, table: str, seq: int, ids: np.ndarray, grads: np.ndarray) -> StepResult:
+        commit = self.primary.step(table, ids, grads)
+        pt = self.primary.tables[table]
+        result = StepResult(commit.version, commit.ids, commit.norms, commit.commit_ns,
+                            pt.norm_mean)
+        reason = self.health.on_commit(commit)
+        if reason is not None:  # deterministic: a replay rolls back the same way
+            self._sent.pop(table, None)
+            record = self.health.rollback(table, reason)
+            result.rollback = self._sent.pop(table, None)
+            result.rollback_record = record.as_dict() if record else None
+        self.last_seq[table] = seq
+        self.last[table] = result
+        return result
+
+    def since(self, table: str, version: int) -> tuple[list[Packet], int, bool]:
+        """Packets of the rows changed after `version` (all rows when that history is gone).
+
+        Returns (packets with global ids, the version they bring a replica up
+        to, whether the whole shard was copied).
+        """
+        pt = self.primary.table(table)
+        with pt.lock:
+            ids = pt.cache.changed_since(version) if version >= 0 else None
+            upto = pt.version
+        full = ids is None
+        if full:
+            ids = np.arange(pt.buf.table.rows, dtype=np.int64)
+        packets = []
+        for lo in range(0, len(ids), CHUNK_ROWS):
+            p = self.primary.pack(table, ids[lo:lo + CHUNK_ROWS])
+            packets.append(self._global(p))
+        return packets, upto, full
+
+    def pack(self, table: str, ids: np.ndarray) -> Packet:
+        """The current serving rows of shard-local `ids`, as a packet with global ids."""
+        return self._global(self.primary.pack(table, np.asarray(ids, np.int64)))
+
+    def _global(self, p: Packet) -> Packet:
+        p.ids = p.ids + self.lo[p.table]
+        return p
+
+    def serving(self, table: str) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of this shard's serving rows and versions of `table`."""
+        pt = self.primary.table(table)
+        with pt.lock:
+            return pt.buf.lookup_table.copy(), pt.buf.versions.copy()
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "node": _node_id(), "starts": self.starts,
+                "restarts": self.starts - 1, "replayed": dict(self.replayed),
+                "issued": {n: pt.version for n, pt in self.primary.tables.items()},
+                "norm_mean": {n: pt.norm_mean for n, pt in self.primary.tables.items()},
+                "log_records": self.log.records}
+
+    def row_bytes(self) -> dict[str, int]:
+        return {n: self.primary.row_bytes(n) for n in self.primary.tables}
+
+
+@dataclass
+class ReplicaConfig:
+    """What a replica actor is built from (picklable). `shards` are actor handles."""
+
+    model: Model
+    index: int
+    shards: list
+    directory: str
+    snapshot_s: float = 0.0  # seconds between automatic snapshots; 0: only on request
+    call_timeout_s: float = 120.0
+    tables_of_shard: dict = field(default_factory=dict)  # shard -> its table names
+
+
+class ReplicaServer:
+    """One serving replica (see the module docstring)."""
+
+    def __init__(self, config: ReplicaConfig):
+        self.config = config
+        self.dir = Path(config.directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.starts = bump_counter(self.dir / "starts")
+        self.model = compile_model(config.model)
+        t0 = time.perf_counter()
+        snapshot, self.wm, restored = self._load()
+        issued = {n: max(0, max(w.values(), default=0)) for n, w in self.wm.items()}
+        self.replica = Replica(config.index, self.model, snapshot, issued)
+        del snapshot
+        self.catch_ups: list[dict] = []
+        self.wm_lock = threading.Lock()
+        self.restored_from_snapshot = restored
+        self.behind = set(range(len(config.shards)))  # shards not caught up with yet
+        self.ready_seconds = -1.0
+        self._stop = threading.Event()
+        self._catch_up_all(time.monotonic() + config.call_timeout_s, t0)
+        if self.behind:  # a primary is down too: keep trying, stay unready meanwhile
+            threading.Thread(target=self._catch_up_all, args=(float("inf"), t0), daemon=True,
+                             name="ekko-catch-up").start()
+        if config.snapshot_s > 0:
+            threading.Thread(target=self._snapshots, daemon=True, name="ekko-snapshots").start()
+
+    def _load(self) -> tuple[dict, dict, bool]:
+        """The last snapshot (serving, versions, watermarks), or an empty copy at -1."""
+        wm = {n: dict.fromkeys(ks, -1) for n, ks in self._shards_of_table().items()}
+        snap = load_arrays(self.dir / "snapshot.npz")
+        out = {}
+        restored = snap is not None
+        for t in self.model.model.tables:
+            spec = self.model.update_specs[t.name]
+            layout = spec.serving or spec.table_dtype
+            shape = (t.rows, row_width(layout, t.dim))
+            dtype = np.dtype(rows_dtype(layout))
+            if restored:
+                arrays, meta = snap
+                s, v = arrays.get(f"{t.name}/serving"), arrays.get(f"{t.name}/versions")
+                if s is not None and s.shape == shape and s.dtype == dtype and v is not None \
+                        and v.shape == (t.rows,):
+                    out[t.name] = (s, v)
+                    for k, w in meta["watermarks"].get(t.name, {}).items():
+                        if int(k) in wm[t.name]:
+                            wm[t.name][int(k)] = int(w)
+                    continue
+            out[t.name] = (np.zeros(shape, dtype), np.full(t.rows, -1, np.int64))
+            wm[t.name] = dict.fromkeys(wm[t.name], -1)
+        return out, wm, restored
+
+    def _shards_of_table(self) -> dict[str, list[int]]:
+        by_table: dict[str, list[int]] = {t.name: [] for t in self.model.model.tables}
+        for k, names in self.config.tables_of_shard.items():
+            for n in names:
+                by_table[n].append(int(k))
+        return by_table
+
+    # -- catch-up ---------------------------------------------------------------------
+    def _catch_up_all(self, deadline: float, t0: float) -> None:
+        """Catch up with every shard, retrying failed ones until `deadline`."""
+        reason = "restart" if self.starts > 1 else "join"
+        while self.behind and time.monotonic() < deadline and not self._stop.is_set():
+            for k in sorted(self.behind):
+                try:
+                    self.catch_up(k, reason=reason)
+                    self.behind.discard(k)
+                except Exception:  # noqa: BLE001 - a shard restarting: try again
+                    time.sleep(0.2)
+        if not self.behind:
+            self.ready_seconds = time.perf_counter() - t0
+
+    def catch_up(self, shard: int, reason: str = "resync") -> dict:
+        """Ask shard `shard` what changed after this replica's watermarks, and merge it."""
+        import ray
+
+        t0 = time.perf_counter()
+        rows, full, handle = 0, [], self.config.shards[shard]
+        for table in self.config.tables_of_shard.get(shard, []):
+            with self.wm_lock:
+                since = self.wm[table][shard]
+            packets, upto, whole = ray.get(handle.since.remote(table, since),
+                                           timeout=self.config.call_timeout_s)
+            for p in packets:
+                self.replica.note_issued(table, p.newest)
+                self.replica.merge(p)
+                rows += len(p)
+            if whole:
+                full.append(table)
+            self.set_watermark(table, shard, upto)
+        record = {"shard": shard, "reason": reason, "rows": rows, "whole_shard": full,
+                  "seconds": time.perf_counter() - t0, "at": time.time()}
+        self.catch_ups.append(record)
+        return record
+
+    # -- messages from the engine ---------------------------------------------------------
+    def merge_from(self, packet: Packet, commit_ns: np.ndarray | None) -> int:
+        """Merge a packet a link sent (commit times travel beside it)."""
+        if commit_ns is not None:
+            packet.commit_ns = commit_ns
+        self.replica.note_issued(packet.table, packet.newest)
+        return self.replica.merge(packet)
+
+    def merge(self, packet: Packet | bytes) -> int:
+        return self.replica.merge(packet)
+
+    def set_watermark(self, table: str, shard: int, version: int) -> None:
+        with self.wm_lock:
+            w = self.wm[table]
+            w[shard] = max(w[shard], int(version))
+            if all(v >= 0 for v in w.values()):
+                self.replica.set_watermark(table, min(w.values()))
+
+    def watermarks(self) -> dict[str, dict[int, int]]:
+        with self.wm_lock:
+            return {n: dict(w) for n, w in self.wm.items()}
+
+    def snapshot(self) -> dict:
+        """Write this replica's serving copies and watermarks to disk (atomically)."""
+        with self.wm_lock:  # everything up to these watermarks is in the arrays below
+            wm = {n: {str(k): v for k, v in w.items()} for n, w in self.wm.items()}
+        arrays = {}
+        for name, rt in self.replica.tables.items():
+            with rt.lock:
+                arrays[f"{name}/serving"] = rt.serving.copy()
+                arrays[f"{name}/versions"] = rt.versions.copy()
+        save_arrays(self.dir / "snapshot.npz", arrays, {"watermarks": wm})
+        return wm
+
+    def _snapshots(self) -> None:
+        while not self._stop.wait(self.config.snapshot_s):
+            try:
+                self.snapshot()
+            except OSError:
+                pass  # the next one may succeed; catch-up covers the gap either way
+
+    # -- reads -------------------------------------------------------------------------------
+    def lookup(self, feature: str, ids: Any, offsets: Any = None,
+               per_sample_weights: Any = None) -> np.ndarray:
+        out = self.replica.lookup(feature, ids, offsets, per_sample_weights=per_sample_weights)
+        return np.array(out, copy=True)
+
+    def serving(self, table: str) -> np.ndarray:
+        return self.replica.serving(table).copy()
+
+    def versions(self, table: str) -> np.ndarray:
+        return self.replica.versions(table).copy()
+
+    def rows(self, table: str, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        return self.replica.rows(table, ids)
+
+    def ping(self) -> tuple[int, bool]:
+        """(process id, whether this replica has caught up with every shard)."""
+        return os.getpid(), not self.behind
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "node": _node_id(), "starts": self.starts,
+                "restarts": self.starts - 1, "catch_ups": list(self.catch_ups),
+                "restored_from_snapshot": self.restored_from_snapshot,
+                "ready_seconds": self.ready_seconds}
+
+    def stats(self) -> tuple[dict, Any]:
+        """(summary, freshness histogram) of this replica since it last started."""
+        s = self.replica.stats
+        summary = s.summary()
+        summary["watermarks"] = self.replica.watermarks()
+        return summary, s.all_freshness()
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray
+        return ""
+
+
+__all__ = ["ReplicaConfig", "ReplicaServer", "ShardConfig", "ShardServer", "StepResult",
+           "check_delta", "shard_bounds", "shard_model"]

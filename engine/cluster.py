@@ -1,0 +1,574 @@
+"""ekko.Engine across processes and hosts, on Ray: `Engine(model, replicas=N, cluster=...)`.
+
+    with ekko.Engine(model, replicas=2, cluster="local") as engine:   # or "auto", "ray://h:p"
+        engine.step("t_cat0", ids, grads)     # durable on its primary shard when it returns
+        engine.flush()                        # every replica holds every committed update
+        engine.replicas[0].lookup("cat0", ids, offsets)     # a copy, from that process
+        engine.replicas[0].pid                # the replica's process id
+
+The same API and semantics as the in-process engine. Primary shards
+(`primary_shards=K`, tables split by contiguous row ranges) and replicas
+(a full serving copy each) are Ray actors built in `engine/actors.py`; the
+scheduler's links stay in this process (one per replica and shard, the
+in-process `Link` with its policies and budget), and packets go from a
+shard to a replica through Ray's object store without passing through here.
+
+Faults: Ray restarts a killed actor (`max_restarts`). A replica restores
+its snapshot and catches up from the shards' model-update caches before it
+serves again; lookups go to the other replicas meanwhile. A primary shard
+reloads its snapshot and replays its durable log; a step caught by the
+restart is resent with the same sequence number and answered once. A link
+whose send failed asks its replica to catch up with that shard before it
+moves its watermark. See docs/engine.md, "Across processes and hosts".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import ray
+from ray import exceptions as rex
+
+from ..kernels.errors import EkkoError
+from ..kernels.model import CompiledModel
+from ..kernels.model import compile_model as _compile
+from .actors import (ReplicaConfig, ReplicaServer, ShardConfig, ShardServer, StepResult,
+                     check_delta, shard_bounds)
+from .engine import Engine
+from .packet import Packet
+from .primary import Commit
+from .scheduler import Link, SchedulerConfig
+from .state import HealthConfig, Rollback
+from .stats import Histogram, latency_summary
+
+_DOWN = (rex.RayActorError, rex.ActorUnavailableError, rex.GetTimeoutError,
+         rex.ObjectLostError, rex.OwnerDiedError, rex.WorkerCrashedError)
+
+
+class Unavailable(EkkoError):
+    """An actor did not answer (dead, restarting, or too slow)."""
+
+
+def connect(cluster: str) -> str:
+    """Start Ray here quietly ("local") or join a running cluster; returns its address."""
+    if not isinstance(cluster, str) or not cluster:
+        raise EkkoError(f"cluster must be 'local', 'auto' or a Ray address, got {cluster!r}")
+    if not ray.is_initialized():
+        quiet = {"include_dashboard": False, "log_to_driver": False,
+                 "logging_level": logging.ERROR, "configure_logging": True}
+        try:
+            if cluster == "local":
+                ray.init(num_cpus=os.cpu_count() or 1, **quiet)
+            else:
+                ray.init(address=cluster, log_to_driver=False, logging_level=logging.ERROR)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise EkkoError(f"cannot join the Ray cluster at {cluster!r}: {e}") from None
+    return ray.get_runtime_context().gcs_address
+
+
+def call(ref: Any, timeout: float) -> Any:
+    """ray.get with the engine's error rules: EkkoError stays EkkoError, a dead actor is Unavailable."""
+    try:
+        return ray.get(ref, timeout=timeout)
+    except rex.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, EkkoError):
+            raise type(cause)(str(cause)) from None
+        if isinstance(cause, _DOWN):
+            raise Unavailable(f"{type(cause).__name__}: {cause}") from None
+        raise
+    except _DOWN as e:
+        raise Unavailable(f"{type(e).__name__}") from None
+
+
+# -- what the in-process Link talks to, standing in for the remote parts ---------------------
+class _ShardView:
+    """A primary shard as a link sees it: its tables' row counts, norm means, row bytes."""
+
+    def __init__(self, rows: dict[str, int], row_bytes: dict[str, int]):
+        self.tables = {n: SimpleNamespace(buf=SimpleNamespace(table=SimpleNamespace(rows=r)),
+                                          norm_mean=0.0) for n, r in rows.items()}
+        self._row_bytes = row_bytes
+
+    def row_bytes(self, table: str) -> int:
+        return self._row_bytes[table]
+
+
+class _LinkReplica:
+    """A replica actor as one shard's link sees it."""
+
+    def __init__(self, index: int, actor: Any, shard: int, tables: list[str]):
+        self.index, self.actor, self.shard = index, actor, shard
+        self._traffic = dict.fromkeys(tables, 0)
+        self.link: RemoteLink | None = None
+
+    def traffic(self) -> dict[str, int]:
+        return self._traffic
+
+    def note_issued(self, table: str, version: int) -> None:
+        pass  # travels with each packet (Packet.newest)
+
+    def set_watermark(self, table: str, version: int) -> None:
+        if self.link is not None and self.link.poisoned:
+            return  # a lost send was not caught up with: claim nothing
+        self.actor.set_watermark.remote(table, self.shard, int(version))
+
+
+class RemoteLink(Link):
+    """The in-process Link, sending through Ray: pack on the shard, merge on the replica."""
+
+    def __init__(self, view: _ShardView, replica: _LinkReplica, config: SchedulerConfig,
+                 shard: Any, timeout: float):
+        super().__init__(view, replica, config)  # type: ignore[arg-type]
+        self.shard, self.timeout = shard, timeout
+        self.recoveries = 0
+        self.poisoned = False
+        replica.link = self
+
+    def _send(self, batch: list) -> None:
+        step = self.config.max_packet_rows
+        for entry in batch:  # (table, ids, since, (norms, their commit times), ...)
+            table, ids, since, (sig, sig_at) = entry[:4]
+            mean = self.primary.tables[table].norm_mean or 1.0
+            for lo in range(0, len(ids), step):
+                ref = self.shard.pack.remote(table, ids[lo:lo + step])
+                try:
+                    call(self.replica.actor.merge_from.remote(ref, since[lo:lo + step]),
+                         self.timeout)
+                except Unavailable as e:
+                    self._recover(e)
+                    return
+                except Exception as e:  # recorded by Link; the replica catches up first
+                    self._recover(e)
+                    raise
+                visible = time.time_ns()
+                at = sig_at[lo:lo + step]
+                hot = (sig[lo:lo + step] >= self.config.significant_ratio * mean) & (at > 0)
+                if hot.any():
+                    self.significant.add((visible - at[hot]) / 1e6)
+
+    def _recover(self, error: Exception) -> None:
+        """A send was lost (a replica or shard restarting): the replica catches up instead."""
+        if isinstance(error, Unavailable):
+            self.errors.append(f"{type(error).__name__}: {error}")
+        self.recoveries += 1
+        while self.running:
+            try:
+                call(self.replica.actor.catch_up.remote(self.replica.shard, "link"), self.timeout)
+                return
+            except Unavailable:
+                time.sleep(0.2)
+        self.poisoned = True
+
+
+# -- what users hold -------------------------------------------------------------------------
+class RemoteReplica:
+    """engine.replicas[i]: one replica process; reads return copies."""
+
+    def __init__(self, index: int, actor: Any, timeout: float, lookup_timeout: float):
+        self.index, self.actor = index, actor
+        self.timeout, self.lookup_timeout = timeout, lookup_timeout
+        self._probe: Any = None
+        self.down_since: float | None = None
+
+    @property
+    def pid(self) -> int:
+        """The process id of this replica (a new one after a restart)."""
+        return call(self.actor.ping.remote(), self.timeout)[0]
+
+    @property
+    def node(self) -> str:
+        return call(self.actor.info.remote(), self.timeout)["node"]
+
+    def lookup(self, feature: str, ids: Any, offsets: Any = None, per_sample_weights: Any = None,
+               out: Any = None) -> np.ndarray:
+        result = call(self.actor.lookup.remote(feature, np.asarray(ids), offsets,
+                                               per_sample_weights), self.lookup_timeout)
+        if out is not None:
+            np.copyto(out, result)
+            return out
+        return result
+
+    def serving(self, table: str) -> np.ndarray:
+        return call(self.actor.serving.remote(table), self.timeout)
+
+    def versions(self, table: str) -> np.ndarray:
+        return call(self.actor.versions.remote(table), self.timeout)
+
+    def rows(self, table: str, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        return call(self.actor.rows.remote(table, np.asarray(ids)), self.timeout)
+
+    def merge(self, packet: Packet | bytes) -> int:
+        return call(self.actor.merge.remote(packet), self.timeout)
+
+    def watermarks(self) -> dict[str, dict[int, int]]:
+        return call(self.actor.watermarks.remote(), self.timeout)
+
+    def snapshot(self) -> dict:
+        """Write this replica's snapshot now (it restores it when it restarts)."""
+        return call(self.actor.snapshot.remote(), self.timeout)
+
+    def info(self) -> dict:
+        return call(self.actor.info.remote(), self.timeout)
+
+    # -- health, as the engine's lookups see it --------------------------------------------
+    def available(self) -> bool:
+        """False while down; a background ping (answered once caught up) brings it back."""
+        if self.down_since is None:
+            return True
+        if self._probe is None:
+            self._probe = self.actor.ping.remote()
+        ready, _ = ray.wait([self._probe], timeout=0)
+        if not ready:
+            return False
+        try:
+            _, caught_up = ray.get(self._probe, timeout=0)
+        except Exception:  # noqa: BLE001 - still down: ping again next time
+            caught_up = False
+        self._probe = None
+        if caught_up:
+            self.down_since = None
+        return caught_up
+
+    def mark_down(self) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+        self._probe = None
+
+
+class PrimaryShards:
+    """engine.primary: the primary shards together (reads assemble copies)."""
+
+    def __init__(self, engine: ClusterEngine):
+        self._engine = engine
+        self.tables = {t.name: t for t in engine.model.model.tables}
+
+    def _parts(self, table: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        e = self._engine
+        if table not in self.tables:
+            raise EkkoError(f"no table {table!r} (tables: {', '.join(self.tables)})")
+        refs = [e.shards[k].serving.remote(table) for k in e.shards_of[table]]
+        return [call(r, e.timeout) for r in refs]
+
+    def serving(self, table: str) -> np.ndarray:
+        """A copy of the primary's serving rows of `table` (from every shard)."""
+        return np.concatenate([p[0] for p in self._parts(table)])
+
+    def versions(self, table: str) -> np.ndarray:
+        """Versions are per shard: each shard numbers its own commits."""
+        return np.concatenate([p[1] for p in self._parts(table)])
+
+    def issued(self, table: str) -> int:
+        return max(self._engine.issued[k][table] for k in self._engine.shards_of[table])
+
+    @property
+    def pids(self) -> list[int]:
+        e = self._engine
+        return [call(s.info.remote(), e.timeout)["pid"] for s in e.shards]
+
+
+class ClusterEngine(Engine):
+    """ekko.Engine on Ray (see the module docstring)."""
+
+    def __init__(self, model: CompiledModel | str | Path, replicas: int = 2, *,
+                 cluster: str = "local", primary_shards: int = 1,
+                 scheduler: SchedulerConfig | None = None, health: HealthConfig | None = None,
+                 history_rows: int = 1 << 24, seed: int = 0, scale: float = 1.0,
+                 directory: str | Path | None = None, snapshot_s: float = 0.0,
+                 max_restarts: int = 100, timeout_s: float = 300.0, lookup_timeout_s: float = 2.0,
+                 log_limit_bytes: int = 1 << 30, fsync: bool = True,
+                 actor_options: dict[str, dict] | None = None):
+        if isinstance(model, (str, Path)):
+            model = _compile(model, scale=scale)
+        if not isinstance(model, CompiledModel):
+            raise EkkoError(f"Engine needs a compiled model or a model path, got {type(model).__name__}")
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+            raise EkkoError(f"replicas must be a positive integer, got {replicas!r}")
+        if not isinstance(primary_shards, int) or isinstance(primary_shards, bool) \
+                or primary_shards < 1:
+            raise EkkoError(f"primary_shards must be a positive integer, got {primary_shards!r}")
+        health = health or HealthConfig()
+        if health.score is not None or health.check_every:
+            raise EkkoError("replica health checks (score, check_every) run in process only; "
+                            "across processes the on-commit outlier check runs on each shard")
+        self.model = model
+        self.config = scheduler or SchedulerConfig()
+        self.timeout = float(timeout_s)
+        self.address = connect(cluster)
+        self._own_dir = directory is None
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="ekko-engine-"))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.steps = self.rows_committed = self.rejected_steps = 0
+        self.step_retries = 0
+        self.rollbacks: list[Rollback] = []
+        self._count_lock = threading.Lock()
+        self._next_replica = 0
+        self._started = False
+        self._closed = False
+        self._tables = {t.name: t for t in model.model.tables}
+        self.bounds = {t.name: shard_bounds(t.rows, primary_shards) for t in model.model.tables}
+        self._start_actors(primary_shards, replicas, seed, history_rows, health, snapshot_s,
+                           max_restarts, lookup_timeout_s, log_limit_bytes, fsync,
+                           actor_options or {})
+
+    # -- building -----------------------------------------------------------------------
+    def _start_actors(self, k: int, n: int, seed: int, history_rows: int, health: HealthConfig,
+                      snapshot_s: float, max_restarts: int, lookup_timeout: float,
+                      log_limit: int, fsync: bool, options: dict[str, dict]) -> None:
+        m = self.model.model
+        self.shards_of = {name: list(range(len(b) - 1)) for name, b in self.bounds.items()}
+        tables_of = {s: [n_ for n_, ks in self.shards_of.items() if s in ks] for s in range(k)}
+        if any(not ts for ts in tables_of.values()):
+            raise EkkoError(f"primary_shards={k} leaves a shard without rows: use at most "
+                            f"{max(t.rows for t in m.tables)}")
+        base = {"num_cpus": 0, "max_restarts": max_restarts, "max_task_retries": 0}
+        shard_cls = ray.remote(ShardServer).options(**base, max_concurrency=8,
+                                                    **options.get("primary", {}))
+        self.shards = [shard_cls.remote(ShardConfig(
+            m, s, k, str(self.directory / f"primary-{s}"), seed, history_rows,
+            health.outlier_factor, health.warmup, log_limit, fsync)) for s in range(k)]
+        row_bytes = [call(s.row_bytes.remote(), self.timeout) for s in self.shards]
+        self.issued = [dict.fromkeys(tables_of[s], 0) for s in range(k)]
+        replica_cls = ray.remote(ReplicaServer).options(**base, max_concurrency=4 + k,
+                                                        **options.get("replica", {}))
+        actors = [replica_cls.remote(ReplicaConfig(
+            m, i, self.shards, str(self.directory / f"replica-{i}"), snapshot_s, self.timeout,
+            tables_of)) for i in range(n)]
+        self.replicas = [RemoteReplica(i, a, self.timeout, lookup_timeout)
+                         for i, a in enumerate(actors)]
+        for r in self.replicas:
+            call(r.actor.ping.remote(), self.timeout)
+        self.views = []
+        for s in range(k):
+            rows = {name: self.bounds[name][s + 1] - self.bounds[name][s] for name in tables_of[s]}
+            self.views.append(_ShardView(rows, row_bytes[s]))
+        self.links = [[RemoteLink(self.views[s], _LinkReplica(i, a, s, tables_of[s]), self.config,
+                                  self.shards[s], self.timeout) for s in range(k)]
+                      for i, a in enumerate(actors)]
+        self.primary = PrimaryShards(self)
+        self._announce = {name: threading.Lock() for name in self._tables}
+        self._seq = dict.fromkeys(self._tables, 0)
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self) -> ClusterEngine:
+        if self._closed:
+            raise EkkoError("this engine was closed")
+        if not self._started:
+            for link in self._all_links():
+                link.start()
+            self._started = True
+        return self
+
+    def close(self) -> None:
+        """Stop the links, end the actors and remove the engine's own directory."""
+        if self._closed:
+            return
+        if self._started:
+            for link in self._all_links():
+                link.stop()
+            self._started = False
+        for a in [r.actor for r in self.replicas] + self.shards:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self._closed = True
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _all_links(self) -> list[RemoteLink]:
+        return [link for per in self.links for link in per]
+
+    # -- the stream -----------------------------------------------------------------------------
+    def step(self, table: str, ids: Any, grads: Any) -> int:
+        """Apply a trainer update on its primary shards; returns once durable and committed.
+
+        With several shards each numbers its own versions: this returns the
+        highest version among the shards the update touched.
+        """
+        t = self._tables.get(table)
+        if t is None:
+            raise EkkoError(f"no table {table!r} (tables: {', '.join(self._tables)})")
+        try:
+            ids, grads = check_delta(ids, grads, t.rows, t.dim)
+        except EkkoError:
+            with self._count_lock:
+                self.rejected_steps += 1
+            raise
+        with self._announce[table]:
+            self._seq[table] += 1
+            seq = self._seq[table]
+            parts = self._split(table, ids, grads)
+            refs = {s: self.shards[s].step.remote(table, seq, i, g) for s, i, g in parts}
+            results = {s: self._step_result(s, table, seq, i, g, refs[s]) for s, i, g in parts}
+            for s, res in results.items():
+                self._announce_commit(s, table, res)
+        with self._count_lock:
+            self.steps += 1
+            self.rows_committed += sum(len(r.ids) for r in results.values())
+        return max(r.version for r in results.values())
+
+    def _split(self, table: str, ids: np.ndarray, grads: np.ndarray) -> list:
+        b = self.bounds[table]
+        if len(b) == 2 or not len(ids):
+            return [(0, ids, grads)]
+        which = np.searchsorted(b, ids, side="right") - 1
+        return [(int(s), ids[which == s] - b[s], grads[which == s]) for s in np.unique(which)]
+
+    def _step_result(self, s: int, table: str, seq: int, ids: np.ndarray, grads: np.ndarray,
+                     ref: Any) -> StepResult:
+        """The shard's answer; a step caught by a restart is sent again (answered once)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                result = call(ref, max(1.0, deadline - time.monotonic()))
+                break
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise EkkoError(f"primary shard {s} did not come back within "
+                                    f"{self.timeout:.0f} s") from None
+                with self._count_lock:
+                    self.step_retries += 1
+                time.sleep(0.1)
+                ref = self.shards[s].step.remote(table, seq, ids, grads)
+        if result.duplicate and not len(result.ids):  # its rows are unknown here: resync
+            for per in self.links:
+                per[s].replica.actor.catch_up.remote(s, "resent step")
+        return result
+
+    def _announce_commit(self, s: int, table: str, res: StepResult) -> None:
+        self.views[s].tables[table].norm_mean = res.norm_mean
+        commits = [Commit(table, res.version, res.ids, res.norms, res.commit_ns)]
+        if res.rollback is not None:
+            commits.append(res.rollback)
+            if res.rollback_record and not res.duplicate:
+                self.rollbacks.append(Rollback(**res.rollback_record))
+        for c in commits:
+            self.issued[s][table] = max(self.issued[s][table], c.version)
+            sig = c.norms.astype(np.float64)
+            for per in self.links:
+                per[s].enqueue(c, sig)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Return when every replica holds every update committed before this call."""
+        if not self._started:
+            raise EkkoError("the engine is not running: use it as a context manager")
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        targets = [dict(t) for t in self.issued]
+        for i, per in enumerate(self.links):
+            for s, link in enumerate(per):
+                if not link.wait_for(targets[s], max(0.0, deadline - time.monotonic())):
+                    raise EkkoError(f"replica {i} did not catch up with primary shard {s} in time"
+                                    + (f" ({'; '.join(link.errors[-2:])})" if link.errors else ""))
+        for r in self.replicas:
+            while not self._holds(r, targets, deadline):
+                if time.monotonic() > deadline:
+                    raise EkkoError(f"replica {r.index} did not catch up in time")
+                time.sleep(0.05)
+
+    def _holds(self, r: RemoteReplica, targets: list[dict[str, int]], deadline: float) -> bool:
+        try:
+            wm = r.watermarks() if deadline - time.monotonic() > 0 else {}
+        except Unavailable:
+            return False
+        return all(wm.get(t, {}).get(s, -1) >= v for s, tv in enumerate(targets)
+                   for t, v in tv.items())
+
+    def check(self) -> bool:
+        raise EkkoError("Engine.check() (replica health checks) runs in process only")
+
+    def checkpoint(self) -> list[dict]:
+        """Snapshot every primary shard (and mark it healthy); their logs start again empty."""
+        return [call(s.snapshot.remote(), self.timeout) for s in self.shards]
+
+    def lookup(self, feature: str, ids: Any, offsets: Any = None, **kw: Any) -> Any:
+        """Serve from a healthy replica, in turn; a replica that fails is skipped until back."""
+        deadline = time.monotonic() + self.timeout
+        n = len(self.replicas)
+        while time.monotonic() < deadline:
+            for _ in range(n):
+                r = self.replicas[self._next_replica % n]
+                self._next_replica += 1
+                if not r.available():
+                    continue
+                try:
+                    return r.lookup(feature, ids, offsets, **kw)
+                except Unavailable:
+                    r.mark_down()
+            time.sleep(0.05)
+        raise EkkoError(f"no replica answered within {self.timeout:.0f} s")
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """The in-process engine's report, plus restarts, catch-ups and what shards replayed."""
+        per, fresh, infos = [], Histogram(), []
+        for i, r in enumerate(self.replicas):
+            try:
+                summary, hist = call(r.actor.stats.remote(), self.timeout)
+                info = r.info()
+            except Unavailable:
+                summary, hist, info = {"unavailable": True}, Histogram(), {}
+            fresh.merge(hist)
+            summary["backlog_rows"] = sum(link.backlog() for link in self.links[i])
+            summary["link_errors"] = [e for link in self.links[i] for e in link.errors]
+            summary["link_recoveries"] = sum(link.recoveries for link in self.links[i])
+            summary.update({k: info.get(k) for k in ("pid", "node", "restarts", "catch_ups",
+                                                      "restored_from_snapshot", "ready_seconds")})
+            per.append(summary)
+        shards = []
+        for s in self.shards:
+            try:
+                shards.append(call(s.info.remote(), self.timeout))
+            except Unavailable:
+                shards.append({"unavailable": True})
+        return {
+            "freshness_ms": fresh.summary(),
+            "replicas": per,
+            "primaries": shards,
+            "steps": self.steps,
+            "rows_committed": self.rows_committed,
+            "rejected_steps": self.rejected_steps,
+            "step_retries": self.step_retries,
+            "rows_moved": sum(p.get("rows_moved", 0) for p in per),
+            "bytes_moved": sum(p.get("bytes_moved", 0) for p in per),
+            "packets": sum(p.get("packets", 0) for p in per),
+            "packets_rejected": sum(p.get("packets_rejected", 0) for p in per),
+            "rollbacks": [r.as_dict() for r in self.rollbacks],
+            "checks": 0,
+            "lookup_ms": latency_summary([]) if not per else _merge_lookup(per),
+            "restarts": {"replicas": [p.get("restarts") for p in per],
+                         "primaries": [s.get("restarts") for s in shards]},
+            "catch_ups": sum(len(p.get("catch_ups") or []) for p in per),
+            "replayed": [s.get("replayed") for s in shards],
+            "cluster": {"address": self.address, "directory": str(self.directory)},
+        }
+
+    def freshness_histogram(self) -> Histogram:
+        h = Histogram()
+        for r in self.replicas:
+            try:
+                h.merge(call(r.actor.stats.remote(), self.timeout)[1])
+            except Unavailable:
+                pass
+        return h
+
+
+def _merge_lookup(per: list[dict]) -> dict:
+    """Lookup latency across replicas: the worst replica's percentiles (each is summarized)."""
+    parts = [p["lookup_ms"] for p in per if "lookup_ms" in p]
+    if not parts:
+        return latency_summary([])
+    return {"p50": max(p["p50"] for p in parts), "p99": max(p["p99"] for p in parts),
+            "max": max(p["max"] for p in parts), "count": sum(p["count"] for p in parts)}
+
+
+__all__ = ["ClusterEngine", "PrimaryShards", "RemoteReplica", "Unavailable", "call", "connect"]

@@ -1,0 +1,169 @@
+"""What a primary shard keeps on disk: its snapshot and its durable log of packets.
+
+The log is append-only, one file per shard. Every step is written to it and
+fsync'd before the step is applied and acknowledged, so an update that
+`Engine.step` returned for survives a `kill -9` of the shard. A record is a
+small frame around an ekko packet (`Packet.to_bytes`, CRC-32 included) that
+carries the step's delta: the ids as the trainer sent them, the gradient
+rows, and the version the step is committed at.
+
+    offset  size  field
+    0       4     magic b"EKKL"
+    4       4     reserved (0)
+    8       8     the driver's step sequence number for this table
+    16      8     the version the step commits
+    24      8     length L of the packet that follows
+    32      L     the packet (table, ids, gradient rows as f32)
+
+Replay re-runs the fused update kernel on each record in order; the kernels
+are deterministic, so the shard comes back byte-identical. A record cut short
+by a kill mid-write (its step was never acknowledged) ends the log: it is
+cut off and the file truncated there.
+
+The snapshot is every table's arrays (master, optimizer state, serving copy,
+versions) and counters in one `.npz`, written to a temporary file, fsync'd
+and renamed over the old one, after which the log starts again empty.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .packet import Packet, PacketError
+
+_FRAME = struct.Struct("<4sIqqq")
+_MAGIC = b"EKKL"
+
+
+@dataclass
+class LogRecord:
+    """One logged step: the table's step sequence number, its version and its delta."""
+
+    seq: int
+    version: int
+    packet: Packet
+
+
+class PacketLog:
+    """The append-only, fsync'd log of one primary shard (see the module docstring)."""
+
+    def __init__(self, path: Path, fsync: bool = True):
+        self.path = Path(path)
+        self.fsync = fsync
+        self.lock = threading.Lock()
+        self.file = open(self.path, "ab")  # noqa: SIM115 - lives as long as the shard
+        self.records = 0
+
+    def append(self, seq: int, version: int, packet: Packet) -> None:
+        """Write one record and make it durable before returning."""
+        body = packet.to_bytes()
+        frame = _FRAME.pack(_MAGIC, 0, seq, version, len(body))
+        with self.lock:
+            self.file.write(frame + body)
+            self.file.flush()
+            if self.fsync:
+                os.fsync(self.file.fileno())
+            self.records += 1
+
+    def size(self) -> int:
+        return self.file.tell()
+
+    def restart(self) -> None:
+        """Start an empty log (after a snapshot holds everything logged so far)."""
+        with self.lock:
+            self.file.close()
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_bytes(b"")
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+            self.file = open(self.path, "ab")  # noqa: SIM115
+            self.records = 0
+
+    def close(self) -> None:
+        with self.lock:
+            self.file.close()
+
+    @staticmethod
+    def read(path: Path) -> Iterator[LogRecord]:
+        """Every whole record in order; a torn or damaged tail is cut off the file."""
+        path = Path(path)
+        if not path.exists():
+            return
+        data = path.read_bytes()
+        pos = 0
+        while pos + _FRAME.size <= len(data):
+            magic, _, seq, version, length = _FRAME.unpack_from(data, pos)
+            end = pos + _FRAME.size + length
+            if magic != _MAGIC or length < 0 or end > len(data):
+                break
+            try:
+                packet = Packet.from_bytes(data[pos + _FRAME.size:end])
+            except PacketError:
+                break
+            yield LogRecord(seq, version, packet)
+            pos = end
+        if pos != len(data):  # a write cut short by a kill: never acknowledged
+            with open(path, "r+b") as f:
+                f.truncate(pos)
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Write arrays and a JSON header as one .npz, atomically (tmp, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict] | None:
+    """What save_arrays wrote, or None when there is no (readable) snapshot."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k != "__meta__"}
+            meta = json.loads(bytes(z["__meta__"]).decode())
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    return arrays, meta
+
+
+def read_counter(path: Path) -> int:
+    try:
+        return int(Path(path).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def bump_counter(path: Path) -> int:
+    """Count one more start of an actor (kept on disk, so restarts are visible)."""
+    n = read_counter(path) + 1
+    Path(path).write_text(str(n))
+    return n
+
+
+__all__ = ["LogRecord", "PacketLog", "bump_counter", "load_arrays", "read_counter",
+           "save_arrays"]
