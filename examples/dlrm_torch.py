@@ -1,7 +1,10 @@
 """DLRM on Criteo Kaggle in PyTorch: the same model as examples/dlrm.ekko.
 
-    ekko run examples/dlrm_torch.py:build
+    ekko run examples/dlrm_torch.py:build --serving int8
     ekko.import_module(build(), name="dlrm", serving="int8", lr=0.01, eps=1e-8)
+
+(An imported model gets rowwise Adagrad with lr 0.01 and eps 1e-8 unless
+told otherwise, as dlrm.ekko says; its serving layout is given here.)
 
 `build(scale)` multiplies every table's rows by `scale` (at least 2 rows).
 """

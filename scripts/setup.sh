@@ -28,9 +28,12 @@ install_torch() {
     return 0
   fi
   if ! has_gpu; then
+    # the +cpu build from PyTorch's index (dependencies still from the default one)
     echo "setup: installing torch $TORCH, CPU build (no GPU found)" >&2
-    pip_install --retries 2 --timeout 60 --index-url "$CPU_INDEX" "torch==$TORCH" && return 0
-    echo "setup: PyTorch's CPU index failed; trying the default index (may be a CUDA build)" >&2
+    pip_install --retries 1 --timeout 60 --extra-index-url "$CPU_INDEX" "torch==$TORCH+cpu" &&
+      return 0
+    echo "setup: no torch $TORCH+cpu from PyTorch's CPU index; trying the default index" \
+         "(on Linux that is the CUDA build, several GB)" >&2
   else
     echo "setup: installing torch $TORCH (a GPU was found: the default build)" >&2
   fi
