@@ -220,28 +220,53 @@ class _BagEmitter:
         b.position_at_end(ok)
         return start, end
 
-    def chunk_loop(self, bag: ir.Value, start: ir.Value, end: ir.Value, c0: int, n: int) -> None:
-        """Pool elements [c0, c0+n) over the bag's ids and store them once."""
+    def chunk_loop(self, bag: ir.Value, start: ir.Value, end: ir.Value, c0: int, n: int,
+                   has_seq: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+        """Pool elements [c0, c0+n) over the bag's ids and store them once.
+
+        The first chunk also reads each row's sequence word (when the call
+        passed them) just before the row, and returns their sum and OR.
+        """
         b, a, spec = self.b, self.a, self.spec
         vf = ir.VectorType(f32, n)
         # int layouts carry the biases in a scalar beside the vector sum
         quant = spec.layout in ("int8", "int4")
         inits = [ir.Constant(vf, [0.0] * n)] + ([_const(f32, 0.0)] if quant else [])
+        if c0 == 0:
+            inits += [_const(i64, 0), _const(i32, 0)]
 
         def step(j: ir.Value, accs: list) -> list:
             idv = self.load_index(a["ids"], j)
+            words: list[ir.Value] = []
             if c0 == 0:  # the first chunk validates every id before later chunks reuse them
                 ok = self.fn.append_basic_block("id_ok")
                 b.cbranch(b.icmp_unsigned("<", idv, a["rows"]), ok, self.fail(ERR_ID, j))
                 b.position_at_end(ok)
                 self.emit_prefetch(j)
+                word = self.seq_word(idv, has_seq)
+                words = [b.add(accs[-2], b.zext(word, i64)), b.or_(accs[-1], word)]
             weight = b.load(b.gep(a["weights"], [j]), align=4) if spec.weighted else None
             new_acc, bias = self.dequant(self.row_ptr(idv), c0, n, weight, accs[0])
-            return [new_acc] + ([b.fadd(accs[1], bias)] if quant else [])
+            return [new_acc] + ([b.fadd(accs[1], bias)] if quant else []) + words
 
         accs = loops.fold(b, start, end, f"c{c0}", inits, step)
         total = accs[0] if not quant else b.fadd(accs[0], _splat(b, accs[1], n))
         self.store_row(bag, start, end, total, c0, n)
+        return (accs[-2], accs[-1]) if c0 == 0 else None
+
+    def seq_word(self, idv: ir.Value, has_seq: ir.Value) -> ir.Value:
+        """seq[idv] (acquire: the row's bytes are read after it), or 0 without seq.
+
+        The test is loop-invariant, so LLVM unswitches the loop on it."""
+        b = self.b
+        before = b.block
+        with b.if_then(has_seq):
+            word = b.load_atomic(b.gep(self.a["seq"], [idv]), "acquire", 4)
+            loaded = b.block
+        phi = b.phi(i32, "seq_word")
+        phi.add_incoming(word, loaded)
+        phi.add_incoming(_const(i32, 0), before)
+        return phi
 
     def store_row(self, bag: ir.Value, start: ir.Value, end: ir.Value, acc: ir.Value,
                   c0: int, n: int) -> None:
@@ -255,28 +280,23 @@ class _BagEmitter:
         ptr = b.bitcast(b.gep(self.a["out"], [off]), ir.VectorType(f32, n).as_pointer())
         b.store(acc, ptr, align=4)
 
-    def seq_sum(self, start: ir.Value, end: ir.Value) -> tuple[ir.Value, ir.Value]:
-        """(sum of the bag's rows' sequence words, whether any is odd).
-
-        Each id is validated here, before its sequence word is read.
-        """
+    def seq_sum(self, start: ir.Value, end: ir.Value) -> ir.Value:
+        """The sum of the bag's rows' sequence words (ids were validated)."""
         b, a = self.b, self.a
 
         def step(j: ir.Value, accs: list) -> list:
             idv = self.load_index(a["ids"], j)
-            ok = self.fn.append_basic_block("seq_id_ok")
-            b.cbranch(b.icmp_unsigned("<", idv, a["rows"]), ok, self.fail(ERR_ID, j))
-            b.position_at_end(ok)
             word = b.load_atomic(b.gep(a["seq"], [idv]), "monotonic", 4)
-            return [b.add(accs[0], b.zext(word, i64)), b.or_(accs[1], word)]
+            return [b.add(accs[0], b.zext(word, i64))]
 
-        total, bits = loops.fold(b, start, end, "seq", [_const(i64, 0), _const(i32, 0)], step)
-        return total, b.trunc(bits, ir.IntType(1))
+        (total,) = loops.fold(b, start, end, "seq", [_const(i64, 0)], step)
+        return total
 
     def build(self) -> str:
-        """The bag loop; with sequence words, each bag is read between two
-        reads of its rows' words and read again if any row was being written
-        or changed meanwhile (words only grow: a change raises their sum)."""
+        """The bag loop. With sequence words, each row's word is read (acquire)
+        right before the row, and all of them again after the bag: if one
+        was odd (a writer held the row) or the sum changed (words only grow),
+        the bag is pooled again, so no row is ever part old, part new."""
         b, a = self.b, self.a
         lo = b.sdiv(b.mul(a["nbags"], a["part"]), a["nparts"])
         hi = b.sdiv(b.mul(a["nbags"], b.add(a["part"], _const(i64, 1))), a["nparts"])
@@ -286,27 +306,22 @@ class _BagEmitter:
             read = self.fn.append_basic_block("bag.read")
             b.branch(read)
             b.position_at_end(read)
-            checked = self.fn.append_basic_block("bag.checked")
-            first = self.fn.append_basic_block("bag.seq_first")
-            b.cbranch(has_seq, first, checked)
-            b.position_at_end(first)
-            before, odd = self.seq_sum(start, end)
-            b.fence("acquire")
-            first_end = b.block
-            b.cbranch(odd, read, checked)  # a writer holds a row: read again
-            b.position_at_end(checked)
-            phi = b.phi(i64, "seq_before")
-            phi.add_incoming(before, first_end)
-            phi.add_incoming(_const(i64, 0), read)
+            seen = None
             for c0 in range(0, self.spec.dim, CHUNK):
-                self.chunk_loop(bag, start, end, c0, min(CHUNK, self.spec.dim - c0))
+                words = self.chunk_loop(bag, start, end, c0, min(CHUNK, self.spec.dim - c0),
+                                        has_seq)
+                seen = seen or words
+            assert seen is not None
+            before, bits = seen
             done = self.fn.append_basic_block("bag.done")
             again = self.fn.append_basic_block("bag.seq_again")
             b.cbranch(has_seq, again, done)
             b.position_at_end(again)
+            odd = b.trunc(bits, ir.IntType(1))
             b.fence("acquire")
-            after, _ = self.seq_sum(start, end)
-            b.cbranch(b.icmp_unsigned("!=", after, phi), read, done)
+            after = self.seq_sum(start, end)
+            stable = b.and_(b.not_(odd), b.icmp_unsigned("==", after, before))
+            b.cbranch(stable, done, read)
             b.position_at_end(done)
         b.ret(_const(i64, 0))
         emit_packed(self.module, self.fn, self.sig)
