@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
-exec "$PY" -m ekko.kernels.cli run examples/dlrm.ekko "$@"
+exec ekko run examples/dlrm.ekko "$@"  # the installed command, first on PATH (env.sh)

@@ -76,10 +76,18 @@ def test_bad_flags_are_one_line_errors(capsys, small: Path, flags: list[str],
     assert len(err) < 400  # a 5,000-digit value is not echoed back
 
 
+def _installed_ekko() -> list[str]:
+    """The `ekko` console script's entry point, run with this interpreter."""
+    from importlib.metadata import entry_points
+
+    module, _, func = entry_points(group="console_scripts")["ekko"].value.partition(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]
+
+
 def test_flag_errors_through_the_installed_command(small: Path) -> None:
     """The real process: exit 1, one line on stderr, no traceback."""
-    res = subprocess.run([sys.executable, "-m", "ekko.kernels.cli", "run", str(small),
-                          "--scale", "inf"], capture_output=True, text=True)
+    res = subprocess.run([*_installed_ekko(), "run", str(small), "--scale", "inf"],
+                         capture_output=True, text=True)
     assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
     assert res.stderr.startswith("ekko: error: argument --scale")
 
