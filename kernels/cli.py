@@ -235,7 +235,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _stage_outputs(compiled: CompiledModel, emit_ir: str, out: Path, target: str = "llvm") -> Path:
-    """Everything `compile` writes, in a fresh folder next to `out` (moved in at the end)."""
+    """Everything `compile` writes, in a fresh hidden folder inside `out`, moved into
+    place by `_publish` only once all of it is written."""
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".ekko-compile-", dir=out))
     try:
