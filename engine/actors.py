@@ -274,7 +274,7 @@ class ReplicaConfig:
 
     model: Model
     index: int
-    shards: list
+    shards: list[str]  # the primary shards' actor names (handles are looked up by name)
     directory: str
     snapshot_s: float = 0.0  # seconds between automatic snapshots; 0: only on request
     call_timeout_s: float = 120.0
@@ -359,7 +359,8 @@ class ReplicaServer:
         import ray
 
         t0 = time.perf_counter()
-        rows, full, handle = 0, [], self.config.shards[shard]
+        rows, full = 0, []
+        handle = ray.get_actor(self.config.shards[shard])
         for table in self.config.tables_of_shard.get(shard, []):
             with self.wm_lock:
                 since = self.wm[table][shard]

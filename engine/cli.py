@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the update engine with N serving replicas")
     run.add_argument("--bandwidth", type=base.float_flag(0.0, 1e15, low_open=True), default=None,
                      help="bytes/s per replica link (default: unlimited; needs --replicas)")
+    run.add_argument("--cluster", default=None, metavar="ADDRESS",
+                     help="run primary and replicas as Ray processes: 'local' starts Ray here, "
+                          "'auto' or ray://HOST:PORT joins a cluster (needs --replicas)")
     return parser
 
 
@@ -46,9 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else base.EXIT_INPUT
     if args.command != "run" or args.replicas is None:
-        if getattr(args, "bandwidth", None) is not None:
-            print("ekko: error: --bandwidth needs --replicas", file=sys.stderr)
-            return base.EXIT_INPUT
+        for flag in ("bandwidth", "cluster"):
+            if getattr(args, flag, None) is not None:
+                print(f"ekko: error: --{flag} needs --replicas", file=sys.stderr)
+                return base.EXIT_INPUT
         return base.main(argv)
     return _dispatch(args)
 
@@ -123,7 +127,7 @@ def cmd_run_engine(args: argparse.Namespace) -> int:
     compiled = base._compile(args, model, progress)
     t0 = time.perf_counter()
     engine = Engine(compiled, replicas=args.replicas, seed=args.seed,
-                    scheduler=SchedulerConfig(bandwidth=args.bandwidth))
+                    scheduler=SchedulerConfig(bandwidth=args.bandwidth), cluster=args.cluster)
     setup = time.perf_counter() - t0
     progress(f"tables, state and {args.replicas} replicas set up in {setup:.2f}s")
     rng = np.random.default_rng(args.seed)
@@ -178,6 +182,7 @@ def _report(engine: Engine, name: str, rows: int, seconds: float, setup: float,
     s = engine.stats()
     return {
         "model": name, "replicas": len(engine.replicas), "setup_seconds": setup,
+        "cluster": getattr(engine, "address", None),
         "update_rows": rows, "stream_seconds": seconds, "rows_per_s": rows / max(seconds, 1e-9),
         "freshness_ms": s["freshness_ms"],
         "per_replica_freshness_ms": [r["freshness_ms"] for r in s["replicas"]],
@@ -203,7 +208,9 @@ def _format(r: dict) -> str:
     f, lk = r["freshness_ms"], r["lookup_ms"]
     per = ", ".join(f"#{i} p99 {x['p99']:.2f} ms" for i, x in enumerate(r["per_replica_freshness_ms"]))
     return "\n".join([
-        f"model            {r['model']}: {r['replicas']} replicas, set up in {r['setup_seconds']:.2f} s",
+        f"model            {r['model']}: {r['replicas']} replicas"
+        + (f" (Ray processes, cluster {r['cluster']})" if r.get("cluster") else "")
+        + f", set up in {r['setup_seconds']:.2f} s",
         f"updates          {r['update_rows']:,} delta rows committed at {r['rows_per_s'] / 1e6:.2f} M "
         f"rows/s ({r['step_seconds']:.2f} s in engine.step; {r['stream_seconds']:.2f} s with the "
         "synthetic stream's generation and the final flush)",

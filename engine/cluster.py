@@ -30,6 +30,8 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -316,6 +318,7 @@ class ClusterEngine(Engine):
         self._closed = False
         self._tables = {t.name: t for t in model.model.tables}
         self.bounds = {t.name: shard_bounds(t.rows, primary_shards) for t in model.model.tables}
+        self._finalizer = weakref.finalize(self, _end, [], self.directory, self._own_dir)
         self._start_actors(primary_shards, replicas, seed, history_rows, health, snapshot_s,
                            max_restarts, lookup_timeout_s, log_limit_bytes, fsync,
                            actor_options or {})
@@ -331,9 +334,10 @@ class ClusterEngine(Engine):
             raise EkkoError(f"primary_shards={k} leaves a shard without rows: use at most "
                             f"{max(t.rows for t in m.tables)}")
         base = {"num_cpus": 0, "max_restarts": max_restarts, "max_task_retries": 0}
-        shard_cls = ray.remote(ShardServer).options(**base, max_concurrency=8,
-                                                    **options.get("primary", {}))
-        self.shards = [shard_cls.remote(ShardConfig(
+        shard_cls = ray.remote(ShardServer)
+        names = [f"ekko-{uuid.uuid4().hex[:12]}-primary-{s}" for s in range(k)]
+        self.shards = [shard_cls.options(name=names[s], **base, max_concurrency=8,
+                                         **options.get("primary", {})).remote(ShardConfig(
             m, s, k, str(self.directory / f"primary-{s}"), seed, history_rows,
             health.outlier_factor, health.warmup, log_limit, fsync)) for s in range(k)]
         row_bytes = [call(s.row_bytes.remote(), self.timeout) for s in self.shards]
@@ -341,10 +345,13 @@ class ClusterEngine(Engine):
         replica_cls = ray.remote(ReplicaServer).options(**base, max_concurrency=4 + k,
                                                         **options.get("replica", {}))
         actors = [replica_cls.remote(ReplicaConfig(
-            m, i, self.shards, str(self.directory / f"replica-{i}"), snapshot_s, self.timeout,
+            m, i, names, str(self.directory / f"replica-{i}"), snapshot_s, self.timeout,
             tables_of)) for i in range(n)]
         self.replicas = [RemoteReplica(i, a, self.timeout, lookup_timeout)
                          for i, a in enumerate(actors)]
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _end, self.shards + actors, self.directory,
+                                           self._own_dir)
         for r in self.replicas:
             call(r.actor.ping.remote(), self.timeout)
         self.views = []
@@ -369,21 +376,17 @@ class ClusterEngine(Engine):
         return self
 
     def close(self) -> None:
-        """Stop the links, end the actors and remove the engine's own directory."""
-        if self._closed:
-            return
+        """Stop the links. The processes stay readable (stats, serving) until shutdown()."""
         if self._started:
             for link in self._all_links():
                 link.stop()
             self._started = False
-        for a in [r.actor for r in self.replicas] + self.shards:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
         self._closed = True
-        if self._own_dir:
-            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def shutdown(self) -> None:
+        """Close, end the actors and remove the engine's own directory (also when collected)."""
+        self.close()
+        self._finalizer()
 
     def _all_links(self) -> list[RemoteLink]:
         return [link for per in self.links for link in per]
@@ -560,6 +563,17 @@ class ClusterEngine(Engine):
             except Unavailable:
                 pass
         return h
+
+
+def _end(actors: list, directory: Path, owned: bool) -> None:
+    """End an engine's actors and remove the directory it made."""
+    for a in actors if ray.is_initialized() else []:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone, or Ray already shut down
+            pass
+    if owned:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _merge_lookup(per: list[dict]) -> dict:

@@ -59,4 +59,6 @@ optional "torchrec" "the TorchRec import test is skipped" \
   torchmetrics==1.0.3 lightning-utilities==0.15.3 pyre-extensions==0.0.32 \
   typing-inspect==0.9.0 mypy-extensions tqdm
 optional "triton" "the Triton backend's interpreter and PTX tests are skipped" --no-deps triton==3.7.1
+optional "ray" "the engine's tests across processes (tests/test_engine_ray.py) are skipped" \
+  "ray==2.60.0"
 echo "setup: ekko installed for $("$PY" -c 'import sys; print(sys.executable)')" >&2
