@@ -347,3 +347,16 @@ def test_bad_input_raises_ekko_errors(model_path: Path) -> None:
             engine.replicas[0].lookup("nope", np.array([1]), np.array([0, 1]))
         assert engine.primary.serving("d").tobytes() == before
         assert engine.stats()["rejected_steps"] == 5
+
+
+def test_packets_through_bytes_give_the_same_replicas(model_path: Path) -> None:
+    """wire=True encodes and decodes every packet, as between processes."""
+    m = compiled(model_path)
+    rng = np.random.default_rng(8)
+    with ekko.Engine(m, replicas=2, scheduler=SchedulerConfig(wire=True)) as engine:
+        for _ in range(10):
+            for t in m.model.tables:
+                engine.step(t.name, *delta(rng, t, 100))
+        engine.flush()
+        assert_replicas_match(engine)
+        assert engine.stats()["packets"] > 0
