@@ -405,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ekko: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # a model's own Python code called sys.exit: never a success
+        print(f"ekko: error: {args.model}: the model's Python code exited (sys.exit({e.code!r}))"
+              " before ekko finished", file=sys.stderr)
     except Exception as e:  # noqa: BLE001 - a bug in ekko: say so, without a traceback
         if os.environ.get("EKKO_DEBUG"):
             raise

@@ -156,6 +156,14 @@ def test_python_factory_that_returns_no_model(capsys, tmp_path: Path) -> None:
     assert code == 1 and "returned int, not a torch.nn.Module" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("source", ["import sys\nsys.exit(0)\n",
+                                    "import sys\ndef build():\n    sys.exit(0)\n"])
+def test_python_model_that_exits_is_no_success(capsys, tmp_path: Path, source: str) -> None:
+    path = tmp_path / "exits.py"
+    path.write_text(source)
+    _fails_cleanly(capsys, ["run", f"{path}:build", "-q"], "exited", "sys.exit(0)")
+
+
 def test_internal_errors_are_reported_as_bugs(capsys, small: Path, monkeypatch) -> None:
     monkeypatch.delenv("EKKO_DEBUG", raising=False)
     monkeypatch.setattr(cli, "run_traffic", lambda *a, **k: 1 / 0)
