@@ -1,0 +1,356 @@
+"""The engine across processes on Ray: replicas and primary shards killed with SIGKILL.
+
+One local Ray session serves every test of `TestLocal` (starting Ray costs
+seconds on the 2-core machine); `test_packets_cross_nodes` then starts Ray's
+multi-node test cluster. Every test checks the replicas against the primary
+byte for byte, or the primary against an in-process reference that applied
+the same steps, so a lost, doubled or stale update fails it. The durable log
+and snapshot tests need no Ray: they run a primary shard in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ekko
+from ekko.engine.actors import ShardConfig, ShardServer, shard_bounds, shard_model
+from ekko.engine.durable import PacketLog
+from ekko.engine.packet import Packet
+from ekko.engine.primary import Primary
+from ekko.kernels.errors import EkkoError
+
+ray = pytest.importorskip("ray")
+
+MODEL = """
+model small {
+  defaults { dim 8; dtype f32; optimizer rowwise_adagrad(lr=0.05, eps=1e-8); }
+  table a { rows 300; serving f32; }
+  table d { rows 500; dim 16; serving int8; }
+  table e { rows 64; dim 5; serving int4; optimizer adam(lr=0.01); }
+  feature fa -> a pooling sum;
+  feature fd -> d pooling mean;
+}
+"""
+WAIT = 180.0  # seconds: generous, the machine is shared and small
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ray") / "small.ekko"
+    path.write_text(MODEL)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    return ekko.compile_model(model_path)
+
+
+class Stream:
+    """A seeded trainer stream; remembers every step so a reference can replay it."""
+
+    def __init__(self, model, seed: int = 0):
+        self.tables = list(model.model.tables)
+        self.rng = np.random.default_rng(seed)
+        self.steps: list[tuple[str, np.ndarray, np.ndarray]] = []
+
+    def step(self, engine, n: int = 40) -> None:
+        for t in self.tables:
+            ids = self.rng.integers(0, t.rows, n)
+            ids[0] = t.rows - 1
+            grads = (self.rng.standard_normal((n, t.dim)) * 0.1).astype(np.float32)
+            engine.step(t.name, ids, grads)
+            self.steps.append((t.name, ids, grads))
+
+
+def assert_replicas_match(engine) -> None:
+    for r in engine.replicas:
+        for name in engine.primary.tables:
+            assert r.serving(name).tobytes() == engine.primary.serving(name).tobytes(), \
+                (r.index, name)
+            assert np.array_equal(r.versions(name), engine.primary.versions(name)), (r.index, name)
+
+
+def reference(model, steps, shards: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The serving rows and versions the shards must hold: the same steps, in this process."""
+    parts = [Primary(ekko.compile_model(shard_model(model.model, k, shards)), seed=seed + k)
+             for k in range(shards)]
+    for table, ids, grads in steps:
+        b = shard_bounds(model.table(table).rows, shards)
+        which = np.searchsorted(b, ids, side="right") - 1
+        for k in np.unique(which):
+            parts[k].step(table, ids[which == k] - b[k], grads[which == k])
+    out = {}
+    for t in model.model.tables:
+        n = len(shard_bounds(t.rows, shards)) - 1
+        out[t.name] = (np.concatenate([parts[k].serving(t.name) for k in range(n)]),
+                       np.concatenate([parts[k].versions(t.name) for k in range(n)]))
+    return out
+
+
+def wait_for(what, timeout: float = WAIT, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s")
+
+
+def new_pid(replica, old: int) -> int:
+    def probe():
+        try:
+            pid = replica.pid
+        except EkkoError:
+            return None
+        return pid if pid != old else None
+    return wait_for(probe)
+
+
+def shard_pid(engine, k: int) -> int | None:
+    try:
+        return engine.primary.pids[k]
+    except EkkoError:
+        return None
+
+
+# -- the durable log and snapshots, without Ray ---------------------------------------------
+def test_log_keeps_whole_records_and_cuts_a_torn_tail(tmp_path: Path) -> None:
+    log = PacketLog(tmp_path / "p.log")
+    rng = np.random.default_rng(1)
+    sent = []
+    for v in range(1, 4):
+        p = Packet("a", rng.integers(0, 9, 5), rng.standard_normal((5, 3)).astype(np.float32),
+                   np.zeros(5, np.int64))
+        log.append(v, v, p)
+        sent.append(p)
+    log.close()
+    whole = (tmp_path / "p.log").stat().st_size
+    with open(tmp_path / "p.log", "ab") as f:  # a record cut short by a kill mid-write
+        f.write(open(tmp_path / "p.log", "rb").read()[:50])
+    got = list(PacketLog.read(tmp_path / "p.log"))
+    assert [r.version for r in got] == [1, 2, 3]
+    for r, p in zip(got, sent):
+        assert r.packet.ids.tolist() == p.ids.tolist()
+        assert r.packet.rows.tobytes() == p.rows.tobytes()
+    assert (tmp_path / "p.log").stat().st_size == whole
+
+
+def test_a_restarted_shard_replays_its_snapshot_and_log_to_the_same_bytes(model, tmp_path) -> None:
+    cfg = ShardConfig(model.model, 0, 1, str(tmp_path / "primary-0"), seed=3)
+    shard = ShardServer(cfg)
+    rng = np.random.default_rng(2)
+    steps = []
+    for i in range(12):
+        for t in model.model.tables:
+            ids = rng.integers(0, t.rows, 30)
+            grads = (rng.standard_normal((30, t.dim)) * 0.1).astype(np.float32)
+            shard.step(t.name, i + 1, ids, grads)
+            steps.append((t.name, ids, grads))
+        if i == 5:
+            shard.snapshot()
+    # no close: the next one starts as after a kill -9
+    again = ShardServer(cfg)
+    assert again.replayed["records"] == 6 * len(model.model.tables)
+    assert again.replayed["snapshot_version"] == {t.name: 6 for t in model.model.tables}
+    want = reference(model, steps, 1, seed=3)
+    for t in model.model.tables:
+        serving, versions = again.serving(t.name)
+        assert serving.tobytes() == want[t.name][0].tobytes()
+        assert np.array_equal(versions, want[t.name][1])
+    # a retried step (same sequence number) is answered, not applied twice
+    t = model.model.tables[0]
+    before = again.serving(t.name)[0].tobytes()
+    res = again.step(t.name, 12, *steps[-3][1:])
+    assert res.duplicate and again.serving(t.name)[0].tobytes() == before
+    # history before the snapshot is gone: a replica that far behind copies the shard
+    packets, upto, whole = again.since(t.name, 2)
+    assert whole and upto == 12 and sum(len(p) for p in packets) == t.rows
+    packets, upto, whole = again.since(t.name, 10)
+    assert not whole and 0 < sum(len(p) for p in packets) < t.rows
+
+
+# -- one local Ray session ------------------------------------------------------------------
+@pytest.fixture(scope="class")
+def local_ray():
+    from ekko.engine.cluster import connect
+
+    if ray.is_initialized():
+        ray.shutdown()
+    connect("local")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.usefixtures("local_ray")
+class TestLocal:
+    def test_api_and_a_killed_replica_catches_up_while_the_other_serves(self, model) -> None:
+        stream = Stream(model, seed=5)
+        with ekko.Engine(model, replicas=2, cluster="local") as engine:
+            assert isinstance(engine, ekko.Engine)
+            pids = [r.pid for r in engine.replicas]
+            assert len(set(pids + [os.getpid()])) == 3  # separate processes
+            for _ in range(5):
+                stream.step(engine)
+            engine.flush(WAIT)
+            assert_replicas_match(engine)
+            # bad input: an EkkoError, and nothing applied anywhere
+            before = engine.primary.versions("a").copy()
+            for ids, grads in (([300], np.zeros((1, 8), np.float32)),
+                               ([1, 2], np.zeros((1, 8), np.float32)),
+                               ([1], np.zeros((1, 8), np.float64))):
+                with pytest.raises(EkkoError):
+                    engine.step("a", ids, grads)
+            with pytest.raises(EkkoError):
+                engine.step("nope", [1], np.zeros((1, 8), np.float32))
+            with pytest.raises(EkkoError):
+                engine.replicas[0].merge(b"EKKP garbage")
+            assert np.array_equal(engine.primary.versions("a"), before)
+            assert engine.stats()["rejected_steps"] == 3
+            engine.replicas[0].snapshot()
+            for _ in range(3):
+                stream.step(engine)
+
+            # kill replica 0 while the stream runs; lookups go to replica 1 meanwhile
+            stop = threading.Event()
+            errors: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    while not stop.is_set():
+                        stream.step(engine, 20)
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+
+            trainer = threading.Thread(target=run)
+            trainer.start()
+            try:
+                os.kill(pids[0], signal.SIGKILL)
+                offsets = np.array([0, 3, 6], np.int64)
+                for _ in range(20):
+                    out = engine.lookup("fa", np.array([1, 2, 3, 4, 5, 299]), offsets)
+                    assert out.shape == (2, 8) and np.isfinite(out).all()
+                new_pid(engine.replicas[0], pids[0])
+            finally:
+                stop.set()
+                trainer.join(WAIT)
+            assert not errors, errors
+            engine.flush(WAIT)
+            assert_replicas_match(engine)
+            s = engine.stats()
+            r0 = s["replicas"][0]
+            assert s["restarts"]["replicas"] == [1, 0]
+            assert r0["restored_from_snapshot"]
+            last = [c for c in r0["catch_ups"] if c["reason"] == "restart"][-1]
+            assert not last["whole_shard"]  # from the model-update cache, not a copy
+            assert 0 < last["rows"] < sum(t.rows for t in model.model.tables)
+            # lookups while nothing moves: every replica answers the primary's rows
+            a = engine.primary.serving("a")
+            for _ in range(4):
+                out = engine.lookup("fa", np.array([7, 8, 299]), np.array([0, 3]))
+                np.testing.assert_array_equal(out[0], a[[7, 8, 299]].sum(axis=0, dtype=np.float32))
+
+    def test_a_killed_primary_shard_loses_no_acknowledged_update(self, model, tmp_path) -> None:
+        stream = Stream(model, seed=9)
+        with ekko.Engine(model, replicas=2, cluster="local", primary_shards=2, seed=4,
+                         directory=tmp_path / "engine") as engine:
+            for _ in range(4):
+                stream.step(engine)
+            engine.checkpoint()
+            for _ in range(4):
+                stream.step(engine)
+            victim = engine.primary.pids[0]
+            stop = threading.Event()
+            errors: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    while not stop.is_set():
+                        stream.step(engine, 20)
+                except BaseException as e:  # noqa: BLE001
+                    errors.append(e)
+
+            trainer = threading.Thread(target=run)
+            trainer.start()
+            try:
+                time.sleep(0.5)
+                os.kill(victim, signal.SIGKILL)
+                wait_for(lambda: shard_pid(engine, 0) not in (None, victim))
+                n = len(stream.steps)
+                wait_for(lambda: len(stream.steps) > n + 6)  # the stream goes on after it
+            finally:
+                stop.set()
+                trainer.join(WAIT)
+            assert not errors, errors
+            engine.flush(WAIT)
+            want = reference(model, stream.steps, 2, seed=4)
+            for name, (serving, versions) in want.items():
+                assert engine.primary.serving(name).tobytes() == serving.tobytes(), name
+                assert np.array_equal(engine.primary.versions(name), versions), name
+            assert_replicas_match(engine)
+            s = engine.stats()
+            assert s["restarts"]["primaries"] == [1, 0]
+            replayed = s["replayed"][0]
+            assert replayed["snapshot_version"] and replayed["records"] > 0
+
+    def test_cli_runs_the_engine_on_ray(self, model_path, capsys) -> None:
+        from ekko.engine.cli import main
+
+        code = main(["run", str(model_path), "--replicas", "2", "--cluster", "local",
+                     "--steps", "4", "--batch", "64", "--quiet"])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert "passed (every replica equals the primary byte for byte)" in out.out
+        assert "processes" in out.out
+        code = main(["run", str(model_path), "--cluster", "local", "--steps", "1"])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and "--cluster needs --replicas" in err
+
+    def test_benchmark_quick(self, capsys) -> None:
+        import runpy
+
+        root = Path(__file__).resolve().parents[1]
+        mod = runpy.run_path(str(root / "benchmarks" / "freshness_cluster.py"))
+        assert mod["main"](["--quick"]) == 0
+        out = capsys.readouterr().out
+        assert "in-process" in out and "ray x1" in out
+
+
+# -- two nodes: packets cross nodes through Ray's object transfer ---------------------------
+@pytest.fixture
+def two_nodes():
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "resources": {"near": 1}, "include_dashboard": False})
+    cluster.add_node(num_cpus=1, resources={"far": 1})
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_packets_cross_nodes(model, two_nodes) -> None:
+    stream = Stream(model, seed=11)
+    options = {"primary": {"resources": {"near": 0.01}}, "replica": {"resources": {"far": 0.01}}}
+    with ekko.Engine(model, replicas=2, cluster=two_nodes.address,
+                     actor_options=options) as engine:
+        s = engine.stats()
+        primary_node = s["primaries"][0]["node"]
+        assert primary_node and all(r["node"] != primary_node for r in s["replicas"])
+        for _ in range(6):
+            stream.step(engine)
+        engine.flush(WAIT)
+        assert_replicas_match(engine)
+        assert engine.stats()["rows_moved"] > 0
