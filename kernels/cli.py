@@ -397,8 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModelError, EkkoDiagnostic, EkkoError, CliError) as e:
         print(_input_error(e), file=sys.stderr)
     except OSError as e:
-        print(f"ekko: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
-              file=sys.stderr)
+        where = f": {_shorten(str(e.filename))}" if e.filename else ""
+        print(f"ekko: error: {e.strerror or e}{where}", file=sys.stderr)
     except MemoryError as e:
         print(f"ekko: error: out of memory ({e or 'allocation failed'}); "
               "use a smaller --scale or --batch", file=sys.stderr)

@@ -140,6 +140,11 @@ def test_compile_replaces_old_outputs_and_writes_nothing_on_error(
     assert "dim" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
+def test_overlong_model_path(capsys) -> None:
+    err = _fails_cleanly(capsys, ["run", "a" * 5000 + ".ekko"], "too long")
+    assert len(err) < 400
+
+
 def test_models_without_tables(capsys, tmp_path: Path) -> None:
     empty = tmp_path / "empty.ekko"
     empty.write_text("model m { }")
