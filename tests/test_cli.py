@@ -180,7 +180,7 @@ def test_internal_errors_are_reported_as_bugs(capsys, small: Path, monkeypatch) 
 HOT = """
 model hot {{
   table t {{ rows 4; dim 32; optimizer {opt}; serving int8; }}
-  table u {{ rows 50; dim 8; dtype f16; optimizer {opt}; serving f32;
+  table u {{ rows 50; dim 8; dtype f16; optimizer {opt}; serving bf16;
             clip max_norm=0.5; weight_decay 0.01; stochastic_rounding; }}
   table v {{ rows 3000; dim 12; dtype bf16; optimizer {opt}; serving int4; clip clip_value=0.01; }}
   feature f -> t pooling sum;
