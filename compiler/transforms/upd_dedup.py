@@ -53,10 +53,11 @@ class InsertDedup(RewritePattern):
         dedup = upd.DedupOp.build_inferred([source])
         owner = source.owner
         if isinstance(owner, Block):
-            rewriter.insert_op(dedup, InsertPoint.at_start(owner))
+            rewriter.insert(dedup, InsertPoint.at_start(owner))
         else:
-            rewriter.insert_op(dedup, InsertPoint.after(owner))
-        source.replace_uses_with_if(dedup.results[0], lambda use: use.operation is not dedup)
+            rewriter.insert(dedup, InsertPoint.after(owner))
+        rewriter.replace_uses_with_if(source, dedup.results[0],
+                                      lambda use: use.operation is not dedup)
         _retype_users(dedup.results[0], rewriter)
 
 
@@ -66,7 +67,7 @@ def _retype_users(value: SSAValue, rewriter: PatternRewriter) -> None:
         user = use.operation
         if isinstance(user, CHAIN_OPS) and use.index == 0:
             new = type(user).build_inferred(list(user.operands), dict(user.attributes))
-            rewriter.replace_op(user, new)
+            rewriter.replace(user, new)
             _retype_users(new.results[0], rewriter)
 
 

@@ -127,8 +127,8 @@ def fuse(f: Fusion, rewriter: PatternRewriter) -> upd.ApplyOp:
         key=lambda o: -1 if o is None else _position(o),
     )
     assert anchor is not None
-    rewriter.insert_op(apply, InsertPoint.after(anchor))
-    _replace_results(f, apply)
+    rewriter.insert(apply, InsertPoint.after(anchor))
+    _replace_results(f, apply, rewriter)
     _erase_dead(f, rewriter)
     return apply
 
@@ -139,22 +139,22 @@ def _position(op: Operation) -> int:
     return block.get_operation_index(op)
 
 
-def _replace_results(f: Fusion, apply: upd.ApplyOp) -> None:
+def _replace_results(f: Fusion, apply: upd.ApplyOp, rewriter: PatternRewriter) -> None:
     op = f.optimizer
-    f.new_table.replace_all_uses_with(apply.results[0])
+    rewriter.replace_all_uses_with(f.new_table, apply.results[0])
     for i in range(len(op.STATES)):
-        op.results[1 + i].replace_all_uses_with(apply.results[1 + i])
+        rewriter.replace_all_uses_with(op.results[1 + i], apply.results[1 + i])
     if f.requantize is not None:
-        f.requantize.results[0].replace_all_uses_with(apply.result_role("serving"))
+        rewriter.replace_all_uses_with(f.requantize.results[0], apply.result_role("serving"))
     if f.stamp is not None:
-        f.stamp.results[0].replace_all_uses_with(apply.result_role("versions"))
+        rewriter.replace_all_uses_with(f.stamp.results[0], apply.result_role("versions"))
 
 
 def _erase_dead(f: Fusion, rewriter: PatternRewriter) -> None:
     dead = [f.stamp, f.requantize, f.rounding, f.optimizer, *reversed(f.chain.ops)]
     for op in dead:
         if op is not None and op.parent is not None and all(not r.uses for r in op.results):
-            rewriter.erase_op(op)
+            rewriter.erase(op)
 
 
 class FuseUpdateChain(RewritePattern):

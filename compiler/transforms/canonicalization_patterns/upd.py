@@ -14,4 +14,4 @@ class RedundantDedup(RewritePattern):
     def match_and_rewrite(self, op: upd.DedupOp, rewriter: PatternRewriter) -> None:
         source = op.operands[0]
         if isinstance(source.type, upd.DeltaType) and source.type.is_unique:
-            rewriter.replace_op(op, [], [source])
+            rewriter.replace(op, [], [source])
