@@ -20,7 +20,7 @@ also given as a share of the device's copy bandwidth measured in this run:
 the bytes the case must move (gradients and ids read once, touched rows
 read and written, serving rows and versions written) over its time.
 
-    python benchmarks/gpu.py [--quick] [--runs 10]
+    python benchmarks/gpu.py [--quick] [--runs 10] [--budget SECONDS]
 
 --quick runs tiny shapes (on the CPU under TRITON_INTERPRET=1 when there is
 no GPU, torch.compile with its eager backend there) and writes nothing;
@@ -44,6 +44,8 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+START = time.monotonic()
+BUDGET = [float("inf")]  # seconds after which torch.compile peers are skipped (--budget)
 LR, EPS, BETAS = 0.01, 1e-8, (0.9, 0.999)
 
 
@@ -165,8 +167,18 @@ class Row:
 
 
 def _compiled(fn: Callable, device: str) -> Callable:
+    """torch.compile of a peer (its eager backend on the CPU); past the budget, a skip."""
+    if time.monotonic() - START > BUDGET[0]:
+        def skipped(*_a: Any) -> None:
+            raise Unavailable("skipped: past --budget (compiling takes minutes)")
+
+        return skipped
     backend = "inductor" if device == "cuda" else "eager"
     return torch.compile(fn, backend=backend, dynamic=False)
+
+
+class Unavailable(Exception):
+    """A peer that does not run in this invocation."""
 
 
 def update_case(case: str, shape: Shape, dim: int, device: str, runs: int) -> list[Row]:
@@ -220,6 +232,9 @@ def update_case(case: str, shape: Shape, dim: int, device: str, runs: int) -> li
         try:
             call(b)
             sync(device)
+        except Unavailable as e:
+            rows.append(Row(case, dim, name, None, moved, str(e)))
+            continue
         except Exception as e:  # a peer that cannot run here is reported, not fatal
             rows.append(Row(case, dim, name, None, moved, f"failed: {type(e).__name__}: {e}"[:80]))
             continue
@@ -265,6 +280,9 @@ def lookup_case(layout: str, shape: Shape, dim: int, device: str, runs: int) -> 
         try:
             got = call()
             sync(device)
+        except Unavailable as e:
+            rows.append(Row(f"bag_sum_{layout}", dim, name, None, moved, str(e)))
+            continue
         except Exception as e:
             rows.append(Row(f"bag_sum_{layout}", dim, name, None, moved,
                             f"failed: {type(e).__name__}: {e}"[:80]))
@@ -325,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes, writes nothing")
     p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--budget", type=float, default=float("inf"),
+                   help="seconds after which torch.compile peers are skipped")
     args = p.parse_args(argv)
+    BUDGET[0] = args.budget
     device = pick_device(args.quick)
     shape = QUICK if args.quick else FULL
     runs = 1 if args.quick else max(1, args.runs)

@@ -79,7 +79,8 @@ def load_source(source: str, stem: str, interpret: bool | None = None) -> Module
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         saved = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        if interpret != interpreted():  # only the PTX export under the interpreter flips it
+            os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
         try:
             spec.loader.exec_module(module)
         finally:
@@ -234,15 +235,17 @@ class TritonUpdateKernel:
     def __call__(self, table, ids, grads, state=None, serving=None, versions=None,
                  step: int = 1, version: int | None = None, seed: int = 0, seq=None) -> None:
         """Apply one delta in place (see `ekko.kernels.update.UpdateKernel`)."""
+        import numpy as np
+
         from .update import INT64_MAX, _int64
 
         rows, n, t, i, g, states, srv, ver, sq, device = self._check(
             table, ids, grads, state, serving, versions, seq)
-        if isinstance(step, (int,)) and not isinstance(step, bool) and step < 1:
+        if isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step < 1:
             raise UpdateError(f"step counts from 1, got {step!r}")
         step = _int64("step", step, low=1)
         version = step if version is None else _int64("version", version)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise UpdateError(f"seed must be an integer, got {seed!r}")
         seed = int(seed) & 0xFFFFFFFFFFFFFFFF
         seed = seed - (1 << 64) if seed > INT64_MAX else seed
@@ -399,17 +402,50 @@ class TritonBagKernel:
             raise LookupError(f"ids[{found[0]}] is out of range for a table of {rows} rows")
 
 
-def ptx(source: str, stem: str, decls: tuple[triton_update.KernelDecl, ...],
-        arch: int = 90) -> dict[str, str]:
-    """Compile every kernel of a generated module to PTX for sm_`arch` (no GPU needed)."""
+Unit = tuple[str, str, tuple[triton_update.KernelDecl, ...]]  # (source, stem, kernels)
+
+
+def unit_of(spec: UpdateSpec | BagSpec) -> Unit:
+    """The generated module of a spec, as `ptx_many` takes it."""
+    if isinstance(spec, UpdateSpec):
+        rows, warps = triton_update.schedule(spec)
+        spec = replace(spec, block_rows=rows, num_warps=warps)
+        return (triton_update.emit_update(spec), f"update_{spec.optimizer}_{spec.dim}",
+                triton_update.kernels(spec))
+    return (triton_bag.emit_bag(spec), f"bag_{spec.mode}_{spec.layout}_{spec.dim}",
+            triton_bag.kernels(spec))
+
+
+def ptx_many(units: list[Unit], arch: int = 90) -> list[dict[str, str]]:
+    """{kernel: PTX for sm_`arch`} of each generated module; no GPU needed.
+
+    Once Triton's interpreter has run in a process it has patched
+    triton.language there, and compiling would fail: then the modules are
+    compiled in a fresh Python process (one for the whole list).
+    """
+    if "triton.runtime.interpreter" not in sys.modules:
+        return [_ptx(source, stem, decls, arch) for source, stem, decls in units]
+    import pickle
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", __name__, str(arch)], input=pickle.dumps(units),
+                          capture_output=True, env=env, check=False)
+    if proc.returncode:
+        raise RuntimeError("PTX compilation failed:\n" + proc.stderr.decode()[-4000:])
+    return pickle.loads(proc.stdout)
+
+
+def _ptx(source: str, stem: str, decls: tuple[triton_update.KernelDecl, ...],
+         arch: int) -> dict[str, str]:
     import triton
     from triton.backends.compiler import GPUTarget
 
     module = load_source(source, stem, interpret=False)
     result = {}
     for decl in decls:
-        fn = getattr(module, decl.name)
-        src = triton.compiler.ASTSource(fn, dict(decl.signature), constexprs=dict(decl.constexprs))
+        src = triton.compiler.ASTSource(getattr(module, decl.name), dict(decl.signature),
+                                        constexprs=dict(decl.constexprs))
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": getattr(module, "NUM_WARPS", 4)})
         result[decl.name] = compiled.asm["ptx"]
@@ -418,12 +454,12 @@ def ptx(source: str, stem: str, decls: tuple[triton_update.KernelDecl, ...],
 
 def spec_ptx(spec: UpdateSpec | BagSpec, arch: int = 90) -> tuple[str, dict[str, str]]:
     """(generated source, {kernel: PTX}) of one spec."""
-    if isinstance(spec, UpdateSpec):
-        rows, warps = triton_update.schedule(spec)
-        spec = replace(spec, block_rows=rows, num_warps=warps)
-        source = triton_update.emit_update(spec)
-        return source, ptx(source, f"update_{spec.optimizer}_{spec.dim}",
-                           triton_update.kernels(spec), arch)
-    source = triton_bag.emit_bag(spec)
-    return source, ptx(source, f"bag_{spec.mode}_{spec.layout}_{spec.dim}",
-                       triton_bag.kernels(spec), arch)
+    unit = unit_of(spec)
+    return unit[0], ptx_many([unit], arch)[0]
+
+
+if __name__ == "__main__":  # ptx_many's fresh process: units in on stdin, PTX out on stdout
+    import pickle
+
+    _units = pickle.loads(sys.stdin.buffer.read())
+    sys.stdout.buffer.write(pickle.dumps([_ptx(*u, int(sys.argv[1])) for u in _units]))

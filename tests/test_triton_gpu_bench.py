@@ -65,3 +65,11 @@ def test_torch_peers_match_ekko_formulas() -> None:
     assert torch.equal(v, torch.from_numpy(v2))
     deq = quant.dequantize_rows(q.numpy(), "int8", dim)
     assert abs(deq - quant.dequantize_rows(q2, "int8", dim)).max() < 1e-2
+
+
+def test_torch_compile_peers_are_skipped_past_the_budget(monkeypatch) -> None:
+    """gpu.sh keeps the whole run in a few minutes: late compiles are reported as skipped."""
+    bench = _load()
+    monkeypatch.setattr(bench, "BUDGET", [-1.0])
+    with pytest.raises(bench.Unavailable, match="budget"):
+        bench._compiled(bench.torch_adam, "cpu")()

@@ -42,14 +42,20 @@ HP = Hyper(lr=0.05, eps=1e-8)
 EXTRA = {"rmsprop": {"alpha": 0.9}, "ftrl": {"l1": 0.05, "l2": 0.01}}
 
 
-@ekko.optimizer(state=("acc",), rowwise_state=("peak",), hyper={"lr": 0.05}, replace=True)
-def triton_test_opt(g, w, acc, peak, *, lr, dim):
-    """A user-defined optimizer that touches most region ops (exp, log, max, where)."""
-    acc = 0.9 * acc + 0.1 * g * g
-    peak = ekko.rowmath.maximum(peak, ekko.rowmath.row_mean(abs(g), dim))
-    step = lr * g / (ekko.rowmath.sqrt(acc) + 1e-6) * ekko.rowmath.exp(-peak)
-    shrink = ekko.rowmath.log(1.0 + peak)
-    return ekko.rowmath.where(w > 0.0, w - step, w - step * shrink), acc, peak
+@pytest.fixture()
+def user_optimizer():
+    """A user-defined optimizer that touches most region ops (exp, log, max, where);
+    taken out of the catalog again afterwards, so other tests see only theirs."""
+    @ekko.optimizer(state=("acc",), rowwise_state=("peak",), hyper={"lr": 0.05}, replace=True)
+    def triton_test_opt(g, w, acc, peak, *, lr, dim):
+        acc = 0.9 * acc + 0.1 * g * g
+        peak = ekko.rowmath.maximum(peak, ekko.rowmath.row_mean(abs(g), dim))
+        step = lr * g / (ekko.rowmath.sqrt(acc) + 1e-6) * ekko.rowmath.exp(-peak)
+        shrink = ekko.rowmath.log(1.0 + peak)
+        return ekko.rowmath.where(w > 0.0, w - step, w - step * shrink), acc, peak
+
+    yield triton_test_opt.name
+    catalog.OPTIMIZERS.pop(triton_test_opt.name, None)
 
 
 def kernels(optimizer: str, dim: int, table_dtype: str = "f32", serving: str | None = None,
@@ -161,11 +167,11 @@ def test_optimizer_x_layout_matches_llvm(optimizer: str, serving: str | None,
     assert (got["seq"][touched] == 2).all()  # each touched row: one odd, one even
 
 
-def test_user_defined_optimizer_matches_llvm() -> None:
+def test_user_defined_optimizer_matches_llvm(user_optimizer: str) -> None:
     rng = np.random.default_rng(5)
     rows, dim = 30, 10
-    cpu, gpu = kernels("triton_test_opt", dim, "f32", "int8")
-    bufs = make_buffers("triton_test_opt", rows, dim, "f32", "int8", rng)
+    cpu, gpu = kernels(user_optimizer, dim, "f32", "int8")
+    bufs = make_buffers(user_optimizer, rows, dim, "f32", "int8", rng)
     ids, grads = delta(rng, rows, dim, 40)
     assert_same_update(run(gpu, bufs, ids, grads, DEVICE), run(cpu, bufs, ids, grads),
                        "f32", "int8", dim)
@@ -365,6 +371,13 @@ def test_argument_errors() -> None:
         gpu(table, ids, grads, state=table.view(-1)[:10])
     with pytest.raises(EkkoError, match="needs its state"):
         gpu(table, ids, grads)
+    with pytest.raises(EkkoError, match="step counts from 1"):
+        gpu(table, ids, grads, state=m, step=0)
+    with pytest.raises(EkkoError, match="seed must be an integer"):
+        gpu(table, ids, grads, state=m, seed=1.5)
+    assert torch.equal(table, torch.zeros_like(table))  # nothing ran
+    gpu(table, ids, grads + 1, state=m, step=np.int64(2), seed=np.int64(5), version=np.int64(9))
+    assert table[0].ne(0).all() and table[1:].eq(0).all()
     with pytest.raises(EkkoError, match="unknown target"):
         update_kernel("sgd", 8, target="cuda")
     with pytest.raises(EkkoError, match="unknown target"):

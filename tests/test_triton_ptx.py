@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 from ekko.compiler.backend.spec import BagSpec  # noqa: E402
 from ekko.compiler.pipeline import UpdateRequest, update_spec  # noqa: E402
 from ekko.dialects import catalog  # noqa: E402
-from ekko.kernels.triton_runtime import spec_ptx  # noqa: E402
+from ekko.kernels.triton_runtime import ptx_many, spec_ptx, unit_of  # noqa: E402
 
 UPDATES = [  # (optimizer, table dtype, serving, stochastic rounding, index dtype)
     ("sgd", "f32", None, False, "i64"),
@@ -33,10 +33,31 @@ BAGS = [(layout, mode, mode == "sum" and layout in ("f32", "int8"))
         for layout in catalog.LAYOUT_NAMES for mode in ("sum", "mean", "none")]
 
 
-@pytest.fixture(autouse=True)
-def _triton_cache(tmp_path, monkeypatch):
-    """A fresh Triton cache: each case really compiles."""
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+def _update(optimizer, table, serving, sr, index, dim=24):
+    req = UpdateRequest(optimizer, dim, table, index, serving, versions=True,
+                        stochastic_rounding=sr,
+                        hyper=tuple(catalog.optimizer(optimizer).defaults().items()))
+    return update_spec(req, partitions=1)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    """Every case compiled in one go (in a fresh process if the interpreter ran here),
+    into a fresh Triton cache, so each really compiles."""
+    import os
+
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
+    try:
+        specs = {("update", *c): _update(*c) for c in UPDATES}
+        specs.update({("bag", *c): BagSpec(13, c[0], "i64", c[1], c[2]) for c in BAGS})
+        units = [unit_of(s) for s in specs.values()]
+        return dict(zip(specs, ptx_many(units)))
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved
 
 
 def _check(ptx: dict[str, str]) -> None:
@@ -46,11 +67,8 @@ def _check(ptx: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("optimizer,table,serving,sr,index", UPDATES)
-def test_update_kernels_compile_for_sm90(optimizer, table, serving, sr, index) -> None:
-    req = UpdateRequest(optimizer, 24, table, index, serving, versions=True,
-                        stochastic_rounding=sr, hyper=tuple(catalog.optimizer(optimizer)
-                                                            .defaults().items()))
-    source, ptx = spec_ptx(update_spec(req, partitions=1))
+def test_update_kernels_compile_for_sm90(compiled, optimizer, table, serving, sr, index) -> None:
+    ptx = compiled[("update", optimizer, table, serving, sr, index)]
     assert set(ptx) == {"ekko_update_sum", "ekko_update_apply"}
     _check(ptx)
     if serving in ("int8", "int4"):
@@ -58,9 +76,8 @@ def test_update_kernels_compile_for_sm90(optimizer, table, serving, sr, index) -
 
 
 @pytest.mark.parametrize("layout,mode,weighted", BAGS)
-def test_bag_kernels_compile_for_sm90(layout, mode, weighted) -> None:
-    _, ptx = spec_ptx(BagSpec(13, layout, "i64", mode, weighted))
-    _check(ptx)
+def test_bag_kernels_compile_for_sm90(compiled, layout, mode, weighted) -> None:
+    _check(compiled[("bag", layout, mode, weighted)])
 
 
 def test_user_defined_optimizer_compiles() -> None:
@@ -71,6 +88,9 @@ def test_user_defined_optimizer_compiles() -> None:
         buf = 0.9 * buf + ekko.rowmath.exp(-abs(g))
         return w - lr * buf, buf
 
-    req = UpdateRequest("ptx_heavy_ball", 64, "f32", "i64", None, versions=True,
-                        hyper=(("lr", 0.05),))
-    _check(spec_ptx(update_spec(req, partitions=1))[1])
+    try:
+        req = UpdateRequest("ptx_heavy_ball", 64, "f32", "i64", None, versions=True,
+                            hyper=(("lr", 0.05),))
+        _check(spec_ptx(update_spec(req, partitions=1))[1])
+    finally:  # other tests see only the catalog they expect
+        catalog.OPTIMIZERS.pop("ptx_heavy_ball", None)
