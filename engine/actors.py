@@ -247,6 +247,10 @@ class ShardServer:
         """The current serving rows of shard-local `ids`, as a packet with global ids."""
         return self._global(self.primary.pack(table, np.asarray(ids, np.int64)))
 
+    def pack_many(self, wanted: list[tuple[str, np.ndarray]]) -> list[Packet]:
+        """One packet per (table, shard-local ids): a link's whole batch in one message."""
+        return [self.pack(table, ids) for table, ids in wanted]
+
     def _global(self, p: Packet) -> Packet:
         p.ids = p.ids + self.lo[p.table]
         return p
@@ -262,7 +266,7 @@ class ShardServer:
                 "restarts": self.starts - 1, "replayed": dict(self.replayed),
                 "issued": {n: pt.version for n, pt in self.primary.tables.items()},
                 "norm_mean": {n: pt.norm_mean for n, pt in self.primary.tables.items()},
-                "log_records": self.log.records}
+                "log_records": self.log.records, "last_seq": dict(self.last_seq)}
 
     def row_bytes(self) -> dict[str, int]:
         return {n: self.primary.row_bytes(n) for n in self.primary.tables}
@@ -385,6 +389,10 @@ class ReplicaServer:
             packet.commit_ns = commit_ns
         self.replica.note_issued(packet.table, packet.newest)
         return self.replica.merge(packet)
+
+    def merge_many(self, packets: list[Packet], commit_ns: list[np.ndarray]) -> int:
+        """Merge a link's batch (one message from the engine, packets from the shard)."""
+        return sum(self.merge_from(p, c) for p, c in zip(packets, commit_ns))
 
     def merge(self, packet: Packet | bytes) -> int:
         return self.replica.merge(packet)

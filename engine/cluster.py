@@ -69,7 +69,8 @@ def connect(cluster: str) -> str:
                  "logging_level": logging.ERROR, "configure_logging": True}
         try:
             if cluster == "local":
-                ray.init(num_cpus=os.cpu_count() or 1, **quiet)
+                # "local": a new instance, never one another process left on this machine
+                ray.init(address="local", num_cpus=os.cpu_count() or 1, **quiet)
             else:
                 ray.init(address=cluster, log_to_driver=False, logging_level=logging.ERROR)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -137,26 +138,32 @@ class RemoteLink(Link):
         replica.link = self
 
     def _send(self, batch: list) -> None:
+        """The whole batch as one pack task on the shard and one merge task on the replica."""
         step = self.config.max_packet_rows
+        wanted, since, marks = [], [], []
         for entry in batch:  # (table, ids, since, (norms, their commit times), ...)
-            table, ids, since, (sig, sig_at) = entry[:4]
-            mean = self.primary.tables[table].norm_mean or 1.0
+            table, ids, stamps, (sig, sig_at) = entry[:4]
             for lo in range(0, len(ids), step):
-                ref = self.shard.pack.remote(table, ids[lo:lo + step])
-                try:
-                    call(self.replica.actor.merge_from.remote(ref, since[lo:lo + step]),
-                         self.timeout)
-                except Unavailable as e:
-                    self._recover(e)
-                    return
-                except Exception as e:  # recorded by Link; the replica catches up first
-                    self._recover(e)
-                    raise
-                visible = time.time_ns()
-                at = sig_at[lo:lo + step]
-                hot = (sig[lo:lo + step] >= self.config.significant_ratio * mean) & (at > 0)
-                if hot.any():
-                    self.significant.add((visible - at[hot]) / 1e6)
+                wanted.append((table, ids[lo:lo + step]))
+                since.append(stamps[lo:lo + step])
+                marks.append((table, sig[lo:lo + step], sig_at[lo:lo + step]))
+        if not wanted:
+            return
+        packets = self.shard.pack_many.remote(wanted)
+        try:
+            call(self.replica.actor.merge_many.remote(packets, since), self.timeout)
+        except Unavailable as e:
+            self._recover(e)
+            return
+        except Exception as e:  # recorded by Link; the replica catches up first
+            self._recover(e)
+            raise
+        visible = time.time_ns()
+        for table, sig, at in marks:
+            mean = self.primary.tables[table].norm_mean or 1.0
+            hot = (sig >= self.config.significant_ratio * mean) & (at > 0)
+            if hot.any():
+                self.significant.add((visible - at[hot]) / 1e6)
 
     def _recover(self, error: Exception) -> None:
         """A send was lost (a replica or shard restarting): the replica catches up instead."""
@@ -363,7 +370,13 @@ class ClusterEngine(Engine):
                       for i, a in enumerate(actors)]
         self.primary = PrimaryShards(self)
         self._announce = {name: threading.Lock() for name in self._tables}
+        # a directory used before: its shards replayed steps; number on from the last
         self._seq = dict.fromkeys(self._tables, 0)
+        for k, shard in enumerate(self.shards):
+            info = call(shard.info.remote(), self.timeout)
+            self.issued[k].update(info["issued"])
+            for name, seq in info["last_seq"].items():
+                self._seq[name] = max(self._seq[name], seq)
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> ClusterEngine:

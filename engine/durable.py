@@ -70,7 +70,7 @@ class PacketLog:
             self.file.write(frame + body)
             self.file.flush()
             if self.fsync:
-                os.fsync(self.file.fileno())
+                _sync(self.file.fileno())
             self.records += 1
 
     def size(self) -> int:
@@ -115,6 +115,9 @@ class PacketLog:
                 f.truncate(pos)
                 f.flush()
                 os.fsync(f.fileno())
+
+
+_sync = getattr(os, "fdatasync", os.fsync)  # the data and its length; not the mtime
 
 
 def _fsync_dir(path: Path) -> None:

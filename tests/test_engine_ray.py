@@ -238,6 +238,7 @@ class TestLocal:
                 for _ in range(20):
                     out = engine.lookup("fa", np.array([1, 2, 3, 4, 5, 299]), offsets)
                     assert out.shape == (2, 8) and np.isfinite(out).all()
+                assert engine.replicas[0].down_since is not None  # routed around it
                 new_pid(engine.replicas[0], pids[0])
             finally:
                 stop.set()
