@@ -90,14 +90,15 @@ def stream(engine, rounds: list, rate: float, seconds: float) -> tuple[int, int,
 def measure(model, way: str, n: int, cluster: str | None, rounds: list, rate: float,
             seconds: float) -> Result:
     with ekko.Engine(model, replicas=n, cluster=cluster) as engine:
+        s0 = engine.stats()  # a replica process's first copy of the tables is not the stream's
         rows, steps, took = stream(engine, rounds, rate, seconds)
         s = engine.stats()
         fresh = engine.freshness_histogram()
     if cluster is not None:
         engine.shutdown()
-    moved = max(s["rows_moved"], 1)
-    return Result(way, n, rows / took, fresh, s["bytes_moved"] / moved,
-                  s["bytes_moved"] / n / max(steps, 1), took)
+    moved = max(s["rows_moved"] - s0["rows_moved"], 1)
+    nbytes = s["bytes_moved"] - s0["bytes_moved"]
+    return Result(way, n, rows / took, fresh, nbytes / moved, nbytes / n / max(steps, 1), took)
 
 
 def restart(cluster: str, gib: float, rate: float) -> dict:
@@ -111,6 +112,9 @@ def restart(cluster: str, gib: float, rate: float) -> dict:
         t0 = time.perf_counter()
         with ekko.Engine(model, replicas=2, cluster=cluster) as engine:
             setup = time.perf_counter() - t0
+            join = [c for c in engine.replicas[1].info()["catch_ups"] if c["reason"] == "join"]
+            copy_rows_per_s = sum(c["rows"] for c in join) / max(sum(c["seconds"] for c in join),
+                                                                 1e-9)
             rounds = draw(model, BATCH, 8, seed=3)
             stream(engine, rounds, rate, 2.0)
             engine.replicas[0].snapshot()
@@ -133,6 +137,7 @@ def restart(cluster: str, gib: float, rate: float) -> dict:
             catch = [c for c in info["catch_ups"] if c["reason"] == "restart"]
         engine.shutdown()
     return {"gib": rows * 64 * 4 / 2**30, "setup_s": setup, "kill_to_serving_s": back,
+            "copy_rows_per_s": copy_rows_per_s,
             "start_to_sync_s": info["ready_seconds"],
             "caught_up_rows": sum(c["rows"] for c in catch), "identical": same}
 
@@ -202,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nreplica killed (SIGKILL), {rs['gib']:.2f} GiB table: serving again "
               f"{rs['kill_to_serving_s']:.1f} s after the kill; from its start to in sync "
               f"{rs['start_to_sync_s']:.1f} s (caught up {rs['caught_up_rows']:,} rows); "
-              f"identical to the primary: {rs['identical']}")
+              f"identical to the primary: {rs['identical']}; a joining replica copied the "
+              f"table at {rs['copy_rows_per_s'] / 1e6:.2f} M rows/s")
     if not a.quick:
         out = ROOT / "benchmarks" / "results"
         out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         if rs:
             md += (f"\nReplica restart, {rs['gib']:.2f} GiB table: kill to serving "
                    f"{rs['kill_to_serving_s']:.1f} s, start to in sync "
-                   f"{rs['start_to_sync_s']:.1f} s, identical: {rs['identical']}\n")
+                   f"{rs['start_to_sync_s']:.1f} s, identical: {rs['identical']}; a joining "
+                   f"replica copied it at {rs['copy_rows_per_s'] / 1e6:.2f} M rows/s\n")
         (out / "freshness_cluster.md").write_text(md)
         plot(results, out / "freshness_cluster.png")
     return 0

@@ -301,6 +301,18 @@ class TestLocal:
             assert s["restarts"]["primaries"] == [1, 0]
             replayed = s["replayed"][0]
             assert replayed["snapshot_version"] and replayed["records"] > 0
+        engine.shutdown()
+        # a new engine on that directory resumes from the shards' snapshots and logs
+        with ekko.Engine(model, replicas=1, cluster="local", primary_shards=2, seed=4,
+                         directory=tmp_path / "engine") as engine:
+            for _ in range(2):
+                stream.step(engine)
+            engine.flush(WAIT)
+            want = reference(model, stream.steps, 2, seed=4)
+            for name, (serving, versions) in want.items():
+                assert engine.primary.serving(name).tobytes() == serving.tobytes(), name
+            assert_replicas_match(engine)
+        engine.shutdown()
 
     def test_cli_runs_the_engine_on_ray(self, model_path, capsys) -> None:
         from ekko.engine.cli import main
