@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from . import mathprog
 from .spec import UpdateSpec
 
-GOLDEN = 0x9E3779B97F4A7C15
 # Triton pointer types of the buffers, by layout (bf16 travels as int16 bits)
 PTR = {"f32": "*fp32", "f16": "*fp16", "bf16": "*i16", "int8": "*u8", "int4": "*u8"}
 
