@@ -145,7 +145,8 @@ def _build(llvm_ir: str, key: str, keep_ir: bool) -> JitModule:
     return JitModule(engine, key, from_disk, optimized_ir)
 
 
-# An entry: magic, SHA-256 of the key (32 bytes), SHA-256 of the object (32), its length, the object.
+# An entry: magic, SHA-256 of the key (32 bytes), SHA-256 of the object (32),
+# the object's length, the object.
 _MAGIC = b"EKKOJIT1"
 _HEADER = struct.Struct("<8s32s32sQ")
 

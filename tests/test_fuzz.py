@@ -18,7 +18,7 @@ from tests.fuzz.__main__ import draw
 from tests.fuzz.oracle import judge_tool, run_case, shutdown
 
 # cases per target: sized for well under a minute on a loaded 2-core machine
-SHORT = {"ir": 250, "model": 200, "api": 80, "cli": 6}
+SHORT = {"ir": 120, "model": 120, "api": 50, "cli": 4}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,7 +43,8 @@ def test_short_campaign(target: str) -> None:
 def _regression_params():
     params = []
     for path, record in load_regressions():
-        marks = [pytest.mark.xfail(strict=True, reason=record["xfail"])] if "xfail" in record else []
+        xfail = "xfail" in record
+        marks = [pytest.mark.xfail(strict=True, reason=record["xfail"])] if xfail else []
         params.append(pytest.param(record, id=path.stem, marks=marks))
     return params
 

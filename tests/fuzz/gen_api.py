@@ -130,8 +130,9 @@ def m_shape(rng, case):
     if shape == spec["shape"]:
         return
     spec["shape"] = shape
+    others = any(case["args"].get(k) for k in ("state", "versions", "serving"))
     if name == "table" and case["kernel"] == "update" and len(shape) == 2 \
-            and shape[1] == case["dim"] and not any(case["args"].get(k) for k in ("state", "versions", "serving")):
+            and shape[1] == case["dim"] and not others:
         return  # more or fewer rows of a lone table is a valid call (ids may then be out of range)
     if name in ("offsets", "ids") and case["kernel"] == "bag" and len(shape) == 1:
         return  # another number of bags or ids: still a valid call (or an EkkoError)
@@ -208,7 +209,8 @@ def m_huge(rng, case):
     if case["kernel"] != "update" or case["n"] == 0 or not _is_array(case, "grads"):
         return
     value = rng.choice([1e19, 3e38, -1e20, 1e30])
-    case["args"]["grads"].setdefault("poke", [])[:0] = [[k, value] for k in range(min(case["dim"], 4))]
+    pokes = case["args"]["grads"].setdefault("poke", [])
+    pokes[:0] = [[k, value] for k in range(min(case["dim"], 4))]  # a later NaN poke still wins
     if case["make"]["table_dtype"] == "f32":
         case["finite_after"] = True
 
@@ -231,7 +233,8 @@ def m_torch(rng, case):
 
 def m_not_an_array(rng, case):
     name = rng.choice([k for k in ("table", "ids", "grads", "offsets") if k in case["args"]])
-    case["args"][name] = {"kind": "object", "what": rng.choice(["list", "none", "str", "int", "dict"])}
+    what = rng.choice(["list", "none", "str", "int", "dict"])
+    case["args"][name] = {"kind": "object", "what": what}
     if name == "offsets" and case["args"][name]["what"] == "none":
         return  # no offsets: one id per bag, documented
     _reject(case, f"{name} is not an array")
@@ -243,12 +246,11 @@ def m_scalar(rng, case):
     key = rng.choice(["step", "version", "seed"])
     value = rng.choice([0, -1, 2**63, 2**64, 2**70, 1.5, "nan", True, "1", None, -2**63 - 1])
     case["args"][key] = {"kind": "value", "value": value}
-    bad = {"step": lambda v: v is None or not (isinstance(v, int) and not isinstance(v, bool)
-                                               and 1 <= v < 2**63),
-           "version": lambda v: v is not None and not (isinstance(v, int) and not isinstance(v, bool)
-                                                       and -2**63 <= v < 2**63),
-           "seed": lambda v: not isinstance(v, int) or isinstance(v, bool)}[key]
-    if bad(value):
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    bad = {"step": not (integer and 1 <= value < 2**63),
+           "version": value is not None and not (integer and -2**63 <= value < 2**63),
+           "seed": not integer}[key]
+    if bad:
         _reject(case, f"{key}={value!r}")
 
 
@@ -322,7 +324,8 @@ def run(case: dict) -> dict:
     except ekko.EkkoError:
         return {"kind": "ok"}
     except Exception:
-        return {"kind": "exception", "detail": "making the kernel: " + traceback.format_exc()[-1500:]}
+        return {"kind": "exception",
+                "detail": "making the kernel: " + traceback.format_exc()[-1500:]}
     before = [b.tobytes() for b in bases]
     try:
         if case["kernel"] == "update":
@@ -335,7 +338,8 @@ def run(case: dict) -> dict:
     except ekko.EkkoError as e:
         changed = [k for k, (b, old) in enumerate(zip(bases, before)) if b.tobytes() != old]
         if changed:
-            return {"kind": "half-applied", "detail": f"EkkoError ({e}) but buffers {changed} changed"}
+            return {"kind": "half-applied",
+                    "detail": f"EkkoError ({e}) but buffers {changed} changed"}
         return {"kind": "ok"}
     except Exception:
         return {"kind": "exception", "detail": traceback.format_exc()[-1500:]}
@@ -345,7 +349,8 @@ def run(case: dict) -> dict:
         table = built["table"]
         values = table.detach().numpy() if hasattr(table, "detach") else table
         if not np.isfinite(values.astype(np.float64)).all():
-            return {"kind": "non-finite", "detail": "a finite huge gradient made the table non-finite"}
+            return {"kind": "non-finite",
+                    "detail": "a finite huge gradient made the table non-finite"}
     return {"kind": "ok"}
 
 
@@ -429,9 +434,22 @@ def _make_array(spec: dict, case: dict):
     for index, value in spec.get("poke", []):
         if arr.size:
             flat = arr.reshape(-1)
-            flat[index % flat.size] = _value(value) if dtype.kind in "fc" else int(value) \
-                if np.iinfo(dtype).min <= int(value) <= np.iinfo(dtype).max else 0
+            flat[index % flat.size] = _poke_value(value, dtype)
     return arr
+
+
+def _poke_value(value: Any, dtype) -> Any:
+    """`value` as an element of `dtype` (another mutation may have changed the dtype)."""
+    import numpy as np
+
+    if dtype.kind in "fc":
+        return _value(value)
+    if dtype.kind == "b":
+        return bool(value)
+    if isinstance(value, str):
+        return 0
+    info = np.iinfo(dtype)
+    return int(value) if info.min <= int(value) <= info.max else 0
 
 
 def name_of(spec: dict, case: dict) -> str:

@@ -142,7 +142,8 @@ def _quotes_its_line(err: str, path: str, text: str) -> bool:
     return lines[1].rstrip("\r") == want or lines[1].strip() == ""
 
 
-def run_tool(argv: list[str], timeout: float, cwd: str | Path | None = None) -> tuple[int, str, str]:
+def run_tool(argv: list[str], timeout: float,
+             cwd: str | Path | None = None) -> tuple[int, str, str]:
     """Run a command; (exit code, stdout, stderr), -9 and a note on a timeout."""
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     try:
