@@ -124,19 +124,22 @@ def _mix(a: float, s: Tracked, b: float, x: Tracked) -> Tracked:
     return Tracked(value, a * (np.abs(s.value) + s.mag) + b * (np.abs(x.value) + x.mag))
 
 
-def _sgd(g: Tracked, w: Tracked, states: list[Tracked], h: Callable[[str], float],
-         step: int) -> tuple[Tracked, list[Tracked]]:
+Hyper = Callable[[str], float]
+Stepped = tuple[Tracked, list[Tracked]]  # the new master rows and the new state
+
+
+def _sgd(g: Tracked, w: Tracked, states: list[Tracked], h: Hyper, step: int) -> Stepped:
     return _minus(w, Tracked(h("lr") * g.value, h("lr") * (np.abs(g.value) + g.mag))), []
 
 
-def _adagrad(g, w, states, h, step):
+def _adagrad(g: Tracked, w: Tracked, states: list[Tracked], h: Hyper, step: int) -> Stepped:
     clr = h("lr") / (1 + (step - 1) * h("lr_decay"))
     gg = _square(g)
     s = _plus(states[0], gg)
     return _minus(w, _scaled_step(clr, g, _plus_eps(_sqrt(s), h("eps")))), [s]
 
 
-def _rowwise_adagrad(g, w, states, h, step):
+def _rowwise_adagrad(g: Tracked, w: Tracked, states: list[Tracked], h: Hyper, step: int) -> Stepped:
     gg = _square(g)
     m0 = states[0]
     m = _plus(Tracked(m0.value.reshape(-1, 1), m0.mag.reshape(-1, 1)),
@@ -145,7 +148,7 @@ def _rowwise_adagrad(g, w, states, h, step):
     return w_new, [Tracked(m.value.reshape(-1), m.mag.reshape(-1))]
 
 
-def _adam(g, w, states, h, step):
+def _adam(g: Tracked, w: Tracked, states: list[Tracked], h: Hyper, step: int) -> Stepped:
     b1, b2 = h("beta1"), h("beta2")
     m = _mix(b1, states[0], 1 - b1, g)
     v = _mix(b2, states[1], 1 - b2, _square(g))
@@ -153,12 +156,12 @@ def _adam(g, w, states, h, step):
     return _minus(w, _scaled_step(size, m, _plus_eps(_sqrt(v), h("eps")))), [m, v]
 
 
-def _rmsprop(g, w, states, h, step):
+def _rmsprop(g: Tracked, w: Tracked, states: list[Tracked], h: Hyper, step: int) -> Stepped:
     v = _mix(h("alpha"), states[0], 1 - h("alpha"), _square(g))
     return _minus(w, _scaled_step(h("lr"), g, _plus_eps(_sqrt(v), h("eps")))), [v]
 
 
-def _ftrl(g, w, states, h, step):
+def _ftrl(g: Tracked, w: Tracked, states: list[Tracked], h: Hyper, step: int) -> Stepped:
     """FTRL-Proximal per coordinate (McMahan et al. 2013)."""
     lr, l1, l2, beta = h("lr"), h("l1"), h("l2"), h("beta")
     z0, n0 = states
@@ -182,7 +185,7 @@ def _ftrl(g, w, states, h, step):
 
 
 # optimizer name -> its reference math; a new optimizer is one entry here
-OPTIMIZERS: dict[str, Callable[..., tuple[Tracked, list[Tracked]]]] = {
+OPTIMIZERS: dict[str, Callable[..., Stepped]] = {
     "sgd": _sgd,
     "adagrad": _adagrad,
     "rowwise_adagrad": _rowwise_adagrad,
@@ -215,7 +218,7 @@ def _gradients(spec: UpdateSpec, snap: Snapshot, ids: np.ndarray, grads: np.ndar
 
 
 def reference_rows(spec: UpdateSpec, snap: Snapshot, ids: np.ndarray, grads: np.ndarray,
-                   step: int) -> tuple[Tracked, list[Tracked]]:
+                   step: int) -> Stepped:
     """New master rows and state rows of `snap.ids` after one delta, with magnitudes."""
     if spec.optimizer not in OPTIMIZERS:
         raise KeyError(f"the self-check has no reference for optimizer {spec.optimizer!r}")

@@ -65,7 +65,8 @@ class Progress:
 
     def __call__(self, message: str) -> None:
         if not self.quiet:
-            print(f"[{time.perf_counter() - self.start:6.2f}s] {message}", file=sys.stderr, flush=True)
+            elapsed = time.perf_counter() - self.start
+            print(f"[{elapsed:6.2f}s] {message}", file=sys.stderr, flush=True)
 
 
 class Parser(argparse.ArgumentParser):
@@ -105,7 +106,8 @@ def float_flag(low: float, high: float, low_open: bool = False) -> Callable[[str
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {_shorten(text, 40)!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a number, got {_shorten(text, 40)!r}") from None
         in_range = (value > low if low_open else value >= low) and value <= high
         if not (math.isfinite(value) and in_range):
             bracket = "(" if low_open else "["
@@ -366,9 +368,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet)
     config = RunConfig(steps=args.steps, batch=args.batch, pooling=args.pooling,
                        zipf=args.zipf, seed=args.seed)
-    if args.batch * (2 * args.pooling + 1) > MAX_BATCH:
-        raise CliError(f"--batch {args.batch} with --pooling {args.pooling} makes lookups of up to "
-                       f"{args.batch * (2 * args.pooling + 1):,} ids (limit {MAX_BATCH:,} ids a call)")
+    lookup_ids = args.batch * (2 * args.pooling + 1)  # bags hold 0..2*pooling ids
+    if lookup_ids > MAX_BATCH:
+        raise CliError(f"--batch {args.batch} with --pooling {args.pooling} makes lookups of up "
+                       f"to {lookup_ids:,} ids (limit {MAX_BATCH:,} ids a call)")
     model = load(args)
     check_memory(model, config)
     compiled = _compile(args, model, progress)
