@@ -60,22 +60,34 @@ class Unavailable(EkkoError):
     """An actor did not answer (dead, restarting, or too slow)."""
 
 
-def connect(cluster: str) -> str:
-    """Start Ray here quietly ("local") or join a running cluster; returns its address."""
+def connect(cluster: str, attempts: int = 3) -> str:
+    """Start Ray here quietly ("local") or join a running cluster; returns its address.
+
+    Ray gives its raylet 30 s to register; on a loaded machine that can run
+    out, so starting (or joining) is tried `attempts` times.
+    """
     if not isinstance(cluster, str) or not cluster:
         raise EkkoError(f"cluster must be 'local', 'auto' or a Ray address, got {cluster!r}")
-    if not ray.is_initialized():
-        quiet = {"include_dashboard": False, "log_to_driver": False,
-                 "logging_level": logging.ERROR, "configure_logging": True}
+    for attempt in range(attempts):
+        if ray.is_initialized():
+            break
         try:
-            if cluster == "local":
-                # "local": a new instance, never one another process left on this machine
-                ray.init(address="local", num_cpus=os.cpu_count() or 1, **quiet)
-            else:
-                ray.init(address=cluster, log_to_driver=False, logging_level=logging.ERROR)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise EkkoError(f"cannot join the Ray cluster at {cluster!r}: {e}") from None
+            _init(cluster)
+        except Exception as e:  # noqa: BLE001 - Ray raises plain Exception on a slow start
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise EkkoError(f"cannot start or join Ray ({cluster!r}): {e}") from None
     return ray.get_runtime_context().gcs_address
+
+
+def _init(cluster: str) -> None:
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if cluster == "local":
+        # "local": a new instance, never one another process left on this machine
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                 configure_logging=True, **quiet)
+    else:
+        ray.init(address=cluster, **quiet)
 
 
 def call(ref: Any, timeout: float) -> Any:
@@ -492,8 +504,11 @@ class ClusterEngine(Engine):
                 time.sleep(0.05)
 
     def _holds(self, r: RemoteReplica, targets: list[dict[str, int]], deadline: float) -> bool:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
         try:
-            wm = r.watermarks() if deadline - time.monotonic() > 0 else {}
+            wm = call(r.actor.watermarks.remote(), min(left, self.timeout))
         except Unavailable:
             return False
         return all(wm.get(t, {}).get(s, -1) >= v for s, tv in enumerate(targets)
@@ -526,11 +541,12 @@ class ClusterEngine(Engine):
     # -- reporting ---------------------------------------------------------------------------------
     def stats(self) -> dict:
         """The in-process engine's report, plus restarts, catch-ups and what shards replayed."""
-        per, fresh, infos = [], Histogram(), []
+        per, fresh = [], Histogram()
+        wait = min(self.timeout, 10.0)  # a restarting process answers once caught up
         for i, r in enumerate(self.replicas):
             try:
-                summary, hist = call(r.actor.stats.remote(), self.timeout)
-                info = r.info()
+                summary, hist = call(r.actor.stats.remote(), wait)
+                info = call(r.actor.info.remote(), wait)
             except Unavailable:
                 summary, hist, info = {"unavailable": True}, Histogram(), {}
             fresh.merge(hist)
@@ -543,7 +559,7 @@ class ClusterEngine(Engine):
         shards = []
         for s in self.shards:
             try:
-                shards.append(call(s.info.remote(), self.timeout))
+                shards.append(call(s.info.remote(), wait))
             except Unavailable:
                 shards.append({"unavailable": True})
         return {

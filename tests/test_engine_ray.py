@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import ekko
+from ekko.engine import HealthConfig
 from ekko.engine.actors import ShardConfig, ShardServer, shard_bounds, shard_model
 from ekko.engine.durable import PacketLog
 from ekko.engine.packet import Packet
@@ -194,12 +195,23 @@ def local_ray():
 class TestLocal:
     def test_api_and_a_killed_replica_catches_up_while_the_other_serves(self, model) -> None:
         stream = Stream(model, seed=5)
-        with ekko.Engine(model, replicas=2, cluster="local") as engine:
+        with ekko.Engine(model, replicas=2, cluster="local",
+                         health=HealthConfig(outlier_factor=100.0, warmup=3)) as engine:
             assert isinstance(engine, ekko.Engine)
             pids = [r.pid for r in engine.replicas]
             assert len(set(pids + [os.getpid()])) == 3  # separate processes
+            initial = engine.primary.serving("a").tobytes()
             for _ in range(5):
                 stream.step(engine)
+            engine.flush(WAIT)
+            assert_replicas_match(engine)
+            # a harmful update is rolled back on its shard, and the replicas follow
+            assert engine.primary.serving("a").tobytes() != initial
+            grads = (np.random.default_rng(3).standard_normal((200, 8)) * 0.1).astype(np.float32)
+            grads[7] *= 1e6  # one harmful row
+            engine.step("a", np.arange(200), grads)
+            assert [r["table"] for r in engine.stats()["rollbacks"]] == ["a"]
+            assert engine.primary.serving("a").tobytes() == initial
             engine.flush(WAIT)
             assert_replicas_match(engine)
             # bad input: an EkkoError, and nothing applied anywhere
@@ -344,9 +356,16 @@ def two_nodes():
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "resources": {"near": 1}, "include_dashboard": False})
-    cluster.add_node(num_cpus=1, resources={"far": 1})
+    for attempt in range(3):  # Ray gives a raylet 30 s to register: a loaded machine may not
+        cluster = Cluster()
+        try:
+            cluster.add_node(num_cpus=1, resources={"near": 1}, include_dashboard=False)
+            cluster.add_node(num_cpus=1, resources={"far": 1})
+            break
+        except Exception:  # noqa: BLE001 - try again, from nothing
+            cluster.shutdown()
+            if attempt == 2:
+                raise
     try:
         yield cluster
     finally:
