@@ -1,8 +1,9 @@
 """Command lines for `ekko-opt`, `ekko run` and `ekko compile`.
 
 A case is an argv with `{tmp}` standing for a fresh directory holding a
-small module, a tiny model, a model with no tables and a `.py` factory that
-returns no model. The real command runs under a timeout. Oracle: it ends by
+small module, a tiny model, a model with no tables, one with a 5,000-digit
+row count and a `.py` factory that returns no model; a stored case may also
+name the exit code it must end with (`expect_exit`). The real command runs under a timeout. Oracle: it ends by
 itself with exit 0, 1 or 2 (2: argparse's usage errors, `ekko run`'s failed
 reference check), says "error" when it fails, and prints no traceback.
 """
@@ -31,6 +32,7 @@ FILES = {
                   "  feature f -> t;\n}\n",
     "empty.ekko": "model nothing { }\n",
     "bad.py": "def build():\n    return 42\n",
+    "big.ekko": "model big { table t { rows " + "9" * 5000 + "; dim 4; } feature f -> t; }\n",
 }
 OPT_FLAGS: list[tuple[str, list[str]]] = [
     ("-p", [PIPELINE, "no-such-pass", "upd-schedule{partitions=-1}", "upd-schedule{tile=0}",
@@ -59,7 +61,7 @@ RUN_VALUES: dict[str, list[str]] = {
     "--replicas": ["-1", "0", "1099511627776"],
     "--bandwidth": ["0", "-1", "nan"],
 }
-MODELS = ["{tmp}/model.ekko", "{tmp}/empty.ekko", "{tmp}/bad.py:build", "{tmp}/missing.ekko",
+MODELS = ["{tmp}/model.ekko", "{tmp}/empty.ekko", "{tmp}/big.ekko", "{tmp}/bad.py:build", "{tmp}/missing.ekko",
           "{tmp}", "{tmp}/model.ekko:build", "{tmp}/input.mlir"]
 
 
@@ -95,7 +97,11 @@ def run(case: dict) -> dict:
         argv = [a.replace("{tmp}", str(tmp)) for a in case["argv"]]
         exe = shutil.which(argv[0]) or str(Path(sys.executable).with_name(argv[0]))
         rc, out, err = run_tool([exe, *argv[1:]], TIMEOUT_S, cwd=tmp)
-        return judge_cli(rc, out, err)
+        result = judge_cli(rc, out, err)
+        if result["kind"] == "ok" and "expect_exit" in case and rc != case["expect_exit"]:
+            result = {"kind": "exit-code", "detail": f"exit {rc}, expected {case['expect_exit']}"
+                                                     f"\n{err[-1500:]}"}
+        return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
