@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -68,6 +69,9 @@ def connect(cluster: str, attempts: int = 3) -> str:
     """
     if not isinstance(cluster, str) or not cluster:
         raise EkkoError(f"cluster must be 'local', 'auto' or a Ray address, got {cluster!r}")
+    if cluster not in ("local", "auto") and not ray.is_initialized():
+        _reachable(cluster)
+        attempts = 1  # a cluster someone else runs: once, and fail plainly
     for attempt in range(attempts):
         if ray.is_initialized():
             break
@@ -78,6 +82,19 @@ def connect(cluster: str, attempts: int = 3) -> str:
             if attempt == attempts - 1:
                 raise EkkoError(f"cannot start or join Ray ({cluster!r}): {e}") from None
     return ray.get_runtime_context().gcs_address
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Ray waits minutes on an address nobody answers at: look first, briefly."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise EkkoError(f"cluster must be 'local', 'auto', HOST:PORT or ray://HOST:PORT, "
+                        f"got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise EkkoError(f"no Ray cluster answers at {address!r} "
+                        f"({getattr(e, 'strerror', None) or e})") from None
 
 
 def _init(cluster: str) -> None:

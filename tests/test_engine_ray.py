@@ -328,6 +328,7 @@ class TestLocal:
 
     def test_cli_runs_the_engine_on_ray(self, model_path, capsys) -> None:
         from ekko.engine.cli import main
+        from ekko.engine.cluster import connect
 
         code = main(["run", str(model_path), "--replicas", "2", "--cluster", "local",
                      "--steps", "4", "--batch", "64", "--quiet"])
@@ -338,6 +339,12 @@ class TestLocal:
         code = main(["run", str(model_path), "--cluster", "local", "--steps", "1"])
         err = capsys.readouterr().err
         assert code == 1 and err.count("\n") == 1 and "--cluster needs --replicas" in err
+        for bad in ("127.0.0.1:1", "nonsense"):  # one line, quickly, whether or not Ray is up
+            ray.shutdown()
+            code = main(["run", str(model_path), "--replicas", "1", "--cluster", bad, "--quiet"])
+            err = capsys.readouterr().err
+            assert code == 1 and "ekko: error:" in err and "Traceback" not in err, err
+        connect("local")
 
     def test_benchmark_quick(self, capsys) -> None:
         import runpy
