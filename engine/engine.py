@@ -28,12 +28,18 @@ from .state import HealthConfig, StateManager
 from .stats import Histogram, latency_summary
 
 
+_CLUSTER_ONLY = {"primary_shards", "directory", "snapshot_s", "max_restarts", "timeout_s",
+                 "lookup_timeout_s", "log_limit_bytes", "fsync", "actor_options"}
+
+
 class Engine:
     """See the module docstring. Use it as a context manager (or call start/close)."""
 
     def __new__(cls, *args: Any, cluster: str | None = None, **kw: Any) -> Engine:
         """cluster="local", "auto" or a Ray address: the engine on Ray (engine/cluster.py)."""
         if cluster is None:
+            if set(kw) & _CLUSTER_ONLY:
+                raise EkkoError(f"{', '.join(sorted(set(kw) & _CLUSTER_ONLY))}: only with cluster=")
             return super().__new__(cls)
         try:
             from .cluster import ClusterEngine  # imports ray: only when a cluster is asked for

@@ -123,6 +123,29 @@ def shard_pid(engine, k: int) -> int | None:
         return None
 
 
+def test_in_process_engine_never_imports_ray(model_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, ekko, numpy as np
+m = ekko.compile_model({str(model_path)!r})
+try:
+    ekko.Engine(m, primary_shards=2)
+except ekko.EkkoError as e:
+    print("rejected:", e)
+with ekko.Engine(m, replicas=1) as engine:
+    engine.step("a", [1], np.full((1, 8), 0.5, np.float32))
+    engine.flush()
+print("ray imported:", "ray" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=WAIT)
+    assert out.returncode == 0, out.stderr
+    assert "rejected: primary_shards: only with cluster=" in out.stdout
+    assert "ray imported: False" in out.stdout
+
+
 # -- the durable log and snapshots, without Ray ---------------------------------------------
 def test_log_keeps_whole_records_and_cuts_a_torn_tail(tmp_path: Path) -> None:
     log = PacketLog(tmp_path / "p.log")
