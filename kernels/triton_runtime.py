@@ -419,11 +419,13 @@ def unit_of(spec: UpdateSpec | BagSpec) -> Unit:
 def ptx_many(units: list[Unit], arch: int = 90) -> list[dict[str, str]]:
     """{kernel: PTX for sm_`arch`} of each generated module; no GPU needed.
 
-    Once Triton's interpreter has run in a process it has patched
-    triton.language there, and compiling would fail: then the modules are
-    compiled in a fresh Python process (one for the whole list).
+    Triton's interpreter and its compiler do not share a process: once the
+    interpreter ran, compiling fails, and after a compile the interpreter
+    does. So where kernels are interpreted (TRITON_INTERPRET=1, or the
+    interpreter already loaded) the modules are compiled in a fresh Python
+    process, one for the whole list.
     """
-    if "triton.runtime.interpreter" not in sys.modules:
+    if not interpreted() and "triton.runtime.interpreter" not in sys.modules:
         return [_ptx(source, stem, decls, arch) for source, stem, decls in units]
     import pickle
     import subprocess
