@@ -30,12 +30,23 @@ _initialized = False
 _memory_cache: dict[str, "JitModule"] = {}
 
 
+# LLVM (llvmlite 0.50's) folds the tail of a short constant-trip-count loop
+# by masking, and on AVX-512 the scalarized last lane of a masked bf16
+# (trunc nuw i32 -> i16) store is emitted as a 32-bit store: it overwrote the
+# first value of the next row (FTRL, bf16, dim 9). Vectorizing such loops with
+# a scalar epilogue instead avoids the pattern; the option is part of the
+# cache key, so objects built without it are never reused.
+LLVM_OPTIONS = ("-vectorizer-min-trip-count=2",)
+
+
 def _init() -> None:
     """llvmlite 0.50: initialize() raises; the native target is all we need."""
     global _initialized
     if not _initialized:
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
+        for option in LLVM_OPTIONS:
+            llvm.set_option("ekko", option)
         _initialized = True
 
 
@@ -93,7 +104,7 @@ class JitModule:
 def ir_key(llvm_ir: str) -> str:
     cpu, features = host_cpu()
     h = hashlib.sha256()
-    for part in (llvm_ir, cpu, features, llvmlite.__version__, "ekko-jit-1"):
+    for part in (llvm_ir, cpu, features, llvmlite.__version__, "ekko-jit-1", *LLVM_OPTIONS):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
