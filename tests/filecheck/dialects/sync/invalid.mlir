@@ -116,3 +116,69 @@
 // CHECK: 'kern.pack' needs layout = one of f32, f16, bf16, int8, int4 and dim
 %q, %v, %ids, %o, %ov = "test.op"() : () -> (memref<10x4xf16>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>)
 "kern.pack"(%q, %v, %ids, %o, %ov) {layout = "f16"} : (memref<10x4xf16>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>) -> ()
+
+// -----
+
+// CHECK: a packet's rows must be a 2-d tensor with a static width
+%ids, %rows, %v = "test.op"() : () -> (tensor<?xi64>, tensor<?xf32>, tensor<?xi64>)
+%p = "sync.packet"(%ids, %rows, %v) : (tensor<?xi64>, tensor<?xf32>, tensor<?xi64>) -> !sync.packet<4xf32, i64>
+
+// -----
+
+// CHECK: 'sync.pack' partitions must be a positive integer
+%q, %v, %ids = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.versions<10>, tensor<?xi64>)
+%p = "sync.pack"(%q, %v, %ids) {partitions = 0 : i64} : (!emb.table<10x4xf32>, !emb.versions<10>, tensor<?xi64>) -> !sync.packet<4xf32, i64>
+
+// -----
+
+// kern.pack / kern.merge: buffers at the kernel level.
+
+// CHECK: the int8 serving buffer must be 10x72xi8, got memref<10x64xi8>
+%q, %v, %ids, %r, %pv = "test.op"() : () -> (memref<10x64xi8>, memref<10xi64>, memref<?xi64>, memref<?x72xi8>, memref<?xi64>)
+"kern.pack"(%q, %v, %ids, %r, %pv) {layout = "int8", dim = 64 : i64} : (memref<10x64xi8>, memref<10xi64>, memref<?xi64>, memref<?x72xi8>, memref<?xi64>) -> ()
+
+// -----
+
+// CHECK: the versions buffer must be memref<10xi64>
+%q, %v, %ids, %r, %pv = "test.op"() : () -> (memref<10x4xf32>, memref<10xi32>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>)
+"kern.pack"(%q, %v, %ids, %r, %pv) {layout = "f32", dim = 4 : i64} : (memref<10x4xf32>, memref<10xi32>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>) -> ()
+
+// -----
+
+// CHECK: the packet versions must be memref<?xi64>
+%q, %v, %ids, %r, %pv = "test.op"() : () -> (memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi32>)
+"kern.pack"(%q, %v, %ids, %r, %pv) {layout = "f32", dim = 4 : i64} : (memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi32>) -> ()
+
+// -----
+
+// CHECK: 'kern.merge' newest must be i64
+%q, %v, %ids, %r, %pv, %n = "test.op"() : () -> (memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i32)
+"kern.merge"(%q, %v, %ids, %r, %pv, %n) {layout = "f32", dim = 4 : i64} : (memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i32) -> ()
+
+// -----
+
+// CHECK: 'sync.packet' takes ids, rows and versions
+%ids, %rows = "test.op"() : () -> (tensor<?xi64>, tensor<?x4xf32>)
+%p = "sync.packet"(%ids, %rows) : (tensor<?xi64>, tensor<?x4xf32>) -> !sync.packet<4xf32, i64>
+
+// -----
+
+// CHECK: 'sync.packet' has no attribute 'colour'
+%ids, %rows, %v = "test.op"() : () -> (tensor<?xi64>, tensor<?x4xf32>, tensor<?xi64>)
+%p = "sync.packet"(%ids, %rows, %v) {colour = 1 : i64} : (tensor<?xi64>, tensor<?x4xf32>, tensor<?xi64>) -> !sync.packet<4xf32, i64>
+
+// -----
+
+// CHECK: 'sync.merge' takes the serving copy, its versions, a packet and the newest version
+%q, %v, %p = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.versions<10>, !sync.packet<4xf32, i64>)
+%q2, %v2 = "sync.merge"(%q, %v, %p) : (!emb.table<10x4xf32>, !emb.versions<10>, !sync.packet<4xf32, i64>) -> (!emb.table<10x4xf32>, !emb.versions<10>)
+
+// -----
+
+// CHECK: expected the packet's row size, e.g. 64xint8
+%p = "test.op"() : () -> !sync.packet<0xf32, i64>
+
+// -----
+
+// CHECK: packet ids must be i32 or i64
+%p = "test.op"() : () -> !sync.packet<4xf32, i16>
