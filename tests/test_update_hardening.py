@@ -156,8 +156,8 @@ def test_adam_and_gradient_transforms_out_of_range_are_refused(kwargs) -> None:
 
 
 def test_a_hyper_parameter_no_optimizer_has_is_refused() -> None:
-    with pytest.raises(ekko.EkkoError, match="momentum"):
-        ekko.update_kernel("sgd", DIM, momentum=0.9)
+    with pytest.raises(ekko.EkkoError, match="dampening_rate"):
+        ekko.update_kernel("sgd", DIM, dampening_rate=0.9)
 
 
 # -- writes stay inside the rows an update names --------------------------------
