@@ -22,14 +22,12 @@ one writer per serving copy at a time is the caller's rule.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from ..compiler.backend import abi
 from ..compiler.backend.llvm_sync import (
     ERR_ID,
     ERR_NONFINITE,
@@ -42,34 +40,18 @@ from ..compiler.pipeline import merge_spec, pack_spec
 from .arrays import ArrayArg
 from .errors import EkkoError
 from .jit import compile_ir
+from .native import PackedEntry
 
 PARALLEL_MIN_ROWS = 4096  # below this one thread is faster than a hand-off
 
-_i64, _vp = ctypes.c_int64, ctypes.c_void_p
-_PACK = ctypes.CFUNCTYPE(_i64, _i64, _i64, _vp, _vp, _vp, _i64, _vp, _i64, _vp, _vp, _vp)
-_CHECK = ctypes.CFUNCTYPE(_i64, _i64, _i64, _i64, _vp, _i64, _vp, _vp, _i64, _vp)
-_APPLY = ctypes.CFUNCTYPE(_i64, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _vp, _vp)
 
 _ROW_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("uint16", "bfloat16"),
                "int8": ("uint8",), "int4": ("uint8",)}
 _NP_ROWS = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, "int8": np.uint8,
             "int4": np.uint8}
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
 class SyncError(EkkoError, ValueError):
     """A packet (or a pack request) was rejected; no serving copy was modified."""
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
-                                       thread_name_prefix="ekko-sync")
-        return _pool
 
 
 def row_width(layout: str, dim: int) -> int:
@@ -80,15 +62,6 @@ def row_width(layout: str, dim: int) -> int:
 def rows_dtype(layout: str) -> type:
     """The numpy dtype of packet rows and serving copies in `layout`."""
     return _NP_ROWS[layout]
-
-
-def _run(fn, parts: int) -> list[int]:
-    """fn(p) for every partition, partition 0 on the calling thread."""
-    if parts == 1:
-        return [fn(0)]
-    futures = [_executor().submit(fn, p) for p in range(1, parts)]
-    first = fn(0)
-    return [first] + [f.result() for f in futures]
 
 
 class _SyncKernel:
@@ -132,7 +105,7 @@ class PackKernel(_SyncKernel):
     def __init__(self, spec: PackSpec):
         self.spec = spec
         self.module = compile_ir(emit_pack_module(spec))
-        self._fn = _PACK(self.module.address("ekko_pack"))
+        self._pack = PackedEntry(self.module, abi.sync_pack())
 
     def __repr__(self) -> str:
         return f"PackKernel({self.spec})"
@@ -156,11 +129,10 @@ class PackKernel(_SyncKernel):
         parts = self._parts(n)
         errs = np.zeros(parts, np.int64)
 
-        def run(p: int) -> int:
-            return self._fn(p, parts, srv.ptr, ver.ptr, sq.ptr if sq else None, rows, i.ptr, n,
-                            o.ptr, ov.ptr, errs[p:].ctypes.data)
-
-        codes = _run(run, parts)
+        common = dict(nparts=parts, serving=srv.ptr, versions=ver.ptr, seq=sq.ptr if sq else None,
+                      rows=rows, ids=i.ptr, n=n, out_rows=o.ptr, out_versions=ov.ptr)
+        codes = self._pack([dict(common, part=p, err_pos=errs.ctypes.data + 8 * p)
+                            for p in range(parts)])
         bad = [int(errs[p]) for p, code in enumerate(codes) if code]
         if bad:
             pos = min(bad)
@@ -175,8 +147,8 @@ class MergeKernel(_SyncKernel):
     def __init__(self, spec: MergeSpec):
         self.spec = spec
         self.module = compile_ir(emit_merge_module(spec))
-        self._check = _CHECK(self.module.address("ekko_merge_check"))
-        self._apply = _APPLY(self.module.address("ekko_merge_apply"))
+        self._check = PackedEntry(self.module, abi.merge_check())
+        self._apply = PackedEntry(self.module, abi.merge_apply())
 
     def __repr__(self) -> str:
         return f"MergeKernel({self.spec})"
@@ -204,20 +176,16 @@ class MergeKernel(_SyncKernel):
         parts = self._parts(n)
         errs = np.zeros(parts, np.int64)
 
-        def check(p: int) -> int:
-            return self._check(p, parts, nrows, i.ptr, n, r.ptr, pv.ptr, int(newest),
-                               errs[p:].ctypes.data)
-
-        codes = _run(check, parts)
+        codes = self._check([dict(part=p, nparts=parts, rows=nrows, ids=i.ptr, n=n, prows=r.ptr,
+                                  pversions=pv.ptr, newest=int(newest),
+                                  err_pos=errs.ctypes.data + 8 * p) for p in range(parts)])
         failed = [(int(errs[p]), code) for p, code in enumerate(codes) if code]
         if failed:
             self._raise(min(failed), ids, packet_versions, nrows, int(newest))
 
-        def apply(p: int) -> int:
-            return self._apply(p, parts, srv.ptr, ver.ptr, sq.ptr if sq else None, i.ptr, n,
-                               r.ptr, pv.ptr)
-
-        return sum(_run(apply, parts))
+        return sum(self._apply([dict(part=p, nparts=parts, serving=srv.ptr, versions=ver.ptr,
+                                     seq=sq.ptr if sq else None, ids=i.ptr, n=n, prows=r.ptr,
+                                     pversions=pv.ptr) for p in range(parts)]))
 
     @staticmethod
     def _raise(failure: tuple[int, int], ids: Any, versions: Any, rows: int, newest: int) -> None:

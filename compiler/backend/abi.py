@@ -141,3 +141,39 @@ def packed(sig: Signature) -> Signature:
     """
     return Signature(sig.symbol + "_packed", "i64", (_a("args", "i64*"),),
                      f"Calls {sig.symbol}; returns its status (0 for a void kernel).")
+
+
+class SyncStatus(IntEnum):
+    """What the pack and merge-check phases return; nothing was written unless OK."""
+
+    OK = 0
+    ID_OUT_OF_RANGE = 1  # *err_pos: the position of the id
+    BAD_VERSION = 2  # *err_pos: a packet version outside [0, newest]
+    NON_FINITE = 3  # *err_pos: a packet row holding NaN or Inf (values, scale or bias)
+
+
+def sync_pack() -> Signature:
+    """Copy the serving rows and versions of `ids` into a packet, under seq words."""
+    return Signature("ekko_pack", "i64", (
+        *PART, _a("serving", "i8*"), _a("versions", "i64*"),
+        _a("seq", "u32*", "sequence words or null"), _a("rows", "i64", "serving rows"),
+        _a("ids", "i8*", "i32 or i64 ids"), _a("n", "i64"), _a("out_rows", "i8*"),
+        _a("out_versions", "i64*"), _a("err_pos", "i64*"),
+    ), "Returns a SyncStatus.")
+
+
+def merge_check() -> Signature:
+    """Validate a packet against a replica; writes nothing."""
+    return Signature("ekko_merge_check", "i64", (
+        *PART, _a("rows", "i64", "serving rows"), _a("ids", "i8*"), _a("n", "i64"),
+        _a("prows", "i8*", "packet rows in the serving layout"), _a("pversions", "i64*"),
+        _a("newest", "i64", "the newest version the primary issued"), _a("err_pos", "i64*"),
+    ), "Returns a SyncStatus.")
+
+
+def merge_apply() -> Signature:
+    """Merge the packet rows this partition owns, newest version wins."""
+    return Signature("ekko_merge_apply", "i64", (
+        *PART, _a("serving", "i8*"), _a("versions", "i64*"), _a("seq", "u32*"),
+        _a("ids", "i8*"), _a("n", "i64"), _a("prows", "i8*"), _a("pversions", "i64*"),
+    ), "Returns the number of rows written.")

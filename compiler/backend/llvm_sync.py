@@ -1,5 +1,8 @@
 """LLVM IR for replica sync (PackSpec, MergeSpec), built with llvmlite.ir.
 
+Signatures and status codes are declared in `abi` (sync_pack, merge_check,
+merge_apply, SyncStatus); each function also has its packed entry.
+
 Every pointer is byte-addressed (i8*) except versions (i64*) and sequence
 words (i32*), so one signature fits every layout; a row is `spec.row_bytes`
 bytes (see spec.serving_row_bytes).
@@ -33,16 +36,17 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from . import loops
+from . import abi, loops
+from .llvm_abi import declare, emit_packed
 from .spec import MergeSpec, PackSpec, SyncSpec
 
 I1, I8, I16, I32, I64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
 P8, P32, P64 = I8.as_pointer(), I32.as_pointer(), I64.as_pointer()
 GOLDEN = 0x9E3779B97F4A7C15
 
-ERR_ID = 1
-ERR_VERSION = 2
-ERR_NONFINITE = 3
+ERR_ID = abi.SyncStatus.ID_OUT_OF_RANGE
+ERR_VERSION = abi.SyncStatus.BAD_VERSION
+ERR_NONFINITE = abi.SyncStatus.NON_FINITE
 
 
 def _c(t: ir.Type, v: int) -> ir.Constant:
@@ -52,12 +56,12 @@ def _c(t: ir.Type, v: int) -> ir.Constant:
 class _SyncEmitter:
     """One function of a sync kernel: the builder plus the spec's row geometry."""
 
-    def __init__(self, module: ir.Module, spec: SyncSpec, name: str, ret: ir.Type,
-                 args: list[ir.Type]):
+    def __init__(self, module: ir.Module, spec: SyncSpec, sig: abi.Signature):
         self.spec = spec
         self.module = module
+        self.sig = sig
         self.width = spec.row_bytes
-        self.fn = ir.Function(module, ir.FunctionType(ret, args), name)
+        self.fn = declare(module, sig)
         self.b = ir.IRBuilder(self.fn.append_basic_block("entry"))
 
     # -- addressing ---------------------------------------------------------
@@ -191,8 +195,7 @@ class _SyncEmitter:
 
 
 def emit_pack(module: ir.Module, spec: PackSpec) -> None:
-    e = _SyncEmitter(module, spec, "ekko_pack", I64,
-                     [I64, I64, P8, P64, P32, I64, P8, I64, P8, P64, P64])
+    e = _SyncEmitter(module, spec, abi.sync_pack())
     part, nparts, serving, versions, seq, rows, ids, n, out_rows, out_versions, err = e.fn.args
     b = e.b
     lo, hi = e.part_range(part, nparts, n)
@@ -210,8 +213,7 @@ def emit_pack(module: ir.Module, spec: PackSpec) -> None:
 
 
 def emit_merge_check(module: ir.Module, spec: MergeSpec) -> None:
-    e = _SyncEmitter(module, spec, "ekko_merge_check", I64,
-                     [I64, I64, I64, P8, I64, P8, P64, I64, P64])
+    e = _SyncEmitter(module, spec, abi.merge_check())
     part, nparts, rows, ids, n, prows, pversions, newest, err = e.fn.args
     b = e.b
     lo, hi = e.part_range(part, nparts, n)
@@ -225,8 +227,7 @@ def emit_merge_check(module: ir.Module, spec: MergeSpec) -> None:
 
 
 def emit_merge_apply(module: ir.Module, spec: MergeSpec) -> None:
-    e = _SyncEmitter(module, spec, "ekko_merge_apply", I64,
-                     [I64, I64, P8, P64, P32, P8, I64, P8, P64])
+    e = _SyncEmitter(module, spec, abi.merge_apply())
     part, nparts, serving, versions, seq, ids, n, prows, pversions = e.fn.args
     for a in (serving, prows):
         a.add_attribute("noalias")
@@ -260,6 +261,7 @@ def emit_pack_module(spec: PackSpec) -> str:
     module = ir.Module(name=f"ekko_pack_{spec.layout}_{spec.dim}")
     module.triple = ""
     emit_pack(module, spec)
+    emit_packed(module, module.get_global("ekko_pack"), abi.sync_pack())
     return str(module)
 
 
@@ -269,6 +271,8 @@ def emit_merge_module(spec: MergeSpec) -> str:
     module.triple = ""
     emit_merge_check(module, spec)
     emit_merge_apply(module, spec)
+    emit_packed(module, module.get_global("ekko_merge_check"), abi.merge_check())
+    emit_packed(module, module.get_global("ekko_merge_apply"), abi.merge_apply())
     return str(module)
 
 

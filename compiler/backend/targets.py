@@ -124,8 +124,10 @@ def exports(spec: Spec) -> list[abi.Signature]:
                 abi.update_apply(len(spec.states), spec.index_dtype, spec.dedup)]
     elif isinstance(spec, BagSpec):
         sigs = [abi.bag()]
+    elif isinstance(spec, PackSpec):
+        sigs = [abi.sync_pack()]
     else:
-        return []
+        sigs = [abi.merge_check(), abi.merge_apply()]
     return sigs + [abi.packed(s) for s in sigs]
 
 
