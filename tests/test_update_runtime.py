@@ -14,7 +14,7 @@ import pytest
 
 import ekko
 from ekko.compiler.backend.llvm_update import emit_update
-from ekko.compiler.backend.spec import UpdateSpec
+from ekko.compiler.pipeline import UpdateRequest, update_spec
 from ekko.kernels import jit
 from ekko.kernels.update import UpdateKernel
 from ekko.kernels.errors import UpdateError
@@ -147,7 +147,7 @@ def test_hash_table_grows_when_a_delta_has_many_more_unique_ids() -> None:
     ids = rng.permutation(rows)[:150_000].astype(np.int64)
     grads = rng.standard_normal((len(ids), 4)).astype(np.float32)
     k(table, ids, grads, state=m1, step=2)
-    assert max(sc.cap for sc in k._scratch) >= 65536
+    assert max(sc.cap for sc in k.scratch_of(table)) >= 65536
     np.testing.assert_allclose(m1[ids], m2[ids] + (grads ** 2).mean(1), rtol=1e-6)
     assert np.count_nonzero(table[ids]) == np.count_nonzero(grads)
 
@@ -169,7 +169,7 @@ def test_threads_give_the_same_bits() -> None:
 
 def test_inner_loops_are_vectorized(monkeypatch) -> None:
     monkeypatch.setenv("EKKO_CACHE_DIR", "off")  # optimize here, not from the disk cache
-    module = jit._build(emit_update(UpdateSpec("rowwise_adagrad", 64, serving="int8")),
+    module = jit._build(emit_update(update_spec(UpdateRequest("rowwise_adagrad", 64, serving="int8"))),
                         "test-vectorized", keep_ir=True)
     assert module.optimized_ir is not None
     assert any(f"<{w} x float>" in module.optimized_ir for w in (4, 8, 16))
@@ -177,7 +177,7 @@ def test_inner_loops_are_vectorized(monkeypatch) -> None:
 
 def test_compile_cache_memory_and_disk(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("EKKO_CACHE_DIR", str(tmp_path))
-    spec = UpdateSpec("adam", 77, serving="int4", max_norm=2.0)  # a spec no other test uses
+    spec = update_spec(UpdateRequest("adam", 77, serving="int4", max_norm=2.0))  # no other test uses it
     jit.clear_memory_cache()
     t0 = time.perf_counter()
     cold = UpdateKernel(spec)
