@@ -63,7 +63,11 @@ class Worker:
 
     def _crashed(self) -> dict:
         assert self.proc is not None
-        code = self.proc.wait()
+        try:  # its stdout closed; a worker that does not exit as well is killed
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
         self.stderr.seek(0)
         tail = self.stderr.read()[-1500:].decode("utf-8", "replace")
         self.proc = None
