@@ -49,6 +49,7 @@ from xdsl.printer import Printer
 from xdsl.traits import Pure, SymbolOpInterface
 from xdsl.utils.exceptions import VerifyException
 
+from .limits import MAX_DIM, MAX_ROWS
 from .common import (
     LAYOUTS,
     QUANT_LAYOUTS,
@@ -90,6 +91,13 @@ def _dim(n: int) -> str:
 def _check_rows(rows: int, what: str) -> None:
     if rows < 1 and rows != DYNAMIC_INDEX:
         raise VerifyException(f"{what} needs at least one row")
+    if rows > MAX_ROWS:
+        raise VerifyException(f"{what} has more rows than the limit ({MAX_ROWS:,}, MAX_ROWS)")
+
+
+def _check_dim(dim: int, what: str) -> None:
+    if dim > MAX_DIM:
+        raise VerifyException(f"{what} is wider than the limit ({MAX_DIM:,}, MAX_DIM)")
 
 
 @irdl_attr_definition
@@ -112,6 +120,7 @@ class TableType(ParametrizedAttribute, TypeAttribute):
         _check_rows(self.rows.data, "!emb.table")
         if self.dim.data < 1:
             raise VerifyException("!emb.table needs at least one column")
+        _check_dim(self.dim.data, "!emb.table")
         if self.layout.data not in LAYOUTS:
             raise VerifyException(f"unknown table layout '{self.layout.data}'")
 
@@ -142,6 +151,7 @@ class StateType(ParametrizedAttribute, TypeAttribute):
         _check_rows(self.rows.data, "!emb.state")
         if self.width.data < 1:
             raise VerifyException("!emb.state needs at least one column")
+        _check_dim(self.width.data, "!emb.state")
 
     def print_parameters(self, printer: Printer) -> None:
         printer.print_string(f"<{_dim(self.rows.data)}x{self.width.data}>")

@@ -37,7 +37,7 @@ from ..compiler.backend.spec import UpdateSpec, serving_row_bytes
 from ..compiler.diagnostics import EkkoDiagnostic
 from ..compiler.frontend import Model, ModelError, Optimizer, load_model
 from ..compiler.frontend.model import ModelInvalid
-from ..compiler.limits import MAX_BATCH
+from ..dialects.limits import MAX_BATCH
 from ..dialects import catalog
 from . import jit
 from .errors import EkkoError

@@ -34,7 +34,7 @@ import numpy as np
 from ..compiler.backend import abi
 from ..compiler.backend.llvm_update import emit_update
 from ..compiler.backend.spec import UpdateSpec
-from ..compiler.limits import MAX_BATCH, MAX_DIM, limit_error
+from ..dialects.limits import MAX_BATCH, MAX_DIM, limit_error
 from ..compiler.pipeline import UpdateRequest, update_spec
 from ..dialects import catalog
 from .arrays import ArrayArg, check_disjoint
@@ -275,7 +275,7 @@ def update_kernel(optimizer: str | catalog.Optimizer, dim: int, table_dtype: str
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
         raise UpdateError(f"dim must be an integer, got {dim!r}")
     if (why := limit_error("dim", int(dim), MAX_DIM)) is not None:
-        raise UpdateError(f"cannot build this update: {why} (compiler/limits.py MAX_DIM)")
+        raise UpdateError(f"cannot build this update: {why} (MAX_DIM, dialects/limits.py)")
     dim = int(dim)
     if betas is not None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ekko
-from ekko.compiler.limits import MAX_DIM
+from ekko.dialects.limits import MAX_DIM
 
 ROWS, DIM = 50, 8
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ...dialects import catalog
-from ..limits import MAX_DIM, limit_error
+from ...dialects.limits import MAX_DIM, limit_error
 from .mathprog import MathProgram
 
 TABLE_DTYPES = catalog.MASTER_DTYPES

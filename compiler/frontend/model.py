@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from ...dialects import catalog
-from ..limits import MAX_DIM, MAX_MLP_WIDTH, MAX_ROWS, limit_error
+from ...dialects.limits import MAX_DIM, MAX_MLP_WIDTH, MAX_ROWS, limit_error
 
 # Optimizers, layouts and pooling modes come from the one catalog. One lr
 # default (0.01) for every optimizer, so a table whose optimizer changes

@@ -14,7 +14,7 @@ from pathlib import Path
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from ..limits import MAX_DIM, MAX_MLP_WIDTH, MAX_ROWS, limit_error
+from ...dialects.limits import MAX_DIM, MAX_MLP_WIDTH, MAX_ROWS, limit_error
 from .errors import ModelError, located
 from .model import Dense, Feature, Model, ModelInvalid, Optimizer, Table
 

@@ -169,9 +169,9 @@ def _check_accepted_model(text: str) -> dict:
 
 
 def _limits() -> tuple[int, int]:
-    """compiler/limits.py's rows and dim limits (its values where it does not exist yet)."""
+    """dialects/limits.py's rows and dim limits (its values where it does not exist yet)."""
     try:
-        from ekko.compiler import limits
+        from ekko.dialects import limits
     except ImportError:
         return 1 << 40, 1 << 14
     return limits.MAX_ROWS, limits.MAX_DIM

@@ -180,3 +180,13 @@ emb.feature @f reads @t pooling max
 // CHECK: the bag's result has rows of 8 values but the table's dim is 4
 %t, %ids = "test.op"() : () -> (!emb.table<10x4xf32>, tensor<?xi64>)
 %r = "emb.bag"(%t, %ids, %ids) {mode = "sum"} : (!emb.table<10x4xf32>, tensor<?xi64>, tensor<?xi64>) -> tensor<?x8xf32>
+
+// -----
+
+// CHECK: !emb.table has more rows than the limit (1,099,511,627,776, MAX_ROWS)
+%t = "test.op"() : () -> !emb.table<99999999999999999999999x4xf32>
+
+// -----
+
+// CHECK: !emb.state is wider than the limit (16,384, MAX_DIM)
+%s = "test.op"() : () -> !emb.state<10x100000>
