@@ -37,6 +37,7 @@ from ..dialects import catalog
 from .errors import EkkoError, UpdateError
 from .jit import cache_dir
 from .native import table_runtime
+from .update import state_arrays
 
 _modules: dict[str, ModuleType] = {}
 _modules_lock = threading.Lock()
@@ -215,22 +216,9 @@ class TritonUpdateKernel:
 
     def _check_state(self, c: _Checker, state, rows: int) -> list:
         s = self.spec
-        names = s.state_shapes
-        if not names:
-            if state is not None:
-                raise UpdateError(f"{s.optimizer} keeps no state: pass state=None")
-            return []
-        if state is None:
-            raise UpdateError(f"{s.optimizer} needs its state: pass state=")
-        if len(names) > 1:
-            if not isinstance(state, (tuple, list)) or len(state) != len(names):
-                raise UpdateError(f"{s.optimizer}'s state is a tuple ({', '.join(names)})")
-            given = list(state)
-        else:
-            given = [state]
-        return [c.tensor(name if len(names) > 1 else "state", x, ("float32",),
-                         s.entry.state_shape(name, rows, s.dim), writable=True)
-                for name, x in zip(names, given)]
+        return [c.tensor(label, x, ("float32",), s.entry.state_shape(name, rows, s.dim),
+                         writable=True)
+                for name, label, x in state_arrays(s, state)]
 
     def __call__(self, table, ids, grads, state=None, serving=None, versions=None,
                  step: int = 1, version: int | None = None, seed: int = 0, seq=None) -> None:

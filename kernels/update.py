@@ -146,22 +146,9 @@ class UpdateKernel:
 
     def _check_state(self, state, rows: int) -> list[ArrayArg]:
         s = self.spec
-        names = s.state_shapes
-        if not names:
-            if state is not None:
-                raise UpdateError(f"{s.optimizer} keeps no state: pass state=None")
-            return []
-        if state is None:
-            raise UpdateError(f"{s.optimizer} needs its state: pass state=")
-        if len(names) > 1:
-            if not isinstance(state, (tuple, list)) or len(state) != len(names):
-                raise UpdateError(f"{s.optimizer}'s state is a tuple ({', '.join(names)})")
-            given = list(state)
-        else:
-            given = [state]
         args = []
-        for name, x in zip(names, given):
-            a = ArrayArg(name if len(names) > 1 else "state", x, UpdateError, writable=True)
+        for name, label, x in state_arrays(s, state):
+            a = ArrayArg(label, x, UpdateError, writable=True)
             a.expect(("float32",), s.entry.state_shape(name, rows, s.dim))
             args.append(a)
         return args
@@ -244,6 +231,26 @@ class UpdateKernel:
             bad = int(np.asarray(ids_value(ids, pos)))
             raise UpdateError(f"id {bad} at position {pos} is out of range [0, {rows})")
         raise UpdateError(f"non-finite gradient (NaN or Inf) in delta row {pos}")
+
+
+def state_arrays(spec: UpdateSpec, state) -> list[tuple[str, str, object]]:
+    """(state name, argument label, array) of each state array the call passed.
+
+    One state array is passed alone, several as a tuple in catalog order;
+    every runtime (CPU or Triton) unpacks `state=` here.
+    """
+    names = spec.state_shapes
+    if not names:
+        if state is not None:
+            raise UpdateError(f"{spec.optimizer} keeps no state: pass state=None")
+        return []
+    if state is None:
+        raise UpdateError(f"{spec.optimizer} needs its state: pass state=")
+    if len(names) == 1:
+        return [(names[0], "state", state)]
+    if not isinstance(state, (tuple, list)) or len(state) != len(names):
+        raise UpdateError(f"{spec.optimizer}'s state is a tuple ({', '.join(names)})")
+    return [(name, name, x) for name, x in zip(names, state)]
 
 
 def ids_value(ids: ArrayArg, pos: int) -> int:
