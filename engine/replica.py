@@ -13,7 +13,6 @@ later one is rejected), `set_watermark`, and read requests.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,14 +43,6 @@ class ReplicaTable:
     lookups: int = 0
 
 
-def _bag_takes_seq(kernel: Any) -> bool:
-    """Whether the compiled lookup reads rows under sequence words (`seq=`)."""
-    try:
-        return "seq" in inspect.signature(kernel.__call__).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class Replica:
     """See the module docstring. `snapshot` maps table -> (serving, versions) to start from."""
 
@@ -70,7 +61,6 @@ class Replica:
         self._merge = {n: merge_kernel(rt.dim, rt.layout, seq=True) for n, rt in self.tables.items()}
         self._read = {n: pack_kernel(rt.dim, rt.layout, seq=True) for n, rt in self.tables.items()}
         self._features = {f.name: f.table for f in model.model.features}
-        self._seq_lookups = {f: _bag_takes_seq(k) for f, k in model.lookup_kernels.items()}
         self.healthy = True
 
     def table(self, name: str) -> ReplicaTable:
@@ -142,18 +132,12 @@ class Replica:
             raise EkkoError(f"no feature {feature!r} (features: {', '.join(self._features)})")
         rt = self.tables[table]
         kernel = self.model.lookup_kernels[feature]
-        extra = {"seq": rt.seq} if self._seq_lookups[feature] else {}
         t0 = time.perf_counter()
         result = kernel(rt.serving, ids, offsets, per_sample_weights=per_sample_weights, out=out,
-                        **extra)
+                        seq=rt.seq)
         self.stats.record_lookup((time.perf_counter() - t0) * 1e3)
         rt.lookups += len(ids)
         return result
-
-    @property
-    def lookups_guarded(self) -> bool:
-        """Whether every lookup kernel reads under sequence words."""
-        return all(self._seq_lookups.values())
 
     def rows(self, table: str, ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """(serving rows, versions) of `ids`, read under sequence words (never torn)."""
