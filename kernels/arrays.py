@@ -54,8 +54,7 @@ class ArrayArg:
             raise error(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
         if not contiguous:
             raise error(f"{name} must be C-contiguous")
-        itemsize = x.element_size() if self.torch else x.itemsize
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * itemsize
+        self.nbytes = x.numel() * x.element_size() if self.torch else x.nbytes
 
     def overlaps(self, other: ArrayArg) -> bool:
         """Whether the two arrays share any byte."""

@@ -37,6 +37,7 @@ CHUNKS_PER_THREAD = 4  # dynamically claimed partitions per thread
 _INDEX_NP = {"i32": np.dtype(np.int32), "i64": np.dtype(np.int64)}
 _TABLE_NP = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16),
              "bf16": np.dtype(np.uint16), "int8": np.dtype(np.uint8), "int4": np.dtype(np.uint8)}
+_TABLE_NAMES = {layout: dtype.name for layout, dtype in _TABLE_NP.items()}  # .name is slow
 _TORCH_TABLE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "int8": "uint8", "int4": "uint8"}
 
 class LookupError(EkkoError, ValueError):  # noqa: A001 - the module's own error type
@@ -49,7 +50,8 @@ class BagKernel:
     def __init__(self, spec: BagSpec):
         self.spec = spec
         self.module: JitModule = compile_ir(emit_bag(spec))
-        self._entry = PackedEntry(self.module, abi.bag())
+        self._entry = PackedEntry(self.module, abi.bag(False))
+        self._guarded = PackedEntry(self.module, abi.bag(True))
 
     def __repr__(self) -> str:
         return f"BagKernel({self.spec})"
@@ -59,7 +61,7 @@ class BagKernel:
     def _table(self, table: Any) -> ArrayArg:
         t = ArrayArg("table", table, LookupError)
         layout = self.spec.layout
-        allowed = (_TABLE_NP[layout].name,) + ((_TORCH_TABLE[layout],) if t.torch else ())
+        allowed = (_TABLE_NAMES[layout],) + ((_TORCH_TABLE[layout],) if t.torch else ())
         if layout == "bf16" and t.torch:
             allowed = ("bfloat16", "int16", "uint16")
         t.expect(allowed, ndim=2)
@@ -154,8 +156,9 @@ class BagKernel:
                       offsets=o.ptr if o else None, noffsets=noff, nbags=nbags,
                       weights=w.ptr if w else None, out=out_arg.ptr, nparts=parts,
                       seq=sq.ptr if sq else None)
-        codes = self._entry([dict(common, part=p, err_pos=errors.ctypes.data + 8 * p)
-                             for p in range(parts)])
+        entry = self._guarded if sq is not None else self._entry
+        codes = entry([dict(common, part=p, err_pos=errors.ctypes.data + 8 * p)
+                       for p in range(parts)])
         self._raise_first(codes, errors.tolist(), t.shape[0], i.shape[0])
         return result
 

@@ -106,15 +106,19 @@ class PackedEntry:
         self.address = module.address(abi.packed(sig).symbol)
         self.fn = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(self.address)
         self.names = sig.names()
+        self.keys = frozenset(self.names)
         self.floats = [a.type == "f64" for a in sig.args]
 
     def words(self, rows: list[dict[str, Any]]) -> np.ndarray:
         """One row of int64 words per partition, from each partition's arguments by name."""
-        out = np.empty((len(rows), len(self.names)), np.int64)
-        for p, args in enumerate(rows):
-            if args.keys() != set(self.names):
+        for args in rows:
+            if args.keys() != self.keys:
                 raise TypeError(f"{self.sig.symbol}: arguments {sorted(args)} do not match "
                                 f"{list(self.names)}")
+        if not any(self.floats):  # the common case, on every lookup: one conversion
+            return np.array([[args[n] or 0 for n in self.names] for args in rows], np.int64)
+        out = np.empty((len(rows), len(self.names)), np.int64)
+        for p, args in enumerate(rows):
             out[p] = [_word(args[n], f) for n, f in zip(self.names, self.floats)]
         return out
 

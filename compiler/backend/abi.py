@@ -109,13 +109,15 @@ def update_apply(spec_states: int, index_dtype: str, dedup: bool) -> Signature:
     ))
 
 
-def bag() -> Signature:
+def bag(guarded: bool = False) -> Signature:
     """A pooled lookup of the bags [nbags*part/nparts, nbags*(part+1)/nparts).
 
     Pointers are byte-addressed so one signature fits every layout and index
     width. Returns a Status; *err_pos is the bad id's position or bag.
+    `bag_kernel_seq` (guarded) reads rows under `seq`, which must not be
+    null; `bag_kernel` ignores it.
     """
-    return Signature("bag_kernel", "i64", (
+    return Signature("bag_kernel_seq" if guarded else "bag_kernel", "i64", (
         _a("table", "i8*"), _a("rows", "i64"), _a("ids", "i8*"), _a("nids", "i64"),
         _a("offsets", "i8*"), _a("noffsets", "i64"), _a("nbags", "i64"),
         _a("weights", "f32*"), _a("out", "f32*"), *PART, _a("err_pos", "i64*"),

@@ -40,7 +40,7 @@ from . import abi, loops
 from .llvm_abi import declare, emit_packed
 from .spec import BagSpec, serving_row_bytes
 
-FUNCTION_NAME = abi.bag().symbol
+FUNCTION_NAME = abi.bag(False).symbol
 CHUNK = 128  # floats per accumulator chunk: 8 zmm / 16 ymm registers
 PREFETCH_DISTANCE = 24  # ids ahead whose rows are prefetched (16-32 measured best)
 PREFETCH_LINES = 8  # 64-byte lines prefetched per row, at most
@@ -79,15 +79,21 @@ def _load_at(b: ir.IRBuilder, base: ir.Value, byte_off: ir.Value | int, ty: ir.T
 
 
 class _BagEmitter:
-    """Builds one `bag_kernel` function for a spec; one method per piece of the loop nest."""
+    """Builds one bag function for a spec; one method per piece of the loop nest.
 
-    def __init__(self, spec: BagSpec):
+    `guarded` builds `bag_kernel_seq`, which reads rows under their sequence
+    words (its `seq` must not be null); `bag_kernel` ignores `seq`, so the
+    plain lookup pays nothing for the guard.
+    """
+
+    def __init__(self, spec: BagSpec, module: ir.Module, guarded: bool):
         self.spec = spec
+        self.guarded = guarded
         self.row_bytes = serving_row_bytes(spec.layout, spec.dim)
         self.idx_ty = i32 if spec.index_dtype == "i32" else i64
-        self.module = ir.Module(name=f"ekko_bag_{spec.layout}_{spec.mode}")
+        self.module = module
         p8 = i8.as_pointer()
-        self.sig = abi.bag()
+        self.sig = abi.bag(guarded)
         self.fn = declare(self.module, self.sig)
         for arg in self.fn.args:
             if isinstance(arg.type, ir.PointerType):
@@ -220,19 +226,20 @@ class _BagEmitter:
         b.position_at_end(ok)
         return start, end
 
-    def chunk_loop(self, bag: ir.Value, start: ir.Value, end: ir.Value, c0: int, n: int,
-                   has_seq: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+    def chunk_loop(self, bag: ir.Value, start: ir.Value, end: ir.Value, c0: int,
+                   n: int) -> tuple[ir.Value, ir.Value] | None:
         """Pool elements [c0, c0+n) over the bag's ids and store them once.
 
-        The first chunk also reads each row's sequence word (when the call
-        passed them) just before the row, and returns their sum and OR.
+        Guarded, the first chunk also reads each row's sequence word just
+        before the row, and returns their sum and OR.
         """
         b, a, spec = self.b, self.a, self.spec
         vf = ir.VectorType(f32, n)
         # int layouts carry the biases in a scalar beside the vector sum
         quant = spec.layout in ("int8", "int4")
         inits = [ir.Constant(vf, [0.0] * n)] + ([_const(f32, 0.0)] if quant else [])
-        if c0 == 0:
+        track = c0 == 0 and self.guarded
+        if track:
             inits += [_const(i64, 0), _const(i32, 0)]
 
         def step(j: ir.Value, accs: list) -> list:
@@ -243,7 +250,8 @@ class _BagEmitter:
                 b.cbranch(b.icmp_unsigned("<", idv, a["rows"]), ok, self.fail(ERR_ID, j))
                 b.position_at_end(ok)
                 self.emit_prefetch(j)
-                word = self.seq_word(idv, has_seq)
+            if track:  # acquire: the row's bytes are read after its word
+                word = b.load_atomic(b.gep(a["seq"], [idv]), "acquire", 4)
                 words = [b.add(accs[-2], b.zext(word, i64)), b.or_(accs[-1], word)]
             weight = b.load(b.gep(a["weights"], [j]), align=4) if spec.weighted else None
             new_acc, bias = self.dequant(self.row_ptr(idv), c0, n, weight, accs[0])
@@ -252,21 +260,7 @@ class _BagEmitter:
         accs = loops.fold(b, start, end, f"c{c0}", inits, step)
         total = accs[0] if not quant else b.fadd(accs[0], _splat(b, accs[1], n))
         self.store_row(bag, start, end, total, c0, n)
-        return (accs[-2], accs[-1]) if c0 == 0 else None
-
-    def seq_word(self, idv: ir.Value, has_seq: ir.Value) -> ir.Value:
-        """seq[idv] (acquire: the row's bytes are read after it), or 0 without seq.
-
-        The test is loop-invariant, so LLVM unswitches the loop on it."""
-        b = self.b
-        before = b.block
-        with b.if_then(has_seq):
-            word = b.load_atomic(b.gep(self.a["seq"], [idv]), "acquire", 4)
-            loaded = b.block
-        phi = b.phi(i32, "seq_word")
-        phi.add_incoming(word, loaded)
-        phi.add_incoming(_const(i32, 0), before)
-        return phi
+        return (accs[-2], accs[-1]) if track else None
 
     def store_row(self, bag: ir.Value, start: ir.Value, end: ir.Value, acc: ir.Value,
                   c0: int, n: int) -> None:
@@ -292,15 +286,14 @@ class _BagEmitter:
         (total,) = loops.fold(b, start, end, "seq", [_const(i64, 0)], step)
         return total
 
-    def build(self) -> str:
-        """The bag loop. With sequence words, each row's word is read (acquire)
-        right before the row, and all of them again after the bag: if one
-        was odd (a writer held the row) or the sum changed (words only grow),
-        the bag is pooled again, so no row is ever part old, part new."""
+    def build(self) -> None:
+        """The bag loop. Guarded, each row's word is read (acquire) right
+        before the row, and all of them again after the bag: if one was odd
+        (a writer held the row) or the sum changed (words only grow), the
+        bag is pooled again, so no row is ever part old, part new."""
         b, a = self.b, self.a
         lo = b.sdiv(b.mul(a["nbags"], a["part"]), a["nparts"])
         hi = b.sdiv(b.mul(a["nbags"], b.add(a["part"], _const(i64, 1))), a["nparts"])
-        has_seq = b.icmp_unsigned("!=", b.ptrtoint(a["seq"], i64), _const(i64, 0))
         with loops.counted(b, lo, hi, "bag") as bag:
             start, end = self.bag_bounds(bag)
             read = self.fn.append_basic_block("bag.read")
@@ -308,29 +301,27 @@ class _BagEmitter:
             b.position_at_end(read)
             seen = None
             for c0 in range(0, self.spec.dim, CHUNK):
-                words = self.chunk_loop(bag, start, end, c0, min(CHUNK, self.spec.dim - c0),
-                                        has_seq)
+                words = self.chunk_loop(bag, start, end, c0, min(CHUNK, self.spec.dim - c0))
                 seen = seen or words
-            assert seen is not None
-            before, bits = seen
-            done = self.fn.append_basic_block("bag.done")
-            again = self.fn.append_basic_block("bag.seq_again")
-            b.cbranch(has_seq, again, done)
-            b.position_at_end(again)
-            odd = b.trunc(bits, ir.IntType(1))
-            b.fence("acquire")
-            after = self.seq_sum(start, end)
-            stable = b.and_(b.not_(odd), b.icmp_unsigned("==", after, before))
-            b.cbranch(stable, done, read)
-            b.position_at_end(done)
+            if seen is not None:
+                before, bits = seen
+                odd = b.trunc(bits, ir.IntType(1))
+                b.fence("acquire")
+                after = self.seq_sum(start, end)
+                stable = b.and_(b.not_(odd), b.icmp_unsigned("==", after, before))
+                done = self.fn.append_basic_block("bag.done")
+                b.cbranch(stable, done, read)
+                b.position_at_end(done)
         b.ret(_const(i64, 0))
         emit_packed(self.module, self.fn, self.sig)
-        return str(self.module)
 
 
 def emit_bag(spec: BagSpec) -> str:
-    """LLVM IR text of the `bag_kernel` function for `spec` (see the module docstring)."""
-    return _BagEmitter(spec).build()
+    """LLVM IR text of `bag_kernel` and `bag_kernel_seq` for `spec` (see the module docstring)."""
+    module = ir.Module(name=f"ekko_bag_{spec.layout}_{spec.mode}")
+    for guarded in (False, True):
+        _BagEmitter(spec, module, guarded).build()
+    return str(module)
 
 
 __all__ = ["emit_bag", "FUNCTION_NAME", "ERR_ID", "ERR_OFFSETS"]

@@ -123,7 +123,7 @@ def exports(spec: Spec) -> list[abi.Signature]:
         sigs = [abi.update_dedup(spec.index_dtype),
                 abi.update_apply(len(spec.states), spec.index_dtype, spec.dedup)]
     elif isinstance(spec, BagSpec):
-        sigs = [abi.bag()]
+        sigs = [abi.bag(False), abi.bag(True)]
     elif isinstance(spec, PackSpec):
         sigs = [abi.sync_pack()]
     else:
