@@ -147,7 +147,26 @@ def math_region(opt: catalog.Optimizer, attributes: dict[str, Attribute], dim: i
         raise VerifyException(f"optimizer {opt.name} must return the new weights and "
                               f"{len(opt.states)} state value(s), got {len(outs)} values")
     block.add_op(YieldOp(*outs))
+    check_rowwise_outputs(block, opt)
     return Region(block)
+
+
+def check_rowwise_outputs(block: Block, opt: catalog.Optimizer) -> None:
+    """A rowwise state must get one value per row: nothing it yields may
+    depend on an element value except through kern.row_sum."""
+    names = math_args(opt, {})
+    per_element = {a for a, n in zip(block.args, names)
+                   if n in ("g", "w") or any(s.name == n and not s.rowwise for s in opt.states)}
+    for op in block.ops:
+        if not isinstance(op, RowSumOp) and any(o in per_element for o in op.operands):
+            per_element.update(op.results)
+    last = block.last_op
+    if not isinstance(last, YieldOp):
+        return
+    for state, value in zip(opt.states, list(last.operands)[1:]):
+        if state.rowwise and value in per_element:
+            raise VerifyException(f"optimizer {opt.name}: rowwise state '{state.name}' must be "
+                                  "one value per row (reduce element values with row_sum)")
 
 
 # ops a math region may hold: what every backend lowers
@@ -291,6 +310,7 @@ class UpdateOp(KernelOp):
         if not isinstance(last, YieldOp) or [v.type for v in last.operands] != [f32] * (nelem - 1):
             raise VerifyException(f"'kern.update' math region must yield {nelem - 1} f32 "
                                   "values: the new weights and state")
+        check_rowwise_outputs(block, opt)
 
     def print(self, printer: Printer) -> None:
         super().print(printer)

@@ -182,3 +182,10 @@ def test_every_catalog_optimizer_compiles_for_every_serving_layout() -> None:
         for serving in (None, *catalog.LAYOUTS):
             k = ekko.update_kernel(name, 5, serving=serving)
             assert k.spec.optimizer == name
+
+
+def test_a_rowwise_state_must_be_one_value_per_row() -> None:
+    with pytest.raises(ValueError, match="rowwise state 'ms' must be one value per row"):
+        @ekko.optimizer(rowwise_state=("ms",))
+        def forgets_to_reduce(g, w, ms, *, lr):
+            return w - lr * g, ms + g * g

@@ -94,11 +94,6 @@ class Emitter:
         """
         return loops.fold(self.b, _c(I64, 0), stop, name, inits, step)
 
-    def reduce(self, stop, name: str, init: float, step, combine) -> ir.Value:
-        """Fold `combine(acc, step(j))` over j in [0, stop), in f32."""
-        (acc,) = self.fold(stop, name, [_c(F32, init)], lambda j, a: [combine(a[0], step(j))])
-        return acc
-
     def min_max(self, stop, load) -> tuple[ir.Value, ir.Value]:
         """min and max of load(j) over [0, stop) in one pass over the row."""
         def step(j, accs):
@@ -115,15 +110,6 @@ class Emitter:
     def fadd(self, a, b):
         return self.b.fadd(a, b, flags=FAST)
 
-    def fsub(self, a, b):
-        return self.b.fsub(a, b, flags=FAST)
-
-    def fmul(self, a, b):
-        return self.b.fmul(a, b, flags=FAST)
-
-    def fdiv(self, a, b):
-        return self.b.fdiv(a, b, flags=FAST)
-
     # min/max of stored weights (the serving re-quantization): finite values,
     # so full fast-math lets LLVM vectorize the reduction
     def fmin(self, a, b):
@@ -133,9 +119,6 @@ class Emitter:
     def fmax(self, a, b):
         return self.b.select(self.b.fcmp_ordered(">", a, b, flags=("fast",)), a, b,
                              flags=("fast",))
-
-    def sqrt(self, x):
-        return self.b.call(self.intrinsic("llvm.sqrt"), [x])
 
     def rint(self, x):
         return self.b.call(self.intrinsic("llvm.rint"), [x])
@@ -762,11 +745,10 @@ def _row_math(e: Emitter, spec: UpdateSpec, idv, src, wrow, states: list, uni: d
                     seed, idv, j)
     for state, ptr, out in zip(spec.states, states, state_out):
         if state.rowwise:
-            b.store(vals[out] if out in vals else _row_value(e, prog, out, vals), e.gep(ptr, idv))
-
-
-def _row_value(e: Emitter, prog: mathprog.MathProgram, i: int, vals: dict) -> ir.Value:
-    raise ValueError(f"a rowwise state output must be a row or uniform value, got {prog.instrs[i]}")
+            if out not in vals:
+                raise ValueError(f"{spec.optimizer}: rowwise state {state.name} must be one "
+                                 "value per row, not per element (reduce it with row_sum)")
+            b.store(vals[out], e.gep(ptr, idv))
 
 
 def _load_arg(e: Emitter, spec: UpdateSpec, name: str, src, wrow, states, state_ix, idv, j):

@@ -28,6 +28,16 @@
 
 // -----
 
+// CHECK: optimizer rowwise_adagrad: rowwise state 'momentum' must be one value per row (reduce element values with row_sum)
+%t, %m, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<10x1xf32>, memref<?xi64>, memref<?x4xf32>)
+"kern.update"(%t, %m, %ids, %g) ({
+^bb0(%x: f32, %w: f32, %mom: f32, %step: f64, %lr: f64, %eps: f64):
+  %sq = "arith.mulf"(%x, %x) : (f32, f32) -> f32
+  "kern.yield"(%w, %sq) : (f32, f32) -> ()
+}) {optimizer = "rowwise_adagrad", dedup} : (memref<10x4xf32>, memref<10x1xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+
+// -----
+
 // CHECK: 'arith.addi' is not allowed in a math region
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
 "kern.update"(%t, %ids, %g) ({
