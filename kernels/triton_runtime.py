@@ -37,7 +37,7 @@ from ..dialects import catalog
 from .errors import EkkoError, UpdateError
 from .jit import cache_dir
 from .native import table_runtime
-from .update import state_arrays
+from .update import call_scalars, state_arrays
 
 _modules: dict[str, ModuleType] = {}
 _modules_lock = threading.Lock()
@@ -223,20 +223,9 @@ class TritonUpdateKernel:
     def __call__(self, table, ids, grads, state=None, serving=None, versions=None,
                  step: int = 1, version: int | None = None, seed: int = 0, seq=None) -> None:
         """Apply one delta in place (see `ekko.kernels.update.UpdateKernel`)."""
-        import numpy as np
-
-        from .update import INT64_MAX, _int64
-
         rows, n, t, i, g, states, srv, ver, sq, device = self._check(
             table, ids, grads, state, serving, versions, seq)
-        if isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step < 1:
-            raise UpdateError(f"step counts from 1, got {step!r}")
-        step = _int64("step", step, low=1)
-        version = step if version is None else _int64("version", version)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise UpdateError(f"seed must be an integer, got {seed!r}")
-        seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-        seed = seed - (1 << 64) if seed > INT64_MAX else seed
+        step, version, seed = call_scalars(step, version, seed)
         if n == 0:
             return
         with table_runtime(t.data_ptr()).lock, _quiet():

@@ -82,6 +82,20 @@ class _Scratch:
         self.cap = cap
 
 
+def call_scalars(step: object, version: object, seed: object) -> tuple[int, int, int]:
+    """A call's step, version (default: the step) and seed as the kernels take
+    them (int64; the seed's 64 bits wrapped into a signed word); every
+    runtime checks them here."""
+    if isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step < 1:
+        raise UpdateError(f"step counts from 1, got {step!r}")
+    step = _int64("step", step, low=1)
+    version = step if version is None else _int64("version", version)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise UpdateError(f"seed must be an integer, got {seed!r}")
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return step, version, seed - (1 << 64) if seed > INT64_MAX else seed
+
+
 def _int64(name: str, value: object, low: int = 0) -> int:
     """An integer argument that the kernel receives as int64."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -165,14 +179,7 @@ class UpdateKernel:
         write visible all at once to lookups that read with the same words."""
         rows, n, t, i, g, states, srv, ver, sq = self._check(
             table, ids, grads, state, serving, versions, seq)
-        if isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step < 1:
-            raise UpdateError(f"step counts from 1, got {step!r}")
-        step = _int64("step", step, low=1)
-        version = step if version is None else _int64("version", version)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise UpdateError(f"seed must be an integer, got {seed!r}")
-        seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-        seed = seed - (1 << 64) if seed > INT64_MAX else seed
+        step, version, seed = call_scalars(step, version, seed)
         if n == 0:
             return
         rt = table_runtime(t.ptr)
