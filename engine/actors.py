@@ -404,6 +404,11 @@ class ReplicaServer:
             if all(v >= 0 for v in w.values()):
                 self.replica.set_watermark(table, min(w.values()))
 
+    def set_watermarks(self, marks: list[tuple[str, int, int]]) -> None:
+        """Several (table, shard, version) watermarks in one message."""
+        for table, shard, version in marks:
+            self.set_watermark(table, shard, version)
+
     def watermarks(self) -> dict[str, dict[int, int]]:
         with self.wm_lock:
             return {n: dict(w) for n, w in self.wm.items()}

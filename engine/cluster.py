@@ -135,13 +135,62 @@ class _ShardView:
         return self._row_bytes[table]
 
 
+class _Watermarks:
+    """Sends the links' watermarks to the replicas: one message per replica, not one per table.
+
+    A link sets every table's watermark after each send; a Ray call for each
+    would cost more than the send itself. They are collected here (newest per
+    table and shard) and a sender thread delivers each replica's in one
+    `set_watermarks` call, always after the merge they describe returned.
+    """
+
+    def __init__(self, actors: list):
+        self.actors = actors
+        self.cond = threading.Condition()
+        self.pending: dict[int, dict[tuple[str, int], int]] = {}
+        self.sent: dict[tuple[int, str, int], int] = {}
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True, name="ekko-watermarks")
+        self.thread.start()
+
+    def put(self, replica: int, table: str, shard: int, version: int) -> None:
+        with self.cond:
+            if self.sent.get((replica, table, shard), -2) >= version:
+                return
+            self.sent[(replica, table, shard)] = version
+            self.pending.setdefault(replica, {})[(table, shard)] = version
+            self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while self.running and not self.pending:
+                    self.cond.wait(0.5)
+                if not self.running:
+                    return
+                batch, self.pending = self.pending, {}
+            for i, marks in batch.items():
+                try:
+                    self.actors[i].set_watermarks.remote(
+                        [(t, s, v) for (t, s), v in marks.items()])
+                except Exception:  # noqa: BLE001 - Ray shutting down; a catch-up sets them again
+                    pass
+
+    def stop(self) -> None:
+        with self.cond:
+            self.running = False
+            self.cond.notify_all()
+
+
 class _LinkReplica:
     """A replica actor as one shard's link sees it."""
 
-    def __init__(self, index: int, actor: Any, shard: int, tables: list[str]):
+    def __init__(self, index: int, actor: Any, shard: int, tables: list[str],
+                 marks: _Watermarks):
         self.index, self.actor, self.shard = index, actor, shard
         self._traffic = dict.fromkeys(tables, 0)
         self.link: RemoteLink | None = None
+        self.marks = marks
 
     def traffic(self) -> dict[str, int]:
         return self._traffic
@@ -152,7 +201,7 @@ class _LinkReplica:
     def set_watermark(self, table: str, version: int) -> None:
         if self.link is not None and self.link.poisoned:
             return  # a lost send was not caught up with: claim nothing
-        self.actor.set_watermark.remote(table, self.shard, int(version))
+        self.marks.put(self.index, table, self.shard, int(version))
 
 
 class RemoteLink(Link):
@@ -394,8 +443,9 @@ class ClusterEngine(Engine):
         for s in range(k):
             rows = {name: self.bounds[name][s + 1] - self.bounds[name][s] for name in tables_of[s]}
             self.views.append(_ShardView(rows, row_bytes[s]))
-        self.links = [[RemoteLink(self.views[s], _LinkReplica(i, a, s, tables_of[s]), self.config,
-                                  self.shards[s], self.timeout) for s in range(k)]
+        self.marks = _Watermarks(actors)
+        self.links = [[RemoteLink(self.views[s], _LinkReplica(i, a, s, tables_of[s], self.marks),
+                                  self.config, self.shards[s], self.timeout) for s in range(k)]
                       for i, a in enumerate(actors)]
         self.primary = PrimaryShards(self)
         self._announce = {name: threading.Lock() for name in self._tables}
@@ -423,6 +473,8 @@ class ClusterEngine(Engine):
             for link in self._all_links():
                 link.stop()
             self._started = False
+        if not self._closed and hasattr(self, "marks"):
+            self.marks.stop()
         self._closed = True
 
     def shutdown(self) -> None:
