@@ -4,7 +4,8 @@ Models produce modules of thousands of update chains; ekko-opt and the
 compile API parse, verify and print them on every run, so the front door
 must stay fast. The module is a realistic mix: one function per table with
 a delta, dedup, clip, weight decay, an optimizer (sgd, adagrad, rowwise
-Adagrad, adam in turn), stochastic rounding on f16/bf16 tables, a serving
+Adagrad, adam in turn; each chain's settings are an `UpdateRule`, so the
+hyper-parameters are the catalog's), stochastic rounding on f16/bf16 tables, a serving
 re-quantization (int8, int4, f16), a version stamp, a pooled bag and a
 lookup on the serving copy. Tables vary in dim, layout, id type and dynamic
 rows. Goal (the issue): parse + verify + print of 10,000 ops < 5 s.
@@ -34,14 +35,20 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.parser import Parser
 from xdsl.printer import Printer
 
+from ekko.compiler.frontend.model import UpdateRule
 from ekko.compiler.registry import make_context
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGET_S = 5.0
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+LR = {"sgd": 0.1, "adagrad": 0.01, "rowwise_adagrad": 0.01, "adam": 1e-3}
 DIMS = (16, 32, 64, 128)
 LAYOUTS = ("f32", "f16", "bf16")
 SERVING = ("int8", "int4", "f16")
+
+
+def _attrs(**values: float) -> str:
+    return ", ".join(f"{k} = {v:e} : f64" for k, v in values.items())
 
 
 def _function(i: int) -> tuple[list[str], int]:
@@ -61,13 +68,10 @@ def _function(i: int) -> tuple[list[str], int]:
     ids = f"tensor<?x{index}>"
     rowt = f"tensor<?x{dim}xf32>"
     out = f"tensor<?x{dim}xf32>"
-    states = {
-        "sgd": [],
-        "adagrad": [f"!emb.state<{rows}x{dim}>"],
-        "rowwise_adagrad": [f"!emb.state<{rows}x1>"],
-        "adam": [f"!emb.state<{rows}x{dim}>", f"!emb.state<{rows}x{dim}>"],
-    }[opt]
-    has_step = opt in ("adagrad", "adam")
+    rule = UpdateRule.make(opt, lr=LR[opt], max_norm=1.0, clip_value=10.0, weight_decay=1e-4)
+    entry = rule.optimizer.entry
+    states = [f"!emb.state<{rows}x{1 if s.rowwise else dim}>" for s in entry.states]
+    has_step = entry.uses_step
     rounding = layout != "f32"
 
     args = [f"%t: {T}"] + [f"%s{k}: {s}" for k, s in enumerate(states)]
@@ -78,15 +82,10 @@ def _function(i: int) -> tuple[list[str], int]:
     body = [
         f"%d = upd.delta %ids, %rows : {ids}, {rowt}",
         f"%u = upd.dedup %d : {D}",
-        f"%c = upd.clip %u {{max_norm = 1.000000e+00 : f64, clip_value = 1.000000e+01 : f64}} : {U}",
-        f"%w = upd.weight_decay %c, %t {{decay = 1.000000e-04 : f64}} : {U}, {T}",
+        f"%c = upd.clip %u {{{_attrs(max_norm=rule.max_norm, clip_value=rule.clip_value)}}} : {U}",
+        f"%w = upd.weight_decay %c, %t {{{_attrs(decay=rule.weight_decay)}}} : {U}, {T}",
     ]
-    hyper = {
-        "sgd": "lr = 1.000000e-01 : f64",
-        "adagrad": "lr = 1.000000e-02 : f64, eps = 1.000000e-10 : f64",
-        "rowwise_adagrad": "lr = 1.000000e-02 : f64, eps = 1.000000e-08 : f64",
-        "adam": "lr = 1.000000e-03 : f64, beta1 = 9.000000e-01 : f64, beta2 = 9.990000e-01 : f64",
-    }[opt]
+    hyper = _attrs(**dict(rule.optimizer.hyper))
     state_names = [f"%s{k}" for k in range(len(states))]
     new_states = [f"%n{k}" for k in range(len(states))]
     operands = ["%t", *state_names, "%w"] + (["%step"] if has_step else [])

@@ -28,44 +28,23 @@ from .pipeline import UpdateRequest, build_update_function
 
 
 def update_request(table: Table, *, index_dtype: str = "i64") -> UpdateRequest:
-    """The update chain a model table asks for, with its real row count."""
-    return UpdateRequest(
-        optimizer=table.optimizer.kind,
-        dim=table.dim,
-        table_dtype=table.dtype,
-        index_dtype=index_dtype,
-        serving=None if table.serving == table.dtype else table.serving,
-        versions=True,
-        stochastic_rounding=table.stochastic_rounding,
-        hyper=tuple(table.optimizer.hyper),
-        max_norm=table.max_norm,
-        clip_value=table.clip_value,
-        weight_decay=table.weight_decay,
-        rows=table.rows,
-    )
+    """The table's update: its buffers' shape, with its real row count, and its rule."""
+    serving = None if table.serving == table.dtype else table.serving
+    return UpdateRequest(table.update, table.dim, table.dtype, index_dtype, serving,
+                         rows=table.rows)
 
 
 def serving_layout(table: Table) -> str:
-    """Lookups read the serving copy, or the master when there is none."""
-    req = update_request(table)
-    return req.serving or table.dtype
+    """Lookups read the serving copy, or the master when there is none (same layout)."""
+    return table.serving
 
 
 def table_decl(table: Table) -> emb.TableOp:
-    attrs: dict[str, Attribute] = {
-        "serving": StringAttr(table.serving),
-        "optimizer": StringAttr(table.optimizer.kind),
-    }
-    for name, value in table.optimizer.hyper:
-        attrs[name] = float_attr(value)
-    if table.max_norm is not None:
-        attrs["max_norm"] = float_attr(table.max_norm)
-    if table.clip_value is not None:
-        attrs["clip_value"] = float_attr(table.clip_value)
-    if table.weight_decay:
-        attrs["weight_decay"] = float_attr(table.weight_decay)
-    if table.stochastic_rounding:
-        attrs["stochastic_rounding"] = UnitAttr()
+    """`emb.table`: the table's type, its serving layout and its update rule's settings."""
+    attrs: dict[str, Attribute] = {"serving": StringAttr(table.serving)}
+    for name, value in table.update.settings().items():
+        attrs[name] = (StringAttr(value) if isinstance(value, str) else
+                       UnitAttr() if value is True else float_attr(value))
     return emb.TableOp(table.name, emb.TableType(table.rows, table.dim, table.dtype), attrs)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from xdsl.dialects import func
 from xdsl.dialects.builtin import DYNAMIC_INDEX, FunctionType, IntegerType, ModuleOp, StringAttr
@@ -19,9 +20,11 @@ from ..dialects import catalog, emb, upd
 from ..dialects.common import float_attr
 from .backend.spec import BagSpec, UpdateSpec
 from .backend.targets import kernel_specs
-from .registry import ekko_passes, make_context
+from .frontend.model import ModelInvalid, UpdateRule
+from .registry import ekko_passes, make_context, pipeline_spec
 
-UPDATE_PIPELINE = "upd-dedup,upd-fuse,upd-schedule,lower-to-kernel"
+# the standard pipeline (compiler/registry.py:PIPELINES) with every pass at its default
+UPDATE_PIPELINE = pipeline_spec("standard")
 i64 = IntegerType(64)
 DYNAMIC = DYNAMIC_INDEX
 
@@ -46,23 +49,62 @@ def run_pipeline(module: ModuleOp, spec: str = UPDATE_PIPELINE,
     return module
 
 
-@dataclass(frozen=True)
-class UpdateRequest:
-    """What a user asks of one table's update, before any pass ran."""
+_UNSET: Any = object()  # an UpdateRequest keyword the caller did not give
 
-    optimizer: str
+
+@dataclass(frozen=True, init=False)
+class UpdateRequest:
+    """One table's update as the compiler builds it, before any pass ran: the
+    buffers' shape (dim, rows, dtypes, serving copy, versions), `deterministic`,
+    and the `UpdateRule` (optimizer, hyper-parameters, clipping, weight decay,
+    rounding) that the model's Table and `update_kernel` hold too.
+
+    `UpdateRequest(rule, dim, ...)`; as before, `UpdateRequest("adam", dim, ...,
+    hyper=..., max_norm=..., ...)` makes the rule from an optimizer name and
+    those keywords (checked against the catalog's ranges).
+    """
+
+    update: UpdateRule
     dim: int
     table_dtype: str = "f32"
     index_dtype: str = "i64"
     serving: str | None = None
     versions: bool = True
-    stochastic_rounding: bool = False
     deterministic: bool = False
-    hyper: tuple[tuple[str, float], ...] = ()
-    max_norm: float | None = None
-    clip_value: float | None = None
-    weight_decay: float = 0.0
     rows: int = DYNAMIC
+
+    def __init__(self, optimizer: UpdateRule | str | catalog.Optimizer | None = None,
+                 dim: int | None = None, table_dtype: str = "f32", index_dtype: str = "i64",
+                 serving: str | None = None, versions: bool = True,
+                 stochastic_rounding: bool = _UNSET, deterministic: bool = False,
+                 hyper: tuple[tuple[str, float], ...] | dict[str, float] = _UNSET,
+                 max_norm: float | None = _UNSET, clip_value: float | None = _UNSET,
+                 weight_decay: float = _UNSET, rows: int = DYNAMIC, *,
+                 update: UpdateRule | None = None) -> None:
+        given = {k: v for k, v in (("stochastic_rounding", stochastic_rounding),
+                                   ("max_norm", max_norm), ("clip_value", clip_value),
+                                   ("weight_decay", weight_decay)) if v is not _UNSET}
+        if isinstance(optimizer, UpdateRule):
+            optimizer, update = None, optimizer
+        if update is not None:
+            if optimizer is not None or given or hyper is not _UNSET:
+                raise TypeError("UpdateRequest takes an UpdateRule, or an optimizer with its "
+                                "settings, not both")
+        elif optimizer is None:
+            raise TypeError("UpdateRequest needs an UpdateRule or an optimizer")
+        else:
+            update = UpdateRule.make(optimizer, **dict(() if hyper is _UNSET else hyper), **given)
+        if not isinstance(update, UpdateRule):
+            raise TypeError(f"update must be an UpdateRule, got {type(update).__name__}")
+        if dim is None:
+            raise TypeError("UpdateRequest needs dim")
+        if (why := update.dtype_problem(table_dtype)) is not None:
+            raise ModelInvalid(f"{why}, got {table_dtype}", "stochastic_rounding")
+        for name, value in (("update", update), ("dim", dim), ("table_dtype", table_dtype),
+                            ("index_dtype", index_dtype), ("serving", serving),
+                            ("versions", versions), ("deterministic", deterministic),
+                            ("rows", rows)):
+            object.__setattr__(self, name, value)
 
 
 class _Builder:
@@ -81,9 +123,12 @@ class _Builder:
 
 
 def build_update_function(req: UpdateRequest, name: str = "update") -> func.FuncOp:
-    """`func @name(table, state..., [serving], versions, ids, rows, step, seed)`."""
-    opt = catalog.optimizer(req.optimizer)
-    opt_cls, opt_attrs = upd.optimizer_op(req.optimizer)
+    """`func @name(table, state..., [serving], versions, ids, rows, step, seed)`:
+    delta -> clip -> weight decay -> optimizer -> rounding -> requantize -> stamp,
+    as `req.update` asks."""
+    rule = req.update
+    opt = rule.optimizer.entry
+    opt_cls, opt_attrs = upd.optimizer_op(rule.optimizer.kind)
     table_t = emb.TableType(req.rows, req.dim, req.table_dtype)
     arg_types: list[Attribute] = [table_t] + [
         emb.StateType(req.rows, 1 if s.rowwise else req.dim) for s in opt.states]
@@ -103,21 +148,20 @@ def build_update_function(req: UpdateRequest, name: str = "update") -> func.Func
     b = _Builder(block)
     delta = b.add(upd.DeltaOp, [args["ids"], args["rows"]], names=("delta",)).results[0]
     grad = delta
-    if req.max_norm is not None or req.clip_value is not None:
-        attrs = {k: float_attr(v) for k, v in (("max_norm", req.max_norm),
-                                                ("clip_value", req.clip_value)) if v is not None}
+    if rule.max_norm is not None or rule.clip_value is not None:
+        attrs = {k: float_attr(v) for k, v in (("max_norm", rule.max_norm),
+                                                ("clip_value", rule.clip_value)) if v is not None}
         grad = b.add(upd.ClipOp, [grad], attrs, ("clipped",)).results[0]
-    if req.weight_decay:
+    if rule.weight_decay:
         grad = b.add(upd.WeightDecayOp, [grad, args["table"]],
-                     {"decay": float_attr(req.weight_decay)}, ("decayed",)).results[0]
+                     {"decay": float_attr(rule.weight_decay)}, ("decayed",)).results[0]
     operands = [args["table"], *[args[s] for s in opt.state_names], grad]
     if opt.uses_step:
         operands.append(args["step"])
-    given = {k: v for k, v in req.hyper if k in opt.hyper_names}
-    hyper = opt_attrs | {k: float_attr(v) for k, v in opt.resolve(given).items()}
+    hyper = opt_attrs | {k: float_attr(v) for k, v in rule.optimizer.hyper}
     step = b.add(opt_cls, operands, hyper, ("new_table", *[f"new_{s}" for s in opt.state_names]))
     results = list(step.results)
-    if req.stochastic_rounding:
+    if rule.stochastic_rounding:
         results[0] = b.add(upd.StochasticRoundOp, [results[0], args["seed"]], names=("rounded",)).results[0]
     if req.serving is not None:
         results.append(b.add(upd.RequantizeOp, [results[0], args["serving"], delta],
@@ -137,9 +181,8 @@ def update_module(req: UpdateRequest) -> ModuleOp:
 def update_spec(req: UpdateRequest, partitions: int = 0) -> UpdateSpec:
     """Compile a request through the standard pipeline to the kernel's spec."""
     module = update_module(req)
-    dedup = "upd-dedup{deterministic=true}" if req.deterministic else "upd-dedup"
-    schedule = f"upd-schedule{{partitions={partitions}}}" if partitions else "upd-schedule"
-    run_pipeline(module, f"{dedup},upd-fuse,{schedule},lower-to-kernel")
+    run_pipeline(module, pipeline_spec("standard", deterministic=req.deterministic,
+                                       partitions=partitions))
     (_, spec), = kernel_specs(module)
     assert isinstance(spec, UpdateSpec)
     return spec
@@ -171,8 +214,7 @@ def bag_spec(dim: int, layout: str = "f32", index_dtype: str = "i64", mode: str 
              weighted: bool = False, partitions: int = 0) -> BagSpec:
     """Compile a pooled lookup through the pipeline to the kernel's spec."""
     module = bag_module(dim, layout, index_dtype, mode, weighted)
-    schedule = f"upd-schedule{{partitions={partitions}}}" if partitions else "upd-schedule"
-    run_pipeline(module, f"{schedule},lower-to-kernel")
+    run_pipeline(module, pipeline_spec("standard", partitions=partitions))
     (_, spec), = kernel_specs(module)
     assert isinstance(spec, BagSpec)
     return spec

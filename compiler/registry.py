@@ -1,8 +1,15 @@
-"""The dialects and passes ekko registers with its tools and contexts."""
+"""The dialects, passes and named pipelines ekko registers with its tools and contexts.
+
+`PIPELINES` is the one table of named pass pipelines: ekko-opt (`-p standard`),
+the compile API (`update_spec`, `bag_spec`, the sync specs), `compile_model`
+and `update_kernel` all run a pipeline from it, through `pipeline_spec`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import Any
 
 from xdsl.context import Context
 from xdsl.dialects import arith, builtin, func
@@ -46,6 +53,39 @@ def ekko_passes() -> dict[str, Callable[[], type[ModulePass]]]:
         "upd-schedule": upd_schedule,
         "lower-to-kernel": lower_to_kernel,
     }
+
+
+# name -> its passes, in order. "standard" takes a delta chain (or a lookup, a
+# replica sync) to one kernel op: duplicates summed, the chain fused, the
+# schedule chosen, kern ops with the optimizer's math region.
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "standard": ("upd-dedup", "upd-fuse", "upd-schedule", "lower-to-kernel"),
+}
+
+
+def pipeline_spec(name: str = "standard", **options: Any) -> str:
+    """The named pipeline as `-p` text, each option given to the pass that
+    declares it (`partitions=2` -> `upd-schedule{partitions=2}`); an option at
+    its pass's default (0 partitions, deterministic=False, ...) is left out."""
+    if name not in PIPELINES:
+        raise ValueError(f"unknown pipeline {name!r}; expected one of {', '.join(PIPELINES)}")
+    passes = PIPELINES[name]
+    given: dict[str, dict[str, Any]] = {p: {} for p in passes}
+    if options:
+        factories = ekko_passes()
+        for key, value in options.items():
+            owner = next((p for p in passes for f in fields(factories[p]()) if f.name == key), None)
+            if owner is None:
+                raise ValueError(f"pipeline {name!r} has no option {key!r}")
+            default = next(f.default for f in fields(factories[owner]()) if f.name == key)
+            if value is not None and (default is MISSING or value != default):
+                given[owner][key] = value
+    return ",".join(p + ("{" + " ".join(f"{k}={_option_text(v)}" for k, v in given[p].items())
+                         + "}" if given[p] else "") for p in passes)
+
+
+def _option_text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def make_context() -> Context:

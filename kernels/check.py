@@ -13,7 +13,10 @@ storage type. A value that sums to nearly zero from large terms (Adam's first
 moment, say) gets the tolerance its terms deserve; a NaN anywhere fails.
 
 Each optimizer is one entry of `OPTIMIZERS`: a function from the gradient,
-the weights and the state (values and magnitudes) to new ones.
+the weights and the state (values and magnitudes) to new ones. What the
+update does (optimizer, hyper-parameters, clipping, weight decay) is read as
+one `UpdateRule`: the compiled spec's (`update_rule`), or the model's when the
+caller passes `rule=` (then the check also covers the compile path).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from ..compiler.backend.spec import UpdateSpec
+from ..compiler.frontend.model import UpdateRule
+from ..dialects import catalog
 from .quant import dequantize_rows
 
 U32 = 2.0**-24  # unit roundoff of f32
@@ -74,6 +79,17 @@ def hyper(spec: Any, name: str) -> float:
         pairs = getattr(spec, "hyper", None) or {}
         value = (pairs if isinstance(pairs, Mapping) else dict(pairs))[name]
     return float(value)
+
+
+def update_rule(spec: Any) -> UpdateRule:
+    """The update a spec's kernel applies, as an UpdateRule: its optimizer, the
+    value of each of its hyper-parameters, and its clipping and weight decay."""
+    names = catalog.optimizer(spec.optimizer).hyper_names
+    return UpdateRule.make(
+        spec.optimizer, **{name: hyper(spec, name) for name in names},
+        max_norm=getattr(spec, "max_norm", None), clip_value=getattr(spec, "clip_value", None),
+        weight_decay=getattr(spec, "weight_decay", None) or 0.0,
+        stochastic_rounding=bool(getattr(spec, "stochastic_rounding", False)))
 
 
 def snapshot(spec: UpdateSpec, master: np.ndarray, state, ids: np.ndarray) -> Snapshot:
@@ -195,37 +211,40 @@ OPTIMIZERS: dict[str, Callable[..., Stepped]] = {
 }
 
 
-def _gradients(spec: UpdateSpec, snap: Snapshot, ids: np.ndarray, grads: np.ndarray,
+def _gradients(rule: UpdateRule, dim: int, snap: Snapshot, ids: np.ndarray, grads: np.ndarray,
                w: Tracked) -> Tracked:
     """Duplicates summed, then clip by value, by norm, and weight decay (as torch)."""
     where = np.searchsorted(snap.ids, ids)
-    value = np.zeros((len(snap.ids), spec.dim), np.float64)
+    value = np.zeros((len(snap.ids), dim), np.float64)
     mag = np.zeros_like(value)
     np.add.at(value, where, grads.astype(np.float64))
     np.add.at(mag, where, np.abs(grads.astype(np.float64)))
-    if spec.clip_value is not None:
-        value = np.clip(value, -spec.clip_value, spec.clip_value)
-    if spec.max_norm is not None:
+    if rule.clip_value is not None:
+        value = np.clip(value, -rule.clip_value, rule.clip_value)
+    if rule.max_norm is not None:
         norm = np.linalg.norm(value, axis=1, keepdims=True)
-        factor = np.where(norm > spec.max_norm, spec.max_norm / np.maximum(norm, 1e-300), 1.0)
+        factor = np.where(norm > rule.max_norm, rule.max_norm / np.maximum(norm, 1e-300), 1.0)
         spread = np.abs(value) * mag.sum(axis=1, keepdims=True) / np.maximum(norm, 1e-300)
         mag = factor * (mag + np.where(factor < 1, spread, 0.0))
         value = value * factor
-    if spec.weight_decay:
-        value = value + spec.weight_decay * w.value
-        mag = mag + spec.weight_decay * (np.abs(w.value) + w.mag)
+    if rule.weight_decay:
+        value = value + rule.weight_decay * w.value
+        mag = mag + rule.weight_decay * (np.abs(w.value) + w.mag)
     return Tracked(value, mag)
 
 
 def reference_rows(spec: UpdateSpec, snap: Snapshot, ids: np.ndarray, grads: np.ndarray,
-                   step: int) -> Stepped:
-    """New master rows and state rows of `snap.ids` after one delta, with magnitudes."""
-    if spec.optimizer not in OPTIMIZERS:
-        raise KeyError(f"the self-check has no reference for optimizer {spec.optimizer!r}")
+                   step: int, rule: UpdateRule | None = None) -> Stepped:
+    """New master rows and state rows of `snap.ids` after one delta, with magnitudes,
+    under `rule` (default: the spec's own, `update_rule(spec)`)."""
+    kind = rule.optimizer.kind if rule is not None else spec.optimizer
+    if kind not in OPTIMIZERS:
+        raise KeyError(f"the self-check has no reference for optimizer {kind!r}")
+    rule = rule if rule is not None else update_rule(spec)
     w = Tracked(snap.master.astype(np.float64), np.zeros(snap.master.shape))
     states = [Tracked(s.astype(np.float64), np.zeros(s.shape)) for s in snap.state]
-    g = _gradients(spec, snap, ids, grads, w)
-    return OPTIMIZERS[spec.optimizer](g, w, states, lambda name: hyper(spec, name), step)
+    g = _gradients(rule, spec.dim, snap, ids, grads, w)
+    return OPTIMIZERS[kind](g, w, states, rule.optimizer.value, step)
 
 
 def error_ratio(got: np.ndarray, want: Tracked, dtype: str = "f32") -> float:
@@ -239,12 +258,13 @@ def error_ratio(got: np.ndarray, want: Tracked, dtype: str = "f32") -> float:
 
 
 def compare(spec: UpdateSpec, snap: Snapshot, master: np.ndarray, state, ids: np.ndarray,
-            grads: np.ndarray, step: int) -> float:
+            grads: np.ndarray, step: int, rule: UpdateRule | None = None) -> float:
     """Largest error of the kernel's result against the reference, relative to tolerance.
 
-    A value above 1 (or inf) means the kernel disagrees with numpy.
+    A value above 1 (or inf) means the kernel disagrees with numpy. `rule`:
+    the update the model asked for (default: what the spec says it does).
     """
-    want_w, want_states = reference_rows(spec, snap, ids, grads, step)
+    want_w, want_states = reference_rows(spec, snap, ids, grads, step, rule)
     worst = error_ratio(to_f32(master[snap.ids], spec.table_dtype, spec.dim), want_w,
                         spec.table_dtype)
     for got, want in zip(_states(state), want_states, strict=True):

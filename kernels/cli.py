@@ -35,7 +35,7 @@ from typing import NoReturn
 
 from ..compiler.backend.spec import UpdateSpec, serving_row_bytes
 from ..compiler.diagnostics import EkkoDiagnostic
-from ..compiler.frontend import Model, ModelError, Optimizer, load_model
+from ..compiler.frontend import Model, ModelError, Optimizer, Table, load_model
 from ..compiler.frontend.model import ModelInvalid
 from ..dialects.limits import MAX_BATCH
 from ..dialects import catalog
@@ -197,16 +197,22 @@ def load(args: argparse.Namespace) -> Model:
     model = load_model(args.model, scale=scale)
     if not model.tables:
         raise CliError(f"{args.model}: the model has no tables: nothing to compile or run")
-    changes = {k: v for k, v in (("optimizer", args.optimizer), ("serving", args.serving))
-               if v is not None}
-    if changes:
-        model = replace(model, tables=tuple(replace(t, **changes) for t in model.tables))
+    if args.optimizer is not None or args.serving is not None:
+        model = replace(model, tables=tuple(_flagged(t, args) for t in model.tables))
     try:
         model.validate()
     except ModelInvalid as e:
         raise CliError(f"{args.model}: {e}" + (f" (with --scale {scale:g})" if scale != 1 else "")
                        ) from None
     return model
+
+
+def _flagged(t: Table, args: argparse.Namespace) -> Table:
+    """A table with --optimizer (its update's optimizer; clipping, decay and
+    rounding stay the model's) and --serving applied."""
+    if args.optimizer is not None:
+        t = replace(t, update=replace(t.update, optimizer=args.optimizer))
+    return t if args.serving is None else replace(t, serving=args.serving)
 
 
 def _compile(args: argparse.Namespace, model: Model, progress: Progress) -> CompiledModel:
@@ -342,7 +348,7 @@ def run_bytes(model: Model, cfg: RunConfig) -> int:
     total = 0
     for t in model.tables:
         per_row = (MASTER_BYTES.get(t.dtype, 4) * t.dim + 4 * state_values_per_row(
-            t.optimizer.kind, t.dim) + serving_row_bytes(t.serving, t.dim) + 8 + 16)
+            t.update.optimizer.kind, t.dim) + serving_row_bytes(t.serving, t.dim) + 8 + 16)
         total += t.rows * per_row + cfg.batch * (t.dim * 4 + 16)
     for f in model.features:
         dim = model.table(f.table).dim

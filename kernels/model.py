@@ -23,16 +23,18 @@ from ..compiler.frontend import Model, load_model
 from ..compiler.frontend.model import Table
 from ..compiler.frontend_to_ir import model_to_module, serving_layout, update_request
 from ..compiler.pipeline import run_pipeline
+from ..compiler.registry import PIPELINES, pipeline_spec
 from .lookup import BagKernel
 from .quant import quantize_rows
 from .update import UpdateKernel
 
-STAGES = ("model", "upd-dedup", "upd-fuse", "upd-schedule", "lower-to-kernel")
+# the model-level IR, then the module after each pass of the standard pipeline
+STAGES = ("model", *PIPELINES["standard"])
 
 
 def model_pipeline(partitions: int = 0) -> str:
-    schedule = f"upd-schedule{{partitions={partitions}}}" if partitions else "upd-schedule"
-    return f"upd-dedup,upd-fuse,{schedule},lower-to-kernel"
+    """The standard pipeline (compiler/registry.py:PIPELINES), as update_kernel runs it."""
+    return pipeline_spec("standard", partitions=partitions)
 
 
 @dataclass
@@ -148,8 +150,8 @@ def _exports(spec: Any) -> list[dict[str, Any]]:
 def _table_entry(t: Table, spec: UpdateSpec) -> dict[str, Any]:
     return {
         "name": t.name, "rows": t.rows, "dim": t.dim, "dtype": t.dtype,
-        "serving": t.serving, "optimizer": t.optimizer.kind,
-        "hyper": dict(t.optimizer.hyper), "update_kernel": f"update_{t.name}",
+        "serving": t.serving, "optimizer": t.update.optimizer.kind,
+        "hyper": dict(t.update.optimizer.hyper), "update_kernel": f"update_{t.name}",
         "state": list(spec.state_shapes),
     }
 
@@ -173,8 +175,9 @@ def init_table(t: Table, spec: UpdateSpec, rng: np.random.Generator,
     state: Any = None if not states else states[0] if len(states) == 1 else tuple(states)
     serving = None
     versions = np.zeros(t.rows, np.int64)
+    rule = t.update
     if spec.serving is not None:
-        if kernel is not None and spec.entry.idle_at_zero and not spec.weight_decay:
+        if kernel is not None and rule.optimizer.entry.idle_at_zero and not rule.weight_decay:
             serving = _serving_by_kernel(kernel, spec, master, state, versions)
         else:  # weight decay would move the master even with zero gradients
             serving = quantize_rows(master32, spec.serving)

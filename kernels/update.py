@@ -35,6 +35,7 @@ from ..compiler.backend import abi
 from ..compiler.backend.llvm_update import emit_update
 from ..compiler.backend.spec import UpdateSpec
 from ..dialects.limits import MAX_BATCH, MAX_DIM, limit_error
+from ..compiler.frontend.model import UpdateRule
 from ..compiler.pipeline import UpdateRequest, update_spec
 from ..dialects import catalog
 from .arrays import ArrayArg, check_disjoint
@@ -266,7 +267,7 @@ def ids_value(ids: ArrayArg, pos: int) -> int:
     return ctype.from_address(ids.ptr + pos * ctypes.sizeof(ctype)).value
 
 
-def update_kernel(optimizer: str | catalog.Optimizer, dim: int, table_dtype: str = "f32",
+def update_kernel(optimizer: str | catalog.Optimizer | UpdateRule, dim: int, table_dtype: str = "f32",
                   index_dtype: str = "i64", serving: str | None = None, *,
                   stochastic_rounding: bool = False, threads: int | None = None,
                   deterministic: bool = False, betas: tuple[float, float] | None = None,
@@ -278,14 +279,16 @@ def update_kernel(optimizer: str | catalog.Optimizer, dim: int, table_dtype: str
     `optimizer` is a catalog name (`ekko.optimizers()`) or an optimizer made
     with `@ekko.optimizer`; its hyper-parameters are keywords (`lr`, `eps`,
     ...; `betas` sets Adam's beta1 and beta2 as torch does), defaults from
-    the catalog. `threads` is the number of partitions (default: one per
+    the catalog. With `stochastic_rounding`, `weight_decay`, `max_norm` and
+    `clip_value` they make one `UpdateRule`, the object a model's table holds
+    (`optimizer` may be such a rule, e.g. `model.table("t").update`, instead of
+    the keywords). `threads` is the number of partitions (default: one per
     core); `deterministic` sums duplicate ids of an SGD delta too, fixing the
     float summation order. `target="triton"` compiles for the GPU instead
     (torch tensors on a CUDA device; see ekko.kernels.triton_runtime).
     """
     if target not in ("llvm", "triton"):
         raise UpdateError(f"unknown target {target!r}; expected 'llvm' or 'triton'")
-    name = optimizer.name if isinstance(optimizer, catalog.Optimizer) else optimizer
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
         raise UpdateError(f"dim must be an integer, got {dim!r}")
     if (why := limit_error("dim", int(dim), MAX_DIM)) is not None:
@@ -296,24 +299,19 @@ def update_kernel(optimizer: str | catalog.Optimizer, dim: int, table_dtype: str
             raise UpdateError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         hyper["beta1"], hyper["beta2"] = betas
     try:
-        if not isinstance(name, str) or name not in catalog.OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {name!r}; expected one of "
-                             f"{', '.join(catalog.OPTIMIZERS)}")
-        opt = catalog.optimizer(name)
-        # a hyper-parameter of another optimizer is ignored (one set of keywords
-        # serves every optimizer, as before); a name no optimizer has is an error
-        known = {h for o in catalog.OPTIMIZERS.values() for h in o.hyper_names}
-        hyper = {k: v for k, v in hyper.items()
-                 if v is not None and (k in opt.hyper_names or k not in known)}
-        hyper = opt.resolve(hyper)  # a clear message before any IR is built
-        for key, value in (("weight_decay", weight_decay or None), ("max_norm", max_norm),
-                           ("clip_value", clip_value)):
-            if value is not None and (why := catalog.GRAD_HYPER[key].problem(value)):
-                raise ValueError(why)
-        req = UpdateRequest(name, dim, table_dtype, index_dtype, serving, versions=True,
-                            stochastic_rounding=stochastic_rounding, deterministic=deterministic,
-                            hyper=tuple(hyper.items()), max_norm=max_norm, clip_value=clip_value,
-                            weight_decay=weight_decay)
+        if isinstance(optimizer, UpdateRule):
+            given = {k for k, v in (("stochastic_rounding", stochastic_rounding),
+                                    ("weight_decay", weight_decay), ("max_norm", max_norm),
+                                    ("clip_value", clip_value)) if v} | set(hyper)
+            if given:
+                raise ValueError(f"an UpdateRule holds every setting; {sorted(given)[0]} "
+                                 "cannot be given beside it")
+            rule = optimizer
+        else:
+            rule = _rule(optimizer, hyper, stochastic_rounding=stochastic_rounding,
+                         weight_decay=weight_decay, max_norm=max_norm, clip_value=clip_value)
+        req = UpdateRequest(rule, dim, table_dtype, index_dtype, serving,
+                            deterministic=deterministic)
         spec = update_spec(req, partitions=threads or 0)
     except (KeyError, ValueError, TypeError) as e:
         raise UpdateError(f"cannot build this update: {e}") from None
@@ -326,6 +324,19 @@ def update_kernel(optimizer: str | catalog.Optimizer, dim: int, table_dtype: str
 
         return TritonUpdateKernel(spec)  # type: ignore[return-value]
     return UpdateKernel(spec)
+
+
+def _rule(optimizer: str | catalog.Optimizer, hyper: dict[str, float],
+          **settings: object) -> UpdateRule:
+    """update_kernel's keywords as the rule: a hyper-parameter of another
+    optimizer is ignored (one set of keywords serves every optimizer); a name
+    no optimizer has is an error."""
+    name = optimizer.name if isinstance(optimizer, catalog.Optimizer) else optimizer
+    entry = catalog.OPTIMIZERS.get(name) if isinstance(name, str) else None
+    known = {h for o in catalog.OPTIMIZERS.values() for h in o.hyper_names}
+    hyper = {k: v for k, v in hyper.items() if v is not None and
+             (entry is None or k in entry.hyper_names or k not in known)}
+    return UpdateRule.make(name, **hyper, **settings)
 
 
 optimizer = catalog.define  # @ekko.optimizer(...): see catalog.define

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ekko.compiler.frontend.model import UpdateRule
+
 # --------------------------------------------------------------------------
 # dtype helpers
 
@@ -101,7 +103,9 @@ def neighbours(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class Hyper:
-    """The compile-time hyper-parameters of one update, with the spec's defaults."""
+    """Hyper-parameters for any optimizer, as update_kernel's keywords take them;
+    `rule(optimizer)` is the one UpdateRule they make for that optimizer, which
+    the references below read."""
 
     lr: float = 0.01
     eps: float = 1e-10
@@ -110,6 +114,15 @@ class Hyper:
     lr_decay: float = 0.0
     max_norm: float | None = None
     clip_value: float | None = None
+
+    def rule(self, optimizer: str) -> UpdateRule:
+        """The UpdateRule these values give `optimizer` (its own hyper-parameters only)."""
+        values = {"lr": self.lr, "eps": self.eps, "beta1": self.betas[0], "beta2": self.betas[1],
+                  "lr_decay": self.lr_decay}
+        names = UpdateRule.make(optimizer).optimizer.entry.hyper_names
+        return UpdateRule.make(optimizer, **{k: v for k, v in values.items() if k in names},
+                               max_norm=self.max_norm, clip_value=self.clip_value,
+                               weight_decay=self.weight_decay)
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `update_kernel`."""
@@ -130,17 +143,17 @@ def dedup(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq, acc.astype(np.float32)
 
 
-def transform_grad(g: np.ndarray, w: np.ndarray, hp: Hyper) -> np.ndarray:
+def transform_grad(g: np.ndarray, w: np.ndarray, rule: UpdateRule) -> np.ndarray:
     """Clip value, then max-norm, then weight decay: the order of UpdateSpec."""
     g = g.astype(np.float32, copy=True)
-    if hp.clip_value is not None:
-        g = np.clip(g, -hp.clip_value, hp.clip_value)
-    if hp.max_norm is not None:
+    if rule.clip_value is not None:
+        g = np.clip(g, -rule.clip_value, rule.clip_value)
+    if rule.max_norm is not None:
         norm = np.sqrt((g.astype(np.float64) ** 2).sum(axis=1))
-        scale = np.where(norm > hp.max_norm, hp.max_norm / np.maximum(norm, 1e-300), 1.0)
+        scale = np.where(norm > rule.max_norm, rule.max_norm / np.maximum(norm, 1e-300), 1.0)
         g = (g * scale[:, None]).astype(np.float32)
-    if hp.weight_decay:
-        g = (g + np.float32(hp.weight_decay) * w).astype(np.float32)
+    if rule.weight_decay:
+        g = (g + np.float32(rule.weight_decay) * w).astype(np.float32)
     return g
 
 
@@ -203,20 +216,21 @@ def from_kernel_state(optimizer: str, kstate: Any) -> dict[str, np.ndarray]:
 
 
 def _torch_step(optimizer: str, w: np.ndarray, uniq: np.ndarray, g: np.ndarray,
-                state: RefState, step: int, hp: Hyper) -> np.ndarray:
+                state: RefState, step: int, rule: UpdateRule) -> np.ndarray:
     """One torch.optim step on a sparse gradient; updates `state` in place, returns new w."""
+    h = rule.optimizer.value
     rows, dim = w.shape
     p = torch.nn.Parameter(torch.from_numpy(w.copy()))
     p.grad = torch.sparse_coo_tensor(torch.from_numpy(uniq)[None], torch.from_numpy(g), (rows, dim),
                                      check_invariants=True)
     if optimizer == "sgd":
-        opt = torch.optim.SGD([p], lr=hp.lr)
+        opt = torch.optim.SGD([p], lr=h("lr"))
     elif optimizer == "adagrad":
-        opt = torch.optim.Adagrad([p], lr=hp.lr, lr_decay=hp.lr_decay, eps=hp.eps)
+        opt = torch.optim.Adagrad([p], lr=h("lr"), lr_decay=h("lr_decay"), eps=h("eps"))
         opt.state[p]["sum"] = torch.from_numpy(state.buffers["sum"])
         opt.state[p]["step"] = torch.tensor(float(step - 1))
     else:
-        opt = torch.optim.SparseAdam([p], lr=hp.lr, betas=hp.betas, eps=hp.eps)
+        opt = torch.optim.SparseAdam([p], lr=h("lr"), betas=(h("beta1"), h("beta2")), eps=h("eps"))
         opt.state[p].update(step=step - 1, exp_avg=torch.from_numpy(state.buffers["exp_avg"]),
                             exp_avg_sq=torch.from_numpy(state.buffers["exp_avg_sq"]))
     with torch.sparse.check_sparse_tensor_invariants(enable=False):
@@ -224,29 +238,33 @@ def _torch_step(optimizer: str, w: np.ndarray, uniq: np.ndarray, g: np.ndarray,
     return p.detach().numpy().copy()
 
 
-def _rowwise_adagrad(w: np.ndarray, uniq: np.ndarray, g: np.ndarray, state: RefState, hp: Hyper) -> np.ndarray:
+def _rowwise_adagrad(w: np.ndarray, uniq: np.ndarray, g: np.ndarray, state: RefState,
+                     rule: UpdateRule) -> np.ndarray:
     """FBGEMM: m += mean(g*g); w -= lr * g / (sqrt(m) + eps), on touched rows only."""
     m = state.buffers["momentum"]
     m[uniq] = m[uniq] + (g.astype(np.float64) ** 2).mean(axis=1).astype(np.float32)
     out = w.copy()
-    denom = np.sqrt(m[uniq]).astype(np.float32) + np.float32(hp.eps)
-    out[uniq] = w[uniq] - np.float32(hp.lr) * g / denom[:, None]
+    denom = np.sqrt(m[uniq]).astype(np.float32) + np.float32(rule.optimizer.value("eps"))
+    out[uniq] = w[uniq] - np.float32(rule.optimizer.value("lr")) * g / denom[:, None]
     return out
 
 
 def reference_step(optimizer: str, w: np.ndarray, ids: np.ndarray, grads: np.ndarray,
-                   state: RefState, step: int, hp: Hyper) -> tuple[np.ndarray, np.ndarray]:
-    """One full update in f32 (before rounding to the table dtype).
+                   state: RefState, step: int, hp: Hyper | UpdateRule
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """One full update in f32 (before rounding to the table dtype), under the
+    rule `hp` gives `optimizer` (or `hp` itself, a rule).
 
     Returns (new f32 table, sorted touched ids). `state` is updated in place.
     """
+    rule = hp if isinstance(hp, UpdateRule) else hp.rule(optimizer)
     uniq, g = dedup(ids, grads)
     if len(uniq) == 0:
         return w.copy(), uniq
-    g = transform_grad(g, w[uniq], hp)
+    g = transform_grad(g, w[uniq], rule)
     if optimizer == "rowwise_adagrad":
-        return _rowwise_adagrad(w, uniq, g, state, hp), uniq
-    return _torch_step(optimizer, w, uniq, g, state, step, hp), uniq
+        return _rowwise_adagrad(w, uniq, g, state, rule), uniq
+    return _torch_step(optimizer, w, uniq, g, state, step, rule), uniq
 
 
 # --------------------------------------------------------------------------

@@ -220,7 +220,7 @@ def test_optimizer_and_serving_flags_apply_to_every_table(small: Path) -> None:
     args = cli.build_parser().parse_args(
         ["run", str(small), "--optimizer", "adam(lr=0.001)", "--serving", "f16"])
     model = cli.load(args)
-    assert {(t.optimizer.kind, dict(t.optimizer.hyper)["lr"], t.serving)
+    assert {(t.update.optimizer.kind, dict(t.update.optimizer.hyper)["lr"], t.serving)
             for t in model.tables} == {("adam", 0.001, "f16")}
 
 

@@ -38,10 +38,10 @@ def test_full_language() -> None:
     m = parse_model(FULL, "shop.ekko")
     users, items = m.tables
     assert (users.rows, users.dim, users.dtype, users.serving) == (1000, 32, "f32", "int8")
-    assert dict(users.optimizer.hyper) == {"lr": 0.05, "eps": 1e-8}
-    assert items.dtype == "bf16" and items.serving == "f16" and items.stochastic_rounding
-    assert dict(items.optimizer.hyper) == {"lr": 0.001, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
-    assert (items.max_norm, items.clip_value, items.weight_decay) == (1.0, 0.5, 0.0001)
+    assert dict(users.update.optimizer.hyper) == {"lr": 0.05, "eps": 1e-8}
+    assert items.dtype == "bf16" and items.serving == "f16" and items.update.stochastic_rounding
+    assert dict(items.update.optimizer.hyper) == {"lr": 0.001, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
+    assert (items.update.max_norm, items.update.clip_value, items.update.weight_decay) == (1.0, 0.5, 0.0001)
     assert [(f.name, f.table, f.pooling) for f in m.features] == [
         ("user", "users", "mean"), ("item", "items", "sum"), ("item_history", "items", "sum")]
     assert m.dense is not None and m.dense.bottom_mlp == (13, 64, 32) and m.dense.interaction == "dot"
@@ -50,7 +50,7 @@ def test_full_language() -> None:
 @pytest.mark.parametrize("kind", sorted(OPTIMIZER_DEFAULTS))
 def test_defaults_are_filled_in(kind: str) -> None:
     m = parse_model(f"model m {{ table t {{ rows 4; dim 2; optimizer {kind}; }} }}")
-    assert dict(m.tables[0].optimizer.hyper) == OPTIMIZER_DEFAULTS[kind]
+    assert dict(m.tables[0].update.optimizer.hyper) == OPTIMIZER_DEFAULTS[kind]
 
 
 def test_default_hyper_parameters_are_the_documented_ones() -> None:

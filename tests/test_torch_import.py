@@ -70,7 +70,7 @@ def test_shared_table_and_plain_embedding() -> None:
     assert [(t.name, t.rows, t.dim) for t in m.tables] == [("t_items", 100, 8), ("t_user", 50, 4)]
     assert [(f.name, f.table, f.pooling) for f in m.features] == [
         ("items_0", "t_items", "mean"), ("items_1", "t_items", "mean"), ("user", "t_user", "none")]
-    assert m.tables[0].optimizer.kind == "adam"
+    assert m.tables[0].update.optimizer.kind == "adam"
     assert m.dense is not None and m.dense.top_mlp == (20, 1)
 
 
@@ -97,7 +97,7 @@ def test_overrides_per_table() -> None:
     m = import_module(Shared(), overrides={"t_user": {"optimizer": "sgd", "hyper": {"lr": 0.5},
                                                       "serving": "f16"}})
     user = m.table("t_user")
-    assert user.optimizer.kind == "sgd" and dict(user.optimizer.hyper) == {"lr": 0.5}
+    assert user.update.optimizer.kind == "sgd" and dict(user.update.optimizer.hyper) == {"lr": 0.5}
     assert user.serving == "f16"
 
 

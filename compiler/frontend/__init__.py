@@ -13,9 +13,27 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
-from .model import Dense, Feature, Model, ModelInvalid, Optimizer, Table
-from .parser import parse_model, parse_model_file
-from .printer import format_model
+from .model import Dense, Feature, Model, ModelInvalid, Optimizer, Table, UpdateRule
+
+
+def parse_model(text: str, filename: str = "<input>") -> Model:
+    """Parse `.ekko` source into a validated Model (see parser.parse_model)."""
+    from .parser import parse_model as _parse  # lark loads on first use
+
+    return _parse(text, filename)
+
+
+def parse_model_file(path: str | Path) -> Model:
+    from .parser import parse_model_file as _parse_file
+
+    return _parse_file(path)
+
+
+def format_model(model: Model) -> str:
+    """`.ekko` source for `model` (see printer.format_model)."""
+    from .printer import format_model as _format
+
+    return _format(model)
 
 
 def import_module(module: Any, **kwargs: Any) -> Model:
@@ -87,6 +105,6 @@ def load_model(source: str, scale: float = 1.0, **import_args: Any) -> Model:
 
 
 __all__ = [
-    "Dense", "Feature", "Model", "ModelError", "Optimizer", "Table",
+    "Dense", "Feature", "Model", "ModelError", "Optimizer", "Table", "UpdateRule",
     "format_model", "import_module", "load_model", "parse_model", "parse_model_file",
 ]

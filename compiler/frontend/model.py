@@ -1,15 +1,19 @@
-"""The model description both frontends produce.
+"""The model description both frontends produce, and the update a table gets.
 
-Plain frozen dataclasses: tables in declaration order, features in order,
-optimizer hyper-parameters with their defaults filled in (torch.optim's,
-FBGEMM's for rowwise Adagrad), so two frontends describing the same model
-produce equal objects and equal IR.
+Plain frozen dataclasses: tables in declaration order, features in order.
+A table's update is one `UpdateRule` (optimizer with every hyper-parameter
+resolved from the catalog's defaults, clipping, weight decay, rounding),
+checked once when it is made: the .ekko parser, the PyTorch importer,
+`ekko.update_kernel` and the compile API (`UpdateRequest`) all hold this one
+object, so two frontends describing the same model produce equal objects and
+equal IR, and `update_kernel("adam", 64)` means what `optimizer adam;` means.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ...dialects import catalog
 from ...dialects.limits import MAX_DIM, MAX_MLP_WIDTH, MAX_ROWS, limit_error
@@ -22,6 +26,7 @@ SERVING_LAYOUTS = catalog.LAYOUT_NAMES
 POOLINGS = catalog.POOLING_MODES
 INTERACTIONS = ("dot", "cat")
 OPTIMIZER_DEFAULTS = {name: catalog.optimizer(name).defaults() for name in catalog.BUILTIN}
+DEFAULT_OPTIMIZER = "rowwise_adagrad"
 
 
 class ModelInvalid(ValueError):
@@ -34,27 +39,120 @@ class ModelInvalid(ValueError):
 
 @dataclass(frozen=True)
 class Optimizer:
-    kind: str = "rowwise_adagrad"
-    hyper: tuple[tuple[str, float], ...] = ()
+    """A catalog optimizer and the value of every one of its hyper-parameters.
 
-    @classmethod
-    def make(cls, kind: str, **given: float) -> Optimizer:
-        """An optimizer with every hyper-parameter set (the catalog's defaults filled in)."""
-        if kind not in catalog.OPTIMIZERS:
+    Made resolved: `Optimizer("adam", {"lr": 1e-3})` fills in the catalog's
+    defaults for the others and checks each value against the catalog's range
+    (ModelInvalid names the bad one). `hyper` is sorted (name, value) pairs.
+    """
+
+    kind: str = DEFAULT_OPTIMIZER
+    hyper: tuple[tuple[str, float], ...] | Mapping[str, float] = ()
+
+    def __post_init__(self) -> None:
+        kind = self.kind
+        if not isinstance(kind, str) or kind not in catalog.OPTIMIZERS:
             raise ModelInvalid(
                 f"unknown optimizer '{kind}' (expected one of {', '.join(catalog.OPTIMIZERS)})",
-                kind)
+                str(kind))
         entry = catalog.optimizer(kind)
+        given = dict(self.hyper.items() if isinstance(self.hyper, Mapping) else self.hyper)
         for name, value in given.items():
             if name not in entry.hyper_names:
                 raise ModelInvalid(
                     f"optimizer {kind} has no hyper-parameter '{name}' "
                     f"(it takes {', '.join(entry.hyper_names)})", name)
             hyper = next(h for h in entry.hyper if h.name == name)
-            if (why := hyper.problem(float(value))) is not None:
+            if (why := hyper.problem(value)) is not None:
                 raise ModelInvalid(f"{kind} {why}", name)
         merged = {**entry.defaults(), **{k: float(v) for k, v in given.items()}}
-        return cls(kind, tuple(sorted(merged.items())))
+        object.__setattr__(self, "hyper", tuple(sorted(merged.items())))
+
+    @classmethod
+    def make(cls, kind: str, **given: float) -> Optimizer:
+        """`Optimizer(kind, given)`: every hyper-parameter set, the defaults filled in."""
+        return cls(kind, given)
+
+    @property
+    def entry(self) -> catalog.Optimizer:
+        """The catalog's entry: state, math, which values it reads."""
+        return catalog.optimizer(self.kind)
+
+    def value(self, name: str) -> float:
+        """One hyper-parameter's value (KeyError for a name it does not take)."""
+        return dict(self.hyper)[name]  # type: ignore[arg-type]
+
+
+# the settings of an UpdateRule besides the optimizer, as the language and
+# update_kernel's keywords spell them
+RULE_SETTINGS = ("max_norm", "clip_value", "weight_decay", "stochastic_rounding")
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """What update a table gets, the one description every layer reads.
+
+    The optimizer (hyper-parameters resolved), then the gradient transforms
+    ahead of it (clip by value, by the row's L2 norm; `None`: none), weight
+    decay (`0`: none) and whether the new weights are rounded stochastically
+    into an f16/bf16 table. Values are checked against the catalog's ranges
+    when the rule is made (ModelInvalid, `what` = the setting); the table's
+    buffers (dim, dtypes, serving copy) are not part of it.
+    """
+
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    max_norm: float | None = None
+    clip_value: float | None = None
+    weight_decay: float = 0.0
+    stochastic_rounding: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.optimizer, Optimizer):
+            raise ModelInvalid(f"an update's optimizer must be an Optimizer, got "
+                               f"{type(self.optimizer).__name__}", "optimizer")
+        if self.weight_decay is None:
+            object.__setattr__(self, "weight_decay", 0.0)
+        for name in ("max_norm", "clip_value", "weight_decay"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (why := catalog.GRAD_HYPER[name].problem(value)) is not None:
+                raise ModelInvalid(why, name)
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.stochastic_rounding, bool):
+            raise ModelInvalid(f"stochastic_rounding must be True or False, got "
+                               f"{self.stochastic_rounding!r}", "stochastic_rounding")
+
+    @classmethod
+    def make(cls, optimizer: str | Optimizer | catalog.Optimizer = DEFAULT_OPTIMIZER,
+             **settings: Any) -> UpdateRule:
+        """A rule from flat keywords: the optimizer's hyper-parameters and
+        `max_norm`, `clip_value`, `weight_decay`, `stochastic_rounding`."""
+        rule = {k: settings.pop(k) for k in RULE_SETTINGS if k in settings}
+        if isinstance(optimizer, Optimizer):
+            if settings:
+                optimizer = Optimizer(optimizer.kind, {**dict(optimizer.hyper), **settings})
+        else:
+            name = optimizer.name if isinstance(optimizer, catalog.Optimizer) else optimizer
+            optimizer = Optimizer(name, settings)  # type: ignore[arg-type]
+        return cls(optimizer, **rule)
+
+    def dtype_problem(self, dtype: str) -> str | None:
+        """Why this rule cannot update a table stored as `dtype`, or None."""
+        if self.stochastic_rounding and dtype == "f32":
+            return "stochastic rounding needs an f16 or bf16 dtype"
+        return None
+
+    def settings(self) -> dict[str, str | float | bool]:
+        """The rule as flat named settings (what `emb.table` carries as attributes):
+        the optimizer's name and hyper-parameters, then each transform present."""
+        out: dict[str, str | float | bool] = {"optimizer": self.optimizer.kind}
+        out.update(self.optimizer.hyper)
+        for name in RULE_SETTINGS:
+            value = getattr(self, name)
+            if value is not None and value is not False and value != 0.0:
+                out[name] = value
+        return out
 
 
 @dataclass(frozen=True)
@@ -63,12 +161,8 @@ class Table:
     rows: int
     dim: int
     dtype: str = "f32"
-    optimizer: Optimizer = field(default_factory=lambda: Optimizer.make("rowwise_adagrad"))
     serving: str = "f32"
-    max_norm: float | None = None
-    clip_value: float | None = None
-    weight_decay: float = 0.0
-    stochastic_rounding: bool = False
+    update: UpdateRule = field(default_factory=UpdateRule)
 
     def validate(self) -> None:
         for what, value, limit in (("rows", self.rows, MAX_ROWS), ("dim", self.dim, MAX_DIM)):
@@ -82,18 +176,10 @@ class Table:
             raise ModelInvalid(
                 f"table {self.name}: unknown serving layout '{self.serving}' "
                 f"(expected one of {', '.join(SERVING_LAYOUTS)})", "serving")
-        if self.stochastic_rounding and self.dtype == "f32":
-            raise ModelInvalid(
-                f"table {self.name}: stochastic rounding needs an f16 or bf16 dtype",
-                "stochastic_rounding")
-        for name in ("max_norm", "clip_value"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ModelInvalid(f"table {self.name}: {name} must be positive and finite, "
-                                   f"got {value}", name)
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ModelInvalid(f"table {self.name}: weight_decay must be zero or positive "
-                               f"and finite, got {self.weight_decay}", "weight_decay")
+        if not isinstance(self.update, UpdateRule):
+            raise ModelInvalid(f"table {self.name}: update must be an UpdateRule", "update")
+        if (why := self.update.dtype_problem(self.dtype)) is not None:
+            raise ModelInvalid(f"table {self.name}: {why}", "stochastic_rounding")
 
 
 @dataclass(frozen=True)

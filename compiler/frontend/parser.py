@@ -16,7 +16,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from ...dialects.limits import MAX_DIM, MAX_MLP_WIDTH, MAX_ROWS, limit_error
 from .errors import ModelError, located
-from .model import Dense, Feature, Model, ModelInvalid, Optimizer, Table
+from .model import RULE_SETTINGS, Dense, Feature, Model, ModelInvalid, Optimizer, Table, UpdateRule
 
 GRAMMAR = Path(__file__).with_name("model.lark")
 _MAX_FLOAT = 1.7976931348623157e308
@@ -234,13 +234,23 @@ class _Builder:
                 raise self.error(name_tok, f"table {name_tok} needs '{required}'")
         if "rows" in self.defaults:
             raise self.error(name_tok, "'rows' cannot be a default: every table has its own")
+        rule = {k: merged.pop(k) for k in ("optimizer", *RULE_SETTINGS) if k in merged}
         try:
-            table = Table(name=str(name_tok), **merged)  # type: ignore[arg-type]
+            update = UpdateRule(**rule)  # type: ignore[arg-type]
+        except ModelInvalid as e:
+            raise self.error(self.token_of(str(name_tok), e.what) or name_tok,
+                             f"table {name_tok}: {e}") from None
+        try:
+            table = Table(name=str(name_tok), update=update, **merged)  # type: ignore[arg-type]
             table.validate()
         except ModelInvalid as e:
-            tok = self.tokens.get((str(name_tok), e.what)) or self.tokens.get(("defaults", e.what))
-            raise self.error(tok or name_tok, str(e)) from None
+            raise self.error(self.token_of(str(name_tok), e.what) or name_tok, str(e)) from None
         return table
+
+    def token_of(self, table: str, what: str) -> Token | None:
+        """The token of the table's setting `what` (its own, else the default's)."""
+        key = "clip" if what in ("max_norm", "clip_value") else what
+        return self.tokens.get((table, key)) or self.tokens.get(("defaults", key))
 
     def feature(self, tree: Tree) -> Feature:
         name, table, *pooling = tree.children

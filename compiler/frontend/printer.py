@@ -13,7 +13,8 @@ from collections import Counter
 from collections.abc import Callable
 
 from .errors import ModelError
-from .model import OPTIMIZER_DEFAULTS, Dense, Feature, Model, ModelInvalid, Optimizer, Table
+from .model import (Dense, Feature, Model, ModelInvalid, Optimizer, Table,
+                    UpdateRule)
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # table fields a defaults block may carry ('rows' is always a table's own)
@@ -33,7 +34,7 @@ def _number(value: float) -> str:
 
 
 def _optimizer(opt: Optimizer) -> str:
-    defaults = OPTIMIZER_DEFAULTS[opt.kind]
+    defaults = opt.entry.defaults()
     given = [f"{k}={_number(v)}" for k, v in opt.hyper if defaults.get(k) != v]
     return opt.kind + (f"({', '.join(given)})" if given else "")
 
@@ -42,17 +43,18 @@ SETTINGS: dict[str, Callable[[Table], str | None]] = {
     "rows": lambda t: f"rows {t.rows};",
     "dim": lambda t: f"dim {t.dim};",
     "dtype": lambda t: f"dtype {t.dtype};",
-    "optimizer": lambda t: f"optimizer {_optimizer(t.optimizer)};",
+    "optimizer": lambda t: f"optimizer {_optimizer(t.update.optimizer)};",
     "serving": lambda t: f"serving {t.serving};",
-    "clip": lambda t: _clip(t),
-    "weight_decay": lambda t: f"weight_decay {_number(t.weight_decay)};" if t.weight_decay else None,
-    "stochastic_rounding": lambda t: "stochastic_rounding;" if t.stochastic_rounding else None,
+    "clip": lambda t: _clip(t.update),
+    "weight_decay": lambda t: (f"weight_decay {_number(t.update.weight_decay)};"
+                               if t.update.weight_decay else None),
+    "stochastic_rounding": lambda t: "stochastic_rounding;" if t.update.stochastic_rounding else None,
 }
 
 
-def _clip(t: Table) -> str | None:
-    args = [f"{k}={_number(v)}" for k, v in (("max_norm", t.max_norm), ("clip_value", t.clip_value))
-            if v is not None]
+def _clip(rule: UpdateRule) -> str | None:
+    args = [f"{k}={_number(v)}" for k, v in (("max_norm", rule.max_norm),
+                                              ("clip_value", rule.clip_value)) if v is not None]
     return f"clip {', '.join(args)};" if args else None
 
 

@@ -23,7 +23,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ModelError
-from .model import INTERACTIONS, Dense, Feature, Model, ModelInvalid, Optimizer, Table
+from .model import (
+    DEFAULT_OPTIMIZER,
+    INTERACTIONS,
+    RULE_SETTINGS,
+    Dense,
+    Feature,
+    Model,
+    ModelInvalid,
+    Table,
+    UpdateRule,
+)
 
 
 @dataclass(frozen=True)
@@ -200,15 +210,18 @@ def import_module(
     module: Any,
     *,
     name: str | None = None,
-    optimizer: str = "rowwise_adagrad",
+    optimizer: str = DEFAULT_OPTIMIZER,
     serving: str = "f32",
     dtype: str = "f32",
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     **hyper: float,
 ) -> Model:
-    """Import `module`'s sparse part. optimizer (with `hyper`), serving layout
-    and dtype apply to every table unless `overrides[table_name]` says
-    otherwise (keys: Table fields, plus `optimizer` and `hyper`)."""
+    """Import `module`'s sparse part. The optimizer with its keywords (its
+    hyper-parameters and `max_norm`, `clip_value`, `weight_decay`,
+    `stochastic_rounding`: one UpdateRule, as `ekko.update_kernel` takes them),
+    serving layout and dtype apply to every table unless
+    `overrides[table_name]` says otherwise (keys: `dtype`, `serving`, `update`
+    (an UpdateRule), `optimizer`, `hyper`, and the rule's settings)."""
     model_name = _identifier(name or type(module).__name__.lower())
     try:
         graph = _trace(module)
@@ -232,13 +245,19 @@ def _tables(found: list[_Found], optimizer: str, serving: str, dtype: str,
     if unknown:
         raise ModelInvalid(f"overrides name unknown tables {sorted(unknown)} "
                            f"(tables: {', '.join(t.table for t in found)})")
+    given = {k: v for k, v in hyper.items() if k in RULE_SETTINGS}
+    hyper = {k: v for k, v in hyper.items() if k not in RULE_SETTINGS}
     tables = []
     for t in found:
         opts = dict(overrides.get(t.table, {}))
-        opt = Optimizer.make(opts.pop("optimizer", optimizer), **opts.pop("hyper", hyper))
+        update = opts.pop("update", None)
+        if update is None:
+            settings = {**given, **{k: opts.pop(k) for k in RULE_SETTINGS if k in opts}}
+            update = UpdateRule.make(opts.pop("optimizer", optimizer),
+                                     **opts.pop("hyper", hyper), **settings)
         fields = {"dtype": dtype, "serving": serving, **opts}
         try:
-            table = Table(t.table, t.rows, t.dim, optimizer=opt, **fields)
+            table = Table(t.table, t.rows, t.dim, update=update, **fields)
         except TypeError as e:
             raise ModelInvalid(f"overrides for {t.table}: {e}") from None
         table.validate()

@@ -17,10 +17,12 @@ import traceback
 from functools import lru_cache
 from pathlib import Path
 
+from ekko.compiler.registry import pipeline_spec
+
 from . import REPO
 from .mutate import mutate
 
-PIPELINE = "upd-dedup,upd-fuse,upd-schedule,lower-to-kernel"
+PIPELINE = pipeline_spec("standard")
 OPTIMIZERS = ["sgd", "adagrad", "rowwise_adagrad", "adam"]
 HYPER = {"sgd": ["lr"], "adagrad": ["lr", "eps", "lr_decay"], "rowwise_adagrad": ["lr", "eps"],
          "adam": ["lr", "beta1", "beta2", "eps"]}
@@ -157,8 +159,9 @@ def _check_accepted_model(text: str) -> dict:
     max_rows, max_dim = _limits()
     model = parse_model(text)
     for t in model.tables:
-        numbers = [v for _, v in t.optimizer.hyper] + [t.weight_decay] + \
-            [v for v in (t.max_norm, t.clip_value) if v is not None]
+        rule = t.update
+        numbers = [v for _, v in rule.optimizer.hyper] + [rule.weight_decay] + \
+            [v for v in (rule.max_norm, rule.clip_value) if v is not None]
         finite = all(map(math.isfinite, numbers))
         problems = [] if finite else [f"{t.name}: a non-finite number"]
         problems += [f"{t.name}: {what} {v} beyond {lim}" for what, v, lim in
