@@ -33,11 +33,11 @@ from ..compiler.frontend.model import Model
 from ..kernels.errors import EkkoError, UpdateError
 from ..kernels.model import compile_model
 from ..kernels.sync import row_width, rows_dtype
-from .durable import PacketLog, bump_counter, load_arrays, save_arrays
+from .durable import HEALTHY, ROLLBACK, PacketLog, bump_counter, load_arrays, save_arrays
 from .packet import Packet
 from .primary import Commit, Primary
 from .replica import Replica
-from .state import HealthConfig, StateManager
+from .state import HealthConfig, StateManager, replica_problem
 
 CHUNK_ROWS = 1 << 16  # rows per catch-up packet
 
@@ -155,8 +155,17 @@ class ShardServer:
         for rec in PacketLog.read(self.dir / "packets.log"):
             p = rec.packet
             pt = self.primary.tables.get(p.table)
-            if pt is None or rec.version <= pt.version:
+            if rec.kind == HEALTHY and pt is not None and rec.version == pt.version:
+                self.primary.mark_healthy(p.table)  # Engine.check() passed here
+                continue
+            if pt is None or rec.kind == HEALTHY or rec.version <= pt.version:
                 self.replayed["skipped"] += 1  # already in the snapshot
+                continue
+            if rec.kind == ROLLBACK:  # Engine.check() failed here
+                self._sent.pop(p.table, None)
+                self.health.rollback(p.table, "replayed")
+                self._sent.pop(p.table, None)
+                self.replayed["records"] += 1
                 continue
             try:
                 self._apply(p.table, rec.seq, p.ids, p.rows)
@@ -224,6 +233,52 @@ class ShardServer:
         self.last[table] = result
         return result
 
+    # -- Engine.check(): what changed since the healthy mark, rollback, marking healthy ----
+    def changed(self) -> dict[str, np.ndarray]:
+        """Per table, the (global) ids changed since its last healthy mark."""
+        out = {}
+        for name, pt in self.primary.tables.items():
+            with pt.lock:
+                chunks = [c[0] for c in pt.undo.chunks] if pt.undo is not None else []
+            ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+            out[name] = ids + self.lo[name]
+        return out
+
+    def mark_healthy(self) -> dict[str, int]:
+        """Every table's current version is healthy (logged, so a replay marks it too)."""
+        out, logged = {}, False
+        for name, pt in self.primary.tables.items():
+            with self.locks[name]:
+                if (pt.undo is not None and pt.undo.chunks) or pt.healthy_version != pt.version:
+                    self.log.append(self.last_seq[name], pt.version, self._empty(name), HEALTHY,
+                                    sync=False)
+                    logged = True
+                out[name] = self.primary.mark_healthy(name)
+        if logged:
+            self.log.sync()
+        return out
+
+    def rollback(self, table: str, reason: str) -> tuple[Commit | None, dict | None]:
+        """Restore `table`'s rows changed since its healthy mark (logged first).
+
+        Returns the rollback's commit (shard-local ids) and its record, or
+        (None, None) when nothing changed since the mark.
+        """
+        pt = self.primary.table(table)
+        with self.locks[table]:
+            if pt.undo is None or not pt.undo.chunks:
+                return None, None
+            self.log.append(self.last_seq[table], pt.version + 1, self._empty(table), ROLLBACK)
+            self._sent.pop(table, None)
+            record = self.health.rollback(table, reason)
+            commit = self._sent.pop(table, None)
+        return commit, (record.as_dict() if record else None)
+
+    def _empty(self, table: str) -> Packet:
+        dim = self.primary.tables[table].buf.table.dim
+        return Packet(table, np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
+                      np.zeros(0, np.int64))
+
     def since(self, table: str, version: int) -> tuple[list[Packet], int, bool]:
         """Packets of the rows changed after `version` (all rows when that history is gone).
 
@@ -283,6 +338,8 @@ class ReplicaConfig:
     snapshot_s: float = 0.0  # seconds between automatic snapshots; 0: only on request
     call_timeout_s: float = 120.0
     tables_of_shard: dict = field(default_factory=dict)  # shard -> its table names
+    score: Any = None  # HealthConfig.score: the user's hook, run here by check()
+    min_score: float | None = None
 
 
 class ReplicaServer:
@@ -403,6 +460,15 @@ class ReplicaServer:
             w[shard] = max(w[shard], int(version))
             if all(v >= 0 for v in w.values()):
                 self.replica.set_watermark(table, min(w.values()))
+
+    def check(self, changed: dict[str, np.ndarray]) -> str | None:
+        """Engine.check() on this replica: the changed rows are finite, the score hook passes.
+
+        The hook runs here, in the replica's process, on its `Replica` (what
+        the in-process engine passes too); returns the reason it failed, or None.
+        """
+        health = HealthConfig(score=self.config.score, min_score=self.config.min_score)
+        return replica_problem(self.replica, changed, health)
 
     def set_watermarks(self, marks: list[tuple[str, int, int]]) -> None:
         """Several (table, shard, version) watermarks in one message."""

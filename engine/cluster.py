@@ -384,9 +384,7 @@ class ClusterEngine(Engine):
                 or primary_shards < 1:
             raise EkkoError(f"primary_shards must be a positive integer, got {primary_shards!r}")
         health = health or HealthConfig()
-        if health.score is not None or health.check_every:
-            raise EkkoError("replica health checks (score, check_every) run in process only; "
-                            "across processes the on-commit outlier check runs on each shard")
+        _check_health(health)
         self.model = model
         self.config = scheduler or SchedulerConfig()
         self.timeout = float(timeout_s)
@@ -396,6 +394,10 @@ class ClusterEngine(Engine):
         self.directory.mkdir(parents=True, exist_ok=True)
         self.steps = self.rows_committed = self.rejected_steps = 0
         self.step_retries = 0
+        self.health = health
+        self.checks = self.failed_checks = self._commits = 0
+        self.check_skipped: list[int] = []  # replicas a check could not reach
+        self._check_lock = threading.Lock()
         self.rollbacks: list[Rollback] = []
         self._count_lock = threading.Lock()
         self._next_replica = 0
@@ -431,7 +433,7 @@ class ClusterEngine(Engine):
                                                         **options.get("replica", {}))
         actors = [replica_cls.remote(ReplicaConfig(
             m, i, names, str(self.directory / f"replica-{i}"), snapshot_s, self.timeout,
-            tables_of)) for i in range(n)]
+            tables_of, health.score, health.min_score)) for i in range(n)]
         self.replicas = [RemoteReplica(i, a, self.timeout, lookup_timeout)
                          for i, a in enumerate(actors)]
         self._finalizer.detach()
@@ -512,6 +514,11 @@ class ClusterEngine(Engine):
         with self._count_lock:
             self.steps += 1
             self.rows_committed += sum(len(r.ids) for r in results.values())
+            self._commits += 1
+            due = bool(self.health.check_every) and self._commits % self.health.check_every == 0
+        rolled_back = any(r.rollback is not None for r in results.values())
+        if due and not rolled_back:
+            self.check()
         return max(r.version for r in results.values())
 
     def _split(self, table: str, ids: np.ndarray, grads: np.ndarray) -> list:
@@ -584,7 +591,86 @@ class ClusterEngine(Engine):
                    for t, v in tv.items())
 
     def check(self) -> bool:
-        raise EkkoError("Engine.check() (replica health checks) runs in process only")
+        """Run the replica health checks now; rolls back on failure (see HealthConfig).
+
+        As in process: every replica must hold finite values in the rows
+        changed since the last healthy mark, and the `score` hook must pass.
+        Each replica process checks itself and runs the hook on its own
+        `Replica` (the hook was pickled into it). A failed check rolls every
+        table back on every shard (logged first, so a restarted shard replays
+        it) and the replicas follow; a passing one marks every shard healthy.
+        A replica that is down is skipped (it catches up from the shards when
+        it is back) and counted in stats()["check_skipped"].
+        """
+        with self._check_lock:
+            self.checks += 1
+            changed = self._changed()
+            reason = self._replica_problem(changed)
+            if reason is None:
+                for s in range(len(self.shards)):
+                    self._on_shard(s, lambda sh: sh.mark_healthy.remote())
+                return True
+            self.failed_checks += 1
+            for table in self._tables:
+                self._rollback(table, reason)
+            return False
+
+    def _changed(self) -> dict[str, np.ndarray]:
+        parts: dict[str, list[np.ndarray]] = {t: [] for t in self._tables}
+        for s in range(len(self.shards)):
+            for table, ids in self._on_shard(s, lambda sh: sh.changed.remote())[0].items():
+                parts[table].append(ids)
+        return {t: np.concatenate(p) if p else np.zeros(0, np.int64) for t, p in parts.items()}
+
+    def _replica_problem(self, changed: dict[str, np.ndarray]) -> str | None:
+        refs = {}
+        for r in self.replicas:
+            if r.down_since is not None and not r.available():
+                self.check_skipped.append(r.index)
+                continue
+            refs[r.index] = r.actor.check.remote(changed)
+        for i, ref in refs.items():  # the first problem in replica order, as in process
+            try:
+                reason = call(ref, self.timeout)
+            except Unavailable:
+                self.replicas[i].mark_down()
+                self.check_skipped.append(i)
+                continue
+            if reason is not None:
+                return reason
+        return None
+
+    def _rollback(self, table: str, reason: str) -> None:
+        """Roll `table` back on each of its shards; the links send the restored rows first."""
+        with self._announce[table]:
+            for s in self.shards_of[table]:
+                (commit, record), resent = self._on_shard(
+                    s, lambda sh: sh.rollback.remote(table, reason))
+                if resent:  # it may have rolled back before it restarted: resync from it
+                    for per in self.links:
+                        per[s].replica.actor.catch_up.remote(s, "resent rollback")
+                if commit is None:
+                    continue
+                self.issued[s][table] = max(self.issued[s][table], commit.version)
+                sig = commit.norms.astype(np.float64)
+                for per in self.links:
+                    per[s].enqueue(commit, sig)
+                if record:
+                    self.rollbacks.append(Rollback(**record))
+
+    def _on_shard(self, s: int, send: Any) -> tuple[Any, bool]:
+        """(a call's answer, whether it was sent again): a shard restarting is waited for."""
+        deadline = time.monotonic() + self.timeout
+        resent = False
+        while True:
+            try:
+                return call(send(self.shards[s]), max(1.0, deadline - time.monotonic())), resent
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise EkkoError(f"primary shard {s} did not come back within "
+                                    f"{self.timeout:.0f} s") from None
+                resent = True
+                time.sleep(0.1)
 
     def checkpoint(self) -> list[dict]:
         """Snapshot every primary shard (and mark it healthy); their logs start again empty."""
@@ -644,7 +730,9 @@ class ClusterEngine(Engine):
             "packets": sum(p.get("packets", 0) for p in per),
             "packets_rejected": sum(p.get("packets_rejected", 0) for p in per),
             "rollbacks": [r.as_dict() for r in self.rollbacks],
-            "checks": 0,
+            "checks": self.checks,
+            "failed_checks": self.failed_checks,
+            "check_skipped": list(self.check_skipped),
             "lookup_ms": latency_summary([]) if not per else _merge_lookup(per),
             "restarts": {"replicas": [p.get("restarts") for p in per],
                          "primaries": [s.get("restarts") for s in shards]},
@@ -661,6 +749,24 @@ class ClusterEngine(Engine):
             except Unavailable:
                 pass
         return h
+
+
+def _check_health(health: HealthConfig) -> None:
+    """The score hook runs in every replica process: it must be a picklable callable."""
+    if not isinstance(health, HealthConfig):
+        raise EkkoError(f"health must be a HealthConfig, got {type(health).__name__}")
+    if not isinstance(health.check_every, int) or health.check_every < 0:
+        raise EkkoError(f"check_every must be a non-negative integer, got {health.check_every!r}")
+    if health.score is None:
+        return
+    if not callable(health.score):
+        raise EkkoError(f"the score hook must be callable, got {type(health.score).__name__}")
+    try:
+        ray.cloudpickle.dumps(health.score)
+    except Exception as e:  # noqa: BLE001 - whatever pickling raises
+        raise EkkoError("the score hook runs in each replica process, so it must be picklable "
+                        f"(cloudpickle: lambdas and closures are, locks, files and sockets are "
+                        f"not): {type(e).__name__}: {e}") from None
 
 
 def _end(actors: list, directory: Path, owned: bool) -> None:

@@ -9,11 +9,12 @@ rows, and the version the step is committed at.
 
     offset  size  field
     0       4     magic b"EKKL"
-    4       4     reserved (0)
+    4       4     kind: 0 a step, 1 "mark healthy", 2 a rollback (both from Engine.check)
     8       8     the driver's step sequence number for this table
-    16      8     the version the step commits
+    16      8     the version the step commits (the rollback's new version; the
+                  current version for a healthy mark)
     24      8     length L of the packet that follows
-    32      L     the packet (table, ids, gradient rows as f32)
+    32      L     the packet (table, ids, gradient rows as f32; empty for kinds 1, 2)
 
 Replay re-runs the fused update kernel on each record in order; the kernels
 are deterministic, so the shard comes back byte-identical. A record cut short
@@ -41,6 +42,7 @@ from .packet import Packet, PacketError
 
 _FRAME = struct.Struct("<4sIqqq")
 _MAGIC = b"EKKL"
+STEP, HEALTHY, ROLLBACK = 0, 1, 2  # record kinds
 
 
 @dataclass
@@ -50,6 +52,7 @@ class LogRecord:
     seq: int
     version: int
     packet: Packet
+    kind: int = STEP
 
 
 class PacketLog:
@@ -62,16 +65,24 @@ class PacketLog:
         self.file = open(self.path, "ab")  # noqa: SIM115 - lives as long as the shard
         self.records = 0
 
-    def append(self, seq: int, version: int, packet: Packet) -> None:
-        """Write one record and make it durable before returning."""
+    def append(self, seq: int, version: int, packet: Packet, kind: int = STEP,
+               sync: bool = True) -> None:
+        """Write one record and make it durable before returning (`sync=False`: call sync())."""
         body = packet.to_bytes()
-        frame = _FRAME.pack(_MAGIC, 0, seq, version, len(body))
+        frame = _FRAME.pack(_MAGIC, kind, seq, version, len(body))
         with self.lock:
             self.file.write(frame + body)
             self.file.flush()
-            if self.fsync:
+            if self.fsync and sync:
                 _sync(self.file.fileno())
             self.records += 1
+
+    def sync(self) -> None:
+        """Make every record written so far durable."""
+        with self.lock:
+            self.file.flush()
+            if self.fsync:
+                _sync(self.file.fileno())
 
     def size(self) -> int:
         return self.file.tell()
@@ -100,15 +111,16 @@ class PacketLog:
         data = path.read_bytes()
         pos = 0
         while pos + _FRAME.size <= len(data):
-            magic, _, seq, version, length = _FRAME.unpack_from(data, pos)
+            magic, kind, seq, version, length = _FRAME.unpack_from(data, pos)
             end = pos + _FRAME.size + length
-            if magic != _MAGIC or length < 0 or end > len(data):
+            if magic != _MAGIC or kind not in (STEP, HEALTHY, ROLLBACK) or length < 0 \
+                    or end > len(data):
                 break
             try:
                 packet = Packet.from_bytes(data[pos + _FRAME.size:end])
             except PacketError:
                 break
-            yield LogRecord(seq, version, packet)
+            yield LogRecord(seq, version, packet, kind)
             pos = end
         if pos != len(data):  # a write cut short by a kill: never acknowledged
             with open(path, "r+b") as f:
@@ -168,5 +180,5 @@ def bump_counter(path: Path) -> int:
     return n
 
 
-__all__ = ["LogRecord", "PacketLog", "bump_counter", "load_arrays", "read_counter",
+__all__ = ["HEALTHY", "ROLLBACK", "STEP", "LogRecord", "PacketLog", "bump_counter", "load_arrays", "read_counter",
            "save_arrays"]

@@ -9,7 +9,8 @@ Checks run at two places:
   rows changed since the last healthy mark must hold finite values on every
   replica, and the user's `score` hook (for example a probe batch's loss on
   a replica) must not fail: it returns True/False, or a number compared with
-  `min_score`. A failed check rolls every table back; a passing one marks
+  `min_score`. The hook gets a `Replica`; on Ray (engine/cluster.py) it is
+  pickled into every replica process and gets that process's `Replica`. A failed check rolls every table back; a passing one marks
   the current versions healthy.
 
 A rollback restores, on the primary, the old values of every row changed
@@ -116,23 +117,35 @@ class StateManager:
         return False
 
     def _replica_problem(self, replicas: list) -> str | None:
+        changed = {name: _changed(pt) for name, pt in self.primary.tables.items()}
         for r in replicas:
-            for name, pt in self.primary.tables.items():
-                ids = _changed(pt)
-                if not len(ids):
-                    continue
-                rt = r.tables[name]
-                rows, _ = r.rows(name, ids)
-                values = dequantize_rows(rows, rt.layout, rt.dim)
-                if not np.isfinite(values).all():
-                    return f"replica {r.index}: table {name} holds non-finite values"
-            if self.config.score is not None:
-                score = self.config.score(r)
-                if score is False or (self.config.min_score is not None
-                                      and not isinstance(score, bool)
-                                      and not float(score) >= self.config.min_score):
-                    return f"replica {r.index}: score hook returned {score!r}"
+            reason = replica_problem(r, changed, self.config)
+            if reason is not None:
+                return reason
         return None
+
+
+def replica_problem(r: Any, changed: dict[str, np.ndarray], config: HealthConfig) -> str | None:
+    """One replica's check: the changed rows are finite, and the score hook passes.
+
+    `r` is a `Replica` (in this process, or inside a replica process on Ray:
+    the hook gets the same class either way); `changed` maps each table to the
+    ids changed since its last healthy mark.
+    """
+    for name, ids in changed.items():
+        if not len(ids):
+            continue
+        rt = r.tables[name]
+        rows, _ = r.rows(name, ids)
+        values = dequantize_rows(rows, rt.layout, rt.dim)
+        if not np.isfinite(values).all():
+            return f"replica {r.index}: table {name} holds non-finite values"
+    if config.score is not None:
+        score = config.score(r)
+        if score is False or (config.min_score is not None and not isinstance(score, bool)
+                              and not float(score) >= config.min_score):
+            return f"replica {r.index}: score hook returned {score!r}"
+    return None
 
 
 def _changed(pt) -> np.ndarray:
@@ -142,4 +155,4 @@ def _changed(pt) -> np.ndarray:
     return np.concatenate([c[0] for c in pt.undo.chunks])
 
 
-__all__ = ["HealthConfig", "Rollback", "StateManager"]
+__all__ = ["HealthConfig", "Rollback", "StateManager", "replica_problem"]

@@ -202,6 +202,43 @@ def test_a_restarted_shard_replays_its_snapshot_and_log_to_the_same_bytes(model,
     assert not whole and 0 < sum(len(p) for p in packets) < t.rows
 
 
+def test_check_marks_and_rollbacks_are_logged_and_replayed(model, tmp_path) -> None:
+    """Engine.check() on Ray marks shards healthy or rolls them back: a replay must too."""
+    cfg = ShardConfig(model.model, 0, 1, str(tmp_path / "primary-0"), seed=3)
+    shard = ShardServer(cfg)
+    rng = np.random.default_rng(4)
+    seq = dict.fromkeys([t.name for t in model.model.tables], 0)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            for t in model.model.tables:
+                seq[t.name] += 1
+                shard.step(t.name, seq[t.name], rng.integers(0, t.rows, 20),
+                           (rng.standard_normal((20, t.dim)) * 0.1).astype(np.float32))
+
+    steps(3)
+    assert all(len(ids) for ids in shard.changed().values())
+    healthy = shard.mark_healthy()
+    assert not any(len(ids) for ids in shard.changed().values())
+    a = model.model.tables[0].name
+    marked = shard.serving(a)[0].copy()
+    steps(2)
+    commit, record = shard.rollback(a, "the score hook said so")
+    assert commit is not None and record["undone_versions"] == (healthy[a] + 1, healthy[a] + 2)
+    assert shard.serving(a)[0].tobytes() == marked.tobytes()
+    assert shard.rollback(a, "again") == (None, None)  # nothing left to undo
+    steps(2)
+    live = {t.name: shard.serving(t.name) for t in model.model.tables}
+    again = ShardServer(cfg)  # as after a kill -9
+    for t in model.model.tables:
+        got = again.serving(t.name)
+        assert got[0].tobytes() == live[t.name][0].tobytes(), t.name
+        assert np.array_equal(got[1], live[t.name][1]), t.name
+    # the replayed undo logs match too: the same rows would be rolled back
+    for name, ids in shard.changed().items():
+        assert np.array_equal(np.sort(again.changed()[name]), np.sort(ids)), name
+
+
 # -- one local Ray session ------------------------------------------------------------------
 @pytest.fixture(scope="class")
 def local_ray():
@@ -348,6 +385,63 @@ class TestLocal:
                 assert engine.primary.serving(name).tobytes() == serving.tobytes(), name
             assert_replicas_match(engine)
         engine.shutdown()
+
+    def test_check_and_the_score_hook_run_in_the_replica_processes(self, model) -> None:
+        driver = os.getpid()
+        initial = reference(model, [], 1)  # the rows every shard starts from (seed 0)
+        first = initial["a"][0][0].copy()
+
+        def score(replica) -> float:  # pickled into each replica process, gets its Replica
+            if os.getpid() == driver:
+                return -1.0
+            return -float(np.abs(replica.serving("a")[0] - first).max())  # row 0 unchanged
+
+        rng = np.random.default_rng(21)
+
+        def steps(low: int) -> None:
+            for t in model.model.tables:
+                engine.step(t.name, rng.integers(low, t.rows, 30),
+                            (rng.standard_normal((30, t.dim)) * 0.1).astype(np.float32))
+
+        with ekko.Engine(model, replicas=2, cluster="local",
+                         health=HealthConfig(score=score, min_score=-1e-6)) as engine:
+            for _ in range(3):
+                steps(1)  # row 0 of "a" untouched
+            engine.flush(WAIT)
+            assert engine.check() is True
+            healthy = {n: engine.primary.serving(n).copy() for n in engine.primary.tables}
+            for _ in range(2):
+                steps(0)
+            engine.step("a", [0], np.full((1, 8), 0.5, np.float32))
+            engine.flush(WAIT)
+            assert engine.check() is False  # the hook saw row 0 change on a replica
+            s = engine.stats()
+            assert s["checks"] == 2 and s["failed_checks"] == 1 and not s["check_skipped"]
+            assert {r["table"] for r in s["rollbacks"]} == set(engine.primary.tables)
+            assert all("score hook returned" in r["reason"] for r in s["rollbacks"])
+            for name, rows in healthy.items():  # every table back at the healthy mark
+                assert engine.primary.serving(name).tobytes() == rows.tobytes(), name
+            engine.flush(WAIT)
+            assert_replicas_match(engine)
+            assert engine.check() is True
+        engine.shutdown()
+        # automatic checks every 3 steps, with a hook that always fails
+        with ekko.Engine(model, replicas=1, cluster="local",
+                         health=HealthConfig(score=lambda r: False, check_every=3)) as engine:
+            start = engine.primary.serving("d").tobytes()
+            for _ in range(3):
+                engine.step("d", [1, 2], np.ones((2, 16), np.float32))
+            s = engine.stats()
+            assert (s["checks"], s["failed_checks"]) == (1, 1)
+            assert engine.primary.serving("d").tobytes() == start
+            engine.flush(WAIT)
+            assert_replicas_match(engine)
+        engine.shutdown()
+        # a hook that cannot travel to the replica processes is refused up front
+        lock = threading.Lock()
+        for bad, why in ((lambda r: lock.locked(), "picklable"), ("loss", "callable")):
+            with pytest.raises(EkkoError, match=why):
+                ekko.Engine(model, replicas=1, cluster="local", health=HealthConfig(score=bad))
 
     def test_cli_runs_the_engine_on_ray(self, model_path, capsys) -> None:
         from ekko.engine.cli import main
