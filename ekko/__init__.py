@@ -16,6 +16,7 @@ _EXPORTS = {
     "load_model": "ekko.compiler.frontend",
     "parse_model": "ekko.compiler.frontend",
     "UpdateRequest": "ekko.compiler.pipeline",
+    "UpdateRule": "ekko.compiler.frontend",
     "run_pipeline": "ekko.compiler.pipeline",
     "update_spec": "ekko.compiler.pipeline",
     "EkkoError": "ekko.kernels.errors",

@@ -267,8 +267,8 @@ def ids_value(ids: ArrayArg, pos: int) -> int:
     return ctype.from_address(ids.ptr + pos * ctypes.sizeof(ctype)).value
 
 
-def update_kernel(optimizer: str | catalog.Optimizer | UpdateRule, dim: int, table_dtype: str = "f32",
-                  index_dtype: str = "i64", serving: str | None = None, *,
+def update_kernel(optimizer: str | catalog.Optimizer | UpdateRule, dim: int,
+                  table_dtype: str = "f32", index_dtype: str = "i64", serving: str | None = None, *,
                   stochastic_rounding: bool = False, threads: int | None = None,
                   deterministic: bool = False, betas: tuple[float, float] | None = None,
                   weight_decay: float = 0.0, max_norm: float | None = None,

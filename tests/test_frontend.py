@@ -40,8 +40,9 @@ def test_full_language() -> None:
     assert (users.rows, users.dim, users.dtype, users.serving) == (1000, 32, "f32", "int8")
     assert dict(users.update.optimizer.hyper) == {"lr": 0.05, "eps": 1e-8}
     assert items.dtype == "bf16" and items.serving == "f16" and items.update.stochastic_rounding
-    assert dict(items.update.optimizer.hyper) == {"lr": 0.001, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
-    assert (items.update.max_norm, items.update.clip_value, items.update.weight_decay) == (1.0, 0.5, 0.0001)
+    rule = items.update
+    assert dict(rule.optimizer.hyper) == {"lr": 0.001, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
+    assert (rule.max_norm, rule.clip_value, rule.weight_decay) == (1.0, 0.5, 0.0001)
     assert [(f.name, f.table, f.pooling) for f in m.features] == [
         ("user", "users", "mean"), ("item", "items", "sum"), ("item_history", "items", "sum")]
     assert m.dense is not None and m.dense.bottom_mlp == (13, 64, 32) and m.dense.interaction == "dot"
@@ -123,6 +124,10 @@ def test_scaling_keeps_at_least_two_rows() -> None:
     ("model m { table t { rows 1; dim 4; weight_decay 1e400; } }", 1, 49,
      "1e400 is too large: numbers must be finite"),
     ("model m { table t { rows 1; dim 4; clip max_norm=1e999; } }", 1, 50, "must be finite"),
+    ("model m { table t { rows 1; dim 4; clip max_norm=-1; } }", 1, 41,
+     "table t: max_norm must be positive, got -1.0"),
+    ("model m { table t { rows 1; dim 4; weight_decay -0.5; } }", 1, 49,
+     "table t: weight_decay must be zero or positive, got -0.5"),
     ("model m { table t { rows 1; dim 4; optimizer sgd(lr=-1e999); } }", 1, 53,
      "must be finite"),
     ("model m { table t { rows 1; dim 4; clip max_norm=1; clip max_norm=2; } }", 1, 53,
@@ -196,3 +201,29 @@ def test_factory_failures_are_model_errors(tmp_path: Path) -> None:
         load_model(str(tmp_path / "fails.py"))
     with pytest.raises(ModelError, match="no factory 'make'"):
         load_model(f"{tmp_path / 'fails.py'}:make")
+
+
+def test_a_tables_update_is_one_rule() -> None:
+    """The language, update_kernel's keywords and UpdateRule.make describe one
+    update with one object; defaults come from the catalog, ranges are checked
+    when the rule is made."""
+    from ekko.compiler.frontend import UpdateRule
+    from ekko.compiler.frontend.model import ModelInvalid, Optimizer
+
+    items = parse_model(FULL).table("items")
+    assert items.update == UpdateRule.make("adam", lr=0.001, beta2=0.99, max_norm=1.0,
+                                           clip_value=0.5, weight_decay=0.0001,
+                                           stochastic_rounding=True)
+    assert UpdateRule() == UpdateRule.make() == UpdateRule(Optimizer("rowwise_adagrad", {}))
+    assert dict(UpdateRule.make("adam").optimizer.hyper) == OPTIMIZER_DEFAULTS["adam"]
+    assert UpdateRule.make("adam", weight_decay=0.1).settings() == {
+        "optimizer": "adam", **OPTIMIZER_DEFAULTS["adam"], "weight_decay": 0.1}
+    for bad, what in [({"lr": -1.0}, "lr"), ({"max_norm": 0.0}, "max_norm"),
+                      ({"clip_value": float("inf")}, "clip_value"),
+                      ({"weight_decay": float("nan")}, "weight_decay"), ({"gamma": 1.0}, "gamma"),
+                      ({"lr": "0.1"}, "lr"), ({"stochastic_rounding": 1}, "stochastic_rounding")]:
+        with pytest.raises(ModelInvalid, match=what) as info:
+            UpdateRule.make("adam", **bad)
+        assert info.value.what == what
+    assert UpdateRule.make("sgd", stochastic_rounding=True).dtype_problem("f32")
+    assert UpdateRule.make("sgd", stochastic_rounding=True).dtype_problem("bf16") is None

@@ -51,8 +51,9 @@ def test_every_name_the_language_accepts_is_documented() -> None:
 def test_the_documented_defaults_hold() -> None:
     """What a table gets when it says only rows and dim."""
     table = parse_model("model m { table t { rows 10; dim 4; } feature f -> t; }").tables[0]
-    assert (table.dtype, table.serving, table.update.optimizer.kind) == ("f32", "f32", "rowwise_adagrad")
-    assert table.update.max_norm is None and table.update.clip_value is None and table.update.weight_decay == 0
-    assert not table.update.stochastic_rounding
+    rule = table.update
+    assert (table.dtype, table.serving, rule.optimizer.kind) == ("f32", "f32", "rowwise_adagrad")
+    assert rule.max_norm is None and rule.clip_value is None and rule.weight_decay == 0
+    assert not rule.stochastic_rounding
     assert parse_model("model m { table t { rows 10; dim 4; } feature f -> t; }"
                        ).features[0].pooling == "sum"

@@ -12,6 +12,8 @@ import pytest
 
 import ekko
 from ekko.compiler.frontend_to_ir import model_to_module
+from ekko.compiler.pipeline import UPDATE_PIPELINE
+from ekko.compiler.registry import PIPELINES, pipeline_spec
 from ekko.kernels.cli import main as ekko_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +54,35 @@ def test_frontends_give_the_same_ir() -> None:
     imported = ekko.import_module(module, name=parsed.name,
                                   optimizer="rowwise_adagrad", serving="int8", lr=0.01, eps=1e-8)
     assert str(model_to_module(parsed)) == str(model_to_module(imported))
+
+
+def test_a_tables_kernel_is_update_kernels_for_its_rule(small_model: Path) -> None:
+    """compile_model and update_kernel read one rule and run one named pipeline."""
+    compiled = ekko.compile_model(small_model)
+    for name in ("items", "tags"):
+        t = compiled.table(name)
+        serving = None if t.serving == t.dtype else t.serving
+        assert compiled.update_specs[name] == ekko.update_kernel(
+            t.update, t.dim, t.dtype, serving=serving).spec
+    assert compiled.pipeline == pipeline_spec("standard")
+
+
+def test_named_pipelines_are_one_table(tmp_path: Path) -> None:
+    assert pipeline_spec("standard") == ",".join(PIPELINES["standard"]) == UPDATE_PIPELINE
+    assert pipeline_spec("standard", partitions=2, deterministic=True) == (
+        "upd-dedup{deterministic=true},upd-fuse,upd-schedule{partitions=2},lower-to-kernel")
+    assert pipeline_spec("standard", partitions=0, deterministic=False) == UPDATE_PIPELINE
+    with pytest.raises(ValueError, match="no option 'nope'"):
+        pipeline_spec("standard", nope=1)
+    from ekko.compiler.tools.ekko_opt import main as ekko_opt
+
+    out = []
+    for passes in ("standard{partitions=2}", pipeline_spec("standard", partitions=2)):
+        target = tmp_path / f"out{len(out)}.mlir"
+        assert ekko_opt([str(ROOT / "examples" / "update.mlir"), "-p", passes,
+                         "-o", str(target)]) == 0
+        out.append(target.read_text())
+    assert out[0] == out[1] and "kern.update" in out[0]
 
 
 def test_model_ir_declares_every_table_and_feature(small_model: Path) -> None:

@@ -19,6 +19,7 @@ from ekko.compiler.frontend import (  # noqa: E402
     parse_model,
     parse_model_file,
 )
+from ekko.compiler.frontend import UpdateRule  # noqa: E402
 from ekko.compiler.frontend.torch_import import torchrec_available  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +99,21 @@ def test_overrides_per_table() -> None:
                                                       "serving": "f16"}})
     user = m.table("t_user")
     assert user.update.optimizer.kind == "sgd" and dict(user.update.optimizer.hyper) == {"lr": 0.5}
+    assert m.table("t_items").update == UpdateRule()  # the defaults, as the language's
     assert user.serving == "f16"
+
+
+def test_update_keywords_make_one_rule() -> None:
+    """The importer's keywords are update_kernel's: hyper-parameters and the
+    rule's clipping, decay and rounding, per table through overrides too."""
+    m = import_module(Shared(), optimizer="adam", lr=0.001, weight_decay=1e-4,
+                      overrides={"t_user": {"max_norm": 2.0, "dtype": "f16",
+                                            "stochastic_rounding": True}})
+    assert m.table("t_items").update == UpdateRule.make("adam", lr=0.001, weight_decay=1e-4)
+    assert m.table("t_user").update == UpdateRule.make(
+        "adam", lr=0.001, weight_decay=1e-4, max_norm=2.0, stochastic_rounding=True)
+    with pytest.raises(ModelError, match="max_norm must be positive"):
+        import_module(Shared(), max_norm=-1.0)
 
 
 @pytest.mark.parametrize("module,message", [

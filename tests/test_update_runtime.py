@@ -115,6 +115,30 @@ def test_bad_requests_are_update_errors() -> None:
         ekko.update_kernel("adam", DIM, lr=-1.0)
 
 
+def test_one_update_rule_from_keywords_requests_and_models() -> None:
+    """update_kernel's keywords, an UpdateRequest's (old and new form) and a
+    model table's rule are one UpdateRule and compile one spec."""
+    rule = ekko.UpdateRule.make("adam", lr=0.001, beta2=0.99, max_norm=2.0, weight_decay=0.01)
+    old = UpdateRequest("adam", DIM, serving="int8", hyper=(("lr", 0.001), ("beta2", 0.99)),
+                        max_norm=2.0, weight_decay=0.01)
+    assert old == UpdateRequest(rule, DIM, serving="int8") == UpdateRequest(
+        update=rule, dim=DIM, serving="int8")
+    assert old.update is not rule and old.update == rule
+    k = ekko.update_kernel("adam", DIM, serving="int8", lr=0.001, betas=(0.9, 0.99),
+                           max_norm=2.0, weight_decay=0.01, alpha=0.5, lr_decay=0.1)  # not adam's
+    assert k.spec == ekko.update_kernel(rule, DIM, serving="int8").spec == update_spec(old)
+    table = ekko.parse_model("model m { table t { rows 10; dim 8; serving int8; "
+                             "optimizer adam(lr=0.001, beta2=0.99); clip max_norm=2; "
+                             "weight_decay 0.01; } }").table("t")
+    assert table.update == rule
+    with pytest.raises(UpdateError, match="cannot build"):
+        ekko.update_kernel(rule, DIM, lr=0.1)
+    with pytest.raises(TypeError):
+        UpdateRequest(rule, DIM, max_norm=1.0)
+    with pytest.raises(UpdateError, match="stochastic rounding needs an f16 or bf16"):
+        ekko.update_kernel("sgd", DIM, stochastic_rounding=True)
+
+
 def test_empty_delta_is_a_no_op() -> None:
     k = ekko.update_kernel("adam", DIM, serving="int8")
     table, state, srv, versions = buffers()
@@ -177,7 +201,8 @@ def test_inner_loops_are_vectorized(monkeypatch) -> None:
 
 def test_compile_cache_memory_and_disk(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("EKKO_CACHE_DIR", str(tmp_path))
-    spec = update_spec(UpdateRequest("adam", 77, serving="int4", max_norm=2.0))  # no other test uses it
+    rule = ekko.UpdateRule.make("adam", max_norm=2.0)
+    spec = update_spec(UpdateRequest(rule, 77, serving="int4"))  # no other test uses it
     jit.clear_memory_cache()
     t0 = time.perf_counter()
     cold = UpdateKernel(spec)

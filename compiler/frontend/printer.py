@@ -48,7 +48,8 @@ SETTINGS: dict[str, Callable[[Table], str | None]] = {
     "clip": lambda t: _clip(t.update),
     "weight_decay": lambda t: (f"weight_decay {_number(t.update.weight_decay)};"
                                if t.update.weight_decay else None),
-    "stochastic_rounding": lambda t: "stochastic_rounding;" if t.update.stochastic_rounding else None,
+    "stochastic_rounding": lambda t: ("stochastic_rounding;" if t.update.stochastic_rounding
+                                      else None),
 }
 
 

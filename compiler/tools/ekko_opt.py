@@ -36,7 +36,7 @@ from ..diagnostics import (
     format_parse_error,
     scan_ir_text,
 )
-from ..registry import ekko_dialects, ekko_passes
+from ..registry import PIPELINES, ekko_dialects, ekko_passes, pipeline_spec
 
 T = TypeVar("T")
 
@@ -100,7 +100,10 @@ class EkkoOptMain(xDSLOptMain):
             if action.dest == "passes":
                 action.help = (
                     "comma-separated pass pipeline, e.g. upd-dedup,upd-schedule{partitions=2}. "
-                    f"ekko's passes: {', '.join(ekko_passes())}. xDSL's passes work too: "
+                    f"ekko's passes: {', '.join(ekko_passes())}. Named pipelines: "
+                    + ", ".join(f"{n} ({','.join(p)})" for n, p in PIPELINES.items())
+                    + ", options go to the pass that takes them, e.g. "
+                    "standard{partitions=2}. xDSL's passes work too: "
                     "--list-passes prints them all")
         arg_parser.add_argument("--list-passes", action="store_true",
                                 help="print every pass -p accepts (ekko's first) and exit")
@@ -112,6 +115,9 @@ class EkkoOptMain(xDSLOptMain):
             specs = list(parse_pipeline(spec))
         except ArgSpecParseError as e:
             raise EkkoDiagnostic(_pipeline_syntax_error(spec, e)) from None
+        if any(p.name in PIPELINES for p in specs):
+            self.args.passes = ",".join(_expand(p) for p in specs)
+            specs = list(parse_pipeline(self.args.passes))
         for p in specs:
             if p.name not in self.available_passes:
                 raise EkkoDiagnostic(_unknown_pass(p.name, self.available_passes))
@@ -191,8 +197,24 @@ def _pipeline_syntax_error(spec: str, e: ArgSpecParseError) -> str:
     return f"ekko-opt: error: -p '{spec}'{where}: {reason}"
 
 
+def _expand(p) -> str:
+    """A named pipeline of -p as its passes, each option at the pass that takes it."""
+    if p.name not in PIPELINES:
+        return str(p)
+    options = {}
+    for key, values in p.parameters.items():
+        if len(values) != 1:
+            raise EkkoDiagnostic(f"ekko-opt: error: -p: pipeline '{p.name}': option '{key}' "
+                                 "takes one value")
+        options[key] = values[0]
+    try:
+        return pipeline_spec(p.name, **options)
+    except ValueError as e:
+        raise EkkoDiagnostic(f"ekko-opt: error: -p: {e}") from None
+
+
 def _unknown_pass(name: str, available: dict[str, object]) -> str:
-    close = difflib.get_close_matches(name, list(available), n=1)
+    close = difflib.get_close_matches(name, [*available, *PIPELINES], n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return (f"ekko-opt: error: -p: unknown pass '{name}'{hint} "
             f"(ekko's passes: {', '.join(ekko_passes())}; --list-passes prints all)")
@@ -201,6 +223,7 @@ def _unknown_pass(name: str, available: dict[str, object]) -> str:
 def _list_passes(driver: EkkoOptMain) -> None:
     ours = list(ekko_passes())
     print("ekko:", *ours, sep="\n  ")
+    print("ekko pipelines:", *(f"{n}: {','.join(p)}" for n, p in PIPELINES.items()), sep="\n  ")
     print("xDSL:", *sorted(n for n in driver.available_passes if n not in ours), sep="\n  ")
 
 
