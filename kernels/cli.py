@@ -151,7 +151,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="threads per update and lookup kernel (default 0: one per core)")
     p.add_argument("--optimizer", type=optimizer_flag, default=None, metavar="NAME(k=v,...)",
                    help="every table's optimizer, e.g. 'adam(lr=0.001)' (default: the model's)")
-    p.add_argument("--serving", choices=("f32", "f16", "bf16", "int8", "int4"), default=None,
+    p.add_argument("--serving", choices=catalog.LAYOUT_NAMES, default=None,
                    help="every table's serving layout (default: the model's)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 

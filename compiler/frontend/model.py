@@ -119,6 +119,9 @@ class UpdateRule:
             if (why := catalog.GRAD_HYPER[name].problem(value)) is not None:
                 raise ModelInvalid(why, name)
             object.__setattr__(self, name, float(value))
+        if type(self.stochastic_rounding).__module__ == "numpy" and \
+                type(self.stochastic_rounding).__name__ in ("bool", "bool_"):  # numpy's
+            object.__setattr__(self, "stochastic_rounding", bool(self.stochastic_rounding))
         if not isinstance(self.stochastic_rounding, bool):
             raise ModelInvalid(f"stochastic_rounding must be True or False, got "
                                f"{self.stochastic_rounding!r}", "stochastic_rounding")
