@@ -138,7 +138,8 @@ def restart(cluster: str, gib: float, rate: float) -> dict:
         engine.shutdown()
     return {"gib": rows * 64 * 4 / 2**30, "setup_s": setup, "kill_to_serving_s": back,
             "copy_rows_per_s": copy_rows_per_s,
-            "start_to_sync_s": info["ready_seconds"],
+            "start_to_sync_s": info["ready_seconds"], "restore_s": info["restore_seconds"],
+            "catch_up_s": sum(c["seconds"] for c in catch),
             "caught_up_rows": sum(c["rows"] for c in catch), "identical": same}
 
 

@@ -40,6 +40,7 @@ from .replica import Replica
 from .state import HealthConfig, StateManager, replica_problem
 
 CHUNK_ROWS = 1 << 16  # rows per catch-up packet
+WINDOW = 3  # catch-up chunks a replica has in flight at once
 
 
 def shard_bounds(rows: int, shards: int) -> list[int]:
@@ -285,18 +286,40 @@ class ShardServer:
         Returns (packets with global ids, the version they bring a replica up
         to, whether the whole shard was copied).
         """
+        ids, rows, upto, full = self.plan(table, version)
+        if full:
+            packets = [self.pack_range(table, lo, min(lo + CHUNK_ROWS, rows))
+                       for lo in range(0, rows, CHUNK_ROWS)]
+        else:
+            packets = [self.pack(table, ids[lo:lo + CHUNK_ROWS])
+                       for lo in range(0, len(ids), CHUNK_ROWS)]
+        return packets, upto, full
+
+    def plan(self, table: str, version: int) -> tuple[np.ndarray | None, int, int, bool]:
+        """What a replica at `version` needs: (changed shard-local ids, or None for every
+        row; the shard's rows; the version that brings it up to; whether it is every row).
+
+        The replica then fetches it in chunks (`pack`, `pack_range`), a few in
+        flight at a time: memory stays bounded and packing overlaps merging.
+        """
         pt = self.primary.table(table)
         with pt.lock:
             ids = pt.cache.changed_since(version) if version >= 0 else None
             upto = pt.version
-        full = ids is None
-        if full:
-            ids = np.arange(pt.buf.table.rows, dtype=np.int64)
-        packets = []
-        for lo in range(0, len(ids), CHUNK_ROWS):
-            p = self.primary.pack(table, ids[lo:lo + CHUNK_ROWS])
-            packets.append(self._global(p))
-        return packets, upto, full
+        return ids, pt.buf.table.rows, upto, ids is None
+
+    def pack_range(self, table: str, lo: int, hi: int) -> Packet:
+        """Shard-local rows [lo, hi) as a packet with global ids (a slice copy, no gather)."""
+        pt = self.primary.table(table)
+        if not 0 <= lo <= hi <= pt.buf.table.rows:
+            raise EkkoError(f"rows [{lo}, {hi}) are outside table {table!r} of this shard "
+                            f"({pt.buf.table.rows} rows)")
+        with pt.lock:
+            rows = pt.buf.lookup_table[lo:hi].copy()
+            versions = pt.buf.versions[lo:hi].copy()
+            newest = pt.version
+        ids = np.arange(lo + self.lo[table], hi + self.lo[table], dtype=np.int64)
+        return Packet(table, ids, rows, versions, newest=newest)
 
     def pack(self, table: str, ids: np.ndarray) -> Packet:
         """The current serving rows of shard-local `ids`, as a packet with global ids."""
@@ -340,6 +363,7 @@ class ReplicaConfig:
     tables_of_shard: dict = field(default_factory=dict)  # shard -> its table names
     score: Any = None  # HealthConfig.score: the user's hook, run here by check()
     min_score: float | None = None
+    chunk_rows: int = CHUNK_ROWS  # rows per catch-up chunk (WINDOW of them in flight)
 
 
 class ReplicaServer:
@@ -354,8 +378,14 @@ class ReplicaServer:
         t0 = time.perf_counter()
         snapshot, self.wm, restored = self._load()
         issued = {n: max(0, max(w.values(), default=0)) for n, w in self.wm.items()}
-        self.replica = Replica(config.index, self.model, snapshot, issued)
+        # the Replica copies what it is given: give it nothing, then hand it the loaded arrays
+        self.replica = Replica(config.index, self.model,
+                               {n: (s[:0], v[:0]) for n, (s, v) in snapshot.items()}, issued)
+        for name, (serving, versions) in snapshot.items():
+            rt = self.replica.tables[name]
+            rt.serving, rt.versions = serving, versions
         del snapshot
+        self.restore_seconds = time.perf_counter() - t0
         self.catch_ups: list[dict] = []
         self.wm_lock = threading.Lock()
         self.restored_from_snapshot = restored
@@ -422,17 +452,29 @@ class ReplicaServer:
         t0 = time.perf_counter()
         rows, full = 0, []
         handle = ray.get_actor(self.config.shards[shard])
+        timeout, chunk = self.config.call_timeout_s, self.config.chunk_rows
         for table in self.config.tables_of_shard.get(shard, []):
             with self.wm_lock:
                 since = self.wm[table][shard]
-            packets, upto, whole = ray.get(handle.since.remote(table, since),
-                                           timeout=self.config.call_timeout_s)
-            for p in packets:
+            ids, n, upto, whole = ray.get(handle.plan.remote(table, since), timeout=timeout)
+            if whole:  # every row, in slices
+                parts = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
+                ask = [handle.pack_range.remote(table, lo, hi) for lo, hi in parts[:WINDOW]]
+                full.append(table)
+            else:  # the rows the model-update cache names
+                parts = [ids[lo:lo + chunk] for lo in range(0, len(ids), chunk)]
+                ask = [handle.pack.remote(table, c) for c in parts[:WINDOW]]
+            for k in range(len(parts)):  # WINDOW chunks in flight: packing overlaps merging
+                p = ray.get(ask[k], timeout=timeout)
+                ask[k] = None  # its memory goes once merged
+                if k + WINDOW < len(parts):
+                    nxt = parts[k + WINDOW]
+                    ask.append(handle.pack_range.remote(table, *nxt) if whole
+                               else handle.pack.remote(table, nxt))
                 self.replica.note_issued(table, p.newest)
                 self.replica.merge(p)
                 rows += len(p)
-            if whole:
-                full.append(table)
+                del p
             self.set_watermark(table, shard, upto)
         record = {"shard": shard, "reason": reason, "rows": rows, "whole_shard": full,
                   "seconds": time.perf_counter() - t0, "at": time.time()}
@@ -521,7 +563,7 @@ class ReplicaServer:
         return {"pid": os.getpid(), "node": _node_id(), "starts": self.starts,
                 "restarts": self.starts - 1, "catch_ups": list(self.catch_ups),
                 "restored_from_snapshot": self.restored_from_snapshot,
-                "ready_seconds": self.ready_seconds}
+                "restore_seconds": self.restore_seconds, "ready_seconds": self.ready_seconds}
 
     def stats(self) -> tuple[dict, Any]:
         """(summary, freshness histogram) of this replica since it last started."""

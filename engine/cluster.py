@@ -372,7 +372,7 @@ class ClusterEngine(Engine):
                  history_rows: int = 1 << 24, seed: int = 0, scale: float = 1.0,
                  directory: str | Path | None = None, snapshot_s: float = 0.0,
                  max_restarts: int = 100, timeout_s: float = 300.0, lookup_timeout_s: float = 2.0,
-                 log_limit_bytes: int = 1 << 30, fsync: bool = True,
+                 log_limit_bytes: int = 1 << 30, fsync: bool = True, chunk_rows: int = 1 << 16,
                  actor_options: dict[str, dict] | None = None):
         if isinstance(model, (str, Path)):
             model = _compile(model, scale=scale)
@@ -383,6 +383,9 @@ class ClusterEngine(Engine):
         if not isinstance(primary_shards, int) or isinstance(primary_shards, bool) \
                 or primary_shards < 1:
             raise EkkoError(f"primary_shards must be a positive integer, got {primary_shards!r}")
+        if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
+            raise EkkoError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        self.chunk_rows = chunk_rows
         health = health or HealthConfig()
         _check_health(health)
         self.model = model
@@ -433,7 +436,7 @@ class ClusterEngine(Engine):
                                                         **options.get("replica", {}))
         actors = [replica_cls.remote(ReplicaConfig(
             m, i, names, str(self.directory / f"replica-{i}"), snapshot_s, self.timeout,
-            tables_of, health.score, health.min_score)) for i in range(n)]
+            tables_of, health.score, health.min_score, self.chunk_rows)) for i in range(n)]
         self.replicas = [RemoteReplica(i, a, self.timeout, lookup_timeout)
                          for i, a in enumerate(actors)]
         self._finalizer.detach()

@@ -198,6 +198,15 @@ def test_a_restarted_shard_replays_its_snapshot_and_log_to_the_same_bytes(model,
     # history before the snapshot is gone: a replica that far behind copies the shard
     packets, upto, whole = again.since(t.name, 2)
     assert whole and upto == 12 and sum(len(p) for p in packets) == t.rows
+    for u in model.model.tables:  # a whole-shard copy slices rows: the same bytes as packing
+        want = again.pack(u.name, np.arange(u.rows))
+        for lo, hi in ((0, u.rows), (3, 17), (u.rows - 1, u.rows), (5, 5)):
+            got = again.pack_range(u.name, lo, hi)
+            assert got.ids.tolist() == want.ids[lo:hi].tolist()
+            assert got.rows.tobytes() == want.rows[lo:hi].tobytes(), u.name
+            assert got.versions.tolist() == want.versions[lo:hi].tolist()
+    with pytest.raises(EkkoError, match="outside"):
+        again.pack_range(t.name, 0, t.rows + 1)
     packets, upto, whole = again.since(t.name, 10)
     assert not whole and 0 < sum(len(p) for p in packets) < t.rows
 
@@ -255,9 +264,12 @@ def local_ray():
 class TestLocal:
     def test_api_and_a_killed_replica_catches_up_while_the_other_serves(self, model) -> None:
         stream = Stream(model, seed=5)
-        with ekko.Engine(model, replicas=2, cluster="local",
+        with ekko.Engine(model, replicas=2, cluster="local", chunk_rows=64,
                          health=HealthConfig(outlier_factor=100.0, warmup=3)) as engine:
             assert isinstance(engine, ekko.Engine)
+            joined = engine.replicas[1].info()["catch_ups"]  # every table copied in chunks
+            assert sorted(t for c in joined for t in c["whole_shard"]) == ["a", "d", "e"]
+            assert sum(c["rows"] for c in joined) == 300 + 500 + 64
             pids = [r.pid for r in engine.replicas]
             assert len(set(pids + [os.getpid()])) == 3  # separate processes
             initial = engine.primary.serving("a").tobytes()
