@@ -21,7 +21,7 @@ from ..dialects.common import float_attr
 from .backend.spec import BagSpec, UpdateSpec
 from .backend.targets import kernel_specs
 from .frontend.model import ModelInvalid, UpdateRule
-from .registry import ekko_passes, make_context, pipeline_spec
+from .registry import PIPELINES, ekko_passes, make_context, pipeline_spec
 
 # the standard pipeline (compiler/registry.py:PIPELINES) with every pass at its default
 UPDATE_PIPELINE = pipeline_spec("standard")
@@ -30,13 +30,17 @@ DYNAMIC = DYNAMIC_INDEX
 
 
 def parse_pipeline(spec: str, callback: Callable | None = None) -> PassPipeline:
-    """An `ekko-opt -p` style pipeline string as a PassPipeline."""
+    """An `ekko-opt -p` style pipeline string, or a name from `PIPELINES`
+    (`"standard"`), as a PassPipeline."""
+    if spec in PIPELINES:
+        spec = pipeline_spec(spec)
     return PassPipeline.parse_spec(ekko_passes(), spec, callback)
 
 
 def run_pipeline(module: ModuleOp, spec: str = UPDATE_PIPELINE,
                  after_each: Callable[[str, ModuleOp], None] | None = None) -> ModuleOp:
-    """Run `spec` over `module` in place, verifying after every pass."""
+    """Run `spec` (pass names, or a named pipeline) over `module` in place,
+    verifying after every pass."""
     ctx = make_context()
 
     def callback(prev: ModulePass | None, mod: ModuleOp, _next: ModulePass | None) -> None:

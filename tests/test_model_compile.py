@@ -74,6 +74,9 @@ def test_named_pipelines_are_one_table(tmp_path: Path) -> None:
     assert pipeline_spec("standard", partitions=0, deterministic=False) == UPDATE_PIPELINE
     with pytest.raises(ValueError, match="no option 'nope'"):
         pipeline_spec("standard", nope=1)
+    named, spelled = (ekko.run_pipeline(model_to_module(ekko.load_model(str(DLRM))), p)
+                      for p in ("standard", UPDATE_PIPELINE))
+    assert str(named) == str(spelled)
     from ekko.compiler.tools.ekko_opt import main as ekko_opt
 
     out = []
