@@ -212,9 +212,13 @@ class ShardServer:
                     return dataclasses.replace(last, duplicate=True)
                 return StepResult(pt.version, np.zeros(0, np.int64), np.zeros(0, np.float32),
                                   time.time_ns(), pt.norm_mean, duplicate=True)
-            self.log.append(seq, pt.version + 1, Packet(table, ids, grads,
-                                                        np.zeros(len(ids), np.int64)))
-            result = self._apply(table, seq, ids, grads)
+            ticket = self.log.write(seq, pt.version + 1, Packet(table, ids, grads,
+                                                                np.zeros(len(ids), np.int64)))
+            try:  # the kernel runs while the log syncs; nobody reads the rows before it has
+                result = self._apply(table, seq, ids, grads)
+            finally:
+                self.log.wait(ticket)
+            result.commit_ns = time.time_ns()  # durable now: freshness counts from here
         if self.log.size() > self.config.log_limit_bytes:
             self.snapshot()
         return result
@@ -303,7 +307,7 @@ class ShardServer:
         flight at a time: memory stays bounded and packing overlaps merging.
         """
         pt = self.primary.table(table)
-        with pt.lock:
+        with self.locks[table], pt.lock:  # a step's rows are read only once it is durable
             ids = pt.cache.changed_since(version) if version >= 0 else None
             upto = pt.version
         return ids, pt.buf.table.rows, upto, ids is None
@@ -314,7 +318,7 @@ class ShardServer:
         if not 0 <= lo <= hi <= pt.buf.table.rows:
             raise EkkoError(f"rows [{lo}, {hi}) are outside table {table!r} of this shard "
                             f"({pt.buf.table.rows} rows)")
-        with pt.lock:
+        with self.locks[table], pt.lock:
             rows = pt.buf.lookup_table[lo:hi].copy()
             versions = pt.buf.versions[lo:hi].copy()
             newest = pt.version
@@ -322,8 +326,16 @@ class ShardServer:
         return Packet(table, ids, rows, versions, newest=newest)
 
     def pack(self, table: str, ids: np.ndarray) -> Packet:
-        """The current serving rows of shard-local `ids`, as a packet with global ids."""
-        return self._global(self.primary.pack(table, np.asarray(ids, np.int64)))
+        """The current serving rows of shard-local `ids`, as a packet with global ids.
+
+        Under the table's step lock: a step applies its update while its log
+        record syncs, and no row of it leaves the shard before it is durable.
+        """
+        lock = self.locks.get(table)
+        if lock is None:
+            self.primary.table(table)  # raises: no such table
+        with lock:
+            return self._global(self.primary.pack(table, np.asarray(ids, np.int64)))
 
     def pack_many(self, wanted: list[tuple[str, np.ndarray]]) -> list[Packet]:
         """One packet per (table, shard-local ids): a link's whole batch in one message."""
@@ -336,7 +348,7 @@ class ShardServer:
     def serving(self, table: str) -> tuple[np.ndarray, np.ndarray]:
         """Copies of this shard's serving rows and versions of `table`."""
         pt = self.primary.table(table)
-        with pt.lock:
+        with self.locks[table], pt.lock:
             return pt.buf.lookup_table.copy(), pt.buf.versions.copy()
 
     def info(self) -> dict:
@@ -344,7 +356,8 @@ class ShardServer:
                 "restarts": self.starts - 1, "replayed": dict(self.replayed),
                 "issued": {n: pt.version for n, pt in self.primary.tables.items()},
                 "norm_mean": {n: pt.norm_mean for n, pt in self.primary.tables.items()},
-                "log_records": self.log.records, "last_seq": dict(self.last_seq)}
+                "log_records": self.log.records, "log_syncs": self.log.syncs,
+                "last_seq": dict(self.last_seq)}
 
     def row_bytes(self) -> dict[str, int]:
         return {n: self.primary.row_bytes(n) for n in self.primary.tables}

@@ -57,51 +57,120 @@ class LogRecord:
 
 
 class PacketLog:
-    """The append-only, fsync'd log of one primary shard (see the module docstring)."""
+    """The append-only, fsync'd log of one primary shard (see the module docstring).
+
+    Group commit: a sync thread runs `fdatasync` whenever records wait for
+    one, and one sync covers every record written before it started. A step
+    `write`s its record, applies its update meanwhile, and `wait`s for the
+    sync before it is acknowledged; steps on several tables (or shards'
+    several callers) share syncs instead of queueing one each.
+    """
 
     def __init__(self, path: Path, fsync: bool = True):
         self.path = Path(path)
         self.fsync = fsync
         self.lock = threading.Lock()
-        self.file = open(self.path, "ab")  # noqa: SIM115 - lives as long as the shard
+        self.cond = threading.Condition(self.lock)
+        self.file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - lives with the shard
         self.records = 0
+        self.bytes = self.file.seek(0, os.SEEK_END)
+        self.written = self.synced = 0  # bytes ever written / made durable (tickets)
+        self.syncs = 0
+        self.error: OSError | None = None
+        self._syncing = False
+        self._running = True
+        self._thread: threading.Thread | None = None
+
+    def write(self, seq: int, version: int, packet: Packet, kind: int = STEP) -> int:
+        """Write one record (not yet durable); returns the ticket to `wait` for."""
+        body, crc = packet.to_buffers()
+        length = sum(len(b) for b in body) + 4
+        parts = [_FRAME.pack(_MAGIC, kind, seq, version, length), *body, crc]
+        with self.cond:
+            if self.error is not None:
+                raise self.error
+            _write_all(self.file, parts)
+            size = _FRAME.size + length
+            self.bytes += size
+            self.written += size
+            self.records += 1
+            if self.fsync:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._sync_loop, daemon=True,
+                                                    name="ekko-log-sync")
+                    self._thread.start()
+                self.cond.notify_all()
+            else:
+                self.synced = self.written
+            return self.written
+
+    def wait(self, ticket: int) -> None:
+        """Return once every record up to `ticket` is durable (raises if a sync failed)."""
+        with self.cond:
+            while self.synced < ticket:
+                if self.error is not None:
+                    raise self.error
+                self.cond.wait(1.0)
 
     def append(self, seq: int, version: int, packet: Packet, kind: int = STEP,
                sync: bool = True) -> None:
         """Write one record and make it durable before returning (`sync=False`: call sync())."""
-        body = packet.to_bytes()
-        frame = _FRAME.pack(_MAGIC, kind, seq, version, len(body))
-        with self.lock:
-            self.file.write(frame + body)
-            self.file.flush()
-            if self.fsync and sync:
-                _sync(self.file.fileno())
-            self.records += 1
+        ticket = self.write(seq, version, packet, kind)
+        if sync:
+            self.wait(ticket)
 
     def sync(self) -> None:
         """Make every record written so far durable."""
-        with self.lock:
-            self.file.flush()
-            if self.fsync:
-                _sync(self.file.fileno())
+        with self.cond:
+            ticket = self.written
+        self.wait(ticket)
+
+    def _sync_loop(self) -> None:
+        while True:
+            with self.cond:
+                while self._running and self.synced >= self.written:
+                    self.cond.wait()
+                if not self._running:
+                    return
+                target, fd = self.written, self.file.fileno()
+                self._syncing = True
+            try:
+                _sync(fd)
+            except OSError as e:  # the disk failed: nothing after this is acknowledged
+                with self.cond:
+                    self.error = e
+            with self.cond:
+                self._syncing = False
+                if self.error is None:
+                    self.synced = max(self.synced, target)
+                    self.syncs += 1
+                self.cond.notify_all()
 
     def size(self) -> int:
-        return self.file.tell()
+        return self.bytes
 
     def restart(self) -> None:
         """Start an empty log (after a snapshot holds everything logged so far)."""
-        with self.lock:
+        with self.cond:
+            while self._syncing:  # never close the file under a running sync
+                self.cond.wait()
             self.file.close()
             tmp = self.path.with_suffix(".tmp")
             tmp.write_bytes(b"")
             os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)
-            self.file = open(self.path, "ab")  # noqa: SIM115
-            self.records = 0
+            self.file = open(self.path, "ab", buffering=0)  # noqa: SIM115
+            self.records = self.bytes = 0
+            self.synced = self.written  # the snapshot holds them
+            self.cond.notify_all()
 
     def close(self) -> None:
-        with self.lock:
+        with self.cond:
+            self._running = False
+            while self._syncing:
+                self.cond.wait()
             self.file.close()
+            self.cond.notify_all()
 
     @staticmethod
     def read(path: Path) -> Iterator[LogRecord]:
@@ -131,6 +200,15 @@ class PacketLog:
 
 
 _sync = getattr(os, "fdatasync", os.fsync)  # the data and its length; not the mtime
+
+
+def _write_all(f, parts: list) -> None:
+    """Write every buffer (an unbuffered file may take less than asked)."""
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while len(view):
+            n = f.write(view)
+            view = view[n:]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -57,6 +57,11 @@ def _as_int64(x) -> np.ndarray:
     return a.astype(np.int64) if a.dtype.kind in "iu" and a.dtype != np.int64 else a
 
 
+def _le(a: np.ndarray, dtype) -> memoryview:
+    """The array's bytes in `dtype` (little-endian), without a copy when it already is."""
+    return memoryview(np.ascontiguousarray(a, dtype=dtype).reshape(-1).view(np.uint8))
+
+
 @dataclass
 class Packet:
     """ids, rows (serving layout), versions and commit times of one table's rows."""
@@ -88,6 +93,11 @@ class Packet:
 
     def to_bytes(self) -> bytes:
         """The wire format in the module docstring."""
+        parts, crc = self.to_buffers()
+        return b"".join(parts) + crc
+
+    def to_buffers(self) -> tuple[list, bytes]:
+        """to_bytes as (buffers, CRC-32 bytes), without joining them (for writev-style writes)."""
         rows = self.rows
         code = _CODE_OF.get(rows.dtype.newbyteorder("=") if rows.dtype.byteorder == ">" else rows.dtype)
         if code is None or rows.ndim != 2:
@@ -100,12 +110,14 @@ class Packet:
         flags = 1 if self.commit_ns is not None else 0
         parts = [_HEADER.pack(MAGIC, FORMAT_VERSION, code, flags, len(name), 0, n, rows.shape[1],
                               int(self.newest)), name,
-                 self.ids.astype("<i8").tobytes(), self.versions.astype("<i8").tobytes()]
+                 _le(self.ids, "<i8"), _le(self.versions, "<i8")]
         if self.commit_ns is not None:
-            parts.append(self.commit_ns.astype("<i8").tobytes())
-        parts.append(rows.astype(_CODES[code]).tobytes())
-        body = b"".join(parts)
-        return body + struct.pack("<I", zlib.crc32(body))
+            parts.append(_le(self.commit_ns, "<i8"))
+        parts.append(_le(rows, _CODES[code]))
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        return parts, struct.pack("<I", crc)
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Packet:
