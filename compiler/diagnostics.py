@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from xdsl.ir import Operation
 
+from ..dialects.common import settings
+
 
 class EkkoDiagnostic(Exception):
     """An error in user input, already formatted for printing."""
@@ -145,7 +147,7 @@ def _is_bag(name: str) -> bool:
 def _same_role(user: Operation, made: Operation) -> bool:
     """Whether the user's op plays the part the pass-made op plays: optimizer or lookup."""
     if _is_update(made.name):
-        return "lr" in user.properties or "lr" in user.attributes
+        return "lr" in settings(user) or "lr" in user.properties
     return _is_bag(made.name) and _is_bag(user.name)
 
 

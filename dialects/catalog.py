@@ -96,7 +96,8 @@ class Hyper:
     def problem(self, value: object) -> str | None:
         """Why `value` is not acceptable, or None."""
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"{self.name} must be a number, got {value!r}"
+            shown = repr(value) if isinstance(value, str) else str(value)
+            return f"{self.name} must be a number, got {shown}"
         v = float(value)
         if not _math.isfinite(v):
             return f"{self.name} must be finite, got {v}"

@@ -9,19 +9,26 @@ declarative formats, which matters for the 10k-op modules models produce.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 from xdsl.dialects.builtin import (
     BFloat16Type,
+    DenseArrayBase,
+    DictionaryAttr,
     Float16Type,
     Float32Type,
     FloatAttr,
     IntegerType,
     Signedness,
     StringAttr,
+    UnitAttr,
     f64,
+    i32,
 )
 from xdsl.ir import Attribute, SSAValue
-from xdsl.irdl import IRDLOperation
+from xdsl.irdl import BaseAttr, IRDLOperation, opt_prop_def, prop_def
+from xdsl.irdl.constraints import VerificationContext
 from xdsl.parser import Parser
 from xdsl.printer import Printer
 from xdsl.utils.exceptions import VerifyException
@@ -54,18 +61,25 @@ def float_attr(value: float) -> FloatAttr:
     return FloatAttr(float(value), f64)
 
 
+def settings(op: IRDLOperation) -> dict[str, Attribute]:
+    """`op`'s settings as one flat dict, the way its custom form writes them."""
+    if isinstance(op, SettingsOp):
+        return op.flat()
+    return op.attributes
+
+
 def get_float(op: IRDLOperation, name: str, default: float | None = None) -> float | None:
     """A float hyper-parameter of `op`, or `default` when it is absent."""
-    attr = op.attributes.get(name)
+    attr = settings(op).get(name)
     if attr is None:
         return default
     if not isinstance(attr, FloatAttr):
-        raise VerifyException(f"'{op.name}' attribute '{name}' must be a float")
+        raise VerifyException(f"'{op.name}' {name} must be a number, got {attr}")
     return float(attr.value.data)
 
 
 def get_string(op: IRDLOperation, name: str, default: str | None = None) -> str | None:
-    attr = op.attributes.get(name)
+    attr = settings(op).get(name)
     if attr is None:
         return default
     if not isinstance(attr, StringAttr):
@@ -92,13 +106,23 @@ class InferredResultsOp(IRDLOperation):
     ):
         attributes = dict(attributes or {})
         types = cls.infer_result_types([o.type for o in operands], attributes)
-        return cls.create(operands=list(operands), result_types=types, attributes=attributes)
+        return cls.from_flat(list(operands), types, attributes)
+
+    @classmethod
+    def from_flat(cls, operands: Sequence[SSAValue], result_types: Sequence[Attribute],
+                  flat: dict[str, Attribute], regions: Sequence = ()):
+        """The op from its settings written flat (see SettingsOp)."""
+        return cls.create(operands=list(operands), result_types=list(result_types),
+                          attributes=flat, regions=list(regions))
+
+    def flat(self) -> dict[str, Attribute]:
+        return self.attributes
 
     def print(self, printer: Printer) -> None:
         if self.operands:
             printer.print_string(" ")
             printer.print_list(self.operands, printer.print_operand)
-        printer.print_op_attributes(self.attributes)
+        printer.print_op_attributes(self.flat())
         if self.operands:
             printer.print_string(" : ")
             printer.print_list([o.type for o in self.operands], printer.print_attribute)
@@ -130,4 +154,147 @@ class InferredResultsOp(IRDLOperation):
             result_types = cls.infer_result_types(types, attributes)
         except VerifyException as e:
             parser.raise_error(str(e), start, start)
-        return cls.create(operands=operands, result_types=result_types, attributes=attributes)
+        return cls.from_flat(operands, result_types, attributes)
+
+
+SEGMENTS = ("operandSegmentSizes", "resultSegmentSizes")
+_KINDS = {FloatAttr: "a float", StringAttr: "a string", UnitAttr: "a unit flag",
+          DictionaryAttr: "a dictionary"}
+
+
+@dataclass(frozen=True)
+class Setting(BaseAttr):
+    """A property constraint whose error names the setting (IRDL's own does not)."""
+
+    what: str = ""
+
+    def verify(self, attr: Attribute, constraint_context: VerificationContext) -> None:
+        if not isinstance(attr, self.attr):
+            kind = _KINDS.get(self.attr, f"an {self.attr.__name__}")  # type: ignore[arg-type]
+            raise VerifyException(f"'{self.what}' must be {kind}, got {attr}")
+
+
+def setting(kind: type[Attribute], name: str, required: bool = False):
+    """A declared property `name` holding a `kind` attribute."""
+    constraint = Setting(kind, name)
+    return prop_def(constraint) if required else opt_prop_def(constraint)
+
+
+class SettingsOp(InferredResultsOp):
+    """An op whose settings are declared properties and whose optional
+    operands are declared (`opt_operand_def`, operand segment sizes).
+
+    Its custom form (and its Python builders) write the settings as one flat
+    dict, as MLIR writes inherent attributes in `attr-dict`: the
+    hyper-parameters of its optimizer inline, and unit flags (`FLAGS`) that
+    say which optional operands are present. `from_flat` stores them as
+    properties: the optimizer's hyper-parameters in the `hyper` dictionary
+    when the op declares one, the operand and result segment sizes from
+    `roles`. `flat` is the inverse; verifiers and passes read it, so one
+    description of the roles serves the parser, the builders and the checks.
+    Names the op does not declare stay discardable attributes, and the
+    verifier names them.
+    """
+
+    FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {}  # flag -> the operand defs it makes present
+    ORDER: ClassVar[tuple[str, ...]] = ()  # settings after the hyper-parameters, in print order
+
+    @classmethod
+    def roles(cls, flat: dict[str, Attribute]) -> list[str]:
+        """The role of each operand, in order, for these settings."""
+        raise NotImplementedError
+
+    @classmethod
+    def result_roles(cls, flat: dict[str, Attribute]) -> list[str]:
+        return []
+
+    @classmethod
+    def _segments(cls, defs: Sequence[str], roles: list[str], rest: str) -> DenseArrayBase:
+        sizes = [sum(1 for r in roles if (r if r in defs else rest) == d) for d in defs]
+        return DenseArrayBase.from_list(i32, sizes)
+
+    @classmethod
+    def segment_sizes(cls, flat: dict[str, Attribute]) -> dict[str, DenseArrayBase]:
+        """operandSegmentSizes (and resultSegmentSizes) for these settings;
+        roles that name no def belong to the variadic `state` group."""
+        op_def = cls.get_irdl_definition()
+        sizes = {SEGMENTS[0]: cls._segments([n for n, _ in op_def.operands], cls.roles(flat),
+                                            "state")}
+        if len(op_def.results) > 1:
+            sizes[SEGMENTS[1]] = cls._segments([n for n, _ in op_def.results],
+                                               ["new_" + r for r in cls.result_roles(flat)],
+                                               "new_state")
+        return sizes
+
+    @classmethod
+    def hyper_names(cls, flat: dict[str, Attribute]) -> set[str]:
+        """Names kept in the `hyper` dictionary property: float settings the
+        op does not declare (its optimizer's hyper-parameters; a name the
+        optimizer does not take is kept too, and the verifier names it)."""
+        declared = cls.get_irdl_definition().properties
+        if "hyper" not in declared:
+            return set()
+        return {n for n, a in flat.items() if isinstance(a, FloatAttr) and n not in declared}
+
+    @classmethod
+    def from_flat(cls, operands, result_types, flat, regions=()):
+        declared = cls.get_irdl_definition().properties
+        inside = cls.hyper_names(flat)
+        props: dict[str, Attribute] = {}
+        hyper: dict[str, Attribute] = {}
+        attrs: dict[str, Attribute] = {}
+        for name, attr in flat.items():
+            if name in cls.FLAGS and isinstance(attr, UnitAttr):
+                continue  # said by the segment sizes
+            if name in inside:
+                hyper[name] = attr
+            elif name in declared and name not in SEGMENTS:
+                props[name] = attr
+            else:
+                attrs[name] = attr
+        if "hyper" in declared:  # printed right after the optimizer it belongs to
+            head = {k: props.pop(k) for k in ("optimizer",) if k in props}
+            props = {**head, "hyper": DictionaryAttr(hyper), **props}
+        if SEGMENTS[0] in declared:
+            props.update(cls.segment_sizes(flat))
+        return cls.create(operands=list(operands), result_types=list(result_types),
+                          properties=props, attributes=attrs, regions=list(regions))
+
+    def flat(self) -> dict[str, Attribute]:
+        props = self.properties
+        out: dict[str, Attribute] = {}
+        if "optimizer" in props:
+            out["optimizer"] = props["optimizer"]
+        hyper = props.get("hyper")
+        if isinstance(hyper, DictionaryAttr):
+            out.update(hyper.data)
+        for name, attr in props.items():
+            if name not in out and name not in SEGMENTS and name != "hyper" \
+                    and name not in self.ORDER:
+                out[name] = attr
+        present = self._present()
+        for name in self.ORDER:
+            if name in self.FLAGS:
+                if self.FLAGS[name][0] in present:
+                    out[name] = UnitAttr()
+            elif name in props:
+                out[name] = props[name]
+        out.update(self.attributes)
+        return out
+
+    def _present(self) -> set[str]:
+        """The operand defs this op has operands for, by its segment sizes."""
+        sizes = self.properties.get(SEGMENTS[0])
+        if not isinstance(sizes, DenseArrayBase):
+            return set()
+        names = [n for n, _ in self.get_irdl_definition().operands]
+        return {n for n, k in zip(names, sizes.iter_values()) if k}
+
+
+
+def verify_inferred(op: InferredResultsOp) -> None:
+    """The results are the types the op's operands and settings imply."""
+    types = op.infer_result_types([o.type for o in op.operands], op.flat())
+    if [r.type for r in op.results] != list(types):
+        expected = ", ".join(str(t) for t in types)
+        raise VerifyException(f"'{op.name}' result types must be [{expected}]")

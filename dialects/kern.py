@@ -19,14 +19,18 @@ optimizer, traced from the catalog (`ekko.dialects.catalog`) by
 `math_region`. It runs "for every element of the row" (SPMD): element values
 (g, w, per-element state) are f32, `kern.row_sum` reduces one over the row,
 and f64 values (the step, hyper-parameters, math on them) are the same for
-the whole call. The hyper-parameters stay attributes of the op; the region
-receives them as arguments, so one region serves every setting.
+the whole call. The hyper-parameters stay properties of the op (its `hyper`
+dictionary); the region receives them as arguments, so one region serves
+every setting.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from xdsl.dialects.builtin import (
     DYNAMIC_INDEX,
+    IntegerAttr,
     IntegerType,
     MemRefType,
     StringAttr,
@@ -36,9 +40,11 @@ from xdsl.dialects import arith, math
 from xdsl.dialects.builtin import Float32Type, FloatAttr, f32, f64
 from xdsl.ir import Attribute, Block, Dialect, Region, SSAValue
 from xdsl.irdl import (
+    AttrSizedOperandSegments,
     IRDLOperation,
     irdl_op_definition,
     operand_def,
+    opt_operand_def,
     opt_region_def,
     result_def,
     traits_def,
@@ -50,9 +56,9 @@ from xdsl.traits import IsTerminator, Pure
 from xdsl.utils.exceptions import VerifyException
 
 from . import catalog, rowmath
-from .common import FLOAT_DTYPES, LAYOUTS, InferredResultsOp, dtype_name, index_name
+from .common import FLOAT_DTYPES, LAYOUTS, SettingsOp, dtype_name, index_name, setting
 from .emb import StateType, TableType, VersionsType
-from .upd import APPLY_FLAGS, APPLY_INTS, APPLY_UNITS, apply_roles
+from .upd import APPLY_FLAGS, APPLY_INTS, APPLY_UNITS, FusedUpdateOp, apply_roles
 
 i8 = IntegerType(8)
 i64 = IntegerType(64)
@@ -91,10 +97,13 @@ def _memref(t: Attribute, rank: int, what: str) -> MemRefType:
     return t
 
 
-class KernelOp(InferredResultsOp):
-    """Kernel ops return nothing: they write their buffers in place."""
+class KernelOp(SettingsOp):
+    """Kernel ops return nothing: they write their buffers in place.
 
-    args = var_operand_def()  # roles checked by `check`; declared once for every kernel op
+    Each declares its operands (optional ones with `opt_operand_def`) and
+    settings (properties); `check` reads the flat settings, as SettingsOp
+    describes, and says what is wrong in the op's own words.
+    """
 
     @classmethod
     def infer_result_types(cls, operand_types, attributes):
@@ -106,7 +115,7 @@ class KernelOp(InferredResultsOp):
         raise NotImplementedError
 
     def verify_(self) -> None:
-        self.check([o.type for o in self.operands], self.attributes)
+        self.check([o.type for o in self.operands], self.flat())
 
 
 def grad_hyper_present(attributes: dict[str, Attribute]) -> tuple[str, ...]:
@@ -205,7 +214,7 @@ class YieldOp(IRDLOperation):
 
 
 @irdl_op_definition
-class UpdateOp(KernelOp):
+class UpdateOp(FusedUpdateOp):
     """A fused sparse update over explicit buffers (see upd.apply for roles).
 
     Its region is the per-row math (see the module doc); `verify_` checks it
@@ -215,11 +224,27 @@ class UpdateOp(KernelOp):
     """
 
     name = "kern.update"
+    table = operand_def(MemRefType)
+    state = var_operand_def(MemRefType)
+    ids = operand_def(MemRefType)
+    grads = operand_def(MemRefType)
+    serving = opt_operand_def(MemRefType)
+    versions = opt_operand_def(MemRefType)
+    version = opt_operand_def(i64)
+    step = opt_operand_def(i64)
+    seed = opt_operand_def(i64)
+    serving_layout = setting(StringAttr, "serving_layout")
     math = opt_region_def("single_block")
+    irdl_options = (AttrSizedOperandSegments(as_property=True),)
 
     @classmethod
     def roles(cls, attributes: dict[str, Attribute]) -> list[str]:
         return apply_roles(attributes, ("ids", "grads"), "'kern.update' needs a known optimizer")
+
+    @classmethod
+    def infer_result_types(cls, operand_types, attributes):
+        cls.check(list(operand_types), attributes)
+        return []
 
     @classmethod
     def build_update(cls, operands: list[SSAValue], attributes: dict[str, Attribute]) -> UpdateOp:
@@ -229,8 +254,8 @@ class UpdateOp(KernelOp):
         table = operands[roles.index("table")].type
         assert isinstance(table, MemRefType)
         opt = catalog.optimizer(attributes["optimizer"].data)  # type: ignore[union-attr]
-        return cls.create(operands=operands, attributes=attributes,
-                          regions=[math_region(opt, attributes, table.get_shape()[1])])
+        return cls.from_flat(operands, [], attributes,
+                             [math_region(opt, attributes, table.get_shape()[1])])
 
     @classmethod
     def check(cls, types, attributes):
@@ -278,16 +303,16 @@ class UpdateOp(KernelOp):
         """The math region's block; the catalog's math when the op has none."""
         if self.math is not None:
             return self.math.block
-        opt = catalog.optimizer(self.attributes["optimizer"].data)  # type: ignore[union-attr]
-        table = self.operands[0].type
+        table = self.table.type
         assert isinstance(table, MemRefType)
-        return math_region(opt, self.attributes, table.get_shape()[1]).block
+        return math_region(self.entry, self.flat(), table.get_shape()[1]).block
 
     def verify_(self) -> None:
-        super().verify_()
-        opt = catalog.optimizer(self.attributes["optimizer"].data)  # type: ignore[union-attr]
+        flat = self.flat()
+        self.check([o.type for o in self.operands], flat)
+        opt = self.entry
         for h in [*opt.hyper, *catalog.GRAD_HYPER.values()]:  # absent: the catalog's default
-            attr = self.attributes.get(h.name)
+            attr = flat.get(h.name)
             if attr is None:
                 continue
             value = attr.value.data if isinstance(attr, FloatAttr) else attr
@@ -295,7 +320,7 @@ class UpdateOp(KernelOp):
                 raise VerifyException(f"'kern.update' {why}")
         if self.math is None:
             return
-        names = math_args(opt, self.attributes)
+        names = math_args(opt, flat)
         block = self.math.block
         nelem = 2 + len(opt.states)
         want = [f32] * nelem + [f64] * (len(names) - nelem)
@@ -322,8 +347,9 @@ class UpdateOp(KernelOp):
     def parse(cls, parser: Parser):
         op = super().parse(parser)
         region = parser.parse_optional_region()
-        return cls.create(operands=list(op.operands), attributes=dict(op.attributes),
-                          regions=[region] if region is not None else [])
+        operands, flat = list(op.operands), op.flat()
+        op.drop_all_references()  # the op without its region is not kept
+        return cls.from_flat(operands, [], flat, [region] if region is not None else [])
 
 
 def get_string_attr(attributes: dict[str, Attribute], name: str) -> str | None:
@@ -333,9 +359,24 @@ def get_string_attr(attributes: dict[str, Attribute], name: str) -> str | None:
 
 @irdl_op_definition
 class BagOp(KernelOp):
-    """Pooled (or plain, mode "none") lookups written into `out`."""
+    """Pooled (or plain, mode "none") lookups written into `out`.
+
+    Operands: table, ids, [offsets] (absent for mode "none"), [weights]
+    (the custom form's `weighted` flag), out.
+    """
 
     name = "kern.bag"
+    table = operand_def(MemRefType)
+    ids = operand_def(MemRefType)
+    offsets = opt_operand_def(MemRefType)
+    weights = opt_operand_def(MemRefType)
+    out = operand_def(MemRefType)
+    layout = setting(StringAttr, "layout")  # required; optional so `check` names it
+    mode = setting(StringAttr, "mode")
+    partitions = setting(IntegerAttr, "partitions")
+    FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {"weighted": ("weights",)}
+    ORDER: ClassVar[tuple[str, ...]] = ("layout", "mode", "weighted", "partitions")
+    irdl_options = (AttrSizedOperandSegments(as_property=True),)
 
     @classmethod
     def roles(cls, attributes: dict[str, Attribute]) -> list[str]:
@@ -381,6 +422,12 @@ class SyncKernelOp(KernelOp):
     """
 
     DATA: ClassVar[tuple[str, ...]] = ()
+    FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {"seq": ("seq",)}
+    ORDER: ClassVar[tuple[str, ...]] = ("layout", "dim", "seq", "partitions")
+
+    layout = setting(StringAttr, "layout")
+    dim = setting(IntegerAttr, "dim")
+    partitions = setting(IntegerAttr, "partitions")
 
     @classmethod
     def roles(cls, attributes: dict[str, Attribute]) -> list[str]:
@@ -429,7 +476,14 @@ class PackOp(SyncKernelOp):
     """Gathers the serving rows and versions of `ids` into the packet buffers."""
 
     name = "kern.pack"
+    serving = operand_def(MemRefType)  # xDSL orders a subclass's fields before its bases'
+    versions = operand_def(MemRefType)
+    seq = opt_operand_def(MemRefType)
     DATA: ClassVar[tuple[str, ...]] = ("ids", "rows_out", "versions_out")
+    ids = operand_def(MemRefType)
+    rows_out = operand_def(MemRefType)
+    versions_out = operand_def(MemRefType)
+    irdl_options = (AttrSizedOperandSegments(as_property=True),)
 
 
 @irdl_op_definition
@@ -437,7 +491,15 @@ class MergeOp(SyncKernelOp):
     """Writes each packet row whose version is newer than the replica's (validated first)."""
 
     name = "kern.merge"
+    serving = operand_def(MemRefType)  # xDSL orders a subclass's fields before its bases'
+    versions = operand_def(MemRefType)
+    seq = opt_operand_def(MemRefType)
     DATA: ClassVar[tuple[str, ...]] = ("ids", "rows", "packet_versions", "newest")
+    ids = operand_def(MemRefType)
+    rows = operand_def(MemRefType)
+    packet_versions = operand_def(MemRefType)
+    newest = operand_def(i64)
+    irdl_options = (AttrSizedOperandSegments(as_property=True),)
 
 
 Kern = Dialect("kern", [UpdateOp, BagOp, RowSumOp, YieldOp, PackOp, MergeOp], [])

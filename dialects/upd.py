@@ -16,13 +16,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from xdsl.dialects.builtin import FloatAttr, IntAttr, IntegerType, StringAttr, TensorType, UnitAttr
+from xdsl.dialects.builtin import (
+    DictionaryAttr,
+    FloatAttr,
+    IntAttr,
+    IntegerAttr,
+    IntegerType,
+    StringAttr,
+    TensorType,
+    UnitAttr,
+)
 from xdsl.ir import Attribute, Dialect, ParametrizedAttribute, TypeAttribute
 from xdsl.irdl import (
+    AttrSizedOperandSegments,
+    AttrSizedResultSegments,
     IRDLOperation,
     irdl_attr_definition,
     irdl_op_definition,
+    operand_def,
+    opt_operand_def,
+    opt_result_def,
     param_def,
+    result_def,
     traits_def,
     var_operand_def,
     var_result_def,
@@ -34,7 +49,7 @@ from xdsl.traits import HasCanonicalizationPatternsTrait, Pure
 from xdsl.utils.exceptions import VerifyException
 
 from . import catalog
-from .common import InferredResultsOp, get_float
+from .common import InferredResultsOp, SettingsOp, get_float, setting, settings, verify_inferred
 from .emb import StateType, TableType, VersionsType, check_ids, check_rows, expect_table
 
 i64 = IntegerType(64)
@@ -138,21 +153,19 @@ def check_positive(op: InferredResultsOp, name: str, required: bool = True) -> N
         raise VerifyException(f"'{op.name}' {name} must be positive, got {value}")
 
 
-class UpdOp(InferredResultsOp):
-    """Common verification: operand and attribute checks live in infer.
+class UpdOp(SettingsOp):
+    """Common verification: operand and setting checks live in infer.
 
-    Every upd op takes and yields variadic values whose roles `infer` checks;
-    the two fields are declared once here (xDSL collects them from bases).
+    Every upd op but upd.apply takes and yields variadic values whose roles
+    `infer` checks; the two fields are declared once here (xDSL collects them
+    from bases). Hyper-parameters are properties each op declares.
     """
 
     args = var_operand_def()
     res = var_result_def()
 
     def verify_(self) -> None:
-        types = self.infer_result_types([o.type for o in self.operands], self.attributes)
-        if [r.type for r in self.results] != list(types):
-            expected = ", ".join(str(t) for t in types)
-            raise VerifyException(f"'{self.name}' result types must be [{expected}]")
+        verify_inferred(self)
         self.verify_attributes()
 
     def verify_attributes(self) -> None:
@@ -210,6 +223,8 @@ class ClipOp(UpdOp):
 
     name = "upd.clip"
     traits = traits_def(Pure())
+    max_norm = setting(FloatAttr, "max_norm")
+    clip_value = setting(FloatAttr, "clip_value")
 
     @classmethod
     def infer_result_types(cls, operand_types, attributes):
@@ -230,6 +245,7 @@ class WeightDecayOp(UpdOp):
 
     name = "upd.weight_decay"
     traits = traits_def(Pure())
+    decay = setting(FloatAttr, "decay")  # required; optional here so the verifier's error says so
 
     @classmethod
     def infer_result_types(cls, operand_types, attributes):
@@ -271,7 +287,7 @@ class OptimizerOp(UpdOp):
 
     @property
     def spec(self) -> catalog.Optimizer:
-        return self.entry(self.attributes)
+        return self.entry(self.flat())
 
     @property
     def STATES(self) -> tuple[str, ...]:  # noqa: N802 - reads like the old class constant
@@ -319,8 +335,8 @@ class OptimizerOp(UpdOp):
 
 def check_hyper(op: IRDLOperation, known: dict[str, catalog.Hyper], takes: Sequence[str],
                 skip: Sequence[str] = ()) -> None:
-    """Every attribute of `op` is a known hyper-parameter with a value in range."""
-    for name, attr in op.attributes.items():
+    """Every setting of `op` is a known hyper-parameter with a value in range."""
+    for name, attr in settings(op).items():
         if name in skip:
             continue
         if name not in known:
@@ -332,11 +348,13 @@ def check_hyper(op: IRDLOperation, known: dict[str, catalog.Hyper], takes: Seque
 
 
 def _named(name: str, optimizer: str) -> type[OptimizerOp]:
-    """The named op of a built-in optimizer."""
+    """The named op of a built-in optimizer: a float property per hyper-parameter."""
+    entry = catalog.optimizer(optimizer)
+    props = {h: setting(FloatAttr, h) for h in entry.hyper_names}
     return irdl_op_definition(type(f"{optimizer.title().replace('_', '')}Op", (OptimizerOp,),
-                                   {"name": name, "OPTIMIZER": optimizer,
+                                   {"name": name, "OPTIMIZER": optimizer, **props,
                                     "__annotations__": {"OPTIMIZER": ClassVar[str]},
-                                    "__doc__": catalog.optimizer(optimizer).doc,
+                                    "__doc__": entry.doc,
                                     "__module__": __name__}))
 
 
@@ -348,7 +366,9 @@ RmspropOp = _named("upd.rmsprop", "rmsprop")
 FtrlOp = _named("upd.ftrl", "ftrl")
 OptimizeOp = irdl_op_definition(type("OptimizeOp", (OptimizerOp,), {
     "name": "upd.optimize", "__module__": __name__,
-    "__doc__": "A step of any optimizer in the catalog, named by its `optimizer` attribute."}))
+    "optimizer": setting(StringAttr, "optimizer"), "hyper": setting(DictionaryAttr, "hyper", True),
+    "__doc__": "A step of any optimizer in the catalog, named by its `optimizer` property; "
+               "its hyper-parameters are the `hyper` dictionary."}))
 
 NAMED_OPTIMIZER_OPS: dict[str, type[OptimizerOp]] = {
     op.OPTIMIZER: op for op in (SgdOp, AdagradOp, RowwiseAdagradOp, AdamOp, RmspropOp, FtrlOp)
@@ -436,6 +456,13 @@ class StampOp(UpdOp):
 APPLY_FLAGS = ("serving", "versions", "step", "seed")
 APPLY_UNITS = ("dedup", "stochastic_rounding", "sort")
 APPLY_INTS = ("partitions", "tile", "block_rows", "num_warps")
+# the custom form's unit flags, and the optional operands each makes present
+APPLY_FLAG_OPERANDS = {"serving": ("serving",), "versions": ("versions", "version"),
+                       "step": ("step",), "seed": ("seed",)}
+# the settings after the optimizer's hyper-parameters, in the order they print
+APPLY_ORDER = ("weight_decay", "max_norm", "clip_value", "dedup", "stochastic_rounding",
+               "serving", "versions", "step", "seed", "sort", *APPLY_INTS[:2], "serving_layout",
+               *APPLY_INTS[2:])
 
 
 def apply_roles(attributes: dict[str, Attribute], data: tuple[str, ...],
@@ -443,47 +470,105 @@ def apply_roles(attributes: dict[str, Attribute], data: tuple[str, ...],
     """Operand roles of a fused update (upd.apply, and kern.update below it).
 
     table, *optimizer state, `data` (the delta, or its ids and grads),
-    [serving], [versions, version], [step], [seed]: the unit attributes of
-    the same names say which optional ones are present. `unknown` is the
-    error for a missing or unknown optimizer.
+    [serving], [versions, version], [step], [seed]: in the flat settings the
+    unit flags of the same names say which optional ones are present (the op
+    stores that as its operand segment sizes). `unknown` is the error for a
+    missing or unknown optimizer.
     """
     opt = attributes.get("optimizer")
     if not isinstance(opt, StringAttr) or opt.data not in catalog.OPTIMIZERS:
         raise VerifyException(unknown)
     roles = ["table", *catalog.optimizer(opt.data).state_names, *data]
-    if "serving" in attributes:
-        roles.append("serving")
-    if "versions" in attributes:
-        roles += ["versions", "version"]
-    for scalar in ("step", "seed"):
-        if scalar in attributes:
-            roles.append(scalar)
+    for flag, operands in APPLY_FLAG_OPERANDS.items():
+        if flag in attributes:
+            roles += operands
     return roles
 
 
+class FusedUpdateOp(SettingsOp):
+    """Settings shared by upd.apply and kern.update: the optimizer, its
+    hyper-parameters (the `hyper` dictionary), the gradient transforms and
+    the schedule, all properties."""
+
+    optimizer = setting(StringAttr, "optimizer", True)
+    hyper = setting(DictionaryAttr, "hyper", True)
+    weight_decay = setting(FloatAttr, "weight_decay")
+    max_norm = setting(FloatAttr, "max_norm")
+    clip_value = setting(FloatAttr, "clip_value")
+    dedup = setting(UnitAttr, "dedup")
+    stochastic_rounding = setting(UnitAttr, "stochastic_rounding")
+    sort = setting(UnitAttr, "sort")
+    partitions = setting(IntegerAttr, "partitions")
+    tile = setting(IntegerAttr, "tile")
+    block_rows = setting(IntegerAttr, "block_rows")
+    num_warps = setting(IntegerAttr, "num_warps")
+
+    FLAGS: ClassVar[dict[str, tuple[str, ...]]] = APPLY_FLAG_OPERANDS
+    ORDER: ClassVar[tuple[str, ...]] = APPLY_ORDER
+
+    @property
+    def entry(self) -> catalog.Optimizer:
+        return catalog.optimizer(self.optimizer.data)
+
+    def hyper_values(self) -> dict[str, float]:
+        """The optimizer's hyper-parameters and gradient transforms the op sets."""
+        out = {n: float(a.value.data) for n, a in self.hyper.data.items()
+               if isinstance(a, FloatAttr)}
+        for name in catalog.GRAD_HYPER:
+            attr = self.properties.get(name)
+            if isinstance(attr, FloatAttr):
+                out[name] = float(attr.value.data)
+        return out
+
+    def role(self, name: str):
+        """The operand playing `name`, or None when absent."""
+        roles = self.roles(self.flat())
+        return self.operands[roles.index(name)] if name in roles else None
+
+
 @irdl_op_definition
-class ApplyOp(UpdOp):
+class ApplyOp(FusedUpdateOp):
     """A fused update: one kernel that touches each row of the delta once.
 
     Operands: table, *state, delta, [serving], [versions, version], [step],
-    [seed]; the unit attributes `serving`, `versions`, `step`, `seed` say which
-    optional ones are present. Results: table, *state, [serving], [versions].
-    `optimizer` names the step; floats carry the hyper-parameters, clipping
+    [seed] (declared optional operands; the custom form marks the present
+    ones with the unit flags `serving`, `versions`, `step`, `seed`).
+    Results: table, *state, [serving], [versions]. Properties: `optimizer`
+    names the step, `hyper` holds its hyper-parameters, floats the clipping
     and weight decay; `dedup` sums duplicates inside the kernel;
     upd-schedule adds `sort`, `partitions` and `tile`.
     """
 
     name = "upd.apply"
+    table = operand_def(TableType)
+    state = var_operand_def(StateType)
+    delta = operand_def(DeltaType)
+    serving = opt_operand_def(TableType)
+    versions = opt_operand_def(VersionsType)
+    version = opt_operand_def(i64)
+    step = opt_operand_def(i64)
+    seed = opt_operand_def(i64)
+    new_table = result_def(TableType)
+    new_state = var_result_def(StateType)
+    new_serving = opt_result_def(TableType)
+    new_versions = opt_result_def(VersionsType)
+    irdl_options = (AttrSizedOperandSegments(as_property=True),
+                    AttrSizedResultSegments(as_property=True))
 
     @classmethod
-    def layout(cls, attributes: dict[str, Attribute]) -> list[str]:
-        """The role of each operand, in order."""
-        return apply_roles(attributes, ("delta",),
+    def roles(cls, flat: dict[str, Attribute]) -> list[str]:
+        return apply_roles(flat, ("delta",),
                            f"'upd.apply' needs optimizer = one of {', '.join(catalog.OPTIMIZERS)}")
+
+    layout = roles
+
+    @classmethod
+    def result_roles(cls, flat: dict[str, Attribute]) -> list[str]:
+        return [r for r in cls.roles(flat) if r not in ("delta", "version", "step", "seed")]
 
     @classmethod
     def infer_result_types(cls, operand_types, attributes):
-        roles = cls.layout(attributes)
+        roles = cls.roles(attributes)
         if len(roles) != len(operand_types):
             raise VerifyException(f"'upd.apply' operands must be ({', '.join(roles)})")
         optimizer = catalog.optimizer(attributes["optimizer"].data)  # type: ignore[union-attr]
@@ -511,38 +596,31 @@ class ApplyOp(UpdOp):
             raise VerifyException(f"'upd.apply' with {optimizer.name} needs a step")
         return results
 
-    def verify_attributes(self) -> None:
-        opt = catalog.optimizer(self.attributes["optimizer"].data)  # type: ignore[union-attr]
+    def verify_(self) -> None:
+        verify_inferred(self)
+        flat = self.flat()
+        opt = self.entry
         structural = {"optimizer", *APPLY_FLAGS, *APPLY_UNITS, *APPLY_INTS}
-        for name, attr in self.attributes.items():
-            if name in APPLY_UNITS + APPLY_FLAGS and not isinstance(attr, UnitAttr):
-                raise VerifyException(f"'upd.apply' attribute '{name}' is a unit flag")
         known = {h.name: h for h in opt.hyper} | dict(catalog.GRAD_HYPER)
-        for name in self.attributes:
+        for name in flat:
             if name not in structural and name not in known:
                 raise VerifyException(f"'upd.apply' has no attribute '{name}'")
         check_hyper(self, known, [*opt.hyper_names, *catalog.GRAD_HYPER], skip=tuple(structural))
         check_positive(self, "lr")
-        table = self.operands[0].type
-        delta = self.operands[self.layout(self.attributes).index("delta")].type
+        table = self.table.type
+        delta = self.delta.type
         assert isinstance(table, TableType) and isinstance(delta, DeltaType)
-        if "stochastic_rounding" in self.attributes and table.layout.data == "f32":
+        if self.stochastic_rounding is not None and table.layout.data == "f32":
             raise VerifyException("stochastic rounding needs an f16 or bf16 table")
         nonlinear = not opt.linear or any(
-            n in self.attributes for n in ("max_norm", "clip_value", "weight_decay")
-        )
-        if nonlinear and not ("dedup" in self.attributes or delta.is_unique):
+            n in flat for n in ("max_norm", "clip_value", "weight_decay"))
+        if nonlinear and not (self.dedup is not None or delta.is_unique):
             raise VerifyException(
                 "'upd.apply' is non-linear in the delta: it needs unique ids or 'dedup'"
             )
 
-    def role(self, name: str):
-        """The operand playing `name`, or None when absent."""
-        roles = self.layout(self.attributes)
-        return self.operands[roles.index(name)] if name in roles else None
-
     def result_role(self, name: str):
-        roles = [r for r in self.layout(self.attributes) if r not in ("delta", "version", "step", "seed")]
+        roles = self.result_roles(self.flat())
         return self.results[roles.index(name)] if name in roles else None
 
 

@@ -164,7 +164,7 @@ def test_print_and_reparse_round_trip(generic: bool) -> None:
 def test_verify_reports_a_bad_attribute() -> None:
     module = build_train()
     clip = next(op for op in module.walk() if isinstance(op, upd.ClipOp))
-    clip.attributes["max_norm"] = float_attr(-1.0)
+    clip.max_norm = float_attr(-1.0)
     with pytest.raises(VerifyException, match="'upd.clip' max_norm must be positive, got -1.0"):
         module.verify()
 
@@ -222,15 +222,15 @@ def test_passes_from_python_and_kernel_specs() -> None:
     assert not any(isinstance(op, (upd.OptimizerOp, upd.ClipOp, upd.DedupOp, upd.StampOp,
                                    upd.RequantizeOp)) for op in module.walk())
     apply = applies[0]
-    assert {"dedup", "serving", "versions"} <= set(apply.attributes)
-    assert apply.layout(apply.attributes) == ["table", "momentum", "delta", "serving",
+    assert None not in (apply.dedup, apply.serving, apply.versions)
+    assert apply.roles(apply.flat()) == ["table", "momentum", "delta", "serving",
                                               "versions", "version"]
 
     UpdSchedulePass(partitions=3, tile=8, sort=True).apply(ctx, module)
     module.verify()
-    assert apply.attributes["partitions"].value.data == 3
-    assert apply.attributes["tile"].value.data == 8
-    assert isinstance(apply.attributes["sort"], UnitAttr)
+    assert apply.partitions.value.data == 3
+    assert apply.tile.value.data == 8
+    assert isinstance(apply.sort, UnitAttr)
 
     LowerToKernelPass().apply(ctx, module)
     module.verify()

@@ -17,7 +17,7 @@ from xdsl.dialects import arith, math
 from xdsl.dialects.builtin import Float64Type, FloatAttr, IntegerType
 from xdsl.ir import SSAValue
 
-from ...dialects import catalog, kern
+from ...dialects import kern
 
 _BINARY = {arith.AddfOp: "add", arith.SubfOp: "sub", arith.MulfOp: "mul", arith.DivfOp: "div",
            arith.MaximumfOp: "max", arith.MinimumfOp: "min", math.PowFOp: "pow"}
@@ -62,8 +62,8 @@ class MathProgram:
 
 def program_of(op: kern.UpdateOp) -> MathProgram:
     """Read `op`'s math region (already verified) as a MathProgram."""
-    opt = catalog.optimizer(op.attributes["optimizer"].data)  # type: ignore[union-attr]
-    names = kern.math_args(opt, op.attributes)
+    opt = op.entry
+    names = kern.math_args(opt, op.flat())
     row_states = {s.name for s in opt.states if s.rowwise}
     index: dict[SSAValue, int] = {}
     instrs: list[Instr] = []

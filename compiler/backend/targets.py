@@ -10,22 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
-from xdsl.dialects.builtin import FloatAttr, IntAttr, IntegerAttr, MemRefType, ModuleOp, StringAttr
+from xdsl.dialects.builtin import IntAttr, IntegerAttr, MemRefType, ModuleOp
 
-from ...dialects import catalog, kern
-from ...dialects.common import dtype_name, index_name
+from ...dialects import kern
+from ...dialects.common import dtype_name, index_name, settings
 from . import abi
 from .mathprog import program_of
 from .spec import BagSpec, MergeSpec, PackSpec, UpdateSpec
 
 
-def _float(op: kern.KernelOp, name: str) -> float | None:
-    attr = op.attributes.get(name)
-    return float(attr.value.data) if isinstance(attr, FloatAttr) else None
-
-
-def _int(op: kern.KernelOp, name: str, default: int) -> int:
-    attr = op.attributes.get(name)
+def _int(op: kern.KernelOp | kern.UpdateOp, name: str, default: int) -> int:
+    attr = settings(op).get(name)
     if isinstance(attr, IntegerAttr):
         return int(attr.value.data)
     if isinstance(attr, IntAttr):
@@ -35,31 +30,26 @@ def _int(op: kern.KernelOp, name: str, default: int) -> int:
 
 def update_spec(op: kern.UpdateOp) -> UpdateSpec:
     """The UpdateSpec a `kern.update` op stands for (its region read as a MathProgram)."""
-    roles = dict(zip(op.roles(op.attributes), op.operands))
-    table = roles["table"].type
-    ids = roles["ids"].type
+    table = op.table.type
+    ids = op.ids.type
     assert isinstance(table, MemRefType) and isinstance(ids, MemRefType)
-    attrs = op.attributes
-    optimizer = attrs["optimizer"]
-    assert isinstance(optimizer, StringAttr)
-    serving = attrs.get("serving_layout")
-    opt = catalog.optimizer(optimizer.data)
-    names = kern.math_args(opt, attrs)
-    defaults = opt.defaults()
-    hyper = tuple((k, v if (v := _float(op, k)) is not None else defaults[k])
-                  for k in names[3 + len(opt.states):])
+    opt = op.entry
+    names = kern.math_args(opt, op.flat())
+    given = op.hyper_values()
+    hyper = tuple((k, given.get(k, opt.defaults().get(k))) for k in names[3 + len(opt.states):])
+    serving = op.serving_layout
     return UpdateSpec(
-        optimizer=optimizer.data,
+        optimizer=opt.name,
         dim=table.get_shape()[1],
         math=program_of(op),
         hyper=hyper,
         table_dtype=dtype_name(table.element_type) or "f32",
         index_dtype=index_name(ids.element_type) or "i64",
-        serving=serving.data if isinstance(serving, StringAttr) and "serving" in attrs else None,
-        versions="versions" in attrs,
-        dedup="dedup" in attrs,
-        stochastic_rounding="stochastic_rounding" in attrs,
-        sort="sort" in attrs,
+        serving=serving.data if serving is not None and op.serving is not None else None,
+        versions=op.versions is not None,
+        dedup=op.dedup is not None,
+        stochastic_rounding=op.stochastic_rounding is not None,
+        sort=op.sort is not None,
         partitions=_int(op, "partitions", 1),
         tile=_int(op, "tile", 0),
         block_rows=_int(op, "block_rows", 0),
@@ -69,31 +59,26 @@ def update_spec(op: kern.UpdateOp) -> UpdateSpec:
 
 def bag_spec(op: kern.BagOp) -> BagSpec:
     """The BagSpec a `kern.bag` op stands for."""
-    roles = dict(zip(op.roles(op.attributes), op.operands))
-    out, ids = roles["out"].type, roles["ids"].type
+    out, ids = op.out.type, op.ids.type
     assert isinstance(out, MemRefType) and isinstance(ids, MemRefType)
-    layout = op.attributes["layout"]
-    mode = op.attributes["mode"]
-    assert isinstance(layout, StringAttr) and isinstance(mode, StringAttr)
+    assert op.layout is not None and op.mode is not None
     return BagSpec(
         dim=out.get_shape()[1],
-        layout=layout.data,
+        layout=op.layout.data,
         index_dtype=index_name(ids.element_type) or "i64",
-        mode=mode.data,
-        weighted="weighted" in op.attributes,
+        mode=op.mode.data,
+        weighted=op.weights is not None,
         partitions=_int(op, "partitions", 1),
     )
 
 
 def sync_spec(op: kern.PackOp | kern.MergeOp) -> PackSpec | MergeSpec:
     """The PackSpec / MergeSpec a `kern.pack` / `kern.merge` op stands for."""
-    roles = dict(zip(op.roles(op.attributes), op.operands))
-    ids = roles["ids"].type
-    layout = op.attributes["layout"]
-    assert isinstance(ids, MemRefType) and isinstance(layout, StringAttr)
+    ids = op.ids.type
+    assert isinstance(ids, MemRefType) and op.layout is not None
     cls = PackSpec if isinstance(op, kern.PackOp) else MergeSpec
-    return cls(dim=_int(op, "dim", 1), layout=layout.data,
-               index_dtype=index_name(ids.element_type) or "i64", seq="seq" in op.attributes,
+    return cls(dim=_int(op, "dim", 1), layout=op.layout.data,
+               index_dtype=index_name(ids.element_type) or "i64", seq=op.seq is not None,
                partitions=_int(op, "partitions", 1))
 
 

@@ -27,7 +27,7 @@ from xdsl.ir import Attribute, Block, Operation, Region, SSAValue
 from xdsl.passes import ModulePass
 from xdsl.utils.exceptions import DiagnosticException
 
-from ...dialects import catalog, emb, kern, sync, upd
+from ...dialects import emb, kern, sync, upd
 
 Buffers = SSAValue | tuple[SSAValue, ...]
 
@@ -127,14 +127,13 @@ class FuncLowering:
         operands: list[SSAValue] = []
         for value in op.operands:
             operands += self.flat(value)
-        attrs = dict(op.attributes)
-        serving = op.role("serving")
+        attrs = op.flat()
+        serving = op.serving
         if serving is not None:
             assert isinstance(serving.type, emb.TableType)
             attrs["serving_layout"] = StringAttr(serving.type.layout.data)
         self.block.add_op(kern.UpdateOp.build_update(operands, attrs))
-        in_place = [r for r in op.layout(op.attributes) if r not in ("delta", "version", "step", "seed")]
-        for role, result in zip(in_place, op.results):
+        for role, result in zip(op.result_roles(op.flat()), op.results):
             self.values[result] = self.values[op.role(role)]
 
     def lower_bag(self, op: emb.BagOp | emb.LookupOp) -> None:
@@ -173,8 +172,7 @@ def check_in_place(op: upd.ApplyOp) -> None:
     block = op.parent_block()
     assert block is not None
     index = block.get_operation_index(op)
-    for role in ("table", "serving", "versions", *catalog.optimizer(
-            op.attributes["optimizer"].data).state_names):  # type: ignore[union-attr]
+    for role in ("table", "serving", "versions", *op.entry.state_names):
         value = op.role(role)
         if value is None:
             continue

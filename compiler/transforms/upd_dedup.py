@@ -66,7 +66,7 @@ def _retype_users(value: SSAValue, rewriter: PatternRewriter) -> None:
     for use in list(value.uses):
         user = use.operation
         if isinstance(user, CHAIN_OPS) and use.index == 0:
-            new = type(user).build_inferred(list(user.operands), dict(user.attributes))
+            new = type(user).build_inferred(list(user.operands), user.flat())
             rewriter.replace(user, new)
             _retype_users(new.results[0], rewriter)
 

@@ -82,7 +82,7 @@ def _attributes(f: Fusion) -> dict[str, Attribute]:
     for name, value in spec.defaults().items():  # defaults, then what the op says over them
         if name != "lr":  # the op always names its learning rate
             attrs[name] = float_attr(value)
-    for name, attr in f.optimizer.attributes.items():
+    for name, attr in f.optimizer.flat().items():
         attrs[name] = attr
     for chain_op in f.chain.ops:
         if isinstance(chain_op, upd.DedupOp):

@@ -64,18 +64,15 @@ class UpdSchedulePass(ModulePass):
         parts = self.partitions or default_partitions()
         for apply in op.walk():
             if isinstance(apply, upd.ApplyOp):
-                table = apply.operands[0].type
+                table = apply.table.type
                 assert isinstance(table, emb.TableType)
                 tile = self.tile or choose_tile(table.dim.data)
-                apply.attributes["partitions"] = IntegerAttr(parts, i64)
-                apply.attributes["tile"] = IntegerAttr(min(tile, table.dim.data), i64)
+                apply.partitions = IntegerAttr(parts, i64)
+                apply.tile = IntegerAttr(min(tile, table.dim.data), i64)
                 if self.target == "triton":
                     rows, warps = gpu_schedule(table.dim.data)
-                    apply.attributes["block_rows"] = IntegerAttr(rows, i64)
-                    apply.attributes["num_warps"] = IntegerAttr(warps, i64)
-                if self.sort:
-                    apply.attributes["sort"] = UnitAttr()
-                else:
-                    apply.attributes.pop("sort", None)
+                    apply.block_rows = IntegerAttr(rows, i64)
+                    apply.num_warps = IntegerAttr(warps, i64)
+                apply.sort = UnitAttr() if self.sort else None
             elif isinstance(apply, (emb.BagOp, emb.LookupOp)):
                 apply.attributes["partitions"] = IntegerAttr(parts, i64)

@@ -27,7 +27,9 @@ VOCABULARY = ["emb.table", "emb.feature", "emb.bag", "emb.lookup", "upd.delta", 
               "memref<?xi8>", "!upd.delta<4xf32, i64>", "\"sum\"", "\"mean\"", "\"max\"",
               "\"int8\"", "\"int9\"", "\"adam\"", "\"lamb\"", "lr", "eps", "beta1", "max_norm",
               "clip_value", "decay", "partitions", "{}", "()", "%0", "%undefined", "@nowhere",
-              "0x7FF8000000000000 : f64", "-1.0 : f64", "1e400", "\"str\"", "unit", "dedup"]
+              "0x7FF8000000000000 : f64", "-1.0 : f64", "1e400", "\"str\"", "unit", "dedup",
+              "hyper", "operandSegmentSizes", "resultSegmentSizes", "array<i32: 1, 0, 1>",
+              "array<i32: -1>", "<{}>", "serving_layout", "weighted", "seq"]
 ARGS = [[], [], ["--print-op-generic"], ["-p", PIPELINE], ["-p", PIPELINE], ["-p", "upd-dedup"],
         ["-p", "upd-dedup,upd-fuse"], ["-p", PIPELINE, "-t", "llvm"], ["--split-input-file"],
         ["-p", "upd-dedup,upd-fuse,upd-schedule{partitions=3 sort=true tile=8}"]]

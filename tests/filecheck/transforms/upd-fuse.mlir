@@ -6,7 +6,7 @@
 
 // CHECK-LABEL: func.func @full
 // CHECK-NEXT:    %d = upd.delta %ids, %rows : tensor<?xi64>, tensor<?x8xf32>
-// CHECK-NEXT:    %t2, %m2, %q2, %v2 = upd.apply %t, %m, %d, %q, %v, %ver {optimizer = "rowwise_adagrad", eps = 1.000000e-08 : f64, lr = 1.000000e-02 : f64, dedup, max_norm = 1.000000e+00 : f64, weight_decay = 1.000000e-03 : f64, serving, versions} : !emb.table<100x8xf32>, !emb.state<100x1>, !upd.delta<8xf32, i64>, !emb.table<100x8xint8>, !emb.versions<100>, i64
+// CHECK-NEXT:    %t2, %m2, %q2, %v2 = upd.apply %t, %m, %d, %q, %v, %ver {optimizer = "rowwise_adagrad", eps = 1.000000e-08 : f64, lr = 1.000000e-02 : f64, weight_decay = 1.000000e-03 : f64, max_norm = 1.000000e+00 : f64, dedup, serving, versions} : !emb.table<100x8xf32>, !emb.state<100x1>, !upd.delta<8xf32, i64>, !emb.table<100x8xint8>, !emb.versions<100>, i64
 // CHECK-NEXT:    func.return %t2, %m2, %q2, %v2
 func.func @full(%t: !emb.table<100x8xf32>, %m: !emb.state<100x1>, %ids: tensor<?xi64>, %rows: tensor<?x8xf32>, %q: !emb.table<100x8xint8>, %v: !emb.versions<100>, %ver: i64) -> (!emb.table<100x8xf32>, !emb.state<100x1>, !emb.table<100x8xint8>, !emb.versions<100>) {
   %d = upd.delta %ids, %rows : tensor<?xi64>, tensor<?x8xf32>
@@ -47,7 +47,7 @@ func.func @sgd(%t: !emb.table<100x8xf32>, %d: !upd.delta<8xf32, i64>) -> !emb.ta
 // CHECK-LABEL: func.func @two_users
 // CHECK-NEXT:    %u = upd.dedup %d : !upd.delta<8xf32, i64>
 // CHECK-NEXT:    %c = upd.clip %u {clip_value = 5.000000e-01 : f64} : !upd.delta<8xf32, i64, unique>
-// CHECK-NEXT:    %t2, %m2 = upd.apply %t, %m, %d {optimizer = "rowwise_adagrad", eps = 1.000000e-08 : f64, lr = 1.000000e-02 : f64, dedup, clip_value = 5.000000e-01 : f64} : !emb.table<100x8xf32>, !emb.state<100x1>, !upd.delta<8xf32, i64>
+// CHECK-NEXT:    %t2, %m2 = upd.apply %t, %m, %d {optimizer = "rowwise_adagrad", eps = 1.000000e-08 : f64, lr = 1.000000e-02 : f64, clip_value = 5.000000e-01 : f64, dedup} : !emb.table<100x8xf32>, !emb.state<100x1>, !upd.delta<8xf32, i64>
 // CHECK-NEXT:    func.return %t2, %c
 func.func @two_users(%t: !emb.table<100x8xf32>, %m: !emb.state<100x1>, %d: !upd.delta<8xf32, i64>) -> (!emb.table<100x8xf32>, !upd.delta<8xf32, i64, unique>) {
   %u = upd.dedup %d : !upd.delta<8xf32, i64>

@@ -10,7 +10,7 @@
 // CHECK-LABEL: func.func @wide
 // CHECK-NEXT:    upd.apply %t, %m, %d {optimizer = "rowwise_adagrad", lr = 1.000000e-02 : f64, dedup, partitions = 2 : i64, tile = 64 : i64} :
 // SORT-LABEL: func.func @wide
-// SORT-NEXT:    upd.apply %t, %m, %d {optimizer = "rowwise_adagrad", lr = 1.000000e-02 : f64, dedup, partitions = 4 : i64, tile = 8 : i64, sort} :
+// SORT-NEXT:    upd.apply %t, %m, %d {optimizer = "rowwise_adagrad", lr = 1.000000e-02 : f64, dedup, sort, partitions = 4 : i64, tile = 8 : i64} :
 // TILE-LABEL: func.func @wide
 // TILE-NEXT:    upd.apply %t, %m, %d {optimizer = "rowwise_adagrad", lr = 1.000000e-02 : f64, dedup, partitions = 3 : i64, tile = 32 : i64} :
 // DEFAULT-LABEL: func.func @wide

@@ -4,7 +4,7 @@
 
 // CHECK: the momentum state buffer must have rows of 1, got memref<10x4xf32>
 %t, %m, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
-"kern.update"(%t, %m, %ids, %g) {optimizer = "rowwise_adagrad", dedup} : (memref<10x4xf32>, memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.update %t, %m, %ids, %g {optimizer = "rowwise_adagrad", dedup} : memref<10x4xf32>, memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
@@ -12,143 +12,143 @@
 
 // CHECK: 'kern.update' math region must take (g, w, step, lr) typed (f32, f32, f64, f64)
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
-"kern.update"(%t, %ids, %g) ({
+kern.update %t, %ids, %g {optimizer = "sgd"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32> {
 ^bb0(%x: f32, %w: f32):
   "kern.yield"(%w) : (f32) -> ()
-}) {optimizer = "sgd"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+}
 
 // -----
 
 // CHECK: 'kern.update' math region must yield 1 f32 values: the new weights and state
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
-"kern.update"(%t, %ids, %g) ({
+kern.update %t, %ids, %g {optimizer = "sgd"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32> {
 ^bb0(%x: f32, %w: f32, %step: f64, %lr: f64):
   "kern.yield"(%w, %x) : (f32, f32) -> ()
-}) {optimizer = "sgd"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+}
 
 // -----
 
 // CHECK: optimizer rowwise_adagrad: rowwise state 'momentum' must be one value per row (reduce element values with row_sum)
 %t, %m, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<10x1xf32>, memref<?xi64>, memref<?x4xf32>)
-"kern.update"(%t, %m, %ids, %g) ({
+kern.update %t, %m, %ids, %g {optimizer = "rowwise_adagrad", dedup} : memref<10x4xf32>, memref<10x1xf32>, memref<?xi64>, memref<?x4xf32> {
 ^bb0(%x: f32, %w: f32, %mom: f32, %step: f64, %lr: f64, %eps: f64):
   %sq = "arith.mulf"(%x, %x) : (f32, f32) -> f32
   "kern.yield"(%w, %sq) : (f32, f32) -> ()
-}) {optimizer = "rowwise_adagrad", dedup} : (memref<10x4xf32>, memref<10x1xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+}
 
 // -----
 
 // CHECK: 'arith.addi' is not allowed in a math region
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
-"kern.update"(%t, %ids, %g) ({
+kern.update %t, %ids, %g {optimizer = "sgd"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32> {
 ^bb0(%x: f32, %w: f32, %step: f64, %lr: f64):
   %c = "arith.constant"() <{value = 1 : i64}> : () -> i64
   %d = "arith.addi"(%c, %c) : (i64, i64) -> i64
   "kern.yield"(%w) : (f32) -> ()
-}) {optimizer = "sgd"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+}
 
 // -----
 
 
 // CHECK: 'kern.update' needs a known optimizer
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
-"kern.update"(%t, %ids, %g) {optimizer = "lamb"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.update %t, %ids, %g {optimizer = "lamb"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: 'kern.update' needs a known optimizer
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
-"kern.update"(%t, %ids, %g) {lr = 0.1 : f64} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.update %t, %ids, %g {lr = 0.1 : f64} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: 'kern.update' operands must be (table, momentum, ids, grads)
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
-"kern.update"(%t, %ids, %g) {optimizer = "rowwise_adagrad", lr = 0.1 : f64} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.update %t, %ids, %g {optimizer = "rowwise_adagrad", lr = 0.1 : f64} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: 'kern.update' has no attribute 'momentum'
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
-"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64, momentum = 0.9 : f64} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64, momentum = 0.9 : f64} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the table buffer must be a rank-2 memref, got memref<?xf32>
 %t, %ids, %g = "test.op"() : () -> (memref<?xf32>, memref<?xi64>, memref<?x4xf32>)
-"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64} : (memref<?xf32>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64} : memref<?xf32>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the table buffer must hold f32, f16 or bf16
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xi8>, memref<?xi64>, memref<?x4xf32>)
-"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64} : (memref<10x4xi8>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64} : memref<10x4xi8>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the ids buffer must be a rank-1 memref, got tensor<?xi64>
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, tensor<?xi64>, memref<?x4xf32>)
-"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64} : (memref<10x4xf32>, tensor<?xi64>, memref<?x4xf32>) -> ()
+kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64} : memref<10x4xf32>, tensor<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the ids buffer must hold i32 or i64
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi16>, memref<?x4xf32>)
-"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64} : (memref<10x4xf32>, memref<?xi16>, memref<?x4xf32>) -> ()
+kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64} : memref<10x4xf32>, memref<?xi16>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the grads buffer must be memref<?x4xf32>
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x8xf32>)
-"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64} : (memref<10x4xf32>, memref<?xi64>, memref<?x8xf32>) -> ()
+kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64} : memref<10x4xf32>, memref<?xi64>, memref<?x8xf32>
 
 // -----
 
 // CHECK: the grads buffer must be memref<?x4xf32>
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf16>)
-"kern.update"(%t, %ids, %g) {optimizer = "sgd", lr = 0.1 : f64} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf16>) -> ()
+kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf16>
 
 // -----
 
 // CHECK: 'kern.update' with a serving copy needs serving_layout
 %t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x12xi8>)
-"kern.update"(%t, %ids, %g, %q) {optimizer = "sgd", lr = 0.1 : f64, serving} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x12xi8>) -> ()
+kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 0.1 : f64, serving} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x12xi8>
 
 // -----
 
 // CHECK: the serving buffer must be a rank-2 memref, got memref<?xi8>
 %t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<?xi8>)
-"kern.update"(%t, %ids, %g, %q) {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int8"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<?xi8>) -> ()
+kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int8"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<?xi8>
 
 // -----
 
 // CHECK: the int8 serving buffer must be 10x12, got memref<10x4xi8>
 %t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>)
-"kern.update"(%t, %ids, %g, %q) {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int8"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>) -> ()
+kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int8"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>
 
 // -----
 
 // CHECK: the int4 serving buffer must be 10x6, got memref<10x4xi8>
 %t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>)
-"kern.update"(%t, %ids, %g, %q) {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int4"} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>) -> ()
+kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int4"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>
 
 // -----
 
 // CHECK: 'kern.update' step must be i64
 %t, %s, %ids, %g, %step = "test.op"() : () -> (memref<10x4xf32>, memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, i32)
-"kern.update"(%t, %s, %ids, %g, %step) {optimizer = "adagrad", lr = 0.1 : f64, step} : (memref<10x4xf32>, memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, i32) -> ()
+kern.update %t, %s, %ids, %g, %step {optimizer = "adagrad", lr = 0.1 : f64, step} : memref<10x4xf32>, memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, i32
 
 // -----
 
 // CHECK: 'kern.update' version must be i64
 %t, %ids, %g, %v, %n = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10xi64>, index)
-"kern.update"(%t, %ids, %g, %v, %n) {optimizer = "sgd", lr = 0.1 : f64, versions} : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10xi64>, index) -> ()
+kern.update %t, %ids, %g, %v, %n {optimizer = "sgd", lr = 0.1 : f64, versions} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10xi64>, index
 
 // -----
 
 // CHECK: 'kern.update' seed must be i64
 %t, %ids, %g, %seed = "test.op"() : () -> (memref<10x4xf16>, memref<?xi64>, memref<?x4xf32>, f32)
-"kern.update"(%t, %ids, %g, %seed) {optimizer = "sgd", lr = 0.1 : f64, stochastic_rounding, seed} : (memref<10x4xf16>, memref<?xi64>, memref<?x4xf32>, f32) -> ()
+kern.update %t, %ids, %g, %seed {optimizer = "sgd", lr = 0.1 : f64, stochastic_rounding, seed} : memref<10x4xf16>, memref<?xi64>, memref<?x4xf32>, f32
 
 // -----
 
@@ -164,67 +164,67 @@ kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64, serving, serving_la
 
 // CHECK: 'kern.bag' needs mode = "sum", "mean" or "none"
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
-"kern.bag"(%t, %ids, %off, %out) {layout = "f32", mode = "max"} : (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.bag %t, %ids, %off, %out {layout = "f32", mode = "max"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: 'kern.bag' operands must be (table, ids, out)
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
-"kern.bag"(%t, %ids, %off, %out) {layout = "f32", mode = "none"} : (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.bag %t, %ids, %off, %out {layout = "f32", mode = "none"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: 'kern.bag' operands must be (table, ids, offsets, weights, out)
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
-"kern.bag"(%t, %ids, %off, %out) {layout = "f32", mode = "sum", weighted} : (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.bag %t, %ids, %off, %out {layout = "f32", mode = "sum", weighted} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: 'kern.bag' needs layout = one of f32, f16, bf16, int8, int4
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
-"kern.bag"(%t, %ids, %off, %out) {layout = "int2", mode = "sum"} : (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.bag %t, %ids, %off, %out {layout = "int2", mode = "sum"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: 'kern.bag' weighted is a unit flag
 %t, %ids, %off, %w, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>)
-"kern.bag"(%t, %ids, %off, %w, %out) {layout = "f32", mode = "sum", weighted = 1 : i64} : (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>) -> ()
+kern.bag %t, %ids, %off, %w, %out {layout = "f32", mode = "sum", weighted = 1 : i64} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the output buffer must be a rank-2 memref, got memref<?xf32>
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>)
-"kern.bag"(%t, %ids, %off, %out) {layout = "f32", mode = "sum"} : (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>) -> ()
+kern.bag %t, %ids, %off, %out {layout = "f32", mode = "sum"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>
 
 // -----
 
 // CHECK: the table buffer must be a rank-2 memref, got memref<?xi8>
 %t, %ids, %out = "test.op"() : () -> (memref<?xi8>, memref<?xi64>, memref<?x4xf32>)
-"kern.bag"(%t, %ids, %out) {layout = "int8", mode = "none"} : (memref<?xi8>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.bag %t, %ids, %out {layout = "int8", mode = "none"} : memref<?xi8>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: a int8 table of dim 4 must have rows of 12, got memref<10x4xi8>
 %t, %ids, %out = "test.op"() : () -> (memref<10x4xi8>, memref<?xi64>, memref<?x4xf32>)
-"kern.bag"(%t, %ids, %out) {layout = "int8", mode = "none"} : (memref<10x4xi8>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.bag %t, %ids, %out {layout = "int8", mode = "none"} : memref<10x4xi8>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: a f16 table of dim 4 must have rows of 4, got memref<10x8xf16>
 %t, %ids, %out = "test.op"() : () -> (memref<10x8xf16>, memref<?xi64>, memref<?x4xf32>)
-"kern.bag"(%t, %ids, %out) {layout = "f16", mode = "none"} : (memref<10x8xf16>, memref<?xi64>, memref<?x4xf32>) -> ()
+kern.bag %t, %ids, %out {layout = "f16", mode = "none"} : memref<10x8xf16>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the ids buffer must be a rank-1 memref, got memref<?x1xi64>
 %t, %ids, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?x1xi64>, memref<?x4xf32>)
-"kern.bag"(%t, %ids, %out) {layout = "f32", mode = "none"} : (memref<10x4xf32>, memref<?x1xi64>, memref<?x4xf32>) -> ()
+kern.bag %t, %ids, %out {layout = "f32", mode = "none"} : memref<10x4xf32>, memref<?x1xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the ids buffer must hold i32 or i64
 %t, %ids, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xui64>, memref<?x4xf32>)
-"kern.bag"(%t, %ids, %out) {layout = "f32", mode = "none"} : (memref<10x4xf32>, memref<?xui64>, memref<?x4xf32>) -> ()
+kern.bag %t, %ids, %out {layout = "f32", mode = "none"} : memref<10x4xf32>, memref<?xui64>, memref<?x4xf32>
 
 // -----
 

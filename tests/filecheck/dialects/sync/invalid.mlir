@@ -97,25 +97,25 @@
 
 // CHECK: 'kern.merge' operands must be (serving, versions, seq, ids, rows, packet_versions, newest)
 %q, %v, %ids, %rows, %pv, %n = "test.op"() : () -> (memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i64)
-"kern.merge"(%q, %v, %ids, %rows, %pv, %n) {layout = "f32", dim = 4 : i64, seq} : (memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i64) -> ()
+kern.merge %q, %v, %ids, %rows, %pv, %n {layout = "f32", dim = 4 : i64, seq} : memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i64
 
 // -----
 
 // CHECK: the packet rows must be memref<?x12xi8>, got memref<?x4xf32>
 %q, %v, %ids, %rows, %pv, %n = "test.op"() : () -> (memref<10x12xi8>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i64)
-"kern.merge"(%q, %v, %ids, %rows, %pv, %n) {layout = "int8", dim = 4 : i64} : (memref<10x12xi8>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i64) -> ()
+kern.merge %q, %v, %ids, %rows, %pv, %n {layout = "int8", dim = 4 : i64} : memref<10x12xi8>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i64
 
 // -----
 
 // CHECK: the seq buffer must be memref<10xi32>
 %q, %v, %s, %ids, %o, %ov = "test.op"() : () -> (memref<10x4xf16>, memref<10xi64>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>)
-"kern.pack"(%q, %v, %s, %ids, %o, %ov) {layout = "f16", dim = 4 : i64, seq} : (memref<10x4xf16>, memref<10xi64>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>) -> ()
+kern.pack %q, %v, %s, %ids, %o, %ov {layout = "f16", dim = 4 : i64, seq} : memref<10x4xf16>, memref<10xi64>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>
 
 // -----
 
 // CHECK: 'kern.pack' needs layout = one of f32, f16, bf16, int8, int4 and dim
 %q, %v, %ids, %o, %ov = "test.op"() : () -> (memref<10x4xf16>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>)
-"kern.pack"(%q, %v, %ids, %o, %ov) {layout = "f16"} : (memref<10x4xf16>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>) -> ()
+kern.pack %q, %v, %ids, %o, %ov {layout = "f16"} : memref<10x4xf16>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>
 
 // -----
 
@@ -135,25 +135,25 @@
 
 // CHECK: the int8 serving buffer must be 10x72xi8, got memref<10x64xi8>
 %q, %v, %ids, %r, %pv = "test.op"() : () -> (memref<10x64xi8>, memref<10xi64>, memref<?xi64>, memref<?x72xi8>, memref<?xi64>)
-"kern.pack"(%q, %v, %ids, %r, %pv) {layout = "int8", dim = 64 : i64} : (memref<10x64xi8>, memref<10xi64>, memref<?xi64>, memref<?x72xi8>, memref<?xi64>) -> ()
+kern.pack %q, %v, %ids, %r, %pv {layout = "int8", dim = 64 : i64} : memref<10x64xi8>, memref<10xi64>, memref<?xi64>, memref<?x72xi8>, memref<?xi64>
 
 // -----
 
 // CHECK: the versions buffer must be memref<10xi64>
 %q, %v, %ids, %r, %pv = "test.op"() : () -> (memref<10x4xf32>, memref<10xi32>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>)
-"kern.pack"(%q, %v, %ids, %r, %pv) {layout = "f32", dim = 4 : i64} : (memref<10x4xf32>, memref<10xi32>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>) -> ()
+kern.pack %q, %v, %ids, %r, %pv {layout = "f32", dim = 4 : i64} : memref<10x4xf32>, memref<10xi32>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>
 
 // -----
 
 // CHECK: the packet versions must be memref<?xi64>
 %q, %v, %ids, %r, %pv = "test.op"() : () -> (memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi32>)
-"kern.pack"(%q, %v, %ids, %r, %pv) {layout = "f32", dim = 4 : i64} : (memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi32>) -> ()
+kern.pack %q, %v, %ids, %r, %pv {layout = "f32", dim = 4 : i64} : memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi32>
 
 // -----
 
 // CHECK: 'kern.merge' newest must be i64
 %q, %v, %ids, %r, %pv, %n = "test.op"() : () -> (memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i32)
-"kern.merge"(%q, %v, %ids, %r, %pv, %n) {layout = "f32", dim = 4 : i64} : (memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i32) -> ()
+kern.merge %q, %v, %ids, %r, %pv, %n {layout = "f32", dim = 4 : i64} : memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i32
 
 // -----
 

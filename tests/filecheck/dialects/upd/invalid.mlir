@@ -119,7 +119,7 @@
 
 // -----
 
-// CHECK: 'upd.clip' attribute 'max_norm' must be a float
+// CHECK: 'max_norm' must be a float, got 1 : i64
 %d = "test.op"() : () -> !upd.delta<4xf32, i64>
 %c = "upd.clip"(%d) {max_norm = 1 : i64} : (!upd.delta<4xf32, i64>) -> !upd.delta<4xf32, i64>
 
@@ -357,97 +357,129 @@
 
 // CHECK: 'upd.apply' needs optimizer = one of sgd, adagrad, rowwise_adagrad, adam
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
-%r = "upd.apply"(%t, %d) {optimizer = "lamb", lr = 0.1 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+%r = upd.apply %t, %d {optimizer = "lamb", lr = 0.1 : f64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
 
 // -----
 
 // CHECK: 'upd.apply' needs optimizer = one of sgd, adagrad, rowwise_adagrad, adam
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
-%r = "upd.apply"(%t, %d) {lr = 0.1 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+%r = upd.apply %t, %d {lr = 0.1 : f64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
 
 // -----
 
 // CHECK: 'upd.apply' operands must be (table, delta, versions, version)
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
-%r = "upd.apply"(%t, %d) {optimizer = "sgd", lr = 0.1 : f64, versions} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+%r = upd.apply %t, %d {optimizer = "sgd", lr = 0.1 : f64, versions} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
 
 // -----
 
 // CHECK: 'upd.apply' momentum state must be !emb.state<10x1>, got !emb.state<10x4>
 %t, %s, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>)
-%r:2 = "upd.apply"(%t, %s, %d) {optimizer = "rowwise_adagrad", lr = 0.1 : f64} : (!emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>) -> (!emb.table<10x4xf32>, !emb.state<10x4>)
+%r:2 = upd.apply %t, %s, %d {optimizer = "rowwise_adagrad", lr = 0.1 : f64} : !emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>
 
 // -----
 
 // CHECK: 'upd.apply' serving copy must match the master's shape
 %t, %d, %q = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.table<20x4xint8>)
-%r:2 = "upd.apply"(%t, %d, %q) {optimizer = "sgd", lr = 0.1 : f64, serving} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.table<20x4xint8>) -> (!emb.table<10x4xf32>, !emb.table<20x4xint8>)
+%r:2 = upd.apply %t, %d, %q {optimizer = "sgd", lr = 0.1 : f64, serving} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.table<20x4xint8>
 
 // -----
 
 // CHECK: 'upd.apply' versions must be !emb.versions
 %t, %d, %n = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, i64)
-%r:2 = "upd.apply"(%t, %d, %t, %n) {optimizer = "sgd", lr = 0.1 : f64, versions} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.table<10x4xf32>, i64) -> (!emb.table<10x4xf32>, !emb.table<10x4xf32>)
+%r:2 = upd.apply %t, %d, %t, %n {optimizer = "sgd", lr = 0.1 : f64, versions} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.table<10x4xf32>, i64
 
 // -----
 
 // CHECK: 'upd.apply' version must be an i64 scalar, got i32
 %t, %d, %v, %n = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>, i32)
-%r:2 = "upd.apply"(%t, %d, %v, %n) {optimizer = "sgd", lr = 0.1 : f64, versions} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>, i32) -> (!emb.table<10x4xf32>, !emb.versions<10>)
+%r:2 = upd.apply %t, %d, %v, %n {optimizer = "sgd", lr = 0.1 : f64, versions} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>, i32
 
 // -----
 
 // CHECK: 'upd.apply' with adagrad needs a step
 %t, %s, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>)
-%r:2 = "upd.apply"(%t, %s, %d) {optimizer = "adagrad", lr = 0.1 : f64} : (!emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>) -> (!emb.table<10x4xf32>, !emb.state<10x4>)
+%r:2 = upd.apply %t, %s, %d {optimizer = "adagrad", lr = 0.1 : f64} : !emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>
 
 // -----
 
+// The generic form: properties and operand segment sizes, checked against the settings.
+
 // CHECK: 'upd.apply' result types must be [!emb.table<10x4xf32>, !emb.versions<10>]
 %t, %d, %v, %n = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>, i64)
-%r = "upd.apply"(%t, %d, %v, %n) {optimizer = "sgd", lr = 0.1 : f64, versions} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>, i64) -> !emb.table<10x4xf32>
+%r = "upd.apply"(%t, %d, %v, %n) <{optimizer = "sgd", hyper = {lr = 0.1 : f64}, operandSegmentSizes = array<i32: 1, 0, 1, 0, 1, 1, 0, 0>, resultSegmentSizes = array<i32: 1, 0, 0, 0>}> : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>, i64) -> !emb.table<10x4xf32>
+
+// -----
+
+// CHECK: 'upd.apply' operands must be (table, delta, versions, version)
+%t, %d, %v = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>)
+%r:2 = "upd.apply"(%t, %d, %v) <{optimizer = "sgd", hyper = {lr = 0.1 : f64}, operandSegmentSizes = array<i32: 1, 0, 1, 0, 1, 0, 0, 0>, resultSegmentSizes = array<i32: 1, 0, 0, 1>}> : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>) -> (!emb.table<10x4xf32>, !emb.versions<10>)
+
+// -----
+
+// CHECK: Expected operandSegmentSizes property in upd.apply operation.
+%t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
+%r = "upd.apply"(%t, %d) <{optimizer = "sgd", hyper = {lr = 0.1 : f64}}> : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+
+// -----
+
+// CHECK: 'hyper' must be a dictionary, got 1.000000e-01 : f64
+%t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
+%r = "upd.apply"(%t, %d) <{optimizer = "sgd", hyper = 0.1 : f64, operandSegmentSizes = array<i32: 1, 0, 1, 0, 0, 0, 0, 0>, resultSegmentSizes = array<i32: 1, 0, 0, 0>}> : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+
+// -----
+
+// CHECK: 'upd.apply' lr must be a number, got "fast"
+%t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
+%r = "upd.apply"(%t, %d) <{optimizer = "sgd", hyper = {lr = "fast"}, operandSegmentSizes = array<i32: 1, 0, 1, 0, 0, 0, 0, 0>, resultSegmentSizes = array<i32: 1, 0, 0, 0>}> : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
 
 // -----
 
 // CHECK: 'upd.apply' has no attribute 'momentum'
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
-%r = "upd.apply"(%t, %d) {optimizer = "sgd", lr = 0.1 : f64, momentum = 0.9 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+%r = "upd.apply"(%t, %d) <{optimizer = "sgd", hyper = {lr = 0.1 : f64, momentum = 0.9 : f64}, operandSegmentSizes = array<i32: 1, 0, 1, 0, 0, 0, 0, 0>, resultSegmentSizes = array<i32: 1, 0, 0, 0>}> : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
 
 // -----
 
-// CHECK: 'upd.apply' attribute 'dedup' is a unit flag
+// CHECK: 'upd.apply' has no attribute 'momentum'
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
-%r = "upd.apply"(%t, %d) {optimizer = "sgd", lr = 0.1 : f64, dedup = true} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+%r = upd.apply %t, %d {optimizer = "sgd", lr = 0.1 : f64, momentum = 0.9 : f64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
+
+// -----
+
+// CHECK: 'dedup' must be a unit flag, got true
+%t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
+%r = upd.apply %t, %d {optimizer = "sgd", lr = 0.1 : f64, dedup = true} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
 
 // -----
 
 // CHECK: 'upd.apply' needs the hyper-parameter 'lr'
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
-%r = "upd.apply"(%t, %d) {optimizer = "sgd"} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+%r = upd.apply %t, %d {optimizer = "sgd"} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
 
 // -----
 
 // CHECK: stochastic rounding needs an f16 or bf16 table
 %t, %d, %seed = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, i64)
-%r = "upd.apply"(%t, %d, %seed) {optimizer = "sgd", lr = 0.1 : f64, stochastic_rounding, seed} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, i64) -> !emb.table<10x4xf32>
+%r = upd.apply %t, %d, %seed {optimizer = "sgd", lr = 0.1 : f64, stochastic_rounding, seed} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>, i64
 
 // -----
 
 // CHECK: 'upd.apply' is non-linear in the delta: it needs unique ids or 'dedup'
 %t, %m, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x1>, !upd.delta<4xf32, i64>)
-%r:2 = "upd.apply"(%t, %m, %d) {optimizer = "rowwise_adagrad", lr = 0.1 : f64} : (!emb.table<10x4xf32>, !emb.state<10x1>, !upd.delta<4xf32, i64>) -> (!emb.table<10x4xf32>, !emb.state<10x1>)
+%r:2 = upd.apply %t, %m, %d {optimizer = "rowwise_adagrad", lr = 0.1 : f64} : !emb.table<10x4xf32>, !emb.state<10x1>, !upd.delta<4xf32, i64>
 
 // -----
 
 // CHECK: 'upd.apply' is non-linear in the delta: it needs unique ids or 'dedup'
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
-%r = "upd.apply"(%t, %d) {optimizer = "sgd", lr = 0.1 : f64, max_norm = 1.0 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+%r = upd.apply %t, %d {optimizer = "sgd", lr = 0.1 : f64, max_norm = 1.0 : f64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
 
 // -----
 
 // CHECK: 'upd.apply' is non-linear in the delta: it needs unique ids or 'dedup'
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
-%r = "upd.apply"(%t, %d) {optimizer = "sgd", lr = 0.1 : f64, clip_value = 1.0 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+%r = upd.apply %t, %d {optimizer = "sgd", lr = 0.1 : f64, clip_value = 1.0 : f64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
 
 // -----
 
@@ -463,13 +495,13 @@
 
 // CHECK: 'upd.optimize' needs optimizer = "name"
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64, unique>)
-%r = "upd.optimize"(%t, %d) {lr = 0.1 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64, unique>) -> !emb.table<10x4xf32>
+%r = upd.optimize %t, %d {lr = 0.1 : f64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64, unique>
 
 // -----
 
 // CHECK: 'upd.optimize': unknown optimizer 'lamb'
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64, unique>)
-%r = "upd.optimize"(%t, %d) {optimizer = "lamb", lr = 0.1 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64, unique>) -> !emb.table<10x4xf32>
+%r = upd.optimize %t, %d {optimizer = "lamb", lr = 0.1 : f64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64, unique>
 
 // -----
 
