@@ -243,6 +243,12 @@ class RemoteLink(Link):
             if hot.any():
                 self.significant.add((visible - at[hot]) / 1e6)
 
+    def errors_of(self, replica: int) -> list[str]:
+        return list(self.errors)
+
+    def recoveries_of(self, replica: int) -> int:
+        return self.recoveries
+
     def _recover(self, error: Exception) -> None:
         """A send was lost (a replica or shard restarting): the replica catches up instead."""
         if isinstance(error, Unavailable):
@@ -255,6 +261,148 @@ class RemoteLink(Link):
             except Unavailable:
                 time.sleep(0.2)
         self.poisoned = True
+
+
+class _Member:
+    """One replica in a shard's group link: attached (sent to), its watermarks trusted."""
+
+    def __init__(self, index: int, actor: Any):
+        self.index, self.actor = index, actor
+        self.attached = self.marks_ok = True
+        self.generation = 0  # bumped by every failure: a rejoin that saw one starts over
+        self.rejoining = False
+        self.recoveries = 0
+        self.errors: list[str] = []
+
+
+class _GroupReplica:
+    """Every replica as one shard's group link sees them."""
+
+    index = "all"
+
+    def __init__(self, members: list[_Member], shard: int, tables: list[str],
+                 marks: _Watermarks):
+        self.members, self.shard, self.marks = members, shard, marks
+        self._traffic = dict.fromkeys(tables, 0)
+
+    def traffic(self) -> dict[str, int]:
+        return self._traffic
+
+    def note_issued(self, table: str, version: int) -> None:
+        pass  # travels with each packet (Packet.newest)
+
+    def set_watermark(self, table: str, version: int) -> None:
+        for m in self.members:
+            if m.attached and m.marks_ok:
+                self.marks.put(m.index, table, self.shard, int(version))
+
+
+class GroupLink(Link):
+    """One link per shard for every replica: each batch is packed once, merged by all.
+
+    Used when links have no bandwidth budget (each replica would be sent the
+    same rows): the shard packs a batch once, and its one object-store
+    reference goes to every replica's merge. A replica whose merge fails or
+    lags (its process restarting) is detached at once, so the others keep
+    their freshness; a thread waits until it answers again, attaches it,
+    has it catch up with the shard (everything it missed), and only then
+    lets its watermarks move again.
+    """
+
+    def __init__(self, view: _ShardView, group: _GroupReplica, config: SchedulerConfig,
+                 shard: Any, timeout: float, slow_s: float):
+        super().__init__(view, group, config)  # type: ignore[arg-type]
+        self.shard, self.timeout, self.slow_s = shard, timeout, slow_s
+        self.members = group.members
+        self.lock = threading.Lock()
+
+    def errors_of(self, replica: int) -> list[str]:
+        return list(self.members[replica].errors)
+
+    def recoveries_of(self, replica: int) -> int:
+        return self.members[replica].recoveries
+
+    def _send(self, batch: list) -> None:
+        step = self.config.max_packet_rows
+        wanted, since, marks = [], [], []
+        for entry in batch:  # (table, ids, since, (norms, their commit times), ...)
+            table, ids, stamps, (sig, sig_at) = entry[:4]
+            for lo in range(0, len(ids), step):
+                wanted.append((table, ids[lo:lo + step]))
+                since.append(stamps[lo:lo + step])
+                marks.append((table, sig[lo:lo + step], sig_at[lo:lo + step]))
+        members = [m for m in self.members if m.attached]
+        if not wanted or not members:
+            return  # a detached replica catches up with the shard when it rejoins
+        packets = self.shard.pack_many.remote(wanted)
+        refs = {m.actor.merge_many.remote(packets, since): m for m in members}
+        deadline = time.monotonic() + self.timeout
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending),
+                                     timeout=min(self.slow_s, max(0.0, deadline - time.monotonic())))
+            for ref in done:
+                try:
+                    call(ref, 0)
+                except Exception as e:  # noqa: BLE001 - that replica catches up; others go on
+                    self._detach(refs[ref], e)
+            if not pending:
+                break
+            packed, _ = ray.wait([packets], timeout=0)
+            if packed or time.monotonic() > deadline:  # the shard answered: these replicas lag
+                for ref in pending:
+                    self._detach(refs[ref], Unavailable(f"no merge within {self.slow_s:g} s"))
+                break
+        visible = time.time_ns()
+        for table, sig, at in marks:
+            mean = self.primary.tables[table].norm_mean or 1.0
+            hot = (sig >= self.config.significant_ratio * mean) & (at > 0)
+            if hot.any():
+                self.significant.add((visible - at[hot]) / 1e6)
+
+    def _detach(self, m: _Member, error: Exception) -> None:
+        with self.lock:
+            m.errors.append(f"{type(error).__name__}: {error}")
+            self.errors.append(f"replica {m.index}: {type(error).__name__}: {error}")
+            m.generation += 1
+            m.attached = m.marks_ok = False
+            if m.rejoining:
+                return
+            m.rejoining = True
+        threading.Thread(target=self._rejoin, args=(m,), daemon=True,
+                         name=f"ekko-rejoin-{m.index}").start()
+
+    def _rejoin(self, m: _Member) -> None:
+        """Attach `m` again once it answers; it catches up, then its watermarks move."""
+        shard = self.replica.shard
+        while self.running:
+            with self.lock:
+                generation = m.generation
+            try:
+                _, ready = call(m.actor.ping.remote(), self.timeout)
+            except Exception:  # noqa: BLE001 - still restarting
+                ready = False
+            if not ready:
+                time.sleep(0.2)
+                continue
+            m.attached = True  # sends reach it from now on; the catch-up covers what it missed
+            try:
+                call(m.actor.catch_up.remote(shard, "link"), self.timeout)
+            except Exception:  # noqa: BLE001 - failed again: start over
+                m.attached = False
+                time.sleep(0.2)
+                continue
+            with self.lock:
+                if m.generation != generation:
+                    continue  # a send to it failed meanwhile
+                m.marks_ok = True
+                m.recoveries += 1
+                m.rejoining = False
+            for table in self.pending:
+                self.replica.marks.put(m.index, table, shard, self.watermark(table))
+            return
+        with self.lock:
+            m.rejoining = False
 
 
 # -- what users hold -------------------------------------------------------------------------
@@ -449,9 +597,20 @@ class ClusterEngine(Engine):
             rows = {name: self.bounds[name][s + 1] - self.bounds[name][s] for name in tables_of[s]}
             self.views.append(_ShardView(rows, row_bytes[s]))
         self.marks = _Watermarks(actors)
-        self.links = [[RemoteLink(self.views[s], _LinkReplica(i, a, s, tables_of[s], self.marks),
-                                  self.config, self.shards[s], self.timeout) for s in range(k)]
-                      for i, a in enumerate(actors)]
+        if self.config.bandwidth is None:  # every replica is sent the same: pack once per shard
+            group = [GroupLink(self.views[s], _GroupReplica([_Member(i, a) for i, a in
+                                                             enumerate(actors)], s, tables_of[s],
+                                                            self.marks),
+                               self.config, self.shards[s], self.timeout,
+                               max(2.0, lookup_timeout)) for s in range(k)]
+            self.shard_links: list[list[Link]] = [[g] for g in group]
+            self.links = [list(group) for _ in actors]
+        else:  # a budget per replica: a link each
+            self.links = [[RemoteLink(self.views[s], _LinkReplica(i, a, s, tables_of[s],
+                                                                  self.marks),
+                                      self.config, self.shards[s], self.timeout)
+                           for s in range(k)] for i, a in enumerate(actors)]
+            self.shard_links = [[per[s] for per in self.links] for s in range(k)]
         self.primary = PrimaryShards(self)
         self._announce = {name: threading.Lock() for name in self._tables}
         # a directory used before: its shards replayed steps; number on from the last
@@ -488,7 +647,7 @@ class ClusterEngine(Engine):
         self._finalizer()
 
     def _all_links(self) -> list[RemoteLink]:
-        return [link for per in self.links for link in per]
+        return [link for links in self.shard_links for link in links]
 
     # -- the stream -----------------------------------------------------------------------------
     def step(self, table: str, ids: Any, grads: Any) -> int:
@@ -548,8 +707,8 @@ class ClusterEngine(Engine):
                 time.sleep(0.1)
                 ref = self.shards[s].step.remote(table, seq, ids, grads)
         if result.duplicate and not len(result.ids):  # its rows are unknown here: resync
-            for per in self.links:
-                per[s].replica.actor.catch_up.remote(s, "resent step")
+            for r in self.replicas:
+                r.actor.catch_up.remote(s, "resent step")
         return result
 
     def _announce_commit(self, s: int, table: str, res: StepResult) -> None:
@@ -562,8 +721,8 @@ class ClusterEngine(Engine):
         for c in commits:
             self.issued[s][table] = max(self.issued[s][table], c.version)
             sig = c.norms.astype(np.float64)
-            for per in self.links:
-                per[s].enqueue(c, sig)
+            for link in self.shard_links[s]:
+                link.enqueue(c, sig)
 
     def flush(self, timeout: float | None = None) -> None:
         """Return when every replica holds every update committed before this call."""
@@ -571,10 +730,11 @@ class ClusterEngine(Engine):
             raise EkkoError("the engine is not running: use it as a context manager")
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         targets = [dict(t) for t in self.issued]
-        for i, per in enumerate(self.links):
-            for s, link in enumerate(per):
+        for s, links in enumerate(self.shard_links):
+            for link in links:
                 if not link.wait_for(targets[s], max(0.0, deadline - time.monotonic())):
-                    raise EkkoError(f"replica {i} did not catch up with primary shard {s} in time"
+                    raise EkkoError(f"replica {link.replica.index} did not catch up with primary "
+                                    f"shard {s} in time"
                                     + (f" ({'; '.join(link.errors[-2:])})" if link.errors else ""))
         for r in self.replicas:
             while not self._holds(r, targets, deadline):
@@ -650,14 +810,14 @@ class ClusterEngine(Engine):
                 (commit, record), resent = self._on_shard(
                     s, lambda sh: sh.rollback.remote(table, reason))
                 if resent:  # it may have rolled back before it restarted: resync from it
-                    for per in self.links:
-                        per[s].replica.actor.catch_up.remote(s, "resent rollback")
+                    for r in self.replicas:
+                        r.actor.catch_up.remote(s, "resent rollback")
                 if commit is None:
                     continue
                 self.issued[s][table] = max(self.issued[s][table], commit.version)
                 sig = commit.norms.astype(np.float64)
-                for per in self.links:
-                    per[s].enqueue(commit, sig)
+                for link in self.shard_links[s]:
+                    link.enqueue(commit, sig)
                 if record:
                     self.rollbacks.append(Rollback(**record))
 
@@ -709,8 +869,8 @@ class ClusterEngine(Engine):
                 summary, hist, info = {"unavailable": True}, Histogram(), {}
             fresh.merge(hist)
             summary["backlog_rows"] = sum(link.backlog() for link in self.links[i])
-            summary["link_errors"] = [e for link in self.links[i] for e in link.errors]
-            summary["link_recoveries"] = sum(link.recoveries for link in self.links[i])
+            summary["link_errors"] = [e for link in self.links[i] for e in link.errors_of(i)]
+            summary["link_recoveries"] = sum(link.recoveries_of(i) for link in self.links[i])
             summary.update({k: info.get(k) for k in ("pid", "node", "restarts", "catch_ups",
                                                       "restored_from_snapshot", "ready_seconds")})
             per.append(summary)
