@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -257,8 +258,20 @@ def _locate_failure(module: ModuleOp, source_map: SourceMap | None) -> str | Non
                 return f"error: '{op.name}': {msg}"
             if not msg.startswith(f"'{op.name}'"):
                 msg = f"'{op.name}' {msg}"
-            return source_map.format_at_op(op, msg)
+            return source_map.format_at_op(_redefinition(op, msg) or op, msg)
     return None
+
+
+def _redefinition(table: Operation, message: str) -> Operation | None:
+    """The second op defining the symbol a symbol table says is defined twice:
+    the table itself (the module) has no position of its own to show."""
+    found = re.search(r'Redefinition of symbol "(.*)"', message)
+    if found is None or not table.regions:
+        return None
+    defs = [op for op in table.regions[0].ops
+            if getattr(op.properties.get("sym_name") or op.attributes.get("sym_name"),
+                       "data", None) == found.group(1)]
+    return defs[1] if len(defs) > 1 else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
