@@ -58,6 +58,7 @@ from xdsl.utils.exceptions import VerifyException
 from . import catalog, rowmath
 from .common import FLOAT_DTYPES, LAYOUTS, SettingsOp, dtype_name, index_name, setting
 from .emb import StateType, TableType, VersionsType
+from .limits import MAX_PARTITIONS
 from .upd import APPLY_FLAGS, APPLY_INTS, APPLY_UNITS, FusedUpdateOp, apply_roles
 
 i8 = IntegerType(8)
@@ -310,6 +311,7 @@ class UpdateOp(FusedUpdateOp):
     def verify_(self) -> None:
         flat = self.flat()
         self.check([o.type for o in self.operands], flat)
+        self.check_schedule()
         opt = self.entry
         for h in [*opt.hyper, *catalog.GRAD_HYPER.values()]:  # absent: the catalog's default
             attr = flat.get(h.name)
@@ -398,6 +400,10 @@ class BagOp(KernelOp):
         layout = get_string_attr(attributes, "layout")
         if layout not in LAYOUTS:
             raise VerifyException("'kern.bag' needs layout = one of " + ", ".join(LAYOUTS))
+        parts = attributes.get("partitions")
+        if isinstance(parts, IntegerAttr) and not 1 <= parts.value.data <= MAX_PARTITIONS:
+            raise VerifyException(
+                f"'kern.bag' partitions must be 1 to {MAX_PARTITIONS}, got {parts.value.data}")
         if "weighted" in attributes and not isinstance(attributes["weighted"], UnitAttr):
             raise VerifyException("'kern.bag' weighted is a unit flag")
         by = dict(zip(roles, types))

@@ -19,6 +19,9 @@ MAX_DIM = 1 << 14
 MAX_BATCH = 1 << 31
 """Ids in one update or lookup call (2,147,483,648)."""
 
+MAX_PARTITIONS = 1 << 12
+"""Row partitions of one kernel call (4,096): each is a task on the executor."""
+
 MAX_MLP_WIDTH = 1 << 20
 """Units in one layer of a model's dense part (metadata only)."""
 

@@ -50,6 +50,7 @@ from xdsl.utils.exceptions import VerifyException
 
 from . import catalog
 from .common import InferredResultsOp, SettingsOp, get_float, setting, settings, verify_inferred
+from .limits import MAX_DIM, MAX_PARTITIONS
 from .emb import StateType, TableType, VersionsType, check_ids, check_rows, expect_table
 
 i64 = IntegerType(64)
@@ -520,6 +521,15 @@ class FusedUpdateOp(SettingsOp):
                 out[name] = float(attr.value.data)
         return out
 
+    def check_schedule(self) -> None:
+        """What upd-schedule (or a hand-written op) chose is in range."""
+        for name, most in (("partitions", MAX_PARTITIONS), ("tile", MAX_DIM),
+                           ("block_rows", MAX_DIM), ("num_warps", 32)):
+            attr = self.properties.get(name)
+            if isinstance(attr, IntegerAttr) and not 1 <= attr.value.data <= most:
+                raise VerifyException(
+                    f"'{self.name}' {name} must be 1 to {most}, got {attr.value.data}")
+
     def role(self, name: str):
         """The operand playing `name`, or None when absent."""
         roles = self.roles(self.flat())
@@ -598,6 +608,7 @@ class ApplyOp(FusedUpdateOp):
 
     def verify_(self) -> None:
         verify_inferred(self)
+        self.check_schedule()
         flat = self.flat()
         opt = self.entry
         structural = {"optimizer", *APPLY_FLAGS, *APPLY_UNITS, *APPLY_INTS}

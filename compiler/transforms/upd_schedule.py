@@ -24,6 +24,7 @@ from xdsl.dialects.builtin import IntegerAttr, ModuleOp, UnitAttr, i64
 from xdsl.passes import ModulePass
 
 from ...dialects import emb, upd
+from ...dialects.limits import MAX_DIM, MAX_PARTITIONS
 
 MAX_TILE = 512  # f32 values: a 2 KiB block of the row stays in L1 across the loops
 
@@ -59,6 +60,11 @@ class UpdSchedulePass(ModulePass):
     def __post_init__(self) -> None:
         if self.target not in ("llvm", "triton"):
             raise ValueError(f"target must be llvm or triton, got {self.target!r}")
+        for option, value, most in (("partitions", self.partitions, MAX_PARTITIONS),
+                                    ("tile", self.tile, MAX_DIM)):
+            if not 0 <= value <= most:
+                raise ValueError(f"upd-schedule: {option} must be 0 (chosen) to {most}, "
+                                 f"got {value}")
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         parts = self.partitions or default_partitions()

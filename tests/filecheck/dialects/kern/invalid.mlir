@@ -233,3 +233,15 @@ kern.bag %t, %ids, %out {layout = "f32", mode = "none"} : memref<10x4xf32>, memr
 // CHECK: 'kern.bag' operands must be (table, ids, out)
 %t, %ids = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>)
 kern.bag %t, %ids {layout = "f32", mode = "none"} : memref<10x4xf32>, memref<?xi64>
+
+// -----
+
+// CHECK: 'kern.update' tile must be 1 to 16384, got 0
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
+kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64, tile = 0 : i64} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>
+
+// -----
+
+// CHECK: 'kern.bag' partitions must be 1 to 4096, got 5000
+%t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
+kern.bag %t, %ids, %off, %out {layout = "f32", mode = "sum", partitions = 5000 : i64} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>

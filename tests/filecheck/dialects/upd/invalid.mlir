@@ -508,3 +508,9 @@
 // CHECK: 'upd.ftrl' l1 must be zero or positive, got -1.0
 %t, %z, %n, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>)
 %r:3 = "upd.ftrl"(%t, %z, %n, %d) {lr = 0.1 : f64, l1 = -1.0 : f64} : (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>) -> (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>)
+
+// -----
+
+// CHECK: 'upd.apply' partitions must be 1 to 4096, got -5
+%t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
+%r = upd.apply %t, %d {optimizer = "sgd", lr = 0.1 : f64, partitions = -5 : i64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
