@@ -210,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         counts, a.seconds, a.rate, a.scale, a.restart_gib = [1], 1.0, 50_000.0, 0.001, 0.0
     model = ekko.compile_model(ROOT / "examples" / "dlrm.ekko", scale=a.scale)
     rounds = draw(model, BATCH if not a.quick else 512, 4, seed=1)
+    if not a.quick:  # Ray's own start (its daemons, prestarted workers) is not the engine's
+        from ekko.engine.cluster import connect
+
+        connect(a.cluster)
+        time.sleep(5.0)
     results = []
     for n in counts:
         results.append(measure(model, "in-process", n, None, rounds, a.rate, a.seconds))
