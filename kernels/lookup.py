@@ -52,6 +52,12 @@ class BagKernel:
         self.module: JitModule = compile_ir(emit_bag(spec))
         self._entry = PackedEntry(self.module, abi.bag(False))
         self._guarded = PackedEntry(self.module, abi.bag(True))
+        layout = spec.layout  # what every call checks against, derived once
+        self._table_dtypes = (_TABLE_NAMES[layout],)
+        self._torch_table_dtypes = (("bfloat16", "int16", "uint16") if layout == "bf16"
+                                    else (_TABLE_NAMES[layout], _TORCH_TABLE[layout]))
+        self._width = serving_row_bytes(layout, spec.dim) if layout in ("int8", "int4") else spec.dim
+        self._ids_dtype = ("int32",) if spec.index_dtype == "i32" else ("int64",)
 
     def __repr__(self) -> str:
         return f"BagKernel({self.spec})"
@@ -60,20 +66,15 @@ class BagKernel:
 
     def _table(self, table: Any) -> ArrayArg:
         t = ArrayArg("table", table, LookupError)
-        layout = self.spec.layout
-        allowed = (_TABLE_NAMES[layout],) + ((_TORCH_TABLE[layout],) if t.torch else ())
-        if layout == "bf16" and t.torch:
-            allowed = ("bfloat16", "int16", "uint16")
-        t.expect(allowed, ndim=2)
-        width = serving_row_bytes(layout, self.spec.dim) if layout in ("int8", "int4") else self.spec.dim
-        if t.shape[1] != width:
-            raise LookupError(f"{layout} table of dim {self.spec.dim} needs {width} columns, got {t.shape[1]}")
+        t.expect(self._torch_table_dtypes if t.torch else self._table_dtypes, ndim=2)
+        if t.shape[1] != self._width:
+            raise LookupError(f"{self.spec.layout} table of dim {self.spec.dim} needs "
+                              f"{self._width} columns, got {t.shape[1]}")
         return t
 
     def _ids(self, ids: Any) -> ArrayArg:
         a = ArrayArg("ids", ids, LookupError)
-        want = "int32" if self.spec.index_dtype == "i32" else "int64"
-        a.expect((want,), ndim=1)
+        a.expect(self._ids_dtype, ndim=1)
         return a
 
     def _offsets(self, offsets: Any, ids: ArrayArg,
@@ -150,16 +151,14 @@ class BagKernel:
         check_disjoint([out_arg], [x for x in (t, i, o, w, sq) if x is not None], LookupError)
         if nbags == 0:
             return result
-        parts = self._partitions(i.shape[0], nbags)
-        errors = np.zeros(parts, np.int64)
-        common = dict(table=t.ptr, rows=t.shape[0], ids=i.ptr, nids=i.shape[0],
-                      offsets=o.ptr if o else None, noffsets=noff, nbags=nbags,
-                      weights=w.ptr if w else None, out=out_arg.ptr, nparts=parts,
-                      seq=sq.ptr if sq else None)
+        nids = i.shape[0]
         entry = self._guarded if sq is not None else self._entry
-        codes = entry([dict(common, part=p, err_pos=errors.ctypes.data + 8 * p)
-                       for p in range(parts)])
-        self._raise_first(codes, errors.tolist(), t.shape[0], i.shape[0])
+        codes, positions = entry.run(
+            self._partitions(nids, nbags), table=t.ptr, rows=t.shape[0], ids=i.ptr, nids=nids,
+            offsets=o.ptr if o else None, noffsets=noff, nbags=nbags,
+            weights=w.ptr if w else None, out=out_arg.ptr, seq=sq.ptr if sq else None)
+        if any(codes):
+            self._raise_first(codes, positions, t.shape[0], nids)
         return result
 
     def _partitions(self, nids: int, nbags: int) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -62,16 +63,19 @@ class Executor:
 
     def run(self, entry: PackedEntry, argv: np.ndarray) -> list[int]:
         """Status of each partition of one call; argv is [nparts x nargs] int64 words."""
-        parts = argv.shape[0]
+        return self.run_words(entry, argv.ctypes.data, argv.shape[0], argv.shape[1])
+
+    def run_words(self, entry: PackedEntry, base: int, parts: int, stride: int) -> list[int]:
+        """Status of each partition; partition p's words start at base + 8 * stride * p."""
         if parts == 1 or parts > len(self.codes) or not self.lock.acquire(blocking=False):
-            base, step = argv.ctypes.data, argv.shape[1] * 8
-            return [entry.fn(base + p * step) for p in range(parts)]
+            fn, step = entry.fn, stride * 8
+            return [fn(base + p * step) for p in range(parts)]
         try:
             mb = self.mailbox
             mb[llvm_runner.MB_NPARTS] = parts
             mb[llvm_runner.MB_FN] = entry.address
-            mb[llvm_runner.MB_ARGV] = argv.ctypes.data
-            mb[llvm_runner.MB_NARGS] = argv.shape[1]
+            mb[llvm_runner.MB_ARGV] = base
+            mb[llvm_runner.MB_NARGS] = stride
             self.seq = (self.seq + 1) % (1 << 40)
             self._dispatch(self.ptr, self.seq)
             return self.codes[:parts].tolist()
@@ -91,6 +95,8 @@ _executor_lock = threading.Lock()
 
 def executor() -> Executor:
     global _executor
+    if _executor is not None:  # every call after the first: no lock
+        return _executor
     with _executor_lock:
         if _executor is None:
             _executor = Executor(max(1, (os.cpu_count() or 1) - 1))
@@ -98,7 +104,16 @@ def executor() -> Executor:
 
 
 class PackedEntry:
-    """A kernel's `<symbol>_packed` entry and how to lay out its argument words."""
+    """A kernel's `<symbol>_packed` entry and how to lay out its argument words.
+
+    `run(nparts, **args)` is the call path: the layout is fixed once per
+    entry (a function generated from the signature takes every argument by
+    keyword, so a missing or unknown name is a TypeError, and writes its
+    words in the ABI's order). Each partition's row has one extra word after
+    its arguments; `err_pos`, when the signature has it, points there.
+    `__call__(rows)` takes a dict per partition instead, for arguments that
+    differ between partitions (the update's scratch buffers).
+    """
 
     def __init__(self, module: JitModule, sig: abi.Signature):
         self.sig = sig
@@ -108,6 +123,9 @@ class PackedEntry:
         self.names = sig.names()
         self.keys = frozenset(self.names)
         self.floats = [a.type == "f64" for a in sig.args]
+        self.stride = len(self.names) + 1  # the arguments, then the partition's error word
+        self._types: dict[int, type] = {}
+        self.run = _runner(self)
 
     def words(self, rows: list[dict[str, Any]]) -> np.ndarray:
         """One row of int64 words per partition, from each partition's arguments by name."""
@@ -115,7 +133,7 @@ class PackedEntry:
             if args.keys() != self.keys:
                 raise TypeError(f"{self.sig.symbol}: arguments {sorted(args)} do not match "
                                 f"{list(self.names)}")
-        if not any(self.floats):  # the common case, on every lookup: one conversion
+        if not any(self.floats):
             return np.array([[args[n] or 0 for n in self.names] for args in rows], np.int64)
         out = np.empty((len(rows), len(self.names)), np.int64)
         for p, args in enumerate(rows):
@@ -124,6 +142,72 @@ class PackedEntry:
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[int]:
         return executor().run(self, self.words(rows))
+
+    def words_type(self, nparts: int) -> type:
+        """The ctypes array of `nparts` rows of `stride` words (array types are cached)."""
+        t = self._types.get(nparts)
+        if t is None:
+            t = self._types[nparts] = ctypes.c_int64 * (self.stride * nparts)
+        return t
+
+
+_ENTRY_ARGS = ("part", "nparts", "err_pos")  # what `PackedEntry.run` fills in itself
+
+
+def _runner(entry: PackedEntry) -> Callable[..., tuple[list[int], list[int]]]:
+    """`run(nparts, *, <the other arguments>) -> (statuses, error words)` for one entry; nparts >= 1.
+
+    Generated once per entry from its signature: a partition's row of words
+    is one list display in the ABI's order (pointers as addresses, None as
+    0, f64 as its bits) copied into a fresh ctypes array, so a call builds no
+    dict and no numpy array; one partition runs on the calling thread, more
+    on the executor. The generated code's own names start with "_", which no
+    argument name may.
+    """
+    names, stride = entry.names, entry.stride
+    if (not all(n.isidentifier() and not n.startswith("_") for n in names)
+            or len(set(names)) != len(names)):
+        raise ValueError(f"{entry.sig.symbol}: argument names {names} cannot be keywords")
+    params = [n for n in names if n not in _ENTRY_ARGS]
+    items = [("0" if n in ("part", "err_pos") else "nparts" if n == "nparts"
+              else f"_f64({n})" if is_float else f"({n} or 0)")
+             for n, is_float in zip(names, entry.floats)]
+    err_word = 8 * len(names)  # byte offset of the error word within a row
+    one, each = [], []  # per-row fix-ups: partition index and error word address
+    if "err_pos" in names:
+        one.append(f"_row[{names.index('err_pos')}] = _base + {err_word}")
+        each.append(f"_row[{names.index('err_pos')}] = _base + {8 * stride} * _p + {err_word}")
+    if "part" in names:
+        each.append(f"_row[{names.index('part')}] = _p")
+    src = "\n".join([
+        f"def run(nparts, *, {', '.join(params)}):",
+        "    _buf = _words_type(nparts)()",
+        "    _base = _addressof(_buf)",
+        f"    _row = [{', '.join(items)}, 0]",
+        "    if nparts == 1:",
+        *(f"        {line}" for line in one),
+        "        _buf[:] = _row",
+        "        return [_fn(_base)], [_buf[-1]]",
+        "    for _p in range(nparts):",
+        *(f"        {line}" for line in each),
+        f"        _buf[{stride} * _p:{stride} * (_p + 1)] = _row",
+        f"    return (_executor().run_words(_entry, _base, nparts, {stride}),",
+        f"            _buf[{stride - 1}::{stride}])",
+    ]) + "\n"
+    namespace = {"_words_type": entry.words_type, "_addressof": ctypes.addressof,
+                 "_fn": entry.fn, "_executor": executor, "_entry": entry, "_f64": _f64}
+    exec(compile(src, f"<{entry.sig.symbol}_packed run>", "exec"), namespace)
+    run = namespace["run"]
+    run.__doc__ = src
+    return run
+
+
+_F64, _F64_BITS = struct.Struct("<d"), struct.Struct("<q")
+
+
+def _f64(value: Any) -> int:
+    """A double's bits as the int64 word the packed entry reads."""
+    return _F64_BITS.unpack(_F64.pack(value))[0]
 
 
 def _word(value: Any, is_float: bool) -> int:

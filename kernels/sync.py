@@ -126,14 +126,10 @@ class PackKernel(_SyncKernel):
         ov.expect(("int64",), (n,))
         if n == 0:
             return out_rows, out_versions
-        parts = self._parts(n)
-        errs = np.zeros(parts, np.int64)
-
-        common = dict(nparts=parts, serving=srv.ptr, versions=ver.ptr, seq=sq.ptr if sq else None,
-                      rows=rows, ids=i.ptr, n=n, out_rows=o.ptr, out_versions=ov.ptr)
-        codes = self._pack([dict(common, part=p, err_pos=errs.ctypes.data + 8 * p)
-                            for p in range(parts)])
-        bad = [int(errs[p]) for p, code in enumerate(codes) if code]
+        codes, errs = self._pack.run(
+            self._parts(n), serving=srv.ptr, versions=ver.ptr, seq=sq.ptr if sq else None,
+            rows=rows, ids=i.ptr, n=n, out_rows=o.ptr, out_versions=ov.ptr)
+        bad = [errs[p] for p, code in enumerate(codes) if code]
         if bad:
             pos = min(bad)
             raise SyncError(f"id {int(np.asarray(ids)[pos])} at position {pos} is out of range "
@@ -171,21 +167,20 @@ class MergeKernel(_SyncKernel):
             raise SyncError(f"a packet of {n} ids needs {n} versions, got {pv.shape[0]}")
         if not isinstance(newest, (int, np.integer)) or isinstance(newest, bool):
             raise SyncError(f"newest must be an integer version, got {newest!r}")
+        if not -(1 << 63) <= newest < 1 << 63:
+            raise SyncError(f"newest must fit in int64, got {newest}")
         if n == 0:
             return 0
         parts = self._parts(n)
-        errs = np.zeros(parts, np.int64)
-
-        codes = self._check([dict(part=p, nparts=parts, rows=nrows, ids=i.ptr, n=n, prows=r.ptr,
-                                  pversions=pv.ptr, newest=int(newest),
-                                  err_pos=errs.ctypes.data + 8 * p) for p in range(parts)])
-        failed = [(int(errs[p]), code) for p, code in enumerate(codes) if code]
+        codes, errs = self._check.run(parts, rows=nrows, ids=i.ptr, n=n, prows=r.ptr,
+                                      pversions=pv.ptr, newest=int(newest))
+        failed = [(errs[p], code) for p, code in enumerate(codes) if code]
         if failed:
             self._raise(min(failed), ids, packet_versions, nrows, int(newest))
 
-        return sum(self._apply([dict(part=p, nparts=parts, serving=srv.ptr, versions=ver.ptr,
-                                     seq=sq.ptr if sq else None, ids=i.ptr, n=n, prows=r.ptr,
-                                     pversions=pv.ptr) for p in range(parts)]))
+        return sum(self._apply.run(parts, serving=srv.ptr, versions=ver.ptr,
+                                   seq=sq.ptr if sq else None, ids=i.ptr, n=n, prows=r.ptr,
+                                   pversions=pv.ptr)[0])
 
     @staticmethod
     def _raise(failure: tuple[int, int], ids: Any, versions: Any, rows: int, newest: int) -> None:

@@ -273,3 +273,50 @@ def test_emitted_signature_and_out_param() -> None:
     out = np.full((1, 16), 7.0, np.float32)
     res = k(np.ones((3, 16), np.float32), np.array([0, 1, 2]), np.array([0, 3]), out=out)
     assert res is out and (out == 3.0).all()
+
+
+def test_argument_checks_on_the_fast_path() -> None:
+    """The per-call checks stay: aliasing, byte order, read-only out, seq words, ids in range."""
+    k = bag_kernel(4, "f32", "i64", "sum")
+    q = np.ones((8, 4), np.float32)
+    ids, off = np.array([0, 1, 2]), np.array([0, 3])
+    with pytest.raises(LookupError, match="share memory"):
+        k(q, ids, off, out=q[:1])
+    with pytest.raises(LookupError, match="share memory"):
+        k(q, ids, off, out=q.view(np.uint8)[2:3, :16].view(np.float32))
+    with pytest.raises(LookupError, match="byte order"):
+        k(q.astype(q.dtype.newbyteorder()), ids, off)
+    with pytest.raises(LookupError, match="byte order"):
+        k(q, ids.astype(ids.dtype.newbyteorder()), off)
+    ro = np.zeros((1, 4), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(LookupError, match="read-only"):
+        k(q, ids, off, out=ro)
+    with pytest.raises(LookupError, match="seq"):
+        k(q, ids, off, seq=np.zeros(7, np.uint32))
+    with pytest.raises(LookupError, match=r"ids\[1\]"):
+        k(q, np.array([0, 8, 1]), off)
+    with pytest.raises(TypeError):
+        k._entry.run(1, table=q.ctypes.data)  # every argument by name, or none runs
+    seq = np.zeros(8, np.uint32)
+    np.testing.assert_array_equal(k(q, ids, off, seq=seq), np.full((1, 4), 3.0, np.float32))
+
+
+def test_data_pointers_match_numpy(tmp_path) -> None:
+    """ArrayArg reads the data pointer straight from the array object: it must be numpy's."""
+    from ekko.kernels import arrays
+
+    assert arrays._DATA_OFFSET is not None  # the fast read is in use on CPython
+    with pytest.raises(TypeError):
+        arrays.data_ptr(np.float64(1.0))  # a numpy scalar is not an array
+    base = np.arange(60, dtype=np.float32).reshape(6, 10)
+    mm = np.lib.format.open_memmap(tmp_path / "m.npy", "w+", np.int64, (5, 3))
+
+    class Sub(np.ndarray):
+        pass
+
+    for x in (base, base[2:], base[3:, 4:], base.T, base.view(Sub), mm, mm[1:], np.empty(0),
+              np.frombuffer(b"abcdefgh", np.uint8), np.ones(())):
+        assert arrays.data_ptr(x) == x.__array_interface__["data"][0]
+        if x.flags.c_contiguous:
+            assert arrays.ArrayArg("x", x, LookupError).ptr == x.__array_interface__["data"][0]
