@@ -157,6 +157,15 @@ class InferredResultsOp(IRDLOperation):
         return cls.from_flat(operands, result_types, attributes)
 
 
+def flag(flat: dict[str, Attribute], name: str, operands: Sequence[str]) -> bool:
+    """Whether the unit flag `name` (which says `operands` are present) is set."""
+    attr = flat.get(name)
+    if attr is not None and not isinstance(attr, UnitAttr):
+        raise VerifyException(f"'{name}' is a unit flag that says the {' and '.join(operands)} "
+                              f"operand is present, got {attr}")
+    return attr is not None
+
+
 SEGMENTS = ("operandSegmentSizes", "resultSegmentSizes")
 _KINDS = {FloatAttr: "a float", StringAttr: "a string", UnitAttr: "a unit flag",
           DictionaryAttr: "a dictionary"}

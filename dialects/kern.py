@@ -56,7 +56,7 @@ from xdsl.traits import IsTerminator, Pure
 from xdsl.utils.exceptions import VerifyException
 
 from . import catalog, rowmath
-from .common import FLOAT_DTYPES, LAYOUTS, SettingsOp, dtype_name, index_name, setting
+from .common import FLOAT_DTYPES, LAYOUTS, SettingsOp, dtype_name, flag, index_name, setting
 from .emb import StateType, TableType, VersionsType
 from .limits import MAX_PARTITIONS
 from .upd import APPLY_FLAGS, APPLY_INTS, APPLY_UNITS, FusedUpdateOp, apply_roles
@@ -388,7 +388,7 @@ class BagOp(KernelOp):
         roles = ["table", "ids"]
         if mode != "none":
             roles.append("offsets")
-        if "weighted" in attributes:
+        if flag(attributes, "weighted", ("weights",)):
             roles.append("weights")
         return roles + ["out"]
 
@@ -404,8 +404,6 @@ class BagOp(KernelOp):
         if isinstance(parts, IntegerAttr) and not 1 <= parts.value.data <= MAX_PARTITIONS:
             raise VerifyException(
                 f"'kern.bag' partitions must be 1 to {MAX_PARTITIONS}, got {parts.value.data}")
-        if "weighted" in attributes and not isinstance(attributes["weighted"], UnitAttr):
-            raise VerifyException("'kern.bag' weighted is a unit flag")
         by = dict(zip(roles, types))
         out = _memref(by["out"], 2, "the output buffer")
         dim = out.get_shape()[1]
@@ -437,7 +435,8 @@ class SyncKernelOp(KernelOp):
 
     @classmethod
     def roles(cls, attributes: dict[str, Attribute]) -> list[str]:
-        return ["serving", "versions", *(["seq"] if "seq" in attributes else []), *cls.DATA]
+        return ["serving", "versions", *(["seq"] if flag(attributes, "seq", ("seq",)) else []),
+                *cls.DATA]
 
     @classmethod
     def check(cls, types, attributes):

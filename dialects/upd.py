@@ -50,6 +50,7 @@ from xdsl.utils.exceptions import VerifyException
 
 from . import catalog
 from .common import InferredResultsOp, SettingsOp, get_float, setting, settings, verify_inferred
+from .common import flag as is_set
 from .limits import MAX_DIM, MAX_PARTITIONS
 from .emb import StateType, TableType, VersionsType, check_ids, check_rows, expect_table
 
@@ -480,8 +481,8 @@ def apply_roles(attributes: dict[str, Attribute], data: tuple[str, ...],
     if not isinstance(opt, StringAttr) or opt.data not in catalog.OPTIMIZERS:
         raise VerifyException(unknown)
     roles = ["table", *catalog.optimizer(opt.data).state_names, *data]
-    for flag, operands in APPLY_FLAG_OPERANDS.items():
-        if flag in attributes:
+    for name, operands in APPLY_FLAG_OPERANDS.items():
+        if is_set(attributes, name, operands):
             roles += operands
     return roles
 

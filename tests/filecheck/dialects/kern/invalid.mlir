@@ -186,7 +186,7 @@ kern.bag %t, %ids, %off, %out {layout = "int2", mode = "sum"} : memref<10x4xf32>
 
 // -----
 
-// CHECK: 'kern.bag' weighted is a unit flag
+// CHECK: 'weighted' is a unit flag that says the weights operand is present, got 1 : i64
 %t, %ids, %off, %w, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>)
 kern.bag %t, %ids, %off, %w, %out {layout = "f32", mode = "sum", weighted = 1 : i64} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>
 
@@ -245,3 +245,9 @@ kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64, tile = 0 : i64} : m
 // CHECK: 'kern.bag' partitions must be 1 to 4096, got 5000
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
 kern.bag %t, %ids, %off, %out {layout = "f32", mode = "sum", partitions = 5000 : i64} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
+
+// -----
+
+// CHECK: 'seq' is a unit flag that says the seq operand is present, got 1 : i64
+%q, %v, %s, %ids, %r, %pv = "test.op"() : () -> (memref<10x12xi8>, memref<10xi64>, memref<10xi32>, memref<?xi64>, memref<?x12xi8>, memref<?xi64>)
+kern.pack %q, %v, %s, %ids, %r, %pv {layout = "int8", dim = 4 : i64, seq = 1 : i64} : memref<10x12xi8>, memref<10xi64>, memref<10xi32>, memref<?xi64>, memref<?x12xi8>, memref<?xi64>

@@ -514,3 +514,9 @@
 // CHECK: 'upd.apply' partitions must be 1 to 4096, got -5
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
 %r = upd.apply %t, %d {optimizer = "sgd", lr = 0.1 : f64, partitions = -5 : i64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
+
+// -----
+
+// CHECK: 'versions' is a unit flag that says the versions and version operand is present, got 1 : i64
+%t, %d, %v, %n = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>, i64)
+%r:2 = upd.apply %t, %d, %v, %n {optimizer = "sgd", lr = 0.1 : f64, versions = 1 : i64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>, i64
