@@ -644,7 +644,13 @@ class ClusterEngine(Engine):
     def shutdown(self) -> None:
         """Close, end the actors and remove the engine's own directory (also when collected)."""
         self.close()
+        self._shut = True
         self._finalizer()
+
+    def _alive(self) -> None:
+        """After shutdown() the processes are gone: say so at once (never wait on them)."""
+        if getattr(self, "_shut", False):
+            raise EkkoError("this engine was shut down (its Ray processes are gone)")
 
     def _all_links(self) -> list[RemoteLink]:
         return [link for links in self.shard_links for link in links]
@@ -656,6 +662,7 @@ class ClusterEngine(Engine):
         With several shards each numbers its own versions: this returns the
         highest version among the shards the update touched.
         """
+        self._alive()
         t = self._tables.get(table)
         if t is None:
             raise EkkoError(f"no table {table!r} (tables: {', '.join(self._tables)})")
@@ -765,6 +772,7 @@ class ClusterEngine(Engine):
         A replica that is down is skipped (it catches up from the shards when
         it is back) and counted in stats()["check_skipped"].
         """
+        self._alive()
         with self._check_lock:
             self.checks += 1
             changed = self._changed()
@@ -837,10 +845,12 @@ class ClusterEngine(Engine):
 
     def checkpoint(self) -> list[dict]:
         """Snapshot every primary shard (and mark it healthy); their logs start again empty."""
+        self._alive()
         return [call(s.snapshot.remote(), self.timeout) for s in self.shards]
 
     def lookup(self, feature: str, ids: Any, offsets: Any = None, **kw: Any) -> Any:
         """Serve from a healthy replica, in turn; a replica that fails is skipped until back."""
+        self._alive()
         deadline = time.monotonic() + self.timeout
         n = len(self.replicas)
         while time.monotonic() < deadline:

@@ -413,6 +413,10 @@ class TestLocal:
             replayed = s["replayed"][0]
             assert replayed["snapshot_version"] and replayed["records"] > 0
         engine.shutdown()
+        for late in (lambda: engine.step("a", [1], np.zeros((1, 8), np.float32)), engine.check,
+                     lambda: engine.lookup("fa", [1])):  # at once, not after timeout_s
+            with pytest.raises(EkkoError, match="shut down"):
+                late()
         # a new engine on that directory resumes from the shards' snapshots and logs
         with ekko.Engine(model, replicas=1, cluster="local", primary_shards=2, seed=4,
                          directory=tmp_path / "engine") as engine:
