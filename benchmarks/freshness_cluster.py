@@ -2,10 +2,12 @@
 
     python benchmarks/freshness_cluster.py [--cluster local] [--replicas 1,2,4]
         [--rate ROWS_PER_S] [--seconds S] [--scale X] [--restart-gib G] [--restart-runs K]
-        [--quick]
+        [--trainers T] [--quick]
 
 The same trainer stream (Zipf(1.05) ids over the DLRM's 26 tables at
-`--scale`, 4096-id deltas per table, paced to `--rate` row updates/s) runs
+`--scale`, 4096-id deltas per table, paced to `--rate` row updates/s, from
+`--trainers` threads that each step their share of the tables, as trainer
+workers would) runs
 against N replicas for each N in `--replicas`, twice: in this process
 (`ekko.Engine(model, replicas=N)`) and on Ray (`cluster=...`: one primary
 process, N replica processes, packets through Ray's object store). For each:
@@ -32,6 +34,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,29 +74,47 @@ def draw(model, batch: int, rounds: int, seed: int) -> list:
     return out
 
 
-def stream(engine, rounds: list, rate: float, seconds: float) -> tuple[int, int, float]:
-    """Paced steps for `seconds`; returns (row updates, steps, seconds) up to the flush."""
-    rows = steps = 0
+def stream(engine, rounds: list, rate: float, seconds: float,
+           trainers: int = 1) -> tuple[int, int, float]:
+    """Paced steps for `seconds` from `trainers` threads (each steps its own share of
+    the tables, as trainer workers do); returns (row updates, steps, seconds) up to
+    the flush."""
     start = time.perf_counter()
-    k = 0
-    while time.perf_counter() - start < seconds:
-        for table, ids, grads in rounds[k % len(rounds)]:
-            engine.step(table, ids, grads)
-            rows += len(ids)
-            steps += 1
-        k += 1
-        ahead = rows / rate - (time.perf_counter() - start)
-        if ahead > 0:
-            time.sleep(ahead)
+    counts = [[0, 0] for _ in range(trainers)]
+    errors: list[BaseException] = []
+
+    def trainer(j: int) -> None:
+        k = 0
+        try:
+            while time.perf_counter() - start < seconds:
+                for table, ids, grads in rounds[k % len(rounds)][j::trainers]:
+                    engine.step(table, ids, grads)
+                    counts[j][0] += len(ids)
+                    counts[j][1] += 1
+                k += 1
+                ahead = counts[j][0] / (rate / trainers) - (time.perf_counter() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=trainer, args=(j,)) for j in range(trainers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
     engine.flush(600)
-    return rows, steps, time.perf_counter() - start
+    return (sum(c[0] for c in counts), sum(c[1] for c in counts),
+            time.perf_counter() - start)
 
 
 def measure(model, way: str, n: int, cluster: str | None, rounds: list, rate: float,
-            seconds: float) -> Result:
+            seconds: float, trainers: int) -> Result:
     with ekko.Engine(model, replicas=n, cluster=cluster) as engine:
         s0 = engine.stats()  # a replica process's first copy of the tables is not the stream's
-        rows, steps, took = stream(engine, rounds, rate, seconds)
+        rows, steps, took = stream(engine, rounds, rate, seconds, trainers)
         s = engine.stats()
         fresh = engine.freshness_histogram()
     if cluster is not None:
@@ -162,8 +183,9 @@ def restart_text(rs: dict) -> str:
     return "\n".join(lines)
 
 
-def table(results: list[Result], rate: float) -> str:
-    lines = [f"target rate {rate / 1e3:,.0f}k row updates/s, {BATCH}-id deltas per table", "",
+def table(results: list[Result], rate: float, trainers: int = 1) -> str:
+    lines = [f"target rate {rate / 1e3:,.0f}k row updates/s, {BATCH}-id deltas per table, "
+             f"{trainers} trainer thread(s)", "",
              "| engine | replicas | rows/s | freshness p50 ms | p99 ms | max ms | "
              "bytes/row | bytes/step per replica |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -203,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=0.01)
     p.add_argument("--restart-gib", type=float, default=1.0)
     p.add_argument("--restart-runs", type=int, default=3)
+    p.add_argument("--trainers", type=int, default=1,
+                   help="trainer threads stepping at once, each its share of the tables")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     counts = [int(x) for x in a.replicas.split(",")]
@@ -217,14 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(5.0)
     results = []
     for n in counts:
-        results.append(measure(model, "in-process", n, None, rounds, a.rate, a.seconds))
+        results.append(measure(model, "in-process", n, None, rounds, a.rate, a.seconds,
+                               a.trainers))
         results.append(measure(model, f"ray ({a.cluster})", n, a.cluster, rounds, a.rate,
-                               a.seconds))
+                               a.seconds, a.trainers))
         for r in results[-2:]:
             f = r.fresh.summary()
             print(f"{r.way:>16} x{n}: {r.rows_per_s / 1e3:,.0f}k rows/s, freshness p50 "
                   f"{f['p50']:.2f} ms p99 {f['p99']:.2f} ms", file=sys.stderr)
-    text = table(results, a.rate).replace(f"ray ({a.cluster})", "ray x1" if a.quick else
+    text = table(results, a.rate, a.trainers).replace(f"ray ({a.cluster})", "ray x1" if a.quick else
                                           f"ray ({a.cluster})")
     print(text)
     two = [r for r in results if r.way != "in-process" and r.replicas == 2]
