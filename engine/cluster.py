@@ -204,6 +204,19 @@ class _LinkReplica:
         self.marks.put(self.index, table, self.shard, int(version))
 
 
+def _packets_of(batch: list, step: int) -> tuple[list, list, list]:
+    """A link's batch cut into packets of at most `step` rows: what to pack
+    (table, ids), the versions each row was sent since, and the freshness marks."""
+    wanted, since, marks = [], [], []
+    for entry in batch:  # (table, ids, since, (norms, their commit times), ...)
+        table, ids, stamps, (sig, sig_at) = entry[:4]
+        for lo in range(0, len(ids), step):
+            wanted.append((table, ids[lo:lo + step]))
+            since.append(stamps[lo:lo + step])
+            marks.append((table, sig[lo:lo + step], sig_at[lo:lo + step]))
+    return wanted, since, marks
+
+
 class RemoteLink(Link):
     """The in-process Link, sending through Ray: pack on the shard, merge on the replica."""
 
@@ -217,14 +230,7 @@ class RemoteLink(Link):
 
     def _send(self, batch: list) -> None:
         """The whole batch as one pack task on the shard and one merge task on the replica."""
-        step = self.config.max_packet_rows
-        wanted, since, marks = [], [], []
-        for entry in batch:  # (table, ids, since, (norms, their commit times), ...)
-            table, ids, stamps, (sig, sig_at) = entry[:4]
-            for lo in range(0, len(ids), step):
-                wanted.append((table, ids[lo:lo + step]))
-                since.append(stamps[lo:lo + step])
-                marks.append((table, sig[lo:lo + step], sig_at[lo:lo + step]))
+        wanted, since, marks = _packets_of(batch, self.config.max_packet_rows)
         if not wanted:
             return
         packets = self.shard.pack_many.remote(wanted)
@@ -323,14 +329,7 @@ class GroupLink(Link):
         return self.members[replica].recoveries
 
     def _send(self, batch: list) -> None:
-        step = self.config.max_packet_rows
-        wanted, since, marks = [], [], []
-        for entry in batch:  # (table, ids, since, (norms, their commit times), ...)
-            table, ids, stamps, (sig, sig_at) = entry[:4]
-            for lo in range(0, len(ids), step):
-                wanted.append((table, ids[lo:lo + step]))
-                since.append(stamps[lo:lo + step])
-                marks.append((table, sig[lo:lo + step], sig_at[lo:lo + step]))
+        wanted, since, marks = _packets_of(batch, self.config.max_packet_rows)
         members = [m for m in self.members if m.attached]
         if not wanted or not members:
             return  # a detached replica catches up with the shard when it rejoins
