@@ -217,6 +217,16 @@ def _packets_of(batch: list, step: int) -> tuple[list, list, list]:
     return wanted, since, marks
 
 
+def _note_significant(link: Any, marks: list) -> None:
+    """Freshness of the significant rows a link just made visible (its histogram)."""
+    visible = time.time_ns()
+    for table, sig, at in marks:
+        mean = link.primary.tables[table].norm_mean or 1.0
+        hot = (sig >= link.config.significant_ratio * mean) & (at > 0)
+        if hot.any():
+            link.significant.add((visible - at[hot]) / 1e6)
+
+
 class RemoteLink(Link):
     """The in-process Link, sending through Ray: pack on the shard, merge on the replica."""
 
@@ -242,12 +252,7 @@ class RemoteLink(Link):
         except Exception as e:  # recorded by Link; the replica catches up first
             self._recover(e)
             raise
-        visible = time.time_ns()
-        for table, sig, at in marks:
-            mean = self.primary.tables[table].norm_mean or 1.0
-            hot = (sig >= self.config.significant_ratio * mean) & (at > 0)
-            if hot.any():
-                self.significant.add((visible - at[hot]) / 1e6)
+        _note_significant(self, marks)
 
     def errors_of(self, replica: int) -> list[str]:
         return list(self.errors)
@@ -352,12 +357,7 @@ class GroupLink(Link):
                 for ref in pending:
                     self._detach(refs[ref], Unavailable(f"no merge within {self.slow_s:g} s"))
                 break
-        visible = time.time_ns()
-        for table, sig, at in marks:
-            mean = self.primary.tables[table].norm_mean or 1.0
-            hot = (sig >= self.config.significant_ratio * mean) & (at > 0)
-            if hot.any():
-                self.significant.add((visible - at[hot]) / 1e6)
+        _note_significant(self, marks)
 
     def _detach(self, m: _Member, error: Exception) -> None:
         with self.lock:

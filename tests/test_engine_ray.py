@@ -10,6 +10,7 @@ and snapshot tests need no Ray: they run a primary shard in this process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -104,6 +105,29 @@ def wait_for(what, timeout: float = WAIT, every: float = 0.1):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s")
+
+
+@contextlib.contextmanager
+def streaming(engine, stream: Stream):
+    """A trainer thread stepping `stream` while the block runs; its errors fail the test."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            while not stop.is_set():
+                stream.step(engine, 20)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    trainer = threading.Thread(target=run)
+    trainer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        trainer.join(WAIT)
+    assert not errors, errors
 
 
 def new_pid(replica, old: int) -> int:
@@ -330,19 +354,7 @@ class TestLocal:
                 stream.step(engine)
 
             # kill replica 0 while the stream runs; lookups go to replica 1 meanwhile
-            stop = threading.Event()
-            errors: list[BaseException] = []
-
-            def run() -> None:
-                try:
-                    while not stop.is_set():
-                        stream.step(engine, 20)
-                except BaseException as e:  # noqa: BLE001 - reported below
-                    errors.append(e)
-
-            trainer = threading.Thread(target=run)
-            trainer.start()
-            try:
+            with streaming(engine, stream):
                 os.kill(pids[0], signal.SIGKILL)
                 offsets = np.array([0, 3, 6], np.int64)
                 for _ in range(20):
@@ -350,10 +362,6 @@ class TestLocal:
                     assert out.shape == (2, 8) and np.isfinite(out).all()
                 assert engine.replicas[0].down_since is not None  # routed around it
                 new_pid(engine.replicas[0], pids[0])
-            finally:
-                stop.set()
-                trainer.join(WAIT)
-            assert not errors, errors
             engine.flush(WAIT)
             assert_replicas_match(engine)
             s = engine.stats()
@@ -380,28 +388,12 @@ class TestLocal:
             for _ in range(4):
                 stream.step(engine)
             victim = engine.primary.pids[0]
-            stop = threading.Event()
-            errors: list[BaseException] = []
-
-            def run() -> None:
-                try:
-                    while not stop.is_set():
-                        stream.step(engine, 20)
-                except BaseException as e:  # noqa: BLE001
-                    errors.append(e)
-
-            trainer = threading.Thread(target=run)
-            trainer.start()
-            try:
+            with streaming(engine, stream):
                 time.sleep(0.5)
                 os.kill(victim, signal.SIGKILL)
                 wait_for(lambda: shard_pid(engine, 0) not in (None, victim))
                 n = len(stream.steps)
                 wait_for(lambda: len(stream.steps) > n + 6)  # the stream goes on after it
-            finally:
-                stop.set()
-                trainer.join(WAIT)
-            assert not errors, errors
             engine.flush(WAIT)
             want = reference(model, stream.steps, 2, seed=4)
             for name, (serving, versions) in want.items():
