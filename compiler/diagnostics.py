@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from xdsl.ir import Operation
 
 from ..dialects.common import settings
+from .frontend.errors import WIDTH, excerpt
 
 
 class EkkoDiagnostic(Exception):
@@ -27,8 +28,7 @@ def caret_block(text: str, offset: int) -> tuple[int, int, str]:
     line_end = len(text) if line_end < 0 else line_end
     line = text.count("\n", 0, offset) + 1
     col = offset - line_start + 1
-    source = text[line_start:line_end]
-    return line, col, f"{source}\n{' ' * (col - 1)}^"
+    return line, col, excerpt(text[line_start:line_end], col)
 
 
 def format_diagnostic(e: EkkoDiagnostic) -> str:
@@ -40,6 +40,8 @@ def format_parse_error(e) -> str:
     span = e.span
     location = str(span.get_location())
     context = span.print_with_context().split("\n", 1)[1].rstrip("\n")
+    if any(len(line) > WIDTH for line in context.split("\n")):  # one caret, in a window
+        context = caret_block(span.input.content, span.start)[2]
     message = e.msg.strip() or "syntax error"
     if message.startswith("in "):  # xDSL's bare " in block definition": say what failed
         message = f"syntax error {message}"

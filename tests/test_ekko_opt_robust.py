@@ -67,6 +67,20 @@ def assert_clean(rc: int, out: str, err: str, what: str) -> None:
         assert "error" in err, f"{what}: exit 1 without a diagnostic"
 
 
+def test_a_long_line_is_shown_as_a_window_around_the_error(tmp_path: Path, capsys) -> None:
+    """A parse error in a 3,000-character line quotes a window of it, caret on the spot."""
+    line = '  %x = "test.op"() {v = ' + "1" * 3000 + ' : i64, w = "abc} : () -> ()'
+    path = tmp_path / "long.mlir"
+    path.write_text("func.func @f() {\n" + line + "\n  func.return\n}\n")
+    rc, out, err = run_in_process(path, capsys)
+    assert rc == 1
+    head, src, caret = err.strip("\n").split("\n")[:3]
+    col = int(head.split(":")[2])
+    assert line[col - 1] == '"' and "string literal" in head
+    assert len(src) <= 126 and src.startswith("...")
+    assert src[caret.index("^")] == '"' and caret.strip() == "^"
+
+
 def test_the_module_is_valid(tmp_path: Path, capsys) -> None:
     path = tmp_path / "m.mlir"
     path.write_text(MODULE)
