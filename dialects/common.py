@@ -300,7 +300,6 @@ class SettingsOp(InferredResultsOp):
         return {n for n, k in zip(names, sizes.iter_values()) if k}
 
 
-
 def verify_inferred(op: InferredResultsOp) -> None:
     """The results are the types the op's operands and settings imply."""
     types = op.infer_result_types([o.type for o in op.operands], op.flat())
