@@ -145,7 +145,7 @@ class FuncLowering:
         attrs: dict[str, Attribute] = {"layout": StringAttr(table.layout.data)}
         if isinstance(op, emb.BagOp):
             attrs["mode"] = op.mode
-            if len(op.operands) == 4:
+            if op.weights is not None:
                 attrs["weighted"] = UnitAttr()
         else:
             attrs["mode"] = StringAttr("none")
