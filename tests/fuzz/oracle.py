@@ -20,6 +20,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ekko.compiler.frontend.errors import WIDTH
+
 from . import REPO
 
 TIMEOUT_S = {"ir": 30.0, "model": 30.0, "api": 60.0}
@@ -143,7 +145,11 @@ def _quotes_its_line(err: str, path: str, text: str) -> bool:
     if len(lines) < 2 or not 0 < line <= len(source) + 1:
         return True  # nothing quoted, or a position past the end (end of file)
     want = source[line - 1].rstrip("\r") if line <= len(source) else ""
-    return lines[1].rstrip("\r") == want or lines[1].strip() == ""
+    quoted = lines[1].rstrip("\r")
+    if quoted == want or quoted.strip() == "":
+        return True
+    core = quoted.removeprefix("...").removesuffix("...")  # a long line's window
+    return len(want) > WIDTH and len(core) == WIDTH and core in want
 
 
 def run_tool(argv: list[str], timeout: float,
