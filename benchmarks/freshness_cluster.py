@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="trainer threads stepping at once, each its share of the tables")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
+    if a.trainers < 1:
+        p.error(f"--trainers must be at least 1, got {a.trainers}")
     counts = [int(x) for x in a.replicas.split(",")]
     if a.quick:
         counts, a.seconds, a.rate, a.scale, a.restart_gib = [1], 1.0, 50_000.0, 0.001, 0.0

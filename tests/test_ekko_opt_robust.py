@@ -329,6 +329,11 @@ def test_guarded_inputs_fail_fast_with_a_location(name: str, tmp_path: Path) -> 
     ("upd-schedule{partitions=x}", "pass 'upd-schedule'"),
     ("upd-schedule{nope=1}", "pass 'upd-schedule'"),
     ("{", "at column 1"),
+    ("upd-schedule{partitions=-5}", "partitions must be 0 (chosen) to 4096, got -5"),
+    ("upd-schedule{tile=99999}", "tile must be 0 (chosen) to 16384, got 99999"),
+    ("standrd", "did you mean 'standard'?"),
+    ("standard{nope=1}", "nope"),
+    ("standard{partitions=-1}", "partitions must be 0 (chosen)"),
 ])
 def test_bad_pipelines_are_one_line(spec: str, message: str, tmp_path: Path, capsys) -> None:
     path = tmp_path / "m.mlir"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 import time
@@ -216,6 +217,18 @@ def test_log_group_commit_from_several_threads(tmp_path: Path) -> None:
     for r in got:  # each thread's records in its own order, rows intact
         assert r.packet.rows.tolist() == [[r.version % 100] * 2] * 3
         assert r.packet.ids.tolist() == [r.version // 100] * 3
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"chunk_rows": 0}, "chunk_rows must be a positive integer, got 0"),
+    ({"chunk_rows": 1.5}, "chunk_rows must be a positive integer, got 1.5"),
+    ({"chunk_rows": True}, "chunk_rows must be a positive integer, got True"),
+    ({"replicas": -1}, "replicas must be a positive integer, got -1"),
+    ({"primary_shards": "2"}, "primary_shards must be a positive integer, got '2'"),
+])
+def test_bad_cluster_arguments_are_refused_before_ray_starts(model, kw, message) -> None:
+    with pytest.raises(EkkoError, match=re.escape(message)):
+        ekko.Engine(model, cluster="local", **kw)
 
 
 def test_a_restarted_shard_replays_its_snapshot_and_log_to_the_same_bytes(model, tmp_path) -> None:
@@ -503,9 +516,12 @@ class TestLocal:
 
         root = Path(__file__).resolve().parents[1]
         mod = runpy.run_path(str(root / "benchmarks" / "freshness_cluster.py"))
-        assert mod["main"](["--quick"]) == 0
+        with pytest.raises(SystemExit) as bad:
+            mod["main"](["--quick", "--trainers", "0"])
+        assert bad.value.code == 2 and "--trainers must be at least 1" in capsys.readouterr().err
+        assert mod["main"](["--quick", "--trainers", "2"]) == 0  # steps from two threads
         out = capsys.readouterr().out
-        assert "in-process" in out and "ray x1" in out
+        assert "in-process" in out and "ray x1" in out and "2 trainer thread(s)" in out
 
 
 # -- two nodes: packets cross nodes through Ray's object transfer ---------------------------
