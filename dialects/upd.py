@@ -571,8 +571,6 @@ class ApplyOp(FusedUpdateOp):
         return apply_roles(flat, ("delta",),
                            f"'upd.apply' needs optimizer = one of {', '.join(catalog.OPTIMIZERS)}")
 
-    layout = roles
-
     @classmethod
     def result_roles(cls, flat: dict[str, Attribute]) -> list[str]:
         return [r for r in cls.roles(flat) if r not in ("delta", "version", "step", "seed")]
