@@ -10,5 +10,10 @@ if [ -z "${EKKO_REQUIRE_TORCHREC+set}" ] &&
    "$PY" -c "import importlib.metadata as m; m.version('torchrec')" 2>/dev/null; then
   export EKKO_REQUIRE_TORCHREC=1
 fi
-export EKKO_CACHE_DIR="${EKKO_CACHE_DIR:-$(mktemp -d)}"
-exec "$PY" -m pytest -q tests "$@"
+if [ -z "${EKKO_CACHE_DIR:-}" ]; then
+  # a fresh kernel cache per run, removed however the run ends
+  EKKO_CACHE_DIR=$(mktemp -d -t ekko-test-cache.XXXXXX)
+  trap 'rm -rf "$EKKO_CACHE_DIR"' EXIT
+fi
+export EKKO_CACHE_DIR
+"$PY" -m pytest -q tests "$@"

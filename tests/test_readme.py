@@ -35,6 +35,31 @@ def test_readme_python_example_runs(monkeypatch) -> None:
     assert scope["pooled"].shape == (2, 64) and np.isfinite(scope["pooled"]).all()
 
 
+def test_every_readme_python_block_runs_as_written(monkeypatch) -> None:
+    """Each ```python block runs on its own, in a fresh scope: no names from elsewhere."""
+    monkeypatch.chdir(ROOT)
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README.md python block {i}", "exec"), {})  # noqa: S102
+
+
+def test_the_engine_block_does_what_it_says(monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    block = next(b for b in readme_python_blocks() if "ekko.Engine(" in b)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102
+    assert scope["pooled"].shape == (2, 64) and np.isfinite(scope["pooled"]).all()
+    assert scope["fresh"]["count"] >= 3  # three distinct rows reached each replica
+
+
+def test_only_python_blocks_are_code_a_user_runs_in_python() -> None:
+    """Other fences are shell, output, or the GPU example (```py: it needs CUDA)."""
+    fences = re.findall(r"^```(\w*)$", README, re.M)
+    assert set(fences) <= {"sh", "python", "py", ""}, set(fences)
+    assert fences.count("py") <= 1
+
+
 def test_state_table_names_every_optimizer() -> None:
     from ekko.dialects import catalog
 

@@ -66,3 +66,20 @@ def test_no_suitable_python_is_a_clear_error(repo: Path, tmp_path: Path) -> None
     res = _pick(repo, _env(PATH=str(empty)))
     assert res.returncode != 0 and "needs Python >= 3.11" in res.stderr
     assert not (repo / ".venv").exists()
+
+
+def test_test_sh_removes_its_kernel_cache_and_keeps_the_exit_code(repo: Path) -> None:
+    """scripts/test.sh makes a fresh kernel cache per run and removes it on exit."""
+    shutil.copy(ROOT / "scripts" / "test.sh", repo / "scripts" / "test.sh")
+    (repo / "scripts" / "setup.sh").write_text("exit 0\n")  # nothing to install here
+    fake = repo / "fake-python"  # stands in for "$PY -m pytest": fills the cache, then fails
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'if [ "${1:-}" = "-c" ]; then exec python3 "$@"; fi\n'
+                    'echo "$EKKO_CACHE_DIR"; touch "$EKKO_CACHE_DIR/kernel.o"; exit 3\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in _env(PYTHON=str(fake)).items() if k != "EKKO_CACHE_DIR"}
+    res = subprocess.run([BASH, "scripts/test.sh"], cwd=repo, env=env, capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL)
+    assert res.returncode == 3, res.stderr
+    cache = Path(res.stdout.split()[-1])
+    assert cache.name.startswith("ekko-test-cache") and not cache.exists()
