@@ -1,0 +1,1 @@
+"""Synthetic workloads: data streams that drive ekko's tools, benchmarks and tests."""
