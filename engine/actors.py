@@ -10,17 +10,21 @@ in-process engine's parts unchanged:
   optimizer state, serving copy, versions, model-update cache, undo log) and
   the on-commit health check of the `StateManager`. Every step is in its
   durable log (fsync'd) before it is applied; on start it loads its snapshot
-  and replays the log. Packets it packs carry global row ids.
+  and replays the log, refusing damage unless told to cut it (`on_damage`).
+  Packets it packs carry global row ids.
 * `ReplicaServer` holds a full serving copy in a `Replica`. On start it loads
-  its last snapshot (or starts empty) and catches up from every shard: what
-  changed after its watermark, from the model-update cache, or the whole
-  shard when that history is gone.
+  its last snapshot (or starts empty: a damaged one is set aside) and
+  catches up from every shard: what changed after its watermark, from the
+  model-update cache, or the whole shard when that history is gone or the
+  shard's log was cut since (its history id changed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,13 +37,15 @@ from ..compiler.frontend.model import Model
 from ..kernels.errors import EkkoError, UpdateError
 from ..kernels.model import compile_model
 from ..kernels.sync import row_width, rows_dtype
-from .durable import HEALTHY, ROLLBACK, PacketLog, bump_counter, load_arrays, save_arrays
+from .durable import (HEALTHY, ROLLBACK, DamageError, PacketLog, bump_counter, history, load_arrays,
+                      log_summary, new_history, save_arrays, set_aside)
 from .packet import Packet
 from .primary import Commit, Primary
 from .replica import Replica
 from .state import HealthConfig, StateManager, replica_problem
 
 CHUNK_ROWS = 1 << 16  # rows per catch-up packet
+_COUNTERS = {"version", "step", "norm_mean", "commits", "last_seq"}  # a table's in a snapshot
 WINDOW = 3  # catch-up chunks a replica has in flight at once
 
 
@@ -76,6 +82,7 @@ class ShardConfig:
     warmup: int = 10
     log_limit_bytes: int = 1 << 30  # a snapshot (and an empty log) after this much log
     fsync: bool = True
+    on_damage: str = "refuse"  # or "cut": see ShardServer._restore
 
 
 @dataclass
@@ -129,9 +136,10 @@ class ShardServer:
         self.last = {}  # table -> StepResult of its last step (for a retried one)
         self._sent: dict[str, Commit] = {}
         self.replayed = {"records": 0, "rows": 0, "snapshot_version": {}, "seconds": 0.0,
-                         "skipped": 0}
+                         "skipped": 0, "cut": None}
         t0 = time.perf_counter()
         self._restore()
+        self.history_id = history(self.dir)
         self.log = PacketLog(self.dir / "packets.log", fsync=config.fsync)
         self.replayed["seconds"] = time.perf_counter() - t0
 
@@ -140,22 +148,35 @@ class ShardServer:
 
     # -- recovery ------------------------------------------------------------------
     def _restore(self) -> None:
-        """Load the snapshot, then replay every logged step after it."""
-        snap = load_arrays(self.dir / "snapshot.npz")
+        """Load the snapshot, then replay every logged step after it.
+
+        A torn tail is cut (never acknowledged). Other damage raises
+        DamageError, unless `on_damage="cut"` and this is the engine's first
+        start of the shard: then the log is cut at the damage, or a damaged
+        snapshot and the log after it are set aside and the shard starts
+        over; `replayed["cut"]` says what was dropped. A shard that Ray
+        restarts under a running engine never cuts: its replicas hold rows
+        of the steps a cut would drop.
+        """
+        cut = self.config.on_damage == "cut" and not _restarted_by_ray()
+        snap = self._load_snapshot(cut)
         if snap is not None:
-            arrays, meta = snap
-            for name, pt in self.primary.tables.items():
-                m = meta["tables"][name]
-                for key, a in zip(self._array_keys(name), pt.arrays()):
-                    np.copyto(a, arrays[key])
-                pt.version = pt.healthy_version = m["version"]
-                pt.buf.step, pt.norm_mean, pt.commits = m["step"], m["norm_mean"], m["commits"]
-                pt.cache.floor = m["version"]  # history before the snapshot is gone
-                self.last_seq[name] = m["last_seq"]
-                self.replayed["snapshot_version"][name] = m["version"]
-        for rec in PacketLog.read(self.dir / "packets.log"):
+            self._apply_snapshot(*snap)
+        try:
+            log = PacketLog.read(self.dir / "packets.log", cut=cut)
+        except DamageError as e:
+            raise e.add(_refusal(self.config)) from None
+        for rec in log:
             p = rec.packet
             pt = self.primary.tables.get(p.table)
+            if pt is not None and rec.version > pt.version + (rec.kind != HEALTHY):
+                try:  # the history before it is missing: replaying it builds a state never acked
+                    log.refuse(rec, f"it continues table {p.table!r} at version {rec.version}, "
+                                    f"but the shard holds version {pt.version}: the snapshot or "
+                                    f"records before it are missing")
+                except DamageError as e:
+                    raise e.add(_refusal(self.config)) from None
+                break
             if rec.kind == HEALTHY and pt is not None and rec.version == pt.version:
                 self.primary.mark_healthy(p.table)  # Engine.check() passed here
                 continue
@@ -175,6 +196,49 @@ class ShardServer:
                 continue
             self.replayed["records"] += 1
             self.replayed["rows"] += len(p)
+        self.replayed["cut"] = log.finish() or self.replayed["cut"]
+
+    def _load_snapshot(self, cut: bool) -> tuple[dict, dict] | None:
+        """The snapshot's arrays and header; a damaged one is refused or (cut) set aside."""
+        path, log = self.dir / "snapshot.npz", self.dir / "packets.log"
+        try:
+            return load_arrays(path)
+        except DamageError as e:
+            after = log_summary(log)
+            if not cut:
+                raise e.add(f"; the log after it holds {after['records']} whole records, at "
+                            f"least {after['acknowledged']} of them acknowledged. Refused: no "
+                            f"file was changed{_refusal(self.config)}") from None
+            new_history(self.dir)  # first: a crash before the files move cuts again
+            stamp = time.time_ns()
+            self.replayed["cut"] = {
+                "file": str(path), "offset": e.offset, "member": e.member, "reason": str(e),
+                "torn": False, "records_dropped": after["records"],
+                "acknowledged_dropped": after["acknowledged"], "tables": after["tables"],
+                "kept": str(set_aside(path, f".damaged-{stamp}")),
+                "log_kept": str(set_aside(log, f".after-damaged-snapshot-{stamp}"))
+                if log.exists() else None}
+            return None
+
+    def _apply_snapshot(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """Every table's arrays and counters from a (checked) snapshot of this shard."""
+        tables = meta.get("tables") if isinstance(meta.get("tables"), dict) else {}
+        for name, pt in self.primary.tables.items():
+            m, keys = tables.get(name), self._array_keys(name)
+            have = [arrays.get(k) for k in keys]
+            if not isinstance(m, dict) or not _COUNTERS <= m.keys() or any(
+                    a is None or a.shape != b.shape or a.dtype != b.dtype
+                    for a, b in zip(have, pt.arrays())):
+                raise EkkoError(f"{self.dir / 'snapshot.npz'} holds no table {name!r} of this "
+                                f"shard's shape (was it written for another model or another "
+                                f"number of primary shards?)")
+            for a, b in zip(have, pt.arrays()):
+                np.copyto(b, a)
+            pt.version = pt.healthy_version = m["version"]
+            pt.buf.step, pt.norm_mean, pt.commits = m["step"], m["norm_mean"], m["commits"]
+            pt.cache.floor = m["version"]  # history before the snapshot is gone
+            self.last_seq[name] = m["last_seq"]
+            self.replayed["snapshot_version"][name] = m["version"]
 
     def _array_keys(self, name: str) -> list[str]:
         n = len(self.primary.tables[name].arrays())
@@ -351,6 +415,10 @@ class ShardServer:
         with self.locks[table], pt.lock:
             return pt.buf.lookup_table.copy(), pt.buf.versions.copy()
 
+    def history(self) -> str:
+        """This shard's history id: it changes when a cut dropped steps (see durable.py)."""
+        return self.history_id
+
     def info(self) -> dict:
         return {"pid": os.getpid(), "node": _node_id(), "starts": self.starts,
                 "restarts": self.starts - 1, "replayed": dict(self.replayed),
@@ -415,7 +483,8 @@ class ReplicaServer:
     def _load(self) -> tuple[dict, dict, bool]:
         """The last snapshot (serving, versions, watermarks), or an empty copy at -1."""
         wm = {n: dict.fromkeys(ks, -1) for n, ks in self._shards_of_table().items()}
-        snap = load_arrays(self.dir / "snapshot.npz")
+        self.histories = dict.fromkeys(range(len(self.config.shards)), "")
+        snap = self._read_snapshot()
         out = {}
         restored = snap is not None
         for t in self.model.model.tables:
@@ -424,18 +493,49 @@ class ReplicaServer:
             shape = (t.rows, row_width(layout, t.dim))
             dtype = np.dtype(rows_dtype(layout))
             if restored:
-                arrays, meta = snap
+                arrays, marks = snap
                 s, v = arrays.get(f"{t.name}/serving"), arrays.get(f"{t.name}/versions")
                 if s is not None and s.shape == shape and s.dtype == dtype and v is not None \
-                        and v.shape == (t.rows,):
+                        and v.shape == (t.rows,) and v.dtype == np.int64:
                     out[t.name] = (s, v)
-                    for k, w in meta["watermarks"].get(t.name, {}).items():
-                        if int(k) in wm[t.name]:
-                            wm[t.name][int(k)] = int(w)
+                    for k, w in marks.get(t.name, {}).items():
+                        if k in wm[t.name]:
+                            wm[t.name][k] = w
                     continue
             out[t.name] = (np.zeros(shape, dtype), np.full(t.rows, -1, np.int64))
             wm[t.name] = dict.fromkeys(wm[t.name], -1)
         return out, wm, restored
+
+    def _read_snapshot(self) -> tuple[dict, dict] | None:
+        """(arrays, watermarks) of the snapshot; None without one, or with a damaged one.
+
+        A damaged snapshot is set aside (`snapshot.npz.damaged`) and the
+        replica starts empty, copying every shard: unlike a primary's, its
+        state is a copy the shards can always give again, so refusing to
+        start would turn a recoverable fault into an outage. What was wrong
+        is kept in `snapshot_damage` (stats()).
+        """
+        path = self.dir / "snapshot.npz"
+        self.snapshot_damage: str | None = None
+        try:
+            snap = load_arrays(path)
+            if snap is None:
+                return None
+            arrays, meta = snap
+            marks = {t: {int(k): int(w) for k, w in ws.items()}
+                     for t, ws in meta["watermarks"].items()}
+            histories = {int(k): str(v) for k, v in meta.get("histories", {}).items()}
+        except EkkoError as e:
+            self.snapshot_damage = str(e)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            self.snapshot_damage = (f"{path}: not a replica's snapshot header "
+                                    f"({type(e).__name__}: {e})")
+        else:
+            self.histories.update(histories)
+            return arrays, marks
+        with contextlib.suppress(OSError):
+            set_aside(path, ".damaged")
+        return None
 
     def _shards_of_table(self) -> dict[str, list[int]]:
         by_table: dict[str, list[int]] = {t.name: [] for t in self.model.model.tables}
@@ -466,6 +566,8 @@ class ReplicaServer:
         rows, full = 0, []
         handle = ray.get_actor(self.config.shards[shard])
         timeout, chunk = self.config.call_timeout_s, self.config.chunk_rows
+        if self._forget_other_history(shard, ray.get(handle.history.remote(), timeout=timeout)):
+            reason = "history cut"
         for table in self.config.tables_of_shard.get(shard, []):
             with self.wm_lock:
                 since = self.wm[table][shard]
@@ -493,6 +595,28 @@ class ReplicaServer:
                   "seconds": time.perf_counter() - t0, "at": time.time()}
         self.catch_ups.append(record)
         return record
+
+    def _forget_other_history(self, shard: int, token: str) -> bool:
+        """Whether the shard's history changed since this copy (a cut dropped steps there).
+
+        Then its rows here may come from the dropped steps: their versions go
+        to -1 and its watermarks too, so the catch-up copies the whole shard
+        over them.
+        """
+        tables = self.config.tables_of_shard.get(shard, [])
+        with self.wm_lock:
+            if self.histories.get(shard, "") == token:
+                return False
+            self.histories[shard] = token
+            for table in tables:
+                self.wm[table][shard] = -1
+        for table in tables:
+            rt = self.replica.tables[table]
+            lo, hi = shard_bounds(len(rt.versions), len(self.config.shards))[shard:shard + 2]
+            with rt.lock:
+                rt.versions[lo:hi] = -1
+                rt.watermark = -1
+        return True
 
     # -- messages from the engine ---------------------------------------------------------
     def merge_from(self, packet: Packet, commit_ns: np.ndarray | None) -> int:
@@ -538,12 +662,13 @@ class ReplicaServer:
         """Write this replica's serving copies and watermarks to disk (atomically)."""
         with self.wm_lock:  # everything up to these watermarks is in the arrays below
             wm = {n: {str(k): v for k, v in w.items()} for n, w in self.wm.items()}
+            histories = {str(k): v for k, v in self.histories.items()}
         arrays = {}
         for name, rt in self.replica.tables.items():
             with rt.lock:
                 arrays[f"{name}/serving"] = rt.serving.copy()
                 arrays[f"{name}/versions"] = rt.versions.copy()
-        save_arrays(self.dir / "snapshot.npz", arrays, {"watermarks": wm})
+        save_arrays(self.dir / "snapshot.npz", arrays, {"watermarks": wm, "histories": histories})
         return wm
 
     def _snapshots(self) -> None:
@@ -576,6 +701,7 @@ class ReplicaServer:
         return {"pid": os.getpid(), "node": _node_id(), "starts": self.starts,
                 "restarts": self.starts - 1, "catch_ups": list(self.catch_ups),
                 "restored_from_snapshot": self.restored_from_snapshot,
+                "snapshot_damage": self.snapshot_damage,
                 "restore_seconds": self.restore_seconds, "ready_seconds": self.ready_seconds}
 
     def stats(self) -> tuple[dict, Any]:
@@ -584,6 +710,24 @@ class ReplicaServer:
         summary = s.summary()
         summary["watermarks"] = self.replica.watermarks()
         return summary, s.all_freshness()
+
+
+def _restarted_by_ray() -> bool:
+    """Whether Ray restarted this actor (rather than an engine starting it)."""
+    ray = sys.modules.get("ray")  # outside a Ray worker it need not be imported at all
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return False
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
+def _refusal(config: ShardConfig) -> str:
+    """What a refused shard's error adds: how to start anyway, or why it may not here."""
+    if config.on_damage == "cut":
+        return (" (on_damage='cut' applies when an engine starts on this directory, not when "
+                "Ray restarts a shard under a running engine, whose replicas hold rows of the "
+                "steps a cut would drop: close the engine and start a new one)")
+    return (". Engine(..., on_damage='cut') starts anyway, dropping the damaged part and "
+            "everything after it (docs/engine.md, 'Damaged logs and snapshots')")
 
 
 def _node_id() -> str:

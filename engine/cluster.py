@@ -28,10 +28,12 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -108,7 +110,11 @@ def _init(cluster: str) -> None:
 
 
 def call(ref: Any, timeout: float) -> Any:
-    """ray.get with the engine's error rules: EkkoError stays EkkoError, a dead actor is Unavailable."""
+    """ray.get with the engine's error rules: EkkoError stays EkkoError, a dead actor is Unavailable.
+
+    An actor whose constructor raised EkkoError (a shard refusing a damaged
+    log) is dead for good: that error is raised, not Unavailable.
+    """
     try:
         return ray.get(ref, timeout=timeout)
     except rex.RayTaskError as e:
@@ -119,7 +125,38 @@ def call(ref: Any, timeout: float) -> Any:
             raise Unavailable(f"{type(cause).__name__}: {cause}") from None
         raise
     except _DOWN as e:
+        refused = _refused(e)
+        if refused is not None:
+            raise EkkoError(refused) from None
         raise Unavailable(f"{type(e).__name__}") from None
+
+
+def _refused(e: Exception) -> str | None:
+    """The message of the EkkoError an actor's constructor raised, if that is why it died.
+
+    Ray passes it on only as text: the last line of a traceback, the
+    exception's class path and message.
+    """
+    if not getattr(e, "actor_init_failed", False):
+        return None
+    last = (getattr(e, "error_msg", "") or "").rstrip().rsplit("\n", 1)[-1]
+    path, sep, message = last.partition(": ")
+    module, _, name = path.rpartition(".")
+    cls = getattr(sys.modules.get(module), name, None)
+    if sep and isinstance(cls, type) and issubclass(cls, EkkoError):
+        return message
+    return None
+
+
+def _warn_cut(shard: int, cut: dict | None) -> None:
+    """Say what a shard's start cut (on_damage="cut"): acknowledged steps may be gone."""
+    if cut is None or cut["torn"]:
+        return
+    tables = "".join(f", {t} steps {r['seq'][0]}-{r['seq'][1]}" for t, r in cut["tables"].items())
+    warnings.warn(f"primary shard {shard} cut damage in {cut['file']} at byte {cut['offset']} "
+                  f"({cut['reason']}): dropped {cut['records_dropped']} whole records "
+                  f"({cut['acknowledged_dropped']}+ acknowledged{tables}); "
+                  f"the cut bytes are in {cut['kept']}", stacklevel=4)
 
 
 # -- what the in-process Link talks to, standing in for the remote parts ---------------------
@@ -520,7 +557,7 @@ class ClusterEngine(Engine):
                  directory: str | Path | None = None, snapshot_s: float = 0.0,
                  max_restarts: int = 100, timeout_s: float = 300.0, lookup_timeout_s: float = 2.0,
                  log_limit_bytes: int = 1 << 30, fsync: bool = True, chunk_rows: int = 1 << 16,
-                 actor_options: dict[str, dict] | None = None):
+                 actor_options: dict[str, dict] | None = None, on_damage: str = "refuse"):
         if isinstance(model, (str, Path)):
             model = _compile(model, scale=scale)
         if not isinstance(model, CompiledModel):
@@ -532,7 +569,9 @@ class ClusterEngine(Engine):
             raise EkkoError(f"primary_shards must be a positive integer, got {primary_shards!r}")
         if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
             raise EkkoError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-        self.chunk_rows = chunk_rows
+        if on_damage not in ("refuse", "cut"):
+            raise EkkoError(f"on_damage must be 'refuse' or 'cut', got {on_damage!r}")
+        self.chunk_rows, self.on_damage = chunk_rows, on_damage
         health = health or HealthConfig()
         _check_health(health)
         self.model = model
@@ -576,7 +615,8 @@ class ClusterEngine(Engine):
         self.shards = [shard_cls.options(name=names[s], **base, max_concurrency=8,
                                          **options.get("primary", {})).remote(ShardConfig(
             m, s, k, str(self.directory / f"primary-{s}"), seed, history_rows,
-            health.outlier_factor, health.warmup, log_limit, fsync)) for s in range(k)]
+            health.outlier_factor, health.warmup, log_limit, fsync, self.on_damage))
+            for s in range(k)]
         row_bytes = [call(s.row_bytes.remote(), self.timeout) for s in self.shards]
         self.issued = [dict.fromkeys(tables_of[s], 0) for s in range(k)]
         replica_cls = ray.remote(ReplicaServer).options(**base, max_concurrency=4 + k,
@@ -616,6 +656,7 @@ class ClusterEngine(Engine):
         self._seq = dict.fromkeys(self._tables, 0)
         for k, shard in enumerate(self.shards):
             info = call(shard.info.remote(), self.timeout)
+            _warn_cut(k, info["replayed"]["cut"])
             self.issued[k].update(info["issued"])
             for name, seq in info["last_seq"].items():
                 self._seq[name] = max(self._seq[name], seq)
@@ -881,7 +922,8 @@ class ClusterEngine(Engine):
             summary["link_errors"] = [e for link in self.links[i] for e in link.errors_of(i)]
             summary["link_recoveries"] = sum(link.recoveries_of(i) for link in self.links[i])
             summary.update({k: info.get(k) for k in ("pid", "node", "restarts", "catch_ups",
-                                                      "restored_from_snapshot", "ready_seconds")})
+                                                      "restored_from_snapshot", "snapshot_damage",
+                                                      "ready_seconds")})
             per.append(summary)
         shards = []
         for s in self.shards:

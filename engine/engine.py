@@ -29,7 +29,8 @@ from .stats import Histogram, latency_summary
 
 
 _CLUSTER_ONLY = {"primary_shards", "directory", "snapshot_s", "max_restarts", "timeout_s",
-                 "lookup_timeout_s", "log_limit_bytes", "fsync", "chunk_rows", "actor_options"}
+                 "lookup_timeout_s", "log_limit_bytes", "fsync", "chunk_rows", "actor_options",
+                 "on_damage"}
 
 
 class Engine:

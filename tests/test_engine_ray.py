@@ -4,8 +4,9 @@ One local Ray session serves every test of `TestLocal` (starting Ray costs
 seconds on the 2-core machine); `test_packets_cross_nodes` then starts Ray's
 multi-node test cluster. Every test checks the replicas against the primary
 byte for byte, or the primary against an in-process reference that applied
-the same steps, so a lost, doubled or stale update fails it. The durable log
-and snapshot tests need no Ray: they run a primary shard in this process.
+the same steps, so a lost, doubled or stale update fails it. The snapshot
+and replay tests of a primary shard need no Ray: they run one in this
+process (the log's and snapshots' damage tests: tests/test_durable.py).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import pytest
 import ekko
 from ekko.engine import HealthConfig
 from ekko.engine.actors import ShardConfig, ShardServer, shard_bounds, shard_model
-from ekko.engine.durable import PacketLog
-from ekko.engine.packet import Packet
 from ekko.engine.primary import Primary
 from ekko.kernels.errors import EkkoError
 
@@ -171,54 +170,7 @@ print("ray imported:", "ray" in sys.modules)
     assert "ray imported: False" in out.stdout
 
 
-# -- the durable log and snapshots, without Ray ---------------------------------------------
-def test_log_keeps_whole_records_and_cuts_a_torn_tail(tmp_path: Path) -> None:
-    log = PacketLog(tmp_path / "p.log")
-    rng = np.random.default_rng(1)
-    sent = []
-    for v in range(1, 4):
-        p = Packet("a", rng.integers(0, 9, 5), rng.standard_normal((5, 3)).astype(np.float32),
-                   np.zeros(5, np.int64))
-        log.append(v, v, p)
-        sent.append(p)
-    log.close()
-    whole = (tmp_path / "p.log").stat().st_size
-    with open(tmp_path / "p.log", "ab") as f:  # a record cut short by a kill mid-write
-        f.write(open(tmp_path / "p.log", "rb").read()[:50])
-    got = list(PacketLog.read(tmp_path / "p.log"))
-    assert [r.version for r in got] == [1, 2, 3]
-    for r, p in zip(got, sent):
-        assert r.packet.ids.tolist() == p.ids.tolist()
-        assert r.packet.rows.tobytes() == p.rows.tobytes()
-    assert (tmp_path / "p.log").stat().st_size == whole
-
-
-def test_log_group_commit_from_several_threads(tmp_path: Path) -> None:
-    """Concurrent appends share syncs; each returns durable; every record reads back whole."""
-    log = PacketLog(tmp_path / "p.log")
-
-    def writer(k: int) -> None:
-        for i in range(10):
-            ids = np.full(3, k, np.int64)
-            ticket = log.write(i, k * 100 + i, Packet("a", ids, np.full((3, 2), i, np.float32),
-                                                      ids))
-            log.wait(ticket)
-            assert log.synced >= ticket
-
-    threads = [threading.Thread(target=writer, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT)
-    assert log.records == 60 and 0 < log.syncs <= 60 and log.synced == log.written
-    log.close()
-    got = list(PacketLog.read(tmp_path / "p.log"))
-    assert sorted(r.version for r in got) == sorted(k * 100 + i for k in range(6) for i in range(10))
-    for r in got:  # each thread's records in its own order, rows intact
-        assert r.packet.rows.tolist() == [[r.version % 100] * 2] * 3
-        assert r.packet.ids.tolist() == [r.version // 100] * 3
-
-
+# -- primary shards and arguments, without Ray (the log's own tests: tests/test_durable.py) --
 @pytest.mark.parametrize("kw, message", [
     ({"chunk_rows": 0}, "chunk_rows must be a positive integer, got 0"),
     ({"chunk_rows": 1.5}, "chunk_rows must be a positive integer, got 1.5"),

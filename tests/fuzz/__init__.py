@@ -10,6 +10,9 @@ Targets, each a module with `generate(rng) -> case` (a JSON-able dict):
           return, called with wrong dtypes, shapes, byte order, strides,
           aliasing, out-of-range ids, NaN/inf and huge values.
 * `cli`   flags for the `ekko` and `ekko-opt` commands.
+* `durable` a primary shard's log and snapshots, damaged every way a disk
+          or a kill can: a torn tail is cut, other damage refused (or cut
+          on request) and named, never a silently older state.
 
 The oracle (`oracle.py`): never a traceback, crash or hang. ekko-opt's and
 the model language's errors carry `file:line:col`; the Python API raises
@@ -34,15 +37,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
-TARGETS = ("ir", "model", "api", "cli")
+TARGETS = ("ir", "model", "api", "cli", "durable")
 
 
 def generator(target: str) -> Callable[[random.Random], dict]:
     """The case generator of `target`."""
-    from . import gen_api, gen_cli, gen_ir, gen_model
+    from . import gen_api, gen_cli, gen_durable, gen_ir, gen_model
 
     return {"ir": gen_ir.generate, "model": gen_model.generate, "api": gen_api.generate,
-            "cli": gen_cli.generate}[target]
+            "cli": gen_cli.generate, "durable": gen_durable.generate}[target]
 
 
 def signature(case: dict, result: dict) -> str:

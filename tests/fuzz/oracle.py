@@ -24,7 +24,7 @@ from ekko.compiler.frontend.errors import WIDTH
 
 from . import REPO
 
-TIMEOUT_S = {"ir": 30.0, "model": 30.0, "api": 60.0}
+TIMEOUT_S = {"ir": 30.0, "model": 30.0, "api": 60.0, "durable": 60.0}
 
 
 class Worker:
