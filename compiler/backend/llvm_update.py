@@ -658,32 +658,35 @@ def _uniforms(e: Emitter, spec: UpdateSpec, step) -> dict[int, ir.Value]:
 
 
 _CMP = {"oeq": "==", "one": "!=", "ogt": ">", "oge": ">=", "olt": "<", "ole": "<=",
-        "ueq": "==", "une": "!=", "ugt": ">", "uge": ">=", "ult": "<", "ule": "<="}
+        "ueq": "==", "une": "!=", "ugt": ">", "uge": ">=", "ult": "<", "ule": "<=",
+        "ord": "ord", "uno": "uno"}
 
 
 def _math_op(e: Emitter, ins: mathprog.Instr, xs: list[ir.Value]) -> ir.Value:
-    """One arith/math op of the region on scalar LLVM values."""
+    """One arith/math op of the region on scalar LLVM values, with the meaning
+    `semantics.OPS` gives it."""
     b = e.b
     t = F64 if ins.f64 else F32
     binary = {"add": b.fadd, "sub": b.fsub, "mul": b.fmul, "div": b.fdiv}
     if ins.op in binary:
         return binary[ins.op](xs[0], xs[1], flags=FAST)
-    if ins.op == "max":
-        return b.select(b.fcmp_ordered(">", xs[0], xs[1], flags=FAST), xs[0], xs[1])
-    if ins.op == "min":
-        return b.select(b.fcmp_ordered("<", xs[0], xs[1], flags=FAST), xs[0], xs[1])
+    if ins.op in ("max", "min"):  # NaN when either is NaN
+        pick = b.fcmp_ordered(">" if ins.op == "max" else "<", xs[0], xs[1])
+        return b.select(b.or_(pick, b.fcmp_unordered("uno", xs[0], xs[0])), xs[0], xs[1])
     if ins.op == "neg":
         return b.fneg(xs[0], flags=FAST)
     if ins.op == "f32":
         return b.fptrunc(xs[0], F32)
     if ins.op == "cmp":
         pred = str(ins.attr)
-        cmp = b.fcmp_ordered if pred.startswith("o") else b.fcmp_unordered
+        if pred in ("true", "false"):
+            return _c(ir.IntType(1), int(pred == "true"))
+        cmp = b.fcmp_unordered if pred.startswith("u") else b.fcmp_ordered
         return cmp(_CMP[pred], xs[0], xs[1])
     if ins.op == "select":
         return b.select(xs[0], xs[1], xs[2])
     intrinsic = {"sqrt": "llvm.sqrt", "abs": "llvm.fabs", "exp": "llvm.exp", "log": "llvm.log",
-                 "pow": "llvm.pow"}[ins.op]
+                 "pow": "llvm.pow"}[ins.op]  # C's sqrt, fabs, exp, log, pow (f or double)
     return b.call(e.intrinsic(intrinsic, t), xs)
 
 

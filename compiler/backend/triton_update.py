@@ -125,15 +125,16 @@ def _rint(x):
 # -- the host side: uniform values ---------------------------------------------
 
 _NP_BINARY = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
-              "max": "({0} if {0} > {1} else {1})", "min": "({0} if {0} < {1} else {1})",
-              "pow": "np.power({0}, {1})"}
+              "max": "np.maximum({0}, {1})", "min": "np.minimum({0}, {1})",
+              "pow": "_c_pow({0}, {1})"}  # numpy's scalar power takes x ** 0.5 as sqrt
 _NP_UNARY = {"neg": "-{0}", "sqrt": "np.sqrt({0})", "abs": "np.abs({0})", "exp": "np.exp({0})",
              "log": "np.log({0})", "f32": "np.float32({0})"}
 _NP_CMP = {"oeq": "{0} == {1}", "one": "({0} < {1} or {0} > {1})", "ogt": "{0} > {1}",
            "oge": "{0} >= {1}", "olt": "{0} < {1}", "ole": "{0} <= {1}",
            "ueq": "not ({0} < {1} or {0} > {1})", "une": "{0} != {1}",
            "ugt": "not ({0} <= {1})", "uge": "not ({0} < {1})", "ult": "not ({0} >= {1})",
-           "ule": "not ({0} > {1})"}
+           "ule": "not ({0} > {1})", "ord": "({0} == {0} and {1} == {1})",
+           "uno": "({0} != {0} or {1} != {1})", "true": "True", "false": "False"}
 
 
 def kernel_uniforms(prog: mathprog.MathProgram) -> list[int]:
@@ -191,22 +192,47 @@ def uniform_loads(prog: mathprog.MathProgram) -> list[str]:
 
 # -- the kernel side: the tile --------------------------------------------------
 
+# the meaning of each op is semantics.OPS's; where Triton's own function differs
+# (exp/log approximate on a GPU, ** as exp2(y * log2 x)) the f32 op goes through f64
 _TL_BINARY = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}",
-              "div": "tl.math.div_rn({0}, {1})", "max": "tl.where({0} > {1}, {0}, {1})",
-              "min": "tl.where({0} < {1}, {0}, {1})", "pow": "_pow({0}, {1})"}
+              "div": "tl.math.div_rn({0}, {1})",
+              "max": "tl.where({0} != {0}, {0}, tl.where({0} > {1}, {0}, {1}))",
+              "min": "tl.where({0} != {0}, {0}, tl.where({0} < {1}, {0}, {1}))",
+              "pow": "_pow({0}, {1})"}
 _TL_UNARY = {"neg": "-{0}", "sqrt": "tl.math.sqrt_rn({0})", "abs": "tl.abs({0})",
-             "exp": "tl.exp({0})", "log": "tl.log({0})", "f32": "{0}.to(tl.float32)"}
+             "exp": "tl.exp({0}.to(tl.float64)).to(tl.float32)",
+             "log": "tl.log({0}.to(tl.float64)).to(tl.float32)", "f32": "{0}.to(tl.float32)"}
 _TL_CMP = {"oeq": "{0} == {1}", "one": "(({0} < {1}) | ({0} > {1}))", "ogt": "{0} > {1}",
            "oge": "{0} >= {1}", "olt": "{0} < {1}", "ole": "{0} <= {1}",
            "ueq": "~(({0} < {1}) | ({0} > {1}))", "une": "{0} != {1}",
            "ugt": "~({0} <= {1})", "uge": "~({0} < {1})", "ult": "~({0} >= {1})",
-           "ule": "~({0} > {1})"}
+           "ule": "~({0} > {1})", "ord": "tl.where({0} == {0}, {1} == {1}, False)",
+           "uno": "tl.where({0} != {0}, True, {1} != {1})",
+           "true": "(({0} == {0}) | ({0} != {0}))", "false": "(({0} != {0}) & ({0} == {0}))"}
 
 POW = '''
 @triton.jit
 def _pow(x, y):
-    """x ** y for x > 0 (the region's pow on row or element values)."""
-    return tl.exp2(y * tl.log2(x))
+    """x ** y as C's powf (semantics.OPS["pow"]), for f32 x and y.
+
+    |x| ** y as exp2(y * log2 |x|) in f64 (within an ulp once rounded to
+    f32, overflow and subnormals included), then C's special cases: a
+    negative base with an integer exponent keeps its sign when the exponent
+    is odd, and with a finite non-integer one gives NaN; x ** 0 = 1 and
+    1 ** y = 1 (NaN too); (-1) ** +-inf = 1.
+    """
+    x, y = tl.where(y == y, x, x), tl.where(x == x, y, y)  # one shape for the masks below
+    ax = tl.abs(x).to(tl.float64)
+    r = tl.exp2(y.to(tl.float64) * tl.log2(ax)).to(tl.float32)
+    integral = tl.floor(y) == y
+    half = tl.floor(y) * 0.5
+    odd = integral & (tl.abs(y) < 16777216.0) & (tl.floor(half) != half)
+    negative = (x.to(tl.uint32, bitcast=True) >> 31) == 1  # -0 included, as C's pow
+    r = tl.where(negative & odd, -r, r)
+    finite = (tl.abs(x) < float("inf")) & (tl.abs(y) < float("inf"))
+    r = tl.where((x < 0.0) & finite & ~integral, float("nan"), r)
+    one = (y == 0.0) | (x == 1.0) | ((x == -1.0) & (tl.abs(y) == float("inf")))
+    return tl.where(one, 1.0, r)
 '''
 
 
@@ -452,6 +478,8 @@ def emit_update(spec: UpdateSpec) -> str:
         "import numpy as np",
         "import triton",
         "import triton.language as tl",
+        "",
+        "from ekko.compiler.backend.semantics import c_pow as _c_pow",
         "",
         f"DIM = tl.constexpr({spec.dim})",
         f"BLOCK_DIM = tl.constexpr({block_dim(spec.dim)})  # the whole row",
