@@ -71,7 +71,7 @@ def _check(ptx: dict[str, str]) -> None:
 @pytest.mark.parametrize("optimizer,table,serving,sr,index", UPDATES)
 def test_update_kernels_compile_for_sm90(compiled, optimizer, table, serving, sr, index) -> None:
     ptx = compiled[("update", optimizer, table, serving, sr, index)]
-    assert set(ptx) == {"ekko_update_sum", "ekko_update_apply"}
+    assert set(ptx) == {"ekko_update_sum", "ekko_update_check", "ekko_update_apply"}
     _check(ptx)
     if serving in ("int8", "int4"):
         assert "st.global.b8" in ptx["ekko_update_apply"] or "st.global.u8" in ptx["ekko_update_apply"]
