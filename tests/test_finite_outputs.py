@@ -328,3 +328,82 @@ def test_readers_beside_refused_calls_see_only_whole_finite_rows() -> None:
     assert refused == 60 and reads[0] > 0
     assert not bad, f"{len(bad)} of {reads[0]} lookups saw a torn or non-finite row"
     assert (seq % 2 == 0).all() and (table[:-1] == -60).all() and not table[-1].any()
+
+
+# -- replica merges: an int8 row whose finite scale and bias decode to inf ----------------
+
+
+def _int8_rows(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    n, dim = codes.shape
+    out = np.empty((n, dim + 8), np.uint8)
+    out[:, :dim] = codes
+    out[:, dim:dim + 4] = scale.astype(np.float32)[:, None].view(np.uint8)
+    out[:, dim + 4:] = bias.astype(np.float32)[:, None].view(np.uint8)
+    return out
+
+
+def _decodes_finite(rows: np.ndarray, dim: int) -> np.ndarray:
+    """Per packet row: every code * scale + bias finite in f32 (two roundings)."""
+    with np.errstate(all="ignore"):
+        return np.isfinite(quant.dequantize_rows(rows, "int8", dim)).all(axis=1)
+
+
+@pytest.mark.parametrize("dim,scale,bias,top", [
+    (5, 1e37, 0.0, 255),  # 255 * 1e37 overflows f32
+    (8, 1e36, 3.4e38, 10),  # the product is finite, adding the bias is not
+    (1, 2e36, -3.4e38, 255),  # (255 * 2e36 = 5.1e38 past the max, a bias cannot bring it back)
+])
+def test_a_merged_int8_row_that_decodes_to_inf_is_refused(dim, scale, bias, top) -> None:
+    from ekko.kernels.sync import SyncError, merge_kernel
+
+    rows = 6
+    merge = merge_kernel(dim, "int8", seq=True)
+    replica = quant.quantize_rows(np.random.default_rng(0).standard_normal((rows, dim))
+                                  .astype(np.float32), "int8")
+    versions, seq = np.zeros(rows, np.int64), np.zeros(rows, np.uint32)
+    codes = np.zeros((3, dim), np.uint8)
+    codes[1, -1] = top
+    packet = _int8_rows(codes, np.array([0.5, scale, 0.5]), np.array([0.0, bias, 0.0]))
+    assert list(_decodes_finite(packet, dim)) == [True, False, True]
+    ids = np.array([0, 3, rows - 1])
+    before = [a.tobytes() for a in (replica, versions, seq)]
+    with pytest.raises(SyncError, match="packet row 1 decodes to a non-finite value"):
+        merge(replica, versions, ids, packet, np.ones(3, np.int64), newest=1, seq=seq)
+    assert [a.tobytes() for a in (replica, versions, seq)] == before
+    codes[1, -1] = 0  # the same scale and bias with small codes decode fine: merged
+    packet = _int8_rows(codes, np.array([0.5, scale, 0.5]), np.array([0.0, bias, 0.0]))
+    assert merge(replica, versions, ids, packet, np.ones(3, np.int64), newest=1, seq=seq) == 3
+    look = ekko.bag_kernel(dim, "int8", mode="none")
+    assert np.isfinite(look(replica, np.arange(rows), seq=seq)).all()
+
+
+def test_random_int8_packets_merge_exactly_when_every_row_decodes_finite() -> None:
+    from ekko.kernels.sync import SyncError, merge_kernel
+
+    rng = np.random.default_rng(11)
+    outcomes = set()
+    for trial in range(12):
+        dim, rows = int(rng.choice([1, 3, 16, 33])), int(rng.choice([2, 50, 9000]))
+        n = int(rng.choice([1, 7, 5000]))  # 5000: more than one partition
+        merge = merge_kernel(dim, "int8", threads=2)
+        replica = quant.quantize_rows(rng.standard_normal((rows, dim)).astype(np.float32), "int8")
+        versions = np.zeros(rows, np.int64)
+        ids = rng.integers(0, rows, n)
+        ids[0], ids[-1] = 0, rows - 1
+        codes = rng.integers(0, 256, (n, dim)).astype(np.uint8)
+        scale = rng.uniform(0.0, 1.0, n) * 10.0 ** rng.choice([0, 30, 36, 37], n)
+        bias = rng.uniform(-1.0, 1.0, n) * 10.0 ** rng.choice([0, 38], n) * 3.0
+        packet = _int8_rows(codes, scale, np.clip(bias, -3.4e38, 3.4e38))
+        good = _decodes_finite(packet, dim)
+        before = replica.tobytes()
+        outcomes.add(bool(good.all()))
+        if good.all():
+            merge(replica, versions, ids, packet, np.ones(n, np.int64), newest=1)
+            with np.errstate(all="ignore"):
+                assert np.isfinite(quant.dequantize_rows(replica, "int8", dim)).all()
+        else:
+            first = int(np.flatnonzero(~good)[0])
+            with pytest.raises(SyncError, match=f"packet row {first} decodes"):
+                merge(replica, versions, ids, packet, np.ones(n, np.int64), newest=1)
+            assert replica.tobytes() == before
+    assert outcomes == {True, False}

@@ -173,6 +173,7 @@ class SyncStatus(IntEnum):
     ID_OUT_OF_RANGE = 1  # *err_pos: the position of the id
     BAD_VERSION = 2  # *err_pos: a packet version outside [0, newest]
     NON_FINITE = 3  # *err_pos: a packet row holding NaN or Inf (values, scale or bias)
+    DECODES_NON_FINITE = 4  # *err_pos: an int8 row whose code * scale + bias is not finite
 
 
 def sync_pack() -> Signature:
