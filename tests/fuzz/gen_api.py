@@ -224,8 +224,8 @@ def m_near_max(rng, case):
     """A table near its dtype's max: an update may push a row (or its serving copy) past it."""
     if case["kernel"] != "update" or not _is_array(case, "table"):
         return
-    case["args"]["table"]["scale"] = {"float32": 3e38, "float16": 6e4,
-                                      "uint16": 3e38}.get(case["args"]["table"]["dtype"], 1.0)
+    if case["args"]["table"]["dtype"] in NEAR_MAX:
+        case["args"]["table"]["near_max"] = True
 
 
 def m_readonly(rng, case):
@@ -465,9 +465,9 @@ def _make_array(spec: dict, case: dict):
             arr.reshape(-1)[0] = 0
     elif fill == "zeros":
         arr = np.zeros(alloc, dtype)
-    elif spec.get("scale") and fill == "normal":  # near the dtype's max (m_near_max)
-        values = np.clip(rng.standard_normal(alloc) * spec["scale"], -NEAR_MAX[spec["dtype"]],
-                         NEAR_MAX[spec["dtype"]]).astype(np.float32)
+    elif spec.get("near_max") and fill == "normal" and spec["dtype"] in NEAR_MAX:
+        top = NEAR_MAX[spec["dtype"]]
+        values = np.clip(rng.standard_normal(alloc) * top, -top, top).astype(np.float32)
         arr = f32_to_bf16_bits(values) if dtype == np.uint16 else values.astype(dtype)
     elif dtype.kind in "iub":
         arr = rng.integers(0, 3, size=alloc).astype(dtype)
