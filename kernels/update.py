@@ -37,7 +37,7 @@ import math
 import numpy as np
 
 from ..compiler.backend import abi
-from ..compiler.backend.llvm_update import emit_update, journal_entry_bytes
+from ..compiler.backend.llvm_update import RECENT_SLOTS, emit_update, journal_entry_bytes
 from ..compiler.backend.spec import UpdateSpec
 from ..dialects.limits import MAX_BATCH, MAX_DIM, limit_error
 from ..compiler.frontend.model import UpdateRule
@@ -72,6 +72,8 @@ class _Scratch:
         self.journal = np.empty(0, np.uint8)  # the old bytes of each row the apply writes
         self.journal_ptr = 0  # its first 64-byte aligned address
         self.out = np.zeros(3, np.int64)  # apply: rows written, a bad row's id, its buffer
+        self.recent: np.ndarray | None = None  # raw-delta applies: rows journaled lately
+        self.generation = 0
 
     def ensure(self, n: int, dim: int, expected_unique: int) -> None:
         if n > self.n or dim != self.dim:
@@ -89,6 +91,14 @@ class _Scratch:
     def resize(self, cap: int) -> None:
         self.htab = np.full(2 * cap, -1, np.int64)
         self.cap = cap
+
+    def next_generation(self) -> int:
+        """The tag of this call's pairs in `recent` (a fresh table when the tags wrap)."""
+        if self.recent is None or self.generation == 0xFFFFFFFF:
+            self.recent = np.full(2 * RECENT_SLOTS, -1, np.int64)
+            self.generation = 0
+        self.generation += 1
+        return self.generation
 
     def ensure_journal(self, entries: int, width: int) -> None:
         """Room for `entries` rows of `width` bytes, 64-byte aligned (the kernel
@@ -245,9 +255,11 @@ class UpdateKernel:
                 return dict(common, **journal, part=p, ids=sc.uids.ctypes.data,
                             grads=sc.acc.ctypes.data, count=int(sc.count[0]),
                             order=sc.sort[0].ctypes.data, raw_grads=g.ptr,
-                            srcs=sc.srcs.ctypes.data)
+                            srcs=sc.srcs.ctypes.data, recent=None, generation=0)
+            generation = sc.next_generation()
             return dict(common, **journal, part=p, ids=i.ptr, grads=g.ptr, count=n, order=None,
-                        raw_grads=None, srcs=None)
+                        raw_grads=None, srcs=None, recent=sc.recent.ctypes.data,
+                        generation=generation)
 
         codes = self._apply([apply_args(p) for p in range(parts)])
         if any(codes):

@@ -105,7 +105,7 @@ def test_an_update_kernel_called_through_the_manifest_updates_like_numpy(compile
     args = [0, 1, uids.ctypes.data, acc.ctypes.data, int(count[0]), table.ctypes.data,
             momentum.ctypes.data, serving.ctypes.data if serving is not None else None,
             None, None, 1, 1, 0, sort[0].ctypes.data, grads.ctypes.data, srcs.ctypes.data,
-            aligned, *(out[k:].ctypes.data for k in range(3))]
+            aligned, *(out[k:].ctypes.data for k in range(3)), None, 0]
     assert apply(*args) == 0 and out[0] == 3
     summed = {3: grads[0] + grads[2], 19: grads[1], 0: grads[3]}
     for r, g in summed.items():

@@ -148,6 +148,21 @@ def test_plain_sgd_refuses_the_occurrence_that_overflows_and_undoes_the_earlier_
     assert c.check(ids, grads) == {3: "table"}
 
 
+def test_plain_sgd_journals_each_row_once_per_call_not_once_ever() -> None:
+    """A raw-delta apply skips rows this call journaled already (a table of recent ids,
+    tagged per call): the rows of the previous call must not count."""
+    rows, dim = 16, 5
+    c = Case("llvm", "sgd", dim, rows, lr=1.0, seq=False)
+    c.check(np.array([3, 3, 5, 3]), np.ones((4, dim), np.float32))  # accepted: 3 and 5 journaled
+    after_first = c.snapshot()
+    grads = np.ones((3, dim), np.float32)
+    grads[[0, 2]] = -3e38  # 3's second step this call overflows
+    assert c.check(np.array([3, 5, 3]), grads) == {3: "table"}
+    assert c.snapshot() == after_first
+    entries = [int(s.out[0]) for s in c.kernel.scratch_of(c.table)]
+    assert sum(entries) == 2  # 3 and 5 once each, though 3 came twice
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype,near", [("f16", 65000.0), ("bf16", 3.38e38)])
 def test_sgd_past_the_f16_and_bf16_max_is_refused(target, dtype, near) -> None:

@@ -116,6 +116,9 @@ def update_apply(spec_states: int, index_dtype: str, dedup: bool) -> Signature:
         _a("done", "i64*", "out: rows written (journal entries)"),
         _a("err_pos", "i64*", "out: the id whose new value is not finite"),
         _a("err_buf", "i64*", "out: its buffer: 0 table, 1+k state k, 1+states serving"),
+        _a("recent", "i64*", "without dedup: (id, generation << 32 | entry) pairs of rows "
+                             "journaled lately, RECENT_SLOTS of them"),
+        _a("generation", "i64", "this call's tag in `recent`, 1 to 2**32 - 1"),
     ), "Returns a Status.")
 
 

@@ -550,7 +550,7 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
     sig = abi.update_apply(len(spec.states), spec.index_dtype, spec.dedup)
     fn = declare(module, sig)
     a = dict(zip(sig.names(), fn.args))
-    for name in ("ids", "grads", "table", "serving", "versions", "journal",
+    for name in ("ids", "grads", "table", "serving", "versions", "journal", "recent",
                  *(f"state{i}" for i in range(len(spec.states)))):
         a[name].add_attribute("noalias")
     e = Emitter(module, fn)
@@ -593,11 +593,14 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
     commit.finish(abi.Status.OK)
 
 
+RECENT_SLOTS = 1 << 15  # per partition: (id, entry) of rows a raw-delta apply journaled lately
+
+
 class Commit:
     """What makes an apply all-or-nothing: the journal of old rows and the finite checks.
 
     Before a row changes, its old bytes (table row, state, serving row,
-    version) are copied to the next journal entry. After the row's new
+    version) are streamed into the next journal entry. After the row's new
     values are stored, the checks look at what was stored: a value that is
     not finite (in the table's dtype, the state, or the serving row: an
     f16/bf16 copy that overflowed, an int8 row whose scale, bias or
@@ -605,26 +608,64 @@ class Commit:
     not) puts the row back from its entry, inside its sequence word, and
     ends the partition with `Status.NON_FINITE_OUTPUT` (*err_pos the id,
     *err_buf the buffer: 0 table, 1 + k state k, 1 + states the serving
-    row). *done counts the rows written: the runtime undoes them with
+    row). *done counts the entries written: the runtime undoes them with
     `ekko_update_undo` when any partition failed, so a refused call leaves
     every buffer as it was (sequence words aside, which only grow), and a
     reader that uses the sequence words never sees a non-finite value.
+
+    Without dedup a row may come again in one call (hot ids of a Zipf
+    delta, again and again): `recent`, a direct-mapped table of the
+    (id, entry) pairs this call journaled lately, tagged with the call's
+    `generation`, skips rows whose old bytes are in the journal already; a
+    row that comes back after its pair was overwritten is journaled again,
+    which costs bytes, never correctness (the undo runs newest first, so
+    the oldest entry of a row is restored last).
     """
 
     def __init__(self, e: Emitter, spec: UpdateSpec, args: dict):
         self.e, self.spec = e, spec
         self.journal = args["journal"]
         self.done, self.err_pos, self.err_buf = args["done"], args["err_pos"], args["err_buf"]
-        self.layout = journal_layout(spec)
-        self.count = e.b.alloca(I64, name="journaled")
-        e.b.store(_c(I64, 0), self.count)
-        self.zero = e.b.alloca(I64, name="zero")
-        e.b.store(_c(I64, 0), self.zero)
+        self.recent, self.generation = args["recent"], args["generation"]
+        self.width = journal_layout(spec).width
+        b = e.b
+        self.count = b.alloca(I64, name="journaled")
+        b.store(_c(I64, 0), self.count)
+        self.current = b.alloca(I64, name="entry")  # the entry the current row comes back from
+        self.zero = b.alloca(I64, name="zero")
+        b.store(_c(I64, 0), self.zero)
         self.flags = [Flag(e) for _ in range(1 + len(spec.states) + 1)]
 
-    def entry(self):
+    def _entry(self, index):
+        return self.e.gep(self.journal, self.e.b.mul(index, _c(I64, self.width)))
+
+    def _append(self, idv, bufs: dict):
+        """Journal row idv in the next entry; returns the entry's index."""
         b = self.e.b
-        return self.e.gep(self.journal, b.mul(b.load(self.count), _c(I64, self.layout.width)))
+        index = b.load(self.count)
+        save_row(self.e, self.spec, self._entry(index), idv, bufs, self.zero)
+        b.store(index, self.current)
+        b.store(b.add(index, _c(I64, 1)), self.count)
+        return index
+
+    def save(self, idv, bufs: dict) -> None:
+        """Make sure the journal holds row idv's old bytes before it changes."""
+        if self.spec.dedup:  # every row once
+            self._append(idv, bufs)
+            return
+        e, b = self.e, self.e.b
+        pair = e.gep(self.recent, b.shl(_slot_of(e, idv, _c(I64, RECENT_SLOTS - 1)), _c(I64, 1)))
+        tag = b.load(e.gep(pair, _c(I64, 1)))
+        hit = b.and_(b.icmp_signed("==", b.load(pair), idv),
+                     b.icmp_unsigned("==", b.lshr(tag, _c(I64, 32)), self.generation))
+        with b.if_else(hit) as (seen, new):
+            with seen:
+                b.store(b.and_(tag, _c(I64, 0xFFFFFFFF)), self.current)
+            with new:
+                index = self._append(idv, bufs)
+                b.store(idv, pair)
+                b.store(b.or_(b.shl(self.generation, _c(I64, 32)), index),
+                        e.gep(pair, _c(I64, 1)))
 
     def check(self, bads: list[tuple[int, object]], idv, bufs: dict, word, has_seq) -> None:
         """If any (buffer, i1) is bad: put the row back, report the first, return."""
@@ -636,16 +677,12 @@ class Commit:
             code = _c(I64, bads[-1][0])
             for index, bad in reversed(bads[:-1]):
                 code = b.select(bad, _c(I64, index), code)
-            restore_row(self.e, self.spec, self.entry(), idv, bufs)
+            restore_row(self.e, self.spec, self._entry(b.load(self.current)), idv, bufs)
             with b.if_then(has_seq):
                 seq_end(b, word)
             b.store(idv, self.err_pos)
             b.store(code, self.err_buf)
             self.finish(abi.Status.NON_FINITE_OUTPUT)
-
-    def written(self) -> None:
-        b = self.e.b
-        b.store(b.add(b.load(self.count), _c(I64, 1)), self.count)
 
     def finish(self, status: int) -> None:
         b = self.e.b
@@ -869,7 +906,7 @@ def _apply_row(e: Emitter, spec: UpdateSpec, idv, src, bufs: dict, step: tuple,
     word = e.gep(seq, idv)
     with b.if_then(has_seq):
         seq_begin(b, word)
-    save_row(e, spec, commit.entry(), idv, bufs, commit.zero)
+    commit.save(idv, bufs)
     elem = _elem_type(spec.table_dtype)
     wrow = e.row(bufs["table"], elem, idv, spec.dim)
     bads = _row_math(e, spec, idv, src, wrow, bufs["states"], uni, seed, commit.flags)
@@ -884,7 +921,6 @@ def _apply_row(e: Emitter, spec: UpdateSpec, idv, src, bufs: dict, step: tuple,
             b.store(version, e.gep(versions, idv))
     with b.if_then(has_seq):
         seq_end(b, word)
-    commit.written()
 
 
 def seq_begin(b: ir.IRBuilder, word) -> None:
