@@ -556,7 +556,8 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
     e = Emitter(module, fn)
     b = e.b
     bufs = {"table": a["table"], "serving": a["serving"], "versions": a["versions"],
-            "seq": a["seq"], "states": [a[f"state{i}"] for i in range(len(spec.states))]}
+            "seq": a["seq"], "states": [a[f"state{i}"] for i in range(len(spec.states))],
+            "recent": a["recent"]}
     commit = Commit(e, spec, a)
     uni = _uniforms(e, spec, a["step"])
     step = (uni, a["version"], a["seed"])
@@ -877,6 +878,9 @@ def _prefetch(e: Emitter, spec: UpdateSpec, ids, entry, grad_row, pos, count,
             targets.append((e.row(bufs["serving"], I8, nid, width), width))
         if spec.versions:
             targets.append((e.gep(bufs["versions"], nid), 8))  # null when not passed: harmless
+        if not spec.dedup:  # the row's pair in the journal's table of recent rows
+            slot = _slot_of(e, nid, _c(I64, RECENT_SLOTS - 1))
+            targets.append((e.gep(bufs["recent"], b.shl(slot, _c(I64, 1))), 16))
         pf = _prefetch_fn(e)
         for ptr, nbytes in targets:
             _fetch_row(e, ptr, nbytes, pf)
