@@ -172,6 +172,8 @@ def sign(x: Value) -> Value:
 
 def row_sum(x: Value) -> Value:
     """The sum of an element value over the row: one value per row."""
+    if not isinstance(x, Value):
+        raise TypeError(f"row_sum and row_mean take a traced value, not {type(x).__name__}")
     t = x.t
     return t.wrap(t.add(t._row_sum(t.f32(x.ssa))))
 

@@ -24,6 +24,7 @@ from ..compiler.frontend.model import Table
 from ..compiler.frontend_to_ir import model_to_module, serving_layout, update_request
 from ..compiler.pipeline import run_pipeline
 from ..compiler.registry import PIPELINES, pipeline_spec
+from .errors import NonFiniteOutputError
 from .lookup import BagKernel
 from .quant import quantize_rows
 from .update import UpdateKernel
@@ -91,11 +92,15 @@ class CompiledModel:
                version: int | None = None, seed: int = 0) -> None:
         """Apply one delta to `table` in place (step counts from 1 per table)."""
         buf = self.tables[table]
-        buf.step = buf.step + 1 if step is None else step
-        self.update_kernels[table](
-            buf.master, ids, grads, state=buf.state, serving=buf.serving,
-            versions=buf.versions, step=buf.step, version=version, seed=seed,
-        )
+        step = buf.step + 1 if step is None else step
+        try:
+            self.update_kernels[table](
+                buf.master, ids, grads, state=buf.state, serving=buf.serving,
+                versions=buf.versions, step=step, version=version, seed=seed,
+            )
+        except NonFiniteOutputError as e:
+            raise e.in_table(table) from None
+        buf.step = step
 
     def lookup(self, feature: str, ids, offsets=None, per_sample_weights=None, out=None):
         """Serve one feature: pooled bags (or rows for pooling none) as f32."""

@@ -14,7 +14,8 @@ sequence words (rows,), required when the kernel was built with seq=True.
 
 A merge checks every argument, then every packet row in native code (ids in
 range, 0 <= version <= newest, finite rows including int8/int4 scale and
-bias), before it writes anything: a rejected packet raises SyncError and
+bias, and int8 rows whose codes all decode to finite values, so a lookup of
+a merged row never returns inf), before it writes anything: a rejected packet raises SyncError and
 leaves the replica byte-identical. The kernels hold no state between calls,
 so two tables (or two replicas) merge at the same time from two threads;
 one writer per serving copy at a time is the caller's rule.
@@ -29,6 +30,7 @@ import numpy as np
 
 from ..compiler.backend import abi
 from ..compiler.backend.llvm_sync import (
+    ERR_DECODE,
     ERR_ID,
     ERR_NONFINITE,
     ERR_VERSION,
@@ -193,6 +195,9 @@ class MergeKernel(_SyncKernel):
                             f"outside [0, {newest}] (newer than the primary has issued, or negative)")
         if code == ERR_NONFINITE:
             raise SyncError(f"packet row {pos} holds a non-finite value (NaN or Inf)")
+        if code == ERR_DECODE:
+            raise SyncError(f"packet row {pos} decodes to a non-finite value: its int8 scale "
+                            "and bias are finite, but code * scale + bias overflows f32")
         raise SyncError(f"merge kernel failed with code {code}")
 
 

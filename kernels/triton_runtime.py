@@ -11,21 +11,26 @@ The generated module is written to the kernel cache folder and imported
 from there, because Triton's JIT reads a kernel's source from its file.
 
 Validation is all-or-nothing as on the CPU: ids and gradients (lookups: ids
-and offsets) are checked on the device with torch ops, and the kernels are
-launched only when everything is valid, so a rejected call leaves every
-buffer untouched. Duplicate ids are summed after a stable sort, in input
-order per chunk and as fixed-shape trees across a chunk, with no atomics:
-the same delta gives the same bits run after run.
+and offsets) are checked on the device with torch ops, and every row's new
+values by the generated check kernel (the apply's math without its stores:
+a value that would not be finite refuses the call with
+NonFiniteOutputError); the apply is launched only when everything is
+valid, so a rejected call leaves every buffer untouched. Duplicate ids are
+summed after a stable sort, in input order per chunk and as fixed-shape
+trees across a chunk, with no atomics: the same delta gives the same bits
+run after run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -34,10 +39,10 @@ from typing import Any
 from ..compiler.backend import triton_bag, triton_update
 from ..compiler.backend.spec import BagSpec, UpdateSpec
 from ..dialects import catalog
-from .errors import EkkoError, UpdateError
+from .errors import EkkoError, NonFiniteOutputError, UpdateError
 from .jit import cache_dir
 from .native import table_runtime
-from .update import call_scalars, state_arrays
+from .update import buffer_name, call_scalars, state_arrays
 
 _modules: dict[str, ModuleType] = {}
 _modules_lock = threading.Lock()
@@ -93,13 +98,20 @@ def load_source(source: str, stem: str, interpret: bool | None = None) -> Module
         return module
 
 
-def _quiet() -> Any:
-    """The interpreter computes masked-off lanes too (0/0, inf*0): keep numpy quiet."""
-    import contextlib
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The interpreter computes masked-off lanes too (0/0, inf*0, the min of a
+    NaN row the check kernel is about to refuse): keep numpy quiet."""
+    if not interpreted():
+        yield
+        return
+    import warnings
 
     import numpy as np
 
-    return np.errstate(all="ignore") if interpreted() else contextlib.nullcontext()
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -263,14 +275,30 @@ class TritonUpdateKernel:
             acc = torch.empty((u, s.dim), dtype=torch.float32, device=device)
             mod.ekko_update_sum[(multi.numel(),)](g, perm, starts, counts, multi, acc,
                                                   num_warps=mod.NUM_WARPS)
+        table = _as_kernel_dtype(t, s.table_dtype)
+        uni = torch.tensor(mod.uniforms(step) or [0.0], dtype=torch.float64, device=device)
+        grid = (_cdiv(u, s.block_rows),)
+        bad = torch.empty(u, dtype=torch.int32, device=device)
+        mod.ekko_update_check[grid](uids, srcs, acc, g, u, table, *states, seed, uni, bad,
+                                    num_warps=mod.NUM_WARPS)
+        self._refuse_non_finite(uids, bad)
         dummy = torch.zeros(1, dtype=torch.int64, device=device)
         serving = _as_kernel_dtype(srv, s.serving) if srv is not None else dummy.view(torch.float32)[:1]
         seq = sq.view(torch.int32) if sq is not None else dummy.view(torch.int32)
-        mod.ekko_update_apply[(_cdiv(u, s.block_rows),)](
-            uids, srcs, acc, g, u, _as_kernel_dtype(t, s.table_dtype), *states, serving,
-            ver if ver is not None else dummy, seq, version, seed,
-            torch.tensor(mod.uniforms(step) or [0.0], dtype=torch.float64, device=device),
+        mod.ekko_update_apply[grid](
+            uids, srcs, acc, g, u, table, *states, serving,
+            ver if ver is not None else dummy, seq, version, seed, uni,
             HAS_VERSIONS=ver is not None, HAS_SEQ=sq is not None, num_warps=mod.NUM_WARPS)
+
+    def _refuse_non_finite(self, uids, bad) -> None:
+        """The check kernel found a row whose new values would not be finite: name
+        the smallest such id and its first bad buffer (nothing was written)."""
+        import torch
+
+        u = bad.numel()
+        first = int(torch.where(bad >= 0, torch.arange(u, device=bad.device), u).min())
+        if first < u:
+            raise NonFiniteOutputError(int(uids[first]), buffer_name(self.spec, int(bad[first])))
 
 
 class TritonBagKernel:

@@ -10,7 +10,12 @@ standard pipeline and compiles the resulting spec; the returned
 Arrays are numpy arrays or torch CPU tensors, never copied. Every argument is
 checked before anything is written, and the native first phase validates
 ids and gradients before the second phase touches a table: a rejected delta
-leaves table, state, serving copy and versions exactly as they were.
+leaves table, state, serving copy and versions exactly as they were. So does
+one whose new values would not be finite: the second phase journals each
+row's old bytes before it writes it and checks what it stored; a value that
+is inf or NaN (in the table's dtype, a state, or the serving row) makes
+every partition put its rows back, and the call raises
+NonFiniteOutputError naming the row and the buffer.
 
 Layouts: table (rows, dim) float32 / float16 / bf16 (torch.bfloat16, or uint16
 bit patterns in numpy); state: the optimizer's state arrays from the catalog
@@ -32,14 +37,14 @@ import math
 import numpy as np
 
 from ..compiler.backend import abi
-from ..compiler.backend.llvm_update import emit_update
+from ..compiler.backend.llvm_update import RECENT_SLOTS, emit_update, journal_entry_bytes
 from ..compiler.backend.spec import UpdateSpec
 from ..dialects.limits import MAX_BATCH, MAX_DIM, limit_error
 from ..compiler.frontend.model import UpdateRule
 from ..compiler.pipeline import UpdateRequest, update_spec
 from ..dialects import catalog
 from .arrays import ArrayArg, check_disjoint
-from .errors import UpdateError
+from .errors import NonFiniteOutputError, UpdateError
 from .jit import JitModule, compile_ir
 from .native import PackedEntry, table_runtime
 
@@ -64,6 +69,11 @@ class _Scratch:
         self.cap = 0
         self.count = np.zeros(1, np.int64)
         self.err = np.zeros(1, np.int64)
+        self.journal = np.empty(0, np.uint8)  # the old bytes of each row the apply writes
+        self.journal_ptr = 0  # its first 64-byte aligned address
+        self.out = np.zeros(3, np.int64)  # apply: rows written, a bad row's id, its buffer
+        self.recent: np.ndarray | None = None  # raw-delta applies: rows journaled lately
+        self.generation = 0
 
     def ensure(self, n: int, dim: int, expected_unique: int) -> None:
         if n > self.n or dim != self.dim:
@@ -81,6 +91,21 @@ class _Scratch:
     def resize(self, cap: int) -> None:
         self.htab = np.full(2 * cap, -1, np.int64)
         self.cap = cap
+
+    def next_generation(self) -> int:
+        """The tag of this call's pairs in `recent` (a fresh table when the tags wrap)."""
+        if self.recent is None or self.generation == 0xFFFFFFFF:
+            self.recent = np.full(2 * RECENT_SLOTS, -1, np.int64)
+            self.generation = 0
+        self.generation += 1
+        return self.generation
+
+    def ensure_journal(self, entries: int, width: int) -> None:
+        """Room for `entries` rows of `width` bytes, 64-byte aligned (the kernel
+        streams whole lines into it; pages are touched only as used)."""
+        if entries * width + 64 > self.journal.nbytes:
+            self.journal = np.empty(max(entries, 1024) * width + 64, np.uint8)
+            self.journal_ptr = (self.journal.ctypes.data + 63) // 64 * 64
 
 
 def call_scalars(step: object, version: object, seed: object) -> tuple[int, int, int]:
@@ -116,6 +141,8 @@ class UpdateKernel:
         self._dedup = PackedEntry(self.module, abi.update_dedup(spec.index_dtype))
         self._apply = PackedEntry(self.module, abi.update_apply(
             len(spec.states), spec.index_dtype, spec.dedup))
+        self._undo = PackedEntry(self.module, abi.update_undo(len(spec.states)))
+        self.journal_width = journal_entry_bytes(spec)
         self.parts = max(1, spec.partitions)
 
     def __repr__(self) -> str:
@@ -212,21 +239,42 @@ class UpdateKernel:
                 scratch[p].resize(2 * scratch[p].cap)
                 code = codes[p] = self._dedup([dedup_args(p)])[0]
         self._raise_first(scratch, codes, i, rows)
-        common = dict(nparts=parts, table=t.ptr, serving=srv.ptr if srv else None,
-                      versions=ver.ptr if ver else None, seq=sq.ptr if sq else None,
-                      step=step, version=version, seed=seed,
-                      **{f"state{k}": a.ptr for k, a in enumerate(states)})
+        buffers = dict(table=t.ptr, serving=srv.ptr if srv else None,
+                       versions=ver.ptr if ver else None, seq=sq.ptr if sq else None,
+                       **{f"state{k}": a.ptr for k, a in enumerate(states)})
+        common = dict(buffers, nparts=parts, step=step, version=version, seed=seed)
 
         def apply_args(p: int) -> dict:
             sc = scratch[p]
+            entries = int(sc.count[0]) if self.spec.dedup else n
+            sc.ensure_journal(entries, self.journal_width)
+            out = sc.out.ctypes.data
+            journal = dict(journal=sc.journal_ptr, done=out, err_pos=out + 8,
+                           err_buf=out + 16)
             if self.spec.dedup:
-                return dict(common, part=p, ids=sc.uids.ctypes.data, grads=sc.acc.ctypes.data,
-                            count=int(sc.count[0]), order=sc.sort[0].ctypes.data,
-                            raw_grads=g.ptr, srcs=sc.srcs.ctypes.data)
-            return dict(common, part=p, ids=i.ptr, grads=g.ptr, count=n, order=None,
-                        raw_grads=None, srcs=None)
+                return dict(common, **journal, part=p, ids=sc.uids.ctypes.data,
+                            grads=sc.acc.ctypes.data, count=int(sc.count[0]),
+                            order=sc.sort[0].ctypes.data, raw_grads=g.ptr,
+                            srcs=sc.srcs.ctypes.data, recent=None, generation=0)
+            generation = sc.next_generation()
+            return dict(common, **journal, part=p, ids=i.ptr, grads=g.ptr, count=n, order=None,
+                        raw_grads=None, srcs=None, recent=sc.recent.ctypes.data,
+                        generation=generation)
 
-        self._apply([apply_args(p) for p in range(parts)])
+        codes = self._apply([apply_args(p) for p in range(parts)])
+        if any(codes):
+            self._undo([dict(buffers, journal=sc.journal_ptr, count=int(sc.out[0]))
+                        for sc in scratch])
+            self._raise_non_finite(scratch, codes)
+
+    def _raise_non_finite(self, scratch, codes: list[int]) -> None:
+        """Every partition's rows are back; report the smallest id a partition stopped at."""
+        failed = [(int(sc.out[1]), int(sc.out[2])) for sc, code in zip(scratch, codes)
+                  if code == abi.Status.NON_FINITE_OUTPUT]
+        if not failed:
+            raise UpdateError(f"update kernel failed with status {max(codes)}")
+        row, buffer = min(failed)
+        raise NonFiniteOutputError(row, buffer_name(self.spec, buffer))
 
     @staticmethod
     def _raise_first(scratch, codes: list[int], ids: ArrayArg, rows: int) -> None:
@@ -239,6 +287,12 @@ class UpdateKernel:
             bad = int(np.asarray(ids_value(ids, pos)))
             raise UpdateError(f"id {bad} at position {pos} is out of range [0, {rows})")
         raise UpdateError(f"non-finite gradient (NaN or Inf) in delta row {pos}")
+
+
+def buffer_name(spec: UpdateSpec, index: int) -> str:
+    """The buffer a kernel's err_buf code names: 0 the table, 1 + k state k, then serving."""
+    names = ["table", *(f"state {n!r}" for n in spec.state_shapes), "serving copy"]
+    return names[index] if 0 <= index < len(names) else f"buffer {index}"
 
 
 def state_arrays(spec: UpdateSpec, state) -> list[tuple[str, str, object]]:

@@ -87,3 +87,21 @@ def test_quick_runs_write_nothing(name: str, tmp_path) -> None:
     assert mod.output_folder(mod.parse_args(["--quick"])) is None
     assert mod.output_folder(mod.parse_args([])) == results
     assert mod.output_folder(mod.parse_args(["--quick", "--out", str(tmp_path)])) == tmp_path
+
+
+def test_the_ab_script_compares_two_trees(capsys) -> None:
+    """benchmarks/ab_update.py on a tiny workload, this tree against its own HEAD."""
+    import subprocess
+
+    root = BENCH.parent.parent
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    spec = importlib.util.spec_from_file_location("bench_ab_update", BENCH.parent / "ab_update.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    assert ab.main(["--base-ref", "HEAD", "--size", "5000,3000", "--dims", "16", "--rounds", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| rowwise_adagrad_int8", "| sgd"]
+    assert all(float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows[1:])
+    with pytest.raises(SystemExit):
+        ab.main(["--size", "0,5"])

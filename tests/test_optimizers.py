@@ -171,6 +171,12 @@ def test_mistakes_in_a_user_optimizer_are_reported_where_it_is_defined() -> None
         def bad_default(g, w, *, lr, momentum):
             return w - lr * g
 
+    # found by the fuzzer: row_mean of a number was an AttributeError from deep in the tracer
+    with pytest.raises(ValueError, match="row_sum and row_mean take a traced value, not float"):
+        @ekko.optimizer(rowwise_state=("r",))
+        def means_a_number(g, w, r, *, lr, dim):
+            return w - lr * g, ekko.rowmath.row_mean(0.0, dim)
+
 
 def test_user_hyper_parameters_are_range_checked() -> None:
     with pytest.raises(ekko.EkkoError, match="momentum must be in"):

@@ -71,7 +71,7 @@ def _check(ptx: dict[str, str]) -> None:
 @pytest.mark.parametrize("optimizer,table,serving,sr,index", UPDATES)
 def test_update_kernels_compile_for_sm90(compiled, optimizer, table, serving, sr, index) -> None:
     ptx = compiled[("update", optimizer, table, serving, sr, index)]
-    assert set(ptx) == {"ekko_update_sum", "ekko_update_apply"}
+    assert set(ptx) == {"ekko_update_sum", "ekko_update_check", "ekko_update_apply"}
     _check(ptx)
     if serving in ("int8", "int4"):
         assert "st.global.b8" in ptx["ekko_update_apply"] or "st.global.u8" in ptx["ekko_update_apply"]
@@ -85,9 +85,11 @@ def test_bag_kernels_compile_for_sm90(compiled, layout, mode, weighted) -> None:
 def test_user_defined_optimizer_compiles() -> None:
     import ekko
 
+    rm = ekko.rowmath
+
     @ekko.optimizer(state=("buf",), hyper={"lr": 0.05}, replace=True)
-    def ptx_heavy_ball(g, w, buf, *, lr):
-        buf = 0.9 * buf + ekko.rowmath.exp(-abs(g))
+    def ptx_heavy_ball(g, w, buf, *, lr):  # exp, log and ** go through f64 on the GPU
+        buf = 0.9 * buf + rm.exp(-abs(g)) + rm.log(1.0 + g * g) + rm.maximum(g, w) ** 3.0
         return w - lr * buf, buf
 
     try:

@@ -34,6 +34,9 @@ class Status(IntEnum):
     ID_OUT_OF_RANGE = 1  # *err_pos: the first position whose id is outside [0, rows)
     NON_FINITE = 2  # *err_pos: the first delta row holding NaN or Inf
     TABLE_FULL = 3  # the dedup hash table passed 3/4 full: retry with a larger one
+    # apply: a row's new value (table, state or serving row) would not be finite; *err_pos
+    # the id, *err_buf the buffer; the row is back as it was, *done rows were written
+    NON_FINITE_OUTPUT = 4
 
 
 @dataclass(frozen=True)
@@ -93,9 +96,11 @@ def update_dedup(index_dtype: str) -> Signature:
 
 
 def update_apply(spec_states: int, index_dtype: str, dedup: bool) -> Signature:
-    """Phase 2: the per-row math, rounding, serving refresh, versions and seq words."""
+    """Phase 2: the per-row math, rounding, serving refresh, versions and seq words.
+
+    Returns a Status: OK, or NON_FINITE_OUTPUT (see `Status`)."""
     ids_t = "i64*" if dedup else f"{index_dtype}*"
-    return Signature("ekko_update_apply", "void", (
+    return Signature("ekko_update_apply", "i64", (
         *PART,
         _a("ids", ids_t, "unique ids (dedup) or the delta's ids"),
         _a("grads", "f32*", "summed rows (dedup) or the delta's rows"), _a("count", "i64"),
@@ -106,6 +111,25 @@ def update_apply(spec_states: int, index_dtype: str, dedup: bool) -> Signature:
         _a("step", "i64"), _a("version", "i64"), _a("seed", "i64", "stochastic rounding"),
         _a("order", "i64*"), _a("raw_grads", "f32*", "the delta's rows (dedup)"),
         _a("srcs", "i64*"),
+        _a("journal", "i8*", "out: each written row's old bytes, one entry a row "
+                             "(16-byte aligned: streaming stores)"),
+        _a("done", "i64*", "out: rows written (journal entries)"),
+        _a("err_pos", "i64*", "out: the id whose new value is not finite"),
+        _a("err_buf", "i64*", "out: its buffer: 0 table, 1+k state k, 1+states serving"),
+        _a("recent", "i64*", "without dedup: (id, generation << 32 | entry) pairs of rows "
+                             "journaled lately, RECENT_SLOTS of them"),
+        _a("generation", "i64", "this call's tag in `recent`, 1 to 2**32 - 1"),
+    ), "Returns a Status.")
+
+
+def update_undo(spec_states: int) -> Signature:
+    """Put back the `count` rows an apply wrote, from its journal, newest first."""
+    return Signature("ekko_update_undo", "void", (
+        _a("journal", "i8*"), _a("count", "i64", "journal entries to restore"),
+        _a("table", "i8*"),
+        *(_a(f"state{i}", "f32*", "optimizer state, catalog order") for i in range(spec_states)),
+        _a("serving", "i8*", "serving copy or null"), _a("versions", "i64*", "or null"),
+        _a("seq", "u32*", "sequence words or null"),
     ))
 
 
@@ -152,6 +176,7 @@ class SyncStatus(IntEnum):
     ID_OUT_OF_RANGE = 1  # *err_pos: the position of the id
     BAD_VERSION = 2  # *err_pos: a packet version outside [0, newest]
     NON_FINITE = 3  # *err_pos: a packet row holding NaN or Inf (values, scale or bias)
+    DECODES_NON_FINITE = 4  # *err_pos: an int8 row whose code * scale + bias is not finite
 
 
 def sync_pack() -> Signature:

@@ -18,8 +18,11 @@ bytes (see spec.serving_row_bytes).
   i64 ekko_merge_check(part, nparts, rows, ids, n, prows, pversions, newest, err_pos)
       Writes nothing. Over the same position range: 1 id out of range,
       2 version outside [0, newest], 3 a non-finite row (every element, or
-      the int8/int4 scale and bias). Returns the code of the first bad
-      position, with the position in *err_pos.
+      the int8/int4 scale and bias), 4 an int8 row whose finite scale and
+      bias decode a code to inf (code * scale + bias in f32, as lookups
+      compute it; int4's f16 scale and bias cannot: 15 * 65504 + 65504 is
+      far from f32's max). Returns the code of the first bad position, with
+      the position in *err_pos.
 
   i64 ekko_merge_apply(part, nparts, serving, versions, seq, ids, n, prows, pversions)
       Applies the packet rows whose id this partition owns (a multiplicative
@@ -47,6 +50,8 @@ GOLDEN = 0x9E3779B97F4A7C15
 ERR_ID = abi.SyncStatus.ID_OUT_OF_RANGE
 ERR_VERSION = abi.SyncStatus.BAD_VERSION
 ERR_NONFINITE = abi.SyncStatus.NON_FINITE
+ERR_DECODE = abi.SyncStatus.DECODES_NON_FINITE
+F32 = ir.FloatType()
 
 
 def _c(t: ir.Type, v: int) -> ir.Constant:
@@ -112,6 +117,25 @@ class _SyncEmitter:
         if layout == "int8":
             return self._all_finite(row, I32, 2, dim, 0x7F800000)
         return self._all_finite(row, I16, 2, (dim + 1) // 2, 0x7C00)
+
+    def decodes_finite(self, row):
+        """i1: every code of an int8 row decodes to a finite value: code * scale,
+        then + bias, each rounded to f32 (no fused multiply-add), as the lookup
+        kernels and `quant.dequantize_rows` compute a row."""
+        b, dim = self.b, self.spec.dim
+        tail = b.bitcast(self.at(row, _c(I64, dim)), F32.as_pointer())
+        scale, bias = b.load(tail, align=1), b.load(b.gep(tail, [_c(I64, 1)]), align=1)
+
+        def bad(x):
+            bits = b.and_(b.bitcast(x, I32), _c(I32, 0x7F800000))
+            return b.zext(b.icmp_unsigned("==", bits, _c(I32, 0x7F800000)), I64)
+
+        def step(j, accs):
+            scaled = b.fmul(b.uitofp(b.load(self.at(row, j)), F32), scale)
+            return [b.or_(accs[0], b.or_(bad(scaled), bad(b.fadd(scaled, bias))))]
+
+        (flags,) = loops.fold(b, _c(I64, 0), _c(I64, dim), "decode", [_c(I64, 0)], step)
+        return b.icmp_unsigned("==", flags, _c(I64, 0))
 
     def _all_finite(self, row, t: ir.IntType, count: int, offset: int, exp: int):
         """No element of `count` t-sized floats at row+offset has an all-ones exponent."""
@@ -223,6 +247,8 @@ def emit_merge_check(module: ir.Module, spec: MergeSpec) -> None:
         bad_version = b.or_(b.icmp_signed("<", v, _c(I64, 0)), b.icmp_signed(">", v, newest))
         e.fail(bad_version, ERR_VERSION, i, err)
         e.fail(b.not_(e.row_finite(e.row(prows, i))), ERR_NONFINITE, i, err)
+        if spec.layout == "int8":
+            e.fail(b.not_(e.decodes_finite(e.row(prows, i))), ERR_DECODE, i, err)
     b.ret(_c(I64, 0))
 
 

@@ -16,12 +16,19 @@ Two exported functions (signatures in `abi`: `update_dedup`,
 
   ekko_update_apply
       For each of `count` (id, gradient row) pairs, inside the row's
-      sequence word when `seq` is given: the math region (gradient
-      transforms and the optimizer, lowered from the spec's MathProgram),
-      store (nearest-even or stochastic rounding), re-make the serving row,
-      stamp the version. With dedup the pairs are the partition's unique ids
-      (i64) and summed rows; without (plain SGD) they are the raw delta and
-      each partition applies the ids it owns, in input order.
+      sequence word when `seq` is given: stream the row's old bytes into
+      the `journal`, the math region (gradient transforms and the
+      optimizer, lowered from the spec's MathProgram), store (nearest-even
+      or stochastic rounding), re-make the serving row, stamp the version.
+      A stored value that is not finite puts the row back and returns
+      `Status.NON_FINITE_OUTPUT` (see `Commit`). With dedup the pairs are
+      the partition's unique ids (i64) and summed rows; without (plain SGD)
+      they are the raw delta and each partition applies the ids it owns,
+      in input order.
+
+  ekko_update_undo
+      Puts back, newest first, the rows one partition's apply journaled:
+      the runtime calls it for every partition when any of them refused.
 
 Uniform values of the region (the step, hyper-parameters and math on them,
 like Adam's bias correction) are computed once per call in f64; inner loops
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from llvmlite import ir
 
@@ -163,11 +171,15 @@ def _random_bits(e: Emitter, seed, row, col, mask: int):
 
 
 def _store_elem(e: Emitter, ptr, value, dtype: str, sr: bool, seed, row, col):
-    """Store an f32 value as the table dtype: nearest-even or stochastic rounding."""
+    """Store an f32 value as the table dtype: nearest-even or stochastic rounding.
+
+    Returns an i1 that is true when the stored value is not finite (its
+    exponent bits all ones in the stored format: a finite f32 may round to
+    inf as f16 or bf16)."""
     b = e.b
     if dtype == "f32":
         b.store(value, ptr)
-        return
+        return _non_finite(e, b.bitcast(value, I32), "f32")
     bits = b.bitcast(value, I32)
     if dtype == "bf16":
         if sr:
@@ -175,12 +187,45 @@ def _store_elem(e: Emitter, ptr, value, dtype: str, sr: bool, seed, row, col):
         else:
             lsb = b.and_(b.lshr(bits, _c(I32, 16)), _c(I32, 1))
             bits = b.add(bits, b.add(lsb, _c(I32, 0x7FFF)))
-        b.store(b.trunc(b.lshr(bits, _c(I32, 16)), I16), ptr)
-        return
+        low = b.trunc(b.lshr(bits, _c(I32, 16)), I16)
+        b.store(low, ptr)
+        return _non_finite(e, low, "bf16")
     if sr:
         bits = b.add(bits, _random_bits(e, seed, row, col, 0x1FFF))
         value = b.bitcast(b.and_(bits, _c(I32, 0xFFFFE000)), F32)
-    b.store(b.fptrunc(value, F16), ptr)
+    half = b.fptrunc(value, F16)
+    b.store(half, ptr)
+    return _non_finite(e, b.bitcast(half, I16), "f16")
+
+
+# the exponent field of each float format: all ones means inf or NaN
+EXPONENT = {"f32": (I32, 0x7F800000), "f16": (I16, 0x7C00), "bf16": (I16, 0x7F80)}
+
+
+def _non_finite(e: Emitter, bits, fmt: str):
+    """i1: the float with these bits (in `fmt`) is inf or NaN. Integer math,
+    which fast-math cannot fold away."""
+    t, mask = EXPONENT[fmt]
+    return e.b.icmp_unsigned("==", e.b.and_(bits, _c(t, mask)), _c(t, mask))
+
+
+class Flag:
+    """An i32 on the stack that ORs in i1s: a loop's 'anything bad?' (mem2reg
+    makes it an OR reduction LLVM vectorizes). Made in the entry block."""
+
+    def __init__(self, e: Emitter):
+        self.e = e
+        self.slot = e.b.alloca(I32)
+
+    def clear(self) -> None:
+        self.e.b.store(_c(I32, 0), self.slot)
+
+    def add(self, bad) -> None:
+        b = self.e.b
+        b.store(b.or_(b.load(self.slot), b.zext(bad, I32)), self.slot)
+
+    def value(self):
+        return self.e.b.icmp_unsigned("!=", self.e.b.load(self.slot), _c(I32, 0))
 
 
 def _owner(e: Emitter, idv, nparts):
@@ -505,13 +550,15 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
     sig = abi.update_apply(len(spec.states), spec.index_dtype, spec.dedup)
     fn = declare(module, sig)
     a = dict(zip(sig.names(), fn.args))
-    for name in ("ids", "grads", "table", "serving", "versions",
+    for name in ("ids", "grads", "table", "serving", "versions", "journal", "recent",
                  *(f"state{i}" for i in range(len(spec.states)))):
         a[name].add_attribute("noalias")
     e = Emitter(module, fn)
     b = e.b
     bufs = {"table": a["table"], "serving": a["serving"], "versions": a["versions"],
-            "seq": a["seq"], "states": [a[f"state{i}"] for i in range(len(spec.states))]}
+            "seq": a["seq"], "states": [a[f"state{i}"] for i in range(len(spec.states))],
+            "recent": a["recent"]}
+    commit = Commit(e, spec, a)
     uni = _uniforms(e, spec, a["step"])
     step = (uni, a["version"], a["seed"])
     ids, count, order = a["ids"], a["count"], a["order"]
@@ -530,7 +577,7 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
         with e.loop(_c(I64, 0), count, "rows") as pos:
             _prefetch(e, spec, ids, entry, grad_row, pos, count, bufs)
             k = entry(pos)
-            _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), bufs, step)
+            _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), bufs, step, commit)
     else:  # the raw delta: each partition applies the ids it owns, in input order
         grads = a["grads"]
 
@@ -543,7 +590,257 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
 
             _prefetch(e, spec, ids, entry, grad_row, t, cnt, bufs)
             k = entry(t)
-            _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), bufs, step)
+            _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), bufs, step, commit)
+    commit.finish(abi.Status.OK)
+
+
+RECENT_SLOTS = 1 << 15  # per partition: (id, entry) of rows a raw-delta apply journaled lately
+
+
+class Commit:
+    """What makes an apply all-or-nothing: the journal of old rows and the finite checks.
+
+    Before a row changes, its old bytes (table row, state, serving row,
+    version) are streamed into the next journal entry. After the row's new
+    values are stored, the checks look at what was stored: a value that is
+    not finite (in the table's dtype, the state, or the serving row: an
+    f16/bf16 copy that overflowed, an int8 row whose scale, bias or
+    decoded values are not finite, an int4 row whose f16 scale or bias is
+    not) puts the row back from its entry, inside its sequence word, and
+    ends the partition with `Status.NON_FINITE_OUTPUT` (*err_pos the id,
+    *err_buf the buffer: 0 table, 1 + k state k, 1 + states the serving
+    row). *done counts the entries written: the runtime undoes them with
+    `ekko_update_undo` when any partition failed, so a refused call leaves
+    every buffer as it was (sequence words aside, which only grow), and a
+    reader that uses the sequence words never sees a non-finite value.
+
+    Without dedup a row may come again in one call (hot ids of a Zipf
+    delta, again and again): `recent`, a direct-mapped table of the
+    (id, entry) pairs this call journaled lately, tagged with the call's
+    `generation`, skips rows whose old bytes are in the journal already; a
+    row that comes back after its pair was overwritten is journaled again,
+    which costs bytes, never correctness (the undo runs newest first, so
+    the oldest entry of a row is restored last).
+    """
+
+    def __init__(self, e: Emitter, spec: UpdateSpec, args: dict):
+        self.e, self.spec = e, spec
+        self.journal = args["journal"]
+        self.done, self.err_pos, self.err_buf = args["done"], args["err_pos"], args["err_buf"]
+        self.recent, self.generation = args["recent"], args["generation"]
+        self.width = journal_layout(spec).width
+        b = e.b
+        self.count = b.alloca(I64, name="journaled")
+        b.store(_c(I64, 0), self.count)
+        self.current = b.alloca(I64, name="entry")  # the entry the current row comes back from
+        self.zero = b.alloca(I64, name="zero")
+        b.store(_c(I64, 0), self.zero)
+        self.flags = [Flag(e) for _ in range(1 + len(spec.states) + 1)]
+
+    def _entry(self, index):
+        return self.e.gep(self.journal, self.e.b.mul(index, _c(I64, self.width)))
+
+    def _append(self, idv, bufs: dict):
+        """Journal row idv in the next entry; returns the entry's index."""
+        b = self.e.b
+        index = b.load(self.count)
+        save_row(self.e, self.spec, self._entry(index), idv, bufs, self.zero)
+        b.store(index, self.current)
+        b.store(b.add(index, _c(I64, 1)), self.count)
+        return index
+
+    def save(self, idv, bufs: dict) -> None:
+        """Make sure the journal holds row idv's old bytes before it changes."""
+        if self.spec.dedup:  # every row once
+            self._append(idv, bufs)
+            return
+        e, b = self.e, self.e.b
+        pair = e.gep(self.recent, b.shl(_slot_of(e, idv, _c(I64, RECENT_SLOTS - 1)), _c(I64, 1)))
+        tag = b.load(e.gep(pair, _c(I64, 1)))
+        hit = b.and_(b.icmp_signed("==", b.load(pair), idv),
+                     b.icmp_unsigned("==", b.lshr(tag, _c(I64, 32)), self.generation))
+        with b.if_else(hit) as (seen, new):
+            with seen:
+                b.store(b.and_(tag, _c(I64, 0xFFFFFFFF)), self.current)
+            with new:
+                index = self._append(idv, bufs)
+                b.store(idv, pair)
+                b.store(b.or_(b.shl(self.generation, _c(I64, 32)), index),
+                        e.gep(pair, _c(I64, 1)))
+
+    def check(self, bads: list[tuple[int, object]], idv, bufs: dict, word, has_seq) -> None:
+        """If any (buffer, i1) is bad: put the row back, report the first, return."""
+        b = self.e.b
+        any_bad = bads[0][1]
+        for _, bad in bads[1:]:
+            any_bad = b.or_(any_bad, bad)
+        with b.if_then(any_bad, likely=False):
+            code = _c(I64, bads[-1][0])
+            for index, bad in reversed(bads[:-1]):
+                code = b.select(bad, _c(I64, index), code)
+            restore_row(self.e, self.spec, self._entry(b.load(self.current)), idv, bufs)
+            with b.if_then(has_seq):
+                seq_end(b, word)
+            b.store(idv, self.err_pos)
+            b.store(code, self.err_buf)
+            self.finish(abi.Status.NON_FINITE_OUTPUT)
+
+    def finish(self, status: int) -> None:
+        b = self.e.b
+        b.store(b.load(self.count), self.done)
+        b.ret(_c(I64, status))
+
+
+@dataclass(frozen=True)
+class JournalLayout:
+    """Byte offsets of one journal entry: id, version, table row, states, serving row."""
+
+    width: int
+    table: int
+    states: tuple[int, ...]
+    serving: int
+
+
+def journal_layout(spec: UpdateSpec) -> JournalLayout:
+    """Where each old value of a row sits in its journal entry.
+
+    Every part starts 16-byte aligned and entries follow each other with no
+    gap, so the apply writes the journal as one stream of whole lines with
+    streaming (non-temporal) stores: it is written once and read back only
+    to undo, and a store that skips the cache also skips reading the line
+    first.
+    """
+    def align(n: int, to: int = 16) -> int:
+        return (n + to - 1) // to * to
+
+    at = 16  # the id, then the version
+    table = at
+    at = align(at + spec.dim * (4 if spec.table_dtype == "f32" else 2))
+    states = []
+    for state in spec.states:
+        states.append(at)
+        at = align(at + (4 if state.rowwise else 4 * spec.dim))
+    serving = at
+    if spec.serving is not None:
+        at = align(at + catalog.row_bytes(spec.serving, spec.dim))
+    return JournalLayout(at, table, tuple(states), serving)
+
+
+def journal_entry_bytes(spec: UpdateSpec) -> int:
+    """The bytes one written row takes in the journal (the runtime sizes it)."""
+    return journal_layout(spec).width
+
+
+def _row_copies(e: Emitter, spec: UpdateSpec, entry, idv, bufs: dict) -> list[tuple]:
+    """(journal pointer, buffer pointer, bytes) of every part of row idv."""
+    b = e.b
+    lay = journal_layout(spec)
+    elem = 4 if spec.table_dtype == "f32" else 2
+    parts = [(lay.table, e.row(bufs["table"], I8, idv, spec.dim * elem), spec.dim * elem)]
+    for state, ptr, off in zip(spec.states, bufs["states"], lay.states):
+        n = 1 if state.rowwise else spec.dim
+        parts.append((off, e.row(b.bitcast(ptr, I8.as_pointer()), F32, idv, n), 4 * n))
+    if spec.serving is not None:
+        width = catalog.row_bytes(spec.serving, spec.dim)
+        parts.append((lay.serving, e.row(bufs["serving"], I8, idv, width), width))
+    return [(e.gep(entry, _c(I64, off)), b.bitcast(ptr, I8.as_pointer()), n)
+            for off, ptr, n in parts]
+
+
+def _memcpy(e: Emitter, dst, src, nbytes: int) -> None:
+    fn = e.module.globals.get("llvm.memcpy.p0.p0.i64") or ir.Function(
+        e.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I8.as_pointer(), I64,
+                                                  ir.IntType(1)]), "llvm.memcpy.p0.p0.i64")
+    e.b.call(fn, [dst, src, _c(I64, nbytes), _c(ir.IntType(1), 0)])
+
+
+def _stream_copy(e: Emitter, dst, src, nbytes: int, nt) -> None:
+    """Copy nbytes from src (any alignment) to 16-byte aligned dst with streaming
+    stores, and fill dst with zeros up to the next 16 bytes: every line of the
+    journal is written whole, so the write-combining buffers never flush half
+    a line. The last 1 to 3 bytes travel assembled into one 4-byte store."""
+    b = e.b
+
+    def put(value, at: int, align: int) -> None:
+        d = b.bitcast(e.gep(dst, _c(I64, at)), value.type.as_pointer())
+        b.store(value, d, align=align).set_metadata("nontemporal", nt)
+
+    def load(t: ir.Type, at: int):
+        return b.load(b.bitcast(e.gep(src, _c(I64, at)), t.as_pointer()), align=1)
+
+    chunk = ir.VectorType(I32, 4)
+    with loops.counted(b, _c(I64, 0), _c(I64, nbytes // 16), "journal") as k:  # a loop, not
+        off = b.mul(k, _c(I64, 16))  # an unrolled copy: rows go up to MAX_DIM values
+        value = b.load(b.bitcast(e.gep(src, off), chunk.as_pointer()), align=1)
+        d = b.bitcast(e.gep(dst, off), chunk.as_pointer())
+        b.store(value, d, align=16).set_metadata("nontemporal", nt)
+    at = nbytes // 16 * 16
+    for width, t in ((8, I64), (4, I32)):
+        if nbytes - at >= width:
+            put(load(t, at), at, width)
+            at += width
+    if nbytes > at:  # 1 to 3 bytes, little endian into one word
+        word = _c(I32, 0)
+        for k in range(nbytes - at):
+            byte = b.zext(load(I8, at + k), I32)
+            word = b.or_(word, b.shl(byte, _c(I32, 8 * k)))
+        put(word, at, 4)
+        at += 4
+    for width, t in ((4, I32), (8, I64)):
+        if at % 16 and (16 - at % 16) % (2 * width) == width:
+            put(_c(t, 0), at, width)
+            at += width
+
+
+def save_row(e: Emitter, spec: UpdateSpec, entry, idv, bufs: dict, zero) -> None:
+    """Stream row idv's old bytes (and its version, 0 without one) into a journal entry."""
+    b = e.b
+    nt = e.module.add_metadata([_c(I32, 1)])
+    words = b.bitcast(entry, I64.as_pointer())
+    b.store(idv, words, align=8).set_metadata("nontemporal", nt)
+    old = zero  # a stack word holding 0: no branch, no hole in the entry
+    if spec.versions:
+        versions = bufs["versions"]
+        has = b.icmp_unsigned("!=", b.ptrtoint(versions, I64), _c(I64, 0))
+        old = b.select(has, e.gep(versions, idv), zero)
+    b.store(b.load(old), e.gep(words, _c(I64, 1)), align=8).set_metadata("nontemporal", nt)
+    for slot, ptr, n in _row_copies(e, spec, entry, idv, bufs):
+        _stream_copy(e, slot, ptr, n, nt)
+
+
+def restore_row(e: Emitter, spec: UpdateSpec, entry, idv, bufs: dict) -> None:
+    """Put row idv's old bytes back from its journal entry."""
+    b = e.b
+    if spec.versions:
+        versions = bufs["versions"]
+        words = b.bitcast(entry, I64.as_pointer())
+        with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(versions, I64), _c(I64, 0))):
+            b.store(b.load(e.gep(words, _c(I64, 1))), e.gep(versions, idv))
+    for slot, ptr, n in _row_copies(e, spec, entry, idv, bufs):
+        _memcpy(e, ptr, slot, n)
+
+
+def emit_undo(module: ir.Module, spec: UpdateSpec) -> None:
+    """ekko_update_undo: put back the rows a partition's apply wrote, newest first."""
+    sig = abi.update_undo(len(spec.states))
+    fn = declare(module, sig)
+    a = dict(zip(sig.names(), fn.args))
+    e = Emitter(module, fn)
+    b = e.b
+    bufs = {"table": a["table"], "serving": a["serving"], "versions": a["versions"],
+            "seq": a["seq"], "states": [a[f"state{i}"] for i in range(len(spec.states))]}
+    width = _c(I64, journal_layout(spec).width)
+    count = a["count"]
+    has_seq = b.icmp_unsigned("!=", b.ptrtoint(a["seq"], I64), _c(I64, 0))
+    with e.loop(_c(I64, 0), count, "undo") as k:
+        entry = e.gep(a["journal"], b.mul(b.sub(b.sub(count, _c(I64, 1)), k), width))
+        idv = b.load(b.bitcast(entry, I64.as_pointer()))
+        word = e.gep(a["seq"], idv)
+        with b.if_then(has_seq):
+            seq_begin(b, word)
+        restore_row(e, spec, entry, idv, bufs)
+        with b.if_then(has_seq):
+            seq_end(b, word)
     b.ret_void()
 
 
@@ -581,6 +878,9 @@ def _prefetch(e: Emitter, spec: UpdateSpec, ids, entry, grad_row, pos, count,
             targets.append((e.row(bufs["serving"], I8, nid, width), width))
         if spec.versions:
             targets.append((e.gep(bufs["versions"], nid), 8))  # null when not passed: harmless
+        if not spec.dedup:  # the row's pair in the journal's table of recent rows
+            slot = _slot_of(e, nid, _c(I64, RECENT_SLOTS - 1))
+            targets.append((e.gep(bufs["recent"], b.shl(slot, _c(I64, 1))), 16))
         pf = _prefetch_fn(e)
         for ptr, nbytes in targets:
             _fetch_row(e, ptr, nbytes, pf)
@@ -600,8 +900,9 @@ def _fetch_row(e: Emitter, ptr, nbytes: int, pf, write: int = 1) -> None:
         e.b.call(pf, [e.gep(base, _c(I64, off)), _c(I32, write), _c(I32, 3), _c(I32, 1)])
 
 
-def _apply_row(e: Emitter, spec: UpdateSpec, idv, src, bufs: dict, step: tuple) -> None:
-    """One row, inside its sequence word: the math, serving refresh, version stamp."""
+def _apply_row(e: Emitter, spec: UpdateSpec, idv, src, bufs: dict, step: tuple,
+               commit: Commit) -> None:
+    """One row, inside its sequence word: journal, math, checks, serving refresh, stamp."""
     b = e.b
     uni, version, seed = step
     seq = bufs["seq"]
@@ -609,11 +910,15 @@ def _apply_row(e: Emitter, spec: UpdateSpec, idv, src, bufs: dict, step: tuple) 
     word = e.gep(seq, idv)
     with b.if_then(has_seq):
         seq_begin(b, word)
+    commit.save(idv, bufs)
     elem = _elem_type(spec.table_dtype)
     wrow = e.row(bufs["table"], elem, idv, spec.dim)
-    _row_math(e, spec, idv, src, wrow, bufs["states"], uni, seed)
+    bads = _row_math(e, spec, idv, src, wrow, bufs["states"], uni, seed, commit.flags)
+    commit.check(list(enumerate(bads)), idv, bufs, word, has_seq)
     if spec.serving is not None:
-        _refresh_serving(e, spec, idv, wrow, bufs["serving"])
+        bad = _refresh_serving(e, spec, idv, wrow, bufs["serving"], commit.flags[-1])
+        if bad is not None:
+            commit.check([(len(bads), bad)], idv, bufs, word, has_seq)
     if spec.versions:
         versions = bufs["versions"]
         with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(versions, I64), _c(I64, 0))):
@@ -658,42 +963,47 @@ def _uniforms(e: Emitter, spec: UpdateSpec, step) -> dict[int, ir.Value]:
 
 
 _CMP = {"oeq": "==", "one": "!=", "ogt": ">", "oge": ">=", "olt": "<", "ole": "<=",
-        "ueq": "==", "une": "!=", "ugt": ">", "uge": ">=", "ult": "<", "ule": "<="}
+        "ueq": "==", "une": "!=", "ugt": ">", "uge": ">=", "ult": "<", "ule": "<=",
+        "ord": "ord", "uno": "uno"}
 
 
 def _math_op(e: Emitter, ins: mathprog.Instr, xs: list[ir.Value]) -> ir.Value:
-    """One arith/math op of the region on scalar LLVM values."""
+    """One arith/math op of the region on scalar LLVM values, with the meaning
+    `semantics.OPS` gives it."""
     b = e.b
     t = F64 if ins.f64 else F32
     binary = {"add": b.fadd, "sub": b.fsub, "mul": b.fmul, "div": b.fdiv}
     if ins.op in binary:
         return binary[ins.op](xs[0], xs[1], flags=FAST)
-    if ins.op == "max":
-        return b.select(b.fcmp_ordered(">", xs[0], xs[1], flags=FAST), xs[0], xs[1])
-    if ins.op == "min":
-        return b.select(b.fcmp_ordered("<", xs[0], xs[1], flags=FAST), xs[0], xs[1])
+    if ins.op in ("max", "min"):  # NaN when either is NaN
+        pick = b.fcmp_ordered(">" if ins.op == "max" else "<", xs[0], xs[1])
+        return b.select(b.or_(pick, b.fcmp_unordered("uno", xs[0], xs[0])), xs[0], xs[1])
     if ins.op == "neg":
         return b.fneg(xs[0], flags=FAST)
     if ins.op == "f32":
         return b.fptrunc(xs[0], F32)
     if ins.op == "cmp":
         pred = str(ins.attr)
-        cmp = b.fcmp_ordered if pred.startswith("o") else b.fcmp_unordered
+        if pred in ("true", "false"):
+            return _c(ir.IntType(1), int(pred == "true"))
+        cmp = b.fcmp_unordered if pred.startswith("u") else b.fcmp_ordered
         return cmp(_CMP[pred], xs[0], xs[1])
     if ins.op == "select":
         return b.select(xs[0], xs[1], xs[2])
     intrinsic = {"sqrt": "llvm.sqrt", "abs": "llvm.fabs", "exp": "llvm.exp", "log": "llvm.log",
-                 "pow": "llvm.pow"}[ins.op]
+                 "pow": "llvm.pow"}[ins.op]  # C's sqrt, fabs, exp, log, pow (f or double)
     return b.call(e.intrinsic(intrinsic, t), xs)
 
 
 def _row_math(e: Emitter, spec: UpdateSpec, idv, src, wrow, states: list, uni: dict,
-              seed) -> None:
+              seed, flags: list[Flag]) -> list:
     """Lower the program for one row: a pass over the row per reduction stage,
     then the last pass that computes and stores the new weights and state.
 
     Element values are recomputed in each pass from the unchanged inputs
     (nothing is stored before the last pass), so no row lives on the stack.
+    Returns an i1 per buffer (the table, then each state): whether a value
+    stored there is not finite.
     """
     b = e.b
     prog = spec.math
@@ -735,20 +1045,25 @@ def _row_math(e: Emitter, spec: UpdateSpec, idv, src, wrow, states: list, uni: d
             results = e.fold(dim, f"stage{stage}", [_c(F32, 0.0)] * len(sums), step_)
             vals.update(zip(sums, results))
     w_out, *state_out = prog.outputs
+    for flag in flags[:1 + len(states)]:
+        flag.clear()
     with e.tiled(spec.dim, spec.row_tile, "opt") as j:
         ev = element(j)
         new = [ev(o) for o in prog.outputs]  # every value first: stores come last
-        for state, ptr, value, out in zip(spec.states, states, new[1:], state_out):
+        for state, ptr, value, flag in zip(spec.states, states, new[1:], flags[1:]):
             if not state.rowwise:
                 b.store(value, e.gep(ptr, b.add(b.mul(idv, dim), j)))
-        _store_elem(e, e.gep(wrow, j), new[0], spec.table_dtype, spec.stochastic_rounding,
-                    seed, idv, j)
-    for state, ptr, out in zip(spec.states, states, state_out):
+                flag.add(_non_finite(e, b.bitcast(value, I32), "f32"))
+        flags[0].add(_store_elem(e, e.gep(wrow, j), new[0], spec.table_dtype,
+                                 spec.stochastic_rounding, seed, idv, j))
+    for state, ptr, out, flag in zip(spec.states, states, state_out, flags[1:]):
         if state.rowwise:
             if out not in vals:
                 raise ValueError(f"{spec.optimizer}: rowwise state {state.name} must be one "
                                  "value per row, not per element (reduce it with row_sum)")
             b.store(vals[out], e.gep(ptr, idv))
+            flag.add(_non_finite(e, b.bitcast(vals[out], I32), "f32"))
+    return [flag.value() for flag in flags[:1 + len(states)]]
 
 
 def _load_arg(e: Emitter, spec: UpdateSpec, name: str, src, wrow, states, state_ix, idv, j):
@@ -762,16 +1077,24 @@ def _load_arg(e: Emitter, spec: UpdateSpec, name: str, src, wrow, states, state_
     return b.load(e.gep(ptr, b.add(b.mul(idv, _c(I64, spec.dim)), j)))
 
 
-def _refresh_serving(e: Emitter, spec: UpdateSpec, idv, wrow, serving) -> None:
-    """Re-make the serving row from the stored master row."""
+def _refresh_serving(e: Emitter, spec: UpdateSpec, idv, wrow, serving, flag: Flag):
+    """Re-make the serving row from the stored (finite) master row.
+
+    Returns an i1 that is true when the serving row holds a value that is not
+    finite, or None where it cannot (a copy into as wide a format)."""
     dim = _c(I64, spec.dim)
     layout = spec.serving
     if layout in ("f32", "f16", "bf16"):
+        narrows = layout != "f32" and layout != spec.table_dtype and (layout, spec.table_dtype) \
+            != ("bf16", "f16")
+        flag.clear()
         out = e.row(serving, _elem_type(layout), idv, spec.dim)
         with e.tiled(spec.dim, spec.tile, "copy_serving") as j:
             x = _load_elem(e, e.gep(wrow, j), spec.table_dtype)
-            _store_elem(e, e.gep(out, j), x, layout, False, None, None, None)
-        return
+            bad = _store_elem(e, e.gep(out, j), x, layout, False, None, None, None)
+            if narrows:
+                flag.add(bad)
+        return flag.value() if narrows else None
 
     def elem(j):
         return _load_elem(e, e.gep(wrow, j), spec.table_dtype)
@@ -780,12 +1103,18 @@ def _refresh_serving(e: Emitter, spec: UpdateSpec, idv, wrow, serving) -> None:
     width = spec.dim + 8 if layout == "int8" else (spec.dim + 1) // 2 + 4
     base = e.row(serving, I8, idv, width)
     if layout == "int8":
-        _int8_row(e, spec, wrow, base, lo, hi)
-    else:
-        _int4_row(e, spec, wrow, base, lo, hi)
+        return _int8_row(e, spec, wrow, base, lo, hi)
+    return _int4_row(e, spec, wrow, base, lo, hi)
 
 
-def _int8_row(e: Emitter, spec: UpdateSpec, wrow, base, lo, hi) -> None:
+def _int8_row(e: Emitter, spec: UpdateSpec, wrow, base, lo, hi):
+    """FBGEMM's int8 row; returns i1: its scale, bias or a decoded value is not finite.
+
+    Codes lie in [0, 255] and decode (code * scale + bias, two f32 roundings,
+    as the lookups compute it) monotonically, so checking code 255 and the
+    bias covers every value the row can decode to: a range past f32's
+    (hi - lo overflowing) gives an inf scale, a scale just under it an inf
+    255 * scale or 255 * scale + bias."""
     b = e.b
     rng = b.fsub(hi, lo)
     inv = b.fdiv(e.f(255.0), b.fadd(rng, e.f(1e-8)))
@@ -795,11 +1124,19 @@ def _int8_row(e: Emitter, spec: UpdateSpec, wrow, base, lo, hi) -> None:
         q = e.fmin(e.fmax(q, e.f(0.0)), e.f(255.0))
         b.store(b.fptoui(q, I8), e.gep(base, j))
     tail = b.bitcast(e.gep(base, _c(I64, spec.dim)), F32.as_pointer())
-    b.store(b.fdiv(rng, e.f(255.0)), tail, align=1)
+    scale = b.fdiv(rng, e.f(255.0))
+    b.store(scale, tail, align=1)
     b.store(lo, e.gep(tail, _c(I64, 1)), align=1)
+    top = b.fmul(scale, e.f(255.0))
+    bad = b.or_(_non_finite(e, b.bitcast(scale, I32), "f32"),
+                _non_finite(e, b.bitcast(lo, I32), "f32"))
+    bad = b.or_(bad, _non_finite(e, b.bitcast(top, I32), "f32"))
+    return b.or_(bad, _non_finite(e, b.bitcast(b.fadd(top, lo), I32), "f32"))
 
 
-def _int4_row(e: Emitter, spec: UpdateSpec, wrow, base, lo, hi) -> None:
+def _int4_row(e: Emitter, spec: UpdateSpec, wrow, base, lo, hi):
+    """FBGEMM's int4 row; returns i1: its f16 scale or bias is not finite (with
+    both finite, code * scale + bias stays below 16 * 65504 in f32)."""
     b = e.b
     bias16 = b.fptrunc(lo, F16)
     bias = b.fpext(bias16, F32)
@@ -825,6 +1162,8 @@ def _int4_row(e: Emitter, spec: UpdateSpec, wrow, base, lo, hi) -> None:
     tail = b.bitcast(e.gep(base, _c(I64, nbytes)), F16.as_pointer())
     b.store(scale16, tail, align=1)
     b.store(bias16, e.gep(tail, _c(I64, 1)), align=1)
+    return b.or_(_non_finite(e, b.bitcast(scale16, I16), "f16"),
+                 _non_finite(e, b.bitcast(bias16, I16), "f16"))
 
 
 def emit_update(spec: UpdateSpec) -> str:
@@ -833,8 +1172,10 @@ def emit_update(spec: UpdateSpec) -> str:
     module.triple = ""
     emit_dedup(module, spec)
     emit_apply(module, spec)
+    emit_undo(module, spec)
     for fn_name, sig in (("ekko_update_dedup", abi.update_dedup(spec.index_dtype)),
                          ("ekko_update_apply", abi.update_apply(len(spec.states),
-                                                                spec.index_dtype, spec.dedup))):
+                                                                spec.index_dtype, spec.dedup)),
+                         ("ekko_update_undo", abi.update_undo(len(spec.states)))):
         emit_packed(module, module.get_global(fn_name), sig)
     return str(module)

@@ -11,13 +11,16 @@ for, which tells a backend how many passes over the row it needs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from xdsl.dialects import arith, math
 from xdsl.dialects.builtin import Float64Type, FloatAttr, IntegerType
 from xdsl.ir import SSAValue
 
 from ...dialects import kern
+from . import semantics
 
 _BINARY = {arith.AddfOp: "add", arith.SubfOp: "sub", arith.MulfOp: "mul", arith.DivfOp: "div",
            arith.MaximumfOp: "max", arith.MinimumfOp: "min", math.PowFOp: "pow"}
@@ -107,3 +110,63 @@ def program_of(op: kern.UpdateOp) -> MathProgram:
         else:  # the verifier admits nothing else
             raise ValueError(f"'{inner.name}' cannot be lowered from a math region")
     return MathProgram(tuple(instrs), outputs)
+
+
+def interpret(program: MathProgram, hyper: Mapping[str, float], g: np.ndarray, w: np.ndarray,
+              state: Sequence[np.ndarray] | Mapping[str, np.ndarray] = (), step: int = 1, *,
+              exact: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Run `program` on whole rows in float64: the reference both backends are held to.
+
+    g and w are (rows, dim) arrays (the summed gradient and the weights as
+    f32 values), `state` the optimizer's state in catalog order (or by
+    name): (rows, dim) per element, (rows,) per row. `hyper` maps every
+    hyper-parameter the program reads to its value (`dict(spec.hyper)`).
+    Each op is computed in float64 with `semantics.OPS`; unless `exact`,
+    each value the program types f32 is then rounded to f32, so ranges,
+    overflow and underflow are the kernel's (a huge constant or an
+    overflowing square is inf, as on both targets) and the results differ
+    from a backend's only by the rounding freedoms the table names. With
+    `exact` every value stays float64 (the real-number math, for error
+    bounds). Returns the new weights (rows, dim) and the new state arrays,
+    all float64; nothing is stored or rounded to the table's dtype.
+    """
+    g, w = (np.asarray(x, np.float64) for x in (g, w))
+    if g.ndim != 2 or g.shape != w.shape:
+        raise ValueError(f"g and w must be (rows, dim) arrays of one shape, got {g.shape}, {w.shape}")
+    rows, dim = g.shape
+    states = [i for i in program.instrs if i.op == "arg" and i.kind != "uniform"
+              and i.attr not in ("g", "w")]
+    given = [state[str(i.attr)] for i in states] if isinstance(state, Mapping) else list(state)
+    if len(given) != len(states):
+        raise ValueError(f"the program reads {len(states)} state arrays, got {len(given)}")
+    inputs = {"g": g, "w": w, **{str(i.attr): np.asarray(x, np.float64).reshape(
+        (rows, 1) if i.kind == "row" else (rows, dim)) for i, x in zip(states, given)}}
+
+    def typed(x: np.ndarray, ins: Instr) -> np.ndarray:
+        return x if exact or ins.f64 or ins.boolean else semantics.OPS["f32"].f64(x)
+
+    vals: list[np.ndarray] = []
+    with np.errstate(all="ignore"):
+        for ins in program.instrs:
+            if ins.op == "arg":
+                name = str(ins.attr)
+                if name not in inputs and name != "step" and name not in hyper:
+                    raise ValueError(f"no value for the hyper-parameter {name!r}")
+                x = np.float64(step) if name == "step" else (
+                    inputs[name] if name in inputs else np.float64(hyper[name]))
+                vals.append(typed(np.asarray(x, np.float64), ins))
+            elif ins.op == "const":
+                vals.append(typed(np.asarray(float(ins.attr), np.float64), ins))
+            elif ins.op == "f32" and exact:
+                vals.append(vals[ins.args[0]])
+            else:
+                args = [vals[a] for a in ins.args]
+                if ins.op == "cmp":
+                    args = [str(ins.attr), *args]
+                vals.append(typed(np.asarray(semantics.OPS[ins.op].f64(*args)), ins))
+    outs = [vals[o] for o in program.outputs]
+    new_w = np.broadcast_to(outs[0], (rows, dim)).astype(np.float64)
+    new_state = [np.broadcast_to(x, (rows, 1) if i.kind == "row" else (rows, dim)).astype(
+        np.float64).reshape((rows,) if i.kind == "row" else (rows, dim))
+        for x, i in zip(outs[1:], states)]
+    return new_w, new_state

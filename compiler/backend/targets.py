@@ -106,7 +106,8 @@ def exports(spec: Spec) -> list[abi.Signature]:
     """The functions a kernel's native code exports, as the ABI declares them."""
     if isinstance(spec, UpdateSpec):
         sigs = [abi.update_dedup(spec.index_dtype),
-                abi.update_apply(len(spec.states), spec.index_dtype, spec.dedup)]
+                abi.update_apply(len(spec.states), spec.index_dtype, spec.dedup),
+                abi.update_undo(len(spec.states))]
     elif isinstance(spec, BagSpec):
         sigs = [abi.bag(False), abi.bag(True)]
     elif isinstance(spec, PackSpec):

@@ -15,6 +15,11 @@ The generated module (readable Python using `triton.language`) holds:
       order, CHUNK rows a step, and adds each chunk as a fixed-shape tree:
       the same bits run after run (there are no atomics anywhere).
 
+  ekko_update_check
+      The apply's loads and math without its stores: per unique id, the
+      first buffer whose new value would not be finite, or -1 (`bad`). The
+      runtime launches the apply only when every row is -1.
+
   ekko_update_apply
       One program per BLOCK_ROWS unique ids, over a [BLOCK_ROWS, BLOCK_DIM]
       tile (BLOCK_DIM >= dim: the whole row, so each row is read and written
@@ -125,15 +130,16 @@ def _rint(x):
 # -- the host side: uniform values ---------------------------------------------
 
 _NP_BINARY = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
-              "max": "({0} if {0} > {1} else {1})", "min": "({0} if {0} < {1} else {1})",
-              "pow": "np.power({0}, {1})"}
+              "max": "np.maximum({0}, {1})", "min": "np.minimum({0}, {1})",
+              "pow": "_c_pow({0}, {1})"}  # numpy's scalar power takes x ** 0.5 as sqrt
 _NP_UNARY = {"neg": "-{0}", "sqrt": "np.sqrt({0})", "abs": "np.abs({0})", "exp": "np.exp({0})",
              "log": "np.log({0})", "f32": "np.float32({0})"}
 _NP_CMP = {"oeq": "{0} == {1}", "one": "({0} < {1} or {0} > {1})", "ogt": "{0} > {1}",
            "oge": "{0} >= {1}", "olt": "{0} < {1}", "ole": "{0} <= {1}",
            "ueq": "not ({0} < {1} or {0} > {1})", "une": "{0} != {1}",
            "ugt": "not ({0} <= {1})", "uge": "not ({0} < {1})", "ult": "not ({0} >= {1})",
-           "ule": "not ({0} > {1})"}
+           "ule": "not ({0} > {1})", "ord": "({0} == {0} and {1} == {1})",
+           "uno": "({0} != {0} or {1} != {1})", "true": "True", "false": "False"}
 
 
 def kernel_uniforms(prog: mathprog.MathProgram) -> list[int]:
@@ -191,22 +197,47 @@ def uniform_loads(prog: mathprog.MathProgram) -> list[str]:
 
 # -- the kernel side: the tile --------------------------------------------------
 
+# the meaning of each op is semantics.OPS's; where Triton's own function differs
+# (exp/log approximate on a GPU, ** as exp2(y * log2 x)) the f32 op goes through f64
 _TL_BINARY = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}",
-              "div": "tl.math.div_rn({0}, {1})", "max": "tl.where({0} > {1}, {0}, {1})",
-              "min": "tl.where({0} < {1}, {0}, {1})", "pow": "_pow({0}, {1})"}
+              "div": "tl.math.div_rn({0}, {1})",
+              "max": "tl.where({0} != {0}, {0}, tl.where({0} > {1}, {0}, {1}))",
+              "min": "tl.where({0} != {0}, {0}, tl.where({0} < {1}, {0}, {1}))",
+              "pow": "_pow({0}, {1})"}
 _TL_UNARY = {"neg": "-{0}", "sqrt": "tl.math.sqrt_rn({0})", "abs": "tl.abs({0})",
-             "exp": "tl.exp({0})", "log": "tl.log({0})", "f32": "{0}.to(tl.float32)"}
+             "exp": "tl.exp({0}.to(tl.float64)).to(tl.float32)",
+             "log": "tl.log({0}.to(tl.float64)).to(tl.float32)", "f32": "{0}.to(tl.float32)"}
 _TL_CMP = {"oeq": "{0} == {1}", "one": "(({0} < {1}) | ({0} > {1}))", "ogt": "{0} > {1}",
            "oge": "{0} >= {1}", "olt": "{0} < {1}", "ole": "{0} <= {1}",
            "ueq": "~(({0} < {1}) | ({0} > {1}))", "une": "{0} != {1}",
            "ugt": "~({0} <= {1})", "uge": "~({0} < {1})", "ult": "~({0} >= {1})",
-           "ule": "~({0} > {1})"}
+           "ule": "~({0} > {1})", "ord": "tl.where({0} == {0}, {1} == {1}, False)",
+           "uno": "tl.where({0} != {0}, True, {1} != {1})",
+           "true": "(({0} == {0}) | ({0} != {0}))", "false": "(({0} != {0}) & ({0} == {0}))"}
 
 POW = '''
 @triton.jit
 def _pow(x, y):
-    """x ** y for x > 0 (the region's pow on row or element values)."""
-    return tl.exp2(y * tl.log2(x))
+    """x ** y as C's powf (semantics.OPS["pow"]), for f32 x and y.
+
+    |x| ** y as exp2(y * log2 |x|) in f64 (within an ulp once rounded to
+    f32, overflow and subnormals included), then C's special cases: a
+    negative base with an integer exponent keeps its sign when the exponent
+    is odd, and with a finite non-integer one gives NaN; x ** 0 = 1 and
+    1 ** y = 1 (NaN too); (-1) ** +-inf = 1.
+    """
+    x, y = tl.where(y == y, x, x), tl.where(x == x, y, y)  # one shape for the masks below
+    ax = tl.abs(x).to(tl.float64)
+    r = tl.exp2(y.to(tl.float64) * tl.log2(ax)).to(tl.float32)
+    integral = tl.floor(y) == y
+    half = tl.floor(y) * 0.5
+    odd = integral & (tl.abs(y) < 16777216.0) & (tl.floor(half) != half)
+    negative = (x.to(tl.uint32, bitcast=True) >> 31) == 1  # -0 included, as C's pow
+    r = tl.where(negative & odd, -r, r)
+    finite = (tl.abs(x) < float("inf")) & (tl.abs(y) < float("inf"))
+    r = tl.where((x < 0.0) & finite & ~integral, float("nan"), r)
+    one = (y == 0.0) | (x == 1.0) | ((x == -1.0) & (tl.abs(y) == float("inf")))
+    return tl.where(one, 1.0, r)
 '''
 
 
@@ -358,12 +389,16 @@ def apply_args(spec: UpdateSpec) -> list[tuple[str, str]]:
     return args + [("HAS_VERSIONS", "constexpr"), ("HAS_SEQ", "constexpr")]
 
 
-def emit_apply(spec: UpdateSpec) -> str:
+def check_args(spec: UpdateSpec) -> list[tuple[str, str]]:
+    """(name, Triton type) of the check kernel's arguments: the apply's inputs, then `bad`."""
+    skip = {"serving", "versions", "seq", "version", "HAS_VERSIONS", "HAS_SEQ"}
+    return [a for a in apply_args(spec) if a[0] not in skip] + [("bad", "*i32")]
+
+
+def _prologue(spec: UpdateSpec, tile: _Tile) -> list[str]:
+    """Load a tile of unique rows and run the math region: up to `w_new` (no store)."""
     prog = spec.math
-    tile = _Tile(prog)
-    params = ", ".join(n + (": tl.constexpr" if t == "constexpr" else "")
-                       for n, t in apply_args(spec))
-    body = [
+    return [
         "k = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)",
         "rmask = k < count",
         "cols = tl.arange(0, BLOCK_DIM)",
@@ -380,8 +415,22 @@ def emit_apply(spec: UpdateSpec) -> str:
         _load_w(spec.table_dtype),
         "# the math region, op by op",
         *_lower(prog, spec, tile),
-        "# every value first: the stores come last, inside the row's sequence word",
         f"w_new = {tile.full(prog.outputs[0], 'elem')}",
+    ]
+
+
+def _function(name: str, args: list[tuple[str, str]], doc: str, body: list[str]) -> str:
+    params = ", ".join(n + (": tl.constexpr" if t == "constexpr" else "") for n, t in args)
+    return (f"@triton.jit\ndef {name}({params}):\n    \"\"\"{doc}\"\"\"\n"
+            + "".join(f"    {line}\n" for line in body))
+
+
+def emit_apply(spec: UpdateSpec) -> str:
+    prog = spec.math
+    tile = _Tile(prog)
+    body = [
+        *_prologue(spec, tile),
+        "# every value first: the stores come last, inside the row's sequence word",
         "if HAS_SEQ:",
         "    tl.atomic_add(seq + rid, 1, mask=rmask, sem='acq_rel')  # odd: being written",
         "    tl.debug_barrier()",
@@ -400,9 +449,91 @@ def emit_apply(spec: UpdateSpec) -> str:
         body += ["if HAS_VERSIONS:", "    tl.store(versions + rid, version, mask=rmask)"]
     body += ["if HAS_SEQ:", "    tl.debug_barrier()",
              "    tl.atomic_add(seq + rid, 1, mask=rmask, sem='release')  # even: whole again"]
-    doc = '    """Apply the math to BLOCK_ROWS unique ids; store, refresh, stamp."""'
-    return ("@triton.jit\n" + f"def ekko_update_apply({params}):\n" + doc + "\n"
-            + "".join(f"    {line}\n" for line in body))
+    return _function("ekko_update_apply", apply_args(spec),
+                     "Apply the math to BLOCK_ROWS unique ids; store, refresh, stamp.", body)
+
+
+def _rounded_w(spec: UpdateSpec) -> list[str]:
+    """`w_low` (the new weights in the table dtype) and `stored` (it as f32), not stored."""
+    return [line for line in _store_w(spec) if not line.startswith("tl.store(")]
+
+
+def _serving_bad(spec: UpdateSpec) -> list[str]:
+    """`srv_bad`: per row, the serving row re-made from `stored` would not be finite."""
+    layout, narrow = spec.serving, spec.serving != spec.table_dtype
+    if layout == "f16" and narrow:
+        return ["srv_bad = _row_any(_nonfinite16(stored.to(tl.float16), 0x7C00), mask)"]
+    if layout == "bf16" and narrow and spec.table_dtype == "f32":
+        return ["srv_bad = _row_any(_nonfinite16(_to_bf16(stored), 0x7F80), mask)"]
+    if layout == "int8":  # as the CPU: the scale, the bias, and code 255 decoded
+        return ["lo = tl.min(tl.where(mask, stored, float('inf')), axis=1)",
+                "hi = tl.max(tl.where(mask, stored, float('-inf')), axis=1)",
+                "scale = tl.math.div_rn(hi - lo, tl.zeros([BLOCK_ROWS], tl.float32) + 255.0)",
+                "top = scale * 255.0",
+                "srv_bad = _nonfinite(scale) | _nonfinite(lo) | _nonfinite(top)"
+                " | _nonfinite(top + lo)"]
+    if layout == "int4":  # the f16 scale and bias
+        return ["lo = tl.min(tl.where(mask, stored, float('inf')), axis=1)",
+                "hi = tl.max(tl.where(mask, stored, float('-inf')), axis=1)",
+                "bias16 = lo.to(tl.float16)",
+                "scale16 = tl.math.div_rn(hi - bias16.to(tl.float32),"
+                " tl.zeros([BLOCK_ROWS], tl.float32) + 15.0).to(tl.float16)",
+                "srv_bad = _nonfinite16(bias16, 0x7C00) | _nonfinite16(scale16, 0x7C00)"]
+    return []
+
+
+def emit_check(spec: UpdateSpec) -> str:
+    """`ekko_update_check`: what the apply would store, checked; it stores only `bad`.
+
+    bad[k] is -1 when every value unique row k would get is finite, else the
+    first buffer that would hold inf or NaN (0 the table, 1 + j state j,
+    1 + states the serving row), with the meaning of the CPU's checks
+    (llvm_update.Commit). The runtime launches the apply only when no row
+    is bad, so a refused call writes nothing at all."""
+    prog = spec.math
+    tile = _Tile(prog)
+    checks = []  # (buffer index, per-row i1 expression), in buffer order
+    dtype_bits = {"f32": None, "f16": "0x7C00", "bf16": "0x7F80"}[spec.table_dtype]
+    body = [*_prologue(spec, tile), *_rounded_w(spec)]
+    if dtype_bits is None:
+        checks.append((0, "_row_any(_nonfinite(w_new), mask)"))
+    else:
+        checks.append((0, f"_row_any(_nonfinite16(w_low, {dtype_bits}), mask)"))
+    for j, (state, out) in enumerate(zip(spec.states, prog.outputs[1:])):
+        if state.rowwise:
+            checks.append((1 + j, f"_nonfinite({tile.full(out, 'row')})"))
+        else:
+            checks.append((1 + j, f"_row_any(_nonfinite({tile.full(out, 'elem')}), mask)"))
+    serving = _serving_bad(spec) if spec.serving is not None else []
+    if serving:
+        body += serving
+        checks.append((1 + len(spec.states), "srv_bad"))
+    body.append("code = tl.full([BLOCK_ROWS], -1, tl.int32)")
+    for index, expr in reversed(checks):  # the first bad buffer wins
+        body.append(f"code = tl.where({expr}, {index}, code)")
+    body.append("tl.store(bad + k, code, mask=rmask)")
+    return _function("ekko_update_check", check_args(spec),
+                     "Which buffer of each of BLOCK_ROWS unique ids would not be finite.", body)
+
+
+CHECK_HELPERS = '''
+@triton.jit
+def _nonfinite(x):
+    """f32 inf or NaN: the exponent bits all ones (bits, not float compares)."""
+    return (x.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000
+
+
+@triton.jit
+def _nonfinite16(x, EXP: tl.constexpr):
+    """An f16 (EXP 0x7C00) or bf16-bits (EXP 0x7F80) value is inf or NaN."""
+    return (x.to(tl.uint16, bitcast=True) & EXP) == EXP
+
+
+@triton.jit
+def _row_any(flags, mask):
+    """Per row: any flag set among the row's valid columns."""
+    return tl.max(tl.where(mask, flags, False).to(tl.int32), axis=1) != 0
+'''
 
 
 SUM_ARGS = (("grads", "*fp32"), ("perm", "*i64"), ("starts", "*i64"), ("counts", "*i64"),
@@ -437,6 +568,7 @@ def kernels(spec: UpdateSpec) -> tuple[KernelDecl, ...]:
     """The kernels of the generated module, with their compile-time arguments."""
     flags = (("HAS_VERSIONS", spec.versions), ("HAS_SEQ", True))
     return (KernelDecl("ekko_update_sum", SUM_ARGS),
+            KernelDecl("ekko_update_check", tuple(check_args(spec))),
             KernelDecl("ekko_update_apply", tuple(apply_args(spec)), flags))
 
 
@@ -453,6 +585,8 @@ def emit_update(spec: UpdateSpec) -> str:
         "import triton",
         "import triton.language as tl",
         "",
+        "from ekko.compiler.backend.semantics import c_pow as _c_pow",
+        "",
         f"DIM = tl.constexpr({spec.dim})",
         f"BLOCK_DIM = tl.constexpr({block_dim(spec.dim)})  # the whole row",
         f"BLOCK_ROWS = tl.constexpr({rows})  # unique ids per program (upd-schedule)",
@@ -467,5 +601,5 @@ def emit_update(spec: UpdateSpec) -> str:
             header.append(f"CODE_BYTES = tl.constexpr({(spec.dim + 1) // 2})")
     pow_used = any(i.op == "pow" and i.kind != "uniform" for i in spec.math.instrs)
     return "\n".join([
-        "\n".join(header), "", emit_uniforms(spec), HELPERS, POW if pow_used else "",
-        SUM_KERNEL, "", emit_apply(spec)])
+        "\n".join(header), "", emit_uniforms(spec), HELPERS, CHECK_HELPERS,
+        POW if pow_used else "", SUM_KERNEL, "", emit_check(spec), "", emit_apply(spec)])

@@ -3,12 +3,16 @@
 A case starts from a valid call (arrays built from a seed) and applies up to
 two mutations: wrong dtype, shape, byte order or strides, aliased buffers,
 read-only arrays, torch tensors that require grad, out-of-range ids, NaN or
-inf gradients, huge values, odd scalars, bad kernel options. The oracle:
+inf gradients, huge values, a table near its dtype's max, odd scalars, bad
+kernel options. One case in five comes from `gen_finite` instead: a user
+optimizer with random math, or a replica merge of int8 rows that may decode
+to inf. The oracle:
 
 * nothing but `ekko.EkkoError` escapes;
-* on `EkkoError` every buffer is byte-identical to before;
+* on `EkkoError` every buffer is byte-identical to before, and a
+  NonFiniteOutputError names the row and the buffer;
 * an input a mutation makes invalid is rejected (`must_reject`);
-* a finite but huge gradient leaves a float table finite, as torch.optim does.
+* an accepted update leaves every buffer it writes finite (issue #17).
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ import random
 import traceback
 from typing import Any
 
+from . import gen_finite
+
 STATES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 1, "adam": 2}
 LAYOUTS = ["f32", "f16", "bf16", "int8", "int4"]
 TABLE_NP = {"f32": "float32", "f16": "float16", "bf16": "uint16"}
+NEAR_MAX = {"float32": 3.4e38, "float16": 65000.0, "uint16": 3.38e38}  # bf16 travels as uint16
 ODD_DTYPES = ["float64", "float16", "float32", "int32", "int64", "uint8", "int8", "bool",
               "complex64", "uint16"]
 
@@ -64,7 +71,7 @@ def _update_case(rng: random.Random) -> dict:
         "step": {"kind": "value", "value": rng.choice([1, 2, 100])},
     }
     return {"target": "api", "kernel": "update", "make": make, "args": args, "rows": rows,
-            "dim": dim, "n": n, "must_reject": [], "finite_after": False}
+            "dim": dim, "n": n, "must_reject": []}
 
 
 def _bag_case(rng: random.Random) -> dict:
@@ -84,7 +91,7 @@ def _bag_case(rng: random.Random) -> dict:
     }
     make = {"dim": dim, "layout": layout, "index_dtype": index, "mode": mode, "weighted": weighted}
     return {"target": "api", "kernel": "bag", "make": make, "args": args, "rows": rows,
-            "dim": dim, "n": n, "must_reject": [], "finite_after": False}
+            "dim": dim, "n": n, "must_reject": []}
 
 
 # ------------------------------------------------------------------- mutations
@@ -211,8 +218,14 @@ def m_huge(rng, case):
     value = rng.choice([1e19, 3e38, -1e20, 1e30])
     pokes = case["args"]["grads"].setdefault("poke", [])
     pokes[:0] = [[k, value] for k in range(min(case["dim"], 4))]  # a later NaN poke still wins
-    if case["make"]["table_dtype"] == "f32":
-        case["finite_after"] = True
+
+
+def m_near_max(rng, case):
+    """A table near its dtype's max: an update may push a row (or its serving copy) past it."""
+    if case["kernel"] != "update" or not _is_array(case, "table"):
+        return
+    if case["args"]["table"]["dtype"] in NEAR_MAX:
+        case["args"]["table"]["near_max"] = True
 
 
 def m_readonly(rng, case):
@@ -284,10 +297,13 @@ def m_make(rng, case):
 
 
 MUTATIONS = [m_dtype, m_shape, m_byteorder, m_strides, m_alias, m_bad_ids, m_nonfinite, m_huge,
-             m_readonly, m_torch, m_not_an_array, m_scalar, m_make]
+             m_near_max, m_readonly, m_torch, m_not_an_array, m_scalar, m_make]
 
 
 def generate(rng: random.Random) -> dict:
+    pick = rng.random()
+    if pick < 0.2:  # outputs that may overflow (gen_finite)
+        return gen_finite.generate_user(rng) if pick < 0.14 else gen_finite.generate_merge(rng)
     case = _update_case(rng) if rng.random() < 0.7 else _bag_case(rng)
     for _ in range(rng.choice([0, 1, 1, 1, 2])):
         rng.choice(MUTATIONS)(rng, case)
@@ -299,6 +315,8 @@ def generate(rng: random.Random) -> dict:
 
 def run(case: dict) -> dict:
     """Build the arguments, call the API, judge (in the worker)."""
+    if case["kernel"] in ("user", "merge"):
+        return (gen_finite.run_user if case["kernel"] == "user" else gen_finite.run_merge)(case)
     import numpy as np
 
     import ekko
@@ -340,18 +358,38 @@ def run(case: dict) -> dict:
         if changed:
             return {"kind": "half-applied",
                     "detail": f"EkkoError ({e}) but buffers {changed} changed"}
+        if isinstance(e, ekko.NonFiniteOutputError) and f"{e.buffer} of row {e.row}" not in str(e):
+            return {"kind": "unnamed", "detail": str(e)}
         return {"kind": "ok"}
     except Exception:
         return {"kind": "exception", "detail": traceback.format_exc()[-1500:]}
     if case["must_reject"]:
         return {"kind": "accepted", "detail": "accepted: " + "; ".join(case["must_reject"])}
-    if case["finite_after"]:
-        table = built["table"]
-        values = table.detach().numpy() if hasattr(table, "detach") else table
-        if not np.isfinite(values.astype(np.float64)).all():
-            return {"kind": "non-finite",
-                    "detail": "a finite huge gradient made the table non-finite"}
+    if case["kernel"] == "update" and not _written_finite(case, built):
+        return {"kind": "non-finite", "detail": "an accepted update committed inf or NaN"}
     return {"kind": "ok"}
+
+
+def _written_finite(case: dict, built: dict) -> bool:
+    """Every buffer an accepted update wrote holds finite values (issue #17):
+    the table (bf16 as bits), the state, the serving copy decoded."""
+    import numpy as np
+
+    from ekko.kernels.quant import bf16_bits_to_f32, dequantize_rows
+
+    make = case["make"]
+    values = []
+    for name, x in built.items():
+        if not name.startswith(("table", "state", "serving")):
+            continue
+        x = np.asarray(x)
+        if name == "serving" and make["serving"] in ("int8", "int4"):
+            with np.errstate(all="ignore"):
+                x = dequantize_rows(x, make["serving"], make["dim"])
+        elif x.dtype == np.uint16:  # bf16 bits
+            x = bf16_bits_to_f32(x)
+        values.append(x)
+    return all(np.isfinite(v.astype(np.float64)).all() for v in values)
 
 
 def _is_alias(spec: Any) -> bool:
@@ -405,7 +443,7 @@ def _build(spec: Any, case: dict, built: dict, bases: list) -> Any:
 def _make_array(spec: dict, case: dict):
     import numpy as np
 
-    from ekko.kernels.quant import quantize_rows
+    from ekko.kernels.quant import f32_to_bf16_bits, quantize_rows
 
     rng = np.random.default_rng(spec["seed"])
     shape = [max(0, s) for s in spec["shape"]]
@@ -427,6 +465,10 @@ def _make_array(spec: dict, case: dict):
             arr.reshape(-1)[0] = 0
     elif fill == "zeros":
         arr = np.zeros(alloc, dtype)
+    elif spec.get("near_max") and fill == "normal" and spec["dtype"] in NEAR_MAX:
+        top = NEAR_MAX[spec["dtype"]]
+        values = np.clip(rng.standard_normal(alloc) * top, -top, top).astype(np.float32)
+        arr = f32_to_bf16_bits(values) if dtype == np.uint16 else values.astype(dtype)
     elif dtype.kind in "iub":
         arr = rng.integers(0, 3, size=alloc).astype(dtype)
     else:

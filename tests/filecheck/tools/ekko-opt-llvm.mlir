@@ -2,17 +2,22 @@
 
 // `-t llvm` prints each kernel's spec and its LLVM IR (llvmlite.ir). Rowwise
 // Adagrad is deduplicated before the optimizer; its apply phase prefetches
-// the rows it will touch, runs the optimizer with a square root and
-// re-quantizes the int8 serving row with nearest-even rounding.
+// the rows it will touch, streams each row's old bytes into the journal
+// (non-temporal stores), runs the optimizer with a square root,
+// re-quantizes the int8 serving row with nearest-even rounding, and
+// returns a status (a stored value that is not finite refuses the call);
+// the undo function puts journaled rows back.
 
 // CHECK:       ; ekko kernel for @train: update:{{.*}}dedup=True,dim=64,{{.*}}optimizer=rowwise_adagrad,partitions=2,serving=int8,{{.*}}versions=True
 // CHECK:       define i64 @"ekko_update_dedup"(
 // CHECK:         call void @"llvm.prefetch.p0"
-// CHECK:       define void @"ekko_update_apply"(
+// CHECK:       define i64 @"ekko_update_apply"(
 // CHECK:         call void @"llvm.prefetch.p0"
+// CHECK:         store <4 x i32> {{.*}}, !nontemporal
 // CHECK:         call float @"llvm.sqrt.f32"
 // CHECK:         call float @"llvm.rint.f32"
 // CHECK:         fptoui float {{.*}} to i8
+// CHECK:       define void @"ekko_update_undo"(
 func.func @train(%t: !emb.table<1000x64xf32>, %m: !emb.state<1000x1>, %q: !emb.table<1000x64xint8>,
                  %v: !emb.versions<1000>, %ids: tensor<?xi64>, %rows: tensor<?x64xf32>, %ver: i64)
     -> (!emb.table<1000x64xf32>, !emb.state<1000x1>, !emb.table<1000x64xint8>, !emb.versions<1000>) {
@@ -28,7 +33,7 @@ func.func @train(%t: !emb.table<1000x64xf32>, %m: !emb.state<1000x1>, %q: !emb.t
 
 // CHECK:       ; ekko kernel for @sgd: update:{{.*}}dedup=False,dim=13,{{.*}}optimizer=sgd,partitions=2,
 // CHECK:       define i64 @"ekko_update_dedup"(
-// CHECK:       define void @"ekko_update_apply"(
+// CHECK:       define i64 @"ekko_update_apply"(
 // CHECK-NOT:   llvm.sqrt
 // CHECK:       ; ekko kernel for @serve: bag:dim=13,index_dtype=i32,layout=f32,mode=mean,partitions=2
 // CHECK:       define i64 @"bag_kernel"(
