@@ -69,6 +69,14 @@ INDEX_DTYPES = ("i32", "i64")
 POOLING_MODES = ("sum", "mean", "none")
 
 
+def pooling_problem(mode: str, weighted: bool) -> str | None:
+    """Why a lookup cannot pool this way, or None. Per-sample weights scale the
+    rows of a sum (torch's embedding_bag allows them with mode sum only)."""
+    if weighted and mode != "sum":
+        return f'per-sample weights need mode "sum", got mode "{mode}"'
+    return None
+
+
 def layout(name: str) -> Layout:
     if name not in LAYOUTS:
         raise ValueError(f"unknown layout {name!r}; expected one of {', '.join(LAYOUTS)}")
