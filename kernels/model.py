@@ -21,7 +21,8 @@ from ..compiler.backend.spec import BagSpec, UpdateSpec, serving_row_bytes
 from ..compiler.backend.targets import exports, kernel_specs
 from ..compiler.frontend import Model, load_model
 from ..compiler.frontend.model import Table
-from ..compiler.frontend_to_ir import model_to_module, serving_layout, update_request
+from ..compiler.frontend_to_ir import (model_symbols, model_to_module, serving_layout,
+                                       update_request)
 from ..compiler.pipeline import run_pipeline
 from ..compiler.registry import PIPELINES, pipeline_spec
 from .lookup import BagKernel
@@ -105,20 +106,31 @@ class CompiledModel:
             buf.lookup_table, ids, offsets, per_sample_weights=per_sample_weights, out=out
         )
 
+    def function_specs(self) -> dict[str, UpdateSpec | BagSpec]:
+        """The kernel spec behind each IR function (`@update_<table>`, `@serve_<feature>`,
+        as `model_symbols` names them), update functions first."""
+        symbols = model_symbols(self.model)
+        specs: dict[str, UpdateSpec | BagSpec] = {
+            symbols.updates[name]: spec for name, spec in self.update_specs.items()}
+        specs.update((symbols.serves[name], spec) for name, spec in self.bag_specs.items())
+        return specs
+
     def manifest(self) -> dict[str, Any]:
         """Tables, kernels and their signatures, and the pipeline: for `ekko compile`."""
         kernels: dict[str, Any] = {}
-        for name, spec in {**self.update_specs, **self.bag_specs}.items():
+        symbols = model_symbols(self.model)
+        for function, spec in self.function_specs().items():
             kernels.setdefault(spec.key(), {"spec": _spec_entry(spec), "exports": _exports(spec),
                                             "used_by": []})
-            kernels[spec.key()]["used_by"].append(name)
+            kernels[spec.key()]["used_by"].append(function)
         return {
             "model": self.model.name,
             "pipeline": self.pipeline,
-            "tables": [_table_entry(t, self.update_specs[t.name]) for t in self.model.tables],
+            "tables": [_table_entry(t, self.update_specs[t.name], symbols.updates[t.name])
+                       for t in self.model.tables],
             "features": [
                 {"name": f.name, "table": f.table, "pooling": f.pooling,
-                 "kernel": f"serve_{f.name}"} for f in self.model.features
+                 "kernel": symbols.serves[f.name]} for f in self.model.features
             ],
             "kernels": [{"id": i, **v, "exports": [_prefixed(e, f"k{i}_") for e in v["exports"]]}
                         for i, v in enumerate(kernels.values())],
@@ -147,11 +159,11 @@ def _exports(spec: Any) -> list[dict[str, Any]]:
     return [sig.as_dict() for sig in exports(spec)]
 
 
-def _table_entry(t: Table, spec: UpdateSpec) -> dict[str, Any]:
+def _table_entry(t: Table, spec: UpdateSpec, function: str) -> dict[str, Any]:
     return {
         "name": t.name, "rows": t.rows, "dim": t.dim, "dtype": t.dtype,
         "serving": t.serving, "optimizer": t.update.optimizer.kind,
-        "hyper": dict(t.update.optimizer.hyper), "update_kernel": f"update_{t.name}",
+        "hyper": dict(t.update.optimizer.hyper), "update_kernel": function,
         "state": list(spec.state_shapes),
     }
 
@@ -235,13 +247,16 @@ def compile_model(
 
     run_pipeline(module, pipeline, after)
     say(f"lowered through {pipeline}")
+    symbols = model_symbols(model)
+    table_of = {sym: name for name, sym in symbols.updates.items()}
+    feature_of = {sym: name for name, sym in symbols.serves.items()}
     update_specs: dict[str, UpdateSpec] = {}
     bag_specs: dict[str, BagSpec] = {}
     for fname, spec in kernel_specs(module):
         if isinstance(spec, UpdateSpec):
-            update_specs[fname.removeprefix("update_")] = spec
+            update_specs[table_of[fname]] = spec
         else:
-            bag_specs[fname.removeprefix("serve_")] = spec
+            bag_specs[feature_of[fname]] = spec
     built: dict[str, Any] = {}
 
     def kernel(spec):
