@@ -20,12 +20,14 @@ import numpy as np
 from ..compiler.backend.spec import BagSpec, UpdateSpec, serving_row_bytes
 from ..compiler.backend.targets import exports, kernel_specs
 from ..compiler.frontend import Model, load_model
-from ..compiler.frontend.model import Table
+from ..compiler.frontend.model import Feature, Table
 from ..compiler.frontend_to_ir import (model_symbols, model_to_module, serving_layout,
                                        update_request)
 from ..compiler.pipeline import run_pipeline
 from ..compiler.registry import PIPELINES, pipeline_spec
-from .lookup import BagKernel
+from .arrays import index_array, is_torch
+from .errors import EkkoError, UpdateError
+from .lookup import BagKernel, LookupError
 from .quant import quantize_rows
 from .update import UpdateKernel
 
@@ -78,7 +80,43 @@ class CompiledModel:
     tables: dict[str, TableBuffers] = field(default_factory=dict)
 
     def table(self, name: str) -> Table:
-        return next(t for t in self.model.tables if t.name == name)
+        """The table called `name` (EkkoError naming the tables if none is)."""
+        for t in self.model.tables:
+            if t.name == name:
+                return t
+        raise EkkoError(self._unknown("table", name))
+
+    def feature(self, name: str) -> Feature:
+        """The feature called `name` (EkkoError naming the features if none is)."""
+        for f in self.model.features:
+            if f.name == name:
+                return f
+        raise EkkoError(self._unknown("feature", name))
+
+    def _unknown(self, kind: str, name: object) -> str:
+        """Why `name` is no table (or feature) of this model, with the valid names; a
+        feature's name where a table's belongs (or the reverse) says which it is."""
+        m = self.model
+        tables, features = [t.name for t in m.tables], [f.name for f in m.features]
+        message = f"model {m.name} has no {kind} {name!r}"
+        if kind == "feature" and name in tables:
+            readers = [f.name for f in m.features_of(str(name))]
+            return message + (f": that is a table; its features are {', '.join(readers)}"
+                              if readers else ": that is a table, and no feature reads it")
+        if kind == "table" and name in features:
+            return message + f": that is a feature; it reads table {self.feature(str(name)).table}"
+        valid = tables if kind == "table" else features
+        return message + f" ({kind}s: {', '.join(valid) or 'none'})"
+
+    def _buffers(self, table: str, error: type[EkkoError]) -> TableBuffers:
+        """The live arrays of `table`, or `error` saying why there are none."""
+        buf = self.tables.get(table) if isinstance(table, str) else None
+        if buf is not None:
+            return buf
+        if not self.tables:
+            raise error(f"model {self.model.name} has no tables in memory yet: call "
+                        "materialize() first")
+        raise error(self._unknown("table", table))
 
     def materialize(self, seed: int = 0) -> CompiledModel:
         """Allocate and initialize every table (uniform(-1/sqrt(rows), +), as DLRM)."""
@@ -90,8 +128,10 @@ class CompiledModel:
 
     def update(self, table: str, ids, grads, *, step: int | None = None,
                version: int | None = None, seed: int = 0) -> None:
-        """Apply one delta to `table` in place (step counts from 1 per table)."""
-        buf = self.tables[table]
+        """Apply one delta to `table` in place (step counts from 1 per table); `ids`
+        may also be a list (see `index_array`)."""
+        buf = self._buffers(table, UpdateError)
+        ids = _ids("ids", ids, UpdateError)
         buf.step = buf.step + 1 if step is None else step
         self.update_kernels[table](
             buf.master, ids, grads, state=buf.state, serving=buf.serving,
@@ -99,9 +139,14 @@ class CompiledModel:
         )
 
     def lookup(self, feature: str, ids, offsets=None, per_sample_weights=None, out=None):
-        """Serve one feature: pooled bags (or rows for pooling none) as f32."""
-        f = next(f for f in self.model.features if f.name == feature)
-        buf = self.tables[f.table]
+        """Serve one feature: pooled bags (or rows for pooling none) as f32; `ids`
+        and `offsets` may also be lists (see `index_array`)."""
+        f = next((f for f in self.model.features if f.name == feature), None)
+        if f is None:
+            raise LookupError(self._unknown("feature", feature))
+        buf = self._buffers(f.table, LookupError)
+        ids = _ids("ids", ids, LookupError)
+        offsets = None if offsets is None else _ids("offsets", offsets, LookupError)
         return self.lookup_kernels[feature](
             buf.lookup_table, ids, offsets, per_sample_weights=per_sample_weights, out=out
         )
@@ -136,6 +181,14 @@ class CompiledModel:
                         for i, v in enumerate(kernels.values())],
             "compile_seconds": round(self.compile_seconds, 4),
         }
+
+
+def _ids(name: str, x: Any, error: type[EkkoError]) -> Any:
+    """Arrays go to the kernels as they are (never copied, their dtype checked there);
+    a list, tuple or range becomes the int64 array of its values."""
+    if isinstance(x, np.ndarray) or is_torch(x):
+        return x
+    return index_array(name, x, error)
 
 
 def _spec_entry(spec: Any) -> dict[str, Any]:

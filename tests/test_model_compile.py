@@ -249,3 +249,48 @@ def test_shared_names_through_ekko_compile_run_and_ekko_opt(tmp_path: Path, caps
     assert ekko_opt([str(path), "-p", "standard", "-o", str(tmp_path / "k.mlir")]) == 0
     assert "@feature.user" in (tmp_path / "k.mlir").read_text()
 
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m: m.lookup("users", np.array([1]), np.array([0, 1])),
+     "model small has no feature 'users': that is a table; its features are user"),
+    (lambda m: m.lookup("items", np.array([1]), np.array([0, 1])),
+     "model small has no feature 'items': that is a table; its features are item, item_hist"),
+    (lambda m: m.lookup("nope", np.array([1]), np.array([0, 1])),
+     "model small has no feature 'nope' (features: user, item, item_hist, tag)"),
+    (lambda m: m.update("user", np.array([1]), np.zeros((1, 16), np.float32)),
+     "model small has no table 'user': that is a feature; it reads table users"),
+    (lambda m: m.update("nope", np.array([1]), np.zeros((1, 16), np.float32)),
+     "model small has no table 'nope' (tables: users, items, tags)"),
+    (lambda m: m.update(["users"], np.array([1]), np.zeros((1, 16), np.float32)),
+     "model small has no table ['users'] (tables: users, items, tags)"),
+    (lambda m: m.table("tag"), "model small has no table 'tag': that is a feature"),
+    (lambda m: m.feature("tags"), "model small has no feature 'tags': that is a table"),
+])
+def test_a_wrong_name_is_one_error_naming_the_valid_ones(small_model: Path, call, message) -> None:
+    """A table's name where a feature's belongs raised a bare StopIteration, the
+    reverse a bare KeyError."""
+    m = ekko.compile_model(small_model).materialize()
+    with pytest.raises(ekko.EkkoError) as e:
+        call(m)
+    assert str(e.value).startswith(message)
+
+
+def test_update_and_lookup_before_materialize_say_so(small_model: Path) -> None:
+    m = ekko.compile_model(small_model)
+    with pytest.raises(ekko.UpdateError, match=r"call materialize\(\) first"):
+        m.update("users", np.array([1]), np.zeros((1, 16), np.float32))
+    with pytest.raises(ekko.LookupError, match=r"call materialize\(\) first"):
+        m.lookup("user", np.array([1]), np.array([0, 1]))
+
+
+def test_lists_of_ids_are_a_batch_and_an_empty_one_is_empty(small_model: Path) -> None:
+    m = ekko.compile_model(small_model).materialize()
+    buf = m.tables["tags"]
+    before = buf.master.copy()
+    m.update("tags", [], np.zeros((0, 8), np.float32))
+    assert np.array_equal(buf.master, before)
+    m.update("tags", [2, 2], np.ones((2, 8), np.float32))
+    assert not np.array_equal(buf.master[2], before[2])
+    assert np.array_equal(m.lookup("tag", [2]), buf.master[[2]])
+    with pytest.raises(ekko.UpdateError, match=r"ids\[0\] = 18446744073709551615 is beyond int64"):
+        m.update("tags", [2**64 - 1], np.ones((1, 8), np.float32))
