@@ -177,12 +177,19 @@ class Optimizer:
     def defaults(self) -> dict[str, float]:
         return {h.name: h.default for h in self.hyper}
 
+    def hyper_problem(self, name: str) -> str | None:
+        """Why `name` is not one of this optimizer's hyper-parameters, or None: the
+        one message of the language, `update_kernel` and the catalog."""
+        if name in self.hyper_names:
+            return None
+        return (f"optimizer {self.name} has no hyper-parameter '{name}' "
+                f"(it takes {', '.join(self.hyper_names)})")
+
     def resolve(self, given: dict[str, float]) -> dict[str, float]:
         """Every hyper-parameter's value: `given` over the defaults, checked."""
-        unknown = set(given) - set(self.hyper_names)
-        if unknown:
-            raise ValueError(f"{self.name} has no hyper-parameter {sorted(unknown)[0]!r} "
-                             f"(it takes {', '.join(self.hyper_names)})")
+        for name in sorted(given):
+            if (why := self.hyper_problem(name)) is not None:
+                raise ValueError(why)
         out = self.defaults()
         out.update(given)
         for h in self.hyper:

@@ -297,6 +297,10 @@ def update_kernel(optimizer: str | catalog.Optimizer | UpdateRule, dim: int,
     if betas is not None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise UpdateError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        name = getattr(optimizer, "name", optimizer)
+        entry = catalog.OPTIMIZERS.get(name) if isinstance(name, str) else None
+        if entry is not None and (why := entry.hyper_problem("beta1")) is not None:
+            raise UpdateError(f"cannot build this update: betas sets beta1 and beta2: {why}")
         hyper["beta1"], hyper["beta2"] = betas
     try:
         if isinstance(optimizer, UpdateRule):
@@ -328,14 +332,10 @@ def update_kernel(optimizer: str | catalog.Optimizer | UpdateRule, dim: int,
 
 def _rule(optimizer: str | catalog.Optimizer, hyper: dict[str, float],
           **settings: object) -> UpdateRule:
-    """update_kernel's keywords as the rule: a hyper-parameter of another
-    optimizer is ignored (one set of keywords serves every optimizer); a name
-    no optimizer has is an error."""
+    """update_kernel's keywords as the rule. A hyper-parameter the optimizer does
+    not have is refused, as the language refuses it (`None` stands for not given)."""
     name = optimizer.name if isinstance(optimizer, catalog.Optimizer) else optimizer
-    entry = catalog.OPTIMIZERS.get(name) if isinstance(name, str) else None
-    known = {h for o in catalog.OPTIMIZERS.values() for h in o.hyper_names}
-    hyper = {k: v for k, v in hyper.items() if v is not None and
-             (entry is None or k in entry.hyper_names or k not in known)}
+    hyper = {k: v for k, v in hyper.items() if v is not None}
     return UpdateRule.make(name, **hyper, **settings)
 
 

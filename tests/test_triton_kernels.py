@@ -62,9 +62,7 @@ def user_optimizer():
 def kernels(optimizer: str, dim: int, table_dtype: str = "f32", serving: str | None = None,
             **kw):
     """(LLVM kernel, Triton kernel) for the same request."""
-    hyper = dict(HP.kwargs(), **EXTRA.get(optimizer, {}), **kw)
-    if optimizer == "triton_test_opt":
-        hyper = {"lr": 0.05, **kw}
+    hyper = dict(HP.kwargs(optimizer), **EXTRA.get(optimizer, {}), **kw)
     cpu = update_kernel(optimizer, dim, table_dtype, serving=serving, **hyper)
     gpu = update_kernel(optimizer, dim, table_dtype, serving=serving, target="triton", **hyper)
     return cpu, gpu

@@ -162,6 +162,38 @@ def test_a_hyper_parameter_no_optimizer_has_is_refused() -> None:
         ekko.update_kernel("sgd", DIM, dampening_rate=0.9)
 
 
+def _other_optimizers_hyper() -> list[tuple[str, str]]:
+    from ekko.dialects import catalog
+
+    return [(name, h) for name in sorted(catalog.BUILTIN) for other in sorted(catalog.BUILTIN)
+            for h in catalog.optimizer(other).hyper_names
+            if h not in catalog.optimizer(name).hyper_names]
+
+
+@pytest.mark.parametrize("optimizer,hyper", _other_optimizers_hyper())
+def test_a_hyper_parameter_of_another_optimizer_is_refused_as_the_language_refuses_it(
+        optimizer: str, hyper: str) -> None:
+    """update_kernel("sgd", eps=...) used to drop eps silently while `optimizer
+    sgd(eps=...)` is an error: both refuse it now, with the same message."""
+    from ekko.compiler.frontend import ModelError, parse_model
+
+    with pytest.raises(ModelError) as language:
+        parse_model(f"model m {{ table t {{ rows 4; dim 4; optimizer {optimizer}({hyper}=0.5); }} }}")
+    with pytest.raises(ekko.EkkoError) as api:
+        ekko.update_kernel(optimizer, DIM, **{hyper: 0.5})
+    message = f"optimizer {optimizer} has no hyper-parameter '{hyper}'"
+    assert message in str(api.value) and message in str(language.value)
+    assert str(api.value).split(message)[1] == str(language.value).split(message)[1].split("\n")[0]
+
+
+def test_betas_are_refused_by_an_optimizer_without_them() -> None:
+    with pytest.raises(ekko.EkkoError, match="betas sets beta1 and beta2: optimizer rmsprop has "
+                                             "no hyper-parameter 'beta1'"):
+        ekko.update_kernel("rmsprop", DIM, betas=(0.9, 0.99))
+    assert ekko.update_kernel("adam", DIM, betas=(0.8, 0.9)).spec.hyper[1:3] == (
+        ("beta1", 0.8), ("beta2", 0.9))
+
+
 def _sparse_variants(dense: torch.Tensor) -> list[torch.Tensor]:
     """COO, and CSR for a matrix (torch warns that CSR is in beta: not ours to see)."""
     with warnings.catch_warnings():
