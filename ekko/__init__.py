@@ -21,6 +21,7 @@ _EXPORTS = {
     "update_spec": "ekko.compiler.pipeline",
     "EkkoError": "ekko.kernels.errors",
     "UpdateError": "ekko.kernels.errors",
+    "OptimizerError": "ekko.kernels.errors",
     "BagKernel": "ekko.kernels.lookup",
     "LookupError": "ekko.kernels.lookup",
     "bag_kernel": "ekko.kernels.lookup",

@@ -7,3 +7,7 @@ class EkkoError(Exception):
 
 class UpdateError(EkkoError, ValueError):
     """An update was rejected (bad ids, shapes or dtypes); no table was modified."""
+
+
+class OptimizerError(EkkoError, ValueError):
+    """An `@ekko.optimizer` definition was refused; nothing was added to the catalog."""

@@ -27,7 +27,11 @@ the lock and the scratch buffers belong to the table (`native.TableRuntime`).
 from __future__ import annotations
 
 import ctypes
+import functools
+import inspect
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +43,7 @@ from ..compiler.frontend.model import UpdateRule
 from ..compiler.pipeline import UpdateRequest, update_spec
 from ..dialects import catalog
 from .arrays import ArrayArg, check_disjoint
-from .errors import UpdateError
+from .errors import OptimizerError, UpdateError
 from .jit import JitModule, compile_ir
 from .native import PackedEntry, table_runtime
 
@@ -339,7 +343,28 @@ def _rule(optimizer: str | catalog.Optimizer, hyper: dict[str, float],
     return UpdateRule.make(name, **hyper, **settings)
 
 
-optimizer = catalog.define  # @ekko.optimizer(...): see catalog.define
+@functools.wraps(catalog.define)
+def optimizer(name: str | None = None, **options: Any) -> Callable[[Callable], catalog.Optimizer]:
+    """@ekko.optimizer(...): `catalog.define`, with each mistake in the definition one
+    OptimizerError that names the optimizer and the line of the user's source."""
+    define = catalog.define(name, **options)
+    own = ("hyper", *catalog.MATH_ARGS, *catalog.GRAD_HYPER)  # the catalog says why for these
+    taken = [k for k in inspect.signature(update_kernel).parameters if k not in own]
+
+    def checked(fn: Callable) -> catalog.Optimizer:
+        label = name or getattr(fn, "__name__", "?")
+        hyper = options.get("hyper")
+        for key in hyper if isinstance(hyper, dict) else ():
+            if key in taken:  # update_kernel(..., key=v) would bind its own parameter
+                raise OptimizerError(str(catalog.definition_error(
+                    fn, label, f"hyper-parameter name {key!r} is taken: update_kernel has a "
+                    f"parameter of that name")))
+        try:
+            return define(fn)
+        except catalog.DefinitionError as e:
+            raise OptimizerError(str(e)) from None
+
+    return checked
 
 
 def optimizers() -> dict[str, str]:
