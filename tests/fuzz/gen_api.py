@@ -263,6 +263,18 @@ def m_scalar(rng, case):
         _reject(case, f"{key}={value!r}")
 
 
+# sound values of some optimizer's hyper-parameters (or of none's: momentum): refused
+# exactly when the case's optimizer does not have them
+SOUND_ELSEWHERE = [["betas", [0.9, 0.99]], ["eps", 1e-3], ["lr_decay", 0.1], ["alpha", 0.9],
+                   ["l1", 0.1], ["momentum", 0.9]]
+
+
+def _takes(optimizer: str, key: str) -> bool:
+    from ekko.dialects import catalog
+
+    return catalog.optimizer(optimizer).hyper_problem("beta1" if key == "betas" else key) is None
+
+
 def m_make(rng, case):
     make = case["make"]
     if case["kernel"] == "update":
@@ -273,8 +285,9 @@ def m_make(rng, case):
             ("lr", "x"), ("eps", 0.0), ("eps", -1e-8), ("max_norm", 0.0), ("max_norm", "nan"),
             ("clip_value", -1.0), ("weight_decay", "nan"), ("weight_decay", -1.0),
             ("betas", [1.0, 0.999]), ("betas", [0.9, 1.0]), ("betas", [0.9]), ("lr_decay", -1.0),
-            ("lr_decay", "nan"), ("betas", [0.9, 0.99]), ("eps", 1e-3), ("lr_decay", 0.1),
-            ("alpha", 0.9), ("l1", 0.1), ("momentum", 0.9)])  # the last: an optimizer's or none's
+            ("lr_decay", "nan"), *map(tuple, SOUND_ELSEWHERE)])
+        if [key, value] in SOUND_ELSEWHERE and _takes(make["optimizer"], key):
+            return  # a sound value of a hyper-parameter this optimizer has: a valid call
     else:
         key, value = rng.choice([("dim", 0), ("dim", -3), ("dim", 16385), ("layout", "int2"),
                                  ("mode", "max"), ("index_dtype", "u64"), ("weighted", True)])
