@@ -414,8 +414,8 @@ def ekko_peer(case: str, work: Workload, bufs: Buffers, threads: int = 2) -> Pee
     except Exception as e:  # noqa: BLE001
         raise Unavailable(f"ekko.update_kernel: {e}") from e
     opt, serving = ("sgd", None) if case == "sgd" else ("rowwise_adagrad", "int8")
-    k = update_kernel(opt, work.dim, "f32", "i64", serving, threads=threads, lr=LR, eps=EPS,
-                      betas=(0.9, 0.999), weight_decay=0.0, lr_decay=0.0, max_norm=None, clip_value=None)
+    hyper = {"lr": LR} if opt == "sgd" else {"lr": LR, "eps": EPS}  # each takes only its own
+    k = update_kernel(opt, work.dim, "f32", "i64", serving, threads=threads, **hyper)
 
     def run(version: int) -> None:
         k(bufs.table, work.ids, work.grads, state=bufs.momentum, serving=bufs.serving,

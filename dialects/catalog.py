@@ -13,9 +13,14 @@ gradient, w the current weights as f32, the state in declaration order.
 
 from __future__ import annotations
 
+import inspect
+import keyword
+import linecache
 import math as _math
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from . import rowmath
 from . import rowmath as rm
@@ -67,6 +72,14 @@ MASTER_DTYPES = tuple(n for n, l in LAYOUTS.items() if l.master)
 QUANT_LAYOUTS = tuple(n for n, l in LAYOUTS.items() if l.quantized)
 INDEX_DTYPES = ("i32", "i64")
 POOLING_MODES = ("sum", "mean", "none")
+
+
+def pooling_problem(mode: str, weighted: bool) -> str | None:
+    """Why a lookup cannot pool this way, or None. Per-sample weights scale the
+    rows of a sum (torch's embedding_bag allows them with mode sum only)."""
+    if weighted and mode != "sum":
+        return f'per-sample weights need mode "sum", got mode "{mode}"'
+    return None
 
 
 def layout(name: str) -> Layout:
@@ -169,12 +182,19 @@ class Optimizer:
     def defaults(self) -> dict[str, float]:
         return {h.name: h.default for h in self.hyper}
 
+    def hyper_problem(self, name: str) -> str | None:
+        """Why `name` is not one of this optimizer's hyper-parameters, or None: the
+        one message of the language, `update_kernel` and the catalog."""
+        if name in self.hyper_names:
+            return None
+        return (f"optimizer {self.name} has no hyper-parameter '{name}' "
+                f"(it takes {', '.join(self.hyper_names)})")
+
     def resolve(self, given: dict[str, float]) -> dict[str, float]:
         """Every hyper-parameter's value: `given` over the defaults, checked."""
-        unknown = set(given) - set(self.hyper_names)
-        if unknown:
-            raise ValueError(f"{self.name} has no hyper-parameter {sorted(unknown)[0]!r} "
-                             f"(it takes {', '.join(self.hyper_names)})")
+        for name in sorted(given):
+            if (why := self.hyper_problem(name)) is not None:
+                raise ValueError(why)
         out = self.defaults()
         out.update(given)
         for h in self.hyper:
@@ -225,18 +245,48 @@ def _ftrl(g, w, z, n, *, lr, l1, l2, beta, **_):
 OPTIMIZERS: dict[str, Optimizer] = {}
 
 
+# the math's own arguments: no state or hyper-parameter may take their names
+MATH_ARGS = ("g", "w", "step", "dim")
+
+
 def register(opt: Optimizer, replace: bool = False) -> Optimizer:
     """Add an optimizer; built-in names can not be taken over."""
-    if not opt.name.isidentifier():
-        raise ValueError(f"an optimizer's name must be an identifier, got {opt.name!r}")
-    if opt.name in OPTIMIZERS and (not replace or opt.name in BUILTIN):
-        raise ValueError(f"optimizer {opt.name!r} is already defined")
-    names = [s.name for s in opt.states] + [h.name for h in opt.hyper]
-    if len(set(names)) != len(names) or {"step", "dim"} & set(names):
-        raise ValueError(f"{opt.name}: state and hyper-parameter names must be distinct "
-                         "and not 'step' or 'dim'")
+    if (why := _name_problem(opt.name, replace) or _names_problem(opt)) is not None:
+        raise ValueError(why)
     OPTIMIZERS[opt.name] = opt
     return opt
+
+
+def _name_problem(name: object, replace: bool) -> str | None:
+    """Why an optimizer cannot be called `name`, or None."""
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        return f"an optimizer's name must be a Python identifier, got {name!r}"
+    if name in OPTIMIZERS and (not replace or name in BUILTIN):
+        return f"{name!r} is already defined" + (
+            " (a built-in optimizer)" if name in BUILTIN else "; replace=True redefines it")
+    return None
+
+
+def _names_problem(opt: Optimizer) -> str | None:
+    """Why the state and hyper-parameter names of `opt` do not work, or None: each is
+    a Python identifier, none is taken twice, none is one of the math's own arguments
+    (g, w, step, dim) or a gradient setting (clip_value, max_norm, weight_decay)."""
+    seen: dict[str, str] = {}
+    for kind, name in [*(("state", s.name) for s in opt.states),
+                       *(("hyper-parameter", h.name) for h in opt.hyper)]:
+        if not isinstance(name, str) or not name.isidentifier():
+            return f"{kind} name {name!r} is not a Python identifier"
+        if keyword.iskeyword(name):
+            return f"{kind} name {name!r} is a Python keyword"
+        if name in MATH_ARGS:
+            return f"{kind} name {name!r} is taken: the math's arguments are {', '.join(MATH_ARGS)}"
+        if name in GRAD_HYPER:
+            return f"{kind} name {name!r} is taken by the gradient setting of that name"
+        if name in seen:
+            return (f"{kind} name {name!r} is used twice" if seen[name] == kind else
+                    f"{kind} name {name!r} is also the name of a {seen[name]}")
+        seen[name] = kind
+    return None
 
 
 for _opt in (
@@ -281,48 +331,134 @@ def define(name: str | None = None, *, state: tuple[str, ...] | list[str] = (),
     range: finite and non-negative; `lr` must be positive).
     """
     def wrap(fn: Callable) -> Optimizer:
-        import inspect
+        label = name or getattr(fn, "__name__", "?")
 
-        params = inspect.signature(fn).parameters
-        takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        def refuse(reason: str, tb: TracebackType | None = None) -> DefinitionError:
+            return definition_error(fn, label, reason, tb)
 
-        def math(*args, **kwargs):
-            return fn(*args, **{k: v for k, v in kwargs.items() if takes_all or k in params})
-
-        hypers = []
-        for key, spec in {"lr": 0.01, **(hyper or {})}.items():
-            if isinstance(spec, tuple):
-                default, low, high = spec
-                hypers.append(Hyper(key, float(default), float(low), float(high)))
-            elif key == "lr":
-                hypers.append(_lr(float(spec)))
-            else:
-                hypers.append(Hyper(key, float(spec)))
-        for h in hypers:
-            if (why := h.problem(h.default)) is not None:
-                raise ValueError(f"optimizer {name or fn.__name__}: default {why}")
-        opt = Optimizer(name or fn.__name__, math,
-                        tuple(State(n) for n in state) + tuple(State(n, True) for n in rowwise_state),
-                        tuple(hypers), uses_step="step" in params or takes_all,
-                        doc=doc or (fn.__doc__ or "").strip())
-        _check_traces(opt)
+        if not inspect.isfunction(fn):
+            raise refuse(f"@ekko.optimizer decorates a function (def), got {type(fn).__name__}")
+        if name is None and fn.__name__ == "<lambda>":
+            raise refuse('a lambda has no name: give it one, ekko.optimizer("name")(lambda ...)')
+        if (why := _name_problem(label, replace)) is not None:
+            raise refuse(why)
+        try:
+            opt = Optimizer(label, _math_of(fn), _states(state, rowwise_state), _hypers(hyper),
+                            uses_step=_takes(fn, "step"), doc=doc or (fn.__doc__ or "").strip())
+        except ValueError as e:
+            raise refuse(str(e)) from None
+        if (why := _names_problem(opt) or _keywords_problem(fn, opt)) is not None:
+            raise refuse(why)
+        if (why := _trace_problem(opt)) is not None:
+            raise refuse(*why) from None
         return register(opt, replace=replace)
 
     return wrap
 
 
-def _check_traces(opt: Optimizer) -> None:
-    """Trace a new optimizer once, so a mistake in it shows where it is defined."""
+class DefinitionError(ValueError):
+    """A mistake in an optimizer made with `define`, in one line that names it and
+    the user's source line; nothing was added to the catalog."""
+
+
+def definition_error(fn: object, name: str, reason: str,
+                     tb: TracebackType | None = None) -> DefinitionError:
+    """`file:line: optimizer NAME: reason (in `source line`)`. The line is the last
+    one of `fn`'s file that the traceback `tb` passed (the statement that failed
+    while tracing), else where `fn` is defined (its decorator)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return DefinitionError(f"optimizer {name}: {reason}")
+    path, line = code.co_filename, code.co_firstlineno
+    for frame, lineno in traceback.walk_tb(tb):
+        if frame.f_code.co_filename == path:
+            line = lineno
+    source = linecache.getline(path, line).strip()
+    return DefinitionError(f"{path}:{line}: optimizer {name}: {reason}"
+                           + (f" (in `{source}`)" if source else ""))
+
+
+def _math_of(fn: Callable) -> Callable:
+    """`fn` as the catalog calls math: it gets only the keywords it names (all of
+    them if it takes **kwargs)."""
+    params = inspect.signature(fn).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    def math(*args, **kwargs):
+        return fn(*args, **{k: v for k, v in kwargs.items() if takes_all or k in params})
+
+    return math
+
+
+def _takes(fn: Callable, keyword_name: str) -> bool:
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == keyword_name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _states(state: object, rowwise_state: object) -> tuple[State, ...]:
+    """The state arrays, per-element ones first (ValueError for a bare string)."""
+    for what, names in (("state", state), ("rowwise_state", rowwise_state)):
+        if isinstance(names, str) or not isinstance(names, (tuple, list)):
+            raise ValueError(f"{what} must be a tuple of names, got {names!r}")
+    return (tuple(State(n) for n in state)  # type: ignore[union-attr]
+            + tuple(State(n, True) for n in rowwise_state))  # type: ignore[union-attr]
+
+
+def _hypers(hyper: object) -> tuple[Hyper, ...]:
+    """`hyper={name: default or (default, low, high)}` as checked Hypers (`lr` first,
+    0.01 and positive unless given); ValueError names the bad one."""
+    if hyper is not None and not isinstance(hyper, dict):
+        raise ValueError(f"hyper must be a dict of name -> default, got {hyper!r}")
+    out = []
+    for key, spec in {"lr": 0.01, **(hyper or {})}.items():
+        numbers = spec if isinstance(spec, tuple) else (spec,)
+        if len(numbers) not in (1, 3) or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers):
+            raise ValueError(f"hyper-parameter {key!r} takes a number or (default, low, high), "
+                             f"got {spec!r}")
+        if len(numbers) == 3:
+            default, low, high = (float(v) for v in numbers)
+            if not low <= high:
+                raise ValueError(f"hyper-parameter {key!r}: low {low:g} is above high {high:g}")
+            h = Hyper(key, default, low, high)
+        else:
+            value = float(numbers[0])
+            h = _lr(value) if key == "lr" else Hyper(key, value)
+        if (why := h.problem(h.default)) is not None:
+            raise ValueError(f"default {why}")
+        out.append(h)
+    return tuple(out)
+
+
+def _keywords_problem(fn: Callable, opt: Optimizer) -> str | None:
+    """A keyword `fn` needs that the catalog never passes, or None."""
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is p.KEYWORD_ONLY and p.default is p.empty \
+                and p.name not in (*opt.hyper_names, "step", "dim"):
+            return (f"the function takes '{p.name}', which is none of its hyper-parameters "
+                    f"({', '.join(opt.hyper_names)}), step or dim: add it to hyper=")
+    return None
+
+
+def _trace_problem(opt: Optimizer) -> tuple[str, TracebackType | None] | None:
+    """Trace a new optimizer once, so that a mistake in it is reported where it is
+    defined: (why, the traceback through the user's code) or None."""
     from .kern import math_region  # the tracer's ops live in the kern dialect
 
     try:
         math_region(opt, {}, 4)
-    except TypeError as e:
-        raise ValueError(f"optimizer {opt.name}: {e}") from None
-    except Exception as e:
-        if type(e).__name__ == "VerifyException":
-            raise ValueError(str(e)) from None
-        raise
+    except RecursionError as e:
+        return ("it calls itself without end (the math is traced once, into "
+                "straight-line code)", e.__traceback__)
+    except Exception as e:  # noqa: BLE001 - the user's code: any error is theirs to see
+        lines = [line for line in str(e).strip().splitlines() if line.strip()] or [""]
+        text = lines[-1].strip().removeprefix(f"optimizer {opt.name}").lstrip(": ")
+        ours = isinstance(e, (TypeError, ValueError)) or \
+            type(e).__name__ in ("VerifyException", "DiagnosticException")  # xDSL's, no import
+        if not ours or not text:
+            text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+        return text, e.__traceback__
+    return None
 
 
 def optimizer(name: str) -> Optimizer:

@@ -49,6 +49,7 @@ from xdsl.printer import Printer
 from xdsl.traits import Pure, SymbolOpInterface
 from xdsl.utils.exceptions import VerifyException
 
+from . import catalog
 from .limits import MAX_DIM, MAX_ROWS
 from .common import (
     LAYOUTS,
@@ -372,8 +373,8 @@ class BagOp(InferredResultsOp):
                 and isinstance(w.element_type, Float32Type)
             ):
                 raise VerifyException("the bag's per-sample weights must be tensor<?xf32>")
-            if mode.data != "sum":
-                raise VerifyException("per-sample weights need mode \"sum\"")
+            if (why := catalog.pooling_problem(mode.data, True)) is not None:
+                raise VerifyException(why)
         return [rows_type(table.dim.data)]
 
     def verify_(self) -> None:

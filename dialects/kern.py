@@ -57,7 +57,7 @@ from xdsl.utils.exceptions import VerifyException
 from . import catalog, rowmath
 from .common import FLOAT_DTYPES, LAYOUTS, SettingsOp, dtype_name, flag, index_name, setting
 from .emb import StateType, TableType, VersionsType
-from .limits import MAX_PARTITIONS
+from .limits import MAX_DIM, MAX_PARTITIONS, limit_error
 from .upd import APPLY_FLAGS, APPLY_INTS, APPLY_UNITS, FusedUpdateOp, apply_roles
 
 i8 = IntegerType(8)
@@ -89,6 +89,14 @@ def ids_buffer(index: str) -> MemRefType:
 
 def rows_buffer(dim: int) -> MemRefType:
     return MemRefType(FLOAT_DTYPES["f32"], [DYNAMIC_INDEX, dim])
+
+
+def check_dim(op: str, dim: int, what: str) -> None:
+    """A kernel's row width must be known and within MAX_DIM, as every backend needs."""
+    if dim == DYNAMIC_INDEX:
+        raise VerifyException(f"{what} must have a static dim")
+    if (why := limit_error(f"'{op}' dim", dim, MAX_DIM)) is not None:
+        raise VerifyException(f"{why} (MAX_DIM)")
 
 
 def _memref(t: Attribute, rank: int, what: str) -> MemRefType:
@@ -273,6 +281,7 @@ class UpdateOp(FusedUpdateOp):
         if dtype_name(table.element_type) is None:
             raise VerifyException("the table buffer must hold f32, f16 or bf16")
         rows, dim = table.get_shape()
+        check_dim(cls.name, dim, f"the table buffer {table}")
         for state in opt.states:
             buf = _memref(by[state.name], 2, f"the {state.name} state buffer")
             width = 1 if state.rowwise else dim
@@ -403,18 +412,34 @@ class BagOp(KernelOp):
         if isinstance(parts, IntegerAttr) and not 1 <= parts.value.data <= MAX_PARTITIONS:
             raise VerifyException(
                 f"'kern.bag' partitions must be 1 to {MAX_PARTITIONS}, got {parts.value.data}")
+        mode = get_string_attr(attributes, "mode")
+        if (why := catalog.pooling_problem(str(mode), "weights" in roles)) is not None:
+            raise VerifyException(f"'kern.bag' {why}")
         by = dict(zip(roles, types))
         out = _memref(by["out"], 2, "the output buffer")
         dim = out.get_shape()[1]
+        if out.element_type != f32:
+            raise VerifyException(f"the output buffer must hold f32, got {out}")
+        check_dim(cls.name, dim, f"the output buffer {out}")
         table = _memref(by["table"], 2, "the table buffer")
         width = dim if layout in FLOAT_DTYPES else row_bytes(layout, dim)
         if table.get_shape()[1] != width:
             raise VerifyException(
                 f"a {layout} table of dim {dim} must have rows of {width}, got {table}"
             )
+        elem = FLOAT_DTYPES.get(layout, i8)
+        if table.element_type != elem:
+            raise VerifyException(f"a {layout} table buffer must hold {elem}, got {table}")
         ids = _memref(by["ids"], 1, "the ids buffer")
         if index_name(ids.element_type) is None:
             raise VerifyException("the ids buffer must hold i32 or i64")
+        if "offsets" in by and _memref(by["offsets"], 1, "the offsets buffer"
+                                       ).element_type != ids.element_type:
+            raise VerifyException(f"the offsets buffer must hold the ids' {ids.element_type}, "
+                                  f"got {by['offsets']}")
+        if "weights" in by and _memref(by["weights"], 1, "the weights buffer"
+                                       ).element_type != f32:
+            raise VerifyException(f"the weights buffer must hold f32, got {by['weights']}")
 
 
 class SyncKernelOp(KernelOp):
@@ -453,6 +478,7 @@ class SyncKernelOp(KernelOp):
             raise VerifyException(f"'{cls.name}' needs layout = one of {', '.join(LAYOUTS)} and dim")
         by = dict(zip(roles, types))
         dim_n = dim.value.data
+        check_dim(cls.name, dim_n, "the rows")
         width = dim_n if layout in FLOAT_DTYPES else row_bytes(layout, dim_n)
         elem = FLOAT_DTYPES.get(layout, i8)
         serving = _memref(by["serving"], 2, "the serving buffer")

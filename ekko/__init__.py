@@ -22,6 +22,7 @@ _EXPORTS = {
     "EkkoError": "ekko.kernels.errors",
     "UpdateError": "ekko.kernels.errors",
     "NonFiniteOutputError": "ekko.kernels.errors",
+    "OptimizerError": "ekko.kernels.errors",
     "BagKernel": "ekko.kernels.lookup",
     "LookupError": "ekko.kernels.lookup",
     "bag_kernel": "ekko.kernels.lookup",

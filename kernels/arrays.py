@@ -69,6 +69,70 @@ def is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 
 
+def torch_layout_problem(name: str, x: Any) -> str | None:
+    """Why the torch tensor `x` has no plain buffer a kernel can read, or None:
+    sparse (COO, CSR, ...) and nested tensors have no dense data pointer."""
+    nested = getattr(x, "is_nested", False)
+    if x.layout is sys.modules["torch"].strided and not nested:
+        return None
+    what = "a nested tensor" if nested else f"a {x.layout} tensor"
+    return f"{name} is {what}: the kernels take dense tensors (pass {name}.to_dense())"
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def index_array(name: str, x: Any, error: type[EkkoError]) -> np.ndarray:
+    """Ids as a caller gives them (an integer numpy array or CPU tensor of any width, a
+    list, a tuple, a range) as a 1-D int64 numpy array with the same values, or `error`
+    naming the first id that has none: a float, a bool, a number beyond int64
+    (uint64's 2**64 - 1 stays that number, never -1). An int64 array comes back
+    without a copy; an empty list is an empty batch."""
+    if is_torch(x):
+        if (why := torch_layout_problem(name, x)) is not None:
+            raise error(why)
+        if x.device.type != "cpu":
+            raise error(f"{name} must be a CPU tensor, got device {x.device}")
+        x = x.detach().numpy()
+    elif not isinstance(x, np.ndarray):
+        x = _python_ids(name, x, error)
+    if x.ndim != 1:
+        raise error(f"{name} must be 1-D, got shape {x.shape}")
+    if x.dtype.kind not in "iu":
+        raise error(f"{name} must be integers, got {x.dtype}")
+    if x.dtype.kind == "u" and x.dtype.itemsize == 8 and len(x) and int(x.max()) > INT64_MAX:
+        pos = int(np.argmax(x > INT64_MAX))
+        raise error(_beyond_int64(name, pos, int(x[pos])))
+    return np.ascontiguousarray(x, dtype=np.int64)
+
+
+def _python_ids(name: str, x: Any, error: type[EkkoError]) -> np.ndarray:
+    """A Python sequence of ids as an integer array (numpy's own guess would make
+    [] float64 and [-1, 2**64 - 1] float64 too, rounding the second)."""
+    if isinstance(x, (str, bytes, dict)) or not hasattr(x, "__len__"):
+        raise error(f"{name} must be an integer array or a sequence of integers, "
+                    f"got {type(x).__name__}")
+    items = list(x)
+    if not items:
+        return np.zeros(0, np.int64)
+    try:
+        guess = np.asarray(items)
+    except (ValueError, TypeError, OverflowError):  # ragged or odd: the loop says why
+        guess = None
+    if guess is not None and guess.dtype.kind in "iu" and guess.ndim == 1:
+        return guess  # integers, each kept exactly (the caller checks uint64's top half)
+    for pos, v in enumerate(items):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise error(f"{name}[{pos}] is {v!r}, not an integer id")
+        if not INT64_MIN <= int(v) <= INT64_MAX:
+            raise error(_beyond_int64(name, pos, int(v)))
+    return np.array(items, dtype=np.int64)
+
+
+def _beyond_int64(name: str, pos: int, value: int) -> str:
+    return f"{name}[{pos}] = {value} is beyond int64: no table has such a row"
+
+
 class ArrayArg:
     """One array argument as (pointer, shape, dtype name); `error` is raised on misuse."""
 
@@ -94,6 +158,8 @@ class ArrayArg:
                 raise error(f"{name} is read-only: it is written in place")
             self.nbytes = x.nbytes
         elif is_torch(x):
+            if (why := torch_layout_problem(name, x)) is not None:
+                raise error(why)
             if x.device.type != "cpu":
                 raise error(f"{name} must be a CPU tensor, got device {x.device}")
             if writable and x.requires_grad:

@@ -256,8 +256,9 @@ def _stage_outputs(compiled: CompiledModel, emit_ir: str, out: Path, target: str
             if stage in wanted[emit_ir] and stage in compiled.ir:
                 (staging / "ir" / f"{i}-{stage}.mlir").write_text(compiled.ir[stage])
         manifest = compiled.manifest()
+        specs = compiled.function_specs()
         for entry in manifest["kernels"]:
-            spec = compiled_spec(compiled, entry["used_by"][0])
+            spec = specs[entry["used_by"][0]]
             obj, optimized = jit.emit_object(llvm_ir_of(spec), prefix=f"k{entry['id']}_")
             stem = staging / "kernels" / f"kernel{entry['id']}"
             stem.with_suffix(".ll").write_text(optimized)
@@ -303,10 +304,6 @@ def _publish(staging: Path, out: Path) -> None:
                 (staging / name).rename(out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def compiled_spec(compiled: CompiledModel, name: str):
-    return compiled.update_specs.get(name) or compiled.bag_specs[name]
 
 
 def llvm_ir_of(spec) -> str:

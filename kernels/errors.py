@@ -32,3 +32,7 @@ class NonFiniteOutputError(UpdateError):
 
     def __reduce__(self):  # crosses processes (Ray) with its fields
         return type(self), (self.row, self.buffer, self.table)
+
+
+class OptimizerError(EkkoError, ValueError):
+    """An `@ekko.optimizer` definition was refused; nothing was added to the catalog."""

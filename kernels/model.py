@@ -20,12 +20,14 @@ import numpy as np
 from ..compiler.backend.spec import BagSpec, UpdateSpec, serving_row_bytes
 from ..compiler.backend.targets import exports, kernel_specs
 from ..compiler.frontend import Model, load_model
-from ..compiler.frontend.model import Table
-from ..compiler.frontend_to_ir import model_to_module, serving_layout, update_request
+from ..compiler.frontend.model import Feature, Table
+from ..compiler.frontend_to_ir import (model_symbols, model_to_module, serving_layout,
+                                       update_request)
 from ..compiler.pipeline import run_pipeline
 from ..compiler.registry import PIPELINES, pipeline_spec
-from .errors import NonFiniteOutputError
-from .lookup import BagKernel
+from .arrays import index_array, is_torch
+from .errors import EkkoError, NonFiniteOutputError, UpdateError
+from .lookup import BagKernel, LookupError
 from .quant import quantize_rows
 from .update import UpdateKernel
 
@@ -78,7 +80,43 @@ class CompiledModel:
     tables: dict[str, TableBuffers] = field(default_factory=dict)
 
     def table(self, name: str) -> Table:
-        return next(t for t in self.model.tables if t.name == name)
+        """The table called `name` (EkkoError naming the tables if none is)."""
+        for t in self.model.tables:
+            if t.name == name:
+                return t
+        raise EkkoError(self._unknown("table", name))
+
+    def feature(self, name: str) -> Feature:
+        """The feature called `name` (EkkoError naming the features if none is)."""
+        for f in self.model.features:
+            if f.name == name:
+                return f
+        raise EkkoError(self._unknown("feature", name))
+
+    def _unknown(self, kind: str, name: object) -> str:
+        """Why `name` is no table (or feature) of this model, with the valid names; a
+        feature's name where a table's belongs (or the reverse) says which it is."""
+        m = self.model
+        tables, features = [t.name for t in m.tables], [f.name for f in m.features]
+        message = f"model {m.name} has no {kind} {name!r}"
+        if kind == "feature" and name in tables:
+            readers = [f.name for f in m.features_of(str(name))]
+            return message + (f": that is a table; its features are {', '.join(readers)}"
+                              if readers else ": that is a table, and no feature reads it")
+        if kind == "table" and name in features:
+            return message + f": that is a feature; it reads table {self.feature(str(name)).table}"
+        valid = tables if kind == "table" else features
+        return message + f" ({kind}s: {', '.join(valid) or 'none'})"
+
+    def _buffers(self, table: str, error: type[EkkoError]) -> TableBuffers:
+        """The live arrays of `table`, or `error` saying why there are none."""
+        buf = self.tables.get(table) if isinstance(table, str) else None
+        if buf is not None:
+            return buf
+        if not self.tables:
+            raise error(f"model {self.model.name} has no tables in memory yet: call "
+                        "materialize() first")
+        raise error(self._unknown("table", table))
 
     def materialize(self, seed: int = 0) -> CompiledModel:
         """Allocate and initialize every table (uniform(-1/sqrt(rows), +), as DLRM)."""
@@ -90,8 +128,10 @@ class CompiledModel:
 
     def update(self, table: str, ids, grads, *, step: int | None = None,
                version: int | None = None, seed: int = 0) -> None:
-        """Apply one delta to `table` in place (step counts from 1 per table)."""
-        buf = self.tables[table]
+        """Apply one delta to `table` in place (step counts from 1 per table); `ids`
+        may also be a list (see `index_array`). A refused call leaves the step."""
+        buf = self._buffers(table, UpdateError)
+        ids = _ids("ids", ids, UpdateError)
         step = buf.step + 1 if step is None else step
         try:
             self.update_kernels[table](
@@ -103,32 +143,56 @@ class CompiledModel:
         buf.step = step
 
     def lookup(self, feature: str, ids, offsets=None, per_sample_weights=None, out=None):
-        """Serve one feature: pooled bags (or rows for pooling none) as f32."""
-        f = next(f for f in self.model.features if f.name == feature)
-        buf = self.tables[f.table]
+        """Serve one feature: pooled bags (or rows for pooling none) as f32; `ids`
+        and `offsets` may also be lists (see `index_array`)."""
+        f = next((f for f in self.model.features if f.name == feature), None)
+        if f is None:
+            raise LookupError(self._unknown("feature", feature))
+        buf = self._buffers(f.table, LookupError)
+        ids = _ids("ids", ids, LookupError)
+        offsets = None if offsets is None else _ids("offsets", offsets, LookupError)
         return self.lookup_kernels[feature](
             buf.lookup_table, ids, offsets, per_sample_weights=per_sample_weights, out=out
         )
 
+    def function_specs(self) -> dict[str, UpdateSpec | BagSpec]:
+        """The kernel spec behind each IR function (`@update_<table>`, `@serve_<feature>`,
+        as `model_symbols` names them), update functions first."""
+        symbols = model_symbols(self.model)
+        specs: dict[str, UpdateSpec | BagSpec] = {
+            symbols.updates[name]: spec for name, spec in self.update_specs.items()}
+        specs.update((symbols.serves[name], spec) for name, spec in self.bag_specs.items())
+        return specs
+
     def manifest(self) -> dict[str, Any]:
         """Tables, kernels and their signatures, and the pipeline: for `ekko compile`."""
         kernels: dict[str, Any] = {}
-        for name, spec in {**self.update_specs, **self.bag_specs}.items():
+        symbols = model_symbols(self.model)
+        for function, spec in self.function_specs().items():
             kernels.setdefault(spec.key(), {"spec": _spec_entry(spec), "exports": _exports(spec),
                                             "used_by": []})
-            kernels[spec.key()]["used_by"].append(name)
+            kernels[spec.key()]["used_by"].append(function)
         return {
             "model": self.model.name,
             "pipeline": self.pipeline,
-            "tables": [_table_entry(t, self.update_specs[t.name]) for t in self.model.tables],
+            "tables": [_table_entry(t, self.update_specs[t.name], symbols.updates[t.name])
+                       for t in self.model.tables],
             "features": [
                 {"name": f.name, "table": f.table, "pooling": f.pooling,
-                 "kernel": f"serve_{f.name}"} for f in self.model.features
+                 "kernel": symbols.serves[f.name]} for f in self.model.features
             ],
             "kernels": [{"id": i, **v, "exports": [_prefixed(e, f"k{i}_") for e in v["exports"]]}
                         for i, v in enumerate(kernels.values())],
             "compile_seconds": round(self.compile_seconds, 4),
         }
+
+
+def _ids(name: str, x: Any, error: type[EkkoError]) -> Any:
+    """Arrays go to the kernels as they are (never copied, their dtype checked there);
+    a list, tuple or range becomes the int64 array of its values."""
+    if isinstance(x, np.ndarray) or is_torch(x):
+        return x
+    return index_array(name, x, error)
 
 
 def _spec_entry(spec: Any) -> dict[str, Any]:
@@ -152,11 +216,11 @@ def _exports(spec: Any) -> list[dict[str, Any]]:
     return [sig.as_dict() for sig in exports(spec)]
 
 
-def _table_entry(t: Table, spec: UpdateSpec) -> dict[str, Any]:
+def _table_entry(t: Table, spec: UpdateSpec, function: str) -> dict[str, Any]:
     return {
         "name": t.name, "rows": t.rows, "dim": t.dim, "dtype": t.dtype,
         "serving": t.serving, "optimizer": t.update.optimizer.kind,
-        "hyper": dict(t.update.optimizer.hyper), "update_kernel": f"update_{t.name}",
+        "hyper": dict(t.update.optimizer.hyper), "update_kernel": function,
         "state": list(spec.state_shapes),
     }
 
@@ -240,13 +304,16 @@ def compile_model(
 
     run_pipeline(module, pipeline, after)
     say(f"lowered through {pipeline}")
+    symbols = model_symbols(model)
+    table_of = {sym: name for name, sym in symbols.updates.items()}
+    feature_of = {sym: name for name, sym in symbols.serves.items()}
     update_specs: dict[str, UpdateSpec] = {}
     bag_specs: dict[str, BagSpec] = {}
     for fname, spec in kernel_specs(module):
         if isinstance(spec, UpdateSpec):
-            update_specs[fname.removeprefix("update_")] = spec
+            update_specs[table_of[fname]] = spec
         else:
-            bag_specs[fname.removeprefix("serve_")] = spec
+            bag_specs[feature_of[fname]] = spec
     built: dict[str, Any] = {}
 
     def kernel(spec):

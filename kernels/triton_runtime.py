@@ -39,6 +39,7 @@ from typing import Any
 from ..compiler.backend import triton_bag, triton_update
 from ..compiler.backend.spec import BagSpec, UpdateSpec
 from ..dialects import catalog
+from .arrays import torch_layout_problem
 from .errors import EkkoError, NonFiniteOutputError, UpdateError
 from .jit import cache_dir
 from .native import table_runtime
@@ -133,6 +134,8 @@ class _Checker:
         err = self.error
         if not isinstance(x, torch.Tensor):
             raise err(f"{name} must be a torch tensor for target='triton', got {type(x).__name__}")
+        if (why := torch_layout_problem(name, x)) is not None:
+            raise err(why)
         if self.device is None:
             self.device = x.device
             if x.device.type == "cpu" and not interpreted():

@@ -32,7 +32,11 @@ the lock and the scratch buffers belong to the table (`native.TableRuntime`).
 from __future__ import annotations
 
 import ctypes
+import functools
+import inspect
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +48,7 @@ from ..compiler.frontend.model import UpdateRule
 from ..compiler.pipeline import UpdateRequest, update_spec
 from ..dialects import catalog
 from .arrays import ArrayArg, check_disjoint
-from .errors import NonFiniteOutputError, UpdateError
+from .errors import NonFiniteOutputError, OptimizerError, UpdateError
 from .jit import JitModule, compile_ir
 from .native import PackedEntry, table_runtime
 
@@ -351,6 +355,10 @@ def update_kernel(optimizer: str | catalog.Optimizer | UpdateRule, dim: int,
     if betas is not None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise UpdateError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        name = getattr(optimizer, "name", optimizer)
+        entry = catalog.OPTIMIZERS.get(name) if isinstance(name, str) else None
+        if entry is not None and (why := entry.hyper_problem("beta1")) is not None:
+            raise UpdateError(f"cannot build this update: betas sets beta1 and beta2: {why}")
         hyper["beta1"], hyper["beta2"] = betas
     try:
         if isinstance(optimizer, UpdateRule):
@@ -382,18 +390,35 @@ def update_kernel(optimizer: str | catalog.Optimizer | UpdateRule, dim: int,
 
 def _rule(optimizer: str | catalog.Optimizer, hyper: dict[str, float],
           **settings: object) -> UpdateRule:
-    """update_kernel's keywords as the rule: a hyper-parameter of another
-    optimizer is ignored (one set of keywords serves every optimizer); a name
-    no optimizer has is an error."""
+    """update_kernel's keywords as the rule. A hyper-parameter the optimizer does
+    not have is refused, as the language refuses it (`None` stands for not given)."""
     name = optimizer.name if isinstance(optimizer, catalog.Optimizer) else optimizer
-    entry = catalog.OPTIMIZERS.get(name) if isinstance(name, str) else None
-    known = {h for o in catalog.OPTIMIZERS.values() for h in o.hyper_names}
-    hyper = {k: v for k, v in hyper.items() if v is not None and
-             (entry is None or k in entry.hyper_names or k not in known)}
+    hyper = {k: v for k, v in hyper.items() if v is not None}
     return UpdateRule.make(name, **hyper, **settings)
 
 
-optimizer = catalog.define  # @ekko.optimizer(...): see catalog.define
+@functools.wraps(catalog.define)
+def optimizer(name: str | None = None, **options: Any) -> Callable[[Callable], catalog.Optimizer]:
+    """@ekko.optimizer(...): `catalog.define`, with each mistake in the definition one
+    OptimizerError that names the optimizer and the line of the user's source."""
+    define = catalog.define(name, **options)
+    own = ("hyper", *catalog.MATH_ARGS, *catalog.GRAD_HYPER)  # the catalog says why for these
+    taken = [k for k in inspect.signature(update_kernel).parameters if k not in own]
+
+    def checked(fn: Callable) -> catalog.Optimizer:
+        label = name or getattr(fn, "__name__", "?")
+        hyper = options.get("hyper")
+        for key in hyper if isinstance(hyper, dict) else ():
+            if key in taken:  # update_kernel(..., key=v) would bind its own parameter
+                raise OptimizerError(str(catalog.definition_error(
+                    fn, label, f"hyper-parameter name {key!r} is taken: update_kernel has a "
+                    f"parameter of that name")))
+        try:
+            return define(fn)
+        except catalog.DefinitionError as e:
+            raise OptimizerError(str(e)) from None
+
+    return checked
 
 
 def optimizers() -> dict[str, str]:

@@ -124,12 +124,16 @@ class Hyper:
                                max_norm=self.max_norm, clip_value=self.clip_value,
                                weight_decay=self.weight_decay)
 
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `update_kernel`."""
-        return dict(
-            lr=self.lr, eps=self.eps, betas=self.betas, weight_decay=self.weight_decay,
-            lr_decay=self.lr_decay, max_norm=self.max_norm, clip_value=self.clip_value,
-        )
+    def kwargs(self, optimizer: str) -> dict[str, Any]:
+        """Keyword arguments for `update_kernel(optimizer, ...)`: the optimizer's own
+        hyper-parameters (it refuses any other) and the gradient settings."""
+        names = UpdateRule.make(optimizer).optimizer.entry.hyper_names
+        own = {"lr": self.lr, "eps": self.eps, "lr_decay": self.lr_decay}
+        out: dict[str, Any] = {k: v for k, v in own.items() if k in names}
+        if "beta1" in names:
+            out["betas"] = self.betas
+        return dict(out, weight_decay=self.weight_decay, max_norm=self.max_norm,
+                    clip_value=self.clip_value)
 
 
 def dedup(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -344,6 +344,39 @@ def test_bad_pipelines_are_one_line(spec: str, message: str, tmp_path: Path, cap
     assert message in err, err
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["-t", "bogus"], ["-t: unknown target 'bogus' (ekko's: llvm, triton; xDSL's: ", "mlir"]),
+    (["-t", "LLVM{x=1}"], ["-t: unknown target 'LLVM'"]),
+    (["-t", "llvm{x=1}"], ["-t: target 'llvm' takes no options, got x"]),
+    (["-t", "x86-asm"], ["-t x86-asm: xDSL's x86-asm target cannot print this module",
+                         "ekko's targets are llvm, triton"]),
+    (["-t"], ["argument -t/--target: expected one argument"]),
+    (["-f", "bogus"], ["argument -f/--frontend: invalid choice: 'bogus'"]),
+    (["--bogus"], ["unrecognized arguments: --bogus"]),
+])
+def test_flag_mistakes_are_one_line_and_exit_1(flags: list[str], words: list[str],
+                                               tmp_path: Path, capsys) -> None:
+    """`-t bogus` was argparse's usage and exit 2, `-t x86-asm` on ekko's IR an
+    internal error; every flag mistake is now one `ekko-opt: error:` line and exit
+    1, like any other mistake."""
+    path = tmp_path / "m.mlir"
+    path.write_text(MODULE)
+    rc, out, err = run_in_process(path, capsys, *flags)
+    assert rc == 1 and out == ""
+    assert err.startswith("ekko-opt: error: ") and err.count("\n") == 1, err
+    for word in words:
+        assert word in err, err
+
+
+def test_an_unknown_target_exits_1_in_a_real_process(tmp_path: Path) -> None:
+    path = tmp_path / "m.mlir"
+    path.write_text(MODULE)
+    result = subprocess.run([_exe(), str(path), "-t", "bogus"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and "usage:" not in result.stderr, result.stderr
+    assert result.stderr.startswith("ekko-opt: error: -t: unknown target 'bogus'")
+
+
 def test_version_and_help(capsys) -> None:
     from importlib.metadata import version
 

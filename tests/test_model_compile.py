@@ -169,3 +169,128 @@ def test_cli_missing_file(tmp_path: Path) -> None:
                           str(tmp_path / "missing.ekko"), "-o", str(tmp_path / "o")],
                          capture_output=True, text=True)
     assert res.returncode == 1 and "Traceback" not in res.stderr
+
+
+# A table and a feature may share a name (docs/language.md), and a name may look
+# like another's function (serve_item, update_t): the IR's symbols must still differ.
+SHARED = """
+model shared {
+  table user { rows 50; dim 8; serving int8; }
+  feature user -> user;
+  table serve_item { rows 40; dim 4; optimizer sgd(lr=0.5); }
+  feature item -> serve_item pooling mean;
+  table t { rows 30; dim 4; optimizer adam(lr=0.01); }
+  feature update_t -> t pooling none;
+}
+"""
+
+
+def test_shared_names_get_distinct_symbols_and_keep_their_user_names() -> None:
+    from ekko.compiler.frontend_to_ir import model_symbols
+
+    model = ekko.parse_model(SHARED)
+    sym = model_symbols(model)
+    every = [*sym.tables.values(), *sym.features.values(), *sym.updates.values(),
+             *sym.serves.values()]
+    assert len(set(every)) == len(every) == 12
+    assert sym.tables == {"user": "user", "serve_item": "serve_item", "t": "t"}
+    assert sym.features == {"user": "feature.user", "item": "item", "update_t": "update_t"}
+    assert sym.updates["t"] == "update.t" and sym.serves["item"] == "serve.item"
+    module = model_to_module(model)
+    module.verify()  # failed: Redefinition of symbol "user"
+    text = str(module)
+    assert "emb.feature @feature.user reads @user pooling sum" in text
+    assert "func.func @serve.item(" in text and "func.func @update.t(" in text
+    assert "emb.feature @update_t reads @t pooling none" in text
+
+
+def test_a_model_with_shared_names_updates_and_serves_under_the_users_names() -> None:
+    m = ekko.compile_model(ekko.parse_model(SHARED)).materialize(seed=3)
+    assert set(m.update_specs) == {"user", "serve_item", "t"}
+    assert set(m.bag_specs) == {"user", "item", "update_t"}
+    rng = np.random.default_rng(4)
+    ids = np.array([1, 7, 1, 3])
+    for table in ("user", "serve_item", "t"):
+        buf = m.tables[table]
+        before = buf.master.copy()
+        m.update(table, ids, rng.standard_normal((4, buf.table.dim)).astype(np.float32))
+        assert not np.array_equal(buf.master[[1, 3, 7]], before[[1, 3, 7]])
+        assert np.array_equal(np.delete(buf.master, [1, 3, 7], 0), np.delete(before, [1, 3, 7], 0))
+    serving = ekko.dequantize_rows(m.tables["user"].serving, "int8", 8)
+    np.testing.assert_allclose(m.lookup("user", ids, np.array([0, 2, 4])),
+                               [serving[[1, 7]].sum(0), serving[[1, 3]].sum(0)], rtol=1e-5)
+    np.testing.assert_allclose(m.lookup("item", ids, np.array([0, 4])),
+                               [m.tables["serve_item"].master[ids].mean(0)], rtol=1e-6)
+    assert np.array_equal(m.lookup("update_t", ids), m.tables["t"].master[ids])
+    manifest = m.manifest()
+    kind = {f: k["spec"].get("optimizer", "bag") for k in manifest["kernels"] for f in k["used_by"]}
+    assert {t["name"]: kind[t["update_kernel"]] for t in manifest["tables"]} == {
+        "user": "rowwise_adagrad", "serve_item": "sgd", "t": "adam"}
+    assert {f["name"]: (f["kernel"], kind[f["kernel"]]) for f in manifest["features"]} == {
+        "user": ("serve_user", "bag"), "item": ("serve.item", "bag"),
+        "update_t": ("serve_update_t", "bag")}
+
+
+def test_shared_names_through_ekko_compile_run_and_ekko_opt(tmp_path: Path, capsys) -> None:
+    """`feature user -> user;` made `ekko compile`/`run` exit 3 and ekko-opt exit 1."""
+    from ekko.compiler.tools.ekko_opt import main as ekko_opt
+
+    path = tmp_path / "shared.ekko"
+    path.write_text(SHARED)
+    out = tmp_path / "out"
+    assert ekko_main(["compile", str(path), "-o", str(out), "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    for kernel in manifest["kernels"]:  # each object file is its own kind of kernel
+        bag = all(f.startswith("serve") for f in kernel["used_by"])
+        assert any(("bag_kernel" in e["symbol"]) == bag for e in kernel["exports"])
+        assert all(f"k{kernel['id']}_" in e["symbol"] for e in kernel["exports"])
+    assert ekko_main(["run", str(path), "-q", "--steps", "2", "--batch", "32"]) == 0
+    assert "reference check  passed" in capsys.readouterr().out
+    assert ekko_opt([str(path), "-p", "standard", "-o", str(tmp_path / "k.mlir")]) == 0
+    assert "@feature.user" in (tmp_path / "k.mlir").read_text()
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m: m.lookup("users", np.array([1]), np.array([0, 1])),
+     "model small has no feature 'users': that is a table; its features are user"),
+    (lambda m: m.lookup("items", np.array([1]), np.array([0, 1])),
+     "model small has no feature 'items': that is a table; its features are item, item_hist"),
+    (lambda m: m.lookup("nope", np.array([1]), np.array([0, 1])),
+     "model small has no feature 'nope' (features: user, item, item_hist, tag)"),
+    (lambda m: m.update("user", np.array([1]), np.zeros((1, 16), np.float32)),
+     "model small has no table 'user': that is a feature; it reads table users"),
+    (lambda m: m.update("nope", np.array([1]), np.zeros((1, 16), np.float32)),
+     "model small has no table 'nope' (tables: users, items, tags)"),
+    (lambda m: m.update(["users"], np.array([1]), np.zeros((1, 16), np.float32)),
+     "model small has no table ['users'] (tables: users, items, tags)"),
+    (lambda m: m.table("tag"), "model small has no table 'tag': that is a feature"),
+    (lambda m: m.feature("tags"), "model small has no feature 'tags': that is a table"),
+])
+def test_a_wrong_name_is_one_error_naming_the_valid_ones(small_model: Path, call, message) -> None:
+    """A table's name where a feature's belongs raised a bare StopIteration, the
+    reverse a bare KeyError."""
+    m = ekko.compile_model(small_model).materialize()
+    with pytest.raises(ekko.EkkoError) as e:
+        call(m)
+    assert str(e.value).startswith(message)
+
+
+def test_update_and_lookup_before_materialize_say_so(small_model: Path) -> None:
+    m = ekko.compile_model(small_model)
+    with pytest.raises(ekko.UpdateError, match=r"call materialize\(\) first"):
+        m.update("users", np.array([1]), np.zeros((1, 16), np.float32))
+    with pytest.raises(ekko.LookupError, match=r"call materialize\(\) first"):
+        m.lookup("user", np.array([1]), np.array([0, 1]))
+
+
+def test_lists_of_ids_are_a_batch_and_an_empty_one_is_empty(small_model: Path) -> None:
+    m = ekko.compile_model(small_model).materialize()
+    buf = m.tables["tags"]
+    before = buf.master.copy()
+    m.update("tags", [], np.zeros((0, 8), np.float32))
+    assert np.array_equal(buf.master, before)
+    m.update("tags", [2, 2], np.ones((2, 8), np.float32))
+    assert not np.array_equal(buf.master[2], before[2])
+    assert np.array_equal(m.lookup("tag", [2]), buf.master[[2]])
+    with pytest.raises(ekko.UpdateError, match=r"ids\[0\] = 18446744073709551615 is beyond int64"):
+        m.update("tags", [2**64 - 1], np.ones((1, 8), np.float32))

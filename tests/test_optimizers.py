@@ -3,6 +3,8 @@ RMSprop and user-defined ones, each against an independent reference."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -195,3 +197,125 @@ def test_a_rowwise_state_must_be_one_value_per_row() -> None:
         @ekko.optimizer(rowwise_state=("ms",))
         def forgets_to_reduce(g, w, ms, *, lr):
             return w - lr * g, ms + g * g
+
+
+# -- mistakes in a definition: one EkkoError naming the optimizer and the line ----
+
+
+def _line_of(fn_or_code: str) -> int:
+    """The line of this file that holds `fn_or_code` (the statement a message must name)."""
+    lines = Path(__file__).read_text().splitlines()
+    return next(n for n, line in enumerate(lines, 1) if fn_or_code in line)
+
+
+def _refused(define, marker: str, *words: str) -> None:
+    """`define()` raises one one-line OptimizerError naming this file's line with
+    `marker`, the optimizer, and `words`; the catalog is unchanged."""
+    before = dict(catalog.OPTIMIZERS)
+    with pytest.raises(ekko.OptimizerError) as e:
+        define()
+    message = str(e.value)
+    assert "\n" not in message and isinstance(e.value, ekko.EkkoError)
+    assert message.startswith(f"{__file__}:{_line_of(marker)}: optimizer "), message
+    for word in words:
+        assert word in message, (word, message)
+    assert "xdsl" not in message.lower() and "BlockArgument" not in message
+    assert catalog.OPTIMIZERS == before
+
+
+def test_a_branch_on_a_traced_value_names_the_if() -> None:
+    def define():
+        @ekko.optimizer()
+        def branchy(g, w, *, lr):
+            if g > 0:  # marker: branch
+                return w - lr * g
+            return w
+    _refused(define, "# marker: branch", "optimizer branchy:", "rowmath.where", "`if g > 0:")
+
+
+def _forever(g, w, *, lr):
+    return _forever(g, w, lr=lr)  # marker: recursion
+
+
+def test_recursion_names_the_recursive_call() -> None:
+    _refused(lambda: ekko.optimizer("forever")(_forever), "# marker: recursion",
+             "optimizer forever:", "calls itself")
+
+
+def test_a_lambda_without_a_name_is_refused_where_it_is_written() -> None:
+    _refused(lambda: ekko.optimizer()(
+        lambda g, w, *, lr: w - lr * g),  # marker: lambda
+        "# marker: lambda", "optimizer <lambda>:", "a lambda has no name")
+    opt = ekko.optimizer("named_lambda", replace=True)(lambda g, w, *, lr: w - lr * g)
+    try:
+        assert opt.name == "named_lambda" and ekko.update_kernel(opt, 4).spec.optimizer == opt.name
+    finally:
+        catalog.OPTIMIZERS.pop("named_lambda")
+
+
+@pytest.mark.parametrize("options,words", [
+    ({"state": ("not an id",)}, ["state name 'not an id' is not a Python identifier"]),
+    ({"state": ("lambda",)}, ["state name 'lambda' is a Python keyword"]),
+    ({"state": ("g",)}, ["state name 'g' is taken", "g, w, step, dim"]),
+    ({"state": ("step",)}, ["state name 'step' is taken"]),
+    ({"state": ("lr",)}, ["hyper-parameter name 'lr' is also the name of a state"]),
+    ({"state": ("m", "m")}, ["state name 'm' is used twice"]),
+    ({"state": ("m",), "rowwise_state": ("m",)}, ["state name 'm' is used twice"]),
+    ({"state": "buf"}, ["state must be a tuple of names, got 'buf'"]),
+    ({"hyper": {"beta": "0.9"}}, ["hyper-parameter 'beta' takes a number", "'0.9'"]),
+    ({"hyper": {"beta": (0.9, 0.0)}}, ["hyper-parameter 'beta' takes a number or (default, low, high)"]),
+    ({"hyper": {"beta": (0.5, 1.0, 0.0)}}, ["low 1 is above high 0"]),
+    ({"hyper": {"beta": float("nan")}}, ["default beta must be finite"]),
+    ({"hyper": {"weight_decay": 0.1}}, ["'weight_decay' is taken by the gradient setting"]),
+    ({"hyper": {"threads": 2.0}}, ["'threads' is taken: update_kernel has a parameter"]),
+    ({"hyper": {"dim": 2.0}}, ["hyper-parameter name 'dim' is taken"]),
+    ({"name": "sgd"}, ["'sgd' is already defined (a built-in optimizer)"]),
+    ({"name": "two words"}, ["name must be a Python identifier, got 'two words'"]),
+])
+def test_bad_names_and_defaults_are_refused_at_the_decorator(options, words) -> None:
+    def define():
+        @ekko.optimizer(**options)  # marker: decorator
+        def badly_declared(g, w, *state, lr, **_):
+            return (w - lr * g, *state)
+    _refused(define, "# marker: decorator", *words)
+
+
+def test_errors_while_tracing_name_the_statement() -> None:
+    def typo():
+        @ekko.optimizer()
+        def typo(g, w, *, lr):
+            return w - lr * gg  # noqa: F821  # marker: typo
+    _refused(typo, "# marker: typo", "optimizer typo: NameError: name 'gg' is not defined")
+
+    def numpy_function():
+        @ekko.optimizer()
+        def with_numpy(g, w, *, lr):
+            return w - lr * np.sqrt(g)  # marker: numpy
+    _refused(numpy_function, "# marker: numpy", "optimizer with_numpy:", "sqrt")
+
+    def raises():
+        @ekko.optimizer()
+        def raising(g, w, *, lr):
+            raise RuntimeError("boom")  # marker: raise
+    _refused(raises, "# marker: raise", "optimizer raising: RuntimeError: boom")
+
+    def counts():
+        @ekko.optimizer()  # marker: count
+        def counted(g, w, *, lr):
+            return w - lr * g, w
+    _refused(counts, "# marker: count",
+             "optimizer counted: must return the new weights and 0 state value(s), got 2 values")
+
+
+def test_a_keyword_the_catalog_never_passes_is_named() -> None:
+    def define():
+        @ekko.optimizer()  # marker: keyword
+        def needs_zeta(g, w, *, lr, zeta):
+            return w - lr * zeta * g
+    _refused(define, "# marker: keyword", "takes 'zeta', which is none of its hyper-parameters",
+             "add it to hyper=")
+
+
+def test_a_non_function_is_refused() -> None:
+    with pytest.raises(ekko.OptimizerError, match="decorates a function"):
+        ekko.optimizer("not_a_function")(3)

@@ -62,9 +62,7 @@ def user_optimizer():
 def kernels(optimizer: str, dim: int, table_dtype: str = "f32", serving: str | None = None,
             **kw):
     """(LLVM kernel, Triton kernel) for the same request."""
-    hyper = dict(HP.kwargs(), **EXTRA.get(optimizer, {}), **kw)
-    if optimizer == "triton_test_opt":
-        hyper = {"lr": 0.05, **kw}
+    hyper = dict(HP.kwargs(optimizer), **EXTRA.get(optimizer, {}), **kw)
     cpu = update_kernel(optimizer, dim, table_dtype, serving=serving, **hyper)
     gpu = update_kernel(optimizer, dim, table_dtype, serving=serving, target="triton", **hyper)
     return cpu, gpu
@@ -371,6 +369,8 @@ def test_argument_errors() -> None:
         gpu(table, ids, grads, state=m, step=0)
     with pytest.raises(EkkoError, match="seed must be an integer"):
         gpu(table, ids, grads, state=m, seed=1.5)
+    with pytest.raises(EkkoError, match=r"grads is a torch.sparse_coo tensor: .*to_dense"):
+        gpu(table, ids, grads.to_sparse(), state=m)  # no dense buffer: data_ptr raised
     assert torch.equal(table, torch.zeros_like(table))  # nothing ran
     gpu(table, ids, grads + 1, state=m, step=np.int64(2), seed=np.int64(5), version=np.int64(9))
     assert table[0].ne(0).all() and table[1:].eq(0).all()

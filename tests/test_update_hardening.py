@@ -3,9 +3,11 @@ wrong results, accepted nonsense): each failed on the code before its fix."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -156,6 +158,118 @@ def test_adam_and_gradient_transforms_out_of_range_are_refused(kwargs) -> None:
 def test_a_hyper_parameter_no_optimizer_has_is_refused() -> None:
     with pytest.raises(ekko.EkkoError, match="dampening_rate"):
         ekko.update_kernel("sgd", DIM, dampening_rate=0.9)
+
+
+def _other_optimizers_hyper() -> list[tuple[str, str]]:
+    from ekko.dialects import catalog
+
+    return [(name, h) for name in sorted(catalog.BUILTIN) for other in sorted(catalog.BUILTIN)
+            for h in catalog.optimizer(other).hyper_names
+            if h not in catalog.optimizer(name).hyper_names]
+
+
+@pytest.mark.parametrize("optimizer,hyper", _other_optimizers_hyper())
+def test_a_hyper_parameter_of_another_optimizer_is_refused_as_the_language_refuses_it(
+        optimizer: str, hyper: str) -> None:
+    """update_kernel("sgd", eps=...) used to drop eps silently while `optimizer
+    sgd(eps=...)` is an error: both refuse it now, with the same message."""
+    from ekko.compiler.frontend import ModelError, parse_model
+
+    with pytest.raises(ModelError) as language:
+        parse_model(f"model m {{ table t {{ rows 4; dim 4; optimizer {optimizer}({hyper}=0.5); }} }}")
+    with pytest.raises(ekko.EkkoError) as api:
+        ekko.update_kernel(optimizer, DIM, **{hyper: 0.5})
+    message = f"optimizer {optimizer} has no hyper-parameter '{hyper}'"
+    assert message in str(api.value) and message in str(language.value)
+    assert str(api.value).split(message)[1] == str(language.value).split(message)[1].split("\n")[0]
+
+
+def test_betas_are_refused_by_an_optimizer_without_them() -> None:
+    with pytest.raises(ekko.EkkoError, match="betas sets beta1 and beta2: optimizer rmsprop has "
+                                             "no hyper-parameter 'beta1'"):
+        ekko.update_kernel("rmsprop", DIM, betas=(0.9, 0.99))
+    assert ekko.update_kernel("adam", DIM, betas=(0.8, 0.9)).spec.hyper[1:3] == (
+        ("beta1", 0.8), ("beta2", 0.9))
+
+
+def _sparse_variants(dense: torch.Tensor) -> list[torch.Tensor]:
+    """COO, and CSR for a matrix (torch warns that CSR is in beta: not ours to see)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return [dense.to_sparse(), *([dense.to_sparse_csr()] if dense.dim() == 2 else [])]
+
+
+@pytest.mark.parametrize("argument", ["table", "ids", "grads", "state", "serving", "versions"])
+def test_a_sparse_tensor_is_one_clear_error_and_nothing_is_written(argument: str) -> None:
+    """A sparse tensor has no dense buffer: its data_ptr raised a bare RuntimeError
+    (COO) and is_contiguous another (CSR)."""
+    k = ekko.update_kernel("rowwise_adagrad", DIM, serving="f16")
+    dense = {"table": torch.zeros(ROWS, DIM), "ids": torch.tensor([1, 2]),
+             "grads": torch.ones(2, DIM), "state": torch.zeros(ROWS),
+             "serving": torch.zeros(ROWS, DIM, dtype=torch.float16),
+             "versions": torch.zeros(ROWS, dtype=torch.int64)}
+    for sparse in _sparse_variants(dense[argument]):
+        args = dict(dense, **{argument: sparse})
+        before = _snapshot(*(v for k_, v in dense.items() if k_ != argument))
+        with pytest.raises(ekko.EkkoError, match=f"{argument} is a {sparse.layout} tensor: .*"
+                                                 f"{argument}.to_dense"):
+            k(args["table"], args["ids"], args["grads"], state=args["state"],
+              serving=args["serving"], versions=args["versions"])
+        assert _snapshot(*(v for k_, v in dense.items() if k_ != argument)) == before
+
+
+@pytest.mark.parametrize("argument", ["table", "ids", "offsets", "per_sample_weights", "out"])
+def test_a_sparse_tensor_to_a_bag_kernel_is_one_clear_error(argument: str) -> None:
+    bag = ekko.bag_kernel(DIM, weighted=True)
+    dense = {"table": torch.ones(ROWS, DIM), "ids": torch.tensor([1, 2, 3]),
+             "offsets": torch.tensor([0, 1, 3]), "per_sample_weights": torch.ones(3),
+             "out": torch.zeros(2, DIM)}
+    for sparse in _sparse_variants(dense[argument]):
+        args = dict(dense, **{argument: sparse})
+        with pytest.raises(ekko.EkkoError, match=f"{argument} is a {sparse.layout} tensor"):
+            bag(args["table"], args["ids"], args["offsets"],
+                per_sample_weights=args["per_sample_weights"], out=args["out"])
+    assert not dense["out"].any()
+
+
+@pytest.mark.parametrize("ids,expect", [
+    ([], np.zeros(0, np.int64)),
+    ((3, 1), np.array([3, 1])),
+    (range(2), np.array([0, 1])),
+    (np.array([2**63 - 1], np.uint64), np.array([2**63 - 1])),
+    (np.array([7], np.int32), np.array([7])),
+    (torch.tensor([5]), np.array([5])),
+    ([2**64 - 1], "ids[0] = 18446744073709551615 is beyond int64"),
+    ([0, -1, 2**64 - 1], "ids[2] = 18446744073709551615 is beyond int64"),
+    (np.array([1, 2**64 - 1], np.uint64), "ids[1] = 18446744073709551615 is beyond int64"),
+    ([2**70], "ids[0] = 1180591620717411303424 is beyond int64"),
+    ([1, 2.0], "ids[1] is 2.0, not an integer id"),
+    ([True], "ids[0] is True, not an integer id"),
+    (np.array([1.5]), "ids must be integers, got float64"),
+    (np.zeros((1, 1), np.int64), "ids must be 1-D"),
+    ("12", "ids must be an integer array or a sequence of integers, got str"),
+    (torch.tensor([1]).to_sparse(), "ids is a torch.sparse_coo tensor"),
+])
+def test_ids_from_python_keep_their_values_or_say_which_has_none(ids, expect) -> None:
+    """What callers that take any array-like (the engine, CompiledModel with lists)
+    turn ids into: numpy's own guess made [] float64 and [-1, 2**64 - 1] float64 too;
+    a cast made 2**64 - 1 the id -1."""
+    from ekko.kernels.arrays import index_array
+
+    if isinstance(expect, str):
+        with pytest.raises(ekko.UpdateError, match=re.escape(expect)):
+            index_array("ids", ids, ekko.UpdateError)
+        return
+    got = index_array("ids", ids, ekko.UpdateError)
+    assert got.dtype == np.int64 and got.flags.c_contiguous and (got == expect).all()
+    assert got.shape == expect.shape
+
+
+def test_an_int64_array_of_ids_is_not_copied() -> None:
+    from ekko.kernels.arrays import index_array
+
+    ids = np.array([4, 2], np.int64)
+    assert index_array("ids", ids, ekko.UpdateError) is ids
 
 
 # -- writes stay inside the rows an update names --------------------------------

@@ -64,7 +64,7 @@ def get_kernel(optimizer: str, dim: int, table_dtype: str, index_dtype: str, ser
     """Compile once per configuration: tests share kernels across steps and cases."""
     return _update_kernel_factory()(
         optimizer, dim, table_dtype, index_dtype, serving, stochastic_rounding=sr,
-        threads=threads, deterministic=deterministic, **hp.kwargs())
+        threads=threads, deterministic=deterministic, **hp.kwargs(optimizer))
 
 
 # --------------------------------------------------------------------------

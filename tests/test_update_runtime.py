@@ -125,8 +125,10 @@ def test_one_update_rule_from_keywords_requests_and_models() -> None:
         update=rule, dim=DIM, serving="int8")
     assert old.update is not rule and old.update == rule
     k = ekko.update_kernel("adam", DIM, serving="int8", lr=0.001, betas=(0.9, 0.99),
-                           max_norm=2.0, weight_decay=0.01, alpha=0.5, lr_decay=0.1)  # not adam's
+                           max_norm=2.0, weight_decay=0.01)
     assert k.spec == ekko.update_kernel(rule, DIM, serving="int8").spec == update_spec(old)
+    with pytest.raises(UpdateError, match="optimizer adam has no hyper-parameter 'alpha'"):
+        ekko.update_kernel("adam", DIM, lr=0.001, alpha=0.5)  # rmsprop's, as the language says
     table = ekko.parse_model("model m { table t { rows 10; dim 8; serving int8; "
                              "optimizer adam(lr=0.001, beta2=0.99); clip max_norm=2; "
                              "weight_decay 0.01; } }").table("t")

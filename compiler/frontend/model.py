@@ -58,10 +58,8 @@ class Optimizer:
         entry = catalog.optimizer(kind)
         given = dict(self.hyper.items() if isinstance(self.hyper, Mapping) else self.hyper)
         for name, value in given.items():
-            if name not in entry.hyper_names:
-                raise ModelInvalid(
-                    f"optimizer {kind} has no hyper-parameter '{name}' "
-                    f"(it takes {', '.join(entry.hyper_names)})", name)
+            if (why := entry.hyper_problem(name)) is not None:
+                raise ModelInvalid(why, name)
             hyper = next(h for h in entry.hyper if h.name == name)
             if (why := hyper.problem(value)) is not None:
                 raise ModelInvalid(f"{kind} {why}", name)

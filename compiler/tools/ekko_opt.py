@@ -14,12 +14,12 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import IO, TypeVar
+from typing import IO, NoReturn, TypeVar
 
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation
 from xdsl.parser import Parser
-from xdsl.utils.arg_spec import parse_pipeline
+from xdsl.utils.arg_spec import parse_pipeline, parse_spec
 from xdsl.utils.exceptions import (
     ArgSpecParseError,
     DiagnosticException,
@@ -97,6 +97,7 @@ class EkkoOptMain(xDSLOptMain):
         """xdsl-opt's flags, with a -p help that lists ekko's passes, not ~150 of xDSL's."""
         super().register_all_arguments(arg_parser)
         arg_parser.prog = "ekko-opt"
+        arg_parser.error = _usage_error  # type: ignore[method-assign]
         for action in arg_parser._actions:
             if action.dest == "passes":
                 action.help = (
@@ -106,8 +107,42 @@ class EkkoOptMain(xDSLOptMain):
                     + ", options go to the pass that takes them, e.g. "
                     "standard{partitions=2}. xDSL's passes work too: "
                     "--list-passes prints them all")
+            if action.dest == "target":
+                action.type = self._target
         arg_parser.add_argument("--list-passes", action="store_true",
                                 help="print every pass -p accepts (ekko's first) and exit")
+
+    def _target(self, value: str) -> str:
+        """-t's value, checked as it is parsed: an unknown target is one line naming
+        the targets and exit 1, not argparse's usage and exit 2."""
+        from ..backend.targets import TARGETS
+
+        spec = parse_spec(value)
+        if spec.name not in self.available_targets:
+            xdsl = [t for t in self.available_targets if t not in TARGETS]
+            raise EkkoDiagnostic(f"ekko-opt: error: -t: unknown target '{spec.name}' (ekko's: "
+                                 f"{', '.join(TARGETS)}; xDSL's: {', '.join(xdsl)})")
+        if spec.name in TARGETS and spec.parameters:
+            raise EkkoDiagnostic(f"ekko-opt: error: -t: target '{spec.name}' takes no options, "
+                                 f"got {', '.join(spec.parameters)}")
+        return value
+
+    def output_resulting_program(self, prog: ModuleOp) -> str:
+        """The module printed by -t's target. xDSL's targets besides mlir print only
+        xDSL's own low-level dialects: one that fails on this module is the user's
+        choice of target, said in one line, not an internal error of ekko-opt."""
+        from ..backend.targets import TARGETS
+
+        name = parse_spec(self.args.target).name
+        if name in TARGETS or name == "mlir":
+            return super().output_resulting_program(prog)
+        try:
+            return super().output_resulting_program(prog)
+        except Exception as e:  # noqa: BLE001 - xDSL's target, not ekko's code
+            why = (str(e).strip().split("\n")[0] or type(e).__name__)[:160]
+            raise EkkoDiagnostic(
+                f"ekko-opt: error: -t {name}: xDSL's {name} target cannot print this module "
+                f"({type(e).__name__}: {why}); ekko's targets are {', '.join(TARGETS)}") from None
 
     def setup_pipeline(self) -> None:
         """xDSL's pipeline, with every mistake in -p as one located line."""
@@ -179,6 +214,12 @@ class EkkoOptMain(xDSLOptMain):
             self.source_map.record(module)
         self.last_module = module
         return module
+
+
+def _usage_error(message: str) -> NoReturn:
+    """A mistake in the flags: one line and exit 1, as every other user mistake
+    (argparse would print the whole usage and exit 2)."""
+    raise EkkoDiagnostic(f"ekko-opt: error: {message} (ekko-opt --help lists the flags)")
 
 
 def ekko_version() -> str:

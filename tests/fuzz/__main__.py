@@ -3,7 +3,9 @@
 Cases are drawn round-robin (a `cli` case, a real process, one time in ten)
 from a seed printed at the start, so a campaign can be repeated. Each
 failure whose signature (target, kind, message) no stored case has yet is
-written under tests/fuzz/regressions/; pytest replays it from then on.
+written under tests/fuzz/regressions/; pytest replays it from then on. One
+like a stored case is a regression (printed, and the exit status is 1)
+unless that case is marked xfail.
 `--replay` runs the stored cases instead and prints what each does now.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import random
 import sys
 import time
@@ -29,7 +32,10 @@ def draw(seed: int, index: int, targets: list[str]) -> tuple[str, dict]:
 
 
 def campaign(minutes: float, seed: int, targets: list[str], quiet: bool) -> int:
-    known = {record.get("signature") for _, record in load_regressions()}
+    records = [record for _, record in load_regressions()]
+    known = {record.get("signature") for record in records}
+    excused = {record.get("signature") for record in records if "xfail" in record}
+    regressed: set[str] = set()  # like a stored case that replays as fixed: not excused
     deadline = time.monotonic() + minutes * 60
     counts: collections.Counter[str] = collections.Counter()
     new = 0
@@ -46,14 +52,18 @@ def campaign(minutes: float, seed: int, targets: list[str], quiet: bool) -> int:
                 path = save_regression(case, result, note=f"campaign seed {seed}, case {index}")
                 print(f"NEW {result['kind']} ({target}) -> {path.name}\n"
                       f"    {result.get('detail', '').strip().splitlines()[-1:]}", flush=True)
+            elif sig not in excused and sig not in regressed:
+                regressed.add(sig)
+                print(f"REGRESSED {result['kind']} ({target}), like a stored case: {sig}\n"
+                      f"    case: {json.dumps(case)[:500]}", flush=True)
         if not quiet and index % 100 == 99:
             print(f"{index + 1} cases, {new} new failures", flush=True)
         index += 1
     shutdown()
-    print(f"seed {seed}: {index} cases, {new} new failures")
+    print(f"seed {seed}: {index} cases, {new} new failures, {len(regressed)} regressions")
     for key, n in sorted(counts.items()):
         print(f"  {key:28s} {n}")
-    return 1 if new else 0
+    return 1 if new or regressed else 0
 
 
 def replay() -> int:

@@ -1,24 +1,33 @@
-"""Python arguments to `ekko.update_kernel` / `ekko.bag_kernel` and their kernels.
+"""Python arguments to `ekko.update_kernel` / `ekko.bag_kernel` and their kernels,
+to a compiled model's `update` / `lookup`, and `@ekko.optimizer` definitions.
 
-A case starts from a valid call (arrays built from a seed) and applies up to
-two mutations: wrong dtype, shape, byte order or strides, aliased buffers,
-read-only arrays, torch tensors that require grad, out-of-range ids, NaN or
-inf gradients, huge values, a table near its dtype's max, odd scalars, bad
-kernel options. One case in five comes from `gen_finite` instead: a user
-optimizer with random math, or a replica merge of int8 rows that may decode
-to inf. The oracle:
+A kernel case starts from a valid call (arrays built from a seed) and applies
+up to two mutations: wrong dtype, shape, byte order or strides, aliased
+buffers, read-only arrays, torch tensors that require grad or are sparse,
+out-of-range or uint64 ids, Python lists as ids, NaN or inf gradients, huge
+values, a table near its dtype's max, odd scalars, bad kernel options and
+hyper-parameters the optimizer does not have. A model case calls a small
+compiled model (a table and a feature share a name) with wrong names and odd
+ids; a definition case defines an optimizer with one mistake (or none) from a
+file. One case in five comes from `gen_finite`: a user optimizer with random
+math, or a replica merge of int8 rows that may decode to inf. The oracle:
 
 * nothing but `ekko.EkkoError` escapes;
 * on `EkkoError` every buffer is byte-identical to before, and a
   NonFiniteOutputError names the row and the buffer;
 * an input a mutation makes invalid is rejected (`must_reject`);
-* an accepted update leaves every buffer it writes finite (issue #17).
+* an accepted update leaves every buffer it writes finite (issue #17), so a
+  finite but huge gradient leaves a float table finite, as torch.optim does;
+* a wrong name is refused naming the valid ones; a mistake in a definition is
+  one line naming the optimizer and the line of the mistake, and the catalog
+  stays as it was; a definition without one compiles and runs.
 """
 
 from __future__ import annotations
 
 import random
 import traceback
+from pathlib import Path
 from typing import Any
 
 from . import gen_finite
@@ -267,6 +276,18 @@ def m_scalar(rng, case):
         _reject(case, f"{key}={value!r}")
 
 
+# sound values of some optimizer's hyper-parameters (or of none's: momentum): refused
+# exactly when the case's optimizer does not have them
+SOUND_ELSEWHERE = [["betas", [0.9, 0.99]], ["eps", 1e-3], ["lr_decay", 0.1], ["alpha", 0.9],
+                   ["l1", 0.1], ["momentum", 0.9]]
+
+
+def _takes(optimizer: str, key: str) -> bool:
+    from ekko.dialects import catalog
+
+    return catalog.optimizer(optimizer).hyper_problem("beta1" if key == "betas" else key) is None
+
+
 def m_make(rng, case):
     make = case["make"]
     if case["kernel"] == "update":
@@ -277,13 +298,9 @@ def m_make(rng, case):
             ("lr", "x"), ("eps", 0.0), ("eps", -1e-8), ("max_norm", 0.0), ("max_norm", "nan"),
             ("clip_value", -1.0), ("weight_decay", "nan"), ("weight_decay", -1.0),
             ("betas", [1.0, 0.999]), ("betas", [0.9, 1.0]), ("betas", [0.9]), ("lr_decay", -1.0),
-            ("lr_decay", "nan")])
-        if key in ("betas",) and make["optimizer"] != "adam":
-            return
-        if key in ("eps",) and make["optimizer"] == "sgd":
-            return
-        if key == "lr_decay" and make["optimizer"] != "adagrad":
-            return
+            ("lr_decay", "nan"), *map(tuple, SOUND_ELSEWHERE)])
+        if [key, value] in SOUND_ELSEWHERE and _takes(make["optimizer"], key):
+            return  # a sound value of a hyper-parameter this optimizer has: a valid call
     else:
         key, value = rng.choice([("dim", 0), ("dim", -3), ("dim", 16385), ("layout", "int2"),
                                  ("mode", "max"), ("index_dtype", "u64"), ("weighted", True)])
@@ -296,15 +313,44 @@ def m_make(rng, case):
     _reject(case, f"make {key}={value!r}")
 
 
+def m_sparse(rng, case):
+    """A sparse torch tensor (COO, or CSR for a matrix) has no dense buffer."""
+    name = rng.choice(_arrays(case))
+    spec = case["args"][name]
+    spec["sparse"] = rng.choice(["coo", "csr"]) if len(spec["shape"]) == 2 else "coo"
+    _reject(case, f"{name} is a sparse tensor")
+
+
+def m_odd_ids(rng, case):
+    """uint64 ids (2**64 - 1 among them), or ids as a Python list, empty or not."""
+    if not _is_array(case, "ids"):
+        return
+    how = rng.choice(["uint64", "uint64", "list", "empty_list"])
+    if how == "uint64":
+        spec = case["args"]["ids"]
+        spec["dtype"] = "uint64"
+        if case["n"]:
+            spec.setdefault("poke", []).append([rng.randrange(case["n"]), 2**64 - 1])
+        _reject(case, "uint64 ids")
+    else:
+        case["args"]["ids"] = {"kind": "object", "what": how}
+        _reject(case, f"ids as a {how}")
+
+
 MUTATIONS = [m_dtype, m_shape, m_byteorder, m_strides, m_alias, m_bad_ids, m_nonfinite, m_huge,
-             m_near_max, m_readonly, m_torch, m_not_an_array, m_scalar, m_make]
+             m_near_max, m_readonly, m_torch, m_not_an_array, m_scalar, m_make, m_sparse,
+             m_odd_ids]
 
 
 def generate(rng: random.Random) -> dict:
-    pick = rng.random()
-    if pick < 0.2:  # outputs that may overflow (gen_finite)
-        return gen_finite.generate_user(rng) if pick < 0.14 else gen_finite.generate_merge(rng)
-    case = _update_case(rng) if rng.random() < 0.7 else _bag_case(rng)
+    roll = rng.random()
+    if roll < 0.2:  # outputs that may overflow (gen_finite)
+        return gen_finite.generate_user(rng) if roll < 0.14 else gen_finite.generate_merge(rng)
+    if roll < 0.28:
+        return _model_api_case(rng)
+    if roll < 0.36:
+        return _definition_case(rng)
+    case = _update_case(rng) if roll < 0.8 else _bag_case(rng)
     for _ in range(rng.choice([0, 1, 1, 1, 2])):
         rng.choice(MUTATIONS)(rng, case)
     return case
@@ -317,6 +363,10 @@ def run(case: dict) -> dict:
     """Build the arguments, call the API, judge (in the worker)."""
     if case["kernel"] in ("user", "merge"):
         return (gen_finite.run_user if case["kernel"] == "user" else gen_finite.run_merge)(case)
+    if case["kernel"] == "model":
+        return _run_model_api(case)
+    if case["kernel"] == "define":
+        return _run_definition(case)
     import numpy as np
 
     import ekko
@@ -414,7 +464,8 @@ def _build(spec: Any, case: dict, built: dict, bases: list) -> Any:
     if kind == "value":
         return _value(spec["value"])
     if kind == "object":
-        return {"list": [0, 1], "none": None, "str": "ids", "int": 3, "dict": {}}[spec["what"]]
+        return {"list": [0, 1], "empty_list": [], "none": None, "str": "ids", "int": 3,
+                "dict": {}}[spec["what"]]
     if kind == "tuple":
         items = []
         for k, item in enumerate(spec["items"]):
@@ -437,7 +488,28 @@ def _build(spec: Any, case: dict, built: dict, bases: list) -> Any:
         root = root.base
     bases.append(root)  # the whole allocation: a write anywhere in it is seen
     built[name_of(spec, case)] = arr
+    if spec.get("sparse"):
+        return _to_sparse(arr, spec["sparse"])
     return _to_torch(arr, spec) if spec.get("torch") and not _numpy_only(spec) else arr
+
+
+def _to_sparse(arr, how: str):
+    """A sparse torch copy of `arr` (torch's beta warning about CSR silenced)."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    try:
+        dense = torch.from_numpy(np.ascontiguousarray(arr, arr.dtype.newbyteorder("=")))
+    except (TypeError, ValueError):  # a dtype torch lacks: any sparse tensor will do
+        dense = torch.zeros(arr.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            return dense.to_sparse_csr() if how == "csr" and dense.dim() == 2 else dense.to_sparse()
+        except (NotImplementedError, RuntimeError):  # no sparse kernels for uint16 and such
+            return torch.zeros(arr.shape).to_sparse()
 
 
 def _make_array(spec: dict, case: dict):
@@ -531,3 +603,225 @@ def _to_torch(arr, spec: dict):
     if spec.get("requires_grad") and tensor.is_floating_point():
         tensor.requires_grad_(True)
     return tensor
+
+
+# ------------------------------------------------- a compiled model's update / lookup
+
+MODEL = """model shared {
+  table user { rows 20; dim 4; serving int8; }
+  feature user -> user;
+  table items { rows 30; dim 3; optimizer sgd(lr=0.5); }
+  feature item -> items pooling POOLING;
+}
+"""
+TABLES = {"user": 4, "items": 3}  # name -> dim
+FEATURES = {"user": "user", "item": "items"}  # name -> table
+ID_KINDS = ["array", "array", "list", "empty_list", "uint64_max", "list_uint64_max",
+            "list_float", "list_huge", "int32_array"]
+
+
+def _model_api_case(rng: random.Random) -> dict:
+    call = rng.choice(["update", "lookup"])
+    own = list(TABLES) if call == "update" else list(FEATURES)
+    other = list(FEATURES) if call == "update" else list(TABLES)
+    name = rng.choice(own + own + [n for n in other if n not in own] + ["nope", 3])
+    return {"target": "api", "kernel": "model", "call": call, "name": name,
+            "pooling": rng.choice(["sum", "mean", "none"]), "ids": rng.choice(ID_KINDS),
+            "n": rng.choice([1, 3]), "seed": rng.randrange(1 << 30)}
+
+
+def _model_ids(kind: str, n: int, rows: int, rng):
+    """The ids of a model case, and why they must be refused (None: they are fine)."""
+    import numpy as np
+
+    valid = rng.integers(0, rows, n)
+    return {
+        "array": (valid.astype(np.int64), None),
+        "list": ([int(v) for v in valid], None),
+        "empty_list": ([], None),
+        "int32_array": (valid.astype(np.int32), "int32 ids to an int64 kernel"),
+        "uint64_max": (np.array([*valid[1:], 2**64 - 1], np.uint64), "uint64 ids"),
+        "list_uint64_max": ([*map(int, valid[1:]), 2**64 - 1], "an id beyond int64"),
+        "list_float": ([*map(int, valid[1:]), 1.0], "a float id"),
+        "list_huge": ([2**70, *map(int, valid[1:])], "an id beyond int64"),
+    }[kind]
+
+
+_models: dict[str, Any] = {}
+
+
+def _run_model_api(case: dict) -> dict:
+    import numpy as np
+
+    import ekko
+
+    text = MODEL.replace("POOLING", case["pooling"])
+    try:
+        if text not in _models:
+            _models[text] = ekko.compile_model(ekko.parse_model(text))
+        m = _models[text].materialize(seed=case["seed"] % 1000)
+    except Exception:
+        return {"kind": "exception", "detail": "compiling: " + traceback.format_exc()[-1500:]}
+    rng = np.random.default_rng(case["seed"])
+    name, call = case["name"], case["call"]
+    own = TABLES if call == "update" else FEATURES
+    rows = 20 if name == "user" else 30
+    ids, bad_ids = _model_ids(case["ids"], case["n"], rows, rng)
+    wrong_name = name not in own
+    arrays = [a for buf in m.tables.values() for a in (buf.master, buf.serving, buf.versions,
+                                                         *(buf.state if isinstance(buf.state, tuple)
+                                                           else [buf.state]))
+              if a is not None]
+    before = [a.tobytes() for a in arrays]
+    try:
+        if call == "update":
+            dim = TABLES.get(name, 4) if isinstance(name, str) else 4
+            m.update(name, ids, rng.standard_normal((len(ids), dim)).astype(np.float32))
+        elif FEATURES.get(name) is not None and case["pooling"] != "none":
+            m.lookup(name, ids, [0, len(ids)] if rng.random() < 0.5 else np.array([0, len(ids)]))
+        else:
+            m.lookup(name, ids)
+    except ekko.EkkoError as e:
+        if any(a.tobytes() != b for a, b in zip(arrays, before)):
+            return {"kind": "half-applied", "detail": f"EkkoError ({e}) but a buffer changed"}
+        valid = "(tables: " if call == "update" else "(features: "
+        if wrong_name and "that is a" not in str(e) and valid not in str(e):
+            return {"kind": "unnamed", "detail": f"a wrong name not answered with the valid ones: {e}"}
+        return {"kind": "ok"}
+    except Exception:
+        return {"kind": "exception", "detail": traceback.format_exc()[-1500:]}
+    if wrong_name or bad_ids:
+        return {"kind": "accepted", "detail": f"accepted: name {name!r}, {bad_ids or 'ids'}"}
+    return {"kind": "ok"}
+
+
+# ------------------------------------------------- @ekko.optimizer definitions
+
+DEFECTS = [None, None, "lambda", "recursion", "branch", "bad_state", "string_default",
+           "duplicate_state", "unknown_keyword", "wrong_return", "name_error", "taken_name",
+           "bad_name", "hyper_taken", "bare_string_state"]
+BAD_STATES = [("not ok",), ("lambda",), ("g",), ("w",), ("step",), ("lr",), ("1x",)]
+
+
+def _definition_case(rng: random.Random) -> dict:
+    return {"target": "api", "kernel": "define", "defect": rng.choice(DEFECTS),
+            "states": rng.choice([0, 1, 2]), "rowwise": rng.random() < 0.3,
+            "seed": rng.randrange(1 << 30), "bad_state": list(rng.choice(BAD_STATES))}
+
+
+def definition_source(case: dict) -> tuple[str, str, int | None]:
+    """(file text, the optimizer's name as messages call it, the line a mistake must be
+    reported on; None: there is none) for a definition case. The file:
+
+        1 import ekko / 2 from ekko import rowmath as rm / 3
+        4 def opt_fn(g, w, <state>, *, lr, beta):
+        5     <first statement>
+        6     <return>
+        7
+        8 opt = ekko.optimizer(...)(opt_fn)
+    """
+    defect, n = case["defect"], case["states"]
+    name = f"fz_{case['seed']}"
+    states = [f"s{k}" for k in range(n)]
+    params = "".join(f", {s}" for s in states)
+    kind = "rowwise_state" if case["rowwise"] else "state"
+    options: dict[str, Any] = {kind: tuple(states), "hyper": {"beta": 0.5}}
+    new_state = "rm.row_sum(g * g)" if case["rowwise"] else "g * g"  # rowwise: one per row
+    first = "g = g * beta"
+    ret = "return (w - lr * g, " + "".join(f"{s} + {new_state}, " for s in states) + ")"
+    keywords = ", lr, beta"
+    line: int | None = 4  # where the function is defined: mistakes in what it declares
+    if defect == "recursion":
+        first, line = f"return opt_fn(g, w{params}, lr=lr, beta=beta)", 5
+    elif defect == "branch":
+        first, line = "g = g if g > 0 else -g", 5
+    elif defect == "name_error":
+        first, line = "g = g * undefined_name", 5
+    elif defect == "wrong_return":
+        ret = ret[:-1] + "w)"
+    elif defect == "unknown_keyword":
+        keywords += ", zeta"
+    elif defect == "bad_state":
+        options[kind] = tuple(case["bad_state"]) + tuple(states[1:])
+    elif defect == "duplicate_state" and n:
+        options[kind] = (states[0],) * n
+        if n == 1:
+            options["rowwise_state" if kind == "state" else "state"] = (states[0],)
+    elif defect == "bare_string_state":
+        options[kind] = "buf"
+    elif defect == "string_default":
+        options["hyper"] = {"beta": "0.5"}
+    elif defect == "hyper_taken":
+        options["hyper"] = {"beta": 0.5, "threads": 1.0}
+    elif defect in ("taken_name", "bad_name"):
+        name = "sgd" if defect == "taken_name" else "two words"
+    elif defect != "lambda":
+        line = None
+    opts = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    register = f"opt = ekko.optimizer({name!r}, {opts})(opt_fn)"
+    if defect == "lambda":
+        register, name, line = f"opt = ekko.optimizer({opts})(lambda g, w, *, lr: w - lr * g)", \
+            "<lambda>", 8
+    lines = ["import ekko", "from ekko import rowmath as rm", "",
+             f"def opt_fn(g, w{params}, *{keywords}):", f"    {first}", f"    {ret}", "",
+             register, ""]
+    return "\n".join(lines), name, line
+
+
+def _run_definition(case: dict) -> dict:
+    """Define the optimizer from a file; a valid one is compiled and run once, and
+    taken out of the catalog again either way."""
+    import runpy
+    import tempfile
+
+    import ekko
+    from ekko.dialects import catalog
+
+    text, name, line = definition_source(case)
+    before = dict(catalog.OPTIMIZERS)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/definition.py"
+            Path(path).write_text(text)
+            try:
+                runpy.run_path(path)
+            except ekko.EkkoError as e:
+                return _judge_refusal(str(e), f"{path}:{line}: optimizer {name}: ", line,
+                                      catalog.OPTIMIZERS == before, text)
+            except BaseException:
+                return {"kind": "exception", "detail": traceback.format_exc()[-1500:] + "\n" + text}
+        if line is not None:
+            return {"kind": "accepted", "detail": f"accepted a definition with {case['defect']}"
+                                                  f"\n{text}"}
+        return _run_user_optimizer(name, case)
+    finally:
+        for added in set(catalog.OPTIMIZERS) - set(before):
+            catalog.OPTIMIZERS.pop(added)
+
+
+def _judge_refusal(message: str, want: str, line: int | None, catalog_kept: bool,
+                   text: str) -> dict:
+    if not catalog_kept:
+        return {"kind": "half-applied", "detail": f"refused ({message}) but the catalog changed"}
+    if line is None:
+        return {"kind": "refused", "detail": f"a valid definition refused: {message}\n{text}"}
+    if "\n" in message or not message.startswith(want):
+        return {"kind": "unlocated", "detail": f"expected {want!r}...: {message}\n{text}"}
+    return {"kind": "ok"}
+
+
+def _run_user_optimizer(name: str, case: dict) -> dict:
+    import numpy as np
+
+    import ekko
+
+    try:
+        k = ekko.update_kernel(name, 4)
+        table = np.ones((5, 4), np.float32)
+        shape = (5,) if case["rowwise"] else (5, 4)
+        state = [np.zeros(shape, np.float32) for _ in range(case["states"])]
+        k(table, np.array([1, 3, 1]), np.ones((3, 4), np.float32),
+          state=None if not state else state[0] if len(state) == 1 else tuple(state))
+    except Exception:
+        return {"kind": "exception", "detail": traceback.format_exc()[-1500:]}
+    return {"kind": "ok"}

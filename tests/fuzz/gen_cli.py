@@ -2,10 +2,12 @@
 
 A case is an argv with `{tmp}` standing for a fresh directory holding a
 small module, a tiny model, a model with no tables, one with a 5,000-digit
-row count and a `.py` factory that returns no model; a stored case may also
+row count, one whose table and feature share a name and a `.py` factory that
+returns no model; a stored case may also
 name the exit code it must end with (`expect_exit`). The real command runs under a timeout. Oracle: it ends by
-itself with exit 0, 1 or 2 (2: argparse's usage errors, `ekko run`'s failed
-reference check), says "error" when it fails, and prints no traceback.
+itself with exit 0 or 1 (or 2: `ekko run`'s failed reference check), says
+"error" when it fails, and prints no traceback; an unknown `-t` target is
+exit 1, never argparse's usage and exit 2.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ FILES = {
     "empty.ekko": "model nothing { }\n",
     "bad.py": "def build():\n    return 42\n",
     "big.ekko": "model big { table t { rows " + "9" * 5000 + "; dim 4; } feature f -> t; }\n",
+    "shared.ekko": "model shared {\n  table user { rows 50; dim 4; serving int8; }\n"
+                   "  feature user -> user;\n}\n",  # a table and a feature of one name
 }
 OPT_FLAGS: list[tuple[str, list[str]]] = [
     ("-p", [PIPELINE, "no-such-pass", "upd-schedule{partitions=-1}", "upd-schedule{tile=0}",
             "upd-schedule{partitions=99999999999999999999}", "", ",", "upd-dedup{", "}"]),
-    ("-t", ["llvm", "mlir", "nonsense", ""]),
+    ("-t", ["llvm", "mlir", "triton", "nonsense", "", "LLVM", "llvm{x=1}", "mlir{", "bogus",
+            "x86-asm", "riscv-asm", "wat", "mps"]),
     ("-f", ["mlir", "ekko", "bogus"]),
     ("-o", ["{tmp}/out.mlir", "{tmp}", "{tmp}/missing/out.mlir", "{tmp}/model.ekko/out"]),
     ("--split-input-file", []), ("--verify-diagnostics", []), ("--print-op-generic", []),
@@ -45,8 +50,9 @@ OPT_FLAGS: list[tuple[str, list[str]]] = [
     ("--parsing-diagnostics", []), ("--print-between-passes", []), ("--time-passes", []),
     ("--list-passes", []), ("--version", []), ("--print-debuginfo", []),
 ]
+UNKNOWN_TARGETS = ("nonsense", "", "LLVM", "llvm{x=1}", "mlir{", "bogus")  # each: exit 1
 OPT_INPUTS = ["{tmp}/input.mlir", "{tmp}/model.ekko", "{tmp}/empty.ekko", "{tmp}/missing.mlir",
-              "{tmp}", "{tmp}/bad.py"]
+              "{tmp}", "{tmp}/bad.py", "{tmp}/shared.ekko"]
 RUN_VALUES: dict[str, list[str]] = {
     "--scale": ["inf", "nan", "-1", "0", "1e-12", "1e300", "x", "1e6"],
     "--steps": ["-1", "0", "1", "99999999999999999999999", "x"],
@@ -62,7 +68,7 @@ RUN_VALUES: dict[str, list[str]] = {
     "--bandwidth": ["0", "-1", "nan"],
 }
 MODELS = ["{tmp}/model.ekko", "{tmp}/empty.ekko", "{tmp}/big.ekko", "{tmp}/bad.py:build", "{tmp}/missing.ekko",
-          "{tmp}", "{tmp}/model.ekko:build", "{tmp}/input.mlir"]
+          "{tmp}", "{tmp}/model.ekko:build", "{tmp}/input.mlir", "{tmp}/shared.ekko"]
 
 
 def generate(rng: random.Random) -> dict:
@@ -73,7 +79,11 @@ def generate(rng: random.Random) -> dict:
             argv.append(rng.choice(OPT_INPUTS))
         for flag, values in rng.sample(OPT_FLAGS, rng.randrange(1, 4)):
             argv += [flag, rng.choice(values)] if values else [flag]
-        return {"target": "cli", "argv": argv}
+        case = {"target": "cli", "argv": argv}
+        if "-t" in argv and argv[argv.index("-t") + 1] in UNKNOWN_TARGETS \
+                and "--version" not in argv:
+            case["expect_exit"] = 1  # whatever else is wrong: -t's mistake is exit 1 too
+        return case
     model = "{tmp}/model.ekko" if rng.random() < 0.6 else rng.choice(MODELS)
     argv = ["ekko", tool, model, "-q", "--scale", "1"]
     if tool == "run":
@@ -97,7 +107,7 @@ def run(case: dict) -> dict:
         argv = [a.replace("{tmp}", str(tmp)) for a in case["argv"]]
         exe = shutil.which(argv[0]) or str(Path(sys.executable).with_name(argv[0]))
         rc, out, err = run_tool([exe, *argv[1:]], TIMEOUT_S, cwd=tmp)
-        result = judge_cli(rc, out, err)
+        result = judge_cli(rc, out, err, reference_check=argv[:2] == ["ekko", "run"])
         if result["kind"] == "ok" and "expect_exit" in case and rc != case["expect_exit"]:
             result = {"kind": "exit-code", "detail": f"exit {rc}, expected {case['expect_exit']}"
                                                      f"\n{err[-1500:]}"}
@@ -106,15 +116,18 @@ def run(case: dict) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def judge_cli(rc: int, out: str, err: str) -> dict:
+def judge_cli(rc: int, out: str, err: str, reference_check: bool = False) -> dict:
+    """Exit 0 or 1 (2 only for a run whose reference check failed), with a message."""
     if err.startswith("TIMEOUT"):
         return {"kind": "hang", "detail": err[-1500:]}
     if "Traceback" in err or "Traceback" in out:
         return {"kind": "traceback", "detail": err[-1500:]}
     if rc < 0:
         return {"kind": "crash", "detail": f"killed by signal {-rc}\n{err[-1500:]}"}
-    if rc not in (0, 1, 2):
+    if rc not in ((0, 1, 2) if reference_check else (0, 1)):
         return {"kind": "exit-code", "detail": f"exit {rc}\n{err[-1500:]}"}
+    if "internal error" in err:
+        return {"kind": "internal-error", "detail": err[-1500:]}
     if rc != 0 and "error" not in err.lower() and "usage" not in err.lower():
         return {"kind": "silent-failure", "detail": f"exit {rc} without a message\n{err[-500:]}"}
     return {"kind": "ok"}

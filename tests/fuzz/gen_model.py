@@ -3,7 +3,9 @@
 A case runs ekko-opt on the file with the standard pipeline in the worker:
 a model the language accepts must compile to kernels, and one it rejects
 must be rejected with `file:line:col: error:` (never later, by a verifier,
-with no position in the model).
+with no position in the model). Generated models give tables and features
+names that clash in the IR unless it tells them apart: a feature named as
+its table, or as another's function (`serve_t0`, `update_t0`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ def random_model(rng: random.Random) -> str:
         lines.append(f"  defaults {{ dim {dim}; serving {serving}; }}")
     tables = []
     for k in range(rng.randrange(1, 4)):
-        name = f"t{k}"
+        # or a name like another's function in the IR (`@update_t0`, `@serve_f1`)
+        name = rng.choice([f"t{k}", f"t{k}", f"t{k}", f"serve_f{k}",
+                           f"update_{tables[-1]}" if tables else f"t{k}"])
         tables.append(name)
         settings = [f"rows {rng.choice([1, 2, 10, 1000])};",
                     f"dim {rng.choice([1, 2, 3, 8, 16, 33])};"]
@@ -76,7 +80,9 @@ def random_model(rng: random.Random) -> str:
         lines.append(f"  table {name} {{ {' '.join(settings)} }}")
     for k, table in enumerate(tables):
         pooling = rng.choice(["", " pooling sum", " pooling mean", " pooling none"])
-        lines.append(f"  feature f{k} -> {table}{pooling};")
+        # a feature may share its table's name, or look like a function of the IR
+        name = rng.choice([f"f{k}", f"f{k}", table, f"serve_{table}", f"update_{table}"])
+        lines.append(f"  feature {name} -> {table}{pooling};")
     if rng.random() < 0.3:
         lines.append("  dense { bottom 13 -> 64 -> 16; top 64 -> 1; interaction dot; }")
     lines.append("}")

@@ -228,6 +228,57 @@ kern.bag %t, %ids, %out {layout = "f32", mode = "none"} : memref<10x4xf32>, memr
 
 // -----
 
+// What no backend compiles is refused here, not by a target later: per-sample
+// weights scale the rows of a sum only (torch's embedding_bag agrees).
+
+// CHECK: 'kern.bag' per-sample weights need mode "sum", got mode "mean"
+%t, %ids, %off, %w, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>)
+kern.bag %t, %ids, %off, %w, %out {layout = "f32", mode = "mean", weighted} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>
+
+// -----
+
+// CHECK: 'kern.bag' per-sample weights need mode "sum", got mode "none"
+%t, %ids, %w, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>)
+kern.bag %t, %ids, %w, %out {layout = "f32", mode = "none", weighted} : memref<10x4xf32>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>
+
+// -----
+
+// CHECK: the output buffer must hold f32, got memref<?x4xf16>
+%t, %ids, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf16>)
+kern.bag %t, %ids, %out {layout = "f32", mode = "none"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf16>
+
+// -----
+
+// CHECK: the output buffer memref<?x?xf32> must have a static dim
+%t, %ids, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x?xf32>)
+kern.bag %t, %ids, %out {layout = "f32", mode = "none"} : memref<10x4xf32>, memref<?xi64>, memref<?x?xf32>
+
+// -----
+
+// CHECK: 'kern.bag' dim must be at most 16,384, got 40,000 (MAX_DIM)
+%t, %ids, %out = "test.op"() : () -> (memref<10x40000xf32>, memref<?xi64>, memref<?x40000xf32>)
+kern.bag %t, %ids, %out {layout = "f32", mode = "none"} : memref<10x40000xf32>, memref<?xi64>, memref<?x40000xf32>
+
+// -----
+
+// CHECK: a f16 table buffer must hold f16, got memref<10x4xf32>
+%t, %ids, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
+kern.bag %t, %ids, %out {layout = "f16", mode = "none"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>
+
+// -----
+
+// CHECK: the offsets buffer must hold the ids' i64, got memref<?xi32>
+%t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi32>, memref<?x4xf32>)
+kern.bag %t, %ids, %off, %out {layout = "f32", mode = "sum"} : memref<10x4xf32>, memref<?xi64>, memref<?xi32>, memref<?x4xf32>
+
+// -----
+
+// CHECK: the weights buffer must hold f32, got memref<?xf64>
+%t, %ids, %off, %w, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf64>, memref<?x4xf32>)
+kern.bag %t, %ids, %off, %w, %out {layout = "f32", mode = "sum", weighted} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf64>, memref<?x4xf32>
+
+// -----
+
 // The custom form reports the same errors while parsing.
 
 // CHECK: 'kern.bag' operands must be (table, ids, out)
@@ -251,3 +302,15 @@ kern.bag %t, %ids, %off, %out {layout = "f32", mode = "sum", partitions = 5000 :
 // CHECK: 'seq' is a unit flag that says the seq operand is present, got 1 : i64
 %q, %v, %s, %ids, %r, %pv = "test.op"() : () -> (memref<10x12xi8>, memref<10xi64>, memref<10xi32>, memref<?xi64>, memref<?x12xi8>, memref<?xi64>)
 kern.pack %q, %v, %s, %ids, %r, %pv {layout = "int8", dim = 4 : i64, seq = 1 : i64} : memref<10x12xi8>, memref<10xi64>, memref<10xi32>, memref<?xi64>, memref<?x12xi8>, memref<?xi64>
+
+// -----
+
+// CHECK: 'kern.update' dim must be at most 16,384, got 40,000 (MAX_DIM)
+%t, %ids, %g = "test.op"() : () -> (memref<10x40000xf32>, memref<?xi64>, memref<?x40000xf32>)
+kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64} : memref<10x40000xf32>, memref<?xi64>, memref<?x40000xf32>
+
+// -----
+
+// CHECK: 'kern.pack' dim must be at most 16,384, got 40,000 (MAX_DIM)
+%q, %v, %ids, %r, %pv = "test.op"() : () -> (memref<10x40000xf32>, memref<10xi64>, memref<?xi64>, memref<?x40000xf32>, memref<?xi64>)
+kern.pack %q, %v, %ids, %r, %pv {layout = "f32", dim = 40000 : i64} : memref<10x40000xf32>, memref<10xi64>, memref<?xi64>, memref<?x40000xf32>, memref<?xi64>
