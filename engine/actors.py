@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 
 from ..compiler.frontend.model import Model
-from ..kernels.errors import EkkoError, UpdateError
+from ..kernels.errors import EkkoError
 from ..kernels.model import compile_model
 from ..kernels.sync import row_width, rows_dtype
 from .durable import HEALTHY, ROLLBACK, PacketLog, bump_counter, load_arrays, save_arrays
+from .inputs import check_delta
 from .packet import Packet
 from .primary import Commit, Primary
 from .replica import Replica
@@ -90,22 +91,6 @@ class StepResult:
     rollback: Commit | None = None
     rollback_record: dict | None = None
     duplicate: bool = False
-
-
-def check_delta(ids: Any, grads: Any, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The checks Primary.step makes, up front (so nothing is logged or sent for bad input)."""
-    ids = np.ascontiguousarray(np.asarray(ids))
-    grads = np.ascontiguousarray(np.asarray(grads))
-    if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise UpdateError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
-    ids = ids.astype(np.int64, copy=False)
-    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= rows):
-        bad = int(ids[(ids < 0) | (ids >= rows)][0])
-        raise UpdateError(f"id {bad} is out of range [0, {rows})")
-    if grads.shape != (len(ids), dim) or grads.dtype != np.float32:
-        raise UpdateError(f"grads must be float32 of shape ({len(ids)}, {dim}), "
-                          f"got {grads.dtype} {grads.shape}")
-    return ids, grads
 
 
 class ShardServer:

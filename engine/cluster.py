@@ -45,8 +45,9 @@ from ..kernels.errors import EkkoError
 from ..kernels.model import CompiledModel
 from ..kernels.model import compile_model as _compile
 from .actors import (ReplicaConfig, ReplicaServer, ShardConfig, ShardServer, StepResult,
-                     check_delta, shard_bounds)
+                     shard_bounds)
 from .engine import Engine
+from .inputs import as_array, as_ids, check_delta
 from .packet import Packet
 from .primary import Commit
 from .scheduler import Link, SchedulerConfig
@@ -408,9 +409,11 @@ class GroupLink(Link):
 class RemoteReplica:
     """engine.replicas[i]: one replica process; reads return copies."""
 
-    def __init__(self, index: int, actor: Any, timeout: float, lookup_timeout: float):
+    def __init__(self, index: int, actor: Any, timeout: float, lookup_timeout: float,
+                 rows: dict[str, int]):
         self.index, self.actor = index, actor
         self.timeout, self.lookup_timeout = timeout, lookup_timeout
+        self._rows = rows
         self._probe: Any = None
         self.down_since: float | None = None
 
@@ -425,8 +428,11 @@ class RemoteReplica:
 
     def lookup(self, feature: str, ids: Any, offsets: Any = None, per_sample_weights: Any = None,
                out: Any = None) -> np.ndarray:
-        result = call(self.actor.lookup.remote(feature, np.asarray(ids), offsets,
-                                               per_sample_weights), self.lookup_timeout)
+        ids, offsets, per_sample_weights = (
+            None if x is None else as_array(x, name, EkkoError) for x, name in
+            ((ids, "ids"), (offsets, "offsets"), (per_sample_weights, "per_sample_weights")))
+        result = call(self.actor.lookup.remote(feature, ids, offsets, per_sample_weights),
+                      self.lookup_timeout)
         if out is not None:
             np.copyto(out, result)
             return out
@@ -439,7 +445,10 @@ class RemoteReplica:
         return call(self.actor.versions.remote(table), self.timeout)
 
     def rows(self, table: str, ids: Any) -> tuple[np.ndarray, np.ndarray]:
-        return call(self.actor.rows.remote(table, np.asarray(ids)), self.timeout)
+        if table not in self._rows:
+            raise EkkoError(f"replica {self.index} has no table {table!r}")
+        ids = as_ids(ids, self._rows[table], error=EkkoError)
+        return call(self.actor.rows.remote(table, ids), self.timeout)
 
     def merge(self, packet: Packet | bytes) -> int:
         return call(self.actor.merge.remote(packet), self.timeout)
@@ -584,7 +593,8 @@ class ClusterEngine(Engine):
         actors = [replica_cls.remote(ReplicaConfig(
             m, i, names, str(self.directory / f"replica-{i}"), snapshot_s, self.timeout,
             tables_of, health.score, health.min_score, self.chunk_rows)) for i in range(n)]
-        self.replicas = [RemoteReplica(i, a, self.timeout, lookup_timeout)
+        rows = {t.name: t.rows for t in m.tables}
+        self.replicas = [RemoteReplica(i, a, self.timeout, lookup_timeout, rows)
                          for i, a in enumerate(actors)]
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _end, self.shards + actors, self.directory,

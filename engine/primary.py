@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels.errors import EkkoError, UpdateError
+from ..kernels.errors import EkkoError
 from ..kernels.model import CompiledModel, TableBuffers
 from ..kernels.sync import pack_kernel, row_width
+from .inputs import check_delta
 from .packet import Packet
 
 
@@ -172,18 +173,7 @@ class Primary:
     def step(self, table: str, ids: Any, grads: Any) -> Commit:
         """Apply one delta with the table's fused kernel; returns once committed."""
         pt = self.table(table)
-        ids = np.ascontiguousarray(np.asarray(ids))
-        grads = np.ascontiguousarray(np.asarray(grads))
-        if ids.ndim != 1 or ids.dtype.kind not in "iu":
-            raise UpdateError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
-        ids = ids.astype(np.int64, copy=False)
-        rows = pt.buf.table.rows
-        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= rows):
-            bad = int(ids[(ids < 0) | (ids >= rows)][0])
-            raise UpdateError(f"id {bad} is out of range [0, {rows})")
-        if grads.shape != (len(ids), pt.buf.table.dim) or grads.dtype != np.float32:
-            raise UpdateError(f"grads must be float32 of shape ({len(ids)}, {pt.buf.table.dim}), "
-                              f"got {grads.dtype} {grads.shape}")
+        ids, grads = check_delta(ids, grads, pt.buf.table.rows, pt.buf.table.dim)
         uniq, inverse = np.unique(ids, return_inverse=True)
         norms = np.sqrt(np.bincount(inverse, weights=np.einsum("ij,ij->i", grads, grads),
                                     minlength=len(uniq))).astype(np.float32) if len(ids) else \

@@ -23,6 +23,7 @@ import numpy as np
 from ..kernels.errors import EkkoError
 from ..kernels.model import CompiledModel
 from ..kernels.sync import SyncError, merge_kernel, pack_kernel, row_width, rows_dtype
+from .inputs import as_ids
 from .packet import Packet, PacketError
 from .stats import ReplicaStats
 
@@ -142,7 +143,8 @@ class Replica:
     def rows(self, table: str, ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """(serving rows, versions) of `ids`, read under sequence words (never torn)."""
         rt = self.table(table)
-        return self._read[table](rt.serving, rt.versions, np.asarray(ids, np.int64), seq=rt.seq)
+        ids = as_ids(ids, len(rt.versions), error=EkkoError)
+        return self._read[table](rt.serving, rt.versions, ids, seq=rt.seq)
 
     def serving(self, table: str) -> np.ndarray:
         """A read-only view of this replica's serving rows."""

@@ -358,3 +358,34 @@ def test_packets_through_bytes_give_the_same_replicas(model_path: Path) -> None:
         engine.flush()
         assert_replicas_match(engine)
         assert engine.stats()["packets"] > 0
+
+
+# -- odd input at the engine's edges --------------------------------------------------------------
+def test_torch_tensors_and_odd_ids_get_one_clear_error(model_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    m = compiled(model_path)
+    with ekko.Engine(m, replicas=1) as engine:
+        grads = torch.ones((2, 8), requires_grad=True)  # a gradient is read, never written
+        engine.step("a", torch.tensor([1, 2]), grads)
+        for bad, match in ((torch.ones((2, 8), dtype=torch.bfloat16), "bfloat16 tensor.*float()"),
+                           (torch.ones((2, 8)).to_sparse(), "sparse torch tensor"),
+                           (torch.ones((2, 8), dtype=torch.float64), "float32")):
+            with pytest.raises(EkkoError, match=match):
+                engine.step("a", [1, 2], bad)
+        with pytest.raises(EkkoError, match="sparse"):
+            engine.step("a", torch.tensor([1, 2]).to_sparse(), np.ones((2, 8), np.float32))
+        with pytest.raises(EkkoError, match="id 18446744073709551615 is out of range"):
+            engine.step("a", np.array([2**64 - 1], np.uint64), np.ones((1, 8), np.float32))
+        with pytest.raises(EkkoError, match="inhomogeneous"):
+            engine.step("a", [[1], [1, 2]], np.ones((2, 8), np.float32))
+        assert engine.step("a", [], np.ones((0, 8), np.float32)) > 0  # an empty batch
+        engine.flush()
+        r = engine.replicas[0]
+        for ids, match in (([1.5], "integer"), ([2**64], "out of range|integer"),
+                           (np.array([2**63], np.uint64), "id 9223372036854775808 is out of"),
+                           ([300], "id 300 is out of range")):
+            with pytest.raises(EkkoError, match=match):
+                r.rows("a", ids)
+        rows, versions = r.rows("a", torch.tensor([0, 299]))
+        assert versions.tolist() == engine.primary.versions("a")[[0, 299]].tolist()
+        assert engine.stats()["rejected_steps"] == 6
