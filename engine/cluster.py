@@ -127,13 +127,17 @@ def call(ref: Any, timeout: float) -> Any:
 class _ShardView:
     """A primary shard as a link sees it: its tables' row counts, norm means, row bytes."""
 
-    def __init__(self, rows: dict[str, int], row_bytes: dict[str, int]):
+    def __init__(self, rows: dict[str, int], row_bytes: dict[str, int], issued: dict[str, int]):
         self.tables = {n: SimpleNamespace(buf=SimpleNamespace(table=SimpleNamespace(rows=r)),
                                           norm_mean=0.0) for n, r in rows.items()}
         self._row_bytes = row_bytes
+        self._issued = dict(issued)  # when the engine started: links number on from here
 
     def row_bytes(self, table: str) -> int:
         return self._row_bytes[table]
+
+    def issued(self, table: str) -> int:
+        return self._issued.get(table, 0)
 
 
 class _Watermarks:
@@ -601,10 +605,18 @@ class ClusterEngine(Engine):
                                            self._own_dir)
         for r in self.replicas:
             call(r.actor.ping.remote(), self.timeout)
+        # a directory used before: its shards replayed steps; number on from the last (the
+        # links' watermarks start at each shard's newest version, not at 0)
+        self._seq = dict.fromkeys(self._tables, 0)
+        for s, shard in enumerate(self.shards):
+            info = call(shard.info.remote(), self.timeout)
+            self.issued[s].update(info["issued"])
+            for name, seq in info["last_seq"].items():
+                self._seq[name] = max(self._seq[name], seq)
         self.views = []
         for s in range(k):
             rows = {name: self.bounds[name][s + 1] - self.bounds[name][s] for name in tables_of[s]}
-            self.views.append(_ShardView(rows, row_bytes[s]))
+            self.views.append(_ShardView(rows, row_bytes[s], self.issued[s]))
         self.marks = _Watermarks(actors)
         if self.config.bandwidth is None:  # every replica is sent the same: pack once per shard
             group = [GroupLink(self.views[s], _GroupReplica([_Member(i, a) for i, a in
@@ -622,13 +634,6 @@ class ClusterEngine(Engine):
             self.shard_links = [[per[s] for per in self.links] for s in range(k)]
         self.primary = PrimaryShards(self)
         self._announce = {name: threading.Lock() for name in self._tables}
-        # a directory used before: its shards replayed steps; number on from the last
-        self._seq = dict.fromkeys(self._tables, 0)
-        for k, shard in enumerate(self.shards):
-            info = call(shard.info.remote(), self.timeout)
-            self.issued[k].update(info["issued"])
-            for name, seq in info["last_seq"].items():
-                self._seq[name] = max(self._seq[name], seq)
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> ClusterEngine:

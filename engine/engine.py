@@ -9,11 +9,16 @@
 Everything runs in this process; the parts talk through packets and plain
 values only (see docs/engine.md), so they can move onto separate processes.
 `step` is safe from several threads at once (each table has its own lock).
+
+An engine owns its model's tables: it numbers on from the versions they
+carry, and a newer Engine on the same compiled model (a notebook cell run
+again) takes them over, after which this one's step, flush and check raise.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,26 @@ from .replica import Replica
 from .scheduler import Link, SchedulerConfig
 from .state import HealthConfig, StateManager
 from .stats import Histogram, latency_summary
+
+
+_owners: dict[int, weakref.ref] = {}  # id(compiled model) -> the engine that owns its tables
+_owners_lock = threading.Lock()
+
+
+def _take_over(model: CompiledModel, engine: Engine) -> Engine | None:
+    """Make `engine` the owner of `model`'s tables; returns the previous owner, if alive."""
+    key = id(model)
+
+    def gone(ref: weakref.ref) -> None:
+        with _owners_lock:
+            if _owners.get(key) is ref:
+                del _owners[key]
+
+    with _owners_lock:
+        ref = _owners.get(key)
+        _owners[key] = weakref.ref(engine, gone)
+    old = ref() if ref is not None else None
+    return old if old is not None and old.model is model else None
 
 
 _CLUSTER_ONLY = {"primary_shards", "directory", "snapshot_s", "max_restarts", "timeout_s",
@@ -58,6 +83,10 @@ class Engine:
         if not isinstance(replicas, int) or replicas < 1:
             raise EkkoError(f"replicas must be a positive integer, got {replicas!r}")
         self.model = model
+        self._retired = False
+        previous = _take_over(model, self)
+        if previous is not None:  # before reading the tables: its steps must be over
+            previous._retire()
         self.primary = Primary(model, history_rows=history_rows, seed=seed)
         snapshot = {n: (pt.buf.lookup_table, pt.buf.versions) for n, pt in self.primary.tables.items()}
         issued = {n: pt.version for n, pt in self.primary.tables.items()}
@@ -78,6 +107,7 @@ class Engine:
 
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> Engine:
+        self._alive()
         if not self._started:
             for link in self.links:
                 link.start()
@@ -92,6 +122,20 @@ class Engine:
 
     def __enter__(self) -> Engine:
         return self.start()
+
+    def _retire(self) -> None:
+        """A newer Engine took this model's tables: finish the steps under way, then stop."""
+        for lock in self._announce.values():
+            lock.acquire()
+        self._retired = True
+        for lock in self._announce.values():
+            lock.release()
+        self.close()
+
+    def _alive(self) -> None:
+        if self._retired:
+            raise EkkoError("a newer Engine on the same compiled model took its tables over "
+                            "(it numbers on from this one's versions): use that one")
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -109,6 +153,7 @@ class Engine:
                 self.rejected_steps += 1
             raise EkkoError(f"no table {table!r} (tables: {', '.join(self.primary.tables)})")
         with lock:
+            self._alive()
             try:
                 commit = self.primary.step(table, ids, grads)
             except EkkoError:
@@ -135,6 +180,7 @@ class Engine:
 
     def flush(self, timeout: float | None = None) -> None:
         """Return when every replica holds every update committed before this call."""
+        self._alive()
         if not self._started:
             raise EkkoError("the engine is not running: use it as a context manager")
         targets = {n: self.primary.issued(n) for n in self.primary.tables}
@@ -146,6 +192,7 @@ class Engine:
 
     def check(self) -> bool:
         """Run the replica health checks now; rolls back on failure (see HealthConfig)."""
+        self._alive()
         return self.state.check(self.replicas)
 
     def lookup(self, feature: str, ids: Any, offsets: Any = None, **kw: Any) -> Any:

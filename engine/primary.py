@@ -160,8 +160,21 @@ class Primary:
             pt = PrimaryTable(t.name, model.tables[t.name], spec.serving or spec.table_dtype)
             pt.cache = UpdateCache(history_rows)
             pt.undo = UndoLog(t.rows) if undo else None
+            self._continue_versions(pt)
             self.tables[t.name] = pt
         self._pack = {name: pack_kernel(pt.buf.table.dim, pt.layout) for name, pt in self.tables.items()}
+
+    @staticmethod
+    def _continue_versions(pt: PrimaryTable) -> None:
+        """Number on from the newest version the table's rows carry.
+
+        A model an engine already updated carries that engine's versions; a
+        new engine on it starting again at 1 would stamp rows older than the
+        ones its replicas copied, and newest-version-wins would drop them.
+        """
+        versions = pt.buf.versions
+        pt.version = pt.healthy_version = int(versions.max()) if len(versions) else 0
+        pt.cache.floor = pt.version  # what changed before is not known here
 
     def table(self, name: str) -> PrimaryTable:
         try:

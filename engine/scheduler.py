@@ -128,6 +128,8 @@ class Link:
                  on_error: Callable[[Exception], None] | None = None):
         self.primary, self.replica, self.config = primary, replica, config
         self.pending = {n: _Pending(pt.buf.table.rows) for n, pt in primary.tables.items()}
+        for name, p in self.pending.items():  # the tables may carry versions already
+            p.noted = primary.issued(name)
         self.fifo: dict[str, deque] = {n: deque() for n in primary.tables}
         self.arrivals = 0
         self.row_bytes = {n: primary.row_bytes(n) + ROW_OVERHEAD for n in primary.tables}

@@ -360,6 +360,61 @@ def test_packets_through_bytes_give_the_same_replicas(model_path: Path) -> None:
         assert engine.stats()["packets"] > 0
 
 
+# -- a replica that differs is never reported fresh ---------------------------------------------
+def diff_rows(engine, replica, table: str) -> int:
+    """How many rows of `table` the replica holds otherwise than the primary."""
+    mine, theirs = replica.serving(table), engine.primary.serving(table)
+    return int(((mine != theirs).any(axis=1) | (replica.versions(table) !=
+                                                 engine.primary.versions(table))).sum())
+
+
+EIGHT_HUNDRED = """
+model notebook {
+  defaults { dim 8; dtype f32; optimizer sgd(lr=0.1); serving f32; }
+  table t { rows 800; }
+  feature f -> t pooling sum;
+}
+"""
+
+
+def test_a_second_engine_on_one_model_numbers_on_and_retires_the_first(tmp_path: Path) -> None:
+    """A notebook cell run again: a new Engine on the same compiled model, the first still up.
+
+    The tables carry the first engine's versions; the second numbers on from
+    them (before, it started at 1 and its replicas dropped every row it sent
+    that was not newer: 35 of 800 rows differed while check() passed).
+    """
+    path = tmp_path / "nb.ekko"
+    path.write_text(EIGHT_HUNDRED)
+    m = ekko.compile_model(path)
+    rng = np.random.default_rng(11)
+
+    def steps(engine, n: int) -> None:
+        for _ in range(n):
+            engine.step("t", rng.integers(0, 800, 50), rng.standard_normal((50, 8)).astype(np.float32))
+
+    first = ekko.Engine(m, replicas=2).start()
+    steps(first, 20)
+    first.flush()
+    newest = first.primary.issued("t")
+    second = ekko.Engine(m, replicas=2)
+    with pytest.raises(EkkoError, match="newer Engine"):
+        steps(first, 1)
+    with pytest.raises(EkkoError, match="newer Engine"):
+        first.flush()
+    with second:
+        assert second.primary.issued("t") == newest
+        steps(second, 3)
+        second.flush()
+        assert all(diff_rows(second, r, "t") == 0 for r in second.replicas)
+        assert second.check() is True
+    with ekko.Engine(m, replicas=1) as third:  # and after a clean close, the same
+        steps(third, 3)
+        third.flush()
+        assert_replicas_match(third)
+        assert third.primary.issued("t") == newest + 6
+
+
 # -- odd input at the engine's edges --------------------------------------------------------------
 def test_torch_tensors_and_odd_ids_get_one_clear_error(model_path: Path) -> None:
     torch = pytest.importorskip("torch")
