@@ -49,6 +49,7 @@ from .actors import (ReplicaConfig, ReplicaServer, ShardConfig, ShardServer, Ste
 from .engine import Engine
 from .inputs import as_array, as_ids, check_delta
 from .packet import Packet
+from .replica import ReplicaDiverged
 from .primary import Commit
 from .scheduler import Link, SchedulerConfig
 from .state import HealthConfig, Rollback
@@ -203,6 +204,9 @@ class _LinkReplica:
     def note_issued(self, table: str, version: int) -> None:
         pass  # travels with each packet (Packet.newest)
 
+    def divergence(self) -> dict:
+        return {}  # kept by the replica process: flush asks it (ReplicaServer.status)
+
     def set_watermark(self, table: str, version: int) -> None:
         if self.link is not None and self.link.poisoned:
             return  # a lost send was not caught up with: claim nothing
@@ -306,6 +310,9 @@ class _GroupReplica:
 
     def note_issued(self, table: str, version: int) -> None:
         pass  # travels with each packet (Packet.newest)
+
+    def divergence(self) -> dict:
+        return {}  # kept by the replica processes: flush asks them (ReplicaServer.status)
 
     def set_watermark(self, table: str, version: int) -> None:
         for m in self.members:
@@ -764,13 +771,16 @@ class ClusterEngine(Engine):
                 time.sleep(0.05)
 
     def _holds(self, r: RemoteReplica, targets: list[dict[str, int]], deadline: float) -> bool:
+        """Whether replica `r` holds every target; raises ReplicaDiverged when it cannot."""
         left = deadline - time.monotonic()
         if left <= 0:
             return False
         try:
-            wm = call(r.actor.watermarks.remote(), min(left, self.timeout))
+            wm, divergent = call(r.actor.status.remote(), min(left, self.timeout))
         except Unavailable:
             return False
+        if divergent:
+            raise ReplicaDiverged(r.index, divergent)
         return all(wm.get(t, {}).get(s, -1) >= v for s, tv in enumerate(targets)
                    for t, v in tv.items())
 
@@ -798,7 +808,17 @@ class ClusterEngine(Engine):
             self.failed_checks += 1
             for table in self._tables:
                 self._rollback(table, reason)
+            self._settle_divergent()
             return False
+
+    def _settle_divergent(self) -> None:
+        """After a rollback each replica settles its divergent rows again (as in process)."""
+        refs = {r.index: r.actor.settle_divergent.remote() for r in self.replicas}
+        for i, ref in refs.items():
+            try:
+                call(ref, self.timeout)
+            except Unavailable:
+                self.replicas[i].mark_down()  # it settles from the shards when it is back
 
     def _changed(self) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {t: [] for t in self._tables}
@@ -916,6 +936,9 @@ class ClusterEngine(Engine):
             "bytes_moved": sum(p.get("bytes_moved", 0) for p in per),
             "packets": sum(p.get("packets", 0) for p in per),
             "packets_rejected": sum(p.get("packets_rejected", 0) for p in per),
+            "rows_repaired": sum(p.get("rows_repaired", 0) for p in per),
+            "divergent_rows": sum(p.get("divergent_rows", 0) for p in per),
+            "future_packets": sum(p.get("future_packets", 0) for p in per),
             "rollbacks": [r.as_dict() for r in self.rollbacks],
             "checks": self.checks,
             "failed_checks": self.failed_checks,

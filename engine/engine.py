@@ -18,6 +18,7 @@ again) takes them over, after which this one's step, flush and check raise.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 from ..kernels.errors import EkkoError
 from ..kernels.model import CompiledModel, compile_model
 from .primary import Commit, Primary
-from .replica import Replica
+from .replica import Replica, ReplicaDiverged
 from .scheduler import Link, SchedulerConfig
 from .state import HealthConfig, StateManager
 from .stats import Histogram, latency_summary
@@ -179,16 +180,35 @@ class Engine:
             link.enqueue(commit, significance)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Return when every replica holds every update committed before this call."""
+        """Return when every replica holds every update committed before this call.
+
+        Raises ReplicaDiverged (an EkkoError) naming the replica, table and
+        rows when a replica holds rows it could not be made equal to the
+        primary's (see Replica.settle); `check()` then fails and rolls back.
+        """
         self._alive()
         if not self._started:
             raise EkkoError("the engine is not running: use it as a context manager")
         targets = {n: self.primary.issued(n) for n in self.primary.tables}
+        deadline = None if timeout is None else time.monotonic() + timeout
         for link in self.links:
-            if not link.wait_for(targets, timeout):
-                errors = "; ".join(link.errors[-3:])
-                raise EkkoError(f"replica {link.replica.index} did not catch up"
-                                + (f" ({errors})" if errors else " in time"))
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                caught_up = link.wait_for(targets, left)
+                self._raise_divergence()  # (a divergence seen by wait_for may be settled now)
+                if caught_up:
+                    break
+                if left == 0.0 or not link.running:
+                    errors = "; ".join(link.errors[-3:])
+                    raise EkkoError(f"replica {link.replica.index} did not catch up"
+                                    + (f" ({errors})" if errors else " in time"))
+        self._raise_divergence()
+
+    def _raise_divergence(self) -> None:
+        for r in self.replicas:
+            rows = r.divergence()
+            if rows:
+                raise ReplicaDiverged(r.index, rows)
 
     def check(self) -> bool:
         """Run the replica health checks now; rolls back on failure (see HealthConfig)."""
@@ -213,6 +233,7 @@ class Engine:
             summary["watermarks"] = self.replicas[i].watermarks()
             summary["backlog_rows"] = link.backlog()
             summary["link_errors"] = list(link.errors)
+            summary["divergent_rows"] = sum(map(len, self.replicas[i].divergence().values()))
         return {
             "freshness_ms": fresh.summary(),
             "replicas": per,
@@ -223,6 +244,9 @@ class Engine:
             "bytes_moved": sum(p["bytes_moved"] for p in per),
             "packets": sum(p["packets"] for p in per),
             "packets_rejected": sum(p["packets_rejected"] for p in per),
+            "rows_repaired": sum(p["rows_repaired"] for p in per),
+            "divergent_rows": sum(p["divergent_rows"] for p in per),
+            "future_packets": sum(p["future_packets"] for p in per),
             "rollbacks": [r.as_dict() for r in self.state.rollbacks],
             "checks": self.state.checks,
             "lookup_ms": latency_summary(lookups),

@@ -26,6 +26,11 @@ Policies (`SchedulerConfig.policy`):
 
 The budget is a token bucket (bytes/s, depth burst_s seconds of it); a
 packet costs its encoded size (`Packet.nbytes`).
+
+Every packet goes through `Replica.deliver`: rows the replica rejects, or
+refuses as not newer while it holds something else, are re-packed from the
+primary and settled; what still differs is divergent, and `Engine.flush`
+raises instead of reporting the replica fresh.
 """
 
 from __future__ import annotations
@@ -184,17 +189,21 @@ class Link:
         return w
 
     def wait_for(self, targets: dict[str, int], timeout: float | None) -> bool:
-        """Block until every table's watermark reaches its target; False on timeout."""
+        """Block until every table's watermark reaches its target; False on timeout, or at
+        once when the replica holds divergent rows (they will not arrive by waiting)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
             while not all(self._watermark(t) >= v for t, v in targets.items()):
-                if not self.running:
+                if not self.running or self._diverged():
                     return False
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
                 self.cond.wait(0.05 if left is None else min(left, 0.05))
             return True
+
+    def _diverged(self) -> bool:
+        return bool(self.replica.divergence())
 
     def backlog(self) -> int:
         """Rows (or, for fifo, updates' rows) waiting on this link."""
@@ -401,15 +410,24 @@ class Link:
         for table, ids, since, (sig, sig_at), _ in batch:
             mean = self.primary.tables[table].norm_mean or 1.0
             for lo in range(0, len(ids), step):
-                packet = self.primary.pack(table, ids[lo:lo + step])
-                packet.commit_ns = since[lo:lo + step]
-                self.replica.note_issued(table, packet.newest)
-                self.replica.merge(packet.to_bytes() if self.config.wire else packet)
+                self._deliver(table, ids[lo:lo + step], since[lo:lo + step])
                 visible = time.time_ns()
                 at = sig_at[lo:lo + step]
                 hot = (sig[lo:lo + step] >= self.config.significant_ratio * mean) & (at > 0)
                 if hot.any():  # measured from the significant update's own commit
                     self.significant.add((visible - at[hot]) / 1e6)
+
+    def _deliver(self, table: str, ids: np.ndarray, since: np.ndarray) -> None:
+        """Pack `ids` now (newest values) and have the replica merge and verify them."""
+        packet = self.primary.pack(table, ids)
+        packet.commit_ns = since
+        self.replica.note_issued(table, packet.newest)
+        try:
+            self.replica.deliver(packet.to_bytes() if self.config.wire else packet,
+                                 self.primary.pack)
+        except EkkoError as e:  # the packet as a whole was refused: settle its rows
+            self.errors.append(f"{type(e).__name__}: {e}")
+            self.replica.settle(table, ids, self.primary.pack, why=str(e))
 
     def lag_ms(self) -> float:
         """How long the oldest pending update has waited (0 when nothing waits)."""
