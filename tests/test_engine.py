@@ -17,6 +17,7 @@ import ekko
 from ekko.engine import HealthConfig, SchedulerConfig
 from ekko.engine.primary import UpdateCache
 from ekko.engine.replica import ReplicaDiverged
+from ekko.engine.scheduler import ManualClock
 from ekko.kernels.errors import EkkoError
 from ekko.kernels.sync import SyncError
 
@@ -206,17 +207,27 @@ def test_primary_changed_since_follows_steps(model_path: Path) -> None:
 
 
 def test_a_newer_update_supersedes_a_pending_one(model_path: Path) -> None:
-    """While a link is held back, 50 updates of the same rows leave as one value each."""
+    """While a link is held back, 50 updates of the same rows leave as one value each.
+
+    The periodic link follows a clock the test advances, so the 50 steps fall
+    in one period however slowly they run.
+    """
     m = compiled(model_path)
-    cfg = SchedulerConfig(policy="periodic", interval_s=0.3)
+    clock = ManualClock()
+    cfg = SchedulerConfig(policy="periodic", interval_s=0.3, clock=clock)
     with ekko.Engine(m, replicas=1, scheduler=cfg) as engine:
-        t0 = time.perf_counter()
         for _ in range(50):
             engine.step("d", np.array([1, 2, 3]), np.ones((3, 16), np.float32))
+        time.sleep(0.05)  # the link had its chance: it must wait for the period
+        assert engine.stats()["rows_moved"] == 0
+        clock.advance(0.3)
         engine.flush()
-        if time.perf_counter() - t0 < 0.3:  # the steps fit in one period: nothing sent twice
-            assert engine.stats()["rows_moved"] == 3
-        assert engine.stats()["rows_moved"] <= 3 * 50
+        assert engine.stats()["rows_moved"] == 3  # each row once, at its 50th version
+        assert_replicas_match(engine)
+        engine.step("d", np.array([2]), np.ones((1, 16), np.float32))
+        clock.advance(0.3)
+        engine.flush()
+        assert engine.stats()["rows_moved"] == 4
         assert_replicas_match(engine)
 
 
