@@ -427,6 +427,8 @@ class RemoteReplica:
         self._rows = rows
         self._probe: Any = None
         self.down_since: float | None = None
+        self.routed_around = 0  # lookups the engine sent elsewhere: this replica was down
+        self._routed_lock = threading.Lock()
 
     @property
     def pid(self) -> int:
@@ -497,6 +499,11 @@ class RemoteReplica:
         if self.down_since is None:
             self.down_since = time.monotonic()
         self._probe = None
+
+    def routed(self) -> None:
+        """A lookup went to another replica because this one was down or failed."""
+        with self._routed_lock:
+            self.routed_around += 1
 
 
 class PrimaryShards:
@@ -892,11 +899,13 @@ class ClusterEngine(Engine):
                 r = self.replicas[self._next_replica % n]
                 self._next_replica += 1
                 if not r.available():
+                    r.routed()
                     continue
                 try:
                     return r.lookup(feature, ids, offsets, **kw)
                 except Unavailable:
                     r.mark_down()
+                    r.routed()
             time.sleep(0.05)
         raise EkkoError(f"no replica answered within {self.timeout:.0f} s")
 
@@ -915,6 +924,7 @@ class ClusterEngine(Engine):
             summary["backlog_rows"] = sum(link.backlog() for link in self.links[i])
             summary["link_errors"] = [e for link in self.links[i] for e in link.errors_of(i)]
             summary["link_recoveries"] = sum(link.recoveries_of(i) for link in self.links[i])
+            summary["lookups_routed_around"] = r.routed_around
             summary.update({k: info.get(k) for k in ("pid", "node", "restarts", "catch_ups",
                                                       "restored_from_snapshot", "ready_seconds")})
             per.append(summary)
