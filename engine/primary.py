@@ -46,6 +46,7 @@ class Commit:
     norms: np.ndarray  # L2 norm of each id's summed gradient row
     commit_ns: int
     rollback: bool = False
+    prior_norm_mean: float = 0.0  # the table's running mean norm before this commit
 
 
 class UpdateCache:
@@ -188,9 +189,10 @@ class Primary:
         pt = self.table(table)
         ids, grads = check_delta(ids, grads, pt.buf.table.rows, pt.buf.table.dim)
         uniq, inverse = np.unique(ids, return_inverse=True)
-        norms = np.sqrt(np.bincount(inverse, weights=np.einsum("ij,ij->i", grads, grads),
-                                    minlength=len(uniq))).astype(np.float32) if len(ids) else \
-            np.zeros(0, np.float32)
+        # in f64: finite f32 gradients near f32's limit have finite norms (f32 squares overflow)
+        norms = np.sqrt(np.bincount(inverse, weights=np.einsum("ij,ij->i", grads, grads,
+                                                               dtype=np.float64),
+                                    minlength=len(uniq))) if len(ids) else np.zeros(0)
         with pt.lock:
             saved = pt.undo.save(uniq, pt.arrays()) if pt.undo is not None else uniq[:0]
             version = pt.version + 1
@@ -208,10 +210,11 @@ class Primary:
             commit_ns = time.time_ns()
             pt.cache.record(version, uniq)
             pt.commits += 1
-            if len(norms):
-                mean = float(norms.mean())
+            prior = pt.norm_mean
+            mean = float(norms.mean()) if len(norms) else float("nan")
+            if np.isfinite(mean):  # one non-finite update must not blind the outlier check
                 pt.norm_mean = mean if pt.commits == 1 else 0.95 * pt.norm_mean + 0.05 * mean
-        return Commit(table, version, uniq, norms, commit_ns)
+        return Commit(table, version, uniq, norms, commit_ns, prior_norm_mean=prior)
 
     def pack(self, table: str, ids: np.ndarray) -> Packet:
         """The current serving rows and versions of `ids` (distinct) as a packet."""

@@ -76,12 +76,17 @@ class StateManager:
         self._lock = threading.Lock()
 
     def on_commit(self, c: Commit) -> str | None:
-        """Check one arriving update; returns the reason it is harmful, or None."""
+        """Check one arriving update; returns the reason it is harmful, or None.
+
+        A harmful update leaves the running mean as it was before it: one huge
+        update must not raise the bar every later one is judged by.
+        """
         pt = self.primary.tables[c.table]
         if len(c.norms) and pt.commits > self.config.warmup:
             worst = float(c.norms.max())
             mean = pt.norm_mean or 1.0
             if not np.isfinite(worst) or worst > self.config.outlier_factor * mean:
+                pt.norm_mean = c.prior_norm_mean
                 return (f"update norm {worst:.3g} is over {self.config.outlier_factor:g}x the "
                         f"table's running mean {mean:.3g} (version {c.version})")
         return None

@@ -307,6 +307,15 @@ def test_harmful_update_is_caught_and_rolled_back(model_path: Path) -> None:
         assert rb["undone_versions"] == (11, 11) and rb["rows"] == len(np.unique(ids))
         assert engine.primary.serving("d").tobytes() == healthy["d"]
         assert_replicas_match(engine)
+        # the harmful update did not raise the bar: one 100x smaller is caught as well
+        # (it once moved the running mean 250-fold, and such an update then passed)
+        ids, grads = delta(rng, m.table("d"), 200)
+        grads[7] *= 1e4
+        engine.step("d", ids, grads)
+        assert len(engine.stats()["rollbacks"]) == 2
+        engine.flush()
+        assert engine.primary.serving("d").tobytes() == healthy["d"]
+        assert_replicas_match(engine)
 
 
 def test_score_hook_failure_rolls_every_table_back(model_path: Path) -> None:
