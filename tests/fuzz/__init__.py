@@ -10,13 +10,15 @@ Targets, each a module with `generate(rng) -> case` (a JSON-able dict):
           return, called with wrong dtypes, shapes, byte order, strides,
           aliasing, out-of-range ids, NaN/inf and huge values.
 * `cli`   flags for the `ekko` and `ekko-opt` commands.
+* `engine` `ekko.Engine` operations from several threads at once, with bad
+          input and garbled or semantically damaged packets (gen_engine.py).
 
 The oracle (`oracle.py`): never a traceback, crash or hang. ekko-opt's and
 the model language's errors carry `file:line:col`; the Python API raises
 nothing but `ekko.EkkoError`, and when it does every buffer is
-byte-identical to before; inputs that must be rejected are. `ir`, `model` and
-`api` cases run in a worker process (a crash or hang there is detected and
-the worker restarted); `cli` cases run the real commands.
+byte-identical to before; inputs that must be rejected are. `ir`, `model`,
+`api` and `engine` cases run in a worker process (a crash or hang there is
+detected and the worker restarted); `cli` cases run the real commands.
 
 `python -m tests.fuzz --minutes N` runs a campaign and writes each new
 failure as a case file under tests/fuzz/regressions/; pytest replays every
@@ -34,15 +36,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
-TARGETS = ("ir", "model", "api", "cli")
+TARGETS = ("ir", "model", "api", "cli", "engine")
 
 
 def generator(target: str) -> Callable[[random.Random], dict]:
     """The case generator of `target`."""
-    from . import gen_api, gen_cli, gen_ir, gen_model
+    from . import gen_api, gen_cli, gen_engine, gen_ir, gen_model
 
     return {"ir": gen_ir.generate, "model": gen_model.generate, "api": gen_api.generate,
-            "cli": gen_cli.generate}[target]
+            "cli": gen_cli.generate, "engine": gen_engine.generate}[target]
 
 
 def signature(case: dict, result: dict) -> str:
