@@ -8,8 +8,9 @@ public names.
 
 from .engine import Engine
 from .packet import Packet, PacketError
-from .scheduler import POLICIES, SchedulerConfig
+from .replica import ReplicaDiverged
+from .scheduler import POLICIES, ManualClock, SchedulerConfig
 from .state import HealthConfig, Rollback
 
-__all__ = ["Engine", "HealthConfig", "POLICIES", "Packet", "PacketError", "Rollback",
-           "SchedulerConfig"]
+__all__ = ["Engine", "HealthConfig", "ManualClock", "POLICIES", "Packet", "PacketError",
+           "ReplicaDiverged", "Rollback", "SchedulerConfig"]

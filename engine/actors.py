@@ -34,11 +34,12 @@ from typing import Any
 import numpy as np
 
 from ..compiler.frontend.model import Model
-from ..kernels.errors import EkkoError, UpdateError
+from ..kernels.errors import EkkoError
 from ..kernels.model import compile_model
 from ..kernels.sync import row_width, rows_dtype
 from .durable import (HEALTHY, ROLLBACK, DamageError, PacketLog, bump_counter, history, load_arrays,
                       log_summary, new_history, save_arrays, set_aside)
+from .inputs import check_delta
 from .packet import Packet
 from .primary import Commit, Primary
 from .replica import Replica
@@ -97,22 +98,6 @@ class StepResult:
     rollback: Commit | None = None
     rollback_record: dict | None = None
     duplicate: bool = False
-
-
-def check_delta(ids: Any, grads: Any, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The checks Primary.step makes, up front (so nothing is logged or sent for bad input)."""
-    ids = np.ascontiguousarray(np.asarray(ids))
-    grads = np.ascontiguousarray(np.asarray(grads))
-    if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise UpdateError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
-    ids = ids.astype(np.int64, copy=False)
-    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= rows):
-        bad = int(ids[(ids < 0) | (ids >= rows)][0])
-        raise UpdateError(f"id {bad} is out of range [0, {rows})")
-    if grads.shape != (len(ids), dim) or grads.dtype != np.float32:
-        raise UpdateError(f"grads must be float32 of shape ({len(ids)}, {dim}), "
-                          f"got {grads.dtype} {grads.shape}")
-    return ids, grads
 
 
 class ShardServer:
@@ -456,6 +441,7 @@ class ReplicaServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.starts = bump_counter(self.dir / "starts")
         self.model = compile_model(config.model)
+        self._rows = {t.name: t.rows for t in config.model.tables}
         t0 = time.perf_counter()
         snapshot, self.wm, restored = self._load()
         issued = {n: max(0, max(w.values(), default=0)) for n, w in self.wm.items()}
@@ -587,7 +573,7 @@ class ReplicaServer:
                     ask.append(handle.pack_range.remote(table, *nxt) if whole
                                else handle.pack.remote(table, nxt))
                 self.replica.note_issued(table, p.newest)
-                self.replica.merge(p)
+                self.replica.deliver(p, self._fetch)
                 rows += len(p)
                 del p
             self.set_watermark(table, shard, upto)
@@ -618,13 +604,28 @@ class ReplicaServer:
                 rt.watermark = -1
         return True
 
+    def _fetch(self, table: str, ids: np.ndarray) -> Packet:
+        """The shards' current rows of sorted global `ids`, in that order (see Replica.settle)."""
+        import ray
+
+        bounds = np.asarray(shard_bounds(self._rows[table], len(self.config.shards)))
+        which = np.searchsorted(bounds, ids, side="right") - 1
+        refs = [ray.get_actor(self.config.shards[k]).pack.remote(table, ids[which == k] - bounds[k])
+                for k in np.unique(which)]
+        parts = [ray.get(r, timeout=self.config.call_timeout_s) for r in refs]
+        return Packet(table, np.concatenate([p.ids for p in parts]),
+                      np.concatenate([p.rows for p in parts]),
+                      np.concatenate([p.versions for p in parts]),
+                      newest=max(p.newest for p in parts))
+
     # -- messages from the engine ---------------------------------------------------------
     def merge_from(self, packet: Packet, commit_ns: np.ndarray | None) -> int:
-        """Merge a packet a link sent (commit times travel beside it)."""
+        """Merge a packet a link sent (commit times travel beside it), verifying each row:
+        what the merge rejects or refuses is settled against the shards (Replica.deliver)."""
         if commit_ns is not None:
             packet.commit_ns = commit_ns
         self.replica.note_issued(packet.table, packet.newest)
-        return self.replica.merge(packet)
+        return self.replica.deliver(packet, self._fetch)
 
     def merge_many(self, packets: list[Packet], commit_ns: list[np.ndarray]) -> int:
         """Merge a link's batch (one message from the engine, packets from the shard)."""
@@ -647,7 +648,16 @@ class ReplicaServer:
         the in-process engine passes too); returns the reason it failed, or None.
         """
         health = HealthConfig(score=self.config.score, min_score=self.config.min_score)
-        return replica_problem(self.replica, changed, health)
+        return replica_problem(self.replica, changed, health, self._fetch)
+
+    def settle_divergent(self) -> dict[str, list[int]]:
+        """After a rollback: settle every divergent row again; returns those still divergent."""
+        return {t: ids.tolist() for t, ids in self.replica.settle_divergent(self._fetch).items()
+                if len(ids)}
+
+    def status(self) -> tuple[dict[str, dict[int, int]], dict[str, dict[int, str]]]:
+        """(watermarks per table and shard, divergent rows per table with why): for flush."""
+        return self.watermarks(), self.replica.divergence()
 
     def set_watermarks(self, marks: list[tuple[str, int, int]]) -> None:
         """Several (table, shard, version) watermarks in one message."""
@@ -709,6 +719,7 @@ class ReplicaServer:
         s = self.replica.stats
         summary = s.summary()
         summary["watermarks"] = self.replica.watermarks()
+        summary["divergent_rows"] = sum(map(len, self.replica.divergence().values()))
         return summary, s.all_freshness()
 
 

@@ -47,9 +47,11 @@ from ..kernels.errors import EkkoError
 from ..kernels.model import CompiledModel
 from ..kernels.model import compile_model as _compile
 from .actors import (ReplicaConfig, ReplicaServer, ShardConfig, ShardServer, StepResult,
-                     check_delta, shard_bounds)
+                     shard_bounds)
 from .engine import Engine
+from .inputs import as_array, as_ids, check_delta
 from .packet import Packet
+from .replica import ReplicaDiverged
 from .primary import Commit
 from .scheduler import Link, SchedulerConfig
 from .state import HealthConfig, Rollback
@@ -163,13 +165,17 @@ def _warn_cut(shard: int, cut: dict | None) -> None:
 class _ShardView:
     """A primary shard as a link sees it: its tables' row counts, norm means, row bytes."""
 
-    def __init__(self, rows: dict[str, int], row_bytes: dict[str, int]):
+    def __init__(self, rows: dict[str, int], row_bytes: dict[str, int], issued: dict[str, int]):
         self.tables = {n: SimpleNamespace(buf=SimpleNamespace(table=SimpleNamespace(rows=r)),
                                           norm_mean=0.0) for n, r in rows.items()}
         self._row_bytes = row_bytes
+        self._issued = dict(issued)  # when the engine started: links number on from here
 
     def row_bytes(self, table: str) -> int:
         return self._row_bytes[table]
+
+    def issued(self, table: str) -> int:
+        return self._issued.get(table, 0)
 
 
 class _Watermarks:
@@ -234,6 +240,9 @@ class _LinkReplica:
 
     def note_issued(self, table: str, version: int) -> None:
         pass  # travels with each packet (Packet.newest)
+
+    def divergence(self) -> dict:
+        return {}  # kept by the replica process: flush asks it (ReplicaServer.status)
 
     def set_watermark(self, table: str, version: int) -> None:
         if self.link is not None and self.link.poisoned:
@@ -338,6 +347,9 @@ class _GroupReplica:
 
     def note_issued(self, table: str, version: int) -> None:
         pass  # travels with each packet (Packet.newest)
+
+    def divergence(self) -> dict:
+        return {}  # kept by the replica processes: flush asks them (ReplicaServer.status)
 
     def set_watermark(self, table: str, version: int) -> None:
         for m in self.members:
@@ -445,11 +457,15 @@ class GroupLink(Link):
 class RemoteReplica:
     """engine.replicas[i]: one replica process; reads return copies."""
 
-    def __init__(self, index: int, actor: Any, timeout: float, lookup_timeout: float):
+    def __init__(self, index: int, actor: Any, timeout: float, lookup_timeout: float,
+                 rows: dict[str, int]):
         self.index, self.actor = index, actor
         self.timeout, self.lookup_timeout = timeout, lookup_timeout
+        self._rows = rows
         self._probe: Any = None
         self.down_since: float | None = None
+        self.routed_around = 0  # lookups the engine sent elsewhere: this replica was down
+        self._routed_lock = threading.Lock()
 
     @property
     def pid(self) -> int:
@@ -462,8 +478,11 @@ class RemoteReplica:
 
     def lookup(self, feature: str, ids: Any, offsets: Any = None, per_sample_weights: Any = None,
                out: Any = None) -> np.ndarray:
-        result = call(self.actor.lookup.remote(feature, np.asarray(ids), offsets,
-                                               per_sample_weights), self.lookup_timeout)
+        ids, offsets, per_sample_weights = (
+            None if x is None else as_array(x, name, EkkoError) for x, name in
+            ((ids, "ids"), (offsets, "offsets"), (per_sample_weights, "per_sample_weights")))
+        result = call(self.actor.lookup.remote(feature, ids, offsets, per_sample_weights),
+                      self.lookup_timeout)
         if out is not None:
             np.copyto(out, result)
             return out
@@ -476,7 +495,10 @@ class RemoteReplica:
         return call(self.actor.versions.remote(table), self.timeout)
 
     def rows(self, table: str, ids: Any) -> tuple[np.ndarray, np.ndarray]:
-        return call(self.actor.rows.remote(table, np.asarray(ids)), self.timeout)
+        if table not in self._rows:
+            raise EkkoError(f"replica {self.index} has no table {table!r}")
+        ids = as_ids(ids, self._rows[table], error=EkkoError)
+        return call(self.actor.rows.remote(table, ids), self.timeout)
 
     def merge(self, packet: Packet | bytes) -> int:
         return call(self.actor.merge.remote(packet), self.timeout)
@@ -514,6 +536,11 @@ class RemoteReplica:
         if self.down_since is None:
             self.down_since = time.monotonic()
         self._probe = None
+
+    def routed(self) -> None:
+        """A lookup went to another replica because this one was down or failed."""
+        with self._routed_lock:
+            self.routed_around += 1
 
 
 class PrimaryShards:
@@ -624,17 +651,27 @@ class ClusterEngine(Engine):
         actors = [replica_cls.remote(ReplicaConfig(
             m, i, names, str(self.directory / f"replica-{i}"), snapshot_s, self.timeout,
             tables_of, health.score, health.min_score, self.chunk_rows)) for i in range(n)]
-        self.replicas = [RemoteReplica(i, a, self.timeout, lookup_timeout)
+        rows = {t.name: t.rows for t in m.tables}
+        self.replicas = [RemoteReplica(i, a, self.timeout, lookup_timeout, rows)
                          for i, a in enumerate(actors)]
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _end, self.shards + actors, self.directory,
                                            self._own_dir)
         for r in self.replicas:
             call(r.actor.ping.remote(), self.timeout)
+        # a directory used before: its shards replayed steps; number on from the last (the
+        # links' watermarks start at each shard's newest version, not at 0)
+        self._seq = dict.fromkeys(self._tables, 0)
+        for s, shard in enumerate(self.shards):
+            info = call(shard.info.remote(), self.timeout)
+            _warn_cut(s, info["replayed"]["cut"])
+            self.issued[s].update(info["issued"])
+            for name, seq in info["last_seq"].items():
+                self._seq[name] = max(self._seq[name], seq)
         self.views = []
         for s in range(k):
             rows = {name: self.bounds[name][s + 1] - self.bounds[name][s] for name in tables_of[s]}
-            self.views.append(_ShardView(rows, row_bytes[s]))
+            self.views.append(_ShardView(rows, row_bytes[s], self.issued[s]))
         self.marks = _Watermarks(actors)
         if self.config.bandwidth is None:  # every replica is sent the same: pack once per shard
             group = [GroupLink(self.views[s], _GroupReplica([_Member(i, a) for i, a in
@@ -652,14 +689,6 @@ class ClusterEngine(Engine):
             self.shard_links = [[per[s] for per in self.links] for s in range(k)]
         self.primary = PrimaryShards(self)
         self._announce = {name: threading.Lock() for name in self._tables}
-        # a directory used before: its shards replayed steps; number on from the last
-        self._seq = dict.fromkeys(self._tables, 0)
-        for k, shard in enumerate(self.shards):
-            info = call(shard.info.remote(), self.timeout)
-            _warn_cut(k, info["replayed"]["cut"])
-            self.issued[k].update(info["issued"])
-            for name, seq in info["last_seq"].items():
-                self._seq[name] = max(self._seq[name], seq)
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> ClusterEngine:
@@ -790,13 +819,16 @@ class ClusterEngine(Engine):
                 time.sleep(0.05)
 
     def _holds(self, r: RemoteReplica, targets: list[dict[str, int]], deadline: float) -> bool:
+        """Whether replica `r` holds every target; raises ReplicaDiverged when it cannot."""
         left = deadline - time.monotonic()
         if left <= 0:
             return False
         try:
-            wm = call(r.actor.watermarks.remote(), min(left, self.timeout))
+            wm, divergent = call(r.actor.status.remote(), min(left, self.timeout))
         except Unavailable:
             return False
+        if divergent:
+            raise ReplicaDiverged(r.index, divergent)
         return all(wm.get(t, {}).get(s, -1) >= v for s, tv in enumerate(targets)
                    for t, v in tv.items())
 
@@ -824,7 +856,17 @@ class ClusterEngine(Engine):
             self.failed_checks += 1
             for table in self._tables:
                 self._rollback(table, reason)
+            self._settle_divergent()
             return False
+
+    def _settle_divergent(self) -> None:
+        """After a rollback each replica settles its divergent rows again (as in process)."""
+        refs = {r.index: r.actor.settle_divergent.remote() for r in self.replicas}
+        for i, ref in refs.items():
+            try:
+                call(ref, self.timeout)
+            except Unavailable:
+                self.replicas[i].mark_down()  # it settles from the shards when it is back
 
     def _changed(self) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {t: [] for t in self._tables}
@@ -898,11 +940,13 @@ class ClusterEngine(Engine):
                 r = self.replicas[self._next_replica % n]
                 self._next_replica += 1
                 if not r.available():
+                    r.routed()
                     continue
                 try:
                     return r.lookup(feature, ids, offsets, **kw)
                 except Unavailable:
                     r.mark_down()
+                    r.routed()
             time.sleep(0.05)
         raise EkkoError(f"no replica answered within {self.timeout:.0f} s")
 
@@ -921,6 +965,7 @@ class ClusterEngine(Engine):
             summary["backlog_rows"] = sum(link.backlog() for link in self.links[i])
             summary["link_errors"] = [e for link in self.links[i] for e in link.errors_of(i)]
             summary["link_recoveries"] = sum(link.recoveries_of(i) for link in self.links[i])
+            summary["lookups_routed_around"] = r.routed_around
             summary.update({k: info.get(k) for k in ("pid", "node", "restarts", "catch_ups",
                                                       "restored_from_snapshot", "snapshot_damage",
                                                       "ready_seconds")})
@@ -943,6 +988,9 @@ class ClusterEngine(Engine):
             "bytes_moved": sum(p.get("bytes_moved", 0) for p in per),
             "packets": sum(p.get("packets", 0) for p in per),
             "packets_rejected": sum(p.get("packets_rejected", 0) for p in per),
+            "rows_repaired": sum(p.get("rows_repaired", 0) for p in per),
+            "divergent_rows": sum(p.get("divergent_rows", 0) for p in per),
+            "future_packets": sum(p.get("future_packets", 0) for p in per),
             "rollbacks": [r.as_dict() for r in self.rollbacks],
             "checks": self.checks,
             "failed_checks": self.failed_checks,

@@ -9,11 +9,17 @@
 Everything runs in this process; the parts talk through packets and plain
 values only (see docs/engine.md), so they can move onto separate processes.
 `step` is safe from several threads at once (each table has its own lock).
+
+An engine owns its model's tables: it numbers on from the versions they
+carry, and a newer Engine on the same compiled model (a notebook cell run
+again) takes them over, after which this one's step, flush and check raise.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +28,30 @@ import numpy as np
 from ..kernels.errors import EkkoError
 from ..kernels.model import CompiledModel, compile_model
 from .primary import Commit, Primary
-from .replica import Replica
+from .replica import Replica, ReplicaDiverged
 from .scheduler import Link, SchedulerConfig
 from .state import HealthConfig, StateManager
 from .stats import Histogram, latency_summary
+
+
+_owners: dict[int, weakref.ref] = {}  # id(compiled model) -> the engine that owns its tables
+_owners_lock = threading.Lock()
+
+
+def _take_over(model: CompiledModel, engine: Engine) -> Engine | None:
+    """Make `engine` the owner of `model`'s tables; returns the previous owner, if alive."""
+    key = id(model)
+
+    def gone(ref: weakref.ref) -> None:
+        with _owners_lock:
+            if _owners.get(key) is ref:
+                del _owners[key]
+
+    with _owners_lock:
+        ref = _owners.get(key)
+        _owners[key] = weakref.ref(engine, gone)
+    old = ref() if ref is not None else None
+    return old if old is not None and old.model is model else None
 
 
 _CLUSTER_ONLY = {"primary_shards", "directory", "snapshot_s", "max_restarts", "timeout_s",
@@ -59,6 +85,10 @@ class Engine:
         if not isinstance(replicas, int) or replicas < 1:
             raise EkkoError(f"replicas must be a positive integer, got {replicas!r}")
         self.model = model
+        self._retired = False
+        previous = _take_over(model, self)
+        if previous is not None:  # before reading the tables: its steps must be over
+            previous._retire()
         self.primary = Primary(model, history_rows=history_rows, seed=seed)
         snapshot = {n: (pt.buf.lookup_table, pt.buf.versions) for n, pt in self.primary.tables.items()}
         issued = {n: pt.version for n, pt in self.primary.tables.items()}
@@ -79,6 +109,7 @@ class Engine:
 
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> Engine:
+        self._alive()
         if not self._started:
             for link in self.links:
                 link.start()
@@ -93,6 +124,20 @@ class Engine:
 
     def __enter__(self) -> Engine:
         return self.start()
+
+    def _retire(self) -> None:
+        """A newer Engine took this model's tables: finish the steps under way, then stop."""
+        for lock in self._announce.values():
+            lock.acquire()
+        self._retired = True
+        for lock in self._announce.values():
+            lock.release()
+        self.close()
+
+    def _alive(self) -> None:
+        if self._retired:
+            raise EkkoError("a newer Engine on the same compiled model took its tables over "
+                            "(it numbers on from this one's versions): use that one")
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -110,6 +155,7 @@ class Engine:
                 self.rejected_steps += 1
             raise EkkoError(f"no table {table!r} (tables: {', '.join(self.primary.tables)})")
         with lock:
+            self._alive()
             try:
                 commit = self.primary.step(table, ids, grads)
             except EkkoError:
@@ -135,18 +181,39 @@ class Engine:
             link.enqueue(commit, significance)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Return when every replica holds every update committed before this call."""
+        """Return when every replica holds every update committed before this call.
+
+        Raises ReplicaDiverged (an EkkoError) naming the replica, table and
+        rows when a replica holds rows it could not be made equal to the
+        primary's (see Replica.settle); `check()` then fails and rolls back.
+        """
+        self._alive()
         if not self._started:
             raise EkkoError("the engine is not running: use it as a context manager")
         targets = {n: self.primary.issued(n) for n in self.primary.tables}
+        deadline = None if timeout is None else time.monotonic() + timeout
         for link in self.links:
-            if not link.wait_for(targets, timeout):
-                errors = "; ".join(link.errors[-3:])
-                raise EkkoError(f"replica {link.replica.index} did not catch up"
-                                + (f" ({errors})" if errors else " in time"))
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                caught_up = link.wait_for(targets, left)
+                self._raise_divergence()  # (a divergence seen by wait_for may be settled now)
+                if caught_up:
+                    break
+                if left == 0.0 or not link.running:
+                    errors = "; ".join(link.errors[-3:])
+                    raise EkkoError(f"replica {link.replica.index} did not catch up"
+                                    + (f" ({errors})" if errors else " in time"))
+        self._raise_divergence()
+
+    def _raise_divergence(self) -> None:
+        for r in self.replicas:
+            rows = r.divergence()
+            if rows:
+                raise ReplicaDiverged(r.index, rows)
 
     def check(self) -> bool:
         """Run the replica health checks now; rolls back on failure (see HealthConfig)."""
+        self._alive()
         return self.state.check(self.replicas)
 
     def lookup(self, feature: str, ids: Any, offsets: Any = None, **kw: Any) -> Any:
@@ -167,6 +234,7 @@ class Engine:
             summary["watermarks"] = self.replicas[i].watermarks()
             summary["backlog_rows"] = link.backlog()
             summary["link_errors"] = list(link.errors)
+            summary["divergent_rows"] = sum(map(len, self.replicas[i].divergence().values()))
         return {
             "freshness_ms": fresh.summary(),
             "replicas": per,
@@ -177,6 +245,9 @@ class Engine:
             "bytes_moved": sum(p["bytes_moved"] for p in per),
             "packets": sum(p["packets"] for p in per),
             "packets_rejected": sum(p["packets_rejected"] for p in per),
+            "rows_repaired": sum(p["rows_repaired"] for p in per),
+            "divergent_rows": sum(p["divergent_rows"] for p in per),
+            "future_packets": sum(p["future_packets"] for p in per),
             "rollbacks": [r.as_dict() for r in self.state.rollbacks],
             "checks": self.state.checks,
             "lookup_ms": latency_summary(lookups),

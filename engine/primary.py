@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels.errors import EkkoError, UpdateError
+from ..kernels.errors import EkkoError
 from ..kernels.model import CompiledModel, TableBuffers
 from ..kernels.sync import pack_kernel, row_width
+from .inputs import check_delta
 from .packet import Packet
 
 
@@ -45,6 +46,7 @@ class Commit:
     norms: np.ndarray  # L2 norm of each id's summed gradient row
     commit_ns: int
     rollback: bool = False
+    prior_norm_mean: float = 0.0  # the table's running mean norm before this commit
 
 
 class UpdateCache:
@@ -159,8 +161,21 @@ class Primary:
             pt = PrimaryTable(t.name, model.tables[t.name], spec.serving or spec.table_dtype)
             pt.cache = UpdateCache(history_rows)
             pt.undo = UndoLog(t.rows) if undo else None
+            self._continue_versions(pt)
             self.tables[t.name] = pt
         self._pack = {name: pack_kernel(pt.buf.table.dim, pt.layout) for name, pt in self.tables.items()}
+
+    @staticmethod
+    def _continue_versions(pt: PrimaryTable) -> None:
+        """Number on from the newest version the table's rows carry.
+
+        A model an engine already updated carries that engine's versions; a
+        new engine on it starting again at 1 would stamp rows older than the
+        ones its replicas copied, and newest-version-wins would drop them.
+        """
+        versions = pt.buf.versions
+        pt.version = pt.healthy_version = int(versions.max()) if len(versions) else 0
+        pt.cache.floor = pt.version  # what changed before is not known here
 
     def table(self, name: str) -> PrimaryTable:
         try:
@@ -172,22 +187,12 @@ class Primary:
     def step(self, table: str, ids: Any, grads: Any) -> Commit:
         """Apply one delta with the table's fused kernel; returns once committed."""
         pt = self.table(table)
-        ids = np.ascontiguousarray(np.asarray(ids))
-        grads = np.ascontiguousarray(np.asarray(grads))
-        if ids.ndim != 1 or ids.dtype.kind not in "iu":
-            raise UpdateError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
-        ids = ids.astype(np.int64, copy=False)
-        rows = pt.buf.table.rows
-        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= rows):
-            bad = int(ids[(ids < 0) | (ids >= rows)][0])
-            raise UpdateError(f"id {bad} is out of range [0, {rows})")
-        if grads.shape != (len(ids), pt.buf.table.dim) or grads.dtype != np.float32:
-            raise UpdateError(f"grads must be float32 of shape ({len(ids)}, {pt.buf.table.dim}), "
-                              f"got {grads.dtype} {grads.shape}")
+        ids, grads = check_delta(ids, grads, pt.buf.table.rows, pt.buf.table.dim)
         uniq, inverse = np.unique(ids, return_inverse=True)
-        norms = np.sqrt(np.bincount(inverse, weights=np.einsum("ij,ij->i", grads, grads),
-                                    minlength=len(uniq))).astype(np.float32) if len(ids) else \
-            np.zeros(0, np.float32)
+        # in f64: finite f32 gradients near f32's limit have finite norms (f32 squares overflow)
+        norms = np.sqrt(np.bincount(inverse, weights=np.einsum("ij,ij->i", grads, grads,
+                                                               dtype=np.float64),
+                                    minlength=len(uniq))) if len(ids) else np.zeros(0)
         with pt.lock:
             saved = pt.undo.save(uniq, pt.arrays()) if pt.undo is not None else uniq[:0]
             version = pt.version + 1
@@ -205,10 +210,11 @@ class Primary:
             commit_ns = time.time_ns()
             pt.cache.record(version, uniq)
             pt.commits += 1
-            if len(norms):
-                mean = float(norms.mean())
+            prior = pt.norm_mean
+            mean = float(norms.mean()) if len(norms) else float("nan")
+            if np.isfinite(mean):  # one non-finite update must not blind the outlier check
                 pt.norm_mean = mean if pt.commits == 1 else 0.95 * pt.norm_mean + 0.05 * mean
-        return Commit(table, version, uniq, norms, commit_ns)
+        return Commit(table, version, uniq, norms, commit_ns, prior_norm_mean=prior)
 
     def pack(self, table: str, ids: np.ndarray) -> Packet:
         """The current serving rows and versions of `ids` (distinct) as a packet."""

@@ -25,7 +25,14 @@ Policies (`SchedulerConfig.policy`):
 * "full": every interval_s, a full copy of every table (checkpoint pipelines).
 
 The budget is a token bucket (bytes/s, depth burst_s seconds of it); a
-packet costs its encoded size (`Packet.nbytes`).
+packet costs its encoded size (`Packet.nbytes`). The bucket and the periodic
+ticks read `SchedulerConfig.clock` (the system's by default), so a test can
+drive them with a clock it advances by hand.
+
+Every packet goes through `Replica.deliver`: rows the replica rejects, or
+refuses as not newer while it holds something else, are re-packed from the
+primary and settled; what still differs is divergent, and `Engine.flush`
+raises instead of reporting the replica fresh.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,6 +53,44 @@ from .stats import Histogram
 
 POLICIES = ("priority", "fifo", "periodic", "full")
 PACKET_HEADER = 64  # bytes a packet costs besides its rows (header, name, checksum)
+
+
+class Clock:
+    """The time a link's budget and periodic ticks follow: the system's monotonic clock."""
+
+    def now(self) -> float:
+        """Seconds on a monotonic scale."""
+        return time.perf_counter()
+
+    def wait(self, cond: threading.Condition, seconds: float | None) -> None:
+        """Wait on `cond` (held) until notified, or `seconds` of this clock have passed."""
+        cond.wait(seconds)
+
+
+class ManualClock(Clock):
+    """A clock that stands still until `advance` moves it (for tests of timed policies).
+
+    A link waiting on it re-checks every few real milliseconds, so an
+    advance is seen at once; nothing happens by the passing of real time.
+    """
+
+    def __init__(self, start: float = 0.0):
+        self._now = start
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+    def wait(self, cond: threading.Condition, seconds: float | None) -> None:
+        cond.wait(0.005)
+
+
+SYSTEM_CLOCK = Clock()
 
 
 @dataclass(frozen=True)
@@ -64,6 +109,7 @@ class SchedulerConfig:
     max_packet_rows: int = 1 << 16
     wire: bool = False  # encode and decode every packet, as between processes
     significant_ratio: float = 10.0  # rows this many times the mean norm count as significant
+    clock: Clock = field(default=SYSTEM_CLOCK, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -72,6 +118,9 @@ class SchedulerConfig:
             raise EkkoError(f"bandwidth must be positive bytes/s, got {self.bandwidth}")
         if not self.interval_s > 0 or not self.age_scale_s > 0:
             raise EkkoError("interval_s and age_scale_s must be positive")
+        if not isinstance(self.clock, Clock):
+            raise EkkoError(f"clock must be an ekko.engine.scheduler.Clock, got "
+                            f"{type(self.clock).__name__}")
 
 
 class _Pending:
@@ -128,14 +177,17 @@ class Link:
                  on_error: Callable[[Exception], None] | None = None):
         self.primary, self.replica, self.config = primary, replica, config
         self.pending = {n: _Pending(pt.buf.table.rows) for n, pt in primary.tables.items()}
+        for name, p in self.pending.items():  # the tables may carry versions already
+            p.noted = primary.issued(name)
         self.fifo: dict[str, deque] = {n: deque() for n in primary.tables}
         self.arrivals = 0
         self.row_bytes = {n: primary.row_bytes(n) + ROW_OVERHEAD for n in primary.tables}
         self.cond = threading.Condition()
         self.running = False
+        self.clock = config.clock
         self.tokens = 0.0
-        self.last_refill = time.perf_counter()
-        self.next_tick = time.perf_counter() + config.interval_s
+        self.last_refill = self.clock.now()
+        self.next_tick = self.clock.now() + config.interval_s
         self.thread: threading.Thread | None = None
         self.on_error = on_error
         self.busy = False
@@ -182,17 +234,21 @@ class Link:
         return w
 
     def wait_for(self, targets: dict[str, int], timeout: float | None) -> bool:
-        """Block until every table's watermark reaches its target; False on timeout."""
+        """Block until every table's watermark reaches its target; False on timeout, or at
+        once when the replica holds divergent rows (they will not arrive by waiting)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
             while not all(self._watermark(t) >= v for t, v in targets.items()):
-                if not self.running:
+                if not self.running or self._diverged():
                     return False
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
                 self.cond.wait(0.05 if left is None else min(left, 0.05))
             return True
+
+    def _diverged(self) -> bool:
+        return bool(self.replica.divergence())
 
     def backlog(self) -> int:
         """Rows (or, for fifo, updates' rows) waiting on this link."""
@@ -206,12 +262,12 @@ class Link:
         while True:
             with self.cond:
                 while self.running and not self._ready():
-                    self.cond.wait(self._wait_time())
+                    self.clock.wait(self.cond, self._wait_time())
                 if not self.running:
                     return
                 batch = self._select()
                 if not batch:  # the budget did not stretch to one row: wait for tokens
-                    self.cond.wait(self._wait_time())
+                    self.clock.wait(self.cond, self._wait_time())
                     continue
                 self.busy = True
                 self.inflight = {}
@@ -238,7 +294,7 @@ class Link:
         bw = self.config.bandwidth
         if bw is None:
             return float("inf")
-        now = time.perf_counter()
+        now = self.clock.now()
         self.tokens = min(self._depth(), self.tokens + bw * (now - self.last_refill))
         self.last_refill = now
         return self.tokens
@@ -253,7 +309,7 @@ class Link:
     def _ready(self) -> bool:
         if not self._has_work():
             return False
-        if self.config.policy in ("periodic", "full") and time.perf_counter() < self.next_tick:
+        if self.config.policy in ("periodic", "full") and self.clock.now() < self.next_tick:
             return False
         tokens = self._refill()
         if self.config.bandwidth is None:
@@ -274,7 +330,7 @@ class Link:
 
     def _wait_time(self) -> float:
         if self.config.policy in ("periodic", "full"):
-            return max(0.0005, self.next_tick - time.perf_counter())
+            return max(0.0005, self.next_tick - self.clock.now())
         if self.config.bandwidth is not None and self._has_work():
             return max(0.0002, min(self.row_bytes.values()) / self.config.bandwidth)
         return 0.05
@@ -287,10 +343,10 @@ class Link:
         if policy == "fifo":
             return self._select_fifo(budget)
         if policy == "full":
-            self.next_tick = time.perf_counter() + self.config.interval_s
+            self.next_tick = self.clock.now() + self.config.interval_s
             return self._select_full()
         if policy == "periodic":
-            self.next_tick = time.perf_counter() + self.config.interval_s
+            self.next_tick = self.clock.now() + self.config.interval_s
         cands = {t: p.ids() for t, p in self.pending.items() if p.queue}
         if policy == "priority" and budget != float("inf"):
             cands = self._by_priority(cands, budget - PACKET_HEADER * len(cands))
@@ -399,15 +455,24 @@ class Link:
         for table, ids, since, (sig, sig_at), _ in batch:
             mean = self.primary.tables[table].norm_mean or 1.0
             for lo in range(0, len(ids), step):
-                packet = self.primary.pack(table, ids[lo:lo + step])
-                packet.commit_ns = since[lo:lo + step]
-                self.replica.note_issued(table, packet.newest)
-                self.replica.merge(packet.to_bytes() if self.config.wire else packet)
+                self._deliver(table, ids[lo:lo + step], since[lo:lo + step])
                 visible = time.time_ns()
                 at = sig_at[lo:lo + step]
                 hot = (sig[lo:lo + step] >= self.config.significant_ratio * mean) & (at > 0)
                 if hot.any():  # measured from the significant update's own commit
                     self.significant.add((visible - at[hot]) / 1e6)
+
+    def _deliver(self, table: str, ids: np.ndarray, since: np.ndarray) -> None:
+        """Pack `ids` now (newest values) and have the replica merge and verify them."""
+        packet = self.primary.pack(table, ids)
+        packet.commit_ns = since
+        self.replica.note_issued(table, packet.newest)
+        try:
+            self.replica.deliver(packet.to_bytes() if self.config.wire else packet,
+                                 self.primary.pack)
+        except EkkoError as e:  # the packet as a whole was refused: settle its rows
+            self.errors.append(f"{type(e).__name__}: {e}")
+            self.replica.settle(table, ids, self.primary.pack, why=str(e))
 
     def lag_ms(self) -> float:
         """How long the oldest pending update has waited (0 when nothing waits)."""
@@ -420,4 +485,4 @@ class Link:
         return (now - min(heads)) / 1e6 if heads else 0.0
 
 
-__all__ = ["Link", "POLICIES", "SchedulerConfig"]
+__all__ = ["Clock", "Link", "ManualClock", "POLICIES", "SYSTEM_CLOCK", "SchedulerConfig"]

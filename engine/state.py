@@ -32,6 +32,7 @@ import numpy as np
 
 from ..kernels.quant import dequantize_rows
 from .primary import Commit, Primary
+from .replica import Fetch, describe, unequal
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,17 @@ class StateManager:
         self._lock = threading.Lock()
 
     def on_commit(self, c: Commit) -> str | None:
-        """Check one arriving update; returns the reason it is harmful, or None."""
+        """Check one arriving update; returns the reason it is harmful, or None.
+
+        A harmful update leaves the running mean as it was before it: one huge
+        update must not raise the bar every later one is judged by.
+        """
         pt = self.primary.tables[c.table]
         if len(c.norms) and pt.commits > self.config.warmup:
             worst = float(c.norms.max())
             mean = pt.norm_mean or 1.0
             if not np.isfinite(worst) or worst > self.config.outlier_factor * mean:
+                pt.norm_mean = c.prior_norm_mean
                 return (f"update norm {worst:.3g} is over {self.config.outlier_factor:g}x the "
                         f"table's running mean {mean:.3g} (version {c.version})")
         return None
@@ -104,7 +110,11 @@ class StateManager:
         return record
 
     def check(self, replicas: list) -> bool:
-        """Check every replica; roll everything back on failure, else mark healthy."""
+        """Check every replica; roll everything back on failure, else mark healthy.
+
+        After a rollback each replica settles its divergent rows again: the
+        restored values may merge where the rolled-back ones did not.
+        """
         self.checks += 1
         reason = self._replica_problem(replicas)
         if reason is None:
@@ -114,29 +124,42 @@ class StateManager:
         self.failed_checks += 1
         for name in self.primary.tables:
             self.rollback(name, reason)
+        for r in replicas:
+            r.settle_divergent(self.primary.pack)
         return False
 
     def _replica_problem(self, replicas: list) -> str | None:
         changed = {name: _changed(pt) for name, pt in self.primary.tables.items()}
         for r in replicas:
-            reason = replica_problem(r, changed, self.config)
+            reason = replica_problem(r, changed, self.config, self.primary.pack)
             if reason is not None:
                 return reason
         return None
 
 
-def replica_problem(r: Any, changed: dict[str, np.ndarray], config: HealthConfig) -> str | None:
-    """One replica's check: the changed rows are finite, and the score hook passes.
+def replica_problem(r: Any, changed: dict[str, np.ndarray], config: HealthConfig,
+                    fetch: Fetch) -> str | None:
+    """One replica's check: no divergent rows, the changed rows hold the primary's values
+    (or an older version still on its way) and are finite, and the score hook passes.
 
     `r` is a `Replica` (in this process, or inside a replica process on Ray:
     the hook gets the same class either way); `changed` maps each table to the
-    ids changed since its last healthy mark.
+    ids changed since its last healthy mark; `fetch` packs the primary's rows.
     """
+    divergence = r.divergence()
+    if divergence:
+        return describe(r.index, divergence)
     for name, ids in changed.items():
         if not len(ids):
             continue
+        ids = np.unique(ids)
         rt = r.tables[name]
-        rows, _ = r.rows(name, ids)
+        watermark = rt.watermark  # first: see unequal()
+        rows, versions = r.rows(name, ids)
+        bad = ids[unequal((rows, versions), fetch(name, ids), watermark)]
+        if len(bad):
+            return (f"replica {r.index}: table {name}: {len(bad)} rows differ from the primary "
+                    f"(ids {', '.join(map(str, bad[:5].tolist()))}{', ...' if len(bad) > 5 else ''})")
         values = dequantize_rows(rows, rt.layout, rt.dim)
         if not np.isfinite(values).all():
             return f"replica {r.index}: table {name} holds non-finite values"

@@ -72,21 +72,34 @@ class ReplicaStats:
     rows_applied: int = 0
     bytes_moved: int = 0
     packets: int = 0
-    packets_rejected: int = 0
+    packets_rejected: int = 0  # packets with at least one row the merge refused
+    rows_rejected: int = 0
+    rows_repaired: int = 0  # rows ahead of the primary's, or other bytes at its version
+    future_packets: int = 0  # packets with commit times after their merge: not measured
+    future_rows: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_merge(self, table: str, latency_ms: np.ndarray, rows: int, nbytes: int,
-                     applied: int) -> None:
+                     applied: int, future: int = 0) -> None:
+        """A merge; `future` rows claimed a commit time later than their merge (clock skew
+        or a forged packet): their freshness is unknown, so they are counted, not measured."""
         with self.lock:
             self.freshness.setdefault(table, Histogram()).add(latency_ms)
             self.rows_moved += rows
             self.rows_applied += applied
             self.bytes_moved += nbytes
             self.packets += 1
+            self.future_packets += future > 0
+            self.future_rows += future
 
-    def record_reject(self) -> None:
+    def record_reject(self, rows: int) -> None:
         with self.lock:
             self.packets_rejected += 1
+            self.rows_rejected += rows
+
+    def record_repair(self, rows: int) -> None:
+        with self.lock:
+            self.rows_repaired += rows
 
     def record_lookup(self, ms: float) -> None:
         self.lookup_ms.append(ms)  # deque.append is atomic
@@ -103,7 +116,9 @@ class ReplicaStats:
             tables = {t: h.summary() for t, h in self.freshness.items()}
             out = {"rows_moved": self.rows_moved, "rows_applied": self.rows_applied,
                    "bytes_moved": self.bytes_moved, "packets": self.packets,
-                   "packets_rejected": self.packets_rejected}
+                   "packets_rejected": self.packets_rejected, "rows_rejected": self.rows_rejected,
+                   "rows_repaired": self.rows_repaired, "future_packets": self.future_packets,
+                   "future_rows": self.future_rows}
         out["freshness_ms"] = self.all_freshness().summary()
         out["tables"] = tables
         out["lookup_ms"] = latency_summary(list(self.lookup_ms))

@@ -279,7 +279,9 @@ def local_ray():
 class TestLocal:
     def test_api_and_a_killed_replica_catches_up_while_the_other_serves(self, model) -> None:
         stream = Stream(model, seed=5)
-        with ekko.Engine(model, replicas=2, cluster="local", chunk_rows=64,
+        # a lookup waits at most 0.5 s, far less than a replica's restart (a process, imports,
+        # the model's rebuild): the first lookup sent to the killed replica must fail
+        with ekko.Engine(model, replicas=2, cluster="local", chunk_rows=64, lookup_timeout_s=0.5,
                          health=HealthConfig(outlier_factor=100.0, warmup=3)) as engine:
             assert isinstance(engine, ekko.Engine)
             joined = engine.replicas[1].info()["catch_ups"]  # every table copied in chunks
@@ -325,13 +327,15 @@ class TestLocal:
                 for _ in range(20):
                     out = engine.lookup("fa", np.array([1, 2, 3, 4, 5, 299]), offsets)
                     assert out.shape == (2, 8) and np.isfinite(out).all()
-                assert engine.replicas[0].down_since is not None  # routed around it
                 new_pid(engine.replicas[0], pids[0])
             engine.flush(WAIT)
             assert_replicas_match(engine)
             s = engine.stats()
             r0 = s["replicas"][0]
             assert s["restarts"]["replicas"] == [1, 0]
+            # lookups went to replica 1 while replica 0 was down: counted as it happened, not
+            # read from `down_since`, which is cleared again once the replica has caught up
+            assert r0["lookups_routed_around"] >= 1
             assert r0["link_recoveries"] >= 1  # detached from its shard's link, then rejoined
             assert r0["restored_from_snapshot"]
             last = [c for c in r0["catch_ups"] if c["reason"] == "restart"][-1]
@@ -442,6 +446,71 @@ class TestLocal:
         for bad, why in ((lambda r: lock.locked(), "picklable"), ("loss", "callable")):
             with pytest.raises(EkkoError, match=why):
                 ekko.Engine(model, replicas=1, cluster="local", health=HealthConfig(score=bad))
+
+    def test_a_replica_process_that_differs_fails_flush_and_check(self, model, tmp_path) -> None:
+        """As in process: a replica process that keeps rejecting a row makes flush raise
+        (naming it, the table and the row) and check() fail; a row altered behind the
+        engine's back fails check(); once the fault is gone the replica is equal again."""
+        from ekko.engine.replica import ReplicaDiverged
+        from ekko.kernels.sync import SyncError
+
+        flag = str(tmp_path / "fault")  # while it exists, replica 1 rejects row 7 of table a
+
+        def install_fault(replica) -> bool:  # the score hook runs in each replica process
+            if replica.index == 1 and not hasattr(replica, "fault"):
+                replica.fault = kernel = replica._merge["a"]
+
+                def merge(serving, versions, ids, rows, pversions, newest, seq=None):
+                    if os.path.exists(flag) and 7 in ids:
+                        raise SyncError("merge fails on purpose")
+                    return kernel(serving, versions, ids, rows, pversions, newest, seq=seq)
+
+                replica._merge["a"] = merge
+            return True
+
+        stream = Stream(model, seed=13)
+        with ekko.Engine(model, replicas=2, cluster="local",
+                         health=HealthConfig(score=install_fault)) as engine:
+            for _ in range(2):
+                stream.step(engine)
+            engine.flush(WAIT)
+            assert engine.check() is True  # the fault is in place from here on
+            open(flag, "w").close()
+            engine.step("a", [7, 8, 9], np.full((3, 8), 0.25, np.float32))
+            with pytest.raises(ReplicaDiverged, match=r"replica 1 .*table 'a' rows 7: .*on purpose"):
+                engine.flush(WAIT)
+            primary = engine.primary.serving("a")
+            for r in engine.replicas:  # the packet's other rows landed everywhere
+                assert r.rows("a", [8, 9])[0].tobytes() == primary[[8, 9]].tobytes()
+            assert engine.stats()["divergent_rows"] == 1
+            assert engine.check() is False
+            assert "replica 1 differs" in engine.stats()["rollbacks"][0]["reason"]
+            os.remove(flag)
+            assert engine.check() is False  # still divergent; settled after its rollback
+            engine.flush(WAIT)
+            assert_replicas_match(engine)
+            assert engine.check() is True
+            # a row altered behind the engine's back (a valid packet at a version the primary
+            # issued, another row's bytes): check fails
+            engine.step("d", [3, 4], np.ones((2, 16), np.float32))
+            engine.step("d", [5], np.full((1, 16), 2.0, np.float32))
+            engine.flush(WAIT)
+            rows, versions = engine.replicas[0].rows("d", [5])
+            engine.replicas[0].merge(Packet("d", np.array([3]), rows, versions,
+                                            newest=engine.primary.issued("d")))
+            assert engine.check() is False
+            assert "1 rows differ" in engine.stats()["rollbacks"][-1]["reason"]
+            engine.flush(WAIT)
+            assert_replicas_match(engine)
+            # odd input, refused in this process before anything travels
+            torch = pytest.importorskip("torch")
+            engine.step("a", torch.tensor([1]), torch.ones((1, 8), requires_grad=True))
+            with pytest.raises(EkkoError, match="bfloat16"):
+                engine.step("a", [1], torch.ones((1, 8), dtype=torch.bfloat16))
+            for ids in ([1.5], [2**64], [300]):
+                with pytest.raises(EkkoError):
+                    engine.replicas[0].rows("a", ids)
+        engine.shutdown()
 
     def test_cli_runs_the_engine_on_ray(self, model_path, capsys) -> None:
         from ekko.engine.cli import main

@@ -19,7 +19,7 @@ from tests.fuzz.__main__ import draw
 from tests.fuzz.oracle import judge_tool, run_case, shutdown
 
 # cases per target: sized for well under a minute on a loaded 2-core machine
-SHORT = {"ir": 120, "model": 120, "api": 50, "cli": 4, "durable": 100}
+SHORT = {"ir": 120, "model": 120, "api": 50, "cli": 4, "durable": 100, "engine": 30}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,13 +13,15 @@ Targets, each a module with `generate(rng) -> case` (a JSON-able dict):
 * `durable` a primary shard's log and snapshots, damaged every way a disk
           or a kill can: a torn tail is cut, other damage refused (or cut
           on request) and named, never a silently older state.
+* `engine` `ekko.Engine` operations from several threads at once, with bad
+          input and garbled or semantically damaged packets (gen_engine.py).
 
 The oracle (`oracle.py`): never a traceback, crash or hang. ekko-opt's and
 the model language's errors carry `file:line:col`; the Python API raises
 nothing but `ekko.EkkoError`, and when it does every buffer is
-byte-identical to before; inputs that must be rejected are. `ir`, `model` and
-`api` cases run in a worker process (a crash or hang there is detected and
-the worker restarted); `cli` cases run the real commands.
+byte-identical to before; inputs that must be rejected are. `ir`, `model`,
+`api` and `engine` cases run in a worker process (a crash or hang there is
+detected and the worker restarted); `cli` cases run the real commands.
 
 `python -m tests.fuzz --minutes N` runs a campaign and writes each new
 failure as a case file under tests/fuzz/regressions/; pytest replays every
@@ -37,15 +39,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
-TARGETS = ("ir", "model", "api", "cli", "durable")
+TARGETS = ("ir", "model", "api", "cli", "durable", "engine")
 
 
 def generator(target: str) -> Callable[[random.Random], dict]:
     """The case generator of `target`."""
-    from . import gen_api, gen_cli, gen_durable, gen_ir, gen_model
+    from . import gen_api, gen_cli, gen_durable, gen_engine, gen_ir, gen_model
 
     return {"ir": gen_ir.generate, "model": gen_model.generate, "api": gen_api.generate,
-            "cli": gen_cli.generate, "durable": gen_durable.generate}[target]
+            "cli": gen_cli.generate, "durable": gen_durable.generate,
+            "engine": gen_engine.generate}[target]
 
 
 def signature(case: dict, result: dict) -> str:

@@ -1,6 +1,6 @@
 """Running a case and judging the outcome.
 
-`run_case` sends `ir`, `model` and `api` cases to a worker process, so that
+`run_case` sends `ir`, `model`, `api` and `engine` cases to a worker process, so that
 a crash (SIGSEGV, an LLVM abort) or a hang is seen as such and the
 campaign goes on with a fresh worker; `cli` cases run the real commands.
 A result is `{"kind": "ok"}` or `{"kind": <failure kind>, "detail": ...}`.
@@ -24,7 +24,7 @@ from ekko.compiler.frontend.errors import WIDTH
 
 from . import REPO
 
-TIMEOUT_S = {"ir": 30.0, "model": 30.0, "api": 60.0, "durable": 60.0}
+TIMEOUT_S = {"ir": 30.0, "model": 30.0, "api": 60.0, "durable": 60.0, "engine": 120.0}
 
 
 class Worker:

@@ -18,10 +18,10 @@ def main() -> None:
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    from . import gen_api, gen_durable, gen_ir, gen_model
+    from . import gen_api, gen_durable, gen_engine, gen_ir, gen_model
 
     runners = {"ir": gen_ir.run, "model": gen_model.run, "api": gen_api.run,
-               "durable": gen_durable.run}
+               "durable": gen_durable.run, "engine": gen_engine.run}
     for line in sys.stdin:
         case = json.loads(line)
         try:
