@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels.arrays import is_torch
+from ..kernels.arrays import index_array, is_torch, torch_layout_problem
 from ..kernels.errors import EkkoError, UpdateError
 
 
@@ -32,8 +32,8 @@ def as_array(x: Any, name: str, error: type[EkkoError] = UpdateError) -> np.ndar
 
 
 def _from_torch(x: Any, name: str, error: type[EkkoError]) -> np.ndarray:
-    if str(getattr(x, "layout", "torch.strided")) != "torch.strided":
-        raise error(f"{name} is a sparse torch tensor ({x.layout}): pass {name}.to_dense()")
+    if (why := torch_layout_problem(name, x)) is not None:
+        raise error(why)
     if x.device.type != "cpu":
         raise error(f"{name} must be a CPU tensor, got device {x.device}")
     x = x.detach()  # read only: autograd is not involved
@@ -49,14 +49,10 @@ def _from_torch(x: Any, name: str, error: type[EkkoError]) -> np.ndarray:
 def as_ids(x: Any, rows: int, name: str = "ids",
            error: type[EkkoError] = UpdateError) -> np.ndarray:
     """A contiguous 1-D int64 array of ids in [0, rows); an empty sequence is an empty batch."""
-    a = as_array(x, name, error)
-    if a.ndim == 1 and a.size == 0:
-        return np.zeros(0, np.int64)
-    if a.ndim != 1 or a.dtype.kind not in "iu":
-        raise error(f"{name} must be a 1-D integer array, got {a.dtype} {a.shape}")
-    if int(a.min()) < 0 or int(a.max()) >= rows:  # in the caller's dtype: uint64 never wraps
+    a = index_array(name, x, error)
+    if len(a) and (int(a.min()) < 0 or int(a.max()) >= rows):
         raise error(f"id {int(a[(a < 0) | (a >= rows)][0])} is out of range [0, {rows})")
-    return np.ascontiguousarray(a, dtype=np.int64)
+    return a
 
 
 def check_delta(ids: Any, grads: Any, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels.errors import EkkoError
+from ..kernels.errors import EkkoError, NonFiniteOutputError
 from ..kernels.model import CompiledModel, TableBuffers
 from ..kernels.sync import pack_kernel, row_width
 from .inputs import check_delta
@@ -201,9 +201,11 @@ class Primary:
                 self.model.update_kernels[table](
                     buf.master, ids, grads, state=buf.state, serving=buf.serving,
                     versions=buf.versions, step=buf.step + 1, version=version)
-            except EkkoError:
+            except EkkoError as e:
                 if pt.undo is not None:
                     pt.undo.forget(saved)
+                if isinstance(e, NonFiniteOutputError):
+                    raise e.in_table(table) from None
                 raise
             buf.step += 1
             pt.version = version

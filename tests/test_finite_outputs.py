@@ -422,3 +422,17 @@ def test_random_int8_packets_merge_exactly_when_every_row_decodes_finite() -> No
                 merge(replica, versions, ids, packet, np.ones(n, np.int64), newest=1)
             assert replica.tobytes() == before
     assert outcomes == {True, False}
+
+
+def test_the_engine_names_the_table_and_commits_nothing() -> None:
+    model = ekko.compile_model(ekko.parse_model(
+        "model m { table emb { rows 20; dim 4; optimizer sgd(lr=1.0); } feature f -> emb; }"))
+    with ekko.Engine(model, replicas=1) as engine:
+        before = engine.primary.tables["emb"].buf.master.copy()
+        with pytest.raises(ekko.NonFiniteOutputError, match="of row 7 of table 'emb'"):
+            engine.step("emb", np.array([7, 7, 7]), np.full((3, 4), 3e38, np.float32))
+        assert np.array_equal(engine.primary.tables["emb"].buf.master, before)
+        assert engine.primary.issued("emb") == 0  # no version was spent on it
+        engine.step("emb", np.array([7]), np.ones((1, 4), np.float32))
+        engine.flush()
+        assert engine.check()

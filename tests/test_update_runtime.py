@@ -206,19 +206,16 @@ def test_compile_cache_memory_and_disk(tmp_path, monkeypatch) -> None:
     rule = ekko.UpdateRule.make("adam", max_norm=2.0)
     spec = update_spec(UpdateRequest(rule, 77, serving="int4"))  # no other test uses it
     jit.clear_memory_cache()
-    t0 = time.perf_counter()
     cold = UpdateKernel(spec)
-    t1 = time.perf_counter()
     again = UpdateKernel(spec)
-    t2 = time.perf_counter()
+    objects = sorted(tmp_path.rglob("*.o"))
+    stamps = [o.stat().st_mtime_ns for o in objects]
     jit.clear_memory_cache()
     disk = UpdateKernel(spec)
-    t3 = time.perf_counter()
-    print(f"cold {t1 - t0:.3f} s, memory cache {t2 - t1:.4f} s, disk cache {t3 - t2:.4f} s")
+    # compiled once, then found in memory, then loaded from disk (nothing rewritten)
     assert not cold.module.from_disk and disk.module.from_disk
-    assert again.module is cold.module
-    assert list(tmp_path.rglob("*.o"))
-    assert t1 - t0 < 2.0 and t3 - t2 < 0.1 and t2 - t1 < 0.1
+    assert again.module is cold.module and disk.module is not cold.module
+    assert objects and [o.stat().st_mtime_ns for o in objects] == stamps
 
 
 def _hold_the_gil(obj, depth: int = 0) -> int:
