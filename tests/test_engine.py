@@ -578,21 +578,21 @@ def test_torch_tensors_and_odd_ids_get_one_clear_error(model_path: Path) -> None
         grads = torch.ones((2, 8), requires_grad=True)  # a gradient is read, never written
         engine.step("a", torch.tensor([1, 2]), grads)
         for bad, match in ((torch.ones((2, 8), dtype=torch.bfloat16), "bfloat16 tensor.*float()"),
-                           (torch.ones((2, 8)).to_sparse(), "sparse torch tensor"),
+                           (torch.ones((2, 8)).to_sparse(), "sparse_coo tensor: the kernels take dense"),
                            (torch.ones((2, 8), dtype=torch.float64), "float32")):
             with pytest.raises(EkkoError, match=match):
                 engine.step("a", [1, 2], bad)
         with pytest.raises(EkkoError, match="sparse"):
             engine.step("a", torch.tensor([1, 2]).to_sparse(), np.ones((2, 8), np.float32))
-        with pytest.raises(EkkoError, match="id 18446744073709551615 is out of range"):
+        with pytest.raises(EkkoError, match="18446744073709551615 is beyond int64"):
             engine.step("a", np.array([2**64 - 1], np.uint64), np.ones((1, 8), np.float32))
-        with pytest.raises(EkkoError, match="inhomogeneous"):
+        with pytest.raises(EkkoError, match=r"ids\[0\] is \[1\], not an integer id"):
             engine.step("a", [[1], [1, 2]], np.ones((2, 8), np.float32))
         assert engine.step("a", [], np.ones((0, 8), np.float32)) > 0  # an empty batch
         engine.flush()
         r = engine.replicas[0]
-        for ids, match in (([1.5], "integer"), ([2**64], "out of range|integer"),
-                           (np.array([2**63], np.uint64), "id 9223372036854775808 is out of"),
+        for ids, match in (([1.5], "integer"), ([2**64], "18446744073709551616 is beyond int64"),
+                           (np.array([2**63], np.uint64), "9223372036854775808 is beyond int64"),
                            ([300], "id 300 is out of range")):
             with pytest.raises(EkkoError, match=match):
                 r.rows("a", ids)
