@@ -1,0 +1,136 @@
+"""Prediction quality: the metrics online learning is judged by, and a check against a mark.
+
+Freshness is for quality, so the state manager judges replicas by their
+predictions too, not only by update norms: on a probe of recent labeled
+events, each replica's log-loss, AUC and the shift of its prediction
+distribution are compared with what they were at the last healthy mark.
+
+* log-loss: mean binary cross-entropy, probabilities clipped to [1e-7, 1-1e-7]
+  (one confident mistake must not make it infinite).
+* AUC: the probability that a random positive scores above a random negative,
+  ties counting one half (the Mann-Whitney statistic, from average ranks).
+* calibration: mean prediction over mean label (1 is calibrated).
+* shift: the population stability index of the predictions against the mark's,
+  on ten bins cut at the mark's deciles (0.1 moderate, 0.25 large, by the
+  usual reading).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..kernels.errors import EkkoError
+
+EPS = 1e-7
+
+
+def logloss(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(np.asarray(p, np.float64), EPS, 1 - EPS)
+    y = np.asarray(y, np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p))) if len(p) else math.nan
+
+
+def auc(p: np.ndarray, y: np.ndarray) -> float:
+    """NaN when only one class is present (no pair to rank)."""
+    p, y = np.asarray(p, np.float64), np.asarray(y) > 0.5
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        return math.nan
+    order = np.argsort(p, kind="mergesort")
+    sorted_p = p[order]
+    ranks = np.empty(len(p), np.float64)
+    # average ranks of ties: each run of equal scores shares the mean of its positions
+    starts = np.flatnonzero(np.r_[True, sorted_p[1:] != sorted_p[:-1]])
+    ends = np.r_[starts[1:], len(p)]
+    mean_rank = (starts + ends + 1) / 2.0  # 1-based
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def calibration(p: np.ndarray, y: np.ndarray) -> float:
+    mean_y = float(np.mean(y)) if len(y) else math.nan
+    return float(np.mean(p)) / mean_y if mean_y else math.nan
+
+
+def shift(reference: np.ndarray, now: np.ndarray, bins: int = 10) -> float:
+    """Population stability index of `now` against `reference`."""
+    reference, now = np.asarray(reference, np.float64), np.asarray(now, np.float64)
+    if not len(reference) or not len(now):
+        return math.nan
+    cuts = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+    ref = np.bincount(np.searchsorted(cuts, reference, side="right"), minlength=len(cuts) + 1)
+    cur = np.bincount(np.searchsorted(cuts, now, side="right"), minlength=len(cuts) + 1)
+    ref = np.maximum(ref / len(reference), 1e-4)
+    cur = np.maximum(cur / len(now), 1e-4)
+    return float(np.sum((cur - ref) * np.log(cur / ref)))
+
+
+@dataclass(frozen=True)
+class Quality:
+    """One replica's quality on one probe."""
+
+    events: int
+    logloss: float
+    auc: float
+    calibration: float
+    predictions: np.ndarray  # kept for the shift against a later probe
+
+    @classmethod
+    def of(cls, p: np.ndarray, y: np.ndarray) -> Quality:
+        p = np.asarray(p, np.float64).reshape(-1)
+        y = np.asarray(y, np.float64).reshape(-1)
+        if p.shape != y.shape:
+            raise EkkoError(f"{len(p)} predictions for {len(y)} labels")
+        if not np.isfinite(p).all():
+            raise EkkoError("a prediction is not finite")
+        return cls(len(p), logloss(p, y), auc(p, y), calibration(p, y), p)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"events": self.events, "logloss": self.logloss, "auc": self.auc,
+                "calibration": self.calibration}
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """When a replica's quality counts as harmed, relative to the last healthy mark.
+
+    `logloss_rise`: allowed relative rise of log-loss (0.05 = 5%);
+    `auc_drop`: allowed absolute drop of AUC; `max_shift`: allowed population
+    stability index of the predictions. A probe of fewer than `min_events`
+    events judges nothing.
+    """
+
+    logloss_rise: float = 0.05
+    auc_drop: float = 0.02
+    max_shift: float = 0.25
+    min_events: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("logloss_rise", "auc_drop", "max_shift"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise EkkoError(f"QualityConfig.{name} must be a finite number >= 0, got {v!r}")
+        if not isinstance(self.min_events, int) or self.min_events < 2:
+            raise EkkoError(f"QualityConfig.min_events must be an int >= 2, "
+                            f"got {self.min_events!r}")
+
+    def harm(self, mark: Quality, now: Quality) -> str | None:
+        """Why `now` is worse than `mark` beyond the allowance, or None."""
+        if now.events < self.min_events or mark.events < self.min_events:
+            return None
+        if now.logloss > mark.logloss * (1 + self.logloss_rise):
+            return (f"log-loss {now.logloss:.4f} vs {mark.logloss:.4f} at the healthy mark "
+                    f"(allowed +{self.logloss_rise:.0%})")
+        if math.isfinite(mark.auc) and math.isfinite(now.auc) and \
+                now.auc < mark.auc - self.auc_drop:
+            return f"AUC {now.auc:.4f} vs {mark.auc:.4f} at the healthy mark"
+        psi = shift(mark.predictions, now.predictions)
+        if psi > self.max_shift:
+            return f"prediction shift (PSI) {psi:.3f} against the healthy mark"
+        return None
+
+
+__all__ = ["Quality", "QualityConfig", "auc", "calibration", "logloss", "shift"]
