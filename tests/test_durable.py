@@ -30,18 +30,7 @@ from ekko.engine.durable import (HEADER, DamageError, PacketLog, history, load_a
 from ekko.engine.packet import Packet
 from ekko.engine.primary import Primary
 from ekko.kernels.errors import EkkoError
-
-MODEL = """
-model small {
-  defaults { dim 8; dtype f32; optimizer rowwise_adagrad(lr=0.05, eps=1e-8); }
-  table a { rows 300; serving f32; }
-  table d { rows 500; dim 16; serving int8; }
-  table e { rows 64; dim 5; serving int4; optimizer adam(lr=0.01); }
-  feature fa -> a pooling sum;
-  feature fd -> d pooling mean;
-}
-"""
-WAIT = 180.0  # seconds: generous, the machine is shared and small
+from tests.cluster_model import MODEL, WAIT
 
 
 @pytest.fixture(scope="module")
