@@ -32,7 +32,7 @@ UPDATES = [  # (optimizer, table dtype, serving, stochastic rounding, index dtyp
     ("adam", "f16", "int8", False, "i32"),
 ]
 BAGS = [(layout, mode, mode == "sum" and layout in ("f32", "int8"))
-        for layout in catalog.LAYOUT_NAMES for mode in ("sum", "mean", "none")]
+        for layout in catalog.LAYOUTS for mode in ("sum", "mean", "none")]
 
 
 def _update(optimizer, table, serving, sr, index, dim=24):
