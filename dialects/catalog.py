@@ -231,6 +231,8 @@ for _layout in (
            "dim codes, f32 scale, f32 bias"),
     Layout("int4", RowAffine(4, "f16", inverse=False), doc="FBGEMM's fused 4-bit rows: "
            "two codes a byte (low nibble first), f16 scale, f16 bias"),
+    Layout("fp8", RowScaled("e4m3"), doc="OCP E4M3 codes (torch.float8_e4m3fn) of x / scale, "
+           "f32 scale = max|row| / 448"),
 ):
     LAYOUTS.add(_layout)
 INDEX_DTYPES = ("i32", "i64")

@@ -193,8 +193,8 @@ class MergeKernel(_SyncKernel):
         if code == ERR_NONFINITE:
             raise SyncError(f"packet row {pos} holds a non-finite value (NaN or Inf)")
         if code == ERR_DECODE:
-            raise SyncError(f"packet row {pos} decodes to a non-finite value: its int8 scale "
-                            "and bias are finite, but code * scale + bias overflows f32")
+            raise SyncError(f"packet row {pos} decodes to a non-finite value: its scale (and "
+                            "bias) are finite, but code * scale (+ bias) overflows f32")
         raise SyncError(f"merge kernel failed with code {code}")
 
 

@@ -76,17 +76,19 @@ def test_a_scoped_layout_on_triton() -> None:
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET", "") in ("", "0") and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+    dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
     dim, rows = 11, 20
     rng = np.random.default_rng(5)
     for entry in THROWAWAY:
         with catalog.LAYOUTS.scoped(entry):
             w = rng.normal(0, 2, (rows, dim)).astype(np.float32)
-            table = torch.from_numpy(w.copy())
-            serving = torch.from_numpy(quant.quantize_rows(w, entry.name))
+            table = torch.from_numpy(w.copy()).to(dev)
+            serving = torch.from_numpy(quant.quantize_rows(w, entry.name)).to(dev)
             ids = torch.tensor([0, 4, 4, rows - 1])
             grads = torch.from_numpy(rng.normal(0, 1, (4, dim)).astype(np.float32))
             update_kernel("sgd", dim, serving=entry.name, lr=0.1, target="triton")(
-                table, ids, grads, serving=serving)
+                table, ids.to(dev), grads.to(dev), serving=serving)
+            table, serving = table.cpu(), serving.cpu()
             touched = np.unique(ids.numpy())
             want = quant.quantize_rows(table.numpy(), entry.name)
             got_deq = quant.dequantize_rows(serving.numpy(), entry.name, dim)[touched]
@@ -96,5 +98,6 @@ def test_a_scoped_layout_on_triton() -> None:
             assert (np.abs(got_deq - want_deq).max(axis=1) <= step).all()
             offsets = torch.tensor([0, 1, 4])
             cpu = bag_kernel(dim, entry.name, "i64", "sum")(serving, ids, offsets)
-            gpu = bag_kernel(dim, entry.name, "i64", "sum", target="triton")(serving, ids, offsets)
-            torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-5)
+            gpu = bag_kernel(dim, entry.name, "i64", "sum", target="triton")(
+                serving.to(dev), ids.to(dev), offsets.to(dev))
+            torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
