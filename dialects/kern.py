@@ -61,7 +61,6 @@ from .emb import StateType, TableType, VersionsType
 from .limits import MAX_DIM, MAX_PARTITIONS, limit_error
 from .upd import APPLY_FLAGS, APPLY_INTS, APPLY_UNITS, FusedUpdateOp, apply_roles
 
-i8 = IntegerType(8)
 i64 = IntegerType(64)
 
 

@@ -228,10 +228,6 @@ class Flag:
         return self.e.b.icmp_unsigned("!=", self.e.b.load(self.slot), _c(I32, 0))
 
 
-def _owner(e: Emitter, idv, nparts):
-    return partition_owner(e.b, idv, nparts)
-
-
 def _load_id(e: Emitter, ids_t, i):
     v = e.b.load(e.gep(ids_t, i))
     return v if v.type == I64 else e.b.sext(v, I64)
@@ -337,7 +333,7 @@ def _compact_owned(e: Emitter, ids, lo, width, owned, part, nparts):
     def step(j, accs):
         i = b.add(lo, j)
         b.store(i, e.gep(owned, accs[0]))
-        mine = b.icmp_unsigned("==", _owner(e, _load_id(e, ids, i), nparts), part)
+        mine = b.icmp_unsigned("==", partition_owner(b, _load_id(e, ids, i), nparts), part)
         return [b.add(accs[0], b.zext(mine, I64))]
 
     (cnt,) = e.fold(width, "compact", [_c(I64, 0)], step)

@@ -11,7 +11,7 @@ byte by byte because they need not be aligned.
 from __future__ import annotations
 
 from ...dialects import catalog
-from ...dialects.catalog import Elementwise, Minifloat, RowAffine, RowScaled
+from ...dialects.catalog import Elementwise, Minifloat, RowScaled
 
 
 def ptr(layout: str) -> str:
