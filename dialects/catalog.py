@@ -18,58 +18,223 @@ import keyword
 import linecache
 import math as _math
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import ClassVar
 
 from . import rowmath
 from . import rowmath as rm
 
 # -- serving layouts --------------------------------------------------------
+#
+# A layout is a name, a codec and whether it can hold a master table. The
+# codec says everything else: the row's bytes, the arrays' dtypes, and how
+# the backends encode and decode a row. Emitters branch on `codec.kind`
+# (and the codec's parameters), never on a layout's name, so a layout made
+# of an existing codec is one entry here.
+
+
+@dataclass(frozen=True)
+class Format:
+    """A float element format as stored in memory."""
+
+    name: str  # f32, f16, bf16
+    nbytes: int
+    exponent: int  # the exponent field's mask: all ones is inf or NaN
+    np_dtype: str  # the numpy dtype of an array of it (bf16: its bits)
+    torch_dtypes: tuple[str, ...]  # torch dtypes accepted for it (the first is made)
+    triton: str  # the Triton pointer type of an array of it
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("f32", 4, 0x7F800000, "float32", ("float32",), "*fp32"),
+    Format("f16", 2, 0x7C00, "float16", ("float16",), "*fp16"),
+    Format("bf16", 2, 0x7F80, "uint16", ("bfloat16", "int16", "uint16"), "*i16"),
+)}
+# quantized rows are bytes
+BYTES = Format("u8", 1, 0, "uint8", ("uint8",), "*u8")
+
+
+@dataclass(frozen=True)
+class Minifloat:
+    """An 8-bit float code format without infinities (OCP FP8 E4M3, 'fn')."""
+
+    name: str
+    exp_bits: int
+    man_bits: int
+    torch_dtype: str
+
+    @property
+    def bias(self) -> int:
+        return (1 << (self.exp_bits - 1)) - 1
+
+    @property
+    def max(self) -> float:
+        """The largest finite value: all-ones exponent, mantissa all ones but the NaN code."""
+        top = (1 << self.exp_bits) - 1 - self.bias
+        return (2.0 - 2.0 ** (1 - self.man_bits)) * 2.0 ** top
+
+    @property
+    def nan(self) -> int:
+        """The code of NaN (sign bit clear): every bit of exponent and mantissa set."""
+        return (1 << (self.exp_bits + self.man_bits)) - 1
+
+
+MINIFLOATS = {m.name: m for m in (Minifloat("e4m3", 4, 3, "float8_e4m3fn"),)}
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    """Each element one float of `fmt`, rounded to nearest-even."""
+
+    fmt: str
+    kind: ClassVar[str] = "float"
+
+    def code_bytes(self, dim: int) -> int:
+        return FORMATS[self.fmt].nbytes * dim
+
+    @property
+    def tail(self) -> tuple[str, ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class RowAffine:
+    """Row-wise affine codes (FBGEMM's fused rows): `bits`-bit unsigned codes,
+    8 // bits a byte, low bits first (a last partial byte padded with 0), then
+    the scale and the bias in `param` format. x ~= code * scale + bias.
+
+    bias = min(row) and scale = (max - bias) / (2**bits - 1), stored in `param`.
+    `inverse`: codes as FBGEMM's 8-bit rows, rint((x - min) * (2**bits - 1) /
+    (max - min + 1e-8)) from the unrounded range; else as its 4-bit rows,
+    rint((x - bias) / scale) from the stored bias and scale (scale 0 counts as 1)."""
+
+    bits: int
+    param: str
+    inverse: bool
+    kind: ClassVar[str] = "affine"
+
+    @property
+    def max_code(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def per_byte(self) -> int:
+        return 8 // self.bits
+
+    def code_bytes(self, dim: int) -> int:
+        return -(-dim // self.per_byte)
+
+    @property
+    def tail(self) -> tuple[str, ...]:
+        return ("scale", "bias")
+
+
+@dataclass(frozen=True)
+class RowScaled:
+    """Row-wise scaled float codes: one `code` minifloat per element, then a
+    `param` scale = max|row| / the code's max (an all-zero row: scale 0, codes
+    0). code = x / scale rounded to nearest-even, saturated to the code's max;
+    x ~= code * scale."""
+
+    code: str
+    param: str = "f32"
+    kind: ClassVar[str] = "scaled"
+
+    @property
+    def minifloat(self) -> Minifloat:
+        return MINIFLOATS[self.code]
+
+    def code_bytes(self, dim: int) -> int:
+        return dim
+
+    @property
+    def tail(self) -> tuple[str, ...]:
+        return ("scale",)
+
+
+Codec = Elementwise | RowAffine | RowScaled
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How one row of a table is stored.
-
-    int8: dim uint8 codes then f32 scale and f32 bias (FBGEMM's fused rows).
-    int4: ceil(dim/2) bytes, two codes a byte (low nibble first), then f16
-    scale and f16 bias.
-    """
+    """How one row of a table is stored: a name for a codec."""
 
     name: str
-    elem_bytes: int  # bytes per element of a float layout; 0 for the quantized ones
-    master: bool  # can hold an optimizer's master table
+    codec: Codec
+    master: bool = False  # can hold an optimizer's master table
+    doc: str = ""
 
     @property
     def quantized(self) -> bool:
-        return self.elem_bytes == 0
+        """Rows are bytes (codes and parameters), not one float per element."""
+        return self.codec.kind != "float"
+
+    @property
+    def storage(self) -> Format:
+        """The element format of the array holding the rows."""
+        return BYTES if self.quantized else FORMATS[self.codec.fmt]  # type: ignore[union-attr]
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        """numpy and torch dtype names an array of these rows may have."""
+        s = self.storage
+        return tuple(dict.fromkeys((s.np_dtype, *s.torch_dtypes)))
+
+    def params_at(self, dim: int) -> int:
+        """Byte offset of the row's parameters (scale, then bias) after its codes."""
+        return self.codec.code_bytes(dim)
 
     def row_bytes(self, dim: int) -> int:
-        if self.name == "int8":
-            return dim + 8
-        if self.name == "int4":
-            return (dim + 1) // 2 + 4
-        return self.elem_bytes * dim
+        tail = self.codec.tail
+        param = FORMATS[self.codec.param].nbytes if tail else 0  # type: ignore[union-attr]
+        return self.codec.code_bytes(dim) + len(tail) * param
 
     def width(self, dim: int) -> int:
         """Elements per row of the array holding it (bytes for quantized rows)."""
-        return self.row_bytes(dim) if self.quantized else dim
+        return self.row_bytes(dim) // self.storage.nbytes
 
 
-LAYOUTS: dict[str, Layout] = {
-    l.name: l
-    for l in (
-        Layout("f32", 4, True),
-        Layout("f16", 2, True),
-        Layout("bf16", 2, True),
-        Layout("int8", 0, False),
-        Layout("int4", 0, False),
-    )
-}
-LAYOUT_NAMES = tuple(LAYOUTS)
-MASTER_DTYPES = tuple(n for n, l in LAYOUTS.items() if l.master)
-QUANT_LAYOUTS = tuple(n for n, l in LAYOUTS.items() if l.quantized)
+class Layouts(dict[str, Layout]):
+    """The registry of serving layouts, by name. `scoped` adds one for a block
+    (tests, experiments); every reader looks names up here at the time of use."""
+
+    def add(self, entry: Layout) -> Layout:
+        if not entry.name.isidentifier() or entry.name in self:
+            raise ValueError(f"layout name {entry.name!r} is taken or not an identifier")
+        self[entry.name] = entry
+        return entry
+
+    @contextmanager
+    def scoped(self, entry: Layout) -> Iterator[Layout]:
+        self.add(entry)
+        try:
+            yield entry
+        finally:
+            del self[entry.name]
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self)
+
+    def masters(self) -> tuple[str, ...]:
+        return tuple(n for n, entry in self.items() if entry.master)
+
+
+LAYOUTS = Layouts()
+for _layout in (
+    Layout("f32", Elementwise("f32"), True, "float32"),
+    Layout("f16", Elementwise("f16"), True, "IEEE half, nearest-even"),
+    Layout("bf16", Elementwise("bf16"), True, "bfloat16 bits, nearest-even"),
+    Layout("int8", RowAffine(8, "f32", inverse=True), doc="FBGEMM's fused 8-bit rows: "
+           "dim codes, f32 scale, f32 bias"),
+    Layout("int4", RowAffine(4, "f16", inverse=False), doc="FBGEMM's fused 4-bit rows: "
+           "two codes a byte (low nibble first), f16 scale, f16 bias"),
+    Layout("fp8", RowScaled("e4m3"), doc="OCP E4M3 codes (torch.float8_e4m3fn) of x / scale, "
+           "f32 scale = max|row| / 448"),
+):
+    LAYOUTS.add(_layout)
 INDEX_DTYPES = ("i32", "i64")
 POOLING_MODES = ("sum", "mean", "none")
 

@@ -33,9 +33,26 @@ from xdsl.parser import Parser
 from xdsl.printer import Printer
 from xdsl.utils.exceptions import VerifyException
 
+from . import catalog
+
+# the builtin type of each float element format (catalog.FORMATS)
 FLOAT_DTYPES = {"f32": Float32Type(), "f16": Float16Type(), "bf16": BFloat16Type()}
-QUANT_LAYOUTS = ("int8", "int4")
-LAYOUTS = ("f32", "f16", "bf16", "int8", "int4")
+i8 = IntegerType(8)
+
+
+def is_layout(name: object) -> bool:
+    """`name` is a layout of the catalog's registry (read at the time of the check)."""
+    return isinstance(name, str) and name in catalog.LAYOUTS
+
+
+def layout_list() -> str:
+    return ", ".join(catalog.LAYOUTS)
+
+
+def storage_type(layout: str) -> Attribute:
+    """The element type of a buffer of `layout` rows: its float, or i8 bytes."""
+    entry = catalog.layout(layout)
+    return i8 if entry.quantized else FLOAT_DTYPES[entry.storage.name]
 
 
 def dtype_name(attr: Attribute) -> str | None:

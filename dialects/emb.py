@@ -52,11 +52,11 @@ from xdsl.utils.exceptions import VerifyException
 from . import catalog
 from .limits import MAX_DIM, MAX_ROWS
 from .common import (
-    LAYOUTS,
-    QUANT_LAYOUTS,
     InferredResultsOp,
     get_string,
     index_name,
+    is_layout,
+    layout_list,
 )
 
 POOLING = ("sum", "mean", "none")
@@ -66,9 +66,9 @@ def _parse_layout(parser: AttrParser) -> str:
     """A layout keyword after the shape's trailing `x` (f32, bf16, int8, ...)."""
     pos = parser.pos
     name = parser.parse_optional_identifier()
-    if name is None or name not in LAYOUTS:
+    if name is None or not is_layout(name):
         parser.raise_error(
-            f"expected a table layout ({', '.join(LAYOUTS)})", pos, parser.pos
+            f"expected a table layout ({layout_list()})", pos, parser.pos
         )
     return name
 
@@ -115,14 +115,14 @@ class TableType(ParametrizedAttribute, TypeAttribute):
 
     @property
     def quantized(self) -> bool:
-        return self.layout.data in QUANT_LAYOUTS
+        return catalog.layout(self.layout.data).quantized
 
     def verify(self) -> None:
         _check_rows(self.rows.data, "!emb.table")
         if self.dim.data < 1:
             raise VerifyException("!emb.table needs at least one column")
         _check_dim(self.dim.data, "!emb.table")
-        if self.layout.data not in LAYOUTS:
+        if not is_layout(self.layout.data):
             raise VerifyException(f"unknown table layout '{self.layout.data}'")
 
     def print_parameters(self, printer: Printer) -> None:
@@ -250,7 +250,7 @@ class TableOp(IRDLOperation):
                 "a master table must be f32, f16 or bf16; quantize its serving copy instead"
             )
         serving = get_string(self, "serving")
-        if serving is not None and serving not in LAYOUTS:
+        if serving is not None and not is_layout(serving):
             raise VerifyException(f"unknown serving layout '{serving}'")
 
     def print(self, printer: Printer) -> None:

@@ -55,24 +55,20 @@ from xdsl.traits import IsTerminator, Pure
 from xdsl.utils.exceptions import VerifyException
 
 from . import catalog, rowmath
-from .common import FLOAT_DTYPES, LAYOUTS, SettingsOp, dtype_name, flag, index_name, setting
+from .common import (FLOAT_DTYPES, SettingsOp, dtype_name, flag, index_name, is_layout,
+                     layout_list, setting, storage_type)
 from .emb import StateType, TableType, VersionsType
 from .limits import MAX_DIM, MAX_PARTITIONS, limit_error
 from .upd import APPLY_FLAGS, APPLY_INTS, APPLY_UNITS, FusedUpdateOp, apply_roles
 
-i8 = IntegerType(8)
 i64 = IntegerType(64)
 
 
-row_bytes = catalog.row_bytes
-
-
 def table_buffer(t: TableType) -> MemRefType:
-    """The memref holding a table: floats as rows x dim, int layouts as bytes."""
+    """The memref holding a table: floats as rows x dim, quantized layouts as bytes."""
     layout = t.layout.data
-    if layout in FLOAT_DTYPES:
-        return MemRefType(FLOAT_DTYPES[layout], [t.rows.data, t.dim.data])
-    return MemRefType(i8, [t.rows.data, row_bytes(layout, t.dim.data)])
+    return MemRefType(storage_type(layout),
+                      [t.rows.data, catalog.layout(layout).width(t.dim.data)])
 
 
 def state_buffer(t: StateType) -> MemRefType:
@@ -296,7 +292,7 @@ class UpdateOp(FusedUpdateOp):
             raise VerifyException(f"the grads buffer must be memref<?x{dim}xf32>")
         if "serving" in by:
             layout = get_string_attr(attributes, "serving_layout")
-            if layout not in LAYOUTS:
+            if not is_layout(layout):
                 raise VerifyException("'kern.update' with a serving copy needs serving_layout")
             serving = _memref(by["serving"], 2, "the serving buffer")
             width = catalog.layout(layout).width(dim)
@@ -406,8 +402,8 @@ class BagOp(KernelOp):
         if len(roles) != len(types):
             raise VerifyException(f"'kern.bag' operands must be ({', '.join(roles)})")
         layout = get_string_attr(attributes, "layout")
-        if layout not in LAYOUTS:
-            raise VerifyException("'kern.bag' needs layout = one of " + ", ".join(LAYOUTS))
+        if not is_layout(layout):
+            raise VerifyException("'kern.bag' needs layout = one of " + layout_list())
         parts = attributes.get("partitions")
         if isinstance(parts, IntegerAttr) and not 1 <= parts.value.data <= MAX_PARTITIONS:
             raise VerifyException(
@@ -422,12 +418,12 @@ class BagOp(KernelOp):
             raise VerifyException(f"the output buffer must hold f32, got {out}")
         check_dim(cls.name, dim, f"the output buffer {out}")
         table = _memref(by["table"], 2, "the table buffer")
-        width = dim if layout in FLOAT_DTYPES else row_bytes(layout, dim)
+        width = catalog.layout(layout).width(dim)
         if table.get_shape()[1] != width:
             raise VerifyException(
                 f"a {layout} table of dim {dim} must have rows of {width}, got {table}"
             )
-        elem = FLOAT_DTYPES.get(layout, i8)
+        elem = storage_type(layout)
         if table.element_type != elem:
             raise VerifyException(f"a {layout} table buffer must hold {elem}, got {table}")
         ids = _memref(by["ids"], 1, "the ids buffer")
@@ -474,13 +470,13 @@ class SyncKernelOp(KernelOp):
             raise VerifyException(f"'{cls.name}' operands must be ({', '.join(roles)})")
         layout = get_string_attr(attributes, "layout")
         dim = attributes.get("dim")
-        if layout not in LAYOUTS or not isinstance(dim, IntegerAttr) or dim.value.data < 1:
-            raise VerifyException(f"'{cls.name}' needs layout = one of {', '.join(LAYOUTS)} and dim")
+        if not is_layout(layout) or not isinstance(dim, IntegerAttr) or dim.value.data < 1:
+            raise VerifyException(f"'{cls.name}' needs layout = one of {layout_list()} and dim")
         by = dict(zip(roles, types))
         dim_n = dim.value.data
         check_dim(cls.name, dim_n, "the rows")
-        width = dim_n if layout in FLOAT_DTYPES else row_bytes(layout, dim_n)
-        elem = FLOAT_DTYPES.get(layout, i8)
+        width = catalog.layout(layout).width(dim_n)
+        elem = storage_type(layout)
         serving = _memref(by["serving"], 2, "the serving buffer")
         rows = serving.get_shape()[0]
         if serving.get_shape()[1] != width or serving.element_type != elem:

@@ -6,8 +6,8 @@ is newest-version-wins per row (ties broken by the row's bytes), so a late,
 repeated or reordered packet can never corrupt a replica.
 
 Types
-  !sync.packet<DIMxLAYOUT, INDEX>  ids (INDEX), rows in LAYOUT (f32, f16,
-                                   bf16, int8, int4) and i64 versions
+  !sync.packet<DIMxLAYOUT, INDEX>  ids (INDEX), rows in LAYOUT (a layout of
+                                   the catalog) and i64 versions
 Ops
   sync.packet %ids, %rows, %versions [{layout, dim}]  a packet from tensors
   sync.pack %serving, %versions, %ids [{seq}]          the rows of `ids`
@@ -25,9 +25,6 @@ from collections.abc import Sequence
 
 from xdsl.dialects.builtin import (
     DYNAMIC_INDEX,
-    BFloat16Type,
-    Float16Type,
-    Float32Type,
     IntAttr,
     IntegerAttr,
     IntegerType,
@@ -42,7 +39,8 @@ from xdsl.printer import Printer
 from xdsl.traits import Pure
 from xdsl.utils.exceptions import VerifyException
 
-from .common import FLOAT_DTYPES, LAYOUTS
+from . import catalog
+from .common import dtype_name, is_layout, layout_list, storage_type
 from .emb import TableType, VersionsType, check_ids, expect_table
 from .upd import UpdOp, expect_i64
 
@@ -50,17 +48,9 @@ i8 = IntegerType(8)
 i64 = IntegerType(64)
 
 
-def packet_row_width(layout: str, dim: int) -> int:
-    """Elements per packet row: dim for float layouts, bytes for int8/int4."""
-    if layout in FLOAT_DTYPES:
-        return dim
-    return dim + 8 if layout == "int8" else (dim + 1) // 2 + 4
-
-
 def packet_rows_type(layout: str, dim: int) -> TensorType:
-    """tensor<?xDIMxT> for float layouts, tensor<?xBYTESxi8> for int8/int4."""
-    elem = FLOAT_DTYPES.get(layout, i8)
-    return TensorType(elem, [DYNAMIC_INDEX, packet_row_width(layout, dim)])
+    """tensor<?xDIMxT> for float layouts, tensor<?xBYTESxi8> for quantized ones."""
+    return TensorType(storage_type(layout), [DYNAMIC_INDEX, catalog.layout(layout).width(dim)])
 
 
 @irdl_attr_definition
@@ -78,7 +68,7 @@ class PacketType(ParametrizedAttribute, TypeAttribute):
     def verify(self) -> None:
         if self.dim.data < 1:
             raise VerifyException("!sync.packet needs rows of at least one value")
-        if self.layout.data not in LAYOUTS:
+        if not is_layout(self.layout.data):
             raise VerifyException(f"unknown packet layout '{self.layout.data}'")
         if self.index.data not in ("i32", "i64"):
             raise VerifyException("!sync.packet ids must be i32 or i64")
@@ -96,8 +86,8 @@ class PacketType(ParametrizedAttribute, TypeAttribute):
             parser.parse_shape_delimiter()
             pos = parser.pos
             layout = parser.parse_optional_identifier()
-            if layout not in LAYOUTS:
-                parser.raise_error(f"expected a layout ({', '.join(LAYOUTS)})", pos, parser.pos)
+            if not is_layout(layout):
+                parser.raise_error(f"expected a layout ({layout_list()})", pos, parser.pos)
             parser.parse_punctuation(",")
             pos = parser.pos
             index = parser.parse_identifier()
@@ -131,31 +121,42 @@ def _check_seq_flag(attributes: dict[str, Attribute], op: str) -> None:
             raise VerifyException(f"'{op}' partitions must be a positive integer")
 
 
+def _either(names: list[str]) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def _layout_of_rows(rows: Attribute, attributes: dict[str, Attribute]) -> tuple[str, int]:
-    """(layout, dim) of a packet's rows tensor; int rows need layout (and dim for int4)."""
+    """(layout, dim) of a packet's rows tensor; byte rows need layout (and dim when
+    their width does not say it)."""
     if not isinstance(rows, TensorType) or len(rows.get_shape()) != 2 or rows.get_shape()[1] < 1:
         raise VerifyException("a packet's rows must be a 2-d tensor with a static width")
     width = rows.get_shape()[1]
     elem = rows.element_type
     layout_attr = attributes.get("layout")
     layout = layout_attr.data if isinstance(layout_attr, StringAttr) else None
-    floats = {Float32Type: "f32", Float16Type: "f16", BFloat16Type: "bf16"}
-    if type(elem) in floats:
-        if layout not in (None, floats[type(elem)]):
+    fmt = dtype_name(elem)
+    if fmt is not None:
+        if layout is None:  # the layout that stores this float as it is
+            layout = next(n for n, e in catalog.LAYOUTS.items()
+                          if not e.quantized and e.storage.name == fmt)
+        elif not is_layout(layout) or storage_type(layout) != elem:
             raise VerifyException(f"{elem} rows cannot hold the {layout} layout")
-        return floats[type(elem)], width
-    if elem != i8 or layout not in ("int8", "int4"):
+        return layout, width
+    quantized = [n for n, e in catalog.LAYOUTS.items() if e.quantized]
+    if elem != i8 or not is_layout(layout) or layout not in quantized:
         raise VerifyException(
-            "a packet's rows must be f32, f16 or bf16, or i8 bytes with layout int8 or int4"
-        )
-    if layout == "int8":
-        dim = width - 8
-    else:
-        dim_attr = attributes.get("dim")
-        if not isinstance(dim_attr, IntegerAttr):
-            raise VerifyException("int4 packet rows need the dim attribute")
+            "a packet's rows must be f32, f16 or bf16, or i8 bytes with layout "
+            + _either(quantized))
+    entry = catalog.layout(layout)
+    dim_attr = attributes.get("dim")
+    if isinstance(dim_attr, IntegerAttr):
         dim = dim_attr.value.data
-    if dim < 1 or packet_row_width(layout, dim) != width:
+    elif entry.codec.code_bytes(2) == 2:  # a byte a code: the width says the dim
+        dim = width - entry.row_bytes(0)
+    else:
+        raise VerifyException(f"{layout} packet rows need the dim attribute")
+    if dim < 1 or entry.width(dim) != width:
         raise VerifyException(f"{layout} rows of {width} bytes do not hold a row of dim {dim}")
     return layout, dim
 

@@ -285,12 +285,12 @@ def reference_bags(table_f32: np.ndarray, ids: np.ndarray, offsets: np.ndarray |
     return out
 
 
-def reference_lookup(rows_f32: np.ndarray, quantized: bool, ids: np.ndarray,
+def reference_lookup(rows_f32: np.ndarray, biased: bool, ids: np.ndarray,
                      offsets: np.ndarray | None, mode: str) -> Tracked:
-    """Pooled bags with magnitudes: a quantized row's value is code*scale + bias,
+    """Pooled bags with magnitudes: a biased row's value is code*scale + bias,
     so its magnitude counts the bias (the row's minimum) twice over."""
     mag_rows = np.abs(rows_f32.astype(np.float64))
-    if quantized:
+    if biased:
         mag_rows = mag_rows + 2 * np.abs(rows_f32.min(axis=1, keepdims=True))
     return Tracked(reference_bags(rows_f32, ids, offsets, mode),
                    reference_bags(mag_rows, ids, offsets, mode))

@@ -49,7 +49,6 @@ MAX_PARTITIONS = 1024
 MAX_STEPS = 10**9
 MAX_SEED = 2**63 - 1
 MAX_FLAG_DIGITS = 30  # longer integers are refused before converting them
-MASTER_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 
 
 class CliError(Exception):
@@ -151,7 +150,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="threads per update and lookup kernel (default 0: one per core)")
     p.add_argument("--optimizer", type=optimizer_flag, default=None, metavar="NAME(k=v,...)",
                    help="every table's optimizer, e.g. 'adam(lr=0.001)' (default: the model's)")
-    p.add_argument("--serving", choices=catalog.LAYOUT_NAMES, default=None,
+    p.add_argument("--serving", choices=catalog.LAYOUTS.names(), default=None,
                    help="every table's serving layout (default: the model's)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
@@ -344,7 +343,7 @@ def run_bytes(model: Model, cfg: RunConfig) -> int:
     samplers (16 bytes a row) and one step's deltas and lookups."""
     total = 0
     for t in model.tables:
-        per_row = (MASTER_BYTES.get(t.dtype, 4) * t.dim + 4 * state_values_per_row(
+        per_row = (serving_row_bytes(t.dtype, t.dim) + 4 * state_values_per_row(
             t.update.optimizer.kind, t.dim) + serving_row_bytes(t.serving, t.dim) + 8 + 16)
         total += t.rows * per_row + cfg.batch * (t.dim * 4 + 16)
     for f in model.features:

@@ -8,9 +8,9 @@ shape and contiguity and passes data pointers), and returns the same kind of
 array it was given. Large batches are split into partitions that own
 disjoint output rows and run on the one executor (`native.Executor`).
 
-Table storage per layout (see kernels.quant): f32 float32 (rows, dim); f16
-float16 (rows, dim); bf16 uint16 bits or torch.bfloat16 (rows, dim);
-int8/int4 uint8 (rows, serving_row_bytes). Ids are int32 or int64 as the
+Table storage per layout (`catalog.Layout.storage`, see kernels.quant): f32
+float32 (rows, dim); f16 float16 (rows, dim); bf16 uint16 bits or
+torch.bfloat16 (rows, dim); quantized rows uint8 (rows, row bytes). Ids are int32 or int64 as the
 spec says. Offsets use either convention: B+1 entries (bag b is
 ids[off[b]:off[b+1]]) or torch's B entries (the last bag ends at len(ids)).
 """
@@ -24,8 +24,9 @@ import numpy as np
 
 from ..compiler.backend import abi
 from ..compiler.backend.llvm_bag import ERR_ID, ERR_OFFSETS, emit_bag
-from ..compiler.backend.spec import BagSpec, serving_row_bytes
+from ..compiler.backend.spec import BagSpec
 from ..compiler.pipeline import bag_spec
+from ..dialects import catalog
 from .arrays import ArrayArg, check_disjoint
 from .errors import EkkoError
 from .jit import JitModule, compile_ir
@@ -35,10 +36,6 @@ PARALLEL_MIN_LOOKUPS = 8192  # below this one core is faster than any hand-off
 CHUNKS_PER_THREAD = 4  # dynamically claimed partitions per thread
 
 _INDEX_NP = {"i32": np.dtype(np.int32), "i64": np.dtype(np.int64)}
-_TABLE_NP = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16),
-             "bf16": np.dtype(np.uint16), "int8": np.dtype(np.uint8), "int4": np.dtype(np.uint8)}
-_TABLE_NAMES = {layout: dtype.name for layout, dtype in _TABLE_NP.items()}  # .name is slow
-_TORCH_TABLE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "int8": "uint8", "int4": "uint8"}
 
 class LookupError(EkkoError, ValueError):  # noqa: A001 - the module's own error type
     """A lookup was rejected (bad dtype, shape, id or offsets); nothing was read out of bounds."""
@@ -52,11 +49,10 @@ class BagKernel:
         self.module: JitModule = compile_ir(emit_bag(spec))
         self._entry = PackedEntry(self.module, abi.bag(False))
         self._guarded = PackedEntry(self.module, abi.bag(True))
-        layout = spec.layout  # what every call checks against, derived once
-        self._table_dtypes = (_TABLE_NAMES[layout],)
-        self._torch_table_dtypes = (("bfloat16", "int16", "uint16") if layout == "bf16"
-                                    else (_TABLE_NAMES[layout], _TORCH_TABLE[layout]))
-        self._width = serving_row_bytes(layout, spec.dim) if layout in ("int8", "int4") else spec.dim
+        layout = catalog.layout(spec.layout)  # what every call checks against, derived once
+        self._table_dtypes = (layout.storage.np_dtype,)
+        self._torch_table_dtypes = layout.storage.torch_dtypes
+        self._width = layout.width(spec.dim)
         self._ids_dtype = ("int32",) if spec.index_dtype == "i32" else ("int64",)
 
     def __repr__(self) -> str:

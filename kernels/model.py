@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..compiler.backend.spec import BagSpec, UpdateSpec, serving_row_bytes
+from ..compiler.backend.spec import BagSpec, UpdateSpec
 from ..compiler.backend.targets import exports, kernel_specs
 from ..compiler.frontend import Model, load_model
 from ..compiler.frontend.model import Feature, Table
@@ -25,6 +25,7 @@ from ..compiler.frontend_to_ir import (model_symbols, model_to_module, serving_l
                                        update_request)
 from ..compiler.pipeline import run_pipeline
 from ..compiler.registry import PIPELINES, pipeline_spec
+from ..dialects import catalog
 from .arrays import index_array, is_torch
 from .errors import EkkoError, NonFiniteOutputError, UpdateError
 from .lookup import BagKernel, LookupError
@@ -251,13 +252,10 @@ def init_table(t: Table, spec: UpdateSpec, rng: np.random.Generator,
         else:  # weight decay would move the master even with zero gradients
             serving = quantize_rows(master32, spec.serving)
         assert serving.shape[0] == t.rows
-        if spec.serving in ("int8", "int4"):
-            assert serving.shape[1] == serving_row_bytes(spec.serving, t.dim)
+        assert serving.shape[1] == catalog.layout(spec.serving).width(t.dim)
     return TableBuffers(t, master, state, serving, versions)
 
 
-_SERVING_NP = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, "int8": np.uint8,
-               "int4": np.uint8}
 INIT_CHUNK = 1 << 16  # rows per zero-gradient call
 
 
@@ -265,8 +263,8 @@ def _serving_by_kernel(kernel: UpdateKernel, spec: UpdateSpec, master: np.ndarra
                        versions: np.ndarray) -> np.ndarray:
     """The serving copy of `master`, re-made by the update kernel with zero gradients."""
     rows = master.shape[0]
-    width = spec.dim if spec.serving in ("f32", "f16", "bf16") else serving_row_bytes(spec.serving, spec.dim)
-    serving = np.empty((rows, width), _SERVING_NP[spec.serving])
+    layout = catalog.layout(spec.serving)
+    serving = np.empty((rows, layout.width(spec.dim)), layout.storage.np_dtype)
     zeros = np.zeros((min(rows, INIT_CHUNK), spec.dim), np.float32)
     for lo in range(0, rows, INIT_CHUNK):
         ids = np.arange(lo, min(lo + INIT_CHUNK, rows), dtype=np.int64 if spec.index_dtype == "i64" else np.int32)

@@ -37,8 +37,9 @@ from ..compiler.backend.llvm_sync import (
     emit_merge_module,
     emit_pack_module,
 )
-from ..compiler.backend.spec import MergeSpec, PackSpec, serving_row_bytes
+from ..compiler.backend.spec import MergeSpec, PackSpec
 from ..compiler.pipeline import merge_spec, pack_spec
+from ..dialects import catalog
 from .arrays import ArrayArg
 from .errors import EkkoError
 from .jit import compile_ir
@@ -47,23 +48,19 @@ from .native import PackedEntry
 PARALLEL_MIN_ROWS = 4096  # below this one thread is faster than a hand-off
 
 
-_ROW_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("uint16", "bfloat16"),
-               "int8": ("uint8",), "int4": ("uint8",)}
-_NP_ROWS = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, "int8": np.uint8,
-            "int4": np.uint8}
 
 class SyncError(EkkoError, ValueError):
     """A packet (or a pack request) was rejected; no serving copy was modified."""
 
 
 def row_width(layout: str, dim: int) -> int:
-    """Columns of a packet row: dim for float layouts, bytes for int8/int4."""
-    return dim if layout in ("f32", "f16", "bf16") else serving_row_bytes(layout, dim)
+    """Columns of a packet row: dim for float layouts, bytes for quantized ones."""
+    return catalog.layout(layout).width(dim)
 
 
 def rows_dtype(layout: str) -> type:
     """The numpy dtype of packet rows and serving copies in `layout`."""
-    return _NP_ROWS[layout]
+    return np.dtype(catalog.layout(layout).storage.np_dtype).type
 
 
 class _SyncKernel:
@@ -75,7 +72,7 @@ class _SyncKernel:
         s = self.spec
         width = row_width(s.layout, s.dim)
         srv = ArrayArg("serving", serving, SyncError, writable=writable)
-        srv.expect(_ROW_DTYPES[s.layout], ndim=2)
+        srv.expect(catalog.layout(s.layout).dtypes, ndim=2)
         if srv.shape[1] != width:
             raise SyncError(f"a {s.layout} serving copy of dim {s.dim} has {width} columns, "
                             f"got {srv.shape[1]}")
@@ -123,7 +120,7 @@ class PackKernel(_SyncKernel):
         if out_versions is None:
             out_versions = np.empty(n, np.int64)
         o = ArrayArg("out_rows", out_rows, SyncError, writable=True)
-        o.expect(_ROW_DTYPES[self.spec.layout], (n, width))
+        o.expect(catalog.layout(self.spec.layout).dtypes, (n, width))
         ov = ArrayArg("out_versions", out_versions, SyncError, writable=True)
         ov.expect(("int64",), (n,))
         if n == 0:
@@ -158,7 +155,7 @@ class MergeKernel(_SyncKernel):
         i = self._ids(ids)
         n = i.shape[0]
         r = ArrayArg("rows", rows, SyncError)
-        r.expect(_ROW_DTYPES[self.spec.layout], ndim=2)
+        r.expect(catalog.layout(self.spec.layout).dtypes, ndim=2)
         width = row_width(self.spec.layout, self.spec.dim)
         if tuple(r.shape) != (n, width):
             raise SyncError(f"a packet of {n} ids needs {self.spec.layout} rows of shape "
@@ -196,8 +193,8 @@ class MergeKernel(_SyncKernel):
         if code == ERR_NONFINITE:
             raise SyncError(f"packet row {pos} holds a non-finite value (NaN or Inf)")
         if code == ERR_DECODE:
-            raise SyncError(f"packet row {pos} decodes to a non-finite value: its int8 scale "
-                            "and bias are finite, but code * scale + bias overflows f32")
+            raise SyncError(f"packet row {pos} decodes to a non-finite value: its scale (and "
+                            "bias) are finite, but code * scale (+ bias) overflows f32")
         raise SyncError(f"merge kernel failed with code {code}")
 
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..dialects import catalog
 from .check import compare, error_ratio, reference_lookup, snapshot, to_f32
 from .model import CompiledModel
 
@@ -186,6 +187,6 @@ def _check_bags(m: CompiledModel, f, ids, offsets, out, cfg: RunConfig) -> float
         sub_ids, got = ids[: sub_off[-1]], out[:n]
     used, local = np.unique(sub_ids, return_inverse=True)
     rows = to_f32(buf.lookup_table[used], layout, buf.table.dim)
-    want = reference_lookup(rows, layout in ("int8", "int4"), local.reshape(-1), sub_off,
-                            f.pooling)
+    biased = "bias" in catalog.layout(layout).codec.tail  # code * scale + bias
+    want = reference_lookup(rows, biased, local.reshape(-1), sub_off, f.pooling)
     return error_ratio(got, want)

@@ -177,16 +177,12 @@ class _Checker:
                     raise self.error(f"{first} and {second} share memory: each must be its own array")
 
 
-_TABLE = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16", "int16")}
-_SERVING = {**_TABLE, "int8": ("uint8", "int8"), "int4": ("uint8", "int8")}
-_VIEW = {"bf16": "int16", "int8": "uint8", "int4": "uint8"}
-
-
 def _as_kernel_dtype(x: Any, layout: str) -> Any:
-    """bf16 travels as int16 bits, quantized rows as uint8 bytes."""
+    """The tensor as the kernel's pointer type reads it: bf16 as int16 bits,
+    quantized rows as uint8 bytes (the Triton type of the layout's storage)."""
     import torch
 
-    want = _VIEW.get(layout)
+    want = {"*i16": "int16", "*u8": "uint8"}.get(catalog.layout(layout).storage.triton)
     return x.view(getattr(torch, want)) if want and str(x.dtype) != f"torch.{want}" else x
 
 
@@ -206,7 +202,7 @@ class TritonUpdateKernel:
     def _check(self, table, ids, grads, state, serving, versions, seq):
         s = self.spec
         c = _Checker(UpdateError)
-        t = c.tensor("table", table, _TABLE[s.table_dtype], ndim=2, writable=True)
+        t = c.tensor("table", table, catalog.layout(s.table_dtype).dtypes, ndim=2, writable=True)
         if t.shape[1] != s.dim:
             raise UpdateError(f"table must have shape (rows, {s.dim}), got {tuple(t.shape)}")
         rows = t.shape[0]
@@ -218,7 +214,7 @@ class TritonUpdateKernel:
         if s.serving is not None:
             if serving is None:
                 raise UpdateError(f"this kernel refreshes a {s.serving} serving copy: pass serving=")
-            srv = c.tensor("serving", serving, _SERVING[s.serving],
+            srv = c.tensor("serving", serving, catalog.layout(s.serving).dtypes,
                            (rows, catalog.layout(s.serving).width(s.dim)), writable=True)
         elif serving is not None:
             raise UpdateError("this kernel has no serving copy: compile it with serving=")
@@ -330,7 +326,7 @@ class TritonBagKernel:
             raise LookupError("target='triton' lookups read without sequence words: pass seq=None")
         c = _Checker(LookupError)
         width = catalog.layout(s.layout).width(s.dim)
-        t = c.tensor("table", table, _SERVING[s.layout], ndim=2)
+        t = c.tensor("table", table, catalog.layout(s.layout).dtypes, ndim=2)
         if t.shape[1] != width:
             raise LookupError(f"{s.layout} table of dim {s.dim} needs {width} columns, "
                               f"got {t.shape[1]}")

@@ -52,9 +52,6 @@ from .errors import NonFiniteOutputError, OptimizerError, UpdateError
 from .jit import JitModule, compile_ir
 from .native import PackedEntry, table_runtime
 
-_TABLE_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16")}
-_SERVING_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16"),
-                   "int8": ("uint8", "int8"), "int4": ("uint8", "int8")}
 INT64_MAX = 2**63 - 1
 
 
@@ -159,7 +156,7 @@ class UpdateKernel:
         if len(t.shape) != 2 or t.shape[1] != s.dim:
             raise UpdateError(f"table must have shape (rows, {s.dim}), got {tuple(t.shape)}")
         rows = t.shape[0]
-        t.expect(_TABLE_DTYPES[s.table_dtype], (rows, s.dim))
+        t.expect(catalog.layout(s.table_dtype).dtypes, (rows, s.dim))
         i = ArrayArg("ids", ids, UpdateError)
         if len(i.shape) != 1:
             raise UpdateError(f"ids must be 1-D, got shape {tuple(i.shape)}")
@@ -175,7 +172,8 @@ class UpdateKernel:
             if serving is None:
                 raise UpdateError(f"this kernel refreshes a {s.serving} serving copy: pass serving=")
             srv = ArrayArg("serving", serving, UpdateError, writable=True)
-            srv.expect(_SERVING_DTYPES[s.serving], (rows, catalog.layout(s.serving).width(s.dim)))
+            entry = catalog.layout(s.serving)
+            srv.expect(entry.dtypes, (rows, entry.width(s.dim)))
         elif serving is not None:
             raise UpdateError("this kernel has no serving copy: compile it with serving=")
         ver = None

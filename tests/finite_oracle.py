@@ -62,6 +62,11 @@ def _serving_bad(stored: np.ndarray, layout: str | None) -> bool:
             scale = np.float32((hi - lo) / np.float32(255.0))
             top = np.float32(scale * np.float32(255.0))
             return not np.isfinite([scale, lo, top, np.float32(top + lo)]).all()
+        if layout == "fp8":  # the scale, and the largest code (448) decoded
+            scale = np.float32(np.maximum(-lo, hi) / np.float32(448.0))
+            return not np.isfinite([scale, np.float32(scale * np.float32(448.0))]).all()
+        if layout != "int4":
+            raise ValueError(f"no finite-output rule for layout {layout!r}")
         bias = np.float16(lo)
         scale = np.float16(np.float32(hi - np.float32(bias)) / np.float32(15.0))
         return not (np.isfinite(bias) and np.isfinite(scale))

@@ -320,6 +320,29 @@ def dequantize_int4(buf: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, 
     return codes[:, :dim] * scale[:, None] + bias[:, None], scale, bias
 
 
+def quantize_fp8(w: np.ndarray) -> np.ndarray:
+    """fp8 rows by torch: float8_e4m3fn codes of row / scale, then the f32 scale
+    max|row| / 448 (a row whose scale is 0 gets codes 0)."""
+    import torch
+
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    scale = (np.abs(w).max(axis=1) / np.float32(448.0)).astype(np.float32)
+    safe = np.where(scale == 0, np.float32(1.0), scale)
+    codes = torch.from_numpy(w / safe[:, None]).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    codes = np.where(scale[:, None] == 0, np.uint8(0), codes).astype(np.uint8)
+    return np.concatenate([codes, scale[:, None].view(np.uint8)], axis=1)
+
+
+def dequantize_fp8(buf: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, scale) of fp8 rows by torch: codes.view(float8).float() * scale."""
+    import torch
+
+    buf = np.ascontiguousarray(buf, dtype=np.uint8)
+    scale = buf[:, dim:dim + 4].copy().view(np.float32)[:, 0]
+    codes = torch.from_numpy(buf[:, :dim].copy()).view(torch.float8_e4m3fn).float().numpy()
+    return (codes * scale[:, None]).astype(np.float32), scale
+
+
 def serving_rows(w: np.ndarray, layout: str) -> np.ndarray:
     """Reference serving rows made from the stored master rows `w` (f32 values)."""
     if layout == "f32":
@@ -332,6 +355,8 @@ def serving_rows(w: np.ndarray, layout: str) -> np.ndarray:
         return quantize_int8(w)
     if layout == "int4":
         return quantize_int4(w)
+    if layout == "fp8":
+        return quantize_fp8(w)
     raise ValueError(layout)
 
 
@@ -348,6 +373,8 @@ def serving_error_bound(w: np.ndarray, layout: str) -> np.ndarray:
     mag = np.abs(w).max(axis=1).astype(np.float64)
     if layout == "int8":
         return rng / 255 / 2 * (1 + 1e-5) + 1e-6 * (1 + mag)
+    if layout == "fp8":  # half a step of 3 mantissa bits, or of the subnormal step
+        return mag / 16 * (1 + 1e-5) + mag / 448 * 2.0**-10 + 1e-6 * (1 + mag)
     return rng / 15 / 2 * (1 + 2.0**-9) + 2.0**-9 * (1 + mag)
 
 
@@ -361,6 +388,7 @@ def stamp_versions(versions: np.ndarray, uniq: np.ndarray, version: int) -> np.n
 __all__ = [
     "Hyper", "RefState", "init_state", "to_kernel_state", "from_kernel_state", "dedup",
     "transform_grad", "reference_step", "serving_rows", "quantize_int8", "quantize_int4",
+    "quantize_fp8", "dequantize_fp8",
     "dequantize_int8", "dequantize_int4", "serving_error_bound", "stamp_versions",
     "f32_to_bf16_bits", "bf16_bits_to_f32", "to_f32", "round_to", "ulp", "neighbours",
 ]

@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 from ekko.compiler.backend.llvm_bag import emit_bag
 from ekko.compiler.backend.spec import BagSpec, serving_row_bytes
+from ekko.dialects import catalog
 from ekko.kernels.lookup import BagKernel, LookupError, bag_kernel
 from ekko.kernels.quant import dequantize_rows, quantize_rows
 
@@ -26,7 +27,7 @@ try:  # pytest's rootdir-relative import mode puts tests/ on sys.path
 except ImportError:  # pragma: no cover
     from tests import reference as ref  # type: ignore[no-redef]
 
-LAYOUTS = ("f32", "f16", "bf16", "int8", "int4")
+LAYOUTS = tuple(catalog.LAYOUTS)
 VARIANTS = (("sum", False), ("sum", True), ("mean", False), ("none", False))
 DIMS = (1, 3, 13, 64, 128, 1000)
 NP_INDEX = {"i32": np.int32, "i64": np.int64}
@@ -145,7 +146,7 @@ def test_quantize_matches_reference(layout: str, dim: int) -> None:
     w[0] = 1.5  # a constant row: scale 0, codes 0
     q = quantize_rows(w, layout)
     np.testing.assert_array_equal(q, ref.serving_rows(w, layout))
-    if layout in ("int8", "int4"):
+    if catalog.layout(layout).quantized:
         assert q.shape == (40, serving_row_bytes(layout, dim)) and q.dtype == np.uint8
         back = dequantize_rows(q, layout, dim)
         err = np.abs(back - w).max(axis=1)

@@ -30,10 +30,12 @@ model small {
   table d { rows 1000; dim 16; serving int8; }
   table e { rows 64; dim 5; serving int4; optimizer adam(lr=0.01); }
   table g { rows 50; dim 4; dtype f16; optimizer sgd(lr=0.1); }
+  table h { rows 90; dim 9; serving fp8; optimizer adagrad(lr=0.1); }
   feature fa -> a pooling sum;
   feature fd -> d pooling mean;
   feature fe -> e pooling sum;
   feature fg -> g pooling sum;
+  feature fh -> h pooling mean;
 }
 """
 
@@ -64,7 +66,7 @@ def assert_replicas_match(engine) -> None:
 
 
 def test_engine_api_every_layout(model_path: Path) -> None:
-    """step, flush, lookups and serving views, in f32/f16/bf16/int8/int4 serving copies."""
+    """step, flush, lookups and serving views, in every layout's serving copies."""
     m = compiled(model_path)
     rng = np.random.default_rng(0)
     with ekko.Engine(m, replicas=2) as engine:

@@ -109,7 +109,7 @@ class Case:
             self(ids, grads, step)
             for b in self.buffers()[:-1]:
                 values = as_numpy(b)
-                if b is self.serving and self.spec.serving in ("int8", "int4"):
+                if b is self.serving and catalog.layout(self.spec.serving).quantized:
                     values = quant.dequantize_rows(values, self.spec.serving, self.spec.dim)
                 elif b is self.table and self.spec.table_dtype == "bf16":
                     values = quant.bf16_bits_to_f32(values)
@@ -264,7 +264,7 @@ def test_random_deltas_are_refused_exactly_when_a_value_would_not_be_finite(targ
     for trial in range(6):
         rows, dim = int(rng.choice([1, 7, 33])), int(rng.choice([1, 3, 8, 17]))
         dtype = str(rng.choice(["f32", "f32", "f16", "bf16"]))
-        serving = rng.choice([None, "f32", "f16", "bf16", "int8", "int4"])
+        serving = rng.choice([None, *catalog.LAYOUTS])
         hyper = {"l1": 0.05} if optimizer == "ftrl" else {}
         c = Case(target, optimizer, dim, rows, dtype, serving=serving, seed=trial,
                  lr=1.0 if optimizer == "sgd" else 0.05, **hyper)

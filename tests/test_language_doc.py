@@ -10,12 +10,8 @@ from pathlib import Path
 import pytest
 
 from ekko.compiler.frontend import ModelError, parse_model
-from ekko.compiler.frontend.model import (
-    MASTER_DTYPES,
-    OPTIMIZER_DEFAULTS,
-    POOLINGS,
-    SERVING_LAYOUTS,
-)
+from ekko.compiler.frontend.model import OPTIMIZER_DEFAULTS, POOLINGS
+from ekko.dialects import catalog
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "language.md"
 TEXT = DOC.read_text()
@@ -57,7 +53,7 @@ def test_error_examples_fail_with_their_message(message: str, source: str) -> No
 
 
 def test_every_name_the_language_accepts_is_documented() -> None:
-    for word in (*OPTIMIZER_DEFAULTS, *MASTER_DTYPES, *SERVING_LAYOUTS, *POOLINGS):
+    for word in (*OPTIMIZER_DEFAULTS, *catalog.LAYOUTS.masters(), *catalog.LAYOUTS, *POOLINGS):
         assert f"`{word}`" in TEXT, word
     for optimizer, defaults in OPTIMIZER_DEFAULTS.items():
         row = next(line for line in TEXT.splitlines() if line.startswith(f"| `{optimizer}` |"))

@@ -12,11 +12,12 @@ import zlib
 import numpy as np
 import pytest
 
+from ekko.dialects import catalog
 from ekko.kernels.errors import EkkoError
 from ekko.kernels.quant import quantize_rows
 from ekko.kernels.sync import SyncError, merge_kernel, pack_kernel, row_width
 
-LAYOUTS = ("f32", "f16", "bf16", "int8", "int4")
+LAYOUTS = tuple(catalog.LAYOUTS)
 
 
 def serving_copy(rng, rows: int, dim: int, layout: str) -> np.ndarray:
@@ -120,6 +121,8 @@ def test_bad_packets_leave_the_replica_untouched(layout: str) -> None:
         nan[7500, 0] = 0x7F80  # +inf
     elif layout == "int8":
         nan[7500, dim:dim + 4] = np.frombuffer(np.float32(np.inf).tobytes(), np.uint8)
+    elif catalog.layout(layout).codec.kind == "scaled":
+        nan[7500, 4] = 0xFF  # a NaN code (-NaN)
     else:
         nan[7500, -2:] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)  # the bias
     rejected(ids, nan, pver, match="non-finite")

@@ -12,11 +12,12 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ekko.dialects import catalog
 from ekko.kernels.errors import EkkoError
 from ekko.kernels.quant import quantize_rows
 from ekko.kernels.sync import merge_kernel
 
-LAYOUTS = ("f32", "f16", "bf16", "int8", "int4")
+LAYOUTS = tuple(catalog.LAYOUTS)
 ROWS, DIM, NEWEST = 23, 5, 6
 
 
@@ -89,6 +90,11 @@ def test_a_malformed_packet_leaves_the_replica_byte_identical(layout, seed, n, f
         rows[pos, 0] = 0x7FC0  # NaN bits
     elif layout == "int8":
         rows[pos, DIM + 4:] = np.frombuffer(np.float32(np.nan).tobytes(), np.uint8)
+    elif catalog.layout(layout).codec.kind == "scaled":  # a NaN code, or an inf scale
+        if data.draw(st.booleans()):
+            rows[pos, data.draw(st.integers(0, DIM - 1))] = 0x7F
+        else:
+            rows[pos, DIM:] = np.frombuffer(np.float32(np.inf).tobytes(), np.uint8)
     else:
         rows[pos, -4:-2] = np.frombuffer(np.float16(np.inf).tobytes(), np.uint8)
     try:

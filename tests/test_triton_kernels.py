@@ -35,10 +35,10 @@ except ImportError:  # pragma: no cover - run from the repository root
     from tests.reference import (Hyper, RefState, bf16_bits_to_f32,  # type: ignore[no-redef]
                                  reference_step, serving_error_bound, serving_rows)
 
-TORCH = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16,
-         "int8": torch.uint8, "int4": torch.uint8}
+TORCH = {name: getattr(torch, entry.storage.torch_dtypes[0])
+         for name, entry in catalog.LAYOUTS.items()}
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam", "rmsprop", "ftrl")
-SERVING = (None, "f32", "f16", "bf16", "int8", "int4")
+SERVING = (None, *catalog.LAYOUTS)
 HP = Hyper(lr=0.05, eps=1e-8)
 EXTRA = {"rmsprop": {"alpha": 0.9}, "ftrl": {"l1": 0.05, "l2": 0.01}}
 
@@ -77,7 +77,7 @@ def make_buffers(optimizer: str, rows: int, dim: int, table_dtype: str, serving:
                               .astype(np.float32)) for s in opt.states]
     srv = None
     if serving is not None:
-        q = quant.quantize_rows(w, serving) if serving in ("int8", "int4") else w
+        q = quant.quantize_rows(w, serving) if catalog.layout(serving).quantized else w
         srv = torch.from_numpy(np.ascontiguousarray(q)).to(TORCH[serving])
     return {"table": torch.from_numpy(w).to(TORCH[table_dtype]), "state": state, "serving": srv,
             "versions": torch.zeros(rows, dtype=torch.int64),
@@ -126,7 +126,7 @@ def assert_same_update(a: dict, b: dict, table_dtype: str, serving: str | None, 
     assert torch.equal(a["versions"], b["versions"])
     # the same rows written, each left even (SGD without dedup writes a row once per occurrence)
     assert torch.equal(a["seq"] > 0, b["seq"] > 0) and (a["seq"] % 2 == 0).all()
-    if serving in ("int8", "int4"):
+    if serving is not None and catalog.layout(serving).quantized:
         da = quant.dequantize_rows(a["serving"].numpy(), serving, dim)
         db = quant.dequantize_rows(b["serving"].numpy(), serving, dim)
         step = np.abs(da - db).max(initial=0.0)
@@ -228,7 +228,7 @@ def test_matches_references(optimizer: str) -> None:
         np.testing.assert_allclose(x.numpy(), y, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("serving", ["f16", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("serving", [name for name in catalog.LAYOUTS if name != "f32"])
 def test_serving_rows_match_the_reference(serving: str) -> None:
     """Serving rows re-made from the stored master rows, as the numpy reference makes them."""
     rng = np.random.default_rng(3)
@@ -249,6 +249,8 @@ def test_serving_rows_match_the_reference(serving: str) -> None:
         deq = quant.dequantize_rows(got["serving"].numpy(), serving, dim)[uniq]
         err = np.abs(deq - stored[uniq]).max(axis=1)
         assert (err <= serving_error_bound(stored[uniq], serving)).all()
+        if serving == "fp8":  # torch's float8_e4m3fn codes, bit for bit
+            assert np.array_equal(got["serving"].numpy()[uniq], serving_rows(stored[uniq], serving))
 
 
 # -- duplicates, determinism, edges -----------------------------------------------------
@@ -383,13 +385,13 @@ def test_argument_errors() -> None:
 # -- pooled lookups -------------------------------------------------------------------------
 
 
-BAGS = [(layout, mode, weighted) for layout in ("f32", "f16", "bf16", "int8", "int4")
+BAGS = [(layout, mode, weighted) for layout in catalog.LAYOUTS
         for mode, weighted in (("sum", False), ("sum", True), ("mean", False), ("none", False))]
 
 
 def _bag_table(layout: str, rows: int, dim: int, rng: np.random.Generator):
     w = rng.normal(0, 1, (rows, dim)).astype(np.float32)
-    if layout in ("int8", "int4"):
+    if catalog.layout(layout).quantized:
         q = quant.quantize_rows(w, layout)
         return torch.from_numpy(q), torch.from_numpy(quant.dequantize_rows(q, layout, dim))
     t = torch.from_numpy(w).to(TORCH[layout])

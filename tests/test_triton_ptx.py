@@ -30,9 +30,10 @@ UPDATES = [  # (optimizer, table dtype, serving, stochastic rounding, index dtyp
     ("rmsprop", "f16", "f16", True, "i64"),
     ("ftrl", "f32", "bf16", False, "i64"),
     ("adam", "f16", "int8", False, "i32"),
+    ("sgd", "bf16", "fp8", False, "i64"),
 ]
 BAGS = [(layout, mode, mode == "sum" and layout in ("f32", "int8"))
-        for layout in catalog.LAYOUT_NAMES for mode in ("sum", "mean", "none")]
+        for layout in catalog.LAYOUTS for mode in ("sum", "mean", "none")]
 
 
 def _update(optimizer, table, serving, sr, index, dim=24):
@@ -73,7 +74,7 @@ def test_update_kernels_compile_for_sm90(compiled, optimizer, table, serving, sr
     ptx = compiled[("update", optimizer, table, serving, sr, index)]
     assert set(ptx) == {"ekko_update_sum", "ekko_update_check", "ekko_update_apply"}
     _check(ptx)
-    if serving in ("int8", "int4"):
+    if serving is not None and catalog.layout(serving).quantized:
         assert "st.global.b8" in ptx["ekko_update_apply"] or "st.global.u8" in ptx["ekko_update_apply"]
 
 

@@ -27,22 +27,25 @@ from hypothesis import strategies as st
 
 try:
     from reference import (
-        Hyper, RefState, bf16_bits_to_f32, dequantize_int4, dequantize_int8, f32_to_bf16_bits,
+        Hyper, RefState, bf16_bits_to_f32, dequantize_fp8, dequantize_int4, dequantize_int8,
+        f32_to_bf16_bits,
         from_kernel_state, init_state, neighbours, reference_step, round_to, serving_error_bound,
         serving_rows, stamp_versions, to_f32, to_kernel_state, ulp,
     )
 except ImportError:  # tests/ became a package
     from tests.reference import (  # type: ignore[no-redef]
-        Hyper, RefState, bf16_bits_to_f32, dequantize_int4, dequantize_int8, f32_to_bf16_bits,
+        Hyper, RefState, bf16_bits_to_f32, dequantize_fp8, dequantize_int4, dequantize_int8,
+        f32_to_bf16_bits,
         from_kernel_state, init_state, neighbours, reference_step, round_to, serving_error_bound,
         serving_rows, stamp_versions, to_f32, to_kernel_state, ulp,
     )
 
 from ekko.compiler.backend.spec import serving_row_bytes
+from ekko.dialects import catalog
 
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 TABLE_DTYPES = ("f32", "f16", "bf16")
-SERVINGS = (None, "f32", "f16", "bf16", "int8", "int4")
+SERVINGS = (None, *catalog.LAYOUTS)
 HP = Hyper(lr=0.05, eps=1e-8, betas=(0.9, 0.99), lr_decay=0.01)
 
 
@@ -88,7 +91,7 @@ def make_serving(layout: str | None, rows: int, dim: int, use_torch: bool) -> An
     """A serving buffer filled with a sentinel, so untouched rows are checkable."""
     if layout is None:
         return None
-    if layout in ("int8", "int4"):
+    if catalog.layout(layout).quantized:
         a = np.full((rows, serving_row_bytes(layout, dim)), 0xA5, np.uint8)
     elif layout == "f32":
         a = np.full((rows, dim), -7.25, np.float32)
@@ -206,6 +209,11 @@ def check_serving(got: np.ndarray, prev: np.ndarray, stored: np.ndarray, uniq: n
     w = stored[uniq]
     if layout in ("f32", "f16", "bf16"):
         np.testing.assert_array_equal(got[uniq], serving_rows(w, layout), err_msg=f"{layout} serving rows")
+        return
+    if layout == "fp8":  # torch's float8_e4m3fn codes of row / (max|row| / 448), bit for bit
+        np.testing.assert_array_equal(got[uniq], serving_rows(w, layout), err_msg="fp8 serving rows")
+        err = np.abs(dequantize_fp8(got[uniq], dim)[0] - w).max(axis=1)
+        assert (err <= serving_error_bound(w, layout)).all()
         return
     deq, scale, bias = (dequantize_int8 if layout == "int8" else dequantize_int4)(got[uniq], dim)
     mn, mx = w.min(axis=1), w.max(axis=1)

@@ -16,6 +16,16 @@ LLVM_TYPES: dict[str, ir.Type] = {
 }
 
 
+OWNER_HASH = 0x9E3779B97F4A7C15  # 2**64 / golden ratio
+
+
+def partition_owner(b: ir.IRBuilder, idv: ir.Value, nparts: ir.Value) -> ir.Value:
+    """The partition that owns id `idv` (i64): a multiplicative hash, so hot ids
+    spread. The one rule every kernel that splits rows by id (the update's
+    apply, the merge) uses."""
+    return b.urem(b.lshr(b.mul(idv, ir.Constant(I64, OWNER_HASH)), ir.Constant(I64, 40)), nparts)
+
+
 def declare(module: ir.Module, sig: abi.Signature) -> ir.Function:
     """The LLVM function for an ABI signature (its argument names kept)."""
     fty = ir.FunctionType(LLVM_TYPES[sig.ret], [LLVM_TYPES[x.type] for x in sig.args])

@@ -36,9 +36,10 @@ from __future__ import annotations
 
 from llvmlite import ir
 
+from ...dialects import catalog
 from . import abi, loops
 from .llvm_abi import declare, emit_packed
-from .spec import BagSpec, serving_row_bytes
+from .spec import BagSpec
 
 FUNCTION_NAME = abi.bag(False).symbol
 CHUNK = 128  # floats per accumulator chunk: 8 zmm / 16 ymm registers
@@ -78,6 +79,50 @@ def _load_at(b: ir.IRBuilder, base: ir.Value, byte_off: ir.Value | int, ty: ir.T
     return b.load(ptr, align=align)
 
 
+def _load_floats(b: ir.IRBuilder, row: ir.Value, c0: int, n: int, fmt: str) -> ir.Value:
+    """`<n x float>` of elements [c0, c0+n) of a row of `fmt` floats."""
+    vf = ir.VectorType(f32, n)
+    if fmt == "f32":
+        return _load_at(b, row, 4 * c0, vf, 4)
+    if fmt == "f16":
+        return b.fpext(_load_at(b, row, 2 * c0, ir.VectorType(f16, n), 2), vf)
+    bits = b.zext(_load_at(b, row, 2 * c0, ir.VectorType(i16, n), 2), ir.VectorType(i32, n))
+    return b.bitcast(b.shl(bits, ir.Constant(ir.VectorType(i32, n), [16] * n)), vf)
+
+
+def _load_param(b: ir.IRBuilder, row: ir.Value, at: int, fmt: str) -> ir.Value:
+    """A row's scale or bias (`fmt`, unaligned at byte `at`) as f32."""
+    if fmt == "f32":
+        return _load_at(b, row, at, f32, 1)
+    if fmt == "f16":
+        return b.fpext(_load_at(b, row, at, f16, 1), f32)
+    return b.bitcast(b.shl(b.zext(_load_at(b, row, at, i16, 1), i32), _const(i32, 16)), f32)
+
+
+def minifloat_values(b: ir.IRBuilder, codes: ir.Value, mf: catalog.Minifloat) -> ir.Value:
+    """The f32 values of i8 minifloat codes (a scalar or a vector): the exponent
+    rebased into an f32's bits, the subnormal codes (exponent 0) as mantissa *
+    step. Integer and select math only, so it vectorizes."""
+    n = codes.type.count if isinstance(codes.type, ir.VectorType) else 0
+
+    def of(t: ir.Type) -> ir.Type:
+        return ir.VectorType(t, n) if n else t
+
+    def const(t: ir.Type, v: int | float) -> ir.Constant:
+        return ir.Constant(of(t), [v] * n) if n else ir.Constant(t, v)
+
+    c = b.zext(codes, of(i32))
+    mag = b.and_(c, const(i32, 0x7F))
+    exp = b.lshr(mag, const(i32, mf.man_bits))
+    man = b.and_(mag, const(i32, (1 << mf.man_bits) - 1))
+    normal = b.or_(b.shl(b.add(exp, const(i32, 127 - mf.bias)), const(i32, 23)),
+                   b.shl(man, const(i32, 23 - mf.man_bits)))
+    sub = b.fmul(b.uitofp(man, of(f32)), const(f32, 2.0 ** (1 - mf.bias - mf.man_bits)))
+    value = b.select(b.icmp_unsigned("==", exp, const(i32, 0)), sub, b.bitcast(normal, of(f32)))
+    sign = b.shl(b.and_(c, const(i32, 0x80)), const(i32, 24))
+    return b.bitcast(b.or_(b.bitcast(value, of(i32)), sign), of(f32))
+
+
 class _BagEmitter:
     """Builds one bag function for a spec; one method per piece of the loop nest.
 
@@ -89,7 +134,8 @@ class _BagEmitter:
     def __init__(self, spec: BagSpec, module: ir.Module, guarded: bool):
         self.spec = spec
         self.guarded = guarded
-        self.row_bytes = serving_row_bytes(spec.layout, spec.dim)
+        self.layout = catalog.layout(spec.layout)
+        self.row_bytes = self.layout.row_bytes(spec.dim)
         self.idx_ty = i32 if spec.index_dtype == "i32" else i64
         self.module = module
         p8 = i8.as_pointer()
@@ -148,54 +194,56 @@ class _BagEmitter:
                 acc: ir.Value) -> tuple[ir.Value, ir.Value | None]:
         """acc + elements [c0, c0+n) of a row (times `weight`), and the row's bias term.
 
-        The int layouts return acc + code * scale (one contractible fma) and
+        Row-wise codecs return acc + code * scale (one contractible fma) and
         leave `bias` (* weight) to a scalar running sum, added once per bag:
         sum(code*s + b) = sum(code*s) + sum(b), one vector add fewer per id.
         """
-        b, layout = self.b, self.spec.layout
-        vf = ir.VectorType(f32, n)
-        if layout == "f32":
-            v = _load_at(b, row, 4 * c0, vf, 4)
-        elif layout == "f16":
-            v = b.fpext(_load_at(b, row, 2 * c0, ir.VectorType(f16, n), 2), vf)
-        elif layout == "bf16":
-            bits = b.zext(_load_at(b, row, 2 * c0, ir.VectorType(i16, n), 2), ir.VectorType(i32, n))
-            v = b.bitcast(b.shl(bits, ir.Constant(ir.VectorType(i32, n), [16] * n)), vf)
-        else:
-            return self.dequant_int(row, c0, n, weight, acc)
+        b, codec = self.b, self.layout.codec
+        if not isinstance(codec, catalog.Elementwise):
+            return self.dequant_rowwise(row, c0, n, weight, acc)
+        v = _load_floats(b, row, c0, n, codec.fmt)
         if weight is not None:
             return b.fadd(acc, b.fmul(v, _splat(b, weight, n), flags=FMA), flags=FMA), None
         return b.fadd(acc, v), None
 
-    def dequant_int(self, row: ir.Value, c0: int, n: int, weight: ir.Value | None,
-                    acc: ir.Value) -> tuple[ir.Value, ir.Value]:
-        """acc + code * scale, and bias, for the fused row-wise int8/int4 layouts (weight folded in)."""
-        b, dim = self.b, self.spec.dim
+    def dequant_rowwise(self, row: ir.Value, c0: int, n: int, weight: ir.Value | None,
+                        acc: ir.Value) -> tuple[ir.Value, ir.Value | None]:
+        """acc + code * scale, and the bias (None without one), for row-wise
+        codecs (weight folded in)."""
+        b, codec = self.b, self.layout.codec
         vf = ir.VectorType(f32, n)
-        if self.spec.layout == "int8":
-            codes = _load_at(b, row, c0, ir.VectorType(i8, n), 1)
-            scale = _load_at(b, row, dim, f32, 1)
-            bias = _load_at(b, row, dim + 4, f32, 1)
+        at = self.layout.params_at(self.spec.dim)
+        step = catalog.FORMATS[codec.param].nbytes
+        scale = _load_param(b, row, at, codec.param)
+        bias = _load_param(b, row, at + step, codec.param) if "bias" in codec.tail else None
+        if isinstance(codec, catalog.RowAffine):
+            x = b.uitofp(self.affine_codes(row, c0, n, codec), vf)
         else:
-            codes = self.int4_codes(row, c0, n)
-            half = (dim + 1) // 2
-            scale = b.fpext(_load_at(b, row, half, f16, 1), f32)
-            bias = b.fpext(_load_at(b, row, half + 2, f16, 1), f32)
+            x = minifloat_values(b, _load_at(b, row, c0, ir.VectorType(i8, n), 1),
+                                 codec.minifloat)
         if weight is not None:
-            scale, bias = b.fmul(scale, weight), b.fmul(bias, weight)
-        x = b.uitofp(codes, vf)
+            scale = b.fmul(scale, weight)
+            bias = b.fmul(bias, weight) if bias is not None else None
         return b.fadd(acc, b.fmul(x, _splat(b, scale, n), flags=FMA), flags=FMA), bias
 
-    def int4_codes(self, row: ir.Value, c0: int, n: int) -> ir.Value:
-        """`<n x i8>` codes from ceil(n/2) packed bytes, low nibble first (c0 is even)."""
-        b = self.b
-        nb = (n + 1) // 2
+    def affine_codes(self, row: ir.Value, c0: int, n: int, codec: catalog.RowAffine) -> ir.Value:
+        """`<n x i8>` codes from their packed bytes, low bits first (c0 is a
+        multiple of 8 // bits: chunks are)."""
+        b, per = self.b, codec.per_byte
+        if per == 1:
+            return _load_at(b, row, c0, ir.VectorType(i8, n), 1)
+        nb = -(-n // per)
         vb = ir.VectorType(i8, nb)
-        packed = _load_at(b, row, c0 // 2, vb, 1)
-        lo = b.and_(packed, ir.Constant(vb, [15] * nb))
-        hi = b.lshr(packed, ir.Constant(vb, [4] * nb))
-        mask = [i // 2 + (i % 2) * nb for i in range(n)]
-        return b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, n), mask))
+        packed = _load_at(b, row, c0 // per, vb, 1)
+        parts = [b.and_(b.lshr(packed, ir.Constant(vb, [k * codec.bits] * nb)),
+                        ir.Constant(vb, [codec.max_code] * nb)) for k in range(per)]
+        while len(parts) > 1:  # one vector: part k's lanes at [k * nb, (k + 1) * nb)
+            width = 2 * parts[0].type.count
+            pairs = ir.Constant(ir.VectorType(i32, width), list(range(width)))
+            parts = [b.shuffle_vector(x, y, pairs) for x, y in zip(parts[::2], parts[1::2])]
+        # element i: part i % per of byte i // per
+        mask = [(i % per) * nb + i // per for i in range(n)]
+        return b.shuffle_vector(parts[0], parts[0], ir.Constant(ir.VectorType(i32, n), mask))
 
     # -- loop nest -----------------------------------------------------------
 
@@ -235,8 +283,8 @@ class _BagEmitter:
         """
         b, a, spec = self.b, self.a, self.spec
         vf = ir.VectorType(f32, n)
-        # int layouts carry the biases in a scalar beside the vector sum
-        quant = spec.layout in ("int8", "int4")
+        # codecs with a bias carry the biases in a scalar beside the vector sum
+        quant = "bias" in self.layout.codec.tail
         inits = [ir.Constant(vf, [0.0] * n)] + ([_const(f32, 0.0)] if quant else [])
         track = c0 == 0 and self.guarded
         if track:

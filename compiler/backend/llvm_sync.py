@@ -39,19 +39,31 @@ from __future__ import annotations
 
 from llvmlite import ir
 
+from ...dialects import catalog
 from . import abi, loops
-from .llvm_abi import declare, emit_packed
+from .llvm_abi import declare, emit_packed, partition_owner
+from .llvm_bag import minifloat_values
 from .spec import MergeSpec, PackSpec, SyncSpec
 
 I1, I8, I16, I32, I64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
 P8, P32, P64 = I8.as_pointer(), I32.as_pointer(), I64.as_pointer()
-GOLDEN = 0x9E3779B97F4A7C15
 
 ERR_ID = abi.SyncStatus.ID_OUT_OF_RANGE
 ERR_VERSION = abi.SyncStatus.BAD_VERSION
 ERR_NONFINITE = abi.SyncStatus.NON_FINITE
 ERR_DECODE = abi.SyncStatus.DECODES_NON_FINITE
 F32 = ir.FloatType()
+_INT = {"f32": I32, "f16": I16, "bf16": I16}  # the integer type of each format's bits
+
+
+def _param(b: ir.IRBuilder, ptr, fmt: str):
+    """A row parameter (`fmt`, unaligned at i8* `ptr`) as f32."""
+    if fmt == "f32":
+        return b.load(b.bitcast(ptr, F32.as_pointer()), align=1)
+    bits = b.load(b.bitcast(ptr, I16.as_pointer()), align=1)
+    if fmt == "f16":
+        return b.fpext(b.bitcast(bits, ir.HalfType()), F32)
+    return b.bitcast(b.shl(b.zext(bits, I32), _c(I32, 16)), F32)
 
 
 def _c(t: ir.Type, v: int) -> ir.Constant:
@@ -106,33 +118,53 @@ class _SyncEmitter:
 
     # -- row checks -----------------------------------------------------------
     def row_finite(self, row):
-        """i1: every value of a packet row is finite (int rows: their scale and bias)."""
-        layout, dim = self.spec.layout, self.spec.dim
-        if layout == "f32":
-            return self._all_finite(row, I32, dim, 0, 0x7F800000)
-        if layout == "f16":
-            return self._all_finite(row, I16, dim, 0, 0x7C00)
-        if layout == "bf16":
-            return self._all_finite(row, I16, dim, 0, 0x7F80)
-        if layout == "int8":
-            return self._all_finite(row, I32, 2, dim, 0x7F800000)
-        return self._all_finite(row, I16, 2, (dim + 1) // 2, 0x7C00)
+        """i1: every value of a packet row is finite (row-wise codecs: the scale
+        and bias, and no code is a minifloat's NaN)."""
+        entry = catalog.layout(self.spec.layout)
+        codec, dim = entry.codec, self.spec.dim
+        if isinstance(codec, catalog.Elementwise):
+            exp = catalog.FORMATS[codec.fmt].exponent
+            return self._all_finite(row, _INT[codec.fmt], dim, 0, exp)
+        ok = self._all_finite(row, _INT[codec.param], len(codec.tail), entry.params_at(dim),
+                              catalog.FORMATS[codec.param].exponent)
+        if isinstance(codec, catalog.RowScaled):
+            ok = self.b.and_(ok, self._all_finite(row, I8, dim, 0, codec.minifloat.nan))
+        return ok
+
+    def checks_decode(self) -> bool:
+        """Finite parameters may still decode a code to inf: f32 (or bf16) ones
+        can, f16 ones cannot (M * 65504 + 65504 is far from f32's max)."""
+        codec = catalog.layout(self.spec.layout).codec
+        return not isinstance(codec, catalog.Elementwise) and codec.param != "f16"
 
     def decodes_finite(self, row):
-        """i1: every code of an int8 row decodes to a finite value: code * scale,
+        """i1: every code of a row-wise row decodes to a finite value: code * scale,
         then + bias, each rounded to f32 (no fused multiply-add), as the lookup
         kernels and `quant.dequantize_rows` compute a row."""
         b, dim = self.b, self.spec.dim
-        tail = b.bitcast(self.at(row, _c(I64, dim)), F32.as_pointer())
-        scale, bias = b.load(tail, align=1), b.load(b.gep(tail, [_c(I64, 1)]), align=1)
+        entry = catalog.layout(self.spec.layout)
+        codec = entry.codec
+        at = entry.params_at(dim)
+        scale = _param(b, self.at(row, _c(I64, at)), codec.param)
+        bias = (_param(b, self.at(row, _c(I64, at + catalog.FORMATS[codec.param].nbytes)),
+                       codec.param) if "bias" in codec.tail else None)
 
         def bad(x):
             bits = b.and_(b.bitcast(x, I32), _c(I32, 0x7F800000))
             return b.zext(b.icmp_unsigned("==", bits, _c(I32, 0x7F800000)), I64)
 
         def step(j, accs):
-            scaled = b.fmul(b.uitofp(b.load(self.at(row, j)), F32), scale)
-            return [b.or_(accs[0], b.or_(bad(scaled), bad(b.fadd(scaled, bias))))]
+            if isinstance(codec, catalog.RowScaled):
+                value = minifloat_values(b, b.load(self.at(row, j)), codec.minifloat)
+            else:
+                per = codec.per_byte
+                byte = b.load(self.at(row, b.udiv(j, _c(I64, per))))
+                shift = b.trunc(b.mul(b.urem(j, _c(I64, per)), _c(I64, codec.bits)), I8)
+                code = b.and_(b.lshr(byte, shift), _c(I8, codec.max_code))
+                value = b.uitofp(code, F32)
+            scaled = b.fmul(value, scale)
+            flags = bad(scaled) if bias is None else b.or_(bad(scaled), bad(b.fadd(scaled, bias)))
+            return [b.or_(accs[0], flags)]
 
         (flags,) = loops.fold(b, _c(I64, 0), _c(I64, dim), "decode", [_c(I64, 0)], step)
         return b.icmp_unsigned("==", flags, _c(I64, 0))
@@ -247,7 +279,7 @@ def emit_merge_check(module: ir.Module, spec: MergeSpec) -> None:
         bad_version = b.or_(b.icmp_signed("<", v, _c(I64, 0)), b.icmp_signed(">", v, newest))
         e.fail(bad_version, ERR_VERSION, i, err)
         e.fail(b.not_(e.row_finite(e.row(prows, i))), ERR_NONFINITE, i, err)
-        if spec.layout == "int8":
+        if e.checks_decode():
             e.fail(b.not_(e.decodes_finite(e.row(prows, i))), ERR_DECODE, i, err)
     b.ret(_c(I64, 0))
 
@@ -263,7 +295,7 @@ def emit_merge_apply(module: ir.Module, spec: MergeSpec) -> None:
     b.store(_c(I64, 0), count)
     with loops.counted(b, _c(I64, 0), n, "merge") as i:
         r = e.load_id(ids, i)
-        owner = b.urem(b.lshr(b.mul(r, _c(I64, GOLDEN)), _c(I64, 40)), nparts)
+        owner = partition_owner(b, r, nparts)
         with b.if_then(b.icmp_unsigned("==", owner, part)):
             v = b.load(e.at(pversions, i))
             cur = b.load(e.at(versions, r))

@@ -47,7 +47,7 @@ from collections.abc import Callable
 
 from ...dialects import catalog
 from . import abi, loops, mathprog
-from .llvm_abi import declare, emit_packed
+from .llvm_abi import declare, emit_packed, partition_owner
 from .spec import UpdateSpec
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -228,13 +228,6 @@ class Flag:
         return self.e.b.icmp_unsigned("!=", self.e.b.load(self.slot), _c(I32, 0))
 
 
-def _owner(e: Emitter, idv, nparts):
-    """The partition that owns an id: a multiplicative hash, so hot ids spread."""
-    b = e.b
-    h = b.mul(idv, _c(I64, GOLDEN))
-    return b.urem(b.lshr(h, _c(I64, 40)), nparts)
-
-
 def _load_id(e: Emitter, ids_t, i):
     v = e.b.load(e.gep(ids_t, i))
     return v if v.type == I64 else e.b.sext(v, I64)
@@ -340,7 +333,7 @@ def _compact_owned(e: Emitter, ids, lo, width, owned, part, nparts):
     def step(j, accs):
         i = b.add(lo, j)
         b.store(i, e.gep(owned, accs[0]))
-        mine = b.icmp_unsigned("==", _owner(e, _load_id(e, ids, i), nparts), part)
+        mine = b.icmp_unsigned("==", partition_owner(b, _load_id(e, ids, i), nparts), part)
         return [b.add(accs[0], b.zext(mine, I64))]
 
     (cnt,) = e.fold(width, "compact", [_c(I64, 0)], step)
@@ -715,7 +708,7 @@ def journal_layout(spec: UpdateSpec) -> JournalLayout:
 
     at = 16  # the id, then the version
     table = at
-    at = align(at + spec.dim * (4 if spec.table_dtype == "f32" else 2))
+    at = align(at + catalog.row_bytes(spec.table_dtype, spec.dim))
     states = []
     for state in spec.states:
         states.append(at)
@@ -735,8 +728,8 @@ def _row_copies(e: Emitter, spec: UpdateSpec, entry, idv, bufs: dict) -> list[tu
     """(journal pointer, buffer pointer, bytes) of every part of row idv."""
     b = e.b
     lay = journal_layout(spec)
-    elem = 4 if spec.table_dtype == "f32" else 2
-    parts = [(lay.table, e.row(bufs["table"], I8, idv, spec.dim * elem), spec.dim * elem)]
+    master = catalog.row_bytes(spec.table_dtype, spec.dim)
+    parts = [(lay.table, e.row(bufs["table"], I8, idv, master), master)]
     for state, ptr, off in zip(spec.states, bufs["states"], lay.states):
         n = 1 if state.rowwise else spec.dim
         parts.append((off, e.row(b.bitcast(ptr, I8.as_pointer()), F32, idv, n), 4 * n))
@@ -865,7 +858,7 @@ def _prefetch(e: Emitter, spec: UpdateSpec, ids, entry, grad_row, pos, count,
         k = entry(ahead)
         nid = _load_id(e, ids, k)
         elem = _elem_type(spec.table_dtype)
-        row_bytes = spec.dim * (4 if spec.table_dtype == "f32" else 2)
+        row_bytes = catalog.row_bytes(spec.table_dtype, spec.dim)
         targets = [(grad_row(k), 4 * spec.dim),
                    (e.row(bufs["table"], elem, nid, spec.dim), row_bytes)]
         for state, ptr in zip(spec.states, bufs["states"]):
@@ -1078,20 +1071,22 @@ def _load_arg(e: Emitter, spec: UpdateSpec, name: str, src, wrow, states, state_
 
 
 def _refresh_serving(e: Emitter, spec: UpdateSpec, idv, wrow, serving, flag: Flag):
-    """Re-make the serving row from the stored (finite) master row.
+    """Re-make the serving row from the stored (finite) master row, as its
+    layout's codec says.
 
     Returns an i1 that is true when the serving row holds a value that is not
     finite, or None where it cannot (a copy into as wide a format)."""
-    dim = _c(I64, spec.dim)
-    layout = spec.serving
-    if layout in ("f32", "f16", "bf16"):
-        narrows = layout != "f32" and layout != spec.table_dtype and (layout, spec.table_dtype) \
+    entry = catalog.layout(spec.serving)
+    codec = entry.codec
+    if isinstance(codec, catalog.Elementwise):
+        fmt = codec.fmt
+        narrows = fmt != "f32" and fmt != spec.table_dtype and (fmt, spec.table_dtype) \
             != ("bf16", "f16")
         flag.clear()
-        out = e.row(serving, _elem_type(layout), idv, spec.dim)
+        out = e.row(serving, _elem_type(fmt), idv, spec.dim)
         with e.tiled(spec.dim, spec.tile, "copy_serving") as j:
             x = _load_elem(e, e.gep(wrow, j), spec.table_dtype)
-            bad = _store_elem(e, e.gep(out, j), x, layout, False, None, None, None)
+            bad = _store_elem(e, e.gep(out, j), x, fmt, False, None, None, None)
             if narrows:
                 flag.add(bad)
         return flag.value() if narrows else None
@@ -1099,71 +1094,135 @@ def _refresh_serving(e: Emitter, spec: UpdateSpec, idv, wrow, serving, flag: Fla
     def elem(j):
         return _load_elem(e, e.gep(wrow, j), spec.table_dtype)
 
-    lo, hi = e.min_max(dim, elem)
-    width = spec.dim + 8 if layout == "int8" else (spec.dim + 1) // 2 + 4
-    base = e.row(serving, I8, idv, width)
-    if layout == "int8":
-        return _int8_row(e, spec, wrow, base, lo, hi)
-    return _int4_row(e, spec, wrow, base, lo, hi)
+    lo, hi = e.min_max(_c(I64, spec.dim), elem)
+    base = e.row(serving, I8, idv, entry.row_bytes(spec.dim))
+    params = e.gep(base, _c(I64, entry.params_at(spec.dim)))
+    if isinstance(codec, catalog.RowAffine):
+        return _affine_row(e, spec, codec, wrow, base, params, lo, hi)
+    return _scaled_row(e, spec, codec, wrow, base, params, lo, hi)
 
 
-def _int8_row(e: Emitter, spec: UpdateSpec, wrow, base, lo, hi):
-    """FBGEMM's int8 row; returns i1: its scale, bias or a decoded value is not finite.
-
-    Codes lie in [0, 255] and decode (code * scale + bias, two f32 roundings,
-    as the lookups compute it) monotonically, so checking code 255 and the
-    bias covers every value the row can decode to: a range past f32's
-    (hi - lo overflowing) gives an inf scale, a scale just under it an inf
-    255 * scale or 255 * scale + bias."""
+def _rounded(e: Emitter, value, fmt: str):
+    """(value in `fmt` as its IR type, that value widened back to f32): nearest-even."""
     b = e.b
-    rng = b.fsub(hi, lo)
-    inv = b.fdiv(e.f(255.0), b.fadd(rng, e.f(1e-8)))
-    with e.tiled(spec.dim, spec.tile, "q8") as j:
-        x = _load_elem(e, e.gep(wrow, j), spec.table_dtype)
-        q = e.rint(b.fmul(b.fsub(x, lo), inv))
-        q = e.fmin(e.fmax(q, e.f(0.0)), e.f(255.0))
-        b.store(b.fptoui(q, I8), e.gep(base, j))
-    tail = b.bitcast(e.gep(base, _c(I64, spec.dim)), F32.as_pointer())
-    scale = b.fdiv(rng, e.f(255.0))
-    b.store(scale, tail, align=1)
-    b.store(lo, e.gep(tail, _c(I64, 1)), align=1)
-    top = b.fmul(scale, e.f(255.0))
-    bad = b.or_(_non_finite(e, b.bitcast(scale, I32), "f32"),
-                _non_finite(e, b.bitcast(lo, I32), "f32"))
-    bad = b.or_(bad, _non_finite(e, b.bitcast(top, I32), "f32"))
-    return b.or_(bad, _non_finite(e, b.bitcast(b.fadd(top, lo), I32), "f32"))
+    if fmt == "f32":
+        return value, value
+    if fmt == "f16":
+        half = b.fptrunc(value, F16)
+        return half, b.fpext(half, F32)
+    bits = b.bitcast(value, I32)
+    lsb = b.and_(b.lshr(bits, _c(I32, 16)), _c(I32, 1))
+    low = b.trunc(b.lshr(b.add(bits, b.add(lsb, _c(I32, 0x7FFF))), _c(I32, 16)), I16)
+    return low, b.bitcast(b.shl(b.zext(low, I32), _c(I32, 16)), F32)
 
 
-def _int4_row(e: Emitter, spec: UpdateSpec, wrow, base, lo, hi):
-    """FBGEMM's int4 row; returns i1: its f16 scale or bias is not finite (with
-    both finite, code * scale + bias stays below 16 * 65504 in f32)."""
+def _put_param(e: Emitter, params, index: int, stored, fmt: str):
+    """Store the row parameter `index` (0 scale, 1 bias), unaligned; returns i1:
+    it is not finite."""
     b = e.b
-    bias16 = b.fptrunc(lo, F16)
-    bias = b.fpext(bias16, F32)
-    scale16 = b.fptrunc(b.fdiv(b.fsub(hi, bias), e.f(15.0)), F16)
-    scale = b.fpext(scale16, F32)
-    safe = b.select(b.fcmp_ordered("==", scale, e.f(0.0)), e.f(1.0), scale)
+    t = _elem_type(fmt)
+    b.store(stored, e.gep(b.bitcast(params, t.as_pointer()), _c(I64, index)), align=1)
+    return _non_finite(e, b.bitcast(stored, EXPONENT[fmt][0]), fmt)
+
+
+def _affine_row(e: Emitter, spec: UpdateSpec, codec: catalog.RowAffine, wrow, base, params,
+                lo, hi):
+    """A row-wise affine row (FBGEMM's int8 and int4); returns i1: its scale, its
+    bias, or its largest decoded value is not finite.
+
+    Codes lie in [0, M] and decode (code * scale + bias, two f32 roundings, as
+    the lookups compute it) monotonically, so checking code M and the bias
+    covers every value the row can decode to: a range past f32's (hi - lo
+    overflowing) gives an inf scale, a scale just under it an inf M * scale
+    or M * scale + bias (with f16 parameters those stay finite)."""
+    b = e.b
+    top_code = e.f(codec.max_code)
+    if codec.inverse:  # FBGEMM 8-bit: codes from the unrounded range
+        rng = b.fsub(hi, lo)
+        inv = b.fdiv(top_code, b.fadd(rng, e.f(1e-8)))
+        scale, scale32 = _rounded(e, b.fdiv(rng, top_code), codec.param)
+        bias, bias32 = _rounded(e, lo, codec.param)
+        at, mul = lo, inv
+    else:  # FBGEMM 4-bit: codes from the stored bias and scale
+        bias, bias32 = _rounded(e, lo, codec.param)
+        scale, scale32 = _rounded(e, b.fdiv(b.fsub(hi, bias32), top_code), codec.param)
+        at, mul = bias32, b.select(b.fcmp_ordered("==", scale32, e.f(0.0)), e.f(1.0), scale32)
 
     def code(j):
         x = _load_elem(e, e.gep(wrow, j), spec.table_dtype)
-        q = e.rint(b.fdiv(b.fsub(x, bias), safe))
-        q = e.fmin(e.fmax(q, e.f(0.0)), e.f(15.0))
-        return b.fptoui(q, I8)
+        shifted = b.fsub(x, at)
+        q = e.rint(b.fmul(shifted, mul) if codec.inverse else b.fdiv(shifted, mul))
+        return b.fptoui(e.fmin(e.fmax(q, e.f(0.0)), top_code), I8)
 
-    half = spec.dim // 2
-    with e.loop(_c(I64, 0), _c(I64, half), "q4") as j:
-        j2 = b.mul(j, _c(I64, 2))
-        lo_c = code(j2)
-        hi_c = code(b.add(j2, _c(I64, 1)))
-        b.store(b.or_(lo_c, b.shl(hi_c, _c(I8, 4))), e.gep(base, j))
-    if spec.dim % 2:
-        b.store(code(_c(I64, spec.dim - 1)), e.gep(base, _c(I64, half)))
-    nbytes = (spec.dim + 1) // 2
-    tail = b.bitcast(e.gep(base, _c(I64, nbytes)), F16.as_pointer())
-    b.store(scale16, tail, align=1)
-    b.store(bias16, e.gep(tail, _c(I64, 1)), align=1)
-    return b.or_(_non_finite(e, b.bitcast(scale16, I16), "f16"),
-                 _non_finite(e, b.bitcast(bias16, I16), "f16"))
+    _store_codes(e, spec, codec, base, code)
+    bad = b.or_(_put_param(e, params, 0, scale, codec.param),
+                _put_param(e, params, 1, bias, codec.param))
+    top = b.fmul(scale32, top_code)
+    bad = b.or_(bad, _non_finite(e, b.bitcast(top, I32), "f32"))
+    return b.or_(bad, _non_finite(e, b.bitcast(b.fadd(top, bias32), I32), "f32"))
+
+
+def _store_codes(e: Emitter, spec: UpdateSpec, codec: catalog.RowAffine, base, code) -> None:
+    """Store code(j) (an i8 below 2**bits) of every element, 8 // bits a byte, low bits first."""
+    b = e.b
+    per = codec.per_byte
+    if per == 1:
+        with e.tiled(spec.dim, spec.tile, f"q{codec.bits}") as j:
+            b.store(code(j), e.gep(base, j))
+        return
+
+    def byte(first, count: int):
+        out = code(first)
+        for k in range(1, count):
+            part = code(b.add(first, _c(I64, k)))
+            out = b.or_(out, b.shl(part, _c(I8, k * codec.bits)))
+        return out
+
+    full = spec.dim // per
+    with e.loop(_c(I64, 0), _c(I64, full), f"q{codec.bits}") as j:
+        b.store(byte(b.mul(j, _c(I64, per)), per), e.gep(base, j))
+    if spec.dim % per:
+        b.store(byte(_c(I64, full * per), spec.dim % per), e.gep(base, _c(I64, full)))
+
+
+def _scaled_row(e: Emitter, spec: UpdateSpec, codec: catalog.RowScaled, wrow, base, params,
+                lo, hi):
+    """A row-wise scaled minifloat row (fp8); returns i1: its scale or its largest
+    decoded value (max code * scale, as the lookups compute it) is not finite."""
+    b = e.b
+    mf = codec.minifloat
+    amax = e.fmax(b.fsub(e.f(0.0), lo), hi)
+    scale, scale32 = _rounded(e, b.fdiv(amax, e.f(mf.max)), codec.param)
+    zero = b.fcmp_ordered("==", scale32, e.f(0.0))
+    safe = b.select(zero, e.f(1.0), scale32)
+    with e.tiled(spec.dim, spec.tile, "fp8") as j:
+        x = _load_elem(e, e.gep(wrow, j), spec.table_dtype)
+        q = minifloat_code(e, b.fdiv(x, safe), mf)
+        b.store(b.select(zero, _c(I8, 0), q), e.gep(base, j))
+    bad = _put_param(e, params, 0, scale, codec.param)
+    return b.or_(bad, _non_finite(e, b.bitcast(b.fmul(scale32, e.f(mf.max)), I32), "f32"))
+
+
+def minifloat_code(e: Emitter, y, mf: catalog.Minifloat):
+    """The i8 code of f32 `y` (finite): nearest-even, saturated to +-max.
+
+    Integer math on the bits: below the smallest normal the codes are
+    multiples of the subnormal step (rint(|y| / step) counts them, and its
+    top, the smallest normal, is the first normal code); above it the f32
+    mantissa is rounded to man_bits and the exponent rebased."""
+    b = e.b
+    bits = b.bitcast(y, I32)
+    sign = b.trunc(b.and_(b.lshr(bits, _c(I32, 24)), _c(I32, 0x80)), I8)
+    a = b.bitcast(b.and_(bits, _c(I32, 0x7FFFFFFF)), F32)
+    a = e.fmin(a, e.f(mf.max))
+    sub = b.fptoui(e.rint(b.fmul(a, e.f(2.0 ** (mf.bias - 1 + mf.man_bits)))), I32)
+    abits = b.bitcast(a, I32)
+    drop = 23 - mf.man_bits
+    odd = b.and_(b.lshr(abits, _c(I32, drop)), _c(I32, 1))
+    rounded = b.lshr(b.add(abits, b.add(odd, _c(I32, (1 << (drop - 1)) - 1))), _c(I32, drop))
+    normal = b.sub(rounded, _c(I32, (127 - mf.bias) << mf.man_bits))
+    tiny = b.fcmp_ordered("<", a, e.f(2.0 ** (1 - mf.bias)))
+    return b.or_(b.trunc(b.select(tiny, sub, normal), I8), sign)
 
 
 def emit_update(spec: UpdateSpec) -> str:

@@ -14,8 +14,6 @@ from ...dialects import catalog
 from ...dialects.limits import MAX_DIM, limit_error
 from .mathprog import MathProgram
 
-TABLE_DTYPES = catalog.MASTER_DTYPES
-SERVING_LAYOUTS = catalog.LAYOUT_NAMES
 INDEX_DTYPES = catalog.INDEX_DTYPES
 POOLING_MODES = catalog.POOLING_MODES
 serving_row_bytes = catalog.row_bytes
@@ -56,7 +54,7 @@ class UpdateSpec:
 
     def __post_init__(self) -> None:
         catalog.optimizer(self.optimizer)
-        if self.table_dtype not in TABLE_DTYPES:
+        if self.table_dtype not in catalog.LAYOUTS.masters():
             raise ValueError(f"unknown table dtype {self.table_dtype!r}")
         if self.index_dtype not in INDEX_DTYPES:
             raise ValueError(f"unknown index dtype {self.index_dtype!r}")
@@ -104,11 +102,11 @@ class UpdateSpec:
 class BagSpec:
     """One pooled serving lookup: out[b] = pool(w[ids[offsets[b]:offsets[b+1]]]).
 
-    `layout` is the table's storage (f32/f16/bf16/int8/int4, the int layouts as
-    in `serving_row_bytes`); output is f32. mode "none" is a plain row lookup
-    (one output row per id, offsets unused). `weighted` multiplies each row by
-    its per-sample weight before pooling; as in torch.nn.functional.embedding_bag
-    it is allowed with mode "sum" only. An empty bag gives a zero row.
+    `layout` is the table's storage (a layout of the catalog); output is f32.
+    mode "none" is a plain row lookup (one output row per id, offsets unused).
+    `weighted` multiplies each row by its per-sample weight before pooling; as
+    in torch.nn.functional.embedding_bag it is allowed with mode "sum" only.
+    An empty bag gives a zero row.
     """
 
     dim: int
@@ -119,8 +117,7 @@ class BagSpec:
     partitions: int = 1
 
     def __post_init__(self) -> None:
-        if self.layout not in SERVING_LAYOUTS:
-            raise ValueError(f"unknown layout {self.layout!r}")
+        catalog.layout(self.layout)
         if self.index_dtype not in INDEX_DTYPES:
             raise ValueError(f"unknown index dtype {self.index_dtype!r}")
         if self.mode not in POOLING_MODES:
@@ -140,8 +137,8 @@ class SyncSpec:
 
     Pack: rows_out[i] = serving[ids[i]], versions_out[i] = versions[ids[i]].
     Merge: for each packet row i (ids, rows, versions), every id validated
-    first (id in [0, rows), 0 <= version <= newest, the row finite, int8/int4
-    scale and bias included) and nothing written if one fails; then row
+    first (id in [0, rows), 0 <= version <= newest, the row finite, a quantized
+    row's codes' parameters included) and nothing written if one fails; then row
     ids[i] takes the packet row when its version is newer than the replica's,
     or equal with larger bytes (so the result is order-independent).
     `seq`: a uint32 word per row, odd while the row is written (see
@@ -158,8 +155,7 @@ class SyncSpec:
     KIND = "sync"
 
     def __post_init__(self) -> None:
-        if self.layout not in SERVING_LAYOUTS:
-            raise ValueError(f"unknown layout {self.layout!r}")
+        catalog.layout(self.layout)
         if self.index_dtype not in INDEX_DTYPES:
             raise ValueError(f"unknown index dtype {self.index_dtype!r}")
         if (why := limit_error("dim", self.dim, MAX_DIM)) is not None:

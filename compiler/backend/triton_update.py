@@ -40,11 +40,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import mathprog
+from . import mathprog, triton_codecs
 from .spec import UpdateSpec
 
-# Triton pointer types of the buffers, by layout (bf16 travels as int16 bits)
-PTR = {"f32": "*fp32", "f16": "*fp16", "bf16": "*i16", "int8": "*u8", "int4": "*u8"}
 
 
 @dataclass(frozen=True)
@@ -328,62 +326,12 @@ def _store_w(spec: UpdateSpec) -> list[str]:
             "stored = _from_bf16(w_low)"]
 
 
-def serving_lines(layout: str) -> list[str]:
-    """Re-make the serving rows from `stored` (f32, [BLOCK_ROWS, BLOCK_DIM])."""
-    if layout == "f32":
-        return ["tl.store(serving + at, stored, mask=mask)"]
-    if layout == "f16":
-        return ["tl.store(serving + at, stored.to(tl.float16), mask=mask)"]
-    if layout == "bf16":
-        return ["tl.store(serving + at, _to_bf16(stored), mask=mask)"]
-    common = ["lo = tl.min(tl.where(mask, stored, float('inf')), axis=1)",
-              "hi = tl.max(tl.where(mask, stored, float('-inf')), axis=1)",
-              "srow = rid[:, None] * ROW_BYTES"]
-    if layout == "int8":
-        return common + [
-            "# FBGEMM's fused int8 rows: dim codes, then f32 scale and f32 bias",
-            "rng = hi - lo",
-            "inv = tl.math.div_rn(tl.zeros([BLOCK_ROWS], tl.float32) + 255.0, rng + 1e-8)",
-            "q = _rint((stored - lo[:, None]) * inv[:, None])",
-            "q = tl.minimum(tl.maximum(q, 0.0), 255.0)",
-            "tl.store(serving + srow + cols[None, :], q.to(tl.uint8), mask=mask)",
-            "scale = tl.math.div_rn(rng, tl.zeros([BLOCK_ROWS], tl.float32) + 255.0)",
-            "t8 = tl.arange(0, 8)",
-            "word = tl.where(t8[None, :] < 4, scale.to(tl.uint32, bitcast=True)[:, None],",
-            "                lo.to(tl.uint32, bitcast=True)[:, None])",
-            "tail = (word >> ((t8[None, :] % 4) * 8).to(tl.uint32)) & 0xFF",
-            "tl.store(serving + srow + DIM + t8[None, :], tail.to(tl.uint8), mask=rmask[:, None])",
-        ]
-    return common + [
-        "# int4 rows: two codes a byte (low nibble first), then f16 scale and f16 bias",
-        "bias16 = lo.to(tl.float16)",
-        "bias = bias16.to(tl.float32)",
-        "scale16 = tl.math.div_rn(hi - bias, tl.zeros([BLOCK_ROWS], tl.float32) + 15.0)"
-        ".to(tl.float16)",
-        "scale = scale16.to(tl.float32)",
-        "safe = tl.where(scale == 0.0, 1.0, scale)",
-        "q = _rint(tl.math.div_rn(stored - bias[:, None], tl.zeros([BLOCK_ROWS, BLOCK_DIM],"
-        " tl.float32) + safe[:, None]))",
-        "q = tl.where(mask, tl.minimum(tl.maximum(q, 0.0), 15.0), 0.0).to(tl.uint8)",
-        "even, odd = tl.split(tl.reshape(q, (BLOCK_ROWS, BLOCK_DIM // 2, 2)))",
-        "c2 = tl.arange(0, BLOCK_DIM // 2)",
-        "m2 = rmask[:, None] & (c2 < CODE_BYTES)[None, :]",
-        "tl.store(serving + srow + c2[None, :], even | (odd << 4), mask=m2)",
-        "t4 = tl.arange(0, 4)",
-        "word = scale16.to(tl.uint16, bitcast=True).to(tl.uint32)"
-        " | (bias16.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)",
-        "tail = (word[:, None] >> (t4[None, :] * 8).to(tl.uint32)) & 0xFF",
-        "tl.store(serving + srow + CODE_BYTES + t4[None, :], tail.to(tl.uint8),"
-        " mask=rmask[:, None])",
-    ]
-
-
 def apply_args(spec: UpdateSpec) -> list[tuple[str, str]]:
     """(name, Triton type) of the apply kernel's arguments, in calling order."""
     args = [("uids", "*i64"), ("srcs", "*i64"), ("acc", "*fp32"), ("grads", "*fp32"),
-            ("count", "i64"), ("table", PTR[spec.table_dtype])]
+            ("count", "i64"), ("table", triton_codecs.ptr(spec.table_dtype))]
     args += [(f"state{k}", "*fp32") for k in range(len(spec.states))]
-    args += [("serving", PTR[spec.serving] if spec.serving else "*fp32"),
+    args += [("serving", triton_codecs.ptr(spec.serving) if spec.serving else "*fp32"),
              ("versions", "*i64"), ("seq", "*i32"), ("version", "i64"), ("seed", "i64")]
     args.append(("uni", "*fp64"))
     return args + [("HAS_VERSIONS", "constexpr"), ("HAS_SEQ", "constexpr")]
@@ -444,7 +392,7 @@ def emit_apply(spec: UpdateSpec) -> str:
                         f"  # {state.name}")
     body += _store_w(spec)
     if spec.serving is not None:
-        body += serving_lines(spec.serving)
+        body += triton_codecs.encode(spec.serving)
     if spec.versions:
         body += ["if HAS_VERSIONS:", "    tl.store(versions + rid, version, mask=rmask)"]
     body += ["if HAS_SEQ:", "    tl.debug_barrier()",
@@ -460,26 +408,7 @@ def _rounded_w(spec: UpdateSpec) -> list[str]:
 
 def _serving_bad(spec: UpdateSpec) -> list[str]:
     """`srv_bad`: per row, the serving row re-made from `stored` would not be finite."""
-    layout, narrow = spec.serving, spec.serving != spec.table_dtype
-    if layout == "f16" and narrow:
-        return ["srv_bad = _row_any(_nonfinite16(stored.to(tl.float16), 0x7C00), mask)"]
-    if layout == "bf16" and narrow and spec.table_dtype == "f32":
-        return ["srv_bad = _row_any(_nonfinite16(_to_bf16(stored), 0x7F80), mask)"]
-    if layout == "int8":  # as the CPU: the scale, the bias, and code 255 decoded
-        return ["lo = tl.min(tl.where(mask, stored, float('inf')), axis=1)",
-                "hi = tl.max(tl.where(mask, stored, float('-inf')), axis=1)",
-                "scale = tl.math.div_rn(hi - lo, tl.zeros([BLOCK_ROWS], tl.float32) + 255.0)",
-                "top = scale * 255.0",
-                "srv_bad = _nonfinite(scale) | _nonfinite(lo) | _nonfinite(top)"
-                " | _nonfinite(top + lo)"]
-    if layout == "int4":  # the f16 scale and bias
-        return ["lo = tl.min(tl.where(mask, stored, float('inf')), axis=1)",
-                "hi = tl.max(tl.where(mask, stored, float('-inf')), axis=1)",
-                "bias16 = lo.to(tl.float16)",
-                "scale16 = tl.math.div_rn(hi - bias16.to(tl.float32),"
-                " tl.zeros([BLOCK_ROWS], tl.float32) + 15.0).to(tl.float16)",
-                "srv_bad = _nonfinite16(bias16, 0x7C00) | _nonfinite16(scale16, 0x7C00)"]
-    return []
+    return triton_codecs.encode_bad(spec.serving, spec.table_dtype)
 
 
 def emit_check(spec: UpdateSpec) -> str:
@@ -593,13 +522,10 @@ def emit_update(spec: UpdateSpec) -> str:
         f"NUM_WARPS = {warps}",
         f"CHUNK = tl.constexpr({seg_chunk(spec.dim)})  # rows per step of the duplicate sum",
     ]
-    if spec.serving in ("int8", "int4"):
-        from ...dialects import catalog
-
-        header.append(f"ROW_BYTES = tl.constexpr({catalog.row_bytes(spec.serving, spec.dim)})")
-        if spec.serving == "int4":
-            header.append(f"CODE_BYTES = tl.constexpr({(spec.dim + 1) // 2})")
+    if spec.serving is not None:
+        header += triton_codecs.constants(spec.serving, spec.dim)
     pow_used = any(i.op == "pow" and i.kind != "uniform" for i in spec.math.instrs)
     return "\n".join([
         "\n".join(header), "", emit_uniforms(spec), HELPERS, CHECK_HELPERS,
+        triton_codecs.helpers(spec.serving, encoding=True),
         POW if pow_used else "", SUM_KERNEL, "", emit_check(spec), "", emit_apply(spec)])

@@ -21,8 +21,6 @@ from ...dialects.limits import MAX_DIM, MAX_MLP_WIDTH, MAX_ROWS, limit_error
 # Optimizers, layouts and pooling modes come from the one catalog. One lr
 # default (0.01) for every optimizer, so a table whose optimizer changes
 # keeps its step size; torch's Adam says 1e-3: write it out.
-MASTER_DTYPES = catalog.MASTER_DTYPES
-SERVING_LAYOUTS = catalog.LAYOUT_NAMES
 POOLINGS = catalog.POOLING_MODES
 INTERACTIONS = ("dot", "cat")
 OPTIMIZER_DEFAULTS = {name: catalog.optimizer(name).defaults() for name in catalog.BUILTIN}
@@ -169,14 +167,16 @@ class Table:
         for what, value, limit in (("rows", self.rows, MAX_ROWS), ("dim", self.dim, MAX_DIM)):
             if (message := limit_error(f"table {self.name}: {what}", value, limit)) is not None:
                 raise ModelInvalid(message, what)
-        if self.dtype not in MASTER_DTYPES:
-            extra = " (int8/int4 are serving layouts: a master table must be f32, f16 or bf16)" \
-                if self.dtype in SERVING_LAYOUTS else ""
+        masters = catalog.LAYOUTS.masters()
+        if self.dtype not in masters:
+            extra = (f" ({self.dtype} is a serving layout: a master table must be "
+                     f"{', '.join(masters[:-1])} or {masters[-1]})"
+                     if self.dtype in catalog.LAYOUTS else "")
             raise ModelInvalid(f"table {self.name}: unknown dtype '{self.dtype}'{extra}", "dtype")
-        if self.serving not in SERVING_LAYOUTS:
+        if self.serving not in catalog.LAYOUTS:
             raise ModelInvalid(
                 f"table {self.name}: unknown serving layout '{self.serving}' "
-                f"(expected one of {', '.join(SERVING_LAYOUTS)})", "serving")
+                f"(expected one of {', '.join(catalog.LAYOUTS)})", "serving")
         if not isinstance(self.update, UpdateRule):
             raise ModelInvalid(f"table {self.name}: update must be an UpdateRule", "update")
         if (why := self.update.dtype_problem(self.dtype)) is not None:

@@ -30,10 +30,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ekko.dialects import catalog
+
 from . import gen_finite
 
 STATES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 1, "adam": 2}
-LAYOUTS = ["f32", "f16", "bf16", "int8", "int4"]
+LAYOUTS = list(catalog.LAYOUTS)
 TABLE_NP = {"f32": "float32", "f16": "float16", "bf16": "uint16"}
 NEAR_MAX = {"float32": 3.4e38, "float16": 65000.0, "uint16": 3.38e38}  # bf16 travels as uint16
 ODD_DTYPES = ["float64", "float16", "float32", "int32", "int64", "uint8", "int8", "bool",
@@ -158,8 +160,9 @@ def m_shape(rng, case):
 def m_byteorder(rng, case):
     name = rng.choice(_arrays(case))
     spec = case["args"][name]
-    if spec["dtype"] in ("uint8", "int8", "bool") or spec.get("layout") in ("int8", "int4") \
-            or 0 in spec["shape"]:
+    layout = spec.get("layout")
+    if spec["dtype"] in ("uint8", "int8", "bool") or 0 in spec["shape"] \
+            or (layout is not None and catalog.layout(layout).quantized):
         return  # one-byte values (or none) read the same in either byte order
     spec["byteswap"] = True
     _reject(case, f"{name} non-native byte order")
@@ -433,7 +436,7 @@ def _written_finite(case: dict, built: dict) -> bool:
         if not name.startswith(("table", "state", "serving")):
             continue
         x = np.asarray(x)
-        if name == "serving" and make["serving"] in ("int8", "int4"):
+        if name == "serving" and catalog.layout(make["serving"]).quantized:
             with np.errstate(all="ignore"):
                 x = dequantize_rows(x, make["serving"], make["dim"])
         elif x.dtype == np.uint16:  # bf16 bits

@@ -1,5 +1,5 @@
 """`api` cases whose outputs may overflow: user optimizers with random math, and
-int8 packets whose finite scale and bias decode to inf.
+row-wise quantized packets (int8, int4, fp8) whose finite scale and bias decode to inf.
 
 * `user` cases define an optimizer with `@ekko.optimizer` from a random
   expression tree (division, sqrt, `**`, log, exp, abs, min/max, where,
@@ -7,8 +7,8 @@ int8 packets whose finite scale and bias decode to inf.
   delta (finite, possibly huge gradients; a table possibly near its dtype's
   max; state possibly negative) on the LLVM target or, now and then, the
   Triton one (in its interpreter).
-* `merge` cases merge a packet of int8 (or int4) rows with random scale and
-  bias magnitudes into a replica.
+* `merge` cases merge a packet of rows of a quantized layout with random scale
+  and bias magnitudes into a replica.
 
 The oracle (issue #17): either the call succeeds and every buffer is finite
 (the table in its dtype, the state, the serving copy decoded), or it raises
@@ -29,8 +29,6 @@ UNARY = ("neg", "abs", "sqrt", "log", "exp")
 BINARY = ("add", "sub", "mul", "div", "pow", "max", "min")
 SCALE = {"f32": [1.0, 1.0, 1e30, 3e38], "f16": [1.0, 1.0, 6e4], "bf16": [1.0, 1.0, 3e38]}
 MAX = {"f32": 3.4e38, "f16": 65000.0, "bf16": 3.38e38}
-SERVING_NP = {"f32": "float32", "f16": "float16", "bf16": "uint16", "int8": "uint8",
-              "int4": "uint8"}
 
 
 def _expr(rng: random.Random, depth: int) -> list:
@@ -67,7 +65,7 @@ def generate_user(rng: random.Random) -> dict:
     make = {"w": _traced(rng, 3), "s": _traced(rng, 3),
             "r": _traced(rng, 2) if rng.random() < 0.3 else None,
             "dim": dim, "table_dtype": dtype, "lr": rng.choice([0.01, 1.0]),
-            "serving": rng.choice([None, None, "f32", "f16", "bf16", "int8", "int4"]),
+            "serving": rng.choice([None, None, *_layouts()]),
             "target": "triton" if rng.random() < 0.15 else "llvm"}
     data = {"seed": rng.randrange(1 << 30), "rows": rows, "n": n,
             "table_scale": rng.choice(SCALE[dtype]),
@@ -75,8 +73,15 @@ def generate_user(rng: random.Random) -> dict:
     return {"target": "api", "kernel": "user", "make": make, "data": data}
 
 
+def _layouts(quantized: bool = False) -> list[str]:
+    """The catalog's layouts (the quantized ones), in registry order."""
+    from ekko.dialects import catalog
+
+    return [n for n, e in catalog.LAYOUTS.items() if e.quantized or not quantized]
+
+
 def generate_merge(rng: random.Random) -> dict:
-    layout = rng.choice(["int8", "int8", "int8", "int4"])
+    layout = rng.choice(_layouts(quantized=True))
     dim, rows, n = rng.choice([1, 3, 8, 33]), rng.choice([1, 9, 64]), rng.choice([1, 5, 40])
     return {"target": "api", "kernel": "merge",
             "make": {"dim": dim, "layout": layout, "seq": rng.random() < 0.5},
@@ -140,7 +145,7 @@ def _arrays(case: dict):
     serving = None
     if make["serving"] is not None:  # zero rows: finite in every layout
         layout = catalog.layout(make["serving"])
-        serving = np.zeros((rows, layout.width(dim)), SERVING_NP[make["serving"]])
+        serving = np.zeros((rows, layout.width(dim)), layout.storage.np_dtype)
     ids = rng.integers(0, rows, n)
     if n >= 2:
         ids[0], ids[-1] = 0, rows - 1
@@ -217,6 +222,7 @@ def run_merge(case: dict) -> dict:
     import numpy as np
 
     import ekko
+    from ekko.dialects import catalog
     from ekko.kernels.quant import dequantize_rows, quantize_rows
     from ekko.kernels.sync import merge_kernel
 
@@ -227,12 +233,13 @@ def run_merge(case: dict) -> dict:
     versions = np.zeros(rows, np.int64)
     seq = np.zeros(rows, np.uint32) if make["seq"] else None
     packet = quantize_rows(rng.standard_normal((n, dim)).astype(np.float32), layout)
-    tail = dim if layout == "int8" else (dim + 1) // 2
-    ftype = np.float32 if layout == "int8" else np.float16
+    entry = catalog.layout(layout)
     scale = rng.uniform(0, 1, n) * 10.0 ** rng.choice(d["exponents"], n)
     bias = rng.uniform(-1, 1, n) * 10.0 ** rng.choice(d["exponents"], n)
+    params = np.stack([scale, bias][:len(entry.codec.tail)], 1)
     with np.errstate(all="ignore"):  # past f16's range: inf, which must be refused too
-        packet[:, tail:] = np.stack([scale, bias], 1).astype(ftype).view(np.uint8)
+        stored = quantize_rows(params.astype(np.float32), entry.codec.param)  # its format
+        packet[:, entry.params_at(dim):] = stored.view(np.uint8)
     ids = rng.integers(0, rows, n)
     ids[0], ids[-1] = 0, rows - 1
     before = [a.tobytes() for a in (replica, versions) + ((seq,) if seq is not None else ())]

@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ekko.compiler.registry import pipeline_spec
+from ekko.dialects import catalog
 
 from . import REPO
 from .mutate import mutate
@@ -28,7 +29,7 @@ PIPELINE = pipeline_spec("standard")
 OPTIMIZERS = ["sgd", "adagrad", "rowwise_adagrad", "adam"]
 HYPER = {"sgd": ["lr"], "adagrad": ["lr", "eps", "lr_decay"], "rowwise_adagrad": ["lr", "eps"],
          "adam": ["lr", "beta1", "beta2", "eps"]}
-LAYOUTS = ["f32", "f16", "bf16", "int8", "int4"]
+LAYOUTS = list(catalog.LAYOUTS)
 VOCABULARY = ["model", "table", "feature", "defaults", "dense", "rows", "dim", "dtype",
               "optimizer", "serving", "clip", "weight_decay", "stochastic_rounding", "pooling",
               "bottom", "top", "interaction", "->", ";", "{", "}", "(", ")", ",", "=", "sum",

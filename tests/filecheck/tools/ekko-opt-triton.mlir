@@ -41,7 +41,7 @@ func.func @train(%t: !emb.table<1000x64xf32>, %m: !emb.state<1000x1>, %q: !emb.t
 // CHECK:       # ekko kernel for @serve: bag:dim=13,index_dtype=i32,layout=int4,mode=mean,
 // CHECK:       def ekko_bag(table, ids, bounds, out, n):
 // CHECK:         for c in range(start, end, CHUNK):
-// CHECK:           codes = tl.reshape(tl.join(packed & 15, packed >> 4), (CHUNK, BLOCK_DIM))
+// CHECK:           codes = tl.reshape(tl.join(packed & 15, packed >> 4), (CHUNK, BLOCK_DIM)).to(tl.float32)
 // CHECK:           total += tl.sum(tl.where(m, x, 0.0), axis=0)
 // CHECK:       total = tl.math.div_rn(total,
 func.func @serve(%t: !emb.table<100x13xint4>, %ids: tensor<?xi32>, %off: tensor<?xi32>) -> tensor<?x13xf32> {

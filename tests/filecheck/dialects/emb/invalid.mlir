@@ -22,7 +22,7 @@
 
 // -----
 
-// CHECK: expected a table layout (f32, f16, bf16, int8, int4)
+// CHECK: expected a table layout (f32, f16, bf16, int8, int4, fp8)
 "test.op"() : () -> !emb.table<4x4xf64>
 
 // -----

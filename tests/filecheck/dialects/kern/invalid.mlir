@@ -180,7 +180,7 @@ kern.bag %t, %ids, %off, %out {layout = "f32", mode = "sum", weighted} : memref<
 
 // -----
 
-// CHECK: 'kern.bag' needs layout = one of f32, f16, bf16, int8, int4
+// CHECK: 'kern.bag' needs layout = one of f32, f16, bf16, int8, int4, fp8
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
 kern.bag %t, %ids, %off, %out {layout = "int2", mode = "sum"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
 

@@ -60,7 +60,7 @@
 
 // -----
 
-// CHECK: a packet's rows must be f32, f16 or bf16, or i8 bytes with layout int8 or int4
+// CHECK: a packet's rows must be f32, f16 or bf16, or i8 bytes with layout int8, int4 or fp8
 %ids, %rows, %pv = "test.op"() : () -> (tensor<?xi64>, tensor<?x12xi8>, tensor<?xi64>)
 %p = "sync.packet"(%ids, %rows, %pv) : (tensor<?xi64>, tensor<?x12xi8>, tensor<?xi64>) -> !sync.packet<4xint8, i64>
 
@@ -90,7 +90,7 @@
 
 // -----
 
-// CHECK: expected a layout (f32, f16, bf16, int8, int4)
+// CHECK: expected a layout (f32, f16, bf16, int8, int4, fp8)
 "test.op"() {t = !sync.packet<4xint3, i64>} : () -> ()
 
 // -----
@@ -113,7 +113,7 @@ kern.pack %q, %v, %s, %ids, %o, %ov {layout = "f16", dim = 4 : i64, seq} : memre
 
 // -----
 
-// CHECK: 'kern.pack' needs layout = one of f32, f16, bf16, int8, int4 and dim
+// CHECK: 'kern.pack' needs layout = one of f32, f16, bf16, int8, int4, fp8 and dim
 %q, %v, %ids, %o, %ov = "test.op"() : () -> (memref<10x4xf16>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>)
 kern.pack %q, %v, %ids, %o, %ov {layout = "f16"} : memref<10x4xf16>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>
 
