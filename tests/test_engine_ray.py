@@ -28,7 +28,7 @@ from ekko.engine.actors import ShardConfig, ShardServer, shard_bounds, shard_mod
 from ekko.engine.packet import Packet
 from ekko.engine.primary import Primary
 from ekko.kernels.errors import EkkoError
-from tests.cluster_model import MODEL, WAIT
+from tests.cluster_model import MODEL_WITH_FP8 as MODEL, WAIT
 
 ray = pytest.importorskip("ray")
 
