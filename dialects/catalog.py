@@ -169,7 +169,8 @@ class Optimizer:
     uses_step: bool = False  # the math reads `step` (bias correction, lr decay)
     linear: bool = False  # new_w = w - lr * g: duplicates may be applied one by one
     idle_at_zero: bool = False  # a zero gradient on zero state leaves w as it is
-    doc: str = ""
+    doc: str = ""  # what the step does, one line
+    source: str = ""  # where its definition comes from (a paper, torch.optim's class)
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -242,6 +243,11 @@ def _ftrl(g, w, z, n, *, lr, l1, l2, beta, **_):
     return rm.where(abs(z) <= l1, 0.0, shrunk), z, n_new
 
 
+def _lion(g, w, m, *, lr, beta1, beta2, decoupled_decay, **_):
+    c = beta1 * m + (1.0 - beta1) * g
+    return w - lr * (rm.sign(c) + decoupled_decay * w), beta2 * m + (1.0 - beta2) * g
+
+
 OPTIMIZERS: dict[str, Optimizer] = {}
 
 
@@ -294,20 +300,31 @@ for _opt in (
               doc="w -= lr * g"),
     Optimizer("adagrad", _adagrad, (State("sum"),),
               (_lr(), _eps(1e-10), Hyper("lr_decay", 0.0)), uses_step=True, idle_at_zero=True,
-              doc="torch.optim.Adagrad: s += g*g; w -= lr/(1+(step-1)*lr_decay) * g/(sqrt(s)+eps)"),
+              doc="s += g*g; w -= lr / (1 + (step-1)*lr_decay) * g / (sqrt(s) + eps)",
+              source="torch.optim.Adagrad"),
     Optimizer("rowwise_adagrad", _rowwise_adagrad, (State("momentum", rowwise=True),),
               (_lr(), _eps(1e-8)), idle_at_zero=True,
-              doc="FBGEMM: m += mean(g*g); w -= lr * g / (sqrt(m) + eps)"),
+              doc="m += mean(g*g); w -= lr * g / (sqrt(m) + eps)", source="FBGEMM"),
     Optimizer("adam", _adam, (State("exp_avg"), State("exp_avg_sq")),
               (_lr(), _beta("beta1", 0.9), _beta("beta2", 0.999), _eps(1e-8)), uses_step=True,
               idle_at_zero=True,
-              doc="torch.optim.SparseAdam: bias-corrected moments of the touched rows"),
+              doc="m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g; "
+                  "w -= lr * sqrt(1-b2^step) / (1-b1^step) * m / (sqrt(v) + eps)",
+              source="torch.optim.SparseAdam: bias-corrected moments of the touched rows"),
     Optimizer("rmsprop", _rmsprop, (State("square_avg"),),
               (_lr(), Hyper("alpha", 0.99, 0.0, 1.0), _eps(1e-8)), idle_at_zero=True,
-              doc="torch.optim.RMSprop: v = a*v + (1-a)*g*g; w -= lr * g / (sqrt(v) + eps)"),
+              doc="v = alpha*v + (1-alpha)*g*g; w -= lr * g / (sqrt(v) + eps)",
+              source="torch.optim.RMSprop"),
     Optimizer("ftrl", _ftrl, (State("z"), State("n")),
               (_lr(), Hyper("l1", 0.0), Hyper("l2", 0.0), Hyper("beta", 1.0)),
-              doc="FTRL-Proximal (McMahan et al. 2013), per coordinate"),
+              doc="n2 = n + g*g; z += g - (sqrt(n2) - sqrt(n)) / lr * w; n = n2; "
+                  "w = 0 if abs(z) <= l1 else -(z - sign(z)*l1) / ((beta + sqrt(n)) / lr + l2)",
+              source="FTRL-Proximal, McMahan et al. 2013"),
+    Optimizer("lion", _lion, (State("exp_avg"),),
+              (_lr(), _beta("beta1", 0.9), _beta("beta2", 0.99), Hyper("decoupled_decay", 0.0)),
+              doc="c = b1*m + (1-b1)*g; w -= lr * (sign(c) + decoupled_decay*w); "
+                  "m = b2*m + (1-b2)*g",
+              source="Chen et al. 2023"),
 ):
     register(_opt)
 BUILTIN = frozenset(OPTIMIZERS)
@@ -479,6 +496,56 @@ def grad_transform(g, w, *, clip_value=None, max_norm=None, weight_decay=None):
     if weight_decay is not None:
         g = g + weight_decay * w
     return g
+
+
+# -- the tables of the docs -------------------------------------------------
+
+
+def _markdown(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(cells) + " |" for cells in rows)])
+
+
+def _builtins() -> list[Optimizer]:
+    return [o for name, o in OPTIMIZERS.items() if name in BUILTIN]
+
+
+def _semantics(opt: Optimizer) -> str:
+    return f"`{opt.doc}`" + (f" ({opt.source})" if opt.source else "")
+
+
+def optimizer_table() -> str:
+    """docs/language.md's table of the built-in optimizers (a test keeps the two equal)."""
+    def states(opt: Optimizer) -> str:
+        return ", ".join(f"`{s.name}` ({'1 value' if s.rowwise else '`dim` values'})"
+                         for s in opt.states) or "none"
+
+    return _markdown(
+        ("optimizer", "hyper-parameters (default)", "state per row",
+         "per unique id, after duplicates are summed into `g`"),
+        [(f"`{o.name}`", ", ".join(f"`{h.name}` ({h.default:g})" for h in o.hyper),
+          states(o), _semantics(o)) for o in _builtins()])
+
+
+def state_table() -> str:
+    """README's table of the state arrays each built-in optimizer's kernel takes."""
+    def shapes(opt: Optimizer) -> str:
+        each = ["(rows,)" if s.rowwise else "(rows, dim)" for s in opt.states]
+        if not each:
+            return "none"
+        shape = each[0] if len(each) == 1 else f"({', '.join(each)})"
+        return f"`{shape}` " + ", ".join(s.name for s in opt.states)
+
+    return _markdown(("optimizer", "state", "semantics"),
+                     [(f"`{o.name}`", shapes(o), _semantics(o))
+                      for o in _builtins()])
+
+
+def layout_table() -> str:
+    """The serving layouts as the catalog defines them (README prints it)."""
+    return _markdown(("layout", "master table", "bytes per row (dim 64)"),
+                     [(f"`{l.name}`", "yes" if l.master else "no (serving only)",
+                       str(l.row_bytes(64))) for l in LAYOUTS.values()])
 
 
 __all__ = ["Layout", "LAYOUTS", "Hyper", "State", "Optimizer", "OPTIMIZERS", "register", "define",

@@ -293,7 +293,7 @@ def m_make(rng, case):
     if case["kernel"] == "update":
         key, value = rng.choice([
             ("dim", 0), ("dim", -1), ("dim", 2**63), ("dim", 16385), ("dim", "8"), ("dim", 8.5),
-            ("optimizer", "lion"), ("serving", "int2"), ("table_dtype", "f64"),
+            ("optimizer", "lamb"), ("serving", "int2"), ("table_dtype", "f64"),
             ("index_dtype", "i16"), ("lr", "nan"), ("lr", "inf"), ("lr", -1.0), ("lr", 0.0),
             ("lr", "x"), ("eps", 0.0), ("eps", -1e-8), ("max_norm", 0.0), ("max_norm", "nan"),
             ("clip_value", -1.0), ("weight_decay", "nan"), ("weight_decay", -1.0),
