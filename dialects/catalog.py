@@ -18,12 +18,17 @@ import keyword
 import linecache
 import math as _math
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from xdsl.dialects.builtin import f32, f64
+from xdsl.ir import Block, Region, SSAValue
+from xdsl.utils.exceptions import VerifyException
+
 from . import rowmath
 from . import rowmath as rm
+from .mathregion import RowSumOp, YieldOp, check_rowwise_outputs
 
 # -- serving layouts --------------------------------------------------------
 
@@ -460,8 +465,6 @@ def _keywords_problem(fn: Callable, opt: Optimizer) -> str | None:
 def _trace_problem(opt: Optimizer) -> tuple[str, TracebackType | None] | None:
     """Trace a new optimizer once, so that a mistake in it is reported where it is
     defined: (why, the traceback through the user's code) or None."""
-    from .kern import math_region  # the tracer's ops live in the kern dialect
-
     try:
         math_region(opt, {}, 4)
     except RecursionError as e:
@@ -496,6 +499,55 @@ def grad_transform(g, w, *, clip_value=None, max_norm=None, weight_decay=None):
     if weight_decay is not None:
         g = g + weight_decay * w
     return g
+
+
+# -- the math as IR ----------------------------------------------------------
+
+
+def grad_hyper_present(settings: Mapping[str, object]) -> tuple[str, ...]:
+    """The gradient transforms an update applies, in the order it applies them."""
+    return tuple(n for n in GRAD_HYPER if n in settings)
+
+
+def math_args(opt: Optimizer, settings: Mapping[str, object]) -> list[str]:
+    """Names of the math region's arguments: g, w, *state, step, *hyper, and the
+    gradient transforms `settings` (an op's flat settings) name."""
+    return ["g", "w", *opt.state_names, "step", *opt.hyper_names, *grad_hyper_present(settings)]
+
+
+def math_region(opt: Optimizer, settings: Mapping[str, object], dim: int) -> Region:
+    """Trace `opt`'s math (after the gradient transforms `settings` name) into the
+    region of `kern.update`: element values (g, w, per-element state) f32,
+    the step and hyper-parameters f64 (see `ekko.dialects.kern`)."""
+    names = math_args(opt, settings)
+    nelem = 2 + len(opt.states)
+    block = Block(arg_types=[f32] * nelem + [f64] * (len(names) - nelem))
+    for arg, name in zip(block.args, names):
+        arg.name_hint = name
+    args = dict(zip(names, block.args))
+    t = rowmath.Tracer(block, RowSumOp)
+    w = t.wrap(args["w"])
+    present = grad_hyper_present(settings)
+    g = grad_transform(t.wrap(args["g"]), w, **{n: t.wrap(args[n]) for n in present})
+    hyper: dict[str, SSAValue | int] = {h: args[h] for h in opt.hyper_names}
+    hyper["step"] = args["step"]
+    hyper["dim"] = dim
+    states = [args[s] for s in opt.state_names]
+    outs = rowmath.trace(lambda *a, **k: opt.math(g, *a[1:], **k), t,
+                         [args["g"], args["w"], *states], hyper)
+    if len(outs) != 1 + len(opt.states):
+        raise VerifyException(f"optimizer {opt.name} must return the new weights and "
+                              f"{len(opt.states)} state value(s), got {len(outs)} values")
+    block.add_op(YieldOp(*outs))
+    check_rowwise(block, opt)
+    return Region(block)
+
+
+def check_rowwise(block: Block, opt: Optimizer) -> None:
+    """`opt`'s rowwise states get one value per row in `block` (VerifyException)."""
+    elementwise = {"g", "w", *(s.name for s in opt.states if not s.rowwise)}
+    check_rowwise_outputs(block, elementwise, math_args(opt, {}),
+                          [(s.name, s.rowwise) for s in opt.states], f"optimizer {opt.name}")
 
 
 # -- the tables of the docs -------------------------------------------------
@@ -549,4 +601,5 @@ def layout_table() -> str:
 
 
 __all__ = ["Layout", "LAYOUTS", "Hyper", "State", "Optimizer", "OPTIMIZERS", "register", "define",
-           "optimizer", "layout", "row_bytes", "grad_transform", "POOLING_MODES"]
+           "optimizer", "layout", "row_bytes", "grad_transform", "POOLING_MODES", "math_args",
+           "math_region", "optimizer_table", "state_table", "layout_table"]

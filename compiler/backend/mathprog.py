@@ -19,13 +19,13 @@ from xdsl.dialects import arith, math
 from xdsl.dialects.builtin import Float64Type, FloatAttr, IntegerType
 from xdsl.ir import Block, SSAValue
 
-from ...dialects import catalog, kern
+from ...dialects import catalog, kern, mathregion
 from . import semantics
 
 _BINARY = {arith.AddfOp: "add", arith.SubfOp: "sub", arith.MulfOp: "mul", arith.DivfOp: "div",
            arith.MaximumfOp: "max", arith.MinimumfOp: "min", math.PowFOp: "pow"}
 _UNARY = {arith.NegfOp: "neg", math.SqrtOp: "sqrt", math.AbsFOp: "abs", math.ExpOp: "exp",
-          math.LogOp: "log", arith.TruncFOp: "f32", kern.RowSumOp: "row_sum"}
+          math.LogOp: "log", arith.TruncFOp: "f32", mathregion.RowSumOp: "row_sum"}
 KINDS = ("uniform", "row", "elem")
 
 
@@ -65,21 +65,21 @@ class MathProgram:
 
 def program_of(op: kern.UpdateOp) -> MathProgram:
     """Read `op`'s math region (already verified) as a MathProgram."""
-    return read_block(op.math_block(), op.entry, kern.math_args(op.entry, op.flat()))
+    return read_block(op.math_block(), op.entry, catalog.math_args(op.entry, op.flat()))
 
 
 def trace_program(opt: catalog.Optimizer, attributes: Mapping[str, object],
                   dim: int) -> MathProgram:
     """The catalog's math for `opt` (after the gradient transforms named in
     `attributes`) traced afresh, as lower-to-kernel would write it."""
-    names = kern.math_args(opt, dict(attributes))  # type: ignore[arg-type]
-    return read_block(kern.math_region(opt, dict(attributes), dim).block,  # type: ignore[arg-type]
+    names = catalog.math_args(opt, dict(attributes))  # type: ignore[arg-type]
+    return read_block(catalog.math_region(opt, dict(attributes), dim).block,  # type: ignore[arg-type]
                       opt, names)
 
 
 def read_block(block: Block, opt: catalog.Optimizer, names: Sequence[str]) -> MathProgram:
     """A verified math region's block (arguments named `names`, as
-    `kern.math_args` lists them) as a MathProgram for optimizer `opt`."""
+    `catalog.math_args` lists them) as a MathProgram for optimizer `opt`."""
     row_states = {s.name for s in opt.states if s.rowwise}
     index: dict[SSAValue, int] = {}
     instrs: list[Instr] = []
@@ -94,7 +94,7 @@ def read_block(block: Block, opt: catalog.Optimizer, names: Sequence[str]) -> Ma
         add(arg, Instr("arg", (), name, kind, 0, isinstance(arg.type, Float64Type)))
     outputs: tuple[int, ...] = ()
     for inner in block.ops:
-        if isinstance(inner, kern.YieldOp):
+        if isinstance(inner, mathregion.YieldOp):
             outputs = tuple(index[v] for v in inner.operands)
             continue
         args = tuple(index[v] for v in inner.operands)
@@ -108,7 +108,7 @@ def read_block(block: Block, opt: catalog.Optimizer, names: Sequence[str]) -> Ma
             value = inner.value
             assert isinstance(value, FloatAttr)
             add(result, Instr("const", (), float(value.value.data), "uniform", 0, f64))
-        elif isinstance(inner, kern.RowSumOp):
+        elif isinstance(inner, mathregion.RowSumOp):
             add(result, Instr("row_sum", args, "", "row", stage + 1, False))
         elif type(inner) in _BINARY:
             add(result, Instr(_BINARY[type(inner)], args, "", kind, stage, f64))
