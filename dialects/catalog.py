@@ -18,7 +18,8 @@ import keyword
 import linecache
 import math as _math
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -253,7 +254,42 @@ def _lion(g, w, m, *, lr, beta1, beta2, decoupled_decay, **_):
     return w - lr * (rm.sign(c) + decoupled_decay * w), beta2 * m + (1.0 - beta2) * g
 
 
-OPTIMIZERS: dict[str, Optimizer] = {}
+class Registry(Mapping[str, Optimizer]):
+    """The optimizers the catalog knows, by name: read-only as a mapping;
+    `register` adds one (checked), `scoped()` undoes every registration made
+    inside it (what tests and a short-lived user definition use instead of
+    editing the table)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Optimizer] = {}
+
+    def __getitem__(self, name: str) -> Optimizer:
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def register(self, opt: Optimizer, replace: bool = False) -> Optimizer:
+        """Add `opt`; a name taken needs `replace`, and a built-in's never goes."""
+        if (why := _name_problem(opt.name, replace) or _names_problem(opt)) is not None:
+            raise ValueError(why)
+        self._entries[opt.name] = opt
+        return opt
+
+    @contextmanager
+    def scoped(self) -> Iterator[Registry]:
+        """Registrations inside the `with` block are gone after it (errors included)."""
+        saved = dict(self._entries)
+        try:
+            yield self
+        finally:
+            self._entries = saved
+
+
+OPTIMIZERS = Registry()
 
 
 # the math's own arguments: no state or hyper-parameter may take their names
@@ -261,11 +297,8 @@ MATH_ARGS = ("g", "w", "step", "dim")
 
 
 def register(opt: Optimizer, replace: bool = False) -> Optimizer:
-    """Add an optimizer; built-in names can not be taken over."""
-    if (why := _name_problem(opt.name, replace) or _names_problem(opt)) is not None:
-        raise ValueError(why)
-    OPTIMIZERS[opt.name] = opt
-    return opt
+    """Add an optimizer to the catalog (see Registry.register)."""
+    return OPTIMIZERS.register(opt, replace)
 
 
 def _name_problem(name: object, replace: bool) -> str | None:
@@ -600,6 +633,7 @@ def layout_table() -> str:
                        str(l.row_bytes(64))) for l in LAYOUTS.values()])
 
 
-__all__ = ["Layout", "LAYOUTS", "Hyper", "State", "Optimizer", "OPTIMIZERS", "register", "define",
+__all__ = ["Layout", "LAYOUTS", "Hyper", "State", "Optimizer", "OPTIMIZERS", "Registry", "register",
+           "define",
            "optimizer", "layout", "row_bytes", "grad_transform", "POOLING_MODES", "math_args",
            "math_region", "optimizer_table", "state_table", "layout_table"]

@@ -134,15 +134,15 @@ def test_non_finite_values_never_pass() -> None:
 @pytest.fixture()
 def momentum_optimizer():
     """A user-defined optimizer with a rowwise state, out of the catalog again afterwards."""
-    @ekko.optimizer(state=("buf",), rowwise_state=("peak",), replace=True,
-                    hyper={"lr": 0.05, "momentum": (0.9, 0.0, 1.0)})
-    def check_test_momentum(g, w, buf, peak, *, lr, momentum, dim):
-        buf = momentum * buf + g
-        peak = ekko.rowmath.maximum(peak, ekko.rowmath.row_mean(abs(g), dim))
-        return w - lr * buf / (1.0 + peak), buf, peak
+    with catalog.OPTIMIZERS.scoped():
+        @ekko.optimizer(state=("buf",), rowwise_state=("peak",), replace=True,
+                        hyper={"lr": 0.05, "momentum": (0.9, 0.0, 1.0)})
+        def check_test_momentum(g, w, buf, peak, *, lr, momentum, dim):
+            buf = momentum * buf + g
+            peak = ekko.rowmath.maximum(peak, ekko.rowmath.row_mean(abs(g), dim))
+            return w - lr * buf / (1.0 + peak), buf, peak
 
-    yield check_test_momentum.name
-    catalog.OPTIMIZERS.pop(check_test_momentum.name, None)
+        yield check_test_momentum.name
 
 
 def test_check_covers_a_user_defined_optimizer(momentum_optimizer: str) -> None:

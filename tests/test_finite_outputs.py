@@ -204,9 +204,9 @@ USER = {  # name: (math, the buffer its bad value lands in)
 @pytest.fixture()
 def user_optimizer(request):
     name = f"finite_{request.param}"
-    catalog.define(name, state=("s",), replace=True)(USER[request.param][0])
-    yield name, USER[request.param][1]
-    catalog.OPTIMIZERS.pop(name, None)
+    with catalog.OPTIMIZERS.scoped():
+        catalog.define(name, state=("s",), replace=True)(USER[request.param][0])
+        yield name, USER[request.param][1]
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -310,11 +310,21 @@ def test_a_lambda_without_a_name_is_refused_where_it_is_written() -> None:
     _refused(lambda: ekko.optimizer()(
         lambda g, w, *, lr: w - lr * g),  # marker: lambda
         "# marker: lambda", "optimizer <lambda>:", "a lambda has no name")
-    opt = ekko.optimizer("named_lambda", replace=True)(lambda g, w, *, lr: w - lr * g)
-    try:
+    with catalog.OPTIMIZERS.scoped():
+        opt = ekko.optimizer("named_lambda", replace=True)(lambda g, w, *, lr: w - lr * g)
         assert opt.name == "named_lambda" and ekko.update_kernel(opt, 4).spec.optimizer == opt.name
-    finally:
-        catalog.OPTIMIZERS.pop("named_lambda")
+    assert "named_lambda" not in catalog.OPTIMIZERS
+
+
+def test_a_scope_undoes_its_registrations_even_on_error() -> None:
+    before = dict(catalog.OPTIMIZERS)
+    with pytest.raises(RuntimeError), catalog.OPTIMIZERS.scoped():
+        ekko.optimizer("scoped_sgd")(lambda g, w, *, lr: w - lr * g)
+        assert "scoped_sgd" in catalog.OPTIMIZERS
+        raise RuntimeError("leaves the scope")
+    assert dict(catalog.OPTIMIZERS) == before
+    with pytest.raises(TypeError):
+        catalog.OPTIMIZERS["sgd"] = catalog.OPTIMIZERS["adam"]  # type: ignore[index]
 
 
 @pytest.mark.parametrize("options,words", [
@@ -383,3 +393,12 @@ def test_a_keyword_the_catalog_never_passes_is_named() -> None:
 def test_a_non_function_is_refused() -> None:
     with pytest.raises(ekko.OptimizerError, match="decorates a function"):
         ekko.optimizer("not_a_function")(3)
+
+
+def test_a_spec_reads_only_its_own_hyper_parameters() -> None:
+    """spec.NAME is this optimizer's hyper-parameter or a gradient setting; another
+    optimizer's name is no attribute (it was None, found by scanning the catalog)."""
+    spec = ekko.update_kernel("sgd", 4, lr=0.5).spec
+    assert spec.lr == 0.5 and spec.max_norm is None and spec.weight_decay == 0.0
+    with pytest.raises(AttributeError):
+        spec.eps  # noqa: B018 - adam's, not sgd's

@@ -779,7 +779,7 @@ def _run_definition(case: dict) -> dict:
 
     text, name, line = definition_source(case)
     before = dict(catalog.OPTIMIZERS)
-    try:
+    with catalog.OPTIMIZERS.scoped():  # what the definition adds is gone afterwards
         with tempfile.TemporaryDirectory() as tmp:
             path = f"{tmp}/definition.py"
             Path(path).write_text(text)
@@ -794,9 +794,6 @@ def _run_definition(case: dict) -> dict:
             return {"kind": "accepted", "detail": f"accepted a definition with {case['defect']}"
                                                   f"\n{text}"}
         return _run_user_optimizer(name, case)
-    finally:
-        for added in set(catalog.OPTIMIZERS) - set(before):
-            catalog.OPTIMIZERS.pop(added)
 
 
 def _judge_refusal(message: str, want: str, line: int | None, catalog_kept: bool,
