@@ -18,14 +18,19 @@ import keyword
 import linecache
 import math as _math
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import ClassVar
 
+from xdsl.dialects.builtin import f32, f64
+from xdsl.ir import Block, Region, SSAValue
+from xdsl.utils.exceptions import VerifyException
+
 from . import rowmath
 from . import rowmath as rm
+from .mathregion import RowSumOp, YieldOp, check_rowwise_outputs
 
 # -- serving layouts --------------------------------------------------------
 #
@@ -334,7 +339,8 @@ class Optimizer:
     uses_step: bool = False  # the math reads `step` (bias correction, lr decay)
     linear: bool = False  # new_w = w - lr * g: duplicates may be applied one by one
     idle_at_zero: bool = False  # a zero gradient on zero state leaves w as it is
-    doc: str = ""
+    doc: str = ""  # what the step does, one line
+    source: str = ""  # where its definition comes from (a paper, torch.optim's class)
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -407,7 +413,47 @@ def _ftrl(g, w, z, n, *, lr, l1, l2, beta, **_):
     return rm.where(abs(z) <= l1, 0.0, shrunk), z, n_new
 
 
-OPTIMIZERS: dict[str, Optimizer] = {}
+def _lion(g, w, m, *, lr, beta1, beta2, decoupled_decay, **_):
+    c = beta1 * m + (1.0 - beta1) * g
+    return w - lr * (rm.sign(c) + decoupled_decay * w), beta2 * m + (1.0 - beta2) * g
+
+
+class Registry(Mapping[str, Optimizer]):
+    """The optimizers the catalog knows, by name: read-only as a mapping;
+    `register` adds one (checked), `scoped()` undoes every registration made
+    inside it (what tests and a short-lived user definition use instead of
+    editing the table)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Optimizer] = {}
+
+    def __getitem__(self, name: str) -> Optimizer:
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def register(self, opt: Optimizer, replace: bool = False) -> Optimizer:
+        """Add `opt`; a name taken needs `replace`, and a built-in's never goes."""
+        if (why := _name_problem(opt.name, replace) or _names_problem(opt)) is not None:
+            raise ValueError(why)
+        self._entries[opt.name] = opt
+        return opt
+
+    @contextmanager
+    def scoped(self) -> Iterator[Registry]:
+        """Registrations inside the `with` block are gone after it (errors included)."""
+        saved = dict(self._entries)
+        try:
+            yield self
+        finally:
+            self._entries = saved
+
+
+OPTIMIZERS = Registry()
 
 
 # the math's own arguments: no state or hyper-parameter may take their names
@@ -415,11 +461,8 @@ MATH_ARGS = ("g", "w", "step", "dim")
 
 
 def register(opt: Optimizer, replace: bool = False) -> Optimizer:
-    """Add an optimizer; built-in names can not be taken over."""
-    if (why := _name_problem(opt.name, replace) or _names_problem(opt)) is not None:
-        raise ValueError(why)
-    OPTIMIZERS[opt.name] = opt
-    return opt
+    """Add an optimizer to the catalog (see Registry.register)."""
+    return OPTIMIZERS.register(opt, replace)
 
 
 def _name_problem(name: object, replace: bool) -> str | None:
@@ -459,20 +502,31 @@ for _opt in (
               doc="w -= lr * g"),
     Optimizer("adagrad", _adagrad, (State("sum"),),
               (_lr(), _eps(1e-10), Hyper("lr_decay", 0.0)), uses_step=True, idle_at_zero=True,
-              doc="torch.optim.Adagrad: s += g*g; w -= lr/(1+(step-1)*lr_decay) * g/(sqrt(s)+eps)"),
+              doc="s += g*g; w -= lr / (1 + (step-1)*lr_decay) * g / (sqrt(s) + eps)",
+              source="torch.optim.Adagrad"),
     Optimizer("rowwise_adagrad", _rowwise_adagrad, (State("momentum", rowwise=True),),
               (_lr(), _eps(1e-8)), idle_at_zero=True,
-              doc="FBGEMM: m += mean(g*g); w -= lr * g / (sqrt(m) + eps)"),
+              doc="m += mean(g*g); w -= lr * g / (sqrt(m) + eps)", source="FBGEMM"),
     Optimizer("adam", _adam, (State("exp_avg"), State("exp_avg_sq")),
               (_lr(), _beta("beta1", 0.9), _beta("beta2", 0.999), _eps(1e-8)), uses_step=True,
               idle_at_zero=True,
-              doc="torch.optim.SparseAdam: bias-corrected moments of the touched rows"),
+              doc="m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g; "
+                  "w -= lr * sqrt(1-b2^step) / (1-b1^step) * m / (sqrt(v) + eps)",
+              source="torch.optim.SparseAdam: bias-corrected moments of the touched rows"),
     Optimizer("rmsprop", _rmsprop, (State("square_avg"),),
               (_lr(), Hyper("alpha", 0.99, 0.0, 1.0), _eps(1e-8)), idle_at_zero=True,
-              doc="torch.optim.RMSprop: v = a*v + (1-a)*g*g; w -= lr * g / (sqrt(v) + eps)"),
+              doc="v = alpha*v + (1-alpha)*g*g; w -= lr * g / (sqrt(v) + eps)",
+              source="torch.optim.RMSprop"),
     Optimizer("ftrl", _ftrl, (State("z"), State("n")),
               (_lr(), Hyper("l1", 0.0), Hyper("l2", 0.0), Hyper("beta", 1.0)),
-              doc="FTRL-Proximal (McMahan et al. 2013), per coordinate"),
+              doc="n2 = n + g*g; z += g - (sqrt(n2) - sqrt(n)) / lr * w; n = n2; "
+                  "w = 0 if abs(z) <= l1 else -(z - sign(z)*l1) / ((beta + sqrt(n)) / lr + l2)",
+              source="FTRL-Proximal, McMahan et al. 2013"),
+    Optimizer("lion", _lion, (State("exp_avg"),),
+              (_lr(), _beta("beta1", 0.9), _beta("beta2", 0.99), Hyper("decoupled_decay", 0.0)),
+              doc="c = b1*m + (1-b1)*g; w -= lr * (sign(c) + decoupled_decay*w); "
+                  "m = b2*m + (1-b2)*g",
+              source="Chen et al. 2023"),
 ):
     register(_opt)
 BUILTIN = frozenset(OPTIMIZERS)
@@ -608,8 +662,6 @@ def _keywords_problem(fn: Callable, opt: Optimizer) -> str | None:
 def _trace_problem(opt: Optimizer) -> tuple[str, TracebackType | None] | None:
     """Trace a new optimizer once, so that a mistake in it is reported where it is
     defined: (why, the traceback through the user's code) or None."""
-    from .kern import math_region  # the tracer's ops live in the kern dialect
-
     try:
         math_region(opt, {}, 4)
     except RecursionError as e:
@@ -646,5 +698,106 @@ def grad_transform(g, w, *, clip_value=None, max_norm=None, weight_decay=None):
     return g
 
 
-__all__ = ["Layout", "LAYOUTS", "Hyper", "State", "Optimizer", "OPTIMIZERS", "register", "define",
-           "optimizer", "layout", "row_bytes", "grad_transform", "POOLING_MODES"]
+# -- the math as IR ----------------------------------------------------------
+
+
+def grad_hyper_present(settings: Mapping[str, object]) -> tuple[str, ...]:
+    """The gradient transforms an update applies, in the order it applies them."""
+    return tuple(n for n in GRAD_HYPER if n in settings)
+
+
+def math_args(opt: Optimizer, settings: Mapping[str, object]) -> list[str]:
+    """Names of the math region's arguments: g, w, *state, step, *hyper, and the
+    gradient transforms `settings` (an op's flat settings) name."""
+    return ["g", "w", *opt.state_names, "step", *opt.hyper_names, *grad_hyper_present(settings)]
+
+
+def math_region(opt: Optimizer, settings: Mapping[str, object], dim: int) -> Region:
+    """Trace `opt`'s math (after the gradient transforms `settings` name) into the
+    region of `kern.update`: element values (g, w, per-element state) f32,
+    the step and hyper-parameters f64 (see `ekko.dialects.kern`)."""
+    names = math_args(opt, settings)
+    nelem = 2 + len(opt.states)
+    block = Block(arg_types=[f32] * nelem + [f64] * (len(names) - nelem))
+    for arg, name in zip(block.args, names):
+        arg.name_hint = name
+    args = dict(zip(names, block.args))
+    t = rowmath.Tracer(block, RowSumOp)
+    w = t.wrap(args["w"])
+    present = grad_hyper_present(settings)
+    g = grad_transform(t.wrap(args["g"]), w, **{n: t.wrap(args[n]) for n in present})
+    hyper: dict[str, SSAValue | int] = {h: args[h] for h in opt.hyper_names}
+    hyper["step"] = args["step"]
+    hyper["dim"] = dim
+    states = [args[s] for s in opt.state_names]
+    outs = rowmath.trace(lambda *a, **k: opt.math(g, *a[1:], **k), t,
+                         [args["g"], args["w"], *states], hyper)
+    if len(outs) != 1 + len(opt.states):
+        raise VerifyException(f"optimizer {opt.name} must return the new weights and "
+                              f"{len(opt.states)} state value(s), got {len(outs)} values")
+    block.add_op(YieldOp(*outs))
+    check_rowwise(block, opt)
+    return Region(block)
+
+
+def check_rowwise(block: Block, opt: Optimizer) -> None:
+    """`opt`'s rowwise states get one value per row in `block` (VerifyException)."""
+    elementwise = {"g", "w", *(s.name for s in opt.states if not s.rowwise)}
+    check_rowwise_outputs(block, elementwise, math_args(opt, {}),
+                          [(s.name, s.rowwise) for s in opt.states], f"optimizer {opt.name}")
+
+
+# -- the tables of the docs -------------------------------------------------
+
+
+def _markdown(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(cells) + " |" for cells in rows)])
+
+
+def _builtins() -> list[Optimizer]:
+    return [o for name, o in OPTIMIZERS.items() if name in BUILTIN]
+
+
+def _semantics(opt: Optimizer) -> str:
+    return f"`{opt.doc}`" + (f" ({opt.source})" if opt.source else "")
+
+
+def optimizer_table() -> str:
+    """docs/language.md's table of the built-in optimizers (a test keeps the two equal)."""
+    def states(opt: Optimizer) -> str:
+        return ", ".join(f"`{s.name}` ({'1 value' if s.rowwise else '`dim` values'})"
+                         for s in opt.states) or "none"
+
+    return _markdown(
+        ("optimizer", "hyper-parameters (default)", "state per row",
+         "per unique id, after duplicates are summed into `g`"),
+        [(f"`{o.name}`", ", ".join(f"`{h.name}` ({h.default:g})" for h in o.hyper),
+          states(o), _semantics(o)) for o in _builtins()])
+
+
+def state_table() -> str:
+    """README's table of the state arrays each built-in optimizer's kernel takes."""
+    def shapes(opt: Optimizer) -> str:
+        each = ["(rows,)" if s.rowwise else "(rows, dim)" for s in opt.states]
+        if not each:
+            return "none"
+        shape = each[0] if len(each) == 1 else f"({', '.join(each)})"
+        return f"`{shape}` " + ", ".join(s.name for s in opt.states)
+
+    return _markdown(("optimizer", "state", "semantics"),
+                     [(f"`{o.name}`", shapes(o), _semantics(o))
+                      for o in _builtins()])
+
+
+def layout_table() -> str:
+    """The serving layouts as the catalog defines them (README prints it)."""
+    return _markdown(("layout", "master table", "bytes per row (dim 64)"),
+                     [(f"`{l.name}`", "yes" if l.master else "no (serving only)",
+                       str(l.row_bytes(64))) for l in LAYOUTS.values()])
+
+
+__all__ = ["Layout", "LAYOUTS", "Hyper", "State", "Optimizer", "OPTIMIZERS", "Registry", "register",
+           "define",
+           "optimizer", "layout", "row_bytes", "grad_transform", "POOLING_MODES", "math_args",
+           "math_region", "optimizer_table", "state_table", "layout_table"]

@@ -246,7 +246,7 @@ class SettingsOp(InferredResultsOp):
         op_def = cls.get_irdl_definition()
         sizes = {SEGMENTS[0]: cls._segments([n for n, _ in op_def.operands], cls.roles(flat),
                                             "state")}
-        if len(op_def.results) > 1:
+        if SEGMENTS[1] in op_def.properties:
             sizes[SEGMENTS[1]] = cls._segments([n for n, _ in op_def.results],
                                                ["new_" + r for r in cls.result_roles(flat)],
                                                "new_state")

@@ -26,6 +26,7 @@ from xdsl.dialects.builtin import (
     DYNAMIC_INDEX,
     Float32Type,
     IntAttr,
+    IntegerAttr,
     IntegerType,
     StringAttr,
     SymbolRefAttr,
@@ -53,10 +54,12 @@ from . import catalog
 from .limits import MAX_DIM, MAX_ROWS
 from .common import (
     InferredResultsOp,
+    SettingsOp,
     get_string,
     index_name,
     is_layout,
     layout_list,
+    setting,
 )
 
 POOLING = ("sum", "mean", "none")
@@ -319,13 +322,16 @@ class FeatureOp(IRDLOperation):
 
 
 @irdl_op_definition
-class LookupOp(InferredResultsOp):
-    """Rows of `ids`, dequantized to f32: one output row per id."""
+class LookupOp(SettingsOp):
+    """Rows of `ids`, dequantized to f32: one output row per id.
+
+    `partitions` (a property upd-schedule sets) is how many threads share the ids."""
 
     name = "emb.lookup"
     table = operand_def(TableType)
     ids = operand_def(TensorType)
     result = result_def(TensorType)
+    partitions = setting(IntegerAttr, "partitions")
     traits = traits_def(Pure())
 
     @classmethod
@@ -337,20 +343,24 @@ class LookupOp(InferredResultsOp):
         return [rows_type(table.dim.data)]
 
     def verify_(self) -> None:
-        self.infer_result_types([o.type for o in self.operands], self.attributes)
+        self.infer_result_types([o.type for o in self.operands], self.flat())
         check_rows(self.result.type, self.table.type.dim.data, "the lookup's result")
 
 
 @irdl_op_definition
-class BagOp(InferredResultsOp):
-    """Pooled bags: out[b] = pool(rows of ids[offsets[b]:offsets[b+1]] [* weights])."""
+class BagOp(SettingsOp):
+    """Pooled bags: out[b] = pool(rows of ids[offsets[b]:offsets[b+1]] [* weights]).
+
+    `mode` (sum or mean) and `partitions` (set by upd-schedule) are properties,
+    written in the flat settings."""
 
     name = "emb.bag"
     table = operand_def(TableType)
     ids = operand_def(TensorType)
     offsets = operand_def(TensorType)
     weights = opt_operand_def(TensorType)
-    mode = attr_def(StringAttr)
+    mode = setting(StringAttr, "mode")  # required; optional so the verifier's error says so
+    partitions = setting(IntegerAttr, "partitions")
     result = result_def(TensorType)
     traits = traits_def(Pure())
 
@@ -378,7 +388,7 @@ class BagOp(InferredResultsOp):
         return [rows_type(table.dim.data)]
 
     def verify_(self) -> None:
-        self.infer_result_types([o.type for o in self.operands], self.attributes)
+        self.infer_result_types([o.type for o in self.operands], self.flat())
         check_rows(self.result.type, self.table.type.dim.data, "the bag's result")
 
 

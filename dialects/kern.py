@@ -55,6 +55,8 @@ from xdsl.traits import IsTerminator, Pure
 from xdsl.utils.exceptions import VerifyException
 
 from . import catalog, rowmath
+from .catalog import math_args, math_region
+from .mathregion import MATH_OPS, RowSumOp, YieldOp
 from .common import (FLOAT_DTYPES, SettingsOp, dtype_name, flag, index_name, is_layout,
                      layout_list, setting, storage_type)
 from .emb import StateType, TableType, VersionsType
@@ -120,101 +122,6 @@ class KernelOp(SettingsOp):
 
     def verify_(self) -> None:
         self.check([o.type for o in self.operands], self.flat())
-
-
-def grad_hyper_present(attributes: dict[str, Attribute]) -> tuple[str, ...]:
-    """The gradient transforms an update applies, in the order it applies them."""
-    return tuple(n for n in catalog.GRAD_HYPER if n in attributes)
-
-
-def math_args(opt: catalog.Optimizer, attributes: dict[str, Attribute]) -> list[str]:
-    """Names of the math region's arguments: g, w, *state, step, *hyper."""
-    return ["g", "w", *opt.state_names, "step", *opt.hyper_names,
-            *grad_hyper_present(attributes)]
-
-
-def math_region(opt: catalog.Optimizer, attributes: dict[str, Attribute], dim: int) -> Region:
-    """Trace the catalog's math for `opt` (after the gradient transforms the
-    attributes ask for) into a region of arith/math ops (see the module doc)."""
-    names = math_args(opt, attributes)
-    nelem = 2 + len(opt.states)
-    block = Block(arg_types=[f32] * nelem + [f64] * (len(names) - nelem))
-    for arg, name in zip(block.args, names):
-        arg.name_hint = name
-    args = dict(zip(names, block.args))
-    t = rowmath.Tracer(block, RowSumOp)
-    w = t.wrap(args["w"])
-    present = grad_hyper_present(attributes)
-    g = catalog.grad_transform(
-        t.wrap(args["g"]), w,
-        clip_value=t.wrap(args["clip_value"]) if "clip_value" in present else None,
-        max_norm=t.wrap(args["max_norm"]) if "max_norm" in present else None,
-        weight_decay=t.wrap(args["weight_decay"]) if "weight_decay" in present else None)
-    hyper: dict[str, SSAValue | int] = {h: args[h] for h in opt.hyper_names}
-    hyper["step"] = args["step"]
-    hyper["dim"] = dim
-    states = [args[s] for s in opt.state_names]
-    outs = rowmath.trace(lambda *a, **k: opt.math(g, *a[1:], **k), t, [args["g"], args["w"], *states],
-                         hyper)
-    if len(outs) != 1 + len(opt.states):
-        raise VerifyException(f"optimizer {opt.name} must return the new weights and "
-                              f"{len(opt.states)} state value(s), got {len(outs)} values")
-    block.add_op(YieldOp(*outs))
-    check_rowwise_outputs(block, opt)
-    return Region(block)
-
-
-def check_rowwise_outputs(block: Block, opt: catalog.Optimizer) -> None:
-    """A rowwise state must get one value per row: nothing it yields may
-    depend on an element value except through kern.row_sum."""
-    names = math_args(opt, {})
-    per_element = {a for a, n in zip(block.args, names)
-                   if n in ("g", "w") or any(s.name == n and not s.rowwise for s in opt.states)}
-    for op in block.ops:
-        if not isinstance(op, RowSumOp) and any(o in per_element for o in op.operands):
-            per_element.update(op.results)
-    last = block.last_op
-    if not isinstance(last, YieldOp):
-        return
-    for state, value in zip(opt.states, list(last.operands)[1:]):
-        if state.rowwise and value in per_element:
-            raise VerifyException(f"optimizer {opt.name}: rowwise state '{state.name}' must be "
-                                  "one value per row (reduce element values with row_sum)")
-
-
-# ops a math region may hold: what every backend lowers
-MATH_OPS = (
-    arith.ConstantOp, arith.AddfOp, arith.SubfOp, arith.MulfOp, arith.DivfOp, arith.NegfOp,
-    arith.MaximumfOp, arith.MinimumfOp, arith.CmpfOp, arith.SelectOp, arith.TruncFOp,
-    math.SqrtOp, math.AbsFOp, math.PowFOp, math.ExpOp, math.LogOp,
-)
-
-
-@irdl_op_definition
-class RowSumOp(IRDLOperation):
-    """The sum of an element value over the row (inside a math region)."""
-
-    name = "kern.row_sum"
-    input = operand_def(Float32Type)
-    output = result_def(Float32Type)
-    traits = traits_def(Pure())
-    assembly_format = "$input attr-dict"
-
-    def __init__(self, value: SSAValue):
-        super().__init__(operands=[value], result_types=[f32])
-
-
-@irdl_op_definition
-class YieldOp(IRDLOperation):
-    """Ends a math region: the new weights, then the new state values."""
-
-    name = "kern.yield"
-    values = var_operand_def()
-    traits = traits_def(IsTerminator(), Pure())
-    assembly_format = "($values^ `:` type($values))? attr-dict"
-
-    def __init__(self, *values: SSAValue):
-        super().__init__(operands=[list(values)])
 
 
 @irdl_op_definition
@@ -341,7 +248,7 @@ class UpdateOp(FusedUpdateOp):
         if not isinstance(last, YieldOp) or [v.type for v in last.operands] != [f32] * (nelem - 1):
             raise VerifyException(f"'kern.update' math region must yield {nelem - 1} f32 "
                                   "values: the new weights and state")
-        check_rowwise_outputs(block, opt)
+        catalog.check_rowwise(block, opt)
 
     def print(self, printer: Printer) -> None:
         super().print(printer)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from xdsl.dialects import arith, math
-from xdsl.dialects.builtin import Float32Type, Float64Type, FloatAttr, IntegerType, f32, f64
+from xdsl.dialects.builtin import Float32Type, FloatAttr, IntegerType, f32, f64
 from xdsl.ir import Block, Operation, SSAValue
 
 Number = float | int
@@ -195,4 +195,4 @@ def trace(fn: Callable[..., Sequence[Value] | Value], tracer: Tracer,
 
 
 __all__ = ["Tracer", "Value", "sqrt", "exp", "log", "maximum", "minimum", "clip", "where",
-           "sign", "row_sum", "row_mean", "trace", "f64", "Float64Type"]
+           "sign", "row_sum", "row_mean", "trace"]

@@ -33,16 +33,24 @@ from xdsl.dialects.builtin import (
     UnitAttr,
 )
 from xdsl.ir import Attribute, Dialect, ParametrizedAttribute, TypeAttribute
-from xdsl.irdl import irdl_attr_definition, irdl_op_definition, param_def, traits_def
+from xdsl.irdl import (
+    irdl_attr_definition,
+    irdl_op_definition,
+    operand_def,
+    param_def,
+    result_def,
+    traits_def,
+)
 from xdsl.parser import AttrParser
 from xdsl.printer import Printer
 from xdsl.traits import Pure
 from xdsl.utils.exceptions import VerifyException
 
 from . import catalog
-from .common import dtype_name, is_layout, layout_list, storage_type
+from .common import (FLOAT_DTYPES, SettingsOp, dtype_name, is_layout, layout_list, setting,
+                     storage_type, verify_inferred)
 from .emb import TableType, VersionsType, check_ids, expect_table
-from .upd import UpdOp, expect_i64
+from .upd import expect_i64
 
 i8 = IntegerType(8)
 i64 = IntegerType(64)
@@ -111,14 +119,17 @@ def _expect_versions(t: Attribute, table: TableType, op: str) -> None:
         )
 
 
-def _check_seq_flag(attributes: dict[str, Attribute], op: str) -> None:
-    for name, attr in attributes.items():
-        if name not in ("seq", "partitions"):
-            raise VerifyException(f"'{op}' has no attribute '{name}'")
-        if name == "seq" and not isinstance(attr, UnitAttr):
-            raise VerifyException(f"'{op}' seq is a unit flag")
-        if name == "partitions" and not (isinstance(attr, IntegerAttr) and attr.value.data >= 1):
-            raise VerifyException(f"'{op}' partitions must be a positive integer")
+class SyncOp(SettingsOp):
+    """A sync op: declared operands and results, settings as properties; the
+    result types follow from the operands (`infer_result_types`)."""
+
+    def verify_(self) -> None:
+        for name in self.attributes:
+            raise VerifyException(f"'{self.name}' has no attribute '{name}'")
+        verify_inferred(self)
+        parts = self.properties.get("partitions")
+        if parts is not None and not (isinstance(parts, IntegerAttr) and parts.value.data >= 1):
+            raise VerifyException(f"'{self.name}' partitions must be a positive integer")
 
 
 def _either(names: list[str]) -> str:
@@ -162,10 +173,18 @@ def _layout_of_rows(rows: Attribute, attributes: dict[str, Attribute]) -> tuple[
 
 
 @irdl_op_definition
-class PacketOp(UpdOp):
-    """Makes a packet from ids, rows (serving layout) and versions of equal length."""
+class PacketOp(SyncOp):
+    """Makes a packet from ids, rows (serving layout) and versions of equal length.
+
+    `layout` names int8/int4 rows (i8 bytes); `dim` the row size of int4 ones."""
 
     name = "sync.packet"
+    ids = operand_def(TensorType)
+    rows = operand_def(TensorType)
+    versions = operand_def(TensorType)
+    packet = result_def(PacketType)
+    layout = setting(StringAttr, "layout")
+    dim = setting(IntegerAttr, "dim")
     traits = traits_def(Pure())
 
     @classmethod
@@ -180,17 +199,21 @@ class PacketOp(UpdOp):
             raise VerifyException(f"the packet's versions must be tensor<?xi64>, got {versions}")
         return [PacketType(dim, layout, index)]
 
-    def verify_attributes(self) -> None:
-        for name in self.attributes:
-            if name not in ("layout", "dim"):
-                raise VerifyException(f"'sync.packet' has no attribute '{name}'")
-
 
 @irdl_op_definition
-class PackOp(UpdOp):
-    """The serving rows and versions of `ids` as a packet (the rows a step touched)."""
+class PackOp(SyncOp):
+    """The serving rows and versions of `ids` as a packet (the rows a step touched).
+
+    Properties: unit `seq` (readers race: each row is read under its sequence
+    word), `partitions` (upd-schedule's thread count)."""
 
     name = "sync.pack"
+    serving = operand_def(TableType)
+    versions = operand_def(VersionsType)
+    ids = operand_def(TensorType)
+    packet = result_def(PacketType)
+    seq = setting(UnitAttr, "seq")
+    partitions = setting(IntegerAttr, "partitions")
     traits = traits_def(Pure())
 
     @classmethod
@@ -202,12 +225,9 @@ class PackOp(UpdOp):
         index = check_ids(operand_types[2], "'sync.pack' ids")
         return [PacketType(serving.dim.data, serving.layout.data, index)]
 
-    def verify_attributes(self) -> None:
-        _check_seq_flag(self.attributes, self.name)
-
 
 @irdl_op_definition
-class MergeOp(UpdOp):
+class MergeOp(SyncOp):
     """Merges a packet into a serving copy: per row, the newest version wins.
 
     Operands: serving, versions, packet, newest (i64). Results: serving,
@@ -216,6 +236,14 @@ class MergeOp(UpdOp):
     """
 
     name = "sync.merge"
+    serving = operand_def(TableType)
+    versions = operand_def(VersionsType)
+    packet = operand_def(PacketType)
+    newest = operand_def(i64)
+    new_serving = result_def(TableType)
+    new_versions = result_def(VersionsType)
+    seq = setting(UnitAttr, "seq")
+    partitions = setting(IntegerAttr, "partitions")
 
     @classmethod
     def infer_result_types(cls, operand_types, attributes):
@@ -233,9 +261,6 @@ class MergeOp(UpdOp):
             )
         expect_i64(operand_types[3], cls.name, "newest")
         return [operand_types[0], operand_types[1]]
-
-    def verify_attributes(self) -> None:
-        _check_seq_flag(self.attributes, self.name)
 
 
 Sync = Dialect("sync", [PacketOp, PackOp, MergeOp], [PacketType])

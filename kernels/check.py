@@ -1,32 +1,36 @@
-"""A numpy reference for `ekko run`'s self-check of the native kernels.
+"""The reference for `ekko run`'s self-check of the native kernels.
 
-Plain numpy in float64, written from the UpdateSpec semantics and sharing no
-code with the LLVM backend, so a wrong kernel cannot agree with it by
+The update's math is the catalog's, traced afresh from the update rule (not
+taken from the compiled spec) and run by the float64 interpreter
+(`mathprog.evaluate`, exact real-number math), so every optimizer in the
+catalog is checked, a user's own included. The interpreter shares no code
+with the backends' emitters, so a wrong kernel cannot agree with it by
 construction.
 
 Tolerances follow the numerics of each value, not one relative figure: next
-to every reference value the check carries a magnitude, the sum of the
-absolute values of the terms that went into it (a first-order running error
-bound). The kernel computes in f32, so it may differ from the reference by a
-few f32 roundings of that magnitude, plus the rounding of the master's
-storage type. A value that sums to nearly zero from large terms (Adam's first
-moment, say) gets the tolerance its terms deserve; a NaN anywhere fails.
-
-Each optimizer is one entry of `OPTIMIZERS`: a function from the gradient,
-the weights and the state (values and magnitudes) to new ones. What the
-update does (optimizer, hyper-parameters, clipping, weight decay) is read as
-one `UpdateRule`: the compiled spec's (`update_rule`), or the model's when the
-caller passes `rule=` (then the check also covers the compile path).
+to every reference value the check carries a magnitude, a first-order running
+error bound in units of f32 roundings, propagated op by op with one rule per
+op of the semantics table (`magnitudes`); a sum counts the absolute values of
+its terms, a comparison that could go either way within the errors lets a
+select take either side. The kernel computes in f32, so it may differ from
+the reference by a few f32 roundings of that magnitude, plus the rounding of
+the master's storage type. A value that sums to nearly zero from large terms
+(Adam's first moment, say) gets the tolerance its terms deserve; a NaN
+anywhere fails. What the update does (optimizer, hyper-parameters, clipping,
+weight decay) is read as one `UpdateRule`: the compiled spec's
+(`update_rule`), or the model's when the caller passes `rule=` (then the
+check also covers the compile path).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..compiler.backend.mathprog import Instr, MathProgram, evaluate, state_args, trace_program
 from ..compiler.backend.spec import UpdateSpec
 from ..compiler.frontend.model import UpdateRule
 from ..dialects import catalog
@@ -100,151 +104,125 @@ def snapshot(spec: UpdateSpec, master: np.ndarray, state, ids: np.ndarray) -> Sn
 
 # -- the math, value and magnitude side by side --------------------------------
 
-
-def _square(g: Tracked) -> Tracked:
-    """g*g: its rounding plus twice g's error."""
-    return Tracked(g.value**2, g.value**2 + 2 * np.abs(g.value) * g.mag)
+K = ROUNDINGS * U32  # the error allowed per unit of magnitude
+RHO64 = 2.0**-53 / U32  # an f64 operation's rounding, in f32 roundings
 
 
-def _sqrt(x: Tracked) -> Tracked:
-    """sqrt(x): error x.err / (2 sqrt(x)), never more than sqrt(x.err)."""
-    root = np.sqrt(np.maximum(x.value, 0.0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        spread = np.where(root > 0, x.mag / (2 * root), np.inf)
-    capped = np.minimum(spread, np.sqrt(x.mag / (ROUNDINGS * U32)))
-    return Tracked(root, root + capped)
+def _margin(x: Array, mag: Array) -> Array:
+    """|x| less its possible error: how far x surely is from zero (<= 0: maybe zero)."""
+    return np.abs(x) - K * mag
 
 
-def _scaled_step(lr: float, g: Tracked, denom: Tracked) -> Tracked:
-    """lr * g / denom: relative errors add."""
-    step = lr * g.value / denom.value
-    mag = lr * (g.mag / denom.value + np.abs(g.value) * denom.mag / denom.value**2)
-    return Tracked(step, np.abs(step) + mag)
+def _op_magnitude(ins: Instr, v: Array, a: list[Array], m: list[Array]) -> Array:
+    """The magnitude of one value from its arguments' values `a` and magnitudes `m`:
+    each rule is the first-order error of the op plus its own rounding."""
+    rho = RHO64 if ins.f64 else 1.0
+    op = ins.op
+    if op in ("add", "sub"):
+        return m[0] + m[1] + rho * (np.abs(a[0]) + np.abs(a[1]))
+    if op == "mul":
+        return rho * np.abs(v) + np.abs(a[0]) * m[1] + np.abs(a[1]) * m[0] + K * m[0] * m[1]
+    if op == "div":
+        d = _margin(a[1], m[1])
+        return np.where(d > 0, rho * np.abs(v) + (m[0] + np.abs(v) * m[1]) / np.where(d > 0, d, 1),
+                        np.inf)
+    if op in ("neg", "abs"):
+        return m[0]
+    if op in ("max", "min"):
+        return np.maximum(m[0], m[1])
+    if op == "sqrt":  # error mag / (2 sqrt(x)), never more than sqrt(mag)
+        spread = np.where(v > 0, m[0] / (2 * np.where(v > 0, v, 1)), np.inf)
+        return rho * v + np.minimum(spread, np.sqrt(m[0] / K))
+    if op == "exp":
+        return np.abs(v) * (rho + m[0] * np.exp(np.minimum(K * m[0], 700.0)))
+    if op == "log":
+        d = _margin(a[0], m[0])
+        return np.where(d > 0, rho * np.abs(v) + m[0] / np.where(d > 0, d, 1), np.inf)
+    if op == "pow":  # d/da = b a**(b-1), d/db = a**b ln a
+        base = np.where(m[0] > 0, np.abs(a[1] * v / a[0]) * m[0], 0.0)
+        expo = np.where(m[1] > 0, np.abs(v * np.log(np.abs(a[0]))) * m[1], 0.0)
+        return rho * np.abs(v) + base + expo
+    if op == "f32":
+        return m[0] + np.abs(v)
+    if op == "row_sum":
+        return np.sum(np.abs(a[0]) + m[0], axis=-1, keepdims=True)
+    if op == "select":  # near a comparison's threshold either side is right
+        chosen = np.where(a[0], m[1], m[2])
+        jump = np.maximum(np.maximum(m[1], m[2]), np.abs(a[1] - a[2]) / K)
+        return np.where(m[0] > 0, jump, chosen)
+    raise ValueError(f"the self-check has no error rule for '{op}'")
 
 
-def _minus(w: Tracked, step: Tracked) -> Tracked:
-    return Tracked(w.value - step.value, np.abs(w.value) + w.mag + step.mag)
+def _near(a: list[Array], m: list[Array]) -> Array:
+    """Whether a comparison of `a` could go either way within their errors (as 1.0)."""
+    return (np.abs(a[0] - a[1]) <= K * (m[0] + m[1])).astype(np.float64)
 
 
-def _plus(a: Tracked, b: Tracked) -> Tracked:
-    return Tracked(a.value + b.value, np.abs(a.value) + a.mag + np.abs(b.value) + b.mag)
+def magnitudes(program: MathProgram, values: list[Array], g_mag: Array) -> list[Array]:
+    """The magnitude of every value of `program` (see the module doc); a comparison's
+    "magnitude" is 1 where it could go either way, else 0."""
+    mags: list[Array] = []
+    with np.errstate(all="ignore"):
+        for ins, v in zip(program.instrs, values):
+            a = [values[i] for i in ins.args]
+            m = [mags[i] for i in ins.args]
+            if ins.op == "arg":
+                mag = g_mag if ins.attr == "g" else np.zeros(np.shape(v))
+            elif ins.op == "const":
+                mag = np.zeros(np.shape(v))
+            elif ins.op == "cmp":
+                mag = _near(a, m)
+            elif ins.op == "select" and ins.boolean:
+                mag = np.maximum(m[0], np.where(a[0], m[1], m[2]))
+            else:
+                mag = _op_magnitude(ins, v, a, m)
+            mags.append(np.nan_to_num(np.asarray(mag, np.float64), nan=np.inf))
+    return mags
 
 
-def _plus_eps(x: Tracked, eps: float) -> Tracked:
-    return Tracked(x.value + eps, x.mag + eps)
-
-
-def _mix(a: float, s: Tracked, b: float, x: Tracked) -> Tracked:
-    """a*s + b*x, as an exponential moving average."""
-    value = a * s.value + b * x.value
-    return Tracked(value, a * (np.abs(s.value) + s.mag) + b * (np.abs(x.value) + x.mag))
-
-
-Hyper = Callable[[str], float]
 Stepped = tuple[Tracked, list[Tracked]]  # the new master rows and the new state
 
 
-def _sgd(g: Tracked, w: Tracked, states: list[Tracked], h: Hyper, step: int) -> Stepped:
-    return _minus(w, Tracked(h("lr") * g.value, h("lr") * (np.abs(g.value) + g.mag))), []
+def rule_program(rule: UpdateRule, dim: int) -> tuple[MathProgram, dict[str, float]]:
+    """The catalog's math for `rule` traced afresh (not taken from a compiled spec),
+    and the values of its hyper-parameter arguments."""
+    grad = {name: value for name in catalog.GRAD_HYPER
+            if (value := getattr(rule, name)) is not None and (value or name != "weight_decay")}
+    opt = rule.optimizer.entry
+    program = trace_program(opt, dict.fromkeys(grad, None), dim)
+    return program, {**dict(rule.optimizer.hyper), **grad}
 
 
-def _adagrad(g: Tracked, w: Tracked, states: list[Tracked], h: Hyper, step: int) -> Stepped:
-    clr = h("lr") / (1 + (step - 1) * h("lr_decay"))
-    gg = _square(g)
-    s = _plus(states[0], gg)
-    return _minus(w, _scaled_step(clr, g, _plus_eps(_sqrt(s), h("eps")))), [s]
-
-
-def _rowwise_adagrad(g: Tracked, w: Tracked, states: list[Tracked], h: Hyper, step: int) -> Stepped:
-    gg = _square(g)
-    m0 = states[0]
-    m = _plus(Tracked(m0.value.reshape(-1, 1), m0.mag.reshape(-1, 1)),
-              Tracked(gg.value.mean(axis=1, keepdims=True), gg.mag.mean(axis=1, keepdims=True)))
-    w_new = _minus(w, _scaled_step(h("lr"), g, _plus_eps(_sqrt(m), h("eps"))))
-    return w_new, [Tracked(m.value.reshape(-1), m.mag.reshape(-1))]
-
-
-def _adam(g: Tracked, w: Tracked, states: list[Tracked], h: Hyper, step: int) -> Stepped:
-    b1, b2 = h("beta1"), h("beta2")
-    m = _mix(b1, states[0], 1 - b1, g)
-    v = _mix(b2, states[1], 1 - b2, _square(g))
-    size = h("lr") * np.sqrt(1 - b2**step) / (1 - b1**step)
-    return _minus(w, _scaled_step(size, m, _plus_eps(_sqrt(v), h("eps")))), [m, v]
-
-
-def _rmsprop(g: Tracked, w: Tracked, states: list[Tracked], h: Hyper, step: int) -> Stepped:
-    v = _mix(h("alpha"), states[0], 1 - h("alpha"), _square(g))
-    return _minus(w, _scaled_step(h("lr"), g, _plus_eps(_sqrt(v), h("eps")))), [v]
-
-
-def _ftrl(g: Tracked, w: Tracked, states: list[Tracked], h: Hyper, step: int) -> Stepped:
-    """FTRL-Proximal per coordinate (McMahan et al. 2013)."""
-    lr, l1, l2, beta = h("lr"), h("l1"), h("l2"), h("beta")
-    z0, n0 = states
-    n = _plus(n0, _square(g))
-    root_old, root_new = _sqrt(n0), _sqrt(n)
-    sigma = Tracked((root_new.value - root_old.value) / lr, (root_new.mag + root_old.mag) / lr)
-    sw = Tracked(sigma.value * w.value, np.abs(sigma.value) * (np.abs(w.value) + w.mag)
-                 + sigma.mag * np.abs(w.value))
-    z = _minus(_plus(z0, g), sw)
-    denom = Tracked((beta + root_new.value) / lr + l2, (beta + root_new.mag) / lr + l2)
-    shrunk = Tracked(np.abs(z.value) - l1, np.abs(z.value) + z.mag + l1)
-    value = np.where(np.abs(z.value) <= l1, 0.0, -np.sign(z.value) * shrunk.value / denom.value)
-    step_mag = (shrunk.mag / denom.value + np.abs(shrunk.value) * denom.mag / denom.value**2
-                + np.abs(value))
-    # within a rounding of the threshold, either side is right: allow the jump
-    near = np.abs(np.abs(z.value) - l1) <= ROUNDINGS * U32 * z.mag
-    zeroed = np.abs(z.value) <= l1
-    mag = np.where(near, np.maximum(step_mag, np.abs(value) / (ROUNDINGS * U32)),
-                   np.where(zeroed, 0.0, step_mag))
-    return Tracked(value, mag), [z, n]
-
-
-# optimizer name -> its reference math; a new optimizer is one entry here
-OPTIMIZERS: dict[str, Callable[..., Stepped]] = {
-    "sgd": _sgd,
-    "adagrad": _adagrad,
-    "rowwise_adagrad": _rowwise_adagrad,
-    "adam": _adam,
-    "rmsprop": _rmsprop,
-    "ftrl": _ftrl,
-}
-
-
-def _gradients(rule: UpdateRule, dim: int, snap: Snapshot, ids: np.ndarray, grads: np.ndarray,
-               w: Tracked) -> Tracked:
-    """Duplicates summed, then clip by value, by norm, and weight decay (as torch)."""
+def _summed(snap: Snapshot, ids: np.ndarray, grads: np.ndarray, dim: int) -> Tracked:
+    """Each id's gradients summed (in any order: the magnitude is the sum of |g|)."""
     where = np.searchsorted(snap.ids, ids)
     value = np.zeros((len(snap.ids), dim), np.float64)
     mag = np.zeros_like(value)
     np.add.at(value, where, grads.astype(np.float64))
     np.add.at(mag, where, np.abs(grads.astype(np.float64)))
-    if rule.clip_value is not None:
-        value = np.clip(value, -rule.clip_value, rule.clip_value)
-    if rule.max_norm is not None:
-        norm = np.linalg.norm(value, axis=1, keepdims=True)
-        factor = np.where(norm > rule.max_norm, rule.max_norm / np.maximum(norm, 1e-300), 1.0)
-        spread = np.abs(value) * mag.sum(axis=1, keepdims=True) / np.maximum(norm, 1e-300)
-        mag = factor * (mag + np.where(factor < 1, spread, 0.0))
-        value = value * factor
-    if rule.weight_decay:
-        value = value + rule.weight_decay * w.value
-        mag = mag + rule.weight_decay * (np.abs(w.value) + w.mag)
     return Tracked(value, mag)
 
 
 def reference_rows(spec: UpdateSpec, snap: Snapshot, ids: np.ndarray, grads: np.ndarray,
                    step: int, rule: UpdateRule | None = None) -> Stepped:
     """New master rows and state rows of `snap.ids` after one delta, with magnitudes,
-    under `rule` (default: the spec's own, `update_rule(spec)`)."""
-    kind = rule.optimizer.kind if rule is not None else spec.optimizer
-    if kind not in OPTIMIZERS:
-        raise KeyError(f"the self-check has no reference for optimizer {kind!r}")
+    under `rule` (default: the spec's own, `update_rule(spec)`): the catalog's math
+    (gradient transforms included) run by the float64 interpreter, for any
+    optimizer in the catalog, a user's own included."""
     rule = rule if rule is not None else update_rule(spec)
-    w = Tracked(snap.master.astype(np.float64), np.zeros(snap.master.shape))
-    states = [Tracked(s.astype(np.float64), np.zeros(s.shape)) for s in snap.state]
-    g = _gradients(rule, spec.dim, snap, ids, grads, w)
-    return OPTIMIZERS[kind](g, w, states, rule.optimizer.value, step)
+    program, hyper_values = rule_program(rule, spec.dim)
+    g = _summed(snap, ids, grads, spec.dim)
+    w = snap.master.astype(np.float64)
+    values = evaluate(program, hyper_values, g.value, w, snap.state, step, exact=True)
+    mags = magnitudes(program, values, g.mag)
+    rows, dim = len(snap.ids), spec.dim
+
+    def tracked(i: int, per_row: bool) -> Tracked:
+        full, shape = ((rows, 1), (rows,)) if per_row else ((rows, dim), (rows, dim))
+        return Tracked(*(np.broadcast_to(x[i], full).reshape(shape).copy() for x in (values, mags)))
+
+    return tracked(program.outputs[0], False), [
+        tracked(i, a.kind == "row") for i, a in zip(program.outputs[1:], state_args(program))]
 
 
 def error_ratio(got: np.ndarray, want: Tracked, dtype: str = "f32") -> float:

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -117,7 +117,23 @@ def float_flag(low: float, high: float, low_open: bool = False) -> Callable[[str
     return parse
 
 
-def optimizer_flag(text: str) -> Optimizer:
+@dataclass(frozen=True)
+class LaterOptimizer:
+    """--optimizer naming no optimizer the catalog holds yet: a model file
+    (`module.py:factory`) may define it with `@ekko.optimizer`, so it is
+    resolved once the model is loaded."""
+
+    name: str
+    hyper: dict[str, float]
+
+    def resolve(self) -> Optimizer:
+        try:
+            return Optimizer.make(self.name, **self.hyper)
+        except ModelInvalid as e:
+            raise CliError(f"argument --optimizer: {e}") from None
+
+
+def optimizer_flag(text: str) -> Optimizer | LaterOptimizer:
     """`name` or `name(k=v, ...)`, as in the model language, checked like it."""
     match = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*(?:\((.*)\))?\s*", text)
     if not match:
@@ -135,6 +151,8 @@ def optimizer_flag(text: str) -> Optimizer:
             raise argparse.ArgumentTypeError(
                 f"expected k=v with a finite number and each k once, got {_shorten(part, 40)!r}"
             ) from None
+    if match.group(1) not in catalog.OPTIMIZERS:
+        return LaterOptimizer(match.group(1), hyper)
     try:
         return Optimizer.make(match.group(1), **hyper)
     except ModelInvalid as e:
@@ -196,6 +214,8 @@ def load(args: argparse.Namespace) -> Model:
     model = load_model(args.model, scale=scale)
     if not model.tables:
         raise CliError(f"{args.model}: the model has no tables: nothing to compile or run")
+    if isinstance(args.optimizer, LaterOptimizer):
+        args.optimizer = args.optimizer.resolve()
     if args.optimizer is not None or args.serving is not None:
         model = replace(model, tables=tuple(_flagged(t, args) for t in model.tables))
     try:

@@ -73,8 +73,7 @@ def _run_kernel(spec, rng: np.random.Generator):
     """One real update on a small hot table; returns what compare needs."""
     kernel = UpdateKernel(spec)
     table = rng.uniform(-0.05, 0.05, (ROWS, DIM)).astype(np.float32)
-    shapes = {"rowwise_adagrad": [(ROWS,)], "sgd": []}.get(
-        spec.optimizer, [(ROWS, DIM)] * len(spec.state_shapes))
+    shapes = [spec.entry.state_shape(name, ROWS, DIM) for name in spec.state_shapes]
     state = tuple(np.abs(rng.standard_normal(s)).astype(np.float32) * 0.01 for s in shapes)
     arg = state if len(state) > 1 else (state[0] if state else None)
     ids = rng.integers(0, ROWS, 400)
@@ -84,9 +83,31 @@ def _run_kernel(spec, rng: np.random.Generator):
     return snap, table, arg, ids, grads
 
 
-def test_every_catalog_optimizer_has_a_reference() -> None:
-    """The built-ins: a user's own optimizer (tests define some) has no numpy twin."""
-    assert set(catalog.BUILTIN) <= set(check.OPTIMIZERS)
+def lion_numpy(w, m, g, lr, beta1, beta2, decay):
+    """Lion (Chen et al. 2023; lucidrains' lion-pytorch), written here in float64."""
+    c = beta1 * m + (1 - beta1) * g
+    return w - lr * (np.sign(c) + decay * w), beta2 * m + (1 - beta2) * g
+
+
+def test_reference_matches_a_hand_written_lion() -> None:
+    """Three steps with duplicate ids (summed first), against Lion's four lines."""
+    rng = np.random.default_rng(4)
+    lr, beta1, beta2, decay = 0.02, 0.8, 0.95, 0.1
+    spec = _spec("lion", lr=lr, beta1=beta1, beta2=beta2, decoupled_decay=decay)
+    w = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    m = np.zeros((ROWS, DIM), np.float32)
+    for step in range(1, 4):
+        ids = np.concatenate([np.arange(ROWS), rng.integers(0, ROWS, 30)])
+        grads = rng.standard_normal((len(ids), DIM)).astype(np.float32)
+        dense = np.zeros((ROWS, DIM))
+        np.add.at(dense, ids, grads.astype(np.float64))
+        snap = check.Snapshot(np.arange(ROWS), w, (m,))
+        got_w, (got_m,) = check.reference_rows(spec, snap, ids, grads, step)
+        want_w, want_m = lion_numpy(w.astype(np.float64), m.astype(np.float64), dense,
+                                    lr, beta1, beta2, decay)
+        np.testing.assert_allclose(got_w.value, want_w, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got_m.value, want_m, rtol=1e-12, atol=1e-12)
+        w, m = want_w.astype(np.float32), want_m.astype(np.float32)
 
 
 @pytest.mark.parametrize("optimizer", sorted(catalog.BUILTIN))
@@ -108,3 +129,27 @@ def test_non_finite_values_never_pass() -> None:
     ok = check.Tracked(np.array([1.0, 2.0]), np.ones(2))
     assert check.error_ratio(np.array([1.0, np.inf]), ok) == float("inf")
     assert check.error_ratio(np.array([1.0, 2.0]), ok) == 0.0
+
+
+@pytest.fixture()
+def momentum_optimizer():
+    """A user-defined optimizer with a rowwise state, out of the catalog again afterwards."""
+    with catalog.OPTIMIZERS.scoped():
+        @ekko.optimizer(state=("buf",), rowwise_state=("peak",), replace=True,
+                        hyper={"lr": 0.05, "momentum": (0.9, 0.0, 1.0)})
+        def check_test_momentum(g, w, buf, peak, *, lr, momentum, dim):
+            buf = momentum * buf + g
+            peak = ekko.rowmath.maximum(peak, ekko.rowmath.row_mean(abs(g), dim))
+            return w - lr * buf / (1.0 + peak), buf, peak
+
+        yield check_test_momentum.name
+
+
+def test_check_covers_a_user_defined_optimizer(momentum_optimizer: str) -> None:
+    """The self-check runs the catalog's math for any optimizer: the real kernel
+    passes, a slightly different momentum fails."""
+    spec = ekko.update_kernel(momentum_optimizer, DIM, momentum=0.7).spec
+    snap, table, state, ids, grads = _run_kernel(spec, np.random.default_rng(3))
+    assert check.compare(spec, snap, table, state, ids, grads, 3) <= 1.0
+    assert check.compare(_Override(spec, {"momentum": 0.7 * 1.001}), snap, table, state, ids,
+                         grads, 3) > 1.0

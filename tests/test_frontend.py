@@ -64,6 +64,7 @@ def test_default_hyper_parameters_are_the_documented_ones() -> None:
         "adam": {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
         "rmsprop": {"lr": 0.01, "alpha": 0.99, "eps": 1e-8},
         "ftrl": {"lr": 0.01, "l1": 0.0, "l2": 0.0, "beta": 1.0},
+        "lion": {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "decoupled_decay": 0.0},
     }
 
 
@@ -94,7 +95,7 @@ def test_scaling_keeps_at_least_two_rows() -> None:
     ("model m { table t { rows 10 dim 4; } }", 1, 29, "expected ';', found 'dim'"),
     ("model m { table t { rows 10; dim 4; }", 1, 37, "found the end of the file"),
     ("model m { table t { rows 10; dim 4; dtype int4; } }", 1, 43, "unknown dtype 'int4'"),
-    ("model m { table t { rows 10; dim 4; optimizer lion; } }", 1, 47, "unknown optimizer 'lion'"),
+    ("model m { table t { rows 10; dim 4; optimizer lamb; } }", 1, 47, "unknown optimizer 'lamb'"),
     ("model m { table t { rows 10; dim 4; optimizer sgd(lr=1, lr=2); } }", 1, 57, "set twice"),
     ("model m { table t { rows 10; dim 4; } feature f -> u; }", 1, 52, "unknown table 'u'"),
     ("model m { table t { rows 10; dim 4; } feature t -> t; feature t -> t; }", 1, 63,

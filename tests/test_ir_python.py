@@ -16,6 +16,7 @@ import pytest
 from xdsl.dialects import func
 from xdsl.dialects.builtin import (
     DYNAMIC_INDEX,
+    IntegerAttr,
     IntegerType,
     ModuleOp,
     StringAttr,
@@ -400,3 +401,68 @@ def test_every_dialect_error_has_a_lit_case() -> None:
                 missing.append(f"{py.name}:{node.lineno}: {pattern}")
     assert sites > 50
     assert not missing, "errors without an invalid.mlir case:\n" + "\n".join(missing)
+
+
+# -- xDSL idioms: declared ops, properties, one-way imports ---------------------------
+
+
+def test_named_optimizer_ops_declare_their_catalog_hyper_parameters() -> None:
+    """The named ops are written out; each declares exactly its entry's hyper-parameters."""
+    from ekko.dialects import catalog
+
+    for name, op in upd.NAMED_OPTIMIZER_OPS.items():
+        declared = set(op.get_irdl_definition().properties) - {"operandSegmentSizes"}
+        assert declared == set(catalog.optimizer(name).hyper_names), name
+        assert op.name == f"upd.{name}"
+
+
+def _scheduled_serve() -> tuple:
+    module = Parser(make_context(), """
+func.func @serve(%q: !emb.table<100x8xint4>, %ids: tensor<?xi32>, %off: tensor<?xi32>) -> tensor<?x8xf32> {
+  %r = emb.bag %q, %ids, %off {mode = "sum"} : !emb.table<100x8xint4>, tensor<?xi32>, tensor<?xi32>
+  %l = emb.lookup %q, %ids : !emb.table<100x8xint4>, tensor<?xi32>
+  func.return %r : tensor<?x8xf32>
+}""").parse_module()
+    UpdSchedulePass(partitions=3).apply(make_context(), module)
+    return module, [op for op in module.walk() if isinstance(op, (emb.BagOp, emb.LookupOp))]
+
+
+def test_upd_schedule_sets_properties_and_erases_nothing() -> None:
+    """partitions is a declared property of emb.bag / emb.lookup (not a discardable
+    attribute); the unused lookup stays; a second run changes nothing."""
+    module, ops = _scheduled_serve()
+    assert len(ops) == 2
+    for op in ops:
+        assert op.partitions == IntegerAttr(3, 64) and not op.attributes
+    before = str(module)
+    UpdSchedulePass(partitions=3).apply(make_context(), module)
+    module.verify()
+    assert str(module) == before
+
+
+def test_the_dialects_import_each_other_one_way() -> None:
+    """No cycle among the dialect modules, lazy imports included (the catalog traced
+    optimizers through kern, which imports the catalog)."""
+    root = Path(emb.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                deps.update(n.split(".")[0] for n in names)
+        graph[path.stem] = {d for d in deps if (root / f"{d}.py").exists()}
+    seen: dict[str, int] = {}
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        assert seen.get(name) != 1, f"import cycle: {' -> '.join((*trail, name))}"
+        if seen.get(name) == 2:
+            return
+        seen[name] = 1
+        for dep in graph[name]:
+            visit(dep, (*trail, name))
+        seen[name] = 2
+
+    for name in graph:
+        visit(name, ())
+    assert "kern" not in graph["catalog"] and "catalog" in graph["kern"]

@@ -76,6 +76,13 @@ def test_docs_print_the_table() -> None:
 # -- the kernels ------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _scoped_catalog():
+    """Optimizers a test defines are gone after it: other tests see only theirs."""
+    with catalog.OPTIMIZERS.scoped():
+        yield
+
+
 def _define(name: str, fn, hyper: dict | None = None, state=("b",)) -> str:
     catalog.define(name, state=state, hyper=hyper or {}, replace=True)(fn)
     return name
@@ -136,50 +143,41 @@ def test_element_op_matches_the_table_on_both_targets(op: str, triton_ok) -> Non
         return _classify(fn(w, b))
 
     name = _define(f"sem_elem_{op}", math)
-    try:
-        w, b = _grid(ELEM)
-        spec, cpu, gpu = _kernels(name, len(ELEM))
-        want = interpret(spec.math, dict(spec.hyper), np.zeros_like(w), w, [b])
-        _assert_matches(op, _run(cpu, w, [b]), want, "llvm")
-        _assert_matches(op, _run(gpu, w, [b], DEVICE), want, "triton")
-    finally:
-        catalog.OPTIMIZERS.pop(name, None)
+    w, b = _grid(ELEM)
+    spec, cpu, gpu = _kernels(name, len(ELEM))
+    want = interpret(spec.math, dict(spec.hyper), np.zeros_like(w), w, [b])
+    _assert_matches(op, _run(cpu, w, [b]), want, "llvm")
+    _assert_matches(op, _run(gpu, w, [b], DEVICE), want, "triton")
 
 
 @pytest.mark.parametrize("pred", semantics.PREDICATES)
 def test_every_comparison_predicate_on_both_targets(pred: str, triton_ok) -> None:
     """The tracer writes olt/ole/ogt/oge; IR text may hold any of arith.cmpf's 16."""
     name = _define("sem_cmp", lambda g, w, b, *, lr: _classify(rm.where(w < b, 1.0, 0.0)))
-    try:
-        w, b = _grid(ELEM)
-        base, _, _ = _kernels(name, len(ELEM), triton=False)
-        first = next(k for k, i in enumerate(base.math.instrs) if i.op == "cmp")  # w < b
-        instrs = tuple(replace(i, attr=pred) if k == first else i
-                       for k, i in enumerate(base.math.instrs))
-        spec, cpu, gpu = _kernels(name, len(ELEM), MathProgram(instrs, base.math.outputs))
-        want = interpret(spec.math, dict(spec.hyper), np.zeros_like(w), w, [b])
-        expect = semantics.compare(pred, w.astype(np.float64), b.astype(np.float64))
-        assert np.array_equal(want[0] == 1.0, expect)  # the interpreter reads the table
-        _assert_matches(f"cmp {pred}", _run(cpu, w, [b]), want, "llvm")
-        _assert_matches(f"cmp {pred}", _run(gpu, w, [b], DEVICE), want, "triton")
-    finally:
-        catalog.OPTIMIZERS.pop(name, None)
+    w, b = _grid(ELEM)
+    base, _, _ = _kernels(name, len(ELEM), triton=False)
+    first = next(k for k, i in enumerate(base.math.instrs) if i.op == "cmp")  # w < b
+    instrs = tuple(replace(i, attr=pred) if k == first else i
+                   for k, i in enumerate(base.math.instrs))
+    spec, cpu, gpu = _kernels(name, len(ELEM), MathProgram(instrs, base.math.outputs))
+    want = interpret(spec.math, dict(spec.hyper), np.zeros_like(w), w, [b])
+    expect = semantics.compare(pred, w.astype(np.float64), b.astype(np.float64))
+    assert np.array_equal(want[0] == 1.0, expect)  # the interpreter reads the table
+    _assert_matches(f"cmp {pred}", _run(cpu, w, [b]), want, "llvm")
+    _assert_matches(f"cmp {pred}", _run(gpu, w, [b], DEVICE), want, "triton")
 
 
 def test_row_sum_overflow_and_nan_on_both_targets(triton_ok) -> None:
     name = _define("sem_row_sum", lambda g, w, b, *, lr: _classify(rm.row_sum(b) + w * 0.0))
-    try:
-        b = np.array([[1.0, 2.0, 3.0, 4.0], [3e38, 3e38, -1.0, 0.0], [-3e38, -3e38, 0.0, 0.0],
-                      [INF, -INF, 1.0, 1.0], [1e-40, 1e-40, 0.0, 0.0], [NAN, 1.0, 1.0, 1.0]],
-                     np.float32)
-        w = np.zeros_like(b)
-        spec, cpu, gpu = _kernels(name, 4)
-        want = interpret(spec.math, dict(spec.hyper), w, w, [b])
-        assert list(want[1][0][:, 0]) == [0, 1, -1, 2, 0, 2]
-        _assert_matches("row_sum", _run(cpu, w, [b]), want, "llvm")
-        _assert_matches("row_sum", _run(gpu, w, [b], DEVICE), want, "triton")
-    finally:
-        catalog.OPTIMIZERS.pop(name, None)
+    b = np.array([[1.0, 2.0, 3.0, 4.0], [3e38, 3e38, -1.0, 0.0], [-3e38, -3e38, 0.0, 0.0],
+                  [INF, -INF, 1.0, 1.0], [1e-40, 1e-40, 0.0, 0.0], [NAN, 1.0, 1.0, 1.0]],
+                 np.float32)
+    w = np.zeros_like(b)
+    spec, cpu, gpu = _kernels(name, 4)
+    want = interpret(spec.math, dict(spec.hyper), w, w, [b])
+    assert list(want[1][0][:, 0]) == [0, 1, -1, 2, 0, 2]
+    _assert_matches("row_sum", _run(cpu, w, [b]), want, "llvm")
+    _assert_matches("row_sum", _run(gpu, w, [b], DEVICE), want, "triton")
 
 
 # uniform operands (f64 hyper-parameters, any finite value; inf and NaN made from them)
@@ -235,15 +233,12 @@ def test_uniform_op_matches_the_table_on_both_targets(op: str, triton_ok) -> Non
         return _classify(value) if op == "f32" else (value, klass)
 
     name = _define(f"sem_uni_{op}", math, hyper, state=("col",))
-    try:
-        cols = np.arange(len(pairs), dtype=np.float32)[None, :]
-        w = np.zeros_like(cols)
-        spec, cpu, gpu = _kernels(name, len(pairs))
-        want = interpret(spec.math, dict(spec.hyper), w, w, [cols])
-        _assert_matches(op, _run(cpu, w, [cols]), want, "llvm")
-        _assert_matches(op, _run(gpu, w, [cols], DEVICE), want, "triton")
-    finally:
-        catalog.OPTIMIZERS.pop(name, None)
+    cols = np.arange(len(pairs), dtype=np.float32)[None, :]
+    w = np.zeros_like(cols)
+    spec, cpu, gpu = _kernels(name, len(pairs))
+    want = interpret(spec.math, dict(spec.hyper), w, w, [cols])
+    _assert_matches(op, _run(cpu, w, [cols]), want, "llvm")
+    _assert_matches(op, _run(gpu, w, [cols], DEVICE), want, "triton")
 
 
 # -- the table's promises, through the interpreter ----------------------------------------
@@ -294,12 +289,9 @@ def test_the_tables_other_promises() -> None:
 def test_interpret_rounds_to_f32_unless_exact() -> None:
     """Rounded, an overflowing square is inf as in a kernel; exact, it is the real number."""
     name = _define("sem_square", lambda g, w, b, *, lr: (w * w * 0.0 + b, w * w))
-    try:
-        spec = update_kernel(name, 1).spec
-        w = np.array([[3e20]])
-        assert interpret(spec.math, {"lr": 0.01}, w * 0, w, [w])[1][0][0, 0] == INF
-        assert interpret(spec.math, {"lr": 0.01}, w * 0, w, [w], exact=True)[1][0][0, 0] == 9e40
-        with pytest.raises(ValueError, match="state arrays"):
-            interpret(spec.math, {"lr": 0.01}, w, w)
-    finally:
-        catalog.OPTIMIZERS.pop(name, None)
+    spec = update_kernel(name, 1).spec
+    w = np.array([[3e20]])
+    assert interpret(spec.math, {"lr": 0.01}, w * 0, w, [w])[1][0][0, 0] == INF
+    assert interpret(spec.math, {"lr": 0.01}, w * 0, w, [w], exact=True)[1][0][0, 0] == 9e40
+    with pytest.raises(ValueError, match="state arrays"):
+        interpret(spec.math, {"lr": 0.01}, w, w)

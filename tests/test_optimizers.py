@@ -83,6 +83,70 @@ def test_rmsprop_matches_torch(dim: int, serving: str | None) -> None:
                                    atol=np.ptp(table, axis=1).max() / 100 + 1e-2)
 
 
+def lion_numpy(w, m, g, lr, beta1, beta2, decay):
+    """Lion (Chen et al. 2023; lucidrains' lion-pytorch) in float64: torch has none."""
+    c = beta1 * m + (1 - beta1) * g
+    return w - lr * (np.sign(c) + decay * w), beta2 * m + (1 - beta2) * g, c
+
+
+def _lion_case(target: str, rows: int, dim: int, seed: int, steps: int = 3) -> None:
+    """Lion on `target` against lion_numpy, step by step from the kernel's own state:
+    heavy duplicates, ids 0 and rows-1, an empty batch, rows untouched."""
+    rng = np.random.default_rng(seed)
+    hyper = {"lr": 0.03, "beta1": 0.85, "beta2": 0.97, "decoupled_decay": 0.2}
+    k = ekko.update_kernel("lion", dim, target=target, **hyper)
+    w = rng.standard_normal((rows, dim)).astype(np.float32)
+    m = (rng.standard_normal((rows, dim)) * 0.1).astype(np.float32)
+    for step in range(1, steps + 1):
+        ids, grads = _delta(rng, rows, dim, 0 if step == 2 else 3 * rows)
+        if step == 2:  # an empty batch: nothing moves
+            ids, grads = ids[:0], grads[:0]
+        w0, m0 = w.copy(), m.copy()
+        if target == "triton":
+            tw, tm = torch.from_numpy(w), torch.from_numpy(m)
+            k(tw, torch.from_numpy(ids), torch.from_numpy(grads), state=tm, step=step)
+            w, m = tw.numpy(), tm.numpy()
+        else:
+            k(w, ids, grads, state=m, step=step)
+        uniq, g = sum_duplicates(ids, grads)
+        want_w, want_m = w0.astype(np.float64), m0.astype(np.float64)
+        ref_w, ref_m, c = lion_numpy(want_w[uniq], want_m[uniq], g.astype(np.float64),
+                                     hyper["lr"], hyper["beta1"], hyper["beta2"],
+                                     hyper["decoupled_decay"])
+        # where c is within f32 roundings of zero its sign may go either way
+        near = np.abs(c) <= 1e-5 * (np.abs(want_m[uniq]) + np.abs(g))
+        for s in (-1.0, 0.0, 1.0):
+            other = want_w[uniq] - hyper["lr"] * (s + hyper["decoupled_decay"] * want_w[uniq])
+            ref_w = np.where(near & np.isclose(w[uniq], other, rtol=1e-5, atol=1e-6), other, ref_w)
+        assert near.sum() <= near.size // 100
+        want_w[uniq], want_m[uniq] = ref_w, ref_m
+        np.testing.assert_allclose(m, want_m, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
+        untouched = np.setdiff1d(np.arange(rows), uniq)
+        assert np.array_equal(w[untouched], w0[untouched])
+        assert np.array_equal(m[untouched], m0[untouched])
+
+
+@pytest.mark.parametrize("rows,dim,seed", [(2, 1, 0), (37, 7, 1), (64, 33, 2), (300, 128, 3)])
+def test_lion_matches_a_hand_written_lion_on_llvm(rows: int, dim: int, seed: int) -> None:
+    _lion_case("llvm", rows, dim, seed)
+
+
+@pytest.mark.parametrize("rows,dim,seed", [(3, 5, 4), (40, 16, 5)])
+def test_lion_matches_a_hand_written_lion_on_triton(rows: int, dim: int, seed: int) -> None:
+    pytest.importorskip("triton")
+    _lion_case("triton", rows, dim, seed, steps=2)
+
+
+def test_lion_defaults_and_ranges() -> None:
+    """lion(lr, beta1=0.9, beta2=0.99, decoupled_decay=0), one state: exp_avg."""
+    entry = catalog.optimizer("lion")
+    assert entry.defaults() == {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "decoupled_decay": 0.0}
+    assert entry.state_names == ("exp_avg",) and not entry.linear
+    with pytest.raises(ekko.EkkoError, match="beta1 must be in"):
+        ekko.update_kernel("lion", 4, beta1=1.0)
+
+
 def test_an_empty_delta_changes_nothing() -> None:
     k = ekko.update_kernel("ftrl", 8)
     w, z, n = (np.ones((5, 8), np.float32) for _ in range(3))
@@ -246,11 +310,21 @@ def test_a_lambda_without_a_name_is_refused_where_it_is_written() -> None:
     _refused(lambda: ekko.optimizer()(
         lambda g, w, *, lr: w - lr * g),  # marker: lambda
         "# marker: lambda", "optimizer <lambda>:", "a lambda has no name")
-    opt = ekko.optimizer("named_lambda", replace=True)(lambda g, w, *, lr: w - lr * g)
-    try:
+    with catalog.OPTIMIZERS.scoped():
+        opt = ekko.optimizer("named_lambda", replace=True)(lambda g, w, *, lr: w - lr * g)
         assert opt.name == "named_lambda" and ekko.update_kernel(opt, 4).spec.optimizer == opt.name
-    finally:
-        catalog.OPTIMIZERS.pop("named_lambda")
+    assert "named_lambda" not in catalog.OPTIMIZERS
+
+
+def test_a_scope_undoes_its_registrations_even_on_error() -> None:
+    before = dict(catalog.OPTIMIZERS)
+    with pytest.raises(RuntimeError), catalog.OPTIMIZERS.scoped():
+        ekko.optimizer("scoped_sgd")(lambda g, w, *, lr: w - lr * g)
+        assert "scoped_sgd" in catalog.OPTIMIZERS
+        raise RuntimeError("leaves the scope")
+    assert dict(catalog.OPTIMIZERS) == before
+    with pytest.raises(TypeError):
+        catalog.OPTIMIZERS["sgd"] = catalog.OPTIMIZERS["adam"]  # type: ignore[index]
 
 
 @pytest.mark.parametrize("options,words", [
@@ -319,3 +393,12 @@ def test_a_keyword_the_catalog_never_passes_is_named() -> None:
 def test_a_non_function_is_refused() -> None:
     with pytest.raises(ekko.OptimizerError, match="decorates a function"):
         ekko.optimizer("not_a_function")(3)
+
+
+def test_a_spec_reads_only_its_own_hyper_parameters() -> None:
+    """spec.NAME is this optimizer's hyper-parameter or a gradient setting; another
+    optimizer's name is no attribute (it was None, found by scanning the catalog)."""
+    spec = ekko.update_kernel("sgd", 4, lr=0.5).spec
+    assert spec.lr == 0.5 and spec.max_norm is None and spec.weight_decay == 0.0
+    with pytest.raises(AttributeError):
+        spec.eps  # noqa: B018 - adam's, not sgd's

@@ -128,7 +128,7 @@ def test_unsupported_constructs_name_the_module(module, message: str) -> None:
 
 def test_bad_arguments_are_model_errors() -> None:
     with pytest.raises(ModelError, match="unknown optimizer"):
-        import_module(Shared(), optimizer="lion")
+        import_module(Shared(), optimizer="lamb")
     with pytest.raises(ModelError, match="serving layout"):
         import_module(Shared(), serving="int2")
 

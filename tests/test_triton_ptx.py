@@ -83,6 +83,13 @@ def test_bag_kernels_compile_for_sm90(compiled, layout, mode, weighted) -> None:
     _check(compiled[("bag", layout, mode, weighted)])
 
 
+@pytest.fixture(autouse=True)
+def _scoped_catalog():
+    """Optimizers a test defines are gone after it: other tests see only theirs."""
+    with catalog.OPTIMIZERS.scoped():
+        yield
+
+
 def test_user_defined_optimizer_compiles() -> None:
     import ekko
 
@@ -93,9 +100,6 @@ def test_user_defined_optimizer_compiles() -> None:
         buf = 0.9 * buf + rm.exp(-abs(g)) + rm.log(1.0 + g * g) + rm.maximum(g, w) ** 3.0
         return w - lr * buf, buf
 
-    try:
-        req = UpdateRequest("ptx_heavy_ball", 64, "f32", "i64", None, versions=True,
-                            hyper=(("lr", 0.05),))
-        _check(spec_ptx(update_spec(req, partitions=1))[1])
-    finally:  # other tests see only the catalog they expect
-        catalog.OPTIMIZERS.pop("ptx_heavy_ball", None)
+    req = UpdateRequest("ptx_heavy_ball", 64, "f32", "i64", None, versions=True,
+                        hyper=(("lr", 0.05),))
+    _check(spec_ptx(update_spec(req, partitions=1))[1])

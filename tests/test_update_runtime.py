@@ -110,7 +110,7 @@ def test_argument_errors_are_clear() -> None:
 
 def test_bad_requests_are_update_errors() -> None:
     with pytest.raises(UpdateError, match="cannot build"):
-        ekko.update_kernel("lion", DIM)
+        ekko.update_kernel("lamb", DIM)
     with pytest.raises(UpdateError, match="cannot build"):
         ekko.update_kernel("adam", DIM, lr=-1.0)
 

@@ -41,7 +41,6 @@ from . import abi, loops
 from .llvm_abi import declare, emit_packed
 from .spec import BagSpec
 
-FUNCTION_NAME = abi.bag(False).symbol
 CHUNK = 128  # floats per accumulator chunk: 8 zmm / 16 ymm registers
 PREFETCH_DISTANCE = 24  # ids ahead whose rows are prefetched (16-32 measured best)
 PREFETCH_LINES = 8  # 64-byte lines prefetched per row, at most
@@ -372,4 +371,4 @@ def emit_bag(spec: BagSpec) -> str:
     return str(module)
 
 
-__all__ = ["emit_bag", "FUNCTION_NAME", "ERR_ID", "ERR_OFFSETS"]
+__all__ = ["emit_bag", "ERR_ID", "ERR_OFFSETS"]

@@ -17,15 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 from xdsl.dialects import arith, math
 from xdsl.dialects.builtin import Float64Type, FloatAttr, IntegerType
-from xdsl.ir import SSAValue
+from xdsl.ir import Block, SSAValue
 
-from ...dialects import kern
+from ...dialects import catalog, kern, mathregion
 from . import semantics
 
 _BINARY = {arith.AddfOp: "add", arith.SubfOp: "sub", arith.MulfOp: "mul", arith.DivfOp: "div",
            arith.MaximumfOp: "max", arith.MinimumfOp: "min", math.PowFOp: "pow"}
 _UNARY = {arith.NegfOp: "neg", math.SqrtOp: "sqrt", math.AbsFOp: "abs", math.ExpOp: "exp",
-          math.LogOp: "log", arith.TruncFOp: "f32", kern.RowSumOp: "row_sum"}
+          math.LogOp: "log", arith.TruncFOp: "f32", mathregion.RowSumOp: "row_sum"}
 KINDS = ("uniform", "row", "elem")
 
 
@@ -65,8 +65,21 @@ class MathProgram:
 
 def program_of(op: kern.UpdateOp) -> MathProgram:
     """Read `op`'s math region (already verified) as a MathProgram."""
-    opt = op.entry
-    names = kern.math_args(opt, op.flat())
+    return read_block(op.math_block(), op.entry, catalog.math_args(op.entry, op.flat()))
+
+
+def trace_program(opt: catalog.Optimizer, attributes: Mapping[str, object],
+                  dim: int) -> MathProgram:
+    """The catalog's math for `opt` (after the gradient transforms named in
+    `attributes`) traced afresh, as lower-to-kernel would write it."""
+    names = catalog.math_args(opt, dict(attributes))  # type: ignore[arg-type]
+    return read_block(catalog.math_region(opt, dict(attributes), dim).block,  # type: ignore[arg-type]
+                      opt, names)
+
+
+def read_block(block: Block, opt: catalog.Optimizer, names: Sequence[str]) -> MathProgram:
+    """A verified math region's block (arguments named `names`, as
+    `catalog.math_args` lists them) as a MathProgram for optimizer `opt`."""
     row_states = {s.name for s in opt.states if s.rowwise}
     index: dict[SSAValue, int] = {}
     instrs: list[Instr] = []
@@ -75,14 +88,13 @@ def program_of(op: kern.UpdateOp) -> MathProgram:
         index[value] = len(instrs)
         instrs.append(instr)
 
-    block = op.math_block()
     for arg, name in zip(block.args, names):
         kind = "elem" if name in ("g", "w") else "row" if name in row_states else (
             "elem" if name in opt.state_names else "uniform")
         add(arg, Instr("arg", (), name, kind, 0, isinstance(arg.type, Float64Type)))
     outputs: tuple[int, ...] = ()
     for inner in block.ops:
-        if isinstance(inner, kern.YieldOp):
+        if isinstance(inner, mathregion.YieldOp):
             outputs = tuple(index[v] for v in inner.operands)
             continue
         args = tuple(index[v] for v in inner.operands)
@@ -96,7 +108,7 @@ def program_of(op: kern.UpdateOp) -> MathProgram:
             value = inner.value
             assert isinstance(value, FloatAttr)
             add(result, Instr("const", (), float(value.value.data), "uniform", 0, f64))
-        elif isinstance(inner, kern.RowSumOp):
+        elif isinstance(inner, mathregion.RowSumOp):
             add(result, Instr("row_sum", args, "", "row", stage + 1, False))
         elif type(inner) in _BINARY:
             add(result, Instr(_BINARY[type(inner)], args, "", kind, stage, f64))
@@ -130,12 +142,33 @@ def interpret(program: MathProgram, hyper: Mapping[str, float], g: np.ndarray, w
     bounds). Returns the new weights (rows, dim) and the new state arrays,
     all float64; nothing is stored or rounded to the table's dtype.
     """
+    vals = evaluate(program, hyper, g, w, state, step, exact=exact)
+    rows, dim = np.shape(g)
+    outs = [vals[o] for o in program.outputs]
+    new_w = np.broadcast_to(outs[0], (rows, dim)).astype(np.float64)
+    new_state = [np.broadcast_to(x, (rows, 1) if i.kind == "row" else (rows, dim)).astype(
+        np.float64).reshape((rows,) if i.kind == "row" else (rows, dim))
+        for x, i in zip(outs[1:], state_args(program))]
+    return new_w, new_state
+
+
+def state_args(program: MathProgram) -> list[Instr]:
+    """The program's state arguments, in catalog order."""
+    return [i for i in program.instrs if i.op == "arg" and i.kind != "uniform"
+            and i.attr not in ("g", "w")]
+
+
+def evaluate(program: MathProgram, hyper: Mapping[str, float], g: np.ndarray, w: np.ndarray,
+             state: Sequence[np.ndarray] | Mapping[str, np.ndarray] = (), step: int = 1, *,
+             exact: bool = False) -> list[np.ndarray]:
+    """Every value of `program`, one array per instruction, as `interpret` computes
+    them: uniform values are scalars, row values (rows, 1), element values
+    (rows, dim) (callers that track more than the value walk these)."""
     g, w = (np.asarray(x, np.float64) for x in (g, w))
     if g.ndim != 2 or g.shape != w.shape:
         raise ValueError(f"g and w must be (rows, dim) arrays of one shape, got {g.shape}, {w.shape}")
     rows, dim = g.shape
-    states = [i for i in program.instrs if i.op == "arg" and i.kind != "uniform"
-              and i.attr not in ("g", "w")]
+    states = state_args(program)
     given = [state[str(i.attr)] for i in states] if isinstance(state, Mapping) else list(state)
     if len(given) != len(states):
         raise ValueError(f"the program reads {len(states)} state arrays, got {len(given)}")
@@ -164,9 +197,4 @@ def interpret(program: MathProgram, hyper: Mapping[str, float], g: np.ndarray, w
                 if ins.op == "cmp":
                     args = [str(ins.attr), *args]
                 vals.append(typed(np.asarray(semantics.OPS[ins.op].f64(*args)), ins))
-    outs = [vals[o] for o in program.outputs]
-    new_w = np.broadcast_to(outs[0], (rows, dim)).astype(np.float64)
-    new_state = [np.broadcast_to(x, (rows, 1) if i.kind == "row" else (rows, dim)).astype(
-        np.float64).reshape((rows,) if i.kind == "row" else (rows, dim))
-        for x, i in zip(outs[1:], states)]
-    return new_w, new_state
+    return vals

@@ -81,9 +81,10 @@ class UpdateSpec:
         return dict(self.hyper).get(name)
 
     def __getattr__(self, name: str) -> float | None:
-        # spec.lr, spec.max_norm, ...: the hyper-parameters read like fields
-        if name in catalog.GRAD_HYPER or any(name in o.hyper_names
-                                             for o in catalog.OPTIMIZERS.values()):
+        # spec.lr, spec.max_norm, ...: this optimizer's hyper-parameters and the
+        # gradient settings read like fields (a setting absent: None, weight decay 0)
+        optimizer = object.__getattribute__(self, "optimizer")
+        if name in catalog.GRAD_HYPER or name in catalog.optimizer(optimizer).hyper_names:
             value = dict(object.__getattribute__(self, "hyper")).get(name)
             return 0.0 if value is None and name == "weight_decay" else value
         raise AttributeError(name)

@@ -1,7 +1,7 @@
 """From kernel-level ops to backend specs and native code.
 
 `spec_of` reads a `kern.update` / `kern.bag` op into the spec a backend
-consumes; `emit_llvm` is ekko-opt's `-t llvm` target.
+consumes; `emit_module` is ekko-opt's `-t NAME`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import IO
 
 from xdsl.dialects.builtin import IntAttr, IntegerAttr, MemRefType, ModuleOp
 
-from ...dialects import kern
+from ...dialects import catalog, kern
 from ...dialects.common import dtype_name, index_name, settings
 from . import abi
 from .mathprog import program_of
@@ -34,7 +34,7 @@ def update_spec(op: kern.UpdateOp) -> UpdateSpec:
     ids = op.ids.type
     assert isinstance(table, MemRefType) and isinstance(ids, MemRefType)
     opt = op.entry
-    names = kern.math_args(opt, op.flat())
+    names = catalog.math_args(opt, op.flat())
     given = op.hyper_values()
     hyper = tuple((k, given.get(k, opt.defaults().get(k))) for k in names[3 + len(opt.states):])
     serving = op.serving_layout
@@ -176,8 +176,3 @@ def emit_module(name: str, module: ModuleOp, out: IO[str]) -> None:
         out.write(f"{t.comment} ekko kernel for @{fname}: {spec.key()}\n")
         out.write(t.emit(spec))
         out.write("\n")
-
-
-def emit_llvm(module: ModuleOp, out: IO[str]) -> None:
-    """ekko-opt -t llvm."""
-    emit_module("llvm", module, out)

@@ -11,7 +11,9 @@ after the update; the pass checks), a delta argument becomes two buffers
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from xdsl.context import Context
 from xdsl.dialects import func
@@ -100,17 +102,12 @@ class FuncLowering:
         return new
 
     def lower_op(self, op: Operation) -> None:
-        if isinstance(op, upd.DeltaOp):
-            self.values[op.results[0]] = (self.get(op.operands[0]), self.get(op.operands[1]))
-        elif isinstance(op, upd.ApplyOp):
-            self.lower_apply(op)
-        elif isinstance(op, (emb.BagOp, emb.LookupOp)):
-            self.lower_bag(op)
-        elif isinstance(op, (sync.PacketOp, sync.PackOp, sync.MergeOp)):
-            lower_sync(self, op)
-        elif isinstance(op, func.ReturnOp):
-            self.block.add_op(func.ReturnOp())
-        elif isinstance(op, (upd.UpdOp,)):
+        """The op's lowering from LOWERINGS (by its class); an unfused upd op is
+        an error; anything else is cloned onto the buffers."""
+        lowering = LOWERINGS.get(type(op))
+        if lowering is not None:
+            lowering(self, op)
+        elif op.dialect_name() == "upd":
             raise LoweringError(
                 f"'{op.name}' is not fused: run upd-dedup and upd-fuse before lower-to-kernel",
                 op,
@@ -121,6 +118,13 @@ class FuncLowering:
             self.block.add_op(clone)
             for old, new in zip(op.results, clone.results):
                 self.values[old] = new
+
+    def lower_delta(self, op: upd.DeltaOp) -> None:
+        """A delta is its two buffers: ids and rows."""
+        self.values[op.results[0]] = (self.get(op.ids), self.get(op.rows))
+
+    def lower_return(self, op: func.ReturnOp) -> None:
+        self.block.add_op(func.ReturnOp())
 
     def lower_apply(self, op: upd.ApplyOp) -> None:
         check_in_place(op)
@@ -144,13 +148,14 @@ class FuncLowering:
         _name([out], (op.results[0].name_hint or "out") + "_out")
         attrs: dict[str, Attribute] = {"layout": StringAttr(table.layout.data)}
         if isinstance(op, emb.BagOp):
+            assert op.mode is not None
             attrs["mode"] = op.mode
             if op.weights is not None:
                 attrs["weighted"] = UnitAttr()
         else:
             attrs["mode"] = StringAttr("none")
-        if "partitions" in op.attributes:
-            attrs["partitions"] = op.attributes["partitions"]
+        if op.partitions is not None:
+            attrs["partitions"] = op.partitions
         operands = [self.get(v) for v in op.operands] + [out]
         self.block.add_op(kern.BagOp.build_inferred(operands, attrs))
         self.values[op.results[0]] = out
@@ -213,14 +218,14 @@ def lower_sync(low: FuncLowering, op: sync.PacketOp | sync.PackOp | sync.MergeOp
                                    "dim": IntegerAttr(serving_t.dim.data, kern.i64)}
     serving, versions = low.get(op.operands[0]), low.get(op.operands[1])
     operands = [serving, versions]
-    if "seq" in op.attributes:
+    if op.seq is not None:
         attrs["seq"] = UnitAttr()
         seq = low.block.insert_arg(MemRefType(IntegerType(32), [serving_t.rows.data]),
                                    len(low.block.args))
         _name([seq], (serving.name_hint or "serving") + "_seq")
         operands.append(seq)
-    if "partitions" in op.attributes:
-        attrs["partitions"] = op.attributes["partitions"]
+    if op.partitions is not None:
+        attrs["partitions"] = op.partitions
     if isinstance(op, sync.PackOp):
         packet_t = op.results[0].type
         assert isinstance(packet_t, sync.PacketType)
@@ -253,9 +258,23 @@ def check_sync_in_place(op: sync.MergeOp) -> None:
                 )
 
 
+# op class -> how FuncLowering lowers it (sync.pack and sync.merge share one)
+LOWERINGS: dict[type[Operation], Callable[[FuncLowering, Any], None]] = {
+    upd.DeltaOp: FuncLowering.lower_delta,
+    upd.ApplyOp: FuncLowering.lower_apply,
+    emb.BagOp: FuncLowering.lower_bag,
+    emb.LookupOp: FuncLowering.lower_bag,
+    sync.PacketOp: lower_sync,
+    sync.PackOp: lower_sync,
+    sync.MergeOp: lower_sync,
+    func.ReturnOp: FuncLowering.lower_return,
+}
+
+
 def needs_lowering(f: func.FuncOp) -> bool:
     return any(
-        isinstance(op, (upd.UpdOp, emb.BagOp, emb.LookupOp)) for op in f.body.walk()
+        op.dialect_name() == "upd" or isinstance(op, (emb.BagOp, emb.LookupOp))
+        for op in f.body.walk()
     ) or any(buffer_types(a.type) != [a.type] for a in f.body.block.args)
 
 

@@ -100,7 +100,7 @@ def _attributes(f: Fusion) -> dict[str, Attribute]:
 
 def _operands(f: Fusion, attrs: dict[str, Attribute]) -> list[SSAValue]:
     op = f.optimizer
-    states = list(op.operands[1 : 1 + len(op.STATES)])
+    states = list(op.operands[1 : 1 + len(op.spec.states)])
     operands = [op.operands[0], *states, f.chain.source]
     if f.requantize is not None:
         attrs["serving"] = UnitAttr()
@@ -108,7 +108,7 @@ def _operands(f: Fusion, attrs: dict[str, Attribute]) -> list[SSAValue]:
     if f.stamp is not None:
         attrs["versions"] = UnitAttr()
         operands += [f.stamp.operands[0], f.stamp.operands[2]]
-    if op.HAS_STEP:
+    if op.spec.uses_step:
         attrs["step"] = UnitAttr()
         operands.append(op.operands[-1])
     if f.rounding is not None:
@@ -142,7 +142,7 @@ def _position(op: Operation) -> int:
 def _replace_results(f: Fusion, apply: upd.ApplyOp, rewriter: PatternRewriter) -> None:
     op = f.optimizer
     rewriter.replace_all_uses_with(f.new_table, apply.results[0])
-    for i in range(len(op.STATES)):
+    for i in range(len(op.spec.states)):
         rewriter.replace_all_uses_with(op.results[1 + i], apply.results[1 + i])
     if f.requantize is not None:
         rewriter.replace_all_uses_with(f.requantize.results[0], apply.result_role("serving"))

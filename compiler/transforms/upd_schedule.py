@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 from xdsl.context import Context
 from xdsl.dialects.builtin import IntegerAttr, ModuleOp, UnitAttr, i64
+from xdsl.ir import Attribute, Operation
 from xdsl.passes import ModulePass
+from xdsl.pattern_rewriter import (
+    GreedyRewritePatternApplier,
+    PatternRewriter,
+    PatternRewriteWalker,
+    RewritePattern,
+    op_type_rewrite_pattern,
+)
 
 from ...dialects import emb, upd
 from ...dialects.limits import MAX_DIM, MAX_PARTITIONS
@@ -48,6 +56,57 @@ def default_partitions() -> int:
     return max(1, min(os.cpu_count() or 1, 64))
 
 
+@dataclass
+class ScheduleApply(RewritePattern):
+    """Sets an upd.apply's schedule properties (a no-op once they are set)."""
+
+    partitions: int
+    sort: bool
+    tile: int  # 0: chosen from the dim
+    gpu: bool  # also block_rows and num_warps
+
+    @op_type_rewrite_pattern
+    def match_and_rewrite(self, op: upd.ApplyOp, rewriter: PatternRewriter) -> None:
+        table = op.table.type
+        assert isinstance(table, emb.TableType)
+        dim = table.dim.data
+        want: dict[str, Attribute | None] = {
+            "partitions": IntegerAttr(self.partitions, i64),
+            "tile": IntegerAttr(min(self.tile or choose_tile(dim), dim), i64),
+            "sort": UnitAttr() if self.sort else None,
+        }
+        if self.gpu:
+            rows, warps = gpu_schedule(dim)
+            want |= {"block_rows": IntegerAttr(rows, i64), "num_warps": IntegerAttr(warps, i64)}
+        _set_properties(op, want, rewriter)
+
+
+@dataclass
+class PartitionLookups(RewritePattern):
+    """Gives emb.bag and emb.lookup the partition count (their `partitions` property)."""
+
+    partitions: int
+
+    def match_and_rewrite(self, op: Operation, rewriter: PatternRewriter) -> None:
+        if isinstance(op, (emb.BagOp, emb.LookupOp)):
+            _set_properties(op, {"partitions": IntegerAttr(self.partitions, i64)}, rewriter)
+
+
+def _set_properties(op: Operation, want: dict[str, Attribute | None],
+                    rewriter: PatternRewriter) -> None:
+    """Set (or, for None, drop) properties of `op`, telling the rewriter only when
+    something changed, so the walk reaches a fixed point."""
+    changed = {k: v for k, v in want.items() if op.properties.get(k) != v}
+    if not changed:
+        return
+    for name, value in changed.items():
+        if value is None:
+            del op.properties[name]
+        else:
+            op.properties[name] = value
+    rewriter.notify_op_modified(op)
+
+
 @dataclass(frozen=True)
 class UpdSchedulePass(ModulePass):
     name = "upd-schedule"
@@ -68,17 +127,7 @@ class UpdSchedulePass(ModulePass):
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         parts = self.partitions or default_partitions()
-        for apply in op.walk():
-            if isinstance(apply, upd.ApplyOp):
-                table = apply.table.type
-                assert isinstance(table, emb.TableType)
-                tile = self.tile or choose_tile(table.dim.data)
-                apply.partitions = IntegerAttr(parts, i64)
-                apply.tile = IntegerAttr(min(tile, table.dim.data), i64)
-                if self.target == "triton":
-                    rows, warps = gpu_schedule(table.dim.data)
-                    apply.block_rows = IntegerAttr(rows, i64)
-                    apply.num_warps = IntegerAttr(warps, i64)
-                apply.sort = UnitAttr() if self.sort else None
-            elif isinstance(apply, (emb.BagOp, emb.LookupOp)):
-                apply.attributes["partitions"] = IntegerAttr(parts, i64)
+        PatternRewriteWalker(GreedyRewritePatternApplier([
+            ScheduleApply(parts, self.sort, self.tile, self.target == "triton"),
+            PartitionLookups(parts),
+        ], dce_enabled=False), apply_recursively=False).rewrite_module(op)  # schedules only: erases nothing

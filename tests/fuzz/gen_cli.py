@@ -59,7 +59,7 @@ RUN_VALUES: dict[str, list[str]] = {
     "--batch": ["0", "-5", "1", "1099511627776", "1.5"],
     "--seed": ["-1", "99999999999999999999999", "x"],
     "--partitions": ["-1", "0", "1000", "1099511627776"],
-    "--optimizer": ["adam(lr=-1)", "lion", "sgd(lr=nan)", "sgd(", "sgd(lr=1e400)",
+    "--optimizer": ["adam(lr=-1)", "lamb", "sgd(lr=nan)", "sgd(", "sgd(lr=1e400)",
                     "adam(beta1=1)", "rowwise_adagrad(eps=0)", "", "sgd(lr=0.1)"],
     "--serving": ["int2", "", "int4"],
     "--pooling": ["0", "-1", "1e9", "nan"],

@@ -34,7 +34,7 @@
 // the custom parser's inference cannot reject it first).
 // RUN: not ekko-opt %S/Inputs/verify-error.mlir 2>&1 | filecheck %s --check-prefix=VERIFY
 // VERIFY: verify-error.mlir:2:3: error: 'upd.rowwise_adagrad' lr must be positive, got -1.0
-// VERIFY-NEXT: %t2, %m2 = "upd.rowwise_adagrad"
+// VERIFY-NEXT: %t2, %m2 = upd.rowwise_adagrad %t, %m, %d {lr = -1.0 : f64}
 // VERIFY-NEXT: ^
 // VERIFY-NOT: Traceback
 

@@ -80,5 +80,5 @@ func.func @bag(%int8: !emb.table<1000x64xint8>, %int4: !emb.table<?x63xint4>, %f
 
 // The generic form spells out the inferred result types.
 // GENERIC: %e = "emb.lookup"(%int4, %i64) : (!emb.table<1000x63xint4>, tensor<?xi64>) -> tensor<?x63xf32>
-// GENERIC: %mean = "emb.bag"(%int4, %ids32, %off32) {mode = "mean"} : (!emb.table<?x63xint4>, tensor<?xi32>, tensor<?xi32>) -> tensor<?x63xf32>
-// GENERIC: %weighted = "emb.bag"(%f16, %ids32, %off32, %w) {mode = "sum"} : (!emb.table<1000x64xf16>, tensor<?xi32>, tensor<?xi32>, tensor<?xf32>) -> tensor<?x64xf32>
+// GENERIC: %mean = "emb.bag"(%int4, %ids32, %off32) <{mode = "mean"}> : (!emb.table<?x63xint4>, tensor<?xi32>, tensor<?xi32>) -> tensor<?x63xf32>
+// GENERIC: %weighted = "emb.bag"(%f16, %ids32, %off32, %w) <{mode = "sum"}> : (!emb.table<1000x64xf16>, tensor<?xi32>, tensor<?xi32>, tensor<?xf32>) -> tensor<?x64xf32>

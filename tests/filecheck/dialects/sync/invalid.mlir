@@ -18,19 +18,19 @@
 
 // -----
 
-// CHECK: 'sync.merge' newest must be an i64 scalar, got i32
+// CHECK: operand 'newest' at position 3 does not verify:
 %q, %v, %p, %n = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.versions<10>, !sync.packet<4xf32, i64>, i32)
 %q2, %v2 = "sync.merge"(%q, %v, %p, %n) : (!emb.table<10x4xf32>, !emb.versions<10>, !sync.packet<4xf32, i64>, i32) -> (!emb.table<10x4xf32>, !emb.versions<10>)
 
 // -----
 
-// CHECK: 'sync.merge' packet must be a !sync.packet, got tensor<?x4xf32>
+// CHECK: operand 'packet' at position 2 does not verify:
 %q, %v, %p, %n = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.versions<10>, tensor<?x4xf32>, i64)
 %q2, %v2 = "sync.merge"(%q, %v, %p, %n) : (!emb.table<10x4xf32>, !emb.versions<10>, tensor<?x4xf32>, i64) -> (!emb.table<10x4xf32>, !emb.versions<10>)
 
 // -----
 
-// CHECK: 'sync.merge' result types must be [!emb.table<10x4xf32>, !emb.versions<10>]
+// CHECK: Expected 2 results, but got 1
 %q, %v, %p, %n = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.versions<10>, !sync.packet<4xf32, i64>, i64)
 %q2 = "sync.merge"(%q, %v, %p, %n) : (!emb.table<10x4xf32>, !emb.versions<10>, !sync.packet<4xf32, i64>, i64) -> (!emb.table<10x4xf32>)
 
@@ -42,7 +42,7 @@
 
 // -----
 
-// CHECK: 'sync.pack' takes the serving copy, its versions and ids
+// CHECK: Expected 3 operands, but got 2
 %q, %v = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.versions<10>)
 %p = "sync.pack"(%q, %v) : (!emb.table<10x4xf32>, !emb.versions<10>) -> !sync.packet<4xf32, i64>
 
@@ -54,7 +54,7 @@
 
 // -----
 
-// CHECK: 'sync.pack' seq is a unit flag
+// CHECK: 'seq' must be a unit flag, got 1 : i64
 %q, %v, %ids = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.versions<10>, tensor<?xi64>)
 %p = "sync.pack"(%q, %v, %ids) {seq = 1 : i64} : (!emb.table<10x4xf32>, !emb.versions<10>, tensor<?xi64>) -> !sync.packet<4xf32, i64>
 
@@ -157,7 +157,7 @@ kern.merge %q, %v, %ids, %r, %pv, %n {layout = "f32", dim = 4 : i64} : memref<10
 
 // -----
 
-// CHECK: 'sync.packet' takes ids, rows and versions
+// CHECK: Expected 3 operands, but got 2
 %ids, %rows = "test.op"() : () -> (tensor<?xi64>, tensor<?x4xf32>)
 %p = "sync.packet"(%ids, %rows) : (tensor<?xi64>, tensor<?x4xf32>) -> !sync.packet<4xf32, i64>
 
@@ -169,7 +169,7 @@ kern.merge %q, %v, %ids, %r, %pv, %n {layout = "f32", dim = 4 : i64} : memref<10
 
 // -----
 
-// CHECK: 'sync.merge' takes the serving copy, its versions, a packet and the newest version
+// CHECK: Expected 4 operands, but got 3
 %q, %v, %p = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.versions<10>, !sync.packet<4xf32, i64>)
 %q2, %v2 = "sync.merge"(%q, %v, %p) : (!emb.table<10x4xf32>, !emb.versions<10>, !sync.packet<4xf32, i64>) -> (!emb.table<10x4xf32>, !emb.versions<10>)
 
@@ -182,3 +182,34 @@ kern.merge %q, %v, %ids, %r, %pv, %n {layout = "f32", dim = 4 : i64} : memref<10
 
 // CHECK: packet ids must be i32 or i64
 %p = "test.op"() : () -> !sync.packet<4xf32, i16>
+
+// -----
+// The custom form checks each operand's role before the declared constraints do.
+
+// CHECK: 'sync.packet' takes ids, rows and versions
+%ids, %rows = "test.op"() : () -> (tensor<?xi64>, tensor<?x4xf32>)
+%p = sync.packet %ids, %rows : tensor<?xi64>, tensor<?x4xf32>
+
+// -----
+
+// CHECK: 'sync.pack' takes the serving copy, its versions and ids
+%q, %v = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.versions<10>)
+%p = sync.pack %q, %v : !emb.table<10x4xf32>, !emb.versions<10>
+
+// -----
+
+// CHECK: 'sync.pack' needs !emb.versions, got !emb.state<10x1>
+%q, %v, %ids = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x1>, tensor<?xi64>)
+%p = sync.pack %q, %v, %ids : !emb.table<10x4xf32>, !emb.state<10x1>, tensor<?xi64>
+
+// -----
+
+// CHECK: 'sync.merge' takes the serving copy, its versions, a packet and the newest version
+%q, %v, %p = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.versions<10>, !sync.packet<4xf32, i64>)
+%q2, %v2 = sync.merge %q, %v, %p : !emb.table<10x4xf32>, !emb.versions<10>, !sync.packet<4xf32, i64>
+
+// -----
+
+// CHECK: 'sync.merge' packet must be a !sync.packet, got tensor<?x4xf32>
+%q, %v, %p, %n = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.versions<10>, tensor<?x4xf32>, i64)
+%q2, %v2 = sync.merge %q, %v, %p, %n : !emb.table<10x4xf32>, !emb.versions<10>, tensor<?x4xf32>, i64

@@ -26,7 +26,7 @@ func.func @pack(%q: !emb.table<1000x64xint8>, %v: !emb.versions<1000>, %ids: ten
 // CHECK-NEXT: %p = sync.packet %ids, %rows, %pv {layout = "int4", dim = 7 : i64} : tensor<?xi32>, tensor<?x8xi8>, tensor<?xi64>
 // CHECK-NEXT: %f = sync.packet %ids, %frows, %pv : tensor<?xi32>, tensor<?x7xbf16>, tensor<?xi64>
 // CHECK-NEXT: %q2, %v2 = sync.merge %q, %v, %p, %newest {seq} : !emb.table<1000x7xint4>, !emb.versions<1000>, !sync.packet<7xint4, i32>, i64
-// GENERIC: %q2, %v2 = "sync.merge"(%q, %v, %p, %newest) {seq} : (!emb.table<1000x7xint4>, !emb.versions<1000>, !sync.packet<7xint4, i32>, i64) -> (!emb.table<1000x7xint4>, !emb.versions<1000>)
+// GENERIC: %q2, %v2 = "sync.merge"(%q, %v, %p, %newest) <{seq}> : (!emb.table<1000x7xint4>, !emb.versions<1000>, !sync.packet<7xint4, i32>, i64) -> (!emb.table<1000x7xint4>, !emb.versions<1000>)
 func.func @merge(%q: !emb.table<1000x7xint4>, %v: !emb.versions<1000>, %ids: tensor<?xi32>, %rows: tensor<?x8xi8>, %frows: tensor<?x7xbf16>, %pv: tensor<?xi64>, %newest: i64) -> (!emb.table<1000x7xint4>, !emb.versions<1000>) {
   %p = sync.packet %ids, %rows, %pv {layout = "int4", dim = 7 : i64} : tensor<?xi32>, tensor<?x8xi8>, tensor<?xi64>
   %f = sync.packet %ids, %frows, %pv : tensor<?xi32>, tensor<?x7xbf16>, tensor<?xi64>

@@ -29,7 +29,7 @@
 
 // upd.delta
 
-// CHECK: 'upd.delta' takes ids and rows
+// CHECK: Expected 2 operands, but got 1
 %ids = "test.op"() : () -> tensor<?xi64>
 %d = "upd.delta"(%ids) : (tensor<?xi64>) -> !upd.delta<4xf32, i64>
 
@@ -75,13 +75,13 @@
 
 // upd.dedup
 
-// CHECK: 'upd.dedup' takes one delta
+// CHECK: Expected 1 operand, but got 2
 %d = "test.op"() : () -> !upd.delta<4xf32, i64>
 %u = "upd.dedup"(%d, %d) : (!upd.delta<4xf32, i64>, !upd.delta<4xf32, i64>) -> !upd.delta<4xf32, i64, unique>
 
 // -----
 
-// CHECK: 'upd.dedup' operand must be an !upd.delta, got tensor<?xi64>
+// CHECK: operand 'input' at position 0 does not verify:
 %d = "test.op"() : () -> tensor<?xi64>
 %u = "upd.dedup"(%d) : (tensor<?xi64>) -> !upd.delta<4xf32, i64, unique>
 
@@ -95,7 +95,7 @@
 
 // upd.clip
 
-// CHECK: 'upd.clip' takes one delta
+// CHECK: Expected 1 operand, but got 0
 %d = "test.op"() : () -> !upd.delta<4xf32, i64>
 %c = "upd.clip"() {max_norm = 1.0 : f64} : () -> !upd.delta<4xf32, i64>
 
@@ -127,13 +127,13 @@
 
 // upd.weight_decay
 
-// CHECK: 'upd.weight_decay' takes a delta and the table
+// CHECK: Expected 2 operands, but got 1
 %d = "test.op"() : () -> !upd.delta<4xf32, i64>
 %w = "upd.weight_decay"(%d) {decay = 0.1 : f64} : (!upd.delta<4xf32, i64>) -> !upd.delta<4xf32, i64>
 
 // -----
 
-// CHECK: 'upd.weight_decay' first operand must be an !upd.delta, got !emb.table<10x4xf32>
+// CHECK: operand 'input' at position 0 does not verify:
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
 %w = "upd.weight_decay"(%t, %d) {decay = 0.1 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !upd.delta<4xf32, i64>
 
@@ -145,7 +145,7 @@
 
 // -----
 
-// CHECK: 'upd.weight_decay' table operand must be an !emb.table, got tensor<?xi64>
+// CHECK: operand 'table' at position 1 does not verify:
 %d, %x = "test.op"() : () -> (!upd.delta<4xf32, i64>, tensor<?xi64>)
 %w = "upd.weight_decay"(%d, %x) {decay = 0.1 : f64} : (!upd.delta<4xf32, i64>, tensor<?xi64>) -> !upd.delta<4xf32, i64>
 
@@ -167,109 +167,109 @@
 
 // CHECK: 'upd.adam' takes 5 operands: table, exp_avg state, exp_avg_sq state, delta, step
 %t, %s, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>)
-%r:3 = "upd.adam"(%t, %s, %s, %d) {lr = 0.1 : f64} : (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>) -> (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>)
+%r:3 = upd.adam %t, %s, %s, %d {lr = 0.1 : f64} : !emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>
 
 // -----
 
 // CHECK: 'upd.sgd' takes 2 operands: table, delta
 %t = "test.op"() : () -> !emb.table<10x4xf32>
-%r = "upd.sgd"(%t) {lr = 0.1 : f64} : (!emb.table<10x4xf32>) -> !emb.table<10x4xf32>
+%r = upd.sgd %t {lr = 0.1 : f64} : !emb.table<10x4xf32>
 
 // -----
 
 // CHECK: 'upd.rowwise_adagrad' cannot update a quantized table (int8)
 %q, %m, %d = "test.op"() : () -> (!emb.table<10x4xint8>, !emb.state<10x1>, !upd.delta<4xf32, i64, unique>)
-%r:2 = "upd.rowwise_adagrad"(%q, %m, %d) {lr = 0.1 : f64} : (!emb.table<10x4xint8>, !emb.state<10x1>, !upd.delta<4xf32, i64, unique>) -> (!emb.table<10x4xint8>, !emb.state<10x1>)
+%r:2 = upd.rowwise_adagrad %q, %m, %d {lr = 0.1 : f64} : !emb.table<10x4xint8>, !emb.state<10x1>, !upd.delta<4xf32, i64, unique>
 
 // -----
 
 // CHECK: 'upd.adagrad' needs its sum state table, got !emb.versions<10>
 %t, %v, %d, %step = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.versions<10>, !upd.delta<4xf32, i64, unique>, i64)
-%r:2 = "upd.adagrad"(%t, %v, %d, %step) {lr = 0.1 : f64} : (!emb.table<10x4xf32>, !emb.versions<10>, !upd.delta<4xf32, i64, unique>, i64) -> (!emb.table<10x4xf32>, !emb.versions<10>)
+%r:2 = upd.adagrad %t, %v, %d, %step {lr = 0.1 : f64} : !emb.table<10x4xf32>, !emb.versions<10>, !upd.delta<4xf32, i64, unique>, i64
 
 // -----
 
 // CHECK: 'upd.rowwise_adagrad' momentum state must be !emb.state<10x1>, got !emb.state<10x4>
 %t, %s, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>)
-%r:2 = "upd.rowwise_adagrad"(%t, %s, %d) {lr = 0.1 : f64} : (!emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>) -> (!emb.table<10x4xf32>, !emb.state<10x4>)
+%r:2 = upd.rowwise_adagrad %t, %s, %d {lr = 0.1 : f64} : !emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>
 
 // -----
 
 // CHECK: 'upd.adagrad' sum state must be !emb.state<10x4>, got !emb.state<20x4>
 %t, %s, %d, %step = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<20x4>, !upd.delta<4xf32, i64, unique>, i64)
-%r:2 = "upd.adagrad"(%t, %s, %d, %step) {lr = 0.1 : f64} : (!emb.table<10x4xf32>, !emb.state<20x4>, !upd.delta<4xf32, i64, unique>, i64) -> (!emb.table<10x4xf32>, !emb.state<20x4>)
+%r:2 = upd.adagrad %t, %s, %d, %step {lr = 0.1 : f64} : !emb.table<10x4xf32>, !emb.state<20x4>, !upd.delta<4xf32, i64, unique>, i64
 
 // -----
 
 // CHECK: 'upd.sgd' delta must be an !upd.delta, got tensor<?x4xf32>
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, tensor<?x4xf32>)
-%r = "upd.sgd"(%t, %d) {lr = 0.1 : f64} : (!emb.table<10x4xf32>, tensor<?x4xf32>) -> !emb.table<10x4xf32>
+%r = upd.sgd %t, %d {lr = 0.1 : f64} : !emb.table<10x4xf32>, tensor<?x4xf32>
 
 // -----
 
 // CHECK: 'upd.sgd': delta rows have 8 values but the table's dim is 4
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<8xf32, i64>)
-%r = "upd.sgd"(%t, %d) {lr = 0.1 : f64} : (!emb.table<10x4xf32>, !upd.delta<8xf32, i64>) -> !emb.table<10x4xf32>
+%r = upd.sgd %t, %d {lr = 0.1 : f64} : !emb.table<10x4xf32>, !upd.delta<8xf32, i64>
 
 // -----
 
 // CHECK: 'upd.adagrad' step must be an i64 scalar, got i32
 %t, %s, %d, %step = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>, i32)
-%r:2 = "upd.adagrad"(%t, %s, %d, %step) {lr = 0.1 : f64} : (!emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>, i32) -> (!emb.table<10x4xf32>, !emb.state<10x4>)
+%r:2 = upd.adagrad %t, %s, %d, %step {lr = 0.1 : f64} : !emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>, i32
 
 // -----
 
 // CHECK: 'upd.sgd' result types must be [!emb.table<10x4xf32>]
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
-%r = "upd.sgd"(%t, %d) {lr = 0.1 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf16>
+%r = "upd.sgd"(%t, %d) <{operandSegmentSizes = array<i32: 1, 0, 1, 0>}> {lr = 0.1 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf16>
 
 // -----
 
 // CHECK: 'upd.sgd' needs the hyper-parameter 'lr'
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
-%r = "upd.sgd"(%t, %d) : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+%r = upd.sgd %t, %d : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
 
 // -----
 
 // CHECK: 'upd.sgd' lr must be positive, got -0.1
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
-%r = "upd.sgd"(%t, %d) {lr = -0.1 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+%r = upd.sgd %t, %d {lr = -0.1 : f64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
 
 // -----
 
 // CHECK: 'upd.rowwise_adagrad' eps must be positive, got 0.0
 %t, %m, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x1>, !upd.delta<4xf32, i64, unique>)
-%r:2 = "upd.rowwise_adagrad"(%t, %m, %d) {lr = 0.1 : f64, eps = 0.0 : f64} : (!emb.table<10x4xf32>, !emb.state<10x1>, !upd.delta<4xf32, i64, unique>) -> (!emb.table<10x4xf32>, !emb.state<10x1>)
+%r:2 = upd.rowwise_adagrad %t, %m, %d {lr = 0.1 : f64, eps = 0.0 : f64} : !emb.table<10x4xf32>, !emb.state<10x1>, !upd.delta<4xf32, i64, unique>
 
 // -----
 
 // CHECK: 'upd.sgd' has no hyper-parameter 'eps' (it takes lr)
 %t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
-%r = "upd.sgd"(%t, %d) {lr = 0.1 : f64, eps = 1.0e-08 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+%r = upd.sgd %t, %d {lr = 0.1 : f64, eps = 1.0e-08 : f64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
 
 // -----
 
 // CHECK: 'upd.adam' beta1 must be in [0, 1), got 1.0
 %t, %s, %d, %step = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>, i64)
-%r:3 = "upd.adam"(%t, %s, %s, %d, %step) {lr = 0.1 : f64, beta1 = 1.0 : f64} : (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>, i64) -> (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>)
+%r:3 = upd.adam %t, %s, %s, %d, %step {lr = 0.1 : f64, beta1 = 1.0 : f64} : !emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>, i64
 
 // -----
 
 // CHECK: 'upd.adam' beta2 must be in [0, 1), got -0.5
 %t, %s, %d, %step = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>, i64)
-%r:3 = "upd.adam"(%t, %s, %s, %d, %step) {lr = 0.1 : f64, beta2 = -0.5 : f64} : (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>, i64) -> (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>)
+%r:3 = upd.adam %t, %s, %s, %d, %step {lr = 0.1 : f64, beta2 = -0.5 : f64} : !emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>, i64
 
 // -----
 
 // upd.stochastic_round
 
-// CHECK: 'upd.stochastic_round' takes the updated table and a seed
+// CHECK: Expected 2 operands, but got 1
 %h = "test.op"() : () -> !emb.table<10x4xf16>
 %r = "upd.stochastic_round"(%h) : (!emb.table<10x4xf16>) -> !emb.table<10x4xf16>
 
 // -----
 
-// CHECK: 'upd.stochastic_round' operand must be an !emb.table, got i64
+// CHECK: operand 'table' at position 0 does not verify:
 %seed = "test.op"() : () -> i64
 %r = "upd.stochastic_round"(%seed, %seed) : (i64, i64) -> !emb.table<10x4xf16>
 
@@ -277,14 +277,14 @@
 
 // CHECK: stochastic rounding needs an f16 or bf16 table, got f32
 %t, %d, %seed = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, i64)
-%t1 = "upd.sgd"(%t, %d) {lr = 0.1 : f64} : (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf32>
+%t1 = upd.sgd %t, %d {lr = 0.1 : f64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
 %r = "upd.stochastic_round"(%t1, %seed) : (!emb.table<10x4xf32>, i64) -> !emb.table<10x4xf32>
 
 // -----
 
-// CHECK: 'upd.stochastic_round' seed must be an i64 scalar, got i32
+// CHECK: operand 'seed' at position 1 does not verify:
 %h, %d, %seed = "test.op"() : () -> (!emb.table<10x4xf16>, !upd.delta<4xf32, i64>, i32)
-%h1 = "upd.sgd"(%h, %d) {lr = 0.1 : f64} : (!emb.table<10x4xf16>, !upd.delta<4xf32, i64>) -> !emb.table<10x4xf16>
+%h1 = upd.sgd %h, %d {lr = 0.1 : f64} : !emb.table<10x4xf16>, !upd.delta<4xf32, i64>
 %r = "upd.stochastic_round"(%h1, %seed) : (!emb.table<10x4xf16>, i32) -> !emb.table<10x4xf16>
 
 // -----
@@ -297,7 +297,7 @@
 
 // upd.requantize
 
-// CHECK: 'upd.requantize' takes the master, the serving copy, a delta
+// CHECK: Expected 3 operands, but got 2
 %t, %q = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.table<10x4xint8>)
 %r = "upd.requantize"(%t, %q) : (!emb.table<10x4xf32>, !emb.table<10x4xint8>) -> !emb.table<10x4xint8>
 
@@ -309,7 +309,7 @@
 
 // -----
 
-// CHECK: 'upd.requantize' serving copy must be an !emb.table, got !emb.state<10x4>
+// CHECK: operand 'serving' at position 1 does not verify:
 %t, %s, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64>)
 %r = "upd.requantize"(%t, %s, %d) : (!emb.table<10x4xf32>, !emb.state<10x4>, !upd.delta<4xf32, i64>) -> !emb.state<10x4>
 
@@ -321,7 +321,7 @@
 
 // -----
 
-// CHECK: 'upd.requantize' delta must be an !upd.delta, got i64
+// CHECK: operand 'delta' at position 2 does not verify:
 %t, %q, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.table<10x4xint8>, i64)
 %r = "upd.requantize"(%t, %q, %d) : (!emb.table<10x4xf32>, !emb.table<10x4xint8>, i64) -> !emb.table<10x4xint8>
 
@@ -329,25 +329,25 @@
 
 // upd.stamp
 
-// CHECK: 'upd.stamp' takes versions, a delta and the version
+// CHECK: Expected 3 operands, but got 2
 %v, %d = "test.op"() : () -> (!emb.versions<10>, !upd.delta<4xf32, i64>)
 %r = "upd.stamp"(%v, %d) : (!emb.versions<10>, !upd.delta<4xf32, i64>) -> !emb.versions<10>
 
 // -----
 
-// CHECK: 'upd.stamp' needs !emb.versions, got !emb.state<10x1>
+// CHECK: operand 'versions' at position 0 does not verify:
 %v, %d, %n = "test.op"() : () -> (!emb.state<10x1>, !upd.delta<4xf32, i64>, i64)
 %r = "upd.stamp"(%v, %d, %n) : (!emb.state<10x1>, !upd.delta<4xf32, i64>, i64) -> !emb.state<10x1>
 
 // -----
 
-// CHECK: 'upd.stamp' delta must be an !upd.delta, got !emb.versions<10>
+// CHECK: operand 'delta' at position 1 does not verify:
 %v, %n = "test.op"() : () -> (!emb.versions<10>, i64)
 %r = "upd.stamp"(%v, %v, %n) : (!emb.versions<10>, !emb.versions<10>, i64) -> !emb.versions<10>
 
 // -----
 
-// CHECK: 'upd.stamp' version must be an i64 scalar, got index
+// CHECK: operand 'version' at position 2 does not verify:
 %v, %d, %n = "test.op"() : () -> (!emb.versions<10>, !upd.delta<4xf32, i64>, index)
 %r = "upd.stamp"(%v, %d, %n) : (!emb.versions<10>, !upd.delta<4xf32, i64>, index) -> !emb.versions<10>
 
@@ -507,7 +507,7 @@
 
 // CHECK: 'upd.ftrl' l1 must be zero or positive, got -1.0
 %t, %z, %n, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>)
-%r:3 = "upd.ftrl"(%t, %z, %n, %d) {lr = 0.1 : f64, l1 = -1.0 : f64} : (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>) -> (!emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>)
+%r:3 = upd.ftrl %t, %z, %n, %d {lr = 0.1 : f64, l1 = -1.0 : f64} : !emb.table<10x4xf32>, !emb.state<10x4>, !emb.state<10x4>, !upd.delta<4xf32, i64, unique>
 
 // -----
 
@@ -520,3 +520,46 @@
 // CHECK: 'versions' is a unit flag that says the versions and version operand is present, got 1 : i64
 %t, %d, %v, %n = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>, i64)
 %r:2 = upd.apply %t, %d, %v, %n {optimizer = "sgd", lr = 0.1 : f64, versions = 1 : i64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>, i64
+
+// -----
+// The custom form checks each operand's role before the declared constraints do.
+
+// CHECK: 'upd.dedup' takes one delta
+%d = "test.op"() : () -> !upd.delta<4xf32, i64>
+%u = upd.dedup %d, %d : !upd.delta<4xf32, i64>, !upd.delta<4xf32, i64>
+
+// -----
+
+// CHECK: 'upd.clip' takes one delta
+%d = "test.op"() : () -> !upd.delta<4xf32, i64>
+%c = upd.clip %d, %d {max_norm = 1.0 : f64} : !upd.delta<4xf32, i64>, !upd.delta<4xf32, i64>
+
+// -----
+
+// CHECK: 'upd.weight_decay' takes a delta and the table
+%d = "test.op"() : () -> !upd.delta<4xf32, i64>
+%w = upd.weight_decay %d {decay = 0.1 : f64} : !upd.delta<4xf32, i64>
+
+// -----
+
+// CHECK: 'upd.stochastic_round' takes the updated table and a seed
+%h = "test.op"() : () -> !emb.table<10x4xf16>
+%r = upd.stochastic_round %h : !emb.table<10x4xf16>
+
+// -----
+
+// CHECK: 'upd.requantize' takes the master, the serving copy, a delta
+%t, %q = "test.op"() : () -> (!emb.table<10x4xf32>, !emb.table<10x4xint8>)
+%r = upd.requantize %t, %q : !emb.table<10x4xf32>, !emb.table<10x4xint8>
+
+// -----
+
+// CHECK: 'upd.stamp' takes versions, a delta and the version
+%v, %d = "test.op"() : () -> (!emb.versions<10>, !upd.delta<4xf32, i64>)
+%s = upd.stamp %v, %d : !emb.versions<10>, !upd.delta<4xf32, i64>
+
+// -----
+
+// CHECK: 'upd.stamp' needs !emb.versions, got !emb.state<10x1>
+%v, %d, %n = "test.op"() : () -> (!emb.state<10x1>, !upd.delta<4xf32, i64>, i64)
+%s = upd.stamp %v, %d, %n : !emb.state<10x1>, !upd.delta<4xf32, i64>, i64

@@ -120,7 +120,7 @@ func.func @apply(%t: !emb.table<1000x64xf32>, %h: !emb.table<1000x64xf16>, %m: !
 
 // The generic form spells out the inferred result types.
 // GENERIC: %u = "upd.dedup"(%d) : (!upd.delta<64xf32, i64>) -> !upd.delta<64xf32, i64, unique>
-// GENERIC: %t7, %a7, %v7 = "upd.adam"(%t, %s, %s2, %d, %step) <{lr = 1.000000e-03 : f64}> : (!emb.table<1000x64xf32>, !emb.state<1000x64>, !emb.state<1000x64>, !upd.delta<64xf32, i64>, i64) -> (!emb.table<1000x64xf32>, !emb.state<1000x64>, !emb.state<1000x64>)
+// GENERIC: %t7, %a7, %v7 = "upd.adam"(%t, %s, %s2, %d, %step) <{lr = 1.000000e-03 : f64, operandSegmentSizes = array<i32: 1, 2, 1, 1>}> : (!emb.table<1000x64xf32>, !emb.state<1000x64>, !emb.state<1000x64>, !upd.delta<64xf32, i64>, i64) -> (!emb.table<1000x64xf32>, !emb.state<1000x64>, !emb.state<1000x64>)
 // GENERIC: %h2 = "upd.stochastic_round"(%h1, %seed) : (!emb.table<1000x64xf16>, i64) -> !emb.table<1000x64xf16>
 // GENERIC: %r4 = "upd.requantize"(%h2, %q4, %d) : (!emb.table<1000x64xf16>, !emb.table<1000x64xint4>, !upd.delta<64xf32, i64>) -> !emb.table<1000x64xint4>
 // GENERIC: %v2 = "upd.stamp"(%vdyn, %u, %version) : (!emb.versions<?>, !upd.delta<64xf32, i32, unique>, i64) -> !emb.versions<?>
