@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import ClassVar
+from typing import ClassVar, Protocol, TypeVar
 
 from xdsl.dialects.builtin import f32, f64
 from xdsl.ir import Block, Region, SSAValue
@@ -202,23 +202,65 @@ class Layout:
         return self.row_bytes(dim) // self.storage.nbytes
 
 
-class Layouts(dict[str, Layout]):
-    """The registry of serving layouts, by name. `scoped` adds one for a block
-    (tests, experiments); every reader looks names up here at the time of use."""
+class _Named(Protocol):
+    name: str
 
-    def add(self, entry: Layout) -> Layout:
-        if not entry.name.isidentifier() or entry.name in self:
-            raise ValueError(f"layout name {entry.name!r} is taken or not an identifier")
-        self[entry.name] = entry
+
+_Entry = TypeVar("_Entry", bound=_Named)
+
+
+class Registry(Mapping[str, _Entry]):
+    """Entries by name (serving layouts, optimizers): read-only as a mapping;
+    `register` adds one after `_problem` has no objection, and `scoped()`
+    undoes every registration made inside it (what tests and short-lived user
+    definitions use instead of editing the table). Readers look names up at
+    the time of use, so an entry registered here reaches every part of ekko."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+
+    def __getitem__(self, name: str) -> _Entry:
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _problem(self, entry: _Entry, replace: bool) -> str | None:
+        """Why `entry` may not be registered, or None."""
+        if entry.name in self._entries and not replace:
+            return f"the name {entry.name!r} is taken"
+        return None
+
+    def register(self, entry: _Entry, replace: bool = False) -> _Entry:
+        """Add `entry`; a name taken needs `replace`."""
+        if (why := self._problem(entry, replace)) is not None:
+            raise ValueError(why)
+        self._entries[entry.name] = entry
         return entry
 
     @contextmanager
-    def scoped(self, entry: Layout) -> Iterator[Layout]:
-        self.add(entry)
+    def scoped(self, *entries: _Entry) -> Iterator[Registry]:
+        """Register `entries`; they, and whatever is registered inside the `with`
+        block, are gone after it (errors included)."""
+        saved = dict(self._entries)
         try:
-            yield entry
+            for entry in entries:
+                self.register(entry)
+            yield self
         finally:
-            del self[entry.name]
+            self._entries = saved
+
+
+class Layouts(Registry[Layout]):
+    """The registry of serving layouts, by name."""
+
+    def _problem(self, entry: Layout, replace: bool) -> str | None:
+        if not entry.name.isidentifier():
+            return f"layout name {entry.name!r} is not an identifier"
+        return super()._problem(entry, replace)
 
     def names(self) -> tuple[str, ...]:
         return tuple(self)
@@ -239,7 +281,7 @@ for _layout in (
     Layout("fp8", RowScaled("e4m3"), doc="OCP E4M3 codes (torch.float8_e4m3fn) of x / scale, "
            "f32 scale = max|row| / 448"),
 ):
-    LAYOUTS.add(_layout)
+    LAYOUTS.register(_layout)
 INDEX_DTYPES = ("i32", "i64")
 POOLING_MODES = ("sum", "mean", "none")
 
@@ -418,42 +460,14 @@ def _lion(g, w, m, *, lr, beta1, beta2, decoupled_decay, **_):
     return w - lr * (rm.sign(c) + decoupled_decay * w), beta2 * m + (1.0 - beta2) * g
 
 
-class Registry(Mapping[str, Optimizer]):
-    """The optimizers the catalog knows, by name: read-only as a mapping;
-    `register` adds one (checked), `scoped()` undoes every registration made
-    inside it (what tests and a short-lived user definition use instead of
-    editing the table)."""
+class Optimizers(Registry[Optimizer]):
+    """The optimizers the catalog knows, by name; a built-in's name never goes."""
 
-    def __init__(self) -> None:
-        self._entries: dict[str, Optimizer] = {}
-
-    def __getitem__(self, name: str) -> Optimizer:
-        return self._entries[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def register(self, opt: Optimizer, replace: bool = False) -> Optimizer:
-        """Add `opt`; a name taken needs `replace`, and a built-in's never goes."""
-        if (why := _name_problem(opt.name, replace) or _names_problem(opt)) is not None:
-            raise ValueError(why)
-        self._entries[opt.name] = opt
-        return opt
-
-    @contextmanager
-    def scoped(self) -> Iterator[Registry]:
-        """Registrations inside the `with` block are gone after it (errors included)."""
-        saved = dict(self._entries)
-        try:
-            yield self
-        finally:
-            self._entries = saved
+    def _problem(self, opt: Optimizer, replace: bool) -> str | None:
+        return _name_problem(opt.name, replace) or _names_problem(opt)
 
 
-OPTIMIZERS = Registry()
+OPTIMIZERS = Optimizers()
 
 
 # the math's own arguments: no state or hyper-parameter may take their names
