@@ -27,7 +27,7 @@ from ..compiler.backend.llvm_bag import ERR_ID, ERR_OFFSETS, emit_bag
 from ..compiler.backend.spec import BagSpec, serving_row_bytes
 from ..compiler.pipeline import bag_spec
 from .arrays import ArrayArg, check_disjoint
-from .errors import EkkoError
+from .errors import LookupError
 from .jit import JitModule, compile_ir
 from .native import PackedEntry
 
@@ -39,9 +39,6 @@ _TABLE_NP = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16),
              "bf16": np.dtype(np.uint16), "int8": np.dtype(np.uint8), "int4": np.dtype(np.uint8)}
 _TABLE_NAMES = {layout: dtype.name for layout, dtype in _TABLE_NP.items()}  # .name is slow
 _TORCH_TABLE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "int8": "uint8", "int4": "uint8"}
-
-class LookupError(EkkoError, ValueError):  # noqa: A001 - the module's own error type
-    """A lookup was rejected (bad dtype, shape, id or offsets); nothing was read out of bounds."""
 
 
 class BagKernel:

@@ -40,10 +40,10 @@ from ..compiler.backend import triton_bag, triton_update
 from ..compiler.backend.spec import BagSpec, UpdateSpec
 from ..dialects import catalog
 from .arrays import torch_layout_problem
-from .errors import EkkoError, NonFiniteOutputError, UpdateError
+from .calls import buffer_name, call_scalars, state_arrays
+from .errors import EkkoError, LookupError, NonFiniteOutputError, UpdateError
 from .jit import cache_dir
 from .native import table_runtime
-from .update import buffer_name, call_scalars, state_arrays
 
 _modules: dict[str, ModuleType] = {}
 _modules_lock = threading.Lock()
@@ -308,8 +308,6 @@ class TritonBagKernel:
     """A pooled lookup on the Triton target (the calling convention of `BagKernel`)."""
 
     def __init__(self, spec: BagSpec):
-        from .lookup import LookupError
-
         _require_triton(LookupError)
         self.spec = spec
         self.source = triton_bag.emit_bag(spec)
@@ -322,8 +320,6 @@ class TritonBagKernel:
                  out: Any = None, include_last_offset: bool | None = None, seq: Any = None) -> Any:
         """Pooled rows (nbags, dim) f32 on the tables' device (see `BagKernel`)."""
         import torch
-
-        from .lookup import LookupError
 
         s = self.spec
         if seq is not None:
@@ -366,8 +362,6 @@ class TritonBagKernel:
         """(B+1 int64 bounds on the device, number of bags); mode none: (None, len(ids))."""
         import torch
 
-        from .lookup import LookupError
-
         if self.spec.mode == "none":
             if offsets is not None:
                 raise LookupError("mode 'none' takes no offsets")
@@ -389,8 +383,6 @@ class TritonBagKernel:
     def _validate(self, ids: Any, bounds: Any, rows: int, n: int) -> None:
         """Offsets within [0, n] and monotone per bag, ids in range: checked before the launch."""
         import torch
-
-        from .lookup import LookupError
 
         checks = []
         if bounds is not None:
