@@ -27,6 +27,8 @@ from ..compiler.backend.llvm_bag import ERR_ID, ERR_OFFSETS, emit_bag
 from ..compiler.backend.spec import BagSpec, serving_row_bytes
 from ..compiler.pipeline import bag_spec
 from .arrays import ArrayArg, check_disjoint
+from .calls import (SEQ_DTYPES, bag_count, bag_offsets_given, bag_table_width,
+                    bag_weights_given, index_dtypes)
 from .errors import LookupError
 from .jit import JitModule, compile_ir
 from .native import PackedEntry
@@ -54,7 +56,7 @@ class BagKernel:
         self._torch_table_dtypes = (("bfloat16", "int16", "uint16") if layout == "bf16"
                                     else (_TABLE_NAMES[layout], _TORCH_TABLE[layout]))
         self._width = serving_row_bytes(layout, spec.dim) if layout in ("int8", "int4") else spec.dim
-        self._ids_dtype = ("int32",) if spec.index_dtype == "i32" else ("int64",)
+        self._ids_dtype = index_dtypes(spec.index_dtype)
 
     def __repr__(self) -> str:
         return f"BagKernel({self.spec})"
@@ -65,8 +67,7 @@ class BagKernel:
         t = ArrayArg("table", table, LookupError)
         t.expect(self._torch_table_dtypes if t.torch else self._table_dtypes, ndim=2)
         if t.shape[1] != self._width:
-            raise LookupError(f"{self.spec.layout} table of dim {self.spec.dim} needs "
-                              f"{self._width} columns, got {t.shape[1]}")
+            bag_table_width(self.spec, t.shape[1])
         return t
 
     def _ids(self, ids: Any) -> ArrayArg:
@@ -76,35 +77,19 @@ class BagKernel:
 
     def _offsets(self, offsets: Any, ids: ArrayArg,
                  include_last: bool | None) -> tuple[ArrayArg | None, int, int]:
-        """(offsets arg, noffsets, nbags); mode none has no offsets and one bag per id.
-
-        With include_last None the convention is inferred: B+1 entries when
-        there are at least two and the last equals len(ids), else torch's B
-        entries. Torch-style offsets whose last bag is empty look like B+1
-        ones: pass include_last_offset=False for those.
-        """
-        if self.spec.mode == "none":
-            if offsets is not None:
-                raise LookupError("mode 'none' takes no offsets")
+        """(offsets arg, noffsets, nbags); mode none has no offsets and one bag per id
+        (the convention: `calls.bag_count`)."""
+        if not bag_offsets_given(self.spec, offsets):
             return None, 0, ids.shape[0]
-        if offsets is None:
-            raise LookupError(f"mode {self.spec.mode!r} needs offsets")
         o = ArrayArg("offsets", offsets, LookupError)
         o.expect((ids.dtype,), ndim=1)
         n = o.shape[0]
-        if n == 0:
-            return o, 0, 0
-        if include_last is None:
-            include_last = n >= 2 and int(offsets[n - 1]) == ids.shape[0]
-        return o, n, n - 1 if include_last else n
+        _, nbags = bag_count(n, lambda: int(offsets[n - 1]), ids.shape[0], include_last)
+        return o, n, nbags
 
     def _weights(self, w: Any, ids: ArrayArg) -> ArrayArg | None:
-        if not self.spec.weighted:
-            if w is not None:
-                raise LookupError("per_sample_weights given to an unweighted kernel")
+        if not bag_weights_given(self.spec, w):
             return None
-        if w is None:
-            raise LookupError("weighted kernel needs per_sample_weights")
         a = ArrayArg("per_sample_weights", w, LookupError)
         a.expect(("float32",), ndim=1)
         if a.shape[0] != ids.shape[0]:
@@ -144,7 +129,7 @@ class BagKernel:
         sq = None
         if seq is not None:
             sq = ArrayArg("seq", seq, LookupError)
-            sq.expect(("uint32", "int32"), (t.shape[0],))
+            sq.expect(SEQ_DTYPES, (t.shape[0],))
         check_disjoint([out_arg], [x for x in (t, i, o, w, sq) if x is not None], LookupError)
         if nbags == 0:
             return result

@@ -38,9 +38,9 @@ from typing import Any
 
 from ..compiler.backend import triton_bag, triton_update
 from ..compiler.backend.spec import BagSpec, UpdateSpec
-from ..dialects import catalog
-from .arrays import torch_layout_problem
-from .calls import buffer_name, call_scalars, state_arrays
+from .arrays import ArrayArg, torch_layout_problem
+from .calls import (bag_count, bag_offsets_given, bag_table_width, bag_weights_given,
+                    buffer_name, call_scalars, index_dtypes, update_args)
 from .errors import EkkoError, LookupError, NonFiniteOutputError, UpdateError
 from .jit import cache_dir
 from .native import table_runtime
@@ -119,16 +119,31 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+class _TensorArg:
+    """A checked tensor argument (`calls.Arg`): the tensor and its dtype name and shape."""
+
+    __slots__ = ("name", "obj", "error", "dtype", "shape")
+    expect = ArrayArg.expect  # one dtype/shape check and message for every runtime
+
+    def __init__(self, name: str, x: Any, error: type[EkkoError]):
+        self.name, self.obj, self.error = name, x, error
+        self.dtype = str(x.dtype).removeprefix("torch.")
+        self.shape = tuple(x.shape)
+
+
 class _Checker:
-    """Argument checks for one call: torch tensors, one device, dtypes, shapes, no aliasing."""
+    """torch tensors on one device, as the Triton runtime reaches them (`calls.Arrays`)."""
 
     def __init__(self, error: type[EkkoError]):
         self.error = error
         self.device: Any = None
-        self.seen: list[tuple[str, Any, bool]] = []
+        self.seen: list[tuple[_TensorArg, bool]] = []
 
-    def tensor(self, name: str, x: Any, dtypes: tuple[str, ...], shape: tuple[int, ...] | None = None,
-               ndim: int | None = None, writable: bool = False) -> Any:
+    table_dtypes: dict[str, tuple[str, ...]]  # set below the dtype maps
+    serving_dtypes: dict[str, tuple[str, ...]]
+
+    def arg(self, name: str, x: Any, writable: bool = False) -> _TensorArg:
+        """A tensor on this call's device, dense, contiguous, not requiring grad if written."""
         import torch
 
         err = self.error
@@ -146,40 +161,46 @@ class _Checker:
                           f"{name} is on {x.device}")
         elif x.device != self.device:
             raise err(f"{name} is on {x.device}, the other arguments on {self.device}")
-        dtype = str(x.dtype).removeprefix("torch.")
-        if dtype not in dtypes:
-            raise err(f"{name} must be {' or '.join(dtypes)}, got {dtype}")
-        if shape is not None and tuple(x.shape) != tuple(shape):
-            raise err(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-        if ndim is not None and x.dim() != ndim:
-            raise err(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
         if not x.is_contiguous():
-            raise err(f"{name} must be contiguous")
+            raise err(f"{name} must be C-contiguous")
         if writable and x.requires_grad:
             raise err(f"{name} requires grad: updating it in place would bypass autograd "
-                      "(pass tensor.detach())")
-        self.seen.append((name, x, writable))
+                      "(pass tensor.detach() or create it with requires_grad=False)")
+        a = _TensorArg(name, x, err)
+        self.seen.append((a, writable))
+        return a
+
+    def tensor(self, name: str, x: Any, dtypes: tuple[str, ...],
+               shape: tuple[int, ...] | None = None, ndim: int | None = None,
+               writable: bool = False) -> Any:
+        """`arg` and its dtype and shape checked: the tensor itself."""
+        a = self.arg(name, x, writable)
+        a.expect(dtypes, None if shape is None else tuple(shape), ndim)
         return x
 
-    def disjoint(self) -> None:
-        """No tensor written in place shares memory with any other argument."""
+    def disjoint(self, written: list[_TensorArg] | None = None,
+                 read: list[_TensorArg] | None = None) -> None:
+        """No tensor written in place shares memory with any other argument (every
+        argument this checker saw; `written` and `read` are for `calls.Arrays`)."""
         def span(x: Any) -> tuple[int, int]:
             start = x.data_ptr()
             return start, start + x.numel() * x.element_size()
 
-        for k, (name, x, writable) in enumerate(self.seen):
-            for other, y, w2 in self.seen[k + 1:]:
+        for k, (a, writable) in enumerate(self.seen):
+            for b, w2 in self.seen[k + 1:]:
+                x, y = a.obj, b.obj
                 if not (writable or w2) or x.numel() == 0 or y.numel() == 0:
                     continue
                 (a0, a1), (b0, b1) = span(x), span(y)
                 if a0 < b1 and b0 < a1:
-                    first, second = (name, other) if writable else (other, name)
+                    first, second = (a.name, b.name) if writable else (b.name, a.name)
                     raise self.error(f"{first} and {second} share memory: each must be its own array")
 
 
 _TABLE = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16", "int16")}
 _SERVING = {**_TABLE, "int8": ("uint8", "int8"), "int4": ("uint8", "int8")}
 _VIEW = {"bf16": "int16", "int8": "uint8", "int4": "uint8"}
+_Checker.table_dtypes, _Checker.serving_dtypes = _TABLE, _SERVING
 
 
 def _as_kernel_dtype(x: Any, layout: str) -> Any:
@@ -203,48 +224,18 @@ class TritonUpdateKernel:
     def __repr__(self) -> str:
         return f"TritonUpdateKernel({self.spec})"
 
-    def _check(self, table, ids, grads, state, serving, versions, seq):
-        s = self.spec
-        c = _Checker(UpdateError)
-        t = c.tensor("table", table, _TABLE[s.table_dtype], ndim=2, writable=True)
-        if t.shape[1] != s.dim:
-            raise UpdateError(f"table must have shape (rows, {s.dim}), got {tuple(t.shape)}")
-        rows = t.shape[0]
-        i = c.tensor("ids", ids, ("int32",) if s.index_dtype == "i32" else ("int64",), ndim=1)
-        n = i.shape[0]
-        g = c.tensor("grads", grads, ("float32",), (n, s.dim))
-        states = self._check_state(c, state, rows)
-        srv = None
-        if s.serving is not None:
-            if serving is None:
-                raise UpdateError(f"this kernel refreshes a {s.serving} serving copy: pass serving=")
-            srv = c.tensor("serving", serving, _SERVING[s.serving],
-                           (rows, catalog.layout(s.serving).width(s.dim)), writable=True)
-        elif serving is not None:
-            raise UpdateError("this kernel has no serving copy: compile it with serving=")
-        ver = None if versions is None else c.tensor("versions", versions, ("int64",), (rows,),
-                                                      writable=True)
-        sq = None if seq is None else c.tensor("seq", seq, ("uint32", "int32"), (rows,),
-                                               writable=True)
-        c.disjoint()
-        return rows, n, t, i, g, states, srv, ver, sq, c.device
-
-    def _check_state(self, c: _Checker, state, rows: int) -> list:
-        s = self.spec
-        return [c.tensor(label, x, ("float32",), s.entry.state_shape(name, rows, s.dim),
-                         writable=True)
-                for name, label, x in state_arrays(s, state)]
-
     def __call__(self, table, ids, grads, state=None, serving=None, versions=None,
                  step: int = 1, version: int | None = None, seed: int = 0, seq=None) -> None:
         """Apply one delta in place (see `ekko.kernels.update.UpdateKernel`)."""
-        rows, n, t, i, g, states, srv, ver, sq, device = self._check(
-            table, ids, grads, state, serving, versions, seq)
+        c = _Checker(UpdateError)
+        a = update_args(self.spec, c, table, ids, grads, state, serving, versions, seq)
         step, version, seed = call_scalars(step, version, seed)
-        if n == 0:
+        if a.n == 0:
             return
-        with table_runtime(t.data_ptr()).lock, _quiet():
-            self._run(rows, n, t, i, g, states, srv, ver, sq, device, step, version, seed)
+        srv, ver, sq = (x.obj if x is not None else None for x in (a.serving, a.versions, a.seq))
+        with table_runtime(a.table.obj.data_ptr()).lock, _quiet():
+            self._run(a.rows, a.n, a.table.obj, a.ids.obj, a.grads.obj,
+                      [x.obj for x in a.states], srv, ver, sq, c.device, step, version, seed)
 
     def _validate(self, ids, grads, rows: int, n: int) -> None:
         """The earliest bad position (an id out of range, a non-finite row); nothing written yet."""
@@ -325,21 +316,16 @@ class TritonBagKernel:
         if seq is not None:
             raise LookupError("target='triton' lookups read without sequence words: pass seq=None")
         c = _Checker(LookupError)
-        width = catalog.layout(s.layout).width(s.dim)
         t = c.tensor("table", table, _SERVING[s.layout], ndim=2)
-        if t.shape[1] != width:
-            raise LookupError(f"{s.layout} table of dim {s.dim} needs {width} columns, "
-                              f"got {t.shape[1]}")
-        i = c.tensor("ids", ids, ("int32",) if s.index_dtype == "i32" else ("int64",), ndim=1)
+        bag_table_width(s, t.shape[1])
+        i = c.tensor("ids", ids, index_dtypes(s.index_dtype), ndim=1)
         n = i.shape[0]
         bounds, nbags = self._bounds(c, offsets, i, include_last_offset)
         w = None
-        if s.weighted:
-            if per_sample_weights is None:
-                raise LookupError("weighted kernel needs per_sample_weights")
-            w = c.tensor("per_sample_weights", per_sample_weights, ("float32",), (n,))
-        elif per_sample_weights is not None:
-            raise LookupError("per_sample_weights given to an unweighted kernel")
+        if bag_weights_given(s, per_sample_weights):
+            w = c.tensor("per_sample_weights", per_sample_weights, ("float32",), ndim=1)
+            if w.shape[0] != n:
+                raise LookupError(f"per_sample_weights has {w.shape[0]} entries for {n} ids")
         if out is None:
             out = torch.empty((nbags, s.dim), dtype=torch.float32, device=c.device)
         c.tensor("out", out, ("float32",), (nbags, s.dim), writable=True)
@@ -362,23 +348,18 @@ class TritonBagKernel:
         """(B+1 int64 bounds on the device, number of bags); mode none: (None, len(ids))."""
         import torch
 
-        if self.spec.mode == "none":
-            if offsets is not None:
-                raise LookupError("mode 'none' takes no offsets")
+        if not bag_offsets_given(self.spec, offsets):
             return None, ids.shape[0]
-        if offsets is None:
-            raise LookupError(f"mode {self.spec.mode!r} needs offsets")
         o = c.tensor("offsets", offsets, (str(ids.dtype).removeprefix("torch."),), ndim=1)
         k = o.shape[0]
         if k == 0:
             return None, 0
         o64 = o.to(torch.int64)
-        if include_last is None:
-            include_last = k >= 2 and int(o64[-1]) == ids.shape[0]
+        include_last, nbags = bag_count(k, lambda: int(o64[-1]), ids.shape[0], include_last)
         if include_last:
-            return o64, k - 1
+            return o64, nbags
         end = torch.full((1,), ids.shape[0], dtype=torch.int64, device=o.device)
-        return torch.cat([o64, end]), k
+        return torch.cat([o64, end]), nbags
 
     def _validate(self, ids: Any, bounds: Any, rows: int, n: int) -> None:
         """Offsets within [0, n] and monotone per bag, ids in range: checked before the launch."""

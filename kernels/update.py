@@ -43,12 +43,12 @@ import numpy as np
 from ..compiler.backend import abi
 from ..compiler.backend.llvm_update import RECENT_SLOTS, emit_update, journal_entry_bytes
 from ..compiler.backend.spec import UpdateSpec
-from ..dialects.limits import MAX_BATCH, MAX_DIM, limit_error
+from ..dialects.limits import MAX_DIM, limit_error
 from ..compiler.frontend.model import UpdateRule
 from ..compiler.pipeline import UpdateRequest, update_spec
 from ..dialects import catalog
 from .arrays import ArrayArg, check_disjoint
-from .calls import buffer_name, call_scalars, state_arrays
+from .calls import buffer_name, call_scalars, update_args
 from .errors import NonFiniteOutputError, OptimizerError, UpdateError
 from .jit import JitModule, compile_ir
 from .native import PackedEntry, table_runtime
@@ -56,6 +56,25 @@ from .native import PackedEntry, table_runtime
 _TABLE_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16")}
 _SERVING_DTYPES = {"f32": ("float32",), "f16": ("float16",), "bf16": ("bfloat16", "uint16"),
                    "int8": ("uint8", "int8"), "int4": ("uint8", "int8")}
+
+
+class _NativeArrays:
+    """numpy arrays and CPU tensors, as the native update reaches them (`calls.Arrays`)."""
+
+    error = UpdateError
+    table_dtypes = _TABLE_DTYPES
+    serving_dtypes = _SERVING_DTYPES
+
+    @staticmethod
+    def arg(name: str, x: Any, writable: bool = False) -> ArrayArg:
+        return ArrayArg(name, x, UpdateError, writable)
+
+    @staticmethod
+    def disjoint(written: list[ArrayArg], read: list[ArrayArg]) -> None:
+        check_disjoint(written, read, UpdateError)
+
+
+NATIVE_ARRAYS = _NativeArrays()
 
 
 class _Scratch:
@@ -128,74 +147,28 @@ class UpdateKernel:
     def __repr__(self) -> str:
         return f"UpdateKernel({self.spec})"
 
-    # -- argument checks -----------------------------------------------
-    def _check(self, table, ids, grads, state, serving, versions, seq):
-        s = self.spec
-        t = ArrayArg("table", table, UpdateError, writable=True)
-        if len(t.shape) != 2 or t.shape[1] != s.dim:
-            raise UpdateError(f"table must have shape (rows, {s.dim}), got {tuple(t.shape)}")
-        rows = t.shape[0]
-        t.expect(_TABLE_DTYPES[s.table_dtype], (rows, s.dim))
-        i = ArrayArg("ids", ids, UpdateError)
-        if len(i.shape) != 1:
-            raise UpdateError(f"ids must be 1-D, got shape {tuple(i.shape)}")
-        i.expect(("int32",) if s.index_dtype == "i32" else ("int64",), (i.shape[0],))
-        n = i.shape[0]
-        if n > MAX_BATCH:
-            raise UpdateError(f"a delta holds at most {MAX_BATCH:,} rows (MAX_BATCH), got {n:,}")
-        g = ArrayArg("grads", grads, UpdateError)
-        g.expect(("float32",), (n, s.dim))
-        states = self._check_state(state, rows)
-        srv = None
-        if s.serving is not None:
-            if serving is None:
-                raise UpdateError(f"this kernel refreshes a {s.serving} serving copy: pass serving=")
-            srv = ArrayArg("serving", serving, UpdateError, writable=True)
-            srv.expect(_SERVING_DTYPES[s.serving], (rows, catalog.layout(s.serving).width(s.dim)))
-        elif serving is not None:
-            raise UpdateError("this kernel has no serving copy: compile it with serving=")
-        ver = None
-        if versions is not None:
-            ver = ArrayArg("versions", versions, UpdateError, writable=True)
-            ver.expect(("int64",), (rows,))
-        sq = None
-        if seq is not None:
-            sq = ArrayArg("seq", seq, UpdateError, writable=True)
-            sq.expect(("uint32", "int32"), (rows,))
-        written = [t, *states, *(x for x in (srv, ver, sq) if x is not None)]
-        check_disjoint(written, [i, g], UpdateError)
-        return rows, n, t, i, g, states, srv, ver, sq
-
-    def _check_state(self, state, rows: int) -> list[ArrayArg]:
-        s = self.spec
-        args = []
-        for name, label, x in state_arrays(s, state):
-            a = ArrayArg(label, x, UpdateError, writable=True)
-            a.expect(("float32",), s.entry.state_shape(name, rows, s.dim))
-            args.append(a)
-        return args
-
+    # -- the call -------------------------------------------------------
     def scratch_of(self, table) -> list[_Scratch]:
         """The scratch buffers this kernel's updates of `table` reuse."""
         rt = table_runtime(ArrayArg("table", table, UpdateError).ptr)
         return rt.scratch.get(("update", self.parts), [])
 
-    # -- the call -------------------------------------------------------
     def __call__(self, table, ids, grads, state=None, serving=None, versions=None,
                  step: int = 1, version: int | None = None, seed: int = 0, seq=None) -> None:
         """Apply one delta in place; `seq` (uint32 per row) makes each row's
         write visible all at once to lookups that read with the same words."""
-        rows, n, t, i, g, states, srv, ver, sq = self._check(
-            table, ids, grads, state, serving, versions, seq)
+        a = update_args(self.spec, NATIVE_ARRAYS, table, ids, grads, state, serving, versions,
+                        seq)
         step, version, seed = call_scalars(step, version, seed)
-        if n == 0:
+        if a.n == 0:
             return
-        rt = table_runtime(t.ptr)
+        rt = table_runtime(a.table.ptr)
         with rt.lock:
             scratch = rt.scratch.get(("update", self.parts))
             if scratch is None:
                 scratch = rt.scratch[("update", self.parts)] = [_Scratch() for _ in range(self.parts)]
-            self._run(scratch, rows, n, t, i, g, states, srv, ver, sq, step, version, seed)
+            self._run(scratch, a.rows, a.n, a.table, a.ids, a.grads, a.states, a.serving,
+                      a.versions, a.seq, step, version, seed)
 
     def _run(self, scratch, rows, n, t, i, g, states, srv, ver, sq, step, version, seed) -> None:
         parts = self.parts

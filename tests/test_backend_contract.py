@@ -1,0 +1,109 @@
+"""Both runtimes behind one contract: the same mistakes refused with the same messages.
+
+The native runtime and the Triton runtime share their argument checks
+(`ekko.kernels.calls`); here each mistake is made against both, with torch
+CPU tensors (Triton runs in its interpreter without a GPU), and the two
+messages must be the very same.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET", "") in ("", "0") and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import ekko  # noqa: E402
+from ekko.kernels.errors import EkkoError  # noqa: E402
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+ROWS, DIM = 16, 8
+
+
+def _update_call(**change):
+    """A valid Adam update with int8 serving copy and versions, one argument changed."""
+    def z(*shape, dtype=torch.float32):
+        return torch.zeros(shape, dtype=dtype, device=DEVICE)
+
+    table = z(ROWS, DIM)
+    args = dict(table=table, ids=torch.tensor([1, 3, 1], device=DEVICE), grads=z(3, DIM),
+                state=(z(ROWS, DIM), z(ROWS, DIM)), serving=z(ROWS, DIM + 8, dtype=torch.uint8),
+                versions=z(ROWS, dtype=torch.int64), step=1)
+    args.update(change)
+    return args
+
+
+def _mistakes():
+    t = torch.zeros(ROWS, DIM, device=DEVICE)
+    return {
+        "table dtype": dict(table=torch.zeros(ROWS, DIM, dtype=torch.float64, device=DEVICE)),
+        "1-D table": dict(table=torch.zeros(ROWS * DIM, device=DEVICE)),
+        "ids dtype": dict(ids=torch.tensor([1, 3, 1], dtype=torch.int32, device=DEVICE)),
+        "2-D ids": dict(ids=torch.zeros(3, 1, dtype=torch.int64, device=DEVICE)),
+        "grads shape": dict(grads=torch.zeros(2, DIM, device=DEVICE)),
+        "state missing": dict(state=None),
+        "state shape": dict(state=(torch.zeros(ROWS, DIM, device=DEVICE),
+                                   torch.zeros(ROWS, device=DEVICE))),
+        "serving missing": dict(serving=None),
+        "serving width": dict(serving=torch.zeros(ROWS, DIM, dtype=torch.uint8, device=DEVICE)),
+        "versions dtype": dict(versions=torch.zeros(ROWS, dtype=torch.int32, device=DEVICE)),
+        "state aliases table": dict(table=t, state=(t, torch.zeros(ROWS, DIM, device=DEVICE))),
+        "step 0": dict(step=0),
+        "not a tensor": dict(grads="grads"),
+        "transposed": dict(table=torch.zeros(DIM, ROWS, device=DEVICE).T),
+        "requires grad": dict(table=torch.zeros(ROWS, DIM, device=DEVICE, requires_grad=True)),
+    }
+
+
+MISTAKES = _mistakes()
+
+
+def _refusal(kernel, args) -> str:
+    with pytest.raises(EkkoError) as info:
+        kernel(**args)
+    return str(info.value)
+
+
+@pytest.fixture(scope="module")
+def update_kernels():
+    return {t: ekko.update_kernel("adam", DIM, serving="int8", threads=1, target=t)
+            for t in ("llvm", "triton")}
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the native runtime takes CPU tensors only")
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_both_runtimes_refuse_an_update_mistake_alike(update_kernels, mistake: str) -> None:
+    args = _update_call(**MISTAKES[mistake])
+    native = _refusal(update_kernels["llvm"], args)
+    triton = _refusal(update_kernels["triton"], args)
+    if mistake == "not a tensor":  # what each runtime takes differs, so does the message
+        assert "grads must be a" in native and "grads must be a" in triton
+    else:
+        assert native == triton
+
+
+BAG_MISTAKES = {
+    "table width": dict(table=torch.zeros(ROWS, DIM + 1, device=DEVICE)),
+    "ids dtype": dict(ids=torch.tensor([1, 2], dtype=torch.int32, device=DEVICE)),
+    "offsets missing": dict(offsets=None),
+    "weights missing": dict(per_sample_weights=None),
+    "weights count": dict(per_sample_weights=torch.ones(3, device=DEVICE)),
+    "out shape": dict(out=torch.zeros(1, DIM, device=DEVICE)),
+}
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the native runtime takes CPU tensors only")
+@pytest.mark.parametrize("mistake", list(BAG_MISTAKES))
+def test_both_runtimes_refuse_a_lookup_mistake_alike(mistake: str) -> None:
+    args = dict(table=torch.zeros(ROWS, DIM, device=DEVICE),
+                ids=torch.tensor([1, 2], device=DEVICE),
+                offsets=torch.tensor([0, 1, 2], device=DEVICE),
+                per_sample_weights=torch.ones(2, device=DEVICE))
+    args.update(BAG_MISTAKES[mistake])
+    kernels = [ekko.bag_kernel(DIM, weighted=True, target=t) for t in ("llvm", "triton")]
+    native, triton = (_refusal(k, args) for k in kernels)
+    assert native == triton
