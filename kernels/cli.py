@@ -33,13 +33,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from ..compiler.backend.spec import UpdateSpec, serving_row_bytes
+from ..compiler.backend.spec import serving_row_bytes
+from ..compiler.backend.targets import TARGETS, target
 from ..compiler.diagnostics import EkkoDiagnostic
 from ..compiler.frontend import Model, ModelError, Optimizer, Table, load_model
 from ..compiler.frontend.model import ModelInvalid
 from ..dialects.limits import MAX_BATCH
 from ..dialects import catalog
-from . import jit
+from . import backends, jit
 from .errors import EkkoError
 from .model import STAGES, CompiledModel, compile_model
 from .traffic import RunConfig, run_traffic
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output folder")
     c.add_argument("--emit-ir", choices=("none", "model", "kernel", "all"), default="all",
                    help="which IR stages to write (default: all)")
-    c.add_argument("--target", choices=("llvm", "triton"), default="llvm",
+    c.add_argument("--target", choices=list(TARGETS), default="llvm",
                    help="triton: also each kernel's Triton source and its PTX for sm_90")
     r = sub.add_parser("run", help="compile, then stream updates while serving lookups")
     _add_model_args(r)
@@ -264,8 +265,7 @@ def _stage_outputs(compiled: CompiledModel, emit_ir: str, out: Path, target: str
             stem.with_suffix(".ll").write_text(optimized)
             stem.with_suffix(".o").write_bytes(obj)
             entry["files"] = [f"kernels/{stem.name}.ll", f"kernels/{stem.name}.o"]
-            if target == "triton":
-                entry["files"] += _triton_files(spec, stem)
+            entry["files"] += _target_files(target, spec, stem)
         text = json.dumps(manifest, indent=2, default=str) + "\n"
         (staging / "manifest.json").write_text(text)
     except BaseException:
@@ -274,19 +274,21 @@ def _stage_outputs(compiled: CompiledModel, emit_ir: str, out: Path, target: str
     return staging
 
 
-def _triton_files(spec, stem: Path) -> list[str]:
-    """The kernel's Triton source and the PTX of each of its Triton kernels."""
-    from .triton_runtime import spec_ptx
-
+def _target_files(name: str, spec, stem: Path) -> list[str]:
+    """What `--target NAME` writes beside a kernel's native object (Triton: its source and
+    the PTX of each of its kernels), as its runtime exports them."""
+    _, runtime = backends.backend(name)
+    if runtime.export is None:
+        return []
     try:
-        source, ptx = spec_ptx(spec)
-    except ImportError:
-        raise CliError("--target triton needs triton: pip install 'ekko[triton]'") from None
-    stem.with_suffix(".triton.py").write_text(source)
-    names = [f"kernels/{stem.name}.triton.py"]
-    for name, text in ptx.items():
-        (stem.parent / f"{stem.name}.{name}.ptx").write_text(text)
-        names.append(f"kernels/{stem.name}.{name}.ptx")
+        files = runtime.export(spec)
+    except ImportError as e:
+        raise CliError(f"--target {name} needs {e.name or 'its runtime'}: "
+                       f"pip install 'ekko[{name}]'") from None
+    names = []
+    for suffix, text in files.items():
+        stem.with_name(stem.name + suffix).write_text(text)
+        names.append(f"kernels/{stem.name}{suffix}")
     return names
 
 
@@ -307,10 +309,8 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def llvm_ir_of(spec) -> str:
-    from ..compiler.backend.llvm_bag import emit_bag
-    from ..compiler.backend.llvm_update import emit_update
-
-    return emit_update(spec) if isinstance(spec, UpdateSpec) else emit_bag(spec)
+    """The native kernel's LLVM IR (every kernel has one, whatever --target adds)."""
+    return target("llvm").emit(spec)
 
 
 def available_memory() -> int | None:

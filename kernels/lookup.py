@@ -1,8 +1,9 @@
 """Pooled serving lookups (embedding bags) through compiled LLVM kernels.
 
-`bag_kernel(dim, layout, ...)` asks the compiler for the BagSpec (through the
-IR pipeline, which also chooses the partition count), emits it with
-`compiler.backend.llvm_bag` and JIT-compiles it. The returned BagKernel takes
+`bag_kernel(dim, layout, ...)` (ekko.kernels.build) asks the compiler for the
+BagSpec (through the IR pipeline, which also chooses the partition count);
+on the LLVM target a BagKernel emits it with `compiler.backend.llvm_bag` and
+JIT-compiles it. A BagKernel takes
 numpy arrays or torch CPU tensors, never copies them (it only checks dtype,
 shape and contiguity and passes data pointers), and returns the same kind of
 array it was given. Large batches are split into partitions that own
@@ -17,7 +18,6 @@ ids[off[b]:off[b+1]]) or torch's B entries (the last bag ends at len(ids)).
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,6 @@ import numpy as np
 from ..compiler.backend import abi
 from ..compiler.backend.llvm_bag import ERR_ID, ERR_OFFSETS, emit_bag
 from ..compiler.backend.spec import BagSpec, serving_row_bytes
-from ..compiler.pipeline import bag_spec
 from .arrays import ArrayArg, check_disjoint
 from .calls import (SEQ_DTYPES, bag_count, bag_offsets_given, bag_table_width,
                     bag_weights_given, index_dtypes)
@@ -165,32 +164,4 @@ class BagKernel:
                 raise LookupError(f"lookup kernel failed with code {code}")
 
 
-_kernels: dict[BagSpec, BagKernel] = {}
-_kernels_lock = threading.Lock()
-
-
-def bag_kernel(dim: int, layout: str = "f32", index_dtype: str = "i64", mode: str = "sum",
-               weighted: bool = False, threads: int | None = None,
-               target: str = "llvm") -> BagKernel:
-    """A (cached) compiled lookup; the spec comes from the compiler pipeline.
-
-    `target="triton"` compiles for the GPU (ekko.kernels.triton_runtime)."""
-    if target not in ("llvm", "triton"):
-        raise LookupError(f"unknown target {target!r}; expected 'llvm' or 'triton'")
-    try:
-        BagSpec(dim, layout, index_dtype, mode, weighted)  # reject bad requests before building IR
-        spec = bag_spec(dim, layout, index_dtype, mode, weighted, partitions=threads or 0)
-    except Exception as exc:  # ValueError from BagSpec, VerifyException from the IR
-        raise LookupError(f"cannot build a lookup kernel: {exc}") from exc
-    if target == "triton":
-        from .triton_runtime import TritonBagKernel
-
-        return TritonBagKernel(spec)  # type: ignore[return-value]
-    with _kernels_lock:
-        kernel = _kernels.get(spec)
-        if kernel is None:
-            kernel = _kernels[spec] = BagKernel(spec)
-        return kernel
-
-
-__all__ = ["BagKernel", "LookupError", "bag_kernel"]
+__all__ = ["BagKernel", "LookupError"]

@@ -31,13 +31,13 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from ..compiler.backend import triton_bag, triton_update
 from ..compiler.backend.spec import BagSpec, UpdateSpec
+from ..compiler.backend.targets import TARGETS
 from .arrays import ArrayArg, torch_layout_problem
 from .calls import (bag_count, bag_offsets_given, bag_table_width, bag_weights_given,
                     buffer_name, call_scalars, index_dtypes, update_args)
@@ -45,6 +45,7 @@ from .errors import EkkoError, LookupError, NonFiniteOutputError, UpdateError
 from .jit import cache_dir
 from .native import table_runtime
 
+_TARGET = TARGETS["triton"]  # the compiler side of this runtime: schedule and emit
 _modules: dict[str, ModuleType] = {}
 _modules_lock = threading.Lock()
 
@@ -216,8 +217,7 @@ class TritonUpdateKernel:
 
     def __init__(self, spec: UpdateSpec):
         _require_triton(UpdateError)
-        rows, warps = triton_update.schedule(spec)
-        self.spec = replace(spec, block_rows=rows, num_warps=warps)
+        self.spec = _TARGET().schedule(spec)
         self.source = triton_update.emit_update(self.spec)
         self.module = load_source(self.source, f"update_{spec.optimizer}_{spec.dim}")
 
@@ -388,9 +388,8 @@ Unit = tuple[str, str, tuple[triton_update.KernelDecl, ...]]  # (source, stem, k
 
 def unit_of(spec: UpdateSpec | BagSpec) -> Unit:
     """The generated module of a spec, as `ptx_many` takes it."""
+    spec = _TARGET().schedule(spec)
     if isinstance(spec, UpdateSpec):
-        rows, warps = triton_update.schedule(spec)
-        spec = replace(spec, block_rows=rows, num_warps=warps)
         return (triton_update.emit_update(spec), f"update_{spec.optimizer}_{spec.dim}",
                 triton_update.kernels(spec))
     return (triton_bag.emit_bag(spec), f"bag_{spec.mode}_{spec.layout}_{spec.dim}",
@@ -439,6 +438,13 @@ def spec_ptx(spec: UpdateSpec | BagSpec, arch: int = 90) -> tuple[str, dict[str,
     """(generated source, {kernel: PTX}) of one spec."""
     unit = unit_of(spec)
     return unit[0], ptx_many([unit], arch)[0]
+
+
+def export(spec: UpdateSpec | BagSpec) -> dict[str, str]:
+    """`ekko compile --target triton`'s files of a kernel: its Triton source and the PTX of
+    each of its Triton kernels for sm_90 (suffix -> text; `backends.Runtime.export`)."""
+    source, ptx = spec_ptx(spec)
+    return {".triton.py": source, **{f".{name}.ptx": text for name, text in ptx.items()}}
 
 
 if __name__ == "__main__":  # ptx_many's fresh process: units in on stdin, PTX out on stdout

@@ -1,8 +1,8 @@
-"""Fused sparse-update kernels: the calling convention around the native code.
+"""Fused sparse-update kernels on the LLVM target: the calling convention around the native code.
 
-`update_kernel(...)` builds the update chain a user asks for as IR, runs the
-standard pipeline and compiles the resulting spec; the returned
-`UpdateKernel` applies one delta in place:
+`update_kernel(...)` (ekko.kernels.build) builds the update chain a user asks
+for as IR, runs the standard pipeline and loads the resulting spec; on the
+LLVM target the returned `UpdateKernel` applies one delta in place:
 
     k(table, ids, grads, state=..., serving=..., versions=..., step=1, version=None, seed=0,
       seq=None)
@@ -32,10 +32,7 @@ the lock and the scratch buffers belong to the table (`native.TableRuntime`).
 from __future__ import annotations
 
 import ctypes
-import functools
-import inspect
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,13 +40,9 @@ import numpy as np
 from ..compiler.backend import abi
 from ..compiler.backend.llvm_update import RECENT_SLOTS, emit_update, journal_entry_bytes
 from ..compiler.backend.spec import UpdateSpec
-from ..dialects.limits import MAX_DIM, limit_error
-from ..compiler.frontend.model import UpdateRule
-from ..compiler.pipeline import UpdateRequest, update_spec
-from ..dialects import catalog
 from .arrays import ArrayArg, check_disjoint
 from .calls import buffer_name, call_scalars, update_args
-from .errors import NonFiniteOutputError, OptimizerError, UpdateError
+from .errors import NonFiniteOutputError, UpdateError
 from .jit import JitModule, compile_ir
 from .native import PackedEntry, table_runtime
 
@@ -246,104 +239,3 @@ def ids_value(ids: ArrayArg, pos: int) -> int:
     """Read one id back from its pointer, for the error message."""
     ctype = ctypes.c_int32 if ids.dtype == "int32" else ctypes.c_int64
     return ctype.from_address(ids.ptr + pos * ctypes.sizeof(ctype)).value
-
-
-def update_kernel(optimizer: str | catalog.Optimizer | UpdateRule, dim: int,
-                  table_dtype: str = "f32", index_dtype: str = "i64", serving: str | None = None, *,
-                  stochastic_rounding: bool = False, threads: int | None = None,
-                  deterministic: bool = False, betas: tuple[float, float] | None = None,
-                  weight_decay: float = 0.0, max_norm: float | None = None,
-                  clip_value: float | None = None, target: str = "llvm",
-                  **hyper: float) -> UpdateKernel:
-    """Compile a fused sparse update through the IR pipeline (see the module docstring).
-
-    `optimizer` is a catalog name (`ekko.optimizers()`) or an optimizer made
-    with `@ekko.optimizer`; its hyper-parameters are keywords (`lr`, `eps`,
-    ...; `betas` sets Adam's beta1 and beta2 as torch does), defaults from
-    the catalog. With `stochastic_rounding`, `weight_decay`, `max_norm` and
-    `clip_value` they make one `UpdateRule`, the object a model's table holds
-    (`optimizer` may be such a rule, e.g. `model.table("t").update`, instead of
-    the keywords). `threads` is the number of partitions (default: one per
-    core); `deterministic` sums duplicate ids of an SGD delta too, fixing the
-    float summation order. `target="triton"` compiles for the GPU instead
-    (torch tensors on a CUDA device; see ekko.kernels.triton_runtime).
-    """
-    if target not in ("llvm", "triton"):
-        raise UpdateError(f"unknown target {target!r}; expected 'llvm' or 'triton'")
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
-        raise UpdateError(f"dim must be an integer, got {dim!r}")
-    if (why := limit_error("dim", int(dim), MAX_DIM)) is not None:
-        raise UpdateError(f"cannot build this update: {why} (MAX_DIM, dialects/limits.py)")
-    dim = int(dim)
-    if betas is not None:
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise UpdateError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        name = getattr(optimizer, "name", optimizer)
-        entry = catalog.OPTIMIZERS.get(name) if isinstance(name, str) else None
-        if entry is not None and (why := entry.hyper_problem("beta1")) is not None:
-            raise UpdateError(f"cannot build this update: betas sets beta1 and beta2: {why}")
-        hyper["beta1"], hyper["beta2"] = betas
-    try:
-        if isinstance(optimizer, UpdateRule):
-            given = {k for k, v in (("stochastic_rounding", stochastic_rounding),
-                                    ("weight_decay", weight_decay), ("max_norm", max_norm),
-                                    ("clip_value", clip_value)) if v} | set(hyper)
-            if given:
-                raise ValueError(f"an UpdateRule holds every setting; {sorted(given)[0]} "
-                                 "cannot be given beside it")
-            rule = optimizer
-        else:
-            rule = _rule(optimizer, hyper, stochastic_rounding=stochastic_rounding,
-                         weight_decay=weight_decay, max_norm=max_norm, clip_value=clip_value)
-        req = UpdateRequest(rule, dim, table_dtype, index_dtype, serving,
-                            deterministic=deterministic)
-        spec = update_spec(req, partitions=threads or 0)
-    except (KeyError, ValueError, TypeError) as e:
-        raise UpdateError(f"cannot build this update: {e}") from None
-    except Exception as e:  # xDSL's verifier: the request itself is wrong
-        if type(e).__name__ in ("VerifyException", "DiagnosticException"):
-            raise UpdateError(f"cannot build this update: {e}") from None
-        raise
-    if target == "triton":
-        from .triton_runtime import TritonUpdateKernel
-
-        return TritonUpdateKernel(spec)  # type: ignore[return-value]
-    return UpdateKernel(spec)
-
-
-def _rule(optimizer: str | catalog.Optimizer, hyper: dict[str, float],
-          **settings: object) -> UpdateRule:
-    """update_kernel's keywords as the rule. A hyper-parameter the optimizer does
-    not have is refused, as the language refuses it (`None` stands for not given)."""
-    name = optimizer.name if isinstance(optimizer, catalog.Optimizer) else optimizer
-    hyper = {k: v for k, v in hyper.items() if v is not None}
-    return UpdateRule.make(name, **hyper, **settings)
-
-
-@functools.wraps(catalog.define)
-def optimizer(name: str | None = None, **options: Any) -> Callable[[Callable], catalog.Optimizer]:
-    """@ekko.optimizer(...): `catalog.define`, with each mistake in the definition one
-    OptimizerError that names the optimizer and the line of the user's source."""
-    define = catalog.define(name, **options)
-    own = ("hyper", *catalog.MATH_ARGS, *catalog.GRAD_HYPER)  # the catalog says why for these
-    taken = [k for k in inspect.signature(update_kernel).parameters if k not in own]
-
-    def checked(fn: Callable) -> catalog.Optimizer:
-        label = name or getattr(fn, "__name__", "?")
-        hyper = options.get("hyper")
-        for key in hyper if isinstance(hyper, dict) else ():
-            if key in taken:  # update_kernel(..., key=v) would bind its own parameter
-                raise OptimizerError(str(catalog.definition_error(
-                    fn, label, f"hyper-parameter name {key!r} is taken: update_kernel has a "
-                    f"parameter of that name")))
-        try:
-            return define(fn)
-        except catalog.DefinitionError as e:
-            raise OptimizerError(str(e)) from None
-
-    return checked
-
-
-def optimizers() -> dict[str, str]:
-    """Every optimizer update_kernel knows, with what it computes."""
-    return {name: opt.doc for name, opt in catalog.OPTIMIZERS.items()}

@@ -107,3 +107,62 @@ def test_both_runtimes_refuse_a_lookup_mistake_alike(mistake: str) -> None:
     kernels = [ekko.bag_kernel(DIM, weighted=True, target=t) for t in ("llvm", "triton")]
     native, triton = (_refusal(k, args) for k in kernels)
     assert native == triton
+
+
+# -- the contract: a backend is one Target plus one Runtime, found by name everywhere --------
+
+def test_every_target_has_a_runtime_and_every_runtime_a_target() -> None:
+    from ekko.compiler.backend.targets import TARGETS
+    from ekko.kernels.backends import RUNTIMES
+
+    assert set(RUNTIMES) == set(TARGETS)
+
+
+@pytest.fixture()
+def echo_backend(monkeypatch):
+    """A third backend registered the documented way (one Target, one Runtime): its
+    'kernels' record the spec they were loaded with."""
+    from ekko.compiler.backend import targets
+    from ekko.compiler.backend.spec import BagSpec, UpdateSpec
+    from ekko.kernels import backends
+
+    class Loaded:
+        def __init__(self, spec):
+            self.spec = spec
+
+    def echo_target() -> targets.Target:
+        return targets.Target("echo", lambda spec: f"// {spec.key()}\n", "//",
+                              (UpdateSpec, BagSpec), lambda dim: {"num_warps": 3})
+
+    monkeypatch.setitem(targets.TARGETS, "echo", echo_target)
+    monkeypatch.setitem(backends.RUNTIMES, "echo",
+                        lambda: backends.Runtime(Loaded, Loaded, lambda spec: {".echo": "x"}))
+    return Loaded
+
+
+def test_a_new_backend_is_reached_by_name_through_every_entry_point(echo_backend) -> None:
+    """update_kernel and bag_kernel dispatch through the registries (no name is
+    hard-coded), and the update was scheduled by the target's own launch settings."""
+    k = ekko.update_kernel("sgd", 8, target="echo")
+    assert isinstance(k, echo_backend) and k.spec.num_warps == 3
+    b = ekko.bag_kernel(8, target="echo")
+    assert isinstance(b, echo_backend) and b.spec.dim == 8
+
+
+def test_upd_schedule_writes_the_targets_launch_settings(echo_backend) -> None:
+    from ekko.compiler.pipeline import UpdateRequest, update_module, run_pipeline
+    from ekko.compiler.registry import pipeline_spec
+
+    module = update_module(UpdateRequest("sgd", 8))
+    run_pipeline(module, pipeline_spec("standard", target="echo"))
+    assert "num_warps = 3" in str(module)
+
+
+def test_an_unknown_target_is_refused_naming_the_known_ones() -> None:
+    from ekko.compiler.backend.targets import TARGETS
+
+    with pytest.raises(ekko.UpdateError, match="unknown target 'cuda'; expected one of "
+                       + ", ".join(TARGETS)):
+        ekko.update_kernel("sgd", 8, target="cuda")
+    with pytest.raises(ekko.LookupError, match="unknown target 'cuda'"):
+        ekko.bag_kernel(8, target="cuda")

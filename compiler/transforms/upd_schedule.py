@@ -24,6 +24,7 @@ from xdsl.dialects.builtin import IntegerAttr, ModuleOp, UnitAttr, i64
 from xdsl.passes import ModulePass
 
 from ...dialects import emb, upd
+from ..backend.targets import TARGETS, target
 from ...dialects.limits import MAX_DIM, MAX_PARTITIONS
 
 MAX_TILE = 512  # f32 values: a 2 KiB block of the row stays in L1 across the loops
@@ -32,16 +33,6 @@ MAX_TILE = 512  # f32 values: a 2 KiB block of the row stays in L1 across the lo
 def choose_tile(dim: int) -> int:
     """The whole row, or blocks of MAX_TILE values for very wide rows."""
     return dim if dim <= MAX_TILE else MAX_TILE // 2
-
-
-GPU_TILE = 2048  # values per Triton program: 16 a thread at 4 warps
-
-
-def gpu_schedule(dim: int) -> tuple[int, int]:
-    """(block_rows, num_warps) of a Triton update over [block_rows, whole row] tiles."""
-    width = max(2, 1 << max(0, (dim - 1).bit_length()))
-    rows = max(1, min(64, GPU_TILE // width))
-    return rows, 4 if rows * width <= 4096 else 8
 
 
 def default_partitions() -> int:
@@ -55,11 +46,11 @@ class UpdSchedulePass(ModulePass):
     partitions: int = 0  # 0: one per CPU core
     sort: bool = False
     tile: int = 0  # 0: chosen from the dim
-    target: str = "llvm"  # "triton": also block_rows and num_warps for the GPU
+    target: str = "llvm"  # a name in TARGETS: also its launch settings (Triton: block_rows, num_warps)
 
     def __post_init__(self) -> None:
-        if self.target not in ("llvm", "triton"):
-            raise ValueError(f"target must be llvm or triton, got {self.target!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be {' or '.join(TARGETS)}, got {self.target!r}")
         for option, value, most in (("partitions", self.partitions, MAX_PARTITIONS),
                                     ("tile", self.tile, MAX_DIM)):
             if not 0 <= value <= most:
@@ -68,6 +59,7 @@ class UpdSchedulePass(ModulePass):
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         parts = self.partitions or default_partitions()
+        launch = target(self.target).launch
         for apply in op.walk():
             if isinstance(apply, upd.ApplyOp):
                 table = apply.table.type
@@ -75,10 +67,8 @@ class UpdSchedulePass(ModulePass):
                 tile = self.tile or choose_tile(table.dim.data)
                 apply.partitions = IntegerAttr(parts, i64)
                 apply.tile = IntegerAttr(min(tile, table.dim.data), i64)
-                if self.target == "triton":
-                    rows, warps = gpu_schedule(table.dim.data)
-                    apply.block_rows = IntegerAttr(rows, i64)
-                    apply.num_warps = IntegerAttr(warps, i64)
+                for setting, value in launch(table.dim.data).items():
+                    setattr(apply, setting, IntegerAttr(value, i64))
                 apply.sort = UnitAttr() if self.sort else None
             elif isinstance(apply, (emb.BagOp, emb.LookupOp)):
                 apply.attributes["partitions"] = IntegerAttr(parts, i64)
