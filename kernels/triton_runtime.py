@@ -116,6 +116,30 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+class _Kernels:
+    """A generated module's kernels, launched with their arguments by name.
+
+    The emitter declares each kernel's arguments once (`KernelDecl`: the
+    signature it writes the `def` from and `triton.compile` reads); a launch
+    lays the named arguments out in that order, as `native.PackedEntry` does
+    for the ABI's signatures, so a call can never pass them in the wrong
+    positions. A missing or unknown name is a TypeError.
+    """
+
+    def __init__(self, module: ModuleType, decls: tuple[triton_update.KernelDecl, ...]):
+        self.module = module
+        self.order = {d.name: tuple(name for name, _ in d.signature) for d in decls}
+
+    def launch(self, kernel: str, grid: tuple[int, ...], **args: Any) -> None:
+        names = self.order[kernel]
+        if len(args) != len(names) or not all(n in args for n in names):
+            missing = [n for n in names if n not in args]
+            unknown = [n for n in args if n not in names]
+            raise TypeError(f"{kernel}: missing arguments {missing}, unknown {unknown}")
+        getattr(self.module, kernel)[grid](*(args[n] for n in names),
+                                           num_warps=self.module.NUM_WARPS)
+
+
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -220,6 +244,7 @@ class TritonUpdateKernel:
         self.spec = _TARGET().schedule(spec)
         self.source = triton_update.emit_update(self.spec)
         self.module = load_source(self.source, f"update_{spec.optimizer}_{spec.dim}")
+        self.kernels = _Kernels(self.module, triton_update.kernels(self.spec))
 
     def __repr__(self) -> str:
         return f"TritonUpdateKernel({self.spec})"
@@ -267,22 +292,22 @@ class TritonUpdateKernel:
         acc = g
         if multi.numel():
             acc = torch.empty((u, s.dim), dtype=torch.float32, device=device)
-            mod.ekko_update_sum[(multi.numel(),)](g, perm, starts, counts, multi, acc,
-                                                  num_warps=mod.NUM_WARPS)
+            self.kernels.launch("ekko_update_sum", (multi.numel(),), grads=g, perm=perm,
+                                starts=starts, counts=counts, multi=multi, acc=acc)
         table = _as_kernel_dtype(t, s.table_dtype)
         uni = torch.tensor(mod.uniforms(step) or [0.0], dtype=torch.float64, device=device)
         grid = (_cdiv(u, s.block_rows),)
         bad = torch.empty(u, dtype=torch.int32, device=device)
-        mod.ekko_update_check[grid](uids, srcs, acc, g, u, table, *states, seed, uni, bad,
-                                    num_warps=mod.NUM_WARPS)
+        rows_in = dict(uids=uids, srcs=srcs, acc=acc, grads=g, count=u, table=table, seed=seed,
+                       uni=uni, **{f"state{k}": x for k, x in enumerate(states)})
+        self.kernels.launch("ekko_update_check", grid, **rows_in, bad=bad)
         self._refuse_non_finite(uids, bad)
         dummy = torch.zeros(1, dtype=torch.int64, device=device)
         serving = _as_kernel_dtype(srv, s.serving) if srv is not None else dummy.view(torch.float32)[:1]
         seq = sq.view(torch.int32) if sq is not None else dummy.view(torch.int32)
-        mod.ekko_update_apply[grid](
-            uids, srcs, acc, g, u, table, *states, serving,
-            ver if ver is not None else dummy, seq, version, seed, uni,
-            HAS_VERSIONS=ver is not None, HAS_SEQ=sq is not None, num_warps=mod.NUM_WARPS)
+        self.kernels.launch("ekko_update_apply", grid, **rows_in, serving=serving,
+                            versions=ver if ver is not None else dummy, seq=seq, version=version,
+                            HAS_VERSIONS=ver is not None, HAS_SEQ=sq is not None)
 
     def _refuse_non_finite(self, uids, bad) -> None:
         """The check kernel found a row whose new values would not be finite: name
@@ -303,6 +328,7 @@ class TritonBagKernel:
         self.spec = spec
         self.source = triton_bag.emit_bag(spec)
         self.module = load_source(self.source, f"bag_{spec.mode}_{spec.layout}_{spec.dim}")
+        self.kernels = _Kernels(self.module, triton_bag.kernels(spec))
 
     def __repr__(self) -> str:
         return f"TritonBagKernel({self.spec})"
@@ -333,15 +359,14 @@ class TritonBagKernel:
         if nbags == 0:
             return out
         self._validate(i, bounds, t.shape[0], n)
-        mod = self.module
-        args = [_as_kernel_dtype(t, s.layout), i]
+        args = dict(table=_as_kernel_dtype(t, s.layout), ids=i, out=out, n=n)
         if bounds is not None:
-            args.append(bounds)
+            args["bounds"] = bounds
         if w is not None:
-            args.append(w)
+            args["weights"] = w
         grid = (_cdiv(n, triton_bag.chunk(s.dim)),) if s.mode == "none" else (nbags,)
         with _quiet():
-            mod.ekko_bag[grid](*args, out, n, num_warps=mod.NUM_WARPS)
+            self.kernels.launch("ekko_bag", grid, **args)
         return out
 
     def _bounds(self, c: _Checker, offsets: Any, ids: Any, include_last: bool | None):

@@ -166,3 +166,57 @@ def test_an_unknown_target_is_refused_naming_the_known_ones() -> None:
         ekko.update_kernel("sgd", 8, target="cuda")
     with pytest.raises(ekko.LookupError, match="unknown target 'cuda'"):
         ekko.bag_kernel(8, target="cuda")
+
+
+def test_native_kernels_bind_the_dedup_phase_by_name(monkeypatch) -> None:
+    """The ABI alone fixes argument positions: with update_dedup's arguments declared in
+    reverse order, emitter, packed wrapper and runtime still agree (an emitter unpacking
+    positions would read the hash table as the ids)."""
+    import dataclasses
+
+    import numpy as np
+
+    from ekko.compiler.backend import abi
+
+    declared = abi.update_dedup
+
+    def reversed_dedup(index_dtype: str) -> abi.Signature:
+        sig = declared(index_dtype)
+        return dataclasses.replace(sig, args=tuple(reversed(sig.args)))
+
+    monkeypatch.setattr(abi, "update_dedup", reversed_dedup)
+    k = ekko.update_kernel("sgd", 4, lr=0.5, threads=2, deterministic=True)
+    table = np.zeros((10, 4), np.float32)
+    ids = np.array([3, 7, 3, 0], np.int64)
+    grads = np.arange(16, dtype=np.float32).reshape(4, 4)
+    k(table, ids, grads)
+    want = np.zeros((10, 4), np.float32)
+    np.subtract.at(want, ids, 0.5 * grads)
+    np.testing.assert_array_equal(table, want)
+    with pytest.raises(ekko.UpdateError, match="id 10 at position 1 is out of range"):
+        k(table, np.array([1, 10], np.int64), grads[:2])
+
+
+def test_triton_launches_bind_arguments_by_name(monkeypatch) -> None:
+    """The emitter's declaration alone fixes a Triton kernel's argument order: with the
+    apply's (and so the check's) arguments declared in reverse, the runtime's launches
+    still pass each tensor to its parameter, and the result equals the native one."""
+    from ekko.compiler.backend import triton_update
+
+    declared = triton_update.apply_args
+    monkeypatch.setattr(triton_update, "apply_args", lambda spec: declared(spec)[::-1])
+    results = []
+    for target in ("llvm", "triton"):
+        k = ekko.update_kernel("adagrad", DIM, serving="int8", lr=0.1, target=target)
+        table = torch.linspace(-1, 1, ROWS * DIM).reshape(ROWS, DIM).to(DEVICE)
+        state = torch.full((ROWS, DIM), 0.1, device=DEVICE)
+        serving = torch.zeros(ROWS, DIM + 8, dtype=torch.uint8, device=DEVICE)
+        versions = torch.zeros(ROWS, dtype=torch.int64, device=DEVICE)
+        grads = torch.linspace(-2, 2, 3 * DIM).reshape(3, DIM).to(DEVICE)
+        k(table, torch.tensor([5, 2, 5], device=DEVICE), grads, state=state, serving=serving,
+          versions=versions, step=1, version=7)
+        results.append((table.cpu(), state.cpu(), versions.cpu()))
+    (t1, s1, v1), (t2, s2, v2) = results
+    torch.testing.assert_close(t2, t1)
+    torch.testing.assert_close(s2, s1)
+    assert v2.tolist() == v1.tolist() and v2[5] == 7 and v2[2] == 7
