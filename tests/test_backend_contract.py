@@ -220,3 +220,21 @@ def test_triton_launches_bind_arguments_by_name(monkeypatch) -> None:
     torch.testing.assert_close(t2, t1)
     torch.testing.assert_close(s2, s1)
     assert v2.tolist() == v1.tolist() and v2[5] == 7 and v2[2] == 7
+
+
+def test_ekko_compile_reaches_a_new_backend_by_name(echo_backend, tmp_path) -> None:
+    """`--target` offers every registered target, and each kernel gets the files its
+    runtime exports beside the native object (listed in the manifest)."""
+    import json
+
+    from ekko.cli import main
+
+    model = tmp_path / "small.ekko"
+    model.write_text("model small {\n  table users { rows 100; dim 8; }\n"
+                     "  feature user -> users pooling sum;\n}\n")
+    out = tmp_path / "out"
+    assert main(["compile", str(model), "-o", str(out), "--target", "echo", "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["kernels"]:
+        echo = [f for f in entry["files"] if f.endswith(".echo")]
+        assert echo and (out / echo[0]).read_text() == "x"

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # ekko.<package> -> its folder (pyproject's package-dir)
 PACKAGES = {"dialects": "dialects", "compiler": "compiler", "kernels": "kernels",
-            "engine": "engine", "workloads": "workloads", "cli": "cli"}
+            "engine": "engine", "workloads": "workloads", "cli": "ekko/cli"}
 # what each package may import (besides itself); `cli` is the top: the `ekko` command
 ALLOWED = {
     "dialects": set(),

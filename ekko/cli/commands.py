@@ -5,16 +5,19 @@
   ekko run MODEL              build the tables, stream a Zipf update stream
                               through the update kernels while serving
                               lookups, check a sample against numpy, report
+  ekko run MODEL --replicas N the same through the update engine: a primary,
+                              N serving replicas kept fresh (ekko.cli.replicas)
 
 MODEL is a `.ekko` file or `path/to/module.py:factory` (a torch model).
 --optimizer and --serving set every table's optimizer and serving layout,
-for either kind. The CLI lives in `kernels` because `run` needs the
-runtime; it only asks the compiler for IR and specs.
+for either kind. This module is the one parser and the one place that
+turns errors into messages; it sits above the engine, the kernels and the
+compiler, and asks each only for what it owns.
 
 Exit status: 0 done; 1 a mistake in the input (flags, model, output folder:
 one `ekko: error: ...` or `file:line:col: error: ...` message); 2 `ekko
-run`'s reference check failed; 3 an internal error (a bug: please report it;
-EKKO_DEBUG=1 shows the traceback).
+run`'s reference check failed, or a replica differs from the primary; 3 an
+internal error (a bug: please report it; EKKO_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
@@ -40,10 +43,10 @@ from ..compiler.frontend import Model, ModelError, Optimizer, Table, load_model
 from ..compiler.frontend.model import ModelInvalid
 from ..dialects.limits import MAX_BATCH
 from ..dialects import catalog
-from . import backends, jit
-from .errors import EkkoError
-from .model import STAGES, CompiledModel, compile_model
-from .traffic import RunConfig, run_traffic
+from ..kernels import backends, jit
+from ..kernels.errors import EkkoError
+from ..kernels.model import STAGES, CompiledModel, compile_model
+from .run import RunConfig, run_traffic
 
 EXIT_INPUT, EXIT_CHECK, EXIT_INTERNAL = 1, 2, 3
 MAX_PARTITIONS = 1024
@@ -184,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Zipf exponent of ids, 0 for uniform (default 1.05)")
     r.add_argument("--seed", type=int_flag(0, MAX_SEED), default=0)
     r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument("--replicas", type=int_flag(1, 64), default=None,
+                   help="run the update engine with N serving replicas")
+    r.add_argument("--bandwidth", type=float_flag(0.0, 1e15, low_open=True), default=None,
+                   help="bytes/s per replica link (default: unlimited; needs --replicas)")
+    r.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run primary and replicas as Ray processes: 'local' starts Ray here, "
+                        "'auto' or ray://HOST:PORT joins a cluster (needs --replicas)")
     return parser
 
 
@@ -371,13 +381,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet)
     config = RunConfig(steps=args.steps, batch=args.batch, pooling=args.pooling,
                        zipf=args.zipf, seed=args.seed)
-    lookup_ids = args.batch * (2 * args.pooling + 1)  # bags hold 0..2*pooling ids
-    if lookup_ids > MAX_BATCH:
-        raise CliError(f"--batch {args.batch} with --pooling {args.pooling} makes lookups of up "
-                       f"to {lookup_ids:,} ids (limit {MAX_BATCH:,} ids a call)")
+    if args.replicas is None:
+        for flag in ("bandwidth", "cluster"):
+            if getattr(args, flag) is not None:
+                raise CliError(f"--{flag} needs --replicas")
+        lookup_ids = args.batch * (2 * args.pooling + 1)  # bags hold 0..2*pooling ids
+        if lookup_ids > MAX_BATCH:
+            raise CliError(f"--batch {args.batch} with --pooling {args.pooling} makes lookups "
+                           f"of up to {lookup_ids:,} ids (limit {MAX_BATCH:,} ids a call)")
     model = load(args)
     check_memory(model, config)
     compiled = _compile(args, model, progress)
+    if args.replicas is not None:
+        from .replicas import run_engine  # loads the engine (and Ray with --cluster) only here
+
+        return 0 if run_engine(args, compiled, config, progress) else EXIT_CHECK
     progress(f"compiled in {compiled.compile_seconds:.2f}s; allocating tables")
     compiled.materialize(seed=args.seed)
     report = run_traffic(compiled, config, progress)
@@ -421,7 +439,3 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(a bug in ekko; EKKO_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
     return EXIT_INPUT
-
-
-if __name__ == "__main__":
-    sys.exit(main())
