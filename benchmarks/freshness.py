@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import ekko  # noqa: E402
 from ekko.engine import SchedulerConfig  # noqa: E402
 from ekko.engine.stats import Histogram, latency_summary  # noqa: E402
-from ekko.kernels.traffic import ZipfIds  # noqa: E402
+from ekko.workloads.zipf import ZipfIds  # noqa: E402
 
 SIGNIFICANT_SHARE = 0.01  # of delta rows, with a 30x gradient
 SIGNIFICANT_SCALE = 30.0

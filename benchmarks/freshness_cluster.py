@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import ekko  # noqa: E402
 from ekko.engine.stats import Histogram  # noqa: E402
-from ekko.kernels.traffic import ZipfIds  # noqa: E402
+from ekko.workloads.zipf import ZipfIds  # noqa: E402
 
 BATCH = 4096
 

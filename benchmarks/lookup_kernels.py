@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ekko.kernels.lookup import bag_kernel
+from ekko.kernels.build import bag_kernel
 from ekko.kernels.quant import dequantize_rows, quantize_rows
 
 ROWS = 1_000_000

@@ -410,7 +410,7 @@ def ekko_peer(case: str, work: Workload, bufs: Buffers, threads: int = 2) -> Pee
 
         update_kernel = getattr(ekko, "update_kernel", None)
         if update_kernel is None:
-            from ekko.kernels.update import update_kernel
+            from ekko.kernels.build import update_kernel
     except Exception as e:  # noqa: BLE001
         raise Unavailable(f"ekko.update_kernel: {e}") from e
     opt, serving = ("sgd", None) if case == "sgd" else ("rowwise_adagrad", "int8")

@@ -182,11 +182,12 @@ def update_module(req: UpdateRequest) -> ModuleOp:
     return ModuleOp([build_update_function(req)])
 
 
-def update_spec(req: UpdateRequest, partitions: int = 0) -> UpdateSpec:
-    """Compile a request through the standard pipeline to the kernel's spec."""
+def update_spec(req: UpdateRequest, partitions: int = 0, target: str = "llvm") -> UpdateSpec:
+    """Compile a request through the standard pipeline to the kernel's spec, scheduled
+    for the named target (`targets.TARGETS`)."""
     module = update_module(req)
     run_pipeline(module, pipeline_spec("standard", deterministic=req.deterministic,
-                                       partitions=partitions))
+                                       partitions=partitions, target=target))
     (_, spec), = kernel_specs(module)
     assert isinstance(spec, UpdateSpec)
     return spec

@@ -53,7 +53,6 @@ from xdsl.utils.exceptions import VerifyException
 from . import catalog
 from .limits import MAX_DIM, MAX_ROWS
 from .common import (
-    InferredResultsOp,
     SettingsOp,
     get_string,
     index_name,

@@ -35,26 +35,21 @@ from xdsl.dialects.builtin import (
     MemRefType,
     StringAttr,
 )
-from xdsl.dialects import arith, math
-from xdsl.dialects.builtin import Float32Type, FloatAttr, f32, f64
-from xdsl.ir import Attribute, Block, Dialect, Region, SSAValue
+from xdsl.dialects.builtin import FloatAttr, f32, f64
+from xdsl.ir import Attribute, Block, Dialect, SSAValue
 from xdsl.irdl import (
     AttrSizedOperandSegments,
-    IRDLOperation,
     irdl_op_definition,
     operand_def,
     opt_operand_def,
     opt_region_def,
-    result_def,
-    traits_def,
     var_operand_def,
 )
 from xdsl.parser import Parser
 from xdsl.printer import Printer
-from xdsl.traits import IsTerminator, Pure
 from xdsl.utils.exceptions import VerifyException
 
-from . import catalog, rowmath
+from . import catalog
 from .catalog import math_args, math_region
 from .mathregion import MATH_OPS, RowSumOp, YieldOp
 from .common import (FLOAT_DTYPES, SettingsOp, dtype_name, flag, index_name, is_layout,

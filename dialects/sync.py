@@ -47,7 +47,7 @@ from xdsl.traits import Pure
 from xdsl.utils.exceptions import VerifyException
 
 from . import catalog
-from .common import (FLOAT_DTYPES, SettingsOp, dtype_name, is_layout, layout_list, setting,
+from .common import (SettingsOp, dtype_name, is_layout, layout_list, setting,
                      storage_type, verify_inferred)
 from .emb import TableType, VersionsType, check_ids, expect_table
 from .upd import expect_i64

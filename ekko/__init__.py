@@ -24,8 +24,8 @@ _EXPORTS = {
     "NonFiniteOutputError": "ekko.kernels.errors",
     "OptimizerError": "ekko.kernels.errors",
     "BagKernel": "ekko.kernels.lookup",
-    "LookupError": "ekko.kernels.lookup",
-    "bag_kernel": "ekko.kernels.lookup",
+    "LookupError": "ekko.kernels.errors",
+    "bag_kernel": "ekko.kernels.build",
     "CompiledModel": "ekko.kernels.model",
     "compile_model": "ekko.kernels.model",
     "dequantize_rows": "ekko.kernels.quant",
@@ -34,11 +34,11 @@ _EXPORTS = {
     "HealthConfig": "ekko.engine",
     "Packet": "ekko.engine",
     "SchedulerConfig": "ekko.engine",
-    "optimizer": "ekko.kernels.update",
-    "optimizers": "ekko.kernels.update",
+    "optimizer": "ekko.kernels.build",
+    "optimizers": "ekko.kernels.build",
     "rowmath": "ekko.dialects.catalog",
     "UpdateKernel": "ekko.kernels.update",
-    "update_kernel": "ekko.kernels.update",
+    "update_kernel": "ekko.kernels.build",
 }
 
 __all__ = sorted(_EXPORTS)

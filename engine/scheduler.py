@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..kernels.errors import EkkoError
-from .packet import ROW_OVERHEAD, Packet
+from .packet import ROW_OVERHEAD
 from .primary import Commit, Primary
 from .replica import Replica
 from .stats import Histogram

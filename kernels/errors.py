@@ -11,6 +11,10 @@ class UpdateError(EkkoError, ValueError):
     """An update was rejected (bad ids, shapes or dtypes); no table was modified."""
 
 
+class LookupError(EkkoError, ValueError):  # noqa: A001 - ekko's own error type
+    """A lookup was rejected (bad dtype, shape, id or offsets); nothing was read out of bounds."""
+
+
 class NonFiniteOutputError(UpdateError):
     """An update would have written inf or NaN; nothing was written.
 

@@ -1,8 +1,9 @@
 """Pooled serving lookups (embedding bags) through compiled LLVM kernels.
 
-`bag_kernel(dim, layout, ...)` asks the compiler for the BagSpec (through the
-IR pipeline, which also chooses the partition count), emits it with
-`compiler.backend.llvm_bag` and JIT-compiles it. The returned BagKernel takes
+`bag_kernel(dim, layout, ...)` (ekko.kernels.build) asks the compiler for the
+BagSpec (through the IR pipeline, which also chooses the partition count);
+on the LLVM target a BagKernel emits it with `compiler.backend.llvm_bag` and
+JIT-compiles it. A BagKernel takes
 numpy arrays or torch CPU tensors, never copies them (it only checks dtype,
 shape and contiguity and passes data pointers), and returns the same kind of
 array it was given. Large batches are split into partitions that own
@@ -17,7 +18,6 @@ ids[off[b]:off[b+1]]) or torch's B entries (the last bag ends at len(ids)).
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
@@ -25,10 +25,11 @@ import numpy as np
 from ..compiler.backend import abi
 from ..compiler.backend.llvm_bag import ERR_ID, ERR_OFFSETS, emit_bag
 from ..compiler.backend.spec import BagSpec
-from ..compiler.pipeline import bag_spec
 from ..dialects import catalog
 from .arrays import ArrayArg, check_disjoint
-from .errors import EkkoError
+from .calls import (SEQ_DTYPES, bag_count, bag_offsets_given, bag_table_width,
+                    bag_weights_given, index_dtypes)
+from .errors import LookupError
 from .jit import JitModule, compile_ir
 from .native import PackedEntry
 
@@ -36,9 +37,6 @@ PARALLEL_MIN_LOOKUPS = 8192  # below this one core is faster than any hand-off
 CHUNKS_PER_THREAD = 4  # dynamically claimed partitions per thread
 
 _INDEX_NP = {"i32": np.dtype(np.int32), "i64": np.dtype(np.int64)}
-
-class LookupError(EkkoError, ValueError):  # noqa: A001 - the module's own error type
-    """A lookup was rejected (bad dtype, shape, id or offsets); nothing was read out of bounds."""
 
 
 class BagKernel:
@@ -53,7 +51,7 @@ class BagKernel:
         self._table_dtypes = (layout.storage.np_dtype,)
         self._torch_table_dtypes = layout.storage.torch_dtypes
         self._width = layout.width(spec.dim)
-        self._ids_dtype = ("int32",) if spec.index_dtype == "i32" else ("int64",)
+        self._ids_dtype = index_dtypes(spec.index_dtype)
 
     def __repr__(self) -> str:
         return f"BagKernel({self.spec})"
@@ -64,8 +62,7 @@ class BagKernel:
         t = ArrayArg("table", table, LookupError)
         t.expect(self._torch_table_dtypes if t.torch else self._table_dtypes, ndim=2)
         if t.shape[1] != self._width:
-            raise LookupError(f"{self.spec.layout} table of dim {self.spec.dim} needs "
-                              f"{self._width} columns, got {t.shape[1]}")
+            bag_table_width(self.spec, t.shape[1])
         return t
 
     def _ids(self, ids: Any) -> ArrayArg:
@@ -75,35 +72,19 @@ class BagKernel:
 
     def _offsets(self, offsets: Any, ids: ArrayArg,
                  include_last: bool | None) -> tuple[ArrayArg | None, int, int]:
-        """(offsets arg, noffsets, nbags); mode none has no offsets and one bag per id.
-
-        With include_last None the convention is inferred: B+1 entries when
-        there are at least two and the last equals len(ids), else torch's B
-        entries. Torch-style offsets whose last bag is empty look like B+1
-        ones: pass include_last_offset=False for those.
-        """
-        if self.spec.mode == "none":
-            if offsets is not None:
-                raise LookupError("mode 'none' takes no offsets")
+        """(offsets arg, noffsets, nbags); mode none has no offsets and one bag per id
+        (the convention: `calls.bag_count`)."""
+        if not bag_offsets_given(self.spec, offsets):
             return None, 0, ids.shape[0]
-        if offsets is None:
-            raise LookupError(f"mode {self.spec.mode!r} needs offsets")
         o = ArrayArg("offsets", offsets, LookupError)
         o.expect((ids.dtype,), ndim=1)
         n = o.shape[0]
-        if n == 0:
-            return o, 0, 0
-        if include_last is None:
-            include_last = n >= 2 and int(offsets[n - 1]) == ids.shape[0]
-        return o, n, n - 1 if include_last else n
+        _, nbags = bag_count(n, lambda: int(offsets[n - 1]), ids.shape[0], include_last)
+        return o, n, nbags
 
     def _weights(self, w: Any, ids: ArrayArg) -> ArrayArg | None:
-        if not self.spec.weighted:
-            if w is not None:
-                raise LookupError("per_sample_weights given to an unweighted kernel")
+        if not bag_weights_given(self.spec, w):
             return None
-        if w is None:
-            raise LookupError("weighted kernel needs per_sample_weights")
         a = ArrayArg("per_sample_weights", w, LookupError)
         a.expect(("float32",), ndim=1)
         if a.shape[0] != ids.shape[0]:
@@ -143,7 +124,7 @@ class BagKernel:
         sq = None
         if seq is not None:
             sq = ArrayArg("seq", seq, LookupError)
-            sq.expect(("uint32", "int32"), (t.shape[0],))
+            sq.expect(SEQ_DTYPES, (t.shape[0],))
         check_disjoint([out_arg], [x for x in (t, i, o, w, sq) if x is not None], LookupError)
         if nbags == 0:
             return result
@@ -179,32 +160,4 @@ class BagKernel:
                 raise LookupError(f"lookup kernel failed with code {code}")
 
 
-_kernels: dict[BagSpec, BagKernel] = {}
-_kernels_lock = threading.Lock()
-
-
-def bag_kernel(dim: int, layout: str = "f32", index_dtype: str = "i64", mode: str = "sum",
-               weighted: bool = False, threads: int | None = None,
-               target: str = "llvm") -> BagKernel:
-    """A (cached) compiled lookup; the spec comes from the compiler pipeline.
-
-    `target="triton"` compiles for the GPU (ekko.kernels.triton_runtime)."""
-    if target not in ("llvm", "triton"):
-        raise LookupError(f"unknown target {target!r}; expected 'llvm' or 'triton'")
-    try:
-        BagSpec(dim, layout, index_dtype, mode, weighted)  # reject bad requests before building IR
-        spec = bag_spec(dim, layout, index_dtype, mode, weighted, partitions=threads or 0)
-    except Exception as exc:  # ValueError from BagSpec, VerifyException from the IR
-        raise LookupError(f"cannot build a lookup kernel: {exc}") from exc
-    if target == "triton":
-        from .triton_runtime import TritonBagKernel
-
-        return TritonBagKernel(spec)  # type: ignore[return-value]
-    with _kernels_lock:
-        kernel = _kernels.get(spec)
-        if kernel is None:
-            kernel = _kernels[spec] = BagKernel(spec)
-        return kernel
-
-
-__all__ = ["BagKernel", "LookupError", "bag_kernel"]
+__all__ = ["BagKernel", "LookupError"]

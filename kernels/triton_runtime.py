@@ -31,20 +31,22 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from ..compiler.backend import triton_bag, triton_update
 from ..compiler.backend.spec import BagSpec, UpdateSpec
+from ..compiler.backend.targets import TARGETS
 from ..dialects import catalog
-from .arrays import torch_layout_problem
-from .errors import EkkoError, NonFiniteOutputError, UpdateError
+from .arrays import ArrayArg, torch_layout_problem
+from .calls import (bag_count, bag_offsets_given, bag_table_width, bag_weights_given,
+                    buffer_name, call_scalars, index_dtypes, update_args)
+from .errors import EkkoError, LookupError, NonFiniteOutputError, UpdateError
 from .jit import cache_dir
 from .native import table_runtime
-from .update import buffer_name, call_scalars, state_arrays
 
+_TARGET = TARGETS["triton"]  # the compiler side of this runtime: schedule and emit
 _modules: dict[str, ModuleType] = {}
 _modules_lock = threading.Lock()
 
@@ -115,20 +117,59 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+class _Kernels:
+    """A generated module's kernels, launched with their arguments by name.
+
+    The emitter declares each kernel's arguments once (`KernelDecl`: the
+    signature it writes the `def` from and `triton.compile` reads); a launch
+    lays the named arguments out in that order, as `native.PackedEntry` does
+    for the ABI's signatures, so a call can never pass them in the wrong
+    positions. A missing or unknown name is a TypeError.
+    """
+
+    def __init__(self, module: ModuleType, decls: tuple[triton_update.KernelDecl, ...]):
+        self.module = module
+        self.order = {d.name: tuple(name for name, _ in d.signature) for d in decls}
+
+    def launch(self, kernel: str, grid: tuple[int, ...], **args: Any) -> None:
+        names = self.order[kernel]
+        if len(args) != len(names) or not all(n in args for n in names):
+            missing = [n for n in names if n not in args]
+            unknown = [n for n in args if n not in names]
+            raise TypeError(f"{kernel}: missing arguments {missing}, unknown {unknown}")
+        getattr(self.module, kernel)[grid](*(args[n] for n in names),
+                                           num_warps=self.module.NUM_WARPS)
+
+
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+class _TensorArg:
+    """A checked tensor argument (`calls.Arg`): the tensor and its dtype name and shape."""
+
+    __slots__ = ("name", "obj", "error", "dtype", "shape")
+    expect = ArrayArg.expect  # one dtype/shape check and message for every runtime
+
+    def __init__(self, name: str, x: Any, error: type[EkkoError]):
+        self.name, self.obj, self.error = name, x, error
+        self.dtype = str(x.dtype).removeprefix("torch.")
+        self.shape = tuple(x.shape)
+
+
 class _Checker:
-    """Argument checks for one call: torch tensors, one device, dtypes, shapes, no aliasing."""
+    """torch tensors on one device, as the Triton runtime reaches them (`calls.Arrays`)."""
 
     def __init__(self, error: type[EkkoError]):
         self.error = error
         self.device: Any = None
-        self.seen: list[tuple[str, Any, bool]] = []
+        self.seen: list[tuple[_TensorArg, bool]] = []
 
-    def tensor(self, name: str, x: Any, dtypes: tuple[str, ...], shape: tuple[int, ...] | None = None,
-               ndim: int | None = None, writable: bool = False) -> Any:
+    table_dtypes: dict[str, tuple[str, ...]]  # set below the dtype maps
+    serving_dtypes: dict[str, tuple[str, ...]]
+
+    def arg(self, name: str, x: Any, writable: bool = False) -> _TensorArg:
+        """A tensor on this call's device, dense, contiguous, not requiring grad if written."""
         import torch
 
         err = self.error
@@ -146,34 +187,39 @@ class _Checker:
                           f"{name} is on {x.device}")
         elif x.device != self.device:
             raise err(f"{name} is on {x.device}, the other arguments on {self.device}")
-        dtype = str(x.dtype).removeprefix("torch.")
-        if dtype not in dtypes:
-            raise err(f"{name} must be {' or '.join(dtypes)}, got {dtype}")
-        if shape is not None and tuple(x.shape) != tuple(shape):
-            raise err(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-        if ndim is not None and x.dim() != ndim:
-            raise err(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
         if not x.is_contiguous():
-            raise err(f"{name} must be contiguous")
+            raise err(f"{name} must be C-contiguous")
         if writable and x.requires_grad:
             raise err(f"{name} requires grad: updating it in place would bypass autograd "
-                      "(pass tensor.detach())")
-        self.seen.append((name, x, writable))
+                      "(pass tensor.detach() or create it with requires_grad=False)")
+        a = _TensorArg(name, x, err)
+        self.seen.append((a, writable))
+        return a
+
+    def tensor(self, name: str, x: Any, dtypes: tuple[str, ...],
+               shape: tuple[int, ...] | None = None, ndim: int | None = None,
+               writable: bool = False) -> Any:
+        """`arg` and its dtype and shape checked: the tensor itself."""
+        a = self.arg(name, x, writable)
+        a.expect(dtypes, None if shape is None else tuple(shape), ndim)
         return x
 
-    def disjoint(self) -> None:
-        """No tensor written in place shares memory with any other argument."""
+    def disjoint(self, written: list[_TensorArg] | None = None,
+                 read: list[_TensorArg] | None = None) -> None:
+        """No tensor written in place shares memory with any other argument (every
+        argument this checker saw; `written` and `read` are for `calls.Arrays`)."""
         def span(x: Any) -> tuple[int, int]:
             start = x.data_ptr()
             return start, start + x.numel() * x.element_size()
 
-        for k, (name, x, writable) in enumerate(self.seen):
-            for other, y, w2 in self.seen[k + 1:]:
+        for k, (a, writable) in enumerate(self.seen):
+            for b, w2 in self.seen[k + 1:]:
+                x, y = a.obj, b.obj
                 if not (writable or w2) or x.numel() == 0 or y.numel() == 0:
                     continue
                 (a0, a1), (b0, b1) = span(x), span(y)
                 if a0 < b1 and b0 < a1:
-                    first, second = (name, other) if writable else (other, name)
+                    first, second = (a.name, b.name) if writable else (b.name, a.name)
                     raise self.error(f"{first} and {second} share memory: each must be its own array")
 
 
@@ -191,56 +237,26 @@ class TritonUpdateKernel:
 
     def __init__(self, spec: UpdateSpec):
         _require_triton(UpdateError)
-        rows, warps = triton_update.schedule(spec)
-        self.spec = replace(spec, block_rows=rows, num_warps=warps)
+        self.spec = _TARGET().schedule(spec)
         self.source = triton_update.emit_update(self.spec)
         self.module = load_source(self.source, f"update_{spec.optimizer}_{spec.dim}")
+        self.kernels = _Kernels(self.module, triton_update.kernels(self.spec))
 
     def __repr__(self) -> str:
         return f"TritonUpdateKernel({self.spec})"
 
-    def _check(self, table, ids, grads, state, serving, versions, seq):
-        s = self.spec
-        c = _Checker(UpdateError)
-        t = c.tensor("table", table, catalog.layout(s.table_dtype).dtypes, ndim=2, writable=True)
-        if t.shape[1] != s.dim:
-            raise UpdateError(f"table must have shape (rows, {s.dim}), got {tuple(t.shape)}")
-        rows = t.shape[0]
-        i = c.tensor("ids", ids, ("int32",) if s.index_dtype == "i32" else ("int64",), ndim=1)
-        n = i.shape[0]
-        g = c.tensor("grads", grads, ("float32",), (n, s.dim))
-        states = self._check_state(c, state, rows)
-        srv = None
-        if s.serving is not None:
-            if serving is None:
-                raise UpdateError(f"this kernel refreshes a {s.serving} serving copy: pass serving=")
-            srv = c.tensor("serving", serving, catalog.layout(s.serving).dtypes,
-                           (rows, catalog.layout(s.serving).width(s.dim)), writable=True)
-        elif serving is not None:
-            raise UpdateError("this kernel has no serving copy: compile it with serving=")
-        ver = None if versions is None else c.tensor("versions", versions, ("int64",), (rows,),
-                                                      writable=True)
-        sq = None if seq is None else c.tensor("seq", seq, ("uint32", "int32"), (rows,),
-                                               writable=True)
-        c.disjoint()
-        return rows, n, t, i, g, states, srv, ver, sq, c.device
-
-    def _check_state(self, c: _Checker, state, rows: int) -> list:
-        s = self.spec
-        return [c.tensor(label, x, ("float32",), s.entry.state_shape(name, rows, s.dim),
-                         writable=True)
-                for name, label, x in state_arrays(s, state)]
-
     def __call__(self, table, ids, grads, state=None, serving=None, versions=None,
                  step: int = 1, version: int | None = None, seed: int = 0, seq=None) -> None:
         """Apply one delta in place (see `ekko.kernels.update.UpdateKernel`)."""
-        rows, n, t, i, g, states, srv, ver, sq, device = self._check(
-            table, ids, grads, state, serving, versions, seq)
+        c = _Checker(UpdateError)
+        a = update_args(self.spec, c, table, ids, grads, state, serving, versions, seq)
         step, version, seed = call_scalars(step, version, seed)
-        if n == 0:
+        if a.n == 0:
             return
-        with table_runtime(t.data_ptr()).lock, _quiet():
-            self._run(rows, n, t, i, g, states, srv, ver, sq, device, step, version, seed)
+        srv, ver, sq = (x.obj if x is not None else None for x in (a.serving, a.versions, a.seq))
+        with table_runtime(a.table.obj.data_ptr()).lock, _quiet():
+            self._run(a.rows, a.n, a.table.obj, a.ids.obj, a.grads.obj,
+                      [x.obj for x in a.states], srv, ver, sq, c.device, step, version, seed)
 
     def _validate(self, ids, grads, rows: int, n: int) -> None:
         """The earliest bad position (an id out of range, a non-finite row); nothing written yet."""
@@ -272,22 +288,22 @@ class TritonUpdateKernel:
         acc = g
         if multi.numel():
             acc = torch.empty((u, s.dim), dtype=torch.float32, device=device)
-            mod.ekko_update_sum[(multi.numel(),)](g, perm, starts, counts, multi, acc,
-                                                  num_warps=mod.NUM_WARPS)
+            self.kernels.launch("ekko_update_sum", (multi.numel(),), grads=g, perm=perm,
+                                starts=starts, counts=counts, multi=multi, acc=acc)
         table = _as_kernel_dtype(t, s.table_dtype)
         uni = torch.tensor(mod.uniforms(step) or [0.0], dtype=torch.float64, device=device)
         grid = (_cdiv(u, s.block_rows),)
         bad = torch.empty(u, dtype=torch.int32, device=device)
-        mod.ekko_update_check[grid](uids, srcs, acc, g, u, table, *states, seed, uni, bad,
-                                    num_warps=mod.NUM_WARPS)
+        rows_in = dict(uids=uids, srcs=srcs, acc=acc, grads=g, count=u, table=table, seed=seed,
+                       uni=uni, **{f"state{k}": x for k, x in enumerate(states)})
+        self.kernels.launch("ekko_update_check", grid, **rows_in, bad=bad)
         self._refuse_non_finite(uids, bad)
         dummy = torch.zeros(1, dtype=torch.int64, device=device)
         serving = _as_kernel_dtype(srv, s.serving) if srv is not None else dummy.view(torch.float32)[:1]
         seq = sq.view(torch.int32) if sq is not None else dummy.view(torch.int32)
-        mod.ekko_update_apply[grid](
-            uids, srcs, acc, g, u, table, *states, serving,
-            ver if ver is not None else dummy, seq, version, seed, uni,
-            HAS_VERSIONS=ver is not None, HAS_SEQ=sq is not None, num_warps=mod.NUM_WARPS)
+        self.kernels.launch("ekko_update_apply", grid, **rows_in, serving=serving,
+                            versions=ver if ver is not None else dummy, seq=seq, version=version,
+                            HAS_VERSIONS=ver is not None, HAS_SEQ=sq is not None)
 
     def _refuse_non_finite(self, uids, bad) -> None:
         """The check kernel found a row whose new values would not be finite: name
@@ -304,12 +320,11 @@ class TritonBagKernel:
     """A pooled lookup on the Triton target (the calling convention of `BagKernel`)."""
 
     def __init__(self, spec: BagSpec):
-        from .lookup import LookupError
-
         _require_triton(LookupError)
         self.spec = spec
         self.source = triton_bag.emit_bag(spec)
         self.module = load_source(self.source, f"bag_{spec.mode}_{spec.layout}_{spec.dim}")
+        self.kernels = _Kernels(self.module, triton_bag.kernels(spec))
 
     def __repr__(self) -> str:
         return f"TritonBagKernel({self.spec})"
@@ -319,27 +334,20 @@ class TritonBagKernel:
         """Pooled rows (nbags, dim) f32 on the tables' device (see `BagKernel`)."""
         import torch
 
-        from .lookup import LookupError
-
         s = self.spec
         if seq is not None:
             raise LookupError("target='triton' lookups read without sequence words: pass seq=None")
         c = _Checker(LookupError)
-        width = catalog.layout(s.layout).width(s.dim)
         t = c.tensor("table", table, catalog.layout(s.layout).dtypes, ndim=2)
-        if t.shape[1] != width:
-            raise LookupError(f"{s.layout} table of dim {s.dim} needs {width} columns, "
-                              f"got {t.shape[1]}")
-        i = c.tensor("ids", ids, ("int32",) if s.index_dtype == "i32" else ("int64",), ndim=1)
+        bag_table_width(s, t.shape[1])
+        i = c.tensor("ids", ids, index_dtypes(s.index_dtype), ndim=1)
         n = i.shape[0]
         bounds, nbags = self._bounds(c, offsets, i, include_last_offset)
         w = None
-        if s.weighted:
-            if per_sample_weights is None:
-                raise LookupError("weighted kernel needs per_sample_weights")
-            w = c.tensor("per_sample_weights", per_sample_weights, ("float32",), (n,))
-        elif per_sample_weights is not None:
-            raise LookupError("per_sample_weights given to an unweighted kernel")
+        if bag_weights_given(s, per_sample_weights):
+            w = c.tensor("per_sample_weights", per_sample_weights, ("float32",), ndim=1)
+            if w.shape[0] != n:
+                raise LookupError(f"per_sample_weights has {w.shape[0]} entries for {n} ids")
         if out is None:
             out = torch.empty((nbags, s.dim), dtype=torch.float32, device=c.device)
         c.tensor("out", out, ("float32",), (nbags, s.dim), writable=True)
@@ -347,46 +355,36 @@ class TritonBagKernel:
         if nbags == 0:
             return out
         self._validate(i, bounds, t.shape[0], n)
-        mod = self.module
-        args = [_as_kernel_dtype(t, s.layout), i]
+        args = dict(table=_as_kernel_dtype(t, s.layout), ids=i, out=out, n=n)
         if bounds is not None:
-            args.append(bounds)
+            args["bounds"] = bounds
         if w is not None:
-            args.append(w)
+            args["weights"] = w
         grid = (_cdiv(n, triton_bag.chunk(s.dim)),) if s.mode == "none" else (nbags,)
         with _quiet():
-            mod.ekko_bag[grid](*args, out, n, num_warps=mod.NUM_WARPS)
+            self.kernels.launch("ekko_bag", grid, **args)
         return out
 
     def _bounds(self, c: _Checker, offsets: Any, ids: Any, include_last: bool | None):
         """(B+1 int64 bounds on the device, number of bags); mode none: (None, len(ids))."""
         import torch
 
-        from .lookup import LookupError
-
-        if self.spec.mode == "none":
-            if offsets is not None:
-                raise LookupError("mode 'none' takes no offsets")
+        if not bag_offsets_given(self.spec, offsets):
             return None, ids.shape[0]
-        if offsets is None:
-            raise LookupError(f"mode {self.spec.mode!r} needs offsets")
         o = c.tensor("offsets", offsets, (str(ids.dtype).removeprefix("torch."),), ndim=1)
         k = o.shape[0]
         if k == 0:
             return None, 0
         o64 = o.to(torch.int64)
-        if include_last is None:
-            include_last = k >= 2 and int(o64[-1]) == ids.shape[0]
+        include_last, nbags = bag_count(k, lambda: int(o64[-1]), ids.shape[0], include_last)
         if include_last:
-            return o64, k - 1
+            return o64, nbags
         end = torch.full((1,), ids.shape[0], dtype=torch.int64, device=o.device)
-        return torch.cat([o64, end]), k
+        return torch.cat([o64, end]), nbags
 
     def _validate(self, ids: Any, bounds: Any, rows: int, n: int) -> None:
         """Offsets within [0, n] and monotone per bag, ids in range: checked before the launch."""
         import torch
-
-        from .lookup import LookupError
 
         checks = []
         if bounds is not None:
@@ -411,9 +409,8 @@ Unit = tuple[str, str, tuple[triton_update.KernelDecl, ...]]  # (source, stem, k
 
 def unit_of(spec: UpdateSpec | BagSpec) -> Unit:
     """The generated module of a spec, as `ptx_many` takes it."""
+    spec = _TARGET().schedule(spec)
     if isinstance(spec, UpdateSpec):
-        rows, warps = triton_update.schedule(spec)
-        spec = replace(spec, block_rows=rows, num_warps=warps)
         return (triton_update.emit_update(spec), f"update_{spec.optimizer}_{spec.dim}",
                 triton_update.kernels(spec))
     return (triton_bag.emit_bag(spec), f"bag_{spec.mode}_{spec.layout}_{spec.dim}",
@@ -462,6 +459,13 @@ def spec_ptx(spec: UpdateSpec | BagSpec, arch: int = 90) -> tuple[str, dict[str,
     """(generated source, {kernel: PTX}) of one spec."""
     unit = unit_of(spec)
     return unit[0], ptx_many([unit], arch)[0]
+
+
+def export(spec: UpdateSpec | BagSpec) -> dict[str, str]:
+    """`ekko compile --target triton`'s files of a kernel: its Triton source and the PTX of
+    each of its Triton kernels for sm_90 (suffix -> text; `backends.Runtime.export`)."""
+    source, ptx = spec_ptx(spec)
+    return {".triton.py": source, **{f".{name}.ptx": text for name, text in ptx.items()}}
 
 
 if __name__ == "__main__":  # ptx_many's fresh process: units in on stdin, PTX out on stdout

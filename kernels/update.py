@@ -1,8 +1,8 @@
-"""Fused sparse-update kernels: the calling convention around the native code.
+"""Fused sparse-update kernels on the LLVM target: the calling convention around the native code.
 
-`update_kernel(...)` builds the update chain a user asks for as IR, runs the
-standard pipeline and compiles the resulting spec; the returned
-`UpdateKernel` applies one delta in place:
+`update_kernel(...)` (ekko.kernels.build) builds the update chain a user asks
+for as IR, runs the standard pipeline and loads the resulting spec; on the
+LLVM target the returned `UpdateKernel` applies one delta in place:
 
     k(table, ids, grads, state=..., serving=..., versions=..., step=1, version=None, seed=0,
       seq=None)
@@ -32,10 +32,7 @@ the lock and the scratch buffers belong to the table (`native.TableRuntime`).
 from __future__ import annotations
 
 import ctypes
-import functools
-import inspect
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,16 +40,27 @@ import numpy as np
 from ..compiler.backend import abi
 from ..compiler.backend.llvm_update import RECENT_SLOTS, emit_update, journal_entry_bytes
 from ..compiler.backend.spec import UpdateSpec
-from ..dialects.limits import MAX_BATCH, MAX_DIM, limit_error
-from ..compiler.frontend.model import UpdateRule
-from ..compiler.pipeline import UpdateRequest, update_spec
-from ..dialects import catalog
 from .arrays import ArrayArg, check_disjoint
-from .errors import NonFiniteOutputError, OptimizerError, UpdateError
+from .calls import buffer_name, call_scalars, update_args
+from .errors import NonFiniteOutputError, UpdateError
 from .jit import JitModule, compile_ir
 from .native import PackedEntry, table_runtime
 
-INT64_MAX = 2**63 - 1
+class _NativeArrays:
+    """numpy arrays and CPU tensors, as the native update reaches them (`calls.Arrays`)."""
+
+    error = UpdateError
+
+    @staticmethod
+    def arg(name: str, x: Any, writable: bool = False) -> ArrayArg:
+        return ArrayArg(name, x, UpdateError, writable)
+
+    @staticmethod
+    def disjoint(written: list[ArrayArg], read: list[ArrayArg]) -> None:
+        check_disjoint(written, read, UpdateError)
+
+
+NATIVE_ARRAYS = _NativeArrays()
 
 
 class _Scratch:
@@ -109,30 +117,6 @@ class _Scratch:
             self.journal_ptr = (self.journal.ctypes.data + 63) // 64 * 64
 
 
-def call_scalars(step: object, version: object, seed: object) -> tuple[int, int, int]:
-    """A call's step, version (default: the step) and seed as the kernels take
-    them (int64; the seed's 64 bits wrapped into a signed word); every
-    runtime checks them here."""
-    if isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step < 1:
-        raise UpdateError(f"step counts from 1, got {step!r}")
-    step = _int64("step", step, low=1)
-    version = step if version is None else _int64("version", version)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise UpdateError(f"seed must be an integer, got {seed!r}")
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return step, version, seed - (1 << 64) if seed > INT64_MAX else seed
-
-
-def _int64(name: str, value: object, low: int = 0) -> int:
-    """An integer argument that the kernel receives as int64."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise UpdateError(f"{name} must be an integer, got {value!r}")
-    v = int(value)
-    if not low <= v <= INT64_MAX:
-        raise UpdateError(f"{name} must be in [{low}, 2**63 - 1], got {v}")
-    return v
-
-
 class UpdateKernel:
     """A compiled fused update for one UpdateSpec (see the module docstring)."""
 
@@ -149,75 +133,28 @@ class UpdateKernel:
     def __repr__(self) -> str:
         return f"UpdateKernel({self.spec})"
 
-    # -- argument checks -----------------------------------------------
-    def _check(self, table, ids, grads, state, serving, versions, seq):
-        s = self.spec
-        t = ArrayArg("table", table, UpdateError, writable=True)
-        if len(t.shape) != 2 or t.shape[1] != s.dim:
-            raise UpdateError(f"table must have shape (rows, {s.dim}), got {tuple(t.shape)}")
-        rows = t.shape[0]
-        t.expect(catalog.layout(s.table_dtype).dtypes, (rows, s.dim))
-        i = ArrayArg("ids", ids, UpdateError)
-        if len(i.shape) != 1:
-            raise UpdateError(f"ids must be 1-D, got shape {tuple(i.shape)}")
-        i.expect(("int32",) if s.index_dtype == "i32" else ("int64",), (i.shape[0],))
-        n = i.shape[0]
-        if n > MAX_BATCH:
-            raise UpdateError(f"a delta holds at most {MAX_BATCH:,} rows (MAX_BATCH), got {n:,}")
-        g = ArrayArg("grads", grads, UpdateError)
-        g.expect(("float32",), (n, s.dim))
-        states = self._check_state(state, rows)
-        srv = None
-        if s.serving is not None:
-            if serving is None:
-                raise UpdateError(f"this kernel refreshes a {s.serving} serving copy: pass serving=")
-            srv = ArrayArg("serving", serving, UpdateError, writable=True)
-            entry = catalog.layout(s.serving)
-            srv.expect(entry.dtypes, (rows, entry.width(s.dim)))
-        elif serving is not None:
-            raise UpdateError("this kernel has no serving copy: compile it with serving=")
-        ver = None
-        if versions is not None:
-            ver = ArrayArg("versions", versions, UpdateError, writable=True)
-            ver.expect(("int64",), (rows,))
-        sq = None
-        if seq is not None:
-            sq = ArrayArg("seq", seq, UpdateError, writable=True)
-            sq.expect(("uint32", "int32"), (rows,))
-        written = [t, *states, *(x for x in (srv, ver, sq) if x is not None)]
-        check_disjoint(written, [i, g], UpdateError)
-        return rows, n, t, i, g, states, srv, ver, sq
-
-    def _check_state(self, state, rows: int) -> list[ArrayArg]:
-        s = self.spec
-        args = []
-        for name, label, x in state_arrays(s, state):
-            a = ArrayArg(label, x, UpdateError, writable=True)
-            a.expect(("float32",), s.entry.state_shape(name, rows, s.dim))
-            args.append(a)
-        return args
-
+    # -- the call -------------------------------------------------------
     def scratch_of(self, table) -> list[_Scratch]:
         """The scratch buffers this kernel's updates of `table` reuse."""
         rt = table_runtime(ArrayArg("table", table, UpdateError).ptr)
         return rt.scratch.get(("update", self.parts), [])
 
-    # -- the call -------------------------------------------------------
     def __call__(self, table, ids, grads, state=None, serving=None, versions=None,
                  step: int = 1, version: int | None = None, seed: int = 0, seq=None) -> None:
         """Apply one delta in place; `seq` (uint32 per row) makes each row's
         write visible all at once to lookups that read with the same words."""
-        rows, n, t, i, g, states, srv, ver, sq = self._check(
-            table, ids, grads, state, serving, versions, seq)
+        a = update_args(self.spec, NATIVE_ARRAYS, table, ids, grads, state, serving, versions,
+                        seq)
         step, version, seed = call_scalars(step, version, seed)
-        if n == 0:
+        if a.n == 0:
             return
-        rt = table_runtime(t.ptr)
+        rt = table_runtime(a.table.ptr)
         with rt.lock:
             scratch = rt.scratch.get(("update", self.parts))
             if scratch is None:
                 scratch = rt.scratch[("update", self.parts)] = [_Scratch() for _ in range(self.parts)]
-            self._run(scratch, rows, n, t, i, g, states, srv, ver, sq, step, version, seed)
+            self._run(scratch, a.rows, a.n, a.table, a.ids, a.grads, a.states, a.serving,
+                      a.versions, a.seq, step, version, seed)
 
     def _run(self, scratch, rows, n, t, i, g, states, srv, ver, sq, step, version, seed) -> None:
         parts = self.parts
@@ -291,134 +228,7 @@ class UpdateKernel:
         raise UpdateError(f"non-finite gradient (NaN or Inf) in delta row {pos}")
 
 
-def buffer_name(spec: UpdateSpec, index: int) -> str:
-    """The buffer a kernel's err_buf code names: 0 the table, 1 + k state k, then serving."""
-    names = ["table", *(f"state {n!r}" for n in spec.state_shapes), "serving copy"]
-    return names[index] if 0 <= index < len(names) else f"buffer {index}"
-
-
-def state_arrays(spec: UpdateSpec, state) -> list[tuple[str, str, object]]:
-    """(state name, argument label, array) of each state array the call passed.
-
-    One state array is passed alone, several as a tuple in catalog order;
-    every runtime (CPU or Triton) unpacks `state=` here.
-    """
-    names = spec.state_shapes
-    if not names:
-        if state is not None:
-            raise UpdateError(f"{spec.optimizer} keeps no state: pass state=None")
-        return []
-    if state is None:
-        raise UpdateError(f"{spec.optimizer} needs its state: pass state=")
-    if len(names) == 1:
-        return [(names[0], "state", state)]
-    if not isinstance(state, (tuple, list)) or len(state) != len(names):
-        raise UpdateError(f"{spec.optimizer}'s state is a tuple ({', '.join(names)})")
-    return [(name, name, x) for name, x in zip(names, state)]
-
-
 def ids_value(ids: ArrayArg, pos: int) -> int:
     """Read one id back from its pointer, for the error message."""
     ctype = ctypes.c_int32 if ids.dtype == "int32" else ctypes.c_int64
     return ctype.from_address(ids.ptr + pos * ctypes.sizeof(ctype)).value
-
-
-def update_kernel(optimizer: str | catalog.Optimizer | UpdateRule, dim: int,
-                  table_dtype: str = "f32", index_dtype: str = "i64", serving: str | None = None, *,
-                  stochastic_rounding: bool = False, threads: int | None = None,
-                  deterministic: bool = False, betas: tuple[float, float] | None = None,
-                  weight_decay: float = 0.0, max_norm: float | None = None,
-                  clip_value: float | None = None, target: str = "llvm",
-                  **hyper: float) -> UpdateKernel:
-    """Compile a fused sparse update through the IR pipeline (see the module docstring).
-
-    `optimizer` is a catalog name (`ekko.optimizers()`) or an optimizer made
-    with `@ekko.optimizer`; its hyper-parameters are keywords (`lr`, `eps`,
-    ...; `betas` sets Adam's beta1 and beta2 as torch does), defaults from
-    the catalog. With `stochastic_rounding`, `weight_decay`, `max_norm` and
-    `clip_value` they make one `UpdateRule`, the object a model's table holds
-    (`optimizer` may be such a rule, e.g. `model.table("t").update`, instead of
-    the keywords). `threads` is the number of partitions (default: one per
-    core); `deterministic` sums duplicate ids of an SGD delta too, fixing the
-    float summation order. `target="triton"` compiles for the GPU instead
-    (torch tensors on a CUDA device; see ekko.kernels.triton_runtime).
-    """
-    if target not in ("llvm", "triton"):
-        raise UpdateError(f"unknown target {target!r}; expected 'llvm' or 'triton'")
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
-        raise UpdateError(f"dim must be an integer, got {dim!r}")
-    if (why := limit_error("dim", int(dim), MAX_DIM)) is not None:
-        raise UpdateError(f"cannot build this update: {why} (MAX_DIM, dialects/limits.py)")
-    dim = int(dim)
-    if betas is not None:
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise UpdateError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        name = getattr(optimizer, "name", optimizer)
-        entry = catalog.OPTIMIZERS.get(name) if isinstance(name, str) else None
-        if entry is not None and (why := entry.hyper_problem("beta1")) is not None:
-            raise UpdateError(f"cannot build this update: betas sets beta1 and beta2: {why}")
-        hyper["beta1"], hyper["beta2"] = betas
-    try:
-        if isinstance(optimizer, UpdateRule):
-            given = {k for k, v in (("stochastic_rounding", stochastic_rounding),
-                                    ("weight_decay", weight_decay), ("max_norm", max_norm),
-                                    ("clip_value", clip_value)) if v} | set(hyper)
-            if given:
-                raise ValueError(f"an UpdateRule holds every setting; {sorted(given)[0]} "
-                                 "cannot be given beside it")
-            rule = optimizer
-        else:
-            rule = _rule(optimizer, hyper, stochastic_rounding=stochastic_rounding,
-                         weight_decay=weight_decay, max_norm=max_norm, clip_value=clip_value)
-        req = UpdateRequest(rule, dim, table_dtype, index_dtype, serving,
-                            deterministic=deterministic)
-        spec = update_spec(req, partitions=threads or 0)
-    except (KeyError, ValueError, TypeError) as e:
-        raise UpdateError(f"cannot build this update: {e}") from None
-    except Exception as e:  # xDSL's verifier: the request itself is wrong
-        if type(e).__name__ in ("VerifyException", "DiagnosticException"):
-            raise UpdateError(f"cannot build this update: {e}") from None
-        raise
-    if target == "triton":
-        from .triton_runtime import TritonUpdateKernel
-
-        return TritonUpdateKernel(spec)  # type: ignore[return-value]
-    return UpdateKernel(spec)
-
-
-def _rule(optimizer: str | catalog.Optimizer, hyper: dict[str, float],
-          **settings: object) -> UpdateRule:
-    """update_kernel's keywords as the rule. A hyper-parameter the optimizer does
-    not have is refused, as the language refuses it (`None` stands for not given)."""
-    name = optimizer.name if isinstance(optimizer, catalog.Optimizer) else optimizer
-    hyper = {k: v for k, v in hyper.items() if v is not None}
-    return UpdateRule.make(name, **hyper, **settings)
-
-
-@functools.wraps(catalog.define)
-def optimizer(name: str | None = None, **options: Any) -> Callable[[Callable], catalog.Optimizer]:
-    """@ekko.optimizer(...): `catalog.define`, with each mistake in the definition one
-    OptimizerError that names the optimizer and the line of the user's source."""
-    define = catalog.define(name, **options)
-    own = ("hyper", *catalog.MATH_ARGS, *catalog.GRAD_HYPER)  # the catalog says why for these
-    taken = [k for k in inspect.signature(update_kernel).parameters if k not in own]
-
-    def checked(fn: Callable) -> catalog.Optimizer:
-        label = name or getattr(fn, "__name__", "?")
-        hyper = options.get("hyper")
-        for key in hyper if isinstance(hyper, dict) else ():
-            if key in taken:  # update_kernel(..., key=v) would bind its own parameter
-                raise OptimizerError(str(catalog.definition_error(
-                    fn, label, f"hyper-parameter name {key!r} is taken: update_kernel has a "
-                    f"parameter of that name")))
-        try:
-            return define(fn)
-        except catalog.DefinitionError as e:
-            raise OptimizerError(str(e)) from None
-
-    return checked
-
-
-def optimizers() -> dict[str, str]:
-    """Every optimizer update_kernel knows, with what it computes."""
-    return {name: opt.doc for name, opt in catalog.OPTIMIZERS.items()}

@@ -17,7 +17,7 @@ import numpy as np
 from ekko.compiler.backend.mathprog import interpret
 from ekko.compiler.backend.spec import UpdateSpec
 from ekko.kernels.quant import bf16_bits_to_f32, f32_to_bf16_bits
-from ekko.kernels.update import buffer_name
+from ekko.kernels.calls import buffer_name
 
 
 def as_numpy(x) -> np.ndarray:

@@ -19,7 +19,8 @@ from hypothesis import given, settings, strategies as st
 from ekko.compiler.backend.llvm_bag import emit_bag
 from ekko.compiler.backend.spec import BagSpec, serving_row_bytes
 from ekko.dialects import catalog
-from ekko.kernels.lookup import BagKernel, LookupError, bag_kernel
+from ekko.kernels.build import bag_kernel
+from ekko.kernels.lookup import BagKernel, LookupError
 from ekko.kernels.quant import dequantize_rows, quantize_rows
 
 try:  # pytest's rootdir-relative import mode puts tests/ on sys.path

@@ -13,8 +13,9 @@ import pytest
 
 from ekko.compiler.frontend import load_model
 from ekko.compiler.frontend.model import OPTIMIZER_DEFAULTS
-from ekko.kernels import check, cli
-from ekko.kernels.cli import main
+from ekko.cli import commands as cli
+from ekko.kernels import check
+from ekko.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = """

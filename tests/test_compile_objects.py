@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ekko
-from ekko.kernels.cli import main
+from ekko.cli import main
 
 C_TYPES = {"int64_t": ctypes.c_int64, "double": ctypes.c_double, "void": None}
 

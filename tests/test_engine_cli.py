@@ -14,8 +14,8 @@ MODEL = str(ROOT / "examples" / "dlrm.ekko")
 
 
 def ekko(*args: str) -> subprocess.CompletedProcess:
-    """The `ekko` console script's entry point (pyproject: ekko.engine.cli:main)."""
-    return subprocess.run([sys.executable, "-m", "ekko.engine.cli", *args], capture_output=True,
+    """The `ekko` console script's entry point (pyproject: ekko.cli:main)."""
+    return subprocess.run([sys.executable, "-m", "ekko.cli", *args], capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
 
 

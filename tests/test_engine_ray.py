@@ -504,7 +504,7 @@ class TestLocal:
         engine.shutdown()
 
     def test_cli_runs_the_engine_on_ray(self, model_path, capsys) -> None:
-        from ekko.engine.cli import main
+        from ekko.cli import main
         from ekko.engine.cluster import connect
 
         code = main(["run", str(model_path), "--replicas", "2", "--cluster", "local",

@@ -33,7 +33,7 @@ def test_examples_parse(source: str) -> None:
 def test_examples_compile(source: str, tmp_path: Path) -> None:
     """Each example through `ekko compile` (IR, native kernels, manifest), not only
     the parser: `feature user -> user;` (the settings example) made it exit 3."""
-    from ekko.kernels.cli import main
+    from ekko.cli import main
 
     path = tmp_path / "example.ekko"
     path.write_text(source)

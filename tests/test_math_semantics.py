@@ -32,7 +32,8 @@ import ekko  # noqa: E402
 from ekko.compiler.backend import semantics  # noqa: E402
 from ekko.compiler.backend.mathprog import MathProgram, interpret  # noqa: E402
 from ekko.dialects import catalog  # noqa: E402
-from ekko.kernels.update import UpdateKernel, update_kernel  # noqa: E402
+from ekko.kernels.build import update_kernel  # noqa: E402
+from ekko.kernels.update import UpdateKernel  # noqa: E402
 
 rm = ekko.rowmath
 FMAX = float(np.finfo(np.float32).max)

@@ -14,7 +14,7 @@ import ekko
 from ekko.compiler.frontend_to_ir import model_to_module
 from ekko.compiler.pipeline import UPDATE_PIPELINE
 from ekko.compiler.registry import PIPELINES, pipeline_spec
-from ekko.kernels.cli import main as ekko_main
+from ekko.cli import main as ekko_main
 
 ROOT = Path(__file__).resolve().parent.parent
 DLRM = ROOT / "examples" / "dlrm.ekko"
@@ -157,7 +157,7 @@ def test_compile_writes_ir_kernels_and_manifest(small_model: Path, tmp_path: Pat
 def test_cli_reports_model_errors_without_traceback(tmp_path: Path, source: str, message: str) -> None:
     path = tmp_path / "bad.ekko"
     path.write_text(source)
-    res = subprocess.run([sys.executable, "-m", "ekko.kernels.cli", "run", str(path)],
+    res = subprocess.run([sys.executable, "-m", "ekko.cli", "run", str(path)],
                          capture_output=True, text=True)
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
@@ -165,7 +165,7 @@ def test_cli_reports_model_errors_without_traceback(tmp_path: Path, source: str,
 
 
 def test_cli_missing_file(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "ekko.kernels.cli", "compile",
+    res = subprocess.run([sys.executable, "-m", "ekko.cli", "compile",
                           str(tmp_path / "missing.ekko"), "-o", str(tmp_path / "o")],
                          capture_output=True, text=True)
     assert res.returncode == 1 and "Traceback" not in res.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 import ekko
-from ekko.engine.cli import build_parser  # the `ekko` command: engine flags included
+from ekko.cli import build_parser  # the `ekko` command: engine flags included
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

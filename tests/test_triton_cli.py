@@ -11,7 +11,7 @@ import pytest
 # conftest.py chose the interpreter (no GPU) before triton was first imported
 pytest.importorskip("triton")
 
-from ekko.kernels.cli import main  # noqa: E402
+from ekko.cli import main  # noqa: E402
 
 MODEL = """
 model small {

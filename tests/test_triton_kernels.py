@@ -25,8 +25,8 @@ import ekko  # noqa: E402
 from ekko.dialects import catalog  # noqa: E402
 from ekko.kernels import quant  # noqa: E402
 from ekko.kernels.errors import EkkoError  # noqa: E402
-from ekko.kernels.lookup import bag_kernel  # noqa: E402
-from ekko.kernels.update import update_kernel  # noqa: E402
+from ekko.kernels.build import bag_kernel  # noqa: E402
+from ekko.kernels.build import update_kernel  # noqa: E402
 
 try:
     from reference import (Hyper, RefState, bf16_bits_to_f32, reference_step,

@@ -55,7 +55,7 @@ def _update_kernel_factory() -> Any:
 
     if hasattr(ekko, "update_kernel"):
         return ekko.update_kernel
-    from ekko.kernels.update import update_kernel
+    from ekko.kernels.build import update_kernel
 
     return update_kernel
 

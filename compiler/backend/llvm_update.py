@@ -249,11 +249,16 @@ GRAD_AHEAD = 4  # owned ids: their gradient rows, read by the finite check
 def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
     sig = abi.update_dedup(spec.index_dtype)
     fn = declare(module, sig)
-    (part, nparts, ids, n, rows, grads, htab, cap, uids, acc, slots, count_out,
-     err, order, key_a, key_b, order_b, srcs) = fn.args
-    for a in fn.args[2:]:
+    for a in fn.args:
         if isinstance(a.type, ir.PointerType):
             a.add_attribute("noalias")
+    arg = dict(zip(sig.names(), fn.args))  # bound by name: the ABI owns the order
+    part, nparts, ids, n, rows, grads = (arg[k] for k in ("part", "nparts", "ids", "n", "rows",
+                                                          "grads"))
+    htab, cap, uids, acc, slots, srcs = (arg[k] for k in ("htab", "cap", "uids", "acc", "slots",
+                                                          "srcs"))
+    count_out, err = arg["count_out"], arg["err_pos"]
+    order, key_a, key_b, order_b = (arg[k] for k in ("order", "key_a", "key_b", "order_b"))
     e = Emitter(module, fn)
     b = e.b
     dim = _c(I64, spec.dim)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from xdsl.dialects import arith, math
-from xdsl.dialects.builtin import Float64Type, FloatAttr, IntegerType
+from xdsl.dialects.builtin import Float64Type, FloatAttr
 from xdsl.ir import Block, SSAValue
 
 from ...dialects import catalog, kern, mathregion
@@ -103,7 +103,6 @@ def read_block(block: Block, opt: catalog.Optimizer, names: Sequence[str]) -> Ma
         stage = max((d.stage for d in deps), default=0)
         result = inner.results[0]
         f64 = isinstance(result.type, Float64Type)
-        boolean = result.type == IntegerType(1)
         if isinstance(inner, arith.ConstantOp):
             value = inner.value
             assert isinstance(value, FloatAttr)

@@ -1,13 +1,14 @@
 """From kernel-level ops to backend specs and native code.
 
-`spec_of` reads a `kern.update` / `kern.bag` op into the spec a backend
-consumes; `emit_module` is ekko-opt's `-t NAME`.
+`update_spec` / `bag_spec` / `sync_spec` read a kernel op into the spec a
+backend consumes; `Target` is what a backend is to every part of ekko, and
+`emit_module` is ekko-opt's `-t NAME`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO
 
 from xdsl.dialects.builtin import IntAttr, IntegerAttr, MemRefType, ModuleOp
@@ -119,16 +120,35 @@ def exports(spec: Spec) -> list[abi.Signature]:
 
 @dataclass(frozen=True)
 class Target:
-    """A backend: the source text it emits for one kernel spec.
+    """A backend, as the compiler knows it: how it schedules and emits a kernel spec.
 
-    `ekko-opt -t NAME` prints `emit` of every kernel op of a module; the
-    runtime (ekko.kernels) compiles that text into a callable. Adding a
-    backend is one entry in TARGETS plus its runtime in ekko.kernels.
+    This is the one contract every part dispatches through by the target's
+    name: upd-schedule writes `launch(dim)` on each update (`ekko-opt -p
+    'upd-schedule{target=NAME}'`), `schedule` fills what a spec leaves
+    unchosen, `ekko-opt -t NAME` prints `emit` of every kernel op, and the
+    runtime registered under the same name in `ekko.kernels.backends` loads
+    what `emit` returns and calls it (`update_kernel(..., target=NAME)`,
+    `bag_kernel`, `ekko compile --target NAME`). Adding a backend is one
+    entry in TARGETS plus one in `ekko.kernels.backends.RUNTIMES`.
     """
 
     name: str
     emit: Callable[[Spec], str]
     comment: str  # how the target's source writes a line comment
+    kinds: tuple[type, ...]  # the spec kinds it compiles; others run on the LLVM target
+    # the launch settings upd-schedule writes on an update of a table of this dim
+    launch: Callable[[int], dict[str, int]] = lambda dim: {}
+
+    def compiles(self, spec: Spec) -> bool:
+        """Whether this target has its own code for the spec's kind of kernel."""
+        return isinstance(spec, self.kinds)
+
+    def schedule(self, spec: Spec) -> Spec:
+        """The spec with every launch setting it leaves 0 chosen as upd-schedule would."""
+        if not isinstance(spec, UpdateSpec):
+            return spec
+        chosen = {k: v for k, v in self.launch(spec.dim).items() if not getattr(spec, k)}
+        return replace(spec, **chosen) if chosen else spec
 
 
 def _llvm() -> Target:
@@ -141,19 +161,19 @@ def _llvm() -> Target:
             return emit_sync(spec)
         return emit_update(spec) if isinstance(spec, UpdateSpec) else emit_bag(spec)
 
-    return Target("llvm", emit, ";")
+    return Target("llvm", emit, ";", (UpdateSpec, BagSpec, PackSpec, MergeSpec))
 
 
 def _triton() -> Target:
     from .triton_bag import emit_bag
-    from .triton_update import emit_update
+    from .triton_update import emit_update, gpu_launch
 
     def emit(spec: Spec) -> str:
         if isinstance(spec, (PackSpec, MergeSpec)):
             return "# replica sync (pack/merge) runs on the LLVM target\n"
         return emit_update(spec) if isinstance(spec, UpdateSpec) else emit_bag(spec)
 
-    return Target("triton", emit, "#")
+    return Target("triton", emit, "#", (UpdateSpec, BagSpec), gpu_launch)
 
 
 # name -> factory (lazy: a target's imports are paid only when it is used)
@@ -161,7 +181,8 @@ TARGETS: dict[str, Callable[[], Target]] = {"llvm": _llvm, "triton": _triton}
 
 
 def target(name: str) -> Target:
-    if name not in TARGETS:
+    """The target of that name; ValueError naming the known ones otherwise."""
+    if not isinstance(name, str) or name not in TARGETS:
         raise ValueError(f"unknown target {name!r}; expected one of {', '.join(TARGETS)}")
     return TARGETS[name]()
 

@@ -63,10 +63,24 @@ def block_dim(dim: int) -> int:
     return max(2, next_pow2(dim))
 
 
+GPU_TILE = 2048  # values per Triton program: 16 a thread at 4 warps
+
+
+def gpu_schedule(dim: int) -> tuple[int, int]:
+    """(block_rows, num_warps) of a Triton update over [block_rows, whole row] tiles."""
+    width = max(2, 1 << max(0, (dim - 1).bit_length()))
+    rows = max(1, min(64, GPU_TILE // width))
+    return rows, 4 if rows * width <= 4096 else 8
+
+
+def gpu_launch(dim: int) -> dict[str, int]:
+    """The Triton target's launch settings (`Target.launch`), as upd-schedule writes them."""
+    rows, warps = gpu_schedule(dim)
+    return {"block_rows": rows, "num_warps": warps}
+
+
 def schedule(spec: UpdateSpec) -> tuple[int, int]:
     """(block_rows, num_warps): upd-schedule's choice, or its default for the dim."""
-    from ..transforms.upd_schedule import gpu_schedule
-
     rows, warps = gpu_schedule(spec.dim)
     return spec.block_rows or rows, spec.num_warps or warps
 

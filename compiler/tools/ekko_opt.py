@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ekko-opt: error: bad -t target '{driver_arg(argv, '-t')}': {reason}",
               file=sys.stderr)
     except RecursionError:
-        print(f"ekko-opt: error: the input is nested too deeply for ekko-opt", file=sys.stderr)
+        print("ekko-opt: error: the input is nested too deeply for ekko-opt", file=sys.stderr)
     except MemoryError:
         print("ekko-opt: error: out of memory", file=sys.stderr)
     except Exception as e:  # a bug in ekko, not the user's: still no traceback, say so

@@ -17,6 +17,7 @@ off by default; a tile narrower than the dim split the vector loops (16 of
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from xdsl.context import Context
@@ -32,6 +33,7 @@ from xdsl.pattern_rewriter import (
 )
 
 from ...dialects import emb, upd
+from ..backend.targets import TARGETS, target
 from ...dialects.limits import MAX_DIM, MAX_PARTITIONS
 
 MAX_TILE = 512  # f32 values: a 2 KiB block of the row stays in L1 across the loops
@@ -40,16 +42,6 @@ MAX_TILE = 512  # f32 values: a 2 KiB block of the row stays in L1 across the lo
 def choose_tile(dim: int) -> int:
     """The whole row, or blocks of MAX_TILE values for very wide rows."""
     return dim if dim <= MAX_TILE else MAX_TILE // 2
-
-
-GPU_TILE = 2048  # values per Triton program: 16 a thread at 4 warps
-
-
-def gpu_schedule(dim: int) -> tuple[int, int]:
-    """(block_rows, num_warps) of a Triton update over [block_rows, whole row] tiles."""
-    width = max(2, 1 << max(0, (dim - 1).bit_length()))
-    rows = max(1, min(64, GPU_TILE // width))
-    return rows, 4 if rows * width <= 4096 else 8
 
 
 def default_partitions() -> int:
@@ -63,7 +55,7 @@ class ScheduleApply(RewritePattern):
     partitions: int
     sort: bool
     tile: int  # 0: chosen from the dim
-    gpu: bool  # also block_rows and num_warps
+    launch: Callable[[int], dict[str, int]]  # the target's launch settings for a dim
 
     @op_type_rewrite_pattern
     def match_and_rewrite(self, op: upd.ApplyOp, rewriter: PatternRewriter) -> None:
@@ -75,9 +67,7 @@ class ScheduleApply(RewritePattern):
             "tile": IntegerAttr(min(self.tile or choose_tile(dim), dim), i64),
             "sort": UnitAttr() if self.sort else None,
         }
-        if self.gpu:
-            rows, warps = gpu_schedule(dim)
-            want |= {"block_rows": IntegerAttr(rows, i64), "num_warps": IntegerAttr(warps, i64)}
+        want |= {name: IntegerAttr(value, i64) for name, value in self.launch(dim).items()}
         _set_properties(op, want, rewriter)
 
 
@@ -114,11 +104,11 @@ class UpdSchedulePass(ModulePass):
     partitions: int = 0  # 0: one per CPU core
     sort: bool = False
     tile: int = 0  # 0: chosen from the dim
-    target: str = "llvm"  # "triton": also block_rows and num_warps for the GPU
+    target: str = "llvm"  # a name in TARGETS: also its launch settings (Triton: block_rows, num_warps)
 
     def __post_init__(self) -> None:
-        if self.target not in ("llvm", "triton"):
-            raise ValueError(f"target must be llvm or triton, got {self.target!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be {' or '.join(TARGETS)}, got {self.target!r}")
         for option, value, most in (("partitions", self.partitions, MAX_PARTITIONS),
                                     ("tile", self.tile, MAX_DIM)):
             if not 0 <= value <= most:
@@ -128,6 +118,6 @@ class UpdSchedulePass(ModulePass):
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         parts = self.partitions or default_partitions()
         PatternRewriteWalker(GreedyRewritePatternApplier([
-            ScheduleApply(parts, self.sort, self.tile, self.target == "triton"),
+            ScheduleApply(parts, self.sort, self.tile, target(self.target).launch),
             PartitionLookups(parts),
         ], dce_enabled=False), apply_recursively=False).rewrite_module(op)  # schedules only: erases nothing

@@ -1,4 +1,4 @@
-"""Synthetic traffic for `ekko run`: a Zipf update stream and serving lookups.
+"""`ekko run` on the kernels alone: a Zipf update stream and serving lookups, self-checked.
 
 Each step gives every table a delta of `batch` ids (Zipf-distributed over
 its rows, hot ids scattered by a fixed permutation, as in real logs) with
@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..dialects import catalog
-from .check import compare, error_ratio, reference_lookup, snapshot, to_f32
-from .model import CompiledModel
+from ..workloads.zipf import ZipfIds
+from ..kernels.check import compare, error_ratio, reference_lookup, snapshot, to_f32
+from ..kernels.model import CompiledModel
 
 
 @dataclass(frozen=True)
@@ -87,20 +88,6 @@ class RunReport:
             " of tolerance; updates vs numpy, lookups vs numpy pooling)",
         ]
         return "\n".join(lines)
-
-
-class ZipfIds:
-    """Zipf(alpha) ids over [0, rows): rank r has weight 1/r^alpha, ranks permuted."""
-
-    def __init__(self, rows: int, alpha: float, rng: np.random.Generator):
-        weights = 1.0 / np.arange(1, rows + 1, dtype=np.float64) ** alpha
-        self.cdf = np.cumsum(weights / weights.sum())
-        self.perm = rng.permutation(rows).astype(np.int64)
-        self.rng = rng
-
-    def draw(self, n: int) -> np.ndarray:
-        ranks = np.searchsorted(self.cdf, self.rng.random(n), side="right")
-        return self.perm[np.minimum(ranks, len(self.perm) - 1)]
 
 
 def _offsets(rng: np.random.Generator, bags: int, pooling: int) -> np.ndarray:

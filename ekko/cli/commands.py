@@ -5,16 +5,19 @@
   ekko run MODEL              build the tables, stream a Zipf update stream
                               through the update kernels while serving
                               lookups, check a sample against numpy, report
+  ekko run MODEL --replicas N the same through the update engine: a primary,
+                              N serving replicas kept fresh (ekko.cli.replicas)
 
 MODEL is a `.ekko` file or `path/to/module.py:factory` (a torch model).
 --optimizer and --serving set every table's optimizer and serving layout,
-for either kind. The CLI lives in `kernels` because `run` needs the
-runtime; it only asks the compiler for IR and specs.
+for either kind. This module is the one parser and the one place that
+turns errors into messages; it sits above the engine, the kernels and the
+compiler, and asks each only for what it owns.
 
 Exit status: 0 done; 1 a mistake in the input (flags, model, output folder:
 one `ekko: error: ...` or `file:line:col: error: ...` message); 2 `ekko
-run`'s reference check failed; 3 an internal error (a bug: please report it;
-EKKO_DEBUG=1 shows the traceback).
+run`'s reference check failed, or a replica differs from the primary; 3 an
+internal error (a bug: please report it; EKKO_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
@@ -33,16 +36,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
-from ..compiler.backend.spec import UpdateSpec, serving_row_bytes
+from ..compiler.backend.spec import serving_row_bytes
+from ..compiler.backend.targets import TARGETS, target
 from ..compiler.diagnostics import EkkoDiagnostic
 from ..compiler.frontend import Model, ModelError, Optimizer, Table, load_model
 from ..compiler.frontend.model import ModelInvalid
 from ..dialects.limits import MAX_BATCH
 from ..dialects import catalog
-from . import jit
-from .errors import EkkoError
-from .model import STAGES, CompiledModel, compile_model
-from .traffic import RunConfig, run_traffic
+from ..kernels import backends, jit
+from ..kernels.errors import EkkoError
+from ..kernels.model import STAGES, CompiledModel, compile_model
+from .run import RunConfig, run_traffic
 
 EXIT_INPUT, EXIT_CHECK, EXIT_INTERNAL = 1, 2, 3
 MAX_PARTITIONS = 1024
@@ -186,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output folder")
     c.add_argument("--emit-ir", choices=("none", "model", "kernel", "all"), default="all",
                    help="which IR stages to write (default: all)")
-    c.add_argument("--target", choices=("llvm", "triton"), default="llvm",
+    c.add_argument("--target", choices=list(TARGETS), default="llvm",
                    help="triton: also each kernel's Triton source and its PTX for sm_90")
     r = sub.add_parser("run", help="compile, then stream updates while serving lookups")
     _add_model_args(r)
@@ -200,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Zipf exponent of ids, 0 for uniform (default 1.05)")
     r.add_argument("--seed", type=int_flag(0, MAX_SEED), default=0)
     r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument("--replicas", type=int_flag(1, 64), default=None,
+                   help="run the update engine with N serving replicas")
+    r.add_argument("--bandwidth", type=float_flag(0.0, 1e15, low_open=True), default=None,
+                   help="bytes/s per replica link (default: unlimited; needs --replicas)")
+    r.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run primary and replicas as Ray processes: 'local' starts Ray here, "
+                        "'auto' or ray://HOST:PORT joins a cluster (needs --replicas)")
     return parser
 
 
@@ -283,8 +294,7 @@ def _stage_outputs(compiled: CompiledModel, emit_ir: str, out: Path, target: str
             stem.with_suffix(".ll").write_text(optimized)
             stem.with_suffix(".o").write_bytes(obj)
             entry["files"] = [f"kernels/{stem.name}.ll", f"kernels/{stem.name}.o"]
-            if target == "triton":
-                entry["files"] += _triton_files(spec, stem)
+            entry["files"] += _target_files(target, spec, stem)
         text = json.dumps(manifest, indent=2, default=str) + "\n"
         (staging / "manifest.json").write_text(text)
     except BaseException:
@@ -293,19 +303,21 @@ def _stage_outputs(compiled: CompiledModel, emit_ir: str, out: Path, target: str
     return staging
 
 
-def _triton_files(spec, stem: Path) -> list[str]:
-    """The kernel's Triton source and the PTX of each of its Triton kernels."""
-    from .triton_runtime import spec_ptx
-
+def _target_files(name: str, spec, stem: Path) -> list[str]:
+    """What `--target NAME` writes beside a kernel's native object (Triton: its source and
+    the PTX of each of its kernels), as its runtime exports them."""
+    _, runtime = backends.backend(name)
+    if runtime.export is None:
+        return []
     try:
-        source, ptx = spec_ptx(spec)
-    except ImportError:
-        raise CliError("--target triton needs triton: pip install 'ekko[triton]'") from None
-    stem.with_suffix(".triton.py").write_text(source)
-    names = [f"kernels/{stem.name}.triton.py"]
-    for name, text in ptx.items():
-        (stem.parent / f"{stem.name}.{name}.ptx").write_text(text)
-        names.append(f"kernels/{stem.name}.{name}.ptx")
+        files = runtime.export(spec)
+    except ImportError as e:
+        raise CliError(f"--target {name} needs {e.name or 'its runtime'}: "
+                       f"pip install 'ekko[{name}]'") from None
+    names = []
+    for suffix, text in files.items():
+        stem.with_name(stem.name + suffix).write_text(text)
+        names.append(f"kernels/{stem.name}{suffix}")
     return names
 
 
@@ -326,10 +338,8 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def llvm_ir_of(spec) -> str:
-    from ..compiler.backend.llvm_bag import emit_bag
-    from ..compiler.backend.llvm_update import emit_update
-
-    return emit_update(spec) if isinstance(spec, UpdateSpec) else emit_bag(spec)
+    """The native kernel's LLVM IR (every kernel has one, whatever --target adds)."""
+    return target("llvm").emit(spec)
 
 
 def available_memory() -> int | None:
@@ -390,13 +400,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet)
     config = RunConfig(steps=args.steps, batch=args.batch, pooling=args.pooling,
                        zipf=args.zipf, seed=args.seed)
-    lookup_ids = args.batch * (2 * args.pooling + 1)  # bags hold 0..2*pooling ids
-    if lookup_ids > MAX_BATCH:
-        raise CliError(f"--batch {args.batch} with --pooling {args.pooling} makes lookups of up "
-                       f"to {lookup_ids:,} ids (limit {MAX_BATCH:,} ids a call)")
+    if args.replicas is None:
+        for flag in ("bandwidth", "cluster"):
+            if getattr(args, flag) is not None:
+                raise CliError(f"--{flag} needs --replicas")
+        lookup_ids = args.batch * (2 * args.pooling + 1)  # bags hold 0..2*pooling ids
+        if lookup_ids > MAX_BATCH:
+            raise CliError(f"--batch {args.batch} with --pooling {args.pooling} makes lookups "
+                           f"of up to {lookup_ids:,} ids (limit {MAX_BATCH:,} ids a call)")
     model = load(args)
     check_memory(model, config)
     compiled = _compile(args, model, progress)
+    if args.replicas is not None:
+        from .replicas import run_engine  # loads the engine (and Ray with --cluster) only here
+
+        return 0 if run_engine(args, compiled, config, progress) else EXIT_CHECK
     progress(f"compiled in {compiled.compile_seconds:.2f}s; allocating tables")
     compiled.materialize(seed=args.seed)
     report = run_traffic(compiled, config, progress)
@@ -440,7 +458,3 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(a bug in ekko; EKKO_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
     return EXIT_INPUT
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,11 @@
-"""The `ekko` command with the update engine: `ekko run MODEL --replicas N`.
+"""`ekko run MODEL --replicas N`: the compiled model through the update engine.
 
-`kernels.cli` owns the command line (compile, run on the update kernels
-alone); `kernels` must not import the engine, so this module extends that
-parser with `--replicas` and `--bandwidth` and runs the engine when they are
-given: a primary, N serving replicas, the scheduler and a lookup thread
-serving every feature from the replicas while the Zipf update stream runs.
-A live progress line, then a report: freshness percentiles, rows/s, lookup
+A primary, N serving replicas, the scheduler and a lookup thread serving
+every feature from the replicas while the Zipf update stream runs. A live
+progress line, then a report: freshness percentiles, rows/s, lookup
 p50/p99, rollbacks, and a byte-for-byte check of every replica against the
-primary (exit status 2 if one differs).
+primary (exit status 2 if one differs). `ekko.cli.commands` parses the
+command and turns errors into messages.
 """
 
 from __future__ import annotations
@@ -17,79 +15,14 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 
 import numpy as np
 
-from ..kernels import cli as base
-from ..kernels.traffic import RunConfig, ZipfIds
-from .engine import Engine
-from .scheduler import SchedulerConfig
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """kernels.cli's parser, with the engine's flags on `run`."""
-    parser = base.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    run = sub.choices["run"]
-    run.add_argument("--replicas", type=base.int_flag(1, 64), default=None,
-                     help="run the update engine with N serving replicas")
-    run.add_argument("--bandwidth", type=base.float_flag(0.0, 1e15, low_open=True), default=None,
-                     help="bytes/s per replica link (default: unlimited; needs --replicas)")
-    run.add_argument("--cluster", default=None, metavar="ADDRESS",
-                     help="run primary and replicas as Ray processes: 'local' starts Ray here, "
-                          "'auto' or ray://HOST:PORT joins a cluster (needs --replicas)")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else base.EXIT_INPUT
-    if args.command != "run" or args.replicas is None:
-        for flag in ("bandwidth", "cluster"):
-            if getattr(args, flag, None) is not None:
-                print(f"ekko: error: --{flag} needs --replicas", file=sys.stderr)
-                return base.EXIT_INPUT
-        return base.main(argv)
-    return _dispatch(args)
-
-
-def _dispatch(args: argparse.Namespace) -> int:
-    """cmd_run_engine with kernels.cli's error rules: one `ekko: error:` line, no traceback."""
-    import os
-
-    try:
-        return cmd_run_engine(args)
-    except KeyboardInterrupt:
-        print("ekko: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError as e:
-        print(f"ekko: error: out of memory ({e or 'allocation failed'}); "
-              "use a smaller --scale or --batch", file=sys.stderr)
-    except OSError as e:
-        print(f"ekko: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
-              file=sys.stderr)
-    except Exception as e:  # noqa: BLE001
-        if _is_input_error(e):
-            print(base._input_error(e), file=sys.stderr)
-            return base.EXIT_INPUT
-        if os.environ.get("EKKO_DEBUG"):
-            raise
-        print(f"ekko: internal error: {type(e).__name__}: {base._shorten(str(e))} "
-              "(a bug in ekko; EKKO_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return base.EXIT_INTERNAL
-    return base.EXIT_INPUT
-
-
-def _is_input_error(e: Exception) -> bool:
-    from ..compiler.diagnostics import EkkoDiagnostic
-    from ..compiler.frontend import ModelError
-    from ..kernels.errors import EkkoError
-
-    return isinstance(e, (ModelError, EkkoDiagnostic, EkkoError, base.CliError))
+from ..engine import Engine, SchedulerConfig
+from ..kernels.model import CompiledModel
+from ..workloads.zipf import ZipfIds
+from .run import RunConfig
 
 
 SERVING_GAP_S = 0.001  # between two feature lookups of the serving thread
@@ -118,13 +51,10 @@ class _Lookups:
             self.batches += 1
 
 
-def cmd_run_engine(args: argparse.Namespace) -> int:
-    progress = base.Progress(args.quiet)
-    cfg = RunConfig(steps=args.steps, batch=args.batch, pooling=args.pooling, zipf=args.zipf,
-                    seed=args.seed)
-    model = base.load(args)
-    base.check_memory(model, cfg)
-    compiled = base._compile(args, model, progress)
+def run_engine(args: argparse.Namespace, compiled: CompiledModel, cfg: RunConfig,
+               progress: Callable[[str], None]) -> bool:
+    """Stream the updates through an engine while serving lookups from its replicas;
+    print the report. Whether every replica ended equal to the primary."""
     t0 = time.perf_counter()
     engine = Engine(compiled, replicas=args.replicas, seed=args.seed,
                     scheduler=SchedulerConfig(bandwidth=args.bandwidth), cluster=args.cluster)
@@ -165,7 +95,7 @@ def cmd_run_engine(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=str))
     else:
         print(_format(report))
-    return 0 if report["replicas_match_primary"] else base.EXIT_CHECK
+    return report["replicas_match_primary"]
 
 
 def _progress_line(engine: Engine, step: int, steps: int, rows: int, seconds: float) -> None:
@@ -224,7 +154,3 @@ def _format(r: dict) -> str:
         "replica check    " + ("passed (every replica equals the primary byte for byte)"
                                if r["replicas_match_primary"] else "FAILED (a replica differs)"),
     ])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
