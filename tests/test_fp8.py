@@ -18,9 +18,9 @@ import torch
 
 from ekko.dialects import catalog
 from ekko.kernels import quant
-from ekko.kernels.lookup import bag_kernel
+from ekko.kernels.build import bag_kernel
 from ekko.kernels.sync import SyncError, merge_kernel, pack_kernel
-from ekko.kernels.update import update_kernel
+from ekko.kernels.build import update_kernel
 
 try:
     from reference import dequantize_fp8, quantize_fp8
@@ -218,7 +218,7 @@ def test_pack_and_merge_refuse_what_decodes_to_non_finite(dim: int) -> None:
 
 def test_serving_fp8_in_the_language_and_cli(tmp_path: Path) -> None:
     from ekko.compiler.frontend import parse_model
-    from ekko.kernels.cli import main
+    from ekko.cli import main
 
     source = ("model m { table t { rows 100; dim 9; serving fp8; optimizer sgd(lr=0.1); }\n"
               "  feature f -> t pooling sum; }\n")

@@ -141,7 +141,6 @@ def _cycles(package: str) -> list[list[str]]:
 
 # cycles other engineers remove in parallel (issue #18 item 5): flip each once merged
 _KNOWN = {
-    "dialects": "catalog <-> kern <-> upd: B2 moves the math-region ops below both",
     "engine": "engine <-> cluster: B3 writes the engine's core once over a transport",
 }
 

@@ -13,9 +13,9 @@ import torch
 from ekko.compiler.frontend import ModelError, parse_model
 from ekko.dialects import catalog
 from ekko.kernels import quant
-from ekko.kernels.lookup import bag_kernel
+from ekko.kernels.build import bag_kernel
 from ekko.kernels.sync import merge_kernel, pack_kernel
-from ekko.kernels.update import update_kernel
+from ekko.kernels.build import update_kernel
 
 # FBGEMM's 4-bit rule on byte codes with f16 parameters, and the 8-bit rule on
 # nibbles with bf16 ones: neither is a built-in combination
