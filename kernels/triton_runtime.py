@@ -117,6 +117,11 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+# every operation rounds on its own, as on the LLVM target and in the semantics table:
+# a contracted a*b+c (one rounding) can overflow where the two roundings do not, and back
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
 class _Kernels:
     """A generated module's kernels, launched with their arguments by name.
 
@@ -137,7 +142,7 @@ class _Kernels:
             missing = [n for n in names if n not in args]
             unknown = [n for n in args if n not in names]
             raise TypeError(f"{kernel}: missing arguments {missing}, unknown {unknown}")
-        getattr(self.module, kernel)[grid](*(args[n] for n in names),
+        getattr(self.module, kernel)[grid](*(args[n] for n in names), **LAUNCH_OPTIONS,
                                            num_warps=self.module.NUM_WARPS)
 
 
@@ -450,7 +455,8 @@ def _ptx(source: str, stem: str, decls: tuple[triton_update.KernelDecl, ...],
         src = triton.compiler.ASTSource(getattr(module, decl.name), dict(decl.signature),
                                         constexprs=dict(decl.constexprs))
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": getattr(module, "NUM_WARPS", 4)})
+                                  options={"num_warps": getattr(module, "NUM_WARPS", 4),
+                                           **LAUNCH_OPTIONS})
         result[decl.name] = compiled.asm["ptx"]
     return result
 

@@ -206,14 +206,14 @@ def test_triton_launches_bind_arguments_by_name(monkeypatch) -> None:
     declared = triton_update.apply_args
     monkeypatch.setattr(triton_update, "apply_args", lambda spec: declared(spec)[::-1])
     results = []
-    for target in ("llvm", "triton"):
+    for target, device in (("llvm", "cpu"), ("triton", DEVICE)):  # native: CPU memory
         k = ekko.update_kernel("adagrad", DIM, serving="int8", lr=0.1, target=target)
-        table = torch.linspace(-1, 1, ROWS * DIM).reshape(ROWS, DIM).to(DEVICE)
-        state = torch.full((ROWS, DIM), 0.1, device=DEVICE)
-        serving = torch.zeros(ROWS, DIM + 8, dtype=torch.uint8, device=DEVICE)
-        versions = torch.zeros(ROWS, dtype=torch.int64, device=DEVICE)
-        grads = torch.linspace(-2, 2, 3 * DIM).reshape(3, DIM).to(DEVICE)
-        k(table, torch.tensor([5, 2, 5], device=DEVICE), grads, state=state, serving=serving,
+        table = torch.linspace(-1, 1, ROWS * DIM).reshape(ROWS, DIM).to(device)
+        state = torch.full((ROWS, DIM), 0.1, device=device)
+        serving = torch.zeros(ROWS, DIM + 8, dtype=torch.uint8, device=device)
+        versions = torch.zeros(ROWS, dtype=torch.int64, device=device)
+        grads = torch.linspace(-2, 2, 3 * DIM).reshape(3, DIM).to(device)
+        k(table, torch.tensor([5, 2, 5], device=device), grads, state=state, serving=serving,
           versions=versions, step=1, version=7)
         results.append((table.cpu(), state.cpu(), versions.cpu()))
     (t1, s1, v1), (t2, s2, v2) = results

@@ -3,6 +3,8 @@ RMSprop and user-defined ones, each against an independent reference."""
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import numpy as np
@@ -102,10 +104,12 @@ def _lion_case(target: str, rows: int, dim: int, seed: int, steps: int = 3) -> N
         if step == 2:  # an empty batch: nothing moves
             ids, grads = ids[:0], grads[:0]
         w0, m0 = w.copy(), m.copy()
-        if target == "triton":
-            tw, tm = torch.from_numpy(w), torch.from_numpy(m)
-            k(tw, torch.from_numpy(ids), torch.from_numpy(grads), state=tm, step=step)
-            w, m = tw.numpy(), tm.numpy()
+        if target == "triton":  # on the GPU when there is one, else in the interpreter
+            device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+            tw, tm = (torch.from_numpy(a).to(device) for a in (w, m))
+            k(tw, torch.from_numpy(ids).to(device), torch.from_numpy(grads).to(device),
+              state=tm, step=step)
+            w, m = tw.cpu().numpy(), tm.cpu().numpy()
         else:
             k(w, ids, grads, state=m, step=step)
         uniq, g = sum_duplicates(ids, grads)

@@ -183,11 +183,11 @@ def _store_elem(e: Emitter, ptr, value, dtype: str, sr: bool, seed, row, col):
     bits = b.bitcast(value, I32)
     if dtype == "bf16":
         if sr:
-            bits = b.add(bits, _random_bits(e, seed, row, col, 0xFFFF))
+            low = b.trunc(b.lshr(b.add(bits, _random_bits(e, seed, row, col, 0xFFFF)),
+                                 _c(I32, 16)), I16)
         else:
-            lsb = b.and_(b.lshr(bits, _c(I32, 16)), _c(I32, 1))
-            bits = b.add(bits, b.add(lsb, _c(I32, 0x7FFF)))
-        low = b.trunc(b.lshr(bits, _c(I32, 16)), I16)
+            low = _bf16_nearest(e, bits)
+        low = _bf16_keep_nan(e, value, bits, low)
         b.store(low, ptr)
         return _non_finite(e, low, "bf16")
     if sr:
@@ -1116,9 +1116,23 @@ def _rounded(e: Emitter, value, fmt: str):
         half = b.fptrunc(value, F16)
         return half, b.fpext(half, F32)
     bits = b.bitcast(value, I32)
-    lsb = b.and_(b.lshr(bits, _c(I32, 16)), _c(I32, 1))
-    low = b.trunc(b.lshr(b.add(bits, b.add(lsb, _c(I32, 0x7FFF))), _c(I32, 16)), I16)
+    low = _bf16_keep_nan(e, value, bits, _bf16_nearest(e, bits))
     return low, b.bitcast(b.shl(b.zext(low, I32), _c(I32, 16)), F32)
+
+
+def _bf16_nearest(e: Emitter, bits):
+    """The bf16 bits of f32 `bits`, round-to-nearest-even."""
+    b = e.b
+    lsb = b.and_(b.lshr(bits, _c(I32, 16)), _c(I32, 1))
+    return b.trunc(b.lshr(b.add(bits, b.add(lsb, _c(I32, 0x7FFF))), _c(I32, 16)), I16)
+
+
+def _bf16_keep_nan(e: Emitter, value, bits, low):
+    """`low`, or a quiet NaN where `value` is NaN: rounding's add carries a NaN with a
+    full mantissa (0x7FFFFFFF) into the sign bit, which would make it -0.0."""
+    b = e.b
+    quiet = b.trunc(b.or_(b.lshr(bits, _c(I32, 16)), _c(I32, 0x40)), I16)
+    return b.select(b.fcmp_unordered("uno", value, value), quiet, low)
 
 
 def _put_param(e: Emitter, params, index: int, stored, fmt: str):

@@ -114,15 +114,19 @@ def _from_bf16(bits):
 def _to_bf16(x):
     """f32 -> bf16 bits (int16), nearest-even."""
     bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-    return (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+    rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+    # a NaN stays a quiet NaN: the add carries a NaN with a full mantissa (the GPU's
+    # 0x7FFFFFFF) into the sign bit, which would make it -0.0
+    rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+    return rounded.to(tl.uint16).to(tl.int16, bitcast=True)
 
 
 @triton.jit
 def _to_bf16_sr(x, rnd):
     """f32 -> bf16 bits (int16), stochastic: add 16 random bits, truncate."""
-    bits = x.to(tl.uint32, bitcast=True) + rnd
-    return (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = tl.where(x != x, (bits >> 16) | 0x40, (bits + rnd) >> 16)  # NaN: as _to_bf16
+    return rounded.to(tl.uint16).to(tl.int16, bitcast=True)
 
 
 @triton.jit
