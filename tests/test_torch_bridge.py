@@ -177,3 +177,154 @@ def test_training_equals_torch_autograd_then_the_optimizer(name: str) -> None:
             for t, rows in ROWS.items():
                 got, _ = replica.rows(t, np.arange(rows))
                 np.testing.assert_array_equal(got, engine.primary.tables[t].buf.master)
+
+
+@pytest.fixture(scope="module")
+def model() -> ekko.CompiledModel:
+    return compiled("adagrad(lr=0.1)")
+
+
+def untouched(engine, before: dict, issued: dict) -> None:
+    """Nothing written, no version spent, no step counted."""
+    for t, m in masters(engine).items():
+        np.testing.assert_array_equal(m, before[t])
+    assert {t: engine.primary.issued(t) for t in ROWS} == issued
+    assert engine.stats()["steps"] == 0
+
+
+def snapshot(engine) -> tuple[dict, dict]:
+    return masters(engine), {t: engine.primary.issued(t) for t in ROWS}
+
+
+def test_no_grad_pools_and_commits_nothing(model) -> None:
+    with ekko.Engine(model, replicas=1) as engine:
+        emb = ekko.torch.EmbeddingBags(engine)
+        before, issued = snapshot(engine)
+        sparse = batch(np.random.default_rng(1))
+        with torch.no_grad():
+            pooled = emb(sparse)
+        weights = {t: torch.from_numpy(m) for t, m in before.items()}
+        for k, expected in torch_forward(model, weights, sparse).items():
+            assert not pooled[k].requires_grad
+            torch.testing.assert_close(pooled[k], expected)
+        assert pooled["fn"].shape == (9, DIM) and pooled["fs"].shape == (7, DIM)
+        untouched(engine, before, issued)
+
+
+def test_forward_reads_the_master_without_a_copy(model) -> None:
+    with ekko.Engine(model, replicas=1) as engine:
+        emb = ekko.torch.EmbeddingBags(engine)
+        master = engine.primary.tables["t"].buf.master
+        assert emb.weight("t").data_ptr() == master.ctypes.data
+        ids, offsets = np.array([3, 3, 39]), np.array([0, 3])
+        pooled = emb({"fs": (ids, offsets)})["fs"]
+        pooled.sum().backward()  # sgd-like direction: the step changes rows 3 and 39 in place
+        assert emb.weight("t").data_ptr() == master.ctypes.data
+        torch.testing.assert_close(emb({"fs": (ids, offsets)})["fs"][0],
+                                   torch.from_numpy(2 * master[3] + master[39]))
+
+
+BAD = [  # (feature, value, what the message names)
+    ("nope", (np.array([1]), np.array([0, 1])), "no feature 'nope'"),
+    ("t", (np.array([1]), np.array([0, 1])), "that is a table"),
+    ("fs", (np.array([1, 40]), np.array([0, 2])), "id 40 at position 1 is out of range [0, 40)"),
+    ("fs", (np.array([-1]), np.array([0, 1])), "id -1 at position 0 is out of range"),
+    ("fs", (np.array([1.0]), np.array([0, 1])), "ids must be integers"),
+    ("fs", (np.array([[1]]), np.array([0, 1])), "ids must be 1-D"),
+    ("fs", (np.array([1, 2]), np.array([0, 1])), "end at the number of ids (2)"),
+    ("fs", (np.array([1, 2]), np.array([1, 2])), "start at 0"),
+    ("fs", (np.array([1, 2]), np.array([0, 2, 1, 2])), "offsets decrease at position 2"),
+    ("fs", (np.array([1, 2]), np.array([], np.int64)), "offsets must have B+1 entries"),
+    ("fs", np.array([1, 2]), "expected (ids, offsets)"),
+    ("fm", (np.array([1]), np.array([0, 1]), np.ones(1, np.float32)),
+     'per-sample weights need mode "sum"'),
+    ("fw", (np.array([1, 2]), np.array([0, 2]), np.ones(3, np.float32)), "one per id (2)"),
+    ("fw", (np.array([1, 2]), np.array([0, 2]), np.array([1.0, np.nan])), "must be finite"),
+    ("fw", (np.array([1, 2]), np.array([0, 2]), np.array([1, 2])), "1-D floats"),
+    ("fw", (np.array([1, 2]), np.array([0, 2]), torch.ones(2, requires_grad=True)),
+     "require grad"),
+    ("fn", (np.array([1, 25]), np.array([0, 2])), "id 25 at position 1 is out of range [0, 25)"),
+]
+
+
+@pytest.mark.parametrize("feature,value,why", BAD)
+def test_bad_input_is_refused_before_anything_is_written(model, feature, value, why) -> None:
+    with ekko.Engine(model, replicas=1) as engine:
+        emb = ekko.torch.EmbeddingBags(engine)
+        before, issued = snapshot(engine)
+        good = {"fs": (np.array([1, 2]), np.array([0, 1, 2]))}
+        with pytest.raises(ekko.EkkoError) as e:
+            emb({**good, feature: value})
+        assert why in str(e.value)
+        untouched(engine, before, issued)
+
+
+def test_a_non_mapping_input_and_a_remote_engine_are_refused(model) -> None:
+    with ekko.Engine(model, replicas=1) as engine:
+        with pytest.raises(ekko.EkkoError, match="KeyedJaggedTensor, got list"):
+            ekko.torch.EmbeddingBags(engine)([1, 2])
+    with pytest.raises(ekko.EkkoError, match="in-process ekko.Engine"):
+        ekko.torch.EmbeddingBags(model)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("tables", [("t",), ("t", "u")])
+def test_a_non_finite_gradient_is_refused_whole(model, bad: float, tables: tuple) -> None:
+    """A NaN in one table's gradient refuses every table of the backward: nothing is
+    written and no version is spent, also on the table whose gradient was finite."""
+    with ekko.Engine(model, replicas=1) as engine:
+        emb = ekko.torch.EmbeddingBags(engine)
+        before, issued = snapshot(engine)
+        sparse = batch(np.random.default_rng(2))
+        if tables == ("t",):
+            sparse = {k: v for k, v in sparse.items() if k in ("fs", "fm")}
+        pooled = emb(sparse)
+        poisoned = "fm" if tables == ("t",) else "fw"  # fs (table t) stays finite
+        loss = sum(o.sum() for k, o in pooled.items() if k != poisoned) \
+            + (pooled[poisoned] * bad).sum()
+        with pytest.raises(ekko.EkkoError, match="non-finite gradient"):
+            loss.backward()
+        untouched(engine, before, issued)
+        # the module still trains afterwards
+        emb(sparse)["fs"].sum().backward()
+        assert engine.primary.issued("t") == issued["t"] + 1
+
+
+def test_an_unused_output_adds_nothing(model) -> None:
+    """Only tables whose outputs reach the loss are stepped (torch gives the others no grad)."""
+    with ekko.Engine(model, replicas=1) as engine:
+        emb = ekko.torch.EmbeddingBags(engine)
+        before, issued = snapshot(engine)
+        pooled = emb(batch(np.random.default_rng(3)))
+        pooled["fn"].sum().backward()
+        assert engine.primary.issued("t") == issued["t"]
+        assert engine.primary.issued("u") == issued["u"] + 1
+        np.testing.assert_array_equal(masters(engine)["t"], before["t"])
+
+
+def test_keyed_jagged_tensor_input_equals_the_dict() -> None:
+    torchrec = pytest.importorskip("torchrec")
+    kjt_cls = torchrec.sparse.jagged_tensor.KeyedJaggedTensor
+    rng = np.random.default_rng(4)
+    sparse = batch(rng)
+    keys = ["fs", "fw"]
+    weighted = {k: sparse[k] for k in keys}
+    lengths = torch.cat([torch.as_tensor(np.diff(np.asarray(weighted[k][1]))) for k in keys])
+    kjt = kjt_cls.from_lengths_sync(
+        keys=keys, values=torch.cat([torch.as_tensor(weighted[k][0]) for k in keys]),
+        lengths=lengths,
+        weights=torch.cat([torch.ones(len(weighted["fs"][0])), torch.as_tensor(weighted["fw"][2])]))
+    results = []
+    for value in (kjt, {"fs": (*sparse["fs"], np.ones(len(sparse["fs"][0]), np.float32)),
+                        "fw": sparse["fw"]}):
+        with ekko.Engine(compiled("adagrad(lr=0.1)"), replicas=1) as engine:
+            emb = ekko.torch.EmbeddingBags(engine)
+            pooled = emb(value)
+            loss_of(pooled, {k: torch.ones_like(o) for k, o in pooled.items()}).backward()
+            results.append(({k: o.detach() for k, o in pooled.items()}, masters(engine)))
+    (kjt_out, kjt_rows), (dict_out, dict_rows) = results
+    assert sorted(kjt_out) == keys
+    for k in keys:
+        torch.testing.assert_close(kjt_out[k], dict_out[k], rtol=0, atol=0)
+    for t in ROWS:
+        np.testing.assert_array_equal(kjt_rows[t], dict_rows[t])

@@ -170,6 +170,7 @@ class _Pool(torch.autograd.Function):
     def forward(ctx: Any, anchor: torch.Tensor, emb: EmbeddingBags,
                 bags: tuple[Bag, ...]) -> tuple[torch.Tensor, ...]:
         ctx.emb, ctx.bags = emb, bags
+        ctx.set_materialize_grads(False)  # an unused output's gradient is None, not zeros
         return tuple(emb.pool(b) for b in bags)
 
     @staticmethod
