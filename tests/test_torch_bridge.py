@@ -328,3 +328,30 @@ def test_keyed_jagged_tensor_input_equals_the_dict() -> None:
         torch.testing.assert_close(kjt_out[k], dict_out[k], rtol=0, atol=0)
     for t in ROWS:
         np.testing.assert_array_equal(kjt_rows[t], dict_rows[t])
+
+
+@pytest.mark.parametrize("dtype,rtol", [("f16", 2e-3), ("bf16", 1e-2)])
+def test_half_precision_masters_pool_in_f32_and_train(dtype: str, rtol: float) -> None:
+    """f16 / bf16 masters are pooled by the kernel of their dtype (f32 output) and
+    updated as torch would update the widened table, to the dtype's rounding."""
+    model = ekko.compile_model(parse_model(
+        f"model h {{ defaults {{ dim {DIM}; dtype {dtype}; optimizer sgd(lr=0.5); }} "
+        "table t { rows 20; } feature f -> t pooling mean; feature w -> t; "
+        "feature n -> t pooling none; }"))
+    ids, offsets = np.array([1, 1, 19, 0, 1]), np.array([0, 3, 3, 5])
+    sparse = {"f": (ids, offsets), "w": (ids, offsets, np.arange(1, 6, dtype=np.float32)),
+              "n": ids}
+    with ekko.Engine(model, replicas=1) as engine:
+        emb = ekko.torch.EmbeddingBags(engine)
+        w = torch.nn.Parameter(emb.weight("t").float().clone())
+        pooled = emb(sparse)
+        expected = torch_forward(model, {"t": w}, sparse)
+        for k in sparse:
+            assert pooled[k].dtype == torch.float32
+            torch.testing.assert_close(pooled[k], expected[k], rtol=1e-6, atol=1e-6)
+        sum((o * o).sum() for o in pooled.values()).backward()
+        sum((o * o).sum() for o in expected.values()).backward()
+        with torch.no_grad():
+            w -= 0.5 * w.grad.to_dense()
+        torch.testing.assert_close(emb.weight("t").float(), w.detach(), rtol=rtol, atol=1e-3)
+        assert engine.primary.issued("t") == 1
