@@ -24,6 +24,7 @@ is checked: the touched rows of both must agree to float tolerance.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -253,11 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs or (3 if args.quick else 20)
     work = make_workload(args.tables, rows, batch, runs + 1)
     results: list[Result] = []
+    load = os.getloadavg()[0]
     for opt in [o for o in args.optimizers.split(",") if o]:
         results += run(work, opt, runs, args.replicas)
     text = ("## A training step: ekko.torch vs torch nn.EmbeddingBag(sparse=True)\n\n"
             f"Median of {runs} interleaved steps per peer after one checked step; ekko with "
-            f"{args.replicas} live replica(s).\n\n" + format_table(results, work))
+            f"{args.replicas} live replica(s). 'of which engine.step': ekko's time inside "
+            "engine.step (the fused kernels and the engine's bookkeeping). "
+            f"Load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+            f"on {os.cpu_count()} CPUs.\n\n" + format_table(results, work))
     print(text)
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
     if out is not None:
