@@ -369,3 +369,14 @@ def test_half_precision_masters_pool_in_f32_and_train(dtype: str, rtol: float) -
             w -= 0.5 * w.grad.to_dense()
         torch.testing.assert_close(emb.weight("t").float(), w.detach(), rtol=rtol, atol=1e-3)
         assert engine.primary.issued("t") == 1
+
+
+def test_without_torch_the_import_says_what_to_install(monkeypatch) -> None:
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    monkeypatch.delitem(sys.modules, "ekko.torch")
+    monkeypatch.delattr(ekko, "torch", raising=False)
+    with pytest.raises(ImportError, match=r"ekko.torch needs PyTorch: pip install 'ekko\[torch\]'"):
+        importlib.import_module("ekko.torch")

@@ -22,8 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
+
+try:
+    import torch
+    from torch import nn
+except ImportError as e:  # torch is optional for the rest of ekko
+    raise ImportError(f"ekko.torch needs PyTorch: pip install 'ekko[torch]' ({e})") from None
 
 from ..dialects.catalog import pooling_problem
 from ..engine import Engine
