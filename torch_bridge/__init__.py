@@ -196,7 +196,10 @@ def grad_rows(bag: Bag, g: torch.Tensor, out: np.ndarray | None = None) -> np.nd
     lengths = np.diff(bag.offsets)
     if bag.mode == "mean":  # f32 / f32, as torch divides the bag's gradient
         gn = gn / np.maximum(lengths, 1).astype(np.float32)[:, None]
-    np.take(gn, np.repeat(np.arange(len(lengths)), lengths), axis=0, out=out)
+    # a feature's gradient is often a column slice of the dense part's; take reads a
+    # contiguous copy of it (B x dim) twice as fast
+    np.take(np.ascontiguousarray(gn), np.repeat(np.arange(len(lengths)), lengths), axis=0,
+            out=out)
     if bag.weights is not None:
         out *= bag.weights[:, None]
     return out
