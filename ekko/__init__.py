@@ -41,15 +41,20 @@ _EXPORTS = {
     "update_kernel": "ekko.kernels.build",
 }
 
+# submodules that load on first use: `ekko.torch.EmbeddingBags` after a plain `import ekko`
+_SUBMODULES = {"torch": "ekko.torch"}
+
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(_import(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return _import(_SUBMODULES[name])
     raise AttributeError(f"module 'ekko' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     """The public API too, so completion and help(ekko) find the lazily loaded names."""
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})

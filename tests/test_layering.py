@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # ekko.<package> -> its folder (pyproject's package-dir)
 PACKAGES = {"dialects": "dialects", "compiler": "compiler", "kernels": "kernels",
-            "engine": "engine", "workloads": "workloads", "cli": "ekko/cli"}
+            "engine": "engine", "workloads": "workloads", "cli": "ekko/cli",
+            "torch": "torch_bridge"}
 # what each package may import (besides itself); `cli` is the top: the `ekko` command
 ALLOWED = {
     "dialects": set(),
@@ -25,6 +26,7 @@ ALLOWED = {
     "engine": {"kernels", "compiler", "dialects", "workloads"},
     "workloads": set(),
     "cli": {"engine", "kernels", "compiler", "dialects", "workloads"},
+    "torch": {"engine", "kernels", "compiler", "dialects"},  # ekko.torch: above the engine
 }
 
 
