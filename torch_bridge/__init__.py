@@ -33,7 +33,8 @@ from ..dialects.catalog import pooling_problem
 from ..engine import Engine
 from ..kernels.arrays import index_array, is_torch
 from ..kernels.errors import EkkoError
-from ..kernels.lookup import BagKernel, bag_kernel
+from ..kernels.build import bag_kernel
+from ..kernels.lookup import BagKernel
 
 Sparse = Mapping[str, Any]
 
