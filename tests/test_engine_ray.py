@@ -25,6 +25,7 @@ import pytest
 import ekko
 from ekko.engine import HealthConfig
 from ekko.engine.actors import ShardConfig, ShardServer, shard_bounds, shard_model
+from ekko.engine.packet import Packet
 from ekko.engine.primary import Primary
 from ekko.kernels.errors import EkkoError
 
