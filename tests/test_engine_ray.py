@@ -316,7 +316,7 @@ class TestLocal:
             with pytest.raises(EkkoError):
                 engine.replicas[0].merge(b"EKKP garbage")
             assert np.array_equal(engine.primary.versions("a"), before)
-            assert engine.stats()["rejected_steps"] == 3
+            assert engine.stats()["rejected_steps"] == 4  # "nope" too, as in process
             engine.replicas[0].snapshot()
             for _ in range(3):
                 stream.step(engine)

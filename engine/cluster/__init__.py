@@ -24,11 +24,14 @@ moves its watermark. See docs/engine.md, "Across processes and hosts".
 The package, one file a job: `plumbing.py` (starting or joining Ray, calls
 with the engine's error rules), `links.py` (the scheduler's links sending
 through Ray), `proxies.py` (what users hold: engine.replicas[i],
-engine.primary) and `transport.py` (building the actors, the engine).
+engine.primary; each replica's port) and `transport.py` (building the
+actors and links; the primary shards' port). The engine's logic is
+`ekko.Engine`'s (engine/engine.py), the same as in process.
 """
 
 from .plumbing import Unavailable, call, connect
 from .proxies import PrimaryShards, RemoteReplica
-from .transport import ClusterEngine
+from .transport import RayTransport, ShardsPort
 
-__all__ = ["ClusterEngine", "PrimaryShards", "RemoteReplica", "Unavailable", "call", "connect"]
+__all__ = ["PrimaryShards", "RayTransport", "RemoteReplica", "ShardsPort", "Unavailable", "call",
+           "connect"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import ray
@@ -16,15 +15,26 @@ import ray
 from ..scheduler import Link, SchedulerConfig
 from .plumbing import Unavailable, call
 
-# -- what the in-process Link talks to, standing in for the remote parts ---------------------
-class _ShardView:
-    """A primary shard as a link sees it: its tables' row counts, norm means, row bytes."""
+# -- what the links read and tell (ports.LinkPrimary, ports.LinkReplica) ---------------------
+class ShardView:
+    """A primary shard as its links read it (ports.LinkPrimary): kept here, in the
+    caller's process, from what the shard answered (a link never waits on a call)."""
 
     def __init__(self, rows: dict[str, int], row_bytes: dict[str, int], issued: dict[str, int]):
-        self.tables = {n: SimpleNamespace(buf=SimpleNamespace(table=SimpleNamespace(rows=r)),
-                                          norm_mean=0.0) for n, r in rows.items()}
+        self._rows = dict(rows)
         self._row_bytes = row_bytes
         self._issued = dict(issued)  # when the engine started: links number on from here
+        self._norm_mean = dict.fromkeys(rows, 0.0)
+
+    def table_rows(self) -> dict[str, int]:
+        return dict(self._rows)
+
+    def norm_mean(self, table: str) -> float:
+        return self._norm_mean[table]
+
+    def note_norm_mean(self, table: str, mean: float) -> None:
+        """The shard's running mean norm of `table`, as its last step answered."""
+        self._norm_mean[table] = mean
 
     def row_bytes(self, table: str) -> int:
         return self._row_bytes[table]
@@ -122,7 +132,7 @@ def _note_significant(link: Any, marks: list) -> None:
     """Freshness of the significant rows a link just made visible (its histogram)."""
     visible = time.time_ns()
     for table, sig, at in marks:
-        mean = link.primary.tables[table].norm_mean or 1.0
+        mean = link.primary.norm_mean(table) or 1.0
         hot = (sig >= link.config.significant_ratio * mean) & (at > 0)
         if hot.any():
             link.significant.add((visible - at[hot]) / 1e6)
@@ -131,7 +141,7 @@ def _note_significant(link: Any, marks: list) -> None:
 class RemoteLink(Link):
     """The in-process Link, sending through Ray: pack on the shard, merge on the replica."""
 
-    def __init__(self, view: _ShardView, replica: _LinkReplica, config: SchedulerConfig,
+    def __init__(self, view: ShardView, replica: _LinkReplica, config: SchedulerConfig,
                  shard: Any, timeout: float):
         super().__init__(view, replica, config)  # type: ignore[arg-type]
         self.shard, self.timeout = shard, timeout
@@ -224,7 +234,7 @@ class GroupLink(Link):
     lets its watermarks move again.
     """
 
-    def __init__(self, view: _ShardView, group: _GroupReplica, config: SchedulerConfig,
+    def __init__(self, view: ShardView, group: _GroupReplica, config: SchedulerConfig,
                  shard: Any, timeout: float, slow_s: float):
         super().__init__(view, group, config)  # type: ignore[arg-type]
         self.shard, self.timeout, self.slow_s = shard, timeout, slow_s

@@ -14,13 +14,12 @@ import ray
 from ray import exceptions as rex
 
 from ...kernels.errors import EkkoError
+from ..ports import Unavailable  # an actor did not answer (dead, restarting, or too slow)
 
 _DOWN = (rex.RayActorError, rex.ActorUnavailableError, rex.GetTimeoutError,
          rex.ObjectLostError, rex.OwnerDiedError, rex.WorkerCrashedError)
 
 
-class Unavailable(EkkoError):
-    """An actor did not answer (dead, restarting, or too slow)."""
 
 
 def connect(cluster: str, attempts: int = 3) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -12,14 +13,18 @@ import ray
 from ...kernels.errors import EkkoError
 from ..inputs import as_array, as_ids
 from ..packet import Packet
+from ..ports import Unavailable
+from ..replica import ReplicaDiverged
+from ..stats import Histogram
 from .plumbing import call
 
 if TYPE_CHECKING:
-    from .transport import ClusterEngine
+    from .transport import RayTransport
 
 
 class RemoteReplica:
-    """engine.replicas[i]: one replica process; reads return copies."""
+    """engine.replicas[i]: one replica process; reads return copies. It is also the
+    replica's ports.ReplicaPort: the engine core checks, settles and asks it through here."""
 
     def __init__(self, index: int, actor: Any, timeout: float, lookup_timeout: float,
                  rows: dict[str, int]):
@@ -106,11 +111,50 @@ class RemoteReplica:
         with self._routed_lock:
             self.routed_around += 1
 
+    # -- the engine core's calls (ports.ReplicaPort) -----------------------------------------
+    def check(self, changed: dict[str, np.ndarray]) -> Callable[[], str | None]:
+        """Start the check in the replica process (the score hook runs there)."""
+        ref = self.actor.check.remote(changed)
+        return lambda: call(ref, self.timeout)
+
+    def settle_divergent(self) -> Callable[[], None]:
+        ref = self.actor.settle_divergent.remote()
+
+        def settled() -> None:
+            call(ref, self.timeout)
+        return settled
+
+    def holds(self, targets: list[dict[str, int]], timeout: float | None) -> bool:
+        """Whether it holds every (shard, table) target; raises ReplicaDiverged when it cannot."""
+        left = self.timeout if timeout is None else timeout
+        if left <= 0:
+            return False
+        try:
+            wm, divergent = call(self.actor.status.remote(), min(left, self.timeout))
+        except Unavailable:
+            return False
+        if divergent:
+            raise ReplicaDiverged(self.index, divergent)
+        return all(wm.get(t, {}).get(s, -1) >= v for s, tv in enumerate(targets)
+                   for t, v in tv.items())
+
+    def report(self, timeout: float | None) -> tuple[dict, Histogram, None]:
+        """Its process's stats and facts (pid, restarts, catch-ups); a restarting process
+        answers once caught up. Lookup latencies stay there, summarized."""
+        wait = self.timeout if timeout is None else timeout
+        summary, hist = call(self.actor.stats.remote(), wait)
+        info = call(self.actor.info.remote(), wait)
+        summary["lookups_routed_around"] = self.routed_around
+        summary.update({k: info.get(k) for k in ("pid", "node", "restarts", "catch_ups",
+                                                  "restored_from_snapshot", "snapshot_damage",
+                                                  "ready_seconds")})
+        return summary, hist, None
+
 
 class PrimaryShards:
     """engine.primary: the primary shards together (reads assemble copies)."""
 
-    def __init__(self, engine: ClusterEngine):
+    def __init__(self, engine: RayTransport):
         self._engine = engine
         self.tables = {t.name: t for t in engine.model.model.tables}
 
