@@ -1,4 +1,4 @@
-"""The update engine: a primary, a scheduler, serving replicas and a state manager.
+"""The update engine: a primary, a scheduler, serving replicas and health checks.
 
 It takes the trainer's sparse updates through the compiled fused update
 kernels on the primary and carries their values to live serving replicas in

@@ -1,6 +1,6 @@
 """The engine's parts as Ray actors: primary shards and serving replicas.
 
-These classes are plain Python; `engine/cluster.py` wraps them with
+These classes are plain Python; `engine/cluster/transport.py` wraps them with
 `ray.remote` (restarts, concurrency, placement). Each rebuilds the model in
 its own process from the parsed model description (`Model`, a frozen
 dataclass: picklable), never from pickled compiled kernels, and then runs the
@@ -8,7 +8,7 @@ in-process engine's parts unchanged:
 
 * `ShardServer` holds rows [lo, hi) of every table in a `Primary` (master,
   optimizer state, serving copy, versions, model-update cache, undo log) and
-  the on-commit health check of the `StateManager`. Every step is in its
+  the on-commit health check (`state.apply_checked`). Every step is in its
   durable log (fsync'd) before it is applied; on start it loads its snapshot
   and replays the log, refusing damage unless told to cut it (`on_damage`).
   Packets it packs carry global row ids.
@@ -43,7 +43,7 @@ from .inputs import check_delta
 from .packet import Packet
 from .primary import Commit, Primary
 from .replica import Replica
-from .state import HealthConfig, StateManager, replica_problem
+from .state import HealthConfig, apply_checked, changed_rows, replica_problem, roll_back
 
 CHUNK_ROWS = 1 << 16  # rows per catch-up packet
 _COUNTERS = {"version", "step", "norm_mean", "commits", "last_seq"}  # a table's in a snapshot
@@ -114,12 +114,10 @@ class ShardServer:
                    for t in model.tables}
         self.primary = Primary(compile_model(model), history_rows=config.history_rows,
                                seed=config.seed + config.shard)
-        self.health = StateManager(self.primary, HealthConfig(config.outlier_factor, config.warmup),
-                                   self._collect)
+        self.health = HealthConfig(config.outlier_factor, config.warmup)
         self.locks = {n: threading.Lock() for n in self.primary.tables}
         self.last_seq = dict.fromkeys(self.primary.tables, 0)
         self.last = {}  # table -> StepResult of its last step (for a retried one)
-        self._sent: dict[str, Commit] = {}
         self.replayed = {"records": 0, "rows": 0, "snapshot_version": {}, "seconds": 0.0,
                          "skipped": 0, "cut": None}
         t0 = time.perf_counter()
@@ -127,9 +125,6 @@ class ShardServer:
         self.history_id = history(self.dir)
         self.log = PacketLog(self.dir / "packets.log", fsync=config.fsync)
         self.replayed["seconds"] = time.perf_counter() - t0
-
-    def _collect(self, commit: Commit) -> None:
-        self._sent[commit.table] = commit  # under that table's lock
 
     # -- recovery ------------------------------------------------------------------
     def _restore(self) -> None:
@@ -169,9 +164,7 @@ class ShardServer:
                 self.replayed["skipped"] += 1  # already in the snapshot
                 continue
             if rec.kind == ROLLBACK:  # Engine.check() failed here
-                self._sent.pop(p.table, None)
-                self.health.rollback(p.table, "replayed")
-                self._sent.pop(p.table, None)
+                roll_back(self.primary, p.table, "replayed")
                 self.replayed["records"] += 1
                 continue
             try:
@@ -273,16 +266,12 @@ class ShardServer:
         return result
 
     def _apply(self, table: str, seq: int, ids: np.ndarray, grads: np.ndarray) -> StepResult:
-        commit = self.primary.step(table, ids, grads)
-        pt = self.primary.tables[table]
+        commit, rolled = apply_checked(self.primary, self.health, table, ids, grads)
         result = StepResult(commit.version, commit.ids, commit.norms, commit.commit_ns,
-                            pt.norm_mean)
-        reason = self.health.on_commit(commit)
-        if reason is not None:  # deterministic: a replay rolls back the same way
-            self._sent.pop(table, None)
-            record = self.health.rollback(table, reason)
-            result.rollback = self._sent.pop(table, None)
-            result.rollback_record = record.as_dict() if record else None
+                            self.primary.tables[table].norm_mean)
+        if rolled is not None:  # deterministic: a replay rolls back the same way
+            result.rollback, record = rolled
+            result.rollback_record = record.as_dict()
         self.last_seq[table] = seq
         self.last[table] = result
         return result
@@ -290,13 +279,7 @@ class ShardServer:
     # -- Engine.check(): what changed since the healthy mark, rollback, marking healthy ----
     def changed(self) -> dict[str, np.ndarray]:
         """Per table, the (global) ids changed since its last healthy mark."""
-        out = {}
-        for name, pt in self.primary.tables.items():
-            with pt.lock:
-                chunks = [c[0] for c in pt.undo.chunks] if pt.undo is not None else []
-            ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
-            out[name] = ids + self.lo[name]
-        return out
+        return {name: ids + self.lo[name] for name, ids in changed_rows(self.primary).items()}
 
     def mark_healthy(self) -> dict[str, int]:
         """Every table's current version is healthy (logged, so a replay marks it too)."""
@@ -323,10 +306,8 @@ class ShardServer:
             if pt.undo is None or not pt.undo.chunks:
                 return None, None
             self.log.append(self.last_seq[table], pt.version + 1, self._empty(table), ROLLBACK)
-            self._sent.pop(table, None)
-            record = self.health.rollback(table, reason)
-            commit = self._sent.pop(table, None)
-        return commit, (record.as_dict() if record else None)
+            rolled = roll_back(self.primary, table, reason)
+        return (None, None) if rolled is None else (rolled[0], rolled[1].as_dict())
 
     def _empty(self, table: str) -> Packet:
         dim = self.primary.tables[table].buf.table.dim

@@ -1,4 +1,4 @@
-"""ekko.Engine: a primary, its scheduler links, serving replicas and the state manager.
+"""ekko.Engine: a primary, its scheduler links, serving replicas and the health checks.
 
     with ekko.Engine(model, replicas=2) as engine:
         engine.step("t_cat0", ids, grads)   # returns once committed on the primary
@@ -6,20 +6,25 @@
         engine.replicas[0].lookup("cat0", ids, offsets)
         engine.stats()["freshness_ms"]      # {"p50", "p99", "max", "count"}
 
-Everything runs in this process; the parts talk through packets and plain
-values only (see docs/engine.md), so they can move onto separate processes.
-`step` is safe from several threads at once (each table has its own lock).
+This class is the engine's logic, written once: input checks, step -> the
+links, the health-check cadence, check and rollback, flush, lookup routing
+and stats. Where the parts run is a transport's (ports.py): in this process
+(engine/local.py, the default) or on Ray with `cluster=` (engine/cluster/,
+imported only then). The parts talk through packets and plain values only
+(see docs/engine.md). `step` is safe from several threads at once (each
+table has its own lock).
 
-An engine owns its model's tables: it numbers on from the versions they
-carry, and a newer Engine on the same compiled model (a notebook cell run
-again) takes them over, after which this one's step, flush and check raise.
+In process, an engine owns its model's tables: it numbers on from the
+versions they carry, and a newer Engine on the same compiled model (a
+notebook cell run again) takes them over, after which this one's step,
+flush and check raise.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,157 +32,172 @@ import numpy as np
 
 from ..kernels.errors import EkkoError
 from ..kernels.model import CompiledModel, compile_model
-from .primary import Commit, Primary
-from .replica import Replica, ReplicaDiverged
+from .inputs import check_delta
+from .ports import Stepped, Transport, Unavailable
+from .primary import Commit
+from .replica import ReplicaDiverged
 from .scheduler import Link, SchedulerConfig
-from .state import HealthConfig, StateManager
+from .state import HealthConfig, Rollback, check_health_config
 from .stats import Histogram, latency_summary
-
-
-_owners: dict[int, weakref.ref] = {}  # id(compiled model) -> the engine that owns its tables
-_owners_lock = threading.Lock()
-
-
-def _take_over(model: CompiledModel, engine: Engine) -> Engine | None:
-    """Make `engine` the owner of `model`'s tables; returns the previous owner, if alive."""
-    key = id(model)
-
-    def gone(ref: weakref.ref) -> None:
-        with _owners_lock:
-            if _owners.get(key) is ref:
-                del _owners[key]
-
-    with _owners_lock:
-        ref = _owners.get(key)
-        _owners[key] = weakref.ref(engine, gone)
-    old = ref() if ref is not None else None
-    return old if old is not None and old.model is model else None
-
 
 _CLUSTER_ONLY = {"primary_shards", "directory", "snapshot_s", "max_restarts", "timeout_s",
                  "lookup_timeout_s", "log_limit_bytes", "fsync", "chunk_rows", "actor_options",
                  "on_damage"}
+_SUMMED = ("rows_moved", "bytes_moved", "packets", "packets_rejected", "rows_repaired",
+           "divergent_rows", "future_packets")  # per-replica counts stats() adds up
 
 
 class Engine:
-    """See the module docstring. Use it as a context manager (or call start/close)."""
+    """See the module docstring. Use it as a context manager (or call start/close).
 
-    def __new__(cls, *args: Any, cluster: str | None = None, **kw: Any) -> Engine:
-        """cluster="local", "auto" or a Ray address: the engine on Ray (engine/cluster.py)."""
-        if cluster is None:
-            if set(kw) & _CLUSTER_ONLY:
-                raise EkkoError(f"{', '.join(sorted(set(kw) & _CLUSTER_ONLY))}: only with cluster=")
-            return super().__new__(cls)
-        try:
-            from .cluster import ClusterEngine  # imports ray: only when a cluster is asked for
-        except ImportError as e:
-            raise EkkoError(f"cluster={cluster!r} needs Ray: pip install 'ekko[ray]' ({e})") from None
-        return super().__new__(ClusterEngine)
+    `cluster="local"`, `"auto"` or a Ray address runs the parts as Ray
+    actors; the options in `_CLUSTER_ONLY` go to that transport
+    (engine/cluster/transport.py) and are refused without it.
+    """
 
     def __init__(self, model: CompiledModel | str | Path, replicas: int = 2, *,
                  scheduler: SchedulerConfig | None = None, health: HealthConfig | None = None,
                  history_rows: int = 1 << 24, seed: int = 0, scale: float = 1.0,
-                 cluster: None = None):
+                 cluster: str | None = None, **cluster_options: Any):
+        if cluster is None and cluster_options:
+            unknown = sorted(set(cluster_options) - _CLUSTER_ONLY)
+            if unknown:
+                raise TypeError(f"Engine() got an unexpected keyword argument {unknown[0]!r}")
+            raise EkkoError(f"{', '.join(sorted(cluster_options))}: only with cluster=")
         if isinstance(model, (str, Path)):
             model = compile_model(model, scale=scale)
         if not isinstance(model, CompiledModel):
             raise EkkoError(f"Engine needs a compiled model or a model path, got {type(model).__name__}")
-        if not isinstance(replicas, int) or replicas < 1:
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
             raise EkkoError(f"replicas must be a positive integer, got {replicas!r}")
         self.model = model
-        self._retired = False
-        previous = _take_over(model, self)
-        if previous is not None:  # before reading the tables: its steps must be over
-            previous._retire()
-        self.primary = Primary(model, history_rows=history_rows, seed=seed)
-        snapshot = {n: (pt.buf.lookup_table, pt.buf.versions) for n, pt in self.primary.tables.items()}
-        issued = {n: pt.version for n, pt in self.primary.tables.items()}
-        self.replicas = [Replica(i, model, snapshot, issued) for i in range(replicas)]
         self.config = scheduler or SchedulerConfig()
-        self.links = [Link(self.primary, r, self.config) for r in self.replicas]
+        self.health = check_health_config(health)
+        self.tables = {t.name: t for t in model.model.tables}
         # commit and announce happen under one lock per table, so links hear a
         # table's versions in order (a watermark never passes an unannounced one)
-        self._announce = {n: threading.RLock() for n in self.primary.tables}
-        self.state = StateManager(self.primary, health or HealthConfig(), self._send,
-                                  self._announce)
-        self.steps = 0
-        self.rows_committed = 0
-        self.rejected_steps = 0
+        self._announce = {n: threading.RLock() for n in self.tables}
+        self.steps = self.rows_committed = self.rejected_steps = 0
+        self.checks = self.failed_checks = self._commits = 0
+        self.check_skipped: list[int] = []  # replicas a check could not reach
+        self.rollbacks: list[Rollback] = []
         self._count_lock = threading.Lock()
+        self._check_lock = threading.Lock()
         self._next_replica = 0
         self._started = False
+        self._stopped: str | None = None  # why step/flush/check refuse (a newer engine, shutdown)
+        self._gone: str | None = None  # why everything refuses (the parts are gone)
+        self._reopen: str | None = None  # why start refuses (Ray: closed for good)
+        self.transport = self._transport(replicas, cluster, history_rows, seed, cluster_options)
+        self.primary = self.transport.primary
+        self.replicas = self.transport.replicas
+        self.links = self.transport.links
+        self.issued = self.transport.primary_port.issued()  # per shard: announced so far
+
+    def _transport(self, replicas: int, cluster: str | None, history_rows: int, seed: int,
+                   options: dict[str, Any]) -> Transport:
+        if cluster is None:
+            from .local import LocalTransport
+
+            return LocalTransport(self, replicas, history_rows, seed)
+        try:
+            from .cluster import RayTransport  # imports ray: only when a cluster is asked for
+        except ImportError as e:
+            raise EkkoError(f"cluster={cluster!r} needs Ray: pip install 'ekko[ray]' ({e})") from None
+        return RayTransport(self.model, replicas, self.config, self.health, cluster=cluster,
+                            history_rows=history_rows, seed=seed, **options)
 
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> Engine:
         self._alive()
+        if self._reopen is not None:
+            raise EkkoError(self._reopen)
         if not self._started:
-            for link in self.links:
+            for link in self._all_links():
                 link.start()
             self._started = True
         return self
 
     def close(self) -> None:
+        """Stop the links. On Ray the processes stay readable (stats, serving) until shutdown()."""
         if self._started:
-            for link in self.links:
+            for link in self._all_links():
                 link.stop()
             self._started = False
+        self._reopen = self.transport.stop() or self._reopen
+
+    def shutdown(self) -> None:
+        """Close and end the transport's processes and files (on Ray: also when collected)."""
+        self.close()
+        self._gone = self._stopped = "this engine was shut down (its processes are gone)"
+        self.transport.end()
 
     def __enter__(self) -> Engine:
         return self.start()
 
-    def _retire(self) -> None:
-        """A newer Engine took this model's tables: finish the steps under way, then stop."""
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _retire(self, why: str) -> None:
+        """Another engine took this one's tables: finish the steps under way, then stop."""
         for lock in self._announce.values():
             lock.acquire()
-        self._retired = True
+        self._stopped = why
         for lock in self._announce.values():
             lock.release()
         self.close()
 
     def _alive(self) -> None:
-        if self._retired:
-            raise EkkoError("a newer Engine on the same compiled model took its tables over "
-                            "(it numbers on from this one's versions): use that one")
+        if self._stopped is not None:
+            raise EkkoError(self._stopped)
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _all_links(self) -> list[Link]:
+        return [link for links in self.transport.shard_links for link in links]
 
     # -- the stream -----------------------------------------------------------------------
     def step(self, table: str, ids: Any, grads: Any) -> int:
-        """Apply a trainer update on the primary; returns its version once committed.
+        """Apply a trainer update on the primary; returns its version once committed
+        (on Ray: durable on its shards; with several shards, the highest of their versions).
 
         A harmful update (see HealthConfig) is rolled back at once, and the
         rollback is recorded in stats()["rollbacks"].
         """
-        lock = self._announce.get(table)
-        if lock is None:
-            with self._count_lock:
-                self.rejected_steps += 1
-            raise EkkoError(f"no table {table!r} (tables: {', '.join(self.primary.tables)})")
-        with lock:
-            self._alive()
-            try:
-                commit = self.primary.step(table, ids, grads)
-            except EkkoError:
+        self._alive()
+        t = self.tables.get(table)
+        try:
+            if t is None:
+                raise EkkoError(f"no table {table!r} (tables: {', '.join(self.tables)})")
+            ids, grads = check_delta(ids, grads, t.rows, t.dim)
+            with self._announce[table]:
+                self._alive()
+                done = self.transport.primary_port.step(table, ids, grads)
+                self._publish(done)
+        except EkkoError as e:
+            if not isinstance(e, Unavailable) and self._stopped is None:
                 with self._count_lock:
                     self.rejected_steps += 1
-                raise
-            self._send(commit)
-            reason = self.state.on_commit(commit)
-            if reason is not None:
-                self.state.rollback(table, reason)
+            raise
         with self._count_lock:
             self.steps += 1
-            self.rows_committed += len(commit.ids)
-        if reason is None and self.state.due():
+            self.rows_committed += done.rows
+            self._commits += 1
+            due = bool(self.health.check_every) and self._commits % self.health.check_every == 0
+        if due and not done.records:
             self.check()
-        return commit.version
+        return done.version
 
-    def _send(self, commit: Commit) -> None:
-        """Announce a commit to every replica and link (rollback rows first in line)."""
+    def _publish(self, done: Stepped) -> None:
+        """Announce commits to the links of their shard (rollback rows first in line)."""
+        for s, commit in done.commits:
+            self._send(s, commit)
+        self.rollbacks.extend(done.records)
+
+    def _send(self, shard: int, commit: Commit) -> None:
+        issued = self.issued[shard]
+        issued[commit.table] = max(issued.get(commit.table, 0), commit.version)
         significance = commit.norms.astype(np.float64)
-        for replica, link in zip(self.replicas, self.links):
-            replica.note_issued(commit.table, commit.version)
+        for link in self.transport.shard_links[shard]:
+            link.replica.note_issued(commit.table, commit.version)
             link.enqueue(commit, significance)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -190,74 +210,159 @@ class Engine:
         self._alive()
         if not self._started:
             raise EkkoError("the engine is not running: use it as a context manager")
-        targets = {n: self.primary.issued(n) for n in self.primary.tables}
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for link in self.links:
-            while True:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                caught_up = link.wait_for(targets, left)
-                self._raise_divergence()  # (a divergence seen by wait_for may be settled now)
-                if caught_up:
-                    break
-                if left == 0.0 or not link.running:
-                    errors = "; ".join(link.errors[-3:])
-                    raise EkkoError(f"replica {link.replica.index} did not catch up"
-                                    + (f" ({errors})" if errors else " in time"))
-        self._raise_divergence()
-
-    def _raise_divergence(self) -> None:
-        for r in self.replicas:
-            rows = r.divergence()
-            if rows:
-                raise ReplicaDiverged(r.index, rows)
+        wait = self.transport.wait_s if timeout is None else timeout
+        deadline = None if wait is None else time.monotonic() + wait
+        targets = [dict(t) for t in self.issued]
+        shards = self.transport.shard_links
+        for s, links in enumerate(shards):
+            for link in links:
+                while not link.wait_for(targets[s], _left(deadline)):
+                    rows = link.replica.divergence()
+                    if rows:  # (a divergence seen by wait_for may be settled now)
+                        raise ReplicaDiverged(link.replica.index, rows)
+                    if _left(deadline) == 0.0 or not link.running:
+                        errors = "; ".join(link.errors[-3:])
+                        where = f" with primary shard {s}" if len(shards) > 1 else ""
+                        raise EkkoError(f"replica {link.replica.index} did not catch up{where}"
+                                        + (f" ({errors})" if errors else " in time"))
+        for r in self.transport.replica_ports:
+            while not r.holds(targets, _left(deadline)):
+                if _left(deadline) == 0.0:
+                    raise EkkoError(f"replica {r.index} did not catch up in time")
+                time.sleep(0.05)
 
     def check(self) -> bool:
-        """Run the replica health checks now; rolls back on failure (see HealthConfig)."""
+        """Run the replica health checks now; rolls back on failure (see HealthConfig).
+
+        Every replica must hold the primary's values (or an older version
+        still on its way), finite, in the rows changed since the last healthy
+        mark, and the `score` hook must pass (on Ray each replica process
+        checks itself and runs the hook there). A failed check rolls every
+        table back and the replicas settle their divergent rows again; a
+        passing one marks every table healthy. A replica that does not answer
+        is skipped (stats()["check_skipped"]): it catches up when it is back.
+        """
         self._alive()
-        return self.state.check(self.replicas)
+        with self._check_lock:
+            self.checks += 1
+            reason = self._replica_problem(self.transport.primary_port.changed())
+            if reason is None:
+                self.transport.primary_port.mark_healthy()
+                return True
+            self.failed_checks += 1
+            for table in self.tables:
+                self._rollback(table, reason)
+            for _ in self._each_replica(lambda r: r.settle_divergent()):
+                pass
+            return False
+
+    def _replica_problem(self, changed: dict[str, np.ndarray]) -> str | None:
+        """The first problem in replica order (every replica was asked at once), or None."""
+        answers = self._each_replica(lambda r: r.check(changed))
+        return next((a for a in answers if a is not None), None)
+
+    def _each_replica(self, ask: Any) -> Iterator[Any]:
+        """Ask every reachable replica at once, then yield their answers in order; one
+        that does not answer is marked down and skipped (stats()["check_skipped"])."""
+        pending = []
+        for r in self.transport.replica_ports:
+            if not r.available():
+                self.check_skipped.append(r.index)
+                continue
+            pending.append((r, ask(r)))
+        for r, answer in pending:
+            try:
+                yield answer()
+            except Unavailable:
+                r.mark_down()
+                self.check_skipped.append(r.index)
+
+    def _rollback(self, table: str, reason: str) -> None:
+        """Roll `table` back on the primary; the links send the restored rows first."""
+        with self._announce[table]:  # restored rows are announced in version order
+            self._publish(self.transport.primary_port.rollback(table, reason))
+
+    def checkpoint(self) -> Any:
+        """Make the primary's state durable and mark it healthy (on Ray: a snapshot of
+        every shard, after which their logs start again empty)."""
+        self._alive()
+        return self.transport.primary_port.checkpoint()
 
     def lookup(self, feature: str, ids: Any, offsets: Any = None, **kw: Any) -> Any:
-        """Serve from the replicas in turn."""
-        r = self.replicas[self._next_replica % len(self.replicas)]
-        self._next_replica += 1
-        return r.lookup(feature, ids, offsets, **kw)
+        """Serve from the replicas in turn; a replica that fails is skipped until back."""
+        if self._gone is not None:
+            raise EkkoError(self._gone)
+        wait = self.transport.wait_s
+        deadline = None if wait is None else time.monotonic() + wait
+        ports = self.transport.replica_ports
+        while True:
+            for _ in range(len(ports)):
+                r = ports[self._next_replica % len(ports)]
+                self._next_replica += 1
+                if not r.available():
+                    r.routed()
+                    continue
+                try:
+                    return r.lookup(feature, ids, offsets, **kw)
+                except Unavailable:
+                    r.mark_down()
+                    r.routed()
+            if _left(deadline) == 0.0:
+                raise EkkoError(f"no replica answered within {wait:.0f} s")
+            time.sleep(0.05)
 
     # -- reporting ----------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Freshness (ms, p50/p99/max) overall, per replica and table; traffic; rollbacks."""
-        per = [r.stats.summary() for r in self.replicas]
-        fresh = Histogram()
-        for r in self.replicas:
-            fresh.merge(r.stats.all_freshness())
-        lookups = [ms for r in self.replicas for ms in list(r.stats.lookup_ms)]
-        for i, (summary, link) in enumerate(zip(per, self.links)):
-            summary["watermarks"] = self.replicas[i].watermarks()
-            summary["backlog_rows"] = link.backlog()
-            summary["link_errors"] = list(link.errors)
-            summary["divergent_rows"] = sum(map(len, self.replicas[i].divergence().values()))
-        return {
-            "freshness_ms": fresh.summary(),
-            "replicas": per,
-            "steps": self.steps,
-            "rows_committed": self.rows_committed,
-            "rejected_steps": self.rejected_steps,
-            "rows_moved": sum(p["rows_moved"] for p in per),
-            "bytes_moved": sum(p["bytes_moved"] for p in per),
-            "packets": sum(p["packets"] for p in per),
-            "packets_rejected": sum(p["packets_rejected"] for p in per),
-            "rows_repaired": sum(p["rows_repaired"] for p in per),
-            "divergent_rows": sum(p["divergent_rows"] for p in per),
-            "future_packets": sum(p["future_packets"] for p in per),
-            "rollbacks": [r.as_dict() for r in self.state.rollbacks],
-            "checks": self.state.checks,
-            "lookup_ms": latency_summary(lookups),
-        }
+        """Freshness (ms, p50/p99/max) overall, per replica and table; traffic; rollbacks;
+        on Ray also restarts, catch-ups and what the shards replayed."""
+        per, fresh, lookups = [], Histogram(), []
+        wait = None if self.transport.wait_s is None else min(self.transport.wait_s, 10.0)
+        for r in self.transport.replica_ports:
+            try:
+                summary, hist, samples = r.report(wait)
+            except Unavailable:
+                summary, hist, samples = {"unavailable": True}, Histogram(), None
+            fresh.merge(hist)
+            links = self.transport.links_of(r.index)
+            summary["backlog_rows"] = sum(link.backlog() for link in links)
+            summary["link_errors"] = [e for link in links for e in link.errors_of(r.index)]
+            summary["link_recoveries"] = sum(link.recoveries_of(r.index) for link in links)
+            per.append(summary)
+            lookups.append(samples)
+        out = {"freshness_ms": fresh.summary(), "replicas": per, "steps": self.steps,
+               "rows_committed": self.rows_committed, "rejected_steps": self.rejected_steps}
+        out.update({k: sum(p.get(k, 0) for p in per) for k in _SUMMED})
+        out.update({"rollbacks": [r.as_dict() for r in self.rollbacks], "checks": self.checks,
+                    "failed_checks": self.failed_checks, "check_skipped": list(self.check_skipped),
+                    "lookup_ms": _lookup_summary(per, lookups)})
+        out.update(self.transport.report(per))
+        return out
 
     def freshness_histogram(self) -> Histogram:
         h = Histogram()
-        for r in self.replicas:
-            h.merge(r.stats.all_freshness())
+        for r in self.transport.replica_ports:
+            try:
+                h.merge(r.report(self.transport.wait_s)[1])
+            except Unavailable:
+                pass
         return h
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds left until `deadline` (None: no limit), never below 0."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _lookup_summary(per: list[dict], samples: list[list[float] | None]) -> dict:
+    """Lookup latency across replicas: exact over every sample when they are all here (in
+    process), else the worst replica's percentiles (each replica summarized its own)."""
+    if all(s is not None for s in samples):
+        return latency_summary([ms for s in samples for ms in s])
+    parts = [p["lookup_ms"] for p in per if "lookup_ms" in p]
+    if not parts:
+        return latency_summary([])
+    return {"p50": max(p["p50"] for p in parts), "p99": max(p["p99"] for p in parts),
+            "max": max(p["max"] for p in parts), "count": sum(p["count"] for p in parts)}
 
 
 __all__ = ["Engine"]

@@ -38,7 +38,7 @@ from .packet import Packet
 
 @dataclass
 class Commit:
-    """One committed step: what the scheduler and the state manager need."""
+    """One committed step: what the scheduler and the health checks need."""
 
     table: str
     version: int
@@ -250,6 +250,14 @@ class Primary:
     def layout(self, table: str) -> tuple[str, int]:
         pt = self.table(table)
         return pt.layout, pt.buf.table.dim
+
+    def table_rows(self) -> dict[str, int]:
+        """Each table's rows (what a scheduler link sizes its pending sets by)."""
+        return {n: pt.buf.table.rows for n, pt in self.tables.items()}
+
+    def norm_mean(self, table: str) -> float:
+        """The table's running mean update norm (significance is measured against it)."""
+        return self.table(table).norm_mean
 
     def row_bytes(self, table: str) -> int:
         layout, dim = self.layout(table)

@@ -47,6 +47,7 @@ import numpy as np
 
 from ..kernels.errors import EkkoError
 from .packet import ROW_OVERHEAD
+from .ports import LinkPrimary, LinkReplica
 from .primary import Commit, Primary
 from .replica import Replica
 from .stats import Histogram
@@ -171,17 +172,24 @@ class _Pending:
 
 
 class Link:
-    """One replica's link: pending rows, the policy, the budget and a sender thread."""
+    """One replica's link: pending rows, the policy, the budget and a sender thread.
 
-    def __init__(self, primary: Primary, replica: Replica, config: SchedulerConfig,
+    It reads its primary through `LinkPrimary` and tells its replica through
+    `LinkReplica` (ports.py); `_send` delivers in this process (`Primary.pack`,
+    `Replica.deliver`), and a transport that moves packets another way
+    overrides it (engine/cluster/links.py).
+    """
+
+    def __init__(self, primary: LinkPrimary, replica: LinkReplica, config: SchedulerConfig,
                  on_error: Callable[[Exception], None] | None = None):
         self.primary, self.replica, self.config = primary, replica, config
-        self.pending = {n: _Pending(pt.buf.table.rows) for n, pt in primary.tables.items()}
+        rows = primary.table_rows()
+        self.pending = {n: _Pending(r) for n, r in rows.items()}
         for name, p in self.pending.items():  # the tables may carry versions already
             p.noted = primary.issued(name)
-        self.fifo: dict[str, deque] = {n: deque() for n in primary.tables}
+        self.fifo: dict[str, deque] = {n: deque() for n in rows}
         self.arrivals = 0
-        self.row_bytes = {n: primary.row_bytes(n) + ROW_OVERHEAD for n in primary.tables}
+        self.row_bytes = {n: primary.row_bytes(n) + ROW_OVERHEAD for n in rows}
         self.cond = threading.Condition()
         self.running = False
         self.clock = config.clock
@@ -386,7 +394,7 @@ class Link:
         names, prios, costs, idx = [], [], [], []
         for k, (t, ids) in enumerate(cands.items()):
             p = self.pending[t]
-            mean = self.primary.tables[t].norm_mean or 1.0
+            mean = self.primary.norm_mean(t) or 1.0
             sig = p.peak[ids]
             share = traffic[t] / total * len(traffic) if total else 1.0
             prio = (c.w_new * ~p.seen[ids] + c.w_significance * np.minimum(sig / mean, c.significance_cap)
@@ -453,7 +461,7 @@ class Link:
     def _send(self, batch: list) -> None:
         step = self.config.max_packet_rows
         for table, ids, since, (sig, sig_at), _ in batch:
-            mean = self.primary.tables[table].norm_mean or 1.0
+            mean = self.primary.norm_mean(table) or 1.0
             for lo in range(0, len(ids), step):
                 self._deliver(table, ids[lo:lo + step], since[lo:lo + step])
                 visible = time.time_ns()
@@ -463,16 +471,26 @@ class Link:
                     self.significant.add((visible - at[hot]) / 1e6)
 
     def _deliver(self, table: str, ids: np.ndarray, since: np.ndarray) -> None:
-        """Pack `ids` now (newest values) and have the replica merge and verify them."""
-        packet = self.primary.pack(table, ids)
+        """Pack `ids` now (newest values) and have the replica merge and verify them
+        (in this process: the primary is a `Primary`, the replica a `Replica`)."""
+        primary: Primary = self.primary  # type: ignore[assignment]
+        replica: Replica = self.replica  # type: ignore[assignment]
+        packet = primary.pack(table, ids)
         packet.commit_ns = since
-        self.replica.note_issued(table, packet.newest)
+        replica.note_issued(table, packet.newest)
         try:
-            self.replica.deliver(packet.to_bytes() if self.config.wire else packet,
-                                 self.primary.pack)
+            replica.deliver(packet.to_bytes() if self.config.wire else packet, primary.pack)
         except EkkoError as e:  # the packet as a whole was refused: settle its rows
             self.errors.append(f"{type(e).__name__}: {e}")
-            self.replica.settle(table, ids, self.primary.pack, why=str(e))
+            replica.settle(table, ids, primary.pack, why=str(e))
+
+    def errors_of(self, replica: int) -> list[str]:
+        """The errors of sends to replica `replica` (this link's only replica)."""
+        return list(self.errors)
+
+    def recoveries_of(self, replica: int) -> int:
+        """Catch-ups replica `replica` made after a lost send (none in process)."""
+        return 0
 
     def lag_ms(self) -> float:
         """How long the oldest pending update has waited (0 when nothing waits)."""

@@ -1,4 +1,4 @@
-"""The state manager: health checks, and rollback to the last healthy version.
+"""Health checks, and rollback to the last healthy version (written once for both engines).
 
 Checks run at two places:
 
@@ -9,9 +9,15 @@ Checks run at two places:
   rows changed since the last healthy mark must hold finite values on every
   replica, and the user's `score` hook (for example a probe batch's loss on
   a replica) must not fail: it returns True/False, or a number compared with
-  `min_score`. The hook gets a `Replica`; on Ray (engine/cluster.py) it is
-  pickled into every replica process and gets that process's `Replica`. A failed check rolls every table back; a passing one marks
-  the current versions healthy.
+  `min_score`. The hook gets a `Replica`; on Ray (engine/cluster/) it is
+  pickled into every replica process and gets that process's `Replica`. A
+  failed check rolls every table back; a passing one marks the current
+  versions healthy.
+
+The functions here run where the rows are: `apply_checked` and `roll_back`
+on the in-process primary and on each primary shard, `replica_problem` on
+each replica; the cadence and the decision (`Engine.check`) are the engine
+core's (engine/engine.py).
 
 A rollback restores, on the primary, the old values of every row changed
 since the table's last healthy mark (the undo log keeps each changed row's
@@ -22,7 +28,6 @@ else. Each rollback is recorded: table, reason, the versions undone, rows.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ..kernels.errors import EkkoError
 from ..kernels.quant import dequantize_rows
 from .primary import Commit, Primary
 from .replica import Fetch, describe, unequal
@@ -62,79 +68,67 @@ class Rollback:
         return asdict(self)
 
 
-class StateManager:
-    """See the module docstring. `send` hands a rollback's commit to the links."""
+def on_commit(primary: Primary, config: HealthConfig, c: Commit) -> str | None:
+    """Check one arriving update; returns the reason it is harmful, or None.
 
-    def __init__(self, primary: Primary, config: HealthConfig, send: Callable[[Commit], None],
-                 locks: dict[str, Any] | None = None):
-        self.primary, self.config, self.send = primary, config, send
-        self.locks = locks or {n: threading.RLock() for n in primary.tables}
-        self.rollbacks: list[Rollback] = []
-        self.checks = 0
-        self.failed_checks = 0
-        self._commits = 0
-        self._lock = threading.Lock()
+    A harmful update leaves the running mean as it was before it: one huge
+    update must not raise the bar every later one is judged by.
+    """
+    pt = primary.tables[c.table]
+    if len(c.norms) and pt.commits > config.warmup:
+        worst = float(c.norms.max())
+        mean = pt.norm_mean or 1.0
+        if not np.isfinite(worst) or worst > config.outlier_factor * mean:
+            pt.norm_mean = c.prior_norm_mean
+            return (f"update norm {worst:.3g} is over {config.outlier_factor:g}x the "
+                    f"table's running mean {mean:.3g} (version {c.version})")
+    return None
 
-    def on_commit(self, c: Commit) -> str | None:
-        """Check one arriving update; returns the reason it is harmful, or None.
 
-        A harmful update leaves the running mean as it was before it: one huge
-        update must not raise the bar every later one is judged by.
-        """
-        pt = self.primary.tables[c.table]
-        if len(c.norms) and pt.commits > self.config.warmup:
-            worst = float(c.norms.max())
-            mean = pt.norm_mean or 1.0
-            if not np.isfinite(worst) or worst > self.config.outlier_factor * mean:
-                pt.norm_mean = c.prior_norm_mean
-                return (f"update norm {worst:.3g} is over {self.config.outlier_factor:g}x the "
-                        f"table's running mean {mean:.3g} (version {c.version})")
+def roll_back(primary: Primary, table: str, reason: str) -> tuple[Commit, Rollback] | None:
+    """Roll `table` back to its healthy mark; (the restored rows' commit, its record), or
+    None when nothing changed since the mark. The caller holds the table's step lock."""
+    start = time.perf_counter()
+    commit = primary.rollback(table)
+    if commit is None:
         return None
+    record = Rollback(table, reason, commit.undone, len(commit.ids),  # type: ignore[attr-defined]
+                      time.perf_counter() - start, commit.version, time.time())
+    return commit, record
 
-    def due(self) -> bool:
-        """Count a commit; True when an automatic replica check is due."""
-        with self._lock:
-            self._commits += 1
-            return bool(self.config.check_every) and self._commits % self.config.check_every == 0
 
-    def rollback(self, table: str, reason: str) -> Rollback | None:
-        with self.locks[table]:  # restored rows are announced in version order
-            start = time.perf_counter()
-            commit = self.primary.rollback(table)
-            if commit is None:
-                return None
-            record = Rollback(table, reason, commit.undone, len(commit.ids),  # type: ignore[attr-defined]
-                              time.perf_counter() - start, commit.version, time.time())
-            self.rollbacks.append(record)
-            self.send(commit)
-        return record
+def apply_checked(primary: Primary, config: HealthConfig, table: str, ids: np.ndarray,
+                  grads: np.ndarray) -> tuple[Commit, tuple[Commit, Rollback] | None]:
+    """One step and its on-commit check: (the commit, the rollback it caused or None).
 
-    def check(self, replicas: list) -> bool:
-        """Check every replica; roll everything back on failure, else mark healthy.
+    The same on the in-process primary and on a primary shard (where a
+    replay of the log rolls back the same way: it is deterministic).
+    """
+    commit = primary.step(table, ids, grads)
+    reason = on_commit(primary, config, commit)
+    return commit, (None if reason is None else roll_back(primary, table, reason))
 
-        After a rollback each replica settles its divergent rows again: the
-        restored values may merge where the rolled-back ones did not.
-        """
-        self.checks += 1
-        reason = self._replica_problem(replicas)
-        if reason is None:
-            for name in self.primary.tables:
-                self.primary.mark_healthy(name)
-            return True
-        self.failed_checks += 1
-        for name in self.primary.tables:
-            self.rollback(name, reason)
-        for r in replicas:
-            r.settle_divergent(self.primary.pack)
-        return False
 
-    def _replica_problem(self, replicas: list) -> str | None:
-        changed = {name: _changed(pt) for name, pt in self.primary.tables.items()}
-        for r in replicas:
-            reason = replica_problem(r, changed, self.config, self.primary.pack)
-            if reason is not None:
-                return reason
-        return None
+def changed_rows(primary: Primary) -> dict[str, np.ndarray]:
+    """Per table, the rows changed since its last healthy mark (from its undo log)."""
+    out = {}
+    for name, pt in primary.tables.items():
+        with pt.lock:
+            chunks = [c[0] for c in pt.undo.chunks] if pt.undo is not None else []
+        out[name] = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+    return out
+
+
+def check_health_config(health: Any) -> HealthConfig:
+    """`health` (None: the defaults) checked before anything starts."""
+    health = HealthConfig() if health is None else health
+    if not isinstance(health, HealthConfig):
+        raise EkkoError(f"health must be a HealthConfig, got {type(health).__name__}")
+    if not isinstance(health.check_every, int) or health.check_every < 0:
+        raise EkkoError(f"check_every must be a non-negative integer, got {health.check_every!r}")
+    if health.score is not None and not callable(health.score):
+        raise EkkoError(f"the score hook must be callable, got {type(health.score).__name__}")
+    return health
 
 
 def replica_problem(r: Any, changed: dict[str, np.ndarray], config: HealthConfig,
@@ -171,11 +165,5 @@ def replica_problem(r: Any, changed: dict[str, np.ndarray], config: HealthConfig
     return None
 
 
-def _changed(pt) -> np.ndarray:
-    """Rows changed since the table's last healthy mark (from its undo log)."""
-    if pt.undo is None or not pt.undo.chunks:
-        return np.zeros(0, np.int64)
-    return np.concatenate([c[0] for c in pt.undo.chunks])
-
-
-__all__ = ["HealthConfig", "Rollback", "StateManager", "replica_problem"]
+__all__ = ["HealthConfig", "Rollback", "apply_checked", "changed_rows", "check_health_config",
+           "on_commit", "replica_problem", "roll_back"]

@@ -306,7 +306,7 @@ class TestLocal:
             with pytest.raises(EkkoError):
                 engine.replicas[0].merge(b"EKKP garbage")
             assert np.array_equal(engine.primary.versions("a"), before)
-            assert engine.stats()["rejected_steps"] == 3
+            assert engine.stats()["rejected_steps"] == 4  # "nope" too, as in process
             engine.replicas[0].snapshot()
             for _ in range(3):
                 stream.step(engine)
@@ -502,6 +502,31 @@ class TestLocal:
                 with pytest.raises(EkkoError):
                     engine.replicas[0].rows("a", ids)
         engine.shutdown()
+
+    def test_the_ray_transport_implements_the_ports(self, model) -> None:
+        """The same core drives Ray through the declared ports (engine/ports.py)."""
+        from ekko.engine import SchedulerConfig
+        from ekko.engine.ports import (LinkPrimary, LinkReplica, PrimaryPort, ReplicaPort,
+                                       Transport)
+
+        for bandwidth in (None, 1e9):  # GroupLink, then one RemoteLink per replica and shard
+            with ekko.Engine(model, replicas=2, cluster="local", primary_shards=2,
+                             scheduler=SchedulerConfig(bandwidth=bandwidth)) as engine:
+                assert type(engine) is ekko.Engine
+                t = engine.transport
+                assert isinstance(t, Transport) and isinstance(t.primary_port, PrimaryPort)
+                assert all(isinstance(r, ReplicaPort) for r in t.replica_ports)
+                for link in (link for links in t.shard_links for link in links):
+                    assert isinstance(link.primary, LinkPrimary)
+                    assert isinstance(link.replica, LinkReplica)
+                engine.step("a", np.arange(300), np.ones((300, 8), np.float32))
+                engine.flush(WAIT)
+                assert_replicas_match(engine)
+                assert engine.check() is True
+                views = [links[0].primary for links in t.shard_links]
+                assert [v.table_rows()["a"] for v in views] == [150, 150]
+                assert all(v.norm_mean("a") > 0 for v in views)  # what the shards answered
+            engine.shutdown()
 
     def test_cli_runs_the_engine_on_ray(self, model_path, capsys) -> None:
         from ekko.cli import main

@@ -112,7 +112,7 @@ def _report(engine: Engine, name: str, rows: int, seconds: float, setup: float,
     s = engine.stats()
     return {
         "model": name, "replicas": len(engine.replicas), "setup_seconds": setup,
-        "cluster": getattr(engine, "address", None),
+        "cluster": getattr(engine.transport, "address", None),
         "update_rows": rows, "stream_seconds": seconds, "rows_per_s": rows / max(seconds, 1e-9),
         "freshness_ms": s["freshness_ms"],
         "per_replica_freshness_ms": [r["freshness_ms"] for r in s["replicas"]],
