@@ -26,7 +26,7 @@ from xdsl.dialects.builtin import (
     TensorType,
     UnitAttr,
 )
-from xdsl.ir import Attribute, Dialect, ParametrizedAttribute, TypeAttribute
+from xdsl.ir import Attribute, Dialect, Operation, ParametrizedAttribute, TypeAttribute
 from xdsl.irdl import (
     AttrSizedOperandSegments,
     AttrSizedResultSegments,
@@ -44,7 +44,7 @@ from xdsl.irdl import (
 )
 from xdsl.parser import AttrParser
 from xdsl.printer import Printer
-from xdsl.pattern_rewriter import RewritePattern
+from xdsl.pattern_rewriter import PatternRewriter, RewritePattern
 from xdsl.traits import HasCanonicalizationPatternsTrait, Pure
 from xdsl.utils.exceptions import VerifyException
 
@@ -197,12 +197,20 @@ class DeltaOp(UpdOp):
         return [DeltaType(dim, index)]
 
 
+class RedundantDedup(RewritePattern):
+    """dedup of a delta that is already unique is the delta itself."""
+
+    def match_and_rewrite(self, op: Operation, rewriter: PatternRewriter) -> None:
+        if not isinstance(op, DedupOp):
+            return
+        source = op.operands[0]
+        if isinstance(source.type, DeltaType) and source.type.is_unique:
+            rewriter.replace(op, [], [source])
+
+
 class DedupHasCanonicalizationPatterns(HasCanonicalizationPatternsTrait):
     @classmethod
     def get_canonicalization_patterns(cls) -> tuple[RewritePattern, ...]:
-        # the patterns live with the other transforms; loaded only when asked for
-        from ..compiler.transforms.canonicalization_patterns.upd import RedundantDedup
-
         return (RedundantDedup(),)
 
 

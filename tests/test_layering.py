@@ -52,7 +52,12 @@ def _imports(name: str, path: Path) -> set[str]:
     is_pkg = path.name == "__init__.py"
     here = name.split(".") if is_pkg else name.split(".")[:-1]
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {id(n) for block in ast.walk(tree) if _is_type_checking(block)
+                   for n in ast.walk(block)}  # annotations only: never run
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -72,19 +77,20 @@ def _imports(name: str, path: Path) -> set[str]:
     return out
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`) with no else branch."""
+    if not isinstance(node, ast.If) or node.orelse:
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
 def _package(module: str) -> str:
     return module.split(".")[1]
-
-
-# upward imports in parts other engineers rework in parallel: remove each once fixed
-_KNOWN_UPWARD = {
-    ("ekko.dialects.upd", "ekko.compiler.transforms.canonicalization_patterns.upd"):
-        "upd.dedup's canonicalization pattern lives with the compiler's transforms (B2's "
-        "dialect work moves it beside the op)",
-}
 
 
 def _upward() -> set[tuple[str, str]]:
@@ -93,14 +99,9 @@ def _upward() -> set[tuple[str, str]]:
 
 
 def test_dependencies_point_one_way() -> None:
-    upward = sorted(f"{m} imports {t}" for m, t in _upward() - set(_KNOWN_UPWARD))
+    upward = sorted(f"{m} imports {t}" for m, t in _upward())
     assert not upward, "imports against engine -> kernels -> compiler -> dialects:\n" + \
         "\n".join(upward)
-
-
-@pytest.mark.xfail(reason="; ".join(_KNOWN_UPWARD.values()), strict=True)
-def test_no_known_upward_imports_remain() -> None:
-    assert not _upward() & set(_KNOWN_UPWARD)
 
 
 def _cycles(package: str) -> list[list[str]]:
@@ -141,10 +142,8 @@ def _cycles(package: str) -> list[list[str]]:
     return found
 
 
-# cycles other engineers remove in parallel (issue #18 item 5): flip each once merged
-_KNOWN = {
-    "engine": "engine <-> cluster: B3 writes the engine's core once over a transport",
-}
+# known cycles still to remove (strict xfail: a removed one fails until its entry goes)
+_KNOWN: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("package", [
