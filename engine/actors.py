@@ -37,8 +37,9 @@ from ..compiler.frontend.model import Model
 from ..kernels.errors import EkkoError
 from ..kernels.model import compile_model
 from ..kernels.sync import row_width, rows_dtype
+from .dense import DenseError
 from .durable import (HEALTHY, ROLLBACK, DamageError, PacketLog, bump_counter, history, load_arrays,
-                      log_summary, new_history, save_arrays, set_aside)
+                      log_summary, new_history, replace_file, save_arrays, set_aside)
 from .inputs import check_delta
 from .packet import Packet
 from .primary import Commit, Primary
@@ -46,6 +47,7 @@ from .replica import Replica
 from .state import HealthConfig, apply_checked, changed_rows, replica_problem, roll_back
 
 CHUNK_ROWS = 1 << 16  # rows per catch-up packet
+DENSE_FILE = "dense.ekd"  # a replica's dense snapshot (engine/dense.py's format)
 _COUNTERS = {"version", "step", "norm_mean", "commits", "last_seq"}  # a table's in a snapshot
 WINDOW = 3  # catch-up chunks a replica has in flight at once
 
@@ -411,6 +413,8 @@ class ReplicaConfig:
     score: Any = None  # HealthConfig.score: the user's hook, run here by check()
     min_score: float | None = None
     chunk_rows: int = CHUNK_ROWS  # rows per catch-up chunk (WINDOW of them in flight)
+    dense: Any = None  # the engine's dense module (a template: snapshots fill its weights)
+    dense_initial: bytes | None = None  # its first snapshot, installed as the replica starts
 
 
 class ReplicaServer:
@@ -428,7 +432,9 @@ class ReplicaServer:
         issued = {n: max(0, max(w.values(), default=0)) for n, w in self.wm.items()}
         # the Replica copies what it is given: give it nothing, then hand it the loaded arrays
         self.replica = Replica(config.index, self.model,
-                               {n: (s[:0], v[:0]) for n, (s, v) in snapshot.items()}, issued)
+                               {n: (s[:0], v[:0]) for n, (s, v) in snapshot.items()}, issued,
+                               config.dense)
+        self.dense_damage = self._restore_dense()
         for name, (serving, versions) in snapshot.items():
             rt = self.replica.tables[name]
             rt.serving, rt.versions = serving, versions
@@ -503,6 +509,25 @@ class ReplicaServer:
         with contextlib.suppress(OSError):
             set_aside(path, ".damaged")
         return None
+
+    def _restore_dense(self) -> str | None:
+        """Install the dense snapshot this replica held before a restart, if any; a damaged
+        one is set aside (the engine's next publish brings a good one). Returns what was
+        wrong, or None."""
+        path = self.dir / DENSE_FILE
+        if self.replica.dense is None:
+            return None
+        if self.config.dense_initial is not None:
+            self.replica.install_dense(self.config.dense_initial)
+        if not path.exists():
+            return None
+        try:
+            self.replica.install_dense(path.read_bytes())
+            return None
+        except (DenseError, OSError) as e:
+            with contextlib.suppress(OSError):
+                set_aside(path, ".damaged")
+            return f"{path}: {e}"
 
     def _shards_of_table(self) -> dict[str, list[int]]:
         by_table: dict[str, list[int]] = {t.name: [] for t in self.model.model.tables}
@@ -615,6 +640,13 @@ class ReplicaServer:
     def merge(self, packet: Packet | bytes) -> int:
         return self.replica.merge(packet)
 
+    def install_dense(self, blob: bytes) -> bool:
+        """Swap in a dense snapshot (if newer) and keep it for a restart of this process."""
+        newer = self.replica.install_dense(blob)
+        if newer:
+            replace_file(self.dir / DENSE_FILE, blob)
+        return newer
+
     def set_watermark(self, table: str, shard: int, version: int) -> None:
         with self.wm_lock:
             w = self.wm[table]
@@ -636,9 +668,11 @@ class ReplicaServer:
         return {t: ids.tolist() for t, ids in self.replica.settle_divergent(self._fetch).items()
                 if len(ids)}
 
-    def status(self) -> tuple[dict[str, dict[int, int]], dict[str, dict[int, str]]]:
-        """(watermarks per table and shard, divergent rows per table with why): for flush."""
-        return self.watermarks(), self.replica.divergence()
+    def status(self) -> tuple[dict[str, dict[int, int]], dict[str, dict[int, str]], int]:
+        """(watermarks per table and shard, divergent rows per table with why, the dense
+        snapshot held or -1): for flush."""
+        dense = self.replica.dense
+        return self.watermarks(), self.replica.divergence(), -1 if dense is None else dense.version
 
     def set_watermarks(self, marks: list[tuple[str, int, int]]) -> None:
         """Several (table, shard, version) watermarks in one message."""
@@ -671,9 +705,15 @@ class ReplicaServer:
 
     # -- reads -------------------------------------------------------------------------------
     def lookup(self, feature: str, ids: Any, offsets: Any = None,
-               per_sample_weights: Any = None) -> np.ndarray:
-        out = self.replica.lookup(feature, ids, offsets, per_sample_weights=per_sample_weights)
+               per_sample_weights: Any = None, include_last_offset: bool | None = None
+               ) -> np.ndarray:
+        out = self.replica.lookup(feature, ids, offsets, per_sample_weights=per_sample_weights,
+                                  include_last_offset=include_last_offset)
         return np.array(out, copy=True)
+
+    def predict(self, bags: dict[str, tuple], x: Any) -> Any:
+        """Replica.predict on bags the engine checked (checked again here: cheap)."""
+        return self.replica.predict(bags, x)
 
     def serving(self, table: str) -> np.ndarray:
         return self.replica.serving(table).copy()
@@ -692,7 +732,7 @@ class ReplicaServer:
         return {"pid": os.getpid(), "node": _node_id(), "starts": self.starts,
                 "restarts": self.starts - 1, "catch_ups": list(self.catch_ups),
                 "restored_from_snapshot": self.restored_from_snapshot,
-                "snapshot_damage": self.snapshot_damage,
+                "snapshot_damage": self.snapshot_damage, "dense_damage": self.dense_damage,
                 "restore_seconds": self.restore_seconds, "ready_seconds": self.ready_seconds}
 
     def stats(self) -> tuple[dict, Any]:
@@ -701,6 +741,8 @@ class ReplicaServer:
         summary = s.summary()
         summary["watermarks"] = self.replica.watermarks()
         summary["divergent_rows"] = sum(map(len, self.replica.divergence().values()))
+        if self.replica.dense is not None:
+            summary["dense"] = self.replica.dense.summary()
         return summary, s.all_freshness()
 
 

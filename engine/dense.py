@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..kernels.errors import EkkoError
+from .stats import Histogram
 
 MAGIC = b"EKKD"
 FORMAT_VERSION = 1
@@ -149,6 +150,7 @@ class DenseSlot:
         self._lock = threading.Lock()  # installs, not reads
         self.installed = 0
         self.bytes_in = 0
+        self.freshness = Histogram()  # ms from a snapshot's commit to its install here
 
     @property
     def version(self) -> int:
@@ -174,10 +176,20 @@ class DenseSlot:
             self._current = (snap.version, module)
             self.installed += 1
             self.bytes_in += raw
+            self.freshness.add(np.array([(time.time_ns() - snap.commit_ns) / 1e6]))
         return True
 
-    def run(self, pooled: dict[str, Any], x: Any) -> tuple[int, Any]:
-        """(version, output) of the held module on `pooled` and `x`, without grad."""
+    def summary(self) -> dict:
+        """The held version, snapshots installed, their bytes and freshness (ms)."""
+        return {"version": self.version, "snapshots": self.installed, "bytes": self.bytes_in,
+                "freshness_ms": self.freshness.summary()}
+
+    def run(self, pooled: dict[str, np.ndarray], x: Any) -> tuple[int, Any]:
+        """(version, output) of the held module on the pooled rows and `x`, without grad.
+
+        `pooled` are f32 arrays or tensors (B, dim) or (N, dim); `x` is None or floats (B, n).
+        What the module raises on them comes back as a DenseError naming it.
+        """
         import torch
 
         current = self._current
@@ -185,8 +197,34 @@ class DenseSlot:
             raise DenseError("no dense snapshot has reached this replica yet "
                              "(call engine.publish_dense())")
         version, module = current
+        tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
+                   for k, v in pooled.items()}
         with torch.no_grad():
-            return version, module(pooled, x)
+            try:
+                return version, module(tensors, dense_input(x))
+            except Exception as e:  # noqa: BLE001 - the user's module: say where it failed
+                raise DenseError(f"the dense module (snapshot {version}) failed on this input: "
+                                 f"{type(e).__name__}: {e}") from None
+
+
+def dense_input(x: Any) -> Any:
+    """The dense context as an f32 CPU tensor (B, n), or None; DenseError otherwise."""
+    import torch
+
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu" or x.layout is not torch.strided:
+            raise DenseError("x must be a dense CPU tensor")
+        t = x.detach()
+    else:
+        try:
+            t = torch.from_numpy(np.ascontiguousarray(x))
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise DenseError(f"x must be an array of floats ({e})") from None
+    if not t.is_floating_point() or t.ndim != 2:
+        raise DenseError(f"x must be floats of shape (B, n), got {t.dtype} {tuple(t.shape)}")
+    return t.to(torch.float32)
 
 
 def _shape_difference(want: dict[str, tuple], got: dict[str, tuple]) -> str:
@@ -198,4 +236,4 @@ def _shape_difference(want: dict[str, tuple], got: dict[str, tuple]) -> str:
     return f"{k!r} has shape {got[k]}, the module's is {want[k]}"
 
 
-__all__ = ["DenseError", "DenseSlot", "DenseSnapshot", "take_snapshot"]
+__all__ = ["DenseError", "DenseSlot", "DenseSnapshot", "dense_input", "take_snapshot"]

@@ -439,6 +439,16 @@ def new_history(directory: Path) -> str:
     return token
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all (a temporary file renamed over it). Not
+    fsync'd: for copies the engine can send again, it must survive a killed process, not
+    a lost machine."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def set_aside(path: Path, suffix: str) -> Path:
     """Rename a damaged file out of the way (kept for inspection); returns its new path."""
     path = Path(path)

@@ -1,14 +1,16 @@
 """ekko.Engine: a primary, its scheduler links, serving replicas and the health checks.
 
-    with ekko.Engine(model, replicas=2) as engine:
+    with ekko.Engine(model, replicas=2, dense=mlp) as engine:
         engine.step("t_cat0", ids, grads)   # returns once committed on the primary
+        engine.publish_dense()              # a snapshot of mlp's weights to every replica
         engine.flush()                      # every replica holds every committed update
         engine.replicas[0].lookup("cat0", ids, offsets)
+        engine.replicas[0].predict(sparse, x)   # mlp(pooled, x) on the replica's copy
         engine.stats()["freshness_ms"]      # {"p50", "p99", "max", "count"}
 
 This class is the engine's logic, written once: input checks, step -> the
-links, the health-check cadence, check and rollback, flush, lookup routing
-and stats. Where the parts run is a transport's (ports.py): in this process
+links, dense snapshots -> the links, the health-check cadence, check and
+rollback, flush, lookup and prediction routing, and stats. Where the parts run is a transport's (ports.py): in this process
 (engine/local.py, the default) or on Ray with `cluster=` (engine/cluster/,
 imported only then). The parts talk through packets and plain values only
 (see docs/engine.md). `step` is safe from several threads at once (each
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ import numpy as np
 
 from ..kernels.errors import EkkoError
 from ..kernels.model import CompiledModel, compile_model
+from .dense import DenseSnapshot, take_snapshot
 from .inputs import check_delta
 from .ports import Stepped, Transport, Unavailable
 from .primary import Commit
@@ -56,7 +59,9 @@ class Engine:
     """
 
     def __init__(self, model: CompiledModel | str | Path, replicas: int = 2, *,
-                 scheduler: SchedulerConfig | None = None, health: HealthConfig | None = None,
+                 scheduler: SchedulerConfig | Sequence[SchedulerConfig] | None = None,
+                 health: HealthConfig | None = None, dense: Any = None,
+                 dense_every: int | None = None, dense_every_ms: float | None = None,
                  history_rows: int = 1 << 24, seed: int = 0, scale: float = 1.0,
                  cluster: str | None = None, **cluster_options: Any):
         if cluster is None and cluster_options:
@@ -71,7 +76,17 @@ class Engine:
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
             raise EkkoError(f"replicas must be a positive integer, got {replicas!r}")
         self.model = model
-        self.config = scheduler or SchedulerConfig()
+        self.configs = _scheduler_configs(scheduler, replicas)
+        self.config = self.configs[0]
+        self.dense = _check_dense(dense)
+        self.dense_every, self.dense_every_ms = _dense_cadence(dense, dense_every, dense_every_ms)
+        self.dense_version = 0  # the newest snapshot published
+        self._dense_lock = threading.Lock()
+        self._dense_steps = 0  # steps since the last publish
+        self._dense_at = time.monotonic()
+        # version 1: the module as given, installed in each replica as it is built (so
+        # replicas predict from the first moment) and sent on the links like any other
+        self.dense_initial = None if self.dense is None else take_snapshot(self.dense, 1)
         self.health = check_health_config(health)
         self.tables = {t.name: t for t in model.model.tables}
         # commit and announce happen under one lock per table, so links hear a
@@ -93,6 +108,9 @@ class Engine:
         self.replicas = self.transport.replicas
         self.links = self.transport.links
         self.issued = self.transport.primary_port.issued()  # per shard: announced so far
+        if self.dense_initial is not None:
+            with self._dense_lock:
+                self._send_dense(self.dense_initial)
 
     def _transport(self, replicas: int, cluster: str | None, history_rows: int, seed: int,
                    options: dict[str, Any]) -> Transport:
@@ -104,8 +122,9 @@ class Engine:
             from .cluster import RayTransport  # imports ray: only when a cluster is asked for
         except ImportError as e:
             raise EkkoError(f"cluster={cluster!r} needs Ray: pip install 'ekko[ray]' ({e})") from None
-        return RayTransport(self.model, replicas, self.config, self.health, cluster=cluster,
-                            history_rows=history_rows, seed=seed, **options)
+        return RayTransport(self.model, replicas, self.configs, self.health, cluster=cluster,
+                            history_rows=history_rows, seed=seed, dense=self.dense,
+                            dense_initial=self.dense_initial, **options)
 
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> Engine:
@@ -184,7 +203,43 @@ class Engine:
             due = bool(self.health.check_every) and self._commits % self.health.check_every == 0
         if due and not done.records:
             self.check()
+        self._dense_tick()
         return done.version
+
+    # -- the dense part ------------------------------------------------------------------
+    def publish_dense(self) -> int:
+        """Send a snapshot of the dense module's current weights to every replica; returns
+        its version. Each replica swaps it in whole (no prediction mixes two versions);
+        a snapshot with a non-finite weight is refused (DenseError) and nothing is sent."""
+        if self._gone is not None:
+            raise EkkoError(self._gone)
+        if self.dense is None:
+            raise EkkoError("this engine has no dense module: Engine(..., dense=module)")
+        with self._dense_lock:
+            snap = take_snapshot(self.dense, self.dense_version + 1)
+            self._send_dense(snap)
+        return snap.version
+
+    def _send_dense(self, snap: DenseSnapshot) -> None:
+        """Hand an encoded snapshot to the links of shard 0 (each replica hears one).
+        The caller holds the dense lock."""
+        blob = snap.to_bytes()
+        self.dense_version = snap.version
+        self._dense_steps, self._dense_at = 0, time.monotonic()
+        for link in self.transport.shard_links[0]:
+            link.enqueue_dense(snap.version, blob)
+
+    def _dense_tick(self) -> None:
+        """Publish on the engine's own cadence (dense_every steps, dense_every_ms)."""
+        if self.dense is None or (self.dense_every is None and self.dense_every_ms is None):
+            return
+        with self._dense_lock:
+            self._dense_steps += 1
+            due = (self.dense_every is not None and self._dense_steps >= self.dense_every) or \
+                (self.dense_every_ms is not None
+                 and (time.monotonic() - self._dense_at) * 1e3 >= self.dense_every_ms)
+        if due:
+            self.publish_dense()
 
     def _publish(self, done: Stepped) -> None:
         """Announce commits to the links of their shard (rollback rows first in line)."""
@@ -213,20 +268,24 @@ class Engine:
         wait = self.transport.wait_s if timeout is None else timeout
         deadline = None if wait is None else time.monotonic() + wait
         targets = [dict(t) for t in self.issued]
+        dense = self.dense_version if self.dense is not None else -1
         shards = self.transport.shard_links
         for s, links in enumerate(shards):
             for link in links:
-                while not link.wait_for(targets[s], _left(deadline)):
+                while not link.wait_for(targets[s], _left(deadline), dense if s == 0 else -1):
                     rows = link.replica.divergence()
                     if rows:  # (a divergence seen by wait_for may be settled now)
                         raise ReplicaDiverged(link.replica.index, rows)
+                    if s == 0 and link._dense_refused(dense):
+                        raise EkkoError(f"replica {link.replica.index} refused dense snapshot "
+                                        f"{link.dense_failed[0]}: {link.dense_failed[1]}")
                     if _left(deadline) == 0.0 or not link.running:
                         errors = "; ".join(link.errors[-3:])
                         where = f" with primary shard {s}" if len(shards) > 1 else ""
                         raise EkkoError(f"replica {link.replica.index} did not catch up{where}"
                                         + (f" ({errors})" if errors else " in time"))
         for r in self.transport.replica_ports:
-            while not r.holds(targets, _left(deadline)):
+            while not r.holds(targets, dense, _left(deadline)):
                 if _left(deadline) == 0.0:
                     raise EkkoError(f"replica {r.index} did not catch up in time")
                 time.sleep(0.05)
@@ -290,6 +349,16 @@ class Engine:
 
     def lookup(self, feature: str, ids: Any, offsets: Any = None, **kw: Any) -> Any:
         """Serve from the replicas in turn; a replica that fails is skipped until back."""
+        return self._route(lambda r: r.lookup(feature, ids, offsets, **kw))
+
+    def predict(self, sparse: Any, x: Any = None) -> Any:
+        """The dense module's output computed on a live replica (replicas in turn)."""
+        if self.dense is None:
+            raise EkkoError("this engine has no dense module: Engine(..., dense=module)")
+        return self._route(lambda r: r.predict(sparse, x))
+
+    def _route(self, ask: Callable[[Any], Any]) -> Any:
+        """Ask the replicas in turn until one answers; one that fails is skipped until back."""
         if self._gone is not None:
             raise EkkoError(self._gone)
         wait = self.transport.wait_s
@@ -303,7 +372,7 @@ class Engine:
                     r.routed()
                     continue
                 try:
-                    return r.lookup(feature, ids, offsets, **kw)
+                    return ask(r)
                 except Unavailable:
                     r.mark_down()
                     r.routed()
@@ -335,6 +404,8 @@ class Engine:
         out.update({"rollbacks": [r.as_dict() for r in self.rollbacks], "checks": self.checks,
                     "failed_checks": self.failed_checks, "check_skipped": list(self.check_skipped),
                     "lookup_ms": _lookup_summary(per, lookups)})
+        if self.dense is not None:
+            out["dense"] = self._dense_summary(per)
         out.update(self.transport.report(per))
         return out
 
@@ -348,6 +419,65 @@ class Engine:
         return h
 
 
+    def _dense_summary(self, per: list[dict]) -> dict:
+        """Dense snapshots beside the rows: published, sent (bytes), per-replica freshness."""
+        held = [p["dense"] for p in per if "dense" in p]
+        return {"published": self.dense_version,
+                "bytes_sent": sum(link.dense_bytes for link in self.transport.shard_links[0]),
+                "held": [h["version"] for h in held],
+                "freshness_ms": _worst([h["freshness_ms"] for h in held])}
+
+
+def _scheduler_configs(scheduler: Any, replicas: int) -> list[SchedulerConfig]:
+    """One SchedulerConfig per replica (one given: the same for all)."""
+    if scheduler is None:
+        return [SchedulerConfig()] * replicas
+    if isinstance(scheduler, SchedulerConfig):
+        return [scheduler] * replicas
+    configs = list(scheduler) if isinstance(scheduler, (list, tuple)) else None
+    if configs is None or not all(isinstance(c, SchedulerConfig) for c in configs):
+        raise EkkoError("scheduler must be a SchedulerConfig or a list of them (one per "
+                        f"replica), got {type(scheduler).__name__}")
+    if len(configs) != replicas:
+        raise EkkoError(f"scheduler lists {len(configs)} configs for {replicas} replicas")
+    return configs
+
+
+def _check_dense(dense: Any) -> Any:
+    """The dense module (a torch.nn.Module called module(pooled, x)), or None."""
+    if dense is None:
+        return None
+    try:
+        from torch import nn
+    except ImportError as e:
+        raise EkkoError(f"dense= needs PyTorch: pip install 'ekko[torch]' ({e})") from None
+    if not isinstance(dense, nn.Module):
+        raise EkkoError(f"dense must be a torch.nn.Module (called module(pooled, x)), "
+                        f"got {type(dense).__name__}")
+    return dense
+
+
+def _dense_cadence(dense: Any, every: Any, every_ms: Any) -> tuple[int | None, float | None]:
+    """(steps, ms) between automatic dense publishes; None: only publish_dense()."""
+    if dense is None and (every is not None or every_ms is not None):
+        raise EkkoError("dense_every and dense_every_ms need a dense module (dense=)")
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        raise EkkoError(f"dense_every must be a positive number of steps, got {every!r}")
+    if every_ms is not None and (isinstance(every_ms, bool)
+                                 or not isinstance(every_ms, (int, float)) or not every_ms > 0
+                                 or every_ms == float("inf")):
+        raise EkkoError(f"dense_every_ms must be a positive number of ms, got {every_ms!r}")
+    return every, None if every_ms is None else float(every_ms)
+
+
+def _worst(summaries: list[dict]) -> dict:
+    """The worst replica's percentiles (each replica summarized its own)."""
+    if not summaries:
+        return latency_summary([])
+    return {"p50": max(p["p50"] for p in summaries), "p99": max(p["p99"] for p in summaries),
+            "max": max(p["max"] for p in summaries), "count": sum(p["count"] for p in summaries)}
+
+
 def _left(deadline: float | None) -> float | None:
     """Seconds left until `deadline` (None: no limit), never below 0."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -358,11 +488,7 @@ def _lookup_summary(per: list[dict], samples: list[list[float] | None]) -> dict:
     process), else the worst replica's percentiles (each replica summarized its own)."""
     if all(s is not None for s in samples):
         return latency_summary([ms for s in samples for ms in s])
-    parts = [p["lookup_ms"] for p in per if "lookup_ms" in p]
-    if not parts:
-        return latency_summary([])
-    return {"p50": max(p["p50"] for p in parts), "p99": max(p["p99"] for p in parts),
-            "max": max(p["max"] for p in parts), "count": sum(p["count"] for p in parts)}
+    return _worst([p["lookup_ms"] for p in per if "lookup_ms" in p])
 
 
 __all__ = ["Engine"]

@@ -109,22 +109,27 @@ class LocalReplica:
             self.replica.settle_divergent(self.primary.pack)
         return settle
 
-    def holds(self, targets: list[dict[str, int]], timeout: float | None) -> bool:
+    def holds(self, targets: list[dict[str, int]], dense: int, timeout: float | None) -> bool:
         """Its link's watermark is its own: once the link caught up, only divergence can fail."""
         rows = self.replica.divergence()
         if rows:
             raise ReplicaDiverged(self.index, rows)
-        return True
+        return self.replica.dense is None or self.replica.dense.version >= dense
 
     def report(self, timeout: float | None) -> tuple[dict, Histogram, list[float]]:
         r = self.replica
         summary = r.stats.summary()
         summary["watermarks"] = r.watermarks()
         summary["divergent_rows"] = sum(map(len, r.divergence().values()))
+        if r.dense is not None:
+            summary["dense"] = r.dense.summary()
         return summary, r.stats.all_freshness(), list(r.stats.lookup_ms)
 
     def lookup(self, feature: str, ids: Any, offsets: Any = None, **kw: Any) -> Any:
         return self.replica.lookup(feature, ids, offsets, **kw)
+
+    def predict(self, sparse: Any, x: Any) -> Any:
+        return self.replica.predict(sparse, x)
 
 
 class LocalTransport:
@@ -140,9 +145,13 @@ class LocalTransport:
         self.primary = Primary(model, history_rows=history_rows, seed=seed)
         snapshot = {n: (pt.buf.lookup_table, pt.buf.versions) for n, pt in self.primary.tables.items()}
         issued = {n: pt.version for n, pt in self.primary.tables.items()}
-        self.replicas = [Replica(i, model, snapshot, issued) for i in range(replicas)]
-        config: SchedulerConfig = engine.config
-        self.links = [Link(self.primary, r, config) for r in self.replicas]
+        self.replicas = [Replica(i, model, snapshot, issued, engine.dense)
+                         for i in range(replicas)]
+        if engine.dense_initial is not None:
+            for r in self.replicas:
+                r.install_dense(engine.dense_initial)
+        configs: list[SchedulerConfig] = engine.configs
+        self.links = [Link(self.primary, r, c) for r, c in zip(self.replicas, configs)]
         self.shard_links = [self.links]
         self.primary_port = LocalPrimary(self.primary, engine.health)
         self.replica_ports = [LocalReplica(r, self.primary, engine.health) for r in self.replicas]

@@ -7,7 +7,8 @@ lookup routing, stats. A transport supplies only how calls and bytes move:
 * a `PrimaryPort`: apply a checked step (durably, on Ray), roll a table
   back, the rows changed since the healthy mark, mark healthy, checkpoint;
 * one `ReplicaPort` per replica: check itself, settle divergent rows, say
-  whether it holds a flush's targets, report its stats, serve lookups;
+  whether it holds a flush's targets, report its stats, serve lookups and
+  predictions;
 * the scheduler's links (`scheduler.Link` or a subclass sending another
   way), which read their primary through `LinkPrimary` and talk to their
   replica through `LinkReplica`.
@@ -104,14 +105,18 @@ class ReplicaPort(Protocol):
     def settle_divergent(self) -> Callable[[], None]:
         """Start settling its divergent rows against the primary (after a rollback)."""
 
-    def holds(self, targets: list[dict[str, int]], timeout: float | None) -> bool:
-        """Whether it holds every (shard, table) target version; raises ReplicaDiverged."""
+    def holds(self, targets: list[dict[str, int]], dense: int, timeout: float | None) -> bool:
+        """Whether it holds every (shard, table) target version and dense snapshot `dense`
+        (or a newer one; -1: none needed); raises ReplicaDiverged."""
 
     def report(self, timeout: float | None) -> tuple[dict, Histogram, list[float] | None]:
         """(stats summary, freshness histogram, raw lookup latencies when they are here)."""
 
     def lookup(self, feature: str, ids: Any, offsets: Any = None, **kw: Any) -> Any:
         """A pooled lookup served by this replica."""
+
+    def predict(self, sparse: Any, x: Any) -> Any:
+        """The dense module's output on this replica's rows (Replica.predict)."""
 
 
 @runtime_checkable
@@ -161,7 +166,8 @@ class Transport(Protocol):
     links: list
     primary_port: PrimaryPort
     replica_ports: list[ReplicaPort]
-    shard_links: list[list[Link]]  # per primary shard: the links its commits go to
+    shard_links: list[list[Link]]  # per primary shard: the links its commits go to;
+    # shard 0's links also carry the dense snapshots (every replica hears one of them)
     wait_s: float | None  # how long flush and lookup wait by default (None: no limit)
 
     def links_of(self, replica: int) -> list[Link]:

@@ -24,8 +24,10 @@ import numpy as np
 from ..kernels.errors import EkkoError
 from ..kernels.model import CompiledModel
 from ..kernels.sync import SyncError, merge_kernel, pack_kernel, row_width, rows_dtype
+from .dense import DenseSlot, DenseSnapshot
 from .inputs import as_ids
 from .packet import Packet, PacketError
+from .sparse import check_bags
 from .stats import ReplicaStats
 
 # (table, sorted distinct ids) -> a packet of the primary's current rows of them, in that order
@@ -96,8 +98,10 @@ class Replica:
     """See the module docstring. `snapshot` maps table -> (serving, versions) to start from."""
 
     def __init__(self, index: int, model: CompiledModel,
-                 snapshot: dict[str, tuple[np.ndarray, np.ndarray]], issued: dict[str, int]):
+                 snapshot: dict[str, tuple[np.ndarray, np.ndarray]], issued: dict[str, int],
+                 dense: Any = None):
         self.index = index
+        self.dense = None if dense is None else DenseSlot(dense)  # see engine/dense.py
         self.model = model
         self.stats = ReplicaStats()
         self.tables: dict[str, ReplicaTable] = {}
@@ -320,7 +324,7 @@ class Replica:
 
     # -- reads ------------------------------------------------------------------
     def lookup(self, feature: str, ids: Any, offsets: Any = None, per_sample_weights: Any = None,
-               out: Any = None) -> Any:
+               out: Any = None, include_last_offset: bool | None = None) -> Any:
         """Serve one feature from this replica (pooled bags as f32), while merges go on."""
         table = self._features.get(feature)
         if table is None:
@@ -329,10 +333,31 @@ class Replica:
         kernel = self.model.lookup_kernels[feature]
         t0 = time.perf_counter()
         result = kernel(rt.serving, ids, offsets, per_sample_weights=per_sample_weights, out=out,
-                        seq=rt.seq)
+                        include_last_offset=include_last_offset, seq=rt.seq)
         self.stats.record_lookup((time.perf_counter() - t0) * 1e3)
         rt.lookups += len(ids)
         return result
+
+    def install_dense(self, snapshot: DenseSnapshot | bytes) -> bool:
+        """Swap in a newer dense snapshot (see DenseSlot.install); False if not newer."""
+        return self._dense_slot().install(snapshot)
+
+    def predict(self, sparse: Any, x: Any = None) -> Any:
+        """What the dense module returns on this replica's pooled rows and `x`, without
+        grad: every feature pooled from the serving copy (no torn rows), one snapshot."""
+        slot = self._dense_slot()
+        bags = check_bags(self.model, sparse)
+        pooled = {b.feature: self.lookup(b.feature, b.ids, b.offsets, per_sample_weights=b.weights,
+                                         include_last_offset=True if b.offsets is not None
+                                         else None)
+                  for b in bags}
+        return slot.run(pooled, x)[1]
+
+    def _dense_slot(self) -> DenseSlot:
+        if self.dense is None:
+            raise EkkoError(f"replica {self.index} has no dense module: give the engine one "
+                            "(Engine(..., dense=module))")
+        return self.dense
 
     def rows(self, table: str, ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """(serving rows, versions) of `ids`, read under sequence words (never torn)."""

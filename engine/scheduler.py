@@ -202,6 +202,12 @@ class Link:
         self.inflight: dict[str, int] = {}  # table -> oldest version being sent right now
         self.errors: list[str] = []
         self.significant = Histogram()  # freshness of rows over significant_ratio x the mean
+        # the dense part (engine/dense.py): the newest snapshot waiting, the newest sent
+        self.dense_pending: tuple[int, bytes] | None = None  # (version, encoded snapshot)
+        self.dense_last: tuple[int, bytes] | None = None  # the newest one delivered
+        self.dense_sent = -1
+        self.dense_failed: tuple[int, str] | None = None  # a refused snapshot: (version, why)
+        self.dense_bytes = 0
 
     # -- from the engine ---------------------------------------------------------
     def enqueue(self, c: Commit, significance: np.ndarray) -> None:
@@ -212,6 +218,13 @@ class Link:
                 self.pending[c.table].noted = max(self.pending[c.table].noted, c.version)
             else:
                 self.pending[c.table].add(c, significance)
+            self.cond.notify_all()
+
+    def enqueue_dense(self, version: int, blob: bytes) -> None:
+        """A dense snapshot to send: it supersedes one still waiting (only the newest goes)."""
+        with self.cond:
+            if self.dense_pending is None or version > self.dense_pending[0]:
+                self.dense_pending = (version, blob)
             self.cond.notify_all()
 
     def start(self) -> None:
@@ -241,13 +254,15 @@ class Link:
             w = min(w, self.inflight[table] - 1)
         return w
 
-    def wait_for(self, targets: dict[str, int], timeout: float | None) -> bool:
-        """Block until every table's watermark reaches its target; False on timeout, or at
-        once when the replica holds divergent rows (they will not arrive by waiting)."""
+    def wait_for(self, targets: dict[str, int], timeout: float | None, dense: int = -1) -> bool:
+        """Block until every table's watermark reaches its target and the dense snapshot
+        `dense` (or a newer one) was delivered; False on timeout, or at once when the
+        replica holds divergent rows or refused that snapshot (waiting will not help)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
-            while not all(self._watermark(t) >= v for t, v in targets.items()):
-                if not self.running or self._diverged():
+            while not (all(self._watermark(t) >= v for t, v in targets.items())
+                       and self.dense_sent >= dense):
+                if not self.running or self._diverged() or self._dense_refused(dense):
                     return False
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -257,6 +272,12 @@ class Link:
 
     def _diverged(self) -> bool:
         return bool(self.replica.divergence())
+
+    def _dense_refused(self, version: int) -> bool:
+        """Whether the replica refused dense snapshot `version` or a newer one, and nothing
+        newer reached it since."""
+        failed = self.dense_failed
+        return failed is not None and failed[0] >= version > self.dense_sent
 
     def backlog(self) -> int:
         """Rows (or, for fifo, updates' rows) waiting on this link."""
@@ -273,8 +294,9 @@ class Link:
                     self.clock.wait(self.cond, self._wait_time())
                 if not self.running:
                     return
+                dense = self._take_dense()
                 batch = self._select()
-                if not batch:  # the budget did not stretch to one row: wait for tokens
+                if not batch and dense is None:  # the budget did not stretch to one row
                     self.clock.wait(self.cond, self._wait_time())
                     continue
                 self.busy = True
@@ -282,6 +304,8 @@ class Link:
                 for table, _, _, _, first in batch:
                     self.inflight[table] = min(first, self.inflight.get(table, first))
             try:
+                if dense is not None:
+                    self._dense(dense)
                 self._send(batch)
             except Exception as e:  # noqa: BLE001 - reported, the link keeps going
                 self.errors.append(f"{type(e).__name__}: {e}")
@@ -308,6 +332,8 @@ class Link:
         return self.tokens
 
     def _has_work(self) -> bool:
+        if self.dense_pending is not None:
+            return True
         if self.config.policy == "fifo":
             return any(self.fifo.values())
         if self.config.policy == "full":
@@ -330,11 +356,12 @@ class Link:
         return max(bw * self.config.burst_s, 64.0 * max(self.row_bytes.values()))
 
     def _pending_bytes(self) -> float:
+        dense = [] if self.dense_pending is None else [len(self.dense_pending[1])]
         if self.config.policy == "fifo":
-            return min(len(q[0][1].ids) * self.row_bytes[t] + PACKET_HEADER
-                       for t, q in self.fifo.items() if q)
-        return sum(len(p.ids()) * self.row_bytes[t] + PACKET_HEADER
-                   for t, p in self.pending.items() if p.queue)
+            return min([len(q[0][1].ids) * self.row_bytes[t] + PACKET_HEADER
+                        for t, q in self.fifo.items() if q] + dense)
+        return sum([len(p.ids()) * self.row_bytes[t] + PACKET_HEADER
+                    for t, p in self.pending.items() if p.queue] + dense)
 
     def _wait_time(self) -> float:
         if self.config.policy in ("periodic", "full"):
@@ -344,6 +371,15 @@ class Link:
         return 0.05
 
     # -- choosing rows --------------------------------------------------------------------
+    def _take_dense(self) -> tuple[int, bytes] | None:
+        """The waiting dense snapshot, charged to the budget ahead of the rows (it is
+        one message, sent whole; the bucket may go into debt for it). Under the lock."""
+        dense, self.dense_pending = self.dense_pending, None
+        if dense is not None and self.config.bandwidth is not None:
+            self._refill()
+            self.tokens -= len(dense[1])
+        return dense
+
     def _select(self) -> list:
         """(table, ids, commit times, summed norms) to send now; called under the lock."""
         budget = self._refill()
@@ -356,6 +392,8 @@ class Link:
         if policy == "periodic":
             self.next_tick = self.clock.now() + self.config.interval_s
         cands = {t: p.ids() for t, p in self.pending.items() if p.queue}
+        if not cands:  # only a dense snapshot was waiting
+            return []
         if policy == "priority" and budget != float("inf"):
             cands = self._by_priority(cands, budget - PACKET_HEADER * len(cands))
         elif budget != float("inf"):
@@ -458,6 +496,25 @@ class Link:
         return out
 
     # -- sending ---------------------------------------------------------------------------
+    def _dense(self, dense: tuple[int, bytes]) -> None:
+        """Deliver one dense snapshot; a refusal is recorded (flush then fails), not retried."""
+        version, blob = dense
+        try:
+            self._send_dense(version, blob)
+        except Exception as e:
+            with self.cond:
+                self.dense_failed = (version, f"{type(e).__name__}: {e}")
+            raise
+        with self.cond:
+            self.dense_sent = max(self.dense_sent, version)
+            self.dense_last = dense
+            self.dense_bytes += len(blob)
+
+    def _send_dense(self, version: int, blob: bytes) -> None:
+        """In this process: the replica installs it (a transport sending another way
+        overrides this, as it does `_send`)."""
+        replica: Replica = self.replica  # type: ignore[assignment]
+        replica.install_dense(blob)
     def _send(self, batch: list) -> None:
         step = self.config.max_packet_rows
         for table, ids, since, (sig, sig_at), _ in batch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -153,6 +154,11 @@ def test_readers_racing_installs_see_one_version_per_prediction() -> None:
             module.a.fill_(v)
             module.b.fill_(v)
         slot.install(take_snapshot(module, v))
+        # let the readers run on this version (on a loaded machine the writer could
+        # otherwise install them all before a reader was scheduled again)
+        before, deadline = len(seen), time.monotonic() + 5.0
+        while len(seen) < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.0005)
     stop.set()
     for t in threads:
         t.join()

@@ -381,6 +381,64 @@ class TestLocal:
             assert_replicas_match(engine)
         engine.shutdown()
 
+    @pytest.mark.parametrize("bandwidth", [None, 1e7])  # a group link; a link per replica
+    def test_dense_snapshots_reach_replica_processes_and_survive_a_kill(self, model,
+                                                                        bandwidth) -> None:
+        """Replicas in their own processes predict with the newest snapshot after flush
+        (what the module computes on their rows), and a killed one comes back with it."""
+        import torch
+
+        class Head(torch.nn.Module):  # defined here: cloudpickle sends it by value
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(8 + 16 + 9 + 2, 1)
+
+            def forward(self, pooled, x):
+                return self.lin(torch.cat([pooled["fa"], pooled["fd"], pooled["fh"], x], 1))
+
+        torch.manual_seed(4)
+        head, stream = Head(), Stream(model, seed=9)
+        rng = np.random.default_rng(2)
+        sparse = {f: (rng.integers(0, rows, 12), np.array([0, 4, 9, 12]))
+                  for f, rows in (("fa", 300), ("fd", 500), ("fh", 90))}
+        x = torch.from_numpy(rng.standard_normal((3, 2)).astype(np.float32))
+
+        def expected(replica) -> torch.Tensor:
+            pooled = {f: torch.tensor(replica.lookup(f, ids, offsets,
+                                                         include_last_offset=True))
+                      for f, (ids, offsets) in sparse.items()}
+            with torch.no_grad():
+                return head(pooled, x)
+
+        with ekko.Engine(model, replicas=2, cluster="local", dense=head, lookup_timeout_s=30.0,
+                         scheduler=ekko.SchedulerConfig(bandwidth=bandwidth)) as engine:
+            assert torch.equal(engine.replicas[1].predict(sparse, x), expected(engine.replicas[1]))
+            for k in range(3):
+                stream.step(engine)
+                with torch.no_grad():
+                    head.lin.weight += 0.1 * (k + 1)
+                engine.publish_dense()
+            engine.flush(WAIT)
+            assert_replicas_match(engine)
+            for r in engine.replicas:
+                assert torch.equal(r.predict(sparse, x), expected(r)), r.index
+            s = engine.stats()["dense"]
+            assert s["published"] == 4 and s["held"] == [4, 4] and s["bytes_sent"] > 0
+            with pytest.raises(EkkoError, match=r"feature fa: id \d+ at position 0 is out of range"):
+                engine.predict({**sparse, "fa": (sparse["fa"][0] + 300, sparse["fa"][1])}, x)
+            pid = engine.replicas[0].pid
+            os.kill(pid, signal.SIGKILL)
+            new_pid(engine.replicas[0], pid)
+            engine.flush(WAIT)
+            assert engine.stats()["dense"]["held"] == [4, 4]  # restored from its own file
+            assert torch.equal(engine.replicas[0].predict(sparse, x), expected(engine.replicas[0]))
+            with torch.no_grad():
+                head.lin.bias += 1.0
+            engine.publish_dense()
+            engine.flush(WAIT)
+            assert all(torch.equal(r.predict(sparse, x), expected(r)) for r in engine.replicas)
+        engine.shutdown()
+
     def test_check_and_the_score_hook_run_in_the_replica_processes(self, model) -> None:
         driver = os.getpid()
         initial = reference(model, [], 1)  # the rows every shard starts from (seed 0)

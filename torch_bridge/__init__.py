@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,27 +28,13 @@ try:
 except ImportError as e:  # torch is optional for the rest of ekko
     raise ImportError(f"ekko.torch needs PyTorch: pip install 'ekko[torch]' ({e})") from None
 
-from ..dialects.catalog import pooling_problem
 from ..engine import Engine
-from ..kernels.arrays import index_array, is_torch
+from ..engine.sparse import Bag, check_bag, check_bags
 from ..kernels.errors import EkkoError
 from ..kernels.build import bag_kernel
 from ..kernels.lookup import BagKernel
 
 Sparse = Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class Bag:
-    """One feature's checked input: int64 ids in range, offsets with B+1 entries
-    (None for pooling none), f32 per-sample weights or None."""
-
-    feature: str
-    table: str
-    mode: str
-    ids: np.ndarray
-    offsets: np.ndarray | None
-    weights: np.ndarray | None
 
 
 class EmbeddingBags(nn.Module):
@@ -91,7 +76,7 @@ class EmbeddingBags(nn.Module):
         return cached[1]
 
     def forward(self, sparse: Sparse) -> dict[str, torch.Tensor]:
-        bags = tuple(self.bag(name, value) for name, value in _items(sparse))
+        bags = check_bags(self.engine.model, sparse)
         if torch.is_grad_enabled():
             outs = _Pool.apply(self._anchor, self, bags)
         else:  # nothing to commit: no graph
@@ -101,26 +86,7 @@ class EmbeddingBags(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def bag(self, feature: str, value: Any) -> Bag:
         """One feature's input checked (EkkoError naming the feature and what is wrong)."""
-        f = self.features.get(feature) if isinstance(feature, str) else None
-        if f is None:
-            self.engine.model.feature(feature)  # raises, naming the model's features
-        rows = self.engine.model.table(f.table).rows
-        ids, offsets, weights = _parts(feature, f.pooling, value)
-        where = f"feature {feature}"
-        ids_np = index_array(f"{where}: ids", ids, EkkoError)
-        if len(ids_np) and (int(ids_np.min()) < 0 or int(ids_np.max()) >= rows):
-            pos = int(np.argmax((ids_np < 0) | (ids_np >= rows)))
-            raise EkkoError(f"{where}: id {int(ids_np[pos])} at position {pos} is out of range "
-                            f"[0, {rows}) of table {f.table}")
-        offsets_np = None
-        if offsets is not None:
-            offsets_np = index_array(f"{where}: offsets", offsets, EkkoError)
-            _check_offsets(where, offsets_np, len(ids_np))
-        elif f.pooling != "none":
-            raise EkkoError(f"{where}: pooling {f.pooling} needs offsets (B+1 entries)")
-        weights_np = None if weights is None else _weights(where, f.pooling, weights, len(ids_np))
-        return Bag(feature, f.table, f.pooling, ids_np,
-                   offsets_np if f.pooling != "none" else None, weights_np)
+        return check_bag(self.engine.model, feature, value)
 
     def pool(self, bag: Bag) -> torch.Tensor:
         """The bag's f32 output, pooled from the master rows by ekko's bag kernel for the
@@ -227,75 +193,3 @@ def _as_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
     """A master array as a tensor over the same memory (bf16 is held as uint16 bits)."""
     t = torch.from_numpy(array)
     return t.view(torch.bfloat16) if dtype == "bf16" else t
-
-
-def _items(sparse: Any) -> list[tuple[str, Any]]:
-    """(feature, value) pairs of a dict, or of a TorchRec KeyedJaggedTensor."""
-    if _is_torchrec(sparse, "KeyedJaggedTensor"):
-        return list(sparse.to_dict().items())
-    if not isinstance(sparse, Mapping):
-        raise EkkoError("EmbeddingBags takes {feature: (ids, offsets[, weights])} or a TorchRec "
-                        f"KeyedJaggedTensor, got {type(sparse).__name__}")
-    return list(sparse.items())
-
-
-def _is_torchrec(x: Any, name: str) -> bool:
-    return type(x).__name__ == name and type(x).__module__.startswith("torchrec")
-
-
-def _parts(feature: str, mode: str, value: Any) -> tuple[Any, Any, Any]:
-    """(ids, offsets or None, weights or None) of one feature's value."""
-    if _is_torchrec(value, "JaggedTensor"):
-        return value.values(), value.offsets(), value.weights_or_none()
-    if isinstance(value, (tuple, list)) and len(value) in (2, 3) and not _is_number(value[0]):
-        return value[0], value[1], value[2] if len(value) == 3 else None
-    if mode == "none" and (isinstance(value, (np.ndarray, tuple, list, range)) or is_torch(value)):
-        return value, None, None  # bare ids
-    raise EkkoError(f"feature {feature}: expected (ids, offsets) or (ids, offsets, weights)"
-                    + (" or bare ids" if mode == "none" else "") + f", got {type(value).__name__}")
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating))
-
-
-def _check_offsets(where: str, offsets: np.ndarray, n: int) -> None:
-    """B+1 offsets from 0 to n, never decreasing (torch's include_last_offset)."""
-    if len(offsets) == 0:
-        raise EkkoError(f"{where}: offsets must have B+1 entries (at least 1), got none")
-    if offsets[0] != 0 or offsets[-1] != n:
-        raise EkkoError(f"{where}: offsets must start at 0 and end at the number of ids ({n}), "
-                        f"got {int(offsets[0])} ... {int(offsets[-1])}")
-    steps = np.diff(offsets)
-    if len(steps) and int(steps.min()) < 0:
-        pos = int(np.argmax(steps < 0))
-        raise EkkoError(f"{where}: offsets decrease at position {pos + 1} "
-                        f"({int(offsets[pos])} then {int(offsets[pos + 1])})")
-
-
-def _weights(where: str, mode: str, weights: Any, n: int) -> np.ndarray:
-    """Per-sample weights as a finite f32 tensor of n entries (sum pooling only)."""
-    if (why := pooling_problem(mode, True)) is not None:
-        raise EkkoError(f"{where}: {why}")
-    if is_torch(weights):
-        if weights.requires_grad:
-            raise EkkoError(f"{where}: per-sample weights that require grad are not supported "
-                            "(their gradient is not computed): pass weights.detach()")
-        w = weights.detach()
-        if w.device.type != "cpu" or w.layout is not torch.strided:
-            raise EkkoError(f"{where}: per-sample weights must be a dense CPU tensor")
-    else:
-        try:
-            w = torch.as_tensor(np.asarray(weights))
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise EkkoError(f"{where}: per-sample weights must be an array of floats ({e})") from None
-    if not w.is_floating_point() or w.ndim != 1 or len(w) != n:
-        raise EkkoError(f"{where}: per-sample weights must be 1-D floats, one per id ({n}), "
-                        f"got {w.dtype} {tuple(w.shape)}")
-    w = np.ascontiguousarray(w.to(torch.float32).numpy())
-    if not np.isfinite(w).all():
-        raise EkkoError(f"{where}: per-sample weights must be finite")
-    return w
-
-
-__all__ = ["Bag", "EmbeddingBags", "grad_rows"]

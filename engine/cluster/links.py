@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 
+from ...kernels.errors import EkkoError
 from ..scheduler import Link, SchedulerConfig
 from .plumbing import Unavailable, call
 
@@ -165,6 +166,17 @@ class RemoteLink(Link):
             raise
         _note_significant(self, marks)
 
+    def _send_dense(self, version: int, blob: bytes) -> None:
+        """The replica process installs it; one restarting catches up and is sent it again."""
+        while True:
+            try:
+                call(self.replica.actor.install_dense.remote(blob), self.timeout)
+                return
+            except Unavailable as e:
+                self._recover(e)
+                if self.poisoned:
+                    raise
+
     def errors_of(self, replica: int) -> list[str]:
         return list(self.errors)
 
@@ -172,13 +184,16 @@ class RemoteLink(Link):
         return self.recoveries
 
     def _recover(self, error: Exception) -> None:
-        """A send was lost (a replica or shard restarting): the replica catches up instead."""
+        """A send was lost (a replica or shard restarting): the replica catches up instead,
+        and is sent the newest dense snapshot again."""
         if isinstance(error, Unavailable):
             self.errors.append(f"{type(error).__name__}: {error}")
         self.recoveries += 1
         while self.running:
             try:
                 call(self.replica.actor.catch_up.remote(self.replica.shard, "link"), self.timeout)
+                if self.dense_last is not None:
+                    call(self.replica.actor.install_dense.remote(self.dense_last[1]), self.timeout)
                 return
             except Unavailable:
                 time.sleep(0.2)
@@ -273,6 +288,23 @@ class GroupLink(Link):
                 break
         _note_significant(self, marks)
 
+    def _send_dense(self, version: int, blob: bytes) -> None:
+        """Every attached replica installs it; one that fails is detached (it is sent the
+        newest snapshot again when it rejoins). A refusal by all is the link's error."""
+        members = [m for m in self.members if m.attached]
+        ref = ray.put(blob)  # one copy in the object store for every replica
+        refs = {m.actor.install_dense.remote(ref): m for m in members}
+        refused = []
+        for r, m in refs.items():
+            try:
+                call(r, self.timeout)
+            except Unavailable as e:
+                self._detach(m, e)
+            except Exception as e:  # noqa: BLE001 - a refusal: reported below
+                refused.append(f"replica {m.index}: {e}")
+        if refused:
+            raise EkkoError("; ".join(refused))
+
     def _detach(self, m: _Member, error: Exception) -> None:
         with self.lock:
             m.errors.append(f"{type(error).__name__}: {error}")
@@ -301,6 +333,9 @@ class GroupLink(Link):
             m.attached = True  # sends reach it from now on; the catch-up covers what it missed
             try:
                 call(m.actor.catch_up.remote(shard, "link"), self.timeout)
+                dense = self.dense_last
+                if dense is not None:
+                    call(m.actor.install_dense.remote(dense[1]), self.timeout)
             except Exception:  # noqa: BLE001 - failed again: start over
                 m.attached = False
                 time.sleep(0.2)

@@ -11,10 +11,12 @@ import numpy as np
 import ray
 
 from ...kernels.errors import EkkoError
+from ..dense import dense_input
 from ..inputs import as_array, as_ids
 from ..packet import Packet
 from ..ports import Unavailable
 from ..replica import ReplicaDiverged
+from ..sparse import check_bags
 from ..stats import Histogram
 from .plumbing import call
 
@@ -27,8 +29,9 @@ class RemoteReplica:
     replica's ports.ReplicaPort: the engine core checks, settles and asks it through here."""
 
     def __init__(self, index: int, actor: Any, timeout: float, lookup_timeout: float,
-                 rows: dict[str, int]):
-        self.index, self.actor = index, actor
+                 model: Any):
+        self.index, self.actor, self.model = index, actor, model
+        rows = {t.name: t.rows for t in model.model.tables}
         self.timeout, self.lookup_timeout = timeout, lookup_timeout
         self._rows = rows
         self._probe: Any = None
@@ -46,16 +49,22 @@ class RemoteReplica:
         return call(self.actor.info.remote(), self.timeout)["node"]
 
     def lookup(self, feature: str, ids: Any, offsets: Any = None, per_sample_weights: Any = None,
-               out: Any = None) -> np.ndarray:
+               out: Any = None, include_last_offset: bool | None = None) -> np.ndarray:
         ids, offsets, per_sample_weights = (
             None if x is None else as_array(x, name, EkkoError) for x, name in
             ((ids, "ids"), (offsets, "offsets"), (per_sample_weights, "per_sample_weights")))
-        result = call(self.actor.lookup.remote(feature, ids, offsets, per_sample_weights),
-                      self.lookup_timeout)
+        result = call(self.actor.lookup.remote(feature, ids, offsets, per_sample_weights,
+                                               include_last_offset), self.lookup_timeout)
         if out is not None:
             np.copyto(out, result)
             return out
         return result
+
+    def predict(self, sparse: Any, x: Any = None) -> Any:
+        """The dense module's output computed in the replica process (checked here first,
+        so bad input fails at once, without a call)."""
+        bags = {b.feature: b.as_tuple() for b in check_bags(self.model, sparse)}
+        return call(self.actor.predict.remote(bags, dense_input(x)), self.lookup_timeout)
 
     def serving(self, table: str) -> np.ndarray:
         return call(self.actor.serving.remote(table), self.timeout)
@@ -124,19 +133,20 @@ class RemoteReplica:
             call(ref, self.timeout)
         return settled
 
-    def holds(self, targets: list[dict[str, int]], timeout: float | None) -> bool:
-        """Whether it holds every (shard, table) target; raises ReplicaDiverged when it cannot."""
+    def holds(self, targets: list[dict[str, int]], dense: int, timeout: float | None) -> bool:
+        """Whether it holds every (shard, table) target and dense snapshot `dense`; raises
+        ReplicaDiverged when it cannot."""
         left = self.timeout if timeout is None else timeout
         if left <= 0:
             return False
         try:
-            wm, divergent = call(self.actor.status.remote(), min(left, self.timeout))
+            wm, divergent, held = call(self.actor.status.remote(), min(left, self.timeout))
         except Unavailable:
             return False
         if divergent:
             raise ReplicaDiverged(self.index, divergent)
-        return all(wm.get(t, {}).get(s, -1) >= v for s, tv in enumerate(targets)
-                   for t, v in tv.items())
+        return held >= dense and all(wm.get(t, {}).get(s, -1) >= v
+                                     for s, tv in enumerate(targets) for t, v in tv.items())
 
     def report(self, timeout: float | None) -> tuple[dict, Histogram, None]:
         """Its process's stats and facts (pid, restarts, catch-ups); a restarting process
@@ -147,6 +157,7 @@ class RemoteReplica:
         summary["lookups_routed_around"] = self.routed_around
         summary.update({k: info.get(k) for k in ("pid", "node", "restarts", "catch_ups",
                                                   "restored_from_snapshot", "snapshot_damage",
+                                                  "dense_damage",
                                                   "ready_seconds")})
         return summary, hist, None
 

@@ -46,13 +46,14 @@ def _warn_cut(shard: int, cut: dict | None) -> None:
 class RayTransport:
     """The engine's parts on Ray (a ports.Transport; see the package docstring)."""
 
-    def __init__(self, model: CompiledModel, replicas: int, config: SchedulerConfig,
+    def __init__(self, model: CompiledModel, replicas: int, configs: list[SchedulerConfig],
                  health: HealthConfig, *, cluster: str = "local", primary_shards: int = 1,
                  history_rows: int = 1 << 24, seed: int = 0,
                  directory: str | Path | None = None, snapshot_s: float = 0.0,
                  max_restarts: int = 100, timeout_s: float = 300.0, lookup_timeout_s: float = 2.0,
                  log_limit_bytes: int = 1 << 30, fsync: bool = True, chunk_rows: int = 1 << 16,
-                 actor_options: dict[str, dict] | None = None, on_damage: str = "refuse"):
+                 actor_options: dict[str, dict] | None = None, on_damage: str = "refuse",
+                 dense: Any = None, dense_initial: Any = None):
         if not isinstance(primary_shards, int) or isinstance(primary_shards, bool) \
                 or primary_shards < 1:
             raise EkkoError(f"primary_shards must be a positive integer, got {primary_shards!r}")
@@ -60,9 +61,11 @@ class RayTransport:
             raise EkkoError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
         if on_damage not in ("refuse", "cut"):
             raise EkkoError(f"on_damage must be 'refuse' or 'cut', got {on_damage!r}")
-        _check_picklable(health)
-        self.chunk_rows, self.on_damage = chunk_rows, on_damage
-        self.model, self.config = model, config
+        _check_picklable("the score hook", health.score)
+        _check_picklable("the dense module", dense)
+        self.chunk_rows, self.on_damage, self.dense = chunk_rows, on_damage, dense
+        self.dense_initial = None if dense_initial is None else dense_initial.to_bytes()
+        self.model, self.configs = model, configs
         self.timeout = self.wait_s = float(timeout_s)
         self.address = connect(cluster)
         self._own_dir = directory is None
@@ -102,9 +105,10 @@ class RayTransport:
                                                         **options.get("replica", {}))
         actors = [replica_cls.remote(ReplicaConfig(
             m, i, names, str(self.directory / f"replica-{i}"), snapshot_s, self.timeout,
-            tables_of, health.score, health.min_score, self.chunk_rows)) for i in range(n)]
-        rows = {t.name: t.rows for t in m.tables}
-        self.replicas = [RemoteReplica(i, a, self.timeout, lookup_timeout, rows)
+            tables_of, health.score, health.min_score, self.chunk_rows, self.dense,
+            self.dense_initial))
+            for i in range(n)]
+        self.replicas = [RemoteReplica(i, a, self.timeout, lookup_timeout, self.model)
                          for i, a in enumerate(actors)]
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _end, self.shards + actors, self.directory,
@@ -125,18 +129,20 @@ class RayTransport:
             rows = {name: self.bounds[name][s + 1] - self.bounds[name][s] for name in tables_of[s]}
             self.views.append(ShardView(rows, row_bytes[s], self.issued[s]))
         self.marks = _Watermarks(actors)
-        if self.config.bandwidth is None:  # every replica is sent the same: pack once per shard
+        config = self.configs[0]
+        if config.bandwidth is None and all(c == config for c in self.configs):
+            # every replica is sent the same: pack once per shard
             group = [GroupLink(self.views[s], _GroupReplica([_Member(i, a) for i, a in
                                                              enumerate(actors)], s, tables_of[s],
                                                             self.marks),
-                               self.config, self.shards[s], self.timeout,
+                               config, self.shards[s], self.timeout,
                                max(2.0, lookup_timeout)) for s in range(k)]
             self.shard_links: list[list[Link]] = [[g] for g in group]
             self.links = [list(group) for _ in actors]
-        else:  # a budget per replica: a link each
+        else:  # a budget or a policy per replica: a link each
             self.links = [[RemoteLink(self.views[s], _LinkReplica(i, a, s, tables_of[s],
                                                                   self.marks),
-                                      self.config, self.shards[s], self.timeout)
+                                      self.configs[i], self.shards[s], self.timeout)
                            for s in range(k)] for i, a in enumerate(actors)]
             self.shard_links = [[per[s] for per in self.links] for s in range(k)]
         self.primary = PrimaryShards(self)
@@ -281,14 +287,14 @@ class ShardsPort:
                 time.sleep(0.1)
 
 
-def _check_picklable(health: HealthConfig) -> None:
-    """The score hook runs in every replica process: it must be picklable."""
-    if health.score is None:
+def _check_picklable(what: str, obj: Any) -> None:
+    """The score hook and the dense module go to every replica process: they must pickle."""
+    if obj is None:
         return
     try:
-        ray.cloudpickle.dumps(health.score)
+        ray.cloudpickle.dumps(obj)
     except Exception as e:  # noqa: BLE001 - whatever pickling raises
-        raise EkkoError("the score hook runs in each replica process, so it must be picklable "
+        raise EkkoError(f"{what} goes to each replica process, so it must be picklable "
                         f"(cloudpickle: lambdas and closures are, locks, files and sockets are "
                         f"not): {type(e).__name__}: {e}") from None
 
