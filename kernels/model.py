@@ -127,6 +127,29 @@ class CompiledModel:
                                              self.update_kernels.get(t.name))
         return self
 
+    def load_table(self, table: str, weights: Any) -> None:
+        """Start `table` from trained weights, (rows, dim) floats (an array or a CPU tensor,
+        e.g. an nn.EmbeddingBag's weight): its master rows and serving copy; the optimizer
+        state starts empty. Load before an Engine is built on the model (the replicas copy
+        the tables when it starts). Bad weights raise EkkoError; nothing is written."""
+        if not self.tables:
+            self.materialize()
+        buf = self._buffers(table, EkkoError)
+        t = buf.table
+        w = weights.detach().cpu().numpy() if is_torch(weights) else np.asarray(weights)
+        if w.dtype.kind != "f" or w.shape != (t.rows, t.dim):
+            raise EkkoError(f"table {table}: weights must be floats of shape ({t.rows}, {t.dim}), "
+                            f"got {w.dtype} {w.shape}")
+        w32 = np.ascontiguousarray(w, np.float32)
+        if not np.isfinite(w32).all():
+            raise EkkoError(f"table {table}: weights hold a non-finite value")
+        buf.master[...] = _as_dtype(w32, t.dtype)
+        spec = self.update_specs[table]
+        serving = _serving_copy(t, spec, self.update_kernels.get(table), buf.master, w32,
+                                buf.state, buf.versions)
+        if serving is not None:
+            buf.serving[...] = serving
+
     def update(self, table: str, ids, grads, *, step: int | None = None,
                version: int | None = None, seed: int = 0) -> None:
         """Apply one delta to `table` in place (step counts from 1 per table); `ids`
@@ -243,17 +266,23 @@ def init_table(t: Table, spec: UpdateSpec, rng: np.random.Generator,
     states = [np.zeros(spec.entry.state_shape(name, t.rows, t.dim), np.float32)
               for name in spec.state_shapes]
     state: Any = None if not states else states[0] if len(states) == 1 else tuple(states)
-    serving = None
     versions = np.zeros(t.rows, np.int64)
-    rule = t.update
-    if spec.serving is not None:
-        if kernel is not None and rule.optimizer.entry.idle_at_zero and not rule.weight_decay:
-            serving = _serving_by_kernel(kernel, spec, master, state, versions)
-        else:  # weight decay would move the master even with zero gradients
-            serving = quantize_rows(master32, spec.serving)
-        assert serving.shape[0] == t.rows
-        assert serving.shape[1] == catalog.layout(spec.serving).width(t.dim)
+    serving = _serving_copy(t, spec, kernel, master, master32, state, versions)
     return TableBuffers(t, master, state, serving, versions)
+
+
+def _serving_copy(t: Table, spec: UpdateSpec, kernel: UpdateKernel | None, master: np.ndarray,
+                  master32: np.ndarray, state: Any, versions: np.ndarray) -> np.ndarray | None:
+    """The serving rows of `master` (None without a serving layout)."""
+    if spec.serving is None:
+        return None
+    rule = t.update
+    if kernel is not None and rule.optimizer.entry.idle_at_zero and not rule.weight_decay:
+        serving = _serving_by_kernel(kernel, spec, master, state, versions)
+    else:  # weight decay would move the master even with zero gradients
+        serving = quantize_rows(master32, spec.serving)
+    assert serving.shape == (t.rows, catalog.layout(spec.serving).width(t.dim))
+    return serving
 
 
 INIT_CHUNK = 1 << 16  # rows per zero-gradient call

@@ -263,3 +263,34 @@ def test_the_main_jobs_online_loop_runs_and_reports(tmp_path) -> None:
     bad = subprocess.run([sys.executable, "examples/online_clicks.py", "--seconds", "-1"],
                          cwd=root, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "must be positive" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_guides_example_runs_its_own_checks() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "examples/torch_recommender.py"], cwd=root,
+                         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "max |diff| 0.00e+00" in res.stdout and "predict exactly" in res.stdout
+
+
+def test_load_table_starts_from_trained_rows_and_refuses_bad_ones(tmp_path) -> None:
+    path = tmp_path / "m.ekko"
+    path.write_text("model m { table a { rows 10; dim 4; serving int8; optimizer sgd(lr=0.1); }"
+                    " feature fa -> a pooling sum; }")
+    model = ekko.compile_model(path)
+    w = torch.randn(10, 4)
+    model.load_table("a", w)
+    buf = model.tables["a"]
+    assert np.array_equal(buf.master, w.numpy()) and not buf.versions.any()
+    assert np.array_equal(buf.serving, ekko.quantize_rows(w.numpy(), "int8"))
+    for bad, message in ((torch.randn(9, 4), "shape"), (np.ones((10, 4), np.int32), "floats"),
+                         (np.full((10, 4), np.nan, np.float32), "non-finite")):
+        with pytest.raises(EkkoError, match=message):
+            model.load_table("a", bad)
+    with pytest.raises(EkkoError, match="no table"):
+        model.load_table("nope", w)
+    assert np.array_equal(buf.master, w.numpy())  # nothing of the refused loads written
