@@ -117,7 +117,7 @@ def generate(n_ops: int) -> tuple[str, int]:
     i = 0
     while count < n_ops:
         if i % 50 == 0:  # table and feature declarations, as a model has them
-            lines.append(f"  emb.table @master_{i} : !emb.table<1000x64xf32> {{serving = \"int8\"}}")
+            lines.append(f"  emb.table @master_{i} : !emb.table<1000x64xf32> {{serving = #emb.layout<int8>}}")
             lines.append(f"  emb.feature @feature_{i} reads @master_{i} pooling sum")
             count += 2
         fn, k = _function(i)

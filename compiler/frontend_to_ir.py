@@ -29,7 +29,7 @@ from xdsl.dialects.builtin import (
 from xdsl.ir import Attribute, Block, Region
 
 from ..dialects import emb
-from ..dialects.common import float_attr
+from ..dialects.common import LayoutAttr, float_attr
 from .frontend.model import Feature, Model, Table
 from .pipeline import UpdateRequest, build_update_function
 
@@ -84,7 +84,7 @@ def serving_layout(table: Table) -> str:
 def table_decl(table: Table, symbol: str | None = None) -> emb.TableOp:
     """`emb.table @symbol` (default: the table's name): the table's type, its serving
     layout and its update rule's settings."""
-    attrs: dict[str, Attribute] = {"serving": StringAttr(table.serving)}
+    attrs: dict[str, Attribute] = {"serving": LayoutAttr(table.serving)}
     for name, value in table.update.settings().items():
         attrs[name] = (StringAttr(value) if isinstance(value, str) else
                        UnitAttr() if value is True else float_attr(value))

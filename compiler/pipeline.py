@@ -17,7 +17,7 @@ from xdsl.ir import Attribute, Block, Region, SSAValue
 from xdsl.passes import ModulePass, PassPipeline
 
 from ..dialects import catalog, emb, upd
-from ..dialects.common import float_attr
+from ..dialects.common import LayoutAttr, float_attr
 from .backend.spec import BagSpec, UpdateSpec
 from .backend.targets import kernel_specs
 from .frontend.model import ModelInvalid, UpdateRule
@@ -250,7 +250,7 @@ def sync_module(kind: str, dim: int, layout: str, index_dtype: str = "i64", seq:
     if kind == "pack":
         results = list(b.add(sync.PackOp, a, attrs, ("packet",)).results)
     else:
-        shape = {"layout": StringAttr(layout), "dim": IntegerAttr(dim, i64)}
+        shape = {"layout": LayoutAttr(layout), "dim": IntegerAttr(dim, i64)}
         packet = b.add(sync.PacketOp, a[2:5], shape, ("packet",)).results[0]
         results = list(b.add(sync.MergeOp, [a[0], a[1], packet, a[5]], attrs,
                              ("new_serving", "new_versions")).results)

@@ -265,6 +265,13 @@ class Layouts(Registry[Layout]):
     def names(self) -> tuple[str, ...]:
         return tuple(self)
 
+    def problem(self, name: object) -> str | None:
+        """Why `name` is not a layout registered now, or None: the one message of
+        the IR's layout attribute and the runtime's checks."""
+        if isinstance(name, str) and name in self._entries:
+            return None
+        return f"unknown layout {name!r}; expected one of {', '.join(self)}"
+
     def masters(self) -> tuple[str, ...]:
         return tuple(n for n, entry in self.items() if entry.master)
 
@@ -295,8 +302,8 @@ def pooling_problem(mode: str, weighted: bool) -> str | None:
 
 
 def layout(name: str) -> Layout:
-    if name not in LAYOUTS:
-        raise ValueError(f"unknown layout {name!r}; expected one of {', '.join(LAYOUTS)}")
+    if (why := LAYOUTS.problem(name)) is not None:
+        raise ValueError(why)
     return LAYOUTS[name]
 
 

@@ -26,10 +26,10 @@ from xdsl.dialects.builtin import (
     f64,
     i32,
 )
-from xdsl.ir import Attribute, SSAValue
-from xdsl.irdl import BaseAttr, IRDLOperation, opt_prop_def, prop_def
+from xdsl.ir import Attribute, Data, SSAValue
+from xdsl.irdl import BaseAttr, IRDLOperation, irdl_attr_definition, opt_prop_def, prop_def
 from xdsl.irdl.constraints import VerificationContext
-from xdsl.parser import Parser
+from xdsl.parser import AttrParser, Parser
 from xdsl.printer import Printer
 from xdsl.utils.exceptions import VerifyException
 
@@ -40,13 +40,57 @@ FLOAT_DTYPES = {"f32": Float32Type(), "f16": Float16Type(), "bf16": BFloat16Type
 i8 = IntegerType(8)
 
 
-def is_layout(name: object) -> bool:
-    """`name` is a layout of the catalog's registry (read at the time of the check)."""
-    return isinstance(name, str) and name in catalog.LAYOUTS
+@irdl_attr_definition
+class LayoutAttr(Data[str]):
+    """A serving layout: a name of `catalog.LAYOUTS`, written `#emb.layout<int8>`
+    (inside `!emb.table` and `!sync.packet` the bare name, `10x4xint8`).
+
+    An enum attribute over a registry, not a closed StrEnum: the names are the
+    registry's at the time of the check, so a layout a user registers is one
+    every op and type accepts. Built (in Python or by the parser) only for a
+    registered name; `entry` is its catalog entry."""
+
+    name = "emb.layout"
+
+    def __init__(self, layout: str) -> None:
+        super().__init__(layout)
+
+    @property
+    def entry(self) -> catalog.Layout:
+        return catalog.LAYOUTS[self.data]
+
+    def verify(self) -> None:
+        if (why := catalog.LAYOUTS.problem(self.data)) is not None:
+            raise VerifyException(why)
+
+    @classmethod
+    def parse_parameter(cls, parser: AttrParser) -> str:
+        with parser.in_angle_brackets():
+            return cls.parse_name(parser)
+
+    def print_parameter(self, printer: Printer) -> None:
+        printer.print_string(f"<{self.data}>")
+
+    @classmethod
+    def parse_name(cls, parser: AttrParser) -> str:
+        """A bare layout name (`int8`); an unknown one is an error where it is written."""
+        pos = parser.pos
+        name = parser.parse_optional_identifier()
+        if name is None:
+            parser.raise_error(f"expected a layout name ({', '.join(catalog.LAYOUTS)})", pos)
+        if (why := catalog.LAYOUTS.problem(name)) is not None:
+            parser.raise_error(why, pos, parser.pos)
+        return name
+
+    @classmethod
+    def parse_bare(cls, parser: AttrParser) -> LayoutAttr:
+        return cls(cls.parse_name(parser))
 
 
-def layout_list() -> str:
-    return ", ".join(catalog.LAYOUTS)
+def layout_setting(flat: dict[str, Attribute], name: str) -> LayoutAttr | None:
+    """The layout attribute `name` of an op's flat settings, if it is one."""
+    attr = flat.get(name)
+    return attr if isinstance(attr, LayoutAttr) else None
 
 
 def storage_type(layout: str) -> Attribute:
@@ -93,15 +137,6 @@ def get_float(op: IRDLOperation, name: str, default: float | None = None) -> flo
     if not isinstance(attr, FloatAttr):
         raise VerifyException(f"'{op.name}' {name} must be a number, got {attr}")
     return float(attr.value.data)
-
-
-def get_string(op: IRDLOperation, name: str, default: str | None = None) -> str | None:
-    attr = settings(op).get(name)
-    if attr is None:
-        return default
-    if not isinstance(attr, StringAttr):
-        raise VerifyException(f"'{op.name}' attribute '{name}' must be a string")
-    return attr.data
 
 
 class InferredResultsOp(IRDLOperation):
@@ -185,7 +220,7 @@ def flag(flat: dict[str, Attribute], name: str, operands: Sequence[str]) -> bool
 
 SEGMENTS = ("operandSegmentSizes", "resultSegmentSizes")
 _KINDS = {FloatAttr: "a float", StringAttr: "a string", UnitAttr: "a unit flag",
-          DictionaryAttr: "a dictionary"}
+          DictionaryAttr: "a dictionary", LayoutAttr: "a layout, #emb.layout<NAME>"}
 
 
 @dataclass(frozen=True)

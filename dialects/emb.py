@@ -1,16 +1,21 @@
 """The `emb` dialect: embedding tables, optimizer state and serving lookups.
 
 Types
-  !emb.table<ROWSxDIMxLAYOUT>  a table; LAYOUT is f32, f16, bf16 (master or
-                               serving copies) or int8 / int4 (row-wise
-                               quantized serving copies with per-row scale
-                               and bias, FBGEMM's fused layouts)
+  !emb.table<ROWSxDIMxLAYOUT>  a table; LAYOUT a layout of the catalog's
+                               registry: f32, f16, bf16 (master or serving
+                               copies) or int8 / int4 / fp8 (row-wise
+                               quantized serving copies)
   !emb.state<ROWSxWIDTH>       f32 optimizer state: WIDTH = the table's dim
                                (Adagrad, Adam moments) or 1 (rowwise Adagrad)
   !emb.versions<ROWS>          per-row i64 version stamps
 
+Attributes
+  #emb.layout<NAME>            a serving layout (`LayoutAttr`, in common.py so
+                               that kern and sync use it too)
+
 Ops
-  emb.table @name : T {..}     a table declaration of a model (metadata)
+  emb.table @name : T {serving = #emb.layout<int8>}
+                               a table declaration of a model (metadata)
   emb.feature @f reads @t {pooling = "sum"}   a sparse feature reading a table
   emb.lookup %t, %ids          rows of ids, as f32 (dequantized)
   emb.bag %t, %ids, %offsets [, %weights] {mode = "sum"|"mean"}
@@ -43,6 +48,7 @@ from xdsl.irdl import (
     param_def,
     result_def,
     attr_def,
+    opt_attr_def,
     traits_def,
 )
 from xdsl.parser import AttrParser, Parser
@@ -52,27 +58,9 @@ from xdsl.utils.exceptions import VerifyException
 
 from . import catalog
 from .limits import MAX_DIM, MAX_ROWS
-from .common import (
-    SettingsOp,
-    get_string,
-    index_name,
-    is_layout,
-    layout_list,
-    setting,
-)
+from .common import LayoutAttr, Setting, SettingsOp, index_name, setting
 
 POOLING = ("sum", "mean", "none")
-
-
-def _parse_layout(parser: AttrParser) -> str:
-    """A layout keyword after the shape's trailing `x` (f32, bf16, int8, ...)."""
-    pos = parser.pos
-    name = parser.parse_optional_identifier()
-    if name is None or not is_layout(name):
-        parser.raise_error(
-            f"expected a table layout ({layout_list()})", pos, parser.pos
-        )
-    return name
 
 
 def _parse_shape(parser: AttrParser, count: int, what: str) -> list[int]:
@@ -110,22 +98,20 @@ class TableType(ParametrizedAttribute, TypeAttribute):
     name = "emb.table"
     rows: IntAttr = param_def(IntAttr)
     dim: IntAttr = param_def(IntAttr)
-    layout: StringAttr = param_def(StringAttr)
+    layout: LayoutAttr = param_def(LayoutAttr)
 
-    def __init__(self, rows: int, dim: int, layout: str = "f32"):
-        super().__init__(IntAttr(rows), IntAttr(dim), StringAttr(layout))
+    def __init__(self, rows: int, dim: int, layout: str | LayoutAttr = "f32"):
+        super().__init__(IntAttr(rows), IntAttr(dim), LayoutAttr.get(layout))
 
     @property
     def quantized(self) -> bool:
-        return catalog.layout(self.layout.data).quantized
+        return self.layout.entry.quantized
 
     def verify(self) -> None:
         _check_rows(self.rows.data, "!emb.table")
         if self.dim.data < 1:
             raise VerifyException("!emb.table needs at least one column")
         _check_dim(self.dim.data, "!emb.table")
-        if not is_layout(self.layout.data):
-            raise VerifyException(f"unknown table layout '{self.layout.data}'")
 
     def print_parameters(self, printer: Printer) -> None:
         printer.print_string(f"<{_dim(self.rows.data)}x{self.dim.data}x{self.layout.data}>")
@@ -135,8 +121,8 @@ class TableType(ParametrizedAttribute, TypeAttribute):
         with parser.in_angle_brackets():
             rows, dim = _parse_shape(parser, 2, "!emb.table")
             parser.parse_shape_delimiter()
-            layout = _parse_layout(parser)
-        return (IntAttr(rows), IntAttr(dim), StringAttr(layout))
+            layout = LayoutAttr.parse_bare(parser)
+        return (IntAttr(rows), IntAttr(dim), layout)
 
 
 @irdl_attr_definition
@@ -238,6 +224,7 @@ class TableOp(IRDLOperation):
     name = "emb.table"
     sym_name = attr_def(StringAttr)
     table_type = attr_def(TableType, attr_name="type")
+    serving = opt_attr_def(Setting(LayoutAttr, "serving"))
     traits = traits_def(SymbolOpInterface())
 
     def __init__(self, name: str, ty: TableType, attributes: dict[str, Attribute] | None = None):
@@ -251,9 +238,6 @@ class TableOp(IRDLOperation):
                 f"table @{self.sym_name.data} is quantized ({self.table_type.layout.data}): "
                 "a master table must be f32, f16 or bf16; quantize its serving copy instead"
             )
-        serving = get_string(self, "serving")
-        if serving is not None and not is_layout(serving):
-            raise VerifyException(f"unknown serving layout '{serving}'")
 
     def print(self, printer: Printer) -> None:
         printer.print_string(f" @{self.sym_name.data} : ")
@@ -394,5 +378,5 @@ class BagOp(SettingsOp):
 Emb = Dialect(
     "emb",
     [TableOp, FeatureOp, LookupOp, BagOp],
-    [TableType, StateType, VersionsType],
+    [TableType, StateType, VersionsType, LayoutAttr],
 )

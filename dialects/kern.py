@@ -12,7 +12,7 @@ emitters read one op and never rediscover structure.
       ... arith / math ops, kern.row_sum ...
       kern.yield %new_w, %new_state... : f32, ...
   })
-  kern.bag %table, %ids [, %offsets] [, %weights], %out {mode = "sum", layout = "int8"}
+  kern.bag %table, %ids [, %offsets] [, %weights], %out {layout = #emb.layout<int8>, mode = "sum"}
 
 The region of `kern.update` is the per-row math: gradient transforms and the
 optimizer, traced from the catalog (`ekko.dialects.catalog`) by
@@ -52,8 +52,8 @@ from xdsl.utils.exceptions import VerifyException
 from . import catalog
 from .catalog import math_args, math_region
 from .mathregion import MATH_OPS, RowSumOp, YieldOp
-from .common import (FLOAT_DTYPES, SettingsOp, dtype_name, flag, index_name, is_layout,
-                     layout_list, setting, storage_type)
+from .common import (FLOAT_DTYPES, LayoutAttr, SettingsOp, dtype_name, flag, index_name,
+                     layout_setting, setting, storage_type)
 from .emb import StateType, TableType, VersionsType
 from .limits import MAX_DIM, MAX_PARTITIONS, limit_error
 from .upd import APPLY_FLAGS, APPLY_INTS, APPLY_UNITS, FusedUpdateOp, apply_roles
@@ -63,9 +63,7 @@ i64 = IntegerType(64)
 
 def table_buffer(t: TableType) -> MemRefType:
     """The memref holding a table: floats as rows x dim, quantized layouts as bytes."""
-    layout = t.layout.data
-    return MemRefType(storage_type(layout),
-                      [t.rows.data, catalog.layout(layout).width(t.dim.data)])
+    return MemRefType(storage_type(t.layout.data), [t.rows.data, t.layout.entry.width(t.dim.data)])
 
 
 def state_buffer(t: StateType) -> MemRefType:
@@ -139,7 +137,7 @@ class UpdateOp(FusedUpdateOp):
     version = opt_operand_def(i64)
     step = opt_operand_def(i64)
     seed = opt_operand_def(i64)
-    serving_layout = setting(StringAttr, "serving_layout")
+    serving_layout = setting(LayoutAttr, "serving_layout")
     math = opt_region_def("single_block")
     irdl_options = (AttrSizedOperandSegments(as_property=True),)
 
@@ -193,14 +191,15 @@ class UpdateOp(FusedUpdateOp):
         if grads.get_shape()[1] != dim or dtype_name(grads.element_type) != "f32":
             raise VerifyException(f"the grads buffer must be memref<?x{dim}xf32>")
         if "serving" in by:
-            layout = get_string_attr(attributes, "serving_layout")
-            if not is_layout(layout):
-                raise VerifyException("'kern.update' with a serving copy needs serving_layout")
+            layout = layout_setting(attributes, "serving_layout")
+            if layout is None:
+                raise VerifyException("'kern.update' with a serving copy needs "
+                                      "serving_layout = #emb.layout<NAME>")
             serving = _memref(by["serving"], 2, "the serving buffer")
-            width = catalog.layout(layout).width(dim)
+            width = layout.entry.width(dim)
             if serving.get_shape() != (rows, width):
                 raise VerifyException(
-                    f"the {layout} serving buffer must be {rows}x{width}, got {serving}"
+                    f"the {layout.data} serving buffer must be {rows}x{width}, got {serving}"
                 )
         for scalar in ("version", "step", "seed"):
             if scalar in by and by[scalar] != i64:
@@ -279,7 +278,7 @@ class BagOp(KernelOp):
     offsets = opt_operand_def(MemRefType)
     weights = opt_operand_def(MemRefType)
     out = operand_def(MemRefType)
-    layout = setting(StringAttr, "layout")  # required; optional so `check` names it
+    layout = setting(LayoutAttr, "layout")  # required; optional so `check` names it
     mode = setting(StringAttr, "mode")
     partitions = setting(IntegerAttr, "partitions")
     FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {"weighted": ("weights",)}
@@ -303,9 +302,9 @@ class BagOp(KernelOp):
         roles = cls.roles(attributes)
         if len(roles) != len(types):
             raise VerifyException(f"'kern.bag' operands must be ({', '.join(roles)})")
-        layout = get_string_attr(attributes, "layout")
-        if not is_layout(layout):
-            raise VerifyException("'kern.bag' needs layout = one of " + layout_list())
+        layout = layout_setting(attributes, "layout")
+        if layout is None:
+            raise VerifyException("'kern.bag' needs layout = #emb.layout<NAME>")
         parts = attributes.get("partitions")
         if isinstance(parts, IntegerAttr) and not 1 <= parts.value.data <= MAX_PARTITIONS:
             raise VerifyException(
@@ -320,14 +319,14 @@ class BagOp(KernelOp):
             raise VerifyException(f"the output buffer must hold f32, got {out}")
         check_dim(cls.name, dim, f"the output buffer {out}")
         table = _memref(by["table"], 2, "the table buffer")
-        width = catalog.layout(layout).width(dim)
+        width = layout.entry.width(dim)
         if table.get_shape()[1] != width:
             raise VerifyException(
-                f"a {layout} table of dim {dim} must have rows of {width}, got {table}"
+                f"a {layout.data} table of dim {dim} must have rows of {width}, got {table}"
             )
-        elem = storage_type(layout)
+        elem = storage_type(layout.data)
         if table.element_type != elem:
-            raise VerifyException(f"a {layout} table buffer must hold {elem}, got {table}")
+            raise VerifyException(f"a {layout.data} table buffer must hold {elem}, got {table}")
         ids = _memref(by["ids"], 1, "the ids buffer")
         if index_name(ids.element_type) is None:
             raise VerifyException("the ids buffer must hold i32 or i64")
@@ -351,7 +350,7 @@ class SyncKernelOp(KernelOp):
     FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {"seq": ("seq",)}
     ORDER: ClassVar[tuple[str, ...]] = ("layout", "dim", "seq", "partitions")
 
-    layout = setting(StringAttr, "layout")
+    layout = setting(LayoutAttr, "layout")
     dim = setting(IntegerAttr, "dim")
     partitions = setting(IntegerAttr, "partitions")
 
@@ -370,19 +369,19 @@ class SyncKernelOp(KernelOp):
         roles = cls.roles(attributes)
         if len(roles) != len(types):
             raise VerifyException(f"'{cls.name}' operands must be ({', '.join(roles)})")
-        layout = get_string_attr(attributes, "layout")
+        layout = layout_setting(attributes, "layout")
         dim = attributes.get("dim")
-        if not is_layout(layout) or not isinstance(dim, IntegerAttr) or dim.value.data < 1:
-            raise VerifyException(f"'{cls.name}' needs layout = one of {layout_list()} and dim")
+        if layout is None or not isinstance(dim, IntegerAttr) or dim.value.data < 1:
+            raise VerifyException(f"'{cls.name}' needs layout = #emb.layout<NAME> and dim")
         by = dict(zip(roles, types))
         dim_n = dim.value.data
         check_dim(cls.name, dim_n, "the rows")
-        width = catalog.layout(layout).width(dim_n)
-        elem = storage_type(layout)
+        width = layout.entry.width(dim_n)
+        elem = storage_type(layout.data)
         serving = _memref(by["serving"], 2, "the serving buffer")
         rows = serving.get_shape()[0]
         if serving.get_shape()[1] != width or serving.element_type != elem:
-            raise VerifyException(f"the {layout} serving buffer must be {rows}x{width}x{elem}, got {serving}")
+            raise VerifyException(f"the {layout.data} serving buffer must be {rows}x{width}x{elem}, got {serving}")
         if _memref(by["versions"], 1, "the versions buffer") != MemRefType(i64, [rows]):
             raise VerifyException(f"the versions buffer must be memref<{rows}xi64>")
         if "seq" in by and by["seq"] != MemRefType(IntegerType(32), [rows]):

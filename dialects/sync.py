@@ -7,9 +7,10 @@ repeated or reordered packet can never corrupt a replica.
 
 Types
   !sync.packet<DIMxLAYOUT, INDEX>  ids (INDEX), rows in LAYOUT (a layout of
-                                   the catalog) and i64 versions
+                                   the catalog, the bare name) and i64 versions
 Ops
-  sync.packet %ids, %rows, %versions [{layout, dim}]  a packet from tensors
+  sync.packet %ids, %rows, %versions [{layout = #emb.layout<int4>, dim}]
+                                   a packet from tensors
   sync.pack %serving, %versions, %ids [{seq}]          the rows of `ids`
   sync.merge %serving, %versions, %packet, %newest [{seq}]
                                    newest wins per row; `newest` is the
@@ -47,7 +48,7 @@ from xdsl.traits import Pure
 from xdsl.utils.exceptions import VerifyException
 
 from . import catalog
-from .common import (SettingsOp, dtype_name, is_layout, layout_list, setting,
+from .common import (LayoutAttr, SettingsOp, dtype_name, layout_setting, setting,
                      storage_type, verify_inferred)
 from .emb import TableType, VersionsType, check_ids, expect_table
 from .upd import expect_i64
@@ -56,9 +57,10 @@ i8 = IntegerType(8)
 i64 = IntegerType(64)
 
 
-def packet_rows_type(layout: str, dim: int) -> TensorType:
+def packet_rows_type(layout: str | LayoutAttr, dim: int) -> TensorType:
     """tensor<?xDIMxT> for float layouts, tensor<?xBYTESxi8> for quantized ones."""
-    return TensorType(storage_type(layout), [DYNAMIC_INDEX, catalog.layout(layout).width(dim)])
+    layout = LayoutAttr.get(layout)
+    return TensorType(storage_type(layout.data), [DYNAMIC_INDEX, layout.entry.width(dim)])
 
 
 @irdl_attr_definition
@@ -67,17 +69,15 @@ class PacketType(ParametrizedAttribute, TypeAttribute):
 
     name = "sync.packet"
     dim: IntAttr = param_def(IntAttr)
-    layout: StringAttr = param_def(StringAttr)
+    layout: LayoutAttr = param_def(LayoutAttr)
     index: StringAttr = param_def(StringAttr)
 
-    def __init__(self, dim: int, layout: str, index: str = "i64"):
-        super().__init__(IntAttr(dim), StringAttr(layout), StringAttr(index))
+    def __init__(self, dim: int, layout: str | LayoutAttr, index: str = "i64"):
+        super().__init__(IntAttr(dim), LayoutAttr.get(layout), StringAttr(index))
 
     def verify(self) -> None:
         if self.dim.data < 1:
             raise VerifyException("!sync.packet needs rows of at least one value")
-        if not is_layout(self.layout.data):
-            raise VerifyException(f"unknown packet layout '{self.layout.data}'")
         if self.index.data not in ("i32", "i64"):
             raise VerifyException("!sync.packet ids must be i32 or i64")
 
@@ -92,16 +92,13 @@ class PacketType(ParametrizedAttribute, TypeAttribute):
             if len(dims) != 1 or dims[0] < 1:
                 parser.raise_error("expected the packet's row size, e.g. 64xint8", pos, parser.pos)
             parser.parse_shape_delimiter()
-            pos = parser.pos
-            layout = parser.parse_optional_identifier()
-            if not is_layout(layout):
-                parser.raise_error(f"expected a layout ({layout_list()})", pos, parser.pos)
+            layout = LayoutAttr.parse_bare(parser)
             parser.parse_punctuation(",")
             pos = parser.pos
             index = parser.parse_identifier()
             if index not in ("i32", "i64"):
                 parser.raise_error("packet ids must be i32 or i64", pos, parser.pos)
-        return (IntAttr(dims[0]), StringAttr(layout), StringAttr(index))
+        return (IntAttr(dims[0]), layout, StringAttr(index))
 
 
 def expect_packet(t: Attribute, what: str) -> PacketType:
@@ -144,22 +141,24 @@ def _layout_of_rows(rows: Attribute, attributes: dict[str, Attribute]) -> tuple[
         raise VerifyException("a packet's rows must be a 2-d tensor with a static width")
     width = rows.get_shape()[1]
     elem = rows.element_type
-    layout_attr = attributes.get("layout")
-    layout = layout_attr.data if isinstance(layout_attr, StringAttr) else None
+    given = layout_setting(attributes, "layout")
+    if given is None and "layout" in attributes:
+        raise VerifyException(f"'sync.packet' layout must be #emb.layout<NAME>, "
+                              f"got {attributes['layout']}")
     fmt = dtype_name(elem)
     if fmt is not None:
-        if layout is None:  # the layout that stores this float as it is
-            layout = next(n for n, e in catalog.LAYOUTS.items()
-                          if not e.quantized and e.storage.name == fmt)
-        elif not is_layout(layout) or storage_type(layout) != elem:
-            raise VerifyException(f"{elem} rows cannot hold the {layout} layout")
-        return layout, width
+        if given is None:  # the layout that stores this float as it is
+            return next(n for n, e in catalog.LAYOUTS.items()
+                        if not e.quantized and e.storage.name == fmt), width
+        if storage_type(given.data) != elem:
+            raise VerifyException(f"{elem} rows cannot hold the {given.data} layout")
+        return given.data, width
     quantized = [n for n, e in catalog.LAYOUTS.items() if e.quantized]
-    if elem != i8 or not is_layout(layout) or layout not in quantized:
+    if elem != i8 or given is None or not given.entry.quantized:
         raise VerifyException(
             "a packet's rows must be f32, f16 or bf16, or i8 bytes with layout "
             + _either(quantized))
-    entry = catalog.layout(layout)
+    layout, entry = given.data, given.entry
     dim_attr = attributes.get("dim")
     if isinstance(dim_attr, IntegerAttr):
         dim = dim_attr.value.data
@@ -183,7 +182,7 @@ class PacketOp(SyncOp):
     rows = operand_def(TensorType)
     versions = operand_def(TensorType)
     packet = result_def(PacketType)
-    layout = setting(StringAttr, "layout")
+    layout = setting(LayoutAttr, "layout")
     dim = setting(IntegerAttr, "dim")
     traits = traits_def(Pure())
 
@@ -223,7 +222,7 @@ class PackOp(SyncOp):
         serving = expect_table(operand_types[0], "'sync.pack' serving copy")
         _expect_versions(operand_types[1], serving, cls.name)
         index = check_ids(operand_types[2], "'sync.pack' ids")
-        return [PacketType(serving.dim.data, serving.layout.data, index)]
+        return [PacketType(serving.dim.data, serving.layout, index)]
 
 
 @irdl_op_definition

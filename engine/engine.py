@@ -34,12 +34,14 @@ import numpy as np
 
 from ..kernels.errors import EkkoError
 from ..kernels.model import CompiledModel, compile_model
-from .dense import DenseSnapshot, take_snapshot
+from .dense import DenseSnapshot, dense_input, take_snapshot
 from .inputs import check_delta
 from .ports import Stepped, Transport, Unavailable
 from .primary import Commit
+from .quality import Probe, Quality
 from .replica import ReplicaDiverged
 from .scheduler import Link, SchedulerConfig
+from .sparse import check_bags
 from .state import HealthConfig, Rollback, check_health_config
 from .stats import Histogram, latency_summary
 
@@ -87,7 +89,15 @@ class Engine:
         # version 1: the module as given, installed in each replica as it is built (so
         # replicas predict from the first moment) and sent on the links like any other
         self.dense_initial = None if self.dense is None else take_snapshot(self.dense, 1)
+        self._dense_recent: dict[int, DenseSnapshot] = {}  # the newest few, by version
         self.health = check_health_config(health)
+        quality = self.health.quality
+        if quality is not None and self.dense is None:
+            raise EkkoError("quality checks judge predictions: they need a dense module (dense=)")
+        self.probe = None if quality is None else Probe(quality.probe_events)
+        self.quality_marks: dict[int, Quality] = {}  # per replica, at the last healthy mark
+        self.quality_last: dict[int, dict] = {}  # per replica, what the last check measured
+        self._dense_mark = self.dense_initial  # the snapshot a failed check goes back to
         self.tables = {t.name: t for t in model.model.tables}
         # commit and announce happen under one lock per table, so links hear a
         # table's versions in order (a watermark never passes an unannounced one)
@@ -225,6 +235,9 @@ class Engine:
         The caller holds the dense lock."""
         blob = snap.to_bytes()
         self.dense_version = snap.version
+        self._dense_recent[snap.version] = snap
+        for old in sorted(self._dense_recent)[:-_DENSE_KEPT]:
+            del self._dense_recent[old]
         self._dense_steps, self._dense_at = 0, time.monotonic()
         for link in self.transport.shard_links[0]:
             link.enqueue_dense(snap.version, blob)
@@ -296,24 +309,126 @@ class Engine:
         Every replica must hold the primary's values (or an older version
         still on its way), finite, in the rows changed since the last healthy
         mark, and the `score` hook must pass (on Ray each replica process
-        checks itself and runs the hook there). A failed check rolls every
-        table back and the replicas settle their divergent rows again; a
-        passing one marks every table healthy. A replica that does not answer
-        is skipped (stats()["check_skipped"]): it catches up when it is back.
+        checks itself and runs the hook there). With `HealthConfig.quality`,
+        each replica's predictions on the probe (`observe`) must not be worse
+        than at the last healthy mark (engine/quality.py). A failed check
+        rolls every table back, and the dense module to the snapshot of the
+        mark; the replicas settle their divergent rows again. A passing one
+        marks every table healthy. A replica that does not answer is skipped
+        (stats()["check_skipped"]): it catches up when it is back.
         """
         self._alive()
         with self._check_lock:
             self.checks += 1
             reason = self._replica_problem(self.transport.primary_port.changed())
+            quality = None
+            if reason is None and self.probe is not None:
+                reason, quality = self._quality_problem()
             if reason is None:
                 self.transport.primary_port.mark_healthy()
+                self._mark_dense(quality)
                 return True
             self.failed_checks += 1
             for table in self.tables:
                 self._rollback(table, reason)
+            self._rollback_dense(reason)
             for _ in self._each_replica(lambda r: r.settle_divergent()):
                 pass
+            if self.probe is not None:
+                self._remeasure()
             return False
+
+    # -- quality (engine/quality.py) --------------------------------------------------------
+    def observe(self, sparse: Any, x: Any, y: Any) -> None:
+        """Labeled serving events (what users did with the predictions) for the quality
+        checks' probe: the newest `QualityConfig.probe_events` are kept."""
+        if self.probe is None:
+            raise EkkoError("observe() feeds the quality checks: Engine(..., "
+                            "health=HealthConfig(quality=QualityConfig()))")
+        bags = {b.feature: b.as_tuple() for b in check_bags(self.model, sparse)}
+        x = dense_input(x)
+        labels = np.asarray(y.detach().cpu().numpy() if hasattr(y, "detach") else y,
+                            np.float64).reshape(-1)
+        if not np.isfinite(labels).all() or ((labels != 0) & (labels != 1)).any():
+            raise EkkoError("observe(): labels must be 0 or 1")
+        if x is not None and len(x) != len(labels):
+            raise EkkoError(f"observe(): {len(labels)} labels for {len(x)} rows of x")
+        self.probe.add(bags, x, labels)
+
+    def _remeasure(self) -> None:
+        """After a rollback: the mark's quality on today's probe is the new bar (the
+        world moved since the mark; judged by the old figure, the restored model would
+        fail every check, and each failure would undo the trainer's recovery again).
+        Measured once the replicas hold the restored state; if they cannot be waited
+        for, the old marks stay."""
+        try:
+            self.flush(timeout=self.transport.wait_s or _REMEASURE_WAIT_S)
+        except EkkoError:
+            return
+        _, now = self._quality_problem(judge=False)
+        self.quality_marks.update(now)
+
+    def _quality_problem(self, judge: bool = True) -> tuple[str | None, dict[int, Quality]]:
+        """(the first replica whose predictions on the probe are harmed, each replica's
+        quality now); a replica that cannot predict (non-finite output) is harmed."""
+        config = self.health.quality
+        batches = self.probe.batches()
+        y = np.concatenate([b[2] for b in batches]) if batches else np.zeros(0)
+        if len(y) < config.min_events:
+            return None, {}
+        now: dict[int, Quality] = {}
+        for r in self.transport.replica_ports:
+            if not r.available():
+                continue
+            try:
+                out = [np.asarray(r.predict(bags, x), np.float64).reshape(-1)
+                       for bags, x, _ in batches]
+                q = Quality.of(config.probability(np.concatenate(out)), y)
+            except Unavailable:
+                r.mark_down()
+                continue
+            except EkkoError as e:
+                return f"replica {r.index}: its predictions failed ({e})", now
+            now[r.index] = q
+            self.quality_last[r.index] = q.as_dict()
+            mark = self.quality_marks.get(r.index)
+            why = None if mark is None or not judge else config.harm(mark, q)
+            if why is not None:
+                return f"replica {r.index}: {why}", now
+        return None, now
+
+    def _mark_dense(self, quality: dict[int, Quality] | None) -> None:
+        """A passing check: its quality is the new mark, and so is the oldest dense
+        snapshot a replica holds (every replica ran it or a newer one)."""
+        if quality:
+            self.quality_marks.update(quality)
+        if self.dense is None:
+            return
+        held = [v for v in (r.held_dense() for r in self.transport.replica_ports
+                            if r.available()) if v >= 0]
+        version = min(held, default=self._dense_mark.version if self._dense_mark else 0)
+        snap = self._dense_recent.get(version)
+        if snap is not None:
+            self._dense_mark = snap
+
+    def _rollback_dense(self, reason: str) -> None:
+        """Put the trainer's dense module back to the mark's weights and publish them as
+        a new version (the torch optimizer's own state is the trainer's to reset)."""
+        mark = self._dense_mark
+        if self.dense is None or mark is None or _same_state(mark, self._dense_recent.get(
+                self.dense_version)):
+            return  # the replicas are sent the mark's weights already
+        import torch
+
+        start = time.perf_counter()
+        with self._dense_lock:
+            undone = (mark.version + 1, self.dense_version)
+            self.dense.load_state_dict({k: torch.from_numpy(np.array(v))
+                                        for k, v in mark.state.items()})
+            snap = take_snapshot(self.dense, self.dense_version + 1)
+            self._send_dense(snap)
+        self.rollbacks.append(Rollback("dense", reason, undone, 0, time.perf_counter() - start,
+                                       snap.version, time.time()))
 
     def _replica_problem(self, changed: dict[str, np.ndarray]) -> str | None:
         """The first problem in replica order (every replica was asked at once), or None."""
@@ -406,6 +521,10 @@ class Engine:
                     "lookup_ms": _lookup_summary(per, lookups)})
         if self.dense is not None:
             out["dense"] = self._dense_summary(per)
+        if self.probe is not None:
+            out["quality"] = {"probe_events": self.probe.events,
+                              "replicas": dict(self.quality_last),
+                              "marks": {i: q.as_dict() for i, q in self.quality_marks.items()}}
         out.update(self.transport.report(per))
         return out
 
@@ -426,6 +545,15 @@ class Engine:
                 "bytes_sent": sum(link.dense_bytes for link in self.transport.shard_links[0]),
                 "held": [h["version"] for h in held],
                 "freshness_ms": _worst([h["freshness_ms"] for h in held])}
+
+
+_DENSE_KEPT = 64  # recent snapshots kept: a healthy mark is one of them
+_REMEASURE_WAIT_S = 30.0  # how long a rollback waits for the replicas to re-measure quality
+
+
+def _same_state(a: DenseSnapshot, b: DenseSnapshot | None) -> bool:
+    return b is not None and a.state.keys() == b.state.keys() and all(
+        np.array_equal(v, b.state[k]) for k, v in a.state.items())
 
 
 def _scheduler_configs(scheduler: Any, replicas: int) -> list[SchedulerConfig]:

@@ -131,6 +131,9 @@ class LocalReplica:
     def predict(self, sparse: Any, x: Any) -> Any:
         return self.replica.predict(sparse, x)
 
+    def held_dense(self) -> int:
+        return -1 if self.replica.dense is None else self.replica.dense.version
+
 
 class LocalTransport:
     """Everything in this process (a ports.Transport): see the module docstring."""

@@ -118,6 +118,9 @@ class ReplicaPort(Protocol):
     def predict(self, sparse: Any, x: Any) -> Any:
         """The dense module's output on this replica's rows (Replica.predict)."""
 
+    def held_dense(self) -> int:
+        """The version of the dense snapshot it runs (-1: none, or not known now)."""
+
 
 @runtime_checkable
 class LinkPrimary(Protocol):

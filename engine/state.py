@@ -38,6 +38,7 @@ import numpy as np
 from ..kernels.errors import EkkoError
 from ..kernels.quant import dequantize_rows
 from .primary import Commit, Primary
+from .quality import QualityConfig
 from .replica import Fetch, describe, unequal
 
 
@@ -50,6 +51,7 @@ class HealthConfig:
     check_every: int = 0  # commits between automatic replica checks; 0: only Engine.check()
     score: Callable[[Any], bool | float] | None = None
     min_score: float | None = None
+    quality: QualityConfig | None = None  # judge replicas' predictions too (engine/quality.py)
 
 
 @dataclass
@@ -128,6 +130,8 @@ def check_health_config(health: Any) -> HealthConfig:
         raise EkkoError(f"check_every must be a non-negative integer, got {health.check_every!r}")
     if health.score is not None and not callable(health.score):
         raise EkkoError(f"the score hook must be callable, got {type(health.score).__name__}")
+    if health.quality is not None and not isinstance(health.quality, QualityConfig):
+        raise EkkoError(f"quality must be a QualityConfig, got {type(health.quality).__name__}")
     return health
 
 

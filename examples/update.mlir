@@ -1,6 +1,6 @@
 // One table's update chain and one feature's lookup, at the model level.
 // ekko-opt examples/update.mlir -p upd-dedup,upd-fuse,upd-schedule,lower-to-kernel
-emb.table @items : !emb.table<1000000x64xf32> {serving = "int8", optimizer = "rowwise_adagrad"}
+emb.table @items : !emb.table<1000000x64xf32> {serving = #emb.layout<int8>, optimizer = "rowwise_adagrad"}
 emb.feature @item_id reads @items pooling sum
 
 func.func @update_items(%table: !emb.table<1000000x64xf32>, %momentum: !emb.state<1000000x1>,

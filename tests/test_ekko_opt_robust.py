@@ -22,7 +22,7 @@ FILECHECK = Path(__file__).parent / "filecheck"
 
 # A real module touching every dialect: the update chain, serving and kernels.
 MODULE = """\
-emb.table @users : !emb.table<1000x64xf32> {serving = "int8"}
+emb.table @users : !emb.table<1000x64xf32> {serving = #emb.layout<int8>}
 emb.feature @user_id reads @users pooling sum
 func.func @train(%t: !emb.table<1000x64xf32>, %m: !emb.state<1000x1>, %ids: tensor<?xi64>, %rows: tensor<?x64xf32>, %q: !emb.table<1000x64xint8>, %v: !emb.versions<1000>, %ver: i64) -> (!emb.table<1000x64xf32>, !emb.state<1000x1>, !emb.table<1000x64xint8>, !emb.versions<1000>) {
   %d = upd.delta %ids, %rows : tensor<?xi64>, tensor<?x64xf32>
@@ -44,8 +44,8 @@ func.func @serve(%q: !emb.table<1000x64xint4>, %ids: tensor<?xi32>, %off: tensor
   func.return %r : tensor<?x64xf32>
 }
 func.func @kernel(%t: memref<1000x64xf32>, %ids: memref<?xi64>, %g: memref<?x64xf32>, %q: memref<1000x72xi8>, %out: memref<?x64xf32>) {
-  kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 1.000000e-01 : f64, serving, serving_layout = "int8"} : memref<1000x64xf32>, memref<?xi64>, memref<?x64xf32>, memref<1000x72xi8>
-  kern.bag %q, %ids, %out {layout = "int8", mode = "none"} : memref<1000x72xi8>, memref<?xi64>, memref<?x64xf32>
+  kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 1.000000e-01 : f64, serving, serving_layout = #emb.layout<int8>} : memref<1000x64xf32>, memref<?xi64>, memref<?x64xf32>, memref<1000x72xi8>
+  kern.bag %q, %ids, %out {layout = #emb.layout<int8>, mode = "none"} : memref<1000x72xi8>, memref<?xi64>, memref<?x64xf32>
   func.return
 }
 """
@@ -180,7 +180,9 @@ GENERIC_MUTATIONS = [
     ('"emb.bag"', '"sum"', '"max"', "max"),
     ('"emb.lookup"', "-> tensor<?x64xf32>", "-> tensor<?x32xf32>", "emb.lookup"),
     ('"emb.lookup"', "tensor<?xi32>)", "tensor<?xf32>)", "used with type"),
-    ('"kern.bag"', '"int8"', '"int9"', "int9"),
+    ('"kern.bag"', "#emb.layout<int8>", "#emb.layout<int9>", "unknown layout 'int9'"),
+    ('"kern.bag"', "#emb.layout<int8>", '"int8"', "must be a layout, #emb.layout<NAME>"),
+    ('"emb.table"', "#emb.layout<int8>", "#emb.layout<int2>", "unknown layout 'int2'"),
     ('"kern.update"', '"sgd"', '"sgdd"', "sgdd"),
     ('"upd.stamp"', "i64) -> !emb.versions", "i32) -> !emb.versions", "used with type"),
     ('"emb.table"', "1000x64xf32", "1000x0xf32", "error"),

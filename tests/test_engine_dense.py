@@ -242,3 +242,24 @@ def test_a_budgeted_link_carries_a_snapshot_alone_under_every_policy(model, poli
             engine.flush(timeout=60)
         assert engine.replicas[0].dense.version == 4
         assert engine.links[0].running and not engine.links[0].errors
+
+
+def test_the_main_jobs_online_loop_runs_and_reports(tmp_path) -> None:
+    """scripts/run.sh's job, briefly: it must say the replicas match the trainer (it
+    exits non-zero when they do not) and print every report line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "examples/online_clicks.py", "--seconds", "4",
+                          "--check-every", "1"], cwd=root, capture_output=True, text=True,
+                         timeout=600, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    for line in ("trainer", "replica 0", "replica 1", "freshness p50", "dense:", "health:"):
+        assert line in out, out
+    assert "predict exactly what the trainer does: True" in out
+    bad = subprocess.run([sys.executable, "examples/online_clicks.py", "--seconds", "-1"],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "must be positive" in bad.stderr and "Traceback" not in bad.stderr

@@ -135,7 +135,7 @@ class FuncLowering:
         serving = op.serving
         if serving is not None:
             assert isinstance(serving.type, emb.TableType)
-            attrs["serving_layout"] = StringAttr(serving.type.layout.data)
+            attrs["serving_layout"] = serving.type.layout
         self.block.add_op(kern.UpdateOp.build_update(operands, attrs))
         for role, result in zip(op.result_roles(op.flat()), op.results):
             self.values[result] = self.values[op.role(role)]
@@ -146,7 +146,7 @@ class FuncLowering:
         result_type = op.results[0].type
         out = self.block.insert_arg(buffer_types(result_type)[0], len(self.block.args))
         _name([out], (op.results[0].name_hint or "out") + "_out")
-        attrs: dict[str, Attribute] = {"layout": StringAttr(table.layout.data)}
+        attrs: dict[str, Attribute] = {"layout": table.layout}
         if isinstance(op, emb.BagOp):
             assert op.mode is not None
             attrs["mode"] = op.mode
@@ -195,7 +195,7 @@ def packet_buffers(t: sync.PacketType) -> list[Attribute]:
     """A packet is three buffers: ids, rows in the serving layout, versions."""
     from xdsl.dialects.builtin import DYNAMIC_INDEX, MemRefType
 
-    rows = sync.packet_rows_type(t.layout.data, t.dim.data)
+    rows = sync.packet_rows_type(t.layout, t.dim.data)
     return [kern.ids_buffer(t.index.data),
             MemRefType(rows.element_type, [DYNAMIC_INDEX, rows.get_shape()[1]]),
             MemRefType(kern.i64, [DYNAMIC_INDEX])]
@@ -214,7 +214,7 @@ def lower_sync(low: FuncLowering, op: sync.PacketOp | sync.PackOp | sync.MergeOp
         return
     serving_t = op.operands[0].type
     assert isinstance(serving_t, emb.TableType)
-    attrs: dict[str, Attribute] = {"layout": StringAttr(serving_t.layout.data),
+    attrs: dict[str, Attribute] = {"layout": serving_t.layout,
                                    "dim": IntegerAttr(serving_t.dim.data, kern.i64)}
     serving, versions = low.get(op.operands[0]), low.get(op.operands[1])
     operands = [serving, versions]

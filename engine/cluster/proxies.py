@@ -66,6 +66,12 @@ class RemoteReplica:
         bags = {b.feature: b.as_tuple() for b in check_bags(self.model, sparse)}
         return call(self.actor.predict.remote(bags, dense_input(x)), self.lookup_timeout)
 
+    def held_dense(self) -> int:
+        try:
+            return call(self.actor.status.remote(), self.timeout)[2]
+        except Unavailable:
+            return -1
+
     def serving(self, table: str) -> np.ndarray:
         return call(self.actor.serving.remote(table), self.timeout)
 

@@ -8,7 +8,7 @@
 // 32 bytes of nibbles + f16 scale and bias = 36 bytes a row.
 
 // CHECK-LABEL: func.func @train(%t: memref<1000x64xf32>, %m: memref<1000x1xf32>, %ids: memref<?xi64>, %rows: memref<?x64xf32>, %q: memref<1000x36xi8>, %v: memref<1000xi64>, %ver: i64) {
-// CHECK-NEXT:    kern.update %t, %m, %ids, %rows, %q, %v, %ver {optimizer = "rowwise_adagrad", lr = 1.000000e-02 : f64, dedup, serving, versions, sort, partitions = 2 : i64, tile = 16 : i64, serving_layout = "int4"} : memref<1000x64xf32>, memref<1000x1xf32>, memref<?xi64>, memref<?x64xf32>, memref<1000x36xi8>, memref<1000xi64>, i64 {
+// CHECK-NEXT:    kern.update %t, %m, %ids, %rows, %q, %v, %ver {optimizer = "rowwise_adagrad", lr = 1.000000e-02 : f64, dedup, serving, versions, sort, partitions = 2 : i64, tile = 16 : i64, serving_layout = #emb.layout<int4>} : memref<1000x64xf32>, memref<1000x1xf32>, memref<?xi64>, memref<?x64xf32>, memref<1000x36xi8>, memref<1000xi64>, i64 {
 // CHECK-NEXT:  ^bb0(%g: f32, %w: f32, %momentum: f32, %step: f64, %lr: f64, %eps: f64):
 // CHECK-NEXT:  %0 = arith.mulf %g, %g : f32
 // CHECK-NEXT:  %1 = kern.row_sum %0
@@ -65,9 +65,9 @@ func.func @delta_arg(%t: !emb.table<?x8xbf16>, %s: !emb.state<?x8>, %d: !upd.del
 // a kern.bag of mode "none" (no offsets). int8 rows of dim 64: 64 + 8 bytes.
 
 // CHECK-LABEL: func.func @serve(%q: memref<1000x72xi8>, %ids: memref<?xi32>, %off: memref<?xi32>, %w: memref<?xf32>, %pooled_out: memref<?x64xf32>, %mean_out: memref<?x64xf32>, %rows_out: memref<?x64xf32>) {
-// CHECK-NEXT:    kern.bag %q, %ids, %off, %w, %pooled_out {layout = "int8", mode = "sum", weighted, partitions = 2 : i64} : memref<1000x72xi8>, memref<?xi32>, memref<?xi32>, memref<?xf32>, memref<?x64xf32>
-// CHECK-NEXT:    kern.bag %q, %ids, %off, %mean_out {layout = "int8", mode = "mean"} : memref<1000x72xi8>, memref<?xi32>, memref<?xi32>, memref<?x64xf32>
-// CHECK-NEXT:    kern.bag %q, %ids, %rows_out {layout = "int8", mode = "none"} : memref<1000x72xi8>, memref<?xi32>, memref<?x64xf32>
+// CHECK-NEXT:    kern.bag %q, %ids, %off, %w, %pooled_out {layout = #emb.layout<int8>, mode = "sum", weighted, partitions = 2 : i64} : memref<1000x72xi8>, memref<?xi32>, memref<?xi32>, memref<?xf32>, memref<?x64xf32>
+// CHECK-NEXT:    kern.bag %q, %ids, %off, %mean_out {layout = #emb.layout<int8>, mode = "mean"} : memref<1000x72xi8>, memref<?xi32>, memref<?xi32>, memref<?x64xf32>
+// CHECK-NEXT:    kern.bag %q, %ids, %rows_out {layout = #emb.layout<int8>, mode = "none"} : memref<1000x72xi8>, memref<?xi32>, memref<?x64xf32>
 // CHECK-NEXT:    func.return
 func.func @serve(%q: !emb.table<1000x64xint8>, %ids: tensor<?xi32>, %off: tensor<?xi32>, %w: tensor<?xf32>) -> (tensor<?x64xf32>, tensor<?x64xf32>, tensor<?x64xf32>) {
   %pooled = emb.bag %q, %ids, %off, %w {mode = "sum", partitions = 2 : i64} : !emb.table<1000x64xint8>, tensor<?xi32>, tensor<?xi32>, tensor<?xf32>
@@ -125,7 +125,7 @@ func.func @serving_read(%t: !emb.table<100x8xf32>, %q: !emb.table<100x8xint8>, %
 // Reading the table before the update is fine.
 
 // CHECK-LABEL: func.func @reads_before
-// CHECK-NEXT:    kern.bag %t, %ids, %r_out {layout = "f32", mode = "none"}
+// CHECK-NEXT:    kern.bag %t, %ids, %r_out {layout = #emb.layout<f32>, mode = "none"}
 // CHECK-NEXT:    kern.update %t, %d_ids, %d_rows {optimizer = "sgd", lr = 1.000000e-01 : f64}
 func.func @reads_before(%t: !emb.table<100x8xf32>, %d: !upd.delta<8xf32, i64>, %ids: tensor<?xi64>) -> (!emb.table<100x8xf32>, tensor<?x8xf32>) {
   %r = emb.lookup %t, %ids : !emb.table<100x8xf32>, tensor<?xi64>

@@ -22,8 +22,13 @@
 
 // -----
 
-// CHECK: expected a table layout (f32, f16, bf16, int8, int4, fp8)
+// CHECK: unknown layout 'f64'; expected one of f32, f16, bf16, int8, int4, fp8
 "test.op"() : () -> !emb.table<4x4xf64>
+
+// -----
+
+// CHECK: expected a layout name (f32, f16, bf16, int8, int4, fp8)
+"test.op"() : () -> !emb.table<4x4x"f32">
 
 // -----
 
@@ -54,13 +59,18 @@
 
 // -----
 
-// CHECK: unknown serving layout 'int2'
-"emb.table"() {sym_name = "t", type = !emb.table<10x4xf32>, serving = "int2"} : () -> ()
+// CHECK: unknown layout 'int2'; expected one of f32, f16, bf16, int8, int4, fp8
+emb.table @t : !emb.table<10x4xf32> {serving = #emb.layout<int2>}
 
 // -----
 
-// CHECK: 'emb.table' attribute 'serving' must be a string
-"emb.table"() {sym_name = "t", type = !emb.table<10x4xf32>, serving = 8 : i64} : () -> ()
+// CHECK: expected a layout name (f32, f16, bf16, int8, int4, fp8)
+emb.table @t : !emb.table<10x4xf32> {serving = #emb.layout<>}
+
+// -----
+
+// CHECK: 'serving' must be a layout, #emb.layout<NAME>, got "int8"
+emb.table @t : !emb.table<10x4xf32> {serving = "int8"}
 
 // -----
 

@@ -20,16 +20,16 @@ func.func @state_versions(%rowwise: !emb.state<1000x1>, %full: !emb.state<1000x6
 // emb.table: master tables (f32, f16, bf16), optional serving layout
 emb.table @users : !emb.table<1000000x64xf32>
 // CHECK-NEXT: emb.table @users : !emb.table<1000000x64xf32>
-emb.table @items : !emb.table<50000x32xf16> {serving = "int8"}
-// CHECK-NEXT: emb.table @items : !emb.table<50000x32xf16> {serving = "int8"}
-emb.table @ads : !emb.table<?x16xbf16> {serving = "int4"}
-// CHECK-NEXT: emb.table @ads : !emb.table<?x16xbf16> {serving = "int4"}
-emb.table @pages : !emb.table<10x8xf32> {serving = "f16"}
-// CHECK-NEXT: emb.table @pages : !emb.table<10x8xf32> {serving = "f16"}
-emb.table @tags : !emb.table<10x8xf32> {serving = "bf16"}
-// CHECK-NEXT: emb.table @tags : !emb.table<10x8xf32> {serving = "bf16"}
-emb.table @cats : !emb.table<10x8xf32> {serving = "f32"}
-// CHECK-NEXT: emb.table @cats : !emb.table<10x8xf32> {serving = "f32"}
+emb.table @items : !emb.table<50000x32xf16> {serving = #emb.layout<int8>}
+// CHECK-NEXT: emb.table @items : !emb.table<50000x32xf16> {serving = #emb.layout<int8>}
+emb.table @ads : !emb.table<?x16xbf16> {serving = #emb.layout<int4>}
+// CHECK-NEXT: emb.table @ads : !emb.table<?x16xbf16> {serving = #emb.layout<int4>}
+emb.table @pages : !emb.table<10x8xf32> {serving = #emb.layout<f16>}
+// CHECK-NEXT: emb.table @pages : !emb.table<10x8xf32> {serving = #emb.layout<f16>}
+emb.table @tags : !emb.table<10x8xf32> {serving = #emb.layout<bf16>}
+// CHECK-NEXT: emb.table @tags : !emb.table<10x8xf32> {serving = #emb.layout<bf16>}
+emb.table @cats : !emb.table<10x8xf32> {serving = #emb.layout<f32>}
+// CHECK-NEXT: emb.table @cats : !emb.table<10x8xf32> {serving = #emb.layout<f32>}
 
 // emb.feature: every pooling mode
 emb.feature @user_id reads @users pooling sum

@@ -110,7 +110,7 @@ kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64} : memref<10x4xf32>,
 
 // -----
 
-// CHECK: 'kern.update' with a serving copy needs serving_layout
+// CHECK: 'kern.update' with a serving copy needs serving_layout = #emb.layout<NAME>
 %t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x12xi8>)
 kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 0.1 : f64, serving} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x12xi8>
 
@@ -118,19 +118,19 @@ kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 0.1 : f64, serving} : memr
 
 // CHECK: the serving buffer must be a rank-2 memref, got memref<?xi8>
 %t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<?xi8>)
-kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int8"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<?xi8>
+kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = #emb.layout<int8>} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<?xi8>
 
 // -----
 
 // CHECK: the int8 serving buffer must be 10x12, got memref<10x4xi8>
 %t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>)
-kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int8"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>
+kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = #emb.layout<int8>} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>
 
 // -----
 
 // CHECK: the int4 serving buffer must be 10x6, got memref<10x4xi8>
 %t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>)
-kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int4"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>
+kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = #emb.layout<int4>} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x4xi8>
 
 // -----
 
@@ -156,7 +156,7 @@ kern.update %t, %ids, %g, %seed {optimizer = "sgd", lr = 0.1 : f64, stochastic_r
 
 // CHECK: 'kern.update' operands must be (table, ids, grads, serving)
 %t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
-kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = "int8"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>
+kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = #emb.layout<int8>} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
@@ -164,67 +164,85 @@ kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64, serving, serving_la
 
 // CHECK: 'kern.bag' needs mode = "sum", "mean" or "none"
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
-kern.bag %t, %ids, %off, %out {layout = "f32", mode = "max"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
+kern.bag %t, %ids, %off, %out {layout = #emb.layout<f32>, mode = "max"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: 'kern.bag' operands must be (table, ids, out)
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
-kern.bag %t, %ids, %off, %out {layout = "f32", mode = "none"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
+kern.bag %t, %ids, %off, %out {layout = #emb.layout<f32>, mode = "none"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: 'kern.bag' operands must be (table, ids, offsets, weights, out)
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
-kern.bag %t, %ids, %off, %out {layout = "f32", mode = "sum", weighted} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
+kern.bag %t, %ids, %off, %out {layout = #emb.layout<f32>, mode = "sum", weighted} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
-// CHECK: 'kern.bag' needs layout = one of f32, f16, bf16, int8, int4, fp8
+// CHECK: unknown layout 'int2'; expected one of f32, f16, bf16, int8, int4, fp8
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
-kern.bag %t, %ids, %off, %out {layout = "int2", mode = "sum"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
+kern.bag %t, %ids, %off, %out {layout = #emb.layout<int2>, mode = "sum"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
+
+// -----
+
+// CHECK: 'kern.bag' needs layout = #emb.layout<NAME>
+%t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
+kern.bag %t, %ids, %off, %out {layout = "f32", mode = "sum"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
+
+// -----
+
+// CHECK: unknown layout 'int2'; expected one of f32, f16, bf16, int8, int4, fp8
+%t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x12xi8>)
+kern.update %t, %ids, %g, %q {optimizer = "sgd", lr = 0.1 : f64, serving, serving_layout = #emb.layout<int2>} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x12xi8>
+
+// -----
+
+// CHECK: 'serving_layout' must be a layout, #emb.layout<NAME>, got "int8"
+%t, %ids, %g, %q = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x12xi8>)
+"kern.update"(%t, %ids, %g, %q) <{optimizer = "sgd", hyper = {lr = 0.1 : f64}, serving_layout = "int8", operandSegmentSizes = array<i32: 1, 0, 1, 1, 1, 0, 0, 0, 0>}> : (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>, memref<10x12xi8>) -> ()
 
 // -----
 
 // CHECK: 'weighted' is a unit flag that says the weights operand is present, got 1 : i64
 %t, %ids, %off, %w, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>)
-kern.bag %t, %ids, %off, %w, %out {layout = "f32", mode = "sum", weighted = 1 : i64} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>
+kern.bag %t, %ids, %off, %w, %out {layout = #emb.layout<f32>, mode = "sum", weighted = 1 : i64} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the output buffer must be a rank-2 memref, got memref<?xf32>
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>)
-kern.bag %t, %ids, %off, %out {layout = "f32", mode = "sum"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>
+kern.bag %t, %ids, %off, %out {layout = #emb.layout<f32>, mode = "sum"} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>
 
 // -----
 
 // CHECK: the table buffer must be a rank-2 memref, got memref<?xi8>
 %t, %ids, %out = "test.op"() : () -> (memref<?xi8>, memref<?xi64>, memref<?x4xf32>)
-kern.bag %t, %ids, %out {layout = "int8", mode = "none"} : memref<?xi8>, memref<?xi64>, memref<?x4xf32>
+kern.bag %t, %ids, %out {layout = #emb.layout<int8>, mode = "none"} : memref<?xi8>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: a int8 table of dim 4 must have rows of 12, got memref<10x4xi8>
 %t, %ids, %out = "test.op"() : () -> (memref<10x4xi8>, memref<?xi64>, memref<?x4xf32>)
-kern.bag %t, %ids, %out {layout = "int8", mode = "none"} : memref<10x4xi8>, memref<?xi64>, memref<?x4xf32>
+kern.bag %t, %ids, %out {layout = #emb.layout<int8>, mode = "none"} : memref<10x4xi8>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: a f16 table of dim 4 must have rows of 4, got memref<10x8xf16>
 %t, %ids, %out = "test.op"() : () -> (memref<10x8xf16>, memref<?xi64>, memref<?x4xf32>)
-kern.bag %t, %ids, %out {layout = "f16", mode = "none"} : memref<10x8xf16>, memref<?xi64>, memref<?x4xf32>
+kern.bag %t, %ids, %out {layout = #emb.layout<f16>, mode = "none"} : memref<10x8xf16>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the ids buffer must be a rank-1 memref, got memref<?x1xi64>
 %t, %ids, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?x1xi64>, memref<?x4xf32>)
-kern.bag %t, %ids, %out {layout = "f32", mode = "none"} : memref<10x4xf32>, memref<?x1xi64>, memref<?x4xf32>
+kern.bag %t, %ids, %out {layout = #emb.layout<f32>, mode = "none"} : memref<10x4xf32>, memref<?x1xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the ids buffer must hold i32 or i64
 %t, %ids, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xui64>, memref<?x4xf32>)
-kern.bag %t, %ids, %out {layout = "f32", mode = "none"} : memref<10x4xf32>, memref<?xui64>, memref<?x4xf32>
+kern.bag %t, %ids, %out {layout = #emb.layout<f32>, mode = "none"} : memref<10x4xf32>, memref<?xui64>, memref<?x4xf32>
 
 // -----
 
@@ -233,49 +251,49 @@ kern.bag %t, %ids, %out {layout = "f32", mode = "none"} : memref<10x4xf32>, memr
 
 // CHECK: 'kern.bag' per-sample weights need mode "sum", got mode "mean"
 %t, %ids, %off, %w, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>)
-kern.bag %t, %ids, %off, %w, %out {layout = "f32", mode = "mean", weighted} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>
+kern.bag %t, %ids, %off, %w, %out {layout = #emb.layout<f32>, mode = "mean", weighted} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>
 
 // -----
 
 // CHECK: 'kern.bag' per-sample weights need mode "sum", got mode "none"
 %t, %ids, %w, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>)
-kern.bag %t, %ids, %w, %out {layout = "f32", mode = "none", weighted} : memref<10x4xf32>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>
+kern.bag %t, %ids, %w, %out {layout = #emb.layout<f32>, mode = "none", weighted} : memref<10x4xf32>, memref<?xi64>, memref<?xf32>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the output buffer must hold f32, got memref<?x4xf16>
 %t, %ids, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf16>)
-kern.bag %t, %ids, %out {layout = "f32", mode = "none"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf16>
+kern.bag %t, %ids, %out {layout = #emb.layout<f32>, mode = "none"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf16>
 
 // -----
 
 // CHECK: the output buffer memref<?x?xf32> must have a static dim
 %t, %ids, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x?xf32>)
-kern.bag %t, %ids, %out {layout = "f32", mode = "none"} : memref<10x4xf32>, memref<?xi64>, memref<?x?xf32>
+kern.bag %t, %ids, %out {layout = #emb.layout<f32>, mode = "none"} : memref<10x4xf32>, memref<?xi64>, memref<?x?xf32>
 
 // -----
 
 // CHECK: 'kern.bag' dim must be at most 16,384, got 40,000 (MAX_DIM)
 %t, %ids, %out = "test.op"() : () -> (memref<10x40000xf32>, memref<?xi64>, memref<?x40000xf32>)
-kern.bag %t, %ids, %out {layout = "f32", mode = "none"} : memref<10x40000xf32>, memref<?xi64>, memref<?x40000xf32>
+kern.bag %t, %ids, %out {layout = #emb.layout<f32>, mode = "none"} : memref<10x40000xf32>, memref<?xi64>, memref<?x40000xf32>
 
 // -----
 
 // CHECK: a f16 table buffer must hold f16, got memref<10x4xf32>
 %t, %ids, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
-kern.bag %t, %ids, %out {layout = "f16", mode = "none"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>
+kern.bag %t, %ids, %out {layout = #emb.layout<f16>, mode = "none"} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the offsets buffer must hold the ids' i64, got memref<?xi32>
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi32>, memref<?x4xf32>)
-kern.bag %t, %ids, %off, %out {layout = "f32", mode = "sum"} : memref<10x4xf32>, memref<?xi64>, memref<?xi32>, memref<?x4xf32>
+kern.bag %t, %ids, %off, %out {layout = #emb.layout<f32>, mode = "sum"} : memref<10x4xf32>, memref<?xi64>, memref<?xi32>, memref<?x4xf32>
 
 // -----
 
 // CHECK: the weights buffer must hold f32, got memref<?xf64>
 %t, %ids, %off, %w, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf64>, memref<?x4xf32>)
-kern.bag %t, %ids, %off, %w, %out {layout = "f32", mode = "sum", weighted} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf64>, memref<?x4xf32>
+kern.bag %t, %ids, %off, %w, %out {layout = #emb.layout<f32>, mode = "sum", weighted} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?xf64>, memref<?x4xf32>
 
 // -----
 
@@ -283,7 +301,7 @@ kern.bag %t, %ids, %off, %w, %out {layout = "f32", mode = "sum", weighted} : mem
 
 // CHECK: 'kern.bag' operands must be (table, ids, out)
 %t, %ids = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>)
-kern.bag %t, %ids {layout = "f32", mode = "none"} : memref<10x4xf32>, memref<?xi64>
+kern.bag %t, %ids {layout = #emb.layout<f32>, mode = "none"} : memref<10x4xf32>, memref<?xi64>
 
 // -----
 
@@ -295,13 +313,13 @@ kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64, tile = 0 : i64} : m
 
 // CHECK: 'kern.bag' partitions must be 1 to 4096, got 5000
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
-kern.bag %t, %ids, %off, %out {layout = "f32", mode = "sum", partitions = 5000 : i64} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
+kern.bag %t, %ids, %off, %out {layout = #emb.layout<f32>, mode = "sum", partitions = 5000 : i64} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
 
 // -----
 
 // CHECK: 'seq' is a unit flag that says the seq operand is present, got 1 : i64
 %q, %v, %s, %ids, %r, %pv = "test.op"() : () -> (memref<10x12xi8>, memref<10xi64>, memref<10xi32>, memref<?xi64>, memref<?x12xi8>, memref<?xi64>)
-kern.pack %q, %v, %s, %ids, %r, %pv {layout = "int8", dim = 4 : i64, seq = 1 : i64} : memref<10x12xi8>, memref<10xi64>, memref<10xi32>, memref<?xi64>, memref<?x12xi8>, memref<?xi64>
+kern.pack %q, %v, %s, %ids, %r, %pv {layout = #emb.layout<int8>, dim = 4 : i64, seq = 1 : i64} : memref<10x12xi8>, memref<10xi64>, memref<10xi32>, memref<?xi64>, memref<?x12xi8>, memref<?xi64>
 
 // -----
 
@@ -313,4 +331,4 @@ kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64} : memref<10x40000xf
 
 // CHECK: 'kern.pack' dim must be at most 16,384, got 40,000 (MAX_DIM)
 %q, %v, %ids, %r, %pv = "test.op"() : () -> (memref<10x40000xf32>, memref<10xi64>, memref<?xi64>, memref<?x40000xf32>, memref<?xi64>)
-kern.pack %q, %v, %ids, %r, %pv {layout = "f32", dim = 40000 : i64} : memref<10x40000xf32>, memref<10xi64>, memref<?xi64>, memref<?x40000xf32>, memref<?xi64>
+kern.pack %q, %v, %ids, %r, %pv {layout = #emb.layout<f32>, dim = 40000 : i64} : memref<10x40000xf32>, memref<10xi64>, memref<?xi64>, memref<?x40000xf32>, memref<?xi64>

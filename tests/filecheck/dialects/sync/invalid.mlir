@@ -68,19 +68,19 @@
 
 // CHECK: int4 packet rows need the dim attribute
 %ids, %rows, %pv = "test.op"() : () -> (tensor<?xi64>, tensor<?x8xi8>, tensor<?xi64>)
-%p = "sync.packet"(%ids, %rows, %pv) {layout = "int4"} : (tensor<?xi64>, tensor<?x8xi8>, tensor<?xi64>) -> !sync.packet<7xint4, i64>
+%p = "sync.packet"(%ids, %rows, %pv) {layout = #emb.layout<int4>} : (tensor<?xi64>, tensor<?x8xi8>, tensor<?xi64>) -> !sync.packet<7xint4, i64>
 
 // -----
 
 // CHECK: int4 rows of 8 bytes do not hold a row of dim 9
 %ids, %rows, %pv = "test.op"() : () -> (tensor<?xi64>, tensor<?x8xi8>, tensor<?xi64>)
-%p = "sync.packet"(%ids, %rows, %pv) {layout = "int4", dim = 9 : i64} : (tensor<?xi64>, tensor<?x8xi8>, tensor<?xi64>) -> !sync.packet<9xint4, i64>
+%p = "sync.packet"(%ids, %rows, %pv) {layout = #emb.layout<int4>, dim = 9 : i64} : (tensor<?xi64>, tensor<?x8xi8>, tensor<?xi64>) -> !sync.packet<9xint4, i64>
 
 // -----
 
 // CHECK: f32 rows cannot hold the f16 layout
 %ids, %rows, %pv = "test.op"() : () -> (tensor<?xi64>, tensor<?x4xf32>, tensor<?xi64>)
-%p = "sync.packet"(%ids, %rows, %pv) {layout = "f16"} : (tensor<?xi64>, tensor<?x4xf32>, tensor<?xi64>) -> !sync.packet<4xf16, i64>
+%p = "sync.packet"(%ids, %rows, %pv) {layout = #emb.layout<f16>} : (tensor<?xi64>, tensor<?x4xf32>, tensor<?xi64>) -> !sync.packet<4xf16, i64>
 
 // -----
 
@@ -90,32 +90,55 @@
 
 // -----
 
-// CHECK: expected a layout (f32, f16, bf16, int8, int4, fp8)
+// CHECK: unknown layout 'int3'; expected one of f32, f16, bf16, int8, int4, fp8
 "test.op"() {t = !sync.packet<4xint3, i64>} : () -> ()
+
+// -----
+
+// CHECK: expected a layout name (f32, f16, bf16, int8, int4, fp8)
+"test.op"() {t = !sync.packet<4x, i64>} : () -> ()
+
+// -----
+
+// CHECK: unknown layout 'int2'; expected one of f32, f16, bf16, int8, int4, fp8
+%ids, %rows, %pv = "test.op"() : () -> (tensor<?xi64>, tensor<?x12xi8>, tensor<?xi64>)
+%p = sync.packet %ids, %rows, %pv {layout = #emb.layout<int2>} : tensor<?xi64>, tensor<?x12xi8>, tensor<?xi64>
+
+// -----
+
+// CHECK: 'sync.packet' layout must be #emb.layout<NAME>, got "int8"
+%ids, %rows, %pv = "test.op"() : () -> (tensor<?xi64>, tensor<?x12xi8>, tensor<?xi64>)
+%p = sync.packet %ids, %rows, %pv {layout = "int8"} : tensor<?xi64>, tensor<?x12xi8>, tensor<?xi64>
+
+// -----
+
+// CHECK: unknown layout 'int2'; expected one of f32, f16, bf16, int8, int4, fp8
+%q, %v, %ids, %r, %pv = "test.op"() : () -> (memref<10x12xi8>, memref<10xi64>, memref<?xi64>, memref<?x12xi8>, memref<?xi64>)
+kern.pack %q, %v, %ids, %r, %pv {layout = #emb.layout<int2>, dim = 4 : i64} : memref<10x12xi8>, memref<10xi64>, memref<?xi64>, memref<?x12xi8>, memref<?xi64>
 
 // -----
 
 // CHECK: 'kern.merge' operands must be (serving, versions, seq, ids, rows, packet_versions, newest)
 %q, %v, %ids, %rows, %pv, %n = "test.op"() : () -> (memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i64)
-kern.merge %q, %v, %ids, %rows, %pv, %n {layout = "f32", dim = 4 : i64, seq} : memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i64
+kern.merge %q, %v, %ids, %rows, %pv, %n {layout = #emb.layout<f32>, dim = 4 : i64, seq} : memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i64
 
 // -----
 
 // CHECK: the packet rows must be memref<?x12xi8>, got memref<?x4xf32>
 %q, %v, %ids, %rows, %pv, %n = "test.op"() : () -> (memref<10x12xi8>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i64)
-kern.merge %q, %v, %ids, %rows, %pv, %n {layout = "int8", dim = 4 : i64} : memref<10x12xi8>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i64
+kern.merge %q, %v, %ids, %rows, %pv, %n {layout = #emb.layout<int8>, dim = 4 : i64} : memref<10x12xi8>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i64
 
 // -----
 
 // CHECK: the seq buffer must be memref<10xi32>
 %q, %v, %s, %ids, %o, %ov = "test.op"() : () -> (memref<10x4xf16>, memref<10xi64>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>)
-kern.pack %q, %v, %s, %ids, %o, %ov {layout = "f16", dim = 4 : i64, seq} : memref<10x4xf16>, memref<10xi64>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>
+kern.pack %q, %v, %s, %ids, %o, %ov {layout = #emb.layout<f16>, dim = 4 : i64, seq} : memref<10x4xf16>, memref<10xi64>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>
 
 // -----
 
-// CHECK: 'kern.pack' needs layout = one of f32, f16, bf16, int8, int4, fp8 and dim
+// CHECK: 'kern.pack' needs layout = #emb.layout<NAME> and dim
 %q, %v, %ids, %o, %ov = "test.op"() : () -> (memref<10x4xf16>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>)
-kern.pack %q, %v, %ids, %o, %ov {layout = "f16"} : memref<10x4xf16>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>
+kern.pack %q, %v, %ids, %o, %ov {layout = #emb.layout<f16>} : memref<10x4xf16>, memref<10xi64>, memref<?xi64>, memref<?x4xf16>, memref<?xi64>
 
 // -----
 
@@ -135,25 +158,25 @@ kern.pack %q, %v, %ids, %o, %ov {layout = "f16"} : memref<10x4xf16>, memref<10xi
 
 // CHECK: the int8 serving buffer must be 10x72xi8, got memref<10x64xi8>
 %q, %v, %ids, %r, %pv = "test.op"() : () -> (memref<10x64xi8>, memref<10xi64>, memref<?xi64>, memref<?x72xi8>, memref<?xi64>)
-kern.pack %q, %v, %ids, %r, %pv {layout = "int8", dim = 64 : i64} : memref<10x64xi8>, memref<10xi64>, memref<?xi64>, memref<?x72xi8>, memref<?xi64>
+kern.pack %q, %v, %ids, %r, %pv {layout = #emb.layout<int8>, dim = 64 : i64} : memref<10x64xi8>, memref<10xi64>, memref<?xi64>, memref<?x72xi8>, memref<?xi64>
 
 // -----
 
 // CHECK: the versions buffer must be memref<10xi64>
 %q, %v, %ids, %r, %pv = "test.op"() : () -> (memref<10x4xf32>, memref<10xi32>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>)
-kern.pack %q, %v, %ids, %r, %pv {layout = "f32", dim = 4 : i64} : memref<10x4xf32>, memref<10xi32>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>
+kern.pack %q, %v, %ids, %r, %pv {layout = #emb.layout<f32>, dim = 4 : i64} : memref<10x4xf32>, memref<10xi32>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>
 
 // -----
 
 // CHECK: the packet versions must be memref<?xi64>
 %q, %v, %ids, %r, %pv = "test.op"() : () -> (memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi32>)
-kern.pack %q, %v, %ids, %r, %pv {layout = "f32", dim = 4 : i64} : memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi32>
+kern.pack %q, %v, %ids, %r, %pv {layout = #emb.layout<f32>, dim = 4 : i64} : memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi32>
 
 // -----
 
 // CHECK: 'kern.merge' newest must be i64
 %q, %v, %ids, %r, %pv, %n = "test.op"() : () -> (memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i32)
-kern.merge %q, %v, %ids, %r, %pv, %n {layout = "f32", dim = 4 : i64} : memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i32
+kern.merge %q, %v, %ids, %r, %pv, %n {layout = #emb.layout<f32>, dim = 4 : i64} : memref<10x4xf32>, memref<10xi64>, memref<?xi64>, memref<?x4xf32>, memref<?xi64>, i32
 
 // -----
 
