@@ -1,0 +1,57 @@
+"""Smoke test of benchmarks/quality.py on a short seeded stream: every way of keeping a
+replica fresh is measured beside the trainer's ceiling, a fresh replica beats a frozen
+one, the budgets run, and --quick writes nothing."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytest.importorskip("torch")
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load()
+
+
+def test_fresh_replicas_track_the_trainer_and_a_frozen_one_falls_behind() -> None:
+    config = bench.config_of(bench.parse_args(["--quick", "--seconds", "30", "--warmup", "15"]))
+    r = bench.run(config, list(bench.WAYS))
+    rows = {m["name"]: m for m in bench.rows_of(r)}
+    assert list(rows) == ["trainer"] + [w.name for w in bench.WAYS]
+    assert len(r.y) == round(15 / config.batch_s) * config.batch_events
+    assert rows["trainer"]["gap"] == 0 and rows["trainer"]["age_s"] == 0
+    # the frozen replica got the warm-up's model and nothing after it: its mean age is
+    # about half the measured span, and on this drifting stream it predicts worse
+    assert rows["frozen"]["age_s"] >= 0.4 * r.measured_s
+    assert rows["frozen"]["logloss"] > rows["priority"]["logloss"]
+    assert rows["priority"]["gap"] < rows["frozen"]["gap"]
+    assert rows["priority"]["row_kb_s"] > rows["periodic 10 s"]["row_kb_s"] > 0
+    for m in rows.values():
+        assert 0 < m["logloss"] < 1 and 0.5 < m["auc"] <= 1
+
+
+def test_quick_writes_nothing_and_reports_the_budgets(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    args = ["--quick", "--seconds", "10", "--warmup", "5", "--budget-fractions", "0.25"]
+    assert bench.main(args) == 0
+    assert not (tmp_path / "results").exists()
+    out = capsys.readouterr().out
+    assert "| trainer | " in out and "| frozen | " in out and "| full 600 s | " in out
+    assert "| priority @ 25% rows | " in out and "| fifo @ 25% rows | " in out
+    assert "- budget " in out and "compression" in out
+    assert bench.main(args + ["--out", str(tmp_path)]) == 0
+    assert (tmp_path / "quality.md").exists() and (tmp_path / "quality.png").exists()
