@@ -1,6 +1,7 @@
 """What freshness buys, measured: prediction quality of replicas kept fresh seven ways.
 
     python benchmarks/quality.py [--quick] [--seconds S] [--warmup S] [--seed N]
+                                 [--budget-fractions 0.25,0.05] [--harm-seeds 10]
 
 One seeded click stream (workloads/clicks.py: new items arriving all the
 time, user and item propensities drifting, popularity shifting; its
@@ -44,6 +45,19 @@ each budget is the dense snapshots' bytes per stream second plus a fraction
 (`--budget-fractions`) of the row bytes per stream second that the unlimited
 priority link moved, the same for both policies.
 
+Then harm (the quality health checks, `HealthConfig(quality=...)`): short runs
+of an Engine with 2 priority replicas; every batch is predicted, observed
+with its true labels (`engine.observe`: the probe) and trained on, and
+`engine.check()` runs every 0.5 stream s after the warm-up. Injected on seed
+0: training labels flipped for 3 s, the dense output layer scaled x4 and
+published, the category table's gradients x300 for 2 s (under the per-commit
+norm check's 1000x). Reported: detection time, rollbacks, when replica 0's
+log-loss over 2 stream s came back within 1% of the clean run's trainer
+(same seed and events, no harm) for good, and false rollbacks over
+`--harm-seeds` clean seeded runs. On a rollback the trainer clears its torch
+optimizer's state (the engine restores rows, optimizer rows and the dense
+weights, not the trainer's Adam moments).
+
 Prints the tables; writes benchmarks/results/quality.md and quality.png
 (quality against freshness, and log-loss gap over stream time). `--quick`
 runs a small stream briefly and writes nothing.
@@ -67,8 +81,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ekko  # noqa: E402
-from ekko.engine import SchedulerConfig  # noqa: E402
-from ekko.engine.quality import auc, calibration, logloss  # noqa: E402
+from ekko.engine import HealthConfig, SchedulerConfig  # noqa: E402
+from ekko.engine.quality import QualityConfig, auc, calibration, logloss  # noqa: E402
 from ekko.engine.scheduler import ManualClock  # noqa: E402
 from ekko.workloads.clicks import ClickBatch, ClickStream, ClickStreamConfig  # noqa: E402
 from ekko.workloads.clicks_model import ClicksDense  # noqa: E402
@@ -173,9 +187,16 @@ class Trainer:
         with torch.no_grad():
             return _probability(self.dense(self.emb(batch.sparse()), torch.from_numpy(batch.x)))
 
-    def train(self, batch: ClickBatch) -> None:
-        logits = self.dense(self.emb(batch.sparse()), torch.from_numpy(batch.x))
-        loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(batch.y))
+    def train(self, batch: ClickBatch, y: np.ndarray | None = None,
+              grad_scale: dict[str, float] | None = None) -> None:
+        """One step on `batch` (on labels `y` if given; each feature in `grad_scale` has
+        its pooled gradient, so its table's update, multiplied: the harm section's)."""
+        pooled = self.emb(batch.sparse())
+        for feature, k in (grad_scale or {}).items():
+            pooled[feature].register_hook(lambda g, k=k: g * k)
+        logits = self.dense(pooled, torch.from_numpy(batch.x))
+        labels = torch.from_numpy(batch.y if y is None else y)
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
         self.opt.zero_grad()
         loss.backward()  # the tables' updates commit here, as engine steps
         self.opt.step()
@@ -303,6 +324,198 @@ def budgeted_ways(unlimited: Run, fractions: list[float]) -> list[Way]:
             for f in fractions for policy in ("priority", "fifo")]
 
 
+# -- harm: the quality health checks ------------------------------------------------------------
+@dataclass(frozen=True)
+class Harm:
+    """One injected harm, from stream second `at_s` for `seconds`.
+
+    poison:  the training labels flipped (observe() still gets the true ones)
+    dense:   the trainer's dense module corrupted once (the output layer scaled by
+             `factor`: predictions wrong but finite) and published
+    blow-up: `table`'s gradients multiplied by `factor` (small enough to pass the
+             per-commit norm check)
+    """
+
+    kind: str  # "none", "poison", "dense" or "blow-up"
+    at_s: float = 0.0
+    seconds: float = 0.0
+    factor: float = 1.0
+    feature: str = "category"  # blow-up: the feature whose table's gradients blow up
+
+    def active(self, t: float) -> bool:
+        return self.kind != "none" and self.at_s <= t < self.at_s + self.seconds
+
+    def labels(self, batch: ClickBatch, t: float) -> np.ndarray:
+        return 1.0 - batch.y if self.kind == "poison" and self.active(t) else batch.y
+
+    def grad_scale(self, t: float) -> dict[str, float]:
+        return {self.feature: self.factor} if self.kind == "blow-up" and self.active(t) else {}
+
+    def corrupt(self, trainer: Trainer, t: float, dt: float) -> None:
+        if self.kind == "dense" and self.at_s <= t < self.at_s + dt:
+            with torch.no_grad():
+                for p in trainer.dense.mlp[-1].parameters():
+                    p.mul_(self.factor)
+            trainer.engine.publish_dense()
+
+
+@dataclass(frozen=True)
+class HarmConfig:
+    """The harm section: short runs of 2 priority replicas with the quality checks on."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(seconds=200.0, warmup_s=120.0))
+    check_every_s: float = 0.5  # stream s between Engine.check() calls (from the warm-up on)
+    # the defaults but a 4% allowed rise of normalized entropy (the default 10% let a
+    # poisoned burst creep into the healthy mark: back within 1% after 30 s, not 8 s)
+    quality: QualityConfig = field(default_factory=lambda: QualityConfig(logloss_rise=0.04))
+    harm_at_s: float = 150.0
+    poison_s: float = 3.0
+    dense_factor: float = 4.0
+    blowup_s: float = 2.0
+    blowup_factor: float = 300.0
+    window_s: float = 2.0  # the rolling window "back within 1% of the trainer" is judged on
+    clean_seeds: int = 10
+
+    def harms(self) -> list[Harm]:
+        return [Harm("poison", self.harm_at_s, self.poison_s),
+                Harm("dense", self.harm_at_s, self.run.batch_s, self.dense_factor),
+                Harm("blow-up", self.harm_at_s, self.blowup_s, self.blowup_factor)]
+
+
+@dataclass
+class Trace:
+    """A harm run: per batch, its end (stream s) and replica 0's summed log-loss, and the
+    rollbacks (stream s of the check, table, reason)."""
+
+    harm: Harm
+    seed: int
+    ends: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)  # replica 0, summed over the batch
+    trainer_loss: list[float] = field(default_factory=list)
+    events: list[int] = field(default_factory=list)
+    rollbacks: list[tuple[float, str, str]] = field(default_factory=list)
+    checks: int = 0
+
+
+def run_harm(config: HarmConfig, harm: Harm, seed: int) -> Trace:
+    """The prequential loop with the quality checks on and `harm` injected."""
+    rc = replace(config.run, seed=seed)
+    torch.manual_seed(seed)
+    stream = ClickStream(replace(rc.stream, seed=seed))
+    dense = ClicksDense(dense=rc.stream.dense)
+    health = HealthConfig(quality=config.quality)
+    trace, t = Trace(harm, seed), 0.0
+    every = max(1, round(config.check_every_s / rc.batch_s))
+    with ekko.Engine(ekko.compile_model(MODEL), replicas=2, dense=dense,
+                     health=health) as engine:
+        trainer = Trainer(engine, dense, rc.dense_lr)
+        for k in range(rc.batches):
+            batch = stream.next_batch(rc.batch_events)
+            sparse, x = batch.sparse(), torch.from_numpy(batch.x)
+            if t >= rc.warmup_s - 1e-9:
+                trace.ends.append(t + rc.batch_s)
+                trace.events.append(len(batch))
+                trace.loss.append(float(_losses(_probability(
+                    engine.replicas[0].predict(sparse, x)), batch.y).sum()))
+                trace.trainer_loss.append(float(_losses(trainer.predict(batch), batch.y).sum()))
+            engine.observe(sparse, x, batch.y)
+            harm.corrupt(trainer, t, rc.batch_s)
+            trainer.train(batch, harm.labels(batch, t), harm.grad_scale(t))
+            t += rc.batch_s
+            if t >= rc.warmup_s - 1e-9 and (k + 1) % every == 0:
+                before = len(engine.rollbacks)
+                if not engine.check():  # rolled back: the trainer drops its optimizer's
+                    trainer.opt.state.clear()  # moments, which hold the harm's gradients
+                trace.checks += 1
+                trace.rollbacks += [(t, r.table, r.reason) for r in engine.rollbacks[before:]]
+    return trace
+
+
+@dataclass
+class HarmReport:
+    """What the checks did about one harm, against the clean run of the same seed."""
+
+    harm: Harm
+    detected_s: float | None  # stream s from the harm's start to the first rollback
+    rollbacks: int  # checks that rolled back (all tables and the dense module at once)
+    recovered_s: float | None  # from the harm's start until back within 1% of the clean trainer
+    worst_gap: float  # % over a window, replica 0 against the clean trainer
+    reasons: list[str]
+
+
+def report_harm(config: HarmConfig, harmed: Trace, clean: Trace) -> HarmReport:
+    """Detection, rollbacks, and when replica 0's windowed log-loss came back within 1% of
+    the clean run's trainer (the same seed and events, no harm) and stayed there."""
+    h = harmed.harm
+    times = sorted({at for at, _, _ in harmed.rollbacks})
+    detected = next((at - h.at_s for at in times if at >= h.at_s), None)
+    gap = _window_gap(harmed.loss, clean.trainer_loss, harmed.events,
+                      round(config.window_s / config.run.batch_s))
+    ends = np.asarray(harmed.ends)
+    after = ends >= h.at_s
+    bad = np.flatnonzero(after & (gap > 1.0))
+    recovered = None
+    if len(bad) and bad[-1] + 1 < len(ends):
+        recovered = float(ends[bad[-1] + 1] - h.at_s)
+    elif not len(bad):
+        recovered = 0.0
+    reasons = list(dict.fromkeys(reason for _, _, reason in harmed.rollbacks))
+    return HarmReport(h, detected, len(times), recovered, float(gap[after].max()), reasons)
+
+
+def _cause(reason: str) -> str:
+    """Which check a rollback's reason names."""
+    for key, name in (("normalized entropy", "log-loss"), ("AUC", "AUC"), ("PSI", "shift")):
+        if key in reason:
+            return name
+    return reason[:60]
+
+
+def _window_gap(loss: list[float], ref: list[float], events: list[int], n: int) -> np.ndarray:
+    """Per batch: the log-loss gap (%) over the last n batches, `loss` against `ref`."""
+    kernel = np.ones(max(1, n))
+    a = np.convolve(loss, kernel)[:len(loss)]
+    b = np.convolve(ref, kernel)[:len(ref)]
+    return (a / b - 1) * 100
+
+
+def harm_section(config: HarmConfig) -> str:
+    """Run the clean seeds and the harms (on the first seed's stream); the report text."""
+    clean = [run_harm(config, Harm("none"), seed) for seed in range(config.clean_seeds)]
+    reports = [report_harm(config, run_harm(config, h, 0), clean[0]) for h in config.harms()]
+    return format_harm(config, clean, reports)
+
+
+def format_harm(config: HarmConfig, clean: list[Trace], reports: list[HarmReport]) -> str:
+    q, rc = config.quality, config.run
+    lines = [f"Engine with 2 priority replicas and `HealthConfig(quality=QualityConfig("
+             f"logloss_rise={q.logloss_rise}, auc_drop={q.auc_drop}, max_shift={q.max_shift}, "
+             f"min_events={q.min_events}, probe_events={q.probe_events}))`; every batch is "
+             f"predicted by replica 0, observed with its true labels, then trained on; "
+             f"`check()` every {config.check_every_s} stream s from the warm-up's end "
+             f"({rc.warmup_s:.0f} s) to {rc.seconds:.0f} s. Harm at {config.harm_at_s:.0f} "
+             f"stream s on seed 0. Recovered: replica 0's log-loss over the last "
+             f"{config.window_s:.0f} stream s is within 1% of the clean run's trainer (same "
+             "seed, same events, no harm) from then on.\n",
+             "| harm | detected after (stream s) | rollbacks | back within 1% after (stream s) "
+             "| worst gap | why it rolled back |", "|---|---|---|---|---|---|"]
+    names = {"poison": f"labels flipped for {config.poison_s:.0f} s",
+             "dense": f"dense output layer x{config.dense_factor:g}, published",
+             "blow-up": f"category table gradients x{config.blowup_factor:g} for "
+                        f"{config.blowup_s:g} s"}
+    for r in reports:
+        det = "not detected" if r.detected_s is None else f"{r.detected_s:.2f}"
+        rec = "not within the run" if r.recovered_s is None else f"{r.recovered_s:.2f}"
+        why = ", ".join(sorted({_cause(x) for x in r.reasons})) or "-"
+        lines.append(f"| {names[r.harm.kind]} | {det} | {r.rollbacks} | {rec} | "
+                     f"{r.worst_gap:+.1f}% | {why} |")
+    false = [len({at for at, _, _ in c.rollbacks}) for c in clean]
+    lines.append(f"\nClean runs (seeds 0-{len(clean) - 1}, {clean[0].checks} checks each): "
+                 f"{sum(false)} false rollbacks" + (f" (per seed: {false})" if sum(false) else "")
+                 + ".\n")
+    return "\n".join(lines) + "\n"
+
+
 # -- reporting ---------------------------------------------------------------------------------
 def rows_of(r: Run) -> list[dict]:
     """Per predictor: its metrics, the gap to the trainer's log-loss and bytes per stream s."""
@@ -414,6 +627,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-fractions", default="0.25,0.05",
                    help="of the unlimited priority link's row bytes per stream s")
+    p.add_argument("--harm-seeds", type=int, default=None,
+                   help="clean seeded runs of the harm section (10; 1 quick; 0 skips it)")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default benchmarks/results; --quick writes nothing)")
     return p.parse_args(argv)
@@ -427,6 +642,14 @@ def config_of(args: argparse.Namespace) -> RunConfig:
                          batch_s=args.batch_s, stream=stream, seed=args.seed)
     return RunConfig(seconds=args.seconds or 1800.0, warmup_s=args.warmup or 300.0,
                      batch_s=args.batch_s, seed=args.seed)
+
+
+def harm_config_of(args: argparse.Namespace, run_config: RunConfig) -> HarmConfig:
+    seeds = args.harm_seeds if args.harm_seeds is not None else (1 if args.quick else 10)
+    if args.quick:
+        rc = replace(run_config, seconds=36.0, warmup_s=20.0)
+        return HarmConfig(run=rc, harm_at_s=26.0, clean_seeds=seeds)
+    return HarmConfig(clean_seeds=seeds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -451,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
                  "priority link moved; the same for priority and fifo.\n\n"
                  + describe(budgeted) + "\n\n" + format_table(budgeted) + "\n"
                  + budget_verdict(budgeted))
+    harm = harm_config_of(args, config)
+    if harm.clean_seeds:
+        text += ("\n### Harm: the quality health checks\n\n" + harm_section(harm))
     text += (f"\nLoad average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on "
              f"{os.cpu_count()} CPUs; torch {torch.__version__}.\n")
     print(text)

@@ -46,7 +46,8 @@ def test_fresh_replicas_track_the_trainer_and_a_frozen_one_falls_behind() -> Non
 
 def test_quick_writes_nothing_and_reports_the_budgets(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
-    args = ["--quick", "--seconds", "10", "--warmup", "5", "--budget-fractions", "0.25"]
+    args = ["--quick", "--seconds", "10", "--warmup", "5", "--budget-fractions", "0.25",
+            "--harm-seeds", "0"]
     assert bench.main(args) == 0
     assert not (tmp_path / "results").exists()
     out = capsys.readouterr().out
@@ -55,3 +56,22 @@ def test_quick_writes_nothing_and_reports_the_budgets(tmp_path, monkeypatch, cap
     assert "- budget " in out and "compression" in out
     assert bench.main(args + ["--out", str(tmp_path)]) == 0
     assert (tmp_path / "quality.md").exists() and (tmp_path / "quality.png").exists()
+
+
+def test_harm_a_corrupted_dense_snapshot_is_detected_and_rolled_back() -> None:
+    """The harm section on a short seeded run: a clean run rolls nothing back, a dense
+    module corrupted (output layer x4) and published is caught by the next check, which
+    rolls the tables and the dense module back; the report says so."""
+    args = bench.parse_args(["--quick", "--harm-seeds", "1"])
+    config = bench.harm_config_of(args, bench.config_of(args))
+    clean = bench.run_harm(config, bench.Harm("none"), 0)
+    assert clean.checks > 0 and clean.rollbacks == []
+    harm = next(h for h in config.harms() if h.kind == "dense")
+    harmed = bench.run_harm(config, harm, 0)
+    report = bench.report_harm(config, harmed, clean)
+    assert report.detected_s is not None and report.detected_s <= config.check_every_s
+    assert {table for _, table, _ in harmed.rollbacks} == {"user", "item", "category", "dense"}
+    assert report.worst_gap > 1.0  # it did hurt before the rollback
+    text = bench.format_harm(config, [clean], [report])
+    assert "| dense output layer x4, published | 0.50 | 1 |" in text
+    assert "0 false rollbacks" in text
