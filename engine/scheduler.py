@@ -208,6 +208,7 @@ class Link:
         self.dense_sent = -1
         self.dense_failed: tuple[int, str] | None = None  # a refused snapshot: (version, why)
         self.dense_bytes = 0
+        self.dense_charged = self.rows_charged = 0  # budget bytes each kind has been charged
 
     # -- from the engine ---------------------------------------------------------
     def enqueue(self, c: Commit, significance: np.ndarray) -> None:
@@ -373,12 +374,26 @@ class Link:
     # -- choosing rows --------------------------------------------------------------------
     def _take_dense(self) -> tuple[int, bytes] | None:
         """The waiting dense snapshot, charged to the budget ahead of the rows (it is
-        one message, sent whole; the bucket may go into debt for it). Under the lock."""
-        dense, self.dense_pending = self.dense_pending, None
-        if dense is not None and self.config.bandwidth is not None:
+        one message, sent whole; the bucket may go into debt for it). Under a budget
+        it waits while rows wait and snapshots have been charged more bytes than
+        rows: snapshots published faster than the budget refills would otherwise
+        take all of it, and no row would ever be sent. Under the lock."""
+        dense = self.dense_pending
+        if dense is None:
+            return None
+        if self.config.bandwidth is not None:
+            if self.dense_charged > self.rows_charged and self._rows_waiting():
+                return None  # the rows had less of the budget: they go first
             self._refill()
             self.tokens -= len(dense[1])
+            self.dense_charged += len(dense[1])
+        self.dense_pending = None
         return dense
+
+    def _rows_waiting(self) -> bool:
+        if self.config.policy == "fifo":
+            return any(self.fifo.values())
+        return any(p.queue for p in self.pending.values())
 
     def _select(self) -> list:
         """(table, ids, commit times, summed norms) to send now; called under the lock."""
@@ -411,7 +426,9 @@ class Link:
 
     def _charge(self, out: list) -> None:
         if self.config.bandwidth is not None:
-            self.tokens -= sum(len(b[1]) * self.row_bytes[b[0]] + PACKET_HEADER for b in out)
+            cost = sum(len(b[1]) * self.row_bytes[b[0]] + PACKET_HEADER for b in out)
+            self.tokens -= cost
+            self.rows_charged += cost
 
     def _fit(self, cands: dict[str, np.ndarray], budget: float) -> dict[str, np.ndarray]:
         out = {}

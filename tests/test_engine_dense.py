@@ -294,3 +294,30 @@ def test_load_table_starts_from_trained_rows_and_refuses_bad_ones(tmp_path) -> N
     with pytest.raises(EkkoError, match="no table"):
         model.load_table("nope", w)
     assert np.array_equal(buf.master, w.numpy())  # nothing of the refused loads written
+
+
+@pytest.mark.parametrize("policy", ["priority", "fifo", "periodic"])
+def test_snapshots_published_faster_than_the_budget_refills_do_not_starve_the_rows(
+        model, policy) -> None:
+    """The link's choices, driven by hand (its thread never starts): each stream step
+    commits rows and publishes a snapshot larger than a step's refill. A snapshot
+    charged ahead of every batch kept the bucket in debt and no row was ever chosen."""
+    clock = ManualClock()
+    dense, stream = ClicksDense(), ClickStream(SMALL)
+    snapshot = len(ekko.engine.dense.take_snapshot(dense, 1).to_bytes())
+    config = SchedulerConfig(policy=policy, bandwidth=snapshot, interval_s=0.25, clock=clock)
+    engine = ekko.Engine(model, replicas=1, dense=dense, scheduler=config)  # not started
+    link = engine.links[0]
+    emb = ekko.torch.EmbeddingBags(engine)
+    rows = snapshots = 0
+    for _ in range(24):
+        sparse, x, y = batch(stream, 32)
+        F.binary_cross_entropy_with_logits(dense(emb(sparse), x), y).backward()
+        engine.publish_dense()
+        clock.advance(0.25)  # refills a quarter of a snapshot
+        with link.cond:
+            if link._ready():
+                snapshots += link._take_dense() is not None
+                rows += sum(len(b[1]) for b in link._select())
+    assert snapshots >= 2 and rows > 0, (snapshots, rows)
+    assert link.rows_charged >= link.dense_charged - snapshot
