@@ -86,6 +86,7 @@ class ShardConfig:
     log_limit_bytes: int = 1 << 30  # a snapshot (and an empty log) after this much log
     fsync: bool = True
     on_damage: str = "refuse"  # or "cut": see ShardServer._restore
+    mark_lag: int = 1  # HealthConfig.mark_lag
 
 
 @dataclass
@@ -115,7 +116,7 @@ class ShardServer:
         self.lo = {t.name: shard_bounds(full[t.name], config.shards)[config.shard]
                    for t in model.tables}
         self.primary = Primary(compile_model(model), history_rows=config.history_rows,
-                               seed=config.seed + config.shard)
+                               seed=config.seed + config.shard, mark_lag=config.mark_lag)
         self.health = HealthConfig(config.outlier_factor, config.warmup)
         self.locks = {n: threading.Lock() for n in self.primary.tables}
         self.last_seq = dict.fromkeys(self.primary.tables, 0)
@@ -215,6 +216,8 @@ class ShardServer:
             for a, b in zip(have, pt.arrays()):
                 np.copyto(b, a)
             pt.version = pt.healthy_version = m["version"]
+            if pt.undo is not None:
+                pt.undo.clear(pt.version)
             pt.buf.step, pt.norm_mean, pt.commits = m["step"], m["norm_mean"], m["commits"]
             pt.cache.floor = m["version"]  # history before the snapshot is gone
             self.last_seq[name] = m["last_seq"]
@@ -231,7 +234,7 @@ class ShardServer:
         try:
             arrays, meta = {}, {"tables": {}}
             for name, pt in self.primary.tables.items():
-                self.primary.mark_healthy(name)
+                self.primary.mark_all_healthy(name)
                 for key, a in zip(self._array_keys(name), pt.arrays()):
                     arrays[key] = a
                 meta["tables"][name] = {"version": pt.version, "step": pt.buf.step,

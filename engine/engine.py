@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +97,11 @@ class Engine:
         if quality is not None and self.dense is None:
             raise EkkoError("quality checks judge predictions: they need a dense module (dense=)")
         self.probe = None if quality is None else Probe(quality.probe_events)
-        self.quality_marks: dict[int, Quality] = {}  # per replica, at the last healthy mark
         self.quality_last: dict[int, dict] = {}  # per replica, what the last check measured
-        self._dense_mark = self.dense_initial  # the snapshot a failed check goes back to
+        # the healthy marks of the last mark_lag passing checks, oldest first: a failed
+        # check goes back to the oldest (the tables' undo log keeps as many epochs)
+        self._marks: deque[_Mark] = deque([_Mark({}, self.dense_initial)],
+                                          maxlen=self.health.mark_lag)
         self.tables = {t.name: t for t in model.model.tables}
         # commit and announce happen under one lock per table, so links hear a
         # table's versions in order (a watermark never passes an unannounced one)
@@ -334,9 +338,17 @@ class Engine:
             self._rollback_dense(reason)
             for _ in self._each_replica(lambda r: r.settle_divergent()):
                 pass
+            oldest = self._marks[0]  # the state everything went back to
+            self._marks.clear()
+            self._marks.append(oldest)
             if self.probe is not None:
                 self._remeasure()
             return False
+
+    @property
+    def quality_marks(self) -> dict[int, Quality]:
+        """Per replica, its quality at the mark a failed check goes back to."""
+        return self._marks[0].quality
 
     # -- quality (engine/quality.py) --------------------------------------------------------
     def observe(self, sparse: Any, x: Any, y: Any) -> None:
@@ -366,7 +378,7 @@ class Engine:
         except EkkoError:
             return
         _, now = self._quality_problem(judge=False)
-        self.quality_marks.update(now)
+        self._marks[0].quality.update(now)
 
     def _quality_problem(self, judge: bool = True) -> tuple[str | None, dict[int, Quality]]:
         """(the first replica whose predictions on the probe are harmed, each replica's
@@ -398,23 +410,21 @@ class Engine:
         return None, now
 
     def _mark_dense(self, quality: dict[int, Quality] | None) -> None:
-        """A passing check: its quality is the new mark, and so is the oldest dense
-        snapshot a replica holds (every replica ran it or a newer one)."""
-        if quality:
-            self.quality_marks.update(quality)
-        if self.dense is None:
-            return
-        held = [v for v in (r.held_dense() for r in self.transport.replica_ports
-                            if r.available()) if v >= 0]
-        version = min(held, default=self._dense_mark.version if self._dense_mark else 0)
-        snap = self._dense_recent.get(version)
-        if snap is not None:
-            self._dense_mark = snap
+        """A passing check is a new mark: its quality, and the oldest dense snapshot a
+        replica holds (every replica ran it or a newer one)."""
+        latest = self._marks[-1]
+        dense = latest.dense
+        if self.dense is not None:
+            held = [v for v in (r.held_dense() for r in self.transport.replica_ports
+                                if r.available()) if v >= 0]
+            version = min(held, default=dense.version if dense is not None else 0)
+            dense = self._dense_recent.get(version, dense)
+        self._marks.append(_Mark({**latest.quality, **(quality or {})}, dense))
 
     def _rollback_dense(self, reason: str) -> None:
         """Put the trainer's dense module back to the mark's weights and publish them as
         a new version (the torch optimizer's own state is the trainer's to reset)."""
-        mark = self._dense_mark
+        mark = self._marks[0].dense
         if self.dense is None or mark is None or _same_state(mark, self._dense_recent.get(
                 self.dense_version)):
             return  # the replicas are sent the mark's weights already
@@ -548,6 +558,15 @@ class Engine:
 
 
 _DENSE_KEPT = 64  # recent snapshots kept: a healthy mark is one of them
+
+
+@dataclass
+class _Mark:
+    """What a passing check marked healthy besides the tables: each replica's quality
+    and the dense snapshot they all held."""
+
+    quality: dict[int, Quality]
+    dense: DenseSnapshot | None
 _REMEASURE_WAIT_S = 30.0  # how long a rollback waits for the replicas to re-measure quality
 
 

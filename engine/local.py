@@ -145,7 +145,8 @@ class LocalTransport:
         previous = _take_over(model, engine)
         if previous is not None:  # before reading the tables: its steps must be over
             previous._retire(RETIRED)
-        self.primary = Primary(model, history_rows=history_rows, seed=seed)
+        self.primary = Primary(model, history_rows=history_rows, seed=seed,
+                               mark_lag=engine.health.mark_lag)
         snapshot = {n: (pt.buf.lookup_table, pt.buf.versions) for n, pt in self.primary.tables.items()}
         issued = {n: pt.version for n, pt in self.primary.tables.items()}
         self.replicas = [Replica(i, model, snapshot, issued, engine.dense)

@@ -85,42 +85,71 @@ class UpdateCache:
 
 
 class UndoLog:
-    """Old values of the rows changed since the last healthy mark (each row once)."""
+    """Old values of the rows changed since each of the last `keep` healthy marks.
 
-    def __init__(self, rows: int):
-        self.saved = np.zeros(rows, bool)
-        self.chunks: list[tuple[np.ndarray, list[np.ndarray]]] = []
+    One epoch per mark, each row saved once per epoch (the cost follows the
+    rows changed, not the table). A rollback writes the epochs back newest
+    first, so the rows end at their values at the oldest mark kept: with
+    keep > 1 a rollback goes back past marks that checks passed while a slow
+    harm (a poisoned burst) was not yet visible.
+    """
+
+    def __init__(self, rows: int, keep: int = 1):
+        self.keep = keep
+        self.saved = np.zeros(rows, bool)  # saved in the current epoch
+        self.epochs: list[list[tuple[np.ndarray, list[np.ndarray]]]] = [[]]
+        self.starts: list[int] = [0]  # the version at each epoch's mark
         self.rows = 0
 
+    @property
+    def chunks(self) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """Every saved chunk, oldest epoch first."""
+        return [c for e in self.epochs for c in e]
+
     def save(self, ids: np.ndarray, arrays: list[np.ndarray]) -> np.ndarray:
-        """Keep the current values of the ids not saved yet; returns those ids."""
+        """Keep the current values of the ids not saved in this epoch; returns those ids."""
         new = ids[~self.saved[ids]]
         if len(new):
             self.saved[new] = True
-            self.chunks.append((new, [a[new].copy() for a in arrays]))
+            self.epochs[-1].append((new, [a[new].copy() for a in arrays]))
             self.rows += len(new)
         return new
 
     def forget(self, ids: np.ndarray) -> None:
         """Drop the last chunk again (its update was rejected before writing)."""
-        if len(ids) and self.chunks and self.chunks[-1][0] is ids:
-            self.chunks.pop()
+        current = self.epochs[-1]
+        if len(ids) and current and current[-1][0] is ids:
+            current.pop()
             self.saved[ids] = False
             self.rows -= len(ids)
 
-    def restore(self, arrays: list[np.ndarray]) -> np.ndarray:
-        """Write every saved value back; returns the restored ids and empties the log."""
-        ids = [c[0] for c in self.chunks]
-        for chunk_ids, olds in self.chunks:
-            for a, old in zip(arrays, olds):
-                a[chunk_ids] = old
-        self.clear()
-        return np.concatenate(ids) if ids else np.zeros(0, np.int64)
-
-    def clear(self) -> None:
-        for chunk_ids, _ in self.chunks:
+    def mark(self, version: int) -> None:
+        """A healthy mark at `version`: a new epoch; the oldest beyond `keep` is dropped."""
+        for chunk_ids, _ in self.epochs[-1]:
             self.saved[chunk_ids] = False
-        self.chunks.clear()
+        self.epochs.append([])
+        self.starts.append(version)
+        while len(self.epochs) > self.keep:
+            self.rows -= sum(len(c[0]) for c in self.epochs.pop(0))
+            self.starts.pop(0)
+
+    def restore(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """Write every saved value back, newest epoch first; returns the restored ids
+        and leaves one empty epoch."""
+        ids = [c[0] for c in self.chunks]
+        for epoch in reversed(self.epochs):
+            for chunk_ids, olds in epoch:
+                for a, old in zip(arrays, olds):
+                    a[chunk_ids] = old
+        self.clear()
+        return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+
+    def clear(self, version: int | None = None) -> None:
+        """Forget everything: one empty epoch (marked at `version`, if given)."""
+        for chunk_ids, _ in self.epochs[-1]:
+            self.saved[chunk_ids] = False
+        self.epochs = [[]]
+        self.starts = [self.starts[-1] if version is None else version]
         self.rows = 0
 
 
@@ -151,7 +180,7 @@ class Primary:
     """See the module docstring."""
 
     def __init__(self, model: CompiledModel, history_rows: int = 1 << 24,
-                 undo: bool = True, seed: int = 0):
+                 undo: bool = True, seed: int = 0, mark_lag: int = 1):
         if not model.tables:
             model.materialize(seed=seed)
         self.model = model
@@ -160,8 +189,10 @@ class Primary:
             spec = model.update_specs[t.name]
             pt = PrimaryTable(t.name, model.tables[t.name], spec.serving or spec.table_dtype)
             pt.cache = UpdateCache(history_rows)
-            pt.undo = UndoLog(t.rows) if undo else None
+            pt.undo = UndoLog(t.rows, mark_lag) if undo else None
             self._continue_versions(pt)
+            if pt.undo is not None:
+                pt.undo.clear(pt.version)
             self.tables[t.name] = pt
         self._pack = {name: pack_kernel(pt.buf.table.dim, pt.layout) for name, pt in self.tables.items()}
 
@@ -265,11 +296,24 @@ class Primary:
 
     # -- health ---------------------------------------------------------------
     def mark_healthy(self, table: str) -> int:
-        """The current version is healthy: forget the old values kept for rollback."""
+        """The current version is healthy: a rollback goes back no further than the
+        `mark_lag`-th most recent mark (old values from before it are forgotten)."""
         pt = self.table(table)
         with pt.lock:
             if pt.undo is not None:
-                pt.undo.clear()
+                if pt.version != pt.undo.starts[-1]:  # nothing changed: not a new mark
+                    pt.undo.mark(pt.version)
+                pt.healthy_version = pt.undo.starts[0]
+            else:
+                pt.healthy_version = pt.version
+            return pt.version
+
+    def mark_all_healthy(self, table: str) -> int:
+        """The current version is healthy and no rollback may go behind it (a snapshot)."""
+        pt = self.table(table)
+        with pt.lock:
+            if pt.undo is not None:
+                pt.undo.clear(pt.version)
             pt.healthy_version = pt.version
             return pt.version
 
@@ -290,6 +334,7 @@ class Primary:
             pt.buf.versions[ids] = pt.version
             pt.cache.record(pt.version, ids)
             pt.healthy_version = pt.version
+            pt.undo.clear(pt.version)
             commit = Commit(table, pt.version, ids, np.full(len(ids), np.inf, np.float32),
                             time.time_ns(), rollback=True)
             commit.undone = undone  # type: ignore[attr-defined]

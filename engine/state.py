@@ -52,6 +52,7 @@ class HealthConfig:
     score: Callable[[Any], bool | float] | None = None
     min_score: float | None = None
     quality: QualityConfig | None = None  # judge replicas' predictions too (engine/quality.py)
+    mark_lag: int = 1  # a rollback goes back to the mark this many passing checks ago
 
 
 @dataclass
@@ -130,6 +131,9 @@ def check_health_config(health: Any) -> HealthConfig:
         raise EkkoError(f"check_every must be a non-negative integer, got {health.check_every!r}")
     if health.score is not None and not callable(health.score):
         raise EkkoError(f"the score hook must be callable, got {type(health.score).__name__}")
+    if not isinstance(health.mark_lag, int) or isinstance(health.mark_lag, bool) \
+            or not 1 <= health.mark_lag <= 64:
+        raise EkkoError(f"mark_lag must be an integer from 1 to 64, got {health.mark_lag!r}")
     if health.quality is not None and not isinstance(health.quality, QualityConfig):
         raise EkkoError(f"quality must be a QualityConfig, got {type(health.quality).__name__}")
     return health

@@ -97,7 +97,8 @@ class RayTransport:
         self.shards = [shard_cls.options(name=names[s], **base, max_concurrency=8,
                                          **options.get("primary", {})).remote(ShardConfig(
             m, s, k, str(self.directory / f"primary-{s}"), seed, history_rows,
-            health.outlier_factor, health.warmup, log_limit, fsync, self.on_damage))
+            health.outlier_factor, health.warmup, log_limit, fsync, self.on_damage,
+            health.mark_lag))
             for s in range(k)]
         row_bytes = [call(s.row_bytes.remote(), self.timeout) for s in self.shards]
         self.issued = [dict.fromkeys(tables_of[s], 0) for s in range(k)]
