@@ -365,9 +365,10 @@ class HarmConfig:
 
     run: RunConfig = field(default_factory=lambda: RunConfig(seconds=200.0, warmup_s=120.0))
     check_every_s: float = 0.5  # stream s between Engine.check() calls (from the warm-up on)
-    # the defaults but a 4% allowed rise of normalized entropy (the default 10% let a
-    # poisoned burst creep into the healthy mark: back within 1% after 30 s, not 8 s)
-    quality: QualityConfig = field(default_factory=lambda: QualityConfig(logloss_rise=0.04))
+    # the defaults (a 10% allowed rise of normalized entropy let a poisoned burst creep
+    # into the healthy mark: back within 1% after 30 s, not 8 s; the default is 4% now)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    mark_lag: int = 1  # HealthConfig.mark_lag: a rollback goes back this many passing checks
     harm_at_s: float = 150.0
     poison_s: float = 3.0
     dense_factor: float = 4.0
@@ -403,7 +404,7 @@ def run_harm(config: HarmConfig, harm: Harm, seed: int) -> Trace:
     torch.manual_seed(seed)
     stream = ClickStream(replace(rc.stream, seed=seed))
     dense = ClicksDense(dense=rc.stream.dense)
-    health = HealthConfig(quality=config.quality)
+    health = HealthConfig(quality=config.quality, mark_lag=config.mark_lag)
     trace, t = Trace(harm, seed), 0.0
     every = max(1, round(config.check_every_s / rc.batch_s))
     with ekko.Engine(ekko.compile_model(MODEL), replicas=2, dense=dense,
@@ -490,7 +491,8 @@ def format_harm(config: HarmConfig, clean: list[Trace], reports: list[HarmReport
     q, rc = config.quality, config.run
     lines = [f"Engine with 2 priority replicas and `HealthConfig(quality=QualityConfig("
              f"logloss_rise={q.logloss_rise}, auc_drop={q.auc_drop}, max_shift={q.max_shift}, "
-             f"min_events={q.min_events}, probe_events={q.probe_events}))`; every batch is "
+             f"min_events={q.min_events}, probe_events={q.probe_events}), "
+             f"mark_lag={config.mark_lag})`; every batch is "
              f"predicted by replica 0, observed with its true labels, then trained on; "
              f"`check()` every {config.check_every_s} stream s from the warm-up's end "
              f"({rc.warmup_s:.0f} s) to {rc.seconds:.0f} s. Harm at {config.harm_at_s:.0f} "
