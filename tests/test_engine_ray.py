@@ -253,6 +253,36 @@ def test_check_marks_and_rollbacks_are_logged_and_replayed(model, tmp_path) -> N
         assert np.array_equal(np.sort(again.changed()[name]), np.sort(ids)), name
 
 
+def test_a_lagged_mark_is_replayed_the_same(model, tmp_path) -> None:
+    """mark_lag=2 on a shard: two marks, more steps, a kill: the replayed shard goes back
+    as far as the live one would (the undo log's epochs are rebuilt from the log)."""
+    cfg = ShardConfig(model.model, 0, 1, str(tmp_path / "primary-0"), seed=5, mark_lag=2)
+    shard = ShardServer(cfg)
+    rng = np.random.default_rng(6)
+    seq = dict.fromkeys([t.name for t in model.model.tables], 0)
+    a = model.model.tables[0].name
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            for t in model.model.tables:
+                seq[t.name] += 1
+                shard.step(t.name, seq[t.name], rng.integers(0, t.rows, 20),
+                           (rng.standard_normal((20, t.dim)) * 0.1).astype(np.float32))
+
+    steps(2)
+    shard.mark_healthy()
+    first = shard.serving(a)[0].copy()  # the mark a rollback returns to (two marks back)
+    steps(2)
+    shard.mark_healthy()
+    steps(2)
+    again = ShardServer(cfg)  # as after a kill -9: the log replays both marks
+    for name, ids in shard.changed().items():
+        assert np.array_equal(np.sort(again.changed()[name]), np.sort(ids)), name
+    for s in (shard, again):
+        commit, _ = s.rollback(a, "harm")
+        assert commit is not None and s.serving(a)[0].tobytes() == first.tobytes()
+
+
 # -- one local Ray session ------------------------------------------------------------------
 @pytest.fixture(scope="class")
 def local_ray():
