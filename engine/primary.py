@@ -84,6 +84,17 @@ class UpdateCache:
         return np.unique(np.concatenate(parts))
 
 
+def squared_norms(grads: np.ndarray) -> np.ndarray:
+    """Each row's squared L2 norm, f64. Summed in f32 (an f64 einsum of f32 rows casts
+    every element: it was 40% of an SGD step); rows whose f32 sum overflowed (finite
+    gradients near f32's limit) are summed again in f64, so their norms stay finite."""
+    sq = np.einsum("ij,ij->i", grads, grads).astype(np.float64)
+    big = ~np.isfinite(sq)
+    if big.any():
+        sq[big] = np.einsum("ij,ij->i", grads[big], grads[big], dtype=np.float64)
+    return sq
+
+
 class UndoLog:
     """Old values of the rows changed since each of the last `keep` healthy marks.
 
@@ -220,9 +231,7 @@ class Primary:
         pt = self.table(table)
         ids, grads = check_delta(ids, grads, pt.buf.table.rows, pt.buf.table.dim)
         uniq, inverse = np.unique(ids, return_inverse=True)
-        # in f64: finite f32 gradients near f32's limit have finite norms (f32 squares overflow)
-        norms = np.sqrt(np.bincount(inverse, weights=np.einsum("ij,ij->i", grads, grads,
-                                                               dtype=np.float64),
+        norms = np.sqrt(np.bincount(inverse, weights=squared_norms(grads),
                                     minlength=len(uniq))) if len(ids) else np.zeros(0)
         with pt.lock:
             saved = pt.undo.save(uniq, pt.arrays()) if pt.undo is not None else uniq[:0]

@@ -85,3 +85,16 @@ def test_mark_lag_is_checked(model) -> None:
     for bad in (0, -1, 65, True, 1.5):
         with pytest.raises(EkkoError, match="mark_lag"):
             ekko.Engine(model, health=HealthConfig(mark_lag=bad))
+
+
+def test_update_norms_of_gradients_near_f32s_limit_stay_finite_and_exact() -> None:
+    from ekko.engine.primary import squared_norms
+
+    rng = np.random.default_rng(0)
+    grads = rng.standard_normal((300, 7)).astype(np.float32)
+    grads[[3, 200]] = 3e38  # finite, but their f32 squares overflow
+    got = squared_norms(grads)
+    want = (grads.astype(np.float64) ** 2).sum(1)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert squared_norms(np.zeros((0, 4), np.float32)).shape == (0,)
