@@ -122,7 +122,7 @@ class UndoLog:
         new = ids[~self.saved[ids]]
         if len(new):
             self.saved[new] = True
-            self.epochs[-1].append((new, [a[new].copy() for a in arrays]))
+            self.epochs[-1].append((new, [np.take(a, new, axis=0) for a in arrays]))  # a copy
             self.rows += len(new)
         return new
 
