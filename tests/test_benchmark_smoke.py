@@ -9,25 +9,17 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "update_kernels.py"
+from tests.scripts import ROOT, load_script
+
+BENCH = ROOT / "benchmarks" / "update_kernels.py"
 
 
-def _load() -> ModuleType:
-    """Import the benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_update_kernels", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load()
+bench = load_script("benchmarks/update_kernels.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,15 @@ catalog's, exactly as scripts/doc_tables.py renders them."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from ekko.dialects import catalog
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("doc_tables", ROOT / "scripts" / "doc_tables.py")
-doc_tables = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-_spec.loader.exec_module(doc_tables)  # type: ignore[union-attr]
+doc_tables = load_script("scripts/doc_tables.py")
 
 
 @pytest.mark.parametrize("name", doc_tables.FILES)

@@ -216,11 +216,8 @@ def test_a_restarted_shard_replays_its_snapshot_and_log_to_the_same_bytes(model,
     assert not whole and 0 < sum(len(p) for p in packets) < t.rows
 
 
-def test_check_marks_and_rollbacks_are_logged_and_replayed(model, tmp_path) -> None:
-    """Engine.check() on Ray marks shards healthy or rolls them back: a replay must too."""
-    cfg = ShardConfig(model.model, 0, 1, str(tmp_path / "primary-0"), seed=3)
-    shard = ShardServer(cfg)
-    rng = np.random.default_rng(4)
+def _shard_steps(model, shard, rng):
+    """steps(n): n rounds of one 20-id step on every table of `shard`, numbered on."""
     seq = dict.fromkeys([t.name for t in model.model.tables], 0)
 
     def steps(n: int) -> None:
@@ -229,6 +226,15 @@ def test_check_marks_and_rollbacks_are_logged_and_replayed(model, tmp_path) -> N
                 seq[t.name] += 1
                 shard.step(t.name, seq[t.name], rng.integers(0, t.rows, 20),
                            (rng.standard_normal((20, t.dim)) * 0.1).astype(np.float32))
+    return steps
+
+
+def test_check_marks_and_rollbacks_are_logged_and_replayed(model, tmp_path) -> None:
+    """Engine.check() on Ray marks shards healthy or rolls them back: a replay must too."""
+    cfg = ShardConfig(model.model, 0, 1, str(tmp_path / "primary-0"), seed=3)
+    shard = ShardServer(cfg)
+    rng = np.random.default_rng(4)
+    steps = _shard_steps(model, shard, rng)
 
     steps(3)
     assert all(len(ids) for ids in shard.changed().values())
@@ -258,16 +264,8 @@ def test_a_lagged_mark_is_replayed_the_same(model, tmp_path) -> None:
     as far as the live one would (the undo log's epochs are rebuilt from the log)."""
     cfg = ShardConfig(model.model, 0, 1, str(tmp_path / "primary-0"), seed=5, mark_lag=2)
     shard = ShardServer(cfg)
-    rng = np.random.default_rng(6)
-    seq = dict.fromkeys([t.name for t in model.model.tables], 0)
+    steps = _shard_steps(model, shard, np.random.default_rng(6))
     a = model.model.tables[0].name
-
-    def steps(n: int) -> None:
-        for _ in range(n):
-            for t in model.model.tables:
-                seq[t.name] += 1
-                shard.step(t.name, seq[t.name], rng.integers(0, t.rows, 20),
-                           (rng.standard_normal((20, t.dim)) * 0.1).astype(np.float32))
 
     steps(2)
     shard.mark_healthy()

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "parse_ir.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("parse_ir_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import load_script
 
 
 def test_generated_module_round_trips() -> None:
-    bench = _load()
+    bench = load_script("benchmarks/parse_ir.py")
     text, count = bench.generate(500)
     assert count >= 500
     module = bench.parse(text)
@@ -34,7 +23,7 @@ def test_generated_module_round_trips() -> None:
 
 
 def test_cli_prints_the_table(capsys) -> None:
-    bench = _load()
+    bench = load_script("benchmarks/parse_ir.py")
     results = sorted((p.name, p.read_bytes()) for p in bench.RESULTS.iterdir())
     assert bench.main(["--quick", "--ops", "500", "--check"]) == 0
     assert sorted((p.name, p.read_bytes()) for p in bench.RESULTS.iterdir()) == results

@@ -4,27 +4,13 @@ one, the budgets run, and --quick writes nothing."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
+
+from tests.scripts import load_script
 
 pytest.importorskip("torch")
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load()
+bench = load_script("benchmarks/quality.py")
 
 
 def test_fresh_replicas_track_the_trainer_and_a_frozen_one_falls_behind() -> None:
@@ -43,7 +29,6 @@ def test_fresh_replicas_track_the_trainer_and_a_frozen_one_falls_behind() -> Non
     for m in rows.values():
         assert 0 < m["logloss"] < 1 and 0.5 < m["auc"] <= 1
 
-
 def test_quick_writes_nothing_and_reports_the_budgets(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
     args = ["--quick", "--seconds", "10", "--warmup", "5", "--budget-fractions", "0.25",
@@ -56,7 +41,6 @@ def test_quick_writes_nothing_and_reports_the_budgets(tmp_path, monkeypatch, cap
     assert "- budget " in out and "compression" in out
     assert bench.main(args + ["--out", str(tmp_path)]) == 0
     assert (tmp_path / "quality.md").exists() and (tmp_path / "quality.png").exists()
-
 
 def test_harm_a_corrupted_dense_snapshot_is_detected_and_rolled_back() -> None:
     """The harm section on a short seeded run: a clean run rolls nothing back, a dense

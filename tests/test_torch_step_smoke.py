@@ -3,27 +3,15 @@ from the same rows and agree after a checked step, and --quick writes nothing.""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from tests.scripts import load_script
+
 pytest.importorskip("torch")
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "torch_step.py"
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_torch_step", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load()
+bench = load_script("benchmarks/torch_step.py")
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam"])

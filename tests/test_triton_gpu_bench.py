@@ -7,31 +7,20 @@ the script is known to work before it meets the GPU machine.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.scripts import load_script
 
 if os.environ.get("TRITON_INTERPRET", "") in ("", "0") and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_quick_runs_every_peer_and_writes_nothing(capsys, monkeypatch, tmp_path) -> None:
-    bench = _load()
+    bench = load_script("benchmarks/gpu.py")
     monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
     assert bench.main(["--quick"]) == 0
     out = capsys.readouterr().out
@@ -48,7 +37,7 @@ def test_torch_peers_match_ekko_formulas() -> None:
     import ekko
     from ekko.kernels import quant
 
-    bench = _load()
+    bench = load_script("benchmarks/gpu.py")
     rng = torch.Generator().manual_seed(0)
     rows, dim = 50, 12
     ids = torch.randint(0, rows, (80,), generator=rng)
@@ -69,7 +58,7 @@ def test_torch_peers_match_ekko_formulas() -> None:
 
 def test_torch_compile_peers_are_skipped_past_the_budget(monkeypatch) -> None:
     """gpu.sh keeps the whole run in a few minutes: late compiles are reported as skipped."""
-    bench = _load()
+    bench = load_script("benchmarks/gpu.py")
     monkeypatch.setattr(bench, "BUDGET", [-1.0])
     with pytest.raises(bench.Unavailable, match="budget"):
         bench._compiled(bench.torch_adam, "cpu")()
