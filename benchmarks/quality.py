@@ -368,7 +368,7 @@ class HarmConfig:
     # the defaults (a 10% allowed rise of normalized entropy let a poisoned burst creep
     # into the healthy mark: back within 1% after 30 s, not 8 s; the default is 4% now)
     quality: QualityConfig = field(default_factory=QualityConfig)
-    mark_lag: int = 1  # HealthConfig.mark_lag: a rollback goes back this many passing checks
+    mark_lag: int = 2  # HealthConfig.mark_lag: a rollback goes back this many passing checks
     harm_at_s: float = 150.0
     poison_s: float = 3.0
     dense_factor: float = 4.0

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     stream = ClickStream(ClickStreamConfig(seed=args.seed))
     dense = ClicksDense()
-    health = HealthConfig(quality=QualityConfig(probe_events=4000))
+    health = HealthConfig(quality=QualityConfig(probe_events=4000), mark_lag=2)
     wall = time.perf_counter()
     with ekko.Engine(MODEL, replicas=2, dense=dense, health=health) as engine:
         predictions = run(engine, dense, stream, args)
