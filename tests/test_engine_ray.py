@@ -281,6 +281,32 @@ def test_a_lagged_mark_is_replayed_the_same(model, tmp_path) -> None:
         assert commit is not None and s.serving(a)[0].tobytes() == first.tobytes()
 
 
+def _head():
+    """A dense part for the small model; its class is made here, so cloudpickle sends it
+    to the replica processes by value (they cannot import this test module)."""
+    import torch
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8 + 16 + 9 + 2, 1)
+
+        def forward(self, pooled, x):
+            return self.lin(torch.cat([pooled["fa"], pooled["fd"], pooled["fh"], x], 1))
+
+    return Head()
+
+
+def _batch(rng: np.random.Generator, n: int) -> tuple[dict, object]:
+    """n bags of 4 ids per feature of the small model, and dense context x (n, 2)."""
+    import torch
+
+    offsets = np.arange(0, 4 * n + 1, 4)
+    sparse = {f: (rng.integers(0, rows, 4 * n), offsets)
+              for f, rows in (("fa", 300), ("fd", 500), ("fh", 90))}
+    return sparse, torch.from_numpy(rng.standard_normal((n, 2)).astype(np.float32))
+
+
 # -- one local Ray session ------------------------------------------------------------------
 @pytest.fixture(scope="class")
 def local_ray():
@@ -416,20 +442,9 @@ class TestLocal:
         (what the module computes on their rows), and a killed one comes back with it."""
         import torch
 
-        class Head(torch.nn.Module):  # defined here: cloudpickle sends it by value
-            def __init__(self):
-                super().__init__()
-                self.lin = torch.nn.Linear(8 + 16 + 9 + 2, 1)
-
-            def forward(self, pooled, x):
-                return self.lin(torch.cat([pooled["fa"], pooled["fd"], pooled["fh"], x], 1))
-
         torch.manual_seed(4)
-        head, stream = Head(), Stream(model, seed=9)
-        rng = np.random.default_rng(2)
-        sparse = {f: (rng.integers(0, rows, 12), np.array([0, 4, 9, 12]))
-                  for f, rows in (("fa", 300), ("fd", 500), ("fh", 90))}
-        x = torch.from_numpy(rng.standard_normal((3, 2)).astype(np.float32))
+        head, stream = _head(), Stream(model, seed=9)
+        sparse, x = _batch(np.random.default_rng(2), 3)
 
         def expected(replica) -> torch.Tensor:
             pooled = {f: torch.tensor(replica.lookup(f, ids, offsets,
@@ -465,6 +480,40 @@ class TestLocal:
             engine.publish_dense()
             engine.flush(WAIT)
             assert all(torch.equal(r.predict(sparse, x), expected(r)) for r in engine.replicas)
+        engine.shutdown()
+
+    def test_quality_checks_judge_replica_processes_and_roll_the_dense_part_back(
+            self, model) -> None:
+        """observe() keeps the probe here; the replicas predict it in their processes; a
+        corrupted snapshot is judged harm and the trainer's module goes back to the mark."""
+        import torch
+
+        from ekko.engine.quality import QualityConfig
+
+        torch.manual_seed(5)
+        head, rng = _head(), np.random.default_rng(3)
+        probe = [_batch(rng, 100) for _ in range(4)]
+        health = HealthConfig(quality=QualityConfig(min_events=200, probe_events=400),
+                              mark_lag=2)
+        with ekko.Engine(model, replicas=2, cluster="local", dense=head, health=health,
+                         lookup_timeout_s=30.0) as engine:
+            for sparse, x in probe:  # labels the head predicts well: its own choices
+                with torch.no_grad():
+                    y = (engine.replicas[0].predict(sparse, x) > 0).float()
+                engine.observe(sparse, x, y)
+            assert engine.check() and engine.check()
+            healthy = {k: v.clone() for k, v in head.state_dict().items()}
+            with torch.no_grad():
+                head.lin.weight.neg_()  # finite, and every prediction now wrong
+            engine.publish_dense()
+            engine.flush(WAIT)
+            assert not engine.check()
+            assert "dense" in {r["table"] for r in engine.stats()["rollbacks"]}
+            assert all(torch.equal(v, healthy[k]) for k, v in head.state_dict().items())
+            engine.flush(WAIT)
+            assert engine.check()
+            q = engine.stats()["quality"]
+            assert set(q["replicas"]) == {0, 1} and q["probe_events"] == 400
         engine.shutdown()
 
     def test_check_and_the_score_hook_run_in_the_replica_processes(self, model) -> None:
