@@ -291,7 +291,8 @@ class ShardServer:
         out, logged = {}, False
         for name, pt in self.primary.tables.items():
             with self.locks[name]:
-                if (pt.undo is not None and pt.undo.chunks) or pt.healthy_version != pt.version:
+                if (pt.undo is not None and (pt.undo.chunks or pt.undo.keep > 1)) \
+                        or pt.healthy_version != pt.version:  # (with a lag every mark counts)
                     self.log.append(self.last_seq[name], pt.version, self._empty(name), HEALTHY,
                                     sync=False)
                     logged = True

@@ -309,9 +309,8 @@ class Primary:
         `mark_lag`-th most recent mark (old values from before it are forgotten)."""
         pt = self.table(table)
         with pt.lock:
-            if pt.undo is not None:
-                if pt.version != pt.undo.starts[-1]:  # nothing changed: not a new mark
-                    pt.undo.mark(pt.version)
+            if pt.undo is not None:  # a mark even if nothing changed: the engine's
+                pt.undo.mark(pt.version)  # dense and quality marks count every check too
                 pt.healthy_version = pt.undo.starts[0]
             else:
                 pt.healthy_version = pt.version

@@ -98,3 +98,21 @@ def test_update_norms_of_gradients_near_f32s_limit_stay_finite_and_exact() -> No
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert squared_norms(np.zeros((0, 4), np.float32)).shape == (0,)
+
+
+def test_a_table_that_did_not_change_goes_back_to_the_same_check(model) -> None:
+    """Marks count checks, not changes: b changes only before the first of two later
+    checks; with mark_lag=2 a rollback takes b back to the check two ago, not further."""
+    rng = np.random.default_rng(9)
+    verdicts = [True, True, True, False]
+    with _engine(model, 2, verdicts) as engine:
+        engine.step("b", np.arange(20), rng.standard_normal((20, 4)).astype(np.float32))
+        assert engine.check()  # mark 1
+        engine.step("b", np.arange(20), rng.standard_normal((20, 4)).astype(np.float32))
+        assert engine.check()  # mark 2: the one a rollback returns to
+        at_mark2 = engine.primary.serving("b").copy()
+        engine.step("a", np.arange(5), np.ones((5, 4), np.float32))
+        assert engine.check()  # mark 3: b unchanged since mark 2
+        engine.step("a", np.arange(5), np.ones((5, 4), np.float32))
+        assert not engine.check()
+        assert np.array_equal(engine.primary.serving("b"), at_mark2)
