@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..kernels.errors import EkkoError
+from .packet import checked_body
 from .stats import Histogram
 
 MAGIC = b"EKKD"
@@ -81,12 +82,9 @@ class DenseSnapshot:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DenseSnapshot:
-        data = bytes(data)
-        if len(data) < _HEADER.size + 4:
-            raise DenseError(f"dense snapshot of {len(data)} bytes is truncated")
-        body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
-        if zlib.crc32(body) != crc:
-            raise DenseError("dense snapshot is damaged (CRC mismatch)")
+        body = checked_body(bytes(data), _HEADER.size, DenseError,
+                            "dense snapshot of {} bytes is truncated",
+                            "dense snapshot is damaged (CRC mismatch)")
         magic, fmt, _, version, commit_ns, n = _HEADER.unpack_from(body)
         if magic != MAGIC or fmt != FORMAT_VERSION:
             raise DenseError(f"not a dense snapshot (magic {magic!r}, format {fmt})")

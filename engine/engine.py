@@ -80,8 +80,7 @@ class Engine:
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
             raise EkkoError(f"replicas must be a positive integer, got {replicas!r}")
         self.model = model
-        self.configs = _scheduler_configs(scheduler, replicas)
-        self.config = self.configs[0]
+        self.configs = _scheduler_configs(scheduler, replicas)  # one per replica
         self.dense = _check_dense(dense)
         self.dense_every, self.dense_every_ms = _dense_cadence(dense, dense_every, dense_every_ms)
         self.dense_version = 0  # the newest snapshot published
@@ -293,7 +292,7 @@ class Engine:
                     rows = link.replica.divergence()
                     if rows:  # (a divergence seen by wait_for may be settled now)
                         raise ReplicaDiverged(link.replica.index, rows)
-                    if s == 0 and link._dense_refused(dense):
+                    if s == 0 and link.dense_refused(dense):
                         raise EkkoError(f"replica {link.replica.index} refused dense snapshot "
                                         f"{link.dense_failed[0]}: {link.dense_failed[1]}")
                     if _left(deadline) == 0.0 or not link.running:

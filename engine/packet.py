@@ -51,6 +51,19 @@ class PacketError(EkkoError, ValueError):
     """A packet could not be decoded or does not fit the table it names."""
 
 
+def checked_body(data: bytes, header_size: int, error: type[EkkoError], truncated: str,
+                 damaged: str) -> bytes:
+    """The bytes of a message before its trailing CRC-32, once the CRC matches (packets
+    and dense snapshots end so); `error` with `truncated` (formatted with the length)
+    or `damaged` otherwise."""
+    if len(data) < header_size + 4:
+        raise error(truncated.format(len(data)))
+    body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
+    if zlib.crc32(body) != crc:
+        raise error(damaged)
+    return body
+
+
 def _as_int64(x) -> np.ndarray:
     """Integer arrays of any width become int64 (what the kernels take); others stay as given."""
     a = np.ascontiguousarray(np.asarray(x))
@@ -122,12 +135,9 @@ class Packet:
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Packet:
         """Decode `to_bytes`; any damage raises PacketError (an EkkoError)."""
-        data = bytes(data)
-        if len(data) < _HEADER.size + 4:
-            raise PacketError(f"truncated packet: {len(data)} bytes")
-        body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
-        if zlib.crc32(body) != crc:
-            raise PacketError("packet checksum mismatch (garbled or truncated)")
+        body = checked_body(bytes(data), _HEADER.size, PacketError,
+                            "truncated packet: {} bytes",
+                            "packet checksum mismatch (garbled or truncated)")
         magic, version, code, flags, name_len, _, n, width, newest = _HEADER.unpack_from(body)
         if magic != MAGIC:
             raise PacketError("not an ekko packet (bad magic)")

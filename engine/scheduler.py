@@ -263,7 +263,7 @@ class Link:
         with self.cond:
             while not (all(self._watermark(t) >= v for t, v in targets.items())
                        and self.dense_sent >= dense):
-                if not self.running or self._diverged() or self._dense_refused(dense):
+                if not self.running or self._diverged() or self.dense_refused(dense):
                     return False
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -274,7 +274,7 @@ class Link:
     def _diverged(self) -> bool:
         return bool(self.replica.divergence())
 
-    def _dense_refused(self, version: int) -> bool:
+    def dense_refused(self, version: int) -> bool:
         """Whether the replica refused dense snapshot `version` or a newer one, and nothing
         newer reached it since."""
         failed = self.dense_failed
@@ -333,13 +333,8 @@ class Link:
         return self.tokens
 
     def _has_work(self) -> bool:
-        if self.dense_pending is not None:
-            return True
-        if self.config.policy == "fifo":
-            return any(self.fifo.values())
-        if self.config.policy == "full":
-            return True
-        return any(p.queue for p in self.pending.values())
+        return self.dense_pending is not None or self.config.policy == "full" \
+            or self._rows_waiting()
 
     def _ready(self) -> bool:
         if not self._has_work():

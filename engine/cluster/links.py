@@ -91,15 +91,14 @@ class _Watermarks:
             self.cond.notify_all()
 
 
-class _LinkReplica:
-    """A replica actor as one shard's link sees it."""
+class _RemoteView:
+    """What a shard's link sees of replicas in other processes (ports.LinkReplica): the
+    newest version travels with each packet, divergence is kept by the replica
+    processes (flush asks them: ReplicaServer.status); the watermarks go to them."""
 
-    def __init__(self, index: int, actor: Any, shard: int, tables: list[str],
-                 marks: _Watermarks):
-        self.index, self.actor, self.shard = index, actor, shard
+    def __init__(self, shard: int, tables: list[str], marks: _Watermarks):
+        self.shard, self.marks = shard, marks
         self._traffic = dict.fromkeys(tables, 0)
-        self.link: RemoteLink | None = None
-        self.marks = marks
 
     def traffic(self) -> dict[str, int]:
         return self._traffic
@@ -108,7 +107,17 @@ class _LinkReplica:
         pass  # travels with each packet (Packet.newest)
 
     def divergence(self) -> dict:
-        return {}  # kept by the replica process: flush asks it (ReplicaServer.status)
+        return {}
+
+
+class _LinkReplica(_RemoteView):
+    """A replica actor as one shard's link sees it."""
+
+    def __init__(self, index: int, actor: Any, shard: int, tables: list[str],
+                 marks: _Watermarks):
+        super().__init__(shard, tables, marks)
+        self.index, self.actor = index, actor
+        self.link: RemoteLink | None = None
 
     def set_watermark(self, table: str, version: int) -> None:
         if self.link is not None and self.link.poisoned:
@@ -212,24 +221,15 @@ class _Member:
         self.errors: list[str] = []
 
 
-class _GroupReplica:
+class _GroupReplica(_RemoteView):
     """Every replica as one shard's group link sees them."""
 
     index = "all"
 
     def __init__(self, members: list[_Member], shard: int, tables: list[str],
                  marks: _Watermarks):
-        self.members, self.shard, self.marks = members, shard, marks
-        self._traffic = dict.fromkeys(tables, 0)
-
-    def traffic(self) -> dict[str, int]:
-        return self._traffic
-
-    def note_issued(self, table: str, version: int) -> None:
-        pass  # travels with each packet (Packet.newest)
-
-    def divergence(self) -> dict:
-        return {}  # kept by the replica processes: flush asks them (ReplicaServer.status)
+        super().__init__(shard, tables, marks)
+        self.members = members
 
     def set_watermark(self, table: str, version: int) -> None:
         for m in self.members:
