@@ -321,3 +321,38 @@ def test_snapshots_published_faster_than_the_budget_refills_do_not_starve_the_ro
                 rows += sum(len(b[1]) for b in link._select())
     assert snapshots >= 2 and rows > 0, (snapshots, rows)
     assert link.rows_charged >= link.dense_charged - snapshot
+
+
+def test_a_replica_process_restores_its_snapshot_file_and_sets_a_damaged_one_aside(
+        model, tmp_path) -> None:
+    """ReplicaServer._restore_dense as a restarted replica process runs it (no Ray
+    needed): the file it kept is installed; a damaged one is set aside, named in the
+    answer, and the replica serves the engine's first snapshot meanwhile."""
+    from types import SimpleNamespace
+
+    from ekko.engine.actors import DENSE_FILE, ReplicaServer
+    from ekko.engine.dense import take_snapshot
+    from ekko.engine.replica import Replica
+
+    dense = ClicksDense()
+    first = take_snapshot(dense, 1).to_bytes()
+    with torch.no_grad():
+        dense.mlp[2].bias += 1.0
+    kept = take_snapshot(dense, 7).to_bytes()
+    snapshot = {t.name: (np.zeros((0, 1), np.float32), np.zeros(0, np.int64))
+                for t in model.model.tables}
+
+    def restarted() -> SimpleNamespace:
+        server = SimpleNamespace(dir=tmp_path, config=SimpleNamespace(dense_initial=first),
+                                 replica=Replica(0, model, snapshot, {}, dense))
+        server.damage = ReplicaServer._restore_dense(server)
+        return server
+
+    (tmp_path / DENSE_FILE).write_bytes(kept)
+    good = restarted()
+    assert good.damage is None and good.replica.dense.version == 7
+    (tmp_path / DENSE_FILE).write_bytes(kept[:40] + bytes([kept[40] ^ 0xFF]) + kept[41:])
+    bad = restarted()
+    assert "CRC mismatch" in bad.damage and bad.replica.dense.version == 1
+    assert not (tmp_path / DENSE_FILE).exists()
+    assert (tmp_path / (DENSE_FILE + ".damaged")).read_bytes()[:40] == kept[:40]

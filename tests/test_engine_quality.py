@@ -170,3 +170,47 @@ def test_the_probe_keeps_the_newest_events() -> None:
     for k in range(10):
         probe.add(k, None, np.zeros(30))
     assert probe.events == 120 and [b[0] for b in probe.batches()] == [6, 7, 8, 9]
+
+
+def test_checks_racing_the_trainers_observe_train_and_publish(model) -> None:
+    """A checker thread calls check() while the trainer observes, trains and publishes:
+    the probe, the marks and the dense snapshots are shared. Nothing may raise, and after
+    the race the replicas still predict exactly what the trainer does."""
+    import threading
+
+    # bars no probe can cross: a rollback writes the trainer's module, which only the
+    # trainer's own thread may do (docs/engine.md); this race is about the shared state
+    lenient = QualityConfig(logloss_rise=100.0, auc_drop=1.0, max_shift=1e9,
+                            probe_events=1500, min_events=500)
+    torch.manual_seed(4)
+    dense = ClicksDense()
+    engine = ekko.Engine(model, replicas=2, dense=dense,
+                         health=HealthConfig(quality=lenient, mark_lag=2)).start()
+    loop = Loop(engine, dense, ClickStream(SMALL))
+    loop.run(10)
+    stop, errors, checks = threading.Event(), [], [0]
+
+    def checker() -> None:
+        try:
+            while not stop.is_set():
+                engine.check()
+                checks[0] += 1
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    thread = threading.Thread(target=checker)
+    thread.start()
+    try:
+        loop.run(30)
+    finally:
+        stop.set()
+        thread.join()
+        engine.flush()
+    try:
+        assert not errors and checks[0] > 0 and not engine.stats()["rollbacks"]
+        b = loop.stream.next_batch(64)
+        sparse, x = b.sparse(), torch.from_numpy(b.x)
+        with torch.no_grad():
+            want = dense(loop.emb(sparse), x)
+        assert all(torch.equal(r.predict(sparse, x), want) for r in engine.replicas)
+    finally:
+        engine.close()
