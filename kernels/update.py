@@ -32,13 +32,13 @@ the lock and the scratch buffers belong to the table (`native.TableRuntime`).
 from __future__ import annotations
 
 import ctypes
-import math
 from typing import Any
 
 import numpy as np
 
 from ..compiler.backend import abi
-from ..compiler.backend.llvm_update import RECENT_SLOTS, emit_update, journal_entry_bytes
+from ..compiler.backend.llvm_update import (BUCKET_IDS, RECENT_SLOTS, emit_update,
+                                            journal_entry_bytes)
 from ..compiler.backend.spec import UpdateSpec
 from .arrays import ArrayArg, check_disjoint
 from .calls import buffer_name, call_scalars, update_args
@@ -66,9 +66,11 @@ NATIVE_ARRAYS = _NativeArrays()
 class _Scratch:
     """Per-partition buffers reused across calls (fresh pages cost ~1 us each).
 
-    The hash table is sized for the unique ids seen last time (a small table
-    stays in cache) and doubled when the kernel reports it too full. Scratch
-    belongs to a table (see `native.TableRuntime`), not to a kernel.
+    The hash table holds one bucket of ids at a time (see the dedup in
+    llvm_update), so it starts small, stays in cache, and is doubled only
+    when the kernel reports a bucket too large for it (ids crowded into one
+    range of rows). Scratch belongs to a table (see `native.TableRuntime`),
+    not to a kernel.
     """
 
     def __init__(self) -> None:
@@ -84,7 +86,7 @@ class _Scratch:
         self.recent: np.ndarray | None = None  # raw-delta applies: rows journaled lately
         self.generation = 0
 
-    def ensure(self, n: int, dim: int, expected_unique: int) -> None:
+    def ensure(self, n: int, dim: int) -> None:
         if n > self.n or dim != self.dim:
             n = max(n, 1024)
             self.uids = np.empty(n, np.int64)
@@ -93,9 +95,8 @@ class _Scratch:
             self.acc = np.empty(n * dim, np.float32)
             self.sort = [np.empty(n, np.int64) for _ in range(4)]  # order + radix scratch
             self.n, self.dim = n, dim
-        want = 1 << math.ceil(math.log2(max(2 * expected_unique, 1024)))
-        if want > self.cap or want * 4 <= self.cap:
-            self.resize(want)
+        if self.cap == 0:
+            self.resize(4 * BUCKET_IDS)
 
     def resize(self, cap: int) -> None:
         self.htab = np.full(2 * cap, -1, np.int64)
@@ -159,8 +160,7 @@ class UpdateKernel:
     def _run(self, scratch, rows, n, t, i, g, states, srv, ver, sq, step, version, seed) -> None:
         parts = self.parts
         for sc in scratch:
-            guess = int(sc.count[0]) if sc.n > 0 else n // parts
-            sc.ensure(n, self.spec.dim, min(max(guess, 1), n))
+            sc.ensure(n, self.spec.dim)
 
         def dedup_args(p: int) -> dict:
             sc = scratch[p]
@@ -177,7 +177,8 @@ class UpdateKernel:
             while code == abi.Status.TABLE_FULL:  # rare: far more unique ids than last time
                 scratch[p].resize(2 * scratch[p].cap)
                 code = codes[p] = self._dedup([dedup_args(p)])[0]
-        self._raise_first(scratch, codes, i, rows)
+        if any(codes):
+            raise first_bad_input(i, g, n, self.spec.dim, rows)
         buffers = dict(table=t.ptr, serving=srv.ptr if srv else None,
                        versions=ver.ptr if ver else None, seq=sq.ptr if sq else None,
                        **{f"state{k}": a.ptr for k, a in enumerate(states)})
@@ -204,6 +205,8 @@ class UpdateKernel:
         if any(codes):
             self._undo([dict(buffers, journal=sc.journal_ptr, count=int(sc.out[0]))
                         for sc in scratch])
+            if abi.Status.NON_FINITE in codes:
+                raise first_bad_input(i, g, n, self.spec.dim, rows)
             self._raise_non_finite(scratch, codes)
 
     def _raise_non_finite(self, scratch, codes: list[int]) -> None:
@@ -215,20 +218,19 @@ class UpdateKernel:
         row, buffer = min(failed)
         raise NonFiniteOutputError(row, buffer_name(self.spec, buffer))
 
-    @staticmethod
-    def _raise_first(scratch, codes: list[int], ids: ArrayArg, rows: int) -> None:
-        """Report the earliest bad position over all partitions; nothing was written."""
-        errors = [(int(scratch[p].err[0]), code) for p, code in enumerate(codes) if code]
-        if not errors:
-            return
-        pos, code = min(errors)
-        if code == abi.Status.ID_OUT_OF_RANGE:
-            bad = int(np.asarray(ids_value(ids, pos)))
-            raise UpdateError(f"id {bad} at position {pos} is out of range [0, {rows})")
-        raise UpdateError(f"non-finite gradient (NaN or Inf) in delta row {pos}")
 
-
-def ids_value(ids: ArrayArg, pos: int) -> int:
-    """Read one id back from its pointer, for the error message."""
+def first_bad_input(ids: ArrayArg, grads: ArrayArg, n: int, dim: int, rows: int) -> UpdateError:
+    """The error for the earliest position whose id is out of range or whose delta row
+    holds NaN or Inf. The kernels only say that one exists (each checks what it reads
+    anyway, so valid deltas pay no pass of their own); finding the first is numpy's job."""
     ctype = ctypes.c_int32 if ids.dtype == "int32" else ctypes.c_int64
-    return ctype.from_address(ids.ptr + pos * ctypes.sizeof(ctype)).value
+    idv = np.ctypeslib.as_array((ctype * n).from_address(ids.ptr))
+    g = np.ctypeslib.as_array((ctypes.c_float * (n * dim)).from_address(grads.ptr))
+    bad_id = (idv < 0) | (idv >= rows)
+    bad = bad_id | ~np.isfinite(g.reshape(n, dim)).all(axis=1)
+    pos = int(np.argmax(bad))
+    if not bad[pos]:
+        return UpdateError("update kernel reported a bad input that is not there")
+    if bad_id[pos]:
+        return UpdateError(f"id {int(idv[pos])} at position {pos} is out of range [0, {rows})")
+    return UpdateError(f"non-finite gradient (NaN or Inf) in delta row {pos}")

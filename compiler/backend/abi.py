@@ -32,7 +32,9 @@ class Status(IntEnum):
 
     OK = 0
     ID_OUT_OF_RANGE = 1  # *err_pos: the first position whose id is outside [0, rows)
-    NON_FINITE = 2  # *err_pos: the first delta row holding NaN or Inf
+    # a delta row holds NaN or Inf: dedup (a row a repeated id sums) or apply (a row
+    # read once; *done rows were written); the runtime undoes and finds the first one
+    NON_FINITE = 2
     TABLE_FULL = 3  # the dedup hash table passed 3/4 full: retry with a larger one
     # apply: a row's new value (table, state or serving row) would not be finite; *err_pos
     # the id, *err_buf the buffer; the row is back as it was, *done rows were written

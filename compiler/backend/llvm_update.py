@@ -242,8 +242,10 @@ def _index_type(spec: UpdateSpec) -> ir.Type:
 
 
 DEDUP_BLOCK = 1024  # ids scanned per block; the owned ones are compacted first
-SLOT_AHEAD = 16  # owned ids: the hash table is larger than L2, each probe a miss
-GRAD_AHEAD = 4  # owned ids: their gradient rows, read by the finite check
+BUCKET_IDS = 2048  # owned ids a bucket aims at: its hash table (~64 KiB) stays in L2
+MAX_BUCKETS = 4096  # the bucket starts live on the stack (32 KiB)
+MIN_SLOTS = 16
+BUCKET_AHEAD = 8  # ids: gradient rows fetched ahead in a bucket
 
 
 def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
@@ -253,45 +255,137 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
         if isinstance(a.type, ir.PointerType):
             a.add_attribute("noalias")
     arg = dict(zip(sig.names(), fn.args))  # bound by name: the ABI owns the order
-    part, nparts, ids, n, rows, grads = (arg[k] for k in ("part", "nparts", "ids", "n", "rows",
-                                                          "grads"))
-    htab, cap, uids, acc, slots, srcs = (arg[k] for k in ("htab", "cap", "uids", "acc", "slots",
-                                                          "srcs"))
-    count_out, err = arg["count_out"], arg["err_pos"]
-    order, key_a, key_b, order_b = (arg[k] for k in ("order", "key_a", "key_b", "order_b"))
     e = Emitter(module, fn)
     b = e.b
-    dim = _c(I64, spec.dim)
     count_ptr = b.alloca(I64)
     b.store(_c(I64, 0), count_ptr)
     status = b.alloca(I64)
     b.store(_c(I64, 0), status)
-    mask = b.sub(cap, _c(I64, 1))
     fail = fn.append_basic_block("fail")
-    with _each_owned(e, ids, n, part, nparts) as (owned, t, cnt):
-        _prefetch_owned(e, spec, ids, grads, owned, t, cnt, htab, mask)
+    buckets = _Buckets(e, arg, spec.dim) if spec.dedup else None
+    bad = Flag(e)  # a delta row a repeated id sums holds NaN or Inf
+    bad.clear()
+    with _each_owned(e, arg["ids"], arg["n"], arg["part"], arg["nparts"]) as (owned, t, cnt):
         i = b.load(e.gep(owned, t))
-        idv = _load_id(e, ids, i)
+        idv = _load_id(e, arg["ids"], i)
         # negative ids are huge unsigned
-        _fail_if(e, b.icmp_unsigned(">=", idv, rows), abi.Status.ID_OUT_OF_RANGE, i, err,
-                 status, fail)
-        finite = _row_finite(e, e.gep(grads, b.mul(i, dim)), dim)
-        _fail_if(e, b.not_(finite), abi.Status.NON_FINITE, i, err, status, fail)
-        if spec.dedup:
-            _insert(e, spec, idv, i, grads, htab, mask, uids, acc, slots, srcs,
-                    count_ptr, status, fail)
-    # leave the hash table empty for the next call
+        _fail_if(e, b.icmp_unsigned(">=", idv, arg["rows"]), abi.Status.ID_OUT_OF_RANGE, i,
+                 arg["err_pos"], status, fail)
+        if buckets is not None:
+            buckets.count(idv)
+    if buckets is not None:
+        buckets.scatter()
+        buckets.each(lambda idv, i, mask, first: _insert(
+            e, spec, idv, i, arg["grads"], arg["htab"], mask, arg["uids"], arg["acc"],
+            arg["slots"], arg["srcs"], count_ptr, first, status, fail, bad), count_ptr)
+        _fail_if(e, bad.value(), abi.Status.NON_FINITE, _c(I64, -1), arg["err_pos"], status,
+                 fail)
     count = b.load(count_ptr)
-    if spec.dedup:
-        _clear_slots(e, htab, slots, count)
-        if spec.sort:
-            _radix_sort(e, uids, count, rows, order, key_a, key_b, order_b)
-    b.store(count, count_out)
+    if spec.dedup and spec.sort:
+        _radix_sort(e, arg["uids"], count, arg["rows"], arg["order"], arg["key_a"],
+                    arg["key_b"], arg["order_b"])
+    b.store(count, arg["count_out"])
     b.ret(_c(I64, 0))
     b.position_at_end(fail)
-    if spec.dedup:  # an error leaves the slots filled so far: empty them before returning
-        _clear_slots(e, htab, slots, b.load(count_ptr))
+    if spec.dedup:  # an error may leave a bucket's slots filled: empty them before returning
+        _clear_slots(e, arg["htab"], arg["slots"], _c(I64, 0), b.load(count_ptr))
     b.ret(b.load(status))
+
+
+class _Buckets:
+    """Deduplication one cache-sized bucket of ids at a time.
+
+    A partition's ids are counted per bucket while they are validated, then
+    scattered (id into key_a, position into key_b, input order kept) so each
+    bucket's ids lie together. A bucket is a range of rows (`id >> shift`),
+    so the unique ids come out walking the table forward, and its ids are
+    deduplicated in a hash table sized to the bucket (the first slots of
+    `htab`), which stays in L2: one probe per id into a table as large as
+    the delta missed the cache every time and cost half of the update.
+    """
+
+    def __init__(self, e: Emitter, arg: dict, dim: int):
+        self.e, self.arg = e, arg
+        self.spec_dim, self.dim = dim, _c(I64, dim)
+        b = e.b
+        rows, n, nparts = arg["rows"], arg["n"], arg["nparts"]
+        hist = b.alloca(ir.ArrayType(I64, MAX_BUCKETS + 1), name="bucket_starts")
+        self.hist = b.gep(hist, [_c(I32, 0), _c(I32, 0)])
+        # as many buckets as BUCKET_IDS owned ids fill, a power of two up to MAX_BUCKETS
+        want = b.udiv(b.udiv(n, nparts), _c(I64, BUCKET_IDS))
+        want = b.select(b.icmp_unsigned(">", want, _c(I64, MAX_BUCKETS)), _c(I64, MAX_BUCKETS),
+                        want)
+        lg = b.sub(_c(I64, 63), _ctlz(e, b.or_(want, _c(I64, 1))))  # floor(log2(want)), 0 for 0
+        top = b.select(b.icmp_unsigned(">", rows, _c(I64, 0)), b.sub(rows, _c(I64, 1)),
+                       _c(I64, 0))
+        bits = b.sub(_c(I64, 64), _ctlz(e, top))  # bits of the largest id
+        self.shift = b.select(b.icmp_signed(">", bits, lg), b.sub(bits, lg), _c(I64, 0))
+        self.nb = b.add(b.lshr(top, self.shift), _c(I64, 1))
+        with e.loop(_c(I64, 0), b.add(self.nb, _c(I64, 1)), "bucket_zero") as k:
+            b.store(_c(I64, 0), e.gep(self.hist, k))
+
+    def _bucket(self, idv):
+        return self.e.b.lshr(idv, self.shift)
+
+    def count(self, idv) -> None:
+        """One more id in its bucket (counted one place up: the prefix sum gives starts)."""
+        b = self.e.b
+        p = self.e.gep(self.hist, b.add(self._bucket(idv), _c(I64, 1)))
+        b.store(b.add(b.load(p), _c(I64, 1)), p)
+
+    def scatter(self) -> None:
+        """Starts from counts, then the owned ids into their buckets (hist[k] ends as
+        bucket k's end, which is bucket k+1's start)."""
+        e, b, arg = self.e, self.e.b, self.arg
+        with e.loop(_c(I64, 1), b.add(self.nb, _c(I64, 1)), "bucket_prefix") as k:
+            p = e.gep(self.hist, k)
+            b.store(b.add(b.load(p), b.load(e.gep(self.hist, b.sub(k, _c(I64, 1))))), p)
+        with _each_owned(e, arg["ids"], arg["n"], arg["part"], arg["nparts"]) as (owned, t, _):
+            i = b.load(e.gep(owned, t))
+            idv = _load_id(e, arg["ids"], i)
+            p = e.gep(self.hist, self._bucket(idv))
+            at = b.load(p)
+            b.store(b.add(at, _c(I64, 1)), p)
+            b.store(idv, e.gep(arg["key_a"], at))
+            b.store(i, e.gep(arg["key_b"], at))
+
+    def each(self, insert: Callable, count_ptr) -> None:
+        """insert(id, position, slot mask, the bucket's first unique index) for every
+        owned id, bucket by bucket; each bucket's slots are emptied after it."""
+        e, b, arg = self.e, self.e.b, self.arg
+        with e.loop(_c(I64, 0), self.nb, "buckets") as k:
+            start = b.select(b.icmp_unsigned("==", k, _c(I64, 0)), _c(I64, 0),
+                             b.load(e.gep(self.hist, b.sub(k, _c(I64, 1)))))
+            end = b.load(e.gep(self.hist, k))
+            with b.if_then(b.icmp_unsigned("<", start, end)):
+                # 2x the bucket's ids, a power of two, within the runtime's table
+                need = b.shl(_c(I64, 1), b.sub(_c(I64, 64), _ctlz(e, b.sub(
+                    b.mul(b.sub(end, start), _c(I64, 2)), _c(I64, 1)))))
+                need = b.select(b.icmp_unsigned("<", need, _c(I64, MIN_SLOTS)),
+                                _c(I64, MIN_SLOTS), need)
+                slots = b.select(b.icmp_unsigned("<", need, arg["cap"]), need, arg["cap"])
+                mask = b.sub(slots, _c(I64, 1))
+                first = b.load(count_ptr)
+                with e.loop(start, end, "bucket_ids") as j:
+                    self._prefetch(j, end)
+                    insert(b.load(e.gep(arg["key_a"], j)), b.load(e.gep(arg["key_b"], j)),
+                           mask, first)
+                _clear_slots(e, arg["htab"], arg["slots"], first, b.load(count_ptr))
+
+
+    def _prefetch(self, j, end) -> None:
+        """The gradient row BUCKET_AHEAD ids later: a repeated id reads it, and in
+        bucket order the rows are scattered over the delta."""
+        e, b, arg = self.e, self.e.b, self.arg
+        ahead = b.add(j, _c(I64, BUCKET_AHEAD))
+        with b.if_then(b.icmp_signed("<", ahead, end)):
+            row = e.gep(arg["grads"], b.mul(b.load(e.gep(arg["key_b"], ahead)), self.dim))
+            _fetch_row(e, row, 4 * self.spec_dim, _prefetch_fn(e), write=0)
+
+
+def _ctlz(e: Emitter, x):
+    """Leading zero bits of an i64 (64 for 0)."""
+    return e.b.ctlz(x, ir.Constant(ir.IntType(1), 0))
 
 
 def _fail_if(e: Emitter, cond, code: int, pos, err, status, fail) -> None:
@@ -345,9 +439,10 @@ def _compact_owned(e: Emitter, ids, lo, width, owned, part, nparts):
     return cnt
 
 
-def _clear_slots(e: Emitter, htab, slots, count) -> None:
+def _clear_slots(e: Emitter, htab, slots, start, stop) -> None:
+    """Empty the hash slots of unique indices [start, stop)."""
     b = e.b
-    with e.loop(_c(I64, 0), count, "reset") as k:
+    with e.loop(start, stop, "reset") as k:
         b.store(_c(I64, -1), e.gep(htab, b.shl(b.load(e.gep(slots, k)), _c(I64, 1))))
 
 
@@ -446,26 +541,6 @@ def _slot_of(e: Emitter, idv, mask):
     return b.and_(b.lshr(b.mul(idv, _c(I64, GOLDEN)), _c(I64, 17)), mask)
 
 
-def _prefetch_owned(e: Emitter, spec: UpdateSpec, ids, grads, owned, t, cnt, htab,
-                    mask) -> None:
-    """Fetch the hash slot and the gradient row of owned ids a few places ahead."""
-    b = e.b
-    pf = _prefetch_fn(e)
-
-    def fetch(ptr) -> None:
-        b.call(pf, [b.bitcast(ptr, I8.as_pointer()), _c(I32, 0), _c(I32, 3), _c(I32, 1)])
-
-    if spec.dedup:
-        ahead = b.add(t, _c(I64, SLOT_AHEAD))
-        with b.if_then(b.icmp_signed("<", ahead, cnt)):
-            nid = _load_id(e, ids, b.load(e.gep(owned, ahead)))
-            fetch(e.gep(htab, b.shl(_slot_of(e, nid, mask), _c(I64, 1))))
-    ahead = b.add(t, _c(I64, GRAD_AHEAD))
-    with b.if_then(b.icmp_signed("<", ahead, cnt)):
-        row = e.gep(grads, b.mul(b.load(e.gep(owned, ahead)), _c(I64, spec.dim)))
-        _fetch_row(e, row, 4 * spec.dim, pf, write=0)
-
-
 def _prefetch_fn(e: Emitter) -> ir.Function:
     return e.module.globals.get("llvm.prefetch.p0") or ir.Function(
         e.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
@@ -473,8 +548,10 @@ def _prefetch_fn(e: Emitter) -> ir.Function:
 
 
 def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, htab, mask, uids, acc, slots, srcs,
-            count_ptr, status, fail):
-    """Find or add `idv` in the hash table.
+            count_ptr, base_k, status, fail, bad: Flag):
+    """Find or add `idv` in the bucket's hash table (mask + 1 slots; the bucket's
+    unique indices start at `base_k`). The delta rows a repeated id reads are
+    checked for NaN and Inf into `bad`; a row read once is checked by the apply.
 
     The table holds (id, unique index) pairs side by side, so a probe is one
     cache line, not one per array.
@@ -511,7 +588,8 @@ def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, htab, mask, uids, acc, 
     b.position_at_end(empty)
     k = b.load(count_ptr)
     cap = b.add(mask, _c(I64, 1))
-    full = b.icmp_unsigned(">=", b.mul(b.add(k, _c(I64, 1)), _c(I64, 4)), b.mul(cap, _c(I64, 3)))
+    held = b.add(b.sub(k, base_k), _c(I64, 1))
+    full = b.icmp_unsigned(">=", b.mul(held, _c(I64, 4)), b.mul(cap, _c(I64, 3)))
     with b.if_then(full):
         b.store(_c(I64, abi.Status.TABLE_FULL), status)
         b.branch(fail)
@@ -528,8 +606,10 @@ def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, htab, mask, uids, acc, 
     kk = b.load(e.gep(key_ptr, _c(I64, 1)))
     dst2 = e.gep(acc, b.mul(kk, dim))
     first = b.load(e.gep(srcs, kk))
+    bad.add(b.not_(_row_finite(e, grow, dim)))
     with b.if_then(b.icmp_signed(">=", first, _c(I64, 0))):
         src = e.gep(grads, b.mul(first, dim))
+        bad.add(b.not_(_row_finite(e, src, dim)))
         with e.tiled(spec.dim, spec.tile, "copy") as j:
             b.store(b.load(e.gep(src, j)), e.gep(dst2, j))
         b.store(_c(I64, -1), e.gep(srcs, kk))
@@ -575,7 +655,11 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
         with e.loop(_c(I64, 0), count, "rows") as pos:
             _prefetch(e, spec, ids, entry, grad_row, pos, count, bufs)
             k = entry(pos)
-            _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), bufs, step, commit)
+            src = grad_row(k)
+            # a summed row was checked by the dedup; one read in place is checked here
+            commit.refuse_non_finite(src, b.icmp_signed(">=", b.load(e.gep(srcs, k)),
+                                                        _c(I64, 0)))
+            _apply_row(e, spec, _load_id(e, ids, k), src, bufs, step, commit)
     else:  # the raw delta: each partition applies the ids it owns, in input order
         grads = a["grads"]
 
@@ -588,6 +672,7 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
 
             _prefetch(e, spec, ids, entry, grad_row, t, cnt, bufs)
             k = entry(t)
+            commit.refuse_non_finite(grad_row(k), _c(ir.IntType(1), 1))
             _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), bufs, step, commit)
     commit.finish(abi.Status.OK)
 
@@ -682,6 +767,15 @@ class Commit:
             b.store(idv, self.err_pos)
             b.store(code, self.err_buf)
             self.finish(abi.Status.NON_FINITE_OUTPUT)
+
+    def refuse_non_finite(self, src, read) -> None:
+        """Where `read` holds, a delta row with NaN or Inf ends the partition with
+        `Status.NON_FINITE` before its row is touched (the rows before it are in the
+        journal; the runtime undoes them and finds the first such row itself)."""
+        b = self.e.b
+        bad = b.and_(read, b.not_(_row_finite(self.e, src, _c(I64, self.spec.dim))))
+        with b.if_then(bad, likely=False):
+            self.finish(abi.Status.NON_FINITE)
 
     def finish(self, status: int) -> None:
         b = self.e.b
