@@ -190,25 +190,26 @@ class _BagEmitter:
     # -- dequantization of one chunk ----------------------------------------
 
     def dequant(self, row: ir.Value, c0: int, n: int, weight: ir.Value | None,
-                acc: ir.Value) -> tuple[ir.Value, ir.Value | None]:
-        """acc + elements [c0, c0+n) of a row (times `weight`), and the row's bias term.
+                acc: ir.Value) -> ir.Value:
+        """acc + elements [c0, c0+n) of a row (times `weight`), each dequantized.
 
-        Row-wise codecs return acc + code * scale (one contractible fma) and
-        leave `bias` (* weight) to a scalar running sum, added once per bag:
-        sum(code*s + b) = sum(code*s) + sum(b), one vector add fewer per id.
+        Row-wise codecs add code * scale + bias per element. Summing the
+        biases apart (sum(code*s) + sum(b), one vector add fewer per id) made
+        two large sums of opposite sign cancel: 2.4e-4 absolute error on a
+        150-row bag of magnitude 38 against 1e-5 for an f32 bag.
         """
         b, codec = self.b, self.layout.codec
         if not isinstance(codec, catalog.Elementwise):
             return self.dequant_rowwise(row, c0, n, weight, acc)
         v = _load_floats(b, row, c0, n, codec.fmt)
         if weight is not None:
-            return b.fadd(acc, b.fmul(v, _splat(b, weight, n), flags=FMA), flags=FMA), None
-        return b.fadd(acc, v), None
+            return b.fadd(acc, b.fmul(v, _splat(b, weight, n), flags=FMA), flags=FMA)
+        return b.fadd(acc, v)
 
     def dequant_rowwise(self, row: ir.Value, c0: int, n: int, weight: ir.Value | None,
-                        acc: ir.Value) -> tuple[ir.Value, ir.Value | None]:
-        """acc + code * scale, and the bias (None without one), for row-wise
-        codecs (weight folded in)."""
+                        acc: ir.Value) -> ir.Value:
+        """acc + (code * scale + bias) * weight for row-wise codecs (weight folded
+        into scale and bias)."""
         b, codec = self.b, self.layout.codec
         vf = ir.VectorType(f32, n)
         at = self.layout.params_at(self.spec.dim)
@@ -223,7 +224,10 @@ class _BagEmitter:
         if weight is not None:
             scale = b.fmul(scale, weight)
             bias = b.fmul(bias, weight) if bias is not None else None
-        return b.fadd(acc, b.fmul(x, _splat(b, scale, n), flags=FMA), flags=FMA), bias
+        value = b.fmul(x, _splat(b, scale, n), flags=FMA)
+        if bias is not None:
+            value = b.fadd(value, _splat(b, bias, n), flags=FMA)
+        return b.fadd(acc, value, flags=FMA)
 
     def affine_codes(self, row: ir.Value, c0: int, n: int, codec: catalog.RowAffine) -> ir.Value:
         """`<n x i8>` codes from their packed bytes, low bits first (c0 is a
@@ -282,9 +286,7 @@ class _BagEmitter:
         """
         b, a, spec = self.b, self.a, self.spec
         vf = ir.VectorType(f32, n)
-        # codecs with a bias carry the biases in a scalar beside the vector sum
-        quant = "bias" in self.layout.codec.tail
-        inits = [ir.Constant(vf, [0.0] * n)] + ([_const(f32, 0.0)] if quant else [])
+        inits = [ir.Constant(vf, [0.0] * n)]
         track = c0 == 0 and self.guarded
         if track:
             inits += [_const(i64, 0), _const(i32, 0)]
@@ -301,12 +303,10 @@ class _BagEmitter:
                 word = b.load_atomic(b.gep(a["seq"], [idv]), "acquire", 4)
                 words = [b.add(accs[-2], b.zext(word, i64)), b.or_(accs[-1], word)]
             weight = b.load(b.gep(a["weights"], [j]), align=4) if spec.weighted else None
-            new_acc, bias = self.dequant(self.row_ptr(idv), c0, n, weight, accs[0])
-            return [new_acc] + ([b.fadd(accs[1], bias)] if quant else []) + words
+            return [self.dequant(self.row_ptr(idv), c0, n, weight, accs[0])] + words
 
         accs = loops.fold(b, start, end, f"c{c0}", inits, step)
-        total = accs[0] if not quant else b.fadd(accs[0], _splat(b, accs[1], n))
-        self.store_row(bag, start, end, total, c0, n)
+        self.store_row(bag, start, end, accs[0], c0, n)
         return (accs[-2], accs[-1]) if track else None
 
     def store_row(self, bag: ir.Value, start: ir.Value, end: ir.Value, acc: ir.Value,
