@@ -39,6 +39,7 @@ import numpy as np
 from ..compiler.backend import abi
 from ..compiler.backend.llvm_update import (BUCKET_IDS, RECENT_SLOTS, emit_update,
                                             journal_entry_bytes)
+from ..dialects.limits import MAX_DIM
 from ..compiler.backend.spec import UpdateSpec
 from .arrays import ArrayArg, check_disjoint
 from .calls import buffer_name, call_scalars, update_args
@@ -75,26 +76,27 @@ class _Scratch:
 
     def __init__(self) -> None:
         self.n = -1
-        self.dim = 0
         self.htab = np.empty(0, np.int64)  # (id, unique index) pairs; id -1: empty
         self.cap = 0
         self.count = np.zeros(1, np.int64)
         self.err = np.zeros(1, np.int64)
+        self.starts = np.empty(abi.UPDATE_BUCKETS + 1, np.int64)
+        self.summed = np.empty(MAX_DIM, np.float32)
         self.journal = np.empty(0, np.uint8)  # the old bytes of each row the apply writes
         self.journal_ptr = 0  # its first 64-byte aligned address
         self.out = np.zeros(3, np.int64)  # apply: rows written, a bad row's id, its buffer
         self.recent: np.ndarray | None = None  # raw-delta applies: rows journaled lately
         self.generation = 0
 
-    def ensure(self, n: int, dim: int) -> None:
-        if n > self.n or dim != self.dim:
+    def ensure(self, n: int) -> None:
+        if n > self.n:
             n = max(n, 1024)
             self.uids = np.empty(n, np.int64)
             self.slots = np.empty(n, np.int64)
-            self.srcs = np.empty(n, np.int64)  # delta row of an id seen once, else -1
-            self.acc = np.empty(n * dim, np.float32)
+            self.srcs = np.empty(n, np.int64)  # where each unique id's rows end in occ
+            self.occ = np.empty(n, np.int64)  # delta rows grouped by unique id
             self.sort = [np.empty(n, np.int64) for _ in range(4)]  # order + radix scratch
-            self.n, self.dim = n, dim
+            self.n = n
         if self.cap == 0:
             self.resize(4 * BUCKET_IDS)
 
@@ -160,17 +162,17 @@ class UpdateKernel:
     def _run(self, scratch, rows, n, t, i, g, states, srv, ver, sq, step, version, seed) -> None:
         parts = self.parts
         for sc in scratch:
-            sc.ensure(n, self.spec.dim)
+            sc.ensure(n)
 
         def dedup_args(p: int) -> dict:
             sc = scratch[p]
             order, key_a, key_b, order_b = (a.ctypes.data for a in sc.sort)
             return dict(part=p, nparts=parts, ids=i.ptr, n=n, rows=rows, grads=g.ptr,
                         htab=sc.htab.ctypes.data, cap=sc.cap, uids=sc.uids.ctypes.data,
-                        acc=sc.acc.ctypes.data, slots=sc.slots.ctypes.data,
+                        occ=sc.occ.ctypes.data, slots=sc.slots.ctypes.data,
                         count_out=sc.count.ctypes.data, err_pos=sc.err.ctypes.data,
                         order=order, key_a=key_a, key_b=key_b, order_b=order_b,
-                        srcs=sc.srcs.ctypes.data)
+                        srcs=sc.srcs.ctypes.data, starts=sc.starts.ctypes.data)
 
         codes = self._dedup([dedup_args(p) for p in range(parts)])
         for p, code in enumerate(codes):
@@ -193,12 +195,13 @@ class UpdateKernel:
                            err_buf=out + 16)
             if self.spec.dedup:
                 return dict(common, **journal, part=p, ids=sc.uids.ctypes.data,
-                            grads=sc.acc.ctypes.data, count=int(sc.count[0]),
-                            order=sc.sort[0].ctypes.data, raw_grads=g.ptr,
-                            srcs=sc.srcs.ctypes.data, recent=None, generation=0)
+                            grads=g.ptr, count=int(sc.count[0]),
+                            order=sc.sort[0].ctypes.data, occ=sc.occ.ctypes.data,
+                            srcs=sc.srcs.ctypes.data, summed=sc.summed.ctypes.data,
+                            recent=None, generation=0)
             generation = sc.next_generation()
             return dict(common, **journal, part=p, ids=i.ptr, grads=g.ptr, count=n, order=None,
-                        raw_grads=None, srcs=None, recent=sc.recent.ctypes.data,
+                        occ=None, srcs=None, summed=None, recent=sc.recent.ctypes.data,
                         generation=generation)
 
         codes = self._apply([apply_args(p) for p in range(parts)])

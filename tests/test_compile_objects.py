@@ -8,7 +8,6 @@ import ctypes
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,20 +91,22 @@ def test_an_update_kernel_called_through_the_manifest_updates_like_numpy(compile
     grads = rng.standard_normal((4, dim)).astype(np.float32)
     n, cap = len(ids), 1024
     htab = np.full(2 * cap, -1, np.int64)
-    uids, slots, srcs, count, err = (np.zeros(n, np.int64) for _ in range(5))
-    acc = np.zeros(n * dim, np.float32)
+    uids, occ, slots, srcs, count, err = (np.zeros(n, np.int64) for _ in range(6))
     sort = [np.zeros(n, np.int64) for _ in range(4)]
+    starts = np.zeros(4097, np.int64)  # as the manifest's comment on `starts` says
+    one_row = np.zeros(dim, np.float32)
     assert dedup(0, 1, ids.ctypes.data, n, rows, grads.ctypes.data, htab.ctypes.data, cap,
-                 uids.ctypes.data, acc.ctypes.data, slots.ctypes.data, count.ctypes.data,
-                 err.ctypes.data, *(a.ctypes.data for a in sort), srcs.ctypes.data) == 0
+                 uids.ctypes.data, occ.ctypes.data, slots.ctypes.data, count.ctypes.data,
+                 err.ctypes.data, *(a.ctypes.data for a in sort), srcs.ctypes.data,
+                 starts.ctypes.data) == 0
     serving = np.zeros((rows, spec["dim"] + 8), np.uint8) if spec["serving"] == "int8" else None
     journal = np.zeros(n * 4096 + 64, np.uint8)  # more than a row's entry needs
     aligned = (journal.ctypes.data + 63) // 64 * 64  # the entries take streaming stores
     out = np.zeros(3, np.int64)  # rows written, then a bad row's id and buffer
-    args = [0, 1, uids.ctypes.data, acc.ctypes.data, int(count[0]), table.ctypes.data,
+    args = [0, 1, uids.ctypes.data, grads.ctypes.data, int(count[0]), table.ctypes.data,
             momentum.ctypes.data, serving.ctypes.data if serving is not None else None,
-            None, None, 1, 1, 0, sort[0].ctypes.data, grads.ctypes.data, srcs.ctypes.data,
-            aligned, *(out[k:].ctypes.data for k in range(3)), None, 0]
+            None, None, 1, 1, 0, sort[0].ctypes.data, occ.ctypes.data, srcs.ctypes.data,
+            one_row.ctypes.data, aligned, *(out[k:].ctypes.data for k in range(3)), None, 0]
     assert apply(*args) == 0 and out[0] == 3
     summed = {3: grads[0] + grads[2], 19: grads[1], 0: grads[3]}
     for r, g in summed.items():

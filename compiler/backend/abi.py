@@ -32,8 +32,8 @@ class Status(IntEnum):
 
     OK = 0
     ID_OUT_OF_RANGE = 1  # *err_pos: the first position whose id is outside [0, rows)
-    # a delta row holds NaN or Inf: dedup (a row a repeated id sums) or apply (a row
-    # read once; *done rows were written); the runtime undoes and finds the first one
+    # apply: a delta row holds NaN or Inf (*done rows were written); the runtime undoes
+    # them and finds the first such row
     NON_FINITE = 2
     TABLE_FULL = 3  # the dedup hash table passed 3/4 full: retry with a larger one
     # apply: a row's new value (table, state or serving row) would not be finite; *err_pos
@@ -78,41 +78,50 @@ def _a(name: str, type_: str, doc: str = "") -> Arg:
     return Arg(name, type_, doc)
 
 
+UPDATE_BUCKETS = 4096  # the dedup's most buckets (ranges of rows) a partition sorts ids into
+
 PART = (_a("part", "i64", "this call's partition"), _a("nparts", "i64", "number of partitions"))
 
 
 def update_dedup(index_dtype: str) -> Signature:
-    """Phase 1 of a fused update: validate and deduplicate, writes no table."""
+    """Phase 1 of a fused update: validate the ids and deduplicate them, writes no table.
+
+    Reads no gradient row: it groups the delta rows of each unique id (`occ`),
+    and the apply reads each row once, summing a repeated id's rows as it goes."""
     return Signature("ekko_update_dedup", "i64", (
         *PART,
         _a("ids", f"{index_dtype}*"), _a("n", "i64", "number of delta rows"),
         _a("rows", "i64", "table rows"), _a("grads", "f32*", "n x dim delta rows"),
         _a("htab", "i64*", "hash table of cap (id, index) pairs, id -1 when empty"),
         _a("cap", "i64"), _a("uids", "i64*", "out: unique ids"),
-        _a("acc", "f32*", "out: summed rows of repeated ids"), _a("slots", "i64*"),
+        _a("occ", "i64*", "out: delta rows grouped by unique id, input order within"),
+        _a("slots", "i64*"),
         _a("count_out", "i64*"), _a("err_pos", "i64*"),
         _a("order", "i64*", "out: unique indices sorted by id (sort)"),
         _a("key_a", "i64*"), _a("key_b", "i64*"), _a("order_b", "i64*"),
-        _a("srcs", "i64*", "out: delta row of an id seen once, else -1"),
+        _a("srcs", "i64*", "out: where unique index k's rows end in occ (they start "
+                           "where k-1's end)"),
+        _a("starts", "i64*", f"scratch: {UPDATE_BUCKETS + 1} bucket starts"),
     ), "Returns a Status.")
 
 
 def update_apply(spec_states: int, index_dtype: str, dedup: bool) -> Signature:
     """Phase 2: the per-row math, rounding, serving refresh, versions and seq words.
 
-    Returns a Status: OK, or NON_FINITE_OUTPUT (see `Status`)."""
+    Returns a Status: OK, NON_FINITE or NON_FINITE_OUTPUT (see `Status`)."""
     ids_t = "i64*" if dedup else f"{index_dtype}*"
     return Signature("ekko_update_apply", "i64", (
         *PART,
         _a("ids", ids_t, "unique ids (dedup) or the delta's ids"),
-        _a("grads", "f32*", "summed rows (dedup) or the delta's rows"), _a("count", "i64"),
+        _a("grads", "f32*", "the delta's rows"), _a("count", "i64"),
         _a("table", "i8*", "rows x dim master table"),
         *(_a(f"state{i}", "f32*", "optimizer state, catalog order") for i in range(spec_states)),
         _a("serving", "i8*", "serving copy or null"), _a("versions", "i64*", "or null"),
         _a("seq", "u32*", "serving rows' sequence words or null"),
         _a("step", "i64"), _a("version", "i64"), _a("seed", "i64", "stochastic rounding"),
-        _a("order", "i64*"), _a("raw_grads", "f32*", "the delta's rows (dedup)"),
-        _a("srcs", "i64*"),
+        _a("order", "i64*"), _a("occ", "i64*", "dedup: delta rows by unique id"),
+        _a("srcs", "i64*", "dedup: where each unique id's rows end in occ"),
+        _a("summed", "f32*", "dedup scratch: one row, a repeated id's rows added"),
         _a("journal", "i8*", "out: each written row's old bytes, one entry a row "
                              "(16-byte aligned: streaming stores)"),
         _a("done", "i64*", "out: rows written (journal entries)"),

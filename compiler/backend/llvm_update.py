@@ -243,9 +243,8 @@ def _index_type(spec: UpdateSpec) -> ir.Type:
 
 DEDUP_BLOCK = 1024  # ids scanned per block; the owned ones are compacted first
 BUCKET_IDS = 2048  # owned ids a bucket aims at: its hash table (~64 KiB) stays in L2
-MAX_BUCKETS = 4096  # the bucket starts live on the stack (32 KiB)
 MIN_SLOTS = 16
-BUCKET_AHEAD = 8  # ids: gradient rows fetched ahead in a bucket
+OCC_AHEAD = 8  # rows of a repeated id fetched ahead while they are summed
 
 
 def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
@@ -262,9 +261,7 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
     status = b.alloca(I64)
     b.store(_c(I64, 0), status)
     fail = fn.append_basic_block("fail")
-    buckets = _Buckets(e, arg, spec.dim) if spec.dedup else None
-    bad = Flag(e)  # a delta row a repeated id sums holds NaN or Inf
-    bad.clear()
+    buckets = _Buckets(e, arg) if spec.dedup else None
     with _each_owned(e, arg["ids"], arg["n"], arg["part"], arg["nparts"]) as (owned, t, cnt):
         i = b.load(e.gep(owned, t))
         idv = _load_id(e, arg["ids"], i)
@@ -275,11 +272,9 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
             buckets.count(idv)
     if buckets is not None:
         buckets.scatter()
-        buckets.each(lambda idv, i, mask, first: _insert(
-            e, spec, idv, i, arg["grads"], arg["htab"], mask, arg["uids"], arg["acc"],
-            arg["slots"], arg["srcs"], count_ptr, first, status, fail, bad), count_ptr)
-        _fail_if(e, bad.value(), abi.Status.NON_FINITE, _c(I64, -1), arg["err_pos"], status,
-                 fail)
+        buckets.each(lambda idv, mask, first: _insert(
+            e, idv, arg["htab"], mask, arg["uids"], arg["slots"], arg["srcs"], count_ptr, first,
+            status, fail), count_ptr)
     count = b.load(count_ptr)
     if spec.dedup and spec.sort:
         _radix_sort(e, arg["uids"], count, arg["rows"], arg["order"], arg["key_a"],
@@ -302,19 +297,19 @@ class _Buckets:
     deduplicated in a hash table sized to the bucket (the first slots of
     `htab`), which stays in L2: one probe per id into a table as large as
     the delta missed the cache every time and cost half of the update.
+    Then a counting sort puts each unique id's delta rows together in `occ`
+    (input order kept), so the apply reads every gradient row once.
     """
 
-    def __init__(self, e: Emitter, arg: dict, dim: int):
+    def __init__(self, e: Emitter, arg: dict):
         self.e, self.arg = e, arg
-        self.spec_dim, self.dim = dim, _c(I64, dim)
         b = e.b
         rows, n, nparts = arg["rows"], arg["n"], arg["nparts"]
-        hist = b.alloca(ir.ArrayType(I64, MAX_BUCKETS + 1), name="bucket_starts")
-        self.hist = b.gep(hist, [_c(I32, 0), _c(I32, 0)])
-        # as many buckets as BUCKET_IDS owned ids fill, a power of two up to MAX_BUCKETS
+        self.hist = arg["starts"]
+        # as many buckets as BUCKET_IDS owned ids fill, a power of two up to UPDATE_BUCKETS
+        most = _c(I64, abi.UPDATE_BUCKETS)
         want = b.udiv(b.udiv(n, nparts), _c(I64, BUCKET_IDS))
-        want = b.select(b.icmp_unsigned(">", want, _c(I64, MAX_BUCKETS)), _c(I64, MAX_BUCKETS),
-                        want)
+        want = b.select(b.icmp_unsigned(">", want, most), most, want)
         lg = b.sub(_c(I64, 63), _ctlz(e, b.or_(want, _c(I64, 1))))  # floor(log2(want)), 0 for 0
         top = b.select(b.icmp_unsigned(">", rows, _c(I64, 0)), b.sub(rows, _c(I64, 1)),
                        _c(I64, 0))
@@ -350,8 +345,9 @@ class _Buckets:
             b.store(i, e.gep(arg["key_b"], at))
 
     def each(self, insert: Callable, count_ptr) -> None:
-        """insert(id, position, slot mask, the bucket's first unique index) for every
-        owned id, bucket by bucket; each bucket's slots are emptied after it."""
+        """insert(id, slot mask, the bucket's first unique index) -> unique index, for
+        every owned id, bucket by bucket; then the bucket's rows grouped by unique
+        index into occ, and its slots emptied."""
         e, b, arg = self.e, self.e.b, self.arg
         with e.loop(_c(I64, 0), self.nb, "buckets") as k:
             start = b.select(b.icmp_unsigned("==", k, _c(I64, 0)), _c(I64, 0),
@@ -367,20 +363,29 @@ class _Buckets:
                 mask = b.sub(slots, _c(I64, 1))
                 first = b.load(count_ptr)
                 with e.loop(start, end, "bucket_ids") as j:
-                    self._prefetch(j, end)
-                    insert(b.load(e.gep(arg["key_a"], j)), b.load(e.gep(arg["key_b"], j)),
-                           mask, first)
+                    key = e.gep(arg["key_a"], j)
+                    b.store(insert(b.load(key), mask, first), key)  # the id's unique index
+                self._group(start, end, first, b.load(count_ptr))
                 _clear_slots(e, arg["htab"], arg["slots"], first, b.load(count_ptr))
 
-
-    def _prefetch(self, j, end) -> None:
-        """The gradient row BUCKET_AHEAD ids later: a repeated id reads it, and in
-        bucket order the rows are scattered over the delta."""
+    def _group(self, start, end, first, last) -> None:
+        """occ[start:end) = the bucket's delta rows ordered by unique index (input order
+        within one); srcs[k] = where k's rows end (k-1's end is where they start)."""
         e, b, arg = self.e, self.e.b, self.arg
-        ahead = b.add(j, _c(I64, BUCKET_AHEAD))
-        with b.if_then(b.icmp_signed("<", ahead, end)):
-            row = e.gep(arg["grads"], b.mul(b.load(e.gep(arg["key_b"], ahead)), self.dim))
-            _fetch_row(e, row, 4 * self.spec_dim, _prefetch_fn(e), write=0)
+        srcs, occ = arg["srcs"], arg["occ"]
+
+        def place(t, accs):  # srcs[k] holds k's count (from insert): make it k's start
+            p = e.gep(srcs, b.add(first, t))
+            count = b.load(p)
+            b.store(accs[0], p)
+            return [b.add(accs[0], count)]
+
+        e.fold(b.sub(last, first), "group_starts", [start], place)
+        with e.loop(start, end, "group_place") as j:
+            p = e.gep(srcs, b.load(e.gep(arg["key_a"], j)))
+            at = b.load(p)
+            b.store(b.add(at, _c(I64, 1)), p)
+            b.store(b.load(e.gep(arg["key_b"], j)), e.gep(occ, at))
 
 
 def _ctlz(e: Emitter, x):
@@ -547,21 +552,13 @@ def _prefetch_fn(e: Emitter) -> ir.Function:
         "llvm.prefetch.p0")
 
 
-def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, htab, mask, uids, acc, slots, srcs,
-            count_ptr, base_k, status, fail, bad: Flag):
-    """Find or add `idv` in the bucket's hash table (mask + 1 slots; the bucket's
-    unique indices start at `base_k`). The delta rows a repeated id reads are
-    checked for NaN and Inf into `bad`; a row read once is checked by the apply.
+def _insert(e: Emitter, idv, htab, mask, uids, slots, srcs, count_ptr, base_k, status, fail):
+    """The unique index of `idv`, found in or added to the bucket's hash table (mask + 1
+    slots; the bucket's unique indices start at `base_k`); srcs[k] counts its rows.
 
     The table holds (id, unique index) pairs side by side, so a probe is one
     cache line, not one per array.
-
-    A new id only remembers its delta row (srcs[k] = i): most ids of a Zipf
-    delta occur once, and their rows are read in place later. The second
-    occurrence copies the first row into acc (srcs[k] = -1) and adds.
     """
-    dim = _c(I64, spec.dim)
-    grow = e.gep(grads, e.b.mul(i, dim))
     b = e.b
     fn = e.fn
     start = _slot_of(e, idv, mask)
@@ -584,7 +581,7 @@ def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, htab, mask, uids, acc, 
     b.position_at_end(step)
     slot.add_incoming(b.and_(b.add(slot, _c(I64, 1)), mask), b.block)
     b.branch(probe)
-    # a new id: take the next unique index and remember its delta row
+    # a new id: take the next unique index
     b.position_at_end(empty)
     k = b.load(count_ptr)
     cap = b.add(mask, _c(I64, 1))
@@ -599,25 +596,19 @@ def _insert(e: Emitter, spec: UpdateSpec, idv, i, grads, htab, mask, uids, acc, 
     b.store(slot, e.gep(slots, k))
     b.store(idv, e.gep(uids, k))
     b.store(b.add(k, _c(I64, 1)), count_ptr)
-    b.store(i, e.gep(srcs, k))
+    b.store(_c(I64, 0), e.gep(srcs, k))
+    new_block = b.block
     b.branch(after)
-    # a repeated id: add the row, in input order
     b.position_at_end(found)
-    kk = b.load(e.gep(key_ptr, _c(I64, 1)))
-    dst2 = e.gep(acc, b.mul(kk, dim))
-    first = b.load(e.gep(srcs, kk))
-    bad.add(b.not_(_row_finite(e, grow, dim)))
-    with b.if_then(b.icmp_signed(">=", first, _c(I64, 0))):
-        src = e.gep(grads, b.mul(first, dim))
-        bad.add(b.not_(_row_finite(e, src, dim)))
-        with e.tiled(spec.dim, spec.tile, "copy") as j:
-            b.store(b.load(e.gep(src, j)), e.gep(dst2, j))
-        b.store(_c(I64, -1), e.gep(srcs, kk))
-    with e.tiled(spec.dim, spec.tile, "add") as j:
-        p = e.gep(dst2, j)
-        b.store(b.fadd(b.load(p), b.load(e.gep(grow, j))), p)
+    old = b.load(e.gep(key_ptr, _c(I64, 1)))
     b.branch(after)
     b.position_at_end(after)
+    index = b.phi(I64, "unique")
+    index.add_incoming(k, new_block)
+    index.add_incoming(old, found)
+    p = e.gep(srcs, index)
+    b.store(b.add(b.load(p), _c(I64, 1)), p)
+    return index
 
 
 # ---------------------------------------------------------------------------
@@ -633,6 +624,7 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
         a[name].add_attribute("noalias")
     e = Emitter(module, fn)
     b = e.b
+    summed = a["summed"]  # not on the stack: a caller's thread may have 64 KiB of it
     bufs = {"table": a["table"], "serving": a["serving"], "versions": a["versions"],
             "seq": a["seq"], "states": [a[f"state{i}"] for i in range(len(spec.states))],
             "recent": a["recent"]}
@@ -642,23 +634,24 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
     ids, count, order = a["ids"], a["count"], a["order"]
     dim = _c(I64, spec.dim)
     if spec.dedup:
-        raw_grads, srcs, grads = a["raw_grads"], a["srcs"], a["grads"]
+        grads, srcs, occ = a["grads"], a["srcs"], a["occ"]
 
         def entry(pos):
             return b.load(e.gep(order, pos)) if spec.sort else pos
 
-        def grad_row(k):
-            first = b.load(e.gep(srcs, k))  # >= 0: the id occurred once, row still in the delta
-            return b.select(b.icmp_signed(">=", first, _c(I64, 0)),
-                            e.gep(raw_grads, b.mul(first, dim)), e.gep(grads, b.mul(k, dim)))
+        def rows_of(k):
+            """[lo, hi): unique index k's delta rows in occ."""
+            lo = b.select(b.icmp_unsigned("==", k, _c(I64, 0)), _c(I64, 0),
+                          b.load(e.gep(srcs, b.sub(k, _c(I64, 1)))))
+            return lo, b.load(e.gep(srcs, k))
+
+        def grad_row(k):  # the first of k's rows (the one a prefetch asks for)
+            return e.gep(grads, b.mul(b.load(e.gep(occ, rows_of(k)[0])), dim))
 
         with e.loop(_c(I64, 0), count, "rows") as pos:
             _prefetch(e, spec, ids, entry, grad_row, pos, count, bufs)
             k = entry(pos)
-            src = grad_row(k)
-            # a summed row was checked by the dedup; one read in place is checked here
-            commit.refuse_non_finite(src, b.icmp_signed(">=", b.load(e.gep(srcs, k)),
-                                                        _c(I64, 0)))
+            src = _summed_row(e, spec, commit, grads, occ, *rows_of(k), summed)
             _apply_row(e, spec, _load_id(e, ids, k), src, bufs, step, commit)
     else:  # the raw delta: each partition applies the ids it owns, in input order
         grads = a["grads"]
@@ -672,9 +665,33 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
 
             _prefetch(e, spec, ids, entry, grad_row, t, cnt, bufs)
             k = entry(t)
-            commit.refuse_non_finite(grad_row(k), _c(ir.IntType(1), 1))
+            commit.refuse_non_finite(grad_row(k))
             _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), bufs, step, commit)
     commit.finish(abi.Status.OK)
+
+
+def _summed_row(e: Emitter, spec: UpdateSpec, commit: "Commit", grads, occ, lo, hi, summed):
+    """The gradient of one unique id: its only delta row, read in place, or its rows
+    added in input order into `summed`. Every row read is checked for NaN and Inf."""
+    b = e.b
+    dim = _c(I64, spec.dim)
+    first = e.gep(grads, b.mul(b.load(e.gep(occ, lo)), dim))
+    commit.refuse_non_finite(first)
+    repeated = b.icmp_signed(">", b.sub(hi, lo), _c(I64, 1))
+    with b.if_then(repeated):
+        with e.tiled(spec.dim, spec.tile, "copy") as j:
+            b.store(b.load(e.gep(first, j)), e.gep(summed, j))
+        with e.loop(b.add(lo, _c(I64, 1)), hi, "sum") as t:
+            ahead = b.add(t, _c(I64, OCC_AHEAD))
+            with b.if_then(b.icmp_signed("<", ahead, hi)):
+                _fetch_row(e, e.gep(grads, b.mul(b.load(e.gep(occ, ahead)), dim)),
+                           4 * spec.dim, _prefetch_fn(e), write=0)
+            row = e.gep(grads, b.mul(b.load(e.gep(occ, t)), dim))
+            commit.refuse_non_finite(row)
+            with e.tiled(spec.dim, spec.tile, "add") as j:
+                p = e.gep(summed, j)
+                b.store(b.fadd(b.load(p), b.load(e.gep(row, j))), p)
+    return b.select(repeated, summed, first)
 
 
 RECENT_SLOTS = 1 << 15  # per partition: (id, entry) of rows a raw-delta apply journaled lately
@@ -768,12 +785,12 @@ class Commit:
             b.store(code, self.err_buf)
             self.finish(abi.Status.NON_FINITE_OUTPUT)
 
-    def refuse_non_finite(self, src, read) -> None:
-        """Where `read` holds, a delta row with NaN or Inf ends the partition with
-        `Status.NON_FINITE` before its row is touched (the rows before it are in the
-        journal; the runtime undoes them and finds the first such row itself)."""
+    def refuse_non_finite(self, src) -> None:
+        """A delta row with NaN or Inf ends the partition with `Status.NON_FINITE`
+        before its table row is touched (the rows before it are in the journal; the
+        runtime undoes them and finds the first such row itself)."""
         b = self.e.b
-        bad = b.and_(read, b.not_(_row_finite(self.e, src, _c(I64, self.spec.dim))))
+        bad = b.not_(_row_finite(self.e, src, _c(I64, self.spec.dim)))
         with b.if_then(bad, likely=False):
             self.finish(abi.Status.NON_FINITE)
 
