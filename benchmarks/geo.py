@@ -75,7 +75,9 @@ The network:
   "relay + zstd": the same, packets compressed (the link is charged each
   row's measured compressed bytes; compressing and decompressing a packet
   costs its bytes over the codec's measured single-core speed divided by
-  `codec_cores`). The `replicas` links of a star region see the same
+  `codec_cores`); "relay + zstd, fifo": the same with the scheduler's
+  arrival-order policy (every update whole, in commit order) instead of
+  ekko's priorities. The `replicas` links of a star region see the same
   commits under the same budget, so one is simulated and its bytes count
   `replicas` times.
 * LAN: a relay forwards each packet down a tree of fan-out `fanout` (a
@@ -433,10 +435,12 @@ class Topology:
     relay: bool
     budget: bool = True
     compress: bool = False
+    policy: str = "priority"  # the links' scheduler policy
 
 
 TOPOLOGIES = (Topology("star (no budget)", False, budget=False), Topology("star", False),
-              Topology("relay", True), Topology("relay + zstd", True, compress=True))
+              Topology("relay", True), Topology("relay + zstd", True, compress=True),
+              Topology("relay + zstd, fifo", True, compress=True, policy="fifo"))
 
 
 def tree_levels(nodes: int, fanout: int) -> list[int]:
@@ -522,8 +526,8 @@ class Simulation:
             if name == sc.primary:
                 continue
             per_link = region.budget / self.copies
-            cfg = SchedulerConfig(bandwidth=per_link / wl.scale if topo.budget else None,
-                                  burst_s=sc.burst_s, clock=self.clock)
+            cfg = SchedulerConfig(policy=topo.policy, burst_s=sc.burst_s, clock=self.clock,
+                                  bandwidth=per_link / wl.scale if topo.budget else None)
             self.links[name] = Link(self.primary, SimReplica(k, list(self.traces)), cfg)
             self.pipe_free[name] = 0.0
         self.heap: list = []

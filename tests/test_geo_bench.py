@@ -61,6 +61,8 @@ def test_priority_keeps_the_significant_fresh_where_the_link_is_short(quick):
     p99 = slow.fresh.percentiles()[1]
     sig99 = slow.significant.percentiles()[1]
     assert sig99 < p99 / 3  # the slow link is behind, its significant rows are not
+    fifo = _sim(quick, "relay + zstd, fifo").region(quick.scenario.slow)
+    assert fifo.significant.percentiles()[1] > 3 * sig99  # arrival order: they queue too
     star = _sim(quick, "star")  # a star region gets 1/replicas of the budget: far behind
     assert star.region(quick.scenario.slow).undelivered > 0
 
