@@ -149,3 +149,11 @@ def test_link_follows_a_virtual_clock():
     assert len(ids) == (4096 - 64) // 64  # a bucket (64 rows of 64 bytes) less a header
     assert 120 in ids and set(ids.tolist()) - {120} <= set(range(100))
     assert link.backlog() == 150 - len(ids) and link.next_batch() is None
+
+
+@pytest.mark.parametrize("argv", [["--stride", "0"], ["--seconds", "-1"], ["--stride", "x"]])
+def test_bad_arguments_are_refused_by_name(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        geo.parse_args(argv)
+    assert e.value.code == 2
+    assert argv[0] in capsys.readouterr().err
