@@ -66,8 +66,10 @@ The network:
   summary of the rows changed since the region's watermark (the
   model-update cache's query, 16 bytes a row, counted as WAN bytes), the
   region keeps the rows it lacks, and they are queued on the link with
-  their oldest missing update's version and commit time. Only the primary
-  sends over the WAN here (no region-to-region pulls).
+  their oldest missing update's version and commit time (a row still
+  queued is queued again: the priority policy merges the two, arrival
+  order sends it twice). Only the primary sends over the WAN here (no
+  region-to-region pulls).
 * Topologies: "star (no budget)": every replica its own link from the
   primary, no budget, no pipe limit (what a star needs to move); "star":
   the same under the budget, each of a region's `replicas` links getting
@@ -676,32 +678,39 @@ class Simulation:
         """The link is back: anti-entropy over the rows changed since the region's watermark."""
         sc, region, link = self.sc, self.region(self.sc.cut), self.links[self.sc.cut]
         region.cut = region.paused = False
-        missing_updates = 0
+        missing = 0
         for tr in self.wl.traces:
-            count, held = self.primary.count[tr.name], region.held[tr.name]
-            lacking = np.flatnonzero(held < count)
             during = (tr.t >= sc.cut_at_s) & (tr.t < t)
             region.changed_in_cut += len(np.unique(tr.slot[during]))
-            missing_updates += int((count - held).sum())
-            if not len(lacking):
-                continue
-            oldest = tr.by_row[tr.starts[lacking] + held[lacking]]  # each row's first missing
-            mark = tr.t[oldest].min()  # the watermark: every update before it is held
-            touched = np.flatnonzero(count > 0)
-            last = tr.by_row[tr.starts[touched] + count[touched] - 1]
-            candidates = int((tr.t[last] >= mark).sum())  # the update cache's changed_since
-            region.summary_bytes += candidates * 16 * self.wl.scale * self.copies
-            region.resent_rows += len(lacking)
-            versions = tr.version[oldest]
-            for v in np.unique(versions):
-                rows = lacking[versions == v]
-                at = tr.t[oldest[versions == v]][0]
-                norms = np.array([tr.norm[tr.by_row[tr.starts[r] + held[r]:tr.starts[r] + count[r]]]
-                                  .max() for r in rows])
-                c = Commit(tr.name, int(v), rows, norms, int(round(at * 1e9)))
-                link.enqueue(c, norms)
+            missing += self.repair(tr, region, link)
         region.wan_bytes += region.summary_bytes
-        region.missing_at_heal = missing_updates
+        region.missing_at_heal = missing
+
+    def repair(self, tr: Trace, region: Region, link: Link) -> int:
+        """One table's anti-entropy: the primary's (id, version) summary of the rows changed
+        since the region's watermark crosses the WAN; the rows the region lacks are queued
+        on the link with their oldest missing update's version, commit time and largest
+        missing norm (rows still queued there are queued again: the priority policy merges
+        them, arrival order sends them twice). Returns the updates the region lacks."""
+        count, held = self.primary.count[tr.name], region.held[tr.name]
+        lacking = np.flatnonzero(held < count)
+        if not len(lacking):
+            return 0
+        oldest = tr.by_row[tr.starts[lacking] + held[lacking]]  # each row's first missing
+        mark = tr.t[oldest].min()  # the watermark: every update before it is held
+        touched = np.flatnonzero(count > 0)
+        last = tr.by_row[tr.starts[touched] + count[touched] - 1]
+        candidates = int((tr.t[last] >= mark).sum())  # the update cache's changed_since
+        region.summary_bytes += candidates * 16 * self.wl.scale * self.copies
+        region.resent_rows += len(lacking)
+        versions = tr.version[oldest]
+        for v in np.unique(versions):
+            rows = lacking[versions == v]
+            at = tr.t[oldest[versions == v]][0]
+            norms = np.array([tr.norm[tr.by_row[tr.starts[r] + held[r]:tr.starts[r] + count[r]]]
+                              .max() for r in rows])
+            link.enqueue(Commit(tr.name, int(v), rows, norms, int(round(at * 1e9))), norms)
+        return int((count - held).sum())
 
 
 # -- one run -------------------------------------------------------------------------------------
