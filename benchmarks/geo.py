@@ -1,6 +1,7 @@
 """Across regions at Ekko's scale, simulated: star vs relay vs relay + zstd on WAN budgets.
 
-    python benchmarks/geo.py [--quick] [--seconds S] [--stride M] [--seed N] [--out DIR]
+    python benchmarks/geo.py [--quick] [--seconds S] [--stride M] [--seed N] [--no-quality]
+                             [--out DIR]
 
 A discrete-event simulation (a virtual clock and a heapq of events; nothing
 sleeps) of one primary and `replicas` serving replicas in each of six
