@@ -67,6 +67,11 @@ class Clock:
         """Wait on `cond` (held) until notified, or `seconds` of this clock have passed."""
         cond.wait(seconds)
 
+    def time_ns(self) -> int:
+        """Now on the commit times' scale (ns since the epoch): a row's age is measured
+        against it. A simulation's clock returns its virtual time here."""
+        return time.time_ns()
+
 
 class ManualClock(Clock):
     """A clock that stands still until `advance` moves it (for tests of timed policies).
@@ -288,18 +293,30 @@ class Link:
             return sum(len(p.ids()) for p in self.pending.values())
 
     # -- the sender thread -------------------------------------------------------------
+    def next_batch(self) -> tuple[tuple[int, bytes] | None, list] | None:
+        """What to send now: (the dense snapshot or None, the rows as `_select` returns
+        them), taken off the pending sets and charged to the budget; None when the policy
+        or the budget says wait. Under the lock. The sender thread sends what it returns;
+        benchmarks/geo.py's simulated WAN links call it on a virtual clock."""
+        if not self._ready():
+            return None
+        dense = self._take_dense()
+        batch = self._select()
+        if not batch and dense is None:  # the budget did not stretch to one row
+            return None
+        return dense, batch
+
     def _run(self) -> None:
         while True:
             with self.cond:
-                while self.running and not self._ready():
-                    self.clock.wait(self.cond, self._wait_time())
+                chosen = None
+                while self.running and chosen is None:
+                    chosen = self.next_batch()
+                    if chosen is None:
+                        self.clock.wait(self.cond, self._wait_time())
                 if not self.running:
                     return
-                dense = self._take_dense()
-                batch = self._select()
-                if not batch and dense is None:  # the budget did not stretch to one row
-                    self.clock.wait(self.cond, self._wait_time())
-                    continue
+                dense, batch = chosen
                 self.busy = True
                 self.inflight = {}
                 for table, _, _, _, first in batch:
@@ -438,7 +455,7 @@ class Link:
     def _by_priority(self, cands: dict[str, np.ndarray], budget: float) -> dict[str, np.ndarray]:
         """The highest-priority pending rows whose bytes fit the budget."""
         c = self.config
-        now = time.time_ns()
+        now = self.clock.time_ns()
         traffic = self.replica.traffic()
         total = sum(traffic.values())
         names, prios, costs, idx = [], [], [], []
@@ -563,7 +580,7 @@ class Link:
 
     def lag_ms(self) -> float:
         """How long the oldest pending update has waited (0 when nothing waits)."""
-        now = time.time_ns()
+        now = self.clock.time_ns()
         with self.cond:
             if self.config.policy == "fifo":
                 heads = [q[0][1].commit_ns for q in self.fifo.values() if q]
