@@ -319,6 +319,27 @@ def test_hot_rows_two_threads(optimizer: str) -> None:
     run_case(Case(optimizer, "f32", "int8", dim=64, rows=7, n_ids=200_000, threads=2, steps=1))
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam", "adagrad"])
+def test_many_buckets_hot_and_edge_ids(optimizer: str, threads: int) -> None:
+    """A delta large enough that each partition's dedup splits it into many buckets
+    (ranges of rows), with hot ids repeated thousands of times, ids 0 and rows-1, and a
+    run of neighbouring ids that crowds one bucket: every row against the reference."""
+    case = Case(optimizer, "f32", "int8", dim=24, rows=100_003, n_ids=60_000, threads=threads,
+                steps=2)
+    rng = np.random.default_rng(9)
+
+    def delta() -> tuple[np.ndarray, np.ndarray]:
+        ids = rng.integers(0, case.rows, case.n_ids)
+        hot = rng.random(case.n_ids) < 0.4
+        ids[hot] = rng.choice([0, case.rows - 1, 17, 50_000, 99_999], int(hot.sum()))
+        ids[:3000] = np.arange(70_000, 73_000)  # one range, each id once
+        grads = rng.normal(0, 0.3, (case.n_ids, case.dim)).astype(np.float32)
+        return ids.astype(np.int64), grads
+
+    run_case(case, deltas=[delta(), delta()])
+
+
 @pytest.mark.parametrize("index_dtype", ["i32", "i64"])
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
 def test_index_dtypes(optimizer: str, index_dtype: str) -> None:
