@@ -979,8 +979,9 @@ def main(argv: list[str] | None = None) -> int:
                           steps=50 if args.quick else 300)
     run = simulate(sc, codec, progress=not args.quick)
     if not args.no_quality:
-        run.quality, run.quality_describe, run.quality_measured_s = run_quality(args.quick, [0.05] if args.quick
-                                                        else [0.05, 0.01])
+        budgets = [0.05] if args.quick else [0.05, 0.01]
+        run.quality, run.quality_describe, run.quality_measured_s = run_quality(args.quick,
+                                                                                budgets)
     text = report(run) + (f"\nLoad average {load:.1f} at the start, {os.getloadavg()[0]:.1f} "
                           f"at the end on {os.cpu_count()} CPUs.\n")
     print(text)
