@@ -393,6 +393,7 @@ class Geography:
         summary = 8 * -(-len(ids) // BUCKET) + 4 * len(differ) + 8 * len(asked)
         if pipe is not None and not pipe.carry(summary, paced=True, repair=True):
             return False
+        asked = asked[~self.links[member.index].waiting(table, asked)]  # its link sends those
         rows, versions = source.rows(table, asked)
         newer = versions > member.versions(table)[asked]
         pulled = asked[newer]
@@ -519,6 +520,7 @@ class RegionLink(Link):
         super().__init__(primary, group, config)
         self.group, self.pipe, self.geography = group, pipe, geography
         self._first: dict[str, int] = {}
+        self._sending: dict[str, np.ndarray] = {}  # the batch on its way (under cond)
 
     # -- watermarks: a held member's is its hold ----------------------------------------
     def _watermark(self, table: str) -> int:
@@ -537,6 +539,17 @@ class RegionLink(Link):
                 member.set_watermark(table, Link._watermark(self, table))
             self.cond.notify_all()
 
+    def waiting(self, table: str, ids: np.ndarray) -> np.ndarray:
+        """Per id, whether this link has it pending (it will send the newest value itself;
+        rows on their way count too; fifo's queue does not, so repairs may pull those)."""
+        with self.cond:
+            out = np.zeros(len(ids), bool)
+            if self.config.policy != "fifo":
+                out |= self.pending[table].flag[ids]
+            if table in self._sending:
+                out |= np.isin(ids, self._sending[table])
+            return out
+
     def wait_for(self, targets: dict[str, int], timeout: float | None, dense: int = -1) -> bool:
         """As Link.wait_for, for the members that can be reached: a cut region and a
         replica marked down are not waited for."""
@@ -552,9 +565,18 @@ class RegionLink(Link):
                 return False
 
     # -- sending ------------------------------------------------------------------------
+    def _select(self) -> list:
+        batch = super()._select()
+        self._sending = {b[0]: b[1] for b in batch}  # taken from pending: still coming
+        return batch
+
     def _send(self, batch: list) -> None:
         self._first = {b[0]: b[4] for b in batch}
-        super()._send(batch)
+        try:
+            super()._send(batch)
+        finally:
+            with self.cond:
+                self._sending = {}
 
     def _deliver(self, table: str, ids: np.ndarray, since: np.ndarray) -> None:
         packet = self.primary.pack(table, ids)
