@@ -242,7 +242,7 @@ class Geography:
         the way, or not forwarded): hold their watermarks, remember when the oldest
         lost update was committed (repaired rows are measured from it), and repair
         them once they can be reached."""
-        upto = int(packet.versions.max()) if packet is not None and len(packet) else first
+        upto = int(packet.versions.max()) if packet is not None and len(packet) else first - 1
         with self._lock:
             for m in members:
                 holds = region.holds.setdefault(m.index, {})
@@ -332,9 +332,18 @@ class Geography:
             self.repairs.sources.append((index, source.index))
             complete[index] = {t: max(v, marks[t], complete.get(source.index, {}).get(t, v))
                                for t, v in lost.items()}
+            self._repair_dense(region, member, source)
             self._release(region, index, losses)
-            if region.lost_dense is not None and member.dense is not None:
-                member.install_dense(region.lost_dense[1])
+
+    def _repair_dense(self, region: Region, member: Replica, source: Replica) -> None:
+        """Install the newest dense snapshot the region missed, carried from the peer."""
+        lost = region.lost_dense
+        if lost is None or member.dense is None or member.dense.version >= lost[0]:
+            return
+        if source.region != member.region:
+            self.pipes[(source.region, member.region)].carry(len(lost[1]), paced=True,
+                                                             repair=True)
+        member.install_dense(lost[1])
 
     def _release(self, region: Region, index: int, losses: int) -> None:
         """The repair covered every loss counted when it began: lift the hold (a loss
@@ -629,15 +638,20 @@ class RegionLink(Link):
             self.tokens = min(self._depth(), self.tokens + charged - sent)
 
     def _send_dense(self, version: int, blob: bytes) -> None:
-        region = self.group.region
+        """Carry a dense snapshot across (once per region) and install it on the members
+        up; members it did not reach are held and get it when they are repaired."""
         up = self.group.up()
-        if len(up) < len(self.group.members):
-            region.lost_dense = (version, blob)
         if self.pipe is not None and not self.pipe.carry(len(blob), 0, len(blob)):
-            region.lost_dense = (version, blob)
-            return
+            up = []
         for m in up:
             m.install_dense(blob)
+        missed = [m for m in self.group.members if m not in up]
+        if missed:
+            self.group.region.lost_dense = (version, blob)
+            with self.cond:  # complete up to what this link delivered: a repair re-checks
+                marks = {t: Link._watermark(self, t) for t in self.pending}
+            for table, mark in marks.items():
+                self.geography.lose(self.group.region, missed, table, mark + 1, None, None)
 
     def errors_of(self, replica: int) -> list[str]:
         return list(self.errors)

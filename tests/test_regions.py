@@ -437,3 +437,25 @@ def test_what_crosses_a_tight_wan_budget_first_is_the_schedulers_choice(model) -
             time.sleep(0.01)
         engine.flush(timeout=60)
         assert differing(engine) == []
+
+
+def test_a_dense_snapshot_a_cut_region_missed_arrives_after_the_heal() -> None:
+    torch = pytest.importorskip("torch")
+    from ekko.workloads.clicks_model import ClicksDense
+
+    torch.manual_seed(0)
+    dense = ClicksDense()
+    model = ekko.compile_model("examples/clicks.ekko")
+    with ekko.Engine(model, regions={"eu": 1, "ap": 2}, dense=dense, **FAST) as engine:
+        engine.flush(timeout=60)
+        engine.cut("ap")
+        with torch.no_grad():
+            next(dense.parameters()).add_(0.5)
+        version = engine.publish_dense()
+        engine.flush(timeout=60)  # the cut region is not waited for
+        wan = [link for link in engine.links if link.pipe is not None][0]
+        wait_until(lambda: wan.dense_sent >= version)
+        assert [r.dense.version for r in engine.replicas] == [version, 1, 1]
+        engine.heal("ap")
+        engine.flush(timeout=60)
+        assert [r.dense.version for r in engine.replicas] == [version] * 3
