@@ -198,6 +198,7 @@ class Geography:
                 groups = [[m] for m in region.members]
             else:
                 share, groups = 1, [region.members]
+                region.relay = region.members[0].index  # until it is down or lags
             for members in groups:
                 config = self._wan_config(configs[members[0].index], pipe, share)
                 link = RegionLink(self.primary, RegionGroup(self, region, members), config, pipe,
