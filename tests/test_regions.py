@@ -18,6 +18,7 @@ import pytest
 import ekko
 from ekko.engine import ManualClock, SchedulerConfig
 from ekko.engine.packet import Packet, PacketError
+from ekko.engine.ports import LinkPrimary, LinkReplica, ReplicaPort, Transport
 from ekko.engine.regions import BUCKET, digests
 from ekko.engine.wan import WanCodec
 from ekko.kernels.errors import EkkoError
@@ -104,6 +105,11 @@ def test_the_contract_relay_regions_stay_byte_identical(model) -> None:
         # only links into remote regions cross the WAN: one per remote region
         assert {n for n, c in s["wan"]["links"].items() if c["rows"]} == {"eu->us", "eu->ap"}
         assert engine.lookup("fa", np.array([1, 2]), np.array([0])).shape == (1, 16)
+        t = engine.transport  # the region links are scheduler links behind the same ports
+        assert isinstance(t, Transport) and all(isinstance(r, ReplicaPort) for r in t.replica_ports)
+        assert all(isinstance(link.replica, LinkReplica) and isinstance(link.primary, LinkPrimary)
+                   for link in engine.links)
+        assert len(engine.links) == 4  # eu's two replicas, one per remote region
 
 
 def test_a_relay_sends_one_wan_copy_per_region_a_star_one_per_replica(model_path: Path) -> None:
