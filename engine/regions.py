@@ -347,19 +347,22 @@ class Geography:
         member.install_dense(lost[1])
 
     def _release(self, region: Region, index: int, losses: int) -> None:
-        """The repair covered every loss counted when it began: lift the hold (a loss
-        since keeps it, and the next round repairs that)."""
+        """The repair covered every loss counted when it began: lift the hold and give
+        the replica its link's watermark (read first: a loss after it is a new hold)."""
         link = self.links[index]
+        marks = link.delivered()
         with self._lock:
             if region.losses.get(index, 0) != losses:
-                self._wanted = True
+                self._wanted = True  # lost more meanwhile: the next round repairs that
                 return
             region.holds.pop(index, None)
             region.lost_upto.pop(index, None)
             if not region.holds:
                 region.lost_since.clear()
                 region.lost_dense = None
-        link.release(self.replicas[index])
+            for table, mark in marks.items():
+                self.replicas[index].set_watermark(table, mark)
+        link.wake()
 
     def _watermark(self, peer: Replica, table: str, complete: dict[int, dict[str, int]]) -> int:
         mark = peer.watermarks()[table]
@@ -542,11 +545,15 @@ class RegionLink(Link):
                     w = min(w, held)
         return w
 
-    def release(self, member: Replica) -> None:
-        """`member` was repaired: it holds what this link delivered (and what it missed)."""
+    def delivered(self) -> dict[str, int]:
+        """Per table, the version up to which this link delivered (or lost) every update:
+        its watermark before holds."""
         with self.cond:
-            for table in self.pending:
-                member.set_watermark(table, Link._watermark(self, table))
+            return {table: Link._watermark(self, table) for table in self.pending}
+
+    def wake(self) -> None:
+        """A hold was lifted: flush's waits look again."""
+        with self.cond:
             self.cond.notify_all()
 
     def waiting(self, table: str, ids: np.ndarray) -> np.ndarray:
@@ -592,12 +599,12 @@ class RegionLink(Link):
         packet = self.primary.pack(table, ids)
         packet.commit_ns = since
         first = self._first[table]
-        region, geo = self.group.region, self.geography
+        geo = self.geography
         if self.pipe is not None:
             frame, raw = geo.codec.encode(packet)
             self._refund(table, len(ids), len(frame))
             if not self.pipe.carry(len(frame), len(ids), raw):
-                geo.lose(region, self.group.members, table, first, packet, since)
+                self._lost(self.group.members, table, first, packet, since)
                 return
             packet = geo.codec.decode(frame)
         elif self.config.wire:
@@ -606,16 +613,28 @@ class RegionLink(Link):
         up = self.group.up()
         down = [m for m in self.group.members if m not in up]
         if down:
-            geo.lose(region, down, table, first, packet, since)
+            self._lost(down, table, first, packet, since)
         if relay is None:
             return
         self._merge(relay, packet)
         peers = [m for m in up if m is not relay]
         if relay.index in geo.down:  # it went down before forwarding: its peers missed it
-            geo.lose(region, peers, table, first, packet, since)
+            self._lost(peers, table, first, packet, since)
             return
         for m in peers:
             self._merge(m, packet)
+
+    def _lost(self, members: list[Replica], table: str, first: int, packet: Packet,
+              since: np.ndarray) -> None:
+        """`members` missed this packet: its rows are no longer on their way (a repair
+        must pull them), and the members are held until repaired."""
+        if not members:
+            return
+        with self.cond:
+            sending = self._sending.get(table)
+            if sending is not None:
+                self._sending[table] = np.setdiff1d(sending, packet.ids)
+        self.geography.lose(self.group.region, members, table, first, packet, since)
 
     def _merge(self, replica: Replica, packet: Packet) -> None:
         """Merge at one member (its time decides whether a relay lags)."""
