@@ -326,7 +326,9 @@ class Geography:
             marks = source.watermarks()  # before pulling: what the pulled rows cover
             ok = all(self._pull(member, source, table, since, region)
                      for table, since in holds.items())
-            if not ok:
+            if not ok:  # a WAN link on the way was cut: another peer, or after the heal
+                with self._lock:
+                    self._wanted = True
                 continue
             self.repairs.runs += 1
             self.repairs.seconds += time.perf_counter() - t0
