@@ -161,6 +161,7 @@ class Region:
         self.losses: dict[int, int] = {}  # counts each replica's losses (a repair's guard)
         self.lost_since: dict[str, np.ndarray] = {}  # per table: oldest lost update's commit
         self.lost_dense: tuple[int, bytes] | None = None  # the newest snapshot not delivered
+        self.rows_repaired = self.rows_repaired_wan = 0  # rows anti-entropy pulled into it
 
 
 class Geography:
@@ -424,6 +425,8 @@ class Geography:
         member.note_issued(table, packet.newest)
         if len(packet):
             member.deliver(packet, self.primary.pack)
+        region.rows_repaired += len(pulled)
+        region.rows_repaired_wan += len(pulled) if pipe is not None else 0
         r = self.repairs
         r.summary_bytes += summary
         r.rows_compared += len(ids)
@@ -448,7 +451,9 @@ class Geography:
         with self._lock:
             regions = {n: {"replicas": [m.index for m in r.members], "relay": r.relay,
                            "relay_changes": r.relay_changes, "cut": r.cut,
-                           "held": sorted(r.holds), "down": sorted(self.down & {
+                           "held": sorted(r.holds), "rows_repaired": r.rows_repaired,
+                           "rows_repaired_wan": r.rows_repaired_wan,
+                           "down": sorted(self.down & {
                                m.index for m in r.members})}
                        for n, r in self.regions.items()}
         return {"wan_bytes": sum(p["bytes"] for p in pipes.values()),
