@@ -390,6 +390,11 @@ BAD = [
     (dict(regions=REGIONS, primary_region="eu", replicas=6), "give regions= or replicas="),
     (dict(regions=REGIONS, primary_region="eu", cluster="local"), "not with cluster="),
     (dict(replicas=2, topology="relay"), "topology: only with regions="),
+    (dict(regions=[("eu", 2)], primary_region="eu"), "regions must be a dict"),
+    (dict(regions={"eu": 2, 3: 1}, primary_region="eu"), "region names must be non-empty"),
+    (dict(regions={"eu": 2, "us": 1.5}, primary_region="eu"), "region 'us' needs a positive"),
+    (dict(regions=REGIONS, primary_region="eu", compress="yes"), "compress must be True"),
+    (dict(regions=REGIONS, primary_region="eu", relay_lag_ms=0), "relay_lag_ms must be a"),
     (dict(regions=REGIONS, primary_region="eu", wan_bandwidth={("eu", "mars"): 1e6}),
      "not a pair of two known regions"),
 ]
