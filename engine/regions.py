@@ -675,13 +675,9 @@ class RegionLink(Link):
         missed = [m for m in self.group.members if m not in up]
         if missed:
             self.group.region.lost_dense = (version, blob)
-            with self.cond:  # complete up to what this link delivered: a repair re-checks
-                marks = {t: Link._watermark(self, t) for t in self.pending}
-            for table, mark in marks.items():
+            # held where this link's rows stand: the repair re-checks and installs it
+            for table, mark in self.delivered().items():
                 self.geography.lose(self.group.region, missed, table, mark + 1, None, None)
-
-    def errors_of(self, replica: int) -> list[str]:
-        return list(self.errors)
 
 
 __all__ = ["BUCKET", "Geo", "Geography", "RegionGroup", "RegionLink", "TOPOLOGIES", "check_geo",
