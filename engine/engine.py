@@ -61,6 +61,8 @@ class Engine:
     `cluster="local"`, `"auto"` or a Ray address runs the parts as Ray
     actors; the options in `_CLUSTER_ONLY` go to that transport
     (engine/cluster/transport.py) and are refused without it.
+    `regions={name: replicas}` (in process, instead of `replicas=`) places
+    the replicas by region behind emulated WAN links (engine/regions.py).
     """
 
     def __init__(self, model: CompiledModel | str | Path, replicas: int | None = None, *,
