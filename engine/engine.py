@@ -41,6 +41,7 @@ from .inputs import check_delta
 from .ports import Stepped, Transport, Unavailable
 from .primary import Commit
 from .quality import Probe, Quality
+from .regions import Geo, check_geo
 from .replica import ReplicaDiverged
 from .scheduler import Link, SchedulerConfig
 from .sparse import check_bags
@@ -60,14 +61,28 @@ class Engine:
     `cluster="local"`, `"auto"` or a Ray address runs the parts as Ray
     actors; the options in `_CLUSTER_ONLY` go to that transport
     (engine/cluster/transport.py) and are refused without it.
+    `regions={name: replicas}` (in process, instead of `replicas=`) places
+    the replicas by region behind emulated WAN links (engine/regions.py).
     """
 
-    def __init__(self, model: CompiledModel | str | Path, replicas: int = 2, *,
+    def __init__(self, model: CompiledModel | str | Path, replicas: int | None = None, *,
                  scheduler: SchedulerConfig | Sequence[SchedulerConfig] | None = None,
                  health: HealthConfig | None = None, dense: Any = None,
                  dense_every: int | None = None, dense_every_ms: float | None = None,
                  history_rows: int = 1 << 24, seed: int = 0, scale: float = 1.0,
-                 cluster: str | None = None, **cluster_options: Any):
+                 cluster: str | None = None, regions: dict[str, int] | None = None,
+                 primary_region: str | None = None, wan_bandwidth: Any = None,
+                 wan_latency_ms: Any = None, topology: str | None = None,
+                 compress: bool | None = None, relay_lag_ms: float | None = None,
+                 **cluster_options: Any):
+        geo_options = {"primary_region": primary_region, "wan_bandwidth": wan_bandwidth,
+                       "wan_latency_ms": wan_latency_ms, "topology": topology,
+                       "compress": compress, "relay_lag_ms": relay_lag_ms}
+        geo = _check_regions(regions, replicas, cluster, geo_options)
+        if geo is not None:
+            replicas = sum(geo.regions.values())
+        elif replicas is None:
+            replicas = 2
         if cluster is None and cluster_options:
             unknown = sorted(set(cluster_options) - _CLUSTER_ONLY)
             if unknown:
@@ -116,7 +131,9 @@ class Engine:
         self._stopped: str | None = None  # why step/flush/check refuse (a newer engine, shutdown)
         self._gone: str | None = None  # why everything refuses (the parts are gone)
         self._reopen: str | None = None  # why start refuses (Ray: closed for good)
-        self.transport = self._transport(replicas, cluster, history_rows, seed, cluster_options)
+        self.transport = self._transport(replicas, cluster, history_rows, seed, cluster_options,
+                                         geo)
+        self.geography = getattr(self.transport, "geography", None)  # with regions=
         self.primary = self.transport.primary
         self.replicas = self.transport.replicas
         self.links = self.transport.links
@@ -126,11 +143,11 @@ class Engine:
                 self._send_dense(self.dense_initial)
 
     def _transport(self, replicas: int, cluster: str | None, history_rows: int, seed: int,
-                   options: dict[str, Any]) -> Transport:
+                   options: dict[str, Any], geo: Geo | None) -> Transport:
         if cluster is None:
             from .local import LocalTransport
 
-            return LocalTransport(self, replicas, history_rows, seed)
+            return LocalTransport(self, replicas, history_rows, seed, geo)
         try:
             from .cluster import RayTransport  # imports ray: only when a cluster is asked for
         except ImportError as e:
@@ -147,6 +164,8 @@ class Engine:
         if not self._started:
             for link in self._all_links():
                 link.start()
+            if self.geography is not None:
+                self.geography.start()
             self._started = True
         return self
 
@@ -506,6 +525,51 @@ class Engine:
                 raise EkkoError(f"no replica answered within {wait:.0f} s")
             time.sleep(0.05)
 
+    # -- regions (engine/regions.py) ----------------------------------------------------------
+    def cut(self, region: str) -> None:
+        """Cut the WAN links into and out of `region` (fault injection): what is sent across
+        meanwhile is lost, flush does not wait for its replicas, and after `heal` they
+        repair what they missed from their nearest peer (anti-entropy)."""
+        geography = self._geography(region)
+        if region == geography.geo.primary:
+            raise EkkoError(f"cannot cut {region!r}: it is the primary's region (the primary "
+                            "would be cut off from every replica)")
+        geography.cut(region)
+
+    def heal(self, region: str) -> None:
+        """Restore `region`'s WAN links; its replicas repair what they missed from peers."""
+        self._geography(region).heal(region)
+
+    def replica_down(self, index: int) -> None:
+        """Mark replica `index` down (fault injection): nothing reaches it, lookups and
+        checks go around it, and a relay that is down is replaced."""
+        self._geography(None).set_down(self._replica_index(index), True)
+
+    def replica_up(self, index: int) -> None:
+        """Replica `index` is back: it repairs what it missed from its nearest peer."""
+        self._geography(None).set_down(self._replica_index(index), False)
+
+    @property
+    def relays(self) -> dict[str, int]:
+        """Per remote region with a relay (topology "relay"), the replica it is now."""
+        g = self._geography(None)
+        return {n: r.relay for n, r in g.regions.items() if r.relay is not None}
+
+    def _geography(self, region: str | None) -> Any:
+        g = self.geography
+        if g is None:
+            raise EkkoError("this engine has no regions: Engine(model, regions={...}, "
+                            "primary_region=...)")
+        if region is not None and region not in g.regions:
+            raise EkkoError(f"unknown region {region!r} (regions: {', '.join(g.regions)})")
+        return g
+
+    def _replica_index(self, index: Any) -> int:
+        if not isinstance(index, int) or isinstance(index, bool) \
+                or not 0 <= index < len(self.replicas):
+            raise EkkoError(f"no replica {index!r} (replicas 0-{len(self.replicas) - 1})")
+        return index
+
     # -- reporting ----------------------------------------------------------------------------
     def stats(self) -> dict:
         """Freshness (ms, p50/p99/max) overall, per replica and table; traffic; rollbacks;
@@ -574,6 +638,26 @@ _REMEASURE_WAIT_S = 30.0  # how long a rollback waits for the replicas to re-mea
 def _same_state(a: DenseSnapshot, b: DenseSnapshot | None) -> bool:
     return b is not None and a.state.keys() == b.state.keys() and all(
         np.array_equal(v, b.state[k]) for k, v in a.state.items())
+
+
+def _check_regions(regions: Any, replicas: Any, cluster: Any, options: dict[str, Any]) -> Geo | None:
+    """The checked region plan (None without regions=); any misuse is one EkkoError,
+    raised before anything is built."""
+    if regions is None:
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:
+            raise EkkoError(f"{', '.join(given)}: only with regions=")
+        return None
+    if replicas is not None:
+        raise EkkoError("regions= places the replicas (name -> how many): give regions= or "
+                        "replicas=, not both")
+    if cluster is not None:
+        raise EkkoError("regions= runs in process for now: not with cluster=")
+    o = options
+    return check_geo(regions, o["primary_region"], o["wan_bandwidth"],
+                     50.0 if o["wan_latency_ms"] is None else o["wan_latency_ms"],
+                     "relay" if o["topology"] is None else o["topology"], True if o["compress"] is None else o["compress"],
+                     1000.0 if o["relay_lag_ms"] is None else o["relay_lag_ms"])
 
 
 def _scheduler_configs(scheduler: Any, replicas: int) -> list[SchedulerConfig]:

@@ -23,6 +23,7 @@ from ..kernels.errors import EkkoError
 from ..kernels.model import CompiledModel
 from .ports import Stepped
 from .primary import Primary
+from .regions import Geo, Geography
 from .replica import Replica, ReplicaDiverged
 from .scheduler import Link, SchedulerConfig
 from .state import HealthConfig, apply_checked, changed_rows, replica_problem, roll_back
@@ -88,12 +89,15 @@ class LocalPrimary:
 class LocalReplica:
     """An in-process `Replica` as a ports.ReplicaPort (always available)."""
 
-    def __init__(self, replica: Replica, primary: Primary, health: HealthConfig):
+    def __init__(self, replica: Replica, primary: Primary, health: HealthConfig,
+                 geography: Geography | None = None):
         self.replica, self.primary, self.health = replica, primary, health
         self.index = replica.index
+        self.geography = geography
 
     def available(self) -> bool:
-        return True
+        """Always, unless the engine has regions and it was marked down (replica_down)."""
+        return self.geography is None or self.index not in self.geography.down
 
     def mark_down(self) -> None:
         pass  # an in-process call always answers
@@ -110,7 +114,10 @@ class LocalReplica:
         return settle
 
     def holds(self, targets: list[dict[str, int]], dense: int, timeout: float | None) -> bool:
-        """Its link's watermark is its own: once the link caught up, only divergence can fail."""
+        """Its link's watermark is its own: once the link caught up, only divergence can fail
+        (a replica down, or in a region cut off, is not waited for)."""
+        if self.geography is not None and not self.geography.reachable(self.index):
+            return True
         rows = self.replica.divergence()
         if rows:
             raise ReplicaDiverged(self.index, rows)
@@ -121,6 +128,8 @@ class LocalReplica:
         summary = r.stats.summary()
         summary["watermarks"] = r.watermarks()
         summary["divergent_rows"] = sum(map(len, r.divergence().values()))
+        if r.region is not None:
+            summary["region"] = r.region
         if r.dense is not None:
             summary["dense"] = r.dense.summary()
         return summary, r.stats.all_freshness(), list(r.stats.lookup_ms)
@@ -140,7 +149,8 @@ class LocalTransport:
 
     wait_s = None  # flush and lookup wait as long as it takes unless told otherwise
 
-    def __init__(self, engine: Any, replicas: int, history_rows: int, seed: int):
+    def __init__(self, engine: Any, replicas: int, history_rows: int, seed: int,
+                 geo: Geo | None = None):
         model = engine.model
         previous = _take_over(model, engine)
         if previous is not None:  # before reading the tables: its steps must be over
@@ -155,22 +165,32 @@ class LocalTransport:
             for r in self.replicas:
                 r.install_dense(engine.dense_initial)
         configs: list[SchedulerConfig] = engine.configs
-        self.links = [Link(self.primary, r, c) for r, c in zip(self.replicas, configs)]
+        # with regions: links over emulated WAN pipes, by topology (engine/regions.py)
+        self.geography = None if geo is None else Geography(geo, self.primary, self.replicas)
+        if self.geography is None:
+            self.links = [Link(self.primary, r, c) for r, c in zip(self.replicas, configs)]
+        else:
+            self.links = self.geography.build_links(configs)
         self.shard_links = [self.links]
         self.primary_port = LocalPrimary(self.primary, engine.health)
-        self.replica_ports = [LocalReplica(r, self.primary, engine.health) for r in self.replicas]
+        self.replica_ports = [LocalReplica(r, self.primary, engine.health, self.geography)
+                              for r in self.replicas]
 
     def links_of(self, replica: int) -> list[Link]:
+        if self.geography is not None:
+            return [self.geography.links[replica]]
         return [self.links[replica]]
 
     def stop(self) -> None:
+        if self.geography is not None:
+            self.geography.stop()  # anti-entropy sends too
         return None  # the links are all that sends; they may start again
 
     def end(self) -> None:
         pass  # nothing outside this process
 
     def report(self, replicas: list[dict]) -> dict:
-        return {}
+        return {} if self.geography is None else self.geography.report()
 
 
 __all__ = ["LocalPrimary", "LocalReplica", "LocalTransport"]

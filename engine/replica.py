@@ -101,6 +101,7 @@ class Replica:
                  snapshot: dict[str, tuple[np.ndarray, np.ndarray]], issued: dict[str, int],
                  dense: Any = None):
         self.index = index
+        self.region: str | None = None  # its region, when the engine has regions (regions.py)
         self.dense = None if dense is None else DenseSlot(dense)  # see engine/dense.py
         self.model = model
         self.stats = ReplicaStats()
