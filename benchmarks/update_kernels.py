@@ -677,8 +677,9 @@ def _timed_peer(rows: list[Result], key: str) -> Result | None:
     return next((r for r in rows if r.key == key and r.times_ms), None)
 
 
-def _verdict(value: float, target: float, text: str) -> str:
-    return f"{text} (target >= {target:g}{'%' if '%' in text else 'x'}: {'met' if value >= target else 'MISS'})"
+def verdict(value: float, target: float, text: str, unit: str = "x") -> str:
+    """`text` and whether `value` meets `target` ("met" or "MISS")."""
+    return f"{text} (target >= {target:g}{unit}: {'met' if value >= target else 'MISS'})"
 
 
 def summary_line(case: Case, rows: list[Result], bw: float) -> str:
@@ -694,15 +695,15 @@ def summary_line(case: Case, rows: list[Result], bw: float) -> str:
     else:
         less = fb.kind != case.kind
         target = TARGETS["fbgemm_less_work" if less else "fbgemm"]
-        parts.append(_verdict(fb.median_ms / ek.median_ms, target,
+        parts.append(verdict(fb.median_ms / ek.median_ms, target,
                               f"{fb.median_ms / ek.median_ms:.2f}x FBGEMM"
                               + (" (which skips the serving copy and versions)" if less else "")))
     te = _timed_peer(rows, "torch eager")
     parts.append("torch eager not run" if te is None else
-                 _verdict(te.median_ms / ek.median_ms, TARGETS["torch"],
+                 verdict(te.median_ms / ek.median_ms, TARGETS["torch"],
                           f"{te.median_ms / ek.median_ms:.2f}x torch eager"))
     pct = 100 * ek.gbs / bw
-    parts.append(_verdict(pct, 100 * TARGETS["copy"], f"{pct:.0f}% of copy bandwidth"))
+    parts.append(verdict(pct, 100 * TARGETS["copy"], f"{pct:.0f}% of copy bandwidth", "%"))
     return "; ".join(parts)
 
 
@@ -737,10 +738,10 @@ def _row(r: Result, ek: Result | None, work: Workload, bw: float) -> str:
     speed = "1.00x" if r is ek else (f"{r.median_ms / ek.median_ms:.2f}x" if ek else "-")
     return (f"| {r.peer} | {r.threads} | {r.median_ms:.1f} | {min(r.times_ms):.0f}-{max(r.times_ms):.0f} | "
             f"{work.n_ids / r.median_ms / 1e3:.1f} | {r.nbytes / 1e6:.0f} | {r.gbs:.3g} | "
-            f"{_pct(100 * r.gbs / bw)} | {speed} | {r.check} | {r.notes} (n={len(r.times_ms)}) |")
+            f"{pct_text(100 * r.gbs / bw)} | {speed} | {r.check} | {r.notes} (n={len(r.times_ms)}) |")
 
 
-def _pct(p: float) -> str:
+def pct_text(p: float) -> str:
     """A percentage, two significant digits below 10% (a slow peer is not '0%')."""
     return f"{p:.0f}%" if p >= 10 else f"{p:.2g}%"
 
@@ -756,6 +757,7 @@ def plot(results: list[Result], bw: float, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     order = list(dict.fromkeys(r.case for r in results))
     fig, ax = plt.subplots(figsize=(11, 1.6 + 0.38 * len(order)))
@@ -772,6 +774,7 @@ def plot(results: list[Result], bw: float, path: Path) -> None:
     ax.set_yticks(range(len(order)), [c.label for c in order], fontsize=8)
     ax.set_ylim(len(order) - 0.5, -0.5)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("achieved bandwidth, GB/s (bytes moved / median time, log scale)")
     ax.set_title("Sparse update: achieved bandwidth per case and peer against the copy roof")
     ax.grid(True, axis="x", which="both", alpha=0.3)

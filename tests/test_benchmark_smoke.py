@@ -161,3 +161,50 @@ def test_the_ab_script_compares_two_trees(capsys) -> None:
     assert all(float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows[1:])
     with pytest.raises(SystemExit):
         ab.main(["--size", "0,5"])
+
+
+def test_sync_bytes_follow_the_stated_rules() -> None:
+    """pack: ids, then row and version read and written; merge: ids, packet, versions r+w, rows written."""
+    pytest.importorskip("torch")
+    lk = load_script("benchmarks/lookup_kernels.py")
+    assert lk.pack_bytes(72, 10) == 10 * (8 + 72 + 8 + 72 + 8)
+    assert lk.merge_bytes(72, 10) == 10 * (8 + 72 + 8 + 16 + 72)
+    ids = np.array([3, 3, 5, 7])
+    assert lk.lookup_bytes(256, ids, bags=2, dim=64) == (4 + 3) * 8 + 3 * 256 + 2 * 64 * 4
+
+
+def test_pack_and_merge_peers_agree_and_are_timed() -> None:
+    """Every pack and merge peer passes its own check on a small serving copy, for f32 and int8."""
+    pytest.importorskip("torch")
+    lk = load_script("benchmarks/lookup_kernels.py")
+    results = lk.bench_sync(16, 5000, 3000, 2, np.random.default_rng(1))
+    assert [(r.op, r.layout) for r in results] == [
+        (op, layout) for layout in lk.SYNC_LAYOUTS for op in ("pack",) * 3 + ("merge",) * 3]
+    for r in results:
+        assert r.ms and r.ms > 0 and not r.note, (r.name, r.note)
+        assert r.nbytes == (lk.pack_bytes if r.op == "pack" else lk.merge_bytes)(
+            16 * 4 if r.layout == "f32" else 16 + 8, 3000)
+
+
+def test_lookup_quick_run_reports_bandwidth_and_targets(tmp_path, capsys) -> None:
+    """--quick: bytes, GB/s and % of copy on every timed row; summary lines for int8, pack, merge."""
+    pytest.importorskip("torch")
+    lk = load_script("benchmarks/lookup_kernels.py")
+    assert lk.main(["--quick", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert (tmp_path / "lookup_kernels.md").read_text().strip() == text.strip()
+    assert "- dim 64 int8 pooled lookup: ekko " in text and "x F.embedding_bag f32 (target >= 2x: " in text
+    assert "FBGEMM IntNBit INT8 TBE (target >= 1x: " in text or "FBGEMM inference TBE did not run here: " in text
+    for op in ("pack", "merge"):
+        for layout in lk.SYNC_LAYOUTS:
+            assert f"- dim 64 {op} {layout}: ekko " in text and "of copy bandwidth (target >= 50%: " in text
+    timed = 0
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if "MB moved" in cells:
+            col = {name: cells.index(name) for name in ("median ms", "MB moved", "GB/s", "% of copy bw")}
+        elif line.startswith("| ") and "---" not in line and cells[col["median ms"]] != "-":
+            timed += 1
+            pct = float(cells[col["% of copy bw"]].rstrip("%"))
+            assert float(cells[col["MB moved"]]) > 0 and float(cells[col["GB/s"]]) > 0 and 0 < pct < 1000, line
+    assert timed >= 5 + 12  # torch + 4 ekko layouts; 3 peers x pack/merge x 2 layouts
