@@ -208,3 +208,14 @@ def test_lookup_quick_run_reports_bandwidth_and_targets(tmp_path, capsys) -> Non
             pct = float(cells[col["% of copy bw"]].rstrip("%"))
             assert float(cells[col["MB moved"]]) > 0 and float(cells[col["GB/s"]]) > 0 and 0 < pct < 1000, line
     assert timed >= 5 + 12  # torch + 4 ekko layouts; 3 peers x pack/merge x 2 layouts
+
+
+def test_freshness_cluster_plot_fits_its_data() -> None:
+    """The x axis spans the samples (with a margin), not the histogram's 1 us to 1000 s."""
+    fc = load_script("benchmarks/freshness_cluster.py")
+    a, b = fc.Histogram(), fc.Histogram()
+    a.add(np.array([0.5, 3.0, 20.0]))
+    b.add(np.array([2.0, 80.0]))
+    lo, hi = fc.x_limits([a, b, fc.Histogram()])
+    assert 0.2 <= lo < 0.5 and 80.0 < hi <= 200.0
+    assert fc.x_limits([]) == (1e-3, 1.0)
