@@ -752,6 +752,15 @@ STYLE = {"numpy": ("o", "tab:blue"), "torch eager": ("s", "tab:orange"), "torch.
 
 
 def plot(results: list[Result], bw: float, path: Path) -> None:
+    """Write `figure` to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results, bw)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(results: list[Result], bw: float):
     """Roofline-style: achieved GB/s per case (a row each) and peer (a marker), against the copy line."""
     import matplotlib
 
@@ -780,8 +789,7 @@ def plot(results: list[Result], bw: float, path: Path) -> None:
     ax.grid(True, axis="x", which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -219,3 +219,22 @@ def test_freshness_cluster_plot_fits_its_data() -> None:
     lo, hi = fc.x_limits([a, b, fc.Histogram()])
     assert 0.2 <= lo < 0.5 and 80.0 < hi <= 200.0
     assert fc.x_limits([]) == (1e-3, 1.0)
+
+
+def test_plot_labels_do_not_overlap() -> None:
+    """Every case of a full run gets a row label, and no two axis labels overlap."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    rows = []
+    for i, case in enumerate(bench.cases()):
+        for key in bench.STYLE:
+            rows.append(bench.Result(case, key, key, times_ms=[10.0 + i], nbytes=(i + 1) * 10**8))
+    fig = bench.figure(rows, bw=40.0)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [c.label for c in bench.cases()]
+    assert "GB/s" in ax.get_xlabel()
+    renderer = fig.canvas.get_renderer()
+    for labels in (ax.get_yticklabels(), [t for t in ax.get_xticklabels() if t.get_text()]):
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
