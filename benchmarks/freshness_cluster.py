@@ -196,6 +196,20 @@ def table(results: list[Result], rate: float, trainers: int = 1) -> str:
     return "\n".join(lines)
 
 
+def x_limits(hists: list[Histogram]) -> tuple[float, float]:
+    """The latencies (ms) the CDFs change over, with a margin: the histogram spans 1 us to
+    1000 s, so plotting all of it squeezes data below 100 ms into a corner."""
+    lo, hi = [], []
+    for h in hists:
+        if h.total:
+            x, y = h.cdf()
+            lo.append(float(x[np.argmax(y > 0)]))  # upper edge of the first non-empty bin
+            hi.append(h.max)
+    if not lo:
+        return 1e-3, 1.0
+    return min(lo) / 2, max(max(hi), min(lo)) * 2
+
+
 def plot(results: list[Result], path: Path) -> None:
     import matplotlib
 
@@ -207,7 +221,8 @@ def plot(results: list[Result], path: Path) -> None:
         x, y = r.fresh.cdf()
         ax.plot(x, y, label=f"{r.way} x{r.replicas}")
     ax.set_xscale("log")
-    ax.set_xlabel("delta-to-visible (ms)")
+    ax.set_xlim(*x_limits([r.fresh for r in results]))
+    ax.set_xlabel("delta-to-visible (ms, log scale)")
     ax.set_ylabel("fraction of row updates")
     ax.set_title("Freshness: in-process engine vs replicas as Ray processes")
     ax.grid(True, which="both", alpha=0.3)

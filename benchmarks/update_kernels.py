@@ -1,28 +1,52 @@
 """Fused sparse embedding update: ekko against the ways people do it today.
 
-Workload: a delta of 1M ids drawn from Zipf(1.05) (folded into the table and
-scattered by a fixed permutation, so hot ids are not neighbours) with f32
-gradient rows, applied to a 4M-row f32 table (dims 64 and 128). Two cases:
+Each case applies one delta (ids and f32 gradient rows) to an f32 table with
+one of three updates:
 
   rowwise_adagrad_int8: dedup, FBGEMM rowwise Adagrad (momentum per row),
       re-quantize the touched rows into an int8 fused-rowwise serving copy,
       stamp per-row versions.
+  rowwise_adagrad: the same optimizer, table and momentum only (the work
+      FBGEMM's CPU TBE backward does, so it is compared on equal work).
   sgd: dedup and w -= lr * g, table only.
+
+Cases (`cases()`; `--quick` divides every row and id count by 10):
+  main      Zipf(1.05) ids (folded into the table and scattered by a fixed
+            permutation, so hot ids are not neighbours), 1M ids into a 4M-row
+            table, dims 64 and 128, both rowwise_adagrad_int8 and sgd; every peer.
+  uniform   1M uniform ids into 8M x 32 with rowwise_adagrad_int8.
+  workload  the issue's two workloads, rowwise_adagrad with no serving copy:
+            1M Zipf ids into 4M x 64, and 1M uniform ids into 8M x 32.
+  threads   those two workloads again on 1 thread (ekko threads=1, FBGEMM and
+            torch through torch.set_num_threads(1)).
+  sweep     dims 16, 32, 64, 128, 256 at fixed bytes: a 512 MiB table (rows =
+            512 MiB / row bytes, 16x the 32 MiB last-level cache) and 128 MiB
+            of gradients (ids = rows / 4), Zipf ids, rowwise_adagrad.
+Cases past `main` run torch eager, FBGEMM and ekko (numba prange too on
+`uniform`); the other peers are rows marked "skipped" so the default run
+stays near 10 minutes on 2 cores.
 
 Peers run in the same process on the same data: numpy, torch eager,
 torch.compile, numba (serial and prange), FBGEMM's CPU TBE backward (fused
-dedup + optimizer; it has no serving copy or versions) and ekko (threads=2).
+dedup + optimizer; it has no serving copy or versions) and ekko.
 Each peer first runs once from the pristine state and its sampled rows are
 checked against a float64 reference (and against ekko); then it runs `runs`
 more times, timed, the table keeps updating (a continuous update stream; the
 work per run is the same). Touched rows are restored between peers.
 
+Every row reports the bytes the peer's update must move (`bytes_moved`), its
+GB/s (bytes / median time) and that as a % of the copy bandwidth measured in
+the same run (np.copyto, best of the measurements before and after the
+cases). One summary line per case states ekko against the issue's targets.
+
     python benchmarks/update_kernels.py [--quick] [--dims 64,128] [--runs 5]
+                                        [--groups main,uniform,...] [--cases sgd,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -35,8 +59,12 @@ import numpy as np
 
 LR = 0.01
 EPS = 1e-8
-CASES = ("rowwise_adagrad_int8", "sgd")
+KINDS = ("rowwise_adagrad_int8", "rowwise_adagrad", "sgd")
+GROUPS = ("main", "uniform", "workload", "threads", "sweep")
+SWEEP_DIMS = (16, 32, 64, 128, 256)
+SWEEP_TABLE_BYTES = 512 * 2**20  # 16x the 32 MiB last-level cache of the machine measured
 RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {"fbgemm": 2.5, "fbgemm_less_work": 1.0, "torch": 5.0, "copy": 0.5}  # issue 20
 
 
 class Unavailable(Exception):
@@ -62,13 +90,92 @@ class Workload:
         return len(self.ids)
 
 
-def make_workload(rows: int, dim: int, n_ids: int, alpha: float = 1.05, seed: int = 0) -> Workload:
-    """Zipf ids folded into [0, rows) and scattered by a fixed permutation."""
+def make_workload(rows: int, dim: int, n_ids: int, alpha: float = 1.05, seed: int = 0,
+                  dist: str = "zipf") -> Workload:
+    """Zipf ids folded into [0, rows) and scattered by a fixed permutation, or uniform ids."""
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(rows)
-    ids = perm[(rng.zipf(alpha, n_ids) - 1) % rows].astype(np.int64)
+    if dist == "uniform":
+        ids = rng.integers(0, rows, n_ids, dtype=np.int64)
+    else:
+        perm = rng.permutation(rows)
+        ids = perm[(rng.zipf(alpha, n_ids) - 1) % rows].astype(np.int64)
     grads = rng.standard_normal((n_ids, dim), dtype=np.float32)
     return Workload(rows, dim, ids, grads, np.unique(ids))
+
+
+def bytes_moved(kind: str, work: Workload) -> int:
+    """The bytes an update of `kind` must move, the one rule every column uses.
+
+    The ids (8 B) and gradient rows (4 * dim B) are read once; each distinct
+    row of the table (4 * dim B) and of the rowwise state (4 B) is read and
+    written once; where the kind has them, each distinct row's serving row
+    (dim + 8 B of int8 codes, scale, bias) and version (8 B) are written once.
+    Dedup scratch, caches and write-allocate reads are not counted.
+    """
+    per_row = 2 * 4 * work.dim
+    if kind != "sgd":
+        per_row += 2 * 4
+    if kind == "rowwise_adagrad_int8":
+        per_row += (work.dim + 8) + 8
+    return work.n_ids * (8 + 4 * work.dim) + len(work.uniq) * per_row
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: an update kind on a workload shape, at a thread count."""
+
+    group: str
+    kind: str
+    rows: int
+    dim: int
+    n_ids: int
+    dist: str = "zipf"
+    threads: int = 2
+    peers: tuple[str, ...] = ()  # empty: every peer
+
+    @property
+    def title(self) -> str:
+        return (f"{self.kind}, {_count(self.n_ids)} {self.dist} ids into {_count(self.rows)} x "
+                f"{self.dim} f32, {self.threads} thread{'s' if self.threads > 1 else ''}")
+
+    @property
+    def label(self) -> str:
+        """Short form for plot axes."""
+        kind = {"rowwise_adagrad_int8": "adagrad+int8", "rowwise_adagrad": "adagrad"}.get(self.kind, self.kind)
+        return f"{self.group}: {kind} {self.dist} {_count(self.rows)}x{self.dim} {self.threads}t"
+
+    def runs_peer(self, name: str) -> bool:
+        return not self.peers or name in self.peers
+
+
+def _count(n: int) -> str:
+    """1000000 -> '1M', 400000 -> '400k', 5000 -> '5k'."""
+    for div, unit in ((1_000_000, "M"), (1000, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def cases(quick: bool = False, dims: tuple[int, ...] | None = None) -> list[Case]:
+    """Every case of a run, grouped as in the module docstring; --quick is 10x smaller.
+
+    `dims` are the main cases' (default 64 and 128; 64 alone with --quick).
+    """
+    s = 10 if quick else 1
+    dims = dims or ((64,) if quick else (64, 128))
+    lean = ("torch eager", "FBGEMM", "ekko")  # the peers the issue's targets name
+    out = [Case("main", kind, 4_000_000 // s, dim, 1_000_000 // s)
+           for dim in dims for kind in ("rowwise_adagrad_int8", "sgd")]
+    out.append(Case("uniform", "rowwise_adagrad_int8", 8_000_000 // s, 32, 1_000_000 // s, "uniform",
+                    peers=("numba prange",) + lean))
+    for threads, group in ((2, "workload"), (1, "threads")):
+        out.append(Case(group, "rowwise_adagrad", 4_000_000 // s, 64, 1_000_000 // s, "zipf", threads, lean))
+        out.append(Case(group, "rowwise_adagrad", 8_000_000 // s, 32, 1_000_000 // s, "uniform", threads, lean))
+    table_bytes = SWEEP_TABLE_BYTES // s // 1024 * 1024  # a whole number of rows at every dim
+    for dim in SWEEP_DIMS:
+        rows = table_bytes // (4 * dim)
+        out.append(Case("sweep", "rowwise_adagrad", rows, dim, rows // 4, peers=lean))
+    return out
 
 
 @dataclass
@@ -81,11 +188,13 @@ class Buffers:
     versions: np.ndarray | None = None
 
 
-def allocate(case: str, rows: int, dim: int, seed: int = 1) -> Buffers:
-    """Touched (first-touch paid) buffers for a case; the table is random."""
+def allocate(kind: str, rows: int, dim: int, seed: int = 1) -> Buffers:
+    """Touched (first-touch paid) buffers for an update kind; the table is random."""
     table = np.random.default_rng(seed).standard_normal((rows, dim), dtype=np.float32)
-    if case == "sgd":
+    if kind == "sgd":
         return Buffers(table)
+    if kind == "rowwise_adagrad":
+        return Buffers(table, np.zeros(rows, np.float32))
     return Buffers(table, np.zeros(rows, np.float32), np.zeros((rows, dim + 8), np.uint8),
                    np.zeros(rows, np.int64))
 
@@ -185,9 +294,10 @@ class Peer:
     notes: str = ""
     prepare: Callable[[], None] | None = None  # warm-up (compile) before the checked run
     before_each: Callable[[], None] | None = None  # untimed work each run needs first
+    kind: str = ""  # the update it does, when less than the case's (FBGEMM: no serving copy)
 
 
-def numpy_peer(case: str, work: Workload, bufs: Buffers) -> Peer:
+def numpy_peer(case: str, work: Workload, bufs: Buffers, threads: int = 1) -> Peer:
     """np.unique + np.add.at + row math (+ numpy int8 requantize)."""
     def run(version: int) -> None:
         uniq, inv = np.unique(work.ids, return_inverse=True)
@@ -200,8 +310,9 @@ def numpy_peer(case: str, work: Workload, bufs: Buffers) -> Peer:
         bufs.momentum[uniq] = m
         w = bufs.table[uniq] - np.float32(LR) * g / (np.sqrt(m) + np.float32(EPS))[:, None]
         bufs.table[uniq] = w
-        bufs.serving[uniq] = _np_quantize(w)
-        bufs.versions[uniq] = version
+        if bufs.serving is not None:
+            bufs.serving[uniq] = _np_quantize(w)
+            bufs.versions[uniq] = version
 
     return Peer("numpy", 1, bufs, run)
 
@@ -231,6 +342,8 @@ def _torch_update_fn(case: str) -> Callable:
         momentum[uniq] = m
         w = table[uniq] - LR * g / (m.sqrt() + EPS)[:, None]
         table[uniq] = w
+        if serving is None:
+            return
         mn, mx = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
         codes = ((w - mn) * (255.0 / (mx - mn + 1e-8))).round().clamp(0, 255).to(torch.uint8)
         scale = (mx - mn) / 255.0
@@ -251,29 +364,30 @@ def _torch_args(work: Workload, bufs: Buffers) -> tuple:
             torch.from_numpy(work.ids), torch.from_numpy(work.grads))
 
 
-def torch_peer(case: str, work: Workload, bufs: Buffers) -> Peer:
-    """unique(return_inverse) + index_add_ + row math + int8 requantize, eager."""
+def torch_peer(case: str, work: Workload, bufs: Buffers, threads: int = 2) -> Peer:
+    """unique(return_inverse) + index_add_ + row math (+ int8 requantize), eager."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     fn, args = _torch_update_fn(case), _torch_args(work, bufs)
-    return Peer("torch eager", 2, bufs, lambda v: fn(*args, v))
+    return Peer("torch eager", threads, bufs, lambda v: fn(*args, v))
 
 
-def torch_compile_peer(case: str, work: Workload, bufs: Buffers) -> Peer:
+def torch_compile_peer(case: str, work: Workload, bufs: Buffers, threads: int = 2) -> Peer:
     """The same function through torch.compile (dynamic shapes), warmed up first."""
     import torch
     import torch._dynamo
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     compiled = torch.compile(_torch_update_fn(case), dynamic=True)
     args = _torch_args(work, bufs)
-    peer = Peer("torch.compile", 2, bufs, lambda v: compiled(*args, v))
+    peer = Peer("torch.compile", threads, bufs, lambda v: compiled(*args, v))
     peer.prepare = lambda: compiled(*args, 1)
     return peer
 
 
+@functools.lru_cache(maxsize=None)
 def _numba_kernels(parallel: bool) -> dict[str, Callable]:
     """Dedup through a dense slot map, then per-row math; compiled once per variant."""
     import numba
@@ -307,7 +421,8 @@ def _numba_kernels(parallel: bool) -> dict[str, Callable]:
             slot[r] = -1
 
     @njit(parallel=parallel)
-    def rowwise_rows(table, momentum, serving, serving_f32, versions, slot, uniq, acc, n, lr, eps, version):
+    def rowwise_rows(table, momentum, serve, serving, serving_f32, versions, slot, uniq, acc, n, lr, eps,
+                     version):
         dim = table.shape[1]
         for j in rng(n):
             r = uniq[j]
@@ -323,51 +438,59 @@ def _numba_kernels(parallel: bool) -> dict[str, Callable]:
                 table[r, d] = w
                 lo = min(lo, w)
                 hi = max(hi, w)
+            slot[r] = -1
+            if not serve:
+                continue
             inv = np.float32(255.0) / (hi - lo + np.float32(1e-8))
             for d in range(dim):
                 serving[r, d] = np.uint8(min(max(np.rint((table[r, d] - lo) * inv), 0.0), 255.0))
             serving_f32[r, dim // 4] = (hi - lo) / np.float32(255.0)
             serving_f32[r, dim // 4 + 1] = lo
             versions[r] = version
-            slot[r] = -1
 
     del numba
     return {"dedup": dedup, "sgd": sgd_rows, "rowwise": rowwise_rows}
 
 
-def numba_peer(case: str, work: Workload, bufs: Buffers, parallel: bool = False) -> Peer:
+def numba_peer(case: str, work: Workload, bufs: Buffers, threads: int = 1, parallel: bool = False) -> Peer:
     """A hand-written numba loop; scratch (slot map, accumulators) allocated and touched up front."""
     try:
         import numba
     except ImportError as e:
         raise Unavailable(f"numba: {e}") from e
-    if case != "sgd" and work.dim % 4:
+    if case == "rowwise_adagrad_int8" and work.dim % 4:
         raise Unavailable("numba peer writes scale/bias as f32 words: needs dim % 4 == 0")
     k = _numba_kernels(parallel)
     slot = np.full(work.rows, -1, np.int32)
     uniq = np.zeros(work.n_ids, np.int64)
     acc = np.zeros((work.n_ids, work.dim), np.float32)
     lr, eps = np.float32(LR), np.float32(EPS)
+    if parallel:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     threads = numba.get_num_threads() if parallel else 1
+    serve = bufs.serving is not None
+    serving = bufs.serving if serve else np.zeros((1, work.dim + 8), np.uint8)  # unused stand-ins
+    versions = bufs.versions if serve else np.zeros(1, np.int64)
 
     def run(version: int) -> None:
         n = k["dedup"](work.ids, work.grads, slot, uniq, acc)
         if case == "sgd":
             k["sgd"](bufs.table, slot, uniq, acc, n, lr)
         else:
-            k["rowwise"](bufs.table, bufs.momentum, bufs.serving, bufs.serving.view(np.float32), bufs.versions,
+            k["rowwise"](bufs.table, bufs.momentum, serve, serving, serving.view(np.float32), versions,
                          slot, uniq, acc, n, lr, eps, version)
 
     name = "numba prange" if parallel else "numba"
     return Peer(name, threads, bufs, run, "serial dedup, parallel rows" if parallel else "")
 
 
-def fbgemm_peer(case: str, work: Workload, bufs: Buffers) -> Peer:
+def fbgemm_peer(case: str, work: Workload, bufs: Buffers, threads: int = 2) -> Peer:
     """FBGEMM CPU TBE: forward (untimed), then backward with the delta as grad_output.
 
     The timed backward is FBGEMM's fused CPU backward+optimizer: it sorts and
     dedups the ids and applies the update. It has no serving copy and no
-    versions, so the rowwise case here does less work than the others.
+    versions, so on rowwise_adagrad_int8 it does less work than the others
+    (its bytes are counted as rowwise_adagrad's). Its threads are torch's.
     """
     import torch
 
@@ -378,7 +501,7 @@ def fbgemm_peer(case: str, work: Workload, bufs: Buffers) -> Peer:
             ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
     except Exception as e:  # noqa: BLE001 - any import failure means "not here"
         raise Unavailable(f"fbgemm_gpu: {e}") from e
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     opt = EmbOptimType.EXACT_SGD if case == "sgd" else EmbOptimType.EXACT_ROWWISE_ADAGRAD
     emb = SplitTableBatchedEmbeddingBagsCodegen(
         [(work.rows, work.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)], optimizer=opt,
@@ -399,8 +522,10 @@ def fbgemm_peer(case: str, work: Workload, bufs: Buffers) -> Peer:
         state.pop("out").backward(grad_out)
 
     name = "FBGEMM " + ("EXACT_SGD" if case == "sgd" else "EXACT_ROWWISE_ADAGRAD")
-    return Peer(name, 2, Buffers(table, momentum), run,
-                "backward only (dedup+fused update); no serving, no versions", before_each=forward)
+    less = case == "rowwise_adagrad_int8"
+    return Peer(name, threads, Buffers(table, momentum), run,
+                "backward only (dedup+fused update)" + ("; no serving, no versions" if less else ""),
+                before_each=forward, kind="rowwise_adagrad" if less else case)
 
 
 def ekko_peer(case: str, work: Workload, bufs: Buffers, threads: int = 2) -> Peer:
@@ -413,7 +538,8 @@ def ekko_peer(case: str, work: Workload, bufs: Buffers, threads: int = 2) -> Pee
             from ekko.kernels.build import update_kernel
     except Exception as e:  # noqa: BLE001
         raise Unavailable(f"ekko.update_kernel: {e}") from e
-    opt, serving = ("sgd", None) if case == "sgd" else ("rowwise_adagrad", "int8")
+    opt = "sgd" if case == "sgd" else "rowwise_adagrad"
+    serving = "int8" if case == "rowwise_adagrad_int8" else None
     hyper = {"lr": LR} if opt == "sgd" else {"lr": LR, "eps": EPS}  # each takes only its own
     k = update_kernel(opt, work.dim, "f32", "i64", serving, threads=threads, **hyper)
 
@@ -424,12 +550,12 @@ def ekko_peer(case: str, work: Workload, bufs: Buffers, threads: int = 2) -> Pee
     return Peer("ekko", threads, bufs, run, "fused kernel")
 
 
-PEERS: dict[str, Callable[[str, Workload, Buffers], Peer]] = {
+PEERS: dict[str, Callable[[str, Workload, Buffers, int], Peer]] = {
     "numpy": numpy_peer,
     "torch eager": torch_peer,
     "torch.compile": torch_compile_peer,
     "numba": numba_peer,
-    "numba prange": lambda c, w, b: numba_peer(c, w, b, parallel=True),
+    "numba prange": lambda c, w, b, t: numba_peer(c, w, b, t, parallel=True),
     "FBGEMM": fbgemm_peer,
     "ekko": ekko_peer,
 }
@@ -443,19 +569,27 @@ PEERS: dict[str, Callable[[str, Workload, Buffers], Peer]] = {
 class Result:
     """One peer on one case."""
 
-    case: str
-    dim: int
-    peer: str
+    case: Case
+    peer: str  # the PEERS key, then the peer's own name once it was built
+    key: str = ""  # the PEERS key
     threads: int = 0
     times_ms: list[float] = field(default_factory=list)
     error: str = ""  # why it did not run
     check: str = ""  # "ok (max |dw| ...)" or why it disagrees
     notes: str = ""
+    kind: str = ""  # the update the peer did (FBGEMM: less than the case's)
+    nbytes: int = 0  # bytes_moved of that update
+    skipped: bool = False  # not run in this case, by choice (run time)
     sample: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def median_ms(self) -> float:
         return statistics.median(self.times_ms) if self.times_ms else float("nan")
+
+    @property
+    def gbs(self) -> float:
+        """Achieved GB/s: bytes moved over the median time."""
+        return self.nbytes / self.median_ms / 1e6 if self.times_ms else float("nan")
 
 
 def _timed(fn: Callable[[], None]) -> float:
@@ -464,13 +598,15 @@ def _timed(fn: Callable[[], None]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure(case: str, name: str, work: Workload, bufs: Buffers, saved: Saved, exp: Expected,
+def measure(case: Case, name: str, work: Workload, bufs: Buffers, saved: Saved, exp: Expected,
             runs: int) -> Result:
     """Build, check once from the start state, then time `runs` runs (keep updating)."""
-    res = Result(case, work.dim, name)
+    res = Result(case, name, name, kind=case.kind, nbytes=bytes_moved(case.kind, work))
     try:
-        peer = PEERS[name](case, work, bufs)
+        peer = PEERS[name](case.kind, work, bufs, case.threads)
         res.threads, res.notes, res.peer = peer.threads, peer.notes, peer.name
+        res.kind = peer.kind or case.kind
+        res.nbytes = bytes_moved(res.kind, work)
         if peer.prepare is not None:
             peer.prepare()
         restore_rows(peer.bufs, saved)
@@ -505,22 +641,18 @@ def copy_bandwidth(mb: int = 512, reps: int = 5) -> float:
     return 2 * src.nbytes / (best / 1e3) / 1e9
 
 
-def ekko_bytes(case: str, work: Workload) -> int:
-    """Bytes the fused update must move: delta once, then per unique row its buffers."""
-    per_row = 2 * 4 * work.dim  # table read + write
-    if case != "sgd":
-        per_row += 2 * 4 + (work.dim + 8) + 8  # momentum r+w, serving write, version write
-    return work.n_ids * (8 + 4 * work.dim) + len(work.uniq) * per_row
-
-
-def run_case(case: str, work: Workload, runs: int, peers: list[str]) -> list[Result]:
-    """All peers on one case, sharing one set of buffers (touched rows restored between)."""
-    bufs = allocate(case, work.rows, work.dim)
+def run_case(case: Case, work: Workload, runs: int, peers: list[str]) -> list[Result]:
+    """The case's peers, sharing one set of buffers (touched rows restored between)."""
+    bufs = allocate(case.kind, work.rows, work.dim)
     saved = save_rows(bufs, work)
-    exp = expected_rows(case, work, saved, sample_ids(work))
+    exp = expected_rows(case.kind, work, saved, sample_ids(work))
     results = []
     for name in peers:
-        print(f"  {case} dim={work.dim}: {name} ...", file=sys.stderr, flush=True)
+        if not case.runs_peer(name):
+            results.append(Result(case, name, name, skipped=True, kind=case.kind,
+                                  notes="skipped in this case to keep the run short (see the main cases)"))
+            continue
+        print(f"  {case.label}: {name} ...", file=sys.stderr, flush=True)
         results.append(measure(case, name, work, bufs, saved, exp, runs))
     _compare_to_ekko(results)
     return results
@@ -528,7 +660,7 @@ def run_case(case: str, work: Workload, runs: int, peers: list[str]) -> list[Res
 
 def _compare_to_ekko(results: list[Result]) -> None:
     """Add each peer's agreement with ekko's sampled rows to its check column."""
-    ek = next((r for r in results if r.peer == "ekko" and r.sample), None)
+    ek = next((r for r in results if r.key == "ekko" and r.sample), None)
     if ek is None:
         return
     for r in results:
@@ -541,66 +673,133 @@ def _compare_to_ekko(results: list[Result]) -> None:
 # reporting
 
 
-def format_table(results: list[Result], work_by_dim: dict[int, Workload], bw: float, bw_mb: int = 512) -> str:
-    """Markdown: one section per case and dim, ekko's speedup over each peer."""
-    out = [f"Machine copy bandwidth (np.copyto {bw_mb} MB, read+write): **{bw:.1f} GB/s**\n"]
-    for case in CASES:
-        for dim, work in work_by_dim.items():
-            rows = [r for r in results if r.case == case and r.dim == dim]
-            if not rows:
-                continue
-            ek = next((r for r in rows if r.peer == "ekko" and r.times_ms), None)
-            out.append(f"\n### {case}, {work.rows:,} x {dim} f32 table, {work.n_ids:,} ids "
-                       f"({len(work.uniq):,} distinct)\n")
-            if ek is not None:
-                gbs = ekko_bytes(case, work) / (ek.median_ms / 1e3) / 1e9
-                out.append(f"ekko moves {ekko_bytes(case, work) / 1e6:.0f} MB: {gbs:.1f} GB/s = "
-                           f"{100 * gbs / bw:.0f}% of copy bandwidth\n")
-            out.append("| peer | threads | median ms | min-max ms | M ids/s | ekko speedup | check | notes |")
-            out.append("|---|---|---|---|---|---|---|---|")
-            for r in rows:
-                out.append(_row(r, ek, work))
+def _timed_peer(rows: list[Result], key: str) -> Result | None:
+    return next((r for r in rows if r.key == key and r.times_ms), None)
+
+
+def verdict(value: float, target: float, text: str, unit: str = "x") -> str:
+    """`text` and whether `value` meets `target` ("met" or "MISS")."""
+    return f"{text} (target >= {target:g}{unit}: {'met' if value >= target else 'MISS'})"
+
+
+def summary_line(case: Case, rows: list[Result], bw: float) -> str:
+    """ekko on one case against the issue's targets: x FBGEMM, x torch eager, % of copy bandwidth."""
+    ek = _timed_peer(rows, "ekko")
+    if ek is None:
+        why = next((r.error for r in rows if r.key == "ekko"), "not in --peers")
+        return f"{case.label}: ekko did not run ({why})"
+    parts = [f"{case.label}: ekko {ek.median_ms:.1f} ms, {ek.gbs:.1f} GB/s"]
+    fb = _timed_peer(rows, "FBGEMM")
+    if fb is None:
+        parts.append("FBGEMM not run")
+    else:
+        less = fb.kind != case.kind
+        target = TARGETS["fbgemm_less_work" if less else "fbgemm"]
+        parts.append(verdict(fb.median_ms / ek.median_ms, target,
+                              f"{fb.median_ms / ek.median_ms:.2f}x FBGEMM"
+                              + (" (which skips the serving copy and versions)" if less else "")))
+    te = _timed_peer(rows, "torch eager")
+    parts.append("torch eager not run" if te is None else
+                 verdict(te.median_ms / ek.median_ms, TARGETS["torch"],
+                          f"{te.median_ms / ek.median_ms:.2f}x torch eager"))
+    pct = 100 * ek.gbs / bw
+    parts.append(verdict(pct, 100 * TARGETS["copy"], f"{pct:.0f}% of copy bandwidth", "%"))
+    return "; ".join(parts)
+
+
+def format_table(results: list[Result], works: dict[Case, Workload], bw: float, bw_mb: int = 512,
+                 bw_runs: tuple[float, ...] = ()) -> str:
+    """Markdown: the summary lines, then one section per case with every peer's columns."""
+    seen = ", ".join(f"{b:.1f}" for b in bw_runs)
+    out = [f"Machine copy bandwidth (np.copyto {bw_mb} MiB, read+write): **{bw:.1f} GB/s**"
+           + (f" (best of the measurements before and after the cases: {seen} GB/s)" if seen else "") + "\n",
+           "### Summary: ekko against the targets of issue 20\n"]
+    for case in works:
+        out.append(f"- {summary_line(case, [r for r in results if r.case == case], bw)}")
+    out.append("")
+    for case, work in works.items():
+        rows = [r for r in results if r.case == case]
+        ek = _timed_peer(rows, "ekko")
+        out.append(f"\n### {case.title} ({len(work.uniq):,} distinct), group {case.group}\n")
+        out.append(f"Bytes moved (`bytes_moved`): {bytes_moved(case.kind, work) / 1e6:.0f} MB.\n")
+        out.append("| peer | threads | median ms | min-max ms | M ids/s | MB moved | GB/s | % of copy bw "
+                   "| ekko speedup | check | notes |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            out.append(_row(r, ek, work, bw))
     return "\n".join(out) + "\n"
 
 
-def _row(r: Result, ek: Result | None, work: Workload) -> str:
+def _row(r: Result, ek: Result | None, work: Workload, bw: float) -> str:
+    if r.skipped:
+        return f"| {r.peer} | - | - | - | - | - | - | - | - | - | {r.notes} |"
     if not r.times_ms:
-        return f"| {r.peer} | - | - | - | - | - | not run: {r.error} | {r.notes} |"
+        return f"| {r.peer} | - | - | - | - | - | - | - | - | not run: {r.error} | {r.notes} |"
     speed = "1.00x" if r is ek else (f"{r.median_ms / ek.median_ms:.2f}x" if ek else "-")
     return (f"| {r.peer} | {r.threads} | {r.median_ms:.1f} | {min(r.times_ms):.0f}-{max(r.times_ms):.0f} | "
-            f"{work.n_ids / r.median_ms / 1e3:.1f} | "
-            f"{speed} | {r.check} | {r.notes} (n={len(r.times_ms)}) |")
+            f"{work.n_ids / r.median_ms / 1e3:.1f} | {r.nbytes / 1e6:.0f} | {r.gbs:.3g} | "
+            f"{pct_text(100 * r.gbs / bw)} | {speed} | {r.check} | {r.notes} (n={len(r.times_ms)}) |")
 
 
-def plot(results: list[Result], path: Path) -> None:
-    """Grouped horizontal bars of median ms per peer, one panel per case x dim."""
+def pct_text(p: float) -> str:
+    """A percentage, two significant digits below 10% (a slow peer is not '0%')."""
+    return f"{p:.0f}%" if p >= 10 else f"{p:.2g}%"
+
+
+STYLE = {"numpy": ("o", "tab:blue"), "torch eager": ("s", "tab:orange"), "torch.compile": ("D", "tab:green"),
+         "numba": ("v", "tab:purple"), "numba prange": ("^", "tab:brown"), "FBGEMM": ("P", "tab:gray"),
+         "ekko": ("*", "tab:red")}
+
+
+def plot(results: list[Result], bw: float, path: Path) -> None:
+    """Write `figure` to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results, bw)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(results: list[Result], bw: float):
+    """Roofline-style: achieved GB/s per case (a row each) and peer (a marker), against the copy line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    groups = sorted({(r.case, r.dim) for r in results})
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, (case, dim) in zip(axes[0], groups):
-        rows = [r for r in results if r.case == case and r.dim == dim and r.times_ms]
-        ax.barh([r.peer for r in rows], [r.median_ms for r in rows],
-                color=["tab:red" if r.peer == "ekko" else "tab:gray" for r in rows])
-        ax.set_xscale("log")
-        ax.set_xlabel("median ms per 1M-id delta (log)")
-        ax.set_title(f"{case}, dim {dim}")
-        ax.invert_yaxis()
+    order = list(dict.fromkeys(r.case for r in results))
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.38 * len(order)))
+    for key, (marker, color) in STYLE.items():
+        pts = [(r.gbs, order.index(r.case)) for r in results if r.key == key and r.times_ms]
+        if pts:
+            x, y = zip(*pts)
+            ax.scatter(x, y, marker=marker, color=color, label=key, s=110 if key == "ekko" else 45, zorder=3)
+    ax.axvline(bw, color="black", lw=1.5, label=f"copy bandwidth ({bw:.1f} GB/s)")
+    ax.axvline(TARGETS["copy"] * bw, color="black", ls="--", lw=1, label=f"{TARGETS['copy']:.0%} of copy (target)")
+    for i in range(1, len(order)):
+        if order[i].group != order[i - 1].group:
+            ax.axhline(i - 0.5, color="lightgray", lw=0.8)
+    ax.set_yticks(range(len(order)), [c.label for c in order], fontsize=8)
+    ax.set_ylim(len(order) - 0.5, -0.5)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("achieved bandwidth, GB/s (bytes moved / median time, log scale)")
+    ax.set_title("Sparse update: achieved bandwidth per case and peer against the copy roof")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="10x smaller workload (CI smoke run)")
-    p.add_argument("--dims", default=None, help="comma-separated (default 64,128; 64 with --quick)")
+    p.add_argument("--dims", default=None, help="dims of the main cases (default 64,128; 64 with --quick)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per peer, median reported (default 5; 3 with --quick)")
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of peers")
-    p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of cases")
+    p.add_argument("--cases", default=",".join(KINDS), help="comma-separated subset of update kinds")
+    p.add_argument("--groups", default=",".join(GROUPS), help="comma-separated subset of case groups")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default benchmarks/results; --quick writes nothing unless given)")
     return p.parse_args(argv)
@@ -613,27 +812,33 @@ def output_folder(args: argparse.Namespace) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.dims = args.dims or ("64" if args.quick else "64,128")
     args.runs = args.runs or (3 if args.quick else 5)
-    rows, n_ids = (400_000, 100_000) if args.quick else (4_000_000, 1_000_000)
-    dims = [int(d) for d in args.dims.split(",")]
+    dims = tuple(int(d) for d in args.dims.split(",")) if args.dims else None
     peers = [p for p in args.peers.split(",") if p]
+    kinds, groups = set(args.cases.split(",")), set(args.groups.split(","))
+    todo = [c for c in cases(args.quick, dims) if c.kind in kinds and c.group in groups]
     bw_mb = 64 if args.quick else 512
-    bw = copy_bandwidth(bw_mb)
+    bw_runs = [copy_bandwidth(bw_mb)]
     results: list[Result] = []
-    works: dict[int, Workload] = {}
-    for dim in dims:
-        works[dim] = make_workload(rows, dim, n_ids)
-        for case in [c for c in args.cases.split(",") if c]:
-            results += run_case(case, works[dim], args.runs, peers)
-    text = "## Sparse update kernels\n\n" + _describe(args) + "\n" + format_table(results, works, bw, bw_mb)
+    shapes: dict[tuple, Workload] = {}
+    works: dict[Case, Workload] = {}
+    for case in todo:
+        shape = (case.rows, case.dim, case.n_ids, case.dist)
+        if shape not in shapes:
+            shapes[shape] = make_workload(case.rows, case.dim, case.n_ids, dist=case.dist)
+        works[case] = shapes[shape]
+        results += run_case(case, works[case], args.runs, peers)
+    bw_runs.append(copy_bandwidth(bw_mb))
+    bw = max(bw_runs)
+    text = ("## Sparse update kernels\n\n" + _describe(args) + "\n"
+            + format_table(results, works, bw, bw_mb, tuple(bw_runs)))
     print(text)
     out = output_folder(args)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "update_kernels.md").write_text(text)
         try:
-            plot(results, out / "update_kernels.png")
+            plot(results, bw, out / "update_kernels.png")
         except ImportError as e:
             print(f"no plot: {e} (pip install matplotlib)", file=sys.stderr)
     return 1 if any(r.check.startswith("DISAGREES") for r in results) else 0
@@ -641,12 +846,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _describe(args: argparse.Namespace) -> str:
     """How the numbers were taken, printed above the tables."""
-    return (f"Zipf(1.05) ids folded into the table by a fixed permutation, f32 grads N(0,1), lr {LR}, eps {EPS}. "
+    return (f"`python benchmarks/update_kernels.py{' --quick' if args.quick else ''}`. "
+            "Zipf(1.05) ids folded into the table by a fixed permutation (or uniform ids where the case "
+            f"says so), f32 grads N(0,1), lr {LR}, eps {EPS}. "
             f"Median of {args.runs} timed runs per peer after one checked run from the start state; "
             "the table keeps updating across timed runs (same work per run). "
             "'check' compares ~2000 sampled touched rows (incl. the 20 hottest ids) to a float64 reference "
             "and to ekko. FBGEMM's time is its backward (dedup + fused optimizer) only, with no serving "
-            "copy or versions; its forward runs untimed before each backward.\n")
+            "copy or versions; its forward runs untimed before each backward. "
+            "Bytes moved (`bytes_moved`): ids and gradient rows read once; each distinct row of the table and "
+            "of the rowwise state read and written once; the serving row and version of each distinct row "
+            "written once where the update has them (FBGEMM's rows count its own, smaller, work). "
+            "GB/s = bytes / median time; % of copy bw = that over the copy bandwidth below. "
+            "The sweep keeps the bytes fixed: a 512 MiB table and 128 MiB of gradients at every dim.\n")
 
 
 if __name__ == "__main__":

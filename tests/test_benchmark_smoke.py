@@ -28,28 +28,92 @@ def work():
 
 
 @pytest.mark.parametrize("peer", list(bench.PEERS))
-@pytest.mark.parametrize("case", bench.CASES)
-def test_peer_agrees_with_reference(case: str, peer: str, work) -> None:
+@pytest.mark.parametrize("kind", bench.KINDS)
+def test_peer_agrees_with_reference(kind: str, peer: str, work) -> None:
     """One checked run and one timed run of each peer; it must match the reference."""
-    bufs = bench.allocate(case, work.rows, work.dim)
+    bufs = bench.allocate(kind, work.rows, work.dim)
     saved = bench.save_rows(bufs, work)
-    exp = bench.expected_rows(case, work, saved, bench.sample_ids(work, n=300))
+    exp = bench.expected_rows(kind, work, saved, bench.sample_ids(work, n=300))
+    case = bench.Case("main", kind, work.rows, work.dim, work.n_ids, threads=1)
     res = bench.measure(case, peer, work, bufs, saved, exp, runs=1)
     if res.error.startswith("fbgemm_gpu:"):
         pytest.skip(res.error)  # optional dependency absent; ekko missing is a failure
     assert not res.error, res.error
     assert res.check.startswith("ok"), res.check
     assert len(res.times_ms) == 1 and res.times_ms[0] > 0
+    assert res.nbytes == bench.bytes_moved(res.kind, work) > 0 and res.gbs > 0
+    if peer in ("ekko", "FBGEMM", "torch eager", "torch.compile"):
+        assert res.threads == 1  # the case's thread count reaches the peer
     # the peer restored the touched rows: the next peer starts from the same state
     np.testing.assert_array_equal(bufs.table[saved.uniq], saved.table_rows)
 
 
-def test_report_and_bytes(work) -> None:
-    """The table formatter and the byte model work on a synthetic result."""
-    r = bench.Result("sgd", work.dim, "ekko", threads=2, times_ms=[1.0, 2.0, 3.0], check="ok")
-    text = bench.format_table([r], {work.dim: work}, bw=10.0)
-    assert "| ekko | 2 | 2.0 |" in text and "1.00x" in text
-    assert bench.ekko_bytes("sgd", work) == work.n_ids * (8 + 64) + len(work.uniq) * 128
+def test_bytes_moved_follows_the_stated_rule(work) -> None:
+    """ids + grads once; table (and state) rows read and written; serving row and version written."""
+    n, u, d = work.n_ids, len(work.uniq), work.dim
+    assert bench.bytes_moved("sgd", work) == n * (8 + 4 * d) + u * 8 * d
+    assert bench.bytes_moved("rowwise_adagrad", work) == n * (8 + 4 * d) + u * (8 * d + 8)
+    assert bench.bytes_moved("rowwise_adagrad_int8", work) == n * (8 + 4 * d) + u * (8 * d + 8 + d + 16)
+
+
+def test_report_columns_and_summary(work) -> None:
+    """Every timed peer gets bytes, GB/s and % of copy; the summary reads off the targets."""
+    case = bench.Case("workload", "rowwise_adagrad", work.rows, work.dim, work.n_ids)
+    nbytes = bench.bytes_moved(case.kind, work)
+    rows = [bench.Result(case, "ekko", "ekko", threads=2, times_ms=[1.0, 2.0, 3.0], check="ok",
+                         kind=case.kind, nbytes=nbytes),
+            bench.Result(case, "FBGEMM EXACT_ROWWISE_ADAGRAD", "FBGEMM", threads=2, times_ms=[4.0],
+                         check="ok", kind=case.kind, nbytes=nbytes),
+            bench.Result(case, "torch eager", "torch eager", threads=2, times_ms=[20.0], check="ok",
+                         kind=case.kind, nbytes=nbytes),
+            bench.Result(case, "numpy", "numpy", skipped=True, notes="skipped in this case")]
+    bw = nbytes / 2.0 / 1e6 * 4  # ekko's 2 ms is 25% of this
+    text = bench.format_table(rows, {case: work}, bw=bw)
+    gbs = nbytes / 2.0 / 1e6
+    assert f"| ekko | 2 | 2.0 | 1-3 | {work.n_ids / 2e3:.1f} | {nbytes / 1e6:.0f} | {gbs:.3g} | 25% | 1.00x |" in text
+    assert "| numpy | - |" in text and "skipped in this case" in text
+    line = bench.summary_line(case, rows, bw)
+    assert "2.00x FBGEMM (target >= 2.5x: MISS)" in line, line
+    assert "10.00x torch eager (target >= 5x: met)" in line, line
+    assert "25% of copy bandwidth (target >= 50%: MISS)" in line, line
+    assert line in text
+
+
+def test_cases_cover_what_the_issue_asks() -> None:
+    """Uniform ids, the two no-serving workloads, threads 1 and 2, the dim sweep at fixed bytes."""
+    for quick in (False, True):
+        cs = bench.cases(quick)
+        s = 10 if quick else 1
+        assert {c.group for c in cs} == set(bench.GROUPS) and {c.kind for c in cs} == set(bench.KINDS)
+        plain = [(c.rows * s, c.dim, c.n_ids * s, c.dist, c.threads) for c in cs if c.kind == "rowwise_adagrad"]
+        for threads in (1, 2):
+            assert (4_000_000, 64, 1_000_000, "zipf", threads) in plain
+            assert (8_000_000, 32, 1_000_000, "uniform", threads) in plain
+        sweep = [c for c in cs if c.group == "sweep"]
+        assert [c.dim for c in sweep] == list(bench.SWEEP_DIMS)
+        assert len({c.rows * c.dim for c in sweep}) == 1  # fixed table bytes
+        assert all(c.runs_peer("ekko") and c.runs_peer("FBGEMM") and c.runs_peer("torch eager") for c in cs)
+
+
+def test_quick_run_reports_every_case(tmp_path, capsys) -> None:
+    """--quick covers every case; each timed row has bytes, GB/s and a sane % of copy; plot written."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    peers = "torch eager,FBGEMM,ekko"
+    assert bench.main(["--quick", "--runs", "1", "--peers", peers, "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert (tmp_path / "update_kernels.md").read_text().strip() == text.strip()
+    assert (tmp_path / "update_kernels.png").stat().st_size > 10_000
+    sections = text.split("\n### ")[2:]  # after the copy bandwidth and the summary
+    assert len(sections) == len(bench.cases(quick=True))
+    for case, section in zip(bench.cases(quick=True), sections):
+        assert section.startswith(case.title), (case.title, section[:80])
+        assert f"- {case.label}: ekko " in text  # its summary line
+        rows = [r.split(" | ") for r in section.splitlines() if r.startswith("| ") and "---" not in r][1:]
+        timed = [r for r in rows if r[2] != "-"]
+        assert {r[0].lstrip("| ").split()[0] for r in timed} >= {"ekko", "torch"}, section
+        for r in timed:
+            assert int(r[5]) > 0 and float(r[6]) > 0 and 0 < float(r[7].rstrip("%")) < 1000, r
 
 
 def test_reference_detects_wrong_update(work) -> None:
@@ -97,3 +161,80 @@ def test_the_ab_script_compares_two_trees(capsys) -> None:
     assert all(float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows[1:])
     with pytest.raises(SystemExit):
         ab.main(["--size", "0,5"])
+
+
+def test_sync_bytes_follow_the_stated_rules() -> None:
+    """pack: ids, then row and version read and written; merge: ids, packet, versions r+w, rows written."""
+    pytest.importorskip("torch")
+    lk = load_script("benchmarks/lookup_kernels.py")
+    assert lk.pack_bytes(72, 10) == 10 * (8 + 72 + 8 + 72 + 8)
+    assert lk.merge_bytes(72, 10) == 10 * (8 + 72 + 8 + 16 + 72)
+    ids = np.array([3, 3, 5, 7])
+    assert lk.lookup_bytes(256, ids, bags=2, dim=64) == (4 + 3) * 8 + 3 * 256 + 2 * 64 * 4
+
+
+def test_pack_and_merge_peers_agree_and_are_timed() -> None:
+    """Every pack and merge peer passes its own check on a small serving copy, for f32 and int8."""
+    pytest.importorskip("torch")
+    lk = load_script("benchmarks/lookup_kernels.py")
+    results = lk.bench_sync(16, 5000, 3000, 2, np.random.default_rng(1))
+    assert [(r.op, r.layout) for r in results] == [
+        (op, layout) for layout in lk.SYNC_LAYOUTS for op in ("pack",) * 3 + ("merge",) * 3]
+    for r in results:
+        assert r.ms and r.ms > 0 and not r.note, (r.name, r.note)
+        assert r.nbytes == (lk.pack_bytes if r.op == "pack" else lk.merge_bytes)(
+            16 * 4 if r.layout == "f32" else 16 + 8, 3000)
+
+
+def test_lookup_quick_run_reports_bandwidth_and_targets(tmp_path, capsys) -> None:
+    """--quick: bytes, GB/s and % of copy on every timed row; summary lines for int8, pack, merge."""
+    pytest.importorskip("torch")
+    lk = load_script("benchmarks/lookup_kernels.py")
+    assert lk.main(["--quick", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert (tmp_path / "lookup_kernels.md").read_text().strip() == text.strip()
+    assert "- dim 64 int8 pooled lookup: ekko " in text and "x F.embedding_bag f32 (target >= 2x: " in text
+    assert "FBGEMM IntNBit INT8 TBE (target >= 1x: " in text or "FBGEMM inference TBE did not run here: " in text
+    for op in ("pack", "merge"):
+        for layout in lk.SYNC_LAYOUTS:
+            assert f"- dim 64 {op} {layout}: ekko " in text and "of copy bandwidth (target >= 50%: " in text
+    timed = 0
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if "MB moved" in cells:
+            col = {name: cells.index(name) for name in ("median ms", "MB moved", "GB/s", "% of copy bw")}
+        elif line.startswith("| ") and "---" not in line and cells[col["median ms"]] != "-":
+            timed += 1
+            pct = float(cells[col["% of copy bw"]].rstrip("%"))
+            assert float(cells[col["MB moved"]]) > 0 and float(cells[col["GB/s"]]) > 0 and 0 < pct < 1000, line
+    assert timed >= 5 + 12  # torch + 4 ekko layouts; 3 peers x pack/merge x 2 layouts
+
+
+def test_freshness_cluster_plot_fits_its_data() -> None:
+    """The x axis spans the samples (with a margin), not the histogram's 1 us to 1000 s."""
+    fc = load_script("benchmarks/freshness_cluster.py")
+    a, b = fc.Histogram(), fc.Histogram()
+    a.add(np.array([0.5, 3.0, 20.0]))
+    b.add(np.array([2.0, 80.0]))
+    lo, hi = fc.x_limits([a, b, fc.Histogram()])
+    assert 0.2 <= lo < 0.5 and 80.0 < hi <= 200.0
+    assert fc.x_limits([]) == (1e-3, 1.0)
+
+
+def test_plot_labels_do_not_overlap() -> None:
+    """Every case of a full run gets a row label, and no two axis labels overlap."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    rows = []
+    for i, case in enumerate(bench.cases()):
+        for key in bench.STYLE:
+            rows.append(bench.Result(case, key, key, times_ms=[10.0 + i], nbytes=(i + 1) * 10**8))
+    fig = bench.figure(rows, bw=40.0)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [c.label for c in bench.cases()]
+    assert "GB/s" in ax.get_xlabel()
+    renderer = fig.canvas.get_renderer()
+    for labels in (ax.get_yticklabels(), [t for t in ax.get_xticklabels() if t.get_text()]):
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
