@@ -269,7 +269,7 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
         _fail_if(e, b.icmp_unsigned(">=", idv, arg["rows"]), abi.Status.ID_OUT_OF_RANGE, i,
                  arg["err_pos"], status, fail)
         if buckets is not None:
-            buckets.count(idv)
+            buckets.count(idv, i)
     if buckets is not None:
         buckets.scatter()
         buckets.each(lambda idv, mask, first: _insert(
@@ -304,6 +304,8 @@ class _Buckets:
     def __init__(self, e: Emitter, arg: dict):
         self.e, self.arg = e, arg
         b = e.b
+        self.owned = b.alloca(I64, name="owned_ids")
+        b.store(_c(I64, 0), self.owned)
         rows, n, nparts = arg["rows"], arg["n"], arg["nparts"]
         self.hist = arg["starts"]
         # as many buckets as BUCKET_IDS owned ids fill, a power of two up to UPDATE_BUCKETS
@@ -322,11 +324,16 @@ class _Buckets:
     def _bucket(self, idv):
         return self.e.b.lshr(idv, self.shift)
 
-    def count(self, idv) -> None:
-        """One more id in its bucket (counted one place up: the prefix sum gives starts)."""
-        b = self.e.b
-        p = self.e.gep(self.hist, b.add(self._bucket(idv), _c(I64, 1)))
+    def count(self, idv, i) -> None:
+        """One more id in its bucket (counted one place up: the prefix sum gives starts);
+        its position joins the partition's owned list (in occ until the grouping), so
+        the scatter does not scan and hash every id of the delta again."""
+        e, b = self.e, self.e.b
+        p = e.gep(self.hist, b.add(self._bucket(idv), _c(I64, 1)))
         b.store(b.add(b.load(p), _c(I64, 1)), p)
+        k = b.load(self.owned)
+        b.store(i, e.gep(self.arg["occ"], k))
+        b.store(b.add(k, _c(I64, 1)), self.owned)
 
     def scatter(self) -> None:
         """Starts from counts, then the owned ids into their buckets (hist[k] ends as
@@ -335,8 +342,8 @@ class _Buckets:
         with e.loop(_c(I64, 1), b.add(self.nb, _c(I64, 1)), "bucket_prefix") as k:
             p = e.gep(self.hist, k)
             b.store(b.add(b.load(p), b.load(e.gep(self.hist, b.sub(k, _c(I64, 1))))), p)
-        with _each_owned(e, arg["ids"], arg["n"], arg["part"], arg["nparts"]) as (owned, t, _):
-            i = b.load(e.gep(owned, t))
+        with e.loop(_c(I64, 0), b.load(self.owned), "scatter") as t:
+            i = b.load(e.gep(arg["occ"], t))
             idv = _load_id(e, arg["ids"], i)
             p = e.gep(self.hist, self._bucket(idv))
             at = b.load(p)
