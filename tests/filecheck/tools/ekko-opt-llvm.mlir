@@ -1,7 +1,8 @@
 // RUN: ekko-opt %s -p upd-dedup,upd-fuse,upd-schedule{partitions=2},lower-to-kernel -t llvm | filecheck %s
 
 // `-t llvm` prints each kernel's spec and its LLVM IR (llvmlite.ir). Rowwise
-// Adagrad is deduplicated before the optimizer; its apply phase prefetches
+// Adagrad is deduplicated before the optimizer, bucket by bucket (a range of
+// rows each: the bucket count comes from leading zeros); its apply phase prefetches
 // the rows it will touch, streams each row's old bytes into the journal
 // (non-temporal stores), runs the optimizer with a square root,
 // re-quantizes the int8 serving row with nearest-even rounding, and
@@ -10,7 +11,7 @@
 
 // CHECK:       ; ekko kernel for @train: update:{{.*}}dedup=True,dim=64,{{.*}}optimizer=rowwise_adagrad,partitions=2,serving=int8,{{.*}}versions=True
 // CHECK:       define i64 @"ekko_update_dedup"(
-// CHECK:         call void @"llvm.prefetch.p0"
+// CHECK:         call i64 @"llvm.ctlz.i64"
 // CHECK:       define i64 @"ekko_update_apply"(
 // CHECK:         call void @"llvm.prefetch.p0"
 // CHECK:         store <4 x i32> {{.*}}, !nontemporal
