@@ -356,3 +356,66 @@ def test_a_replica_process_restores_its_snapshot_file_and_sets_a_damaged_one_asi
     assert "CRC mismatch" in bad.damage and bad.replica.dense.version == 1
     assert not (tmp_path / DENSE_FILE).exists()
     assert (tmp_path / (DENSE_FILE + ".damaged")).read_bytes()[:40] == kept[:40]
+
+
+class _Head(torch.nn.Module):
+    """A dense part over one pooled feature: enough to train the table through ekko."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 1)
+
+    def forward(self, pooled, x):
+        return self.lin(pooled["f"]).squeeze(-1)
+
+
+# per value: the rounding docs/torch.md states for each quantized serving layout (w the
+# master row's values, lo..hi its range)
+_ROUNDING = {
+    "f16": lambda w, lo, hi: np.abs(w) * 2.0 ** -11,
+    "bf16": lambda w, lo, hi: np.abs(w) * 2.0 ** -8,
+    # E4M3: 3 mantissa bits; its subnormal step is 2^-9 of the row's scale (amax / 448)
+    "fp8": lambda w, lo, hi: (np.abs(w) * 2.0 ** -4
+                              + np.maximum(np.abs(lo), np.abs(hi)) / 448 * 2.0 ** -9),
+    "int8": lambda w, lo, hi: np.broadcast_to((hi - lo) / 255 / 2, w.shape),
+    "int4": lambda w, lo, hi: np.broadcast_to((hi - lo) / 15 / 2, w.shape),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_ROUNDING))
+def test_quantized_serving_stays_within_the_documented_rounding(tmp_path, layout: str) -> None:
+    """After flush a replica pools from its quantized copy of the trained rows: each pooled
+    value is within the sum, over the bag, of the rounding docs/torch.md states for the
+    layout, and the replica's prediction is the head's on those pooled values."""
+    path = tmp_path / "q.ekko"
+    path.write_text(f"model q {{ table t {{ rows 300; dim 8; serving {layout}; "
+                    "optimizer adagrad(lr=0.1); } feature f -> t pooling sum; }")
+    model = ekko.compile_model(path)
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    head = _Head()
+    with ekko.Engine(model, replicas=1, dense=head) as engine:
+        emb = ekko.torch.EmbeddingBags(engine)
+        for _ in range(20):
+            ids = rng.integers(0, 300, 64 * 6)
+            sparse = {"f": (ids, np.arange(0, len(ids) + 1, 6))}
+            y = torch.from_numpy((rng.random(64) < 0.3).astype(np.float32))
+            F.binary_cross_entropy_with_logits(head(emb(sparse), None), y).backward()
+        engine.publish_dense()
+        engine.flush()
+        ids = np.concatenate([[0, 299], rng.integers(0, 300, 40 * 25 - 2)])
+        offsets = np.arange(0, len(ids) + 1, 25)
+        with torch.no_grad():
+            exact = emb({"f": (ids, offsets)})["f"].numpy().astype(np.float64)
+        replica = engine.replicas[0]
+        got = np.asarray(replica.lookup("f", ids, offsets, include_last_offset=True), np.float64)
+        w = engine.primary.tables["t"].buf.master.astype(np.float64)
+        lo, hi = w.min(1, keepdims=True), w.max(1, keepdims=True)
+        per_row = _ROUNDING[layout](w, lo, hi)
+        bound = np.add.reduceat(per_row[ids], offsets[:-1], axis=0)
+        assert np.abs(got - exact).max() > 0  # the layout does round
+        assert (np.abs(got - exact) <= bound + 1e-5 * np.abs(exact) + 1e-6).all()
+        prediction = replica.predict({"f": (ids, offsets)}, None)
+        with torch.no_grad():
+            want = head({"f": torch.from_numpy(got.astype(np.float32))}, None)
+        torch.testing.assert_close(prediction, want, rtol=1e-5, atol=1e-6)
