@@ -22,6 +22,9 @@ MAX_BATCH = 1 << 31
 MAX_PARTITIONS = 1 << 12
 """Row partitions of one kernel call (4,096): each is a task on the executor."""
 
+MAX_REPLICAS = 1 << 10
+"""Replicas of one engine (1,024): each holds a serving copy of every table."""
+
 MAX_MLP_WIDTH = 1 << 20
 """Units in one layer of a model's dense part (metadata only)."""
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ..dialects.limits import MAX_REPLICAS
 from ..kernels.errors import EkkoError
 from ..kernels.model import CompiledModel, compile_model
 from .dense import DenseSnapshot, dense_input, take_snapshot
@@ -94,6 +95,9 @@ class Engine:
             raise EkkoError(f"Engine needs a compiled model or a model path, got {type(model).__name__}")
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
             raise EkkoError(f"replicas must be a positive integer, got {replicas!r}")
+        if replicas > MAX_REPLICAS:
+            raise EkkoError(f"replicas={replicas} is more than ekko takes (MAX_REPLICAS = "
+                            f"{MAX_REPLICAS}: each replica holds a serving copy of every table)")
         self.model = model
         self.configs = _scheduler_configs(scheduler, replicas)  # one per replica
         self.dense = _check_dense(dense)
@@ -640,7 +644,12 @@ def _same_state(a: DenseSnapshot, b: DenseSnapshot | None) -> bool:
         np.array_equal(v, b.state[k]) for k, v in a.state.items())
 
 
-def _check_regions(regions: Any, replicas: Any, cluster: Any, options: dict[str, Any]) -> Geo | None:
+_GEO_DEFAULTS = {"wan_latency_ms": 50.0, "topology": "relay", "compress": True,
+                 "relay_lag_ms": 1000.0}
+
+
+def _check_regions(regions: Any, replicas: Any, cluster: Any,
+                   options: dict[str, Any]) -> Geo | None:
     """The checked region plan (None without regions=); any misuse is one EkkoError,
     raised before anything is built."""
     if regions is None:
@@ -653,11 +662,9 @@ def _check_regions(regions: Any, replicas: Any, cluster: Any, options: dict[str,
                         "replicas=, not both")
     if cluster is not None:
         raise EkkoError("regions= runs in process for now: not with cluster=")
-    o = options
-    return check_geo(regions, o["primary_region"], o["wan_bandwidth"],
-                     50.0 if o["wan_latency_ms"] is None else o["wan_latency_ms"],
-                     "relay" if o["topology"] is None else o["topology"], True if o["compress"] is None else o["compress"],
-                     1000.0 if o["relay_lag_ms"] is None else o["relay_lag_ms"])
+    o = {k: _GEO_DEFAULTS.get(k) if v is None else v for k, v in options.items()}
+    return check_geo(regions, o["primary_region"], o["wan_bandwidth"], o["wan_latency_ms"],
+                     o["topology"], o["compress"], o["relay_lag_ms"])
 
 
 def _scheduler_configs(scheduler: Any, replicas: int) -> list[SchedulerConfig]:

@@ -10,6 +10,7 @@ in test_engine_ray.py, in the shared Ray session).
 from __future__ import annotations
 
 import ast
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,14 @@ def test_unknown_options_and_cluster_only_options_without_a_cluster(model) -> No
         ekko.Engine(model, primary_shards=2, fsync=False)
     with pytest.raises(EkkoError, match="replicas must be a positive integer, got True"):
         ekko.Engine(model, replicas=True)
+
+
+def test_an_absurd_replica_count_is_refused_before_anything_is_built(model) -> None:
+    """A million replicas would each copy every table: refused up front, naming the
+    limit, in process, with regions and on Ray alike (nothing is started)."""
+    before = threading.active_count()
+    for kwargs in ({"replicas": 10**6}, {"regions": {"eu": 1, "us": 10**9}, "primary_region": "eu"},
+                   {"replicas": 10**6, "cluster": "local"}):
+        with pytest.raises(EkkoError, match="MAX_REPLICAS = 1024"):
+            ekko.Engine(model, **kwargs)
+    assert threading.active_count() == before
