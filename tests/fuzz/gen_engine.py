@@ -18,6 +18,12 @@ leave it running: the case's engine takes the tables over and numbers on
 from their versions (as a notebook cell run again does), and the previous
 one must refuse further steps.
 
+A third of the cases place the replicas in regions (engine/regions.py: relay
+or star, compressed or not, a WAN budget or none) and add `cut` and `heal`
+of a region to the operations (the primary's region must be refused); every
+region is healed before the final flush, so anti-entropy must have repaired
+whatever the cuts lost while the other threads stepped, merged and checked.
+
 The oracle (in the worker): every call returns or raises `ekko.EkkoError`;
 every bad input and every damaged packet is refused; and after the threads
 end and a final `flush`, every replica is byte-identical to the primary
@@ -62,9 +68,11 @@ TIMEOUT_S = 30.0  # the final flush
 # ----------------------------------------------------------------- generating
 
 
-def _op(rng: random.Random) -> dict:
-    kind = rng.choices(["step", "flush", "lookup", "check", "rollback", "merge"],
-                       [10, 2, 3, 2, 1, 4])[0]
+def _op(rng: random.Random, regions: dict | None) -> dict:
+    kinds, weights = ["step", "flush", "lookup", "check", "rollback", "merge"], [10, 2, 3, 2, 1, 4]
+    if regions:
+        kinds, weights = kinds + ["cut", "heal"], weights + [2, 2]
+    kind = rng.choices(kinds, weights)[0]
     op: dict[str, Any] = {"op": kind, "seed": rng.randrange(1 << 30),
                           "table": rng.choice(sorted(TABLES))}
     if kind == "step":
@@ -76,20 +84,30 @@ def _op(rng: random.Random) -> dict:
     elif kind == "merge":
         op["how"] = "stale" if rng.random() < 0.3 else rng.choice(MUTATIONS)
         op["n"] = rng.choice([1, 4, 20])
+    elif kind in ("cut", "heal"):
+        op["region"] = rng.choice(sorted(regions or {}))
     return op
 
 
+REGIONS = [{"eu": 1, "us": 2}, {"eu": 2, "us": 1, "ap": 1}]
+
+
 def generate(rng: random.Random) -> dict:
+    regions = rng.choice(REGIONS) if rng.random() < 1 / 3 else None
     return {
         "target": "engine",
         "replicas": rng.choice([1, 2, 2, 3]),
+        "regions": regions,
+        "topology": rng.choice(["relay", "star"]),
+        "compress": rng.random() < 0.5,
+        "wan_bandwidth": rng.choice([None, 5e6]),
         "policy": rng.choice(["priority", "priority", "fifo", "periodic", "full"]),
         "bandwidth": rng.choice([None, None, 2e6]),
         "max_packet_rows": rng.choice([1 << 16, 7]),
         "wire": rng.random() < 0.3,
         "check_every": rng.choice([0, 0, 5]),
         "previous": rng.choice([0, 0, 12, 48]),  # steps of an earlier engine on the model
-        "threads": [[_op(rng) for _ in range(rng.randint(4, 16))]
+        "threads": [[_op(rng, regions) for _ in range(rng.randint(4, 16))]
                     for _ in range(rng.choice([1, 2, 3]))],
     }
 
@@ -144,8 +162,12 @@ def run(case: dict) -> dict:
     failures: list[str] = []
     model = _model()
     old = _previous(model, case["previous"]) if case["previous"] else None
-    with ekko.Engine(model, replicas=case["replicas"], scheduler=scheduler,
-                     health=health) as engine:
+    place = {"replicas": case["replicas"]}
+    if case.get("regions"):
+        place = {"regions": case["regions"], "primary_region": "eu", "wan_latency_ms": 2,
+                 "wan_bandwidth": case["wan_bandwidth"], "topology": case["topology"],
+                 "compress": case["compress"]}
+    with ekko.Engine(model, scheduler=scheduler, health=health, **place) as engine:
         if old is not None:
             try:
                 old.step("a", [1], np.ones((1, 8), np.float32))
@@ -162,6 +184,9 @@ def run(case: dict) -> dict:
             kind, detail = failures[0].split(":", 1)
             return {"kind": kind, "detail": detail.strip()}
         verdict["ok"] = True
+        for region in case.get("regions") or {}:
+            if region != "eu":
+                engine.heal(region)  # what the cuts lost must come back by anti-entropy
         return _final(engine)
 
 
@@ -378,5 +403,15 @@ def _poison(rows, k: int, table: str) -> None:
         rows[k, at:at + 2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
 
 
+def _cut(engine, op: dict, verdict: dict) -> str:
+    engine.cut(op["region"])
+    return "a cut of the primary's region" if op["region"] == "eu" else ""
+
+
+def _heal(engine, op: dict, verdict: dict) -> str:
+    engine.heal(op["region"])
+    return ""
+
+
 _OPS = {"step": _step, "flush": _flush, "lookup": _lookup, "check": _check,
-        "rollback": _rollback, "merge": _merge}
+        "rollback": _rollback, "merge": _merge, "cut": _cut, "heal": _heal}
