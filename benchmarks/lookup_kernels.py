@@ -56,7 +56,8 @@ from ekko.kernels.quant import dequantize_rows, quantize_rows
 from ekko.kernels.sync import merge_kernel, pack_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from update_kernels import TARGETS, copy_bandwidth, pct_text, verdict  # noqa: E402  (one copy roof, one verdict)
+from update_kernels import (TARGETS, copy_bandwidth, dim_list, pct_text,  # noqa: E402
+                            positive_int, verdict)  # one copy roof, one verdict, one flag check
 
 ROWS = 1_000_000
 BAGS = 2048
@@ -427,8 +428,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="dim 64 only, 5 runs, 10x smaller pack/merge; writes nothing unless --out is given")
-    parser.add_argument("--dims", default="64,128")
-    parser.add_argument("--runs", type=int, default=30, help="lookup runs (pack and merge: a third)")
+    parser.add_argument("--dims", type=dim_list, default="64,128")
+    parser.add_argument("--runs", type=positive_int, default=30,
+                        help="lookup runs (pack and merge: a third)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default benchmarks/results; --quick writes nothing "
                              "unless given)")

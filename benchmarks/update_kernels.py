@@ -792,14 +792,50 @@ def figure(results: list[Result], bw: float):
     return fig
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a bad one is a usage error naming the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def dim_list(text: str) -> str:
+    """An argparse type: comma-separated dims, each 1 to 16,384 (kept as the text)."""
+    for part in text.split(","):
+        dim = positive_int(part)
+        if dim > 1 << 14:
+            raise argparse.ArgumentTypeError(f"dim {dim} is over 16384")
+    return text
+
+
+def subset_of(names) -> Callable[[str], str]:
+    """An argparse type: a comma-separated subset of `names` (kept as the text)."""
+    def check(text: str) -> str:
+        unknown = [n for n in text.split(",") if n not in names]
+        if unknown or not text:
+            raise argparse.ArgumentTypeError(f"unknown {unknown[0] if unknown else '(empty)'!r}; "
+                                             f"choose from {', '.join(names)}")
+        return text
+    return check
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="10x smaller workload (CI smoke run)")
-    p.add_argument("--dims", default=None, help="dims of the main cases (default 64,128; 64 with --quick)")
-    p.add_argument("--runs", type=int, default=None, help="timed runs per peer, median reported (default 5; 3 with --quick)")
-    p.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of peers")
-    p.add_argument("--cases", default=",".join(KINDS), help="comma-separated subset of update kinds")
-    p.add_argument("--groups", default=",".join(GROUPS), help="comma-separated subset of case groups")
+    p.add_argument("--dims", type=dim_list, default=None,
+                   help="dims of the main cases (default 64,128; 64 with --quick)")
+    p.add_argument("--runs", type=positive_int, default=None,
+                   help="timed runs per peer, median reported (default 5; 3 with --quick)")
+    p.add_argument("--peers", type=subset_of(PEERS), default=",".join(PEERS),
+                   help="comma-separated subset of peers")
+    p.add_argument("--cases", type=subset_of(KINDS), default=",".join(KINDS),
+                   help="comma-separated subset of update kinds")
+    p.add_argument("--groups", type=subset_of(GROUPS), default=",".join(GROUPS),
+                   help="comma-separated subset of case groups")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default benchmarks/results; --quick writes nothing unless given)")
     return p.parse_args(argv)

@@ -238,3 +238,23 @@ def test_plot_labels_do_not_overlap() -> None:
         boxes = [t.get_window_extent(renderer) for t in labels]
         assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)
+
+
+@pytest.mark.parametrize("script", ["benchmarks/update_kernels.py", "benchmarks/lookup_kernels.py"])
+@pytest.mark.parametrize("argv,flag", [
+    (["--runs", "0"], "--runs"), (["--runs", "x"], "--runs"), (["--dims", "64,abc"], "--dims"),
+    (["--dims", "0"], "--dims"), (["--dims", "99999"], "--dims"),
+    (["--groups", "nope"], "--groups"), (["--cases", "sgd,nope"], "--cases"),
+    (["--peers", "ekko,nope"], "--peers"),
+])
+def test_bad_flags_are_usage_errors_naming_the_flag(script: str, argv: list[str], flag: str,
+                                                    capsys) -> None:
+    """A wrong flag value stops the run before any work, naming the flag (exit 2), instead
+    of a traceback or a run that silently measures nothing."""
+    module = bench if script.endswith("update_kernels.py") else load_script(script)
+    with pytest.raises(SystemExit) as stop:
+        module.parse_args(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert f"argument {flag}" in err or f"unrecognized arguments: {flag}" in err
+    assert "Traceback" not in err
