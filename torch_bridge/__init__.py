@@ -164,9 +164,11 @@ def grad_rows(bag: Bag, g: torch.Tensor, out: np.ndarray | None = None) -> np.nd
     if bag.mode == "mean":  # f32 / f32, as torch divides the bag's gradient
         gn = gn / np.maximum(lengths, 1).astype(np.float32)[:, None]
     # a feature's gradient is often a column slice of the dense part's; take reads a
-    # contiguous copy of it (B x dim) twice as fast
+    # contiguous copy of it (B x dim) twice as fast. mode="clip": the bag numbers are in
+    # range by construction, and the default mode="raise" with out= computes into a
+    # fresh N x dim buffer and copies it (3x the time of the take itself)
     np.take(np.ascontiguousarray(gn), np.repeat(np.arange(len(lengths)), lengths), axis=0,
-            out=out)
+            out=out, mode="clip")
     if bag.weights is not None:
         out *= bag.weights[:, None]
     return out
