@@ -7,10 +7,11 @@ public names.
 """
 
 from .engine import Engine
+from .inputs import Gathered
 from .packet import Packet, PacketError
 from .replica import ReplicaDiverged
 from .scheduler import POLICIES, ManualClock, SchedulerConfig
 from .state import HealthConfig, Rollback
 
-__all__ = ["Engine", "HealthConfig", "ManualClock", "POLICIES", "Packet", "PacketError",
+__all__ = ["Engine", "Gathered", "HealthConfig", "ManualClock", "POLICIES", "Packet", "PacketError",
            "ReplicaDiverged", "Rollback", "SchedulerConfig"]

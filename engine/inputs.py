@@ -11,6 +11,7 @@ sent) and the replicas' reads all check through here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,9 +56,45 @@ def as_ids(x: Any, rows: int, name: str = "ids",
     return a
 
 
-def check_delta(ids: Any, grads: Any, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class Gathered:
+    """A step's gradients given by reference: id p's row is `rows[index[p]]`, times
+    `scale[p]` when a scale is given.
+
+    This is how a pooled feature's gradient looks (each id of a bag gets the
+    bag's output gradient, times its per-sample weight), so `ekko.torch` hands
+    the B bag rows instead of writing N copies of them, and the update kernel
+    reads them in place (`grad_index` / `grad_scale` of the LLVM kernels).
+    `Engine.step(table, ids, Gathered(rows, index, scale))` is the same update
+    as `Engine.step(table, ids, gathered.expand())`.
+    """
+
+    rows: np.ndarray  # (B, dim) float32
+    index: np.ndarray  # (N,) int64 in [0, B)
+    scale: np.ndarray | None = None  # (N,) float32
+
+    def expand(self) -> np.ndarray:
+        """The (N, dim) rows themselves (for a runtime that takes no gathered delta)."""
+        out = np.take(self.rows, self.index, axis=0)
+        if self.scale is not None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                out *= self.scale[:, None]  # a NaN or Inf here is refused by the kernel
+        return out
+
+    def squared_norms(self, of_rows: Any) -> np.ndarray:
+        """Each id's squared row norm (f64), from `of_rows(rows)`, the rows' own."""
+        sq = of_rows(self.rows)[self.index]
+        if self.scale is not None:
+            sq = sq * np.square(self.scale.astype(np.float64))
+        return sq
+
+
+def check_delta(ids: Any, grads: Any, rows: int, dim: int
+                ) -> tuple[np.ndarray, np.ndarray | Gathered]:
     """A step's ids and gradients, checked before anything is written, logged or sent."""
     ids = as_ids(ids, rows)
+    if isinstance(grads, Gathered):
+        return ids, _check_gathered(grads, len(ids), dim)
     g = as_array(grads, "grads")
     if g.shape != (len(ids), dim) or g.dtype != np.float32:
         raise UpdateError(f"grads must be float32 of shape ({len(ids)}, {dim}), "
@@ -65,4 +102,27 @@ def check_delta(ids: Any, grads: Any, rows: int, dim: int) -> tuple[np.ndarray, 
     return ids, np.ascontiguousarray(g)
 
 
-__all__ = ["as_array", "as_ids", "check_delta"]
+def _check_gathered(g: Gathered, n: int, dim: int) -> Gathered:
+    rows = as_array(g.rows, "grads.rows")
+    if rows.ndim != 2 or rows.shape[1] != dim or rows.dtype != np.float32:
+        raise UpdateError(f"grads.rows must be float32 of shape (B, {dim}), "
+                          f"got {rows.dtype} {rows.shape}")
+    index = index_array("grads.index", g.index, UpdateError)
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(rows)):
+        pos = int(np.argmax((index < 0) | (index >= len(rows))))
+        raise UpdateError(f"grads.index[{pos}] = {int(index[pos])} is out of range "
+                          f"[0, {len(rows)}): grads.rows has {len(rows)} rows")
+    if len(index) != n:
+        raise UpdateError(f"grads.index must name a row for each of the {n} ids, "
+                          f"got {len(index)}")
+    scale = None
+    if g.scale is not None:
+        scale = as_array(g.scale, "grads.scale")
+        if scale.shape != (n,) or scale.dtype != np.float32:
+            raise UpdateError(f"grads.scale must be float32 of shape ({n},), "
+                              f"got {scale.dtype} {scale.shape}")
+        scale = np.ascontiguousarray(scale)
+    return Gathered(np.ascontiguousarray(rows), index, scale)
+
+
+__all__ = ["Gathered", "as_array", "as_ids", "check_delta"]

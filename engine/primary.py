@@ -32,7 +32,7 @@ import numpy as np
 from ..kernels.errors import EkkoError, NonFiniteOutputError
 from ..kernels.model import CompiledModel, TableBuffers
 from ..kernels.sync import pack_kernel, row_width
-from .inputs import check_delta
+from .inputs import Gathered, check_delta
 from .packet import Packet
 
 
@@ -95,22 +95,54 @@ def squared_norms(grads: np.ndarray) -> np.ndarray:
     return sq
 
 
-def row_norms(ids: np.ndarray, grads: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct ids, ascending, and the L2 norm of all their gradient rows together
-    (the update's significance per row). A delta that is not tiny against its table
-    is deduplicated by marking a table-sized array rather than by sorting (np.unique
-    was a quarter of an SGD step's bookkeeping); both sum each row's squares in delta
-    order, so they give the same bits."""
-    if not len(ids):
-        return ids[:0], np.zeros(0)
-    sq = squared_norms(grads)
-    if rows <= 64 * len(ids):
-        seen = np.zeros(rows, bool)
-        seen[ids] = True
-        uniq = np.flatnonzero(seen)
-        return uniq, np.sqrt(np.bincount(ids, weights=sq, minlength=rows)[uniq])
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    return uniq, np.sqrt(np.bincount(inverse, weights=sq, minlength=len(uniq)))
+def delta_squared_norms(grads: np.ndarray | Gathered) -> np.ndarray:
+    """Each delta row's squared L2 norm (f64); a gathered delta's from its few rows."""
+    return grads.squared_norms(squared_norms) if isinstance(grads, Gathered) \
+        else squared_norms(grads)
+
+
+class DistinctRows:
+    """A step's distinct ids, ascending, and the L2 norm of each one's gradient rows
+    together (the update's significance per row).
+
+    A delta that is not tiny against its table is deduplicated by marking rows
+    in arrays the table keeps (9 bytes a row, made at its first such step)
+    rather than by sorting: np.unique was a quarter of an SGD step's
+    bookkeeping, and fresh table-sized arrays cost their page faults every
+    step. Both ways sum each row's squares in delta order: the same bits.
+    Not thread-safe: the caller holds the table's lock.
+    """
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.seen: np.ndarray | None = None
+        self.slot: np.ndarray | None = None
+
+    def __call__(self, ids: np.ndarray, sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not len(ids):
+            return ids[:0], np.zeros(0)
+        if self.rows > 64 * len(ids):
+            uniq, inverse = np.unique(ids, return_inverse=True)
+        else:
+            if self.seen is None:
+                self.seen = np.zeros(self.rows, bool)
+                self.slot = np.zeros(self.rows, np.int64)
+            self.seen[ids] = True
+            uniq = np.flatnonzero(self.seen)
+            self.seen[uniq] = False
+            self.slot[uniq] = np.arange(len(uniq))
+            inverse = self.slot[ids]
+        return uniq, np.sqrt(np.bincount(inverse, weights=sq, minlength=len(uniq)))
+
+
+def _delta_args(kernel: Any, grads: np.ndarray | Gathered) -> dict[str, Any]:
+    """A delta as the kernel takes it: a gathered one by reference where the kernel
+    reads it so (`gathers`: the LLVM kernels), else its rows made here."""
+    if not isinstance(grads, Gathered):
+        return {"grads": grads}
+    if getattr(kernel, "gathers", False):
+        return {"grads": grads.rows, "grad_index": grads.index, "grad_scale": grads.scale}
+    return {"grads": grads.expand()}
 
 
 class UndoLog:
@@ -196,6 +228,7 @@ class PrimaryTable:
     commits: int = 0
     cache: UpdateCache | None = None
     undo: UndoLog | None = None
+    distinct: DistinctRows | None = None
 
     def arrays(self) -> list[np.ndarray]:
         """Every per-row array a step writes, in one list (for the undo log)."""
@@ -218,6 +251,7 @@ class Primary:
             spec = model.update_specs[t.name]
             pt = PrimaryTable(t.name, model.tables[t.name], spec.serving or spec.table_dtype)
             pt.cache = UpdateCache(history_rows)
+            pt.distinct = DistinctRows(t.rows)
             pt.undo = UndoLog(t.rows, mark_lag) if undo else None
             self._continue_versions(pt)
             if pt.undo is not None:
@@ -248,15 +282,17 @@ class Primary:
         """Apply one delta with the table's fused kernel; returns once committed."""
         pt = self.table(table)
         ids, grads = check_delta(ids, grads, pt.buf.table.rows, pt.buf.table.dim)
-        uniq, norms = row_norms(ids, grads, pt.buf.table.rows)
+        sq = delta_squared_norms(grads)
         with pt.lock:
+            uniq, norms = pt.distinct(ids, sq)
             saved = pt.undo.save(uniq, pt.arrays()) if pt.undo is not None else uniq[:0]
             version = pt.version + 1
             buf = pt.buf
             try:
-                self.model.update_kernels[table](
-                    buf.master, ids, grads, state=buf.state, serving=buf.serving,
-                    versions=buf.versions, step=buf.step + 1, version=version)
+                kernel = self.model.update_kernels[table]
+                kernel(buf.master, ids, **_delta_args(kernel, grads), state=buf.state,
+                       serving=buf.serving, versions=buf.versions, step=buf.step + 1,
+                       version=version)
             except EkkoError as e:
                 if pt.undo is not None:
                     pt.undo.forget(saved)

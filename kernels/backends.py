@@ -23,6 +23,7 @@ class UpdateRuntime(Protocol):
     """A loaded fused update (see `ekko.kernels.update.UpdateKernel` for the arguments)."""
 
     spec: UpdateSpec
+    gathers: bool  # takes grad_index= / grad_scale= (a gathered delta, read in place)
 
     def __call__(self, table: Any, ids: Any, grads: Any, state: Any = None, serving: Any = None,
                  versions: Any = None, step: int = 1, version: int | None = None, seed: int = 0,

@@ -108,12 +108,17 @@ class UpdateArgs:
     serving: Any | None
     versions: Any | None
     seq: Any | None
+    grad_index: Any | None = None
+    grad_scale: Any | None = None
 
 
 def update_args(spec: UpdateSpec, arrays: Arrays, table: Any, ids: Any, grads: Any,
-                state: Any, serving: Any, versions: Any, seq: Any) -> UpdateArgs:
+                state: Any, serving: Any, versions: Any, seq: Any, grad_index: Any = None,
+                grad_scale: Any = None) -> UpdateArgs:
     """Every argument of an update call checked against the spec, in one order and with
-    one message per mistake for every runtime."""
+    one message per mistake for every runtime. With `grad_index` the delta is gathered:
+    row p is grads[grad_index[p]] (times grad_scale[p]); the caller checks the index's
+    range (it needs the values, which only a host runtime can read)."""
     t = arrays.arg("table", table, writable=True)
     if len(t.shape) != 2 or t.shape[1] != spec.dim:
         raise UpdateError(f"table must have shape (rows, {spec.dim}), got {tuple(t.shape)}")
@@ -127,7 +132,20 @@ def update_args(spec: UpdateSpec, arrays: Arrays, table: Any, ids: Any, grads: A
     if n > MAX_BATCH:
         raise UpdateError(f"a delta holds at most {MAX_BATCH:,} rows (MAX_BATCH), got {n:,}")
     g = arrays.arg("grads", grads)
-    g.expect(("float32",), (n, spec.dim))
+    gidx = gscale = None
+    if grad_index is None:
+        if grad_scale is not None:
+            raise UpdateError("grad_scale scales a gathered delta: pass grad_index too")
+        g.expect(("float32",), (n, spec.dim))
+    else:
+        g.expect(("float32",), ndim=2)
+        if g.shape[1] != spec.dim:
+            raise UpdateError(f"grads must have shape (rows, {spec.dim}), got {tuple(g.shape)}")
+        gidx = arrays.arg("grad_index", grad_index)
+        gidx.expect(("int64",), (n,))
+        if grad_scale is not None:
+            gscale = arrays.arg("grad_scale", grad_scale)
+            gscale.expect(("float32",), (n,))
     states = []
     for name, label, x in state_arrays(spec, state):
         a = arrays.arg(label, x, writable=True)
@@ -150,8 +168,9 @@ def update_args(spec: UpdateSpec, arrays: Arrays, table: Any, ids: Any, grads: A
     if seq is not None:
         sq = arrays.arg("seq", seq, writable=True)
         sq.expect(SEQ_DTYPES, (rows,))
-    arrays.disjoint([t, *states, *(x for x in (srv, ver, sq) if x is not None)], [i, g])
-    return UpdateArgs(rows, n, t, i, g, states, srv, ver, sq)
+    arrays.disjoint([t, *states, *(x for x in (srv, ver, sq) if x is not None)],
+                    [i, g, *(x for x in (gidx, gscale) if x is not None)])
+    return UpdateArgs(rows, n, t, i, g, states, srv, ver, sq, gidx, gscale)
 
 
 SEQ_DTYPES = ("uint32", "int32")  # sequence words: one uint32 a row (int32: the same bits)

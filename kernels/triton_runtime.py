@@ -240,6 +240,8 @@ def _as_kernel_dtype(x: Any, layout: str) -> Any:
 class TritonUpdateKernel:
     """A fused update on the Triton target (the calling convention of `UpdateKernel`)."""
 
+    gathers = False  # a gathered delta is expanded by the caller (engine/primary.py)
+
     def __init__(self, spec: UpdateSpec):
         _require_triton(UpdateError)
         self.spec = _TARGET().schedule(spec)

@@ -81,7 +81,7 @@ class _Scratch:
         self.count = np.zeros(1, np.int64)
         self.err = np.zeros(1, np.int64)
         self.starts = np.empty(abi.UPDATE_BUCKETS + 1, np.int64)
-        self.summed = np.empty(MAX_DIM, np.float32)
+        self.summed = np.empty(2 * MAX_DIM, np.float32)  # a summed row and a scaled one
         self.journal = np.empty(0, np.uint8)  # the old bytes of each row the apply writes
         self.journal_ptr = 0  # its first 64-byte aligned address
         self.out = np.zeros(3, np.int64)  # apply: rows written, a bad row's id, its buffer
@@ -123,6 +123,8 @@ class _Scratch:
 class UpdateKernel:
     """A compiled fused update for one UpdateSpec (see the module docstring)."""
 
+    gathers = True  # reads a gathered delta in place (grad_index=, grad_scale=)
+
     def __init__(self, spec: UpdateSpec):
         self.spec = spec
         self.module: JitModule = compile_ir(emit_update(spec))
@@ -143,24 +145,37 @@ class UpdateKernel:
         return rt.scratch.get(("update", self.parts), [])
 
     def __call__(self, table, ids, grads, state=None, serving=None, versions=None,
-                 step: int = 1, version: int | None = None, seed: int = 0, seq=None) -> None:
+                 step: int = 1, version: int | None = None, seed: int = 0, seq=None,
+                 grad_index=None, grad_scale=None) -> None:
         """Apply one delta in place; `seq` (uint32 per row) makes each row's
-        write visible all at once to lookups that read with the same words."""
+        write visible all at once to lookups that read with the same words.
+
+        A gathered delta (`grad_index`, int64 per id): id p's gradient row is
+        grads[grad_index[p]], times grad_scale[p] (f32) when given; grads then
+        holds any number of rows (a pooled output's gradient: one per bag)."""
         a = update_args(self.spec, NATIVE_ARRAYS, table, ids, grads, state, serving, versions,
-                        seq)
+                        seq, grad_index, grad_scale)
         step, version, seed = call_scalars(step, version, seed)
         if a.n == 0:
             return
+        gather = None
+        if a.grad_index is not None:
+            check_gather_index(a.grad_index.obj, a.grads.shape[0])
+            gather = (a.grad_index, a.grad_scale)
         rt = table_runtime(a.table.ptr)
         with rt.lock:
             scratch = rt.scratch.get(("update", self.parts))
             if scratch is None:
                 scratch = rt.scratch[("update", self.parts)] = [_Scratch() for _ in range(self.parts)]
             self._run(scratch, a.rows, a.n, a.table, a.ids, a.grads, a.states, a.serving,
-                      a.versions, a.seq, step, version, seed)
+                      a.versions, a.seq, step, version, seed, gather)
 
-    def _run(self, scratch, rows, n, t, i, g, states, srv, ver, sq, step, version, seed) -> None:
+    def _run(self, scratch, rows, n, t, i, g, states, srv, ver, sq, step, version, seed,
+             gather=None) -> None:
         parts = self.parts
+        gidx, gscale = gather if gather is not None else (None, None)
+        delta = dict(grads=g.ptr, gidx=gidx.ptr if gidx is not None else None,
+                     gscale=gscale.ptr if gscale is not None else None)
         for sc in scratch:
             sc.ensure(n)
 
@@ -180,7 +195,7 @@ class UpdateKernel:
                 scratch[p].resize(2 * scratch[p].cap)
                 code = codes[p] = self._dedup([dedup_args(p)])[0]
         if any(codes):
-            raise first_bad_input(i, g, n, self.spec.dim, rows)
+            raise first_bad_input(i, g, n, self.spec.dim, rows, gather)
         buffers = dict(table=t.ptr, serving=srv.ptr if srv else None,
                        versions=ver.ptr if ver else None, seq=sq.ptr if sq else None,
                        **{f"state{k}": a.ptr for k, a in enumerate(states)})
@@ -194,22 +209,22 @@ class UpdateKernel:
             journal = dict(journal=sc.journal_ptr, done=out, err_pos=out + 8,
                            err_buf=out + 16)
             if self.spec.dedup:
-                return dict(common, **journal, part=p, ids=sc.uids.ctypes.data,
-                            grads=g.ptr, count=int(sc.count[0]),
+                return dict(common, **journal, **delta, part=p, ids=sc.uids.ctypes.data,
+                            count=int(sc.count[0]),
                             order=sc.sort[0].ctypes.data, occ=sc.occ.ctypes.data,
                             srcs=sc.srcs.ctypes.data, summed=sc.summed.ctypes.data,
                             recent=None, generation=0)
             generation = sc.next_generation()
-            return dict(common, **journal, part=p, ids=i.ptr, grads=g.ptr, count=n, order=None,
-                        occ=None, srcs=None, summed=None, recent=sc.recent.ctypes.data,
-                        generation=generation)
+            return dict(common, **journal, **delta, part=p, ids=i.ptr, count=n, order=None,
+                        occ=None, srcs=None, summed=sc.summed.ctypes.data,
+                        recent=sc.recent.ctypes.data, generation=generation)
 
         codes = self._apply([apply_args(p) for p in range(parts)])
         if any(codes):
             self._undo([dict(buffers, journal=sc.journal_ptr, count=int(sc.out[0]))
                         for sc in scratch])
             if abi.Status.NON_FINITE in codes:
-                raise first_bad_input(i, g, n, self.spec.dim, rows)
+                raise first_bad_input(i, g, n, self.spec.dim, rows, gather)
             self._raise_non_finite(scratch, codes)
 
     def _raise_non_finite(self, scratch, codes: list[int]) -> None:
@@ -222,15 +237,37 @@ class UpdateKernel:
         raise NonFiniteOutputError(row, buffer_name(self.spec, buffer))
 
 
-def first_bad_input(ids: ArrayArg, grads: ArrayArg, n: int, dim: int, rows: int) -> UpdateError:
+def check_gather_index(index: Any, sources: int) -> None:
+    """A gathered delta's index names rows of grads: refused before anything is written."""
+    idx = index.numpy() if not isinstance(index, np.ndarray) else index
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= sources):
+        pos = int(np.argmax((idx < 0) | (idx >= sources)))
+        raise UpdateError(f"grad_index[{pos}] = {int(idx[pos])} is out of range "
+                          f"[0, {sources}) (grads has {sources} rows)")
+
+
+def _host(arg: ArrayArg, ctype, count: int) -> np.ndarray:
+    return np.ctypeslib.as_array((ctype * count).from_address(arg.ptr))
+
+
+def first_bad_input(ids: ArrayArg, grads: ArrayArg, n: int, dim: int, rows: int,
+                    gather: tuple[ArrayArg, ArrayArg | None] | None = None) -> UpdateError:
     """The error for the earliest position whose id is out of range or whose delta row
     holds NaN or Inf. The kernels only say that one exists (each checks what it reads
-    anyway, so valid deltas pay no pass of their own); finding the first is numpy's job."""
-    ctype = ctypes.c_int32 if ids.dtype == "int32" else ctypes.c_int64
-    idv = np.ctypeslib.as_array((ctype * n).from_address(ids.ptr))
-    g = np.ctypeslib.as_array((ctypes.c_float * (n * dim)).from_address(grads.ptr))
+    anyway, so valid deltas pay no pass of their own); finding the first is numpy's job
+    (a gathered delta's rows are made here, on this path only)."""
+    idv = _host(ids, ctypes.c_int32 if ids.dtype == "int32" else ctypes.c_int64, n)
+    if gather is None:
+        g = _host(grads, ctypes.c_float, n * dim).reshape(n, dim)
+    else:
+        sources = grads.shape[0]
+        g = _host(grads, ctypes.c_float, sources * dim).reshape(sources, dim)
+        g = g[_host(gather[0], ctypes.c_int64, n)]
+        if gather[1] is not None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                g = g * _host(gather[1], ctypes.c_float, n)[:, None]
     bad_id = (idv < 0) | (idv >= rows)
-    bad = bad_id | ~np.isfinite(g.reshape(n, dim)).all(axis=1)
+    bad = bad_id | ~np.isfinite(g).all(axis=1)
     pos = int(np.argmax(bad))
     if not bad[pos]:
         return UpdateError("update kernel reported a bad input that is not there")

@@ -94,7 +94,7 @@ def test_an_update_kernel_called_through_the_manifest_updates_like_numpy(compile
     uids, occ, slots, srcs, count, err = (np.zeros(n, np.int64) for _ in range(6))
     sort = [np.zeros(n, np.int64) for _ in range(4)]
     starts = np.zeros(4097, np.int64)  # as the manifest's comment on `starts` says
-    one_row = np.zeros(dim, np.float32)
+    one_row = np.zeros(2 * dim, np.float32)  # two rows of scratch
     assert dedup(0, 1, ids.ctypes.data, n, rows, grads.ctypes.data, htab.ctypes.data, cap,
                  uids.ctypes.data, occ.ctypes.data, slots.ctypes.data, count.ctypes.data,
                  err.ctypes.data, *(a.ctypes.data for a in sort), srcs.ctypes.data,
@@ -106,7 +106,8 @@ def test_an_update_kernel_called_through_the_manifest_updates_like_numpy(compile
     args = [0, 1, uids.ctypes.data, grads.ctypes.data, int(count[0]), table.ctypes.data,
             momentum.ctypes.data, serving.ctypes.data if serving is not None else None,
             None, None, 1, 1, 0, sort[0].ctypes.data, occ.ctypes.data, srcs.ctypes.data,
-            one_row.ctypes.data, aligned, *(out[k:].ctypes.data for k in range(3)), None, 0]
+            one_row.ctypes.data, aligned, *(out[k:].ctypes.data for k in range(3)), None, 0,
+            None, None]  # not gathered: grads holds the delta's rows
     assert apply(*args) == 0 and out[0] == 3
     summed = {3: grads[0] + grads[2], 19: grads[1], 0: grads[3]}
     for r, g in summed.items():

@@ -375,6 +375,58 @@ def test_bad_input_raises_ekko_errors(model_path: Path) -> None:
         assert engine.stats()["rejected_steps"] == 5
 
 
+def test_a_gathered_step_is_the_step_of_its_rows(model_path: Path) -> None:
+    """Engine.step(t, ids, Gathered(rows, index, scale)) commits exactly what the rows
+    it stands for commit (every table, layout and optimizer), and the replicas get it."""
+    from ekko.engine import Gathered
+
+    m = compiled(model_path)
+    rng = np.random.default_rng(4)
+    plans = []
+    for t in m.model.tables:
+        ids = rng.integers(0, t.rows, 400)
+        ids[:2] = 0, t.rows - 1
+        rows = (rng.standard_normal((37, t.dim)) * 0.1).astype(np.float32)
+        index = rng.integers(0, 37, 400)
+        scale = rng.uniform(-2, 2, 400).astype(np.float32) if t.rows % 2 else None
+        plans.append((t.name, ids, Gathered(rows, index, scale)))
+    states = []
+    for gathered in (False, True):
+        with ekko.Engine(compiled(model_path), replicas=2) as engine:
+            for name, ids, g in plans:
+                engine.step(name, ids, g if gathered else g.expand())
+                engine.step(name, ids[:0], Gathered(g.rows, g.index[:0]))  # an empty batch
+            engine.flush()
+            assert_replicas_match(engine)
+            states.append({n: (pt.buf.master.tobytes(), engine.primary.serving(n).tobytes())
+                           for n, pt in engine.primary.tables.items()})
+    assert states[0] == states[1]
+
+
+@pytest.mark.parametrize("grads,why", [
+    (lambda G: G(np.ones((3, 16), np.float32), np.array([0, 3])), r"grads.index\[1\] = 3"),
+    (lambda G: G(np.ones((3, 16), np.float32), np.array([0])), "a row for each of the 2 ids"),
+    (lambda G: G(np.ones((3, 15), np.float32), np.array([0, 1])), r"shape \(B, 16\)"),
+    (lambda G: G(np.ones((3, 16)), np.array([0, 1])), "grads.rows must be float32"),
+    (lambda G: G(np.ones((3, 16), np.float32), np.array([0.5, 1])), "grads.index must be integers"),
+    (lambda G: G(np.ones((3, 16), np.float32), np.array([0, 1]), np.ones(3, np.float32)),
+     "grads.scale must be float32 of shape"),
+    (lambda G: G(np.ones((3, 16), np.float32), np.array([0, 1]), np.array([1, np.nan], np.float32)),
+     "non-finite gradient"),
+    (lambda G: G(np.full((3, 16), 1e10, np.float32), np.array([0, 1]),
+                 np.array([1, 1e30], np.float32)), "non-finite gradient"),
+])
+def test_a_bad_gathered_step_is_refused_and_changes_nothing(model_path: Path, grads, why) -> None:
+    from ekko.engine import Gathered
+
+    with ekko.Engine(compiled(model_path), replicas=1) as engine:
+        before = engine.primary.serving("d").tobytes(), engine.primary.issued("d")
+        with pytest.raises(EkkoError, match=why):
+            engine.step("d", np.array([1, 2]), grads(Gathered))
+        assert (engine.primary.serving("d").tobytes(), engine.primary.issued("d")) == before
+        assert engine.stats()["rejected_steps"] == 1
+
+
 def test_packets_through_bytes_give_the_same_replicas(model_path: Path) -> None:
     """wire=True encodes and decodes every packet, as between processes."""
     m = compiled(model_path)

@@ -304,6 +304,33 @@ def test_finite_gradients_whose_weighted_rows_overflow_are_refused_whole(model) 
         untouched(engine, before, issued)
 
 
+def test_the_finite_check_of_a_gathered_delta_is_exact_at_the_overflow_edge() -> None:
+    """gathered_finite never writes the rows out: it must still say what writing them
+    out would show, also for products that round to f32's largest value or to inf."""
+    from ekko.engine import Gathered
+    from ekko.torch import gathered_finite
+
+    big = np.float32(np.finfo(np.float32).max)
+    edge = [np.float32(1.0), np.nextafter(np.float32(1.0), np.float32(2)),
+            np.nextafter(np.float32(1.0), np.float32(0)), np.float32(1.0000001)]
+    rng = np.random.default_rng(0)
+    cases = [(big, w) for w in edge] + [(np.float32(2.0 ** 64), np.float32(2.0 ** 64)),
+                                        (np.float32(2.0 ** 64), np.float32(2.0 ** 63)),
+                                        (np.float32(-3e38), np.float32(-1.2)),
+                                        (np.float32(np.inf), np.float32(0.5)),
+                                        (np.float32(1.0), np.float32(np.nan))]
+    cases += [(np.float32(x), np.float32(w)) for x, w in
+              zip(rng.uniform(1e18, 1e20, 200), rng.uniform(1e18, 1e20, 200))]
+    for x, w in cases:
+        rows = np.array([[1.0, x], [0.5, 0.25]], np.float32)
+        g = Gathered(rows, np.array([1, 0, 0]), np.array([3.0, w, 1.0], np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):
+            truth = bool(np.isfinite(g.expand()).all())
+        assert gathered_finite(g) == truth, (x, w)
+    assert gathered_finite(Gathered(np.ones((2, 3), np.float32), np.array([0, 1, 1])))
+    assert not gathered_finite(Gathered(np.full((2, 3), np.nan, np.float32), np.array([0])))
+
+
 def test_an_unused_output_adds_nothing(model) -> None:
     """Only tables whose outputs reach the loss are stepped (torch gives the others no grad)."""
     with ekko.Engine(model, replicas=1) as engine:

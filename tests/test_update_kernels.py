@@ -144,6 +144,7 @@ class Case:
     steps: int = 3
     grad_scale: float = 1.0
     version_base: int | None = None  # None: version defaults to step; else version = base + step
+    gathered: str | None = None  # "index" / "scaled": the delta passed by grad_index (+ scale)
 
 
 def make_delta(case: Case, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -235,6 +236,19 @@ def check_serving(got: np.ndarray, prev: np.ndarray, stored: np.ndarray, uniq: n
                            f"(bound {bound[bad[0]]})")
 
 
+def make_gathered(case: Case, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A gathered delta (a few source rows, each id naming one, scaled or not) and the
+    rows it stands for, made in numpy (f32 products, as the kernel multiplies)."""
+    ids, _ = make_delta(case, rng)
+    sources = max(1, case.n_ids // 7)  # bags of ~7 ids: every source row used many times
+    rows = (rng.normal(size=(sources, case.dim)) * case.grad_scale).astype(np.float32)
+    index = rng.integers(0, sources, case.n_ids).astype(np.int64)
+    scale = rng.uniform(-2.0, 2.0, case.n_ids).astype(np.float32) \
+        if case.gathered == "scaled" else None
+    grads = rows[index] if scale is None else rows[index] * scale[:, None]
+    return ids, grads, dict(grads=rows, grad_index=index, grad_scale=scale)
+
+
 def run_case(case: Case, seed: int = 0, deltas: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
     """Run `case.steps` updates with state carried, checking every buffer after each."""
     rng = np.random.default_rng(seed)
@@ -251,7 +265,11 @@ def run_case(case: Case, seed: int = 0, deltas: list[tuple[np.ndarray, np.ndarra
                    threads=case.threads, deterministic=case.deterministic)
     ref_w = w
     for step in range(1, case.steps + 1):
-        ids, grads = deltas[step - 1] if deltas else make_delta(case, rng)
+        gather = None
+        if case.gathered:
+            ids, grads, gather = make_gathered(case, rng)
+        else:
+            ids, grads = deltas[step - 1] if deltas else make_delta(case, rng)
         prev_w = to_f32(as_numpy(table) if case.table_dtype == "bf16" else table, case.table_dtype)
         prev_state = {n: a.copy() for n, a in from_kernel_state(case.optimizer, kstate).items()}
         prev_serving = None if serving is None else as_numpy(serving)
@@ -261,6 +279,9 @@ def run_case(case: Case, seed: int = 0, deltas: list[tuple[np.ndarray, np.ndarra
         ids_in, grads_in = (torch.from_numpy(ids), torch.from_numpy(grads)) if case.use_torch else (ids, grads)
         version = step if case.version_base is None else case.version_base + step
         extra = {} if case.version_base is None else {"version": version}
+        if gather is not None:
+            ids_in, grads_in = ids, gather.pop("grads")
+            extra.update(gather)
         k(table, ids_in, grads_in, state=kstate, serving=serving, versions=versions, step=step, **extra)
         ref_w, uniq = reference_step(case.optimizer, ref_w, ids, grads, ref_state, step, case.hp)
         got_w = to_f32(as_numpy(table) if case.table_dtype == "bf16" else table, case.table_dtype)
@@ -369,6 +390,79 @@ def test_clip_and_weight_decay(optimizer: str, dim: int) -> None:
 def test_single_transforms(hp: Hyper) -> None:
     """Each gradient transform alone, on a low-precision table."""
     run_case(Case("adagrad", "bf16", "int4", dim=24, hp=hp))
+
+
+@pytest.mark.parametrize("gathered", ["index", "scaled"])
+@pytest.mark.parametrize("combo", [("f32", None), ("f32", "int8"), ("f16", "f16"), ("bf16", "int4")])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_gathered_deltas(optimizer: str, combo: tuple[str, str | None], gathered: str) -> None:
+    """grads[grad_index[p]] (* grad_scale[p]) as delta row p: the same update as the rows
+    themselves, against the reference, with heavy duplicates and the edge ids."""
+    table_dtype, serving = combo
+    run_case(Case(optimizer, table_dtype, serving, dim=13, rows=40, n_ids=300,
+                  gathered=gathered))
+
+
+@pytest.mark.parametrize("threads,deterministic", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("dim", [1, 64, 130])
+def test_gathered_deltas_threads_and_dims(dim: int, threads: int, deterministic: bool) -> None:
+    """The raw SGD path (no dedup) and the dedup path, on one and two partitions."""
+    for optimizer in ("sgd", "rowwise_adagrad"):
+        run_case(Case(optimizer, dim=dim, rows=3000, n_ids=5000, threads=threads,
+                      deterministic=deterministic, gathered="scaled"))
+
+
+def test_gathered_delta_is_bit_identical_to_its_rows() -> None:
+    """Not only within tolerance: the kernel reads the same f32 values either way."""
+    rng = np.random.default_rng(5)
+    for optimizer in OPTIMIZERS:
+        k = get_kernel(optimizer, 24, "f32", "i64", "int8", HP)
+        case = Case(optimizer, dim=24, rows=50, n_ids=400, gathered="scaled")
+        ids, grads, gather = make_gathered(case, rng)
+        w0 = rng.normal(size=(50, 24)).astype(np.float32)
+        out = []
+        for args in ({"grads": grads}, gather):
+            w, st = w0.copy(), to_kernel_state(init_state(optimizer, 50, 24))
+            srv, ver = make_serving("int8", 50, 24, False), np.zeros(50, np.int64)
+            k(w, ids, state=st, serving=srv, versions=ver, step=1, **args)
+            out.append((w, srv, ver))
+        for a, b in zip(*out):
+            np.testing.assert_array_equal(a, b, err_msg=optimizer)
+
+
+@pytest.mark.parametrize("bad,why", [
+    (dict(grad_index=np.array([0, 3])), r"grad_index\[1\] = 3 is out of range \[0, 3\)"),
+    (dict(grad_index=np.array([-1, 0])), r"grad_index\[0\] = -1 is out of range"),
+    (dict(grad_index=np.array([0, 1], np.int32)), "grad_index must have dtype int64"),
+    (dict(grad_index=np.array([0])), r"grad_index must have shape \(2,\)"),
+    (dict(grad_index=np.array([0, 1]), grad_scale=np.ones(3, np.float32)),
+     r"grad_scale must have shape \(2,\)"),
+    (dict(grad_index=np.array([0, 1]), grad_scale=np.ones(2)), "grad_scale must have dtype float32"),
+    (dict(grad_scale=np.ones(2, np.float32)), "grad_scale scales a gathered delta"),
+    (dict(grad_index=np.array([0, 1]), grad_scale=np.array([1, np.inf], np.float32)),
+     "non-finite gradient .* in delta row 1"),
+    (dict(grad_index=np.array([0, 2]), grad_scale=np.array([1, 1e30], np.float32)),
+     "non-finite gradient .* in delta row 1"),  # finite row x finite scale = inf
+    (dict(grad_index=np.array([1, 1]), grad_scale=np.array([0.5, 2], np.float32), nan=True),
+     "non-finite gradient .* in delta row 0"),  # the source row itself holds a NaN
+])
+def test_bad_gathered_delta_is_refused_untouched(bad: dict, why: str) -> None:
+    from ekko.kernels.errors import UpdateError
+
+    bad = dict(bad)
+    rows = np.array([[1, 2, 3, 4], [1, 1, 1, 1], [1e10, 1, 1, 1]], np.float32)
+    if bad.pop("nan", False):
+        rows[1, 0] = np.nan
+    for optimizer, deterministic in (("sgd", False), ("sgd", True), ("rowwise_adagrad", False)):
+        k = get_kernel(optimizer, 4, "f32", "i64", "int8", HP, deterministic=deterministic)
+        w = np.ones((10, 4), np.float32)
+        st = to_kernel_state(init_state(optimizer, 10, 4))
+        srv, ver = make_serving("int8", 10, 4, False), np.zeros(10, np.int64)
+        before = [w.copy(), srv.copy(), ver.copy()]
+        with pytest.raises(UpdateError, match=why):
+            k(w, np.array([3, 9]), rows, state=st, serving=srv, versions=ver, step=1, **bad)
+        for a, b in zip((w, srv, ver), before):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_empty_delta() -> None:

@@ -3,9 +3,10 @@
 `EmbeddingBags(engine)` is a torch.nn.Module over the primary's tables. Its
 forward pools the master rows in place with ekko's bag kernels (the engine's
 own arrays, never a copy of a table) as each feature declares;
-`loss.backward()` computes each id's gradient row and commits one
-`engine.step` per table, so the table's own fused update kernel sums the
-duplicates, applies its optimizer and the replicas receive the rows
+`loss.backward()` commits one `engine.step` per table with each id's
+gradient given by reference (the bag's output-gradient row and the id's
+weight: `Gathered`), so the table's own fused update kernel reads the bag
+rows in place, sums the duplicates, applies its optimizer and the replicas receive the rows
 (optimizer in backward, as FBGEMM's TBE: no dense gradient of a table is
 ever made). See docs/torch.md.
 
@@ -28,7 +29,7 @@ try:
 except ImportError as e:  # torch is optional for the rest of ekko
     raise ImportError(f"ekko.torch needs PyTorch: pip install 'ekko[torch]' ({e})") from None
 
-from ..engine import Engine
+from ..engine import Engine, Gathered
 from ..engine.sparse import Bag, check_bag, check_bags
 from ..kernels.errors import EkkoError
 from ..kernels.build import bag_kernel
@@ -56,7 +57,6 @@ class EmbeddingBags(nn.Module):
         self._anchor = torch.empty(0, requires_grad=True)
         self._masters: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
         self._kernels: dict[tuple[str, bool], BagKernel] = {}
-        self._scratch: dict[str, np.ndarray] = {}  # per table: gradient rows, reused
         self._lock = threading.Lock()
 
     def extra_repr(self) -> str:
@@ -110,7 +110,7 @@ class EmbeddingBags(nn.Module):
         for bag, g in zip(bags, grads):
             if g is not None:  # an output the loss does not use adds nothing
                 per_table.setdefault(bag.table, []).append((bag, g))
-        with self._lock:  # the scratch rows are this module's: one backward at a time
+        with self._lock:  # one backward at a time: its tables' steps are not interleaved
             # one table alone is refused whole by its kernel, which checks before writing
             check = len(per_table) > 1
             deltas = {t: self._delta(t, parts, check) for t, parts in per_table.items()}
@@ -118,30 +118,19 @@ class EmbeddingBags(nn.Module):
                 if not finite:
                     raise EkkoError(f"non-finite gradient (NaN or Inf) for table {table}: "
                                     "nothing of this backward was committed")
-            for table, (ids, rows, _) in deltas.items():
-                self.engine.step(table, ids, rows)  # returns once committed: rows are free again
+            for table, (ids, grads, _) in deltas.items():
+                self.engine.step(table, ids, grads)
 
     def _delta(self, table: str, parts: list[tuple[Bag, torch.Tensor]], check: bool
-               ) -> tuple[np.ndarray, np.ndarray, bool]:
-        """The table's ids and gradient rows, written into the table's scratch array,
-        and (if `check`) whether they are all finite. Reusing the array matters: a
-        fresh N x dim one each backward cost more in page faults than computing the
-        rows (5x on the loaded 2-core machine)."""
-        n = sum(len(b.ids) for b, _ in parts)
-        dim = self.engine.model.table(table).dim
-        scratch = self._scratch.get(table)
-        if scratch is None or len(scratch) < n:
-            scratch = self._scratch[table] = np.empty((n, dim), np.float32)
-        rows, at, finite = scratch[:n], 0, True
-        for bag, g in parts:
-            part = grad_rows(bag, g, rows[at:at + len(bag.ids)])
-            at += len(bag.ids)
-            # the rows of an unweighted bag are finite iff its output gradient is (10x
-            # fewer values to read); a weight's product can overflow: read the rows
-            finite = finite and (not check or bool(np.isfinite(
-                part if bag.weights is not None else _numpy(g)).all()))
+               ) -> tuple[np.ndarray, Gathered, bool]:
+        """The table's ids and their gradient, gathered (each id names its bag's row of
+        the output gradient: the N rows are never written out) and (if `check`)
+        whether every row is finite."""
+        pieces = [bag_gradient(bag, g) for bag, g in parts]
+        grads = pieces[0] if len(pieces) == 1 else _stack(pieces)
+        finite = not check or gathered_finite(grads)
         ids = parts[0][0].ids if len(parts) == 1 else np.concatenate([b.ids for b, _ in parts])
-        return ids, rows, finite
+        return ids, grads, finite
 
 
 def _numpy(g: torch.Tensor) -> np.ndarray:
@@ -149,29 +138,48 @@ def _numpy(g: torch.Tensor) -> np.ndarray:
     return g.detach().to(device="cpu", dtype=torch.float32).numpy()
 
 
-def grad_rows(bag: Bag, g: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
-    """d output / d row for each id occurrence, (N, dim) f32 (into `out` if given): the
-    bag's gradient (divided by the bag's length for mean, times the id's weight when
-    weighted); for pooling none, the output's gradient itself. In numpy: on a busy
-    machine torch's threaded index_select was 30x slower than np.take."""
-    gn = _numpy(g)
-    if out is None:
-        out = np.empty((len(bag.ids), gn.shape[1]), np.float32)
+def bag_gradient(bag: Bag, g: torch.Tensor) -> Gathered:
+    """d output / d row for each id occurrence, by reference: the bag's gradient row
+    (divided by the bag's length for mean, as torch divides it, in f32), times the id's
+    weight when weighted; for pooling none, the output's gradient row itself."""
+    gn = np.ascontiguousarray(_numpy(g))  # often a column slice of the dense part's
     if bag.mode == "none":
-        out[...] = gn
-        return out
+        return Gathered(gn, np.arange(len(gn), dtype=np.int64))
     lengths = np.diff(bag.offsets)
-    if bag.mode == "mean":  # f32 / f32, as torch divides the bag's gradient
+    if bag.mode == "mean":
         gn = gn / np.maximum(lengths, 1).astype(np.float32)[:, None]
-    # a feature's gradient is often a column slice of the dense part's; take reads a
-    # contiguous copy of it (B x dim) twice as fast. mode="clip": the bag numbers are in
-    # range by construction, and the default mode="raise" with out= computes into a
-    # fresh N x dim buffer and copies it (3x the time of the take itself)
-    np.take(np.ascontiguousarray(gn), np.repeat(np.arange(len(lengths)), lengths), axis=0,
-            out=out, mode="clip")
-    if bag.weights is not None:
-        out *= bag.weights[:, None]
-    return out
+    index = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    scale = None if bag.weights is None else np.ascontiguousarray(bag.weights, np.float32)
+    return Gathered(gn, index, scale)
+
+
+def _stack(pieces: list[Gathered]) -> Gathered:
+    """Several features' gradients of one table as one gathered delta, in order."""
+    starts = np.cumsum([0] + [len(p.rows) for p in pieces[:-1]])
+    rows = np.concatenate([p.rows for p in pieces])
+    index = np.concatenate([p.index + s for p, s in zip(pieces, starts)])
+    scale = None
+    if any(p.scale is not None for p in pieces):
+        scale = np.concatenate([p.scale if p.scale is not None
+                                else np.ones(len(p.index), np.float32) for p in pieces])
+    return Gathered(rows, index, scale)
+
+
+F32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103  # the least |x| that rounds to inf in f32
+
+
+def gathered_finite(g: Gathered) -> bool:
+    """Whether every row of the delta is finite without writing the rows out: the bag
+    rows finite, and no weight non-finite or large enough to overflow a product (f64
+    holds each f32 x f32 product exactly, so the bound is exact)."""
+    if not np.isfinite(g.rows).all():
+        return False
+    if g.scale is None:
+        return True
+    if not np.isfinite(g.scale).all():
+        return False
+    peak = np.abs(g.rows).max(axis=1, initial=0.0).astype(np.float64)[g.index]
+    return bool((peak * np.abs(g.scale.astype(np.float64)) < F32_OVERFLOW).all())
 
 
 class _Pool(torch.autograd.Function):

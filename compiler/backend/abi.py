@@ -121,7 +121,8 @@ def update_apply(spec_states: int, index_dtype: str, dedup: bool) -> Signature:
         _a("step", "i64"), _a("version", "i64"), _a("seed", "i64", "stochastic rounding"),
         _a("order", "i64*"), _a("occ", "i64*", "dedup: delta rows by unique id"),
         _a("srcs", "i64*", "dedup: where each unique id's rows end in occ"),
-        _a("summed", "f32*", "dedup scratch: one row, a repeated id's rows added"),
+        _a("summed", "f32*", "scratch: two rows (a repeated id's rows added; a gathered "
+                             "row scaled)"),
         _a("journal", "i8*", "out: each written row's old bytes, one entry a row "
                              "(16-byte aligned: streaming stores)"),
         _a("done", "i64*", "out: rows written (journal entries)"),
@@ -130,6 +131,9 @@ def update_apply(spec_states: int, index_dtype: str, dedup: bool) -> Signature:
         _a("recent", "i64*", "without dedup: (id, generation << 32 | entry) pairs of rows "
                              "journaled lately, RECENT_SLOTS of them"),
         _a("generation", "i64", "this call's tag in `recent`, 1 to 2**32 - 1"),
+        _a("gidx", "i64*", "or null: delta row p is grads[gidx[p]] (gathered: grads holds "
+                           "fewer rows, e.g. a pooled output's gradient per bag)"),
+        _a("gscale", "f32*", "or null: with gidx, delta row p is grads[gidx[p]] * gscale[p]"),
     ), "Returns a Status.")
 
 

@@ -639,9 +639,9 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
     uni = _uniforms(e, spec, a["step"])
     step = (uni, a["version"], a["seed"])
     ids, count, order = a["ids"], a["count"], a["order"]
-    dim = _c(I64, spec.dim)
+    delta = Delta(e, spec, a["grads"], a["gidx"], a["gscale"])
     if spec.dedup:
-        grads, srcs, occ = a["grads"], a["srcs"], a["occ"]
+        srcs, occ = a["srcs"], a["occ"]
 
         def entry(pos):
             return b.load(e.gep(order, pos)) if spec.sort else pos
@@ -653,37 +653,93 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
             return lo, b.load(e.gep(srcs, k))
 
         def grad_row(k):  # the first of k's rows (the one a prefetch asks for)
-            return e.gep(grads, b.mul(b.load(e.gep(occ, rows_of(k)[0])), dim))
+            return delta.row(b.load(e.gep(occ, rows_of(k)[0])))
 
         with e.loop(_c(I64, 0), count, "rows") as pos:
             _prefetch(e, spec, ids, entry, grad_row, pos, count, bufs)
             k = entry(pos)
-            src = _summed_row(e, spec, commit, grads, occ, *rows_of(k), summed)
+            src = _summed_row(e, spec, commit, delta, occ, *rows_of(k), summed)
             _apply_row(e, spec, _load_id(e, ids, k), src, bufs, step, commit)
     else:  # the raw delta: each partition applies the ids it owns, in input order
-        grads = a["grads"]
-
-        def grad_row(k):
-            return e.gep(grads, b.mul(k, dim))
-
         with _each_owned(e, ids, count, a["part"], a["nparts"]) as (owned, t, cnt):
             def entry(pos):
                 return b.load(e.gep(owned, pos))
 
-            _prefetch(e, spec, ids, entry, grad_row, t, cnt, bufs)
+            _prefetch(e, spec, ids, entry, delta.row, t, cnt, bufs)
             k = entry(t)
-            commit.refuse_non_finite(grad_row(k))
-            _apply_row(e, spec, _load_id(e, ids, k), grad_row(k), bufs, step, commit)
+            src = delta.checked_row(k, commit, summed)
+            _apply_row(e, spec, _load_id(e, ids, k), src, bufs, step, commit)
     commit.finish(abi.Status.OK)
 
 
-def _summed_row(e: Emitter, spec: UpdateSpec, commit: "Commit", grads, occ, lo, hi, summed):
-    """The gradient of one unique id: its only delta row, read in place, or its rows
-    added in input order into `summed`. Every row read is checked for NaN and Inf."""
+class Delta:
+    """Where delta row p lives: row p of `grads`, or, gathered, row gidx[p] of it
+    times gscale[p] when a scale is given.
+
+    A gathered delta is how a pooled feature's gradient looks (every id of a
+    bag gets the bag's gradient, times its weight): the caller passes the B
+    bag rows and the bag of each id instead of writing N rows of copies, so
+    the update reads a few cache-resident rows instead of N x dim floats.
+    Whether the delta is gathered or scaled is a run-time branch per row,
+    taken the same way for every row of a call.
+    """
+
+    def __init__(self, e: Emitter, spec: UpdateSpec, grads, gidx, gscale):
+        self.e, self.spec, self.grads, self.gidx, self.gscale = e, spec, grads, gidx, gscale
+        b = e.b
+        self.gathered = b.icmp_unsigned("!=", b.ptrtoint(gidx, I64), _c(I64, 0))
+        self.scaled = b.icmp_unsigned("!=", b.ptrtoint(gscale, I64), _c(I64, 0))
+
+    def row(self, p):
+        """The grads row delta row p reads (before its scale)."""
+        b = self.e.b
+        index = _load_if(self.e, self.gathered, self.gidx, p, p)
+        return self.e.gep(self.grads, b.mul(index, _c(I64, self.spec.dim)))
+
+    def scale(self, p):
+        return _load_if(self.e, self.scaled, self.gscale, p, _c(F32, 1.0))
+
+    def scaled_into(self, p, out) -> None:
+        """out = delta row p (its grads row times its scale)."""
+        e, b = self.e, self.e.b
+        row, s = self.row(p), self.scale(p)
+        with e.tiled(self.spec.dim, self.spec.tile, "scale") as j:
+            b.store(b.fmul(b.load(e.gep(row, j)), s), e.gep(out, j))
+
+    def checked_row(self, p, commit: "Commit", scratch):
+        """A pointer to delta row p, refused when not finite: the grads row itself,
+        or (scaled) its product, written into `scratch`."""
+        b = self.e.b
+        plain = self.row(p)
+        with b.if_then(self.scaled):
+            self.scaled_into(p, scratch)
+        src = b.select(self.scaled, scratch, plain)
+        commit.refuse_non_finite(src)
+        return src
+
+
+def _load_if(e: Emitter, cond, ptr, index, default):
+    """ptr[index] when cond, else default (ptr may be null then: the load is skipped)."""
     b = e.b
-    dim = _c(I64, spec.dim)
-    first = e.gep(grads, b.mul(b.load(e.gep(occ, lo)), dim))
-    commit.refuse_non_finite(first)
+    before = b.block
+    with b.if_then(cond):
+        loaded = b.load(e.gep(ptr, index))
+        inside = b.block
+    value = b.phi(loaded.type)
+    value.add_incoming(default, before)
+    value.add_incoming(loaded, inside)
+    return value
+
+
+def _summed_row(e: Emitter, spec: UpdateSpec, commit: "Commit", delta: Delta, occ, lo, hi,
+                summed):
+    """The gradient of one unique id: its only delta row, read in place, or its rows
+    added in input order into `summed`. Every row read is checked for NaN and Inf
+    (a scaled row after its scale: the product may overflow). `summed` has two rows:
+    the second holds a scaled row."""
+    b = e.b
+    scaled_row = e.gep(summed, _c(I64, spec.dim))
+    first = delta.checked_row(b.load(e.gep(occ, lo)), commit, scaled_row)
     repeated = b.icmp_signed(">", b.sub(hi, lo), _c(I64, 1))
     with b.if_then(repeated):
         with e.tiled(spec.dim, spec.tile, "copy") as j:
@@ -691,10 +747,9 @@ def _summed_row(e: Emitter, spec: UpdateSpec, commit: "Commit", grads, occ, lo, 
         with e.loop(b.add(lo, _c(I64, 1)), hi, "sum") as t:
             ahead = b.add(t, _c(I64, OCC_AHEAD))
             with b.if_then(b.icmp_signed("<", ahead, hi)):
-                _fetch_row(e, e.gep(grads, b.mul(b.load(e.gep(occ, ahead)), dim)),
-                           4 * spec.dim, _prefetch_fn(e), write=0)
-            row = e.gep(grads, b.mul(b.load(e.gep(occ, t)), dim))
-            commit.refuse_non_finite(row)
+                _fetch_row(e, delta.row(b.load(e.gep(occ, ahead))), 4 * spec.dim,
+                           _prefetch_fn(e), write=0)
+            row = delta.checked_row(b.load(e.gep(occ, t)), commit, scaled_row)
             with e.tiled(spec.dim, spec.tile, "add") as j:
                 p = e.gep(summed, j)
                 b.store(b.fadd(b.load(p), b.load(e.gep(row, j))), p)

@@ -23,6 +23,7 @@ import ray
 from ...kernels.errors import EkkoError
 from ...kernels.model import CompiledModel
 from ..actors import ReplicaConfig, ReplicaServer, ShardConfig, ShardServer, StepResult, shard_bounds
+from ..inputs import Gathered
 from ..ports import Stepped, Unavailable
 from ..primary import Commit
 from ..scheduler import Link, SchedulerConfig
@@ -198,7 +199,9 @@ class ShardsPort:
     def issued(self) -> list[dict[str, int]]:
         return self.t.issued  # the engine keeps it current as it announces (one record)
 
-    def step(self, table: str, ids: np.ndarray, grads: np.ndarray) -> Stepped:
+    def step(self, table: str, ids: np.ndarray, grads: np.ndarray | Gathered) -> Stepped:
+        if isinstance(grads, Gathered):  # the log records rows: shards get them made
+            grads = grads.expand()
         self.t._seq[table] += 1
         seq = self.t._seq[table]
         parts = self._split(table, ids, grads)
