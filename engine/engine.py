@@ -27,6 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,8 @@ class Engine:
         self.check_skipped: list[int] = []  # replicas a check could not reach
         self.rollbacks: list[Rollback] = []
         self._count_lock = threading.Lock()
+        self._hold_lock = threading.Lock()  # orders a batch's release against enqueues
+        self._held = 0  # open batched() blocks: commits reach the links unannounced
         self._check_lock = threading.Lock()
         self._next_replica = 0
         self._started = False
@@ -290,9 +293,29 @@ class Engine:
         issued = self.issued[shard]
         issued[commit.table] = max(issued.get(commit.table, 0), commit.version)
         significance = commit.norms.astype(np.float64)
-        for link in self.transport.shard_links[shard]:
-            link.replica.note_issued(commit.table, commit.version)
-            link.enqueue(commit, significance)
+        with self._hold_lock:  # a release either sees this commit or leaves it its wake
+            wake = self._held == 0
+            for link in self.transport.shard_links[shard]:
+                link.replica.note_issued(commit.table, commit.version)
+                link.enqueue(commit, significance, wake=wake)
+
+    @contextmanager
+    def batched(self) -> Iterator[None]:
+        """Steps made inside reach the links together, at the end: one wake of each link
+        for several tables' commits (a backward's), instead of one per table whose
+        packing then competes with the next table's step for the cores and the GIL.
+        Meant for the span of one backward: rows wait for the block to end (so does
+        any other thread's, meanwhile); `flush()` inside sends them anyway."""
+        with self._hold_lock:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._hold_lock:
+                self._held -= 1
+                if self._held == 0:
+                    for link in self._all_links():
+                        link.wake()
 
     def flush(self, timeout: float | None = None) -> None:
         """Return when every replica holds every update committed before this call.
@@ -309,6 +332,8 @@ class Engine:
         targets = [dict(t) for t in self.issued]
         dense = self.dense_version if self.dense is not None else -1
         shards = self.transport.shard_links
+        for link in self._all_links():  # commits a batched() block holds go now
+            link.wake()
         for s, links in enumerate(shards):
             for link in links:
                 while not link.wait_for(targets[s], _left(deadline), dense if s == 0 else -1):

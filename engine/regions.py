@@ -558,11 +558,6 @@ class RegionLink(Link):
         with self.cond:
             return {table: Link._watermark(self, table) for table in self.pending}
 
-    def wake(self) -> None:
-        """A hold was lifted: flush's waits look again."""
-        with self.cond:
-            self.cond.notify_all()
-
     def waiting(self, table: str, ids: np.ndarray) -> np.ndarray:
         """Per id, whether this link has it pending (it will send the newest value itself;
         rows on their way count too; fifo's queue does not, so repairs may pull those)."""

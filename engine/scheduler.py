@@ -216,7 +216,9 @@ class Link:
         self.dense_charged = self.rows_charged = 0  # budget bytes each kind has been charged
 
     # -- from the engine ---------------------------------------------------------
-    def enqueue(self, c: Commit, significance: np.ndarray) -> None:
+    def enqueue(self, c: Commit, significance: np.ndarray, wake: bool = True) -> None:
+        """Note a commit's rows; `wake=False` leaves the link asleep until `wake()`
+        (the engine's `batched()`: one wake for several tables' commits)."""
         with self.cond:
             if self.config.policy == "fifo":
                 self.arrivals += 1
@@ -224,6 +226,12 @@ class Link:
                 self.pending[c.table].noted = max(self.pending[c.table].noted, c.version)
             else:
                 self.pending[c.table].add(c, significance)
+            if wake:
+                self.cond.notify_all()
+
+    def wake(self) -> None:
+        """Look for work now (commits noted without waking, a lifted hold)."""
+        with self.cond:
             self.cond.notify_all()
 
     def enqueue_dense(self, version: int, blob: bytes) -> None:

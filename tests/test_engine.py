@@ -427,6 +427,47 @@ def test_a_bad_gathered_step_is_refused_and_changes_nothing(model_path: Path, gr
         assert engine.stats()["rejected_steps"] == 1
 
 
+def test_batched_steps_reach_the_replicas_and_a_failing_block_releases(model_path: Path) -> None:
+    """batched() only delays the links' wake: after the block the rows arrive without a
+    flush (a link sleeps at most its idle poll), flush inside a block delivers, another
+    thread's steps during a block are not lost, and an exception still ends the hold."""
+    m = compiled(model_path)
+    rng = np.random.default_rng(9)
+    with ekko.Engine(m, replicas=2) as engine:
+        with engine.batched():
+            for name in ("a", "b", "d"):
+                engine.step(name, *delta(rng, m.table(name), 50))
+            engine.flush(30)  # inside the block: the held commits go now
+            assert_replicas_match(engine)
+
+        def other() -> None:
+            r = np.random.default_rng(10)
+            for _ in range(30):
+                engine.step("c", *delta(r, m.table("c"), 20))
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        for _ in range(30):
+            with engine.batched():
+                engine.step("a", *delta(rng, m.table("a"), 20))
+                engine.step("e", *delta(rng, m.table("e"), 20))
+        thread.join()
+        with pytest.raises(RuntimeError):
+            with engine.batched():
+                engine.step("d", *delta(rng, m.table("d"), 20))
+                raise RuntimeError("the trainer failed mid-backward")
+        assert engine._held == 0
+        deadline = time.monotonic() + 30  # no flush: the links must have been woken
+        while True:
+            try:
+                assert_replicas_match(engine)
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+
 def test_packets_through_bytes_give_the_same_replicas(model_path: Path) -> None:
     """wire=True encodes and decodes every packet, as between processes."""
     m = compiled(model_path)

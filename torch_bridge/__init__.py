@@ -118,8 +118,9 @@ class EmbeddingBags(nn.Module):
                 if not finite:
                     raise EkkoError(f"non-finite gradient (NaN or Inf) for table {table}: "
                                     "nothing of this backward was committed")
-            for table, (ids, grads, _) in deltas.items():
-                self.engine.step(table, ids, grads)
+            with self.engine.batched():  # the links wake once, after the last table
+                for table, (ids, grads, _) in deltas.items():
+                    self.engine.step(table, ids, grads)
 
     def _delta(self, table: str, parts: list[tuple[Bag, torch.Tensor]], check: bool
                ) -> tuple[np.ndarray, Gathered, bool]:
