@@ -81,8 +81,16 @@ def _update_case(rng: random.Random) -> dict:
         "versions": _array("int64", [rows], "zeros", seed + 6) if rng.random() < 0.5 else None,
         "step": {"kind": "value", "value": rng.choice([1, 2, 100])},
     }
-    return {"target": "api", "kernel": "update", "make": make, "args": args, "rows": rows,
+    case = {"target": "api", "kernel": "update", "make": make, "args": args, "rows": rows,
             "dim": dim, "n": n, "must_reject": []}
+    if rng.random() < 0.3:  # a gathered delta: n ids naming B source rows (each one used)
+        sources = min(rng.choice([1, 3, 10]), max(n, 1))
+        args["grads"] = _array("float32", [sources, dim], "normal", seed + 2)
+        args["grad_index"] = _array("int64", [n], "cycle", seed + 7, high=sources)
+        if rng.random() < 0.6:
+            args["grad_scale"] = _array("float32", [n], "normal", seed + 8)
+        case["sources"] = sources
+    return case
 
 
 def _bag_case(rng: random.Random) -> dict:
@@ -154,6 +162,9 @@ def m_shape(rng, case):
         return  # more or fewer rows of a lone table is a valid call (ids may then be out of range)
     if name in ("offsets", "ids") and case["kernel"] == "bag" and len(shape) == 1:
         return  # another number of bags or ids: still a valid call (or an EkkoError)
+    if name == "grads" and "sources" in case and len(shape) == 2 and shape[1] == case["dim"] \
+            and (shape[0] >= case["sources"] or case["n"] == 0):
+        return  # more source rows than the index names (or no ids): a valid gathered call
     _reject(case, f"{name} shape {shape}")
 
 
@@ -181,7 +192,8 @@ def m_strides(rng, case):
 
 
 def m_alias(rng, case):
-    written = [k for k in ("table", "state", "serving", "versions") if case["args"].get(k)]
+    written = [k for k in ("table", "state", "serving", "versions") if case["args"].get(k)
+               and case["args"][k]["kind"] != "alias"]  # aliases are built last: no chains
     if case["kernel"] != "update" or not written:
         return
     a = rng.choice(written)
@@ -219,9 +231,19 @@ def m_nonfinite(rng, case):
     spec = case["args"][name]
     if case["n"] == 0 or not _is_array(case, name) or spec["fill"] == "serving":
         return
-    spec.setdefault("poke", []).append([rng.randrange(case["n"] * case["dim"]),
+    rows = case.get("sources", case["n"])  # a gathered delta's index names every source row
+    spec.setdefault("poke", []).append([rng.randrange(rows * case["dim"]),
                                         rng.choice(["nan", "inf", "-inf"])])
     _reject(case, f"non-finite {name}")
+
+
+def m_bad_gather(rng, case):
+    """A gathered delta's index naming no source row."""
+    if "sources" not in case or case["n"] == 0 or not _is_array(case, "grad_index"):
+        return
+    bad = rng.choice([case["sources"], -1, 2**63 - 1, -2**63])
+    case["args"]["grad_index"].setdefault("poke", []).append([rng.randrange(case["n"]), bad])
+    _reject(case, f"grad_index {bad} out of range")
 
 
 def m_huge(rng, case):
@@ -342,7 +364,7 @@ def m_odd_ids(rng, case):
 
 MUTATIONS = [m_dtype, m_shape, m_byteorder, m_strides, m_alias, m_bad_ids, m_nonfinite, m_huge,
              m_near_max, m_readonly, m_torch, m_not_an_array, m_scalar, m_make, m_sparse,
-             m_odd_ids]
+             m_odd_ids, m_bad_gather]
 
 
 def generate(rng: random.Random) -> dict:
@@ -402,7 +424,8 @@ def run(case: dict) -> dict:
         if case["kernel"] == "update":
             kernel(args["table"], args["ids"], args["grads"], state=args["state"],
                    serving=args["serving"], versions=args["versions"],
-                   **{k: args[k] for k in ("step", "version", "seed") if k in args})
+                   **{k: args[k] for k in ("step", "version", "seed", "grad_index", "grad_scale")
+                      if k in args})
         else:
             kernel(args["table"], args["ids"], args["offsets"],
                    per_sample_weights=args["per_sample_weights"])
@@ -534,6 +557,8 @@ def _make_array(spec: dict, case: dict):
     dtype = np.dtype(spec["dtype"])
     if fill == "ids":
         arr = rng.integers(0, max(1, spec["high"]), size=alloc).astype(dtype)
+    elif fill == "cycle":  # 0, 1, ..., high-1, 0, 1, ...: every value below high named
+        arr = (np.arange(int(np.prod(alloc))) % max(1, spec["high"])).reshape(alloc).astype(dtype)
     elif fill == "offsets":
         arr = np.sort(rng.integers(0, spec["high"] + 1, size=alloc)).astype(dtype)
         if arr.size:
