@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import ekko
-from ekko.engine import HealthConfig
+from ekko.engine import Gathered, HealthConfig
 from ekko.engine.actors import ShardConfig, ShardServer, shard_bounds, shard_model
 from ekko.engine.packet import Packet
 from ekko.engine.primary import Primary
@@ -54,11 +54,18 @@ class Stream:
         self.steps: list[tuple[str, np.ndarray, np.ndarray]] = []
 
     def step(self, engine, n: int = 40) -> None:
-        for t in self.tables:
+        """One step per table; every other table's gradient goes as a `Gathered` delta
+        (the transport writes its rows out before logging and splitting by shard)."""
+        for k, t in enumerate(self.tables):
             ids = self.rng.integers(0, t.rows, n)
             ids[0] = t.rows - 1
             grads = (self.rng.standard_normal((n, t.dim)) * 0.1).astype(np.float32)
-            engine.step(t.name, ids, grads)
+            if (len(self.steps) + k) % 2:
+                index = self.rng.integers(0, 5, n)
+                engine.step(t.name, ids, Gathered(grads[:5].copy(), index))
+                grads = grads[:5][index]
+            else:
+                engine.step(t.name, ids, grads)
             self.steps.append((t.name, ids, grads))
 
 
