@@ -590,7 +590,11 @@ class RegionLink(Link):
         return batch
 
     def _send(self, batch: list) -> None:
-        self._first = {b[0]: b[4] for b in batch}
+        # the oldest version each table's packets carry: a fifo batch holds several
+        # commits of one table, and a lost packet must hold its replicas before all of them
+        self._first = {}
+        for b in batch:
+            self._first[b[0]] = min(b[4], self._first.get(b[0], b[4]))
         try:
             super()._send(batch)
         finally:
