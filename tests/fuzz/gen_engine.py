@@ -56,9 +56,10 @@ model fuzz {
 TABLES = {"a": (97, 8), "b": (64, 7), "c": (50, 8), "d": (120, 16), "e": (40, 5), "g": (30, 4)}
 FEATURES = {"fa": "a", "fd": "d", "fe": "e"}
 BAD_STEPS = ["id_out", "id_negative", "float_ids", "uint64_max", "ragged", "wrong_dim",
-             "f64_grads", "nan_grads", "unknown_table", "torch_bf16", "torch_sparse"]
+             "f64_grads", "nan_grads", "unknown_table", "torch_bf16", "torch_sparse",
+             "gathered_out", "gathered_nan_scale", "gathered_short"]
 GOOD_STEPS = ["plain", "plain", "plain", "empty", "duplicates", "torch_grad", "harmful",
-              "overflow"]
+              "overflow", "gathered", "gathered"]
 MUTATIONS = ["version_ahead", "version_negative", "id_out", "nonfinite", "unknown_table",
              "wrong_width", "header_n", "header_width", "header_dtype", "header_name_len",
              "header_format", "header_flags", "flip", "cut"]
@@ -293,6 +294,20 @@ def _step(engine, op: dict, verdict: dict) -> str:
         grads[-1, -1] = np.nan
     elif how == "unknown_table":
         table = "nope"
+    elif how.startswith("gathered"):  # a pooled gradient: a few rows, each id names one
+        from ekko.engine import Gathered
+
+        sources = max(1, n // 4)
+        index = rng.integers(0, sources, n)
+        scale = rng.uniform(-2, 2, n).astype(np.float32) if rng.random() < 0.5 else None
+        if how == "gathered_out" and n:
+            index[-1] = sources
+        elif how == "gathered_nan_scale" and n:
+            scale = np.ones(n, np.float32)
+            scale[-1] = np.nan
+        elif how == "gathered_short":
+            index = index[:-1] if n else np.zeros(1, np.int64)
+        grads = Gathered(grads[:sources].copy(), index, scale)
     engine.step(table, ids, grads)
     return how if how in BAD_STEPS else ""
 
