@@ -231,11 +231,15 @@ class PrimaryTable:
     distinct: DistinctRows | None = None
 
     def arrays(self) -> list[np.ndarray]:
-        """Every per-row array a step writes, in one list (for the undo log)."""
+        """Every per-row array a step writes, in one list (for snapshots)."""
+        return [*self.undo_arrays(), self.buf.versions]
+
+    def undo_arrays(self) -> list[np.ndarray]:
+        """What the undo log saves: not the versions, which a rollback stamps anew."""
         b = self.buf
         state = list(b.state) if isinstance(b.state, tuple) else ([] if b.state is None else [b.state])
         serving = [b.serving] if b.serving is not None else []
-        return [b.master, *state, *serving, b.versions]
+        return [b.master, *state, *serving]
 
 
 class Primary:
@@ -285,7 +289,7 @@ class Primary:
         sq = delta_squared_norms(grads)
         with pt.lock:
             uniq, norms = pt.distinct(ids, sq)
-            saved = pt.undo.save(uniq, pt.arrays()) if pt.undo is not None else uniq[:0]
+            saved = pt.undo.save(uniq, pt.undo_arrays()) if pt.undo is not None else uniq[:0]
             version = pt.version + 1
             buf = pt.buf
             try:
@@ -389,7 +393,7 @@ class Primary:
             if pt.undo is None or not pt.undo.chunks:
                 return None
             undone = (pt.healthy_version + 1, pt.version)
-            ids = np.sort(pt.undo.restore(pt.arrays()))
+            ids = np.sort(pt.undo.restore(pt.undo_arrays()))
             pt.version += 1
             pt.buf.versions[ids] = pt.version
             pt.cache.record(pt.version, ids)
