@@ -64,6 +64,7 @@ class Result:
     engine_ms: list[float] = field(default_factory=list)  # ekko: of each step, in engine.step
     flush_ms: list[float] = field(default_factory=list)  # ekko: then until the replica has it
     cpu_ms: list[float] = field(default_factory=list)  # CPU time of all threads (ekko: and flush)
+    step_cpu_ms: list[float] = field(default_factory=list)  # the same, of the step alone
     check: str = ""
 
     @property
@@ -190,6 +191,7 @@ def run(work: Workload, optimizer: str, runs: int, replicas: int = 1) -> list[Re
                 cpu, start = time.process_time(), time.perf_counter()
                 peers[name](i)
                 results[name].times_ms.append((time.perf_counter() - start) * 1e3)
+                results[name].step_cpu_ms.append((time.process_time() - cpu) * 1e3)
                 if name == "ekko":  # the replica's merges must not run into torch's step
                     results[name].engine_ms.append(ek.in_engine * 1e3)
                     start = time.perf_counter()
@@ -207,8 +209,9 @@ def format_table(results: list[Result], work: Workload) -> str:
            f"{ids:,} ids a step (Zipf 1.05); torch {torch.__version__}, "
            f"{torch.get_num_threads()} threads\n",
            "| optimizer | torch peer | torch median ms | ekko median ms | of which engine.step | "
-           "torch / ekko | ekko then flush to the replica ms | CPU ms torch / ekko+flush | check |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "torch / ekko | ekko then flush to the replica ms | step CPU ms torch / ekko | "
+           "CPU ms torch / ekko+flush | check |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     names = {"sgd": "SGD", "adagrad": "Adagrad", "adam": "SparseAdam"}
     for opt in dict.fromkeys(r.optimizer for r in results):
         t = next(r for r in results if r.optimizer == opt and r.peer == "torch")
@@ -217,6 +220,8 @@ def format_table(results: list[Result], work: Workload) -> str:
                    f"{e.median_ms:.1f} | {statistics.median(e.engine_ms):.1f} | "
                    f"{t.median_ms / e.median_ms:.2f}x | "
                    f"{statistics.median(s + f for s, f in zip(e.times_ms, e.flush_ms)):.1f} | "
+                   f"{statistics.median(t.step_cpu_ms):.0f} / "
+                   f"{statistics.median(e.step_cpu_ms):.0f} | "
                    f"{statistics.median(t.cpu_ms):.0f} / {statistics.median(e.cpu_ms):.0f} | "
                    f"{e.check} |")
     return "\n".join(out) + "\n"
@@ -273,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
             "engine.step (the fused kernels and the engine's bookkeeping). After each ekko "
             "step, untimed in its step, the engine is flushed (the replica merges the rows) "
             "so that work does not run into torch's step; the flush column adds it. CPU ms: "
-            "the process's CPU time (all threads) per step, ekko's with its flush: on a "
-            "loaded machine wall times follow the scheduler's share, CPU time the work. "
+            "the process's CPU time (all threads) per step ('step': the step alone; then "
+            "ekko's with its flush, the replica's merges): on a loaded machine wall times "
+            "follow the scheduler's share, CPU time the work. "
             f"Load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
             f"on {os.cpu_count()} CPUs.\n\n" + format_table(results, work))
     print(text)
