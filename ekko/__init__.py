@@ -31,6 +31,7 @@ _EXPORTS = {
     "dequantize_rows": "ekko.kernels.quant",
     "quantize_rows": "ekko.kernels.quant",
     "Engine": "ekko.engine",
+    "Gathered": "ekko.engine",
     "HealthConfig": "ekko.engine",
     "Packet": "ekko.engine",
     "SchedulerConfig": "ekko.engine",

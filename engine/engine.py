@@ -217,6 +217,8 @@ class Engine:
         """Apply a trainer update on the primary; returns its version once committed
         (on Ray: durable on its shards; with several shards, the highest of their versions).
 
+        `grads` is (len(ids), dim) float32, or `ekko.Gathered(rows, index, scale)`:
+        id p's row is rows[index[p]] (* scale[p]), read in place by the kernel.
         A harmful update (see HealthConfig) is rolled back at once, and the
         rollback is recorded in stats()["rollbacks"].
         """
