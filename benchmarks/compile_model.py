@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_io import add_out, write_results  # noqa: E402
 CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -55,18 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=None, help="runs, median reported (default 3; "
                    "1 with --quick)")
     p.add_argument("--quick", action="store_true", help="one run; writes nothing unless --out")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results folder (default benchmarks/results; --quick writes nothing "
-                        "unless given)")
+    add_out(p)
     p.add_argument("--check", action="store_true", help="exit 1 unless cold < 5 s and cached < 0.5 s")
     args = p.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
     return args
-
-
-def output_folder(args: argparse.Namespace) -> Path | None:
-    """Where results go: --out, else benchmarks/results; --quick alone writes nothing."""
-    return args.out if args.out is not None else (None if args.quick else ROOT / "benchmarks" / "results")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {name} | {statistics.median(v):.3f} | {min(v):.3f} | {max(v):.3f} |" for name, v in rows]
     text = "\n".join(lines)
     print(text)
-    out = output_folder(args)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compile_model.md").write_text(text + "\n")
+    write_results(args, "compile_model", text + "\n")
     if args.check and (statistics.median(cold) >= 5.0 or statistics.median(cached) >= 0.5):
         return 1
     return 0

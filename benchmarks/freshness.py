@@ -43,6 +43,9 @@ from ekko.engine import SchedulerConfig  # noqa: E402
 from ekko.engine.stats import Histogram, latency_summary  # noqa: E402
 from ekko.workloads.zipf import ZipfIds  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_io import add_out, write_results  # noqa: E402
+
 SIGNIFICANT_SHARE = 0.01  # of delta rows, with a 30x gradient
 SIGNIFICANT_SCALE = 30.0
 
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rollback-gib", type=float, default=1.0,
                    help="table size of the rollback measurement (default 1 GiB)")
     p.add_argument("--quick", action="store_true", help="small and short; writes nothing")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_out(p)
     args = p.parse_args(argv)
     if args.quick:
         args.scale, args.seconds, args.rate, args.batch = 0.001, 0.6, 2e5, 512
@@ -274,11 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"{r.way} p99 / ekko p99 = {r.fresh.percentile(99) / max(ekko_p99, 1e-9):.1f}x")
     text = "\n".join(lines)
     print(text)
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "freshness.md").write_text("# benchmarks/freshness.py\n\n" + text + "\n")
-        plot(results, args.out / "freshness.png")
-        print(f"wrote {args.out / 'freshness.md'} and freshness.png", file=sys.stderr)
+    out = write_results(args, "freshness", "# benchmarks/freshness.py\n\n" + text + "\n",
+                        lambda path: plot(results, path))
+    if out is not None:
+        print(f"wrote {out / 'freshness.md'} and freshness.png", file=sys.stderr)
     return 0
 
 

@@ -48,6 +48,9 @@ import ekko  # noqa: E402
 from ekko.engine.stats import Histogram  # noqa: E402
 from ekko.workloads.zipf import ZipfIds  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_io import write_results  # noqa: E402
+
 BATCH = 4096
 
 
@@ -280,14 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.restart_gib > 0:
         rs = restart(a.cluster, a.restart_gib, a.rate, a.restart_runs)
         print("\n" + restart_text(rs))
-    if not a.quick:
-        out = ROOT / "benchmarks" / "results"
-        out.mkdir(parents=True, exist_ok=True)
-        md = "# Freshness across processes (benchmarks/freshness_cluster.py)\n\n" + text + "\n"
-        if rs:
-            md += "\n" + restart_text(rs) + "\n"
-        (out / "freshness_cluster.md").write_text(md)
-        plot(results, out / "freshness_cluster.png")
+    md = "# Freshness across processes (benchmarks/freshness_cluster.py)\n\n" + text + "\n"
+    if rs:
+        md += "\n" + restart_text(rs) + "\n"
+    write_results(a, "freshness_cluster", md, lambda path: plot(results, path))
     return 0
 
 

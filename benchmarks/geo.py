@@ -129,8 +129,7 @@ from ekko.engine.primary import Commit  # noqa: E402
 from ekko.engine.scheduler import Clock, Link, SchedulerConfig  # noqa: E402
 from ekko.engine.wan import WanCodec  # noqa: E402
 from freshness import SIGNIFICANT_SCALE, SIGNIFICANT_SHARE  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
+from results_io import add_out, load_note, write_results  # noqa: E402
 MODEL = ROOT / "examples" / "dlrm.ekko"
 TABLE = "t_cat2"  # the simulated tables have this table's serving layout
 PACKET_ROWS = SchedulerConfig().max_packet_rows
@@ -959,8 +958,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="one row in M simulated (1000; 20000 quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-quality", action="store_true", help="skip the quality section")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results folder (default benchmarks/results; --quick writes nothing)")
+    add_out(p)
     return p.parse_args(argv)
 
 
@@ -985,14 +983,9 @@ def main(argv: list[str] | None = None) -> int:
         budgets = [0.05] if args.quick else [0.05, 0.01]
         run.quality, run.quality_describe, run.quality_measured_s = run_quality(args.quick,
                                                                                 budgets)
-    text = report(run) + (f"\nLoad average {load:.1f} at the start, {os.getloadavg()[0]:.1f} "
-                          f"at the end on {os.cpu_count()} CPUs.\n")
+    text = report(run) + f"\n{load_note(load)}\n"
     print(text)
-    out = args.out if args.out is not None else (None if args.quick else RESULTS)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "geo.md").write_text(text)
-        plot(run, out / "geo.png")
+    write_results(args, "geo", text, lambda path: plot(run, path))
     return 0
 
 

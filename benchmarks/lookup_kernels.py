@@ -56,13 +56,13 @@ from ekko.kernels.quant import dequantize_rows, quantize_rows
 from ekko.kernels.sync import merge_kernel, pack_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import add_out, write_results  # noqa: E402
 from update_kernels import (TARGETS, copy_bandwidth, dim_list, pct_text,  # noqa: E402
                             positive_int, verdict)  # one copy roof, one verdict, one flag check
 
 ROWS = 1_000_000
 BAGS = 2048
 POOLING = 20
-RESULTS = Path(__file__).resolve().parent / "results"
 EKKO_LAYOUTS = ("f32", "f16", "int8", "int4")
 FBGEMM_TYPES = {"f32": "FP32", "f16": "FP16", "int8": "INT8", "int4": "INT4"}
 SYNC_ROWS, SYNC_IDS = 4_000_000, 500_000
@@ -431,15 +431,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dims", type=dim_list, default="64,128")
     parser.add_argument("--runs", type=positive_int, default=30,
                         help="lookup runs (pack and merge: a third)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default benchmarks/results; --quick writes nothing "
-                             "unless given)")
+    add_out(parser)
     return parser.parse_args(argv)
-
-
-def output_folder(args: argparse.Namespace) -> Path | None:
-    """Where results go: --out, else benchmarks/results; --quick alone writes nothing."""
-    return args.out if args.out is not None else (None if args.quick else RESULTS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,10 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(sync_md(dim, sync_rows, sync_ids, results, bw))
     text = "\n".join(parts)
     print(text, flush=True)
-    out = output_folder(args)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "lookup_kernels.md").write_text(text)
+    write_results(args, "lookup_kernels", text)
     return 1 if failed else 0
 
 

@@ -38,7 +38,9 @@ from xdsl.printer import Printer
 from ekko.compiler.frontend.model import UpdateRule
 from ekko.compiler.registry import make_context
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import add_out, write_results  # noqa: E402
+
 BUDGET_S = 5.0
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 LR = {"sgd": 0.1, "adagrad": 0.01, "rowwise_adagrad": 0.01, "adam": 1e-3}
@@ -204,9 +206,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="timed runs per phase, median (default 3; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="a small module, one run; writes nothing "
                    "unless --out is given")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results folder (default benchmarks/results; --quick writes nothing "
-                        "unless given)")
+    add_out(p)
     p.add_argument("--check", action="store_true",
                    help=f"exit 1 if parse+verify+print of the custom form takes over {BUDGET_S} s "
                    "or the round trip differs")
@@ -217,11 +217,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def output_folder(args: argparse.Namespace) -> Path | None:
-    """Where results go: --out, else benchmarks/results; --quick alone writes nothing."""
-    return args.out if args.out is not None else (None if args.quick else RESULTS)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.dump:
@@ -230,12 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.ops, args.runs)
     text = table(result)
     print(text)
-    out = output_folder(args)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "parse_ir.md").write_text(
-            f"## Parse, verify and print ({args.ops:,} ops, median of {args.runs} runs)\n\n"
-            f"```\n{text}\n```\n")
+    write_results(args, "parse_ir",
+                  f"## Parse, verify and print ({args.ops:,} ops, median of {args.runs} runs)\n\n"
+                  f"```\n{text}\n```\n")
     if not result["round_trip"]:
         print("FAIL: the printed module does not re-parse to the same text", file=sys.stderr)
         return 1

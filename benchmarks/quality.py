@@ -87,7 +87,8 @@ from ekko.engine.scheduler import ManualClock  # noqa: E402
 from ekko.workloads.clicks import ClickBatch, ClickStream, ClickStreamConfig  # noqa: E402
 from ekko.workloads.clicks_model import ClicksDense  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_io import add_out, load_note, write_results  # noqa: E402
 MODEL = ROOT / "examples" / "clicks.ekko"
 TRAINER = "trainer"
 TIMELINE_S = 30.0  # the log-loss-over-time plot's window
@@ -631,8 +632,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="of the unlimited priority link's row bytes per stream s")
     p.add_argument("--harm-seeds", type=int, default=None,
                    help="clean seeded runs of the harm section (10; 1 quick; 0 skips it)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results folder (default benchmarks/results; --quick writes nothing)")
+    add_out(p)
     return p.parse_args(argv)
 
 
@@ -679,14 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     harm = harm_config_of(args, config)
     if harm.clean_seeds:
         text += ("\n### Harm: the quality health checks\n\n" + harm_section(harm))
-    text += (f"\nLoad average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on "
-             f"{os.cpu_count()} CPUs; torch {torch.__version__}.\n")
+    text += f"\n{load_note(load)} torch {torch.__version__}.\n"
     print(text)
-    out = args.out if args.out is not None else (None if args.quick else RESULTS)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "quality.md").write_text(text)
-        plot(unlimited, budgeted, out / "quality.png")
+    write_results(args, "quality", text, lambda path: plot(unlimited, budgeted, path))
     return 0
 
 

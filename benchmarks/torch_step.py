@@ -40,7 +40,9 @@ from torch import nn
 import ekko
 from ekko.compiler.frontend import parse_model
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import add_out, load_note, write_results  # noqa: E402
+
 DIM = 64
 HYPER = {"sgd": {"lr": 0.01}, "adagrad": {"lr": 0.01, "eps": 1e-10},
          "adam": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}}
@@ -257,8 +259,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=None, help="timed steps per peer (20; 3 quick)")
     p.add_argument("--replicas", type=int, default=1, help="live replicas of the ekko engine")
     p.add_argument("--optimizers", default="sgd,adagrad,adam")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results folder (default benchmarks/results; --quick writes nothing)")
+    add_out(p)
     return p.parse_args(argv)
 
 
@@ -281,14 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             "the process's CPU time (all threads) per step ('step': the step alone; then "
             "ekko's with its flush, the replica's merges): on a loaded machine wall times "
             "follow the scheduler's share, CPU time the work. "
-            f"Load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
-            f"on {os.cpu_count()} CPUs.\n\n" + format_table(results, work))
+            f"{load_note(load)}\n\n" + format_table(results, work))
     print(text)
-    out = args.out if args.out is not None else (None if args.quick else RESULTS)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "torch_step.md").write_text(text)
-        plot(results, out / "torch_step.png")
+    write_results(args, "torch_step", text, lambda path: plot(results, path))
     return 1 if any(r.check.startswith("DISAGREES") for r in results) else 0
 
 

@@ -57,13 +57,15 @@ from typing import Callable
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import add_out, write_results  # noqa: E402
+
 LR = 0.01
 EPS = 1e-8
 KINDS = ("rowwise_adagrad_int8", "rowwise_adagrad", "sgd")
 GROUPS = ("main", "uniform", "workload", "threads", "sweep")
 SWEEP_DIMS = (16, 32, 64, 128, 256)
 SWEEP_TABLE_BYTES = 512 * 2**20  # 16x the 32 MiB last-level cache of the machine measured
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"fbgemm": 2.5, "fbgemm_less_work": 1.0, "torch": 5.0, "copy": 0.5}  # issue 20
 
 
@@ -836,14 +838,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated subset of update kinds")
     p.add_argument("--groups", type=subset_of(GROUPS), default=",".join(GROUPS),
                    help="comma-separated subset of case groups")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results folder (default benchmarks/results; --quick writes nothing unless given)")
+    add_out(p)
     return p.parse_args(argv)
-
-
-def output_folder(args: argparse.Namespace) -> Path | None:
-    """Where results go: --out, else benchmarks/results; --quick alone writes nothing."""
-    return args.out if args.out is not None else (None if args.quick else RESULTS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -869,14 +865,7 @@ def main(argv: list[str] | None = None) -> int:
     text = ("## Sparse update kernels\n\n" + _describe(args) + "\n"
             + format_table(results, works, bw, bw_mb, tuple(bw_runs)))
     print(text)
-    out = output_folder(args)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "update_kernels.md").write_text(text)
-        try:
-            plot(results, bw, out / "update_kernels.png")
-        except ImportError as e:
-            print(f"no plot: {e} (pip install matplotlib)", file=sys.stderr)
+    write_results(args, "update_kernels", text, lambda path: plot(results, bw, path))
     return 1 if any(r.check.startswith("DISAGREES") for r in results) else 0
 
 

@@ -10,11 +10,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_freshness_benchmark_quick(tmp_path: Path) -> None:
-    out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "freshness.py"), "--quick",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    results = ROOT / "benchmarks" / "results"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in results.iterdir())
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "freshness.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for way in ("| full |", "| periodic |", "| fifo |", "| ekko |"):
         assert way in proc.stdout
     assert "Overload" in proc.stdout and "significant p99" in proc.stdout
-    assert not out.exists()  # --quick writes nothing
+    # --quick writes nothing: not in the results folder, not here
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in results.iterdir()) == before
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,8 @@ sampling's honesty, and the scheduler hooks it drives (Link.next_batch, Clock.ti
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -68,7 +70,7 @@ def test_priority_keeps_the_significant_fresh_where_the_link_is_short(quick):
 
 
 def test_quick_writes_nothing_and_reports_quality(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(geo, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys.modules["results_io"], "RESULTS", tmp_path)
     monkeypatch.chdir(tmp_path)
     assert geo.main(["--quick"]) == 0
     assert list(tmp_path.iterdir()) == []

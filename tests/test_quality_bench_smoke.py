@@ -4,6 +4,8 @@ one, the budgets run, and --quick writes nothing."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from tests.scripts import load_script
@@ -30,7 +32,7 @@ def test_fresh_replicas_track_the_trainer_and_a_frozen_one_falls_behind() -> Non
         assert 0 < m["logloss"] < 1 and 0.5 < m["auc"] <= 1
 
 def test_quick_writes_nothing_and_reports_the_budgets(tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(sys.modules["results_io"], "RESULTS", tmp_path / "results")
     args = ["--quick", "--seconds", "10", "--warmup", "5", "--budget-fractions", "0.25",
             "--harm-seeds", "0"]
     assert bench.main(args) == 0

@@ -3,6 +3,8 @@ from the same rows and agree after a checked step, and --quick writes nothing.""
 
 from __future__ import annotations
 
+import sys
+
 
 import pytest
 
@@ -31,7 +33,7 @@ def test_peers_agree_and_are_timed(optimizer: str) -> None:
 
 
 def test_quick_writes_nothing(tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(sys.modules["results_io"], "RESULTS", tmp_path / "results")
     assert bench.main(["--quick", "--rows", "2000", "--batch", "32", "--runs", "1",
                        "--tables", "2", "--optimizers", "sgd"]) == 0
     assert not (tmp_path / "results").exists()
