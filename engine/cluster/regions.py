@@ -15,8 +15,8 @@ between actors:
   the token bucket), and asks the region's relay actor to merge the frames
   and forward the packets to its peers (`ReplicaServer.relay`): frames and
   packets go shard -> relay -> peers through Ray's object store.
-* A relay (or peer) that dies or does not answer within `relay_lag_ms` is
-  marked down: the batch goes again through the next replica up of the
+* A relay that dies or does not answer within `relay_lag_ms` (a peer: half
+  that) is marked down: the batch goes again through the next replica up of the
   region, what the dead one missed holds it, and a watcher brings it back
   once Ray restarted it and it caught up; anti-entropy then repairs it.
 * Anti-entropy: digests and rows move actor to actor (`digests`,
@@ -251,9 +251,9 @@ class RayRegionLink(RegionLink):
             if relay is None:
                 return False
             peers = [(m.index, m.actor) for m in self.group.up() if m is not relay]
-            try:
+            try:  # it waits half the time for its peers, so that it answers within `wait`
                 seconds, failed = call(relay.actor.relay.remote(
-                    payload, since, peers, framed, geo.geo.compress, wait), 2 * wait)
+                    payload, since, peers, framed, geo.geo.compress, wait / 2), wait)
             except Unavailable as e:
                 self.errors.append(f"relay {relay.index}: {type(e).__name__}: {e}")
                 geo.fail(relay.index)
