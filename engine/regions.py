@@ -604,8 +604,12 @@ class RegionLink(Link):
             return {table: Link._watermark(self, table) for table in self.pending}
 
     def wake(self) -> None:
-        """A hold was lifted: flush's waits look again."""
+        """A hold was lifted: the members not held move up to the link's watermark (a
+        hold kept it, and so theirs, back; no send may come to move them) and flush's
+        waits look again."""
         with self.cond:
+            for table in self.pending:
+                self.replica.set_watermark(table, self._watermark(table))
             self.cond.notify_all()
 
     def waiting(self, table: str, ids: np.ndarray) -> np.ndarray:

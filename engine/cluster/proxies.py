@@ -101,7 +101,10 @@ class RemoteReplica:
 
     # -- health, as the engine's lookups see it --------------------------------------------
     def available(self) -> bool:
-        """False while down; a background ping (answered once caught up) brings it back."""
+        """False while down; a background ping (answered once caught up) brings it back.
+        With regions, also while the engine has it down (replica_down, or it failed)."""
+        if self.geography is not None and self.index in self.geography.down:
+            return False
         if self.down_since is None:
             return True
         if self._probe is None:
