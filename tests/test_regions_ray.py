@@ -14,15 +14,14 @@ import contextlib
 import os
 import signal
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 import ekko
 from ekko.kernels.errors import EkkoError
 from tests.cluster_model import MODEL, WAIT
-from tests.test_engine_ray import Stream, assert_replicas_match, streaming, wait_for
+from tests.test_engine_ray import (Stream, assert_replicas_match, start_cluster, streaming,
+                                   wait_for)
 
 ray = pytest.importorskip("ray")
 
@@ -40,24 +39,9 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def regions_cluster():
     """Three nodes, one a region; yields (the cluster, {node id: region})."""
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    for attempt in range(3):  # Ray gives a raylet 30 s to register: a loaded machine may not
-        cluster, nodes = Cluster(), {}
-        try:
-            for i, region in enumerate(REGIONS):
-                node = cluster.add_node(num_cpus=1, resources={f"ekko_region_{region}": 1},
-                                        **({"include_dashboard": False} if i == 0 else {}))
-                nodes[node.node_id] = region
-            break
-        except Exception:  # noqa: BLE001 - try again, from nothing
-            cluster.shutdown()
-            if attempt == 2:
-                raise
+    cluster, ids = start_cluster([{f"ekko_region_{r}": 1} for r in REGIONS])
     try:
-        yield cluster, nodes
+        yield cluster, dict(zip(ids, REGIONS))
     finally:
         ray.shutdown()
         cluster.shutdown()
