@@ -191,6 +191,29 @@ def test_kill_9_of_a_relay_while_a_trainer_steps(model, regions_cluster) -> None
         assert any(i == old for i, _ in s["anti_entropy"]["sources"])
 
 
+def test_a_dense_snapshot_a_cut_region_missed_arrives_after_the_heal(regions_cluster) -> None:
+    torch = pytest.importorskip("torch")
+    from ekko.workloads.clicks_model import ClicksDense
+
+    cluster, _ = regions_cluster
+    torch.manual_seed(0)
+    dense = ClicksDense()
+    model = ekko.compile_model("examples/clicks.ekko")
+    with engine_on(cluster, model, regions={"eu": 1, "ap": 2}, dense=dense) as engine:
+        engine.flush(WAIT)
+        engine.cut("ap")
+        with torch.no_grad():
+            next(dense.parameters()).add_(0.5)
+        version = engine.publish_dense()
+        engine.flush(WAIT)  # the cut region is not waited for
+        wan = next(link for link in engine.transport.shard_links[0] if link.pipe is not None)
+        wait_for(lambda: wan.dense_sent >= version)
+        assert [r.held_dense() for r in engine.replicas] == [version, 1, 1]
+        engine.heal("ap")
+        engine.flush(WAIT)
+        assert [r.held_dense() for r in engine.replicas] == [version] * 3
+
+
 def test_bad_region_options_on_ray_raise_one_clear_error(model, regions_cluster) -> None:
     cluster, _ = regions_cluster
     t0 = time.monotonic()
