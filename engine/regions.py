@@ -1,4 +1,9 @@
-"""Regions: replicas grouped by region behind wide-area links (the in-process transport).
+"""Regions: replicas grouped by region behind wide-area links.
+
+The plan, relay choice, holds, watermarks, repair loop and version summaries
+are written here once; this module moves rows in process, and on Ray
+(engine/cluster/regions.py) subclasses replace only the moves (the
+`Geography` methods under "what moves rows", `RegionLink._carry`).
 
 `Engine(model, regions={"eu": 2, "us": 2, "ap": 2}, primary_region="eu", ...)`
 places the replicas by region (in that order: eu gets replicas 0-1, us 2-3,
