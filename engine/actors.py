@@ -43,8 +43,10 @@ from .durable import (HEALTHY, ROLLBACK, DamageError, PacketLog, bump_counter, h
 from .inputs import check_delta
 from .packet import Packet
 from .primary import Commit, Primary
+from .regions import digests, newest_version
 from .replica import Replica
 from .state import HealthConfig, apply_checked, changed_rows, replica_problem, roll_back
+from .wan import WanCodec
 
 CHUNK_ROWS = 1 << 16  # rows per catch-up packet
 DENSE_FILE = "dense.ekd"  # a replica's dense snapshot (engine/dense.py's format)
@@ -377,6 +379,21 @@ class ShardServer:
         """One packet per (table, shard-local ids): a link's whole batch in one message."""
         return [self.pack(table, ids) for table, ids in wanted]
 
+    def pack_frames(self, wanted: list[tuple[str, np.ndarray]], frame: bool,
+                    compress: bool) -> tuple[list, list[tuple[int, int, int, int]]]:
+        """A link's batch for a region (engine/cluster/regions.py), called with two
+        returns: the packets (WAN frames when `frame`), which go on to the relay
+        replica without passing through the caller, and what the caller needs of them:
+        per packet (frame bytes, raw bytes, rows, newest version among its rows)."""
+        packets = self.pack_many(wanted)
+        if not frame:
+            return packets, [(0, 0, len(p), newest_version(p)) for p in packets]
+        codec = _codec(compress)
+        frames = [codec.encode(p) for p in packets]
+        return ([f for f, _ in frames],
+                [(len(f), raw, len(p), newest_version(p))
+                 for (f, raw), p in zip(frames, packets)])
+
     def _global(self, p: Packet) -> Packet:
         p.ids = p.ids + self.lo[p.table]
         return p
@@ -644,6 +661,57 @@ class ReplicaServer:
     def merge(self, packet: Packet | bytes) -> int:
         return self.replica.merge(packet)
 
+    # -- regions (engine/cluster/regions.py): relaying and anti-entropy, actor to actor ----
+    def relay(self, payload: list, commit_ns: list[np.ndarray], peers: list[tuple[int, Any]],
+              framed: bool, compress: bool, wait_s: float) -> tuple[float, list[int]]:
+        """Merge a link's batch (WAN frames when `framed`), then forward its packets to
+        `peers` (index, actor), which merge them from this process's object store, never
+        through the engine's. Returns (seconds this merge took, the peers that did not
+        merge within `wait_s`)."""
+        import ray
+
+        packets = [_codec(compress).decode(f) for f in payload] if framed else payload
+        t0 = time.perf_counter()
+        self.merge_many(packets, commit_ns)
+        seconds = time.perf_counter() - t0
+        if not peers:
+            return seconds, []
+        ref = ray.put(packets)
+        refs = {a.merge_many.remote(ref, commit_ns): i for i, a in peers}
+        done, late = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s)
+        failed = [refs[r] for r in late]
+        for r in done:
+            try:
+                ray.get(r, timeout=0)
+            except Exception:  # noqa: BLE001 - that peer died or refused: the engine repairs it
+                failed.append(refs[r])
+        return seconds, sorted(failed)
+
+    def digests(self, table: str, ids: np.ndarray) -> np.ndarray:
+        """The version summary of `ids` (regions.digests): one digest per bucket."""
+        return digests(ids, self.replica.versions(table)[ids])
+
+    def versions_of(self, table: str, ids: np.ndarray) -> np.ndarray:
+        return self.replica.versions(table)[ids].copy()
+
+    def frame_newer(self, table: str, ids: np.ndarray, theirs: np.ndarray, commit: np.ndarray,
+                    compress: bool) -> tuple[bytes, tuple[int, int, int]]:
+        """The rows of `ids` this replica holds newer than `theirs` (a peer's versions),
+        stamped with their lost updates' commit times, as one WAN frame; called with two
+        returns: the frame goes to the peer, (frame bytes, raw bytes, rows) to the caller."""
+        rows, versions = self.replica.rows(table, ids)
+        newer = versions > theirs
+        packet = Packet(table, ids[newer], rows[newer], versions[newer], commit[newer],
+                        newest=self.replica.table(table).issued)
+        frame, raw = _codec(compress).encode(packet)
+        return frame, (len(frame), raw, len(packet))
+
+    def merge_frame(self, frame: bytes, compress: bool) -> int:
+        """Merge a WAN frame a peer made (anti-entropy); returns the rows written."""
+        packet = _codec(compress).decode(frame)
+        self.replica.note_issued(packet.table, packet.newest)
+        return self.replica.deliver(packet, self._fetch) if len(packet) else 0
+
     def install_dense(self, blob: bytes) -> bool:
         """Swap in a dense snapshot (if newer) and keep it for a restart of this process."""
         newer = self.replica.install_dense(blob)
@@ -748,6 +816,17 @@ class ReplicaServer:
         if self.replica.dense is not None:
             summary["dense"] = self.replica.dense.summary()
         return summary, s.all_freshness()
+
+
+_CODECS: dict[bool, WanCodec] = {}
+
+
+def _codec(compress: bool) -> WanCodec:
+    """This process's WAN codec (compressing or not)."""
+    codec = _CODECS.get(compress)
+    if codec is None:
+        codec = _CODECS[compress] = WanCodec(compress)
+    return codec
 
 
 def _restarted_by_ray() -> bool:

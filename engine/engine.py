@@ -63,8 +63,9 @@ class Engine:
     `cluster="local"`, `"auto"` or a Ray address runs the parts as Ray
     actors; the options in `_CLUSTER_ONLY` go to that transport
     (engine/cluster/transport.py) and are refused without it.
-    `regions={name: replicas}` (in process, instead of `replicas=`) places
-    the replicas by region behind emulated WAN links (engine/regions.py).
+    `regions={name: replicas}` (instead of `replicas=`) places the replicas
+    by region behind emulated WAN links (engine/regions.py; on Ray,
+    engine/cluster/regions.py).
     """
 
     def __init__(self, model: CompiledModel | str | Path, replicas: int | None = None, *,
@@ -161,7 +162,7 @@ class Engine:
             raise EkkoError(f"cluster={cluster!r} needs Ray: pip install 'ekko[ray]' ({e})") from None
         return RayTransport(self.model, replicas, self.configs, self.health, cluster=cluster,
                             history_rows=history_rows, seed=seed, dense=self.dense,
-                            dense_initial=self.dense_initial, **options)
+                            dense_initial=self.dense_initial, geo=geo, **options)
 
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> Engine:
@@ -687,8 +688,6 @@ def _check_regions(regions: Any, replicas: Any, cluster: Any,
     if replicas is not None:
         raise EkkoError("regions= places the replicas (name -> how many): give regions= or "
                         "replicas=, not both")
-    if cluster is not None:
-        raise EkkoError("regions= runs in process for now: not with cluster=")
     o = {k: _GEO_DEFAULTS.get(k) if v is None else v for k, v in options.items()}
     return check_geo(regions, o["primary_region"], o["wan_bandwidth"], o["wan_latency_ms"],
                      o["topology"], o["compress"], o["relay_lag_ms"])

@@ -1,4 +1,9 @@
-"""Regions: replicas grouped by region behind wide-area links (the in-process transport).
+"""Regions: replicas grouped by region behind wide-area links.
+
+The plan, relay choice, holds, watermarks, repair loop and version summaries
+are written here once; this module moves rows in process, and on Ray
+(engine/cluster/regions.py) subclasses replace only the moves (the
+`Geography` methods under "what moves rows", `RegionLink._carry`).
 
 `Engine(model, regions={"eu": 2, "us": 2, "ap": 2}, primary_region="eu", ...)`
 places the replicas by region (in that order: eu gets replicas 0-1, us 2-3,
@@ -202,12 +207,16 @@ class Geography:
                 region.relay = region.members[0].index  # until it is down or lags
             for members in groups:
                 config = self._wan_config(configs[members[0].index], pipe, share)
-                link = RegionLink(self.primary, RegionGroup(self, region, members), config, pipe,
-                                  self)
+                link = self._link(region, members, config, pipe)
                 for m in members:
                     self.links[m.index] = link
                 out.append(link)
         return out
+
+    def _link(self, region: Region, members: list[Replica], config: SchedulerConfig,
+              pipe: WanPipe | None) -> RegionLink:
+        """The link that feeds `members` (a transport's own link class overrides this)."""
+        return RegionLink(self.primary, RegionGroup(self, region, members), config, pipe, self)
 
     def _wan_config(self, config: SchedulerConfig, pipe: WanPipe | None,
                     share: int) -> SchedulerConfig:
@@ -239,12 +248,12 @@ class Geography:
             self.kick()
 
     def lose(self, region: Region, members: list[Replica], table: str, first: int,
-             packet: Packet | None, since: np.ndarray | None) -> None:
-        """`members` missed rows of `table` from version `first` on (a packet lost on
-        the way, or not forwarded): hold their watermarks, remember when the oldest
-        lost update was committed (repaired rows are measured from it), and repair
-        them once they can be reached."""
-        upto = int(packet.versions.max()) if packet is not None and len(packet) else first - 1
+             ids: np.ndarray | None, upto: int, since: np.ndarray | None) -> None:
+        """`members` missed rows `ids` of `table` from version `first` on, the newest at
+        version `upto` (a packet lost on the way, or not forwarded): hold their
+        watermarks, remember when the oldest lost update was committed (repaired rows
+        are measured from it), and repair them once they can be reached."""
+        upto = max(upto, first - 1)
         with self._lock:
             for m in members:
                 holds = region.holds.setdefault(m.index, {})
@@ -252,15 +261,19 @@ class Geography:
                 lost = region.lost_upto.setdefault(m.index, {})
                 lost[table] = max(lost.get(table, upto), upto)
                 region.losses[m.index] = region.losses.get(m.index, 0) + 1
-            if packet is not None and since is not None and len(packet):
+            if ids is not None and since is not None and len(ids):
                 at = region.lost_since.get(table)
                 if at is None:
                     at = region.lost_since[table] = np.zeros(self.primary.table_rows()[table],
                                                              np.int64)
-                ids = packet.ids
                 old = at[ids]
                 at[ids] = np.where((old == 0) | ((since > 0) & (since < old)), since, old)
         self.kick()
+
+    def note_merge(self, region: Region, index: int, seconds: float) -> None:
+        """A merge at `index` took `seconds`: slower than relay_lag_ms, it lags (a relay
+        that lags is replaced while a peer does not)."""
+        (region.lagging.add if seconds > self.geo.relay_lag_s else region.lagging.discard)(index)
 
     def held(self, index: int, table: str) -> int | None:
         region = self.regions[self.replicas[index].region]
@@ -324,7 +337,7 @@ class Geography:
                 time.sleep(0.05)
                 continue
             t0 = time.perf_counter()
-            marks = source.watermarks()  # before pulling: what the pulled rows cover
+            marks = self._marks_of(source)  # before pulling: what the pulled rows cover
             ok = all(self._pull(member, source, table, since, region)
                      for table, since in holds.items())
             if not ok:  # a WAN link on the way was cut: another peer, or after the heal
@@ -342,12 +355,12 @@ class Geography:
     def _repair_dense(self, region: Region, member: Replica, source: Replica) -> None:
         """Install the newest dense snapshot the region missed, carried from the peer."""
         lost = region.lost_dense
-        if lost is None or member.dense is None or member.dense.version >= lost[0]:
+        if lost is None or not -1 < self._dense_version(member) < lost[0]:
             return
         if source.region != member.region:
             self.pipes[(source.region, member.region)].carry(len(lost[1]), paced=True,
                                                              repair=True)
-        member.install_dense(lost[1])
+        self._install_dense(member, lost[1])
 
     def _release(self, region: Region, index: int, losses: int) -> None:
         """The repair covered every loss counted when it began: lift the hold and give
@@ -364,11 +377,11 @@ class Geography:
                 region.lost_since.clear()
                 region.lost_dense = None
             for table, mark in marks.items():
-                self.replicas[index].set_watermark(table, mark)
+                self._set_watermark(index, table, mark)
         link.wake()
 
     def _watermark(self, peer: Replica, table: str, complete: dict[int, dict[str, int]]) -> int:
-        mark = peer.watermarks()[table]
+        mark = self._marks_of(peer)[table]
         return max(mark, complete.get(peer.index, {}).get(table, mark))
 
     def _source(self, member: Replica, lost: dict[str, int],
@@ -397,12 +410,10 @@ class Geography:
               region: Region) -> bool:
         """Compare version summaries of the rows changed after `since` with `source` and
         merge the rows it holds newer; False when the WAN link was cut meanwhile."""
-        ids = self.primary.changed_since(table, since)
-        if ids is None:  # that history is gone: summarize the whole table
-            ids = np.arange(self.primary.table_rows()[table], dtype=np.int64)
+        ids = self._changed(table, since)
         pipe = None if source.region == member.region else self.pipes[(source.region, member.region)]
-        mine, theirs = member.versions(table)[ids], source.versions(table)[ids]
-        differ = np.flatnonzero(digests(ids, theirs) != digests(ids, mine))
+        differ = np.flatnonzero(self._digests(source, table, ids)
+                                != self._digests(member, table, ids))
         in_buckets = np.isin(np.arange(len(ids)) // BUCKET, differ)
         asked = ids[in_buckets]
         # the digests one way, the differing buckets' numbers and versions the other
@@ -410,29 +421,68 @@ class Geography:
         if pipe is not None and not pipe.carry(summary, paced=True, repair=True):
             return False
         asked = asked[~self.links[member.index].waiting(table, asked)]  # its link sends those
+        at = region.lost_since.get(table)
+        commit = at[asked] if at is not None else np.zeros(len(asked), np.int64)
+        pulled = self._transfer(member, source, table, asked, commit, pipe)
+        if pulled is None:
+            return False
+        region.rows_repaired += pulled
+        region.rows_repaired_wan += pulled if pipe is not None else 0
+        r = self.repairs
+        r.summary_bytes += summary
+        r.rows_compared += len(ids)
+        r.rows_pulled += pulled
+        r.rows_pulled_wan += pulled if pipe is not None else 0
+        return True
+
+    # -- what moves rows and reads replicas: in this process (a transport overrides) ----
+    def _changed(self, table: str, since: int) -> np.ndarray:
+        """The ids changed after version `since` (the model-update cache; every id when
+        that history is gone)."""
+        ids = self.primary.changed_since(table, since)
+        if ids is None:
+            ids = np.arange(self.primary.table_rows()[table], dtype=np.int64)
+        return ids
+
+    def _digests(self, replica: Replica, table: str, ids: np.ndarray) -> np.ndarray:
+        return digests(ids, replica.versions(table)[ids])
+
+    def _transfer(self, member: Replica, source: Replica, table: str, asked: np.ndarray,
+                  commit: np.ndarray, pipe: WanPipe | None) -> int | None:
+        """Merge into `member` the rows of `asked` that `source` holds newer (framed and
+        carried across `pipe`); the rows pulled, or None when the pipe was cut."""
         rows, versions = source.rows(table, asked)
         newer = versions > member.versions(table)[asked]
-        pulled = asked[newer]
-        at = region.lost_since.get(table)
-        commit = at[pulled] if at is not None else np.zeros(len(pulled), np.int64)
-        packet = Packet(table, pulled, rows[newer], versions[newer], commit,
+        packet = Packet(table, asked[newer], rows[newer], versions[newer], commit[newer],
                         newest=source.table(table).issued)
         if pipe is not None:
             frame, raw = self.codec.encode(packet)
-            if not pipe.carry(len(frame), len(pulled), raw, paced=True, repair=True):
-                return False
+            if not pipe.carry(len(frame), len(packet), raw, paced=True, repair=True):
+                return None
             packet = self.codec.decode(frame)
         member.note_issued(table, packet.newest)
         if len(packet):
             member.deliver(packet, self.primary.pack)
-        region.rows_repaired += len(pulled)
-        region.rows_repaired_wan += len(pulled) if pipe is not None else 0
-        r = self.repairs
-        r.summary_bytes += summary
-        r.rows_compared += len(ids)
-        r.rows_pulled += len(pulled)
-        r.rows_pulled_wan += len(pulled) if pipe is not None else 0
+        return len(packet)
+
+    def _marks_of(self, replica: Replica) -> dict[str, int]:
+        """Per table, the version up to which `replica` holds every update."""
+        return replica.watermarks()
+
+    def _set_watermark(self, index: int, table: str, version: int) -> None:
+        self.replicas[index].set_watermark(table, version)
+
+    def _dense_version(self, replica: Replica) -> int:
+        """The dense snapshot `replica` runs (-1: it has no dense part)."""
+        return -1 if replica.dense is None else replica.dense.version
+
+    def _install_dense(self, replica: Replica, blob: bytes) -> bool:
+        """Install a dense snapshot; False when the replica could not be reached."""
+        replica.install_dense(blob)
         return True
+
+    def _freshness(self, replica: Replica) -> Histogram:
+        return replica.stats.all_freshness()
 
     # -- reporting -----------------------------------------------------------------------
     def report(self) -> dict:
@@ -445,7 +495,7 @@ class Geography:
         for name, region in self.regions.items():
             h = Histogram()
             for m in region.members:
-                h.merge(m.stats.all_freshness())
+                h.merge(self._freshness(m))
             s = h.summary()
             fresh[name] = {"p50": s["p50"], "p99": s["p99"], "max": s["max"], "count": s["count"]}
         with self._lock:
@@ -506,7 +556,7 @@ class RegionGroup:
         """Every member that missed nothing of `table` holds every version up to `version`."""
         for m in self.members:
             if self.geography.held(m.index, table) is None:
-                m.set_watermark(table, version)
+                self.geography._set_watermark(m.index, table, version)
 
     def up(self) -> list[Replica]:
         down = self.geography.down
@@ -558,6 +608,15 @@ class RegionLink(Link):
         with self.cond:
             return {table: Link._watermark(self, table) for table in self.pending}
 
+    def wake(self) -> None:
+        """A hold was lifted: the members not held move up to the link's watermark (a
+        hold kept it, and so theirs, back; no send may come to move them) and flush's
+        waits look again."""
+        with self.cond:
+            for table in self.pending:
+                self.replica.set_watermark(table, self._watermark(table))
+            self.cond.notify_all()
+
     def waiting(self, table: str, ids: np.ndarray) -> np.ndarray:
         """Per id, whether this link has it pending (it will send the newest value itself;
         rows on their way count too; fifo's queue does not, so repairs may pull those)."""
@@ -596,10 +655,14 @@ class RegionLink(Link):
         for b in batch:
             self._first[b[0]] = min(b[4], self._first.get(b[0], b[4]))
         try:
-            super()._send(batch)
+            self._carry(batch)
         finally:
             with self.cond:
                 self._sending = {}
+
+    def _carry(self, batch: list) -> None:
+        """Send the batch (in this process: packet by packet, `_deliver`)."""
+        super()._send(batch)
 
     def _deliver(self, table: str, ids: np.ndarray, since: np.ndarray) -> None:
         packet = self.primary.pack(table, ids)
@@ -610,7 +673,8 @@ class RegionLink(Link):
             frame, raw = geo.codec.encode(packet)
             self._refund(table, len(ids), len(frame))
             if not self.pipe.carry(len(frame), len(ids), raw):
-                self._lost(self.group.members, table, first, packet, since)
+                self._lost(self.group.members, table, first, packet.ids,
+                           newest_version(packet), since)
                 return
             packet = geo.codec.decode(frame)
         elif self.config.wire:
@@ -619,19 +683,19 @@ class RegionLink(Link):
         up = self.group.up()
         down = [m for m in self.group.members if m not in up]
         if down:
-            self._lost(down, table, first, packet, since)
+            self._lost(down, table, first, packet.ids, newest_version(packet), since)
         if relay is None:
             return
         self._merge(relay, packet)
         peers = [m for m in up if m is not relay]
         if relay.index in geo.down:  # it went down before forwarding: its peers missed it
-            self._lost(peers, table, first, packet, since)
+            self._lost(peers, table, first, packet.ids, newest_version(packet), since)
             return
         for m in peers:
             self._merge(m, packet)
 
-    def _lost(self, members: list[Replica], table: str, first: int, packet: Packet,
-              since: np.ndarray) -> None:
+    def _lost(self, members: list[Replica], table: str, first: int, ids: np.ndarray,
+              upto: int, since: np.ndarray) -> None:
         """`members` missed this packet: its rows are no longer on their way (a repair
         must pull them), and the members are held until repaired."""
         if not members:
@@ -639,8 +703,8 @@ class RegionLink(Link):
         with self.cond:
             sending = self._sending.get(table)
             if sending is not None:
-                self._sending[table] = np.setdiff1d(sending, packet.ids)
-        self.geography.lose(self.group.region, members, table, first, packet, since)
+                self._sending[table] = np.setdiff1d(sending, ids)
+        self.geography.lose(self.group.region, members, table, first, ids, upto, since)
 
     def _merge(self, replica: Replica, packet: Packet) -> None:
         """Merge at one member (its time decides whether a relay lags)."""
@@ -651,9 +715,7 @@ class RegionLink(Link):
         except EkkoError as e:  # the packet as a whole was refused: settle its rows
             self.errors.append(f"{type(e).__name__}: {e}")
             replica.settle(packet.table, packet.ids, self.primary.pack, why=str(e))
-        slow = time.perf_counter() - t0 > self.geography.geo.relay_lag_s
-        lagging = self.group.region.lagging
-        (lagging.add if slow else lagging.discard)(replica.index)
+        self.geography.note_merge(self.group.region, replica.index, time.perf_counter() - t0)
 
     def _refund(self, table: str, rows: int, sent: int) -> None:
         """The bucket was charged the rows' raw size; a compressed frame costs less."""
@@ -669,15 +731,20 @@ class RegionLink(Link):
         up = self.group.up()
         if self.pipe is not None and not self.pipe.carry(len(blob), 0, len(blob)):
             up = []
-        for m in up:
-            m.install_dense(blob)
-        missed = [m for m in self.group.members if m not in up]
+        installed = [m for m in up if self.geography._install_dense(m, blob)]
+        missed = [m for m in self.group.members if m not in installed]
         if missed:
             self.group.region.lost_dense = (version, blob)
             # held where this link's rows stand: the repair re-checks and installs it
             for table, mark in self.delivered().items():
-                self.geography.lose(self.group.region, missed, table, mark + 1, None, None)
+                self.geography.lose(self.group.region, missed, table, mark + 1, None, mark,
+                                    None)
+
+
+def newest_version(packet: Packet) -> int:
+    """The newest version among a packet's rows (-1: none)."""
+    return int(packet.versions.max()) if len(packet) else -1
 
 
 __all__ = ["BUCKET", "Geo", "Geography", "RegionGroup", "RegionLink", "TOPOLOGIES", "check_geo",
-           "digests"]
+           "digests", "newest_version"]

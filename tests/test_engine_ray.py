@@ -706,22 +706,31 @@ class TestLocal:
 
 
 # -- two nodes: packets cross nodes through Ray's object transfer ---------------------------
-@pytest.fixture
-def two_nodes():
+def start_cluster(resources: list[dict[str, float]]):
+    """A `ray.cluster_utils.Cluster` with a one-CPU node per entry of `resources` (its
+    custom resources); returns (the cluster, its nodes' ids in that order)."""
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
     for attempt in range(3):  # Ray gives a raylet 30 s to register: a loaded machine may not
-        cluster = Cluster()
+        cluster, ids = Cluster(), []
         try:
-            cluster.add_node(num_cpus=1, resources={"near": 1}, include_dashboard=False)
-            cluster.add_node(num_cpus=1, resources={"far": 1})
-            break
+            for i, res in enumerate(resources):
+                node = cluster.add_node(num_cpus=1, resources=res,
+                                        **({"include_dashboard": False} if i == 0 else {}))
+                ids.append(node.node_id)
+            return cluster, ids
         except Exception:  # noqa: BLE001 - try again, from nothing
             cluster.shutdown()
             if attempt == 2:
                 raise
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def two_nodes():
+    cluster, _ = start_cluster([{"near": 1}, {"far": 1}])
     try:
         yield cluster
     finally:

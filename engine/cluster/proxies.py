@@ -37,6 +37,8 @@ class RemoteReplica:
         self._probe: Any = None
         self.down_since: float | None = None
         self.routed_around = 0  # lookups the engine sent elsewhere: this replica was down
+        self.region: str | None = None  # with regions= (engine/cluster/regions.py)
+        self.geography: Any = None
         self._routed_lock = threading.Lock()
 
     @property
@@ -99,7 +101,10 @@ class RemoteReplica:
 
     # -- health, as the engine's lookups see it --------------------------------------------
     def available(self) -> bool:
-        """False while down; a background ping (answered once caught up) brings it back."""
+        """False while down; a background ping (answered once caught up) brings it back.
+        With regions, also while the engine has it down (replica_down, or it failed)."""
+        if self.geography is not None and self.index in self.geography.down:
+            return False
         if self.down_since is None:
             return True
         if self._probe is None:
@@ -142,6 +147,8 @@ class RemoteReplica:
     def holds(self, targets: list[dict[str, int]], dense: int, timeout: float | None) -> bool:
         """Whether it holds every (shard, table) target and dense snapshot `dense`; raises
         ReplicaDiverged when it cannot."""
+        if self.geography is not None and not self.geography.reachable(self.index):
+            return True  # down, or its region cut: flush does not wait for it
         left = self.timeout if timeout is None else timeout
         if left <= 0:
             return False
@@ -161,6 +168,8 @@ class RemoteReplica:
         summary, hist = call(self.actor.stats.remote(), wait)
         info = call(self.actor.info.remote(), wait)
         summary["lookups_routed_around"] = self.routed_around
+        if self.region is not None:
+            summary["region"] = self.region
         summary.update({k: info.get(k) for k in ("pid", "node", "restarts", "catch_ups",
                                                   "restored_from_snapshot", "snapshot_damage",
                                                   "dense_damage",

@@ -26,11 +26,13 @@ from ..actors import ReplicaConfig, ReplicaServer, ShardConfig, ShardServer, Ste
 from ..inputs import Gathered
 from ..ports import Stepped, Unavailable
 from ..primary import Commit
+from ..regions import Geo
 from ..scheduler import Link, SchedulerConfig
 from ..state import HealthConfig, Rollback
 from .links import GroupLink, RemoteLink, ShardView, _GroupReplica, _LinkReplica, _Member, _Watermarks
 from .plumbing import _end, call, connect
 from .proxies import PrimaryShards, RemoteReplica
+from .regions import RayGeography, check_placement, placed
 
 
 def _warn_cut(shard: int, cut: dict | None) -> None:
@@ -54,10 +56,13 @@ class RayTransport:
                  max_restarts: int = 100, timeout_s: float = 300.0, lookup_timeout_s: float = 2.0,
                  log_limit_bytes: int = 1 << 30, fsync: bool = True, chunk_rows: int = 1 << 16,
                  actor_options: dict[str, dict] | None = None, on_damage: str = "refuse",
-                 dense: Any = None, dense_initial: Any = None):
+                 dense: Any = None, dense_initial: Any = None, geo: Geo | None = None):
         if not isinstance(primary_shards, int) or isinstance(primary_shards, bool) \
                 or primary_shards < 1:
             raise EkkoError(f"primary_shards must be a positive integer, got {primary_shards!r}")
+        if geo is not None and primary_shards != 1:
+            raise EkkoError(f"regions= on Ray runs one primary shard, got primary_shards="
+                            f"{primary_shards}")
         if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
             raise EkkoError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
         if on_damage not in ("refuse", "cut"):
@@ -69,6 +74,9 @@ class RayTransport:
         self.model, self.configs = model, configs
         self.timeout = self.wait_s = float(timeout_s)
         self.address = connect(cluster)
+        self.geo, self.geography = geo, None
+        if geo is not None:
+            check_placement(geo)  # before any actor: one Ray would never place waits for ever
         self._own_dir = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="ekko-engine-"))
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -95,17 +103,22 @@ class RayTransport:
         base = {"num_cpus": 0, "max_restarts": max_restarts, "max_task_retries": 0}
         shard_cls = ray.remote(ShardServer)
         names = [f"ekko-{uuid.uuid4().hex[:12]}-primary-{s}" for s in range(k)]
+        primary = options.get("primary", {})
+        regions = None if self.geo is None else self.geo.region_of()
+        if self.geo is not None:  # the shard in the primary's region, each replica in its own
+            primary = placed(primary, self.geo.primary)
         self.shards = [shard_cls.options(name=names[s], **base, max_concurrency=8,
-                                         **options.get("primary", {})).remote(ShardConfig(
+                                         **primary).remote(ShardConfig(
             m, s, k, str(self.directory / f"primary-{s}"), seed, history_rows,
             health.outlier_factor, health.warmup, log_limit, fsync, self.on_damage,
             health.mark_lag))
             for s in range(k)]
         row_bytes = [call(s.row_bytes.remote(), self.timeout) for s in self.shards]
         self.issued = [dict.fromkeys(tables_of[s], 0) for s in range(k)]
-        replica_cls = ray.remote(ReplicaServer).options(**base, max_concurrency=4 + k,
-                                                        **options.get("replica", {}))
-        actors = [replica_cls.remote(ReplicaConfig(
+        replica, replica_cls = options.get("replica", {}), ray.remote(ReplicaServer)
+        actors = [replica_cls.options(
+            **base, max_concurrency=4 + k,
+            **(replica if regions is None else placed(replica, regions[i]))).remote(ReplicaConfig(
             m, i, names, str(self.directory / f"replica-{i}"), snapshot_s, self.timeout,
             tables_of, health.score, health.min_score, self.chunk_rows, self.dense,
             self.dense_initial))
@@ -132,7 +145,12 @@ class RayTransport:
             self.views.append(ShardView(rows, row_bytes[s], self.issued[s]))
         self.marks = _Watermarks(actors)
         config = self.configs[0]
-        if config.bandwidth is None and all(c == config for c in self.configs):
+        if self.geo is not None:  # links by region and topology (engine/regions.py)
+            self.geography = RayGeography(self.geo, self.views[0], self.replicas, self.shards[0],
+                                          self.marks, self.timeout)
+            self.shard_links = [self.geography.build_links(self.configs)]
+            self.links = [[self.geography.links[i]] for i in range(n)]
+        elif config.bandwidth is None and all(c == config for c in self.configs):
             # every replica is sent the same: pack once per shard
             group = [GroupLink(self.views[s], _GroupReplica([_Member(i, a) for i, a in
                                                              enumerate(actors)], s, tables_of[s],
@@ -156,6 +174,8 @@ class RayTransport:
     def stop(self) -> str:
         """The links stopped: stop the watermarks too. The processes stay readable."""
         if not self._stopped:
+            if self.geography is not None:
+                self.geography.stop()  # anti-entropy sends too
             self.marks.stop()
             self._stopped = True
         return "this engine was closed"
@@ -180,6 +200,7 @@ class RayTransport:
             "catch_ups": sum(len(p.get("catch_ups") or []) for p in replicas),
             "replayed": [s.get("replayed") for s in shards],
             "cluster": {"address": self.address, "directory": str(self.directory)},
+            **({} if self.geography is None else self.geography.report()),
         }
 
 
