@@ -254,7 +254,18 @@ def test_fifo_links_hold_a_cut_region_from_the_oldest_lost_commit(model_path: Pa
             steps(engine, rng, 1, rows=30)
             engine.heal("us")
             engine.flush(timeout=60)
-            assert differing(engine) == [], f"trial {trial}"
+            assert differing(engine) == [], (trial, _versions_apart(engine), engine.stats())
+
+
+def _versions_apart(engine) -> dict:
+    """Per (replica, table) that differs: some ids and their versions there and on the
+    primary (what a failure needs to say)."""
+    out = {}
+    for index, table in differing(engine):
+        have, want = engine.replicas[index].versions(table), engine.primary.versions(table)
+        bad = np.flatnonzero(have != want)[:8]
+        out[(index, table)] = (bad.tolist(), have[bad].tolist(), want[bad].tolist())
+    return out
 
 
 def test_a_relay_that_is_down_is_replaced_and_repaired_from_its_region(model) -> None:
