@@ -645,7 +645,11 @@ class RegionLink(Link):
     # -- sending ------------------------------------------------------------------------
     def _select(self) -> list:
         batch = super()._select()
-        self._sending = {b[0]: b[1] for b in batch}  # taken from pending: still coming
+        sending: dict[str, list[np.ndarray]] = {}  # a fifo batch has several entries a table
+        for b in batch:
+            sending.setdefault(b[0], []).append(b[1])
+        # taken from pending: still coming
+        self._sending = {t: np.concatenate(parts) for t, parts in sending.items()}
         return batch
 
     def _send(self, batch: list) -> None:
