@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels.arrays import index_array, is_torch, torch_layout_problem
+from ..kernels.arrays import check_gather_index, index_array, is_torch, torch_layout_problem
 from ..kernels.errors import EkkoError, UpdateError
 
 
@@ -81,13 +81,6 @@ class Gathered:
                 out *= self.scale[:, None]  # a NaN or Inf here is refused by the kernel
         return out
 
-    def squared_norms(self, of_rows: Any) -> np.ndarray:
-        """Each id's squared row norm (f64), from `of_rows(rows)`, the rows' own."""
-        sq = of_rows(self.rows)[self.index]
-        if self.scale is not None:
-            sq = sq * np.square(self.scale.astype(np.float64))
-        return sq
-
 
 def check_delta(ids: Any, grads: Any, rows: int, dim: int
                 ) -> tuple[np.ndarray, np.ndarray | Gathered]:
@@ -108,10 +101,7 @@ def _check_gathered(g: Gathered, n: int, dim: int) -> Gathered:
         raise UpdateError(f"grads.rows must be float32 of shape (B, {dim}), "
                           f"got {rows.dtype} {rows.shape}")
     index = index_array("grads.index", g.index, UpdateError)
-    if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(rows)):
-        pos = int(np.argmax((index < 0) | (index >= len(rows))))
-        raise UpdateError(f"grads.index[{pos}] = {int(index[pos])} is out of range "
-                          f"[0, {len(rows)}): grads.rows has {len(rows)} rows")
+    check_gather_index("grads.index", index, len(rows), "grads.rows", UpdateError)
     if len(index) != n:
         raise UpdateError(f"grads.index must name a row for each of the {n} ids, "
                           f"got {len(index)}")

@@ -97,8 +97,10 @@ def squared_norms(grads: np.ndarray) -> np.ndarray:
 
 def delta_squared_norms(grads: np.ndarray | Gathered) -> np.ndarray:
     """Each delta row's squared L2 norm (f64); a gathered delta's from its few rows."""
-    return grads.squared_norms(squared_norms) if isinstance(grads, Gathered) \
-        else squared_norms(grads)
+    if not isinstance(grads, Gathered):
+        return squared_norms(grads)
+    sq = squared_norms(grads.rows)[grads.index]
+    return sq if grads.scale is None else sq * np.square(grads.scale.astype(np.float64))
 
 
 class DistinctRows:

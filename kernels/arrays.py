@@ -106,6 +106,16 @@ def index_array(name: str, x: Any, error: type[EkkoError]) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.int64)
 
 
+def check_gather_index(name: str, index: np.ndarray, sources: int, of: str,
+                       error: type[EkkoError]) -> None:
+    """A gathered delta's index (int64) names rows of its `sources`-row array `of`:
+    anything else is `error` naming the first position that does not."""
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= sources):
+        pos = int(np.argmax((index < 0) | (index >= sources)))
+        raise error(f"{name}[{pos}] = {int(index[pos])} is out of range [0, {sources}) "
+                    f"({of} has {sources} rows)")
+
+
 def _python_ids(name: str, x: Any, error: type[EkkoError]) -> np.ndarray:
     """A Python sequence of ids as an integer array (numpy's own guess would make
     [] float64 and [-1, 2**64 - 1] float64 too, rounding the second)."""

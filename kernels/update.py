@@ -41,7 +41,7 @@ from ..compiler.backend.llvm_update import (BUCKET_IDS, RECENT_SLOTS, emit_updat
                                             journal_entry_bytes)
 from ..dialects.limits import MAX_DIM
 from ..compiler.backend.spec import UpdateSpec
-from .arrays import ArrayArg, check_disjoint
+from .arrays import ArrayArg, check_disjoint, check_gather_index
 from .calls import buffer_name, call_scalars, update_args
 from .errors import NonFiniteOutputError, UpdateError
 from .jit import JitModule, compile_ir
@@ -160,7 +160,9 @@ class UpdateKernel:
             return
         gather = None
         if a.grad_index is not None:
-            check_gather_index(a.grad_index.obj, a.grads.shape[0])
+            index = a.grad_index.obj  # refused before anything is written
+            check_gather_index("grad_index", index if isinstance(index, np.ndarray)
+                               else index.numpy(), a.grads.shape[0], "grads", UpdateError)
             gather = (a.grad_index, a.grad_scale)
         rt = table_runtime(a.table.ptr)
         with rt.lock:
@@ -235,15 +237,6 @@ class UpdateKernel:
             raise UpdateError(f"update kernel failed with status {max(codes)}")
         row, buffer = min(failed)
         raise NonFiniteOutputError(row, buffer_name(self.spec, buffer))
-
-
-def check_gather_index(index: Any, sources: int) -> None:
-    """A gathered delta's index names rows of grads: refused before anything is written."""
-    idx = index.numpy() if not isinstance(index, np.ndarray) else index
-    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= sources):
-        pos = int(np.argmax((idx < 0) | (idx >= sources)))
-        raise UpdateError(f"grad_index[{pos}] = {int(idx[pos])} is out of range "
-                          f"[0, {sources}) (grads has {sources} rows)")
 
 
 def _host(arg: ArrayArg, ctype, count: int) -> np.ndarray:
