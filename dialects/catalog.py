@@ -291,6 +291,11 @@ for _layout in (
     LAYOUTS.register(_layout)
 INDEX_DTYPES = ("i32", "i64")
 POOLING_MODES = ("sum", "mean", "none")
+# how a deduplicated update walks its rows (upd-schedule's `order`): "input", the
+# delta's order, a repeated id's rows summed in a scratch row and applied at its
+# last; "bucket", grouped by unique id, range of rows by range; "id", grouped and
+# sorted by id
+APPLY_ORDERS = ("input", "bucket", "id")
 
 
 def pooling_problem(mode: str, weighted: bool) -> str | None:

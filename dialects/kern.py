@@ -56,7 +56,7 @@ from .common import (FLOAT_DTYPES, LayoutAttr, SettingsOp, dtype_name, flag, ind
                      layout_setting, setting, storage_type)
 from .emb import StateType, TableType, VersionsType
 from .limits import MAX_DIM, MAX_PARTITIONS, limit_error
-from .upd import APPLY_FLAGS, APPLY_INTS, APPLY_UNITS, FusedUpdateOp, apply_roles
+from .upd import APPLY_FLAGS, APPLY_SCHEDULE, APPLY_UNITS, FusedUpdateOp, apply_roles
 
 i64 = IntegerType(64)
 
@@ -167,7 +167,7 @@ class UpdateOp(FusedUpdateOp):
         if len(roles) != len(types):
             raise VerifyException(f"'kern.update' operands must be ({', '.join(roles)})")
         opt = catalog.optimizer(attributes["optimizer"].data)  # type: ignore[union-attr]
-        known = {"optimizer", "serving_layout", *APPLY_FLAGS, *APPLY_UNITS, *APPLY_INTS,
+        known = {"optimizer", "serving_layout", *APPLY_FLAGS, *APPLY_UNITS, *APPLY_SCHEDULE,
                  *opt.hyper_names, *catalog.GRAD_HYPER}
         for name in attributes:
             if name not in known:

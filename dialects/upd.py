@@ -535,14 +535,15 @@ class StampOp(UpdOp):
 
 
 APPLY_FLAGS = ("serving", "versions", "step", "seed")
-APPLY_UNITS = ("dedup", "stochastic_rounding", "sort")
+APPLY_UNITS = ("dedup", "stochastic_rounding")
 APPLY_INTS = ("partitions", "tile", "block_rows", "num_warps")
+APPLY_SCHEDULE = ("order", *APPLY_INTS)  # what upd-schedule sets ("order": a string)
 # the custom form's unit flags, and the optional operands each makes present
 APPLY_FLAG_OPERANDS = {"serving": ("serving",), "versions": ("versions", "version"),
                        "step": ("step",), "seed": ("seed",)}
 # the settings after the optimizer's hyper-parameters, in the order they print
 APPLY_ORDER = ("weight_decay", "max_norm", "clip_value", "dedup", "stochastic_rounding",
-               "serving", "versions", "step", "seed", "sort", *APPLY_INTS[:2], "serving_layout",
+               "serving", "versions", "step", "seed", "order", *APPLY_INTS[:2], "serving_layout",
                *APPLY_INTS[2:])
 
 
@@ -578,7 +579,7 @@ class FusedUpdateOp(SettingsOp):
     clip_value = setting(FloatAttr, "clip_value")
     dedup = setting(UnitAttr, "dedup")
     stochastic_rounding = setting(UnitAttr, "stochastic_rounding")
-    sort = setting(UnitAttr, "sort")
+    order = setting(StringAttr, "order")
     partitions = setting(IntegerAttr, "partitions")
     tile = setting(IntegerAttr, "tile")
     block_rows = setting(IntegerAttr, "block_rows")
@@ -609,6 +610,11 @@ class FusedUpdateOp(SettingsOp):
             if isinstance(attr, IntegerAttr) and not 1 <= attr.value.data <= most:
                 raise VerifyException(
                     f"'{self.name}' {name} must be 1 to {most}, got {attr.value.data}")
+        order = self.properties.get("order")
+        if order is not None and (not isinstance(order, StringAttr)
+                                  or order.data not in catalog.APPLY_ORDERS):
+            raise VerifyException(f"'{self.name}' order must be one of "
+                                  f"{', '.join(map(repr, catalog.APPLY_ORDERS))}, got {order}")
 
     def role(self, name: str):
         """The operand playing `name`, or None when absent."""
@@ -626,7 +632,7 @@ class ApplyOp(FusedUpdateOp):
     Results: table, *state, [serving], [versions]. Properties: `optimizer`
     names the step, `hyper` holds its hyper-parameters, floats the clipping
     and weight decay; `dedup` sums duplicates inside the kernel;
-    upd-schedule adds `sort`, `partitions` and `tile`.
+    upd-schedule adds `order`, `partitions` and `tile`.
     """
 
     name = "upd.apply"
@@ -689,7 +695,7 @@ class ApplyOp(FusedUpdateOp):
         self.check_schedule()
         flat = self.flat()
         opt = self.entry
-        structural = {"optimizer", *APPLY_FLAGS, *APPLY_UNITS, *APPLY_INTS}
+        structural = {"optimizer", *APPLY_FLAGS, *APPLY_UNITS, *APPLY_SCHEDULE}
         known = {h.name: h for h in opt.hyper} | dict(catalog.GRAD_HYPER)
         for name in flat:
             if name not in structural and name not in known:

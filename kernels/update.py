@@ -78,7 +78,7 @@ class _Scratch:
         self.n = -1
         self.htab = np.empty(0, np.int64)  # (id, unique index) pairs; id -1: empty
         self.cap = 0
-        self.count = np.zeros(1, np.int64)
+        self.count = np.zeros(2, np.int64)  # unique ids; streamed, then owned positions
         self.err = np.zeros(1, np.int64)
         self.starts = np.empty(abi.UPDATE_BUCKETS + 1, np.int64)
         self.summed = np.empty(2 * MAX_DIM, np.float32)  # a summed row and a scaled one
@@ -86,6 +86,7 @@ class _Scratch:
         self.journal_ptr = 0  # its first 64-byte aligned address
         self.out = np.zeros(3, np.int64)  # apply: rows written, a bad row's id, its buffer
         self.recent: np.ndarray | None = None  # raw-delta applies: rows journaled lately
+        self.acc = np.empty(0, np.float32)  # streamed: a scratch row per repeated id
         self.generation = 0
 
     def ensure(self, n: int) -> None:
@@ -112,6 +113,12 @@ class _Scratch:
         self.generation += 1
         return self.generation
 
+    def ensure_acc(self, rows: int, dim: int) -> None:
+        """Scratch rows for the repeated ids of a streamed apply (pages are touched
+        only as rows are taken)."""
+        if rows * dim > self.acc.size:
+            self.acc = np.empty(max(rows, 1024) * dim, np.float32)
+
     def ensure_journal(self, entries: int, width: int) -> None:
         """Room for `entries` rows of `width` bytes, 64-byte aligned (the kernel
         streams whole lines into it; pages are touched only as used)."""
@@ -130,7 +137,7 @@ class UpdateKernel:
         self.module: JitModule = compile_ir(emit_update(spec))
         self._dedup = PackedEntry(self.module, abi.update_dedup(spec.index_dtype))
         self._apply = PackedEntry(self.module, abi.update_apply(
-            len(spec.states), spec.index_dtype, spec.dedup))
+            len(spec.states), spec.index_dtype, spec.unique_ids))
         self._undo = PackedEntry(self.module, abi.update_undo(len(spec.states)))
         self.journal_width = journal_entry_bytes(spec)
         self.parts = max(1, spec.partitions)
@@ -210,16 +217,23 @@ class UpdateKernel:
             out = sc.out.ctypes.data
             journal = dict(journal=sc.journal_ptr, done=out, err_pos=out + 8,
                            err_buf=out + 16)
+            if self.spec.streamed:  # the owned positions in input order, by their codes
+                owned = int(sc.count[1])
+                sc.ensure_acc(owned - entries, self.spec.dim)
+                return dict(common, **journal, **delta, part=p, ids=i.ptr, count=owned,
+                            order=sc.sort[0].ctypes.data, occ=sc.occ.ctypes.data, srcs=None,
+                            summed=sc.summed.ctypes.data, recent=None, generation=0,
+                            acc=sc.acc.ctypes.data)
             if self.spec.dedup:
                 return dict(common, **journal, **delta, part=p, ids=sc.uids.ctypes.data,
                             count=int(sc.count[0]),
                             order=sc.sort[0].ctypes.data, occ=sc.occ.ctypes.data,
                             srcs=sc.srcs.ctypes.data, summed=sc.summed.ctypes.data,
-                            recent=None, generation=0)
+                            recent=None, generation=0, acc=None)
             generation = sc.next_generation()
             return dict(common, **journal, **delta, part=p, ids=i.ptr, count=n, order=None,
                         occ=None, srcs=None, summed=sc.summed.ctypes.data,
-                        recent=sc.recent.ctypes.data, generation=generation)
+                        recent=sc.recent.ctypes.data, generation=generation, acc=None)
 
         codes = self._apply([apply_args(p) for p in range(parts)])
         if any(codes):

@@ -21,7 +21,6 @@ from xdsl.dialects.builtin import (
     ModuleOp,
     StringAttr,
     TensorType,
-    UnitAttr,
     f32,
 )
 from xdsl.ir import Block, Region
@@ -227,11 +226,11 @@ def test_passes_from_python_and_kernel_specs() -> None:
     assert apply.roles(apply.flat()) == ["table", "momentum", "delta", "serving",
                                               "versions", "version"]
 
-    UpdSchedulePass(partitions=3, tile=8, sort=True).apply(ctx, module)
+    UpdSchedulePass(partitions=3, tile=8, order="id").apply(ctx, module)
     module.verify()
     assert apply.partitions.value.data == 3
     assert apply.tile.value.data == 8
-    assert isinstance(apply.sort, UnitAttr)
+    assert apply.order == StringAttr("id")
 
     LowerToKernelPass().apply(ctx, module)
     module.verify()
@@ -258,7 +257,7 @@ def test_passes_from_python_and_kernel_specs() -> None:
     assert spec.clip_value is None
     assert spec.lr == pytest.approx(0.01)
     assert spec.eps == pytest.approx(1e-8)  # FBGEMM's default, filled in by upd-fuse
-    assert spec.partitions == 3 and spec.tile == 8 and spec.sort is True
+    assert spec.partitions == 3 and spec.tile == 8 and spec.order == "id" and spec.sort
     assert spec.stochastic_rounding is False
 
 

@@ -334,23 +334,34 @@ def test_a_second_process_loads_the_kernel_from_disk(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
-def test_sorted_and_unsorted_schedules_agree(optimizer: str) -> None:
-    """upd-schedule's sort only reorders rows: every row gets the same bits."""
+@pytest.mark.parametrize("n_ids, hot", [(20_000, 0.0), (20_000, 0.6), (150, 0.5), (1, 0.0)])
+def test_every_order_gives_the_same_bits(optimizer: str, n_ids: int, hot: float) -> None:
+    """upd-schedule's order (input, bucket, id) only changes the walk: every row, state
+    and serving row gets the same bits, on 1 to 3 partitions. 20,000 ids into 70,000
+    rows map buckets directly; 150 ids take the hash table (one bucket spans every
+    row); `hot` of the ids are 0 or rows-1 (one scratch row summing thousands)."""
     from dataclasses import replace
 
     rng = np.random.default_rng(3)
     rows = 70_000  # more than 2^11: the radix sort needs two passes
-    ids = rng.integers(0, rows, 20_000)
+    ids = rng.integers(0, rows, n_ids)
+    ids[rng.random(n_ids) < hot] = rng.choice([0, rows - 1])
     grads = rng.standard_normal((len(ids), DIM)).astype(np.float32)
-    spec = ekko.update_kernel(optimizer, DIM, serving="int8").spec
+    spec = replace(ekko.update_kernel(optimizer, DIM, serving="int8").spec, versions=True)
     outs = []
-    for sort in (True, False):
-        k = UpdateKernel(replace(spec, sort=sort))
-        table = np.ones((rows, DIM), np.float32)
-        state = (np.zeros((rows, DIM), np.float32), np.zeros((rows, DIM), np.float32)) \
-            if optimizer == "adam" else np.zeros(rows, np.float32)
-        srv = np.zeros((rows, DIM + 8), np.uint8)
-        k(table, ids, grads, state=state, serving=srv, step=1)
-        outs.append((table, srv))
-    np.testing.assert_array_equal(outs[0][0], outs[1][0])
-    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    for order in ("input", "bucket", "id"):
+        for parts in (1, 2, 3):
+            k = UpdateKernel(replace(spec, order=order, partitions=parts))
+            table = np.ones((rows, DIM), np.float32)
+            state = (np.zeros((rows, DIM), np.float32), np.zeros((rows, DIM), np.float32)) \
+                if optimizer == "adam" else np.zeros(rows, np.float32)
+            srv = np.zeros((rows, DIM + 8), np.uint8)
+            versions = np.zeros(rows, np.int64)
+            k(table, ids, grads, state=state, serving=srv, versions=versions, step=1, version=7)
+            outs.append((order, parts, table, state, srv, versions))
+    first = outs[0]
+    assert (first[5] == 7).sum() == len(np.unique(ids))
+    for out in outs[1:]:
+        for a, b in zip(first[2:], out[2:]):
+            for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+                assert np.array_equal(x, y), (out[0], out[1])

@@ -94,10 +94,13 @@ def update_dedup(index_dtype: str) -> Signature:
         _a("rows", "i64", "table rows"), _a("grads", "f32*", "n x dim delta rows"),
         _a("htab", "i64*", "hash table of cap (id, index) pairs, id -1 when empty"),
         _a("cap", "i64"), _a("uids", "i64*", "out: unique ids"),
-        _a("occ", "i64*", "out: delta rows grouped by unique id, input order within"),
+        _a("occ", "i64*", "out: delta rows grouped by unique id, input order within; "
+                          "streamed: the owned positions in input order"),
         _a("slots", "i64*"),
-        _a("count_out", "i64*"), _a("err_pos", "i64*"),
-        _a("order", "i64*", "out: unique indices sorted by id (sort)"),
+        _a("count_out", "i64*", "out: unique ids; streamed, then the owned positions"),
+        _a("err_pos", "i64*"),
+        _a("order", "i64*", "out: unique indices sorted by id (order id); streamed: each "
+                            "owned position's code (see llvm_update.STREAM_CODES)"),
         _a("key_a", "i64*"), _a("key_b", "i64*"), _a("order_b", "i64*"),
         _a("srcs", "i64*", "out: where unique index k's rows end in occ (they start "
                            "where k-1's end)"),
@@ -105,11 +108,13 @@ def update_dedup(index_dtype: str) -> Signature:
     ), "Returns a Status.")
 
 
-def update_apply(spec_states: int, index_dtype: str, dedup: bool) -> Signature:
+def update_apply(spec_states: int, index_dtype: str, unique_ids: bool) -> Signature:
     """Phase 2: the per-row math, rounding, serving refresh, versions and seq words.
 
-    Returns a Status: OK, NON_FINITE or NON_FINITE_OUTPUT (see `Status`)."""
-    ids_t = "i64*" if dedup else f"{index_dtype}*"
+    `unique_ids`: `ids` are the dedup's unique ids (the grouped orders), not the
+    delta's (no dedup, or the streamed order). Returns a Status: OK, NON_FINITE
+    or NON_FINITE_OUTPUT (see `Status`)."""
+    ids_t = "i64*" if unique_ids else f"{index_dtype}*"
     return Signature("ekko_update_apply", "i64", (
         *PART,
         _a("ids", ids_t, "unique ids (dedup) or the delta's ids"),
@@ -134,6 +139,8 @@ def update_apply(spec_states: int, index_dtype: str, dedup: bool) -> Signature:
         _a("gidx", "i64*", "or null: delta row p is grads[gidx[p]] (gathered: grads holds "
                            "fewer rows, e.g. a pooled output's gradient per bag)"),
         _a("gscale", "f32*", "or null: with gidx, delta row p is grads[gidx[p]] * gscale[p]"),
+        _a("acc", "f32*", "streamed: scratch rows a repeated id's delta rows are added "
+                          "into, one per such id (owned positions - unique ids at most)"),
     ), "Returns a Status.")
 
 

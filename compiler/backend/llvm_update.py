@@ -6,25 +6,27 @@ Two exported functions (signatures in `abi`: `update_dedup`,
   ekko_update_dedup
       Validates the ids this partition owns (ids are split by a hash of the
       id, so partitions never share a row; each block of ids is compacted to
-      the owned positions first, without branches) and their gradient rows,
-      and sums duplicates in input order into `acc` through an
-      open-addressing hash table of `cap` (id, unique index) pairs (`htab`,
-      id -1 when empty, left empty again on return). Writes no table.
-      Returns an `abi.Status` (the bad position in *err_pos). With `sort`,
-      `order` receives the unique indices sorted by id (radix sort; the
-      other three arrays are its scratch).
+      the owned positions first, without branches) and deduplicates them one
+      bucket (a range of rows) at a time: a bucket's rows map directly into
+      `htab` when they fit its 2 * `cap` words, else through an
+      open-addressing hash table of (id, unique index) pairs. `htab` is all
+      -1 on entry and left so. Reads no gradient row, writes no table.
+      Returns an `abi.Status` (the bad position in *err_pos). What it leaves
+      for the apply depends on the spec's `order` (`_Buckets`): each owned
+      position's code (input), or each unique id's rows grouped in `occ`
+      (bucket; with id, `order` gets the unique indices sorted by id).
 
   ekko_update_apply
-      For each of `count` (id, gradient row) pairs, inside the row's
-      sequence word when `seq` is given: stream the row's old bytes into
-      the `journal`, the math region (gradient transforms and the
-      optimizer, lowered from the spec's MathProgram), store (nearest-even
-      or stochastic rounding), re-make the serving row, stamp the version.
-      A stored value that is not finite puts the row back and returns
-      `Status.NON_FINITE_OUTPUT` (see `Commit`). With dedup the pairs are
-      the partition's unique ids (i64) and summed rows; without (plain SGD)
-      they are the raw delta and each partition applies the ids it owns,
-      in input order.
+      For each row it applies, inside the row's sequence word when `seq` is
+      given: stream the row's old bytes into the `journal`, the math region
+      (gradient transforms and the optimizer, lowered from the spec's
+      MathProgram), store (nearest-even or stochastic rounding), re-make the
+      serving row, stamp the version. A stored value that is not finite puts
+      the row back and returns `Status.NON_FINITE_OUTPUT` (see `Commit`).
+      Streamed (order input) it walks the owned positions in input order,
+      summing a repeated id's rows into a scratch row of `acc`; grouped, the
+      partition's unique ids with their rows summed as it goes; without
+      dedup (plain SGD), the raw delta's owned ids in input order.
 
   ekko_update_undo
       Puts back, newest first, the rows one partition's apply journaled:
@@ -245,6 +247,12 @@ DEDUP_BLOCK = 1024  # ids scanned per block; the owned ones are compacted first
 BUCKET_IDS = 2048  # owned ids a bucket aims at: its hash table (~64 KiB) stays in L2
 MIN_SLOTS = 16
 OCC_AHEAD = 8  # rows of a repeated id fetched ahead while they are summed
+# STREAM_CODES, what the streamed apply does at an owned position: CODE_SINGLE,
+# the id's only row (applied from the delta row in place); CODE_FIRST, the first
+# of several (the apply takes the next scratch row and writes it to order[t] for
+# the later rows); else (t_first << 2) | CODE_LAST or | 0: a later row, added to
+# the scratch row of the id's first, and with CODE_LAST the row is then applied.
+CODE_SINGLE, CODE_FIRST, CODE_LAST = -1, 1, 2
 
 
 def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
@@ -261,7 +269,7 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
     status = b.alloca(I64)
     b.store(_c(I64, 0), status)
     fail = fn.append_basic_block("fail")
-    buckets = _Buckets(e, arg) if spec.dedup else None
+    buckets = _Buckets(e, arg, spec.streamed) if spec.dedup else None
     with _each_owned(e, arg["ids"], arg["n"], arg["part"], arg["nparts"]) as (owned, t, cnt):
         i = b.load(e.gep(owned, t))
         idv = _load_id(e, arg["ids"], i)
@@ -275,6 +283,8 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
         buckets.each(lambda idv, mask, first: _insert(
             e, idv, arg["htab"], mask, arg["uids"], arg["slots"], arg["srcs"], count_ptr, first,
             status, fail), count_ptr)
+        if spec.streamed:
+            b.store(b.load(buckets.owned), e.gep(arg["count_out"], _c(I64, 1)))
     count = b.load(count_ptr)
     if spec.dedup and spec.sort:
         _radix_sort(e, arg["uids"], count, arg["rows"], arg["order"], arg["key_a"],
@@ -282,8 +292,9 @@ def emit_dedup(module: ir.Module, spec: UpdateSpec) -> None:
     b.store(count, arg["count_out"])
     b.ret(_c(I64, 0))
     b.position_at_end(fail)
-    if spec.dedup:  # an error may leave a bucket's slots filled: empty them before returning
-        _clear_slots(e, arg["htab"], arg["slots"], _c(I64, 0), b.load(count_ptr))
+    if spec.dedup:  # a full hash table leaves its bucket's slots filled: empty them
+        _clear_slots(e, arg["htab"], arg["slots"], b.load(buckets.bucket_first),
+                     b.load(count_ptr))
     b.ret(b.load(status))
 
 
@@ -299,10 +310,15 @@ class _Buckets:
     the delta missed the cache every time and cost half of the update.
     Then a counting sort puts each unique id's delta rows together in `occ`
     (input order kept), so the apply reads every gradient row once.
+
+    Streamed (`order = "input"`), `occ` keeps the owned positions in input
+    order and each gets a code instead (`STREAM_CODES`): the apply walks the
+    delta forward, so the gradient rows stream in as the hardware prefetcher
+    likes, and only the rows of repeated ids pass through scratch rows.
     """
 
-    def __init__(self, e: Emitter, arg: dict):
-        self.e, self.arg = e, arg
+    def __init__(self, e: Emitter, arg: dict, streamed: bool = False):
+        self.e, self.arg, self.streamed = e, arg, streamed
         b = e.b
         self.owned = b.alloca(I64, name="owned_ids")
         b.store(_c(I64, 0), self.owned)
@@ -318,6 +334,11 @@ class _Buckets:
         bits = b.sub(_c(I64, 64), _ctlz(e, top))  # bits of the largest id
         self.shift = b.select(b.icmp_signed(">", bits, lg), b.sub(bits, lg), _c(I64, 0))
         self.nb = b.add(b.lshr(top, self.shift), _c(I64, 1))
+        # a bucket's rows fit htab's 2 * cap words: map them directly, no hashing
+        self.direct = b.icmp_unsigned("<=", b.shl(_c(I64, 1), self.shift),
+                                      b.mul(arg["cap"], _c(I64, 2)))
+        self.bucket_first = b.alloca(I64, name="bucket_first")  # for the failure path
+        b.store(_c(I64, 0), self.bucket_first)
         with e.loop(_c(I64, 0), b.add(self.nb, _c(I64, 1)), "bucket_zero") as k:
             b.store(_c(I64, 0), e.gep(self.hist, k))
 
@@ -333,6 +354,8 @@ class _Buckets:
         b.store(b.add(b.load(p), _c(I64, 1)), p)
         k = b.load(self.owned)
         b.store(i, e.gep(self.arg["occ"], k))
+        if self.streamed:  # most positions are an id's only one: `_codes` writes the others
+            b.store(_c(I64, CODE_SINGLE), e.gep(self.arg["order"], k))
         b.store(b.add(k, _c(I64, 1)), self.owned)
 
     def scatter(self) -> None:
@@ -349,7 +372,8 @@ class _Buckets:
             at = b.load(p)
             b.store(b.add(at, _c(I64, 1)), p)
             b.store(idv, e.gep(arg["key_a"], at))
-            b.store(i, e.gep(arg["key_b"], at))
+            # streamed: where the position sits in occ, which the codes are indexed by
+            b.store(t if self.streamed else i, e.gep(arg["key_b"], at))
 
     def each(self, insert: Callable, count_ptr) -> None:
         """insert(id, slot mask, the bucket's first unique index) -> unique index, for
@@ -369,11 +393,82 @@ class _Buckets:
                 slots = b.select(b.icmp_unsigned("<", need, arg["cap"]), need, arg["cap"])
                 mask = b.sub(slots, _c(I64, 1))
                 first = b.load(count_ptr)
-                with e.loop(start, end, "bucket_ids") as j:
-                    key = e.gep(arg["key_a"], j)
-                    b.store(insert(b.load(key), mask, first), key)  # the id's unique index
-                self._group(start, end, first, b.load(count_ptr))
-                _clear_slots(e, arg["htab"], arg["slots"], first, b.load(count_ptr))
+                b.store(first, self.bucket_first)
+                base = b.shl(k, self.shift)
+                with b.if_else(self.direct) as (direct, hashed):
+                    with direct:
+                        with e.loop(start, end, "bucket_direct") as j:
+                            key = e.gep(arg["key_a"], j)
+                            b.store(self._insert_direct(b.load(key), base, count_ptr), key)
+                    with hashed:
+                        with e.loop(start, end, "bucket_ids") as j:
+                            key = e.gep(arg["key_a"], j)
+                            b.store(insert(b.load(key), mask, first), key)  # its unique index
+                last = b.load(count_ptr)
+                if not self.streamed:
+                    self._group(start, end, first, last)
+                self._clear(first, last, base)
+                if self.streamed:
+                    self._codes(start, end, first, last)
+
+    def _insert_direct(self, idv, base, count_ptr):
+        """The unique index of `idv`, found in or added to `htab` used as a direct
+        map of the bucket's rows (word id - base: the index, -1 when unseen).
+        No probing and no branch: whether an id is new is a coin flip on skewed
+        ids, which a branch predictor loses."""
+        e, b, arg = self.e, self.e.b, self.arg
+        at = e.gep(arg["htab"], b.sub(idv, base))
+        seen = b.load(at)
+        new = b.icmp_signed("<", seen, _c(I64, 0))
+        fresh = b.load(count_ptr)
+        k = b.select(new, fresh, seen)
+        b.store(k, at)
+        b.store(idv, e.gep(arg["uids"], k))  # the same id again when seen
+        rows = e.gep(arg["srcs"], k)
+        b.store(b.add(b.select(new, _c(I64, 0), b.load(rows)), _c(I64, 1)), rows)
+        b.store(b.add(fresh, b.zext(new, I64)), count_ptr)
+        return k
+
+    def _clear(self, first, last, base) -> None:
+        """Leave every word of `htab` -1 again: the bucket's direct-map words or
+        hash slots."""
+        e, b, arg = self.e, self.e.b, self.arg
+        with b.if_else(self.direct) as (direct, hashed):
+            with direct:
+                with e.loop(first, last, "direct_reset") as k:
+                    idv = b.load(e.gep(arg["uids"], k))
+                    b.store(_c(I64, -1), e.gep(arg["htab"], b.sub(idv, base)))
+            with hashed:
+                _clear_slots(e, arg["htab"], arg["slots"], first, last)
+
+    def _codes(self, start, end, first, last) -> None:
+        """order[t] = the code of owned position t (`STREAM_CODES`), for the bucket's
+        positions (input order within the bucket, so an id's first comes first).
+
+        srcs[k] counts k's rows still to come; slots[k] (free once the hash slots
+        are emptied) holds the position of k's first row, or -1 before it."""
+        e, b, arg = self.e, self.e.b, self.arg
+        srcs, slots, codes = arg["srcs"], arg["slots"], arg["order"]
+        with e.loop(first, last, "code_reset") as k:  # an only row: 0, skipped below
+            count = e.gep(srcs, k)
+            b.store(_c(I64, -1), e.gep(slots, k))
+            rows = b.load(count)
+            b.store(b.select(b.icmp_unsigned("==", rows, _c(I64, 1)), _c(I64, 0), rows), count)
+        with e.loop(start, end, "codes") as j:
+            k = b.load(e.gep(arg["key_a"], j))
+            left_p = e.gep(srcs, k)
+            left = b.load(left_p)
+            with b.if_then(b.icmp_signed(">", left, _c(I64, 0))):  # 0: an only row, coded
+                t = b.load(e.gep(arg["key_b"], j))
+                first_p = e.gep(slots, k)
+                head = b.load(first_p)
+                is_last = b.icmp_unsigned("==", left, _c(I64, 1))
+                seen = b.icmp_signed(">=", head, _c(I64, 0))
+                later = b.or_(b.shl(head, _c(I64, 2)),
+                              b.select(is_last, _c(I64, CODE_LAST), _c(I64, 0)))
+                b.store(b.select(seen, later, _c(I64, CODE_FIRST)), e.gep(codes, t))
+                b.store(b.select(seen, head, t), first_p)
+                b.store(b.sub(left, _c(I64, 1)), left_p)
 
     def _group(self, start, end, first, last) -> None:
         """occ[start:end) = the bucket's delta rows ordered by unique index (input order
@@ -452,10 +547,13 @@ def _compact_owned(e: Emitter, ids, lo, width, owned, part, nparts):
 
 
 def _clear_slots(e: Emitter, htab, slots, start, stop) -> None:
-    """Empty the hash slots of unique indices [start, stop)."""
+    """Empty the hash slots of unique indices [start, stop): both words, since a
+    direct-mapped bucket reads every word of htab."""
     b = e.b
     with e.loop(start, stop, "reset") as k:
-        b.store(_c(I64, -1), e.gep(htab, b.shl(b.load(e.gep(slots, k)), _c(I64, 1))))
+        pair = e.gep(htab, b.shl(b.load(e.gep(slots, k)), _c(I64, 1)))
+        b.store(_c(I64, -1), pair)
+        b.store(_c(I64, -1), e.gep(pair, _c(I64, 1)))
 
 
 RADIX_BITS = 11
@@ -623,10 +721,10 @@ def _insert(e: Emitter, idv, htab, mask, uids, slots, srcs, count_ptr, base_k, s
 
 
 def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
-    sig = abi.update_apply(len(spec.states), spec.index_dtype, spec.dedup)
+    sig = abi.update_apply(len(spec.states), spec.index_dtype, spec.unique_ids)
     fn = declare(module, sig)
     a = dict(zip(sig.names(), fn.args))
-    for name in ("ids", "grads", "table", "serving", "versions", "journal", "recent",
+    for name in ("ids", "grads", "table", "serving", "versions", "journal", "recent", "acc",
                  *(f"state{i}" for i in range(len(spec.states)))):
         a[name].add_attribute("noalias")
     e = Emitter(module, fn)
@@ -640,7 +738,9 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
     step = (uni, a["version"], a["seed"])
     ids, count, order = a["ids"], a["count"], a["order"]
     delta = Delta(e, spec, a["grads"], a["gidx"], a["gscale"])
-    if spec.dedup:
+    if spec.streamed:
+        _streamed_apply(e, spec, a, delta, commit, bufs, step)
+    elif spec.dedup:
         srcs, occ = a["srcs"], a["occ"]
 
         def entry(pos):
@@ -670,6 +770,72 @@ def emit_apply(module: ir.Module, spec: UpdateSpec) -> None:
             src = delta.checked_row(k, commit, summed)
             _apply_row(e, spec, _load_id(e, ids, k), src, bufs, step, commit)
     commit.finish(abi.Status.OK)
+
+
+def _streamed_apply(e: Emitter, spec: UpdateSpec, a: dict, delta: "Delta", commit: "Commit",
+                    bufs: dict, step: tuple) -> None:
+    """The owned positions in input order (`occ`, `count` of them), each by its code
+    (STREAM_CODES, in `order`): an id's only row is applied straight from the delta;
+    a repeated id's rows are added, in input order, into the next scratch row of
+    `acc`, and applied from it at its last row. The gradient rows are read walking
+    the delta forward; the scratch rows of hot ids stay in cache."""
+    b = e.b
+    occ, codes, acc, dim = a["occ"], a["order"], a["acc"], spec.dim
+    taken = b.alloca(I64, name="scratch_rows")
+    b.store(_c(I64, 0), taken)
+
+    def acc_row(slot):
+        return e.gep(acc, b.mul(slot, _c(I64, dim)))
+
+    with e.loop(_c(I64, 0), a["count"], "stream") as t:
+        _prefetch_streamed(e, spec, a, delta, bufs, t)
+        i = b.load(e.gep(occ, t))
+        code = b.load(e.gep(codes, t))
+        row = delta.checked_row(i, commit, a["summed"])
+        single = b.icmp_signed("==", code, _c(I64, CODE_SINGLE))
+        with b.if_else(b.icmp_signed("==", code, _c(I64, CODE_FIRST))) as (first, later):
+            with first:  # the next scratch row: its index replaces the code
+                slot = b.load(taken)
+                b.store(b.add(slot, _c(I64, 1)), taken)
+                b.store(slot, e.gep(codes, t))
+                into = acc_row(slot)
+                with e.tiled(dim, spec.tile, "open") as j:
+                    b.store(b.load(e.gep(row, j)), e.gep(into, j))
+            with later:
+                with b.if_then(b.not_(single)):
+                    into = acc_row(b.load(e.gep(codes, b.ashr(code, _c(I64, 2)))))
+                    with e.tiled(dim, spec.tile, "add") as j:
+                        p = e.gep(into, j)
+                        b.store(b.fadd(b.load(p), b.load(e.gep(row, j))), p)
+        applies = b.icmp_unsigned("!=", b.and_(code, _c(I64, CODE_LAST)), _c(I64, 0))
+        with b.if_then(applies):  # CODE_SINGLE has every bit set
+            with b.if_else(single) as (alone, summed):
+                with alone:
+                    _apply_row(e, spec, _load_id(e, a["ids"], i), row, bufs, step, commit)
+                with summed:
+                    src = acc_row(b.load(e.gep(codes, b.ashr(code, _c(I64, 2)))))
+                    _apply_row(e, spec, _load_id(e, a["ids"], i), src, bufs, step, commit)
+
+
+def _prefetch_streamed(e: Emitter, spec: UpdateSpec, a: dict, delta: "Delta", bufs: dict,
+                       t) -> None:
+    """The lines of the position PREFETCH_AHEAD later: its gradient row, its scratch
+    row once taken, and, when it is applied there, every row `_prefetch` asks for."""
+    b = e.b
+    ahead = b.add(t, _c(I64, PREFETCH_AHEAD))
+    with b.if_then(b.icmp_signed("<", ahead, a["count"])):
+        i = b.load(e.gep(a["occ"], ahead))
+        code = b.load(e.gep(a["order"], ahead))
+        pf = _prefetch_fn(e)
+        _fetch_row(e, delta.row(i), 4 * spec.dim, pf, write=0)
+        first = b.ashr(code, _c(I64, 2))
+        later = b.and_(b.icmp_signed(">=", code, _c(I64, 0)),
+                       b.icmp_unsigned("!=", code, _c(I64, CODE_FIRST)))
+        with b.if_then(b.and_(later, b.icmp_signed("<", first, t))):  # its row is taken
+            slot = b.load(e.gep(a["order"], first))
+            _fetch_row(e, e.gep(a["acc"], b.mul(slot, _c(I64, spec.dim))), 4 * spec.dim, pf)
+        with b.if_then(b.icmp_unsigned("!=", b.and_(code, _c(I64, CODE_LAST)), _c(I64, 0))):
+            _fetch_rows_of(e, spec, _load_id(e, a["ids"], i), bufs, pf)
 
 
 class Delta:
@@ -1015,7 +1181,7 @@ def emit_undo(module: ir.Module, spec: UpdateSpec) -> None:
     b.ret_void()
 
 
-PREFETCH_AHEAD = 8  # rows: 4 to 16 measured the same
+PREFETCH_AHEAD = 8  # rows: 4 to 16 measured the same (8 to 32 streamed)
 PREFETCH_BYTES = 2048  # per stream; 512 left half a dim-256 row unasked (apply 169 -> 139 ms)
 
 
@@ -1034,32 +1200,38 @@ def _prefetch(e: Emitter, spec: UpdateSpec, ids, entry, grad_row, pos, count,
     ahead = b.add(pos, _c(I64, PREFETCH_AHEAD))
     with b.if_then(b.icmp_signed("<", ahead, count)):
         k = entry(ahead)
-        nid = _load_id(e, ids, k)
-        elem = _elem_type(spec.table_dtype)
-        row_bytes = catalog.row_bytes(spec.table_dtype, spec.dim)
-        targets = [(grad_row(k), 4 * spec.dim),
-                   (e.row(bufs["table"], elem, nid, spec.dim), row_bytes)]
-        for state, ptr in zip(spec.states, bufs["states"]):
-            if state.rowwise:
-                targets.append((e.gep(ptr, nid), 4))
-            else:
-                targets.append((e.gep(ptr, b.mul(nid, _c(I64, spec.dim))), 4 * spec.dim))
-        if spec.serving is not None:
-            width = catalog.row_bytes(spec.serving, spec.dim)
-            targets.append((e.row(bufs["serving"], I8, nid, width), width))
-        if spec.versions:
-            targets.append((e.gep(bufs["versions"], nid), 8))  # null when not passed: harmless
-        if not spec.dedup:  # the row's pair in the journal's table of recent rows
-            slot = _slot_of(e, nid, _c(I64, RECENT_SLOTS - 1))
-            targets.append((e.gep(bufs["recent"], b.shl(slot, _c(I64, 1))), 16))
         pf = _prefetch_fn(e)
-        for ptr, nbytes in targets:
-            _fetch_row(e, ptr, nbytes, pf)
-        # a prefetch of null + id is dropped, but not free (~10% of a plain
-        # SGD update, measured): the sequence word only when there is one
-        seq = bufs["seq"]
-        with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(seq, I64), _c(I64, 0))):
-            _fetch_row(e, e.gep(seq, nid), 4, pf)
+        _fetch_row(e, grad_row(k), 4 * spec.dim, pf)
+        _fetch_rows_of(e, spec, _load_id(e, ids, k), bufs, pf)
+
+
+def _fetch_rows_of(e: Emitter, spec: UpdateSpec, nid, bufs: dict, pf) -> None:
+    """Prefetch row nid of the table, its states, serving row, version, sequence word
+    (and its pair in `recent`, without dedup): what `_apply_row` will touch."""
+    b = e.b
+    elem = _elem_type(spec.table_dtype)
+    row_bytes = catalog.row_bytes(spec.table_dtype, spec.dim)
+    targets = [(e.row(bufs["table"], elem, nid, spec.dim), row_bytes)]
+    for state, ptr in zip(spec.states, bufs["states"]):
+        if state.rowwise:
+            targets.append((e.gep(ptr, nid), 4))
+        else:
+            targets.append((e.gep(ptr, b.mul(nid, _c(I64, spec.dim))), 4 * spec.dim))
+    if spec.serving is not None:
+        width = catalog.row_bytes(spec.serving, spec.dim)
+        targets.append((e.row(bufs["serving"], I8, nid, width), width))
+    if spec.versions:
+        targets.append((e.gep(bufs["versions"], nid), 8))  # null when not passed: harmless
+    if not spec.dedup:  # the row's pair in the journal's table of recent rows
+        slot = _slot_of(e, nid, _c(I64, RECENT_SLOTS - 1))
+        targets.append((e.gep(bufs["recent"], b.shl(slot, _c(I64, 1))), 16))
+    for ptr, nbytes in targets:
+        _fetch_row(e, ptr, nbytes, pf)
+    # a prefetch of null + id is dropped, but not free (~10% of a plain
+    # SGD update, measured): the sequence word only when there is one
+    seq = bufs["seq"]
+    with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(seq, I64), _c(I64, 0))):
+        _fetch_row(e, e.gep(seq, nid), 4, pf)
 
 
 def _fetch_row(e: Emitter, ptr, nbytes: int, pf, write: int = 1) -> None:
@@ -1425,8 +1597,7 @@ def emit_update(spec: UpdateSpec) -> str:
     emit_apply(module, spec)
     emit_undo(module, spec)
     for fn_name, sig in (("ekko_update_dedup", abi.update_dedup(spec.index_dtype)),
-                         ("ekko_update_apply", abi.update_apply(len(spec.states),
-                                                                spec.index_dtype, spec.dedup)),
+                         ("ekko_update_apply", abi.update_apply(len(spec.states), spec.index_dtype, spec.unique_ids)),
                          ("ekko_update_undo", abi.update_undo(len(spec.states)))):
         emit_packed(module, module.get_global(fn_name), sig)
     return str(module)

@@ -16,6 +16,7 @@ from .mathprog import MathProgram
 
 INDEX_DTYPES = catalog.INDEX_DTYPES
 POOLING_MODES = catalog.POOLING_MODES
+ORDERS = catalog.APPLY_ORDERS
 serving_row_bytes = catalog.row_bytes
 
 
@@ -45,7 +46,7 @@ class UpdateSpec:
     dedup: bool = True
     stochastic_rounding: bool = False
     # schedule, chosen by upd-schedule (these defaults are its measured-fast ones)
-    sort: bool = False
+    order: str = "input"  # how a deduplicated update walks its rows: one of ORDERS
     partitions: int = 1
     tile: int = 0  # 0: the whole row
     # GPU schedule (upd-schedule{target=triton}); 0: the Triton backend's default
@@ -62,6 +63,23 @@ class UpdateSpec:
             catalog.layout(self.serving)
         if (why := limit_error("dim", self.dim, MAX_DIM)) is not None:
             raise ValueError(f"{why} (MAX_DIM)")
+        if self.order not in ORDERS:
+            raise ValueError(f"unknown order {self.order!r}: one of {', '.join(ORDERS)}")
+
+    @property
+    def streamed(self) -> bool:
+        """Deduplicated, and applied in input order (repeated ids summed in scratch rows)."""
+        return self.dedup and self.order == "input"
+
+    @property
+    def unique_ids(self) -> bool:
+        """The apply walks the dedup's unique ids (grouped), not the delta's."""
+        return self.dedup and not self.streamed
+
+    @property
+    def sort(self) -> bool:
+        """Deduplicated, and the unique ids applied sorted by id."""
+        return self.dedup and self.order == "id"
 
     @property
     def entry(self) -> catalog.Optimizer:

@@ -50,7 +50,7 @@ def update_spec(op: kern.UpdateOp) -> UpdateSpec:
         versions=op.versions is not None,
         dedup=op.dedup is not None,
         stochastic_rounding=op.stochastic_rounding is not None,
-        sort=op.sort is not None,
+        order=op.order.data if op.order is not None else "input",
         partitions=_int(op, "partitions", 1),
         tile=_int(op, "tile", 0),
         block_rows=_int(op, "block_rows", 0),
@@ -107,7 +107,7 @@ def exports(spec: Spec) -> list[abi.Signature]:
     """The functions a kernel's native code exports, as the ABI declares them."""
     if isinstance(spec, UpdateSpec):
         sigs = [abi.update_dedup(spec.index_dtype),
-                abi.update_apply(len(spec.states), spec.index_dtype, spec.dedup),
+                abi.update_apply(len(spec.states), spec.index_dtype, spec.unique_ids),
                 abi.update_undo(len(spec.states))]
     elif isinstance(spec, BagSpec):
         sigs = [abi.bag(False), abi.bag(True)]

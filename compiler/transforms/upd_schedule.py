@@ -3,15 +3,18 @@
 Splits the rows into `partitions` disjoint sets that threads apply
 independently (ids are assigned by a hash, so no two partitions share a row:
 no atomics, no races), picks the tile the embedding-dim loops are blocked by,
-and, with `sort=true`, orders each partition's unique ids (a radix sort) so
-rows are applied walking the table forward. Bags get the partition count.
+and the `order` a deduplicated update walks its rows in
+(`catalog.APPLY_ORDERS`): "input", the delta's own order, a repeated id's
+rows summed in a scratch row and applied at its last; "bucket", grouped by
+unique id one range of rows at a time; "id", grouped and radix-sorted by id.
+Bags get the partition count.
 
-Measured on the 2-core development machine (1M Zipf ids into 4M x 64 f32,
-rowwise Adagrad + int8): sorting cost more than the locality it bought
-(~42 vs ~33 ms: a 3 ms sort, and the summed rows and delta rows are then
-read out of order while every row is prefetched anyway), so it is
-off by default; a tile narrower than the dim split the vector loops (16 of
-64: ~2x slower), so the tile is the whole row up to 512 values.
+Measured on the 2-core development machine (1M ids, rowwise Adagrad, one
+thread; docs/backends.md has the figures): "input" is the fastest on skewed
+and on uniform ids, because the gradient rows, the largest stream, are read
+forward and not gathered; sorting cost more than the locality it bought. A
+tile narrower than the dim split the vector loops (16 of 64: ~2x slower), so
+the tile is the whole row up to 512 values.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import IntegerAttr, ModuleOp, UnitAttr, i64
+from xdsl.dialects.builtin import IntegerAttr, ModuleOp, StringAttr, i64
 from xdsl.ir import Attribute, Operation
 from xdsl.passes import ModulePass
 from xdsl.pattern_rewriter import (
@@ -32,7 +35,7 @@ from xdsl.pattern_rewriter import (
     op_type_rewrite_pattern,
 )
 
-from ...dialects import emb, upd
+from ...dialects import catalog, emb, upd
 from ..backend.targets import TARGETS, target
 from ...dialects.limits import MAX_DIM, MAX_PARTITIONS
 
@@ -53,7 +56,7 @@ class ScheduleApply(RewritePattern):
     """Sets an upd.apply's schedule properties (a no-op once they are set)."""
 
     partitions: int
-    sort: bool
+    order: str
     tile: int  # 0: chosen from the dim
     launch: Callable[[int], dict[str, int]]  # the target's launch settings for a dim
 
@@ -65,7 +68,8 @@ class ScheduleApply(RewritePattern):
         want: dict[str, Attribute | None] = {
             "partitions": IntegerAttr(self.partitions, i64),
             "tile": IntegerAttr(min(self.tile or choose_tile(dim), dim), i64),
-            "sort": UnitAttr() if self.sort else None,
+            # how the dedup walks its rows: an update without dedup has one way
+            "order": StringAttr(self.order) if op.dedup is not None else None,
         }
         want |= {name: IntegerAttr(value, i64) for name, value in self.launch(dim).items()}
         _set_properties(op, want, rewriter)
@@ -102,13 +106,16 @@ class UpdSchedulePass(ModulePass):
     name = "upd-schedule"
 
     partitions: int = 0  # 0: one per CPU core
-    sort: bool = False
+    order: str = "input"  # one of catalog.APPLY_ORDERS
     tile: int = 0  # 0: chosen from the dim
     target: str = "llvm"  # a name in TARGETS: also its launch settings (Triton: block_rows, num_warps)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"target must be {' or '.join(TARGETS)}, got {self.target!r}")
+        if self.order not in catalog.APPLY_ORDERS:
+            raise ValueError(f"upd-schedule: order must be {' or '.join(catalog.APPLY_ORDERS)}, "
+                             f"got {self.order!r}")
         for option, value, most in (("partitions", self.partitions, MAX_PARTITIONS),
                                     ("tile", self.tile, MAX_DIM)):
             if not 0 <= value <= most:
@@ -118,6 +125,6 @@ class UpdSchedulePass(ModulePass):
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         parts = self.partitions or default_partitions()
         PatternRewriteWalker(GreedyRewritePatternApplier([
-            ScheduleApply(parts, self.sort, self.tile, target(self.target).launch),
+            ScheduleApply(parts, self.order, self.tile, target(self.target).launch),
             PartitionLookups(parts),
         ], dce_enabled=False), apply_recursively=False).rewrite_module(op)  # schedules only: erases nothing

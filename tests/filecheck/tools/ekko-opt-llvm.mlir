@@ -9,7 +9,7 @@
 // returns a status (a stored value that is not finite refuses the call);
 // the undo function puts journaled rows back.
 
-// CHECK:       ; ekko kernel for @train: update:{{.*}}dedup=True,dim=64,{{.*}}optimizer=rowwise_adagrad,partitions=2,serving=int8,{{.*}}versions=True
+// CHECK:       ; ekko kernel for @train: update:{{.*}}dedup=True,dim=64,{{.*}}optimizer=rowwise_adagrad,order=input,partitions=2,serving=int8,{{.*}}versions=True
 // CHECK:       define i64 @"ekko_update_dedup"(
 // CHECK:         call i64 @"llvm.ctlz.i64"
 // CHECK:       define i64 @"ekko_update_apply"(
@@ -32,7 +32,7 @@ func.func @train(%t: !emb.table<1000x64xf32>, %m: !emb.state<1000x1>, %q: !emb.t
 // Plain SGD on an f32 table needs no dedup: the apply phase reads the raw
 // delta, and the dedup phase only validates it.
 
-// CHECK:       ; ekko kernel for @sgd: update:{{.*}}dedup=False,dim=13,{{.*}}optimizer=sgd,partitions=2,
+// CHECK:       ; ekko kernel for @sgd: update:{{.*}}dedup=False,dim=13,{{.*}}optimizer=sgd,order=input,partitions=2,
 // CHECK:       define i64 @"ekko_update_dedup"(
 // CHECK:       define i64 @"ekko_update_apply"(
 // CHECK-NOT:   llvm.sqrt

@@ -8,7 +8,7 @@
 // 32 bytes of nibbles + f16 scale and bias = 36 bytes a row.
 
 // CHECK-LABEL: func.func @train(%t: memref<1000x64xf32>, %m: memref<1000x1xf32>, %ids: memref<?xi64>, %rows: memref<?x64xf32>, %q: memref<1000x36xi8>, %v: memref<1000xi64>, %ver: i64) {
-// CHECK-NEXT:    kern.update %t, %m, %ids, %rows, %q, %v, %ver {optimizer = "rowwise_adagrad", lr = 1.000000e-02 : f64, dedup, serving, versions, sort, partitions = 2 : i64, tile = 16 : i64, serving_layout = #emb.layout<int4>} : memref<1000x64xf32>, memref<1000x1xf32>, memref<?xi64>, memref<?x64xf32>, memref<1000x36xi8>, memref<1000xi64>, i64 {
+// CHECK-NEXT:    kern.update %t, %m, %ids, %rows, %q, %v, %ver {optimizer = "rowwise_adagrad", lr = 1.000000e-02 : f64, dedup, serving, versions, order = "bucket", partitions = 2 : i64, tile = 16 : i64, serving_layout = #emb.layout<int4>} : memref<1000x64xf32>, memref<1000x1xf32>, memref<?xi64>, memref<?x64xf32>, memref<1000x36xi8>, memref<1000xi64>, i64 {
 // CHECK-NEXT:  ^bb0(%g: f32, %w: f32, %momentum: f32, %step: f64, %lr: f64, %eps: f64):
 // CHECK-NEXT:  %0 = arith.mulf %g, %g : f32
 // CHECK-NEXT:  %1 = kern.row_sum %0
@@ -29,7 +29,7 @@
 // CHECK-NEXT:  }
 func.func @train(%t: !emb.table<1000x64xf32>, %m: !emb.state<1000x1>, %ids: tensor<?xi64>, %rows: tensor<?x64xf32>, %q: !emb.table<1000x64xint4>, %v: !emb.versions<1000>, %ver: i64) -> (!emb.table<1000x64xf32>, !emb.state<1000x1>, !emb.table<1000x64xint4>, !emb.versions<1000>) {
   %d = upd.delta %ids, %rows : tensor<?xi64>, tensor<?x64xf32>
-  %t2, %m2, %q2, %v2 = upd.apply %t, %m, %d, %q, %v, %ver {optimizer = "rowwise_adagrad", lr = 0.01 : f64, dedup, serving, versions, sort, partitions = 2 : i64, tile = 16 : i64} : !emb.table<1000x64xf32>, !emb.state<1000x1>, !upd.delta<64xf32, i64>, !emb.table<1000x64xint4>, !emb.versions<1000>, i64
+  %t2, %m2, %q2, %v2 = upd.apply %t, %m, %d, %q, %v, %ver {optimizer = "rowwise_adagrad", lr = 0.01 : f64, dedup, serving, versions, order = "bucket", partitions = 2 : i64, tile = 16 : i64} : !emb.table<1000x64xf32>, !emb.state<1000x1>, !upd.delta<64xf32, i64>, !emb.table<1000x64xint4>, !emb.versions<1000>, i64
   func.return %t2, %m2, %q2, %v2 : !emb.table<1000x64xf32>, !emb.state<1000x1>, !emb.table<1000x64xint4>, !emb.versions<1000>
 }
 

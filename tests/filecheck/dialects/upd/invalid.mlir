@@ -517,6 +517,12 @@
 
 // -----
 
+// CHECK: 'upd.apply' order must be one of 'input', 'bucket', 'id', got "sorted"
+%t, %d = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>)
+%r = upd.apply %t, %d {optimizer = "sgd", lr = 0.1 : f64, dedup, order = "sorted"} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>
+
+// -----
+
 // CHECK: 'versions' is a unit flag that says the versions and version operand is present, got 1 : i64
 %t, %d, %v, %n = "test.op"() : () -> (!emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>, i64)
 %r:2 = upd.apply %t, %d, %v, %n {optimizer = "sgd", lr = 0.1 : f64, versions = 1 : i64} : !emb.table<10x4xf32>, !upd.delta<4xf32, i64>, !emb.versions<10>, i64
