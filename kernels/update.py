@@ -219,7 +219,8 @@ class UpdateKernel:
                            err_buf=out + 16)
             if self.spec.streamed:  # the owned positions in input order, by their codes
                 owned = int(sc.count[1])
-                sc.ensure_acc(owned - entries, self.spec.dim)
+                # a row per repeated id: each has 2+ positions, and is a unique id
+                sc.ensure_acc(min(entries, owned - entries), self.spec.dim)
                 return dict(common, **journal, **delta, part=p, ids=i.ptr, count=owned,
                             order=sc.sort[0].ctypes.data, occ=sc.occ.ctypes.data, srcs=None,
                             summed=sc.summed.ctypes.data, recent=None, generation=0,

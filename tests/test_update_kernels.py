@@ -361,6 +361,25 @@ def test_many_buckets_hot_and_edge_ids(optimizer: str, threads: int) -> None:
     run_case(case, deltas=[delta(), delta()])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+def test_hashed_buckets_and_a_full_hash_table(optimizer: str, threads: int) -> None:
+    """Few ids in a large table: a bucket spans more rows than the scratch table
+    holds, so its ids are hashed, not mapped directly. The second delta crowds
+    20,000 ids into rows [0, 30,000) of one bucket: the hash table fills, the
+    runtime doubles it and reruns. Both against the reference, ids 0 and rows-1."""
+    case = Case(optimizer, "f32", "int8", dim=16, rows=1_000_003, n_ids=3000, threads=threads,
+                steps=2)
+    rng = np.random.default_rng(11)
+
+    def delta(high: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = rng.integers(0, high, n)
+        ids[:4] = [0, case.rows - 1, 0, 5]
+        return ids.astype(np.int64), rng.normal(0, 0.3, (n, case.dim)).astype(np.float32)
+
+    run_case(case, deltas=[delta(case.rows, 3000), delta(30_000, 20_000)])
+
+
 @pytest.mark.parametrize("index_dtype", ["i32", "i64"])
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
 def test_index_dtypes(optimizer: str, index_dtype: str) -> None:

@@ -140,7 +140,7 @@ def update_apply(spec_states: int, index_dtype: str, unique_ids: bool) -> Signat
                            "fewer rows, e.g. a pooled output's gradient per bag)"),
         _a("gscale", "f32*", "or null: with gidx, delta row p is grads[gidx[p]] * gscale[p]"),
         _a("acc", "f32*", "streamed: scratch rows a repeated id's delta rows are added "
-                          "into, one per such id (owned positions - unique ids at most)"),
+                          "into, one per such id (at most min(unique ids, owned positions - unique ids))"),
     ), "Returns a Status.")
 
 

@@ -33,7 +33,7 @@ VOCABULARY = ["emb.table", "emb.feature", "emb.bag", "emb.lookup", "upd.delta", 
               "array<i32: -1>", "<{}>", "serving_layout", "weighted", "seq"]
 ARGS = [[], [], ["--print-op-generic"], ["-p", PIPELINE], ["-p", PIPELINE], ["-p", "upd-dedup"],
         ["-p", "upd-dedup,upd-fuse"], ["-p", PIPELINE, "-t", "llvm"], ["--split-input-file"],
-        ["-p", "upd-dedup,upd-fuse,upd-schedule{partitions=3 sort=true tile=8}"]]
+        ["-p", "upd-dedup,upd-fuse,upd-schedule{partitions=3 order=id tile=8}"]]
 
 
 @lru_cache(maxsize=1)
