@@ -223,17 +223,17 @@ class UpdateKernel:
                 sc.ensure_acc(min(entries, owned - entries), self.spec.dim)
                 return dict(common, **journal, **delta, part=p, ids=i.ptr, count=owned,
                             order=sc.sort[0].ctypes.data, occ=sc.occ.ctypes.data, srcs=None,
-                            summed=sc.summed.ctypes.data, recent=None, generation=0,
-                            acc=sc.acc.ctypes.data)
+                            places=sc.sort[3].ctypes.data, summed=sc.summed.ctypes.data,
+                            recent=None, generation=0, acc=sc.acc.ctypes.data)
             if self.spec.dedup:
                 return dict(common, **journal, **delta, part=p, ids=sc.uids.ctypes.data,
                             count=int(sc.count[0]),
                             order=sc.sort[0].ctypes.data, occ=sc.occ.ctypes.data,
-                            srcs=sc.srcs.ctypes.data, summed=sc.summed.ctypes.data,
-                            recent=None, generation=0, acc=None)
+                            srcs=sc.srcs.ctypes.data, places=None,
+                            summed=sc.summed.ctypes.data, recent=None, generation=0, acc=None)
             generation = sc.next_generation()
             return dict(common, **journal, **delta, part=p, ids=i.ptr, count=n, order=None,
-                        occ=None, srcs=None, summed=sc.summed.ctypes.data,
+                        occ=None, srcs=None, places=None, summed=sc.summed.ctypes.data,
                         recent=sc.recent.ctypes.data, generation=generation, acc=None)
 
         codes = self._apply([apply_args(p) for p in range(parts)])

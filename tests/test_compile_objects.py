@@ -92,7 +92,8 @@ def test_an_update_kernel_called_through_the_manifest_updates_like_numpy(compile
     n, cap = len(ids), 1024
     htab = np.full(2 * cap, -1, np.int64)
     uids, occ, slots, srcs, count, err = (np.zeros(n, np.int64) for _ in range(6))
-    assert spec["order"] == "input"  # streamed: count[1] gets the owned positions
+    assert spec["order"] == "input"  # streamed: count[1] gets the owned positions, sort[3]
+    # where each one's code is in sort[0]
     sort = [np.zeros(n, np.int64) for _ in range(4)]
     starts = np.zeros(4097, np.int64)  # as the manifest's comment on `starts` says
     one_row = np.zeros(2 * dim, np.float32)  # two rows of scratch
@@ -108,7 +109,7 @@ def test_an_update_kernel_called_through_the_manifest_updates_like_numpy(compile
     args = [0, 1, ids.ctypes.data, grads.ctypes.data, int(count[1]), table.ctypes.data,
             momentum.ctypes.data, serving.ctypes.data if serving is not None else None,
             None, None, 1, 1, 0, sort[0].ctypes.data, occ.ctypes.data, None,
-            one_row.ctypes.data, aligned, *(out[k:].ctypes.data for k in range(3)), None, 0,
+            sort[3].ctypes.data, one_row.ctypes.data, aligned, *(out[k:].ctypes.data for k in range(3)), None, 0,
             None, None, acc.ctypes.data]  # not gathered: grads holds the delta's rows
     assert apply(*args) == 0 and out[0] == 3
     summed = {3: grads[0] + grads[2], 19: grads[1], 0: grads[3]}

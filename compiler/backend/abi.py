@@ -99,9 +99,10 @@ def update_dedup(index_dtype: str) -> Signature:
         _a("slots", "i64*"),
         _a("count_out", "i64*", "out: unique ids; streamed, then the owned positions"),
         _a("err_pos", "i64*"),
-        _a("order", "i64*", "out: unique indices sorted by id (order id); streamed: each "
-                            "owned position's code (see llvm_update.STREAM_CODES)"),
-        _a("key_a", "i64*"), _a("key_b", "i64*"), _a("order_b", "i64*"),
+        _a("order", "i64*", "out: unique indices sorted by id (order id); streamed: the "
+                            "codes in bucket order (see llvm_update.STREAM_CODES)"),
+        _a("key_a", "i64*"), _a("key_b", "i64*"),
+        _a("order_b", "i64*", "streamed, out: where each owned position's code is in order"),
         _a("srcs", "i64*", "out: where unique index k's rows end in occ (they start "
                            "where k-1's end)"),
         _a("starts", "i64*", f"scratch: {UPDATE_BUCKETS + 1} bucket starts"),
@@ -126,6 +127,7 @@ def update_apply(spec_states: int, index_dtype: str, unique_ids: bool) -> Signat
         _a("step", "i64"), _a("version", "i64"), _a("seed", "i64", "stochastic rounding"),
         _a("order", "i64*"), _a("occ", "i64*", "dedup: delta rows by unique id"),
         _a("srcs", "i64*", "dedup: where each unique id's rows end in occ"),
+        _a("places", "i64*", "streamed: owned position t's code is order[places[t]]"),
         _a("summed", "f32*", "scratch: two rows (a repeated id's rows added; a gathered "
                              "row scaled)"),
         _a("journal", "i8*", "out: each written row's old bytes, one entry a row "

@@ -247,11 +247,12 @@ DEDUP_BLOCK = 1024  # ids scanned per block; the owned ones are compacted first
 BUCKET_IDS = 2048  # owned ids a bucket aims at: its hash table (~64 KiB) stays in L2
 MIN_SLOTS = 16
 OCC_AHEAD = 8  # rows of a repeated id fetched ahead while they are summed
-# STREAM_CODES, what the streamed apply does at an owned position: CODE_SINGLE,
-# the id's only row (applied from the delta row in place); CODE_FIRST, the first
-# of several (the apply takes the next scratch row and writes it to order[t] for
-# the later rows); else (t_first << 2) | CODE_LAST or | 0: a later row, added to
-# the scratch row of the id's first, and with CODE_LAST the row is then applied.
+# STREAM_CODES, what the streamed apply does at an owned position, kept in bucket
+# order (`order[j]`; position t's is order[places[t]]): CODE_SINGLE, the id's only
+# row (applied from the delta row in place); CODE_FIRST, the first of several (the
+# apply takes the next scratch row r and writes taken(r) = -2 - r over the code
+# for the later rows); else (j_first << 2) | CODE_LAST or | 0: a later row, added
+# to the scratch row of the id's first, and with CODE_LAST the row is then applied.
 CODE_SINGLE, CODE_FIRST, CODE_LAST = -1, 1, 2
 
 
@@ -354,8 +355,6 @@ class _Buckets:
         b.store(b.add(b.load(p), _c(I64, 1)), p)
         k = b.load(self.owned)
         b.store(i, e.gep(self.arg["occ"], k))
-        if self.streamed:  # most positions are an id's only one: `_codes` writes the others
-            b.store(_c(I64, CODE_SINGLE), e.gep(self.arg["order"], k))
         b.store(b.add(k, _c(I64, 1)), self.owned)
 
     def scatter(self) -> None:
@@ -372,8 +371,10 @@ class _Buckets:
             at = b.load(p)
             b.store(b.add(at, _c(I64, 1)), p)
             b.store(idv, e.gep(arg["key_a"], at))
-            # streamed: where the position sits in occ, which the codes are indexed by
-            b.store(t if self.streamed else i, e.gep(arg["key_b"], at))
+            if self.streamed:  # where owned position t's code will be: written in t order
+                b.store(at, e.gep(arg["order_b"], t))
+            else:
+                b.store(i, e.gep(arg["key_b"], at))
 
     def each(self, insert: Callable, count_ptr) -> None:
         """insert(id, slot mask, the bucket's first unique index) -> unique index, for
@@ -442,33 +443,32 @@ class _Buckets:
                 _clear_slots(e, arg["htab"], arg["slots"], first, last)
 
     def _codes(self, start, end, first, last) -> None:
-        """order[t] = the code of owned position t (`STREAM_CODES`), for the bucket's
-        positions (input order within the bucket, so an id's first comes first).
-
-        srcs[k] counts k's rows still to come; slots[k] (free once the hash slots
-        are emptied) holds the position of k's first row, or -1 before it."""
+        """order[j] = the code (`STREAM_CODES`) of the bucket's entry j, walking the
+        bucket's entries in order (input order within the bucket, so an id's first
+        comes first): sequential writes, no branch. srcs[k] counts k's rows still
+        to come (0 for an only row); slots[k] (free once the hash slots are emptied)
+        holds the entry of k's first row, -1 before it."""
         e, b, arg = self.e, self.e.b, self.arg
         srcs, slots, codes = arg["srcs"], arg["slots"], arg["order"]
-        with e.loop(first, last, "code_reset") as k:  # an only row: 0, skipped below
+        with e.loop(first, last, "code_reset") as k:
             count = e.gep(srcs, k)
             b.store(_c(I64, -1), e.gep(slots, k))
             rows = b.load(count)
             b.store(b.select(b.icmp_unsigned("==", rows, _c(I64, 1)), _c(I64, 0), rows), count)
         with e.loop(start, end, "codes") as j:
             k = b.load(e.gep(arg["key_a"], j))
-            left_p = e.gep(srcs, k)
-            left = b.load(left_p)
-            with b.if_then(b.icmp_signed(">", left, _c(I64, 0))):  # 0: an only row, coded
-                t = b.load(e.gep(arg["key_b"], j))
-                first_p = e.gep(slots, k)
-                head = b.load(first_p)
-                is_last = b.icmp_unsigned("==", left, _c(I64, 1))
-                seen = b.icmp_signed(">=", head, _c(I64, 0))
-                later = b.or_(b.shl(head, _c(I64, 2)),
-                              b.select(is_last, _c(I64, CODE_LAST), _c(I64, 0)))
-                b.store(b.select(seen, later, _c(I64, CODE_FIRST)), e.gep(codes, t))
-                b.store(b.select(seen, head, t), first_p)
-                b.store(b.sub(left, _c(I64, 1)), left_p)
+            left_p, first_p = e.gep(srcs, k), e.gep(slots, k)
+            left, head = b.load(left_p), b.load(first_p)
+            only = b.icmp_signed("==", left, _c(I64, 0))
+            seen = b.icmp_signed(">=", head, _c(I64, 0))
+            last = b.select(b.icmp_unsigned("==", left, _c(I64, 1)), _c(I64, CODE_LAST),
+                            _c(I64, 0))
+            later = b.or_(b.shl(head, _c(I64, 2)), last)
+            code = b.select(only, _c(I64, CODE_SINGLE),
+                            b.select(seen, later, _c(I64, CODE_FIRST)))
+            b.store(code, e.gep(codes, j))
+            b.store(b.select(seen, head, j), first_p)
+            b.store(b.select(only, left, b.sub(left, _c(I64, 1))), left_p)
 
     def _group(self, start, end, first, last) -> None:
         """occ[start:end) = the bucket's delta rows ordered by unique index (input order
@@ -780,30 +780,34 @@ def _streamed_apply(e: Emitter, spec: UpdateSpec, a: dict, delta: "Delta", commi
     `acc`, and applied from it at its last row. The gradient rows are read walking
     the delta forward; the scratch rows of hot ids stay in cache."""
     b = e.b
-    occ, codes, acc, dim = a["occ"], a["order"], a["acc"], spec.dim
+    occ, codes, places, acc, dim = a["occ"], a["order"], a["places"], a["acc"], spec.dim
     taken = b.alloca(I64, name="scratch_rows")
     b.store(_c(I64, 0), taken)
 
     def acc_row(slot):
         return e.gep(acc, b.mul(slot, _c(I64, dim)))
 
+    def first_row(code):  # the scratch row the first of code's id took
+        return acc_row(b.sub(_c(I64, -2), b.load(e.gep(codes, b.ashr(code, _c(I64, 2))))))
+
     with e.loop(_c(I64, 0), a["count"], "stream") as t:
         _prefetch_streamed(e, spec, a, delta, bufs, t)
         i = b.load(e.gep(occ, t))
-        code = b.load(e.gep(codes, t))
+        place = b.load(e.gep(places, t))
+        code = b.load(e.gep(codes, place))
         row = delta.checked_row(i, commit, a["summed"])
         single = b.icmp_signed("==", code, _c(I64, CODE_SINGLE))
         with b.if_else(b.icmp_signed("==", code, _c(I64, CODE_FIRST))) as (first, later):
             with first:  # the next scratch row: its index replaces the code
                 slot = b.load(taken)
                 b.store(b.add(slot, _c(I64, 1)), taken)
-                b.store(slot, e.gep(codes, t))
+                b.store(b.sub(_c(I64, -2), slot), e.gep(codes, place))  # taken(slot)
                 into = acc_row(slot)
                 with e.tiled(dim, spec.tile, "open") as j:
                     b.store(b.load(e.gep(row, j)), e.gep(into, j))
             with later:
                 with b.if_then(b.not_(single)):
-                    into = acc_row(b.load(e.gep(codes, b.ashr(code, _c(I64, 2)))))
+                    into = first_row(code)
                     with e.tiled(dim, spec.tile, "add") as j:
                         p = e.gep(into, j)
                         b.store(b.fadd(b.load(p), b.load(e.gep(row, j))), p)
@@ -813,27 +817,34 @@ def _streamed_apply(e: Emitter, spec: UpdateSpec, a: dict, delta: "Delta", commi
                 with alone:
                     _apply_row(e, spec, _load_id(e, a["ids"], i), row, bufs, step, commit)
                 with summed:
-                    src = acc_row(b.load(e.gep(codes, b.ashr(code, _c(I64, 2)))))
+                    src = first_row(code)
                     _apply_row(e, spec, _load_id(e, a["ids"], i), src, bufs, step, commit)
 
 
 def _prefetch_streamed(e: Emitter, spec: UpdateSpec, a: dict, delta: "Delta", bufs: dict,
                        t) -> None:
     """The lines of the position PREFETCH_AHEAD later: its gradient row, its scratch
-    row once taken, and, when it is applied there, every row `_prefetch` asks for."""
+    row once taken, and, when it is applied there, every row `_prefetch` asks for;
+    and the code of the position twice as far (codes sit in bucket order)."""
     b = e.b
+    pf = _prefetch_fn(e)
+    codes, places = a["order"], a["places"]
+    further = b.add(t, _c(I64, 2 * PREFETCH_AHEAD))
+    with b.if_then(b.icmp_signed("<", further, a["count"])):
+        _fetch_row(e, e.gep(codes, b.load(e.gep(places, further))), 8, pf)
     ahead = b.add(t, _c(I64, PREFETCH_AHEAD))
     with b.if_then(b.icmp_signed("<", ahead, a["count"])):
         i = b.load(e.gep(a["occ"], ahead))
-        code = b.load(e.gep(a["order"], ahead))
-        pf = _prefetch_fn(e)
+        code = b.load(e.gep(codes, b.load(e.gep(places, ahead))))
         _fetch_row(e, delta.row(i), 4 * spec.dim, pf, write=0)
         first = b.ashr(code, _c(I64, 2))
         later = b.and_(b.icmp_signed(">=", code, _c(I64, 0)),
                        b.icmp_unsigned("!=", code, _c(I64, CODE_FIRST)))
-        with b.if_then(b.and_(later, b.icmp_signed("<", first, t))):  # its row is taken
-            slot = b.load(e.gep(a["order"], first))
-            _fetch_row(e, e.gep(a["acc"], b.mul(slot, _c(I64, spec.dim))), 4 * spec.dim, pf)
+        # its first's scratch row once taken (the code there is then -2 - row)
+        there = _load_if(e, later, codes, first, _c(I64, CODE_FIRST))
+        with b.if_then(b.icmp_signed("<=", there, _c(I64, -2))):
+            row = b.sub(_c(I64, -2), there)
+            _fetch_row(e, e.gep(a["acc"], b.mul(row, _c(I64, spec.dim))), 4 * spec.dim, pf)
         with b.if_then(b.icmp_unsigned("!=", b.and_(code, _c(I64, CODE_LAST)), _c(I64, 0))):
             _fetch_rows_of(e, spec, _load_id(e, a["ids"], i), bufs, pf)
 
