@@ -46,7 +46,7 @@ from ..kernels.errors import EkkoError
 from .packet import Packet
 from .primary import Primary
 from .replica import Replica
-from .scheduler import PACKET_HEADER, Link, SchedulerConfig
+from .scheduler import PACKET_HEADER, UNCHANGED, Link, SchedulerConfig
 from .stats import Histogram
 from .wan import WanCodec, WanPipe
 
@@ -618,8 +618,9 @@ class RegionLink(Link):
             self.cond.notify_all()
 
     def waiting(self, table: str, ids: np.ndarray) -> np.ndarray:
-        """Per id, whether this link has it pending (it will send the newest value itself;
-        rows on their way count too; fifo's queue does not, so repairs may pull those)."""
+        """Per id, whether this link has it pending (it will send the newest value itself,
+        and its watermark waits for it; rows on their way as updates count too, a full
+        copy's others do not; fifo's queue does not, so repairs may pull those)."""
         with self.cond:
             out = np.zeros(len(ids), bool)
             if self.config.policy != "fifo":
@@ -646,9 +647,12 @@ class RegionLink(Link):
     def _select(self) -> list:
         batch = super()._select()
         sending: dict[str, list[np.ndarray]] = {}  # a fifo batch has several entries a table
-        for b in batch:
-            sending.setdefault(b[0], []).append(b[1])
-        # taken from pending: still coming
+        for table, ids, since, _, _ in batch:
+            # on their way: the rows taken from pending (the watermark waits for them); a
+            # full copy's other rows are counted delivered already, so a repair must not
+            # leave to the copy the rows a held replica lost (its hold is lifted at the
+            # link's watermark while the copy may still be on its way)
+            sending.setdefault(table, []).append(ids[since != UNCHANGED])
         self._sending = {t: np.concatenate(parts) for t, parts in sending.items()}
         return batch
 

@@ -607,3 +607,44 @@ def test_a_peer_held_back_by_its_group_moves_up_when_the_hold_is_lifted(model) -
         engine.flush(timeout=60)
         assert differing(engine) == []
         assert engine.replicas[2].watermarks() == issued == engine.replicas[3].watermarks()
+
+
+def test_a_full_copy_on_its_way_leaves_anti_entropy_the_rows_a_cut_lost(model) -> None:
+    """policy "full" re-sends every row, but its watermark already counts the rows with
+    no update pending as delivered. Healed while such a copy was on its way, anti-entropy
+    left all its rows to the link and lifted the hold at that watermark: flush returned
+    and check() passed with the rows the cut lost still behind until the copy arrived
+    (the engine fuzzer's silent-divergence case engine-22f101cb89e4: 13 of 20 replays). The
+    copy is held on its way here (as a slow WAN link does), so this fails every time."""
+    clock = ManualClock()
+    rng = np.random.default_rng(22)
+    with ekko.Engine(model, regions={"eu": 1, "ap": 1}, primary_region="eu",
+                     wan_latency_ms=2, scheduler=SchedulerConfig(
+                         policy="full", interval_s=1.0, clock=clock)) as engine:
+        link = engine.transport.links_of(1)[0]
+        engine.step("b", rng.integers(0, 400, 50), np.ones((50, 8), np.float32))
+        clock.advance(1.0)
+        engine.flush(timeout=60)  # a full copy delivered version 1
+        engine.cut("ap")
+        engine.step("b", rng.integers(0, 400, 50), np.ones((50, 8), np.float32))
+        clock.advance(1.0)  # the copy with version 2 is lost: ap is held
+        wait_until(lambda: engine.geography.held(1, "b") is not None and not link.busy)
+        entered, go = threading.Event(), threading.Event()
+        carry = link._carry
+
+        def slow(batch: list) -> None:
+            entered.set()
+            go.wait(60)
+            carry(batch)
+
+        link._carry = slow
+        try:
+            clock.advance(1.0)  # the next copy leaves, with nothing pending, and waits
+            assert entered.wait(60)
+            engine.heal("ap")
+            wait_until(lambda: engine.geography.held(1, "b") is None)  # repaired
+            engine.flush(timeout=60)
+            assert differing(engine) == [], _versions_apart(engine)
+            assert engine.stats()["anti_entropy"]["rows_pulled"] > 0  # not by the copy
+        finally:
+            go.set()
