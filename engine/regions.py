@@ -380,8 +380,16 @@ class Geography:
                 self._set_watermark(index, table, mark)
         link.wake()
 
-    def _watermark(self, peer: Replica, table: str, complete: dict[int, dict[str, int]]) -> int:
+    def _watermark(self, peer: Replica, table: str, complete: dict[int, dict[str, int]],
+                   member: Replica) -> int:
+        """The version up to which `peer` holds every update of `table`, as a repair of
+        `member` may count on it. A peer repaired in this round holds what its source
+        held except the rows it left to its own link (pending or on their way), until
+        they arrive: that claim serves only a member fed by the same link (whose repair
+        leaves those rows to the link as well); for another, the peer's watermark says."""
         mark = self._marks_of(peer)[table]
+        if self.links[peer.index] is not self.links[member.index]:
+            return mark
         return max(mark, complete.get(peer.index, {}).get(table, mark))
 
     def _source(self, member: Replica, lost: dict[str, int],
@@ -399,7 +407,7 @@ class Geography:
         deadline = time.monotonic() + _SOURCE_WAIT_S
         while peers and self._running:
             for p in peers:
-                if all(self._watermark(p, t, complete) >= v for t, v in lost.items()):
+                if all(self._watermark(p, t, complete, member) >= v for t, v in lost.items()):
                     return p
             if time.monotonic() > deadline:
                 return None
