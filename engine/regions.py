@@ -46,7 +46,7 @@ from ..kernels.errors import EkkoError
 from .packet import Packet
 from .primary import Primary
 from .replica import Replica
-from .scheduler import PACKET_HEADER, Link, SchedulerConfig
+from .scheduler import PACKET_HEADER, UNCHANGED, Link, SchedulerConfig
 from .stats import Histogram
 from .wan import WanCodec, WanPipe
 
@@ -380,8 +380,16 @@ class Geography:
                 self._set_watermark(index, table, mark)
         link.wake()
 
-    def _watermark(self, peer: Replica, table: str, complete: dict[int, dict[str, int]]) -> int:
+    def _watermark(self, peer: Replica, table: str, complete: dict[int, dict[str, int]],
+                   member: Replica) -> int:
+        """The version up to which `peer` holds every update of `table`, as a repair of
+        `member` may count on it. A peer repaired in this round holds what its source
+        held except the rows it left to its own link (pending or on their way), until
+        they arrive: that claim serves only a member fed by the same link (whose repair
+        leaves those rows to the link as well); for another, the peer's watermark says."""
         mark = self._marks_of(peer)[table]
+        if self.links[peer.index] is not self.links[member.index]:
+            return mark
         return max(mark, complete.get(peer.index, {}).get(table, mark))
 
     def _source(self, member: Replica, lost: dict[str, int],
@@ -399,7 +407,7 @@ class Geography:
         deadline = time.monotonic() + _SOURCE_WAIT_S
         while peers and self._running:
             for p in peers:
-                if all(self._watermark(p, t, complete) >= v for t, v in lost.items()):
+                if all(self._watermark(p, t, complete, member) >= v for t, v in lost.items()):
                     return p
             if time.monotonic() > deadline:
                 return None
@@ -618,8 +626,9 @@ class RegionLink(Link):
             self.cond.notify_all()
 
     def waiting(self, table: str, ids: np.ndarray) -> np.ndarray:
-        """Per id, whether this link has it pending (it will send the newest value itself;
-        rows on their way count too; fifo's queue does not, so repairs may pull those)."""
+        """Per id, whether this link has it pending (it will send the newest value itself,
+        and its watermark waits for it; rows on their way as updates count too, a full
+        copy's others do not; fifo's queue does not, so repairs may pull those)."""
         with self.cond:
             out = np.zeros(len(ids), bool)
             if self.config.policy != "fifo":
@@ -646,9 +655,12 @@ class RegionLink(Link):
     def _select(self) -> list:
         batch = super()._select()
         sending: dict[str, list[np.ndarray]] = {}  # a fifo batch has several entries a table
-        for b in batch:
-            sending.setdefault(b[0], []).append(b[1])
-        # taken from pending: still coming
+        for table, ids, since, _, _ in batch:
+            # on their way: the rows taken from pending (the watermark waits for them); a
+            # full copy's other rows are counted delivered already, so a repair must not
+            # leave to the copy the rows a held replica lost (its hold is lifted at the
+            # link's watermark while the copy may still be on its way)
+            sending.setdefault(table, []).append(ids[since != UNCHANGED])
         self._sending = {t: np.concatenate(parts) for t, parts in sending.items()}
         return batch
 

@@ -54,6 +54,9 @@ from .stats import Histogram
 
 POLICIES = ("priority", "fifo", "periodic", "full")
 PACKET_HEADER = 64  # bytes a packet costs besides its rows (header, name, checksum)
+# a full copy's commit time for a row with no update pending: the watermark counts it
+# delivered already, the copy only repeats it
+UNCHANGED = -1
 
 
 class Clock:
@@ -519,13 +522,14 @@ class Link:
         return out
 
     def _select_full(self) -> list:
-        """Every row of every table; rows with pending updates carry their commit time."""
+        """Every row of every table; rows with pending updates carry their commit time,
+        the others UNCHANGED."""
         out = []
         for t, p in self.pending.items():
             rows = len(p.flag)
             ids = np.arange(rows, dtype=np.int64)
-            since = np.where(p.flag, p.since, -1)
-            sig = (p.peak.copy(), np.where(p.flag, p.peak_at, -1))
+            since = np.where(p.flag, p.since, UNCHANGED)
+            sig = (p.peak.copy(), np.where(p.flag, p.peak_at, UNCHANGED))
             pend = p.ids()
             first = int(p.first[pend].min()) if len(pend) else p.noted + 1
             p.take(pend, np.zeros(0, np.int64))
@@ -597,4 +601,5 @@ class Link:
         return (now - min(heads)) / 1e6 if heads else 0.0
 
 
-__all__ = ["Clock", "Link", "ManualClock", "POLICIES", "SYSTEM_CLOCK", "SchedulerConfig"]
+__all__ = ["Clock", "Link", "ManualClock", "POLICIES", "SYSTEM_CLOCK", "SchedulerConfig",
+           "UNCHANGED"]
