@@ -22,6 +22,9 @@ MAX_BATCH = 1 << 31
 MAX_PARTITIONS = 1 << 12
 """Row partitions of one kernel call (4,096): each is a task on the executor."""
 
+MAX_PREFETCH = 1 << 8
+"""Positions ahead a CPU update asks for rows (256): the cores track a few dozen misses."""
+
 MAX_REPLICAS = 1 << 10
 """Replicas of one engine (1,024): each holds a serving copy of every table."""
 

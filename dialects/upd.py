@@ -51,7 +51,7 @@ from xdsl.utils.exceptions import VerifyException
 from . import catalog
 from .common import InferredResultsOp, SettingsOp, get_float, setting, settings, verify_inferred
 from .common import flag as is_set
-from .limits import MAX_DIM, MAX_PARTITIONS
+from .limits import MAX_DIM, MAX_PARTITIONS, MAX_PREFETCH
 from .emb import StateType, TableType, VersionsType, check_ids, check_rows, expect_table
 
 i64 = IntegerType(64)
@@ -536,15 +536,15 @@ class StampOp(UpdOp):
 
 APPLY_FLAGS = ("serving", "versions", "step", "seed")
 APPLY_UNITS = ("dedup", "stochastic_rounding")
-APPLY_INTS = ("partitions", "tile", "block_rows", "num_warps")
+APPLY_INTS = ("partitions", "tile", "prefetch", "block_rows", "num_warps")
 APPLY_SCHEDULE = ("order", *APPLY_INTS)  # what upd-schedule sets ("order": a string)
 # the custom form's unit flags, and the optional operands each makes present
 APPLY_FLAG_OPERANDS = {"serving": ("serving",), "versions": ("versions", "version"),
                        "step": ("step",), "seed": ("seed",)}
 # the settings after the optimizer's hyper-parameters, in the order they print
 APPLY_ORDER = ("weight_decay", "max_norm", "clip_value", "dedup", "stochastic_rounding",
-               "serving", "versions", "step", "seed", "order", *APPLY_INTS[:2], "serving_layout",
-               *APPLY_INTS[2:])
+               "serving", "versions", "step", "seed", "order", *APPLY_INTS[:3], "serving_layout",
+               *APPLY_INTS[3:])
 
 
 def apply_roles(attributes: dict[str, Attribute], data: tuple[str, ...],
@@ -582,6 +582,7 @@ class FusedUpdateOp(SettingsOp):
     order = setting(StringAttr, "order")
     partitions = setting(IntegerAttr, "partitions")
     tile = setting(IntegerAttr, "tile")
+    prefetch = setting(IntegerAttr, "prefetch")  # CPU targets: positions ahead rows are asked for
     block_rows = setting(IntegerAttr, "block_rows")
     num_warps = setting(IntegerAttr, "num_warps")
 
@@ -605,7 +606,8 @@ class FusedUpdateOp(SettingsOp):
     def check_schedule(self) -> None:
         """What upd-schedule (or a hand-written op) chose is in range."""
         for name, most in (("partitions", MAX_PARTITIONS), ("tile", MAX_DIM),
-                           ("block_rows", MAX_DIM), ("num_warps", 32)):
+                           ("prefetch", MAX_PREFETCH), ("block_rows", MAX_DIM),
+                           ("num_warps", 32)):
             attr = self.properties.get(name)
             if isinstance(attr, IntegerAttr) and not 1 <= attr.value.data <= most:
                 raise VerifyException(

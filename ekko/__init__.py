@@ -26,6 +26,7 @@ _EXPORTS = {
     "BagKernel": "ekko.kernels.lookup",
     "LookupError": "ekko.kernels.errors",
     "bag_kernel": "ekko.kernels.build",
+    "tune_prefetch": "ekko.kernels.tune",
     "CompiledModel": "ekko.kernels.model",
     "compile_model": "ekko.kernels.model",
     "dequantize_rows": "ekko.kernels.quant",

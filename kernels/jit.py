@@ -25,6 +25,8 @@ from pathlib import Path
 import llvmlite
 import llvmlite.binding as llvm
 
+from ..compiler.backend.tuning import cache_root
+
 _lock = threading.Lock()
 _initialized = False
 _memory_cache: dict[str, "JitModule"] = {}
@@ -56,12 +58,10 @@ def host_cpu() -> tuple[str, str]:
 
 
 def cache_dir() -> Path | None:
-    """EKKO_CACHE_DIR, else ~/.cache/ekko; EKKO_CACHE_DIR=off disables it."""
-    env = os.environ.get("EKKO_CACHE_DIR")
-    if env == "off":
-        return None
-    root = Path(env) if env else Path.home() / ".cache" / "ekko"
-    return root / "kernels"
+    """`<cache root>/kernels` (tuning.cache_root: EKKO_CACHE_DIR, else ~/.cache/ekko);
+    None when EKKO_CACHE_DIR=off disables it."""
+    root = cache_root()
+    return None if root is None else root / "kernels"
 
 
 def _target_machine() -> llvm.TargetMachine:

@@ -51,6 +51,7 @@ from ...dialects import catalog
 from . import abi, loops, mathprog
 from .llvm_abi import declare, emit_packed, partition_owner
 from .spec import UpdateSpec
+from .tuning import tuned_prefetch
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F32, F64, F16 = ir.FloatType(), ir.DoubleType(), ir.HalfType()
@@ -823,13 +824,13 @@ def _streamed_apply(e: Emitter, spec: UpdateSpec, a: dict, delta: "Delta", commi
 
 def _prefetch_streamed(e: Emitter, spec: UpdateSpec, a: dict, delta: "Delta", bufs: dict,
                        t) -> None:
-    """The lines of the position `prefetch_ahead` later: its gradient row, its scratch
+    """The lines of the position `_distance(spec)` later: its gradient row, its scratch
     row once taken, and, when it is applied there, every row `_prefetch` asks for;
     and the code of the position twice as far (codes sit in bucket order)."""
     b = e.b
     pf = _prefetch_fn(e)
     codes, places = a["order"], a["places"]
-    distance = prefetch_ahead(spec.dim)
+    distance = _distance(spec)
     further = b.add(t, _c(I64, 2 * distance))
     with b.if_then(b.icmp_signed("<", further, a["count"])):
         _fetch_row(e, e.gep(codes, b.load(e.gep(places, further))), 8, pf)
@@ -1194,18 +1195,31 @@ def emit_undo(module: ir.Module, spec: UpdateSpec) -> None:
 
 
 def prefetch_ahead(dim: int) -> int:
-    """How many positions ahead the apply asks for a row's lines: enough rows in
-    flight to cover the memory's latency, no more than the core can track. On
-    one thread (1M Zipf ids, rowwise Adagrad, input order): 16 ahead against 8
-    took dims 16/32/64 from 31.7/34.8/33.9 to 20.9/26.1/29.7 ms; dims 128 and
-    256 were best at 8 (64.3 vs 71.9, 101.6 vs 115.2 ms)."""
+    """How many positions ahead the apply asks for a row's lines, when nothing
+    was measured on this host (`ekko tune`): enough rows in flight to cover
+    the memory's latency, no more than the core can track. On one thread
+    (1M Zipf ids, rowwise Adagrad, input order, host A of docs/backends.md):
+    16 ahead against 8 took dims 16/32/64 from 31.7/34.8/33.9 to
+    20.9/26.1/29.7 ms; dims 128 and 256 were best at 8 (64.3 vs 71.9, 101.6
+    vs 115.2 ms). Host B preferred 8 at dim 64, hence the tuning."""
     return max(8, min(16, 1024 // dim))
+
+
+def cpu_launch(dim: int) -> dict[str, int]:
+    """The LLVM target's launch settings (`Target.launch`), as upd-schedule writes
+    them: the prefetch distance measured on this host, else `prefetch_ahead`."""
+    return {"prefetch": tuned_prefetch(dim) or prefetch_ahead(dim)}
+
+
+def _distance(spec: UpdateSpec) -> int:
+    """The spec's prefetch distance (a spec made without upd-schedule: the rule)."""
+    return spec.prefetch or prefetch_ahead(spec.dim)
 PREFETCH_BYTES = 2048  # per stream; 512 left half a dim-256 row unasked (apply 169 -> 139 ms)
 
 
 def _prefetch(e: Emitter, spec: UpdateSpec, ids, entry, grad_row, pos, count,
               bufs: dict) -> None:
-    """Ask for every line the row `prefetch_ahead` positions later touches.
+    """Ask for every line the row `_distance(spec)` positions later touches.
 
     That row's gradient (in the delta, or summed in acc), its table, state
     and serving rows and its version are all scattered cache misses; issuing
@@ -1215,7 +1229,7 @@ def _prefetch(e: Emitter, spec: UpdateSpec, ids, entry, grad_row, pos, count,
     the dim-64 benchmark).
     """
     b = e.b
-    ahead = b.add(pos, _c(I64, prefetch_ahead(spec.dim)))
+    ahead = b.add(pos, _c(I64, _distance(spec)))
     with b.if_then(b.icmp_signed("<", ahead, count)):
         k = entry(ahead)
         pf = _prefetch_fn(e)

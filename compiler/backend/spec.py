@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ...dialects import catalog
-from ...dialects.limits import MAX_DIM, limit_error
+from ...dialects.limits import MAX_DIM, MAX_PREFETCH, limit_error
 from .mathprog import MathProgram
 
 INDEX_DTYPES = catalog.INDEX_DTYPES
@@ -49,6 +49,7 @@ class UpdateSpec:
     order: str = "input"  # how a deduplicated update walks its rows: one of ORDERS
     partitions: int = 1
     tile: int = 0  # 0: the whole row
+    prefetch: int = 0  # CPU: positions ahead a walk asks for rows; 0: llvm_update.prefetch_ahead
     # GPU schedule (upd-schedule{target=triton}); 0: the Triton backend's default
     block_rows: int = 0
     num_warps: int = 0
@@ -65,6 +66,8 @@ class UpdateSpec:
             raise ValueError(f"{why} (MAX_DIM)")
         if self.order not in ORDERS:
             raise ValueError(f"unknown order {self.order!r}: one of {', '.join(ORDERS)}")
+        if not 0 <= self.prefetch <= MAX_PREFETCH:
+            raise ValueError(f"prefetch must be 0 (chosen) to {MAX_PREFETCH}, got {self.prefetch}")
 
     @property
     def streamed(self) -> bool:

@@ -53,6 +53,7 @@ def update_spec(op: kern.UpdateOp) -> UpdateSpec:
         order=op.order.data if op.order is not None else "input",
         partitions=_int(op, "partitions", 1),
         tile=_int(op, "tile", 0),
+        prefetch=_int(op, "prefetch", 0),
         block_rows=_int(op, "block_rows", 0),
         num_warps=_int(op, "num_warps", 0),
     )
@@ -154,14 +155,14 @@ class Target:
 def _llvm() -> Target:
     from .llvm_bag import emit_bag
     from .llvm_sync import emit_sync
-    from .llvm_update import emit_update
+    from .llvm_update import cpu_launch, emit_update
 
     def emit(spec: Spec) -> str:
         if isinstance(spec, (PackSpec, MergeSpec)):
             return emit_sync(spec)
         return emit_update(spec) if isinstance(spec, UpdateSpec) else emit_bag(spec)
 
-    return Target("llvm", emit, ";", (UpdateSpec, BagSpec, PackSpec, MergeSpec))
+    return Target("llvm", emit, ";", (UpdateSpec, BagSpec, PackSpec, MergeSpec), cpu_launch)
 
 
 def _triton() -> Target:

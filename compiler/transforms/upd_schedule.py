@@ -14,7 +14,10 @@ thread; docs/backends.md has the figures): "input" is the fastest on skewed
 and on uniform ids, because the gradient rows, the largest stream, are read
 forward and not gathered; sorting cost more than the locality it bought. A
 tile narrower than the dim split the vector loops (16 of 64: ~2x slower), so
-the tile is the whole row up to 512 values.
+the tile is the whole row up to 512 values. On the LLVM target the launch
+settings hold `prefetch`, how many positions ahead the walk asks for a row:
+measured on this host by `ekko tune` when it was run (compiler/backend/tuning),
+else a rule of the row's size.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from xdsl.pattern_rewriter import (
 
 from ...dialects import catalog, emb, upd
 from ..backend.targets import TARGETS, target
-from ...dialects.limits import MAX_DIM, MAX_PARTITIONS
+from ...dialects.limits import MAX_DIM, MAX_PARTITIONS, MAX_PREFETCH
 
 MAX_TILE = 512  # f32 values: a 2 KiB block of the row stays in L1 across the loops
 
@@ -59,6 +62,7 @@ class ScheduleApply(RewritePattern):
     order: str
     tile: int  # 0: chosen from the dim
     launch: Callable[[int], dict[str, int]]  # the target's launch settings for a dim
+    prefetch: int = 0  # 0: the target's choice
 
     @op_type_rewrite_pattern
     def match_and_rewrite(self, op: upd.ApplyOp, rewriter: PatternRewriter) -> None:
@@ -71,7 +75,10 @@ class ScheduleApply(RewritePattern):
             # how the dedup walks its rows: an update without dedup has one way
             "order": StringAttr(self.order) if op.dedup is not None else None,
         }
-        want |= {name: IntegerAttr(value, i64) for name, value in self.launch(dim).items()}
+        launch = self.launch(dim)
+        if self.prefetch:
+            launch["prefetch"] = self.prefetch
+        want |= {name: IntegerAttr(value, i64) for name, value in launch.items()}
         _set_properties(op, want, rewriter)
 
 
@@ -108,6 +115,7 @@ class UpdSchedulePass(ModulePass):
     partitions: int = 0  # 0: one per CPU core
     order: str = "input"  # one of catalog.APPLY_ORDERS
     tile: int = 0  # 0: chosen from the dim
+    prefetch: int = 0  # CPU targets; 0: measured on this host (`ekko tune`), else from the dim
     target: str = "llvm"  # a name in TARGETS: also its launch settings (Triton: block_rows, num_warps)
 
     def __post_init__(self) -> None:
@@ -117,14 +125,19 @@ class UpdSchedulePass(ModulePass):
             raise ValueError(f"upd-schedule: order must be {' or '.join(catalog.APPLY_ORDERS)}, "
                              f"got {self.order!r}")
         for option, value, most in (("partitions", self.partitions, MAX_PARTITIONS),
-                                    ("tile", self.tile, MAX_DIM)):
+                                    ("tile", self.tile, MAX_DIM),
+                                    ("prefetch", self.prefetch, MAX_PREFETCH)):
             if not 0 <= value <= most:
                 raise ValueError(f"upd-schedule: {option} must be 0 (chosen) to {most}, "
                                  f"got {value}")
+        if self.prefetch and "prefetch" not in target(self.target).launch(1):
+            raise ValueError(f"upd-schedule: prefetch is a CPU setting; target {self.target} "
+                             "has none")
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         parts = self.partitions or default_partitions()
         PatternRewriteWalker(GreedyRewritePatternApplier([
-            ScheduleApply(parts, self.order, self.tile, target(self.target).launch),
+            ScheduleApply(parts, self.order, self.tile, target(self.target).launch,
+                          self.prefetch),
             PartitionLookups(parts),
         ], dce_enabled=False), apply_recursively=False).rewrite_module(op)  # schedules only: erases nothing

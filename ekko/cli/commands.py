@@ -7,6 +7,9 @@
                               lookups, check a sample against numpy, report
   ekko run MODEL --replicas N the same through the update engine: a primary,
                               N serving replicas kept fresh (ekko.cli.replicas)
+  ekko tune                   measure this machine's best prefetch distance of
+                              the CPU update per dim and keep it, for every
+                              kernel compiled here afterwards (ekko.kernels.tune)
 
 MODEL is a `.ekko` file or `path/to/module.py:factory` (a torch model).
 --optimizer and --serving set every table's optimizer and serving layout,
@@ -41,7 +44,8 @@ from ..compiler.backend.targets import TARGETS, target
 from ..compiler.diagnostics import EkkoDiagnostic
 from ..compiler.frontend import Model, ModelError, Optimizer, Table, load_model
 from ..compiler.frontend.model import ModelInvalid
-from ..dialects.limits import MAX_BATCH
+from ..compiler.backend.tuning import store_path
+from ..dialects.limits import MAX_BATCH, MAX_DIM, MAX_PREFETCH
 from ..dialects import catalog
 from ..kernels import backends, jit
 from ..kernels.errors import EkkoError
@@ -117,6 +121,22 @@ def float_flag(low: float, high: float, low_open: bool = False) -> Callable[[str
             raise argparse.ArgumentTypeError(
                 f"{_shorten(text, 40)} is out of range (limit {bracket}{low:g}, {high:g}])")
         return value
+
+    return parse
+
+
+def int_list_flag(low: int, high: int) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: comma-separated integers, each in [low, high], each once."""
+    one = int_flag(low, high)
+
+    def parse(text: str) -> tuple[int, ...]:
+        parts = text.split(",")
+        if len(parts) > 64:
+            raise argparse.ArgumentTypeError(f"at most 64 values, got {len(parts)}")
+        values = tuple(one(part) for part in parts)
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"a value is given twice in {_shorten(text, 40)!r}")
+        return values
 
     return parse
 
@@ -211,6 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cluster", default=None, metavar="ADDRESS",
                    help="run primary and replicas as Ray processes: 'local' starts Ray here, "
                         "'auto' or ray://HOST:PORT joins a cluster (needs --replicas)")
+    t = sub.add_parser("tune", help="measure this machine's best prefetch distance for the CPU "
+                                     "update and keep it for every later compile here")
+    t.add_argument("--dims", type=int_list_flag(1, MAX_DIM), default=(16, 32, 64, 128, 256),
+                   help="comma-separated row sizes to measure (default 16,32,64,128,256)")
+    t.add_argument("--candidates", type=int_list_flag(1, MAX_PREFETCH), default=(4, 8, 16, 32),
+                   help="prefetch distances to try, in positions (default 4,8,16,32)")
+    t.add_argument("--threads", type=int_flag(0, MAX_PARTITIONS), default=0,
+                   help="update threads (default 0: one per core)")
+    t.add_argument("--rounds", type=int_flag(1, 1000), default=7,
+                   help="timed updates per candidate, interleaved (default 7)")
+    t.add_argument("--table-mib", type=int_flag(1, 1 << 20), default=512,
+                   help="table size per dim, far beyond the last-level cache (default 512)")
+    t.add_argument("--dry-run", action="store_true", help="measure and print; record nothing")
+    t.add_argument("--json", action="store_true", help="print the measurements as JSON")
     return parser
 
 
@@ -430,13 +464,39 @@ def _input_error(e: BaseException) -> str:
     return text if ": error:" in text.split("\n", 1)[0] else f"ekko: error: {text}"
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Measure the prefetch distance per dim (ekko.kernels.tune) and record the choices."""
+    from ..kernels.tune import tune_prefetch
+
+    record = not args.dry_run
+    if record and store_path() is None:
+        raise CliError("tuning is off here (EKKO_TUNING=off or EKKO_CACHE_DIR=off): nothing "
+                       "could be recorded; use --dry-run to measure only")
+    results = tune_prefetch(args.dims, candidates=args.candidates, threads=args.threads or None,
+                            table_bytes=args.table_mib << 20, rounds=args.rounds, record=record)
+    if args.json:
+        print(json.dumps([{"dim": r.dim, "rows": r.rows, "ids": r.ids, "rule": r.rule,
+                           "chosen": r.chosen, "ms": {str(d): round(v, 3) for d, v in r.ms.items()}}
+                          for r in results], indent=1))
+    else:
+        print("| dim | rows | ids | " + " | ".join(f"{d} ahead (ms)" for d in args.candidates)
+              + " | rule | chosen |")
+        print("|---" * (5 + len(args.candidates)) + "|")
+        for r in results:
+            cells = " | ".join(f"{r.ms[d]:.2f}" for d in args.candidates)
+            print(f"| {r.dim} | {r.rows:,} | {r.ids:,} | {cells} | {r.rule} | {r.chosen} |")
+    where = store_path() if record else None
+    print(f"recorded in {where}" if where else "not recorded (--dry-run)", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed
         return e.code if isinstance(e.code, int) else EXIT_INPUT
     try:
-        return {"compile": cmd_compile, "run": cmd_run}[args.command](args)
+        return {"compile": cmd_compile, "run": cmd_run, "tune": cmd_tune}[args.command](args)
     except (ModelError, EkkoDiagnostic, EkkoError, CliError) as e:
         print(_input_error(e), file=sys.stderr)
     except OSError as e:

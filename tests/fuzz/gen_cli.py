@@ -40,6 +40,7 @@ FILES = {
 }
 OPT_FLAGS: list[tuple[str, list[str]]] = [
     ("-p", [PIPELINE, "no-such-pass", "upd-schedule{partitions=-1}", "upd-schedule{tile=0}",
+            "upd-schedule{prefetch=999}", "upd-schedule{prefetch=4 target=triton}",
             "upd-schedule{partitions=99999999999999999999}", "", ",", "upd-dedup{", "}"]),
     ("-t", ["llvm", "mlir", "triton", "nonsense", "", "LLVM", "llvm{x=1}", "mlir{", "bogus",
             "x86-asm", "riscv-asm", "wat", "mps"]),
@@ -67,12 +68,24 @@ RUN_VALUES: dict[str, list[str]] = {
     "--replicas": ["-1", "0", "1099511627776"],
     "--bandwidth": ["0", "-1", "nan"],
 }
+TUNE_VALUES: dict[str, list[str]] = {  # always with --dry-run: nothing is recorded
+    "--dims": ["0", "8,8", "x", "", "16385", "8,", "4", "99999999999999999999999"],
+    "--candidates": ["0", "257", "2,2", "1", "-3"],
+    "--threads": ["-1", "0", "1", "5000"],
+    "--rounds": ["0", "1", "1001"],
+    "--table-mib": ["0", "-1", "1", "1048577"],
+}
 MODELS = ["{tmp}/model.ekko", "{tmp}/empty.ekko", "{tmp}/big.ekko", "{tmp}/bad.py:build", "{tmp}/missing.ekko",
           "{tmp}", "{tmp}/model.ekko:build", "{tmp}/input.mlir", "{tmp}/shared.ekko"]
 
 
 def generate(rng: random.Random) -> dict:
-    tool = rng.choice(["ekko-opt", "ekko-opt", "run", "compile"])
+    tool = rng.choice(["ekko-opt", "ekko-opt", "run", "compile", "tune"])
+    if tool == "tune":
+        argv = ["ekko", "tune", "--dry-run", "--dims", "8", "--table-mib", "1", "--rounds", "1"]
+        for flag in rng.sample(sorted(TUNE_VALUES), rng.randrange(0, 3)):
+            argv += [flag, rng.choice(TUNE_VALUES[flag])]
+        return {"target": "cli", "argv": argv}
     if tool == "ekko-opt":
         argv = ["ekko-opt"]
         if rng.random() < 0.9:

@@ -31,11 +31,12 @@ VOCABULARY = ["emb.table", "emb.feature", "emb.bag", "emb.lookup", "upd.delta", 
               "0x7FF8000000000000 : f64", "-1.0 : f64", "1e400", "\"str\"", "unit", "dedup",
               "hyper", "operandSegmentSizes", "resultSegmentSizes", "array<i32: 1, 0, 1>",
               "array<i32: -1>", "<{}>", "serving_layout", "weighted", "seq", "order",
-              "\"input\"", "\"bucket\"", "\"id\"", "\"sorted\""]
+              "\"input\"", "\"bucket\"", "\"id\"", "\"sorted\"", "prefetch", "257 : i64"]
 ARGS = [[], [], ["--print-op-generic"], ["-p", PIPELINE], ["-p", PIPELINE], ["-p", "upd-dedup"],
         ["-p", "upd-dedup,upd-fuse"], ["-p", PIPELINE, "-t", "llvm"], ["--split-input-file"],
         ["-p", "upd-dedup,upd-fuse,upd-schedule{partitions=3 order=id tile=8}"],
-        ["-p", "upd-dedup,upd-fuse,upd-schedule{order=bucket},lower-to-kernel", "-t", "llvm"]]
+        ["-p", "upd-dedup,upd-fuse,upd-schedule{order=bucket},lower-to-kernel", "-t", "llvm"],
+        ["-p", "upd-dedup,upd-fuse,upd-schedule{prefetch=3},lower-to-kernel", "-t", "llvm"]]
 
 
 @lru_cache(maxsize=1)

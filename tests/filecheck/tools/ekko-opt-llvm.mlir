@@ -9,7 +9,7 @@
 // returns a status (a stored value that is not finite refuses the call);
 // the undo function puts journaled rows back.
 
-// CHECK:       ; ekko kernel for @train: update:{{.*}}dedup=True,dim=64,{{.*}}optimizer=rowwise_adagrad,order=input,partitions=2,serving=int8,{{.*}}versions=True
+// CHECK:       ; ekko kernel for @train: update:{{.*}}dedup=True,dim=64,{{.*}}optimizer=rowwise_adagrad,order=input,partitions=2,prefetch=16,serving=int8,{{.*}}versions=True
 // CHECK:       define i64 @"ekko_update_dedup"(
 // CHECK:         call i64 @"llvm.ctlz.i64"
 // CHECK:       define i64 @"ekko_update_apply"(

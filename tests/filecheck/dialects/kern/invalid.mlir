@@ -311,6 +311,12 @@ kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64, tile = 0 : i64} : m
 
 // -----
 
+// CHECK: 'kern.update' prefetch must be 1 to 256, got 300
+%t, %ids, %g = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>)
+kern.update %t, %ids, %g {optimizer = "sgd", lr = 0.1 : f64, prefetch = 300 : i64} : memref<10x4xf32>, memref<?xi64>, memref<?x4xf32>
+
+// -----
+
 // CHECK: 'kern.bag' partitions must be 1 to 4096, got 5000
 %t, %ids, %off, %out = "test.op"() : () -> (memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>)
 kern.bag %t, %ids, %off, %out {layout = #emb.layout<f32>, mode = "sum", partitions = 5000 : i64} : memref<10x4xf32>, memref<?xi64>, memref<?xi64>, memref<?x4xf32>
