@@ -16,6 +16,7 @@ core. A candidate is only kept over the rule's distance when its median is
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -43,6 +44,14 @@ class PrefetchResult:
     ms: dict[int, float]
     rule: int  # prefetch_ahead(dim), the distance without tuning
     chosen: int
+
+
+def _physical_memory() -> int:
+    """Bytes of memory this machine has (0 when the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _workload(dim: int, table_bytes: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -99,6 +108,11 @@ def tune_prefetch(dims: tuple[int, ...] = (16, 32, 64, 128, 256), *,
         raise UpdateError(f"rounds must be 1 to 1000, got {rounds}")
     if not 1 << 16 <= table_bytes <= 1 << 40:
         raise UpdateError(f"table_bytes must be 64 KiB to 1 TiB, got {table_bytes}")
+    need, have = 3 * table_bytes // 2, _physical_memory()
+    if have and need > have // 2:
+        raise UpdateError(f"a {table_bytes >> 20} MiB table needs about {need >> 20} MiB "
+                          f"(table, state and a delta of a quarter of its rows); this machine "
+                          f"has {have >> 20} MiB: use a smaller table")
     results = [_measure(int(d), tuple(dict.fromkeys(int(c) for c in candidates)), threads,
                         table_bytes, rounds, seed) for d in dims]
     if record:

@@ -142,6 +142,7 @@ def test_tune_prefetch_measures_every_candidate_and_records_the_choice(tuned) ->
     ({"dims": (8,), "candidates": (True,)}, "prefetch candidate must be"),
     ({"dims": (8,), "rounds": 0}, "rounds must be"),
     ({"dims": (8,), "table_bytes": 10}, "table_bytes must be"),
+    ({"dims": (8,), "table_bytes": 1 << 40}, "this machine has"),
 ])
 def test_tune_prefetch_refuses_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(UpdateError, match=match):

@@ -18,6 +18,7 @@ suites set it, so their expected IR does not depend on the machine.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -46,6 +47,7 @@ def store_path() -> Path | None:
     return root / STORE
 
 
+@functools.cache
 def host_key() -> str:
     """The CPU the choices were measured on (what the kernel cache keys on too)."""
     import llvmlite.binding as llvm
