@@ -82,6 +82,34 @@ def test_pack_gathers_rows_and_versions(layout: str) -> None:
                 assert np.array_equal(got_versions, versions[ids])
 
 
+@pytest.mark.parametrize("layout", ["f32", "int8", "f16"])
+@pytest.mark.parametrize("dim", [4, 64, 120, 300, 520])
+def test_pack_into_aligned_and_unaligned_packets(layout: str, dim: int) -> None:
+    """Packet rows that are 16-byte aligned take streaming stores, others plain copies
+    (widths 16, 256, 128, 1200, 2080 bytes: unrolled and looped; int8 rows of dim + 8
+    bytes aligned only at dims 120 and 520): the same bytes either way, with the
+    rows 0 and rows-1, repeats, both partition counts and a sequence word per row."""
+    rng = np.random.default_rng(dim)
+    rows, n = 3000, 9000  # over PARALLEL_MIN_ROWS: the partitions split the packet
+    serving = serving_copy(rng, rows, dim, layout)
+    versions = rng.integers(0, 1 << 40, rows).astype(np.int64)
+    ids = np.sort(rng.integers(0, rows, n)).astype(np.int64)
+    ids[:3], ids[-3:] = 0, rows - 1
+    width = serving.shape[1] * serving.itemsize
+    for threads in (1, 2):
+        k = pack_kernel(dim, layout, seq=True, threads=threads)
+        for shift in (0, serving.itemsize, 8):  # bytes past a 64-byte boundary
+            raw = np.zeros(n * width + 128, np.uint8)
+            start = (-raw.ctypes.data) % 64 + shift
+            out = raw[start:start + n * width].view(serving.dtype).reshape(n, -1)
+            out_versions = np.zeros(n, np.int64)
+            k(serving, versions, ids, seq=np.zeros(rows, np.uint32), out_rows=out,
+              out_versions=out_versions)
+            assert out.tobytes() == serving[ids].tobytes(), (threads, shift)
+            assert np.array_equal(out_versions, versions[ids])
+            assert not raw[:start].any() and not raw[start + n * width:].any()  # nothing else
+
+
 def test_pack_rejects_out_of_range_ids() -> None:
     k = pack_kernel(4, "f32")
     serving, versions = np.zeros((10, 4), np.float32), np.zeros(10, np.int64)

@@ -40,13 +40,16 @@ from __future__ import annotations
 from llvmlite import ir
 
 from ...dialects import catalog
-from . import abi, loops
+from . import abi, loops, prefetch
 from .llvm_abi import declare, emit_packed, partition_owner
 from .llvm_bag import minifloat_values
 from .spec import MergeSpec, PackSpec, SyncSpec
 
 I1, I8, I16, I32, I64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
 P8, P32, P64 = I8.as_pointer(), I32.as_pointer(), I64.as_pointer()
+PACK_PREFETCH = 16  # ids ahead whose rows pack asks for
+STREAM_CHUNK = 16  # bytes per streaming store of a packet row (and the alignment it needs)
+STREAM_UNROLL = 1024  # rows up to this many bytes stream unrolled
 
 ERR_ID = abi.SyncStatus.ID_OUT_OF_RANGE
 ERR_VERSION = abi.SyncStatus.BAD_VERSION
@@ -100,6 +103,39 @@ class _SyncEmitter:
         lo = b.udiv(b.mul(n, part), nparts)
         hi = b.udiv(b.mul(n, b.add(part, _c(I64, 1))), nparts)
         return lo, hi
+
+    def prefetch_ahead(self, serving, versions, seq, ids, i, hi) -> None:
+        """Ask for the serving row, version and sequence word of the id PACK_PREFETCH
+        positions on (clamped to the partition: past its end it re-asks for i's, without
+        a branch). Pack reads rows at random ids; merge does not prefetch (see
+        docs/backends.md: its partitions scan every packet row)."""
+        b = self.b
+        ahead = b.add(i, _c(I64, PACK_PREFETCH))
+        r = self.load_id(ids, b.select(b.icmp_signed("<", ahead, hi), ahead, i))
+        pf = prefetch.intrinsic(self.module)
+        prefetch.row(b, pf, self.row(serving, r), self.width, write=0)
+        prefetch.row(b, pf, self.at(versions, r), 8, write=0)
+        if self.spec.seq:
+            prefetch.row(b, pf, self.seq_ptr(seq, r), 4, write=0)
+
+    def stream_row(self, dst, src) -> None:
+        """Copy one row to a 16-byte aligned dst with streaming (non-temporal) stores;
+        rows over STREAM_UNROLL bytes copy in a loop."""
+        b = self.b
+        nt = self.module.add_metadata([_c(I32, 1)])
+        chunk = ir.VectorType(I32, STREAM_CHUNK // 4)
+
+        def put(off) -> None:
+            value = b.load(b.bitcast(b.gep(src, [off]), chunk.as_pointer()), align=1)
+            at = b.bitcast(b.gep(dst, [off]), chunk.as_pointer())
+            b.store(value, at, align=STREAM_CHUNK).set_metadata("nontemporal", nt)
+
+        if self.width <= STREAM_UNROLL:
+            for off in range(0, self.width, STREAM_CHUNK):
+                put(_c(I64, off))
+            return
+        with loops.counted(b, _c(I64, 0), _c(I64, self.width // STREAM_CHUNK), "stream") as k:
+            put(b.mul(k, _c(I64, STREAM_CHUNK)))
 
     def copy_row(self, dst, src) -> None:
         """memcpy of one row (a constant size: LLVM inlines it as vector moves)."""
@@ -251,20 +287,43 @@ class _SyncEmitter:
 
 
 def emit_pack(module: ir.Module, spec: PackSpec) -> None:
+    """Check every id of the partition, then copy each row and version into the packet.
+
+    The packet is written once and read later (by a merge, often in another
+    process), so when its rows are 16-byte aligned its row copies are
+    streaming stores: no line of it is read for ownership first, nor kept in
+    the cache (one same-process A/B, dim 128 f32, 500k of 4M rows: 33.3 ->
+    19.9 ms; dim 64: 12.6 -> 11.7 ms). Unaligned packets take plain copies.
+    """
     e = _SyncEmitter(module, spec, abi.sync_pack())
     part, nparts, serving, versions, seq, rows, ids, n, out_rows, out_versions, err = e.fn.args
     b = e.b
     lo, hi = e.part_range(part, nparts, n)
     with loops.counted(b, lo, hi, "check") as i:
         e.fail(b.icmp_unsigned(">=", e.load_id(ids, i), rows), ERR_ID, i, err)
-    with loops.counted(b, lo, hi, "pack") as i:
-        r = e.load_id(ids, i)
 
-        def read() -> None:
-            e.copy_row(e.row(out_rows, i), e.row(serving, r))
-            b.store(b.load(e.at(versions, r)), e.at(out_versions, i))
+    def pack(streaming: bool) -> None:
+        with loops.counted(b, lo, hi, "pack") as i:
+            e.prefetch_ahead(serving, versions, seq, ids, i, hi)
+            r = e.load_id(ids, i)
 
-        e.read_guarded(seq, r, read)
+            def read() -> None:
+                (e.stream_row if streaming else e.copy_row)(e.row(out_rows, i), e.row(serving, r))
+                b.store(b.load(e.at(versions, r)), e.at(out_versions, i))
+
+            e.read_guarded(seq, r, read)
+
+    if e.width % STREAM_CHUNK:
+        pack(False)
+    else:
+        aligned = b.icmp_unsigned("==", b.and_(b.ptrtoint(out_rows, I64), _c(I64, STREAM_CHUNK - 1)),
+                                  _c(I64, 0))
+        with b.if_else(aligned) as (streamed, plain):
+            with streamed:
+                pack(True)
+            with plain:
+                pack(False)
+        b.fence("seq_cst")  # the streaming stores are visible before the call returns
     b.ret(_c(I64, 0))
 
 

@@ -48,7 +48,7 @@ from llvmlite import ir
 from collections.abc import Callable
 
 from ...dialects import catalog
-from . import abi, loops, mathprog
+from . import abi, loops, mathprog, prefetch
 from .llvm_abi import declare, emit_packed, partition_owner
 from .spec import UpdateSpec
 from .tuning import tuned_prefetch
@@ -653,9 +653,7 @@ def _slot_of(e: Emitter, idv, mask):
 
 
 def _prefetch_fn(e: Emitter) -> ir.Function:
-    return e.module.globals.get("llvm.prefetch.p0") or ir.Function(
-        e.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
-        "llvm.prefetch.p0")
+    return prefetch.intrinsic(e.module)
 
 
 def _insert(e: Emitter, idv, htab, mask, uids, slots, srcs, count_ptr, base_k, status, fail):
@@ -1214,7 +1212,6 @@ def cpu_launch(dim: int) -> dict[str, int]:
 def _distance(spec: UpdateSpec) -> int:
     """The spec's prefetch distance (a spec made without upd-schedule: the rule)."""
     return spec.prefetch or prefetch_ahead(spec.dim)
-PREFETCH_BYTES = 2048  # per stream; 512 left half a dim-256 row unasked (apply 169 -> 139 ms)
 
 
 def _prefetch(e: Emitter, spec: UpdateSpec, ids, entry, grad_row, pos, count,
@@ -1267,12 +1264,8 @@ def _fetch_rows_of(e: Emitter, spec: UpdateSpec, nid, bufs: dict, pf) -> None:
 
 
 def _fetch_row(e: Emitter, ptr, nbytes: int, pf, write: int = 1) -> None:
-    """Prefetch every line of a row that need not start on a line."""
-    base = e.b.bitcast(ptr, I8.as_pointer())
-    span = min(nbytes, PREFETCH_BYTES)
-    # the row's last byte may sit one line past its first 64-byte steps
-    for off in [*range(0, span, 64), *([span - 1] if span % 64 != 1 else [])]:
-        e.b.call(pf, [e.gep(base, _c(I64, off)), _c(I32, write), _c(I32, 3), _c(I32, 1)])
+    """Prefetch every line of a row that need not start on a line (backend.prefetch)."""
+    prefetch.row(e.b, pf, ptr, nbytes, write)
 
 
 def _apply_row(e: Emitter, spec: UpdateSpec, idv, src, bufs: dict, step: tuple,
