@@ -56,7 +56,7 @@ from ekko.kernels.quant import dequantize_rows, quantize_rows
 from ekko.kernels.sync import merge_kernel, pack_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import add_out, write_results  # noqa: E402
+from results_io import add_out, roofline, save_figure, write_results  # noqa: E402
 from update_kernels import (TARGETS, copy_bandwidth, dim_list, pct_text,  # noqa: E402
                             positive_int, verdict)  # one copy roof, one verdict, one flag check
 
@@ -435,6 +435,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+PEER_STYLE = {"torch": ("s", "tab:orange"), "numpy": ("o", "tab:blue"),
+              "FBGEMM": ("P", "tab:gray"), "ekko": ("*", "tab:red")}  # by the name's first word
+
+
+def figure(by_dim: dict[int, list[Result]], bw: float):
+    """Roofline-style, as update_kernels.py draws it: achieved GB/s per (dim, op, layout)
+    row and peer (a marker), against the copy line. Lookups repeat their bags, so their
+    rows come from the cache and can pass the line; pack and merge cannot."""
+    rows = list(dict.fromkeys((dim, r.op, r.layout) for dim, rs in by_dim.items() for r in rs))
+    points = {peer: [(r.gbs, rows.index((dim, r.op, r.layout))) for dim, rs in by_dim.items()
+                     for r in rs if r.gbs and r.name.split()[0] == peer] for peer in PEER_STYLE}
+    return roofline([f"dim {d}: {op} {layout}" for d, op, layout in rows],
+                    [f"{d} {op}" for d, op, _ in rows], points, PEER_STYLE, bw, TARGETS["copy"],
+                    "Pooled lookups, pack and merge: achieved bandwidth against the copy roof")
+
+
+def plot(by_dim: dict[int, list[Result]], bw: float, path: Path) -> None:
+    save_figure(figure(by_dim, bw), path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dims = [64] if args.quick else [int(d) for d in args.dims.split(",")]
@@ -473,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(sync_md(dim, sync_rows, sync_ids, results, bw))
     text = "\n".join(parts)
     print(text, flush=True)
-    write_results(args, "lookup_kernels", text)
+    write_results(args, "lookup_kernels", text, lambda path: plot(by_dim, bw, path))
     return 1 if failed else 0
 
 

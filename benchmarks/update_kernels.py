@@ -58,7 +58,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import add_out, write_results  # noqa: E402
+from results_io import add_out, roofline, save_figure, write_results  # noqa: E402
 
 LR = 0.01
 EPS = 1e-8
@@ -755,43 +755,17 @@ STYLE = {"numpy": ("o", "tab:blue"), "torch eager": ("s", "tab:orange"), "torch.
 
 def plot(results: list[Result], bw: float, path: Path) -> None:
     """Write `figure` to `path`."""
-    import matplotlib.pyplot as plt
-
-    fig = figure(results, bw)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(figure(results, bw), path)
 
 
 def figure(results: list[Result], bw: float):
     """Roofline-style: achieved GB/s per case (a row each) and peer (a marker), against the copy line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
     order = list(dict.fromkeys(r.case for r in results))
-    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.38 * len(order)))
-    for key, (marker, color) in STYLE.items():
-        pts = [(r.gbs, order.index(r.case)) for r in results if r.key == key and r.times_ms]
-        if pts:
-            x, y = zip(*pts)
-            ax.scatter(x, y, marker=marker, color=color, label=key, s=110 if key == "ekko" else 45, zorder=3)
-    ax.axvline(bw, color="black", lw=1.5, label=f"copy bandwidth ({bw:.1f} GB/s)")
-    ax.axvline(TARGETS["copy"] * bw, color="black", ls="--", lw=1, label=f"{TARGETS['copy']:.0%} of copy (target)")
-    for i in range(1, len(order)):
-        if order[i].group != order[i - 1].group:
-            ax.axhline(i - 0.5, color="lightgray", lw=0.8)
-    ax.set_yticks(range(len(order)), [c.label for c in order], fontsize=8)
-    ax.set_ylim(len(order) - 0.5, -0.5)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlabel("achieved bandwidth, GB/s (bytes moved / median time, log scale)")
-    ax.set_title("Sparse update: achieved bandwidth per case and peer against the copy roof")
-    ax.grid(True, axis="x", which="both", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    fig.tight_layout()
-    return fig
+    points = {key: [(r.gbs, order.index(r.case)) for r in results if r.key == key and r.times_ms]
+              for key in STYLE}
+    return roofline([c.label for c in order], [c.group for c in order], points, STYLE, bw,
+                    TARGETS["copy"],
+                    "Sparse update: achieved bandwidth per case and peer against the copy roof")
 
 
 def positive_int(text: str) -> int:

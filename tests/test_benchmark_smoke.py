@@ -196,6 +196,7 @@ def test_lookup_quick_run_reports_bandwidth_and_targets(tmp_path, capsys) -> Non
     assert lk.main(["--quick", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert (tmp_path / "lookup_kernels.md").read_text().strip() == text.strip()
+    assert (tmp_path / "lookup_kernels.png").stat().st_size > 10_000  # the roofline plot
     assert "- dim 64 int8 pooled lookup: ekko " in text and "x F.embedding_bag f32 (target >= 2x: " in text
     assert "FBGEMM IntNBit INT8 TBE (target >= 1x: " in text or "FBGEMM inference TBE did not run here: " in text
     for op in ("pack", "merge"):
