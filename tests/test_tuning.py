@@ -167,6 +167,11 @@ def test_the_tune_command_records_and_refuses_bad_flags(tmp_path) -> None:
     assert json.loads(run.stdout)[0]["dim"] == 8 and "not recorded" in run.stderr
     run = _ekko("tune", *small, env={**env, "EKKO_TUNING": "off"})
     assert run.returncode == 1 and "tuning is off" in run.stderr
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    run = _ekko("tune", *small, "--dims", "8,16", env={**env, "EKKO_CACHE_DIR": str(a_file)})
+    assert run.returncode == 1 and "cannot hold tuning.json" in run.stderr, run.stderr
+    assert run.stdout == ""  # refused before measuring anything
     for bad in (["--dims", "0"], ["--dims", "8,8"], ["--dims", "x"], ["--candidates", "300"],
                 ["--rounds", "0"], ["--table-mib", "-1"], ["--threads", "99999"]):
         run = _ekko("tune", *bad, env=env)

@@ -98,6 +98,23 @@ def tuned_prefetch(dim: int) -> int | None:
     return best[1] if best else None
 
 
+def writable_store() -> Path:
+    """The store's path, once its folder is known to take a new file (before a
+    tuning run spends minutes measuring); ValueError saying why not."""
+    path = store_path()
+    if path is None:
+        raise ValueError("tuning is off (EKKO_TUNING=off or EKKO_CACHE_DIR=off): nowhere to record")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{path.parent} cannot hold {STORE}: it is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tuning-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{path.parent} cannot hold {STORE}: {e.strerror or e}") from None
+    return path
+
+
 def record_prefetch(chosen: dict[int, int]) -> Path:
     """Add measured distances (dim -> positions) to this host's store; the path written.
 

@@ -44,7 +44,7 @@ from ..compiler.backend.targets import TARGETS, target
 from ..compiler.diagnostics import EkkoDiagnostic
 from ..compiler.frontend import Model, ModelError, Optimizer, Table, load_model
 from ..compiler.frontend.model import ModelInvalid
-from ..compiler.backend.tuning import store_path
+from ..compiler.backend.tuning import store_path, writable_store
 from ..dialects.limits import MAX_BATCH, MAX_DIM, MAX_PREFETCH
 from ..dialects import catalog
 from ..kernels import backends, jit
@@ -472,6 +472,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if record and store_path() is None:
         raise CliError("tuning is off here (EKKO_TUNING=off or EKKO_CACHE_DIR=off): nothing "
                        "could be recorded; use --dry-run to measure only")
+    if record:
+        try:
+            writable_store()
+        except ValueError as e:
+            raise CliError(f"{e}; set EKKO_CACHE_DIR to a writable folder, or use --dry-run")
     results = tune_prefetch(args.dims, candidates=args.candidates, threads=args.threads or None,
                             table_bytes=args.table_mib << 20, rounds=args.rounds, record=record)
     if args.json:
