@@ -82,6 +82,45 @@ def test_a_store_from_another_host_or_damaged_is_not_believed(tuned) -> None:
         tuning.record_prefetch({64: 4})
 
 
+def test_readers_racing_two_recorders_see_a_whole_store(tuned) -> None:
+    """Two threads record while a third reads: every read is a choice one of them wrote,
+    never half a file (which would read as no choice: the store is there from the
+    start), and the store stays whole JSON."""
+    import threading
+
+    written = {16: {4, 8}, 64: {16, 32}}
+    stop = threading.Event()
+    seen, errors = [], []
+
+    def record(k: int) -> None:
+        try:
+            for i in range(60):
+                tuning.record_prefetch({16: (4, 8)[k], 64: (16, 32)[(i + k) % 2]})
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.append((tuning.tuned_prefetch(16), tuning.tuned_prefetch(64)))
+
+    tuning.record_prefetch({16: 4, 64: 16})
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=record, args=(k,)) for k in (0, 1)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    stop.set()
+    reader.join()
+    assert not errors
+    assert seen and all(a in written[16] and b in written[64] for a, b in seen), \
+        sorted(set(seen), key=str)
+    data = json.loads(tuned.read_text())
+    assert set(data["prefetch"]) == {"16", "64"}
+    assert not list(tuned.parent.glob(".tuning-*"))  # no temporary file left behind
+
+
 @pytest.mark.parametrize("optimizer, order", [("rowwise_adagrad", "input"),
                                               ("rowwise_adagrad", "bucket"), ("sgd", "input")])
 @pytest.mark.parametrize("n_ids", [0, 1, 5, 3000])
