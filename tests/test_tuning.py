@@ -216,3 +216,17 @@ def test_the_tune_command_records_and_refuses_bad_flags(tmp_path) -> None:
         run = _ekko("tune", *bad, env=env)
         assert run.returncode == 1 and "Traceback" not in run.stderr, (bad, run.stderr)
         assert "error" in run.stderr, bad
+
+
+@pytest.mark.parametrize("options, message", [
+    ("{prefetch=999}", "prefetch must be 0 (chosen) to 256, got 999"),
+    ("{prefetch=-1}", "prefetch must be 0 (chosen) to 256, got -1"),
+    ("{prefetch=4 target=triton}", "prefetch is a CPU setting; target triton has none"),
+])
+def test_upd_schedule_refuses_a_bad_prefetch_option(tmp_path, capsys, options: str,
+                                                     message: str) -> None:
+    src = tmp_path / "apply.mlir"
+    src.write_text(APPLY.format(dim=64))
+    assert ekko_opt([str(src), "-p", "upd-schedule" + options]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
