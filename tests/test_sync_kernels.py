@@ -203,3 +203,42 @@ def test_two_tables_merge_at_the_same_time() -> None:
     for serving, versions, _, _, want_s, want_v in tables:
         assert serving.tobytes() == want_s.tobytes()
         assert np.array_equal(versions, want_v)
+
+
+@pytest.mark.parametrize("layout,dim", [("f32", 16), ("f32", 64), ("bf16", 32), ("f16", 96),
+                                        ("int8", 56), ("f32", 24)])
+@pytest.mark.parametrize("shift", [0, 4, 8, 16])
+def test_merge_streams_rows_in_groups_and_repeats(layout: str, dim: int, shift: int) -> None:
+    """The streamed merge (serving rows aligned or not, rows of whole lines or of
+    part lines, guarded in groups of MERGE_GROUP) against the reference: taken
+    counts around the group size, and ids repeated within and across groups with
+    equal versions, so a pending row must be flushed before it is decided again."""
+    from ekko.compiler.backend.llvm_sync import MERGE_GROUP
+
+    rng = np.random.default_rng(zlib.crc32(f"{layout}/{dim}/{shift}".encode()))
+    rows = 3 * MERGE_GROUP
+    width = row_width(layout, dim)
+    for seq in (False, True):
+        k = merge_kernel(dim, layout, seq=seq, threads=2)
+        for n in (MERGE_GROUP - 1, MERGE_GROUP, MERGE_GROUP + 1, 5 * MERGE_GROUP + 3):
+            whole = serving_copy(rng, rows, dim, layout)
+            dtype = whole.dtype
+            raw = np.zeros(whole.nbytes + 64 + shift, np.uint8)  # serving rows at a chosen shift
+            start = (-raw.ctypes.data) % 64 + shift
+            serving = raw[start:start + whole.nbytes].view(dtype).reshape(rows, width)
+            serving[:] = whole
+            versions = rng.integers(0, 3, rows).astype(np.int64)
+            ids = rng.integers(0, rows, n).astype(np.int64)
+            ids[: n // 3] = ids[0]  # one row met again and again inside a group
+            ids[-1], ids[1] = 0, rows - 1
+            prow = serving_copy(rng, n, dim, layout)
+            pver = rng.integers(1, 4, n).astype(np.int64)
+            want_s, want_v = serving.copy(), versions.copy()
+            reference_merge(want_s, want_v, ids, prow, pver)
+            s = np.zeros(rows, np.uint32) if seq else None
+            applied = k(serving, versions, ids, prow, pver, newest=3, seq=s)
+            assert serving.tobytes() == want_s.tobytes(), (seq, n)
+            assert np.array_equal(versions, want_v)
+            assert raw[:start].sum() == 0 and raw[start + whole.nbytes:].sum() == 0
+            if seq:
+                assert np.all(s % 2 == 0) and int(s.sum()) == 2 * applied
