@@ -32,7 +32,8 @@ bytes (see spec.serving_row_bytes).
       order rows and packets arrive in. Returns the number of rows written.
       With `seq` each write follows the protocol in docs/engine.md:
       s = seq[r]; seq[r] = s+1; release fence; row and version; release
-      fence; seq[r] = s+2.
+      fence; seq[r] = s+2. Rows of whole lines are streamed, in fenced
+      groups (`_MergeApply`).
 """
 
 from __future__ import annotations
