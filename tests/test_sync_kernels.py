@@ -242,3 +242,42 @@ def test_merge_streams_rows_in_groups_and_repeats(layout: str, dim: int, shift: 
             assert raw[:start].sum() == 0 and raw[start + whole.nbytes:].sum() == 0
             if seq:
                 assert np.all(s % 2 == 0) and int(s.sum()) == 2 * applied
+
+
+def test_readers_never_see_a_torn_row_of_a_grouped_merge() -> None:
+    """Pack readers under sequence words race merges of whole-line f32 rows (the
+    streamed, grouped path) whose packets repeat rows within a group. Every row a
+    merge writes is the constant v at version v, so a row mixing two writes, or a
+    version that is not its values', shows at once. The work is fixed, not timed."""
+    from ekko.compiler.backend.llvm_sync import MERGE_GROUP
+
+    rows, dim, merges = 2 * MERGE_GROUP, 1024, 400
+    merge = merge_kernel(dim, "f32", seq=True, threads=1)
+    read = pack_kernel(dim, "f32", seq=True, threads=1)
+    serving = np.zeros((rows, dim), np.float32)
+    versions = np.zeros(rows, np.int64)
+    seq = np.zeros(rows, np.uint32)
+    ids = np.concatenate([np.arange(rows), np.arange(0, rows, 3), np.arange(rows)[::-1]])
+    everything = np.arange(rows, dtype=np.int64)
+    done = threading.Event()
+    torn, reads = [0, 0], [0, 0]
+
+    def reader(k: int) -> None:
+        while not done.is_set() or reads[k] == 0:
+            got, vers = read(serving, versions, everything, seq=seq)
+            torn[k] += int(((got != got[:, :1]).any(axis=1) | (got[:, 0] != vers)).sum())
+            reads[k] += 1
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(2)]
+    for th in threads:
+        th.start()
+    for v in range(1, merges + 1):
+        pver = np.full(len(ids), v, np.int64)
+        pver[len(ids) // 2:] = v - 1 if v > 1 else v  # later repeats are older: not taken
+        prow = np.repeat(pver.astype(np.float32)[:, None], dim, axis=1)
+        merge(serving, versions, ids.astype(np.int64), prow, pver, newest=v, seq=seq)
+    done.set()
+    for th in threads:
+        th.join()
+    assert min(reads) > 0 and sum(torn) == 0, (torn, reads)
+    assert np.all(serving == merges) and np.all(versions == merges) and np.all(seq % 2 == 0)
