@@ -426,6 +426,42 @@ def test_random_int8_packets_merge_exactly_when_every_row_decodes_finite() -> No
     assert outcomes == {True, False}
 
 
+@pytest.mark.parametrize("dim", [1, 63, 64, 65, 128, 200])
+def test_the_merge_check_of_int8_codes_is_the_decode_of_every_code(dim: int) -> None:
+    """The check decodes only a row's largest code (codes are >= 0 and the decode
+    is monotone, so it lands furthest from the bias). Row by row it must refuse
+    exactly the rows the oracle decodes to a non-finite value: scales of both
+    signs near f32's limit, biases that push past it, the extreme code in the
+    64-byte chunks or in the tail. Scanning only the chunks, or keeping the
+    smallest code, fails it."""
+    from ekko.kernels.sync import SyncError, merge_kernel
+
+    rng = np.random.default_rng(dim)
+    n = 300
+    codes = rng.integers(0, 256, (n, dim)).astype(np.uint8)
+    codes[::3] = rng.integers(100, 120, (len(codes[::3]), dim))  # narrow: the extremes matter
+    pick = rng.integers(0, dim, n)
+    codes[np.arange(n)[1::3], pick[1::3]] = 255  # one extreme code, anywhere in the row
+    codes[np.arange(n)[2::3], pick[2::3]] = 0
+    sign = rng.choice([-1.0, 1.0], n)
+    scale = sign * rng.uniform(0.5, 1.5, n) * 10.0 ** rng.choice([0, 35, 36, 37], n)
+    bias = rng.choice([-1.0, 1.0], n) * rng.uniform(0.0, 3.4, n) * 10.0 ** rng.choice([0, 38], n)
+    packet = _int8_rows(codes, scale, bias)
+    good = _decodes_finite(packet, dim)
+    assert good.any() and not good.all()
+    merge = merge_kernel(dim, "int8")
+    replica = np.zeros((1, dim + 8), np.uint8)
+    for i in range(n):
+        versions = np.zeros(1, np.int64)
+        call = lambda: merge(replica, versions, np.zeros(1, np.int64), packet[i:i + 1],  # noqa: E731
+                             np.ones(1, np.int64), newest=1)
+        if good[i]:
+            assert call() == 1, i
+        else:
+            with pytest.raises(SyncError, match="decodes to a non-finite value"):
+                call()
+
+
 def test_the_engine_names_the_table_and_commits_nothing() -> None:
     model = ekko.compile_model(ekko.parse_model(
         "model m { table emb { rows 20; dim 4; optimizer sgd(lr=1.0); } feature f -> emb; }"))
