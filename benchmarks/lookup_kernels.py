@@ -68,6 +68,7 @@ FBGEMM_TYPES = {"f32": "FP32", "f16": "FP16", "int8": "INT8", "int4": "INT4"}
 SYNC_ROWS, SYNC_IDS = 4_000_000, 500_000
 SYNC_LAYOUTS = ("f32", "int8")
 WARMUP_S = 0.5
+SETTLE_S = 0.3  # idle time before each sync peer's series (see `settle`)
 LOOKUP_TARGETS = {"vs_torch_f32": 2.0, "vs_fbgemm": 1.0}  # issue 20: int8 pooled lookups
 
 
@@ -229,6 +230,16 @@ def bench_dim(dim: int, runs: int, rng: np.random.Generator) -> list[Result]:
 # replica sync: pack and merge
 
 
+def settle() -> None:
+    """Let the previous peer's thread pool go idle before the next peer is timed.
+
+    torch's OpenMP workers keep spinning for a while after a parallel call
+    and take a core from whatever runs next: an int8 merge timed right after
+    torch's index_select took 10.9 ms, after 0.3 s idle 7.1 ms (alone 6.9).
+    """
+    time.sleep(SETTLE_S)
+
+
 def _best_ms(calls: list[Callable[[], object]]) -> float:
     """Median ms of the timed calls (each call one run)."""
     times = []
@@ -264,6 +275,7 @@ def run_pack(serving: np.ndarray, versions: np.ndarray, ids: np.ndarray, dim: in
         rows.fill(0)
         fn(rows, vers)
         ok = rows.tobytes() == serving[ids].tobytes() and np.array_equal(vers, versions[ids])
+        settle()
         ms = _best_ms([lambda: fn(rows, vers)] * runs) if ok else None
         out.append(Result(name, layout, ms, "" if ok else f"{name}: packet differs from serving[ids]",
                           pack_bytes(rb, len(ids)), "pack"))
@@ -323,6 +335,7 @@ def run_merge(serving: np.ndarray, ids: np.ndarray, prow: np.ndarray, dim: int, 
             return call
 
         times = []
+        settle()
         for v in range(2, runs + 2) if ok else ():
             pver.fill(v)  # untimed: each merge is newer than the last, so it writes every row
             times.append(_best_ms([run(v)]))
