@@ -37,7 +37,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from ...dialects import catalog
-from . import abi, loops
+from . import abi, loops, prefetch
 from .llvm_abi import declare, emit_packed
 from .spec import BagSpec
 
@@ -177,8 +177,7 @@ class _BagEmitter:
         cover every line an unaligned row (int8: dim + 8 bytes) straddles.
         """
         b = self.b
-        ahead = b.add(j, _const(i64, PREFETCH_DISTANCE))
-        ahead = b.select(b.icmp_signed("<", ahead, self.a["nids"]), ahead, j)
+        ahead = prefetch.ahead(b, j, PREFETCH_DISTANCE, self.a["nids"])
         row = self.row_ptr(self.load_index(self.a["ids"], ahead))
         offsets = list(range(0, min(self.row_bytes, 64 * PREFETCH_LINES), 64))
         if self.row_bytes > 64 and self.row_bytes <= 64 * PREFETCH_LINES:

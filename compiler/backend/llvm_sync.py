@@ -120,8 +120,7 @@ class _SyncEmitter:
         a branch). Pack reads rows at random ids; merge asks for versions only
         (`_MergeApply.prefetch_version`)."""
         b = self.b
-        ahead = b.add(i, _c(I64, PACK_PREFETCH))
-        r = self.load_id(ids, b.select(b.icmp_signed("<", ahead, hi), ahead, i))
+        r = self.load_id(ids, prefetch.ahead(b, i, PACK_PREFETCH, hi))
         pf = prefetch.intrinsic(self.module)
         prefetch.row(b, pf, self.row(serving, r), self.width, write=0)
         prefetch.row(b, pf, self.at(versions, r), 8, write=0)
@@ -489,8 +488,7 @@ class _MergeApply:
         walk's one random read (its row is only written). Past the end it re-asks
         for i's, without a branch."""
         e, b = self.e, self.e.b
-        ahead = b.add(i, _c(I64, MERGE_PREFETCH))
-        r = e.load_id(self.ids, b.select(b.icmp_signed("<", ahead, self.n), ahead, i))
+        r = e.load_id(self.ids, prefetch.ahead(b, i, MERGE_PREFETCH, self.n))
         pf = prefetch.intrinsic(e.module)
         prefetch.row(b, pf, e.at(self.versions, r), 8, write=1)
         if e.spec.seq:

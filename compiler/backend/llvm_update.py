@@ -652,9 +652,6 @@ def _slot_of(e: Emitter, idv, mask):
     return b.and_(b.lshr(b.mul(idv, _c(I64, GOLDEN)), _c(I64, 17)), mask)
 
 
-def _prefetch_fn(e: Emitter) -> ir.Function:
-    return prefetch.intrinsic(e.module)
-
 
 def _insert(e: Emitter, idv, htab, mask, uids, slots, srcs, count_ptr, base_k, status, fail):
     """The unique index of `idv`, found in or added to the bucket's hash table (mask + 1
@@ -829,17 +826,17 @@ def _prefetch_streamed(e: Emitter, spec: UpdateSpec, a: dict, delta: "Delta", bu
     row once taken, and, when it is applied there, every row `_prefetch` asks for;
     and the code of the position twice as far (codes sit in bucket order)."""
     b = e.b
-    pf = _prefetch_fn(e)
+    pf = prefetch.intrinsic(e.module)
     codes, places = a["order"], a["places"]
     distance = _distance(spec)
     further = b.add(t, _c(I64, 2 * distance))
     with b.if_then(b.icmp_signed("<", further, a["count"])):
-        _fetch_row(e, e.gep(codes, b.load(e.gep(places, further))), 8, pf)
+        prefetch.row(b, pf, e.gep(codes, b.load(e.gep(places, further))), 8)
     ahead = b.add(t, _c(I64, distance))
     with b.if_then(b.icmp_signed("<", ahead, a["count"])):
         i = b.load(e.gep(a["occ"], ahead))
         code = b.load(e.gep(codes, b.load(e.gep(places, ahead))))
-        _fetch_row(e, delta.row(i), 4 * spec.dim, pf, write=0)
+        prefetch.row(b, pf, delta.row(i), 4 * spec.dim, write=0)
         first = b.ashr(code, _c(I64, 2))
         later = b.and_(b.icmp_signed(">=", code, _c(I64, 0)),
                        b.icmp_unsigned("!=", code, _c(I64, CODE_FIRST)))
@@ -847,7 +844,7 @@ def _prefetch_streamed(e: Emitter, spec: UpdateSpec, a: dict, delta: "Delta", bu
         there = _load_if(e, later, codes, first, _c(I64, CODE_FIRST))
         with b.if_then(b.icmp_signed("<=", there, _c(I64, -2))):
             row = b.sub(_c(I64, -2), there)
-            _fetch_row(e, e.gep(a["acc"], b.mul(row, _c(I64, spec.dim))), 4 * spec.dim, pf)
+            prefetch.row(b, pf, e.gep(a["acc"], b.mul(row, _c(I64, spec.dim))), 4 * spec.dim)
         with b.if_then(b.icmp_unsigned("!=", b.and_(code, _c(I64, CODE_LAST)), _c(I64, 0))):
             _fetch_rows_of(e, spec, _load_id(e, a["ids"], i), bufs, pf)
 
@@ -927,8 +924,8 @@ def _summed_row(e: Emitter, spec: UpdateSpec, commit: "Commit", delta: Delta, oc
         with e.loop(b.add(lo, _c(I64, 1)), hi, "sum") as t:
             ahead = b.add(t, _c(I64, OCC_AHEAD))
             with b.if_then(b.icmp_signed("<", ahead, hi)):
-                _fetch_row(e, delta.row(b.load(e.gep(occ, ahead))), 4 * spec.dim,
-                           _prefetch_fn(e), write=0)
+                prefetch.row(b, prefetch.intrinsic(e.module), delta.row(b.load(e.gep(occ, ahead))),
+                             4 * spec.dim, write=0)
             row = delta.checked_row(b.load(e.gep(occ, t)), commit, scaled_row)
             with e.tiled(spec.dim, spec.tile, "add") as j:
                 p = e.gep(summed, j)
@@ -1232,8 +1229,8 @@ def _prefetch(e: Emitter, spec: UpdateSpec, ids, entry, grad_row, pos, count,
     ahead = b.add(pos, _c(I64, _distance(spec)))
     with b.if_then(b.icmp_signed("<", ahead, count)):
         k = entry(ahead)
-        pf = _prefetch_fn(e)
-        _fetch_row(e, grad_row(k), 4 * spec.dim, pf)
+        pf = prefetch.intrinsic(e.module)
+        prefetch.row(b, pf, grad_row(k), 4 * spec.dim)
         _fetch_rows_of(e, spec, _load_id(e, ids, k), bufs, pf)
 
 
@@ -1258,17 +1255,13 @@ def _fetch_rows_of(e: Emitter, spec: UpdateSpec, nid, bufs: dict, pf) -> None:
         slot = _slot_of(e, nid, _c(I64, RECENT_SLOTS - 1))
         targets.append((e.gep(bufs["recent"], b.shl(slot, _c(I64, 1))), 16))
     for ptr, nbytes in targets:
-        _fetch_row(e, ptr, nbytes, pf)
+        prefetch.row(b, pf, ptr, nbytes)
     # a prefetch of null + id is dropped, but not free (~10% of a plain
     # SGD update, measured): the sequence word only when there is one
     seq = bufs["seq"]
     with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(seq, I64), _c(I64, 0))):
-        _fetch_row(e, e.gep(seq, nid), 4, pf)
+        prefetch.row(b, pf, e.gep(seq, nid), 4)
 
-
-def _fetch_row(e: Emitter, ptr, nbytes: int, pf, write: int = 1) -> None:
-    """Prefetch every line of a row that need not start on a line (backend.prefetch)."""
-    prefetch.row(e.b, pf, ptr, nbytes, write)
 
 
 def _apply_row(e: Emitter, spec: UpdateSpec, idv, src, bufs: dict, step: tuple,

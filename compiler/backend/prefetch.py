@@ -22,6 +22,13 @@ def intrinsic(module: ir.Module) -> ir.Function:
         "llvm.prefetch.p0")
 
 
+def ahead(b: ir.IRBuilder, i: ir.Value, distance: int, end: ir.Value) -> ir.Value:
+    """Position i + distance, or i itself where that is past `end`: a position whose
+    entry can be read without a branch (asking again for i's row costs nothing)."""
+    later = b.add(i, ir.Constant(I64, distance))
+    return b.select(b.icmp_signed("<", later, end), later, i)
+
+
 def row(b: ir.IRBuilder, pf: ir.Function, ptr: ir.Value, nbytes: int, write: int = 1) -> None:
     """Ask for every line of `nbytes` at `ptr` (into L1: locality 3, data cache)."""
     base = b.bitcast(ptr, I8.as_pointer())
