@@ -58,7 +58,7 @@ from ekko.kernels.sync import merge_kernel, pack_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import add_out, roofline, save_figure, write_results  # noqa: E402
 from update_kernels import (TARGETS, copy_bandwidth, dim_list, pct_text,  # noqa: E402
-                            positive_int, verdict)  # one copy roof, one verdict, one flag check
+                            positive_int, settle, verdict)  # one copy roof, one verdict, one flag check
 
 ROWS = 1_000_000
 BAGS = 2048
@@ -68,7 +68,6 @@ FBGEMM_TYPES = {"f32": "FP32", "f16": "FP16", "int8": "INT8", "int4": "INT4"}
 SYNC_ROWS, SYNC_IDS = 4_000_000, 500_000
 SYNC_LAYOUTS = ("f32", "int8")
 WARMUP_S = 0.5
-SETTLE_S = 0.3  # idle time before each sync peer's series (see `settle`)
 LOOKUP_TARGETS = {"vs_torch_f32": 2.0, "vs_fbgemm": 1.0}  # issue 20: int8 pooled lookups
 
 
@@ -228,16 +227,6 @@ def bench_dim(dim: int, runs: int, rng: np.random.Generator) -> list[Result]:
 
 # --------------------------------------------------------------------------
 # replica sync: pack and merge
-
-
-def settle() -> None:
-    """Let the previous peer's thread pool go idle before the next peer is timed.
-
-    torch's OpenMP workers keep spinning for a while after a parallel call
-    and take a core from whatever runs next: an int8 merge timed right after
-    torch's index_select took 10.9 ms, after 0.3 s idle 7.1 ms (alone 6.9).
-    """
-    time.sleep(SETTLE_S)
 
 
 def _best_ms(calls: list[Callable[[], object]]) -> float:

@@ -66,6 +66,7 @@ KINDS = ("rowwise_adagrad_int8", "rowwise_adagrad", "sgd")
 GROUPS = ("main", "uniform", "workload", "threads", "sweep")
 SWEEP_DIMS = (16, 32, 64, 128, 256)
 SWEEP_TABLE_BYTES = 512 * 2**20  # 16x the 32 MiB last-level cache of the machine measured
+SETTLE_S = 0.3  # idle time before each peer's series (see `settle`)
 TARGETS = {"fbgemm": 2.5, "fbgemm_less_work": 1.0, "torch": 5.0, "copy": 0.5}  # issue 20
 
 
@@ -594,6 +595,18 @@ class Result:
         return self.nbytes / self.median_ms / 1e6 if self.times_ms else float("nan")
 
 
+def settle() -> None:
+    """Let the previous peer's thread pool go idle before the next peer is timed.
+
+    torch's OpenMP workers keep spinning for a while after a parallel call
+    and take a core from whatever runs next: an int8 merge timed right after
+    torch's index_select took 10.9 ms, after 0.3 s idle 7.1 ms (alone 6.9);
+    ekko's Zipf 4M x 64 rowwise Adagrad + int8 update right after FBGEMM's
+    71.7 ms, after 0.3 s idle 64.3 ms (alone 62.2).
+    """
+    time.sleep(SETTLE_S)
+
+
 def _timed(fn: Callable[[], None]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -612,6 +625,7 @@ def measure(case: Case, name: str, work: Workload, bufs: Buffers, saved: Saved, 
         if peer.prepare is not None:
             peer.prepare()
         restore_rows(peer.bufs, saved)
+        settle()
         if peer.before_each is not None:
             peer.before_each()
         peer.run(1)
