@@ -22,13 +22,17 @@ Cases (`cases()`; `--quick` divides every row and id count by 10):
   sweep     dims 16, 32, 64, 128, 256 at fixed bytes: a 512 MiB table (rows =
             512 MiB / row bytes, 16x the 32 MiB last-level cache) and 128 MiB
             of gradients (ids = rows / 4), Zipf ids, rowwise_adagrad.
-Cases past `main` run torch eager, FBGEMM and ekko (numba prange too on
-`uniform`); the other peers are rows marked "skipped" so the default run
-stays near 10 minutes on 2 cores.
+Cases past `main` run torch eager, FBGEMM, the C loop and ekko (numba
+prange too on `uniform`); the other peers are rows marked "skipped" so the
+default run stays near 10 minutes on 2 cores.
 
 Peers run in the same process on the same data: numpy, torch eager,
 torch.compile, numba (serial and prange), FBGEMM's CPU TBE backward (fused
-dedup + optimizer; it has no serving copy or versions) and ekko.
+dedup + optimizer; it has no serving copy or versions), the C loop
+(benchmarks/c_loop.c, built with the system C compiler: each position
+applied alone, in place, with no dedup, journal or finite checks; less work
+than an update, so not checked, but a measure of what this machine's memory
+gives a simple hand-written loop on the same rows and threads) and ekko.
 Each peer first runs once from the pristine state and its sampled rows are
 checked against a float64 reference (and against ekko); then it runs `runs`
 more times, timed, the table keeps updating (a continuous update stream; the
@@ -166,7 +170,7 @@ def cases(quick: bool = False, dims: tuple[int, ...] | None = None) -> list[Case
     """
     s = 10 if quick else 1
     dims = dims or ((64,) if quick else (64, 128))
-    lean = ("torch eager", "FBGEMM", "ekko")  # the peers the issue's targets name
+    lean = ("torch eager", "FBGEMM", "C loop", "ekko")  # the issue's peers, and the C loop's bound
     out = [Case("main", kind, 4_000_000 // s, dim, 1_000_000 // s)
            for dim in dims for kind in ("rowwise_adagrad_int8", "sgd")]
     out.append(Case("uniform", "rowwise_adagrad_int8", 8_000_000 // s, 32, 1_000_000 // s, "uniform",
@@ -298,6 +302,7 @@ class Peer:
     prepare: Callable[[], None] | None = None  # warm-up (compile) before the checked run
     before_each: Callable[[], None] | None = None  # untimed work each run needs first
     kind: str = ""  # the update it does, when less than the case's (FBGEMM: no serving copy)
+    checked: bool = True  # False: does less than the update (the C loop); its rows are not compared
 
 
 def numpy_peer(case: str, work: Workload, bufs: Buffers, threads: int = 1) -> Peer:
@@ -553,6 +558,55 @@ def ekko_peer(case: str, work: Workload, bufs: Buffers, threads: int = 2) -> Pee
     return Peer("ekko", threads, bufs, run, "fused kernel")
 
 
+@functools.lru_cache(maxsize=None)
+def _c_loop_library(dim: int):
+    """benchmarks/c_loop.c built for rows of `dim` floats with the system C compiler."""
+    import ctypes
+    import shutil
+    import subprocess
+    import tempfile
+
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise Unavailable("no C compiler (cc, gcc or clang) on PATH")
+    out = Path(tempfile.mkdtemp(prefix="ekko-c-loop-")) / "c_loop.so"
+    src = Path(__file__).resolve().parent / "c_loop.c"
+    done = subprocess.run([cc, "-O3", "-march=native", f"-DDIM={dim}", "-shared", "-fPIC", "-o", str(out), str(src),
+                           "-lpthread", "-lm"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise Unavailable(f"{cc} failed: {done.stderr.strip().splitlines()[-1:]}")
+    lib = ctypes.CDLL(str(out))
+    shutil.rmtree(out.parent)  # loaded: the file is no longer needed
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.c_loop_update.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float,
+                                  ctypes.c_float]
+    lib.c_loop_update.restype = ctypes.c_int
+    return lib
+
+
+def c_loop_peer(case: str, work: Workload, bufs: Buffers, threads: int = 2) -> Peer:
+    """benchmarks/c_loop.c: each owned position applied alone, in place.
+
+    Not an update (no dedup, journal or checks; a repeated id is updated
+    once per position), so its rows are not checked: it shows what the
+    memory system gives the simplest hand-written loop on the same rows and
+    threads, the reference against which the targets' ratios can be judged.
+    """
+    lib = _c_loop_library(work.dim)
+    state = None if case == "sgd" else bufs.momentum
+    kind = "sgd" if case == "sgd" else "rowwise_adagrad"
+
+    def run(version: int) -> None:
+        rc = lib.c_loop_update(work.ids.ctypes.data, work.grads.ctypes.data, bufs.table.ctypes.data,
+                               None if state is None else state.ctypes.data, work.n_ids, work.dim,
+                               threads, LR, EPS)
+        if rc != 0:
+            raise RuntimeError(f"c_loop_update returned {rc}")
+
+    return Peer("C loop", threads, bufs, run, "each position applied alone: no dedup, journal or "
+                "finite checks (less work than an update; not checked)", kind=kind, checked=False)
+
+
 PEERS: dict[str, Callable[[str, Workload, Buffers, int], Peer]] = {
     "numpy": numpy_peer,
     "torch eager": torch_peer,
@@ -560,6 +614,7 @@ PEERS: dict[str, Callable[[str, Workload, Buffers, int], Peer]] = {
     "numba": numba_peer,
     "numba prange": lambda c, w, b, t: numba_peer(c, w, b, t, parallel=True),
     "FBGEMM": fbgemm_peer,
+    "C loop": c_loop_peer,
     "ekko": ekko_peer,
 }
 
@@ -629,11 +684,14 @@ def measure(case: Case, name: str, work: Workload, bufs: Buffers, saved: Saved, 
         if peer.before_each is not None:
             peer.before_each()
         peer.run(1)
-        try:
-            res.check = f"ok (max abs dw {check_rows(peer.bufs, exp, work.dim):.1e})"
-        except AssertionError as e:
-            res.check = f"DISAGREES: {e}"
-        res.sample = {"table": peer.bufs.table[exp.ids].copy()}
+        if not peer.checked:
+            res.check = "not compared (less work than the update)"
+        else:
+            try:
+                res.check = f"ok (max abs dw {check_rows(peer.bufs, exp, work.dim):.1e})"
+            except AssertionError as e:
+                res.check = f"DISAGREES: {e}"
+            res.sample = {"table": peer.bufs.table[exp.ids].copy()}
         for i in range(runs):
             if peer.before_each is not None:
                 peer.before_each()  # FBGEMM: untimed forward before each timed backward
@@ -714,6 +772,11 @@ def summary_line(case: Case, rows: list[Result], bw: float) -> str:
         parts.append(verdict(fb.median_ms / ek.median_ms, target,
                               f"{fb.median_ms / ek.median_ms:.2f}x FBGEMM"
                               + (" (which skips the serving copy and versions)" if less else "")))
+    c = _timed_peer(rows, "C loop")
+    if c is not None:
+        ratio = f"{fb.median_ms / c.median_ms:.2f}x FBGEMM, " if fb is not None else ""
+        parts.append(f"the C loop (less work) {c.median_ms:.1f} ms: {ratio}"
+                     f"ekko {c.median_ms / ek.median_ms:.2f}x its speed")
     te = _timed_peer(rows, "torch eager")
     parts.append("torch eager not run" if te is None else
                  verdict(te.median_ms / ek.median_ms, TARGETS["torch"],

@@ -27,7 +27,10 @@ def work():
     return bench.make_workload(rows=5000, dim=16, n_ids=3000, seed=5)
 
 
-@pytest.mark.parametrize("peer", list(bench.PEERS))
+UPDATES = [p for p in bench.PEERS if p != "C loop"]  # the C loop does less: its own test below
+
+
+@pytest.mark.parametrize("peer", UPDATES)
 @pytest.mark.parametrize("kind", bench.KINDS)
 def test_peer_agrees_with_reference(kind: str, peer: str, work) -> None:
     """One checked run and one timed run of each peer; it must match the reference."""
@@ -46,6 +49,63 @@ def test_peer_agrees_with_reference(kind: str, peer: str, work) -> None:
         assert res.threads == 1  # the case's thread count reaches the peer
     # the peer restored the touched rows: the next peer starts from the same state
     np.testing.assert_array_equal(bufs.table[saved.uniq], saved.table_rows)
+
+
+def _each_position_alone(kind: str, work, table: np.ndarray, state: np.ndarray | None) -> None:
+    """What the C loop promises, in float64 numpy: every position applied alone, in input order."""
+    for i, row in enumerate(work.ids):
+        g = work.grads[i].astype(np.float64)
+        m = bench.LR
+        if kind != "sgd":
+            state[row] += (g * g).sum() / work.dim
+            m = bench.LR / (np.sqrt(state[row]) + bench.EPS)
+        table[row] -= m * g
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dim", [16, 13, 64])
+@pytest.mark.parametrize("kind", bench.KINDS)
+def test_c_loop_applies_each_position_alone(kind: str, dim: int, threads: int) -> None:
+    """The C loop's figures mean something only if it does its stated work: each position
+    applied alone to its row, rows split between threads (a race would lose updates)."""
+    work = bench.make_workload(rows=3000, dim=dim, n_ids=4000, seed=7)
+    bufs = bench.allocate(kind, work.rows, work.dim)
+    table, state = bufs.table.astype(np.float64), None
+    if bufs.momentum is not None:
+        bufs.momentum[:] = np.random.default_rng(3).random(work.rows, dtype=np.float32)
+        state = bufs.momentum.astype(np.float64)
+    _each_position_alone(kind, work, table, state)
+    peer = bench.c_loop_peer(kind, work, bufs, threads)
+    assert not peer.checked and peer.threads == threads
+    peer.run(1)
+    np.testing.assert_allclose(bufs.table, table, rtol=1e-4, atol=1e-5)
+    if state is not None:
+        np.testing.assert_allclose(bufs.momentum, state, rtol=1e-4)
+
+
+def test_c_loop_refuses_a_width_it_was_not_built_for(work) -> None:
+    bufs = bench.allocate("sgd", work.rows, work.dim)
+    lib = bench._c_loop_library(work.dim + 1)
+    before = bufs.table.copy()
+    rc = lib.c_loop_update(work.ids.ctypes.data, work.grads.ctypes.data, bufs.table.ctypes.data,
+                           None, work.n_ids, work.dim, 1, bench.LR, bench.EPS)
+    assert rc == -1
+    np.testing.assert_array_equal(bufs.table, before)
+
+
+def test_c_loop_is_a_row_not_a_crash_without_a_compiler(work, monkeypatch) -> None:
+    """No C compiler: the peer is reported unavailable, the run goes on."""
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    bench._c_loop_library.cache_clear()
+    try:
+        bufs = bench.allocate("sgd", work.rows, work.dim)
+        saved = bench.save_rows(bufs, work)
+        exp = bench.expected_rows("sgd", work, saved, bench.sample_ids(work, n=50))
+        case = bench.Case("main", "sgd", work.rows, work.dim, work.n_ids, threads=1)
+        res = bench.measure(case, "C loop", work, bufs, saved, exp, runs=1)
+        assert "no C compiler" in res.error and not res.times_ms
+    finally:
+        bench._c_loop_library.cache_clear()
 
 
 def test_bytes_moved_follows_the_stated_rule(work) -> None:
