@@ -171,15 +171,18 @@ class MergeKernel(_SyncKernel):
         if n == 0:
             return 0
         parts = self._parts(n)
+        descents = np.zeros(parts, np.int64)
         codes, errs = self._check.run(parts, rows=nrows, ids=i.ptr, n=n, prows=r.ptr,
-                                      pversions=pv.ptr, newest=int(newest))
+                                      pversions=pv.ptr, newest=int(newest),
+                                      descents=descents.ctypes.data)
         failed = [(errs[p], code) for p, code in enumerate(codes) if code]
         if failed:
             self._raise(min(failed), ids, packet_versions, nrows, int(newest))
-
+        # sorted ids (the engine's packets): each partition merges its own part
+        ranged = int(parts > 1 and not descents.any())
         return sum(self._apply.run(parts, serving=srv.ptr, versions=ver.ptr,
                                    seq=sq.ptr if sq else None, ids=i.ptr, n=n, prows=r.ptr,
-                                   pversions=pv.ptr)[0])
+                                   pversions=pv.ptr, ranged=ranged)[0])
 
     @staticmethod
     def _raise(failure: tuple[int, int], ids: Any, versions: Any, rows: int, newest: int) -> None:

@@ -244,6 +244,118 @@ def test_merge_streams_rows_in_groups_and_repeats(layout: str, dim: int, shift: 
                 assert np.all(s % 2 == 0) and int(s.sum()) == 2 * applied
 
 
+@pytest.mark.parametrize("layout", ["f32", "int8", "f16"])
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("seq", [False, True])
+def test_sorted_packets_merge_in_ranges(layout: str, threads: int, seq: bool) -> None:
+    """Sorted ids (the engine's packets) take the ranged merge: each partition its
+    own part of the packet, its ends moved past runs of one id. Runs of equal ids
+    (equal versions: the byte tie-break decides) straddle every partition boundary,
+    and one packet is a single id; the bytes must be the reference's."""
+    from ekko.kernels.sync import PARALLEL_MIN_ROWS
+
+    rng = np.random.default_rng(zlib.crc32(f"{layout}/{threads}/{seq}".encode()))
+    dim, rows, n = 24, 3000, 3 * PARALLEL_MIN_ROWS
+    k = merge_kernel(dim, layout, seq=seq, threads=threads)
+    seen = _spy_ranged(k)
+    for case in ("runs", "one id", "edges"):
+        ids = np.sort(rng.integers(0, rows, n)).astype(np.int64)
+        if case == "runs":
+            for p in range(1, threads):  # a run of one id across each boundary
+                at = n * p // threads
+                ids[at - 50:at + 50] = ids[at]
+            ids = np.sort(ids)
+        elif case == "one id":
+            ids[:] = rows // 2
+        else:
+            ids[:300], ids[-300:] = 0, rows - 1
+        serving = serving_copy(rng, rows, dim, layout)
+        versions = rng.integers(0, 3, rows).astype(np.int64)
+        prow = serving_copy(rng, n, dim, layout)
+        pver = rng.integers(1, 3, n).astype(np.int64)
+        want_s, want_v = serving.copy(), versions.copy()
+        reference_merge(want_s, want_v, ids, prow, pver)
+        s = np.zeros(rows, np.uint32) if seq else None
+        applied = k(serving, versions, ids, prow, pver, newest=3, seq=s)
+        assert seen[-1] == 1, case  # the ranged path ran
+        assert serving.tobytes() == want_s.tobytes(), case
+        assert np.array_equal(versions, want_v), case
+        if seq:
+            assert np.all(s % 2 == 0) and int(s.sum()) == 2 * applied
+
+
+def _spy_ranged(k) -> list[int]:
+    """Record the `ranged` argument of every apply call of merge kernel k."""
+    seen: list[int] = []
+    run = k._apply.run
+
+    def spy(parts, **args):
+        seen.append(args["ranged"])
+        return run(parts, **args)
+
+    k._apply.run = spy
+    return seen
+
+
+@pytest.mark.parametrize("seq", [False, True])
+def test_a_range_leaves_a_run_that_starts_before_it_to_the_range_before(seq: bool) -> None:
+    """Each partition run alone (no race to hide a wrong split): a run of one id that
+    crosses the middle of a sorted packet belongs wholly to the first partition, and
+    the second starts after it."""
+    from ekko.kernels.sync import PARALLEL_MIN_ROWS
+
+    n, rows, dim = 2 * PARALLEL_MIN_ROWS, 4 * PARALLEL_MIN_ROWS, 16
+    k = merge_kernel(dim, "f32", seq=seq, threads=2)
+    rng = np.random.default_rng(11)
+    ids = np.sort(rng.choice(rows, n, replace=False)).astype(np.int64)
+    ids[n // 2 - 40:n // 2 + 40] = ids[n // 2 - 40]  # the run crossing the raw boundary
+    serving = serving_copy(rng, rows, dim, "f32")
+    versions = np.zeros(rows, np.int64)
+    prow, pver = serving_copy(rng, n, dim, "f32"), np.arange(1, n + 1, dtype=np.int64)
+    s = np.zeros(rows, np.uint32) if seq else None
+    start = n // 2 + 40  # where the second partition's range must begin
+    for part, span in ((1, slice(start, n)), (0, slice(0, start))):
+        want_s, want_v = serving.copy(), versions.copy()
+        reference_merge(want_s, want_v, ids[span], prow[span], pver[span])
+        k._apply([dict(part=part, nparts=2, serving=serving.ctypes.data,
+                       versions=versions.ctypes.data, seq=None if s is None else s.ctypes.data,
+                       ids=ids.ctypes.data, n=n, prows=prow.ctypes.data,
+                       pversions=pver.ctypes.data, ranged=1)])
+        assert serving.tobytes() == want_s.tobytes(), part
+        assert np.array_equal(versions, want_v), part
+
+
+@pytest.mark.parametrize("where", ["first boundary", "last boundary", "middle", "end"])
+def test_one_descent_anywhere_takes_the_owner_hash(where: str) -> None:
+    """A single id smaller than the one before it, at a partition's first position
+    (checked against the last id of the range before), inside a range, or at the
+    end, means the ids are not sorted: the merge must not split by ranges, and
+    it still gives the reference's bytes."""
+    from ekko.kernels.sync import PARALLEL_MIN_ROWS
+
+    threads, rows, dim = 3, 5000, 16
+    n = 3 * PARALLEL_MIN_ROWS
+    k = merge_kernel(dim, "f32", threads=threads)
+    seen = _spy_ranged(k)
+    rng = np.random.default_rng(zlib.crc32(where.encode()))
+    ids = np.sort(rng.integers(1, rows, n)).astype(np.int64)
+    at = {"first boundary": n // threads, "last boundary": 2 * n // threads, "middle": n // 2 + 7,
+          "end": n - 1}[where]
+    ids[at] = ids[at - 1] - 1  # one step down
+    ids[0] = ids[at]  # the same row in the first range too: a split would race on it
+    serving = serving_copy(rng, rows, dim, "f32")
+    versions = np.zeros(rows, np.int64)
+    prow = serving_copy(rng, n, dim, "f32")
+    pver = rng.integers(1, 3, n).astype(np.int64)
+    want_s, want_v = serving.copy(), versions.copy()
+    reference_merge(want_s, want_v, ids, prow, pver)
+    k(serving, versions, ids, prow, pver, newest=3)
+    assert seen == [0]
+    assert serving.tobytes() == want_s.tobytes() and np.array_equal(versions, want_v)
+    k(serving, versions, np.sort(ids), prow, pver, newest=3)
+    assert seen == [0, 1]  # sorted again: ranged
+
+
 def test_readers_never_see_a_torn_row_of_a_grouped_merge() -> None:
     """Pack readers under sequence words race merges of whole-line f32 rows (the
     streamed, grouped path) whose packets repeat rows within a group. Every row a

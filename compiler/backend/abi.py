@@ -214,11 +214,13 @@ def sync_pack() -> Signature:
 
 
 def merge_check() -> Signature:
-    """Validate a packet against a replica; writes nothing."""
+    """Validate a packet against a replica; writes nothing but `descents`."""
     return Signature("ekko_merge_check", "i64", (
         *PART, _a("rows", "i64", "serving rows"), _a("ids", "i8*"), _a("n", "i64"),
         _a("prows", "i8*", "packet rows in the serving layout"), _a("pversions", "i64*"),
         _a("newest", "i64", "the newest version the primary issued"), _a("err_pos", "i64*"),
+        _a("descents", "i64*", "one word per partition, set to 1 when an id of its range "
+                               "is smaller than the one before it"),
     ), "Returns a SyncStatus.")
 
 
@@ -227,4 +229,7 @@ def merge_apply() -> Signature:
     return Signature("ekko_merge_apply", "i64", (
         *PART, _a("serving", "i8*"), _a("versions", "i64*"), _a("seq", "u32*"),
         _a("ids", "i8*"), _a("n", "i64"), _a("prows", "i8*"), _a("pversions", "i64*"),
+        _a("ranged", "i64", "nonzero when the ids never decrease: a partition then owns "
+                            "its contiguous range of positions (moved past equal ids) "
+                            "instead of the ids the owner hash gives it"),
     ), "Returns the number of rows written.")

@@ -390,17 +390,25 @@ def emit_pack(module: ir.Module, spec: PackSpec) -> None:
 
 def emit_merge_check(module: ir.Module, spec: MergeSpec) -> None:
     e = _SyncEmitter(module, spec, abi.merge_check())
-    part, nparts, rows, ids, n, prows, pversions, newest, err = e.fn.args
+    part, nparts, rows, ids, n, prows, pversions, newest, err, descents = e.fn.args
     b = e.b
     lo, hi = e.part_range(part, nparts, n)
+    descent = b.alloca(I64, name="descent")
+    b.store(_c(I64, 0), descent)
     with loops.counted(b, lo, hi, "check") as i:
-        e.fail(b.icmp_unsigned(">=", e.load_id(ids, i), rows), ERR_ID, i, err)
+        r = e.load_id(ids, i)
+        e.fail(b.icmp_unsigned(">=", r, rows), ERR_ID, i, err)
+        # position 0 compares with itself: the one id before a range is always there
+        before = e.load_id(ids, b.sub(i, b.zext(b.icmp_unsigned(">", i, _c(I64, 0)), I64)))
+        down = b.zext(b.icmp_unsigned("<", r, before), I64)
+        b.store(b.or_(b.load(descent), down), descent)
         v = b.load(e.at(pversions, i))
         bad_version = b.or_(b.icmp_signed("<", v, _c(I64, 0)), b.icmp_signed(">", v, newest))
         e.fail(bad_version, ERR_VERSION, i, err)
         e.fail(b.not_(e.row_finite(e.row(prows, i))), ERR_NONFINITE, i, err)
         if e.checks_decode():
             e.fail(b.not_(e.decodes_finite(e.row(prows, i))), ERR_DECODE, i, err)
+    b.store(b.load(descent), e.at(descents, part))
     b.ret(_c(I64, 0))
 
 
@@ -427,13 +435,15 @@ class _MergeApply:
         self.e = e = _SyncEmitter(module, spec, abi.merge_apply())
         e.scalar_streams = True
         (self.part, self.nparts, self.serving, self.versions, self.seq, self.ids, self.n,
-         self.prows, self.pversions) = e.fn.args
+         self.prows, self.pversions, ranged) = e.fn.args
         for a in (self.serving, self.prows):
             a.add_attribute("noalias")
         b = e.b
         self.count = b.alloca(I64, name="applied")
         self.take_ptr = b.alloca(I1, name="take")
         b.store(_c(I64, 0), self.count)
+        self.ranged = b.icmp_unsigned("!=", ranged, _c(I64, 0))
+        self.lo, self.hi = self.positions()
         # rows of whole lines only: a fence writes a half-streamed line out
         # half, and the memory then reads it back (int8 dim 64: 11.0 -> 15.1 ms)
         self.groups = spec.seq and e.width % LINE == 0
@@ -459,13 +469,50 @@ class _MergeApply:
             e.if_aligned(self.serving, loop)
         e.b.ret(e.b.load(self.count))
 
-    def loop(self, streaming: bool, grouped: bool) -> None:
-        """Every packet position; this partition takes the rows it owns."""
+    def positions(self) -> tuple:
+        """[lo, hi): the positions this partition walks. Ranged (the ids never
+        decrease), its contiguous share, each end moved past the ids equal to the
+        one before it, so every copy of an id falls in one partition; otherwise
+        every position, taking the ids the owner hash gives it. A range reads its
+        own part of the packet: walking all of it, each partition read every
+        line of rows it does not take (int8 rows share lines)."""
         e, b = self.e, self.e.b
-        with loops.counted(b, _c(I64, 0), self.n, "merge") as i:
+        lo, hi = e.part_range(self.part, self.nparts, self.n)
+        lo, hi = self.past_equal(lo), self.past_equal(hi)
+        return (b.select(self.ranged, lo, _c(I64, 0)), b.select(self.ranged, hi, self.n))
+
+    def past_equal(self, at):
+        """The first position >= at whose id differs from the one before it (or n)."""
+        e, b = self.e, self.e.b
+        entry = b.block
+        head = b.append_basic_block("equal.head")
+        body = b.append_basic_block("equal.body")
+        done = b.append_basic_block("equal.done")
+        b.branch(head)
+        b.position_at_end(head)
+        pos = b.phi(I64)
+        pos.add_incoming(at, entry)
+        inside = b.and_(b.icmp_unsigned(">", pos, _c(I64, 0)), b.icmp_unsigned("<", pos, self.n))
+        b.cbranch(b.and_(self.ranged, inside), body, done)
+        b.position_at_end(body)
+        same = b.icmp_unsigned("==", e.load_id(self.ids, pos),
+                               e.load_id(self.ids, b.sub(pos, _c(I64, 1))))
+        pos.add_incoming(b.add(pos, _c(I64, 1)), body)
+        b.cbranch(same, head, done)
+        b.position_at_end(done)
+        out = b.phi(I64)
+        out.add_incoming(pos, head)
+        out.add_incoming(pos, body)
+        return out
+
+    def loop(self, streaming: bool, grouped: bool) -> None:
+        """This partition's positions; it takes the rows it owns."""
+        e, b = self.e, self.e.b
+        with loops.counted(b, self.lo, self.hi, "merge") as i:
             self.prefetch_version(i)
             r = e.load_id(self.ids, i)
-            with b.if_then(b.icmp_unsigned("==", partition_owner(b, r, self.nparts), self.part)):
+            mine = b.icmp_unsigned("==", partition_owner(b, r, self.nparts), self.part)
+            with b.if_then(b.or_(self.ranged, mine)):
                 if grouped:
                     word = b.load_atomic(e.seq_ptr(self.seq, r), "monotonic", 4)
                     with b.if_then(b.trunc(word, I1), likely=False):  # odd: pending in the group
