@@ -827,7 +827,7 @@ def pct_text(p: float) -> str:
 
 STYLE = {"numpy": ("o", "tab:blue"), "torch eager": ("s", "tab:orange"), "torch.compile": ("D", "tab:green"),
          "numba": ("v", "tab:purple"), "numba prange": ("^", "tab:brown"), "FBGEMM": ("P", "tab:gray"),
-         "ekko": ("*", "tab:red")}
+         "C loop": ("x", "black"), "ekko": ("*", "tab:red")}
 
 
 def plot(results: list[Result], bw: float, path: Path) -> None:

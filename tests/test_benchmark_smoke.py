@@ -108,6 +108,11 @@ def test_c_loop_is_a_row_not_a_crash_without_a_compiler(work, monkeypatch) -> No
         bench._c_loop_library.cache_clear()
 
 
+def test_every_peer_has_a_marker_in_the_plot() -> None:
+    """A peer without a style would be timed but left out of the roofline plot."""
+    assert list(bench.STYLE) == list(bench.PEERS)
+
+
 def test_bytes_moved_follows_the_stated_rule(work) -> None:
     """ids + grads once; table (and state) rows read and written; serving row and version written."""
     n, u, d = work.n_ids, len(work.uniq), work.dim

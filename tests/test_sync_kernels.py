@@ -356,20 +356,29 @@ def test_one_descent_anywhere_takes_the_owner_hash(where: str) -> None:
     assert seen == [0, 1]  # sorted again: ranged
 
 
-def test_readers_never_see_a_torn_row_of_a_grouped_merge() -> None:
+@pytest.mark.parametrize("packets", ["repeats", "sorted runs"])
+def test_readers_never_see_a_torn_row_of_a_grouped_merge(packets: str) -> None:
     """Pack readers under sequence words race merges of whole-line f32 rows (the
-    streamed, grouped path) whose packets repeat rows within a group. Every row a
-    merge writes is the constant v at version v, so a row mixing two writes, or a
-    version that is not its values', shows at once. The work is fixed, not timed."""
+    streamed, grouped path) whose packets repeat rows within a group; "sorted runs"
+    are merged in ranges by two partitions. Every row a merge writes is the constant
+    v at version v, so a row mixing two writes, or a version that is not its
+    values', shows at once. The work is fixed, not timed."""
     from ekko.compiler.backend.llvm_sync import MERGE_GROUP
+    from ekko.kernels.sync import PARALLEL_MIN_ROWS
 
-    rows, dim, merges = 2 * MERGE_GROUP, 1024, 400
-    merge = merge_kernel(dim, "f32", seq=True, threads=1)
+    rows = 2 * MERGE_GROUP
+    if packets == "repeats":
+        dim, threads, merges = 1024, 1, 400
+        ids = np.concatenate([np.arange(rows), np.arange(0, rows, 3), np.arange(rows)[::-1]])
+    else:  # sorted: a run of each id, long enough for two partitions
+        dim, threads, merges = 64, 2, 400
+        ids = np.repeat(np.arange(rows), -(-PARALLEL_MIN_ROWS // rows))
+    merge = merge_kernel(dim, "f32", seq=True, threads=threads)
+    seen = _spy_ranged(merge)
     read = pack_kernel(dim, "f32", seq=True, threads=1)
     serving = np.zeros((rows, dim), np.float32)
     versions = np.zeros(rows, np.int64)
     seq = np.zeros(rows, np.uint32)
-    ids = np.concatenate([np.arange(rows), np.arange(0, rows, 3), np.arange(rows)[::-1]])
     everything = np.arange(rows, dtype=np.int64)
     done = threading.Event()
     torn, reads = [0, 0], [0, 0]
@@ -385,7 +394,8 @@ def test_readers_never_see_a_torn_row_of_a_grouped_merge() -> None:
         th.start()
     for v in range(1, merges + 1):
         pver = np.full(len(ids), v, np.int64)
-        pver[len(ids) // 2:] = v - 1 if v > 1 else v  # later repeats are older: not taken
+        older = slice(len(ids) // 2, None) if packets == "repeats" else slice(1, None, 2)
+        pver[older] = v - 1 if v > 1 else v  # later repeats are older: not taken
         prow = np.repeat(pver.astype(np.float32)[:, None], dim, axis=1)
         merge(serving, versions, ids.astype(np.int64), prow, pver, newest=v, seq=seq)
     done.set()
@@ -393,3 +403,4 @@ def test_readers_never_see_a_torn_row_of_a_grouped_merge() -> None:
         th.join()
     assert min(reads) > 0 and sum(torn) == 0, (torn, reads)
     assert np.all(serving == merges) and np.all(versions == merges) and np.all(seq % 2 == 0)
+    assert set(seen) == {1 if packets == "sorted runs" else 0}
