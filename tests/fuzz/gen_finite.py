@@ -83,10 +83,24 @@ def _layouts(quantized: bool = False) -> list[str]:
 def generate_merge(rng: random.Random) -> dict:
     layout = rng.choice(_layouts(quantized=True))
     dim, rows, n = rng.choice([1, 3, 8, 33]), rng.choice([1, 9, 64]), rng.choice([1, 5, 40])
+    big = rng.random() < 0.3  # enough ids for partitions: sorted ones merge in ranges
+    if big:
+        rows, n = rng.choice([7, 300, 5000]), rng.randrange(4096, 6500)
     return {"target": "api", "kernel": "merge",
-            "make": {"dim": dim, "layout": layout, "seq": rng.random() < 0.5},
+            "make": {"dim": dim, "layout": layout, "seq": rng.random() < 0.5,
+                     "threads": rng.choice([2, 3]) if big else None},
             "data": {"seed": rng.randrange(1 << 30), "rows": rows, "n": n,
+                     "sorted": big and rng.random() < 0.7,
                      "exponents": rng.sample([0, 20, 30, 36, 37, 38], 3)}}
+
+
+def _newest_wins(replica, versions, ids, packet, pversions) -> None:
+    """The merge's rule, row by row in packet order: a newer version, or an equal one
+    with larger bytes, replaces the replica's row."""
+    for i, r in enumerate(ids):
+        v, cur = int(pversions[i]), int(versions[r])
+        if v > cur or (v == cur and packet[i].tobytes() > replica[r].tobytes()):
+            replica[r], versions[r] = packet[i], v
 
 
 # ------------------------------------------------------------------- running
@@ -241,11 +255,16 @@ def run_merge(case: dict) -> dict:
         stored = quantize_rows(params.astype(np.float32), entry.codec.param)  # its format
         packet[:, entry.params_at(dim):] = stored.view(np.uint8)
     ids = rng.integers(0, rows, n)
+    if d.get("sorted"):
+        ids.sort()
     ids[0], ids[-1] = 0, rows - 1
+    pversions = rng.integers(1, 3, n).astype(np.int64)
+    want_rows, want_versions = replica.copy(), versions.copy()
+    _newest_wins(want_rows, want_versions, ids, packet, pversions)
     before = [a.tobytes() for a in (replica, versions) + ((seq,) if seq is not None else ())]
     try:
-        merge_kernel(dim, layout, seq=make["seq"])(replica, versions, ids, packet,
-                                                   np.ones(n, np.int64), newest=1, seq=seq)
+        merge_kernel(dim, layout, seq=make["seq"], threads=make.get("threads"))(
+            replica, versions, ids, packet, pversions, newest=2, seq=seq)
     except ekko.EkkoError as e:
         after = [a.tobytes() for a in (replica, versions) + ((seq,) if seq is not None else ())]
         if after != before:
@@ -258,4 +277,6 @@ def run_merge(case: dict) -> dict:
     with np.errstate(all="ignore"):
         if not np.isfinite(dequantize_rows(replica, layout, dim)).all():
             return {"kind": "non-finite", "detail": "a merged row decodes to inf or NaN"}
+    if replica.tobytes() != want_rows.tobytes() or not np.array_equal(versions, want_versions):
+        return {"kind": "wrong", "detail": "the merged replica is not newest-version-wins"}
     return {"kind": "ok"}
