@@ -33,6 +33,20 @@ def reference_merge(serving, versions, ids, rows, pversions) -> None:
             versions[r] = v
 
 
+def merge_as_reference(k, serving, versions, ids, prow, pver, newest: int, seq: bool,
+                       note: object = None) -> int:
+    """Merge with k and assert the replica (and its words) ends as the reference's."""
+    want_s, want_v = serving.copy(), versions.copy()
+    reference_merge(want_s, want_v, ids, prow, pver)
+    s = np.zeros(len(versions), np.uint32) if seq else None
+    applied = k(serving, versions, ids, prow, pver, newest=newest, seq=s)
+    assert serving.tobytes() == want_s.tobytes(), note
+    assert np.array_equal(versions, want_v), note
+    if seq:
+        assert np.all(s % 2 == 0) and int(s.sum()) == 2 * applied, note
+    return applied
+
+
 def random_packet(rng, rows: int, dim: int, layout: str, n: int, newest: int,
                   index=np.int64):
     ids = rng.integers(0, rows, n).astype(index)
@@ -50,16 +64,10 @@ def test_merge_matches_reference(layout: str, seq: bool) -> None:
         k = merge_kernel(dim, layout, seq=seq, threads=threads)
         serving = serving_copy(rng, rows, dim, layout)
         versions = rng.integers(0, 4, rows).astype(np.int64)
-        s = np.zeros(rows, np.uint32) if seq else None
+        before = versions.copy()
         ids, prow, pver = random_packet(rng, rows, dim, layout, n, 6)
-        want_s, want_v = serving.copy(), versions.copy()
-        reference_merge(want_s, want_v, ids, prow, pver)
-        applied = k(serving, versions, ids, prow, pver, newest=6, seq=s)
-        assert serving.tobytes() == want_s.tobytes()
-        assert np.array_equal(versions, want_v)
-        assert applied >= int((want_v != versions).sum())
-        if seq:
-            assert np.all(s % 2 == 0) and int(s.sum()) == 2 * applied
+        applied = merge_as_reference(k, serving, versions, ids, prow, pver, 6, seq)
+        assert applied >= int((before != versions).sum())
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -233,15 +241,8 @@ def test_merge_streams_rows_in_groups_and_repeats(layout: str, dim: int, shift: 
             ids[-1], ids[1] = 0, rows - 1
             prow = serving_copy(rng, n, dim, layout)
             pver = rng.integers(1, 4, n).astype(np.int64)
-            want_s, want_v = serving.copy(), versions.copy()
-            reference_merge(want_s, want_v, ids, prow, pver)
-            s = np.zeros(rows, np.uint32) if seq else None
-            applied = k(serving, versions, ids, prow, pver, newest=3, seq=s)
-            assert serving.tobytes() == want_s.tobytes(), (seq, n)
-            assert np.array_equal(versions, want_v)
+            merge_as_reference(k, serving, versions, ids, prow, pver, 3, seq, (seq, n))
             assert raw[:start].sum() == 0 and raw[start + whole.nbytes:].sum() == 0
-            if seq:
-                assert np.all(s % 2 == 0) and int(s.sum()) == 2 * applied
 
 
 @pytest.mark.parametrize("layout", ["f32", "int8", "f16"])
@@ -273,15 +274,8 @@ def test_sorted_packets_merge_in_ranges(layout: str, threads: int, seq: bool) ->
         versions = rng.integers(0, 3, rows).astype(np.int64)
         prow = serving_copy(rng, n, dim, layout)
         pver = rng.integers(1, 3, n).astype(np.int64)
-        want_s, want_v = serving.copy(), versions.copy()
-        reference_merge(want_s, want_v, ids, prow, pver)
-        s = np.zeros(rows, np.uint32) if seq else None
-        applied = k(serving, versions, ids, prow, pver, newest=3, seq=s)
+        merge_as_reference(k, serving, versions, ids, prow, pver, 3, seq, case)
         assert seen[-1] == 1, case  # the ranged path ran
-        assert serving.tobytes() == want_s.tobytes(), case
-        assert np.array_equal(versions, want_v), case
-        if seq:
-            assert np.all(s % 2 == 0) and int(s.sum()) == 2 * applied
 
 
 def _spy_ranged(k) -> list[int]:
@@ -347,11 +341,8 @@ def test_one_descent_anywhere_takes_the_owner_hash(where: str) -> None:
     versions = np.zeros(rows, np.int64)
     prow = serving_copy(rng, n, dim, "f32")
     pver = rng.integers(1, 3, n).astype(np.int64)
-    want_s, want_v = serving.copy(), versions.copy()
-    reference_merge(want_s, want_v, ids, prow, pver)
-    k(serving, versions, ids, prow, pver, newest=3)
+    merge_as_reference(k, serving, versions, ids, prow, pver, 3, False)
     assert seen == [0]
-    assert serving.tobytes() == want_s.tobytes() and np.array_equal(versions, want_v)
     k(serving, versions, np.sort(ids), prow, pver, newest=3)
     assert seen == [0, 1]  # sorted again: ranged
 
