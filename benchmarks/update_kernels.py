@@ -571,10 +571,14 @@ def _c_loop_library(dim: int):
         raise Unavailable("no C compiler (cc, gcc or clang) on PATH")
     out = Path(tempfile.mkdtemp(prefix="ekko-c-loop-")) / "c_loop.so"
     src = Path(__file__).resolve().parent / "c_loop.c"
-    done = subprocess.run([cc, "-O3", "-march=native", f"-DDIM={dim}", "-shared", "-fPIC", "-o", str(out), str(src),
-                           "-lpthread", "-lm"], capture_output=True, text=True)
+    command = [cc, "-O3", "-march=native", f"-DDIM={dim}", "-shared", "-fPIC", "-o", str(out),
+               str(src), "-lpthread", "-lm"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise Unavailable(f"{cc}: {e}") from None
     if done.returncode != 0:
-        raise Unavailable(f"{cc} failed: {done.stderr.strip().splitlines()[-1:]}")
+        raise Unavailable(f"{cc} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     lib = ctypes.CDLL(str(out))
     shutil.rmtree(out.parent)  # loaded: the file is no longer needed
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
