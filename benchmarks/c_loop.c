@@ -12,6 +12,7 @@
  * rows AHEAD owned positions early.
  *
  * Built by update_kernels.py with the system C compiler (-O3 -march=native),
+ * given the owner hash (one definition: llvm_abi.OWNER_HASH, OWNER_SHIFT),
  * once per row width: DIM is a compile-time constant, as it is in ekko's
  * kernels (a run-time width measured 105 against 90 ms, Zipf 4M x 64, one
  * thread).
@@ -20,7 +21,9 @@
 #include <pthread.h>
 #include <stdint.h>
 
-#define OWNER_HASH 0x9E3779B97F4A7C15ull /* compiler/backend/llvm_abi.py */
+#if !defined(OWNER_HASH) || !defined(OWNER_SHIFT)
+#error "build with -DOWNER_HASH and -DOWNER_SHIFT of compiler/backend/llvm_abi.py"
+#endif
 #define BLOCK 4096
 #define AHEAD 16
 #define MAX_THREADS 64
@@ -40,7 +43,7 @@ typedef struct {
 } job_t;
 
 static int owner(int64_t id, int nparts) {
-    return (int)((((uint64_t)id * OWNER_HASH) >> 40) % (uint64_t)nparts);
+    return (int)((((uint64_t)id * OWNER_HASH) >> OWNER_SHIFT) % (uint64_t)nparts);
 }
 
 static void ask_for_row(const job_t *j, int64_t id) {

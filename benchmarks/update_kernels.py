@@ -571,8 +571,11 @@ def _c_loop_library(dim: int):
         raise Unavailable("no C compiler (cc, gcc or clang) on PATH")
     out = Path(tempfile.mkdtemp(prefix="ekko-c-loop-")) / "c_loop.so"
     src = Path(__file__).resolve().parent / "c_loop.c"
-    command = [cc, "-O3", "-march=native", f"-DDIM={dim}", "-shared", "-fPIC", "-o", str(out),
-               str(src), "-lpthread", "-lm"]
+    from ekko.compiler.backend.llvm_abi import OWNER_HASH, OWNER_SHIFT  # ekko's split
+
+    command = [cc, "-O3", "-march=native", f"-DDIM={dim}", f"-DOWNER_HASH={OWNER_HASH:#x}ull",
+               f"-DOWNER_SHIFT={OWNER_SHIFT}", "-shared", "-fPIC", "-o", str(out), str(src),
+               "-lpthread", "-lm"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:

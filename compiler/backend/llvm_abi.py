@@ -17,13 +17,15 @@ LLVM_TYPES: dict[str, ir.Type] = {
 
 
 OWNER_HASH = 0x9E3779B97F4A7C15  # 2**64 / golden ratio
+OWNER_SHIFT = 40  # the product's high bits pick the partition
 
 
 def partition_owner(b: ir.IRBuilder, idv: ir.Value, nparts: ir.Value) -> ir.Value:
     """The partition that owns id `idv` (i64): a multiplicative hash, so hot ids
     spread. The one rule every kernel that splits rows by id (the update's
     apply, the merge) uses."""
-    return b.urem(b.lshr(b.mul(idv, ir.Constant(I64, OWNER_HASH)), ir.Constant(I64, 40)), nparts)
+    product = b.mul(idv, ir.Constant(I64, OWNER_HASH))
+    return b.urem(b.lshr(product, ir.Constant(I64, OWNER_SHIFT)), nparts)
 
 
 def declare(module: ir.Module, sig: abi.Signature) -> ir.Function:

@@ -652,7 +652,6 @@ def _slot_of(e: Emitter, idv, mask):
     return b.and_(b.lshr(b.mul(idv, _c(I64, GOLDEN)), _c(I64, 17)), mask)
 
 
-
 def _insert(e: Emitter, idv, htab, mask, uids, slots, srcs, count_ptr, base_k, status, fail):
     """The unique index of `idv`, found in or added to the bucket's hash table (mask + 1
     slots; the bucket's unique indices start at `base_k`); srcs[k] counts its rows.
@@ -1261,7 +1260,6 @@ def _fetch_rows_of(e: Emitter, spec: UpdateSpec, nid, bufs: dict, pf) -> None:
     seq = bufs["seq"]
     with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(seq, I64), _c(I64, 0))):
         prefetch.row(b, pf, e.gep(seq, nid), 4)
-
 
 
 def _apply_row(e: Emitter, spec: UpdateSpec, idv, src, bufs: dict, step: tuple,
