@@ -135,6 +135,11 @@ class _BagEmitter:
         self.guarded = guarded
         self.layout = catalog.layout(spec.layout)
         self.row_bytes = self.layout.row_bytes(spec.dim)
+        # 4-bit codes pool centred (`dequant_centred`): 5-14% faster lookups. 8-bit
+        # ones measured 13% faster on rows in cache but 4-7% slower on rows from
+        # memory (the benchmark's), so they keep one fma and one add per element.
+        codec = self.layout.codec
+        self.centred = isinstance(codec, catalog.RowAffine) and codec.per_byte > 1
         self.idx_ty = i32 if spec.index_dtype == "i32" else i64
         self.module = module
         p8 = i8.as_pointer()
@@ -205,28 +210,53 @@ class _BagEmitter:
             return b.fadd(acc, b.fmul(v, _splat(b, weight, n), flags=FMA), flags=FMA)
         return b.fadd(acc, v)
 
+    def row_params(self, row: ir.Value,
+                   weight: ir.Value | None) -> tuple[ir.Value, ir.Value | None]:
+        """A row-wise row's scale and bias (None without one) as f32, times `weight`."""
+        b, codec = self.b, self.layout.codec
+        at = self.layout.params_at(self.spec.dim)
+        scale = _load_param(b, row, at, codec.param)
+        step = catalog.FORMATS[codec.param].nbytes
+        bias = _load_param(b, row, at + step, codec.param) if "bias" in codec.tail else None
+        if weight is not None:
+            scale = b.fmul(scale, weight)
+            bias = b.fmul(bias, weight) if bias is not None else None
+        return scale, bias
+
     def dequant_rowwise(self, row: ir.Value, c0: int, n: int, weight: ir.Value | None,
                         acc: ir.Value) -> ir.Value:
         """acc + (code * scale + bias) * weight for row-wise codecs (weight folded
         into scale and bias)."""
         b, codec = self.b, self.layout.codec
         vf = ir.VectorType(f32, n)
-        at = self.layout.params_at(self.spec.dim)
-        step = catalog.FORMATS[codec.param].nbytes
-        scale = _load_param(b, row, at, codec.param)
-        bias = _load_param(b, row, at + step, codec.param) if "bias" in codec.tail else None
+        scale, bias = self.row_params(row, weight)
         if isinstance(codec, catalog.RowAffine):
             x = b.uitofp(self.affine_codes(row, c0, n, codec), vf)
         else:
             x = minifloat_values(b, _load_at(b, row, c0, ir.VectorType(i8, n), 1),
                                  codec.minifloat)
-        if weight is not None:
-            scale = b.fmul(scale, weight)
-            bias = b.fmul(bias, weight) if bias is not None else None
         value = b.fmul(x, _splat(b, scale, n), flags=FMA)
         if bias is not None:
             value = b.fadd(value, _splat(b, bias, n), flags=FMA)
         return b.fadd(acc, value, flags=FMA)
+
+    def dequant_centred(self, row: ir.Value, c0: int, n: int, weight: ir.Value | None,
+                        acc: ir.Value, biases: ir.Value) -> list[ir.Value]:
+        """[acc + (code - mid) * scale, biases + bias + mid * scale] for row-affine codes
+        (mid = half the code range; weight folded into scale and bias).
+
+        One fma per element instead of an fma and an add. Centring keeps both
+        sums as small as the rows themselves, where code * scale and the
+        biases summed apart are two large sums of opposite sign.
+        """
+        b, codec = self.b, self.layout.codec
+        scale, bias = self.row_params(row, weight)
+        mid = (codec.max_code + 1) // 2
+        codes = self.affine_codes(row, c0, n, codec)
+        x = b.sitofp(b.sub(codes, ir.Constant(codes.type, [mid] * n)), ir.VectorType(f32, n))
+        biases = b.fadd(biases, b.fadd(bias, b.fmul(scale, _const(f32, float(mid)), flags=FMA),
+                                       flags=FMA))
+        return [b.fadd(acc, b.fmul(x, _splat(b, scale, n), flags=FMA), flags=FMA), biases]
 
     def affine_codes(self, row: ir.Value, c0: int, n: int, codec: catalog.RowAffine) -> ir.Value:
         """`<n x i8>` codes from their packed bytes, low bits first (c0 is a
@@ -280,12 +310,17 @@ class _BagEmitter:
                    n: int) -> tuple[ir.Value, ir.Value] | None:
         """Pool elements [c0, c0+n) over the bag's ids and store them once.
 
-        Guarded, the first chunk also reads each row's sequence word just
-        before the row, and returns their sum and OR.
+        Row-affine codes carry a second, scalar accumulator: the sum of the
+        rows' centred biases (`dequant_centred`), added to every element once
+        at the end. Guarded, the first chunk also reads each row's sequence
+        word just before the row, and returns their sum and OR.
         """
         b, a, spec = self.b, self.a, self.spec
         vf = ir.VectorType(f32, n)
         inits = [ir.Constant(vf, [0.0] * n)]
+        centred = self.centred
+        if centred:
+            inits.append(_const(f32, 0.0))
         track = c0 == 0 and self.guarded
         if track:
             inits += [_const(i64, 0), _const(i32, 0)]
@@ -302,10 +337,14 @@ class _BagEmitter:
                 word = b.load_atomic(b.gep(a["seq"], [idv]), "acquire", 4)
                 words = [b.add(accs[-2], b.zext(word, i64)), b.or_(accs[-1], word)]
             weight = b.load(b.gep(a["weights"], [j]), align=4) if spec.weighted else None
-            return [self.dequant(self.row_ptr(idv), c0, n, weight, accs[0])] + words
+            row = self.row_ptr(idv)
+            if centred:
+                return self.dequant_centred(row, c0, n, weight, accs[0], accs[1]) + words
+            return [self.dequant(row, c0, n, weight, accs[0])] + words
 
         accs = loops.fold(b, start, end, f"c{c0}", inits, step)
-        self.store_row(bag, start, end, accs[0], c0, n)
+        total = b.fadd(accs[0], _splat(b, accs[1], n)) if centred else accs[0]
+        self.store_row(bag, start, end, total, c0, n)
         return (accs[-2], accs[-1]) if track else None
 
     def store_row(self, bag: ir.Value, start: ir.Value, end: ir.Value, acc: ir.Value,
