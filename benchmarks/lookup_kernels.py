@@ -10,6 +10,14 @@ Peers, same process, same ids:
   ekko    bag_kernel(layout=f32/f16/int8/int4), default partitions
   fbgemm  IntNBitTableBatchedEmbeddingBagsCodegen, FBGEMM's CPU inference TBE
           (FP32/FP16/INT8/INT4, its own row layout), when fbgemm_gpu imports
+  C loop  benchmarks/c_bag.c's int8 bag sum: the simplest fast hand-written
+          loop (gcc -O3 -march=native, OpenMP, no id checks), built with the
+          system C compiler when there is one
+  floor   c_bag.c's c_touch_lines on the f32 and the int8 rows: one byte of
+          every line of every looked-up row read, no arithmetic. Not a
+          lookup: the time the rows alone take to reach the cores, the
+          floor under any kernel on that layout, against which the int8
+          target (2x torch f32) can be judged
 
 Each peer's output is checked against F.embedding_bag on that peer's own
 dequantized rows before it is timed; a wrong peer is reported, not timed.
@@ -31,8 +39,8 @@ int8 rows; --quick: 10x fewer), far beyond the cache.
          Each timed merge carries a version newer than the last, so every
          run writes every row.
 One summary line per dim states int8 lookups against F.embedding_bag f32 and
-FBGEMM's INT8 TBE, and pack and merge against the copy bandwidth: the
-targets of issue 20.
+FBGEMM's INT8 TBE (with the C loop and the int8 floor as torch multiples),
+and pack and merge against the copy bandwidth: the targets of issue 20.
 
     python benchmarks/lookup_kernels.py [--quick] [--dims 64,128] [--runs 30] [--out DIR]
 """
@@ -40,6 +48,8 @@ targets of issue 20.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import statistics
 import sys
 import time
@@ -57,8 +67,8 @@ from ekko.kernels.sync import merge_kernel, pack_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import add_out, roofline, save_figure, write_results  # noqa: E402
-from update_kernels import (TARGETS, copy_bandwidth, dim_list, pct_text,  # noqa: E402
-                            positive_int, settle, verdict)  # one copy roof, one verdict, one flag check
+from update_kernels import (TARGETS, Unavailable, build_c, copy_bandwidth,  # noqa: E402
+                            dim_list, pct_text, positive_int, settle, verdict)  # written once
 
 ROWS = 1_000_000
 BAGS = 2048
@@ -213,6 +223,64 @@ def run_fbgemm(table: np.ndarray, layout: str, ids: np.ndarray, offsets: np.ndar
     return result  # tbe (its table) is freed on return
 
 
+@functools.lru_cache(maxsize=None)
+def _c_bag_library(dim: int):
+    """benchmarks/c_bag.c built for int8 rows of `dim` codes (OpenMP threads)."""
+    lib = build_c("c_bag.c", {"DIM": dim}, ("-fopenmp",))
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.c_bag_int8.argtypes = [ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.c_bag_int8.restype = ctypes.c_int
+    lib.c_touch_lines.argtypes = [ptr, i64, ptr, i64, ctypes.c_int]
+    lib.c_touch_lines.restype = ctypes.c_int64
+    return lib
+
+
+def run_c_bag(table: np.ndarray, ids: np.ndarray, offsets: np.ndarray, runs: int) -> Result:
+    """c_bag.c's int8 bag sum: hand-written C on the same rows, ids and threads as torch."""
+    name, dim = "C loop", table.shape[1]
+    try:
+        lib = _c_bag_library(dim)
+    except Unavailable as e:
+        return Result(name, "int8", None, f"unavailable: {e}")
+    q = quantize_rows(table, "int8")
+    out = np.empty((len(offsets) - 1, dim), np.float32)
+
+    def call() -> np.ndarray:
+        if lib.c_bag_int8(q.ctypes.data, ids.ctypes.data, offsets.ctypes.data, len(offsets) - 1,
+                          out.ctypes.data, torch.get_num_threads()) != 0:
+            raise RuntimeError("c_bag_int8 refused its arguments")
+        return out
+
+    bad = check("C loop", call(), reference(lambda u: dequantize_rows(q[u], "int8", dim), ids, offsets))
+    return Result(name, "int8", None if bad else median_ms(call, runs),
+                  bad or "hand-written, gcc -O3 + OpenMP; no id checks",
+                  lookup_bytes(q.shape[1], ids, BAGS, dim))
+
+
+def lines_touched(rows: np.ndarray, ids: np.ndarray) -> int:
+    """What c_touch_lines returns: one byte of each 64-byte step of each row, and its last."""
+    picked = rows[ids]
+    return int(picked[:, ::64].sum(dtype=np.int64) + picked[:, -1].sum(dtype=np.int64))
+
+
+def run_floor(table: np.ndarray, layout: str, ids: np.ndarray, runs: int) -> Result:
+    """c_touch_lines over the rows in `layout` (f32: torch's, int8: ekko's): the time the
+    rows' lines alone take to reach the cores, the floor under any lookup of them."""
+    name, dim = "floor (C)", table.shape[1]
+    try:
+        lib = _c_bag_library(dim)
+    except Unavailable as e:
+        return Result(name, layout, None, f"unavailable: {e}")
+    rows = (table if layout == "f32" else quantize_rows(table, layout)).view(np.uint8)
+    call = lambda: lib.c_touch_lines(rows.ctypes.data, rows.shape[1], ids.ctypes.data,  # noqa: E731
+                                     len(ids), torch.get_num_threads())
+    got, want = call(), lines_touched(rows, ids)
+    bad = "" if got == want else f"floor: read {got}, the rows hold {want}"
+    return Result(name, layout, None if bad else median_ms(call, runs),
+                  bad or "each row's lines read, no arithmetic: not a lookup",
+                  lookup_bytes(rows.shape[1], ids, BAGS, dim))
+
+
 def bench_dim(dim: int, runs: int, rng: np.random.Generator) -> list[Result]:
     table = rng.standard_normal((ROWS, dim), dtype=np.float32)
     ids = zipf_ids(rng, BAGS * POOLING, ROWS)
@@ -222,6 +290,8 @@ def bench_dim(dim: int, runs: int, rng: np.random.Generator) -> list[Result]:
         results.append(run_ekko(table, layout, ids, offsets, runs))
     for layout in EKKO_LAYOUTS:
         results.append(run_fbgemm(table, layout, ids, offsets, runs))
+    results.append(run_c_bag(table, ids, offsets, runs))
+    results += [run_floor(table, layout, ids, runs) for layout in ("f32", "int8")]
     return results
 
 
@@ -397,6 +467,13 @@ def sync_md(dim: int, rows: int, n: int, results: list[Result], bw: float) -> st
     return "\n".join(lines) + "\n"
 
 
+def bound_text(r: Result | None, torch_f32: Result | None, what: str) -> str:
+    """How a C peer's time compares with torch's: what the int8 target can be judged against."""
+    if r is None or not r.ms or torch_f32 is None or not torch_f32.ms:
+        return f"{what}: did not run ({r.note if r else 'missing'})"
+    return f"{what} {r.ms:.3f} ms, {torch_f32.ms / r.ms:.2f}x torch"
+
+
 def summary_lines(dim: int, results: list[Result], bw: float) -> list[str]:
     """The issue's targets read off one dim: int8 lookups, pack and merge."""
     def find(op: str, prefix: str, layout: str) -> Result | None:
@@ -411,6 +488,9 @@ def summary_lines(dim: int, results: list[Result], bw: float) -> list[str]:
                      if th and th.ms else "F.embedding_bag did not run")
         parts.append(verdict(fb.ms / ek.ms, LOOKUP_TARGETS["vs_fbgemm"], f"{fb.ms / ek.ms:.2f}x FBGEMM IntNBit INT8 TBE")
                      if fb and fb.ms else f"FBGEMM inference TBE did not run here: {fb.note if fb else 'missing'}")
+        parts += [bound_text(find("lookup", prefix, "int8"), th, what)
+                  for prefix, what in (("C loop", "hand-written C loop"),
+                                       ("floor", "the int8 rows' lines alone (the floor)"))]
         out = ["; ".join(parts)]
     for op in ("pack", "merge"):
         for layout in SYNC_LAYOUTS:
@@ -438,7 +518,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 PEER_STYLE = {"torch": ("s", "tab:orange"), "numpy": ("o", "tab:blue"),
-              "FBGEMM": ("P", "tab:gray"), "ekko": ("*", "tab:red")}  # by the name's first word
+              "FBGEMM": ("P", "tab:gray"), "ekko": ("*", "tab:red"), "C": ("x", "black"),
+              "floor": ("_", "black")}  # by the name's first word
 
 
 def figure(by_dim: dict[int, list[Result]], bw: float):

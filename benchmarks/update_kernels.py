@@ -558,9 +558,9 @@ def ekko_peer(case: str, work: Workload, bufs: Buffers, threads: int = 2) -> Pee
     return Peer("ekko", threads, bufs, run, "fused kernel")
 
 
-@functools.lru_cache(maxsize=None)
-def _c_loop_library(dim: int):
-    """benchmarks/c_loop.c built for rows of `dim` floats with the system C compiler."""
+def build_c(source: str, defines: dict[str, object], libs: tuple[str, ...] = ()):
+    """benchmarks/<source> built with the system C compiler (-O3 -march=native and
+    `-D` each define) and loaded with ctypes; Unavailable where it cannot be."""
     import ctypes
     import shutil
     import subprocess
@@ -569,21 +569,30 @@ def _c_loop_library(dim: int):
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise Unavailable("no C compiler (cc, gcc or clang) on PATH")
-    out = Path(tempfile.mkdtemp(prefix="ekko-c-loop-")) / "c_loop.so"
-    src = Path(__file__).resolve().parent / "c_loop.c"
-    from ekko.compiler.backend.llvm_abi import OWNER_HASH, OWNER_SHIFT  # ekko's split
-
-    command = [cc, "-O3", "-march=native", f"-DDIM={dim}", f"-DOWNER_HASH={OWNER_HASH:#x}ull",
-               f"-DOWNER_SHIFT={OWNER_SHIFT}", "-shared", "-fPIC", "-o", str(out), str(src),
-               "-lpthread", "-lm"]
+    out = Path(tempfile.mkdtemp(prefix="ekko-c-peer-")) / f"{Path(source).stem}.so"
+    src = Path(__file__).resolve().parent / source
+    command = [cc, "-O3", "-march=native", *(f"-D{k}={v}" for k, v in defines.items()),
+               "-shared", "-fPIC", "-o", str(out), str(src), *libs]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise Unavailable(f"{cc} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        return ctypes.CDLL(str(out))
     except (OSError, subprocess.TimeoutExpired) as e:
         raise Unavailable(f"{cc}: {e}") from None
-    if done.returncode != 0:
-        raise Unavailable(f"{cc} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    lib = ctypes.CDLL(str(out))
-    shutil.rmtree(out.parent)  # loaded: the file is no longer needed
+    finally:
+        shutil.rmtree(out.parent)  # loaded (or failed): the file is no longer needed
+
+
+@functools.lru_cache(maxsize=None)
+def _c_loop_library(dim: int):
+    """benchmarks/c_loop.c built for rows of `dim` floats."""
+    import ctypes
+
+    from ekko.compiler.backend.llvm_abi import OWNER_HASH, OWNER_SHIFT  # ekko's split
+
+    lib = build_c("c_loop.c", {"DIM": dim, "OWNER_HASH": f"{OWNER_HASH:#x}ull",
+                               "OWNER_SHIFT": OWNER_SHIFT}, ("-lpthread", "-lm"))
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.c_loop_update.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float,
                                   ctypes.c_float]

@@ -8,6 +8,7 @@ of silently printing a meaningless speedup.
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import sys
 from types import ModuleType
@@ -271,6 +272,8 @@ def test_lookup_quick_run_reports_bandwidth_and_targets(tmp_path, capsys) -> Non
     assert (tmp_path / "lookup_kernels.png").stat().st_size > 10_000  # the roofline plot
     assert "- dim 64 int8 pooled lookup: ekko " in text and "x F.embedding_bag f32 (target >= 2x: " in text
     assert "FBGEMM IntNBit INT8 TBE (target >= 1x: " in text or "FBGEMM inference TBE did not run here: " in text
+    for what in ("hand-written C loop", "the int8 rows' lines alone (the floor)"):
+        assert re.search(f"; {re.escape(what)} (\\d+\\.\\d+ ms, \\d+\\.\\d+x torch|: did not run)", text), what
     for op in ("pack", "merge"):
         for layout in lk.SYNC_LAYOUTS:
             assert f"- dim 64 {op} {layout}: ekko " in text and "of copy bandwidth (target >= 50%: " in text
@@ -279,11 +282,86 @@ def test_lookup_quick_run_reports_bandwidth_and_targets(tmp_path, capsys) -> Non
         cells = [c.strip() for c in line.strip("|").split("|")]
         if "MB moved" in cells:
             col = {name: cells.index(name) for name in ("median ms", "MB moved", "GB/s", "% of copy bw")}
+            col_names = cells
         elif line.startswith("| ") and "---" not in line and cells[col["median ms"]] != "-":
             timed += 1
             pct = float(cells[col["% of copy bw"]].rstrip("%"))
             assert float(cells[col["MB moved"]]) > 0 and float(cells[col["GB/s"]]) > 0 and 0 < pct < 1000, line
+            peer = cells[0] if "kernel" in col_names else cells[1]
+            assert peer.split()[0] in lk.PEER_STYLE, f"{peer} has no marker in the plot"
     assert timed >= 5 + 12  # torch + 4 ekko layouts; 3 peers x pack/merge x 2 layouts
+    if shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"):
+        assert "| C loop | int8 | " in text and "| floor (C) | int8 | " in text
+
+
+@needs_cc
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dim", [16, 13, 64])
+def test_c_lookup_peers_do_their_stated_work(dim: int, threads: int, monkeypatch) -> None:
+    """The C loop pools int8 rows as ekko's lookup does (code * scale + bias per element),
+    empty bags and the edge ids included; the floor reads one byte of every line of every
+    row it is given (its checksum), on 1-3 threads. A C loop that dropped a thread's bags,
+    or a floor that skipped rows, would fail here."""
+    torch = pytest.importorskip("torch")
+    lk = load_script("benchmarks/lookup_kernels.py")
+    rng = np.random.default_rng(dim * 10 + threads)
+    rows = 3000
+    table = rng.standard_normal((rows, dim), dtype=np.float32)
+    ids = rng.integers(0, rows, 997).astype(np.int64)
+    ids[:2], ids[-2:] = 0, rows - 1
+    offsets = np.unique(np.r_[0, rng.integers(0, len(ids), 40), 5, 5, len(ids)]).astype(np.int64)
+    offsets = np.sort(np.r_[offsets, 5])  # bag [5, 5) is empty
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(lk, "BAGS", len(offsets) - 1)
+    c = lk.run_c_bag(table, ids, offsets, runs=1)
+    assert c.ms and c.ms > 0 and "no id checks" in c.note, c.note
+    for layout in ("f32", "int8"):
+        floor = lk.run_floor(table, layout, ids, runs=1)
+        assert floor.ms and floor.ms > 0 and "not a lookup" in floor.note, floor.note
+    lib = lk._c_bag_library(dim)
+    q = lk.quantize_rows(table, "int8")
+    out = np.zeros((len(offsets) - 1, dim), np.float32)
+    assert lib.c_bag_int8(q.ctypes.data, ids.ctypes.data, offsets.ctypes.data, len(offsets) - 1,
+                          out.ctypes.data, threads) == 0
+    deq = lk.dequantize_rows(q, "int8", dim).astype(np.float64)
+    want = np.array([deq[ids[a:b]].sum(0) for a, b in zip(offsets[:-1], offsets[1:])])
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
+    assert not out[np.flatnonzero(offsets[:-1] == offsets[1:])].any()  # empty bags stay zero
+    raw = q.view(np.uint8)
+    assert lib.c_touch_lines(raw.ctypes.data, raw.shape[1], ids.ctypes.data, len(ids),
+                             threads) == lk.lines_touched(raw, ids)
+    assert lk.lines_touched(raw, ids[:1]) == int(raw[0, ::64].sum() + raw[0, -1])
+
+
+@needs_cc
+def test_c_lookup_peers_refuse_what_they_cannot_do() -> None:
+    """A thread count out of range, or offsets not starting at 0: -1, nothing written."""
+    pytest.importorskip("torch")
+    lk = load_script("benchmarks/lookup_kernels.py")
+    lib = lk._c_bag_library(8)
+    q = np.zeros((4, 16), np.uint8)
+    ids = np.array([0, 3], np.int64)
+    out = np.full((1, 8), 7.0, np.float32)
+    for offsets, threads in ((np.array([0, 2], np.int64), 0), (np.array([0, 2], np.int64), 65),
+                             (np.array([1, 2], np.int64), 1)):
+        assert lib.c_bag_int8(q.ctypes.data, ids.ctypes.data, offsets.ctypes.data, 1,
+                              out.ctypes.data, threads) == -1
+    assert (out == 7.0).all()
+    assert lib.c_touch_lines(q.ctypes.data, 16, ids.ctypes.data, 2, 0) == -1
+    assert lib.c_touch_lines(q.ctypes.data, 0, ids.ctypes.data, 2, 1) == -1
+
+
+def test_c_lookup_peers_are_rows_not_crashes_without_a_compiler(monkeypatch) -> None:
+    """No C compiler: both C rows say unavailable, and the run counts that as no failure."""
+    pytest.importorskip("torch")
+    lk = load_script("benchmarks/lookup_kernels.py")
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    lk._c_bag_library.cache_clear()
+    table = np.zeros((10, 8), np.float32)
+    ids, offsets = np.array([1, 2], np.int64), np.array([0, 2], np.int64)
+    for r in (lk.run_c_bag(table, ids, offsets, 1), lk.run_floor(table, "int8", ids, 1)):
+        assert r.ms is None and r.note.startswith("unavailable: no C compiler"), r.note
+    lk._c_bag_library.cache_clear()
 
 
 def test_freshness_cluster_plot_fits_its_data() -> None:
