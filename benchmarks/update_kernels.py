@@ -36,7 +36,11 @@ gives a simple hand-written loop on the same rows and threads) and ekko.
 Each peer first runs once from the pristine state and its sampled rows are
 checked against a float64 reference (and against ekko); then it runs `runs`
 more times, timed, the table keeps updating (a continuous update stream; the
-work per run is the same). Touched rows are restored between peers.
+work per run is the same). Touched rows are restored between peers. FBGEMM,
+the C loop and ekko, whose times the summary's ratios are read from, are
+timed in interleaved rounds (each once a round, after 0.3 s idle), so that
+a slow or fast minute of a shared machine falls on all three alike; the
+other peers run their series one after another.
 
 Every row reports the bytes the peer's update must move (`bytes_moved`), its
 GB/s (bytes / median time) and that as a % of the copy bandwidth measured in
@@ -71,6 +75,7 @@ GROUPS = ("main", "uniform", "workload", "threads", "sweep")
 SWEEP_DIMS = (16, 32, 64, 128, 256)
 SWEEP_TABLE_BYTES = 512 * 2**20  # 16x the 32 MiB last-level cache of the machine measured
 SETTLE_S = 0.3  # idle time before each peer's series (see `settle`)
+ROUNDS = ("FBGEMM", "C loop", "ekko")  # timed in interleaved rounds (`measure_rounds`)
 TARGETS = {"fbgemm": 2.5, "fbgemm_less_work": 1.0, "torch": 5.0, "copy": 0.5}  # issue 20
 
 
@@ -684,9 +689,19 @@ def _timed(fn: Callable[[], None]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure(case: Case, name: str, work: Workload, bufs: Buffers, saved: Saved, exp: Expected,
-            runs: int) -> Result:
-    """Build, check once from the start state, then time `runs` runs (keep updating)."""
+def _failed(res: Result, e: Exception) -> None:
+    """A failing peer is a row in the table, not a crash."""
+    if isinstance(e, Unavailable):
+        res.error = str(e)
+        return
+    res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    traceback.print_exc(limit=3, file=sys.stderr)
+
+
+def prepare(case: Case, name: str, work: Workload, bufs: Buffers, saved: Saved,
+            exp: Expected) -> tuple[Result, Peer | None]:
+    """Build the peer, run it once from the start state and check its rows; the
+    rows are back at the start state after (None: it failed, see the result)."""
     res = Result(case, name, name, kind=case.kind, nbytes=bytes_moved(case.kind, work))
     try:
         peer = PEERS[name](case.kind, work, bufs, case.threads)
@@ -708,19 +723,55 @@ def measure(case: Case, name: str, work: Workload, bufs: Buffers, saved: Saved, 
             except AssertionError as e:
                 res.check = f"DISAGREES: {e}"
             res.sample = {"table": peer.bufs.table[exp.ids].copy()}
-        for i in range(runs):
-            if peer.before_each is not None:
-                peer.before_each()  # FBGEMM: untimed forward before each timed backward
-            res.times_ms.append(_timed(lambda: peer.run(i + 2)))
-            if i == 0 and res.times_ms[0] > 3000 and runs > 2:
-                runs = 2  # slow peers: fewer runs keeps the whole benchmark short
         restore_rows(peer.bufs, saved)
-    except Unavailable as e:
-        res.error = str(e)
-    except Exception as e:  # noqa: BLE001 - a failing peer is a row in the table, not a crash
-        res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        traceback.print_exc(limit=3, file=sys.stderr)
+        return res, peer
+    except Exception as e:  # noqa: BLE001
+        _failed(res, e)
+        return res, None
+
+
+def time_run(res: Result, peer: Peer, version: int) -> float:
+    """One timed run (after the untimed work it needs first), recorded in `res`."""
+    if peer.before_each is not None:
+        peer.before_each()  # FBGEMM: untimed forward before each timed backward
+    res.times_ms.append(_timed(lambda: peer.run(version)))
+    return res.times_ms[-1]
+
+
+def measure(case: Case, name: str, work: Workload, bufs: Buffers, saved: Saved, exp: Expected,
+            runs: int) -> Result:
+    """Build, check once from the start state, then time `runs` runs in a row (keep updating)."""
+    res, peer = prepare(case, name, work, bufs, saved, exp)
+    if peer is None:
+        return res
+    try:
+        settle()
+        for i in range(runs):
+            if time_run(res, peer, i + 2) > 3000 and i == 0 and runs > 2:
+                runs = 2  # slow peers: fewer runs keeps the whole benchmark short
+    except Exception as e:  # noqa: BLE001
+        _failed(res, e)
+        res.times_ms.clear()
+    restore_rows(peer.bufs, saved)
     return res
+
+
+def measure_rounds(entries: list[tuple[Result, Peer]], runs: int, saved: Saved) -> None:
+    """Time the peers in rounds, each once a round after an idle `settle`, so that
+    a slower or faster minute of the machine falls on every one of them alike:
+    the ratios the summary reads off are between runs minutes apart at most."""
+    live = list(entries)
+    for i in range(runs):
+        for res, peer in list(live):
+            settle()
+            try:
+                time_run(res, peer, i + 2)
+            except Exception as e:  # noqa: BLE001
+                _failed(res, e)
+                res.times_ms.clear()
+                live.remove((res, peer))
+    for _, peer in entries:
+        restore_rows(peer.bufs, saved)
 
 
 def copy_bandwidth(mb: int = 512, reps: int = 5) -> float:
@@ -732,18 +783,29 @@ def copy_bandwidth(mb: int = 512, reps: int = 5) -> float:
 
 
 def run_case(case: Case, work: Workload, runs: int, peers: list[str]) -> list[Result]:
-    """The case's peers, sharing one set of buffers (touched rows restored between)."""
+    """The case's peers, sharing one set of buffers (touched rows restored between).
+
+    The peers the summary's ratios come from (ROUNDS) are checked one by one,
+    then timed in interleaved rounds; the others are timed one after another.
+    """
     bufs = allocate(case.kind, work.rows, work.dim)
     saved = save_rows(bufs, work)
     exp = expected_rows(case.kind, work, saved, sample_ids(work))
-    results = []
+    results, rounds = [], []
     for name in peers:
         if not case.runs_peer(name):
             results.append(Result(case, name, name, skipped=True, kind=case.kind,
                                   notes="skipped in this case to keep the run short (see the main cases)"))
             continue
         print(f"  {case.label}: {name} ...", file=sys.stderr, flush=True)
-        results.append(measure(case, name, work, bufs, saved, exp, runs))
+        if name in ROUNDS:
+            res, peer = prepare(case, name, work, bufs, saved, exp)
+            if peer is not None:
+                rounds.append((res, peer))
+        else:
+            res = measure(case, name, work, bufs, saved, exp, runs)
+        results.append(res)
+    measure_rounds(rounds, runs, saved)
     _compare_to_ekko(results)
     return results
 
