@@ -518,8 +518,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 PEER_STYLE = {"torch": ("s", "tab:orange"), "numpy": ("o", "tab:blue"),
-              "FBGEMM": ("P", "tab:gray"), "ekko": ("*", "tab:red"), "C": ("x", "black"),
-              "floor": ("_", "black")}  # by the name's first word
+              "FBGEMM": ("P", "tab:gray"), "ekko": ("*", "tab:red"), "C loop": ("x", "black"),
+              "floor (C)": ("_", "black")}  # by how the peer's name starts
 
 
 def figure(by_dim: dict[int, list[Result]], bw: float):
@@ -528,7 +528,7 @@ def figure(by_dim: dict[int, list[Result]], bw: float):
     rows come from the cache and can pass the line; pack and merge cannot."""
     rows = list(dict.fromkeys((dim, r.op, r.layout) for dim, rs in by_dim.items() for r in rs))
     points = {peer: [(r.gbs, rows.index((dim, r.op, r.layout))) for dim, rs in by_dim.items()
-                     for r in rs if r.gbs and r.name.split()[0] == peer] for peer in PEER_STYLE}
+                     for r in rs if r.gbs and r.name.startswith(peer)] for peer in PEER_STYLE}
     return roofline([f"dim {d}: {op} {layout}" for d, op, layout in rows],
                     [f"{d} {op}" for d, op, _ in rows], points, PEER_STYLE, bw, TARGETS["copy"],
                     "Pooled lookups, pack and merge: achieved bandwidth against the copy roof")
