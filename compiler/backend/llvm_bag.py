@@ -43,7 +43,6 @@ from .spec import BagSpec
 
 CHUNK = 128  # floats per accumulator chunk: 8 zmm / 16 ymm registers
 PREFETCH_DISTANCE = 24  # ids ahead whose rows are prefetched (16-32 measured best)
-PREFETCH_LINES = 8  # 64-byte lines prefetched per row, at most
 
 FMA = ("contract",)  # let mul + add of one lookup fuse into an fma (differs from torch by an ulp)
 
@@ -149,8 +148,7 @@ class _BagEmitter:
             if isinstance(arg.type, ir.PointerType):
                 arg.add_attribute("noalias")
         self.a = dict(zip(self.sig.names(), self.fn.args))
-        self.prefetch = self.module.declare_intrinsic(
-            "llvm.prefetch", [p8], ir.FunctionType(ir.VoidType(), [p8, i32, i32, i32]))
+        self.prefetch = prefetch.intrinsic(self.module)
         self.b = ir.IRBuilder(self.fn.append_basic_block("entry"))
 
     # -- small pieces -------------------------------------------------------
@@ -174,22 +172,17 @@ class _BagEmitter:
         return self.b.gep(self.a["table"], [self.b.mul(idv, _const(i64, self.row_bytes))])
 
     def emit_prefetch(self, j: ir.Value) -> None:
-        """Prefetch the row PREFETCH_DISTANCE ids ahead, without branches.
+        """Ask for every line of the row PREFETCH_DISTANCE ids ahead (`prefetch.row`),
+        without branches.
 
         The id read is clamped into ids (past the end it re-reads ids[j]); a
         bad id only makes a useless prefetch, which never faults and has no
-        semantic effect in LLVM. Offsets 0, 64, ... and the row's last byte
-        cover every line an unaligned row (int8: dim + 8 bytes) straddles.
+        semantic effect in LLVM.
         """
         b = self.b
         ahead = prefetch.ahead(b, j, PREFETCH_DISTANCE, self.a["nids"])
-        row = self.row_ptr(self.load_index(self.a["ids"], ahead))
-        offsets = list(range(0, min(self.row_bytes, 64 * PREFETCH_LINES), 64))
-        if self.row_bytes > 64 and self.row_bytes <= 64 * PREFETCH_LINES:
-            offsets.append(self.row_bytes - 1)
-        for off in offsets:
-            addr = b.gep(row, [_const(i64, off)]) if off else row
-            b.call(self.prefetch, [addr, _const(i32, 0), _const(i32, 3), _const(i32, 1)])
+        prefetch.row(b, self.prefetch, self.row_ptr(self.load_index(self.a["ids"], ahead)),
+                     self.row_bytes, write=0)
 
     # -- dequantization of one chunk ----------------------------------------
 
