@@ -21,7 +21,9 @@ Peers, same process, same ids:
 
 Each peer's output is checked against F.embedding_bag on that peer's own
 dequantized rows before it is timed; a wrong peer is reported, not timed.
-Reported: median ms over the runs, lookups/s, the speedup of each ekko
+The checked lookup peers are then timed in turn, three rounds (--quick:
+one) of a median over the runs each (`time_in_rounds`).
+Reported: median ms (the median round), lookups/s, the speedup of each ekko
 layout over torch f32 and over FBGEMM at the same precision, and the bytes
 moved (`lookup_bytes`), GB/s and % of the copy bandwidth measured in the same
 run (np.copyto, best of before and after). Every call looks up the same bags,
@@ -53,7 +55,7 @@ import functools
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -78,6 +80,7 @@ FBGEMM_TYPES = {"f32": "FP32", "f16": "FP16", "int8": "INT8", "int4": "INT4"}
 SYNC_ROWS, SYNC_IDS = 4_000_000, 500_000
 SYNC_LAYOUTS = ("f32", "int8")
 WARMUP_S = 0.5
+ROUNDS = 3  # lookup peers timed in turn this many times (--quick: 1)
 LOOKUP_TARGETS = {"vs_torch_f32": 2.0, "vs_fbgemm": 1.0}  # issue 20: int8 pooled lookups
 
 
@@ -89,6 +92,7 @@ class Result:
     note: str = ""
     nbytes: int = 0  # what the call must move (lookup_bytes, pack_bytes, merge_bytes)
     op: str = "lookup"
+    call: Callable[[], object] | None = field(default=None, repr=False)  # checked, to be timed
 
     @property
     def gbs(self) -> float | None:
@@ -147,15 +151,15 @@ def check(name: str, got: np.ndarray, want: np.ndarray) -> str:
     return "" if err <= 1e-5 * scale * POOLING else f"{name}: max error {err:.3g} > tolerance"
 
 
-def run_torch(table: np.ndarray, ids: np.ndarray, offsets: np.ndarray, runs: int) -> Result:
+def run_torch(table: np.ndarray, ids: np.ndarray, offsets: np.ndarray) -> Result:
     w, i, o = torch.from_numpy(table), torch.from_numpy(ids), torch.from_numpy(offsets)
     call = lambda: F.embedding_bag(i, w, o, mode="sum", include_last_offset=True)  # noqa: E731
     bad = check("torch", call().numpy(), reference(lambda u: table[u], ids, offsets))
-    return Result("torch F.embedding_bag", "f32", None if bad else median_ms(call, runs), bad,
-                  lookup_bytes(4 * table.shape[1], ids, BAGS, table.shape[1]))
+    return Result("torch F.embedding_bag", "f32", None, bad,
+                  lookup_bytes(4 * table.shape[1], ids, BAGS, table.shape[1]), call=None if bad else call)
 
 
-def run_ekko(table: np.ndarray, layout: str, ids: np.ndarray, offsets: np.ndarray, runs: int) -> Result:
+def run_ekko(table: np.ndarray, layout: str, ids: np.ndarray, offsets: np.ndarray) -> Result:
     dim = table.shape[1]
     q = quantize_rows(table, layout)
     kernel = bag_kernel(dim, layout, "i64", "sum")
@@ -164,8 +168,8 @@ def run_ekko(table: np.ndarray, layout: str, ids: np.ndarray, offsets: np.ndarra
     want = reference(lambda u: dequantize_rows(q[u], layout, dim), ids, offsets)
     bad = check(f"ekko {layout}", call(), want)
     note = f"{kernel.spec.partitions} threads, {kernel._partitions(len(ids), BAGS)} partitions"
-    return Result("ekko bag_kernel", layout, None if bad else median_ms(call, runs), bad or note,
-                  lookup_bytes(q.shape[1] * q.itemsize, ids, BAGS, dim))
+    return Result("ekko bag_kernel", layout, None, bad or note,
+                  lookup_bytes(q.shape[1] * q.itemsize, ids, BAGS, dim), call=None if bad else call)
 
 
 def _fbgemm_rows(tbe, weight_ty: str, dim: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -190,8 +194,7 @@ def _fbgemm_rows(tbe, weight_ty: str, dim: int) -> Callable[[np.ndarray], np.nda
     return rows
 
 
-def run_fbgemm(table: np.ndarray, layout: str, ids: np.ndarray, offsets: np.ndarray,
-               runs: int) -> Result:
+def run_fbgemm(table: np.ndarray, layout: str, ids: np.ndarray, offsets: np.ndarray) -> Result:
     name = "FBGEMM IntNBit TBE"
     ty = FBGEMM_TYPES[layout]
     try:
@@ -218,9 +221,8 @@ def run_fbgemm(table: np.ndarray, layout: str, ids: np.ndarray, offsets: np.ndar
     call = lambda: tbe(i, o)  # noqa: E731
     bad = check(f"fbgemm {ty}", call().float().numpy(), reference(_fbgemm_rows(tbe, ty, dim), ids, offsets))
     row_bytes = tbe.split_embedding_weights()[0][0].shape[1]  # FBGEMM's own padded row
-    result = Result(name, layout, None if bad else median_ms(call, runs), bad or ty,
-                    lookup_bytes(row_bytes, ids, BAGS, dim, index_bytes=4))
-    return result  # tbe (its table) is freed on return
+    return Result(name, layout, None, bad or ty, lookup_bytes(row_bytes, ids, BAGS, dim, index_bytes=4),
+                  call=None if bad else call)  # the call keeps tbe (its table) alive until timed
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,7 +237,7 @@ def _c_bag_library(dim: int):
     return lib
 
 
-def run_c_bag(table: np.ndarray, ids: np.ndarray, offsets: np.ndarray, runs: int) -> Result:
+def run_c_bag(table: np.ndarray, ids: np.ndarray, offsets: np.ndarray) -> Result:
     """c_bag.c's int8 bag sum: hand-written C on the same rows, ids and threads as torch."""
     name, dim = "C loop", table.shape[1]
     try:
@@ -252,9 +254,8 @@ def run_c_bag(table: np.ndarray, ids: np.ndarray, offsets: np.ndarray, runs: int
         return out
 
     bad = check("C loop", call(), reference(lambda u: dequantize_rows(q[u], "int8", dim), ids, offsets))
-    return Result(name, "int8", None if bad else median_ms(call, runs),
-                  bad or "hand-written, gcc -O3 + OpenMP; no id checks",
-                  lookup_bytes(q.shape[1], ids, BAGS, dim))
+    return Result(name, "int8", None, bad or "hand-written, gcc -O3 + OpenMP; no id checks",
+                  lookup_bytes(q.shape[1], ids, BAGS, dim), call=None if bad else call)
 
 
 def lines_touched(rows: np.ndarray, ids: np.ndarray) -> int:
@@ -263,7 +264,7 @@ def lines_touched(rows: np.ndarray, ids: np.ndarray) -> int:
     return int(picked[:, ::64].sum(dtype=np.int64) + picked[:, -1].sum(dtype=np.int64))
 
 
-def run_floor(table: np.ndarray, layout: str, ids: np.ndarray, runs: int) -> Result:
+def run_floor(table: np.ndarray, layout: str, ids: np.ndarray) -> Result:
     """c_touch_lines over the rows in `layout` (f32: torch's, int8: ekko's): the time the
     rows' lines alone take to reach the cores, the floor under any lookup of them."""
     name, dim = "floor (C)", table.shape[1]
@@ -276,22 +277,33 @@ def run_floor(table: np.ndarray, layout: str, ids: np.ndarray, runs: int) -> Res
                                      len(ids), torch.get_num_threads())
     got, want = call(), lines_touched(rows, ids)
     bad = "" if got == want else f"floor: read {got}, the rows hold {want}"
-    return Result(name, layout, None if bad else median_ms(call, runs),
-                  bad or "each row's lines read, no arithmetic: not a lookup",
-                  lookup_bytes(rows.shape[1], ids, BAGS, dim))
+    return Result(name, layout, None, bad or "each row's lines read, no arithmetic: not a lookup",
+                  lookup_bytes(rows.shape[1], ids, BAGS, dim), call=None if bad else call)
 
 
-def bench_dim(dim: int, runs: int, rng: np.random.Generator) -> list[Result]:
+def time_in_rounds(results: list[Result], runs: int, rounds: int) -> None:
+    """Time every checked peer: `median_ms` over `runs` calls, the peers in turn, `rounds`
+    times; a peer's time is its median round. A slow or fast minute of a shared machine
+    then falls on every peer alike instead of on whichever ran in it."""
+    timed = [r for r in results if r.call is not None]
+    per_round: dict[int, list[float]] = {id(r): [] for r in timed}
+    for _ in range(rounds):
+        for r in timed:
+            per_round[id(r)].append(median_ms(r.call, runs))
+    for r in timed:
+        r.ms, r.call = statistics.median(per_round[id(r)]), None  # the peer's tables can go
+
+
+def bench_dim(dim: int, runs: int, rng: np.random.Generator, rounds: int = ROUNDS) -> list[Result]:
     table = rng.standard_normal((ROWS, dim), dtype=np.float32)
     ids = zipf_ids(rng, BAGS * POOLING, ROWS)
     offsets = np.arange(0, BAGS * POOLING + 1, POOLING, dtype=np.int64)
-    results = [run_torch(table, ids, offsets, runs)]
-    for layout in EKKO_LAYOUTS:
-        results.append(run_ekko(table, layout, ids, offsets, runs))
-    for layout in EKKO_LAYOUTS:
-        results.append(run_fbgemm(table, layout, ids, offsets, runs))
-    results.append(run_c_bag(table, ids, offsets, runs))
-    results += [run_floor(table, layout, ids, runs) for layout in ("f32", "int8")]
+    results = [run_torch(table, ids, offsets)]
+    results += [run_ekko(table, layout, ids, offsets) for layout in EKKO_LAYOUTS]
+    results += [run_fbgemm(table, layout, ids, offsets) for layout in EKKO_LAYOUTS]
+    results.append(run_c_bag(table, ids, offsets))
+    results += [run_floor(table, layout, ids) for layout in ("f32", "int8")]
+    time_in_rounds(results, runs, rounds)
     return results
 
 
@@ -548,13 +560,15 @@ def main(argv: list[str] | None = None) -> int:
     bw_runs = [copy_bandwidth(bw_mb)]
     rng = np.random.default_rng(0)
     by_dim = {}
+    rounds = 1 if args.quick else ROUNDS
     for dim in dims:
-        by_dim[dim] = bench_dim(dim, runs, rng)
+        by_dim[dim] = bench_dim(dim, runs, rng, rounds)
         by_dim[dim] += bench_sync(dim, sync_rows, sync_ids, sync_runs, rng)
     bw_runs.append(copy_bandwidth(bw_mb))
     bw = max(bw_runs)
     header = (f"## Pooled lookups and replica sync (ekko vs peers)\n\ntorch {torch.__version__}, "
-              f"{torch.get_num_threads()} torch threads, median of {runs} runs (pack and merge: "
+              f"{torch.get_num_threads()} torch threads, lookups: the median of {rounds} round(s) "
+              f"of peers in turn, each a median of {runs} runs (pack and merge: median of "
               f"{sync_runs}), `python benchmarks/lookup_kernels.py{' --quick' if args.quick else ''}`\n\n"
               f"Copy bandwidth (np.copyto {bw_mb} MiB, read+write, best of before and after): "
               f"**{bw:.1f} GB/s** ({', '.join(f'{b:.1f}' for b in bw_runs)}). Bytes moved: lookups "

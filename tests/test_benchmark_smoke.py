@@ -342,11 +342,11 @@ def test_c_lookup_peers_do_their_stated_work(dim: int, threads: int, monkeypatch
     offsets = np.sort(np.r_[offsets, 5])  # bag [5, 5) is empty
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(lk, "BAGS", len(offsets) - 1)
-    c = lk.run_c_bag(table, ids, offsets, runs=1)
-    assert c.ms and c.ms > 0 and "no id checks" in c.note, c.note
-    for layout in ("f32", "int8"):
-        floor = lk.run_floor(table, layout, ids, runs=1)
-        assert floor.ms and floor.ms > 0 and "not a lookup" in floor.note, floor.note
+    peers = [lk.run_c_bag(table, ids, offsets), *(lk.run_floor(table, layout, ids) for layout in ("f32", "int8"))]
+    assert all(r.call is not None and not r.ms for r in peers), [r.note for r in peers]
+    lk.time_in_rounds(peers, runs=1, rounds=2)
+    assert all(r.ms and r.ms > 0 and r.call is None for r in peers)
+    assert "no id checks" in peers[0].note and all("not a lookup" in r.note for r in peers[1:])
     lib = lk._c_bag_library(dim)
     q = lk.quantize_rows(table, "int8")
     out = np.zeros((len(offsets) - 1, dim), np.float32)
@@ -388,9 +388,24 @@ def test_c_lookup_peers_are_rows_not_crashes_without_a_compiler(monkeypatch) -> 
     lk._c_bag_library.cache_clear()
     table = np.zeros((10, 8), np.float32)
     ids, offsets = np.array([1, 2], np.int64), np.array([0, 2], np.int64)
-    for r in (lk.run_c_bag(table, ids, offsets, 1), lk.run_floor(table, "int8", ids, 1)):
+    for r in (lk.run_c_bag(table, ids, offsets), lk.run_floor(table, "int8", ids)):
         assert r.ms is None and r.note.startswith("unavailable: no C compiler"), r.note
     lk._c_bag_library.cache_clear()
+
+
+def test_lookup_peers_are_timed_in_turn(monkeypatch) -> None:
+    """Rounds: every checked peer once a round, in order; a peer that failed its check is
+    never timed; each keeps its median round."""
+    pytest.importorskip("torch")
+    lk = load_script("benchmarks/lookup_kernels.py")
+    calls: list[str] = []
+    times = iter([5.0, 1.0, 9.0, 1.0, 7.0, 3.0])
+    monkeypatch.setattr(lk, "median_ms", lambda fn, runs: (fn(), next(times))[1])
+    results = [lk.Result(n, "f32", None, call=lambda n=n: calls.append(n)) for n in ("a", "b")]
+    results.insert(1, lk.Result("bad", "f32", None, "bad: max error 1 > tolerance"))
+    lk.time_in_rounds(results, runs=4, rounds=3)
+    assert calls == ["a", "b"] * 3
+    assert [r.ms for r in results] == [7.0, None, 1.0]
 
 
 def test_freshness_cluster_plot_fits_its_data() -> None:
