@@ -38,9 +38,9 @@ checked against a float64 reference (and against ekko); then it runs `runs`
 more times, timed, the table keeps updating (a continuous update stream; the
 work per run is the same). Touched rows are restored between peers. FBGEMM,
 the C loop and ekko, whose times the summary's ratios are read from, are
-timed in interleaved rounds (each once a round, after 0.3 s idle), so that
-a slow or fast minute of a shared machine falls on all three alike; the
-other peers run their series one after another.
+timed in interleaved rounds, so that a slow or fast minute of a shared
+machine falls on all three alike (each turn: 0.3 s idle, one untimed run,
+the timed run); the other peers run their series one after another.
 
 Every row reports the bytes the peer's update must move (`bytes_moved`), its
 GB/s (bytes / median time) and that as a % of the copy bandwidth measured in
@@ -757,15 +757,20 @@ def measure(case: Case, name: str, work: Workload, bufs: Buffers, saved: Saved, 
 
 
 def measure_rounds(entries: list[tuple[Result, Peer]], runs: int, saved: Saved) -> None:
-    """Time the peers in rounds, each once a round after an idle `settle`, so that
-    a slower or faster minute of the machine falls on every one of them alike:
-    the ratios the summary reads off are between runs minutes apart at most."""
+    """Time the peers in rounds, so that a slower or faster minute of the machine
+    falls on every one of them alike: the ratios the summary reads off are
+    between runs seconds apart. A peer's turn is an idle `settle`, one untimed
+    run (it wakes its threads and brings its scratch back into the cache, as
+    a stream of updates finds them), then the timed run."""
     live = list(entries)
     for i in range(runs):
         for res, peer in list(live):
             settle()
             try:
-                time_run(res, peer, i + 2)
+                if peer.before_each is not None:
+                    peer.before_each()
+                peer.run(2 * i + 2)
+                time_run(res, peer, 2 * i + 3)
             except Exception as e:  # noqa: BLE001
                 _failed(res, e)
                 res.times_ms.clear()
@@ -1005,6 +1010,8 @@ def _describe(args: argparse.Namespace) -> str:
             f"says so), f32 grads N(0,1), lr {LR}, eps {EPS}. "
             f"Median of {args.runs} timed runs per peer after one checked run from the start state; "
             "the table keeps updating across timed runs (same work per run). "
+            f"{', '.join(ROUNDS)} take turns, run by run: each turn 0.3 s idle, one untimed run, "
+            "then the timed run; the other peers time their runs in a row. "
             "'check' compares ~2000 sampled touched rows (incl. the 20 hottest ids) to a float64 reference "
             "and to ekko. FBGEMM's time is its backward (dedup + fused optimizer) only, with no serving "
             "copy or versions; its forward runs untimed before each backward. "
