@@ -36,11 +36,12 @@ gives a simple hand-written loop on the same rows and threads) and ekko.
 Each peer first runs once from the pristine state and its sampled rows are
 checked against a float64 reference (and against ekko); then it runs `runs`
 more times, timed, the table keeps updating (a continuous update stream; the
-work per run is the same). Touched rows are restored between peers. FBGEMM,
-the C loop and ekko, whose times the summary's ratios are read from, are
-timed in interleaved rounds, so that a slow or fast minute of a shared
-machine falls on all three alike (each turn: 0.3 s idle, one untimed run,
-the timed run); the other peers run their series one after another.
+work per run is the same). Touched rows are restored between peers.
+torch eager, FBGEMM, the C loop and ekko, whose times the summary's ratios
+are read from, are timed in interleaved rounds, so that a slow or fast
+minute of a shared machine falls on all of them alike (each turn: 0.3 s
+idle, one untimed run, the timed run); the other peers run their series
+one after another.
 
 Every row reports the bytes the peer's update must move (`bytes_moved`), its
 GB/s (bytes / median time) and that as a % of the copy bandwidth measured in
@@ -75,7 +76,7 @@ GROUPS = ("main", "uniform", "workload", "threads", "sweep")
 SWEEP_DIMS = (16, 32, 64, 128, 256)
 SWEEP_TABLE_BYTES = 512 * 2**20  # 16x the 32 MiB last-level cache of the machine measured
 SETTLE_S = 0.3  # idle time before each peer's series (see `settle`)
-ROUNDS = ("FBGEMM", "C loop", "ekko")  # timed in interleaved rounds (`measure_rounds`)
+ROUNDS = ("torch eager", "FBGEMM", "C loop", "ekko")  # the summary's peers: timed in turn (`measure_rounds`)
 TARGETS = {"fbgemm": 2.5, "fbgemm_less_work": 1.0, "torch": 5.0, "copy": 0.5}  # issue 20
 
 
