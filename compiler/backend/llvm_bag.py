@@ -141,7 +141,6 @@ class _BagEmitter:
         self.centred = isinstance(codec, catalog.RowAffine) and codec.per_byte > 1
         self.idx_ty = i32 if spec.index_dtype == "i32" else i64
         self.module = module
-        p8 = i8.as_pointer()
         self.sig = abi.bag(guarded)
         self.fn = declare(self.module, self.sig)
         for arg in self.fn.args:
@@ -303,9 +302,9 @@ class _BagEmitter:
                    n: int) -> tuple[ir.Value, ir.Value] | None:
         """Pool elements [c0, c0+n) over the bag's ids and store them once.
 
-        Row-affine codes carry a second, scalar accumulator: the sum of the
-        rows' centred biases (`dequant_centred`), added to every element once
-        at the end. Guarded, the first chunk also reads each row's sequence
+        Centred codes (`self.centred`: 4-bit rows) carry a second, scalar
+        accumulator: the sum of the rows' centred biases (`dequant_centred`),
+        added to every element once at the end. Guarded, the first chunk also reads each row's sequence
         word just before the row, and returns their sum and OR.
         """
         b, a, spec = self.b, self.a, self.spec
