@@ -489,6 +489,30 @@ class TestLocal:
             assert all(torch.equal(r.predict(sparse, x), expected(r)) for r in engine.replicas)
         engine.shutdown()
 
+    def test_shutdown_ends_every_thread_that_calls_ray(self, model) -> None:
+        """A replica killed under a running stream is detached and a thread waits for it to
+        rejoin; shutting the engine down right then ends that thread too, and the
+        watermark sender. Ray ends the whole process when any thread calls it after
+        ray.shutdown(), which this class's fixture does next (it once killed a test run)."""
+        engine_threads = ("ekko-rejoin", "ekko-watch", "ekko-watermarks", "ekko-link",
+                          "ekko-anti-entropy")
+
+        def left() -> list[str]:
+            return [t.name for t in threading.enumerate() if t.name.startswith(engine_threads)]
+
+        stream = Stream(model, seed=11)
+        # not restarted: its rejoin thread keeps asking for it until the engine stops
+        engine = ekko.Engine(model, replicas=2, cluster="local", max_restarts=0)
+        with engine:
+            for _ in range(3):
+                stream.step(engine)
+            engine.flush(WAIT)
+            os.kill(engine.replicas[0].pid, signal.SIGKILL)
+            wait_for(lambda: stream.step(engine) or any(n.startswith("ekko-rejoin") for n in left()))
+        assert not left(), left()  # close() joined them
+        engine.shutdown()
+        assert not left(), left()
+
     def test_quality_checks_judge_replica_processes_and_roll_the_dense_part_back(
             self, model) -> None:
         """observe() keeps the probe here; the replicas predict it in their processes; a

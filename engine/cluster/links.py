@@ -14,7 +14,7 @@ import ray
 
 from ...kernels.errors import EkkoError
 from ..scheduler import Link, SchedulerConfig
-from .plumbing import Unavailable, call
+from .plumbing import PROBE_S, Helpers, Unavailable, call
 
 # -- what the links read and tell (ports.LinkPrimary, ports.LinkReplica) ---------------------
 class ShardView:
@@ -86,9 +86,12 @@ class _Watermarks:
                     pass
 
     def stop(self) -> None:
+        """Returns once the sender thread has: it must not call Ray after ray.shutdown()."""
         with self.cond:
             self.running = False
             self.cond.notify_all()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
 
 
 class _RemoteView:
@@ -255,6 +258,12 @@ class GroupLink(Link):
         self.shard, self.timeout, self.slow_s = shard, timeout, slow_s
         self.members = group.members
         self.lock = threading.Lock()
+        self.helpers = Helpers()  # the rejoin threads
+
+    def stop(self) -> None:
+        """The link's thread, then every rejoin it started (see `Helpers`)."""
+        super().stop()
+        self.helpers.close()
 
     def errors_of(self, replica: int) -> list[str]:
         return list(self.members[replica].errors)
@@ -314,8 +323,7 @@ class GroupLink(Link):
             if m.rejoining:
                 return
             m.rejoining = True
-        threading.Thread(target=self._rejoin, args=(m,), daemon=True,
-                         name=f"ekko-rejoin-{m.index}").start()
+        self.helpers.start(self._rejoin, m, name=f"ekko-rejoin-{m.index}")
 
     def _rejoin(self, m: _Member) -> None:
         """Attach `m` again once it answers; it catches up, then its watermarks move."""
@@ -324,7 +332,7 @@ class GroupLink(Link):
             with self.lock:
                 generation = m.generation
             try:
-                _, ready = call(m.actor.ping.remote(), self.timeout)
+                _, ready = call(m.actor.ping.remote(), min(self.timeout, PROBE_S))
             except Exception:  # noqa: BLE001 - still restarting
                 ready = False
             if not ready:

@@ -7,6 +7,8 @@ import os
 import shutil
 import socket
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,42 @@ def _init(cluster: str) -> None:
                  configure_logging=True, **quiet)
     else:
         ray.init(address=cluster, **quiet)
+
+
+PROBE_S = 2.0  # how long a probe of a replica (ping, watermarks) waits before asking again
+
+
+class Helpers:
+    """The background threads an engine part starts to call Ray, joined by its stop.
+
+    Ray ends the whole process when a thread calls it after ray.shutdown()
+    ("the core worker has already been shutdown"), so no such thread may
+    outlive the engine that started it: `close()` refuses new ones and
+    returns once every started one has (their Ray waits are bounded).
+    """
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def start(self, target: Callable[..., None], *args: Any, name: str) -> None:
+        """Run target(*args) in a thread of its own, unless the owner has stopped."""
+        thread = threading.Thread(target=target, args=args, daemon=True, name=name)
+        with self._lock:
+            if self._closed:
+                return
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+            thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            threads, self._threads = self._threads, []
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join()
 
 
 def call(ref: Any, timeout: float) -> Any:

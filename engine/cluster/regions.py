@@ -26,7 +26,6 @@ between actors:
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -39,10 +38,9 @@ from ..scheduler import SchedulerConfig
 from ..stats import Histogram
 from ..wan import WanPipe
 from .links import ShardView, _note_significant, _packets_of, _Watermarks
-from .plumbing import Unavailable, call
+from .plumbing import PROBE_S, Helpers, Unavailable, call
 
 SHARE = 0.01  # of a region's resource each actor asks (a node offering 1 hosts 100)
-_PROBE_S = 2.0  # how long a probe of a replica (watermarks, ping) waits
 
 
 def region_resource(region: str) -> str:
@@ -77,6 +75,7 @@ class RayGeography(Geography):
         super().__init__(geo, view, replicas)  # type: ignore[arg-type]
         self.shard, self.marks, self.timeout = shard, marks, timeout
         self.failed: set[int] = set()  # down because they failed (a watcher brings them back)
+        self.helpers = Helpers()  # the watchers
         self.tables = list(view.table_rows())
         for r in replicas:
             r.geography = self
@@ -95,8 +94,12 @@ class RayGeography(Geography):
                 return
             self.failed.add(index)
         self.set_down(index, True)
-        threading.Thread(target=self._watch, args=(index,), daemon=True,
-                         name=f"ekko-watch-{index}").start()
+        self.helpers.start(self._watch, index, name=f"ekko-watch-{index}")
+
+    def stop(self) -> None:
+        """The repair thread, then every watcher (see `Helpers`)."""
+        super().stop()
+        self.helpers.close()
 
     def _watch(self, index: int) -> None:
         actor = self.replicas[index].actor
@@ -105,7 +108,7 @@ class RayGeography(Geography):
                 if index not in self.failed:
                     return  # replica_up came first
             try:
-                ready = call(actor.ping.remote(), _PROBE_S)[1]
+                ready = call(actor.ping.remote(), PROBE_S)[1]
             except Unavailable:
                 ready = False
             if ready:
@@ -151,7 +154,7 @@ class RayGeography(Geography):
 
     def _marks_of(self, replica: Any) -> dict[str, int]:
         try:
-            wm = call(replica.actor.watermarks.remote(), _PROBE_S)
+            wm = call(replica.actor.watermarks.remote(), PROBE_S)
         except Unavailable:  # restarting: it holds nothing a repair could use
             return dict.fromkeys(self.tables, -1)
         return {t: min(per.values()) for t, per in wm.items()}
