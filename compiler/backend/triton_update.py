@@ -242,7 +242,8 @@ def _pow(x, y):
     is odd, and with a finite non-integer one gives NaN; x ** 0 = 1 and
     1 ** y = 1 (NaN too); (-1) ** +-inf = 1.
     """
-    x, y = tl.where(y == y, x, x), tl.where(x == x, y, y)  # one shape for the masks below
+    # one shape for the masks below, and f32 (a constant operand can arrive as f64)
+    x, y = tl.where(y == y, x, x).to(tl.float32), tl.where(x == x, y, y).to(tl.float32)
     ax = tl.abs(x).to(tl.float64)
     r = tl.exp2(y.to(tl.float64) * tl.log2(ax)).to(tl.float32)
     integral = tl.floor(y) == y
