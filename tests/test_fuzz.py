@@ -73,6 +73,22 @@ def test_only_an_xfail_case_excuses_a_campaign_failure(tmp_path, monkeypatch) ->
     assert known_failure(signature(case, {"kind": "crash", "detail": "Boom 7"})) is None
 
 
+def test_a_stored_case_names_no_path_of_this_machine(tmp_path, monkeypatch) -> None:
+    """A regression file goes into the repository: its traceback names files relative to
+    the checkout and to site-packages/, not where this machine keeps them."""
+    import tests.fuzz as fuzz
+
+    for path, _ in load_regressions():
+        assert str(fuzz.CHECKOUT) not in path.read_text(), path.name
+    monkeypatch.setattr(fuzz, "REGRESSIONS", tmp_path)
+    detail = (f'  File "{fuzz.CHECKOUT}/kernels/update.py", line 3, in run\n'
+              '  File "/opt/venv/lib/python3.11/site-packages/triton/jit.py", line 9\n')
+    fuzz.save_regression({"target": "api"}, {"kind": "exception", "detail": detail})
+    stored = json.loads(next(tmp_path.glob("*.json")).read_text())["found"]["detail"]
+    assert stored == ('  File "kernels/update.py", line 3, in run\n'
+                      '  File "site-packages/triton/jit.py", line 9\n')
+
+
 def _regression_params():
     params = []
     for path, record in load_regressions():

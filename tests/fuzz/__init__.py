@@ -39,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
+CHECKOUT = Path(__file__).resolve().parents[2]
 TARGETS = ("ir", "model", "api", "cli", "durable", "engine")
 
 
@@ -71,12 +72,19 @@ def load_regressions() -> list[tuple[Path, dict]]:
     return [(p, json.loads(p.read_text())) for p in sorted(REGRESSIONS.glob("*.json"))]
 
 
+def portable(text: str) -> str:
+    """A traceback without this machine's paths: files under the checkout relative to it,
+    installed packages from site-packages/ on (a stored case says where, not whose)."""
+    text = re.sub(r"[^\s\"']*/site-packages/", "site-packages/", text)
+    return text.replace(f"{CHECKOUT}/", "")
+
+
 def save_regression(case: dict, result: dict, note: str = "") -> Path:
     """Store a failing case with what it did, so pytest replays it from now on."""
     REGRESSIONS.mkdir(exist_ok=True)
     path = REGRESSIONS / f"{case['target']}-{case_id(case)}.json"
     record = {"case": case, "found": {"kind": result["kind"],
-                                      "detail": result.get("detail", "")[-2000:]},
+                                      "detail": portable(result.get("detail", ""))[-2000:]},
               "signature": signature(case, result)}
     if note:
         record["note"] = note
