@@ -304,8 +304,9 @@ class _BagEmitter:
 
         Centred codes (`self.centred`: 4-bit rows) carry a second, scalar
         accumulator: the sum of the rows' centred biases (`dequant_centred`),
-        added to every element once at the end. Guarded, the first chunk also reads each row's sequence
-        word just before the row, and returns their sum and OR.
+        added to every element once at the end. Guarded, the first chunk also
+        reads each row's sequence word just before the row, and returns their
+        sum and OR.
         """
         b, a, spec = self.b, self.a, self.spec
         vf = ir.VectorType(f32, n)

@@ -59,8 +59,8 @@ class _Watermarks:
         self.pending: dict[int, dict[tuple[str, int], int]] = {}
         self.sent: dict[tuple[int, str, int], int] = {}
         self.running = True
-        self.thread = threading.Thread(target=self._run, daemon=True, name="ekko-watermarks")
-        self.thread.start()
+        self.helpers = Helpers()  # the sender thread
+        self.helpers.start(self._run, name="ekko-watermarks")
 
     def put(self, replica: int, table: str, shard: int, version: int) -> None:
         with self.cond:
@@ -90,8 +90,7 @@ class _Watermarks:
         with self.cond:
             self.running = False
             self.cond.notify_all()
-        if self.thread is not threading.current_thread():
-            self.thread.join()
+        self.helpers.close()
 
 
 class _RemoteView:
